@@ -1,0 +1,144 @@
+// torch.library bindings of the CPU backend: turn tensor lists into the
+// torch-free TensorTable of include/fusedopt/multi_tensor.h, check what the
+// kernels assume, and call the OpenMP loops in cpu/. Only light ATen headers
+// are used so the first-use JIT build stays short.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+#include "fusedopt/adamw.h"
+
+namespace {
+
+using at::Tensor;
+using at::TensorList;
+
+fusedopt::DType dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return fusedopt::DType::kFloat32;
+    case at::kDouble: return fusedopt::DType::kFloat64;
+    case at::kBFloat16: return fusedopt::DType::kBFloat16;
+    case at::kHalf: return fusedopt::DType::kFloat16;
+    default: TORCH_CHECK(false, "fusedopt cpu: unsupported dtype ", t, " (fp32, fp64, bf16, fp16 only)");
+  }
+}
+
+const float* scalar_ptr(const std::optional<Tensor>& t, const char* what) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->numel() == 1,
+              "fusedopt cpu: ", what, " must be a 1-element float32 CPU tensor");
+  return t->data_ptr<float>();
+}
+
+// Host-side table + chunk list for one launch. The vectors own the storage
+// that the TensorTable points into.
+struct HostTable {
+  std::vector<int64_t> table, numel, chunk_tensor, chunk_start;
+  fusedopt::TensorTable tt;
+
+  // rows[r] is the r-th tensor list; an empty list means "row absent".
+  HostTable(const std::vector<TensorList>& rows, TensorList steps, int step_row, int64_t chunk_size) {
+    TORCH_CHECK(chunk_size > 0, "fusedopt cpu: chunk_size must be positive");
+    const TensorList params = rows[0];
+    const int64_t n = int64_t(params.size());
+    const int64_t n_rows = int64_t(rows.size());
+    table.assign(size_t(n_rows * n), 0);
+    numel.resize(size_t(n));
+    for (int64_t r = 0; r < n_rows; ++r) {
+      if (r == step_row || rows[size_t(r)].empty()) continue;
+      TORCH_CHECK(int64_t(rows[size_t(r)].size()) == n, "fusedopt cpu: tensor list ", r, " has ",
+                  rows[size_t(r)].size(), " tensors, expected ", n);
+    }
+    TORCH_CHECK(int64_t(steps.size()) == n, "fusedopt cpu: expected one step tensor per param");
+    for (int64_t t = 0; t < n; ++t) {
+      const Tensor& p = params[size_t(t)];
+      TORCH_CHECK(p.device().is_cpu(), "fusedopt cpu: tensors must be on the CPU");
+      TORCH_CHECK(p.numel() > 0, "fusedopt cpu: zero-size tensors must be filtered out before launch");
+      TORCH_CHECK(p.is_non_overlapping_and_dense(), "fusedopt cpu: params must be dense (stage them first)");
+      numel[size_t(t)] = p.numel();
+      for (int64_t r = 0; r < n_rows; ++r) {
+        if (r == step_row) {
+          const Tensor& s = steps[size_t(t)];
+          TORCH_CHECK(s.device().is_cpu() && s.scalar_type() == at::kFloat && s.numel() == 1,
+                      "fusedopt cpu: step must be a float32 CPU scalar tensor");
+          table[size_t(r * n + t)] = reinterpret_cast<int64_t>(s.data_ptr());
+          continue;
+        }
+        if (rows[size_t(r)].empty()) continue;
+        const Tensor& x = rows[size_t(r)][size_t(t)];
+        TORCH_CHECK(x.device().is_cpu() && x.numel() == p.numel() && x.strides() == p.strides(),
+                    "fusedopt cpu: tensor ", t, " of list ", r, " must be a CPU tensor with the param's ",
+                    "shape and strides");
+        table[size_t(r * n + t)] = reinterpret_cast<int64_t>(x.data_ptr());
+      }
+    }
+    for (int64_t t = 0; t < n; ++t) {
+      for (int64_t start = 0; start < numel[size_t(t)]; start += chunk_size) {
+        chunk_tensor.push_back(t);
+        chunk_start.push_back(start);
+      }
+    }
+    tt.n_tensors = n;
+    tt.table = table.data();
+    tt.numel = numel.data();
+    tt.chunk_size = chunk_size;
+    tt.n_chunks = int64_t(chunk_start.size());
+    tt.chunk_tensor = chunk_tensor.data();
+    tt.chunk_start = chunk_start.data();
+  }
+};
+
+void check_dtype(TensorList xs, at::ScalarType want, const char* what) {
+  for (const Tensor& x : xs) {
+    TORCH_CHECK(x.scalar_type() == want, "fusedopt cpu: ", what, " must be ", want, ", got ", x.scalar_type());
+  }
+}
+
+void adamw(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+           TensorList max_exp_avg_sqs, TensorList masters, TensorList steps, double lr,
+           const std::optional<Tensor>& lr_tensor, double beta1, double beta2, double eps,
+           double weight_decay, bool amsgrad, bool maximize, const std::optional<Tensor>& grad_scale,
+           const std::optional<Tensor>& found_inf, int64_t chunk_size) {
+  if (params.empty()) return;
+  const at::ScalarType pdt = params[0].scalar_type();
+  const bool has_master = !masters.empty();
+  TORCH_CHECK(!has_master || pdt == at::kBFloat16 || pdt == at::kHalf,
+              "fusedopt cpu: master weights are for bf16/fp16 params");
+  TORCH_CHECK(!amsgrad || !max_exp_avg_sqs.empty(), "fusedopt cpu: amsgrad needs max_exp_avg_sqs");
+  const at::ScalarType sdt = has_master ? at::kFloat : pdt;
+  check_dtype(params, pdt, "params");
+  check_dtype(grads, pdt, "grads");
+  check_dtype(exp_avgs, sdt, "exp_avg");
+  check_dtype(exp_avg_sqs, sdt, "exp_avg_sq");
+  check_dtype(max_exp_avg_sqs, sdt, "max_exp_avg_sq");
+  check_dtype(masters, at::kFloat, "master_param");
+
+  HostTable host({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, TensorList()}, steps,
+                 fusedopt::kAdamWStep, chunk_size);
+  fusedopt::AdamWHyper h;
+  h.lr = lr;
+  h.lr_ptr = scalar_ptr(lr_tensor, "lr");
+  h.beta1 = beta1;
+  h.beta2 = beta2;
+  h.eps = eps;
+  h.weight_decay = weight_decay;
+  h.amsgrad = amsgrad;
+  h.maximize = maximize;
+  h.grad_scale = scalar_ptr(grad_scale, "grad_scale");
+  h.found_inf = scalar_ptr(found_inf, "found_inf");
+  fusedopt::adamw_cpu(host.tt, h, dtype_code(pdt), has_master, at::get_num_threads());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fusedopt_cpu, m) {
+  m.def(
+      "adamw(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] masters, Tensor[] steps, float lr, Tensor? lr_tensor, "
+      "float beta1, float beta2, float eps, float weight_decay, bool amsgrad, bool maximize, "
+      "Tensor? grad_scale, Tensor? found_inf, int chunk_size) -> ()",
+      &adamw);
+}

@@ -1,0 +1,78 @@
+// torch.library bindings of the cuda backend. The launch tables are built on
+// the Python side (fusedopt/backends/_tables.py) and arrive as device tensors;
+// this file only checks them, wraps them in the torch-free TensorTable and
+// calls the launcher in cuda/. The stream comes from Python as a handle, so
+// no CUDA header is needed here.
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <optional>
+
+#include "fusedopt/adamw.h"
+
+namespace {
+
+using at::Tensor;
+
+const float* device_scalar(const std::optional<Tensor>& t, const char* what) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->is_cuda() && t->scalar_type() == at::kFloat && t->numel() == 1,
+              "fusedopt cuda: ", what, " must be a 1-element float32 CUDA tensor");
+  return t->data_ptr<float>();
+}
+
+fusedopt::TensorTable make_table(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor,
+                                 const Tensor& chunk_start, int64_t chunk_size, int64_t rows) {
+  for (const Tensor* t : {&table, &numel, &chunk_tensor, &chunk_start}) {
+    TORCH_CHECK(t->is_cuda() && t->scalar_type() == at::kLong && t->is_contiguous(),
+                "fusedopt cuda: launch tables must be contiguous int64 CUDA tensors");
+  }
+  TORCH_CHECK(table.numel() == rows * numel.numel(), "fusedopt cuda: table has ", table.numel(),
+              " entries, expected ", rows, " rows of ", numel.numel());
+  TORCH_CHECK(chunk_tensor.numel() == chunk_start.numel() && chunk_size > 0, "fusedopt cuda: bad chunk list");
+  fusedopt::TensorTable tt;
+  tt.n_tensors = numel.numel();
+  tt.table = table.data_ptr<int64_t>();
+  tt.numel = numel.data_ptr<int64_t>();
+  tt.chunk_size = chunk_size;
+  tt.n_chunks = chunk_start.numel();
+  tt.chunk_tensor = chunk_tensor.data_ptr<int64_t>();
+  tt.chunk_start = chunk_start.data_ptr<int64_t>();
+  return tt;
+}
+
+void adamw(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor, const Tensor& chunk_start,
+           int64_t chunk_size, int64_t param_dtype, bool has_master, double lr,
+           const std::optional<Tensor>& lr_tensor, double beta1, double beta2, double eps, double weight_decay,
+           bool amsgrad, bool maximize, const std::optional<Tensor>& grad_scale,
+           const std::optional<Tensor>& found_inf, int64_t stream) {
+  TORCH_CHECK(param_dtype >= 0 && param_dtype <= 3, "fusedopt cuda: bad dtype code ", param_dtype);
+  const auto dtype = static_cast<fusedopt::DType>(param_dtype);
+  TORCH_CHECK(!has_master || dtype == fusedopt::DType::kBFloat16 || dtype == fusedopt::DType::kFloat16,
+              "fusedopt cuda: master weights are for bf16/fp16 params");
+  const fusedopt::TensorTable tt =
+      make_table(table, numel, chunk_tensor, chunk_start, chunk_size, fusedopt::kAdamWRows);
+  fusedopt::AdamWHyper h;
+  h.lr = lr;
+  h.lr_ptr = device_scalar(lr_tensor, "lr");
+  h.beta1 = beta1;
+  h.beta2 = beta2;
+  h.eps = eps;
+  h.weight_decay = weight_decay;
+  h.amsgrad = amsgrad;
+  h.maximize = maximize;
+  h.grad_scale = device_scalar(grad_scale, "grad_scale");
+  h.found_inf = device_scalar(found_inf, "found_inf");
+  const char* error = fusedopt::adamw_cuda(tt, h, dtype, has_master, reinterpret_cast<void*>(stream));
+  TORCH_CHECK(error == nullptr, "fusedopt cuda: adamw launch failed: ", error);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fusedopt_cuda, m) {
+  m.def(
+      "adamw(Tensor table, Tensor numel, Tensor chunk_tensor, Tensor chunk_start, int chunk_size, "
+      "int param_dtype, bool has_master, float lr, Tensor? lr_tensor, float beta1, float beta2, float eps, "
+      "float weight_decay, bool amsgrad, bool maximize, Tensor? grad_scale, Tensor? found_inf, int stream) -> ()",
+      &adamw);
+}

@@ -1,0 +1,110 @@
+// AdamW on CUDA: one launch per bucket, one thread block per chunk
+// (multi_tensor.cuh), the shared per-element update from
+// include/fusedopt/adamw.h. Everything that changes between steps (lr when it
+// is a tensor, each tensor's step, grad_scale, found_inf) is read from device
+// memory, so the launch can be captured in a CUDA graph. No torch headers.
+#include <cuda_runtime.h>
+
+#include "fusedopt/adamw.h"
+#include "multi_tensor.cuh"
+
+namespace fusedopt {
+namespace {
+
+using cuda::kILP;
+using cuda::kThreads;
+
+template <typename P, typename S, bool MASTER, bool AMSGRAD>
+__global__ void __launch_bounds__(kThreads) adamw_kernel(TensorTable tt, AdamWHyper h) {
+  using T = typename MathOf<P>::type;
+  if (h.found_inf && *h.found_inf != 0.0f) return;  // GradScaler found inf/NaN: skip (all threads alike)
+
+  const cuda::Chunk chunk = cuda::block_chunk(tt);
+  // The tensor's scalars, once per block (double-precision pow is not free).
+  __shared__ AdamWScalars<T> shared_scalars;
+  if (threadIdx.x == 0) {
+    const double lr = h.lr_ptr ? double(*h.lr_ptr) : h.lr;
+    const double step = double(*tt.ptr<const float>(kAdamWStep, chunk.tensor));
+    const double grad_scale = h.grad_scale ? double(*h.grad_scale) : 1.0;
+    shared_scalars = adamw_scalars<T>(h, lr, step, grad_scale);
+  }
+  __syncthreads();
+  const AdamWScalars<T> s = shared_scalars;
+
+  P* param = tt.ptr<P>(kAdamWParam, chunk.tensor) + chunk.start;
+  const P* grad = tt.ptr<const P>(kAdamWGrad, chunk.tensor) + chunk.start;
+  S* exp_avg = tt.ptr<S>(kAdamWExpAvg, chunk.tensor) + chunk.start;
+  S* exp_avg_sq = tt.ptr<S>(kAdamWExpAvgSq, chunk.tensor) + chunk.start;
+  S* max_exp_avg_sq = AMSGRAD ? tt.ptr<S>(kAdamWMaxExpAvgSq, chunk.tensor) + chunk.start : nullptr;
+  float* master = MASTER ? tt.ptr<float>(kAdamWMaster, chunk.tensor) + chunk.start : nullptr;
+  const bool aligned = cuda::is_aligned(param) && cuda::is_aligned(grad) && cuda::is_aligned(exp_avg) &&
+                       cuda::is_aligned(exp_avg_sq) && (!AMSGRAD || cuda::is_aligned(max_exp_avg_sq)) &&
+                       (!MASTER || cuda::is_aligned(master));
+
+  for (int64_t i = int64_t(threadIdx.x) * kILP; i < chunk.len; i += int64_t(kThreads) * kILP) {
+    P p_in[kILP], g_in[kILP];
+    S m_in[kILP], v_in[kILP], vmax_in[kILP];
+    float master_in[kILP];
+    if (MASTER) cuda::load_pack(master_in, master, i, chunk.len, aligned);
+    else cuda::load_pack(p_in, param, i, chunk.len, aligned);
+    cuda::load_pack(g_in, grad, i, chunk.len, aligned);
+    cuda::load_pack(m_in, exp_avg, i, chunk.len, aligned);
+    cuda::load_pack(v_in, exp_avg_sq, i, chunk.len, aligned);
+    if (AMSGRAD) cuda::load_pack(vmax_in, max_exp_avg_sq, i, chunk.len, aligned);
+
+    P p_out[kILP];
+    S m_out[kILP], v_out[kILP], vmax_out[kILP];
+    float master_out[kILP];
+#pragma unroll
+    for (int k = 0; k < kILP; ++k) {
+      T p = MASTER ? T(master_in[k]) : T(to_math(p_in[k]));
+      T m = to_math(m_in[k]);
+      T v = to_math(v_in[k]);
+      T vmax = AMSGRAD ? T(to_math(vmax_in[k])) : T(0);
+      adamw_element<T, AMSGRAD>(p, T(to_math(g_in[k])), m, v, vmax, s);
+      if (MASTER) master_out[k] = float(p);
+      p_out[k] = Store<P>::from(p);
+      m_out[k] = Store<S>::from(m);
+      v_out[k] = Store<S>::from(v);
+      if (AMSGRAD) vmax_out[k] = Store<S>::from(vmax);
+    }
+    if (MASTER) cuda::store_pack(master, master_out, i, chunk.len, aligned);
+    cuda::store_pack(param, p_out, i, chunk.len, aligned);
+    cuda::store_pack(exp_avg, m_out, i, chunk.len, aligned);
+    cuda::store_pack(exp_avg_sq, v_out, i, chunk.len, aligned);
+    if (AMSGRAD) cuda::store_pack(max_exp_avg_sq, vmax_out, i, chunk.len, aligned);
+  }
+}
+
+template <typename P, typename S, bool MASTER>
+void launch_amsgrad(const TensorTable& tt, const AdamWHyper& h, cudaStream_t stream) {
+  const dim3 grid(unsigned(tt.n_chunks));
+  if (h.amsgrad) adamw_kernel<P, S, MASTER, true><<<grid, kThreads, 0, stream>>>(tt, h);
+  else adamw_kernel<P, S, MASTER, false><<<grid, kThreads, 0, stream>>>(tt, h);
+}
+
+template <typename P>
+void launch_master(const TensorTable& tt, const AdamWHyper& h, bool has_master, cudaStream_t stream) {
+  if (has_master) launch_amsgrad<P, float, true>(tt, h, stream);
+  else launch_amsgrad<P, P, false>(tt, h, stream);
+}
+
+}  // namespace
+
+const char* adamw_cuda(const TensorTable& tt, const AdamWHyper& h, DType param_dtype, bool has_master,
+                       void* stream_handle) {
+  if (tt.n_chunks == 0) return nullptr;
+  if (tt.n_chunks > 0x7FFFFFFF) return "fusedopt: too many chunks for one launch";
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_handle);
+  switch (param_dtype) {
+    case DType::kFloat32: launch_amsgrad<float, float, false>(tt, h, stream); break;
+    case DType::kFloat64: launch_amsgrad<double, double, false>(tt, h, stream); break;
+    case DType::kBFloat16: launch_master<bf16>(tt, h, has_master, stream); break;
+    case DType::kFloat16: launch_master<fp16>(tt, h, has_master, stream); break;
+    default: return "fusedopt: unsupported dtype";
+  }
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+}  // namespace fusedopt

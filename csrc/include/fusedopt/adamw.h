@@ -1,0 +1,109 @@
+// AdamW: the per-element update and the per-tensor scalars, written once and
+// shared by the CPU loops (csrc/cpu/adamw.cpp) and the CUDA kernel
+// (csrc/cuda/adamw.cu). The reference (fusedopt/reference/adamw.py) and the
+// Triton kernel (kernels/adamw.py) spell the same operations in the same order.
+//
+//   g      = grad / grad_scale, negated when maximize
+//   p      = p * (1 - lr * weight_decay)                    decoupled decay
+//   m      = lerp(m, g, 1 - beta1)                        (one FMA, as torch's lerp)
+//   v      = v * beta2 + (1 - beta2) * g * g              (one FMA, as torch's addcmul)
+//   vmax   = max(vmax, v)                                   amsgrad only
+//   denom  = sqrt(amsgrad ? vmax : v) / sqrt(1 - beta2^step) + eps
+//   p      = p - (lr / (1 - beta1^step)) * m / denom
+//
+// This is torch.optim.AdamW's update (torch/optim/adam.py, single-tensor path),
+// including the form of lerp and the grouping of the products.
+#pragma once
+
+#include <math.h>
+
+#include "fusedopt/multi_tensor.h"
+#include "fusedopt/numeric.h"
+
+namespace fusedopt {
+
+// Rows of the AdamW tensor table (fusedopt/backends/_tables.py: ADAMW_ROWS).
+enum AdamWRow : int {
+  kAdamWParam = 0, kAdamWGrad = 1, kAdamWExpAvg = 2, kAdamWExpAvgSq = 3,
+  kAdamWMaxExpAvgSq = 4, kAdamWMaster = 5, kAdamWStep = 6, kAdamWRows = 7
+};
+
+// Hyperparameters of one launch (one param group, one device, one dtype).
+struct AdamWHyper {
+  double lr = 1e-3;
+  const float* lr_ptr = nullptr;       // tensor lr (fp32, same memory space as the tensors)
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 1e-2;
+  bool amsgrad = false, maximize = false;
+  const float* grad_scale = nullptr;   // GradScaler: grads are divided by *grad_scale
+  const float* found_inf = nullptr;    // GradScaler: skip everything when *found_inf != 0
+};
+
+// What one tensor needs at one step, derived from its own step count. Computed
+// in double (once per tensor or chunk, so the cost is nil) and rounded once to
+// the math type, as torch's CPU fused kernel does.
+template <typename T>
+struct AdamWScalars {
+  T decay, lerp_w, beta2, one_minus_beta2, eps, step_size, bc2_sqrt, grad_scale, sign;
+};
+
+template <typename T>
+FUSEDOPT_HD AdamWScalars<T> adamw_scalars(const AdamWHyper& h, double lr, double step, double grad_scale) {
+  const double bc1 = 1.0 - pow(h.beta1, step);
+  const double bc2 = 1.0 - pow(h.beta2, step);
+  AdamWScalars<T> s;
+  s.decay = T(1.0 - lr * h.weight_decay);
+  s.lerp_w = T(1.0 - h.beta1);
+  s.beta2 = T(h.beta2);
+  s.one_minus_beta2 = T(1.0 - h.beta2);
+  s.eps = T(h.eps);
+  s.step_size = T(lr / bc1);
+  s.bc2_sqrt = T(sqrt(bc2));
+  s.grad_scale = T(grad_scale);
+  s.sign = h.maximize ? T(-1) : T(1);
+  return s;
+}
+
+// Rounding, operation by operation, is torch's: its compiled kernels compute
+// lerp as one fused multiply-add from the nearer end (the weight < 0.5 test)
+// and addcmul's self + value*t1*t2 as fma(value*t1, t2, self). We write those
+// two FMAs out and build everything else without contraction
+// (-ffp-contract=off, --fmad=false), so the CPU backend reproduces
+// torch.optim.AdamW's fp32 results bit for bit.
+FUSEDOPT_HD float fused_mul_add(float a, float b, float c) { return fmaf(a, b, c); }
+FUSEDOPT_HD double fused_mul_add(double a, double b, double c) { return fma(a, b, c); }
+
+template <typename T>
+FUSEDOPT_HD T lerp(T a, T b, T w) {
+  const T d = b - a;
+  return (w < T(0.5)) ? fused_mul_add(w, d, a) : fused_mul_add(w - T(1), d, b);
+}
+
+// One element. p, m, v, vmax are in math precision and updated in place.
+template <typename T, bool AMSGRAD>
+FUSEDOPT_HD void adamw_element(T& p, T grad, T& m, T& v, T& vmax, const AdamWScalars<T>& s) {
+  const T g = grad / s.grad_scale * s.sign;
+  p = p * s.decay;
+  m = lerp(m, g, s.lerp_w);
+  v = fused_mul_add(s.one_minus_beta2 * g, g, v * s.beta2);
+  T vhat = v;
+  if (AMSGRAD) {
+    vmax = vmax > v ? vmax : v;
+    vhat = vmax;
+  }
+  const T denom = sqrt(vhat) / s.bc2_sqrt + s.eps;
+  p = p - s.step_size * m / denom;
+}
+
+// Launchers (raw pointers, no torch). `param_dtype` is the dtype of params,
+// grads and moments; with `has_master` (bf16/fp16 params only) the moments and
+// the master weights (row kAdamWMaster) are fp32, the master is what the update
+// reads and writes, and the param gets the new master rounded once.
+void adamw_cpu(const TensorTable& tt, const AdamWHyper& h, DType param_dtype, bool has_master,
+               int num_threads);
+
+// Launches on `stream` (a cudaStream_t). Returns nullptr on success, else the
+// CUDA error string.
+const char* adamw_cuda(const TensorTable& tt, const AdamWHyper& h, DType param_dtype, bool has_master,
+                       void* stream);
+
+}  // namespace fusedopt

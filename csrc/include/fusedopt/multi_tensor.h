@@ -1,0 +1,31 @@
+// The description of one multi-tensor launch, shared by the CPU and CUDA
+// backends. Plain pointers only: on the CPU they point to host arrays, for CUDA
+// to device arrays that the Python side filled once per parameter layout
+// (fusedopt/backends/_tables.py).
+#pragma once
+
+#include "fusedopt/common.h"
+
+namespace fusedopt {
+
+// Tensors are split into fixed-size chunks and the chunks (not the tensors) are
+// spread over threads / thread blocks, so one 10M tensor and 200 x 50K tensors
+// keep every worker equally busy. Offsets are 64-bit: a tensor may exceed 2^31.
+struct TensorTable {
+  int64_t n_tensors = 0;
+  // table[row * n_tensors + t] is the address of tensor t of list `row`
+  // (params, grads, states, ...: the rows are fixed per optimizer).
+  const int64_t* table = nullptr;
+  const int64_t* numel = nullptr;         // [n_tensors]
+  int64_t chunk_size = 0;                 // elements per chunk
+  int64_t n_chunks = 0;
+  const int64_t* chunk_tensor = nullptr;  // [n_chunks] tensor index of each chunk
+  const int64_t* chunk_start = nullptr;   // [n_chunks] first element of each chunk
+
+  template <typename T>
+  FUSEDOPT_HD T* ptr(int row, int64_t t) const {
+    return reinterpret_cast<T*>(table[row * n_tensors + t]);
+  }
+};
+
+}  // namespace fusedopt

@@ -1,0 +1,103 @@
+// Conversions between storage dtypes and the math precision (fp32, or fp64 for
+// fp64 tensors). Written with integer operations on the bit patterns so that
+// the CPU and the GPU round identically (round-to-nearest-even), and so that
+// the CPU loops vectorise without depending on compiler support for _Float16.
+#pragma once
+
+#include <cstring>
+
+#include "fusedopt/common.h"
+
+namespace fusedopt {
+
+// 16-bit storage types: plain bit containers, converted explicitly.
+struct bf16 { uint16_t bits; };
+struct fp16 { uint16_t bits; };
+
+FUSEDOPT_HD uint32_t float_to_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+#endif
+}
+
+FUSEDOPT_HD float bits_to_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+#endif
+}
+
+// bf16 is the top half of an fp32: widening is a shift.
+FUSEDOPT_HD float bf16_to_float(uint16_t h) { return bits_to_float(uint32_t(h) << 16); }
+
+// Round-to-nearest-even: add 0x7FFF plus the lowest kept bit, then truncate.
+// NaN becomes the canonical quiet NaN 0x7FC0 (as torch does on the CPU), so a
+// NaN payload can never round up into infinity.
+FUSEDOPT_HD uint16_t float_to_bf16(float f) {
+  const uint32_t u = float_to_bits(f);
+  const bool is_nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return is_nan ? uint16_t(0x7FC0) : uint16_t(rounded);
+}
+
+// IEEE half -> float, exact (handles subnormals, inf and NaN).
+FUSEDOPT_HD float half_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1Fu;
+  const uint32_t mant = h & 0x3FFu;
+  uint32_t out;
+  if (exp == 0x1Fu) {                       // inf / NaN
+    out = sign | 0x7F800000u | (mant << 13);
+  } else if (exp != 0) {                    // normal: rebias 15 -> 127
+    out = sign | ((exp + 112u) << 23) | (mant << 13);
+  } else {                                  // zero or subnormal: mant * 2^-24
+    const float mag = float(mant) * 5.9604644775390625e-08f;
+    out = sign | float_to_bits(mag);
+  }
+  return bits_to_float(out);
+}
+
+// float -> IEEE half with round-to-nearest-even, overflow to inf, NaN kept NaN.
+FUSEDOPT_HD uint16_t float_to_half(float f) {
+  uint32_t u = float_to_bits(f);
+  const uint16_t sign = uint16_t((u >> 16) & 0x8000u);
+  u &= 0x7FFFFFFFu;
+  if (u > 0x7F800000u) return uint16_t(sign | 0x7E00u);   // NaN
+  if (u >= 0x477FF000u) return uint16_t(sign | 0x7C00u);  // >= 65520 rounds to inf
+  if (u < 0x38800000u) {
+    // Result is subnormal (or zero): adding 0.5 lines the half's subnormal
+    // ulp (2^-24) up with the float ulp at 0.5, so the FPU's own
+    // round-to-nearest-even does the rounding; the low bits are the result.
+    const float shifted = bits_to_float(u) + 0.5f;
+    return uint16_t(sign | uint16_t(float_to_bits(shifted) - 0x3F000000u));
+  }
+  // Normal: rebias the exponent (127 -> 15) and round the 13 dropped bits.
+  const uint32_t odd = (u >> 13) & 1u;
+  u += 0xC8000FFFu + odd;
+  return uint16_t(sign | uint16_t(u >> 13));
+}
+
+// Storage <-> math conversions, overloaded on the storage type.
+FUSEDOPT_HD float to_math(float x) { return x; }
+FUSEDOPT_HD double to_math(double x) { return x; }
+FUSEDOPT_HD float to_math(bf16 x) { return bf16_to_float(x.bits); }
+FUSEDOPT_HD float to_math(fp16 x) { return half_to_float(x.bits); }
+
+template <typename S> struct Store;
+template <> struct Store<float> { FUSEDOPT_HD static float from(float x) { return x; } };
+template <> struct Store<double> { FUSEDOPT_HD static double from(double x) { return x; } };
+template <> struct Store<bf16> { FUSEDOPT_HD static bf16 from(float x) { return bf16{float_to_bf16(x)}; } };
+template <> struct Store<fp16> { FUSEDOPT_HD static fp16 from(float x) { return fp16{float_to_half(x)}; } };
+
+// Math precision of a storage type: fp64 stays fp64, everything else is fp32.
+template <typename S> struct MathOf { using type = float; };
+template <> struct MathOf<double> { using type = double; };
+
+}  // namespace fusedopt

@@ -1,0 +1,14 @@
+"""fusedopt: fused multi-tensor optimizers for PyTorch.
+
+    from fusedopt import FusedAdamW
+    opt = FusedAdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
+
+Importing fusedopt imports neither triton nor any compiled extension: kernels
+are loaded (and JIT-compiled, once, cached) when an optimizer first needs them.
+"""
+from .backends import available_backends
+from .optim import FusedAdamW
+
+__version__ = "0.1.0"
+
+__all__ = ["FusedAdamW", "available_backends", "__version__"]

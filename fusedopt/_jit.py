@@ -1,0 +1,202 @@
+"""First-use compilation of the C++ (CPU) and CUDA extensions.
+
+``load_extension("cpu")`` builds ``csrc/bindings_cpu.cpp`` + ``csrc/cpu/*.cpp``
+with ``torch.utils.cpp_extension.load`` (ninja), registers the ops under
+``torch.ops.fusedopt_cpu`` and caches the shared library, keyed by a hash of
+the sources, the compiler flags and the torch/CUDA/Python versions, so editing a
+source or upgrading torch rebuilds and nothing else does.
+
+Cache directory: ``$FUSEDOPT_CACHE_DIR``, else ``$TORCH_EXTENSIONS_DIR``, else
+``~/.cache/fusedopt`` (``$XDG_CACHE_HOME`` respected). A file lock around the
+build makes several processes starting together compile once: the first builds,
+the others wait and then load the finished library.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ._resources import csrc_dir
+
+
+class BuildError(RuntimeError):
+    """A backend's extension could not be built; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class ExtensionSpec:
+    kind: str                 # "cpu" or "cuda"
+    sources: tuple[str, ...]  # relative to csrc/
+    namespace: str            # torch.ops namespace registered by the binding
+
+
+SPECS = {
+    "cpu": ExtensionSpec("cpu", ("bindings_cpu.cpp", "cpu/adamw.cpp"), "fusedopt_cpu"),
+    "cuda": ExtensionSpec("cuda", ("bindings_cuda.cpp", "cuda/adamw.cu"), "fusedopt_cuda"),
+}
+
+_loaded: dict[str, Path] = {}
+_lock = threading.Lock()
+
+
+def cache_root() -> Path:
+    for var in ("FUSEDOPT_CACHE_DIR", "TORCH_EXTENSIONS_DIR"):
+        if os.environ.get(var):
+            return Path(os.environ[var]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fusedopt"
+
+
+def _cpu_flags() -> list[str]:
+    # -march=native: the library is built on, and cached for, this machine
+    # (the CPU model is part of the cache key). -fno-math-errno lets sqrt
+    # vectorise; -ffp-contract=off keeps a*b+c as two roundings, as torch's
+    # own kernels compute them (fused multiply-adds are written out where torch
+    # uses them); OpenMP runs the chunk loop.
+    # The C++ standard is left to torch.utils.cpp_extension, which knows what
+    # its headers need.
+    return ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
+
+
+def _cuda_arch_flags() -> list[str]:
+    archs = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    flags = []
+    for major, minor in archs:
+        flags += [f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"]
+    return flags
+
+
+def _flags(kind: str) -> tuple[list[str], list[str], list[str]]:
+    """(cflags, cuda_cflags, ldflags) for one extension."""
+    include = f"-I{csrc_dir() / 'include'}"
+    if kind == "cpu":
+        return _cpu_flags() + [include], [], ["-fopenmp"]
+    cflags = ["-O3", include]
+    # IEEE division and square root (no --use_fast_math) and no contraction,
+    # like the CPU build: the kernels spell out the fused multiply-adds they use.
+    cuda = ["-O3", "--fmad=false", include] + _cuda_arch_flags()
+    return cflags, cuda, []
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _cache_key(spec: ExtensionSpec, flags) -> str:
+    h = hashlib.sha256()
+    root = csrc_dir()
+    files = sorted(p for p in root.rglob("*") if p.suffix in {".h", ".cuh", ".cpp", ".cu"})
+    for path in files:
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    h.update(repr((flags, torch.__version__, torch.version.cuda, sys.version_info[:2])).encode())
+    h.update(_cpu_model().encode())
+    return h.hexdigest()[:16]
+
+
+def check_toolchain(kind: str) -> None:
+    """Raise BuildError naming what to install when a build cannot even start."""
+    try:
+        import ninja  # the pip package; its binary is not on PATH unless the venv is activated
+
+        bin_dir = getattr(ninja, "BIN_DIR", None)
+        if bin_dir and bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
+    if shutil.which("ninja") is None:
+        raise BuildError("fusedopt needs ninja to compile its C++ kernels: `pip install ninja`.")
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        raise BuildError(
+            f"fusedopt needs a C++ compiler to build its {kind} kernels and `{cxx}` is not on PATH: "
+            "install one (Debian/Ubuntu: `apt install g++`; conda: `conda install gxx_linux-64`) "
+            "or set CXX."
+        )
+    if kind == "cuda":
+        from torch.utils.cpp_extension import CUDA_HOME
+
+        if not torch.cuda.is_available():
+            raise BuildError("the cuda backend needs a CUDA device and a CUDA build of torch.")
+        if CUDA_HOME is None or not Path(CUDA_HOME, "bin", "nvcc").exists():
+            raise BuildError(
+                "fusedopt needs nvcc to build its CUDA kernels: install the CUDA toolkit matching "
+                f"torch's CUDA {torch.version.cuda} and set CUDA_HOME (or put nvcc on PATH)."
+            )
+
+
+def build_dir(kind: str) -> Path:
+    spec = SPECS[kind]
+    return cache_root() / f"fusedopt_{kind}_{_cache_key(spec, _flags(kind))}"
+
+
+def load_extension(kind: str) -> Path:
+    """Build (once, cached) and load the extension; return its build directory.
+
+    Raises BuildError with the reason and the compiler output's tail on failure.
+    """
+    with _lock:
+        if kind in _loaded:
+            return _loaded[kind]
+        check_toolchain(kind)
+        spec = SPECS[kind]
+        cflags, cuda_cflags, ldflags = _flags(kind)
+        directory = build_dir(kind)
+        directory.mkdir(parents=True, exist_ok=True)
+        from torch.utils import cpp_extension
+
+        verbose = os.environ.get("FUSEDOPT_VERBOSE_BUILD", "0") == "1"
+        lock_path = directory.parent / f"{directory.name}.lock"
+        with open(lock_path, "w") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)  # other processes wait here, then find it built
+            try:
+                cpp_extension.load(
+                    name=directory.name,
+                    sources=[str(csrc_dir() / s) for s in spec.sources],
+                    extra_cflags=cflags,
+                    extra_cuda_cflags=cuda_cflags or None,
+                    extra_ldflags=ldflags,
+                    build_directory=str(directory),
+                    is_python_module=False,
+                    verbose=verbose,
+                )
+            except (RuntimeError, subprocess.CalledProcessError, OSError) as exc:
+                raise BuildError(
+                    f"fusedopt could not build its {kind} kernels in {directory}.\n"
+                    f"{_tail(str(exc))}\n"
+                    "Rerun with FUSEDOPT_VERBOSE_BUILD=1 for the full compiler output; "
+                    "`python -m fusedopt info` shows the toolchain it found."
+                ) from exc
+            finally:
+                fcntl.flock(lock_file, fcntl.LOCK_UN)
+        _loaded[kind] = directory
+        return directory
+
+
+def is_built(kind: str) -> bool:
+    """Whether a cached library for the current sources exists (no build)."""
+    try:
+        directory = build_dir(kind)
+    except Exception:  # noqa: BLE001  (e.g. no CUDA device to pick an arch for)
+        return False
+    return (directory / f"{directory.name}.so").exists()
+
+
+def _tail(text: str, lines: int = 30) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])

@@ -1,0 +1,98 @@
+"""Backend registry: which implementations exist, which can run here, and the
+choice for a device.
+
+A backend is a module of this package with:
+
+* ``NAME`` and ``DEVICE_TYPES`` (the tensor device types it can run on),
+* ``unavailable_reason(device_type) -> str | None``: a cheap check (imports,
+  toolchain, environment) that says why it cannot run, or None,
+* ``load()``: whatever has to happen before the first launch (JIT build,
+  importing triton); raises with the reason on failure,
+* one function per optimizer (``adamw(bucket, ...)``).
+
+Choice for a device: the ``backend=`` argument, else ``$FUSEDOPT_BACKEND``,
+else automatic: on CUDA ``cuda`` if it builds, else ``triton``; on CPU ``cpu``
+if it builds, else ``reference``. An explicit choice that cannot run raises; an
+automatic one that fails warns once and takes the next in line.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from types import ModuleType
+
+import torch
+
+NAMES = ("reference", "cpu", "triton", "cuda")
+
+#: automatic order per device type; "reference" always runs, so it ends each list
+AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+
+_warned: set[tuple[str, str]] = set()
+
+
+def validate_name(name: str | None) -> str | None:
+    if name is not None and name not in NAMES:
+        raise ValueError(f"unknown fusedopt backend {name!r}; valid backends: {', '.join(NAMES)}")
+    return name
+
+
+def get(name: str) -> ModuleType:
+    """The backend module (imports nothing heavy: triton/extensions load in load())."""
+    return importlib.import_module(f"{__name__}.{validate_name(name)}")
+
+
+def _device_type(device) -> str:
+    return torch.device(device).type
+
+
+def unavailable_reason(name: str, device) -> str | None:
+    module = get(name)
+    device_type = _device_type(device)
+    if device_type not in module.DEVICE_TYPES:
+        return f"runs on {' and '.join(module.DEVICE_TYPES)} tensors, not {device_type}"
+    return module.unavailable_reason(device_type)
+
+
+def resolve(requested: str | None, device) -> str:
+    """The backend for tensors on `device`, loaded and ready to launch."""
+    device_type = _device_type(device)
+    explicit = requested or os.environ.get("FUSEDOPT_BACKEND") or None
+    if explicit:
+        validate_name(explicit)
+        reason = unavailable_reason(explicit, device_type)
+        if reason:
+            source = "backend=" if requested else "FUSEDOPT_BACKEND="
+            raise ValueError(f"fusedopt backend {explicit!r} ({source}{explicit}) cannot run here: {reason}")
+        get(explicit).load()  # raises (BuildError is a RuntimeError) with the reason
+        return explicit
+    for name in AUTO_ORDER.get(device_type, ("reference",)):
+        reason = unavailable_reason(name, device_type)
+        if reason is None:
+            try:
+                get(name).load()
+                return name
+            except Exception as exc:  # noqa: BLE001  (any build failure: fall back, loudly)
+                reason = str(exc)
+        if name in ("cpu", "cuda") and (name, device_type) not in _warned:
+            _warned.add((name, device_type))
+            warnings.warn(f"fusedopt: the {name} backend is not available ({reason}); "
+                          f"falling back to the next backend for {device_type} tensors", RuntimeWarning,
+                          stacklevel=3)
+    raise AssertionError("unreachable: the reference backend always runs")
+
+
+def available_backends(device="cpu") -> list[str]:
+    """Names of the backends that run for `device`'s type here (building them if needed)."""
+    device_type = _device_type(device)
+    names = []
+    for name in NAMES:
+        if unavailable_reason(name, device_type) is not None:
+            continue
+        try:
+            get(name).load()
+        except Exception:  # noqa: BLE001  (does not run: not listed; `fusedopt info` says why)
+            continue
+        names.append(name)
+    return names

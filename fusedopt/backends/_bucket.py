@@ -1,0 +1,28 @@
+"""What an optimizer hands a backend: the tensors of one param group on one
+device with one dtype, aligned by index and ready for a multi-tensor kernel."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Bucket:
+    """Aligned lists: ``params[i]``, ``grads[i]``, ``states[name][i]``,
+    ``masters[i]`` and ``steps[i]`` belong to the same parameter.
+
+    Every tensor of index i has the param's numel and strides and is dense
+    (non-overlapping, no gaps), so kernels treat it as a flat array; no tensor
+    is empty (zero-size params never take a slot). ``steps`` hold each
+    parameter's step count, already advanced for this step.
+    """
+
+    device: torch.device
+    dtype: torch.dtype
+    params: list[Tensor] = field(default_factory=list)
+    grads: list[Tensor] = field(default_factory=list)
+    states: dict[str, list[Tensor]] = field(default_factory=dict)
+    masters: list[Tensor] | None = None
+    steps: list[Tensor] = field(default_factory=list)

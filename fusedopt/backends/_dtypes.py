@@ -1,0 +1,23 @@
+"""Storage dtype codes shared with the kernels (kernels/_numeric.py) and the C++
+headers (csrc/include/fusedopt/common.h: enum class DType)."""
+import torch
+
+F32, F64, BF16, F16 = 0, 1, 2, 3
+
+CODES = {torch.float32: F32, torch.float64: F64, torch.bfloat16: BF16, torch.float16: F16}
+
+#: param dtypes every fusedopt optimizer takes
+SUPPORTED_PARAM_DTYPES = tuple(CODES)
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision the update is computed in: fp64 for fp64, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def fp32_scalar(t, device):
+    """A 1-element fp32 tensor on `device` holding scalar tensor `t` (None stays
+    None): how lr, grad_scale and found_inf reach a kernel. No copy, and no host
+    sync, when `t` already is one."""
+    return None if t is None else t.detach().to(device=device, dtype=torch.float32).reshape(1)

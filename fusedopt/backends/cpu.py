@@ -1,0 +1,38 @@
+"""The cpu backend: the C++ extension (csrc/cpu, csrc/bindings_cpu.cpp),
+JIT-built on first use. One OpenMP parallel region per bucket; per-element
+math from csrc/include/fusedopt/*.h."""
+from __future__ import annotations
+
+import torch
+
+from .. import _jit
+
+NAME = "cpu"
+DEVICE_TYPES = ("cpu",)
+
+#: elements per chunk: the unit of work handed to one OpenMP thread
+CHUNK_SIZE = 1 << 16
+
+
+def unavailable_reason(device_type: str) -> str | None:
+    try:
+        _jit.check_toolchain("cpu")
+    except _jit.BuildError as exc:
+        return str(exc)
+    return None
+
+
+def load() -> None:
+    _jit.load_extension("cpu")
+
+
+def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, found_inf):
+    """lr: float or 1-element fp32 tensor; grad_scale, found_inf: 1-element
+    fp32 tensors or None; all on the CPU."""
+    lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+    torch.ops.fusedopt_cpu.adamw(
+        bucket.params, bucket.grads, bucket.states["exp_avg"], bucket.states["exp_avg_sq"],
+        bucket.states["max_exp_avg_sq"] if amsgrad else [], bucket.masters or [], bucket.steps,
+        0.0 if lr_tensor is not None else lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize,
+        grad_scale, found_inf, CHUNK_SIZE,
+    )

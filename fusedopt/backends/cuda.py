@@ -1,0 +1,47 @@
+"""The cuda backend: multi-tensor CUDA kernels (csrc/cuda, csrc/bindings_cuda.cpp),
+JIT-compiled with nvcc on first use for the GPUs present.
+
+One launch per bucket over the same device-side tables as the triton backend
+(fusedopt/backends/_tables.py); the kernel reads lr, grad_scale, found_inf and
+each tensor's step from device memory, so a step never waits on the host.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _jit
+from . import _tables
+from ._dtypes import CODES
+
+NAME = "cuda"
+DEVICE_TYPES = ("cuda",)
+
+#: elements per thread block's chunk
+CHUNK_SIZE = 1 << 16
+
+
+def unavailable_reason(device_type: str) -> str | None:
+    try:
+        _jit.check_toolchain("cuda")
+    except _jit.BuildError as exc:
+        return str(exc)
+    return None
+
+
+def load() -> None:
+    _jit.load_extension("cuda")
+
+
+def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, found_inf):
+    """lr: float or 1-element fp32 tensor; grad_scale, found_inf: 1-element
+    fp32 tensors or None; all on the bucket's device (the optimizer's base
+    class sees to that)."""
+    tables = _tables.launch_tables(_tables.adamw_rows(bucket, amsgrad), bucket.device, CHUNK_SIZE)
+    lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+    with torch.cuda.device(bucket.device):
+        torch.ops.fusedopt_cuda.adamw(
+            tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, CHUNK_SIZE, CODES[bucket.dtype],
+            bucket.masters is not None, 0.0 if lr_tensor is not None else lr, lr_tensor, beta1, beta2, eps,
+            weight_decay, amsgrad, maximize, grad_scale, found_inf,
+            torch.cuda.current_stream(bucket.device).cuda_stream,
+        )

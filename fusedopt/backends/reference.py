@@ -1,0 +1,51 @@
+"""The reference backend: the plain-torch spec (fusedopt.reference), applied
+one tensor at a time with fp32 (fp64 for fp64 params) working copies.
+
+Readable first, fast never: it reads found_inf and a tensor lr with .item()
+(a host sync on GPUs), which the other backends never do.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..reference import adamw as adamw_spec
+from ._dtypes import math_dtype
+
+NAME = "reference"
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def unavailable_reason(device_type: str) -> str | None:
+    return None
+
+
+def load() -> None:
+    return None
+
+
+def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, found_inf):
+    if found_inf is not None and found_inf.item() != 0:
+        return
+    lr = float(lr)
+    scale = None if grad_scale is None else float(grad_scale.item())
+    dtype = math_dtype(bucket.dtype)
+    for i, param in enumerate(bucket.params):
+        master = bucket.masters[i] if bucket.masters is not None else None
+        work = (master if master is not None else param).to(dtype, copy=True)
+        exp_avg = bucket.states["exp_avg"][i]
+        exp_avg_sq = bucket.states["exp_avg_sq"][i]
+        vmax = bucket.states["max_exp_avg_sq"][i] if amsgrad else None
+        m, v = exp_avg.to(dtype, copy=True), exp_avg_sq.to(dtype, copy=True)
+        vm = vmax.to(dtype, copy=True) if vmax is not None else None
+        adamw_spec.adamw_update_(
+            work, bucket.grads[i].to(dtype), m, v, vm, step=float(bucket.steps[i].item()), lr=lr, beta1=beta1,
+            beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize, grad_scale=scale,
+        )
+        # Each stored value is rounded once from the working precision.
+        if master is not None:
+            master.copy_(work)
+        param.copy_(work)
+        exp_avg.copy_(m)
+        exp_avg_sq.copy_(v)
+        if vmax is not None:
+            vmax.copy_(vm)

@@ -1,0 +1,54 @@
+"""The triton backend: kernels/ (shipped as fusedopt._kernels), one launch per
+bucket over device-side pointer tables (fusedopt/backends/_tables.py).
+
+Runs on CUDA tensors, and on CPU tensors only under the Triton interpreter
+(``TRITON_INTERPRET=1`` set before triton is first imported), which is how the
+kernels are tested on machines without a GPU.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from .._resources import shipped_module
+from . import _tables
+from ._dtypes import CODES
+
+NAME = "triton"
+DEVICE_TYPES = ("cuda", "cpu")
+
+#: elements per program, and per loop iteration inside a program; tests shrink
+#: them to cross chunk and block boundaries with small tensors
+CHUNK_SIZE = 1 << 16
+BLOCK_SIZE = 1024
+NUM_WARPS = 4
+
+
+def unavailable_reason(device_type: str) -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (`pip install triton`)"
+    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "on CPU tensors triton runs only under its interpreter: set TRITON_INTERPRET=1 before importing triton"
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device"
+    return None
+
+
+def load() -> None:
+    shipped_module("kernels", "adamw")
+
+
+def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, found_inf):
+    """lr: float or 1-element fp32 tensor; grad_scale, found_inf: 1-element
+    fp32 tensors or None; all on the bucket's device."""
+    kernels = shipped_module("kernels", "adamw")
+    tables = _tables.launch_tables(_tables.adamw_rows(bucket, amsgrad), bucket.device, CHUNK_SIZE)
+    lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+    kernels.launch_adamw(
+        tables, p_kind=CODES[bucket.dtype], master=bucket.masters is not None, amsgrad=amsgrad,
+        maximize=maximize, lr=0.0 if lr_tensor is not None else lr, lr_tensor=lr_tensor, beta1=beta1,
+        beta2=beta2, eps=eps, weight_decay=weight_decay, grad_scale=grad_scale, found_inf=found_inf,
+        chunk=CHUNK_SIZE, block=BLOCK_SIZE, num_warps=NUM_WARPS,
+    )

@@ -1,0 +1,127 @@
+"""FusedAdamW: torch.optim.AdamW's update, fused into one kernel per bucket."""
+from __future__ import annotations
+
+from torch import Tensor
+
+from .base import FusedOptimizer
+
+
+class FusedAdamW(FusedOptimizer):
+    """Drop-in replacement for :class:`torch.optim.AdamW`.
+
+    Same arguments, defaults, validation errors, update and state_dict layout
+    as torch.optim.AdamW (torch 2.13), with:
+
+    * ``backend``: "reference", "cpu", "triton" or "cuda" (default: automatic,
+      see :mod:`fusedopt.backends`); ``opt.backend`` says which one runs.
+    * ``master_weights``: for bf16/fp16 params, keep an fp32 copy of each param
+      in ``state["master_param"]`` and fp32 moments; the step reads the master,
+      the low-precision grad and the moments and writes the master, the moments
+      and the param (the new master rounded once, to nearest even) in one pass.
+      fp32/fp64 params ignore it.
+    * ``foreach`` and ``fused`` are accepted (and validated as torch does) but
+      change nothing: the step is always fused. ``differentiable=True`` is not
+      supported.
+
+    The update, per element, in fp32 (fp64 for fp64 params)::
+
+        g = grad / grad_scale, negated when maximize
+        p = p * (1 - lr * weight_decay)
+        m = lerp(m, g, 1 - beta1)
+        v = v * beta2 + (1 - beta2) * g * g
+        vmax = max(vmax, v)                                  (amsgrad)
+        p = p - lr / (1 - beta1^step) * m / (sqrt(vmax or v) / sqrt(1 - beta2^step) + eps)
+
+    GradScaler: ``scaler.step(opt)`` passes the scale and the inf flag to the
+    kernel, which unscales while updating and, when an inf/NaN was found,
+    leaves params, states and steps untouched, without a host sync. Grads are
+    never modified.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        backend: str | None = None,
+        master_weights: bool = False,
+    ) -> None:
+        if differentiable:
+            raise NotImplementedError(
+                "FusedAdamW does not support differentiable=True (its update runs in fused kernels that "
+                "autograd cannot see); use torch.optim.AdamW(differentiable=True)."
+            )
+        _check_adam_args(lr, betas, eps, weight_decay, foreach, capturable, fused)
+        defaults = {
+            "lr": lr,
+            "betas": tuple(b.squeeze() if isinstance(b, Tensor) and b.dim() != 0 else b for b in betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "amsgrad": amsgrad,
+            "maximize": maximize,
+            "foreach": foreach,
+            "capturable": capturable,
+            "differentiable": differentiable,
+            "fused": fused,
+            "decoupled_weight_decay": True,
+        }
+        super().__init__(params, defaults, backend=backend, master_weights=master_weights)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("capturable", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("fused", None)
+            group["decoupled_weight_decay"] = True
+
+    def _elementwise_states(self, group):
+        return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
+
+    def _update(self, backend, group, bucket, lr, grad_scale, found_inf):
+        beta1, beta2 = (float(b) for b in group["betas"])
+        backend.adamw(bucket, lr=lr, beta1=beta1, beta2=beta2, eps=float(group["eps"]),
+                      weight_decay=float(group["weight_decay"]), amsgrad=bool(group["amsgrad"]),
+                      maximize=bool(group["maximize"]), grad_scale=grad_scale, found_inf=found_inf)
+
+
+def _check_adam_args(lr, betas, eps, weight_decay, foreach, capturable, fused) -> None:
+    """torch.optim.Adam(W)'s argument checks (torch 2.13), with its messages."""
+    if isinstance(lr, Tensor):
+        if foreach and not capturable:
+            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if not 0.0 <= betas[0] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+    if not 0.0 <= betas[1] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    if not ((isinstance(betas[0], float) and isinstance(betas[1], float))
+            or (isinstance(betas[0], Tensor) and isinstance(betas[1], Tensor))):
+        raise ValueError("betas must be either both floats or both Tensors")
+    for i, beta in enumerate(betas):
+        if isinstance(beta, Tensor):
+            if not capturable and foreach:
+                raise ValueError(f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True")
+            if beta.numel() != 1:
+                raise ValueError(f"Tensor betas[{i}] must be 1-element")
+    if fused and foreach:
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")

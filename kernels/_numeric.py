@@ -1,0 +1,85 @@
+"""Loads and stores by storage dtype, and the rounding helpers they need.
+
+bf16 goes through int16 bit patterns with explicit round-to-nearest-even
+integer arithmetic: the Triton interpreter truncates on ``.to(tl.bfloat16)``
+while GPUs round, and the explicit form gives the same bits on both (and is the
+same formula as csrc/include/fusedopt/numeric.h). fp16 conversion is correct on
+both, so it uses ``.to``.
+"""
+import triton
+import triton.language as tl
+
+# Storage dtype codes, the same numbers as fusedopt.backends._dtypes and
+# csrc/include/fusedopt/common.h.
+F32 = tl.constexpr(0)
+F64 = tl.constexpr(1)
+BF16 = tl.constexpr(2)
+F16 = tl.constexpr(3)
+
+
+@triton.jit
+def bf16_bits_rne(x):
+    """fp32 -> bf16 bit pattern (int16), round-to-nearest-even; NaN -> 0x7FC0."""
+    b = x.to(tl.int32, bitcast=True)
+    r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+    r = tl.where((b & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r)
+    return r.to(tl.int16)
+
+
+@triton.jit
+def load_math(addr, offs, mask, KIND: tl.constexpr):
+    """Load elements of the tensor at integer address `addr` in math precision
+    (fp64 for fp64 storage, fp32 otherwise). Masked lanes read 0."""
+    if KIND == BF16:
+        bits = tl.load(addr.to(tl.pointer_type(tl.int16)) + offs, mask=mask, other=0)
+        x = (bits.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    elif KIND == F16:
+        x = tl.load(addr.to(tl.pointer_type(tl.float16)) + offs, mask=mask, other=0.0).to(tl.float32)
+    elif KIND == F64:
+        x = tl.load(addr.to(tl.pointer_type(tl.float64)) + offs, mask=mask, other=0.0)
+    else:
+        x = tl.load(addr.to(tl.pointer_type(tl.float32)) + offs, mask=mask, other=0.0)
+    return x
+
+
+@triton.jit
+def store_math(addr, offs, x, mask, KIND: tl.constexpr):
+    """Store math-precision values `x`, rounded once to the storage dtype."""
+    if KIND == BF16:
+        tl.store(addr.to(tl.pointer_type(tl.int16)) + offs, bf16_bits_rne(x), mask=mask)
+    elif KIND == F16:
+        tl.store(addr.to(tl.pointer_type(tl.float16)) + offs, x.to(tl.float16), mask=mask)
+    elif KIND == F64:
+        tl.store(addr.to(tl.pointer_type(tl.float64)) + offs, x.to(tl.float64), mask=mask)
+    else:
+        tl.store(addr.to(tl.pointer_type(tl.float32)) + offs, x.to(tl.float32), mask=mask)
+
+
+@triton.jit
+def one_minus_exp(x):
+    """1 - e^x for x <= 0 in fp32, without the cancellation of `1 - tl.exp(x)`
+    near 0 (a degree-7 series there, relative error < 1e-7). Used for bias
+    corrections 1 - beta^step = 1 - exp(step * log(beta)); libdevice's expm1
+    would do, but the interpreter does not implement it."""
+    series = -x * (1.0 + x * (0.5 + x * (1.0 / 6 + x * (1.0 / 24 + x * (1.0 / 120 + x * (1.0 / 720 + x / 5040))))))
+    return tl.where(x > -0.25, series, 1.0 - tl.exp(x))
+
+
+@triton.jit
+def sqrt_ieee(x, KIND: tl.constexpr):
+    """Correctly rounded square root (tl.sqrt is an approximation on GPUs)."""
+    if KIND == F64:
+        y = tl.sqrt(x)  # fp64 sqrt is IEEE on GPUs; sqrt_rn takes fp32 only
+    else:
+        y = tl.sqrt_rn(x)
+    return y
+
+
+@triton.jit
+def div_ieee(x, y, KIND: tl.constexpr):
+    """Correctly rounded division (fp32 `/` is a 2-ulp approximation on GPUs)."""
+    if KIND == F64:
+        z = x / y
+    else:
+        z = tl.div_rn(x, y)
+    return z

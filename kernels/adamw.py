@@ -1,0 +1,136 @@
+"""AdamW as one Triton launch per (device, dtype) bucket.
+
+The launch covers every tensor of the bucket: ``table`` holds the tensors'
+addresses (one row per list, fusedopt/backends/_tables.py), and each program
+updates one fixed-size chunk of one tensor, so work is balanced by elements.
+The per-element operations are those of csrc/include/fusedopt/adamw.h, in the
+same order:
+
+    g     = grad / grad_scale, negated when maximize
+    p     = p * (1 - lr * weight_decay)
+    m     = lerp(m, g, 1 - beta1)                         (one FMA, as torch rounds it)
+    v     = v * beta2 + (1 - beta2) * g * g               (one FMA, as torch rounds it)
+    vmax  = max(vmax, v)                                  (amsgrad)
+    p     = p - (lr / (1 - beta1^step)) * m / (sqrt(v or vmax) / sqrt(1 - beta2^step) + eps)
+
+Per-tensor scalars (bias corrections from the tensor's own step, lr from a
+device tensor when lr is a Tensor) are computed in the kernel, so nothing is
+baked into the launch and nothing waits on the host: the step can be captured
+in a CUDA graph. GradScaler's found_inf masks every load and store.
+"""
+import math
+
+import triton
+import triton.language as tl
+
+from ._numeric import F32, F64, div_ieee, load_math, one_minus_exp, sqrt_ieee, store_math
+
+# Rows of the tensor table; the same numbers as AdamWRow in
+# csrc/include/fusedopt/adamw.h and ADAMW_ROWS in fusedopt/backends/_tables.py.
+ROW_PARAM = tl.constexpr(0)
+ROW_GRAD = tl.constexpr(1)
+ROW_EXP_AVG = tl.constexpr(2)
+ROW_EXP_AVG_SQ = tl.constexpr(3)
+ROW_MAX_EXP_AVG_SQ = tl.constexpr(4)
+ROW_MASTER = tl.constexpr(5)
+ROW_STEP = tl.constexpr(6)
+
+
+@triton.jit
+def _adamw_kernel(
+    table, numels, chunk_tensor, chunk_start, n_tensors,
+    lr, lr_ptr, weight_decay, lerp_w, beta2, one_minus_beta2, eps, log_beta1, log_beta2,
+    grad_scale_ptr, found_inf_ptr,
+    P_KIND: tl.constexpr, MASTER: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+    LR_IS_PTR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    c = tl.program_id(0)
+    t = tl.load(chunk_tensor + c)
+    start = tl.load(chunk_start + c)
+    numel = tl.load(numels + t)
+    end = tl.minimum(numel - start, CHUNK)
+
+    # With master weights the update reads and writes the fp32 master and fp32
+    # moments; otherwise the param and moments in the param's dtype.
+    S_KIND: tl.constexpr = F32 if MASTER else P_KIND
+    param = tl.load(table + ROW_PARAM * n_tensors + t)
+    grad = tl.load(table + ROW_GRAD * n_tensors + t)
+    exp_avg = tl.load(table + ROW_EXP_AVG * n_tensors + t)
+    exp_avg_sq = tl.load(table + ROW_EXP_AVG_SQ * n_tensors + t)
+    work = param
+    if MASTER:
+        work = tl.load(table + ROW_MASTER * n_tensors + t)
+    step_addr = tl.load(table + ROW_STEP * n_tensors + t)
+    step = tl.load(step_addr.to(tl.pointer_type(tl.float32)))
+
+    # Per-tensor scalars, as adamw_scalars() in adamw.h.
+    if LR_IS_PTR:
+        lr = tl.load(lr_ptr)
+    bc1 = one_minus_exp(step * log_beta1)
+    bc2 = one_minus_exp(step * log_beta2)
+    step_size = div_ieee(lr, bc1, F32)
+    bc2_sqrt = sqrt_ieee(bc2, F32)
+    live = True
+    if HAS_FOUND_INF:
+        live = tl.load(found_inf_ptr) == 0  # GradScaler found inf/NaN: touch nothing
+    if P_KIND == F64:
+        # fp64 params: the decay factor multiplies p itself, so it is formed in
+        # fp64 (the bias corrections only scale the update: fp32 is plenty).
+        decay = 1.0 - tl.cast(lr, tl.float64) * tl.cast(weight_decay, tl.float64)
+        step_size = step_size.to(tl.float64)
+        bc2_sqrt = bc2_sqrt.to(tl.float64)
+    else:
+        decay = 1.0 - lr * weight_decay
+
+    for off in range(0, end, BLOCK):
+        offs = start + off + tl.arange(0, BLOCK)
+        mask = (offs < numel) & live
+        p = load_math(work, offs, mask, S_KIND)
+        g = load_math(grad, offs, mask, P_KIND)
+        m = load_math(exp_avg, offs, mask, S_KIND)
+        v = load_math(exp_avg_sq, offs, mask, S_KIND)
+
+        if HAS_GRAD_SCALE:
+            g = div_ieee(g, tl.load(grad_scale_ptr), P_KIND)
+        if MAXIMIZE:
+            g = -g
+        p = p * decay
+        # lerp and the second-moment update as one FMA each, as torch rounds them
+        d = g - m
+        m = tl.where(lerp_w < 0.5, tl.fma(d, lerp_w, m), tl.fma(d, lerp_w - 1.0, g))
+        v = tl.fma(one_minus_beta2 * g, g, v * beta2)
+        vhat = v
+        if AMSGRAD:
+            max_exp_avg_sq = tl.load(table + ROW_MAX_EXP_AVG_SQ * n_tensors + t)
+            vmax = tl.maximum(load_math(max_exp_avg_sq, offs, mask, S_KIND), v)
+            store_math(max_exp_avg_sq, offs, vmax, mask, S_KIND)
+            vhat = vmax
+        denom = div_ieee(sqrt_ieee(vhat, P_KIND), bc2_sqrt, P_KIND) + eps
+        p = p - div_ieee(step_size * m, denom, P_KIND)
+
+        store_math(work, offs, p, mask, S_KIND)
+        if MASTER:
+            store_math(param, offs, p, mask, P_KIND)
+        store_math(exp_avg, offs, m, mask, S_KIND)
+        store_math(exp_avg_sq, offs, v, mask, S_KIND)
+
+
+def launch_adamw(tables, *, p_kind, master, amsgrad, maximize, lr, lr_tensor, beta1, beta2, eps,
+                 weight_decay, grad_scale, found_inf, chunk, block, num_warps):
+    """Launch the update over `tables` (fusedopt.backends._tables.LaunchTables).
+
+    `lr_tensor`, `grad_scale` and `found_inf` are 1-element fp32 tensors on the
+    tables' device, or None.
+    """
+    dummy = tables.numel  # any tensor: stands in for absent pointer arguments
+    _adamw_kernel[(tables.n_chunks,)](
+        tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.n_tensors,
+        float(lr), dummy if lr_tensor is None else lr_tensor, float(weight_decay),
+        1.0 - beta1, float(beta2), 1.0 - beta2, float(eps), math.log(beta1) if beta1 > 0 else -math.inf,
+        math.log(beta2) if beta2 > 0 else -math.inf,
+        dummy if grad_scale is None else grad_scale, dummy if found_inf is None else found_inf,
+        P_KIND=p_kind, MASTER=master, AMSGRAD=amsgrad, MAXIMIZE=maximize,
+        LR_IS_PTR=lr_tensor is not None, HAS_GRAD_SCALE=grad_scale is not None,
+        HAS_FOUND_INF=found_inf is not None, CHUNK=chunk, BLOCK=block, num_warps=num_warps,
+    )
