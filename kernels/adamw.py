@@ -16,7 +16,7 @@ same order:
 Per-tensor scalars (bias corrections from the tensor's own step, lr from a
 device tensor when lr is a Tensor) are computed in the kernel, so nothing is
 baked into the launch and nothing waits on the host: the step can be captured
-in a CUDA graph. GradScaler's found_inf masks every load and store.
+in a CUDA graph. GradScaler's found_inf empties every program's loop.
 """
 import math
 
@@ -71,9 +71,8 @@ def _adamw_kernel(
     bc2 = one_minus_exp(step * log_beta2)
     step_size = div_ieee(lr, bc1, F32)
     bc2_sqrt = sqrt_ieee(bc2, F32)
-    live = True
     if HAS_FOUND_INF:
-        live = tl.load(found_inf_ptr) == 0  # GradScaler found inf/NaN: touch nothing
+        end = tl.where(tl.load(found_inf_ptr) == 0, end, 0)  # GradScaler found inf/NaN: touch nothing
     if P_KIND == F64:
         # fp64 params: the decay factor multiplies p itself, so it is formed in
         # fp64 (the bias corrections only scale the update: fp32 is plenty).
@@ -84,8 +83,9 @@ def _adamw_kernel(
         decay = 1.0 - lr * weight_decay
 
     for off in range(0, end, BLOCK):
-        offs = start + off + tl.arange(0, BLOCK)
-        mask = (offs < numel) & live
+        in_chunk = off + tl.arange(0, BLOCK)
+        offs = start + in_chunk
+        mask = in_chunk < end  # the chunk's end, not the tensor's: chunks never overlap
         p = load_math(work, offs, mask, S_KIND)
         g = load_math(grad, offs, mask, P_KIND)
         m = load_math(exp_avg, offs, mask, S_KIND)
@@ -117,7 +117,7 @@ def _adamw_kernel(
 
 
 def launch_adamw(tables, *, p_kind, master, amsgrad, maximize, lr, lr_tensor, beta1, beta2, eps,
-                 weight_decay, grad_scale, found_inf, chunk, block, num_warps):
+                 weight_decay, grad_scale, found_inf, block, num_warps):
     """Launch the update over `tables` (fusedopt.backends._tables.LaunchTables).
 
     `lr_tensor`, `grad_scale` and `found_inf` are 1-element fp32 tensors on the
@@ -132,5 +132,5 @@ def launch_adamw(tables, *, p_kind, master, amsgrad, maximize, lr, lr_tensor, be
         dummy if grad_scale is None else grad_scale, dummy if found_inf is None else found_inf,
         P_KIND=p_kind, MASTER=master, AMSGRAD=amsgrad, MAXIMIZE=maximize,
         LR_IS_PTR=lr_tensor is not None, HAS_GRAD_SCALE=grad_scale is not None,
-        HAS_FOUND_INF=found_inf is not None, CHUNK=chunk, BLOCK=block, num_warps=num_warps,
+        HAS_FOUND_INF=found_inf is not None, CHUNK=tables.chunk_size, BLOCK=block, num_warps=num_warps,
     )

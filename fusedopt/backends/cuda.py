@@ -40,7 +40,8 @@ def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, gra
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
     with torch.cuda.device(bucket.device):
         torch.ops.fusedopt_cuda.adamw(
-            tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, CHUNK_SIZE, CODES[bucket.dtype],
+            tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.chunk_size,
+            CODES[bucket.dtype],
             bucket.masters is not None, 0.0 if lr_tensor is not None else lr, lr_tensor, beta1, beta2, eps,
             weight_decay, amsgrad, maximize, grad_scale, found_inf,
             torch.cuda.current_stream(bucket.device).cuda_stream,

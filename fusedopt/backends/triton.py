@@ -50,5 +50,5 @@ def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, gra
         tables, p_kind=CODES[bucket.dtype], master=bucket.masters is not None, amsgrad=amsgrad,
         maximize=maximize, lr=0.0 if lr_tensor is not None else lr, lr_tensor=lr_tensor, beta1=beta1,
         beta2=beta2, eps=eps, weight_decay=weight_decay, grad_scale=grad_scale, found_inf=found_inf,
-        chunk=CHUNK_SIZE, block=BLOCK_SIZE, num_warps=NUM_WARPS,
+        block=BLOCK_SIZE, num_warps=NUM_WARPS,
     )

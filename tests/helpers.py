@@ -1,0 +1,59 @@
+"""Builders and comparisons shared by the tests."""
+from __future__ import annotations
+
+import torch
+
+# Shapes that catch indexing bugs: empty, 0-d, size 1, odd, crossing the test
+# chunk sizes (100 for cpu, 256/64 for triton), 2-D.
+SHAPES = [(0,), (), (1,), (7,), (3, 5), (257,), (13, 70), (2, 0, 3)]
+
+
+def make_params(shapes=SHAPES, dtype=torch.float32, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g, dtype=torch.float64).to(dtype).to(device).requires_grad_() for s in shapes]
+
+
+def clone_params(params):
+    return [p.detach().clone().requires_grad_() for p in params]
+
+
+def grads_for(params, step, seed=1, scale=1.0):
+    """Deterministic grads for `step`, in each param's dtype."""
+    g = torch.Generator().manual_seed(seed * 100003 + step)
+    return [(torch.randn(p.shape, generator=g, dtype=torch.float64) * scale).to(p.dtype).to(p.device) for p in params]
+
+
+def run(opt, params, steps, seed=1, scale=1.0, start=0):
+    for step in range(start, start + steps):
+        for p, g in zip(params, grads_for(params, step, seed, scale)):
+            p.grad = g
+        opt.step()
+    return params
+
+
+def state_tensors(opt, params):
+    """{(index, key): tensor} for every state tensor of every param."""
+    out = {}
+    for i, p in enumerate(params):
+        for k, v in opt.state.get(p, {}).items():
+            if torch.is_tensor(v):
+                out[(i, k)] = v
+    return out
+
+
+def assert_same_state(a_opt, a_params, b_opt, b_params, *, atol=0.0, rtol=0.0, keys=None):
+    """Params and every state tensor equal (both ways: same keys)."""
+    for pa, pb in zip(a_params, b_params):
+        torch.testing.assert_close(pa.detach(), pb.detach(), atol=atol, rtol=rtol, equal_nan=True)
+    sa, sb = state_tensors(a_opt, a_params), state_tensors(b_opt, b_params)
+    if keys is not None:
+        sa = {k: v for k, v in sa.items() if k[1] in keys}
+        sb = {k: v for k, v in sb.items() if k[1] in keys}
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sa[k].to(sb[k].device), sb[k], atol=atol, rtol=rtol, equal_nan=True,
+                                   check_dtype=True, msg=lambda m, k=k: f"state {k}: {m}")
+
+
+def ulp(dtype):
+    return {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float32: 2.0**-23, torch.float64: 2.0**-52}[dtype]

@@ -1,0 +1,457 @@
+"""FusedAdamW against torch.optim.AdamW (the reference) and every backend that
+runs here against the reference."""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from conftest import CPU_BACKENDS
+from helpers import SHAPES, assert_same_state, clone_params, grads_for, make_params, run, state_tensors, ulp
+
+from fusedopt import FusedAdamW
+
+pytestmark = pytest.mark.adamw
+
+CONFIGS = {
+    "defaults": {},
+    "amsgrad": {"amsgrad": True},
+    "maximize": {"maximize": True, "weight_decay": 0.1},
+    "no_decay": {"weight_decay": 0.0, "lr": 1e-2},
+    "betas_eps": {"betas": (0.8, 0.99), "eps": 1e-6, "lr": 3e-3},
+    "amsgrad_maximize": {"amsgrad": True, "maximize": True, "betas": (0.5, 0.9)},
+    "beta1_above_half": {"betas": (0.3, 0.95)},  # the other branch of lerp
+}
+STEPS = 10
+
+
+def backend_params(backends=CPU_BACKENDS):
+    return [pytest.param(b, marks=[pytest.mark.triton] if b == "triton" else []) for b in backends]
+
+
+KERNEL_BACKENDS = backend_params([b for b in CPU_BACKENDS if b != "reference"])
+
+
+def tolerance(backend, dtype=torch.float32):
+    """The reference is torch's own ops: exact. Kernels round sqrt correctly
+    where torch's vectorised CPU sqrt is sometimes an ulp off, and triton takes
+    its hyperparameters as fp32 scalars and forms the bias corrections in fp32
+    (relative error ~1e-7 of each update, even for fp64 params): a few ulps
+    after 10 steps, inside DESIGN's fp32 tolerance."""
+    if backend == "reference":
+        return {"atol": 0.0, "rtol": 0.0}
+    if dtype == torch.float64:
+        return {"atol": 1e-7, "rtol": 1e-7} if backend == "triton" else {"atol": 1e-12, "rtol": 1e-12}
+    return {"atol": 1e-6, "rtol": 1e-5}
+
+
+# --- the reference against torch.optim.AdamW --------------------------------------------------
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reference_equals_torch(config, dtype):
+    """The spec is torch's single-tensor AdamW, operation for operation: same bits."""
+    kw = CONFIGS[config]
+    a, b = make_params(dtype=dtype), make_params(dtype=dtype)
+    ta = torch.optim.AdamW(a, foreach=False, **kw)
+    fb = FusedAdamW(b, backend="reference", **kw)
+    run(ta, a, STEPS), run(fb, b, STEPS)
+    assert_same_state(ta, a, fb, b)
+
+
+# --- every backend against torch / the reference ----------------------------------------------
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend", backend_params())
+def test_backend_matches_torch(backend, config, dtype):
+    kw = CONFIGS[config]
+    a, b = make_params(dtype=dtype), make_params(dtype=dtype)
+    ta = torch.optim.AdamW(a, foreach=False, **kw)
+    fb = FusedAdamW(b, backend=backend, **kw)
+    assert fb.backend == backend
+    run(ta, a, STEPS), run(fb, b, STEPS)
+    assert_same_state(ta, a, fb, b, **tolerance(backend, dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("config", ["defaults", "amsgrad_maximize"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_low_precision_matches_reference(backend, config, dtype):
+    """bf16/fp16 params without master weights: fp32 math, each stored value
+    rounded once to nearest even, states in the param dtype (as torch's fused
+    AdamW). Kernels agree with the reference to one rounding step."""
+    kw = CONFIGS[config]
+    a, b = make_params(dtype=dtype), make_params(dtype=dtype)
+    ra, fb = FusedAdamW(a, backend="reference", **kw), FusedAdamW(b, backend=backend, **kw)
+    run(ra, a, STEPS), run(fb, b, STEPS)
+    assert all(s.dtype == dtype for (_, k), s in state_tensors(fb, b).items() if k != "step")
+    assert_same_state(ra, a, fb, b, atol=ulp(dtype), rtol=ulp(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", backend_params())
+def test_low_precision_error_vs_fp64(backend, dtype):
+    """DESIGN's tolerance rule: error against an fp64 run <= 2x the error of
+    plain torch (torch.optim.AdamW in the same dtype) against that run."""
+    shapes = [(64, 33), (1000,)]
+    init = make_params(shapes, dtype=dtype)
+    p64, ptorch, pours = ([p.detach().to(dt).requires_grad_() for p in init]
+                          for dt in (torch.float64, dtype, dtype))
+    kw = {"lr": 1e-2, "weight_decay": 0.1}
+    opts = [torch.optim.AdamW(p64, foreach=False, **kw), torch.optim.AdamW(ptorch, foreach=False, **kw),
+            FusedAdamW(pours, backend=backend, **kw)]
+    for step in range(STEPS):
+        grads = grads_for(init, step)  # in `dtype`: every run sees the same grad values
+        for params, opt in zip((p64, ptorch, pours), opts):
+            for p, g in zip(params, grads):
+                p.grad = g.to(p.dtype)
+            opt.step()
+    err_torch = max((a.double() - r).abs().max().item() for a, r in zip(ptorch, p64))
+    err_ours = max((a.double() - r).abs().max().item() for a, r in zip(pours, p64))
+    assert err_ours <= 2 * err_torch
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", backend_params())
+def test_master_weights(backend, dtype):
+    """With master_weights the fp32 master follows exactly the fp32 AdamW run on
+    fp32 copies of the params fed the same (low-precision) grads, and the param
+    is the master rounded to nearest even."""
+    low = make_params(dtype=dtype)
+    fp32 = [p.detach().float().requires_grad_() for p in low]
+    ours = FusedAdamW(low, backend=backend, master_weights=True, amsgrad=True)
+    ref = torch.optim.AdamW(fp32, foreach=False, amsgrad=True)
+    for step in range(STEPS):
+        for p, q, g in zip(low, fp32, grads_for(low, step)):
+            p.grad, q.grad = g, g.float()
+        ours.step()
+        ref.step()
+    tol = tolerance(backend)
+    for p, q in zip(low, fp32):
+        if p.numel() == 0:
+            continue
+        state = ours.state[p]
+        assert state["master_param"].dtype == torch.float32
+        assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32
+        torch.testing.assert_close(state["master_param"], q.detach(), **tol)
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            torch.testing.assert_close(state[key], ref.state[q][key], **tol)
+        torch.testing.assert_close(p.detach(), state["master_param"].to(dtype), atol=0, rtol=0)
+    # a low-precision param lost to rounding is still moved by the master
+    assert ours.state[low[3]]["step"].item() == STEPS
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", backend_params())
+def test_rounding_to_low_precision_is_nearest_even(backend, dtype):
+    """The param written from the master is round-to-nearest-even of it, on
+    ties, subnormals, overflow and non-finite values too (lr=0 keeps p = master)."""
+    finfo = torch.finfo(dtype)
+    tiny, big = finfo.smallest_normal, finfo.max
+    specials = [1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, 1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11, -(1.0 + 2.0**-8), tiny / 3,
+                -tiny / 7, tiny * 0.5, big, big * 1.0001, -big * 1.01, 1e-30, 0.0, -0.0,
+                float("inf"), float("-inf"), float("nan")]
+    master = torch.tensor(specials + torch.randn(300, dtype=torch.float64).mul(100).tolist(), dtype=torch.float32)
+    p = torch.zeros(master.shape, dtype=dtype, requires_grad=True)
+    opt = FusedAdamW([p], lr=0.0, weight_decay=0.0, backend=backend, master_weights=True)
+    p.grad = torch.zeros_like(p)
+    opt.step()  # creates the master from p; now overwrite it and step again
+    opt.state[p]["master_param"].copy_(master)
+    opt.step()
+    expected = master.to(dtype)
+    torch.testing.assert_close(p.detach(), expected, atol=0, rtol=0, equal_nan=True)
+    finite = ~expected.isnan()  # a NaN's sign bit carries no meaning (torch's varies by CPU path)
+    assert torch.equal(torch.signbit(p.detach())[finite], torch.signbit(expected)[finite])
+
+
+# --- shapes, layouts, many tensors -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_non_contiguous_params(backend):
+    """Transposed (dense) and sliced (gappy) params, and grads with other strides."""
+    base = make_params([(6, 9), (10, 16), (5, 7)])
+    views = [base[0].detach().t(), base[1].detach()[:, ::2], base[2].detach()]
+    a = [v.clone().requires_grad_() for v in views]  # contiguous copies
+    b = [torch.empty_like(v).copy_(v) if i == 0 else v.clone() for i, v in enumerate(views)]  # keeps the transpose
+    holder = torch.zeros(10, 16)
+    b[1] = holder[:, ::2].copy_(views[1]).requires_grad_()  # a strided view into a bigger tensor
+    assert not b[1].is_contiguous() and b[0].stride() == (1, 9)
+    b = [t.requires_grad_() if not t.requires_grad else t for t in b]
+    ta = torch.optim.AdamW(a, foreach=False)
+    fb = FusedAdamW(b, backend=backend)
+    for step in range(STEPS):
+        for i, (pa, pb, g) in enumerate(zip(a, b, grads_for(a, step))):
+            pa.grad = g
+            pb.grad = g.t().contiguous().t() if i == 2 else g  # grad with strides unlike its param's
+        ta.step()
+        fb.step()
+    assert_same_state(ta, a, fb, b, **tolerance(backend))
+    assert holder[:, 1::2].abs().sum() == 0  # the gaps between the sliced elements are untouched
+    torch.testing.assert_close(holder[:, ::2], a[1].detach(), **tolerance(backend))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_many_tensors_one_group(backend):
+    shapes = [(i % 7 + 1, 3) for i in range(300)]
+    a, b = make_params(shapes), make_params(shapes)
+    ta, fb = torch.optim.AdamW(a, foreach=False), FusedAdamW(b, backend=backend)
+    run(ta, a, 3), run(fb, b, 3)
+    assert_same_state(ta, a, fb, b, **tolerance(backend))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_mixed_dtypes_in_a_group_and_params_without_grads(backend):
+    shapes = [(5, 3), (17,), (4,), (9,)]
+    dtypes = [torch.float32, torch.bfloat16, torch.float64, torch.float32]
+    a = [p.to(dt).detach().requires_grad_() for p, dt in zip(make_params(shapes), dtypes)]
+    b = clone_params(a)
+    ta, fb = torch.optim.AdamW(a, foreach=False, fused=False), FusedAdamW(b, backend=backend)
+    for step in range(4):
+        for i, (pa, pb, g) in enumerate(zip(a, b, grads_for(a, step))):
+            if i == 3:
+                continue  # never has a grad
+            pa.grad, pb.grad = g, g.clone()
+        ta.step()
+        fb.step()
+    assert b[3] not in fb.state or not fb.state[b[3]]
+    torch.testing.assert_close(b[3], a[3], atol=0, rtol=0)
+    for i in range(3):
+        tol = {"atol": 1e-2, "rtol": 1e-2} if dtypes[i] == torch.bfloat16 else tolerance(backend, dtypes[i])
+        torch.testing.assert_close(b[i], a[i], **tol)
+
+
+# --- torch.optim features ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_param_groups_scheduler_and_tensor_lr(backend):
+    def build(cls, params, **extra):
+        groups = [{"params": params[:3]}, {"params": params[3:], "lr": torch.tensor(0.01), "weight_decay": 0.0}]
+        return cls(groups, lr=3e-3, **extra)
+
+    a, b = make_params(), make_params()
+    ta = build(torch.optim.AdamW, a, foreach=False)
+    fb = build(FusedAdamW, b, backend=backend)
+    sa = torch.optim.lr_scheduler.StepLR(ta, step_size=2, gamma=0.5)
+    sb = torch.optim.lr_scheduler.StepLR(fb, step_size=2, gamma=0.5)
+    for step in range(6):
+        for p, q, g in zip(a, b, grads_for(a, step)):
+            p.grad, q.grad = g, g.clone()
+        ta.step()
+        fb.step()
+        sa.step()
+        sb.step()
+    assert [g["lr"] for g in fb.param_groups] == [g["lr"] for g in ta.param_groups]
+    # with a tensor lr torch forms lr / bias_correction in fp32 tensor math, we
+    # in double (as for a float lr): an ulp apart, for the reference too
+    assert_same_state(ta, a, fb, b, **tolerance("cpu"))
+
+
+def test_closure_hooks_zero_grad_and_named_parameters():
+    model = torch.nn.Linear(4, 3)
+    opt = FusedAdamW(model.named_parameters(), lr=0.1)
+    assert opt.param_groups[0]["param_names"] == ["weight", "bias"]
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    x = torch.randn(8, 4)
+    before = model.weight.detach().clone()
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert calls == ["pre", "post"]
+    assert torch.is_tensor(loss) and loss.requires_grad
+    assert not torch.equal(before, model.weight)
+    opt.zero_grad()
+    assert model.weight.grad is None
+
+
+def test_state_dict_layout_matches_torch():
+    a, b = make_params(), make_params()
+    ta, fb = torch.optim.AdamW(a, amsgrad=True), FusedAdamW(b, amsgrad=True)
+    run(ta, a, 2), run(fb, b, 2)
+    sa, sb = ta.state_dict(), fb.state_dict()
+    assert sa["param_groups"] == sb["param_groups"]
+    assert sa["state"].keys() == sb["state"].keys()
+    for i in sa["state"]:
+        assert sa["state"][i].keys() == sb["state"][i].keys()
+        step = sb["state"][i]["step"]
+        assert step.dim() == 0 and step.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("direction", ["torch_to_fused", "fused_to_torch"])
+def test_state_dict_round_trip(backend, direction):
+    """Train with one, save (weights_only load), continue with the other: the
+    same as continuing with the first."""
+    kw = {"amsgrad": True, "weight_decay": 0.05}
+
+    def make(kind, params):
+        return torch.optim.AdamW(params, foreach=False, **kw) if kind == "torch" else \
+            FusedAdamW(params, backend=backend, **kw)
+
+    first, second = ("torch", "fused") if direction == "torch_to_fused" else ("fused", "torch")
+    params = make_params()
+    opt = make(first, params)
+    run(opt, params, 5)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+
+    cont_params = clone_params(params)
+    cont = make(second, cont_params)
+    cont.load_state_dict(saved)
+    run(cont, cont_params, 5, start=5)
+    run(opt, params, 5, start=5)  # uninterrupted
+    assert_same_state(opt, params, cont, cont_params, **tolerance(backend))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_master_weights_state_dict(backend):
+    """The master is saved; a state_dict without one (from torch.optim.AdamW)
+    creates it from the param and converts the moments to fp32."""
+    params = make_params([(5, 7), (9,)], dtype=torch.bfloat16)
+    opt = FusedAdamW(params, backend=backend, master_weights=True)
+    run(opt, params, 3)
+    sd = opt.state_dict()
+    assert sd["state"][0]["master_param"].dtype == torch.float32
+    again = clone_params(params)
+    opt2 = FusedAdamW(again, backend=backend, master_weights=True)
+    opt2.load_state_dict(copy.deepcopy(sd))
+    assert opt2.state[again[0]]["exp_avg"].dtype == torch.float32
+    torch.testing.assert_close(opt2.state[again[0]]["master_param"], opt.state[params[0]]["master_param"],
+                               atol=0, rtol=0)
+    run(opt, params, 2, start=3), run(opt2, again, 2, start=3)
+    assert_same_state(opt, params, opt2, again)
+
+    torch_params = clone_params(params)
+    t = torch.optim.AdamW(torch_params)
+    run(t, torch_params, 2)
+    from_torch = clone_params(torch_params)
+    opt3 = FusedAdamW(from_torch, backend=backend, master_weights=True)
+    opt3.load_state_dict(t.state_dict())
+    state = opt3.state[from_torch[0]]
+    assert state["exp_avg"].dtype == torch.float32
+    torch.testing.assert_close(state["master_param"], from_torch[0].detach().float(), atol=0, rtol=0)
+    run(opt3, from_torch, 1, start=2)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_grad_scaler_skips_inf_steps_and_unscales(backend):
+    """GradScaler hands grad_scale/found_inf to the kernel: equal to torch's
+    AdamW under the same scaler, including a step with an injected inf that
+    must leave params, states and step untouched. Grads are never rewritten."""
+    def train(make_opt):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+        opt = make_opt(model.parameters())
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+        x = torch.randn(16, 6, generator=torch.Generator().manual_seed(3))
+        snapshots = []
+        for step in range(6):
+            opt.zero_grad()
+            scaler.scale(model(x).square().mean()).backward()
+            if step == 3:
+                model[0].weight.grad[0, 0] = float("inf")
+            grads = [p.grad.clone() for p in model.parameters()]
+            scaler.step(opt)
+            scaler.update()
+            for p, g in zip(model.parameters(), grads):
+                if opt is not None and isinstance(opt, FusedAdamW):
+                    torch.testing.assert_close(p.grad, g, atol=0, rtol=0, equal_nan=True)
+            snapshots.append([p.detach().clone() for p in model.parameters()])
+        return model, opt, snapshots
+
+    tm, to, tsnaps = train(lambda ps: torch.optim.AdamW(ps, foreach=False, lr=0.01))
+    fm, fo, fsnaps = train(lambda ps: FusedAdamW(ps, lr=0.01, backend=backend))
+    assert all(torch.equal(a, b) for a, b in zip(fsnaps[2], fsnaps[3]))  # the inf step changed nothing
+    assert_same_state(to, list(tm.parameters()), fo, list(fm.parameters()), **tolerance(backend))
+    assert fo.state[next(fm.parameters())]["step"].item() == 5
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_nan_and_inf_grads_propagate_like_torch(backend):
+    a, b = make_params([(4, 5)]), make_params([(4, 5)])
+    ta, fb = torch.optim.AdamW(a, foreach=False), FusedAdamW(b, backend=backend)
+    g = grads_for(a, 0)[0]
+    g[0, 0], g[1, 1], g[2, 2] = float("nan"), float("inf"), float("-inf")
+    a[0].grad, b[0].grad = g, g.clone()
+    ta.step()
+    fb.step()
+    assert_same_state(ta, a, fb, b, **tolerance(backend))
+    assert b[0].isnan().sum() == 3
+
+
+# --- errors before anything changes ------------------------------------------------------------
+
+BAD_ARGS = [
+    {"lr": -1e-3}, {"eps": -1.0}, {"betas": (1.0, 0.999)}, {"betas": (0.9, -0.1)}, {"weight_decay": -0.1},
+    {"betas": (0.9, torch.tensor(0.99))}, {"lr": torch.tensor([1e-3, 2e-3])},
+    {"lr": torch.tensor(1e-3), "foreach": True}, {"fused": True, "foreach": True},
+]
+
+
+@pytest.mark.parametrize("kwargs", BAD_ARGS, ids=lambda kw: ",".join(kw))
+def test_bad_hyperparameters_raise_like_torch(kwargs):
+    params = make_params([(3,)])
+    with pytest.raises(Exception) as expected:
+        torch.optim.AdamW(params, **kwargs)
+    with pytest.raises(type(expected.value)) as ours:
+        FusedAdamW(params, **kwargs)
+    assert str(ours.value) == str(expected.value)
+
+
+def test_differentiable_is_not_supported():
+    with pytest.raises(NotImplementedError, match="differentiable"):
+        FusedAdamW(make_params([(3,)]), differentiable=True)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_sparse_grad_raises_before_any_change(backend):
+    params = make_params([(4, 3), (5,)])
+    before = [p.detach().clone() for p in params]
+    opt = FusedAdamW([{"params": [params[0]]}, {"params": [params[1]]}], backend=backend)
+    params[0].grad = torch.ones(4, 3)
+    params[1].grad = torch.ones(5).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+    assert all(not opt.state[p] for p in params)
+
+
+def test_mismatched_grad_raises_before_any_change():
+    params = make_params([(4,), (3,)])
+    opt = FusedAdamW(params)
+    params[0].grad = torch.ones(4)
+    params[1].grad_dtype = None  # torch refuses a grad of another dtype unless told to allow it
+    params[1].grad = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="dtype"):
+        opt.step()
+    assert not opt.state[params[0]]
+
+
+def test_unsupported_param_dtype():
+    p = torch.zeros(3, dtype=torch.complex64, requires_grad=True)
+    p.grad = torch.zeros_like(p)
+    with pytest.raises(TypeError, match="complex64"):
+        FusedAdamW([p]).step()
+
+
+def test_deepcopy_keeps_backend_and_state():
+    params = make_params([(3, 4)])
+    opt = FusedAdamW(params, master_weights=True)
+    run(opt, params, 2)
+    clone = copy.deepcopy(opt)
+    assert clone.backend == opt.backend and clone.master_weights
+    assert clone.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
