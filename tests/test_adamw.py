@@ -455,3 +455,68 @@ def test_deepcopy_keeps_backend_and_state():
     clone = copy.deepcopy(opt)
     assert clone.backend == opt.backend and clone.master_weights
     assert clone.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="needs the cpu backend")
+@pytest.mark.parametrize("chunk", [1000, 1 << 16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_master_path_with_real_chunk_sizes(monkeypatch, chunk, dtype):
+    """The production chunk size and one that is not a multiple of the store
+    block: streamed (aligned) and copied (unaligned view) param stores, partial
+    blocks at chunk ends."""
+    from fusedopt.backends import cpu as cpu_backend
+
+    monkeypatch.setattr(cpu_backend, "CHUNK_SIZE", chunk)
+    base = torch.randn(3 * 4099 + 1, dtype=torch.float64).to(dtype)
+    shapes_a = [base[:4099], base[4099:2 * 4099], base[2 * 4099 + 1:]]  # the last starts 2 bytes off alignment
+    low = [t.clone().requires_grad_() if i < 2 else t.requires_grad_() for i, t in enumerate(shapes_a)]
+    low[2] = base.clone()[2 * 4099 + 1:].requires_grad_()
+    assert low[2].data_ptr() % 16 != 0
+    fp32 = [p.detach().float().requires_grad_() for p in low]
+    ours = FusedAdamW(low, backend="cpu", master_weights=True)
+    ref = torch.optim.AdamW(fp32, foreach=False)
+    for step in range(4):
+        for p, q, g in zip(low, fp32, grads_for(low, step)):
+            p.grad, q.grad = g, g.float()
+        ours.step()
+        ref.step()
+    for p, q in zip(low, fp32):
+        torch.testing.assert_close(ours.state[p]["master_param"], q.detach(), **tolerance("cpu"))
+        torch.testing.assert_close(p.detach(), ours.state[p]["master_param"].to(dtype), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_launch_plan_follows_changes(backend):
+    """The cached per-group plan is rebuilt when grads come and go, when a
+    state tensor is replaced, when amsgrad is switched on, after
+    load_state_dict and when a param stops being contiguous."""
+    a, b = make_params([(5, 4), (7,), (3, 3)]), make_params([(5, 4), (7,), (3, 3)])
+    ta, fb = torch.optim.AdamW(a, foreach=False), FusedAdamW(b, backend=backend)
+
+    def both(step, skip=()):
+        for i, (p, q, g) in enumerate(zip(a, b, grads_for(a, step))):
+            p.grad, q.grad = (None, None) if i in skip else (g, g.clone())
+        ta.step()
+        fb.step()
+
+    both(0)
+    both(1)  # reused plan
+    both(2, skip={1})  # one param without grad
+    both(3)
+    for opt, params in ((ta, a), (fb, b)):  # replace a state tensor by hand
+        opt.state[params[0]]["exp_avg"] = torch.full_like(params[0], 0.5)
+    both(4)
+    for opt in (ta, fb):
+        opt.param_groups[0]["amsgrad"] = True
+        for params in (a, b):
+            for p in params:
+                if opt.state.get(p):
+                    opt.state[p].setdefault("max_exp_avg_sq", torch.zeros_like(p))
+    both(5)
+    fb.load_state_dict(copy.deepcopy(fb.state_dict()))
+    both(6)
+    with torch.no_grad():  # the param's storage becomes a transposed view
+        b[2].data = b[2].detach().t().contiguous().t()
+    assert not b[2].is_contiguous()
+    both(7)
+    assert_same_state(ta, a, fb, b, **tolerance(backend))

@@ -1,26 +1,56 @@
 // AdamW on the CPU: one OpenMP parallel region over the chunks of every tensor
 // of the launch, and a SIMD loop over the elements of each chunk calling the
 // shared per-element update (include/fusedopt/adamw.h). No torch headers.
+#include <cstring>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "fusedopt/adamw.h"
 
 namespace fusedopt {
 namespace {
 
-template <typename P, typename S, bool MASTER, bool AMSGRAD>
+// With master weights the low-precision param is written and never read.
+// Storing it through the cache would first read each line in (a write-allocate
+// miss); streaming (non-temporal) stores skip that read. The loop fills a small
+// L1-resident block which is then streamed out 16 bytes at a time.
+constexpr int64_t kStoreBlock = 512;
+
+template <typename P>
+inline void stream_out(P* dst, const P* src, int64_t n) {
+#if defined(__SSE2__)
+  constexpr int64_t kPerStore = 16 / sizeof(P);
+  int64_t i = 0;
+  if (reinterpret_cast<uintptr_t>(dst) % 16 == 0) {
+    for (; i + kPerStore <= n; i += kPerStore) {
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+    }
+  }
+  std::memcpy(dst + i, src + i, size_t(n - i) * sizeof(P));
+#else
+  std::memcpy(dst, src, size_t(n) * sizeof(P));
+#endif
+}
+
+template <typename P, typename S, bool MASTER, bool AMSGRAD, bool GRAD_SCALE>
 void adamw_chunks(const TensorTable& tt, const AdamWHyper& h, int num_threads) {
   using T = typename MathOf<P>::type;
   // Per-tensor scalars once, before the parallel region: each tensor has its
   // own step count (params that skipped steps, or state loaded from elsewhere).
   const double lr = h.lr_ptr ? double(*h.lr_ptr) : h.lr;
-  const double grad_scale = h.grad_scale ? double(*h.grad_scale) : 1.0;
   std::vector<AdamWScalars<T>> scalars(size_t(tt.n_tensors));
   for (int64_t t = 0; t < tt.n_tensors; ++t) {
-    scalars[size_t(t)] = adamw_scalars<T>(h, lr, double(*tt.ptr<const float>(kAdamWStep, t)), grad_scale);
+    float& step = *tt.ptr<float>(kAdamWStep, t);
+    step += 1.0f;  // this step's count (the optimizer's state["step"])
+    scalars[size_t(t)] = adamw_scalars<T>(h, lr, double(step));
   }
 
-#pragma omp parallel for num_threads(num_threads) schedule(static)
+  // Dynamic scheduling: chunks of small tensors are short, so an equal count
+  // of chunks per thread is not an equal amount of work.
+#pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
   for (int64_t c = 0; c < tt.n_chunks; ++c) {
     const int64_t t = tt.chunk_tensor[c];
     const int64_t begin = tt.chunk_start[c];
@@ -35,26 +65,41 @@ void adamw_chunks(const TensorTable& tt, const AdamWHyper& h, int num_threads) {
     S* __restrict__ max_exp_avg_sq = AMSGRAD ? tt.ptr<S>(kAdamWMaxExpAvgSq, t) + begin : nullptr;
     float* __restrict__ master = MASTER ? tt.ptr<float>(kAdamWMaster, t) + begin : nullptr;
 
+    alignas(64) P staged_param[MASTER ? kStoreBlock : 1];
+    for (int64_t b0 = 0; b0 < len; b0 += MASTER ? kStoreBlock : len) {
+      const int64_t b1 = MASTER && b0 + kStoreBlock < len ? b0 + kStoreBlock : len;
+      P* __restrict__ param_out = MASTER ? staged_param - b0 : param;
 #pragma omp simd
-    for (int64_t i = 0; i < len; ++i) {
-      T p = MASTER ? T(master[i]) : T(to_math(param[i]));
-      T m = to_math(exp_avg[i]);
-      T v = to_math(exp_avg_sq[i]);
-      T vmax = AMSGRAD ? T(to_math(max_exp_avg_sq[i])) : T(0);
-      adamw_element<T, AMSGRAD>(p, T(to_math(grad[i])), m, v, vmax, s);
-      if (MASTER) master[i] = float(p);
-      param[i] = Store<P>::from(p);
-      exp_avg[i] = Store<S>::from(m);
-      exp_avg_sq[i] = Store<S>::from(v);
-      if (AMSGRAD) max_exp_avg_sq[i] = Store<S>::from(vmax);
+      for (int64_t i = b0; i < b1; ++i) {
+        T p = MASTER ? T(master[i]) : T(to_math(param[i]));
+        T m = to_math(exp_avg[i]);
+        T v = to_math(exp_avg_sq[i]);
+        T vmax = AMSGRAD ? T(to_math(max_exp_avg_sq[i])) : T(0);
+        adamw_element<T, AMSGRAD, GRAD_SCALE>(p, T(to_math(grad[i])), m, v, vmax, s);
+        if (MASTER) master[i] = float(p);
+        param_out[i] = Store<P>::from(p);
+        exp_avg[i] = Store<S>::from(m);
+        exp_avg_sq[i] = Store<S>::from(v);
+        if (AMSGRAD) max_exp_avg_sq[i] = Store<S>::from(vmax);
+      }
+      if constexpr (MASTER) stream_out(param + b0, staged_param, b1 - b0);
     }
+#if defined(__SSE2__)
+    if constexpr (MASTER) _mm_sfence();  // streaming stores are weakly ordered: publish them
+#endif
   }
+}
+
+template <typename P, typename S, bool MASTER, bool AMSGRAD>
+void adamw_dispatch_scale(const TensorTable& tt, const AdamWHyper& h, int num_threads) {
+  if (h.grad_scale) adamw_chunks<P, S, MASTER, AMSGRAD, true>(tt, h, num_threads);
+  else adamw_chunks<P, S, MASTER, AMSGRAD, false>(tt, h, num_threads);
 }
 
 template <typename P, typename S, bool MASTER>
 void adamw_dispatch_amsgrad(const TensorTable& tt, const AdamWHyper& h, int num_threads) {
-  if (h.amsgrad) adamw_chunks<P, S, MASTER, true>(tt, h, num_threads);
-  else adamw_chunks<P, S, MASTER, false>(tt, h, num_threads);
+  if (h.amsgrad) adamw_dispatch_scale<P, S, MASTER, true>(tt, h, num_threads);
+  else adamw_dispatch_scale<P, S, MASTER, false>(tt, h, num_threads);
 }
 
 template <typename P>
@@ -69,7 +114,7 @@ void adamw_dispatch_master(const TensorTable& tt, const AdamWHyper& h, bool has_
 
 void adamw_cpu(const TensorTable& tt, const AdamWHyper& h, DType param_dtype, bool has_master,
                int num_threads) {
-  if (h.found_inf && *h.found_inf != 0.0f) return;  // GradScaler found inf/NaN: skip the step
+  if (h.found_inf && *h.found_inf != 0.0f) return;  // GradScaler found inf/NaN: skip the step, steps too
   if (tt.n_chunks == 0) return;
   switch (param_dtype) {
     case DType::kFloat32: adamw_dispatch_amsgrad<float, float, false>(tt, h, num_threads); break;

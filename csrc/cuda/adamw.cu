@@ -14,7 +14,7 @@ namespace {
 using cuda::kILP;
 using cuda::kThreads;
 
-template <typename P, typename S, bool MASTER, bool AMSGRAD>
+template <typename P, typename S, bool MASTER, bool AMSGRAD, bool GRAD_SCALE>
 __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorTable tt, AdamWHyper h) {
   using T = typename MathOf<P>::type;
   if (h.found_inf && *h.found_inf != 0.0f) return;  // GradScaler found inf/NaN: skip (all threads alike)
@@ -25,8 +25,7 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorTable tt, AdamWHy
   if (threadIdx.x == 0) {
     const double lr = h.lr_ptr ? double(*h.lr_ptr) : h.lr;
     const double step = double(*tt.ptr<const float>(kAdamWStep, chunk.tensor));
-    const double grad_scale = h.grad_scale ? double(*h.grad_scale) : 1.0;
-    shared_scalars = adamw_scalars<T>(h, lr, step, grad_scale);
+      shared_scalars = adamw_scalars<T>(h, lr, step);
   }
   __syncthreads();
   const AdamWScalars<T> s = shared_scalars;
@@ -61,7 +60,7 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorTable tt, AdamWHy
       T m = to_math(m_in[k]);
       T v = to_math(v_in[k]);
       T vmax = AMSGRAD ? T(to_math(vmax_in[k])) : T(0);
-      adamw_element<T, AMSGRAD>(p, T(to_math(g_in[k])), m, v, vmax, s);
+      adamw_element<T, AMSGRAD, GRAD_SCALE>(p, T(to_math(g_in[k])), m, v, vmax, s);
       if (MASTER) master_out[k] = float(p);
       p_out[k] = Store<P>::from(p);
       m_out[k] = Store<S>::from(m);
@@ -76,11 +75,17 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorTable tt, AdamWHy
   }
 }
 
+template <typename P, typename S, bool MASTER, bool AMSGRAD>
+void launch_scale(const TensorTable& tt, const AdamWHyper& h, cudaStream_t stream) {
+  const dim3 grid(unsigned(tt.n_chunks));
+  if (h.grad_scale) adamw_kernel<P, S, MASTER, AMSGRAD, true><<<grid, kThreads, 0, stream>>>(tt, h);
+  else adamw_kernel<P, S, MASTER, AMSGRAD, false><<<grid, kThreads, 0, stream>>>(tt, h);
+}
+
 template <typename P, typename S, bool MASTER>
 void launch_amsgrad(const TensorTable& tt, const AdamWHyper& h, cudaStream_t stream) {
-  const dim3 grid(unsigned(tt.n_chunks));
-  if (h.amsgrad) adamw_kernel<P, S, MASTER, true><<<grid, kThreads, 0, stream>>>(tt, h);
-  else adamw_kernel<P, S, MASTER, false><<<grid, kThreads, 0, stream>>>(tt, h);
+  if (h.amsgrad) launch_scale<P, S, MASTER, true>(tt, h, stream);
+  else launch_scale<P, S, MASTER, false>(tt, h, stream);
 }
 
 template <typename P>

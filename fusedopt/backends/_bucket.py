@@ -16,7 +16,8 @@ class Bucket:
     Every tensor of index i has the param's numel and strides and is dense
     (non-overlapping, no gaps), so kernels treat it as a flat array; no tensor
     is empty (zero-size params never take a slot). ``steps`` hold each
-    parameter's step count, already advanced for this step.
+    parameter's step count (0-d fp32 on the bucket's device); the backend
+    advances them with the update (see advance_steps).
     """
 
     device: torch.device
@@ -26,3 +27,14 @@ class Bucket:
     states: dict[str, list[Tensor]] = field(default_factory=dict)
     masters: list[Tensor] | None = None
     steps: list[Tensor] = field(default_factory=list)
+
+
+def advance_steps(steps: list[Tensor], found_inf: Tensor | None) -> None:
+    """step += 1 on the steps' device, or += 0 when GradScaler found inf/NaN,
+    without a host sync (found_inf is a 1-element tensor on that device)."""
+    if not steps:
+        return
+    if found_inf is None:
+        torch._foreach_add_(steps, 1.0)
+    else:
+        torch._foreach_add_(steps, (1.0 - found_inf).reshape(()))

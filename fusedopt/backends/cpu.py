@@ -28,7 +28,7 @@ def load() -> None:
 
 def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, found_inf):
     """lr: float or 1-element fp32 tensor; grad_scale, found_inf: 1-element
-    fp32 tensors or None; all on the CPU."""
+    fp32 tensors or None; all on the CPU. The extension advances the steps."""
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
     torch.ops.fusedopt_cpu.adamw(
         bucket.params, bucket.grads, bucket.states["exp_avg"], bucket.states["exp_avg_sq"],

@@ -11,6 +11,7 @@ import torch
 
 from .. import _jit
 from . import _tables
+from ._bucket import advance_steps
 from ._dtypes import CODES
 
 NAME = "cuda"
@@ -38,6 +39,7 @@ def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, gra
     class sees to that)."""
     tables = _tables.launch_tables(_tables.adamw_rows(bucket, amsgrad), bucket.device, CHUNK_SIZE)
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+    advance_steps(bucket.steps, found_inf)
     with torch.cuda.device(bucket.device):
         torch.ops.fusedopt_cuda.adamw(
             tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.chunk_size,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..reference import adamw as adamw_spec
+from ._bucket import advance_steps
 from ._dtypes import math_dtype
 
 NAME = "reference"
@@ -24,6 +25,7 @@ def load() -> None:
 
 
 def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, found_inf):
+    advance_steps(bucket.steps, found_inf)
     if found_inf is not None and found_inf.item() != 0:
         return
     lr = float(lr)

@@ -14,6 +14,7 @@ import torch
 
 from .._resources import shipped_module
 from . import _tables
+from ._bucket import advance_steps
 from ._dtypes import CODES
 
 NAME = "triton"
@@ -46,6 +47,7 @@ def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, gra
     kernels = shipped_module("kernels", "adamw")
     tables = _tables.launch_tables(_tables.adamw_rows(bucket, amsgrad), bucket.device, CHUNK_SIZE)
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+    advance_steps(bucket.steps, found_inf)
     kernels.launch_adamw(
         tables, p_kind=CODES[bucket.dtype], master=bucket.masters is not None, amsgrad=amsgrad,
         maximize=maximize, lr=0.0 if lr_tensor is not None else lr, lr_tensor=lr_tensor, beta1=beta1,

@@ -10,9 +10,10 @@ state tensors (``_elementwise_states``) and launches its update on a bucket
    changes;
 2. per param group, collect the params with grads into one Bucket per
    (device, dtype), creating state at first use, staging any tensor a flat
-   kernel cannot walk (non-dense views, mismatched strides);
-3. advance each parameter's step count on its device (not when GradScaler
-   found inf/NaN) and launch the update, one call per bucket;
+   kernel cannot walk (non-dense views, mismatched strides); this plan is
+   cached and reused while the same tensors come back (_Plan);
+3. launch the update, one call per bucket; the backend also advances each
+   parameter's step count on its device (not when GradScaler found inf/NaN);
 4. copy staged results back.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import backends
-from ..backends._bucket import Bucket
+from ..backends._bucket import Bucket, advance_steps
 from ..backends._dtypes import LOW_PRECISION, SUPPORTED_PARAM_DTYPES, fp32_scalar
 
 
@@ -100,23 +101,23 @@ class FusedOptimizer(Optimizer):
 
     # --- the step -----------------------------------------------------------------
 
-    def _check_grads(self) -> None:
-        """Raise on any grad the kernels cannot take, before anything is modified."""
-        name = type(self).__name__
-        for group in self.param_groups:
-            for p in group["params"]:
-                g = p.grad
-                if g is None:
-                    continue
-                if g.is_sparse or g.layout != torch.strided:
-                    raise RuntimeError(f"{name} does not support sparse gradients (got layout {g.layout})")
+    def _check_grads(self, params: list[Tensor], grads: list) -> None:
+        """Raise on any grad the kernels cannot take, before anything is modified.
+
+        Shape and device need no check: torch refuses a .grad of another shape
+        or device when it is assigned (and the kernels re-check sizes).
+        """
+        for p, g in zip(params, grads):
+            if g is None:
+                continue
+            if g.layout is not torch.strided:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (got {g.layout})")
+            if g.dtype is not p.dtype or p.dtype not in SUPPORTED_PARAM_DTYPES:
                 if p.dtype not in SUPPORTED_PARAM_DTYPES:
-                    raise TypeError(f"{name} supports float32, float64, bfloat16 and float16 params, got {p.dtype}")
-                if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
-                    raise RuntimeError(
-                        f"{name}: a grad must match its param in dtype, shape and device; got grad "
-                        f"{g.dtype} {tuple(g.shape)} on {g.device} for param {p.dtype} {tuple(p.shape)} on {p.device}"
-                    )
+                    raise TypeError(f"{type(self).__name__} supports float32, float64, bfloat16 and float16 params, "
+                                    f"got {p.dtype}")
+                raise RuntimeError(f"{type(self).__name__}: a grad must have its param's dtype; got a {g.dtype} "
+                                   f"grad for a {p.dtype} param of shape {tuple(p.shape)}")
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -125,15 +126,16 @@ class FusedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_grads()
+        all_grads = [[p.grad for p in group["params"]] for group in self.param_groups]
+        for group, grads in zip(self.param_groups, all_grads):
+            self._check_grads(group["params"], grads)
         amp = _AmpScalars(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
         writeback: list[tuple[Tensor, Tensor]] = []
-        for group in self.param_groups:
-            buckets, empty_steps = self._buckets(group, writeback)
-            for device, steps in empty_steps.items():
-                _advance_steps(steps, amp.found_inf(device))
-            for bucket in buckets:
-                _advance_steps(bucket.steps, amp.found_inf(bucket.device))
+        for index, (group, grads) in enumerate(zip(self.param_groups, all_grads)):
+            plan = self._plan(index, group, grads, writeback)
+            for device, steps in plan.empty_steps.items():
+                advance_steps(steps, amp.found_inf(device))
+            for bucket in plan.buckets:
                 lr = group["lr"]
                 if isinstance(lr, Tensor):
                     lr = fp32_scalar(lr, bucket.device)
@@ -143,35 +145,53 @@ class FusedOptimizer(Optimizer):
             original.copy_(staged)
         return loss
 
-    def _buckets(self, group: dict, writeback: list) -> tuple[list[Bucket], dict]:
+    def _plan(self, index: int, group: dict, grads: list, writeback: list) -> _Plan:
+        """The group's buckets for this step: the cached plan with this step's
+        grads when nothing else changed, else a fresh one."""
+        plans = self.__dict__.setdefault("_plans", {})
+        plan = plans.get(index)
+        if plan is not None and plan.reusable(self, group, grads):
+            plan.refill(grads)
+            return plan
+        plan = self._build_plan(group, grads, writeback)
+        plans[index] = plan if plan.cacheable else None
+        return plan
+
+    def _build_plan(self, group: dict, grads: list, writeback: list) -> _Plan:
         """One Bucket per (device, dtype) of the group's params with grads, and
         the step tensors of zero-size params (advanced, but never launched)."""
         names = self._elementwise_states(group)
-        buckets: dict[tuple, Bucket] = {}
-        empty_steps: dict[torch.device, list[Tensor]] = {}
-        for p in group["params"]:
-            if p.grad is None:
+        plan = _Plan(group, tuple(g is not None for g in grads), names, self.master_weights)
+        buckets: dict[tuple, tuple[Bucket, list[int]]] = {}
+        for i, (p, g) in enumerate(zip(group["params"], grads)):
+            if g is None:
                 continue
             state = self._prepare_state(group, p)
-            if p.numel() == 0:
-                empty_steps.setdefault(p.device, []).append(state["step"])
-                continue
             master = state.get("master_param") if self._uses_master(p) else None
-            bucket = buckets.get((p.device, p.dtype))
-            if bucket is None:
-                bucket = buckets[(p.device, p.dtype)] = Bucket(
-                    p.device, p.dtype, states={n: [] for n in names}, masters=[] if master is not None else None)
-            tensors = [p, p.grad] + [state[n] for n in names] + ([master] if master is not None else [])
-            tensors = _flat_compatible(tensors, writable=[True, False] + [True] * (len(tensors) - 2),
-                                       writeback=writeback)
-            bucket.params.append(tensors[0])
-            bucket.grads.append(tensors[1])
-            for n, t in zip(names, tensors[2:]):
+            plan.watch(p, state, ["step", *names] + (["master_param"] if master is not None else []))
+            if p.numel() == 0:
+                plan.empty_steps.setdefault(p.device, []).append(state["step"])
+                continue
+            key = (p.device, p.dtype)
+            if key not in buckets:
+                buckets[key] = (Bucket(p.device, p.dtype, states={n: [] for n in names},
+                                       masters=[] if master is not None else None), [])
+            bucket, grad_index = buckets[key]
+            tensors = [p, g] + [state[n] for n in names] + ([master] if master is not None else [])
+            staged = _flat_compatible(tensors, writable=[True, False] + [True] * (len(tensors) - 2),
+                                      writeback=writeback)
+            plan.cacheable &= staged is tensors
+            grad_index.append(i)
+            bucket.params.append(staged[0])
+            bucket.grads.append(staged[1])
+            for n, t in zip(names, staged[2:]):
                 bucket.states[n].append(t)
             if master is not None:
-                bucket.masters.append(tensors[-1])
+                bucket.masters.append(staged[-1])
             bucket.steps.append(state["step"])
-        return list(buckets.values()), empty_steps
+        plan.buckets = [bucket for bucket, _ in buckets.values()]
+        plan.grad_index = [grad_index for _, grad_index in buckets.values()]
+        return plan
 
     # --- state_dict -------------------------------------------------------------
 
@@ -227,14 +247,45 @@ class _AmpScalars:
         return self._on("found_inf", self._found_inf, device)
 
 
-def _advance_steps(steps: list[Tensor], found_inf: Tensor | None) -> None:
-    """step += 1 on the device, or += 0 when GradScaler found inf/NaN (no host sync)."""
-    if not steps:
-        return
-    if found_inf is None:
-        torch._foreach_add_(steps, 1.0)
-    else:
-        torch._foreach_add_(steps, (1.0 - found_inf).reshape(()))
+class _Plan:
+    """A param group's buckets, kept between steps while they stay valid.
+
+    Rebuilding costs a few microseconds per parameter (state lookups, layout
+    checks, list building); reusing costs a few identity checks. A plan is
+    reused when the same params have grads, the same state tensors are in
+    place (nothing replaced by load_state_dict or by hand), the params still
+    have their sizes and every param and grad is contiguous (plans that had to
+    stage a non-contiguous tensor are never cached).
+    """
+
+    def __init__(self, group: dict, present: tuple, names: tuple, master_weights: bool):
+        self.group, self.present, self.names, self.master_weights = group, present, names, master_weights
+        self.buckets: list[Bucket] = []
+        self.grad_index: list[list[int]] = []   # per bucket: positions in group["params"] of its grads
+        self.empty_steps: dict[torch.device, list[Tensor]] = {}
+        self.watched: list[tuple[dict, str, Tensor]] = []
+        self.sizes: list[tuple[Tensor, dict, int]] = []
+        self.cacheable = True
+
+    def watch(self, p: Tensor, state: dict, keys: list[str]) -> None:
+        self.sizes.append((p, state, p.numel()))
+        self.watched += [(state, k, state[k]) for k in keys]
+
+    def reusable(self, optimizer: "FusedOptimizer", group: dict, grads: list) -> bool:
+        if group is not self.group or optimizer.master_weights != self.master_weights:
+            return False
+        if tuple(g is not None for g in grads) != self.present or optimizer._elementwise_states(group) != self.names:
+            return False
+        state = optimizer.state
+        if any(state.get(p) is not d or p.numel() != n or not p.is_contiguous() for p, d, n in self.sizes):
+            return False
+        if any(d.get(k) is not t for d, k, t in self.watched):
+            return False
+        return all(grads[i].is_contiguous() for index in self.grad_index for i in index)
+
+    def refill(self, grads: list) -> None:
+        for bucket, index in zip(self.buckets, self.grad_index):
+            bucket.grads = [grads[i] for i in index]
 
 
 def _is_dense(t: Tensor) -> bool:
@@ -254,7 +305,7 @@ def _flat_compatible(tensors: list[Tensor], writable: list[bool], writeback: lis
     to be copied back after the update.
     """
     if all(t.is_contiguous() for t in tensors):
-        return tensors
+        return tensors  # the same list: nothing staged
     layout = next((t for t in tensors if _is_dense(t)), None)
     strides = layout.stride() if layout is not None else None
     out = []

@@ -47,7 +47,7 @@ struct AdamWScalars {
 };
 
 template <typename T>
-FUSEDOPT_HD AdamWScalars<T> adamw_scalars(const AdamWHyper& h, double lr, double step, double grad_scale) {
+FUSEDOPT_HD AdamWScalars<T> adamw_scalars(const AdamWHyper& h, double lr, double step) {
   const double bc1 = 1.0 - pow(h.beta1, step);
   const double bc2 = 1.0 - pow(h.beta2, step);
   AdamWScalars<T> s;
@@ -58,7 +58,7 @@ FUSEDOPT_HD AdamWScalars<T> adamw_scalars(const AdamWHyper& h, double lr, double
   s.eps = T(h.eps);
   s.step_size = T(lr / bc1);
   s.bc2_sqrt = T(sqrt(bc2));
-  s.grad_scale = T(grad_scale);
+  s.grad_scale = h.grad_scale ? T(*h.grad_scale) : T(1);
   s.sign = h.maximize ? T(-1) : T(1);
   return s;
 }
@@ -81,9 +81,11 @@ FUSEDOPT_HD T lerp(T a, T b, T w) {
 }
 
 // One element. p, m, v, vmax are in math precision and updated in place.
-template <typename T, bool AMSGRAD>
+template <typename T, bool AMSGRAD, bool GRAD_SCALE>
 FUSEDOPT_HD void adamw_element(T& p, T grad, T& m, T& v, T& vmax, const AdamWScalars<T>& s) {
-  const T g = grad / s.grad_scale * s.sign;
+  // Divide only under GradScaler (a template flag: the division unit is what
+  // bounds this loop on a CPU, and compilers do not reliably unswitch it).
+  const T g = (GRAD_SCALE ? grad / s.grad_scale : grad) * s.sign;
   p = p * s.decay;
   m = lerp(m, g, s.lerp_w);
   v = fused_mul_add(s.one_minus_beta2 * g, g, v * s.beta2);
@@ -96,7 +98,9 @@ FUSEDOPT_HD void adamw_element(T& p, T grad, T& m, T& v, T& vmax, const AdamWSca
   p = p - s.step_size * m / denom;
 }
 
-// Launchers (raw pointers, no torch). `param_dtype` is the dtype of params,
+// Launchers (raw pointers, no torch). The CPU launcher also advances each
+// tensor's step (row kAdamWStep) before using it; on CUDA the caller does
+// (a kernel cannot: every block of a tensor reads the step). `param_dtype` is the dtype of params,
 // grads and moments; with `has_master` (bf16/fp16 params only) the moments and
 // the master weights (row kAdamWMaster) are fp32, the master is what the update
 // reads and writes, and the param gets the new master rounded once.

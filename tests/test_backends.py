@@ -1,0 +1,110 @@
+"""Backend choice: names, explicit and automatic selection, the env variable,
+fallback with a warning, available_backends."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CPU_BACKENDS
+from helpers import make_params
+
+import fusedopt
+from fusedopt import FusedAdamW, backends
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    for key, value in env.items():
+        if value is None:
+            full_env.pop(key)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=600)
+
+
+def test_available_backends_here():
+    assert fusedopt.available_backends("cpu") == CPU_BACKENDS
+    assert CPU_BACKENDS[0] == "reference" and "cuda" not in CPU_BACKENDS
+    assert "cpu" in CPU_BACKENDS  # this machine has a compiler: a broken cpu build must fail the suite
+    if not torch.cuda.is_available():
+        assert fusedopt.available_backends("cuda") == ["reference"]
+    assert ("triton" in CPU_BACKENDS) == (os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def test_unknown_backend_lists_valid_ones():
+    with pytest.raises(ValueError, match="reference, cpu, triton, cuda"):
+        FusedAdamW(make_params([(3,)]), backend="cudnn")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_explicit_backend_that_cannot_run_raises():
+    with pytest.raises(ValueError, match="cuda.*cannot run"):
+        FusedAdamW(make_params([(3,)]), backend="cuda")
+
+
+def test_triton_on_cpu_needs_the_interpreter():
+    code = ("import torch, fusedopt\n"
+            "try:\n"
+            "    fusedopt.FusedAdamW([torch.zeros(3, requires_grad=True)], backend='triton')\n"
+            "except ValueError as e:\n"
+            "    print('REFUSED', e)\n"
+            "print(fusedopt.available_backends('cpu'))\n")
+    out = run_python(code, TRITON_INTERPRET=None)
+    assert out.returncode == 0, out.stderr
+    assert "REFUSED" in out.stdout and "TRITON_INTERPRET=1" in out.stdout
+    assert "'triton'" not in out.stdout.splitlines()[-1]
+
+
+def test_automatic_choice_and_env_variable(monkeypatch):
+    assert FusedAdamW(make_params([(3,)])).backend == "cpu"
+    monkeypatch.setenv("FUSEDOPT_BACKEND", "reference")
+    assert FusedAdamW(make_params([(3,)])).backend == "reference"
+    assert FusedAdamW(make_params([(3,)]), backend="cpu").backend == "cpu"  # the argument wins
+    monkeypatch.setenv("FUSEDOPT_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="unknown fusedopt backend"):
+        FusedAdamW(make_params([(3,)]))
+
+
+def test_failed_automatic_build_warns_once_and_falls_back(tmp_path):
+    """No compiler: the automatic choice warns (once) and runs the reference;
+    an explicit backend="cpu" raises with what to install."""
+    code = ("import warnings, torch, fusedopt\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    a = fusedopt.FusedAdamW([torch.zeros(3, requires_grad=True)])\n"
+            "    b = fusedopt.FusedAdamW([torch.zeros(3, requires_grad=True)])\n"
+            "print('BACKEND', a.backend, b.backend, 'WARNINGS', len(w))\n"
+            "print('MESSAGE', w[0].message)\n"
+            "try:\n"
+            "    fusedopt.FusedAdamW([torch.zeros(3, requires_grad=True)], backend='cpu')\n"
+            "except ValueError as e:\n"
+            "    print('EXPLICIT', e)\n")
+    out = run_python(code, CXX="/nonexistent/c++", FUSEDOPT_CACHE_DIR=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert "BACKEND reference reference WARNINGS 1" in out.stdout
+    assert "apt install g++" in out.stdout and "EXPLICIT" in out.stdout
+
+
+def test_backend_property_with_several_device_types():
+    opt = FusedAdamW(make_params([(3,)]), backend="reference")
+    assert opt.backend == "reference"
+    opt._backend_names["cuda"] = "triton"  # as if a CUDA param group had been added
+    assert opt.backend == {"cpu": "reference", "cuda": "triton"}
+
+
+def test_import_does_not_load_triton_or_extensions():
+    out = run_python("import sys, fusedopt\n"
+                     "print('triton' in sys.modules, hasattr(__import__('torch').ops, 'fusedopt_cpu'))")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[0] == "False"
+
+
+def test_registry_modules_are_consistent():
+    for name in backends.NAMES:
+        module = backends.get(name)
+        assert module.NAME == name
+        assert callable(module.adamw) and callable(module.load)
