@@ -1,0 +1,149 @@
+"""GPU tests: the cuda and triton backends for real, CUDA-graph capture, and
+tensors past 2^31 elements. Skipped (with the reason) where there is no GPU;
+run them with `pytest -m gpu tests` or bench/gpu.sh on a GPU machine."""
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_same_state, grads_for, make_params, run
+
+import fusedopt
+from fusedopt import FusedAdamW
+
+pytestmark = [pytest.mark.gpu, pytest.mark.adamw,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+GPU_BACKENDS = ["cuda", "triton"]
+CONFIGS = [{}, {"amsgrad": True, "maximize": True, "weight_decay": 0.1}, {"betas": (0.3, 0.95), "lr": 1e-2}]
+SHAPES = [(0,), (), (1,), (7,), (3, 5), (70001,), (300, 513), (2, 0, 3)]
+
+
+def tolerance(dtype):
+    if dtype == torch.float64:
+        return {"atol": 1e-7, "rtol": 1e-7}
+    if dtype == torch.float32:
+        return {"atol": 1e-6, "rtol": 1e-5}
+    eps = torch.finfo(dtype).eps
+    return {"atol": 4 * eps, "rtol": 2 * eps}
+
+
+def test_gpu_backends_are_available():
+    assert fusedopt.available_backends("cuda") == ["reference", "triton", "cuda"]
+    assert FusedAdamW(make_params([(3,)], device="cuda")).backend == "cuda"
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("config", range(len(CONFIGS)))
+@pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.float64, False), (torch.bfloat16, False),
+                                          (torch.bfloat16, True), (torch.float16, True)])
+def test_matches_reference_on_gpu(backend, config, dtype, master):
+    kw = CONFIGS[config]
+    a = make_params(SHAPES, dtype=dtype, device="cuda")
+    b = [p.detach().clone().requires_grad_() for p in a]
+    ref = FusedAdamW(a, backend="reference", master_weights=master, **kw)
+    opt = FusedAdamW(b, backend=backend, master_weights=master, **kw)
+    run(ref, a, 10), run(opt, b, 10)
+    assert_same_state(ref, a, opt, b, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_matches_torch_fused_on_gpu(backend):
+    a = make_params(SHAPES, device="cuda")
+    b = [p.detach().clone().requires_grad_() for p in a]
+    ta = torch.optim.AdamW(a, fused=True, amsgrad=True)
+    fb = FusedAdamW(b, backend=backend, amsgrad=True)
+    run(ta, a, 10), run(fb, b, 10)
+    assert_same_state(ta, a, fb, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_many_tensors_and_non_contiguous_on_gpu(backend):
+    a = make_params([(i % 13 + 1, 5) for i in range(1000)], device="cuda")
+    a.append(torch.randn(64, 48, device="cuda").t().requires_grad_())
+    b = [p.detach().clone().requires_grad_() if p.is_contiguous() else
+         p.detach().t().clone().t().requires_grad_() for p in a]
+    ta, fb = torch.optim.AdamW(a, foreach=False), FusedAdamW(b, backend=backend)
+    run(ta, a, 3), run(fb, b, 3)
+    assert_same_state(ta, a, fb, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_grad_scaler_on_gpu(backend):
+    def train(make_opt):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).cuda()
+        opt = make_opt(model.parameters())
+        scaler = torch.amp.GradScaler("cuda", init_scale=2.0**12, growth_interval=2)
+        x = torch.randn(16, 32, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+        for step in range(6):
+            opt.zero_grad()
+            with torch.autocast("cuda", dtype=torch.float16):
+                loss = model(x).float().square().mean()
+            scaler.scale(loss).backward()
+            if step == 2:
+                model[0].weight.grad[0, 0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+        return model, opt
+
+    tm, to = train(lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True))
+    fm, fo = train(lambda ps: FusedAdamW(ps, lr=1e-2, backend=backend))
+    assert_same_state(to, list(tm.parameters()), fo, list(fm.parameters()), atol=1e-6, rtol=1e-5)
+    assert fo.state[next(fm.parameters())]["step"].item() == 5
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("master", [False, True])
+def test_capturable_step_in_a_cuda_graph(backend, master):
+    """capturable=True with a tensor lr: the step is captured once and
+    replayed; the result equals running the step eagerly."""
+    dtype = torch.bfloat16 if master else torch.float32
+    eager = make_params([(1000,), (37, 3)], dtype=dtype, device="cuda")
+    static = [p.detach().clone().requires_grad_() for p in eager]
+    kw = dict(lr=torch.tensor(1e-2, device="cuda"), capturable=True, backend=backend, master_weights=master)
+    opt_e, opt_s = FusedAdamW(eager, **kw), FusedAdamW(static, **dict(kw, lr=torch.tensor(1e-2, device="cuda")))
+    grads = [grads_for(eager, step) for step in range(8)]
+    for p, g in zip(static, grads[0]):
+        p.grad = g.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # warm-up (also builds and caches the launch tables)
+            opt_s.step()
+    torch.cuda.current_stream().wait_stream(side)
+    for p, g in zip(eager, grads[0]):
+        p.grad = g.clone()
+    for _ in range(3):
+        opt_e.step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt_s.step()
+    for step in range(1, 8):
+        for p, q, g in zip(eager, static, grads[step]):
+            p.grad = g.clone()
+            q.grad.copy_(g)
+        opt_e.step()
+        graph.replay()
+    torch.cuda.synchronize()
+    assert_same_state(opt_e, eager, opt_s, static, atol=0, rtol=0)
+    assert opt_s.state[static[0]]["step"].item() == 10
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_tensor_larger_than_2_31_elements(backend):
+    """64-bit offsets: a bf16 param of 2^31 + 4099 elements (16 GiB with its
+    grad and states) is updated up to its last element."""
+    n = 2**31 + 4099
+    free, _ = torch.cuda.mem_get_info()
+    if free < 4 * 2 * n + (1 << 30):
+        pytest.skip(f"needs {4 * 2 * n / 2**30:.0f} GiB of free GPU memory")
+    p = torch.full((n,), 1.0, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    p.grad = torch.full((n,), 0.5, dtype=torch.bfloat16, device="cuda")
+    opt = FusedAdamW([p], lr=0.25, weight_decay=0.0, backend=backend)
+    opt.step()
+    torch.cuda.synchronize()
+    expected = torch.tensor(1.0 - 0.25, dtype=torch.bfloat16)  # the first Adam step moves by lr
+    for index in (0, 2**31 - 1, 2**31, n - 1):
+        assert p[index].item() == expected.item(), index
+    assert torch.all(p == expected)
+    assert torch.all(opt.state[p]["exp_avg"][-4099:] == opt.state[p]["exp_avg"][0])
