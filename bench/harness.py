@@ -87,8 +87,8 @@ def stream_op(device: torch.device, working_set_bytes: int):
 
 def markdown(results: list[Result], baselines: dict[tuple[str, str], str]) -> str:
     """One table; `baselines` maps (case, mode) to the contender ratios are against."""
-    lines = ["| case | mode | contender | median ms | p10-p90 ms | GB/s | % of stream | vs baseline |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| case | mode | contender | median ms | p10-p90 ms | MB moved | GB/s | % of stream | vs baseline |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     by_key = {(r.case, r.mode, r.contender): r for r in results}
     stream = {(r.case, r.mode): r for r in results if r.contender == STREAM}
     for r in results:
@@ -98,7 +98,7 @@ def markdown(results: list[Result], baselines: dict[tuple[str, str], str]) -> st
         base = by_key.get((r.case, r.mode, baselines.get((r.case, r.mode), "")))
         ratio = f"{r.median / base.median:.2f}x" if base and r.contender != STREAM else ""
         lines.append(f"| {r.case} | {r.mode} | {r.contender} | {r.median:.2f} | {lo:.2f}-{hi:.2f} | "
-                     f"{r.gbps:.1f} | {pct} | {ratio} |")
+                     f"{r.bytes_per_step / 1e6:.0f} | {r.gbps:.1f} | {pct} | {ratio} |")
     return "\n".join(lines)
 
 

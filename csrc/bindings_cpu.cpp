@@ -118,17 +118,8 @@ void adamw(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
 
   HostTable host({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, TensorList()}, steps,
                  fusedopt::kAdamWStep, chunk_size);
-  fusedopt::AdamWHyper h;
-  h.lr = lr;
-  h.lr_ptr = scalar_ptr(lr_tensor, "lr");
-  h.beta1 = beta1;
-  h.beta2 = beta2;
-  h.eps = eps;
-  h.weight_decay = weight_decay;
-  h.amsgrad = amsgrad;
-  h.maximize = maximize;
-  h.grad_scale = scalar_ptr(grad_scale, "grad_scale");
-  h.found_inf = scalar_ptr(found_inf, "found_inf");
+  const fusedopt::AdamWHyper h(lr, scalar_ptr(lr_tensor, "lr"), beta1, beta2, eps, weight_decay, amsgrad, maximize,
+                               scalar_ptr(grad_scale, "grad_scale"), scalar_ptr(found_inf, "found_inf"));
   fusedopt::adamw_cpu(host.tt, h, dtype_code(pdt), has_master, at::get_num_threads());
 }
 

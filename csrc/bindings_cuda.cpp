@@ -52,17 +52,8 @@ void adamw(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor,
               "fusedopt cuda: master weights are for bf16/fp16 params");
   const fusedopt::TensorTable tt =
       make_table(table, numel, chunk_tensor, chunk_start, chunk_size, fusedopt::kAdamWRows);
-  fusedopt::AdamWHyper h;
-  h.lr = lr;
-  h.lr_ptr = device_scalar(lr_tensor, "lr");
-  h.beta1 = beta1;
-  h.beta2 = beta2;
-  h.eps = eps;
-  h.weight_decay = weight_decay;
-  h.amsgrad = amsgrad;
-  h.maximize = maximize;
-  h.grad_scale = device_scalar(grad_scale, "grad_scale");
-  h.found_inf = device_scalar(found_inf, "found_inf");
+  const fusedopt::AdamWHyper h(lr, device_scalar(lr_tensor, "lr"), beta1, beta2, eps, weight_decay, amsgrad, maximize,
+                               device_scalar(grad_scale, "grad_scale"), device_scalar(found_inf, "found_inf"));
   const char* error = fusedopt::adamw_cuda(tt, h, dtype, has_master, reinterpret_cast<void*>(stream));
   TORCH_CHECK(error == nullptr, "fusedopt cuda: adamw launch failed: ", error);
 }

@@ -141,6 +141,15 @@ def check_toolchain(kind: str) -> None:
             )
 
 
+def toolchain_problem(kind: str) -> str | None:
+    """check_toolchain's message, or None when the build can start."""
+    try:
+        check_toolchain(kind)
+    except BuildError as exc:
+        return str(exc)
+    return None
+
+
 def build_dir(kind: str) -> Path:
     spec = SPECS[kind]
     return cache_root() / f"fusedopt_{kind}_{_cache_key(spec, _flags(kind))}"

@@ -22,11 +22,7 @@ CHUNK_SIZE = 1 << 16
 
 
 def unavailable_reason(device_type: str) -> str | None:
-    try:
-        _jit.check_toolchain("cuda")
-    except _jit.BuildError as exc:
-        return str(exc)
-    return None
+    return _jit.toolchain_problem("cuda")
 
 
 def load() -> None:

@@ -30,12 +30,17 @@ enum AdamWRow : int {
 
 // Hyperparameters of one launch (one param group, one device, one dtype).
 struct AdamWHyper {
-  double lr = 1e-3;
-  const float* lr_ptr = nullptr;       // tensor lr (fp32, same memory space as the tensors)
-  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 1e-2;
-  bool amsgrad = false, maximize = false;
-  const float* grad_scale = nullptr;   // GradScaler: grads are divided by *grad_scale
-  const float* found_inf = nullptr;    // GradScaler: skip everything when *found_inf != 0
+  double lr;
+  const float* lr_ptr;       // tensor lr (fp32, same memory space as the tensors), or null
+  double beta1, beta2, eps, weight_decay;
+  bool amsgrad, maximize;
+  const float* grad_scale;   // GradScaler: grads are divided by *grad_scale (null: no scaling)
+  const float* found_inf;    // GradScaler: skip everything when *found_inf != 0 (null: never)
+
+  AdamWHyper(double lr_, const float* lr_ptr_, double beta1_, double beta2_, double eps_, double weight_decay_,
+             bool amsgrad_, bool maximize_, const float* grad_scale_, const float* found_inf_)
+      : lr(lr_), lr_ptr(lr_ptr_), beta1(beta1_), beta2(beta2_), eps(eps_), weight_decay(weight_decay_),
+        amsgrad(amsgrad_), maximize(maximize_), grad_scale(grad_scale_), found_inf(found_inf_) {}
 };
 
 // What one tensor needs at one step, derived from its own step count. Computed

@@ -1,0 +1,51 @@
+"""The command line (info, build) and the benchmark harness on tiny cases."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from fusedopt._resources import shipped_module
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "fusedopt", *args], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+def test_info_lists_every_backend_for_every_device_type():
+    out = cli("info")
+    assert out.returncode == 0, out.stderr
+    for needle in ("fusedopt 0.1.0", "torch", "JIT cache:", "backends for cpu tensors:", "backends for cuda tensors:"):
+        assert needle in out.stdout
+    cpu_section = out.stdout.split("backends for cpu tensors:")[1].split("backends for cuda tensors:")[0]
+    assert "reference  available" in cpu_section
+    assert "cuda       unavailable: runs on cuda tensors, not cpu" in cpu_section
+
+
+def test_build_reports_each_backend():
+    out = cli("build", "cpu", "cuda")
+    assert "cpu: built in" in out.stdout
+    if not torch.cuda.is_available():
+        assert "cuda: skipped" in out.stdout
+        assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_bench_harness_on_tiny_cases(monkeypatch, tmp_path):
+    adamw = shipped_module("bench", "adamw")
+    run = shipped_module("bench", "run")
+    monkeypatch.setattr(adamw, "cases", lambda device: {"tiny": [(1000,), (7, 3)]})
+    assert run.main(["--reps", "2", "--warmup", "1", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "adamw_cpu.json").read_text())
+    contenders = {r["contender"] for r in payload["results"]}
+    assert {"torch fused", "fusedopt cpu", "fusedopt reference", "stream (x.mul_(1.0))",
+            "torch fused + fp32 master (3 passes)", "fusedopt cpu master"} <= contenders
+    assert all(len(r["times_ms"]) == 2 and r["median_ms"] > 0 for r in payload["results"])
+    assert "| tiny | fp32 | fusedopt cpu |" in (tmp_path / "adamw_cpu.md").read_text()
