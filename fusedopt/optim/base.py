@@ -6,8 +6,7 @@ A subclass declares its hyperparameters (``defaults``), names its elementwise
 state tensors (``_elementwise_states``) and launches its update on a bucket
 (``_update``). A step is:
 
-1. check every grad (sparse, dtype, shape, device) and raise before anything
-   changes;
+1. check every grad (sparse layout, dtype) and raise before anything changes;
 2. per param group, collect the params with grads into one Bucket per
    (device, dtype), creating state at first use, staging any tensor a flat
    kernel cannot walk (non-dense views, mismatched strides); this plan is
@@ -39,6 +38,7 @@ class FusedOptimizer(Optimizer):
         self._requested_backend = backends.validate_name(backend)
         self.master_weights = bool(master_weights)
         self._backend_names: dict[str, str] = {}
+        self._plans: dict[int, _Plan | None] = {}  # per param group index (see _Plan)
         super().__init__(params, defaults)
 
     # --- backend choice -------------------------------------------------------
@@ -68,6 +68,10 @@ class FusedOptimizer(Optimizer):
         state.update(_requested_backend=self._requested_backend, master_weights=self.master_weights,
                      _backend_names=dict(self._backend_names))
         return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._plans = {}  # plans hold tensors of the original: never carried over
 
     # --- what subclasses provide ----------------------------------------------
 
@@ -108,17 +112,17 @@ class FusedOptimizer(Optimizer):
         Shape and device need no check: torch refuses a .grad of another shape
         or device when it is assigned (and the kernels re-check sizes).
         """
+        name = type(self).__name__
         for p, g in zip(params, grads):
             if g is None:
                 continue
             if g.layout is not torch.strided:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (got {g.layout})")
-            if g.dtype is not p.dtype or p.dtype not in SUPPORTED_PARAM_DTYPES:
-                if p.dtype not in SUPPORTED_PARAM_DTYPES:
-                    raise TypeError(f"{type(self).__name__} supports float32, float64, bfloat16 and float16 params, "
-                                    f"got {p.dtype}")
-                raise RuntimeError(f"{type(self).__name__}: a grad must have its param's dtype; got a {g.dtype} "
-                                   f"grad for a {p.dtype} param of shape {tuple(p.shape)}")
+                raise RuntimeError(f"{name} does not support sparse gradients (got {g.layout})")
+            if p.dtype not in SUPPORTED_PARAM_DTYPES:
+                raise TypeError(f"{name} supports float32, float64, bfloat16 and float16 params, got {p.dtype}")
+            if g.dtype is not p.dtype:
+                raise RuntimeError(f"{name}: a grad must have its param's dtype; got a {g.dtype} grad for a "
+                                   f"{p.dtype} param of shape {tuple(p.shape)}")
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -149,13 +153,12 @@ class FusedOptimizer(Optimizer):
     def _plan(self, index: int, group: dict, grads: list, writeback: list) -> _Plan:
         """The group's buckets for this step: the cached plan with this step's
         grads when nothing else changed, else a fresh one."""
-        plans = self.__dict__.setdefault("_plans", {})
-        plan = plans.get(index)
+        plan = self._plans.get(index)
         if plan is not None and plan.reusable(self, group, grads):
             plan.refill(grads)
             return plan
         plan = self._build_plan(group, grads, writeback)
-        plans[index] = plan if plan.cacheable else None
+        self._plans[index] = plan if plan.cacheable else None
         return plan
 
     def _build_plan(self, group: dict, grads: list, writeback: list) -> _Plan:
@@ -206,6 +209,7 @@ class FusedOptimizer(Optimizer):
         the saved state has none, e.g. a torch.optim.AdamW checkpoint).
         """
         super().load_state_dict(state_dict)
+        self._plans = {}
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         for saved_id, p in zip(saved_ids, params):
