@@ -4,12 +4,14 @@
 // are used so the first-use JIT build stays short.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <vector>
 
 #include "fusedopt/adamw.h"
+#include "fusedopt/norms.h"
 
 namespace {
 
@@ -39,39 +41,37 @@ struct HostTable {
   std::vector<int64_t> table, numel, chunk_tensor, chunk_start;
   fusedopt::TensorTable tt;
 
-  // rows[r] is the r-th tensor list; an empty list means "row absent".
-  HostTable(const std::vector<TensorList>& rows, TensorList steps, int step_row, int64_t chunk_size) {
+  // rows[r] is the r-th tensor list, aligned with rows[0]; an empty list means
+  // "row absent". Row `step_row` (if >= 0) holds 0-d float32 step tensors;
+  // every other row's tensors have the shape and strides of rows[0]'s.
+  HostTable(const std::vector<TensorList>& rows, int64_t chunk_size, int64_t step_row = -1) {
     TORCH_CHECK(chunk_size > 0, "fusedopt cpu: chunk_size must be positive");
-    const TensorList params = rows[0];
-    const int64_t n = int64_t(params.size());
+    const TensorList first = rows[0];
+    const int64_t n = int64_t(first.size());
     const int64_t n_rows = int64_t(rows.size());
     table.assign(size_t(n_rows * n), 0);
     numel.resize(size_t(n));
     for (int64_t r = 0; r < n_rows; ++r) {
-      if (r == step_row || rows[size_t(r)].empty()) continue;
-      TORCH_CHECK(int64_t(rows[size_t(r)].size()) == n, "fusedopt cpu: tensor list ", r, " has ",
-                  rows[size_t(r)].size(), " tensors, expected ", n);
+      TORCH_CHECK(rows[size_t(r)].empty() || int64_t(rows[size_t(r)].size()) == n, "fusedopt cpu: tensor list ",
+                  r, " has ", rows[size_t(r)].size(), " tensors, expected ", n);
     }
-    TORCH_CHECK(int64_t(steps.size()) == n, "fusedopt cpu: expected one step tensor per param");
     for (int64_t t = 0; t < n; ++t) {
-      const Tensor& p = params[size_t(t)];
+      const Tensor& p = first[size_t(t)];
       TORCH_CHECK(p.device().is_cpu(), "fusedopt cpu: tensors must be on the CPU");
       TORCH_CHECK(p.numel() > 0, "fusedopt cpu: zero-size tensors must be filtered out before launch");
-      TORCH_CHECK(p.is_non_overlapping_and_dense(), "fusedopt cpu: params must be dense (stage them first)");
+      TORCH_CHECK(p.is_non_overlapping_and_dense(), "fusedopt cpu: tensors must be dense (stage them first)");
       numel[size_t(t)] = p.numel();
       for (int64_t r = 0; r < n_rows; ++r) {
-        if (r == step_row) {
-          const Tensor& s = steps[size_t(t)];
-          TORCH_CHECK(s.device().is_cpu() && s.scalar_type() == at::kFloat && s.numel() == 1,
-                      "fusedopt cpu: step must be a float32 CPU scalar tensor");
-          table[size_t(r * n + t)] = reinterpret_cast<int64_t>(s.data_ptr());
-          continue;
-        }
         if (rows[size_t(r)].empty()) continue;
         const Tensor& x = rows[size_t(r)][size_t(t)];
-        TORCH_CHECK(x.device().is_cpu() && x.numel() == p.numel() && x.strides() == p.strides(),
-                    "fusedopt cpu: tensor ", t, " of list ", r, " must be a CPU tensor with the param's ",
-                    "shape and strides");
+        if (r == step_row) {
+          TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.numel() == 1,
+                      "fusedopt cpu: step must be a float32 CPU scalar tensor");
+        } else {
+          TORCH_CHECK(x.device().is_cpu() && x.numel() == p.numel() && x.strides() == p.strides(),
+                      "fusedopt cpu: tensor ", t, " of list ", r, " must be a CPU tensor with the shape and ",
+                      "strides of list 0's");
+        }
         table[size_t(r * n + t)] = reinterpret_cast<int64_t>(x.data_ptr());
       }
     }
@@ -116,16 +116,40 @@ void adamw(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
   check_dtype(max_exp_avg_sqs, sdt, "max_exp_avg_sq");
   check_dtype(masters, at::kFloat, "master_param");
 
-  HostTable host({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, TensorList()}, steps,
-                 fusedopt::kAdamWStep, chunk_size);
+  HostTable host({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps}, chunk_size,
+                 fusedopt::kAdamWStep);
   const fusedopt::AdamWHyper h(lr, scalar_ptr(lr_tensor, "lr"), beta1, beta2, eps, weight_decay, amsgrad, maximize,
                                scalar_ptr(grad_scale, "grad_scale"), scalar_ptr(found_inf, "found_inf"));
   fusedopt::adamw_cpu(host.tt, h, dtype_code(pdt), has_master, at::get_num_threads());
 }
 
+void check_one_dtype(TensorList xs) {
+  TORCH_CHECK(!xs.empty(), "fusedopt cpu: empty tensor list");
+  check_dtype(xs, xs[0].scalar_type(), "every tensor of a launch");
+}
+
+// Per-tensor sum of |x|^p (max |x| for p = inf), as float64 [n].
+Tensor power_sums(TensorList tensors, double p, int64_t chunk_size) {
+  check_one_dtype(tensors);
+  HostTable host({tensors}, chunk_size);
+  Tensor out = at::empty({int64_t(tensors.size())}, at::TensorOptions().dtype(at::kDouble));
+  fusedopt::power_sums_cpu(host.tt, dtype_code(tensors[0].scalar_type()), p, out.data_ptr<double>(),
+                           at::get_num_threads());
+  return out;
+}
+
+void scale_(TensorList tensors, const Tensor& factor, int64_t chunk_size) {
+  check_one_dtype(tensors);
+  HostTable host({tensors}, chunk_size);
+  fusedopt::scale_cpu(host.tt, dtype_code(tensors[0].scalar_type()), scalar_ptr(factor, "factor"),
+                      at::get_num_threads());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fusedopt_cpu, m) {
+  m.def("power_sums(Tensor[] tensors, float p, int chunk_size) -> Tensor", &power_sums);
+  m.def("scale_(Tensor(a!)[] tensors, Tensor factor, int chunk_size) -> ()", &scale_);
   m.def(
       "adamw(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] masters, Tensor[] steps, float lr, Tensor? lr_tensor, "

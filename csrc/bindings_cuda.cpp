@@ -9,6 +9,7 @@
 #include <optional>
 
 #include "fusedopt/adamw.h"
+#include "fusedopt/norms.h"
 
 namespace {
 
@@ -58,9 +59,46 @@ void adamw(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor,
   TORCH_CHECK(error == nullptr, "fusedopt cuda: adamw launch failed: ", error);
 }
 
+void check_cuda_tensor(const Tensor& t, at::ScalarType dtype, int64_t numel, const char* what) {
+  TORCH_CHECK(t.is_cuda() && t.scalar_type() == dtype && t.is_contiguous() && t.numel() == numel,
+              "fusedopt cuda: ", what, " must be a contiguous ", dtype, " CUDA tensor of ", numel, " elements");
+}
+
+// Per-tensor sum of |x|^p (max |x| for p = inf) of row 0 into `out` (float64).
+void power_sums(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor, const Tensor& chunk_start,
+                const Tensor& chunk_first, int64_t chunk_size, int64_t dtype, double p, Tensor& partials,
+                Tensor& out, int64_t stream) {
+  const fusedopt::TensorTable tt = make_table(table, numel, chunk_tensor, chunk_start, chunk_size, 1);
+  check_cuda_tensor(chunk_first, at::kLong, tt.n_tensors + 1, "chunk_first");
+  check_cuda_tensor(partials, at::kDouble, tt.n_chunks, "partials");
+  check_cuda_tensor(out, at::kDouble, tt.n_tensors, "out");
+  TORCH_CHECK(dtype >= 0 && dtype <= 3, "fusedopt cuda: bad dtype code ", dtype);
+  const char* error = fusedopt::power_sums_cuda(tt, chunk_first.data_ptr<int64_t>(),
+                                                static_cast<fusedopt::DType>(dtype), p, partials.data_ptr<double>(),
+                                                out.data_ptr<double>(), reinterpret_cast<void*>(stream));
+  TORCH_CHECK(error == nullptr, "fusedopt cuda: power_sums launch failed: ", error);
+}
+
+void scale_(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor, const Tensor& chunk_start,
+            int64_t chunk_size, int64_t dtype, const Tensor& factor, int64_t stream) {
+  const fusedopt::TensorTable tt = make_table(table, numel, chunk_tensor, chunk_start, chunk_size, 1);
+  TORCH_CHECK(dtype >= 0 && dtype <= 3, "fusedopt cuda: bad dtype code ", dtype);
+  const char* error = fusedopt::scale_cuda(tt, static_cast<fusedopt::DType>(dtype),
+                                           device_scalar(factor, "factor"), reinterpret_cast<void*>(stream));
+  TORCH_CHECK(error == nullptr, "fusedopt cuda: scale_ launch failed: ", error);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fusedopt_cuda, m) {
+  m.def(
+      "power_sums(Tensor table, Tensor numel, Tensor chunk_tensor, Tensor chunk_start, Tensor chunk_first, "
+      "int chunk_size, int dtype, float p, Tensor(a!) partials, Tensor(b!) out, int stream) -> ()",
+      &power_sums);
+  m.def(
+      "scale_(Tensor table, Tensor numel, Tensor chunk_tensor, Tensor chunk_start, int chunk_size, int dtype, "
+      "Tensor factor, int stream) -> ()",
+      &scale_);
   m.def(
       "adamw(Tensor table, Tensor numel, Tensor chunk_tensor, Tensor chunk_start, int chunk_size, "
       "int param_dtype, bool has_master, float lr, Tensor? lr_tensor, float beta1, float beta2, float eps, "

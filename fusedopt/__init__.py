@@ -7,8 +7,9 @@ Importing fusedopt imports neither triton nor any compiled extension: kernels
 are loaded (and JIT-compiled, once, cached) when an optimizer first needs them.
 """
 from .backends import available_backends
+from .norms import clip_grad_norm_, grad_norm
 from .optim import FusedAdamW
 
 __version__ = "0.1.0"
 
-__all__ = ["FusedAdamW", "available_backends", "__version__"]
+__all__ = ["FusedAdamW", "available_backends", "clip_grad_norm_", "grad_norm", "__version__"]

@@ -33,6 +33,7 @@ class LaunchTables:
     numel: Tensor          # int64 [n_tensors]
     chunk_tensor: Tensor   # int64 [n_chunks] tensor index of each chunk
     chunk_start: Tensor    # int64 [n_chunks] first element of each chunk
+    chunk_first: Tensor    # int64 [n_tensors + 1] first chunk of each tensor (for per-tensor reductions)
     n_tensors: int
     n_chunks: int
     chunk_size: int
@@ -60,13 +61,15 @@ def launch_tables(rows: list[list[Tensor] | None], device: torch.device, chunk_s
     chunk_tensor = torch.repeat_interleave(torch.arange(n, dtype=torch.int64), torch.tensor(counts, dtype=torch.int64))
     first_chunk = torch.tensor([0] + counts[:-1], dtype=torch.int64).cumsum(0)
     chunk_start = (torch.arange(n_chunks, dtype=torch.int64) - first_chunk[chunk_tensor]) * chunk_size
+    chunk_first = torch.cat([first_chunk, torch.tensor([n_chunks], dtype=torch.int64)])
     host = torch.cat([torch.tensor(addresses, dtype=torch.int64), torch.tensor(numels, dtype=torch.int64),
-                      chunk_tensor, chunk_start])
+                      chunk_tensor, chunk_start, chunk_first])
     if device.type == "cuda":
         host = host.pin_memory()
     flat = host.to(device, non_blocking=True)
-    a, b, c = len(addresses), len(addresses) + n, len(addresses) + n + n_chunks
-    tables = LaunchTables(flat[:a], flat[a:b], flat[b:c], flat[c:], n, n_chunks, chunk_size, host)
+    a, b = len(addresses), len(addresses) + n
+    c, d = b + n_chunks, b + 2 * n_chunks
+    tables = LaunchTables(flat[:a], flat[a:b], flat[b:c], flat[c:d], flat[d:], n, n_chunks, chunk_size, host)
     _cache[key] = tables
     if len(_cache) > _CACHE_SIZE:
         _cache.popitem(last=False)

@@ -32,3 +32,11 @@ def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, gra
         0.0 if lr_tensor is not None else lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize,
         grad_scale, found_inf, CHUNK_SIZE,
     )
+
+
+def power_sums(tensors, p):
+    return torch.ops.fusedopt_cpu.power_sums(tensors, float(p), CHUNK_SIZE)
+
+
+def scale_(tensors, factor):
+    torch.ops.fusedopt_cpu.scale_(tensors, factor, CHUNK_SIZE)

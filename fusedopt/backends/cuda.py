@@ -44,3 +44,25 @@ def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, gra
             weight_decay, amsgrad, maximize, grad_scale, found_inf,
             torch.cuda.current_stream(bucket.device).cuda_stream,
         )
+
+
+def power_sums(tensors, p):
+    device = tensors[0].device
+    tables = _tables.launch_tables([tensors], device, CHUNK_SIZE)
+    partials = torch.empty(tables.n_chunks, dtype=torch.float64, device=device)
+    out = torch.empty(len(tensors), dtype=torch.float64, device=device)
+    with torch.cuda.device(device):
+        torch.ops.fusedopt_cuda.power_sums(
+            tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.chunk_first,
+            tables.chunk_size, CODES[tensors[0].dtype], float(p), partials, out,
+            torch.cuda.current_stream(device).cuda_stream)
+    return out
+
+
+def scale_(tensors, factor):
+    device = tensors[0].device
+    tables = _tables.launch_tables([tensors], device, CHUNK_SIZE)
+    with torch.cuda.device(device):
+        torch.ops.fusedopt_cuda.scale_(tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start,
+                                       tables.chunk_size, CODES[tensors[0].dtype], factor,
+                                       torch.cuda.current_stream(device).cuda_stream)

@@ -51,3 +51,18 @@ def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, gra
         exp_avg_sq.copy_(v)
         if vmax is not None:
             vmax.copy_(vm)
+
+
+def power_sums(tensors, p):
+    """Per-tensor sum of |x|^p (max |x| for p = inf), in fp64."""
+    out = []
+    for t in tensors:
+        x = t.detach().double().abs()
+        out.append(x.max() if p == float("inf") else (x.square() if p == 2.0 else x.pow(p)).sum())
+    return torch.stack(out)
+
+
+def scale_(tensors, factor):
+    """x *= factor, in fp32 (fp64 for fp64) and rounded once to x's dtype."""
+    for t in tensors:
+        t.mul_(factor.to(math_dtype(t.dtype)).reshape(()))

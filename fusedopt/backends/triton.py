@@ -38,7 +38,8 @@ def unavailable_reason(device_type: str) -> str | None:
 
 
 def load() -> None:
-    shipped_module("kernels", "adamw")
+    for name in ("adamw", "norms"):
+        shipped_module("kernels", name)
 
 
 def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, found_inf):
@@ -54,3 +55,19 @@ def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, gra
         beta2=beta2, eps=eps, weight_decay=weight_decay, grad_scale=grad_scale, found_inf=found_inf,
         block=BLOCK_SIZE, num_warps=NUM_WARPS,
     )
+
+
+def power_sums(tensors, p):
+    kernels = shipped_module("kernels", "norms")
+    device = tensors[0].device
+    tables = _tables.launch_tables([tensors], device, CHUNK_SIZE)
+    out = torch.empty(len(tensors), dtype=torch.float64, device=device)
+    kernels.launch_power_sums(tables, out, kind=CODES[tensors[0].dtype], p=float(p), block=BLOCK_SIZE,
+                              num_warps=NUM_WARPS)
+    return out
+
+
+def scale_(tensors, factor):
+    kernels = shipped_module("kernels", "norms")
+    tables = _tables.launch_tables([tensors], tensors[0].device, CHUNK_SIZE)
+    kernels.launch_scale(tables, factor, kind=CODES[tensors[0].dtype], block=BLOCK_SIZE, num_warps=NUM_WARPS)

@@ -1,0 +1,49 @@
+// Norms of many tensors and in-place scaling: the shared reduction behind
+// clip_grad_norm_, max_grad_norm in every optimizer and LAMB's trust ratio.
+//
+// A p-norm is reduced in two levels, deterministically for a given layout:
+// each chunk of each tensor gets a partial (sum of |x|^p, or max |x| for
+// p = inf), then each tensor's partials are combined in chunk order. No float
+// atomics. NaN anywhere makes the norm NaN (as torch.linalg.vector_norm).
+#pragma once
+
+#include <math.h>
+
+#include "fusedopt/multi_tensor.h"
+#include "fusedopt/numeric.h"
+
+namespace fusedopt {
+
+// Which reduction a norm order needs; the general case pays for a pow().
+enum class NormKind : int32_t { kL1 = 0, kL2 = 1, kInf = 2, kGeneral = 3 };
+
+inline NormKind norm_kind(double p) {
+  if (p == 1.0) return NormKind::kL1;
+  if (p == 2.0) return NormKind::kL2;
+  if (isinf(p)) return NormKind::kInf;
+  return NormKind::kGeneral;
+}
+
+// The term one element contributes: |x|, x*x, |x| (combined by max) or |x|^p.
+template <NormKind K, typename T>
+FUSEDOPT_HD T norm_term(T x, T p) {
+  if (K == NormKind::kL2) return x * x;
+  if (K == NormKind::kGeneral) return pow(fabs(x), p);
+  return fabs(x);
+}
+
+// Launchers. `out` receives one value per tensor: the sum of the terms (max
+// for kInf), in double; NaN when the tensor holds a NaN.
+void power_sums_cpu(const TensorTable& tt, DType dtype, double p, double* out, int num_threads);
+// x *= *factor for every element, computed in fp32 (fp64 for fp64 tensors) and
+// rounded once to the tensor's dtype.
+void scale_cpu(const TensorTable& tt, DType dtype, const float* factor, int num_threads);
+
+// CUDA: `partials` is device scratch of n_chunks doubles, `out` device memory
+// of n_tensors doubles, `chunk_first` the first chunk of each tensor
+// ([n_tensors + 1], device). Return nullptr or the CUDA error string.
+const char* power_sums_cuda(const TensorTable& tt, const int64_t* chunk_first, DType dtype, double p,
+                            double* partials, double* out, void* stream);
+const char* scale_cuda(const TensorTable& tt, DType dtype, const float* factor, void* stream);
+
+}  // namespace fusedopt

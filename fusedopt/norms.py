@@ -1,0 +1,164 @@
+"""Gradient norms and clipping: ``clip_grad_norm_`` (a drop-in for
+torch.nn.utils.clip_grad_norm_), ``grad_norm``, and the global norm that the
+optimizers' ``max_grad_norm`` uses.
+
+Per (device, dtype) group one backend call reduces every tensor (two-level,
+deterministic: chunk partials, then each tensor's partials in order, in fp64;
+see csrc/include/fusedopt/norms.h) and one call scales them. The total norm
+and the clip coefficient stay on the device: nothing waits on the host unless
+``error_if_nonfinite=True`` asks for a check.
+
+The total is the p-norm of all elements, ``(sum |x|^p)^(1/p)`` (``max |x|``
+for p = inf), returned in the dtype torch.nn.utils.clip_grad_norm_ returns
+(the promotion of the grads' dtypes) on the first grad's device. Unlike
+torch, an empty tensor simply contributes nothing (torch's inf-norm raises on
+one).
+"""
+from __future__ import annotations
+
+import math
+import types
+import warnings
+from typing import Iterable
+
+import torch
+from torch import Tensor
+
+from . import backends
+
+
+def _check_norm_type(norm_type) -> float:
+    p = float(norm_type)
+    if math.isnan(p) or p <= 0:
+        raise ValueError(f"norm_type must be a positive number or inf, got {norm_type!r}")
+    return p
+
+
+def _dense(t: Tensor) -> Tensor:
+    """t itself when a kernel can walk it as a flat array, else a contiguous copy."""
+    if t.is_contiguous():
+        return t
+    return t if t.stride() == torch.empty_like(t, memory_format=torch.preserve_format).stride() else t.contiguous()
+
+
+def _groups(tensors: list[Tensor]) -> dict[tuple, list[int]]:
+    """Indices of the non-empty tensors per (device, dtype), in order."""
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        if t.is_sparse or t.layout != torch.strided:
+            raise RuntimeError(f"fusedopt norms do not support sparse tensors (got {t.layout})")
+        if t.numel():
+            groups.setdefault((t.device, t.dtype), []).append(i)
+    return groups
+
+
+def _backend(requested: str | None, device: torch.device):
+    return backends.get(backends.resolve(requested, device))
+
+
+def power_sums(tensors: list[Tensor], p: float, backend: str | None = None) -> list[tuple[list[int], Tensor]]:
+    """[(indices, fp64 sums of |x|^p, or max |x| for p = inf, on their device)]
+    for each (device, dtype) group of the non-empty `tensors`: one launch each."""
+    out = []
+    for (device, _), index in _groups(tensors).items():
+        out.append((index, _backend(backend, device).power_sums([_dense(tensors[i]) for i in index], p)))
+    return out
+
+
+def combine(parts: list[tuple[list[int], Tensor]], p: float, device: torch.device) -> Tensor:
+    """The total p-norm (fp64, 0-d, on `device`) from power_sums' parts."""
+    if not parts:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    sums = torch.cat([s.to(device, non_blocking=True) for _, s in parts])
+    if math.isinf(p):
+        return sums.max()  # propagates NaN
+    total = sums.sum()
+    return total.sqrt() if p == 2.0 else total.pow(1.0 / p)
+
+
+def per_tensor_norms(parts: list[tuple[list[int], Tensor]], p: float, count: int,
+                     device: torch.device) -> Tensor:
+    """fp64 norms of `count` tensors (0 for the empty ones) from power_sums' parts."""
+    norms = torch.zeros(count, dtype=torch.float64, device=device)
+    for index, sums in parts:
+        values = sums.to(device) if math.isinf(p) else sums.to(device).pow(1.0 / p)
+        norms[torch.tensor(index, device=device)] = values
+    return norms
+
+
+def _grads(parameters) -> list[Tensor]:
+    if isinstance(parameters, Tensor):
+        parameters = [parameters]
+    else:
+        is_generator = isinstance(parameters, types.GeneratorType)
+        parameters = list(parameters)
+        if is_generator and not parameters:
+            warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3)
+    return [p.grad for p in parameters if p.grad is not None]
+
+
+def _result_dtype(grads: list[Tensor]) -> torch.dtype:
+    dtype = grads[0].dtype
+    for g in grads[1:]:
+        dtype = torch.promote_types(dtype, g.dtype)
+    return dtype
+
+
+@torch.no_grad()
+def grad_norm(parameters: Tensor | Iterable[Tensor], norm_type: float = 2.0, per_tensor: bool = False,
+              backend: str | None = None):
+    """The total p-norm of the parameters' grads, without clipping.
+
+    With ``per_tensor=True`` returns ``(total, norms)`` where ``norms`` holds
+    one norm per parameter that has a grad, in order (fp32 on the first grad's
+    device; 0 for empty grads).
+    """
+    p = _check_norm_type(norm_type)
+    grads = _grads(parameters)
+    if not grads:
+        total = torch.tensor(0.0)
+        return (total, torch.zeros(0)) if per_tensor else total
+    device = grads[0].device
+    parts = power_sums(grads, p, backend)
+    total = combine(parts, p, device).to(_result_dtype(grads))
+    if per_tensor:
+        return total, per_tensor_norms(parts, p, len(grads), device).float()
+    return total
+
+
+def scale_(tensors: list[Tensor], factor: Tensor, backend: str | None = None) -> None:
+    """tensors *= factor (a 0-d or 1-element tensor), one launch per (device, dtype)."""
+    for (device, _), index in _groups(tensors).items():
+        views = [tensors[i] for i in index]
+        dense = [_dense(t) for t in views]
+        _backend(backend, device).scale_(dense, factor.detach().to(device=device, dtype=torch.float32).reshape(1))
+        for original, copy in zip(views, dense):
+            if copy is not original:
+                original.copy_(copy)
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float, norm_type: float = 2.0,
+                    error_if_nonfinite: bool = False, foreach: bool | None = None,
+                    backend: str | None = None) -> Tensor:
+    """Drop-in for torch.nn.utils.clip_grad_norm_: scale the grads in place by
+    ``min(max_norm / (total_norm + 1e-6), 1)`` and return the total norm.
+
+    ``foreach`` is accepted and ignored (the fused path is always taken);
+    ``backend`` picks the implementation as for the optimizers.
+    """
+    p = _check_norm_type(norm_type)
+    grads = _grads(parameters)
+    if not grads:
+        return torch.tensor(0.0)
+    total = combine(power_sums(grads, p, backend), p, grads[0].device).to(_result_dtype(grads))
+    if error_if_nonfinite and bool(torch.logical_or(total.isnan(), total.isinf())):
+        raise RuntimeError(
+            f"The total norm of order {float(norm_type)} for gradients from `parameters` is non-finite, so it "
+            "cannot be clipped. To disable this error and scale the gradients by the non-finite norm anyway, "
+            "set `error_if_nonfinite=False`"
+        )
+    # as torch computes it: in the total's dtype, clamped without a host sync
+    clip_coef = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
+    scale_(grads, clip_coef, backend)
+    return total

@@ -1,0 +1,114 @@
+"""Norms of many tensors, and in-place scaling, as Triton launches.
+
+Two levels, deterministic for a given layout (no float atomics):
+``_partials_kernel`` gives every chunk a partial (sum of |x|^p, max |x| for
+p = inf) and ``_combine_kernel`` sums (or maxes) each tensor's partials in
+chunk order, in fp64. The same scheme as csrc/cpu/norms.cpp and
+csrc/cuda/norms.cu. NaN anywhere makes the tensor's result NaN.
+General p uses exp(p * log|x|) in fp32 (fp64 for fp64 tensors).
+"""
+import triton
+import triton.language as tl
+
+from ._numeric import F64, load_math, store_math
+
+L1 = tl.constexpr(0)
+L2 = tl.constexpr(1)
+INF = tl.constexpr(2)
+GENERAL = tl.constexpr(3)
+
+
+def norm_kind(p: float) -> int:
+    """The reduction a norm order needs (the same codes as NormKind in norms.h)."""
+    return {1.0: 0, 2.0: 1, float("inf"): 2}.get(float(p), 3)
+
+
+@triton.jit
+def _partials_kernel(table, numels, chunk_tensor, chunk_start, p, partials,
+                     KIND: tl.constexpr, NORM: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    c = tl.program_id(0)
+    t = tl.load(chunk_tensor + c)
+    start = tl.load(chunk_start + c)
+    end = tl.minimum(tl.load(numels + t) - start, CHUNK)
+    addr = tl.load(table + t)
+    ACC: tl.constexpr = tl.float64 if KIND == F64 else tl.float32
+    acc = tl.zeros([BLOCK], ACC)
+    nans = tl.zeros([BLOCK], tl.int32)
+    for off in range(0, end, BLOCK):
+        in_chunk = off + tl.arange(0, BLOCK)
+        x = load_math(addr, start + in_chunk, in_chunk < end, KIND)  # masked lanes read 0: they add nothing
+        a = tl.abs(x)
+        nans += (x != x).to(tl.int32)
+        if NORM == INF:
+            acc = tl.maximum(acc, a)
+        elif NORM == L2:
+            acc += x * x
+        elif NORM == GENERAL:
+            acc += tl.exp(p * tl.log(a))
+        else:
+            acc += a
+    if NORM == INF:
+        r = tl.max(acc, axis=0)
+    else:
+        r = tl.sum(acc, axis=0)
+    r = r.to(tl.float64)
+    r = tl.where(tl.sum(nans, axis=0) > 0, float("nan"), r)
+    tl.store(partials + c, r)
+
+
+@triton.jit
+def _combine_kernel(partials, chunk_first, out, IS_MAX: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(0)
+    lo = tl.load(chunk_first + t)
+    hi = tl.load(chunk_first + t + 1)
+    acc = tl.zeros([BLOCK], tl.float64)
+    nans = tl.zeros([BLOCK], tl.int32)
+    for i in range(lo, hi, BLOCK):
+        idx = i + tl.arange(0, BLOCK)
+        v = tl.load(partials + idx, mask=idx < hi, other=0.0)
+        nans += (v != v).to(tl.int32)
+        if IS_MAX:
+            acc = tl.maximum(acc, v)
+        else:
+            acc += v
+    if IS_MAX:
+        r = tl.max(acc, axis=0)
+    else:
+        r = tl.sum(acc, axis=0)
+    tl.store(out + t, tl.where(tl.sum(nans, axis=0) > 0, float("nan"), r))
+
+
+@triton.jit
+def _scale_kernel(table, numels, chunk_tensor, chunk_start, factor_ptr,
+                  KIND: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    c = tl.program_id(0)
+    t = tl.load(chunk_tensor + c)
+    start = tl.load(chunk_start + c)
+    end = tl.minimum(tl.load(numels + t) - start, CHUNK)
+    addr = tl.load(table + t)
+    factor = tl.load(factor_ptr)
+    for off in range(0, end, BLOCK):
+        in_chunk = off + tl.arange(0, BLOCK)
+        mask = in_chunk < end
+        x = load_math(addr, start + in_chunk, mask, KIND)
+        store_math(addr, start + in_chunk, x * factor, mask, KIND)
+
+
+def launch_power_sums(tables, out, *, kind, p, block, num_warps):
+    """Per-tensor sum of |x|^p (max |x| for p = inf) of the tables' row 0 into
+    `out` (fp64, one value per tensor)."""
+    import torch
+
+    partials = torch.empty(tables.n_chunks, dtype=torch.float64, device=out.device)
+    norm = norm_kind(p)
+    _partials_kernel[(tables.n_chunks,)](tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start,
+                                         float(p), partials, KIND=kind, NORM=norm, CHUNK=tables.chunk_size,
+                                         BLOCK=block, num_warps=num_warps)
+    _combine_kernel[(tables.n_tensors,)](partials, tables.chunk_first, out, IS_MAX=norm == 2, BLOCK=256,
+                                         num_warps=num_warps)
+
+
+def launch_scale(tables, factor, *, kind, block, num_warps):
+    """x *= factor (1-element fp32 tensor) for the tables' row 0."""
+    _scale_kernel[(tables.n_chunks,)](tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, factor,
+                                      KIND=kind, CHUNK=tables.chunk_size, BLOCK=block, num_warps=num_warps)

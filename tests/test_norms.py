@@ -1,0 +1,165 @@
+"""fusedopt.clip_grad_norm_ and grad_norm against torch.nn.utils.clip_grad_norm_,
+on every backend that runs here."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import CPU_BACKENDS
+
+import fusedopt
+
+NORM_TYPES = [2.0, 1.0, float("inf"), 3.5, 0.5]
+SHAPES = [(3, 5), (1,), (257,), (13, 70), ()]
+
+
+def backend_params(backends=CPU_BACKENDS):
+    return [pytest.param(b, marks=[pytest.mark.triton] if b == "triton" else []) for b in backends]
+
+
+def params_with_grads(shapes=SHAPES, dtype=torch.float32, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    params = []
+    for s in shapes:
+        p = torch.zeros(s, dtype=dtype, requires_grad=True)
+        p.grad = (torch.randn(s, generator=g, dtype=torch.float64) * scale).to(dtype)
+        params.append(p)
+    return params
+
+
+def twins(*args, **kwargs):
+    a = params_with_grads(*args, **kwargs)
+    b = params_with_grads(*args, **kwargs)
+    return a, b
+
+
+def tolerance(dtype):
+    """Ours reduces in fp64; torch in fp32, and for bf16/fp16 grads it rounds
+    each per-tensor norm, the total and the clip coefficient to the grads' dtype."""
+    if dtype in (torch.bfloat16, torch.float16):
+        eps = torch.finfo(dtype).eps
+        return {"atol": 2 * eps, "rtol": 2 * eps}
+    return {"atol": 1e-6, "rtol": 1e-5}
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_clip_grad_norm_matches_torch(backend, norm_type, dtype):
+    a, b = twins(dtype=dtype, scale=3.0)
+    expected = torch.nn.utils.clip_grad_norm_(a, max_norm=1.0, norm_type=norm_type)
+    got = fusedopt.clip_grad_norm_(b, max_norm=1.0, norm_type=norm_type, backend=backend)
+    assert got.dtype == expected.dtype and got.device == expected.device and got.dim() == 0
+    torch.testing.assert_close(got, expected, **tolerance(dtype))
+    for p, q in zip(a, b):
+        torch.testing.assert_close(q.grad, p.grad, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_no_clipping_below_max_norm_and_mixed_dtypes(backend):
+    a, b = twins(scale=1e-3)
+    for params in (a, b):  # one bf16 grad among fp32 ones, one param without grad
+        params[1].grad = None
+        params[2] = params[2].detach().bfloat16().requires_grad_()
+        params[2].grad = torch.full((257,), 1e-3, dtype=torch.bfloat16)
+    before = [None if p.grad is None else p.grad.clone() for p in b]
+    expected = torch.nn.utils.clip_grad_norm_(a, max_norm=100.0)
+    got = fusedopt.clip_grad_norm_(b, max_norm=100.0, backend=backend)
+    assert got.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(got, expected, **tolerance(torch.bfloat16))  # torch rounds the bf16 group's norm
+    for p, g in zip(b, before):  # coefficient clamped to 1: unchanged
+        assert (p.grad is None and g is None) or torch.equal(p.grad, g)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_empty_tensors_bare_tensor_empty_list(backend):
+    a, b = twins()
+    for params in (a, b):
+        params.append(torch.zeros(0, requires_grad=True))
+        params[-1].grad = torch.zeros(0)
+    expected = torch.nn.utils.clip_grad_norm_(a[:-1], max_norm=0.5, norm_type=float("inf"))  # torch fails on empties
+    got = fusedopt.clip_grad_norm_(b, max_norm=0.5, norm_type=float("inf"), backend=backend)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+    t = params_with_grads([(40,)])[0]
+    u = params_with_grads([(40,)])[0]
+    torch.testing.assert_close(fusedopt.clip_grad_norm_(u, 0.1, backend=backend),
+                               torch.nn.utils.clip_grad_norm_(t, 0.1), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(u.grad, t.grad, atol=1e-6, rtol=1e-5)
+    assert fusedopt.clip_grad_norm_([], 1.0).item() == 0.0
+    with pytest.warns(UserWarning, match="empty generator"):
+        assert fusedopt.clip_grad_norm_((p for p in []), 1.0).item() == 0.0
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_error_if_nonfinite_raises_before_any_grad_changes(backend):
+    params = params_with_grads(scale=10.0)
+    params[3].grad[2, 2] = float("nan")
+    before = [p.grad.clone() for p in params]
+    with pytest.raises(RuntimeError, match="non-finite"):
+        fusedopt.clip_grad_norm_(params, 1.0, error_if_nonfinite=True, backend=backend)
+    for p, g in zip(params, before):
+        torch.testing.assert_close(p.grad, g, atol=0, rtol=0, equal_nan=True)
+    total = fusedopt.clip_grad_norm_(params, 1.0, backend=backend)  # without the check: NaN, as torch
+    assert total.isnan()
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_non_contiguous_and_many_grads(backend):
+    a, b = twins([(i % 5 + 1, 7) for i in range(300)])
+    for params in (a, b):
+        params.append(torch.zeros(6, 8, requires_grad=True))
+        params[-1].grad = torch.arange(96.0).reshape(12, 8)[::2]  # a strided view
+        params.append(torch.zeros(9, 4, requires_grad=True))
+        params[-1].grad = torch.randn(4, 9, generator=torch.Generator().manual_seed(5)).t()
+    expected = torch.nn.utils.clip_grad_norm_(a, 2.0)
+    got = fusedopt.clip_grad_norm_(b, 2.0, backend=backend)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    for p, q in zip(a, b):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("norm_type", [2.0, float("inf")])
+def test_grad_norm_total_and_per_tensor(backend, norm_type):
+    params = params_with_grads()
+    params.append(torch.zeros(0, requires_grad=True))
+    params[-1].grad = torch.zeros(0)
+    total, norms = fusedopt.grad_norm(params, norm_type, per_tensor=True, backend=backend)
+    expected = [torch.linalg.vector_norm(p.grad.double(), norm_type) if p.numel() else torch.zeros((), dtype=torch.float64)
+                for p in params]
+    torch.testing.assert_close(norms, torch.stack(expected).float(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(total, torch.linalg.vector_norm(torch.stack(expected), norm_type).float(),
+                               atol=1e-6, rtol=1e-6)
+    assert fusedopt.grad_norm(params, norm_type, backend=backend).dim() == 0
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="needs the cpu backend")
+def test_cpu_reduction_is_deterministic_across_thread_counts():
+    params = params_with_grads([(300_001,), (4097,)])
+    grads = [p.grad for p in params]
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            results.append(fusedopt.grad_norm(params, backend="cpu", per_tensor=True)[1])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(results[0], r) for r in results)
+    assert grads[0] is params[0].grad  # grad_norm changes nothing
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("-inf")])
+def test_bad_norm_type(bad):
+    with pytest.raises(ValueError, match="norm_type"):
+        fusedopt.clip_grad_norm_(params_with_grads(), 1.0, norm_type=bad)
+
+
+def test_sparse_grad_is_refused():
+    p = torch.zeros(5, requires_grad=True)
+    p.grad = torch.ones(5).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        fusedopt.clip_grad_norm_([p], 1.0)
+    assert math.isclose(torch.nn.utils.clip_grad_norm_([torch.zeros(1, requires_grad=True)], 1.0).item(), 0.0)
