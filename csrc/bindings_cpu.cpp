@@ -100,7 +100,7 @@ void check_dtype(TensorList xs, at::ScalarType want, const char* what) {
 void adamw(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
            TensorList max_exp_avg_sqs, TensorList masters, TensorList steps, double lr,
            const std::optional<Tensor>& lr_tensor, double beta1, double beta2, double eps,
-           double weight_decay, bool amsgrad, bool maximize, const std::optional<Tensor>& grad_scale,
+           double weight_decay, bool amsgrad, bool maximize, const std::optional<Tensor>& grad_mult,
            const std::optional<Tensor>& found_inf, int64_t chunk_size) {
   if (params.empty()) return;
   const at::ScalarType pdt = params[0].scalar_type();
@@ -119,7 +119,7 @@ void adamw(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
   HostTable host({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps}, chunk_size,
                  fusedopt::kAdamWStep);
   const fusedopt::AdamWHyper h(lr, scalar_ptr(lr_tensor, "lr"), beta1, beta2, eps, weight_decay, amsgrad, maximize,
-                               scalar_ptr(grad_scale, "grad_scale"), scalar_ptr(found_inf, "found_inf"));
+                               scalar_ptr(grad_mult, "grad_mult"), scalar_ptr(found_inf, "found_inf"));
   fusedopt::adamw_cpu(host.tt, h, dtype_code(pdt), has_master, at::get_num_threads());
 }
 
@@ -154,6 +154,6 @@ TORCH_LIBRARY(fusedopt_cpu, m) {
       "adamw(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] masters, Tensor[] steps, float lr, Tensor? lr_tensor, "
       "float beta1, float beta2, float eps, float weight_decay, bool amsgrad, bool maximize, "
-      "Tensor? grad_scale, Tensor? found_inf, int chunk_size) -> ()",
+      "Tensor? grad_mult, Tensor? found_inf, int chunk_size) -> ()",
       &adamw);
 }

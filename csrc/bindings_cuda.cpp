@@ -45,7 +45,7 @@ fusedopt::TensorTable make_table(const Tensor& table, const Tensor& numel, const
 void adamw(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor, const Tensor& chunk_start,
            int64_t chunk_size, int64_t param_dtype, bool has_master, double lr,
            const std::optional<Tensor>& lr_tensor, double beta1, double beta2, double eps, double weight_decay,
-           bool amsgrad, bool maximize, const std::optional<Tensor>& grad_scale,
+           bool amsgrad, bool maximize, const std::optional<Tensor>& grad_mult,
            const std::optional<Tensor>& found_inf, int64_t stream) {
   TORCH_CHECK(param_dtype >= 0 && param_dtype <= 3, "fusedopt cuda: bad dtype code ", param_dtype);
   const auto dtype = static_cast<fusedopt::DType>(param_dtype);
@@ -54,7 +54,7 @@ void adamw(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor,
   const fusedopt::TensorTable tt =
       make_table(table, numel, chunk_tensor, chunk_start, chunk_size, fusedopt::kAdamWRows);
   const fusedopt::AdamWHyper h(lr, device_scalar(lr_tensor, "lr"), beta1, beta2, eps, weight_decay, amsgrad, maximize,
-                               device_scalar(grad_scale, "grad_scale"), device_scalar(found_inf, "found_inf"));
+                               device_scalar(grad_mult, "grad_mult"), device_scalar(found_inf, "found_inf"));
   const char* error = fusedopt::adamw_cuda(tt, h, dtype, has_master, reinterpret_cast<void*>(stream));
   TORCH_CHECK(error == nullptr, "fusedopt cuda: adamw launch failed: ", error);
 }
@@ -102,6 +102,6 @@ TORCH_LIBRARY(fusedopt_cuda, m) {
   m.def(
       "adamw(Tensor table, Tensor numel, Tensor chunk_tensor, Tensor chunk_start, int chunk_size, "
       "int param_dtype, bool has_master, float lr, Tensor? lr_tensor, float beta1, float beta2, float eps, "
-      "float weight_decay, bool amsgrad, bool maximize, Tensor? grad_scale, Tensor? found_inf, int stream) -> ()",
+      "float weight_decay, bool amsgrad, bool maximize, Tensor? grad_mult, Tensor? found_inf, int stream) -> ()",
       &adamw);
 }

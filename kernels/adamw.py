@@ -6,7 +6,7 @@ updates one fixed-size chunk of one tensor, so work is balanced by elements.
 The per-element operations are those of csrc/include/fusedopt/adamw.h, in the
 same order:
 
-    g     = grad / grad_scale, negated when maximize
+    g     = grad * grad_mult, negated when maximize      (1/GradScaler scale x clip coefficient)
     p     = p * (1 - lr * weight_decay)
     m     = lerp(m, g, 1 - beta1)                         (one FMA, as torch rounds it)
     v     = v * beta2 + (1 - beta2) * g * g               (one FMA, as torch rounds it)
@@ -40,9 +40,9 @@ ROW_STEP = tl.constexpr(6)
 def _adamw_kernel(
     table, numels, chunk_tensor, chunk_start, n_tensors,
     lr, lr_ptr, weight_decay, lerp_w, beta2, one_minus_beta2, eps, log_beta1, log_beta2,
-    grad_scale_ptr, found_inf_ptr,
+    grad_mult_ptr, found_inf_ptr,
     P_KIND: tl.constexpr, MASTER: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-    LR_IS_PTR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    LR_IS_PTR: tl.constexpr, HAS_GRAD_MULT: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     c = tl.program_id(0)
@@ -91,8 +91,8 @@ def _adamw_kernel(
         m = load_math(exp_avg, offs, mask, S_KIND)
         v = load_math(exp_avg_sq, offs, mask, S_KIND)
 
-        if HAS_GRAD_SCALE:
-            g = div_ieee(g, tl.load(grad_scale_ptr), P_KIND)
+        if HAS_GRAD_MULT:
+            g = g * tl.load(grad_mult_ptr)
         if MAXIMIZE:
             g = -g
         p = p * decay
@@ -117,10 +117,10 @@ def _adamw_kernel(
 
 
 def launch_adamw(tables, *, p_kind, master, amsgrad, maximize, lr, lr_tensor, beta1, beta2, eps,
-                 weight_decay, grad_scale, found_inf, block, num_warps):
+                 weight_decay, grad_mult, found_inf, block, num_warps):
     """Launch the update over `tables` (fusedopt.backends._tables.LaunchTables).
 
-    `lr_tensor`, `grad_scale` and `found_inf` are 1-element fp32 tensors on the
+    `lr_tensor`, `grad_mult` and `found_inf` are 1-element fp32 tensors on the
     tables' device, or None.
     """
     dummy = tables.numel  # any tensor: stands in for absent pointer arguments
@@ -129,8 +129,8 @@ def launch_adamw(tables, *, p_kind, master, amsgrad, maximize, lr, lr_tensor, be
         float(lr), dummy if lr_tensor is None else lr_tensor, float(weight_decay),
         1.0 - beta1, float(beta2), 1.0 - beta2, float(eps), math.log(beta1) if beta1 > 0 else -math.inf,
         math.log(beta2) if beta2 > 0 else -math.inf,
-        dummy if grad_scale is None else grad_scale, dummy if found_inf is None else found_inf,
+        dummy if grad_mult is None else grad_mult, dummy if found_inf is None else found_inf,
         P_KIND=p_kind, MASTER=master, AMSGRAD=amsgrad, MAXIMIZE=maximize,
-        LR_IS_PTR=lr_tensor is not None, HAS_GRAD_SCALE=grad_scale is not None,
+        LR_IS_PTR=lr_tensor is not None, HAS_GRAD_MULT=grad_mult is not None,
         HAS_FOUND_INF=found_inf is not None, CHUNK=tables.chunk_size, BLOCK=block, num_warps=num_warps,
     )

@@ -35,7 +35,7 @@ inline void stream_out(P* dst, const P* src, int64_t n) {
 #endif
 }
 
-template <typename P, typename S, bool MASTER, bool AMSGRAD, bool GRAD_SCALE>
+template <typename P, typename S, bool MASTER, bool AMSGRAD, bool GRAD_MULT>
 void adamw_chunks(const TensorTable& tt, const AdamWHyper& h, int num_threads) {
   using T = typename MathOf<P>::type;
   // Per-tensor scalars once, before the parallel region: each tensor has its
@@ -75,7 +75,7 @@ void adamw_chunks(const TensorTable& tt, const AdamWHyper& h, int num_threads) {
         T m = to_math(exp_avg[i]);
         T v = to_math(exp_avg_sq[i]);
         T vmax = AMSGRAD ? T(to_math(max_exp_avg_sq[i])) : T(0);
-        adamw_element<T, AMSGRAD, GRAD_SCALE>(p, T(to_math(grad[i])), m, v, vmax, s);
+        adamw_element<T, AMSGRAD, GRAD_MULT>(p, T(to_math(grad[i])), m, v, vmax, s);
         if (MASTER) master[i] = float(p);
         param_out[i] = Store<P>::from(p);
         exp_avg[i] = Store<S>::from(m);
@@ -91,15 +91,15 @@ void adamw_chunks(const TensorTable& tt, const AdamWHyper& h, int num_threads) {
 }
 
 template <typename P, typename S, bool MASTER, bool AMSGRAD>
-void adamw_dispatch_scale(const TensorTable& tt, const AdamWHyper& h, int num_threads) {
-  if (h.grad_scale) adamw_chunks<P, S, MASTER, AMSGRAD, true>(tt, h, num_threads);
+void adamw_dispatch_mult(const TensorTable& tt, const AdamWHyper& h, int num_threads) {
+  if (h.grad_mult) adamw_chunks<P, S, MASTER, AMSGRAD, true>(tt, h, num_threads);
   else adamw_chunks<P, S, MASTER, AMSGRAD, false>(tt, h, num_threads);
 }
 
 template <typename P, typename S, bool MASTER>
 void adamw_dispatch_amsgrad(const TensorTable& tt, const AdamWHyper& h, int num_threads) {
-  if (h.amsgrad) adamw_dispatch_scale<P, S, MASTER, true>(tt, h, num_threads);
-  else adamw_dispatch_scale<P, S, MASTER, false>(tt, h, num_threads);
+  if (h.amsgrad) adamw_dispatch_mult<P, S, MASTER, true>(tt, h, num_threads);
+  else adamw_dispatch_mult<P, S, MASTER, false>(tt, h, num_threads);
 }
 
 template <typename P>

@@ -1,7 +1,7 @@
 // AdamW on CUDA: one launch per bucket, one thread block per chunk
 // (multi_tensor.cuh), the shared per-element update from
 // include/fusedopt/adamw.h. Everything that changes between steps (lr when it
-// is a tensor, each tensor's step, grad_scale, found_inf) is read from device
+// is a tensor, each tensor's step, grad_mult, found_inf) is read from device
 // memory, so the launch can be captured in a CUDA graph. No torch headers.
 #include <cuda_runtime.h>
 
@@ -14,7 +14,7 @@ namespace {
 using cuda::kILP;
 using cuda::kThreads;
 
-template <typename P, typename S, bool MASTER, bool AMSGRAD, bool GRAD_SCALE>
+template <typename P, typename S, bool MASTER, bool AMSGRAD, bool GRAD_MULT>
 __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorTable tt, AdamWHyper h) {
   using T = typename MathOf<P>::type;
   if (h.found_inf && *h.found_inf != 0.0f) return;  // GradScaler found inf/NaN: skip (all threads alike)
@@ -60,7 +60,7 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorTable tt, AdamWHy
       T m = to_math(m_in[k]);
       T v = to_math(v_in[k]);
       T vmax = AMSGRAD ? T(to_math(vmax_in[k])) : T(0);
-      adamw_element<T, AMSGRAD, GRAD_SCALE>(p, T(to_math(g_in[k])), m, v, vmax, s);
+      adamw_element<T, AMSGRAD, GRAD_MULT>(p, T(to_math(g_in[k])), m, v, vmax, s);
       if (MASTER) master_out[k] = float(p);
       p_out[k] = Store<P>::from(p);
       m_out[k] = Store<S>::from(m);
@@ -76,16 +76,16 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorTable tt, AdamWHy
 }
 
 template <typename P, typename S, bool MASTER, bool AMSGRAD>
-void launch_scale(const TensorTable& tt, const AdamWHyper& h, cudaStream_t stream) {
+void launch_mult(const TensorTable& tt, const AdamWHyper& h, cudaStream_t stream) {
   const dim3 grid(unsigned(tt.n_chunks));
-  if (h.grad_scale) adamw_kernel<P, S, MASTER, AMSGRAD, true><<<grid, kThreads, 0, stream>>>(tt, h);
+  if (h.grad_mult) adamw_kernel<P, S, MASTER, AMSGRAD, true><<<grid, kThreads, 0, stream>>>(tt, h);
   else adamw_kernel<P, S, MASTER, AMSGRAD, false><<<grid, kThreads, 0, stream>>>(tt, h);
 }
 
 template <typename P, typename S, bool MASTER>
 void launch_amsgrad(const TensorTable& tt, const AdamWHyper& h, cudaStream_t stream) {
-  if (h.amsgrad) launch_scale<P, S, MASTER, true>(tt, h, stream);
-  else launch_scale<P, S, MASTER, false>(tt, h, stream);
+  if (h.amsgrad) launch_mult<P, S, MASTER, true>(tt, h, stream);
+  else launch_mult<P, S, MASTER, false>(tt, h, stream);
 }
 
 template <typename P>

@@ -22,15 +22,15 @@ def load() -> None:
     _jit.load_extension("cpu")
 
 
-def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, found_inf):
-    """lr: float or 1-element fp32 tensor; grad_scale, found_inf: 1-element
+def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_mult, found_inf):
+    """lr: float or 1-element fp32 tensor; grad_mult, found_inf: 1-element
     fp32 tensors or None; all on the CPU. The extension advances the steps."""
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
     torch.ops.fusedopt_cpu.adamw(
         bucket.params, bucket.grads, bucket.states["exp_avg"], bucket.states["exp_avg_sq"],
         bucket.states["max_exp_avg_sq"] if amsgrad else [], bucket.masters or [], bucket.steps,
         0.0 if lr_tensor is not None else lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize,
-        grad_scale, found_inf, CHUNK_SIZE,
+        grad_mult, found_inf, CHUNK_SIZE,
     )
 
 

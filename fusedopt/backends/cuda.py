@@ -2,7 +2,7 @@
 JIT-compiled with nvcc on first use for the GPUs present.
 
 One launch per bucket over the same device-side tables as the triton backend
-(fusedopt/backends/_tables.py); the kernel reads lr, grad_scale, found_inf and
+(fusedopt/backends/_tables.py); the kernel reads lr, grad_mult, found_inf and
 each tensor's step from device memory, so a step never waits on the host.
 """
 from __future__ import annotations
@@ -29,8 +29,8 @@ def load() -> None:
     _jit.load_extension("cuda")
 
 
-def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, found_inf):
-    """lr: float or 1-element fp32 tensor; grad_scale, found_inf: 1-element
+def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_mult, found_inf):
+    """lr: float or 1-element fp32 tensor; grad_mult, found_inf: 1-element
     fp32 tensors or None; all on the bucket's device (the optimizer's base
     class sees to that)."""
     tables = _tables.launch_tables(_tables.adamw_rows(bucket, amsgrad), bucket.device, CHUNK_SIZE)
@@ -41,7 +41,7 @@ def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, gra
             tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.chunk_size,
             CODES[bucket.dtype],
             bucket.masters is not None, 0.0 if lr_tensor is not None else lr, lr_tensor, beta1, beta2, eps,
-            weight_decay, amsgrad, maximize, grad_scale, found_inf,
+            weight_decay, amsgrad, maximize, grad_mult, found_inf,
             torch.cuda.current_stream(bucket.device).cuda_stream,
         )
 

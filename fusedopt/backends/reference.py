@@ -24,12 +24,12 @@ def load() -> None:
     return None
 
 
-def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, found_inf):
+def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_mult, found_inf):
     advance_steps(bucket.steps, found_inf)
     if found_inf is not None and found_inf.item() != 0:
         return
     lr = float(lr)
-    scale = None if grad_scale is None else float(grad_scale.item())
+    mult = None if grad_mult is None else float(grad_mult.item())
     dtype = math_dtype(bucket.dtype)
     for i, param in enumerate(bucket.params):
         master = bucket.masters[i] if bucket.masters is not None else None
@@ -41,7 +41,7 @@ def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, gra
         vm = vmax.to(dtype, copy=True) if vmax is not None else None
         adamw_spec.adamw_update_(
             work, bucket.grads[i].to(dtype), m, v, vm, step=float(bucket.steps[i].item()), lr=lr, beta1=beta1,
-            beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize, grad_scale=scale,
+            beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize, grad_mult=mult,
         )
         # Each stored value is rounded once from the working precision.
         if master is not None:

@@ -42,8 +42,8 @@ def load() -> None:
         shipped_module("kernels", name)
 
 
-def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, found_inf):
-    """lr: float or 1-element fp32 tensor; grad_scale, found_inf: 1-element
+def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_mult, found_inf):
+    """lr: float or 1-element fp32 tensor; grad_mult, found_inf: 1-element
     fp32 tensors or None; all on the bucket's device."""
     kernels = shipped_module("kernels", "adamw")
     tables = _tables.launch_tables(_tables.adamw_rows(bucket, amsgrad), bucket.device, CHUNK_SIZE)
@@ -52,7 +52,7 @@ def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, gra
     kernels.launch_adamw(
         tables, p_kind=CODES[bucket.dtype], master=bucket.masters is not None, amsgrad=amsgrad,
         maximize=maximize, lr=0.0 if lr_tensor is not None else lr, lr_tensor=lr_tensor, beta1=beta1,
-        beta2=beta2, eps=eps, weight_decay=weight_decay, grad_scale=grad_scale, found_inf=found_inf,
+        beta2=beta2, eps=eps, weight_decay=weight_decay, grad_mult=grad_mult, found_inf=found_inf,
         block=BLOCK_SIZE, num_warps=NUM_WARPS,
     )
 

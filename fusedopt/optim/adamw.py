@@ -19,13 +19,19 @@ class FusedAdamW(FusedOptimizer):
       the low-precision grad and the moments and writes the master, the moments
       and the param (the new master rounded once, to nearest even) in one pass.
       fp32/fp64 params ignore it.
+    * ``max_grad_norm``: clip by the global L2 norm of all grads (all groups)
+      inside ``step()``: the same as ``torch.nn.utils.clip_grad_norm_(params,
+      max_grad_norm)`` before the step, but the coefficient is applied inside
+      the update kernel (one norm pass + the update pass; ``.grad`` is never
+      rewritten). ``opt.last_grad_norm`` holds the norm (a device tensor; of
+      the unscaled grads under GradScaler). None or 0: no clipping.
     * ``foreach`` and ``fused`` are accepted (and validated as torch does) but
       change nothing: the step is always fused. ``differentiable=True`` is not
       supported.
 
     The update, per element, in fp32 (fp64 for fp64 params)::
 
-        g = grad / grad_scale, negated when maximize
+        g = grad * grad_mult, negated when maximize   (grad_mult: 1/GradScaler scale x clip coefficient)
         p = p * (1 - lr * weight_decay)
         m = lerp(m, g, 1 - beta1)
         v = v * beta2 + (1 - beta2) * g * g
@@ -54,6 +60,7 @@ class FusedAdamW(FusedOptimizer):
         fused: bool | None = None,
         backend: str | None = None,
         master_weights: bool = False,
+        max_grad_norm: float | None = None,
     ) -> None:
         if differentiable:
             raise NotImplementedError(
@@ -74,7 +81,8 @@ class FusedAdamW(FusedOptimizer):
             "fused": fused,
             "decoupled_weight_decay": True,
         }
-        super().__init__(params, defaults, backend=backend, master_weights=master_weights)
+        super().__init__(params, defaults, backend=backend, master_weights=master_weights,
+                         max_grad_norm=max_grad_norm)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -90,11 +98,11 @@ class FusedAdamW(FusedOptimizer):
     def _elementwise_states(self, group):
         return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
 
-    def _update(self, backend, group, bucket, lr, grad_scale, found_inf):
+    def _update(self, backend, group, bucket, lr, grad_mult, found_inf):
         beta1, beta2 = (float(b) for b in group["betas"])
         backend.adamw(bucket, lr=lr, beta1=beta1, beta2=beta2, eps=float(group["eps"]),
                       weight_decay=float(group["weight_decay"]), amsgrad=bool(group["amsgrad"]),
-                      maximize=bool(group["maximize"]), grad_scale=grad_scale, found_inf=found_inf)
+                      maximize=bool(group["maximize"]), grad_mult=grad_mult, found_inf=found_inf)
 
 
 def _check_adam_args(lr, betas, eps, weight_decay, foreach, capturable, fused) -> None:

@@ -11,9 +11,13 @@ state tensors (``_elementwise_states``) and launches its update on a bucket
    (device, dtype), creating state at first use, staging any tensor a flat
    kernel cannot walk (non-dense views, mismatched strides); this plan is
    cached and reused while the same tensors come back (_Plan);
-3. launch the update, one call per bucket; the backend also advances each
-   parameter's step count on its device (not when GradScaler found inf/NaN);
-4. copy staged results back.
+3. with ``max_grad_norm``, one norm launch per bucket gives the global grad
+   norm (all groups), from which a clip coefficient is formed on the device;
+4. launch the update, one call per bucket, with one grad multiplier per device
+   (GradScaler's 1/scale times the clip coefficient: .grad is never
+   rewritten); the backend also advances each parameter's step count on its
+   device (not when GradScaler found inf/NaN);
+5. copy staged results back.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .. import backends
+from .. import backends, norms
 from ..backends._bucket import Bucket, advance_steps
 from ..backends._dtypes import LOW_PRECISION, SUPPORTED_PARAM_DTYPES, fp32_scalar
 
@@ -34,9 +38,16 @@ class FusedOptimizer(Optimizer):
     # unscaling the grads itself: the kernels unscale while they update.
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, defaults: dict, *, backend: str | None = None, master_weights: bool = False):
+    def __init__(self, params, defaults: dict, *, backend: str | None = None, master_weights: bool = False,
+                 max_grad_norm: float | None = None):
+        if max_grad_norm is not None and not float(max_grad_norm) >= 0.0:
+            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (None or 0 turns clipping off)")
         self._requested_backend = backends.validate_name(backend)
         self.master_weights = bool(master_weights)
+        #: clip by the global L2 norm of all grads inside step(); None or 0: off
+        self.max_grad_norm = float(max_grad_norm) if max_grad_norm else None
+        #: the global grad norm of the last step (a device tensor), with max_grad_norm
+        self.last_grad_norm: Tensor | None = None
         self._backend_names: dict[str, str] = {}
         self._plans: dict[int, _Plan | None] = {}  # per param group index (see _Plan)
         super().__init__(params, defaults)
@@ -66,7 +77,8 @@ class FusedOptimizer(Optimizer):
     def __getstate__(self):
         state = super().__getstate__()
         state.update(_requested_backend=self._requested_backend, master_weights=self.master_weights,
-                     _backend_names=dict(self._backend_names))
+                     _backend_names=dict(self._backend_names), max_grad_norm=self.max_grad_norm,
+                     last_grad_norm=self.last_grad_norm)
         return state
 
     def __setstate__(self, state):
@@ -79,9 +91,14 @@ class FusedOptimizer(Optimizer):
         """Names of the state tensors shaped like the param, in kernel order."""
         raise NotImplementedError
 
-    def _update(self, backend, group: dict, bucket: Bucket, lr, grad_scale, found_inf) -> None:
+    def _update(self, backend, group: dict, bucket: Bucket, lr, grad_mult, found_inf) -> None:
         """Launch this optimizer's update of one bucket on `backend`."""
         raise NotImplementedError
+
+    def _clip_multiplier(self, total_norm: Tensor, max_norm: float) -> Tensor:
+        """The grads' factor for a global norm: clip_grad_norm_'s
+        min(max_norm / (total_norm + 1e-6), 1), formed on the device."""
+        return torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
 
     # --- state ------------------------------------------------------------------
 
@@ -134,21 +151,41 @@ class FusedOptimizer(Optimizer):
         all_grads = [[p.grad for p in group["params"]] for group in self.param_groups]
         for group, grads in zip(self.param_groups, all_grads):
             self._check_grads(group["params"], grads)
-        amp = _AmpScalars(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
         writeback: list[tuple[Tensor, Tensor]] = []
-        for index, (group, grads) in enumerate(zip(self.param_groups, all_grads)):
-            plan = self._plan(index, group, grads, writeback)
+        plans = [self._plan(index, group, grads, writeback)
+                 for index, (group, grads) in enumerate(zip(self.param_groups, all_grads))]
+        grad_scale = getattr(self, "grad_scale", None)
+        scalars = _GradScalars(grad_scale, getattr(self, "found_inf", None), self._clip_coefficient(plans, grad_scale))
+        for group, plan in zip(self.param_groups, plans):
             for device, steps in plan.empty_steps.items():
-                advance_steps(steps, amp.found_inf(device))
+                advance_steps(steps, scalars.found_inf(device))
             for bucket in plan.buckets:
                 lr = group["lr"]
                 if isinstance(lr, Tensor):
                     lr = fp32_scalar(lr, bucket.device)
                 self._update(self._backend_for(bucket.device), group, bucket, lr,
-                             amp.grad_scale(bucket.device), amp.found_inf(bucket.device))
+                             scalars.grad_mult(bucket.device), scalars.found_inf(bucket.device))
         for original, staged in writeback:
             original.copy_(staged)
         return loss
+
+    def _clip_coefficient(self, plans: list[_Plan], grad_scale: Tensor | None) -> Tensor | None:
+        """With max_grad_norm: the global L2 norm of every grad the optimizer
+        holds (all groups; GradScaler's scale divided out), kept in
+        last_grad_norm, and the clip coefficient from it. One reduction launch
+        per bucket; nothing leaves the device."""
+        if not self.max_grad_norm:
+            return None
+        buckets = [bucket for plan in plans for bucket in plan.buckets]
+        if not buckets:
+            return None
+        device = buckets[0].device
+        parts = [(None, self._backend_for(b.device).power_sums(b.grads, 2.0)) for b in buckets]
+        total = norms.combine(parts, 2.0, device)
+        if grad_scale is not None:
+            total = total / grad_scale.to(device=device, dtype=torch.float64).reshape(())
+        self.last_grad_norm = total.float()
+        return self._clip_multiplier(self.last_grad_norm, self.max_grad_norm)
 
     def _plan(self, index: int, group: dict, grads: list, writeback: list) -> _Plan:
         """The group's buckets for this step: the cached plan with this step's
@@ -230,14 +267,22 @@ class FusedOptimizer(Optimizer):
                 state.pop("master_param", None)
 
 
-class _AmpScalars:
-    """GradScaler's grad_scale and found_inf, as 1-element fp32 tensors per device."""
+class _GradScalars:
+    """This step's per-device scalars for the kernels, as 1-element fp32
+    tensors: found_inf (GradScaler), and the grad multiplier, GradScaler's
+    1/scale times the clip coefficient (None when neither applies). For the
+    power-of-two scales GradScaler uses, multiplying by 1/scale gives the bits
+    of dividing by the scale."""
 
-    def __init__(self, grad_scale: Tensor | None, found_inf: Tensor | None):
-        self._grad_scale, self._found_inf = grad_scale, found_inf
+    def __init__(self, grad_scale: Tensor | None, found_inf: Tensor | None, clip: Tensor | None):
+        mult = None if grad_scale is None else grad_scale.detach().to(torch.float32).reciprocal()
+        if clip is not None:
+            mult = clip if mult is None else clip * mult.to(clip.device)
+        self._values = {"grad_mult": mult, "found_inf": found_inf}
         self._cache: dict = {}
 
-    def _on(self, what: str, t: Tensor | None, device: torch.device):
+    def _on(self, what: str, device: torch.device):
+        t = self._values[what]
         if t is None:
             return None
         key = (what, device)
@@ -245,11 +290,11 @@ class _AmpScalars:
             self._cache[key] = fp32_scalar(t, device)
         return self._cache[key]
 
-    def grad_scale(self, device):
-        return self._on("grad_scale", self._grad_scale, device)
+    def grad_mult(self, device):
+        return self._on("grad_mult", device)
 
     def found_inf(self, device):
-        return self._on("found_inf", self._found_inf, device)
+        return self._on("found_inf", device)
 
 
 class _Plan:

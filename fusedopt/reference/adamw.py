@@ -5,7 +5,7 @@ Exactly torch.optim.AdamW's update (torch/optim/adam.py, single-tensor path,
 equals torch in fp32 and fp64; the kernels (csrc/include/fusedopt/adamw.h,
 kernels/adamw.py) spell the same operations in the same order:
 
-    g      = grad / grad_scale, negated when maximize
+    g      = grad * grad_mult, negated when maximize
     p      = p * (1 - lr * weight_decay)
     m      = lerp(m, g, 1 - beta1)
     v      = v * beta2 + (1 - beta2) * g * g
@@ -23,13 +23,16 @@ from torch import Tensor
 
 def adamw_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
                   max_exp_avg_sq: Tensor | None, *, step: float, lr: float, beta1: float, beta2: float,
-                  eps: float, weight_decay: float, maximize: bool, grad_scale: float | None = None) -> None:
+                  eps: float, weight_decay: float, maximize: bool, grad_mult: float | None = None) -> None:
     """One AdamW step on working tensors (all the same dtype), in place.
 
     `step` is the step count after this step (1 on the first step).
+    `grad_mult` multiplies the grad: GradScaler's 1/scale times the clip
+    coefficient of max_grad_norm (for GradScaler's power-of-two scales the
+    same bits as torch's division by the scale).
     """
-    if grad_scale is not None:
-        grad = grad / grad_scale
+    if grad_mult is not None:
+        grad = grad * grad_mult
     if maximize:
         grad = -grad
     bias_correction1 = 1 - beta1**step

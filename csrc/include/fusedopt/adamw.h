@@ -3,7 +3,7 @@
 // (csrc/cuda/adamw.cu). The reference (fusedopt/reference/adamw.py) and the
 // Triton kernel (kernels/adamw.py) spell the same operations in the same order.
 //
-//   g      = grad / grad_scale, negated when maximize
+//   g      = grad * grad_mult, negated when maximize      (grad_mult: 1/GradScaler scale x clip coefficient)
 //   p      = p * (1 - lr * weight_decay)                    decoupled decay
 //   m      = lerp(m, g, 1 - beta1)                        (one FMA, as torch's lerp)
 //   v      = v * beta2 + (1 - beta2) * g * g              (one FMA, as torch's addcmul)
@@ -34,13 +34,14 @@ struct AdamWHyper {
   const float* lr_ptr;       // tensor lr (fp32, same memory space as the tensors), or null
   double beta1, beta2, eps, weight_decay;
   bool amsgrad, maximize;
-  const float* grad_scale;   // GradScaler: grads are divided by *grad_scale (null: no scaling)
+  const float* grad_mult;    // grads are multiplied by *grad_mult (GradScaler's 1/scale times the clip
+                             // coefficient of max_grad_norm); null: by nothing
   const float* found_inf;    // GradScaler: skip everything when *found_inf != 0 (null: never)
 
   AdamWHyper(double lr_, const float* lr_ptr_, double beta1_, double beta2_, double eps_, double weight_decay_,
-             bool amsgrad_, bool maximize_, const float* grad_scale_, const float* found_inf_)
+             bool amsgrad_, bool maximize_, const float* grad_mult_, const float* found_inf_)
       : lr(lr_), lr_ptr(lr_ptr_), beta1(beta1_), beta2(beta2_), eps(eps_), weight_decay(weight_decay_),
-        amsgrad(amsgrad_), maximize(maximize_), grad_scale(grad_scale_), found_inf(found_inf_) {}
+        amsgrad(amsgrad_), maximize(maximize_), grad_mult(grad_mult_), found_inf(found_inf_) {}
 };
 
 // What one tensor needs at one step, derived from its own step count. Computed
@@ -48,7 +49,7 @@ struct AdamWHyper {
 // the math type, as torch's CPU fused kernel does.
 template <typename T>
 struct AdamWScalars {
-  T decay, lerp_w, beta2, one_minus_beta2, eps, step_size, bc2_sqrt, grad_scale, sign;
+  T decay, lerp_w, beta2, one_minus_beta2, eps, step_size, bc2_sqrt, grad_mult, sign;
 };
 
 template <typename T>
@@ -63,7 +64,7 @@ FUSEDOPT_HD AdamWScalars<T> adamw_scalars(const AdamWHyper& h, double lr, double
   s.eps = T(h.eps);
   s.step_size = T(lr / bc1);
   s.bc2_sqrt = T(sqrt(bc2));
-  s.grad_scale = h.grad_scale ? T(*h.grad_scale) : T(1);
+  s.grad_mult = h.grad_mult ? T(*h.grad_mult) : T(1);
   s.sign = h.maximize ? T(-1) : T(1);
   return s;
 }
@@ -86,11 +87,11 @@ FUSEDOPT_HD T lerp(T a, T b, T w) {
 }
 
 // One element. p, m, v, vmax are in math precision and updated in place.
-template <typename T, bool AMSGRAD, bool GRAD_SCALE>
+template <typename T, bool AMSGRAD, bool GRAD_MULT>
 FUSEDOPT_HD void adamw_element(T& p, T grad, T& m, T& v, T& vmax, const AdamWScalars<T>& s) {
-  // Divide only under GradScaler (a template flag: the division unit is what
-  // bounds this loop on a CPU, and compilers do not reliably unswitch it).
-  const T g = (GRAD_SCALE ? grad / s.grad_scale : grad) * s.sign;
+  // Multiply only when there is a multiplier (a template flag: compilers do
+  // not reliably unswitch the test out of the loop).
+  const T g = (GRAD_MULT ? grad * s.grad_mult : grad) * s.sign;
   p = p * s.decay;
   m = lerp(m, g, s.lerp_w);
   v = fused_mul_add(s.one_minus_beta2 * g, g, v * s.beta2);

@@ -1,0 +1,84 @@
+"""max_grad_norm inside the step: the same as torch.nn.utils.clip_grad_norm_
+followed by the step, with .grad never rewritten, on every backend here."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CPU_BACKENDS
+from helpers import assert_same_state, grads_for, make_params
+
+from fusedopt import FusedAdamW
+
+TOL = {"atol": 1e-6, "rtol": 1e-5}
+
+
+def backend_params():
+    return [pytest.param(b, marks=[pytest.mark.triton] if b == "triton" else []) for b in CPU_BACKENDS]
+
+
+def two_groups(params):
+    return [{"params": params[:4]}, {"params": params[4:], "weight_decay": 0.0, "lr": 3e-3}]
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("max_norm", [0.5, 1e3])
+def test_adamw_max_grad_norm_equals_clip_then_step(backend, max_norm):
+    a, b = make_params(), make_params()
+    ta = torch.optim.AdamW(two_groups(a), foreach=False)
+    fb = FusedAdamW(two_groups(b), backend=backend, max_grad_norm=max_norm)
+    for step in range(6):
+        grads = grads_for(a, step, scale=3.0)
+        for p, q, g in zip(a, b, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        norm = torch.nn.utils.clip_grad_norm_(a, max_norm)
+        ta.step()
+        fb.step()
+        for q, g in zip(b, grads):
+            assert torch.equal(q.grad, g)  # never rewritten
+        torch.testing.assert_close(fb.last_grad_norm, norm, **TOL)
+    assert_same_state(ta, a, fb, b, **TOL)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_max_grad_norm_under_grad_scaler(backend):
+    """GradScaler: the norm is of the unscaled grads, as after scaler.unscale_()."""
+    def train(make_opt, fused):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+        opt = make_opt(model.parameters())
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=3)
+        x = torch.randn(32, 6, generator=torch.Generator().manual_seed(1))
+        norms = []
+        for step in range(7):
+            opt.zero_grad()
+            scaler.scale(model(x).square().mean() * 50).backward()
+            if step == 4:
+                model[2].bias.grad[0] = float("inf")
+            if fused:
+                scaler.step(opt)
+                norms.append(opt.last_grad_norm.clone())
+            else:
+                scaler.unscale_(opt)
+                norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25))
+                scaler.step(opt)
+            scaler.update()
+        return model, opt, norms
+
+    tm, to, tn = train(lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=False), False)
+    fm, fo, fn = train(lambda ps: FusedAdamW(ps, lr=1e-2, backend=backend, max_grad_norm=0.25), True)
+    for t, f in zip(tn, fn):
+        torch.testing.assert_close(f, t, **TOL, equal_nan=True)
+    assert_same_state(to, list(tm.parameters()), fo, list(fm.parameters()), **TOL)
+
+
+def test_max_grad_norm_validation_and_off_switch():
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        FusedAdamW(make_params([(3,)]), max_grad_norm=-1.0)
+    a, b = make_params([(5, 3)]), make_params([(5, 3)])
+    plain, off = FusedAdamW(a), FusedAdamW(b, max_grad_norm=0)
+    for p, q, g in zip(a, b, grads_for(a, 0, scale=100.0)):
+        p.grad, q.grad = g, g.clone()
+    plain.step()
+    off.step()
+    assert off.max_grad_norm is None and off.last_grad_norm is None
+    assert_same_state(plain, a, off, b)
