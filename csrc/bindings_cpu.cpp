@@ -8,9 +8,11 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "fusedopt/adamw.h"
+#include "fusedopt/lamb.h"
 #include "fusedopt/norms.h"
 
 namespace {
@@ -117,7 +119,7 @@ void adamw(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
   check_dtype(masters, at::kFloat, "master_param");
 
   HostTable host({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps}, chunk_size,
-                 fusedopt::kAdamWStep);
+                 fusedopt::kRowStep);
   const fusedopt::AdamWHyper h(lr, scalar_ptr(lr_tensor, "lr"), beta1, beta2, eps, weight_decay, amsgrad, maximize,
                                scalar_ptr(grad_mult, "grad_mult"), scalar_ptr(found_inf, "found_inf"));
   fusedopt::adamw_cpu(host.tt, h, dtype_code(pdt), has_master, at::get_num_threads());
@@ -145,14 +147,74 @@ void scale_(TensorList tensors, const Tensor& factor, int64_t chunk_size) {
                       at::get_num_threads());
 }
 
+// LAMB's lists, checked and tabled in MomentRow layout (no max_exp_avg_sq).
+HostTable lamb_table(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                     TensorList masters, TensorList steps, int64_t chunk_size) {
+  const at::ScalarType pdt = params[0].scalar_type();
+  TORCH_CHECK(masters.empty() || pdt == at::kBFloat16 || pdt == at::kHalf,
+              "fusedopt cpu: master weights are for bf16/fp16 params");
+  const at::ScalarType sdt = masters.empty() ? pdt : at::kFloat;
+  check_dtype(params, pdt, "params");
+  check_dtype(grads, pdt, "grads");
+  check_dtype(exp_avgs, sdt, "exp_avg");
+  check_dtype(exp_avg_sqs, sdt, "exp_avg_sq");
+  check_dtype(masters, at::kFloat, "master_param");
+  return HostTable({params, grads, exp_avgs, exp_avg_sqs, TensorList(), masters, steps}, chunk_size,
+                   fusedopt::kRowStep);
+}
+
+std::tuple<Tensor, Tensor> lamb_moments(TensorList params, TensorList grads, TensorList exp_avgs,
+                                        TensorList exp_avg_sqs, TensorList masters, TensorList steps, double beta1,
+                                        double beta2, double eps, double weight_decay, bool bias_correction,
+                                        bool adam_w_mode, bool grad_averaging, bool maximize,
+                                        const std::optional<Tensor>& grad_mult,
+                                        const std::optional<Tensor>& found_inf, int64_t chunk_size) {
+  const auto options = at::TensorOptions().dtype(at::kDouble);
+  Tensor p_sums = at::empty({int64_t(params.size())}, options), u_sums = at::empty({int64_t(params.size())}, options);
+  if (params.empty()) return {p_sums, u_sums};
+  HostTable host = lamb_table(params, grads, exp_avgs, exp_avg_sqs, masters, steps, chunk_size);
+  const fusedopt::LambHyper h{beta1, beta2, eps, weight_decay, bias_correction, adam_w_mode, grad_averaging, maximize,
+                              scalar_ptr(grad_mult, "grad_mult"), scalar_ptr(found_inf, "found_inf")};
+  fusedopt::lamb_moments_cpu(host.tt, h, dtype_code(params[0].scalar_type()), !masters.empty(),
+                             p_sums.data_ptr<double>(), u_sums.data_ptr<double>(), at::get_num_threads());
+  return {p_sums, u_sums};
+}
+
+void lamb_apply(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList masters,
+                TensorList steps, const Tensor& ratio, double beta1, double beta2, double eps, double weight_decay,
+                bool bias_correction, bool adam_w_mode, bool grad_averaging, bool maximize,
+                const std::optional<Tensor>& found_inf, int64_t chunk_size) {
+  if (params.empty()) return;
+  HostTable host = lamb_table(params, grads, exp_avgs, exp_avg_sqs, masters, steps, chunk_size);
+  TORCH_CHECK(ratio.device().is_cpu() && ratio.scalar_type() == at::kFloat && ratio.is_contiguous() &&
+                  ratio.numel() == int64_t(params.size()),
+              "fusedopt cpu: ratio must be a contiguous float32 CPU tensor with one value per param");
+  const fusedopt::LambHyper h{beta1, beta2, eps, weight_decay, bias_correction, adam_w_mode, grad_averaging, maximize,
+                              nullptr, scalar_ptr(found_inf, "found_inf")};
+  fusedopt::lamb_apply_cpu(host.tt, h, dtype_code(params[0].scalar_type()), !masters.empty(),
+                           ratio.data_ptr<float>(), at::get_num_threads());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fusedopt_cpu, m) {
+  m.def(
+      "lamb_moments(Tensor[] params, Tensor[] grads, Tensor(a!)[] exp_avgs, Tensor(b!)[] exp_avg_sqs, "
+      "Tensor[] masters, Tensor(c!)[] steps, float beta1, float beta2, float eps, float weight_decay, "
+      "bool bias_correction, bool adam_w_mode, bool grad_averaging, bool maximize, Tensor? grad_mult, "
+      "Tensor? found_inf, int chunk_size) -> (Tensor, Tensor)",
+      &lamb_moments);
+  m.def(
+      "lamb_apply(Tensor(a!)[] params, Tensor[] grads, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, "
+      "Tensor(b!)[] masters, Tensor[] steps, Tensor ratio, float beta1, float beta2, float eps, "
+      "float weight_decay, bool bias_correction, bool adam_w_mode, bool grad_averaging, bool maximize, "
+      "Tensor? found_inf, int chunk_size) -> ()",
+      &lamb_apply);
   m.def("power_sums(Tensor[] tensors, float p, int chunk_size) -> Tensor", &power_sums);
   m.def("scale_(Tensor(a!)[] tensors, Tensor factor, int chunk_size) -> ()", &scale_);
   m.def(
       "adamw(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] masters, Tensor[] steps, float lr, Tensor? lr_tensor, "
+      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] masters, Tensor(f!)[] steps, float lr, Tensor? lr_tensor, "
       "float beta1, float beta2, float eps, float weight_decay, bool amsgrad, bool maximize, "
       "Tensor? grad_mult, Tensor? found_inf, int chunk_size) -> ()",
       &adamw);

@@ -9,6 +9,7 @@
 #include <optional>
 
 #include "fusedopt/adamw.h"
+#include "fusedopt/lamb.h"
 #include "fusedopt/norms.h"
 
 namespace {
@@ -52,7 +53,7 @@ void adamw(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor,
   TORCH_CHECK(!has_master || dtype == fusedopt::DType::kBFloat16 || dtype == fusedopt::DType::kFloat16,
               "fusedopt cuda: master weights are for bf16/fp16 params");
   const fusedopt::TensorTable tt =
-      make_table(table, numel, chunk_tensor, chunk_start, chunk_size, fusedopt::kAdamWRows);
+      make_table(table, numel, chunk_tensor, chunk_start, chunk_size, fusedopt::kMomentRows);
   const fusedopt::AdamWHyper h(lr, device_scalar(lr_tensor, "lr"), beta1, beta2, eps, weight_decay, amsgrad, maximize,
                                device_scalar(grad_mult, "grad_mult"), device_scalar(found_inf, "found_inf"));
   const char* error = fusedopt::adamw_cuda(tt, h, dtype, has_master, reinterpret_cast<void*>(stream));
@@ -88,9 +89,57 @@ void scale_(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor
   TORCH_CHECK(error == nullptr, "fusedopt cuda: scale_ launch failed: ", error);
 }
 
+void lamb_moments(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor, const Tensor& chunk_start,
+                  const Tensor& chunk_first, int64_t chunk_size, int64_t param_dtype, bool has_master, double beta1,
+                  double beta2, double eps, double weight_decay, bool bias_correction, bool adam_w_mode,
+                  bool grad_averaging, bool maximize, const std::optional<Tensor>& grad_mult,
+                  const std::optional<Tensor>& found_inf, Tensor& partials, Tensor& p_sums, Tensor& u_sums,
+                  int64_t stream) {
+  const fusedopt::TensorTable tt =
+      make_table(table, numel, chunk_tensor, chunk_start, chunk_size, fusedopt::kMomentRows);
+  TORCH_CHECK(param_dtype >= 0 && param_dtype <= 3, "fusedopt cuda: bad dtype code ", param_dtype);
+  check_cuda_tensor(chunk_first, at::kLong, tt.n_tensors + 1, "chunk_first");
+  check_cuda_tensor(partials, at::kDouble, 2 * tt.n_chunks, "partials");
+  check_cuda_tensor(p_sums, at::kDouble, tt.n_tensors, "p_sums");
+  check_cuda_tensor(u_sums, at::kDouble, tt.n_tensors, "u_sums");
+  const fusedopt::LambHyper h{beta1, beta2, eps, weight_decay, bias_correction, adam_w_mode, grad_averaging, maximize,
+                              device_scalar(grad_mult, "grad_mult"), device_scalar(found_inf, "found_inf")};
+  const char* error = fusedopt::lamb_moments_cuda(
+      tt, chunk_first.data_ptr<int64_t>(), h, static_cast<fusedopt::DType>(param_dtype), has_master,
+      partials.data_ptr<double>(), p_sums.data_ptr<double>(), u_sums.data_ptr<double>(),
+      reinterpret_cast<void*>(stream));
+  TORCH_CHECK(error == nullptr, "fusedopt cuda: lamb moments launch failed: ", error);
+}
+
+void lamb_apply(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor, const Tensor& chunk_start,
+                int64_t chunk_size, int64_t param_dtype, bool has_master, const Tensor& ratio, double beta1,
+                double beta2, double eps, double weight_decay, bool bias_correction, bool adam_w_mode,
+                const std::optional<Tensor>& found_inf, int64_t stream) {
+  const fusedopt::TensorTable tt =
+      make_table(table, numel, chunk_tensor, chunk_start, chunk_size, fusedopt::kMomentRows);
+  TORCH_CHECK(param_dtype >= 0 && param_dtype <= 3, "fusedopt cuda: bad dtype code ", param_dtype);
+  check_cuda_tensor(ratio, at::kFloat, tt.n_tensors, "ratio");
+  const fusedopt::LambHyper h{beta1, beta2, eps, weight_decay, bias_correction, adam_w_mode, false, false, nullptr,
+                              device_scalar(found_inf, "found_inf")};
+  const char* error = fusedopt::lamb_apply_cuda(tt, h, static_cast<fusedopt::DType>(param_dtype), has_master,
+                                                ratio.data_ptr<float>(), reinterpret_cast<void*>(stream));
+  TORCH_CHECK(error == nullptr, "fusedopt cuda: lamb apply launch failed: ", error);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fusedopt_cuda, m) {
+  m.def(
+      "lamb_moments(Tensor table, Tensor numel, Tensor chunk_tensor, Tensor chunk_start, Tensor chunk_first, "
+      "int chunk_size, int param_dtype, bool has_master, float beta1, float beta2, float eps, float weight_decay, "
+      "bool bias_correction, bool adam_w_mode, bool grad_averaging, bool maximize, Tensor? grad_mult, "
+      "Tensor? found_inf, Tensor(a!) partials, Tensor(b!) p_sums, Tensor(c!) u_sums, int stream) -> ()",
+      &lamb_moments);
+  m.def(
+      "lamb_apply(Tensor table, Tensor numel, Tensor chunk_tensor, Tensor chunk_start, int chunk_size, "
+      "int param_dtype, bool has_master, Tensor ratio, float beta1, float beta2, float eps, float weight_decay, "
+      "bool bias_correction, bool adam_w_mode, Tensor? found_inf, int stream) -> ()",
+      &lamb_apply);
   m.def(
       "power_sums(Tensor table, Tensor numel, Tensor chunk_tensor, Tensor chunk_start, Tensor chunk_first, "
       "int chunk_size, int dtype, float p, Tensor(a!) partials, Tensor(b!) out, int stream) -> ()",

@@ -83,3 +83,16 @@ def div_ieee(x, y, KIND: tl.constexpr):
     else:
         z = tl.div_rn(x, y)
     return z
+
+
+@triton.jit
+def as_stored(x, KIND: tl.constexpr):
+    """x rounded to the storage dtype and widened back: the value a later
+    load_math of what store_math wrote returns."""
+    if KIND == BF16:
+        y = (bf16_bits_rne(x).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    elif KIND == F16:
+        y = x.to(tl.float16).to(tl.float32)
+    else:
+        y = x
+    return y

@@ -24,16 +24,8 @@ import triton
 import triton.language as tl
 
 from ._numeric import F32, F64, div_ieee, load_math, one_minus_exp, sqrt_ieee, store_math
-
-# Rows of the tensor table; the same numbers as AdamWRow in
-# csrc/include/fusedopt/adamw.h and ADAMW_ROWS in fusedopt/backends/_tables.py.
-ROW_PARAM = tl.constexpr(0)
-ROW_GRAD = tl.constexpr(1)
-ROW_EXP_AVG = tl.constexpr(2)
-ROW_EXP_AVG_SQ = tl.constexpr(3)
-ROW_MAX_EXP_AVG_SQ = tl.constexpr(4)
-ROW_MASTER = tl.constexpr(5)
-ROW_STEP = tl.constexpr(6)
+from ._table import (ROW_EXP_AVG, ROW_EXP_AVG_SQ, ROW_GRAD, ROW_MASTER, ROW_MAX_EXP_AVG_SQ, ROW_PARAM, ROW_STEP,
+                     address)
 
 
 @triton.jit
@@ -54,14 +46,14 @@ def _adamw_kernel(
     # With master weights the update reads and writes the fp32 master and fp32
     # moments; otherwise the param and moments in the param's dtype.
     S_KIND: tl.constexpr = F32 if MASTER else P_KIND
-    param = tl.load(table + ROW_PARAM * n_tensors + t)
-    grad = tl.load(table + ROW_GRAD * n_tensors + t)
-    exp_avg = tl.load(table + ROW_EXP_AVG * n_tensors + t)
-    exp_avg_sq = tl.load(table + ROW_EXP_AVG_SQ * n_tensors + t)
+    param = address(table, ROW_PARAM, n_tensors, t)
+    grad = address(table, ROW_GRAD, n_tensors, t)
+    exp_avg = address(table, ROW_EXP_AVG, n_tensors, t)
+    exp_avg_sq = address(table, ROW_EXP_AVG_SQ, n_tensors, t)
     work = param
     if MASTER:
-        work = tl.load(table + ROW_MASTER * n_tensors + t)
-    step_addr = tl.load(table + ROW_STEP * n_tensors + t)
+        work = address(table, ROW_MASTER, n_tensors, t)
+    step_addr = address(table, ROW_STEP, n_tensors, t)
     step = tl.load(step_addr.to(tl.pointer_type(tl.float32)))
 
     # Per-tensor scalars, as adamw_scalars() in adamw.h.
@@ -102,7 +94,7 @@ def _adamw_kernel(
         v = tl.fma(one_minus_beta2 * g, g, v * beta2)
         vhat = v
         if AMSGRAD:
-            max_exp_avg_sq = tl.load(table + ROW_MAX_EXP_AVG_SQ * n_tensors + t)
+            max_exp_avg_sq = address(table, ROW_MAX_EXP_AVG_SQ, n_tensors, t)
             vmax = tl.maximum(load_math(max_exp_avg_sq, offs, mask, S_KIND), v)
             store_math(max_exp_avg_sq, offs, vmax, mask, S_KIND)
             vhat = vmax

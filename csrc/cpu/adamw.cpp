@@ -9,6 +9,7 @@
 #endif
 
 #include "fusedopt/adamw.h"
+#include "fusedopt/dispatch.h"
 
 namespace fusedopt {
 namespace {
@@ -43,7 +44,7 @@ void adamw_chunks(const TensorTable& tt, const AdamWHyper& h, int num_threads) {
   const double lr = h.lr_ptr ? double(*h.lr_ptr) : h.lr;
   std::vector<AdamWScalars<T>> scalars(size_t(tt.n_tensors));
   for (int64_t t = 0; t < tt.n_tensors; ++t) {
-    float& step = *tt.ptr<float>(kAdamWStep, t);
+    float& step = *tt.ptr<float>(kRowStep, t);
     step += 1.0f;  // this step's count (the optimizer's state["step"])
     scalars[size_t(t)] = adamw_scalars<T>(h, lr, double(step));
   }
@@ -58,12 +59,12 @@ void adamw_chunks(const TensorTable& tt, const AdamWHyper& h, int num_threads) {
     const int64_t len = remaining < tt.chunk_size ? remaining : tt.chunk_size;
     const AdamWScalars<T> s = scalars[size_t(t)];
 
-    P* __restrict__ param = tt.ptr<P>(kAdamWParam, t) + begin;
-    const P* __restrict__ grad = tt.ptr<const P>(kAdamWGrad, t) + begin;
-    S* __restrict__ exp_avg = tt.ptr<S>(kAdamWExpAvg, t) + begin;
-    S* __restrict__ exp_avg_sq = tt.ptr<S>(kAdamWExpAvgSq, t) + begin;
-    S* __restrict__ max_exp_avg_sq = AMSGRAD ? tt.ptr<S>(kAdamWMaxExpAvgSq, t) + begin : nullptr;
-    float* __restrict__ master = MASTER ? tt.ptr<float>(kAdamWMaster, t) + begin : nullptr;
+    P* __restrict__ param = tt.ptr<P>(kRowParam, t) + begin;
+    const P* __restrict__ grad = tt.ptr<const P>(kRowGrad, t) + begin;
+    S* __restrict__ exp_avg = tt.ptr<S>(kRowExpAvg, t) + begin;
+    S* __restrict__ exp_avg_sq = tt.ptr<S>(kRowExpAvgSq, t) + begin;
+    S* __restrict__ max_exp_avg_sq = AMSGRAD ? tt.ptr<S>(kRowMaxExpAvgSq, t) + begin : nullptr;
+    float* __restrict__ master = MASTER ? tt.ptr<float>(kRowMaster, t) + begin : nullptr;
 
     alignas(64) P staged_param[MASTER ? kStoreBlock : 1];
     for (int64_t b0 = 0; b0 < len; b0 += MASTER ? kStoreBlock : len) {
@@ -90,25 +91,16 @@ void adamw_chunks(const TensorTable& tt, const AdamWHyper& h, int num_threads) {
   }
 }
 
-template <typename P, typename S, bool MASTER, bool AMSGRAD>
-void adamw_dispatch_mult(const TensorTable& tt, const AdamWHyper& h, int num_threads) {
-  if (h.grad_mult) adamw_chunks<P, S, MASTER, AMSGRAD, true>(tt, h, num_threads);
-  else adamw_chunks<P, S, MASTER, AMSGRAD, false>(tt, h, num_threads);
-}
-
 template <typename P, typename S, bool MASTER>
-void adamw_dispatch_amsgrad(const TensorTable& tt, const AdamWHyper& h, int num_threads) {
-  if (h.amsgrad) adamw_dispatch_mult<P, S, MASTER, true>(tt, h, num_threads);
-  else adamw_dispatch_mult<P, S, MASTER, false>(tt, h, num_threads);
-}
-
-template <typename P>
-void adamw_dispatch_master(const TensorTable& tt, const AdamWHyper& h, bool has_master, int num_threads) {
-  // Low-precision params keep their moments either in their own dtype (as
-  // torch's fused AdamW does) or, with master weights, in fp32.
-  if (has_master) adamw_dispatch_amsgrad<P, float, true>(tt, h, num_threads);
-  else adamw_dispatch_amsgrad<P, P, false>(tt, h, num_threads);
-}
+struct AdamWOp {
+  static void run(const TensorTable& tt, const AdamWHyper& h, int n) {
+    const bool mult = h.grad_mult != nullptr;
+    if (h.amsgrad && mult) adamw_chunks<P, S, MASTER, true, true>(tt, h, n);
+    else if (h.amsgrad) adamw_chunks<P, S, MASTER, true, false>(tt, h, n);
+    else if (mult) adamw_chunks<P, S, MASTER, false, true>(tt, h, n);
+    else adamw_chunks<P, S, MASTER, false, false>(tt, h, n);
+  }
+};
 
 }  // namespace
 
@@ -116,12 +108,7 @@ void adamw_cpu(const TensorTable& tt, const AdamWHyper& h, DType param_dtype, bo
                int num_threads) {
   if (h.found_inf && *h.found_inf != 0.0f) return;  // GradScaler found inf/NaN: skip the step, steps too
   if (tt.n_chunks == 0) return;
-  switch (param_dtype) {
-    case DType::kFloat32: adamw_dispatch_amsgrad<float, float, false>(tt, h, num_threads); break;
-    case DType::kFloat64: adamw_dispatch_amsgrad<double, double, false>(tt, h, num_threads); break;
-    case DType::kBFloat16: adamw_dispatch_master<bf16>(tt, h, has_master, num_threads); break;
-    case DType::kFloat16: adamw_dispatch_master<fp16>(tt, h, has_master, num_threads); break;
-  }
+  dispatch_storage<AdamWOp>(param_dtype, has_master, tt, h, num_threads);
 }
 
 }  // namespace fusedopt

@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include "fusedopt/adamw.h"
+#include "fusedopt/dispatch.h"
 #include "multi_tensor.cuh"
 
 namespace fusedopt {
@@ -24,18 +25,18 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorTable tt, AdamWHy
   __shared__ AdamWScalars<T> shared_scalars;
   if (threadIdx.x == 0) {
     const double lr = h.lr_ptr ? double(*h.lr_ptr) : h.lr;
-    const double step = double(*tt.ptr<const float>(kAdamWStep, chunk.tensor));
+    const double step = double(*tt.ptr<const float>(kRowStep, chunk.tensor));
       shared_scalars = adamw_scalars<T>(h, lr, step);
   }
   __syncthreads();
   const AdamWScalars<T> s = shared_scalars;
 
-  P* param = tt.ptr<P>(kAdamWParam, chunk.tensor) + chunk.start;
-  const P* grad = tt.ptr<const P>(kAdamWGrad, chunk.tensor) + chunk.start;
-  S* exp_avg = tt.ptr<S>(kAdamWExpAvg, chunk.tensor) + chunk.start;
-  S* exp_avg_sq = tt.ptr<S>(kAdamWExpAvgSq, chunk.tensor) + chunk.start;
-  S* max_exp_avg_sq = AMSGRAD ? tt.ptr<S>(kAdamWMaxExpAvgSq, chunk.tensor) + chunk.start : nullptr;
-  float* master = MASTER ? tt.ptr<float>(kAdamWMaster, chunk.tensor) + chunk.start : nullptr;
+  P* param = tt.ptr<P>(kRowParam, chunk.tensor) + chunk.start;
+  const P* grad = tt.ptr<const P>(kRowGrad, chunk.tensor) + chunk.start;
+  S* exp_avg = tt.ptr<S>(kRowExpAvg, chunk.tensor) + chunk.start;
+  S* exp_avg_sq = tt.ptr<S>(kRowExpAvgSq, chunk.tensor) + chunk.start;
+  S* max_exp_avg_sq = AMSGRAD ? tt.ptr<S>(kRowMaxExpAvgSq, chunk.tensor) + chunk.start : nullptr;
+  float* master = MASTER ? tt.ptr<float>(kRowMaster, chunk.tensor) + chunk.start : nullptr;
   const bool aligned = cuda::is_aligned(param) && cuda::is_aligned(grad) && cuda::is_aligned(exp_avg) &&
                        cuda::is_aligned(exp_avg_sq) && (!AMSGRAD || cuda::is_aligned(max_exp_avg_sq)) &&
                        (!MASTER || cuda::is_aligned(master));
@@ -75,24 +76,17 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorTable tt, AdamWHy
   }
 }
 
-template <typename P, typename S, bool MASTER, bool AMSGRAD>
-void launch_mult(const TensorTable& tt, const AdamWHyper& h, cudaStream_t stream) {
-  const dim3 grid(unsigned(tt.n_chunks));
-  if (h.grad_mult) adamw_kernel<P, S, MASTER, AMSGRAD, true><<<grid, kThreads, 0, stream>>>(tt, h);
-  else adamw_kernel<P, S, MASTER, AMSGRAD, false><<<grid, kThreads, 0, stream>>>(tt, h);
-}
-
 template <typename P, typename S, bool MASTER>
-void launch_amsgrad(const TensorTable& tt, const AdamWHyper& h, cudaStream_t stream) {
-  if (h.amsgrad) launch_mult<P, S, MASTER, true>(tt, h, stream);
-  else launch_mult<P, S, MASTER, false>(tt, h, stream);
-}
-
-template <typename P>
-void launch_master(const TensorTable& tt, const AdamWHyper& h, bool has_master, cudaStream_t stream) {
-  if (has_master) launch_amsgrad<P, float, true>(tt, h, stream);
-  else launch_amsgrad<P, P, false>(tt, h, stream);
-}
+struct AdamWOp {
+  static void run(const TensorTable& tt, const AdamWHyper& h, cudaStream_t stream) {
+    const dim3 grid(unsigned(tt.n_chunks));
+    const bool mult = h.grad_mult != nullptr;
+    if (h.amsgrad && mult) adamw_kernel<P, S, MASTER, true, true><<<grid, kThreads, 0, stream>>>(tt, h);
+    else if (h.amsgrad) adamw_kernel<P, S, MASTER, true, false><<<grid, kThreads, 0, stream>>>(tt, h);
+    else if (mult) adamw_kernel<P, S, MASTER, false, true><<<grid, kThreads, 0, stream>>>(tt, h);
+    else adamw_kernel<P, S, MASTER, false, false><<<grid, kThreads, 0, stream>>>(tt, h);
+  }
+};
 
 }  // namespace
 
@@ -100,14 +94,7 @@ const char* adamw_cuda(const TensorTable& tt, const AdamWHyper& h, DType param_d
                        void* stream_handle) {
   if (tt.n_chunks == 0) return nullptr;
   if (tt.n_chunks > 0x7FFFFFFF) return "fusedopt: too many chunks for one launch";
-  cudaStream_t stream = static_cast<cudaStream_t>(stream_handle);
-  switch (param_dtype) {
-    case DType::kFloat32: launch_amsgrad<float, float, false>(tt, h, stream); break;
-    case DType::kFloat64: launch_amsgrad<double, double, false>(tt, h, stream); break;
-    case DType::kBFloat16: launch_master<bf16>(tt, h, has_master, stream); break;
-    case DType::kFloat16: launch_master<fp16>(tt, h, has_master, stream); break;
-    default: return "fusedopt: unsupported dtype";
-  }
+  dispatch_storage<AdamWOp>(param_dtype, has_master, tt, h, static_cast<cudaStream_t>(stream_handle));
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }

@@ -64,5 +64,45 @@ __device__ __forceinline__ Chunk block_chunk(const TensorTable& tt) {
   return c;
 }
 
+// Tree reduction of one value per thread (sum, or max for kInf) and of a NaN
+// flag; thread 0 gets the result.
+template <typename Acc, bool IS_MAX>
+__device__ __forceinline__ Acc block_reduce(Acc value, int& nan) {
+  __shared__ Acc values[kThreads];
+  __shared__ int nans[kThreads];
+  values[threadIdx.x] = value;
+  nans[threadIdx.x] = nan;
+  __syncthreads();
+  for (int stride = kThreads / 2; stride > 0; stride >>= 1) {
+    if (int(threadIdx.x) < stride) {
+      const Acc other = values[threadIdx.x + stride];
+      values[threadIdx.x] = IS_MAX ? (other > values[threadIdx.x] ? other : values[threadIdx.x])
+                                   : values[threadIdx.x] + other;
+      nans[threadIdx.x] |= nans[threadIdx.x + stride];
+    }
+    __syncthreads();
+  }
+  nan = nans[0];
+  return values[0];
+}
+
+// Level two of a per-tensor reduction: one block per tensor combines that
+// tensor's chunk partials [chunk_first[t], chunk_first[t + 1]) in a fixed
+// order (sum, or max), NaN-propagating.
+template <bool IS_MAX>
+__global__ void __launch_bounds__(kThreads) combine_kernel(const double* partials, const int64_t* chunk_first,
+                                                           double* out) {
+  const int64_t lo = chunk_first[blockIdx.x], hi = chunk_first[blockIdx.x + 1];
+  double acc = 0.0;
+  int nan = 0;
+  for (int64_t i = lo + threadIdx.x; i < hi; i += kThreads) {
+    const double v = partials[i];
+    nan |= int(v != v);
+    acc = IS_MAX ? (v > acc ? v : acc) : acc + v;
+  }
+  const double total = block_reduce<double, IS_MAX>(acc, nan);
+  if (threadIdx.x == 0) out[blockIdx.x] = nan ? double(NAN) : total;
+}
+
 }  // namespace cuda
 }  // namespace fusedopt

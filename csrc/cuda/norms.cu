@@ -13,30 +13,10 @@
 namespace fusedopt {
 namespace {
 
+using cuda::block_reduce;
+using cuda::combine_kernel;
 using cuda::kILP;
 using cuda::kThreads;
-
-// Tree reduction of one value per thread (sum, or max for kInf) and of a NaN
-// flag; thread 0 gets the result.
-template <typename Acc, bool IS_MAX>
-__device__ Acc block_reduce(Acc value, int& nan) {
-  __shared__ Acc values[kThreads];
-  __shared__ int nans[kThreads];
-  values[threadIdx.x] = value;
-  nans[threadIdx.x] = nan;
-  __syncthreads();
-  for (int stride = kThreads / 2; stride > 0; stride >>= 1) {
-    if (int(threadIdx.x) < stride) {
-      const Acc other = values[threadIdx.x + stride];
-      values[threadIdx.x] = IS_MAX ? (other > values[threadIdx.x] ? other : values[threadIdx.x])
-                                   : values[threadIdx.x] + other;
-      nans[threadIdx.x] |= nans[threadIdx.x + stride];
-    }
-    __syncthreads();
-  }
-  nan = nans[0];
-  return values[0];
-}
 
 template <typename S, NormKind K>
 __global__ void __launch_bounds__(kThreads) partials_kernel(TensorTable tt, double p, double* partials) {
@@ -60,21 +40,6 @@ __global__ void __launch_bounds__(kThreads) partials_kernel(TensorTable tt, doub
   }
   const T total = block_reduce<T, K == NormKind::kInf>(acc, nan);
   if (threadIdx.x == 0) partials[blockIdx.x] = nan ? double(NAN) : double(total);
-}
-
-template <bool IS_MAX>
-__global__ void __launch_bounds__(kThreads) combine_kernel(const double* partials, const int64_t* chunk_first,
-                                                           double* out) {
-  const int64_t lo = chunk_first[blockIdx.x], hi = chunk_first[blockIdx.x + 1];
-  double acc = 0.0;
-  int nan = 0;
-  for (int64_t i = lo + threadIdx.x; i < hi; i += kThreads) {
-    const double v = partials[i];
-    nan |= int(v != v);
-    acc = IS_MAX ? (v > acc ? v : acc) : acc + v;
-  }
-  const double total = block_reduce<double, IS_MAX>(acc, nan);
-  if (threadIdx.x == 0) out[blockIdx.x] = nan ? double(NAN) : total;
 }
 
 template <typename S>

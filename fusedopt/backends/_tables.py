@@ -19,9 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-# Row order of the AdamW table: AdamWRow in csrc/include/fusedopt/adamw.h and
-# ROW_* in kernels/adamw.py use the same numbers.
-ADAMW_ROWS = ("params", "grads", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "masters", "steps")
+# Row order of the Adam-family tables (AdamW, LAMB): MomentRow in
+# csrc/include/fusedopt/multi_tensor.h and ROW_* in kernels/_table.py use the
+# same numbers; a row an optimizer lacks is left absent (address 0).
+MOMENT_ROWS = ("params", "grads", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "masters", "steps")
 
 _CACHE_SIZE = 64
 _cache: OrderedDict[tuple, "LaunchTables"] = OrderedDict()
@@ -76,14 +77,7 @@ def launch_tables(rows: list[list[Tensor] | None], device: torch.device, chunk_s
     return tables
 
 
-def adamw_rows(bucket, amsgrad: bool) -> list[list[Tensor] | None]:
-    """The bucket's lists in ADAMW_ROWS order."""
-    return [
-        bucket.params,
-        bucket.grads,
-        bucket.states["exp_avg"],
-        bucket.states["exp_avg_sq"],
-        bucket.states["max_exp_avg_sq"] if amsgrad else None,
-        bucket.masters,
-        bucket.steps,
-    ]
+def moment_rows(bucket) -> list[list[Tensor] | None]:
+    """The bucket's lists in MOMENT_ROWS order (None for a state it lacks)."""
+    return [bucket.params, bucket.grads, bucket.states.get("exp_avg"), bucket.states.get("exp_avg_sq"),
+            bucket.states.get("max_exp_avg_sq"), bucket.masters, bucket.steps]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import _jit
+from ..reference import lamb as lamb_spec
 
 NAME = "cpu"
 DEVICE_TYPES = ("cpu",)
@@ -40,3 +41,15 @@ def power_sums(tensors, p):
 
 def scale_(tensors, factor):
     torch.ops.fusedopt_cpu.scale_(tensors, factor, CHUNK_SIZE)
+
+
+def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, adam_w_mode, grad_averaging, use_nvlamb,
+         maximize, grad_mult, found_inf):
+    """Moments pass (advances the steps, reduces sum p^2 and u^2 per tensor),
+    the trust ratios (reference/lamb.py), then the apply pass."""
+    lists = (bucket.params, bucket.grads, bucket.states["exp_avg"], bucket.states["exp_avg_sq"],
+             bucket.masters or [], bucket.steps)
+    hyper = (beta1, beta2, eps, weight_decay, bias_correction, adam_w_mode, grad_averaging, maximize)
+    p_sums, u_sums = torch.ops.fusedopt_cpu.lamb_moments(*lists, *hyper, grad_mult, found_inf, CHUNK_SIZE)
+    ratio = lamb_spec.trust_ratio(p_sums, u_sums, lr, weight_decay, use_nvlamb)
+    torch.ops.fusedopt_cpu.lamb_apply(*lists, ratio, *hyper, found_inf, CHUNK_SIZE)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import _jit
+from ..reference import lamb as lamb_spec
 from . import _tables
 from ._bucket import advance_steps
 from ._dtypes import CODES
@@ -33,7 +34,7 @@ def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, gra
     """lr: float or 1-element fp32 tensor; grad_mult, found_inf: 1-element
     fp32 tensors or None; all on the bucket's device (the optimizer's base
     class sees to that)."""
-    tables = _tables.launch_tables(_tables.adamw_rows(bucket, amsgrad), bucket.device, CHUNK_SIZE)
+    tables = _tables.launch_tables(_tables.moment_rows(bucket), bucket.device, CHUNK_SIZE)
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
     advance_steps(bucket.steps, found_inf)
     with torch.cuda.device(bucket.device):
@@ -66,3 +67,24 @@ def scale_(tensors, factor):
         torch.ops.fusedopt_cuda.scale_(tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start,
                                        tables.chunk_size, CODES[tensors[0].dtype], factor,
                                        torch.cuda.current_stream(device).cuda_stream)
+
+
+def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, adam_w_mode, grad_averaging, use_nvlamb,
+         maximize, grad_mult, found_inf):
+    device = bucket.device
+    tables = _tables.launch_tables(_tables.moment_rows(bucket), device, CHUNK_SIZE)
+    advance_steps(bucket.steps, found_inf)
+    head = (tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start)
+    kind, master = CODES[bucket.dtype], bucket.masters is not None
+    partials = torch.empty(2 * tables.n_chunks, dtype=torch.float64, device=device)
+    p_sums = torch.empty(tables.n_tensors, dtype=torch.float64, device=device)
+    u_sums = torch.empty_like(p_sums)
+    with torch.cuda.device(device):
+        stream = torch.cuda.current_stream(device).cuda_stream
+        torch.ops.fusedopt_cuda.lamb_moments(
+            *head, tables.chunk_first, tables.chunk_size, kind, master, beta1, beta2, eps, weight_decay,
+            bias_correction, adam_w_mode, grad_averaging, maximize, grad_mult, found_inf, partials, p_sums, u_sums,
+            stream)
+        ratio = lamb_spec.trust_ratio(p_sums, u_sums, lr, weight_decay, use_nvlamb)
+        torch.ops.fusedopt_cuda.lamb_apply(*head, tables.chunk_size, kind, master, ratio, beta1, beta2, eps,
+                                           weight_decay, bias_correction, adam_w_mode, found_inf, stream)

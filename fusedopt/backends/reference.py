@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..reference import adamw as adamw_spec
+from ..reference import lamb as lamb_spec
 from ._bucket import advance_steps
 from ._dtypes import math_dtype
 
@@ -66,3 +67,34 @@ def scale_(tensors, factor):
     """x *= factor, in fp32 (fp64 for fp64) and rounded once to x's dtype."""
     for t in tensors:
         t.mul_(factor.to(math_dtype(t.dtype)).reshape(()))
+
+
+def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, adam_w_mode, grad_averaging, use_nvlamb,
+         maximize, grad_mult, found_inf):
+    """The two passes of reference/lamb.py, one tensor at a time. The update
+    direction is formed from the moments as stored (rounded to their dtype),
+    which is what the kernels' second pass reads back."""
+    advance_steps(bucket.steps, found_inf)
+    if found_inf is not None and found_inf.item() != 0:
+        return
+    mult = None if grad_mult is None else float(grad_mult.item())
+    dtype = math_dtype(bucket.dtype)
+    for i, param in enumerate(bucket.params):
+        master = bucket.masters[i] if bucket.masters is not None else None
+        work = (master if master is not None else param).to(dtype, copy=True)
+        exp_avg, exp_avg_sq = bucket.states["exp_avg"][i], bucket.states["exp_avg_sq"][i]
+        m, v = exp_avg.to(dtype, copy=True), exp_avg_sq.to(dtype, copy=True)
+        lamb_spec.moments_(work, bucket.grads[i].to(dtype), m, v, beta1=beta1, beta2=beta2,
+                           weight_decay=weight_decay, adam_w_mode=adam_w_mode, grad_averaging=grad_averaging,
+                           maximize=maximize, grad_mult=mult)
+        exp_avg.copy_(m)
+        exp_avg_sq.copy_(v)
+        u = lamb_spec.direction(work, exp_avg.to(dtype), exp_avg_sq.to(dtype), step=float(bucket.steps[i].item()),
+                                beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                                bias_correction=bias_correction, adam_w_mode=adam_w_mode)
+        ratio = lamb_spec.trust_ratio(work.double().square().sum(), u.double().square().sum(), lr, weight_decay,
+                                      use_nvlamb)
+        work.sub_(u * ratio.to(dtype))
+        if master is not None:
+            master.copy_(work)
+        param.copy_(work)

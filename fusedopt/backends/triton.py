@@ -13,6 +13,7 @@ import os
 import torch
 
 from .._resources import shipped_module
+from ..reference import lamb as lamb_spec
 from . import _tables
 from ._bucket import advance_steps
 from ._dtypes import CODES
@@ -38,7 +39,7 @@ def unavailable_reason(device_type: str) -> str | None:
 
 
 def load() -> None:
-    for name in ("adamw", "norms"):
+    for name in ("adamw", "lamb", "norms"):
         shipped_module("kernels", name)
 
 
@@ -46,7 +47,7 @@ def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, gra
     """lr: float or 1-element fp32 tensor; grad_mult, found_inf: 1-element
     fp32 tensors or None; all on the bucket's device."""
     kernels = shipped_module("kernels", "adamw")
-    tables = _tables.launch_tables(_tables.adamw_rows(bucket, amsgrad), bucket.device, CHUNK_SIZE)
+    tables = _tables.launch_tables(_tables.moment_rows(bucket), bucket.device, CHUNK_SIZE)
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
     advance_steps(bucket.steps, found_inf)
     kernels.launch_adamw(
@@ -71,3 +72,19 @@ def scale_(tensors, factor):
     kernels = shipped_module("kernels", "norms")
     tables = _tables.launch_tables([tensors], tensors[0].device, CHUNK_SIZE)
     kernels.launch_scale(tables, factor, kind=CODES[tensors[0].dtype], block=BLOCK_SIZE, num_warps=NUM_WARPS)
+
+
+def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, adam_w_mode, grad_averaging, use_nvlamb,
+         maximize, grad_mult, found_inf):
+    kernels = shipped_module("kernels", "lamb")
+    tables = _tables.launch_tables(_tables.moment_rows(bucket), bucket.device, CHUNK_SIZE)
+    advance_steps(bucket.steps, found_inf)
+    common = dict(p_kind=CODES[bucket.dtype], master=bucket.masters is not None, beta1=beta1, beta2=beta2, eps=eps,
+                  weight_decay=weight_decay, bias_correction=bias_correction, adam_w_mode=adam_w_mode,
+                  found_inf=found_inf, block=BLOCK_SIZE, num_warps=NUM_WARPS)
+    p_sums = torch.empty(tables.n_tensors, dtype=torch.float64, device=bucket.device)
+    u_sums = torch.empty_like(p_sums)
+    kernels.launch_lamb_moments(tables, p_sums, u_sums, grad_averaging=grad_averaging, maximize=maximize,
+                                grad_mult=grad_mult, **common)
+    ratio = lamb_spec.trust_ratio(p_sums, u_sums, lr, weight_decay, use_nvlamb)
+    kernels.launch_lamb_apply(tables, ratio, **common)

@@ -1,5 +1,6 @@
 """torch.optim-compatible optimizers, one module per optimizer over a shared base."""
 from .adamw import FusedAdamW
 from .base import FusedOptimizer
+from .lamb import FusedLAMB
 
-__all__ = ["FusedAdamW", "FusedOptimizer"]
+__all__ = ["FusedAdamW", "FusedLAMB", "FusedOptimizer"]

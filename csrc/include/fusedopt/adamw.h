@@ -22,12 +22,6 @@
 
 namespace fusedopt {
 
-// Rows of the AdamW tensor table (fusedopt/backends/_tables.py: ADAMW_ROWS).
-enum AdamWRow : int {
-  kAdamWParam = 0, kAdamWGrad = 1, kAdamWExpAvg = 2, kAdamWExpAvgSq = 3,
-  kAdamWMaxExpAvgSq = 4, kAdamWMaster = 5, kAdamWStep = 6, kAdamWRows = 7
-};
-
 // Hyperparameters of one launch (one param group, one device, one dtype).
 struct AdamWHyper {
   double lr;
@@ -105,10 +99,10 @@ FUSEDOPT_HD void adamw_element(T& p, T grad, T& m, T& v, T& vmax, const AdamWSca
 }
 
 // Launchers (raw pointers, no torch). The CPU launcher also advances each
-// tensor's step (row kAdamWStep) before using it; on CUDA the caller does
+// tensor's step (row kRowStep) before using it; on CUDA the caller does
 // (a kernel cannot: every block of a tensor reads the step). `param_dtype` is the dtype of params,
 // grads and moments; with `has_master` (bf16/fp16 params only) the moments and
-// the master weights (row kAdamWMaster) are fp32, the master is what the update
+// the master weights (row kRowMaster) are fp32, the master is what the update
 // reads and writes, and the param gets the new master rounded once.
 void adamw_cpu(const TensorTable& tt, const AdamWHyper& h, DType param_dtype, bool has_master,
                int num_threads);

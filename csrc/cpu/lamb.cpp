@@ -1,0 +1,135 @@
+// LAMB on the CPU (include/fusedopt/lamb.h): the moments pass and the apply
+// pass, each one OpenMP region over the chunks of every tensor. Per-chunk sums
+// of p^2 and u^2 are combined per tensor in chunk order (deterministic).
+#include <vector>
+
+#include "fusedopt/dispatch.h"
+#include "fusedopt/lamb.h"
+
+namespace fusedopt {
+namespace {
+
+template <typename T>
+std::vector<LambScalars<T>> advance_and_scalars(const TensorTable& tt, const LambHyper& h) {
+  std::vector<LambScalars<T>> scalars(size_t(tt.n_tensors));
+  for (int64_t t = 0; t < tt.n_tensors; ++t) {
+    float& step = *tt.ptr<float>(kRowStep, t);
+    step += 1.0f;  // this step's count (the optimizer's state["step"])
+    scalars[size_t(t)] = lamb_scalars<T>(h, double(step));
+  }
+  return scalars;
+}
+
+template <typename T>
+std::vector<LambScalars<T>> scalars_of(const TensorTable& tt, const LambHyper& h) {
+  std::vector<LambScalars<T>> scalars(size_t(tt.n_tensors));
+  for (int64_t t = 0; t < tt.n_tensors; ++t) scalars[size_t(t)] = lamb_scalars<T>(h, double(*tt.ptr<float>(kRowStep, t)));
+  return scalars;
+}
+
+template <typename P, typename S, bool MASTER, bool GRAD_MULT, bool ADAM_W>
+void moments(const TensorTable& tt, const LambHyper& h, double* p_sums, double* u_sums, int num_threads) {
+  using T = typename MathOf<P>::type;
+  const std::vector<LambScalars<T>> scalars = advance_and_scalars<T>(tt, h);
+  std::vector<double> p_part(size_t(tt.n_chunks)), u_part(size_t(tt.n_chunks));
+#pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
+  for (int64_t c = 0; c < tt.n_chunks; ++c) {
+    const int64_t t = tt.chunk_tensor[c];
+    const int64_t begin = tt.chunk_start[c];
+    const int64_t remaining = tt.numel[t] - begin;
+    const int64_t len = remaining < tt.chunk_size ? remaining : tt.chunk_size;
+    const LambScalars<T> s = scalars[size_t(t)];
+    const P* __restrict__ param = tt.ptr<const P>(kRowParam, t) + begin;
+    const P* __restrict__ grad = tt.ptr<const P>(kRowGrad, t) + begin;
+    S* __restrict__ exp_avg = tt.ptr<S>(kRowExpAvg, t) + begin;
+    S* __restrict__ exp_avg_sq = tt.ptr<S>(kRowExpAvgSq, t) + begin;
+    const float* __restrict__ master = MASTER ? tt.ptr<const float>(kRowMaster, t) + begin : nullptr;
+    double p_acc = 0.0, u_acc = 0.0;
+#pragma omp simd reduction(+ : p_acc, u_acc)
+    for (int64_t i = 0; i < len; ++i) {
+      const T p = MASTER ? T(master[i]) : T(to_math(param[i]));
+      T m = to_math(exp_avg[i]);
+      T v = to_math(exp_avg_sq[i]);
+      lamb_moments<T, GRAD_MULT, ADAM_W>(p, T(to_math(grad[i])), m, v, s);
+      const S m_stored = Store<S>::from(m), v_stored = Store<S>::from(v);
+      exp_avg[i] = m_stored;
+      exp_avg_sq[i] = v_stored;
+      // u from the moments as stored: the apply pass recomputes exactly this
+      const T u = lamb_direction<T, ADAM_W>(p, T(to_math(m_stored)), T(to_math(v_stored)), s);
+      p_acc += double(p) * double(p);
+      u_acc += double(u) * double(u);
+    }
+    p_part[size_t(c)] = p_acc;
+    u_part[size_t(c)] = u_acc;
+  }
+  for (int64_t t = 0; t < tt.n_tensors; ++t) p_sums[t] = u_sums[t] = 0.0;
+  for (int64_t c = 0; c < tt.n_chunks; ++c) {  // a tensor's chunks are consecutive: chunk order
+    p_sums[tt.chunk_tensor[c]] += p_part[size_t(c)];
+    u_sums[tt.chunk_tensor[c]] += u_part[size_t(c)];
+  }
+}
+
+template <typename P, typename S, bool MASTER, bool ADAM_W>
+void apply(const TensorTable& tt, const LambHyper& h, const float* ratio, int num_threads) {
+  using T = typename MathOf<P>::type;
+  const std::vector<LambScalars<T>> scalars = scalars_of<T>(tt, h);
+#pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
+  for (int64_t c = 0; c < tt.n_chunks; ++c) {
+    const int64_t t = tt.chunk_tensor[c];
+    const int64_t begin = tt.chunk_start[c];
+    const int64_t remaining = tt.numel[t] - begin;
+    const int64_t len = remaining < tt.chunk_size ? remaining : tt.chunk_size;
+    const LambScalars<T> s = scalars[size_t(t)];
+    const T r = T(ratio[t]);
+    P* __restrict__ param = tt.ptr<P>(kRowParam, t) + begin;
+    const S* __restrict__ exp_avg = tt.ptr<const S>(kRowExpAvg, t) + begin;
+    const S* __restrict__ exp_avg_sq = tt.ptr<const S>(kRowExpAvgSq, t) + begin;
+    float* __restrict__ master = MASTER ? tt.ptr<float>(kRowMaster, t) + begin : nullptr;
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      T p = MASTER ? T(master[i]) : T(to_math(param[i]));
+      const T u = lamb_direction<T, ADAM_W>(p, T(to_math(exp_avg[i])), T(to_math(exp_avg_sq[i])), s);
+      p = p - u * r;
+      if (MASTER) master[i] = float(p);
+      param[i] = Store<P>::from(p);
+    }
+  }
+}
+
+template <typename P, typename S, bool MASTER>
+struct MomentsOp {
+  static void run(const TensorTable& tt, const LambHyper& h, double* p_sums, double* u_sums, int n) {
+    const bool mult = h.grad_mult != nullptr;
+    if (mult && h.adam_w_mode) moments<P, S, MASTER, true, true>(tt, h, p_sums, u_sums, n);
+    else if (mult) moments<P, S, MASTER, true, false>(tt, h, p_sums, u_sums, n);
+    else if (h.adam_w_mode) moments<P, S, MASTER, false, true>(tt, h, p_sums, u_sums, n);
+    else moments<P, S, MASTER, false, false>(tt, h, p_sums, u_sums, n);
+  }
+};
+
+template <typename P, typename S, bool MASTER>
+struct ApplyOp {
+  static void run(const TensorTable& tt, const LambHyper& h, const float* ratio, int n) {
+    if (h.adam_w_mode) apply<P, S, MASTER, true>(tt, h, ratio, n);
+    else apply<P, S, MASTER, false>(tt, h, ratio, n);
+  }
+};
+
+}  // namespace
+
+void lamb_moments_cpu(const TensorTable& tt, const LambHyper& h, DType param_dtype, bool has_master,
+                      double* p_sums, double* u_sums, int num_threads) {
+  if (h.found_inf && *h.found_inf != 0.0f) {  // GradScaler found inf/NaN: skip the step, steps too
+    for (int64_t t = 0; t < tt.n_tensors; ++t) p_sums[t] = u_sums[t] = 0.0;
+    return;
+  }
+  dispatch_storage<MomentsOp>(param_dtype, has_master, tt, h, p_sums, u_sums, num_threads);
+}
+
+void lamb_apply_cpu(const TensorTable& tt, const LambHyper& h, DType param_dtype, bool has_master,
+                    const float* ratio, int num_threads) {
+  if (h.found_inf && *h.found_inf != 0.0f) return;
+  dispatch_storage<ApplyOp>(param_dtype, has_master, tt, h, ratio, num_threads);
+}
+
+}  // namespace fusedopt

@@ -1,0 +1,161 @@
+// LAMB on CUDA (include/fusedopt/lamb.h): the moments pass (one block per
+// chunk; m and v written; block-reduced partials of sum(p^2), sum(u^2)), the
+// per-tensor combine of those partials (multi_tensor.cuh), and the apply pass.
+// Everything that changes between steps is read from device memory. No torch
+// headers.
+#include <cuda_runtime.h>
+
+#include "fusedopt/dispatch.h"
+#include "fusedopt/lamb.h"
+#include "multi_tensor.cuh"
+
+namespace fusedopt {
+namespace {
+
+using cuda::block_reduce;
+using cuda::combine_kernel;
+using cuda::kILP;
+using cuda::kThreads;
+
+// The chunk's tensor's scalars, computed once per block.
+template <typename T>
+__device__ LambScalars<T> block_scalars(const TensorTable& tt, const LambHyper& h, int64_t tensor) {
+  __shared__ LambScalars<T> shared;
+  if (threadIdx.x == 0) shared = lamb_scalars<T>(h, double(*tt.ptr<const float>(kRowStep, tensor)));
+  __syncthreads();
+  return shared;
+}
+
+template <typename P, typename S, bool MASTER, bool GRAD_MULT, bool ADAM_W>
+__global__ void __launch_bounds__(kThreads) moments_kernel(TensorTable tt, LambHyper h, double* partials) {
+  using T = typename MathOf<P>::type;
+  if (h.found_inf && *h.found_inf != 0.0f) {  // GradScaler found inf/NaN: nothing moves
+    if (threadIdx.x == 0) partials[blockIdx.x] = partials[tt.n_chunks + blockIdx.x] = 0.0;
+    return;
+  }
+  const cuda::Chunk chunk = cuda::block_chunk(tt);
+  const LambScalars<T> s = block_scalars<T>(tt, h, chunk.tensor);
+  const P* param = tt.ptr<const P>(kRowParam, chunk.tensor) + chunk.start;
+  const P* grad = tt.ptr<const P>(kRowGrad, chunk.tensor) + chunk.start;
+  S* exp_avg = tt.ptr<S>(kRowExpAvg, chunk.tensor) + chunk.start;
+  S* exp_avg_sq = tt.ptr<S>(kRowExpAvgSq, chunk.tensor) + chunk.start;
+  const float* master = MASTER ? tt.ptr<const float>(kRowMaster, chunk.tensor) + chunk.start : nullptr;
+  const bool aligned = cuda::is_aligned(param) && cuda::is_aligned(grad) && cuda::is_aligned(exp_avg) &&
+                       cuda::is_aligned(exp_avg_sq) && (!MASTER || cuda::is_aligned(master));
+  T p_acc = T(0), u_acc = T(0);
+  for (int64_t i = int64_t(threadIdx.x) * kILP; i < chunk.len; i += int64_t(kThreads) * kILP) {
+    P p_in[kILP], g_in[kILP];
+    S m_io[kILP], v_io[kILP];
+    float master_in[kILP];
+    if (MASTER) cuda::load_pack(master_in, master, i, chunk.len, aligned);
+    else cuda::load_pack(p_in, param, i, chunk.len, aligned);
+    cuda::load_pack(g_in, grad, i, chunk.len, aligned);
+    cuda::load_pack(m_io, exp_avg, i, chunk.len, aligned);
+    cuda::load_pack(v_io, exp_avg_sq, i, chunk.len, aligned);
+#pragma unroll
+    for (int k = 0; k < kILP; ++k) {
+      if (i + k >= chunk.len) break;  // past the end: nothing to add to the sums
+      const T p = MASTER ? T(master_in[k]) : T(to_math(p_in[k]));
+      T m = to_math(m_io[k]);
+      T v = to_math(v_io[k]);
+      lamb_moments<T, GRAD_MULT, ADAM_W>(p, T(to_math(g_in[k])), m, v, s);
+      m_io[k] = Store<S>::from(m);
+      v_io[k] = Store<S>::from(v);
+      const T u = lamb_direction<T, ADAM_W>(p, T(to_math(m_io[k])), T(to_math(v_io[k])), s);  // as stored
+      p_acc += p * p;
+      u_acc += u * u;
+    }
+    cuda::store_pack(exp_avg, m_io, i, chunk.len, aligned);
+    cuda::store_pack(exp_avg_sq, v_io, i, chunk.len, aligned);
+  }
+  int nan = 0;
+  const T p_total = block_reduce<T, false>(p_acc, nan);
+  __syncthreads();  // block_reduce's shared arrays are reused
+  const T u_total = block_reduce<T, false>(u_acc, nan);
+  if (threadIdx.x == 0) {
+    partials[blockIdx.x] = double(p_total);
+    partials[tt.n_chunks + blockIdx.x] = double(u_total);
+  }
+}
+
+template <typename P, typename S, bool MASTER, bool ADAM_W>
+__global__ void __launch_bounds__(kThreads) apply_kernel(TensorTable tt, LambHyper h, const float* ratio) {
+  using T = typename MathOf<P>::type;
+  if (h.found_inf && *h.found_inf != 0.0f) return;
+  const cuda::Chunk chunk = cuda::block_chunk(tt);
+  const LambScalars<T> s = block_scalars<T>(tt, h, chunk.tensor);
+  const T r = T(ratio[chunk.tensor]);
+  P* param = tt.ptr<P>(kRowParam, chunk.tensor) + chunk.start;
+  const S* exp_avg = tt.ptr<const S>(kRowExpAvg, chunk.tensor) + chunk.start;
+  const S* exp_avg_sq = tt.ptr<const S>(kRowExpAvgSq, chunk.tensor) + chunk.start;
+  float* master = MASTER ? tt.ptr<float>(kRowMaster, chunk.tensor) + chunk.start : nullptr;
+  const bool aligned = cuda::is_aligned(param) && cuda::is_aligned(exp_avg) && cuda::is_aligned(exp_avg_sq) &&
+                       (!MASTER || cuda::is_aligned(master));
+  for (int64_t i = int64_t(threadIdx.x) * kILP; i < chunk.len; i += int64_t(kThreads) * kILP) {
+    P p_io[kILP];
+    S m_in[kILP], v_in[kILP];
+    float master_io[kILP];
+    if (MASTER) cuda::load_pack(master_io, master, i, chunk.len, aligned);
+    else cuda::load_pack(p_io, param, i, chunk.len, aligned);
+    cuda::load_pack(m_in, exp_avg, i, chunk.len, aligned);
+    cuda::load_pack(v_in, exp_avg_sq, i, chunk.len, aligned);
+#pragma unroll
+    for (int k = 0; k < kILP; ++k) {
+      T p = MASTER ? T(master_io[k]) : T(to_math(p_io[k]));
+      p = p - lamb_direction<T, ADAM_W>(p, T(to_math(m_in[k])), T(to_math(v_in[k])), s) * r;
+      if (MASTER) master_io[k] = float(p);
+      p_io[k] = Store<P>::from(p);
+    }
+    if (MASTER) cuda::store_pack(master, master_io, i, chunk.len, aligned);
+    cuda::store_pack(param, p_io, i, chunk.len, aligned);
+  }
+}
+
+template <typename P, typename S, bool MASTER>
+struct MomentsOp {
+  static void run(const TensorTable& tt, const LambHyper& h, double* partials, cudaStream_t stream) {
+    const dim3 grid(unsigned(tt.n_chunks));
+    const bool mult = h.grad_mult != nullptr;
+    if (mult && h.adam_w_mode) moments_kernel<P, S, MASTER, true, true><<<grid, kThreads, 0, stream>>>(tt, h, partials);
+    else if (mult) moments_kernel<P, S, MASTER, true, false><<<grid, kThreads, 0, stream>>>(tt, h, partials);
+    else if (h.adam_w_mode) moments_kernel<P, S, MASTER, false, true><<<grid, kThreads, 0, stream>>>(tt, h, partials);
+    else moments_kernel<P, S, MASTER, false, false><<<grid, kThreads, 0, stream>>>(tt, h, partials);
+  }
+};
+
+template <typename P, typename S, bool MASTER>
+struct ApplyOp {
+  static void run(const TensorTable& tt, const LambHyper& h, const float* ratio, cudaStream_t stream) {
+    const dim3 grid(unsigned(tt.n_chunks));
+    if (h.adam_w_mode) apply_kernel<P, S, MASTER, true><<<grid, kThreads, 0, stream>>>(tt, h, ratio);
+    else apply_kernel<P, S, MASTER, false><<<grid, kThreads, 0, stream>>>(tt, h, ratio);
+  }
+};
+
+const char* last_error() {
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+}  // namespace
+
+const char* lamb_moments_cuda(const TensorTable& tt, const int64_t* chunk_first, const LambHyper& h,
+                              DType param_dtype, bool has_master, double* partials, double* p_sums,
+                              double* u_sums, void* stream_handle) {
+  if (tt.n_chunks == 0) return nullptr;
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_handle);
+  dispatch_storage<MomentsOp>(param_dtype, has_master, tt, h, partials, stream);
+  const dim3 grid(unsigned(tt.n_tensors));
+  combine_kernel<false><<<grid, kThreads, 0, stream>>>(partials, chunk_first, p_sums);
+  combine_kernel<false><<<grid, kThreads, 0, stream>>>(partials + tt.n_chunks, chunk_first, u_sums);
+  return last_error();
+}
+
+const char* lamb_apply_cuda(const TensorTable& tt, const LambHyper& h, DType param_dtype, bool has_master,
+                            const float* ratio, void* stream_handle) {
+  if (tt.n_chunks == 0) return nullptr;
+  dispatch_storage<ApplyOp>(param_dtype, has_master, tt, h, ratio, static_cast<cudaStream_t>(stream_handle));
+  return last_error();
+}
+
+}  // namespace fusedopt
