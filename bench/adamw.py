@@ -25,46 +25,12 @@ import torch
 
 import fusedopt
 
+from .cases import cases, kernel_backends, make_params
 from .harness import STREAM, Result, alternate, stream_op
 
 BYTES_PER_PARAM = 28
 #: contenders that run a different algorithm move a different number of bytes
 BYTES_OVERRIDE = {"torch fused on bf16 (no master)": 14}  # bf16 p, g, m, v: read 8, write 6
-
-
-def gpt2_shapes(n_layer: int, d: int, vocab: int = 50257, ctx: int = 1024) -> list[tuple[int, ...]]:
-    """Parameter shapes of a GPT-2 (HF layout: Conv1D weights are (in, out))."""
-    shapes = [(vocab, d), (ctx, d)]
-    for _ in range(n_layer):
-        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
-    return shapes + [(d,), (d,)]
-
-
-def cases(device: torch.device) -> dict[str, list[tuple[int, ...]]]:
-    out = {"1x10M": [(10_000_000,)], "200x50K": [(50_000,)] * 200}
-    if device.type == "cuda":
-        out["gpt2-124M"] = gpt2_shapes(12, 768)
-        out["1B"] = [(1_000_000_000,)]
-    else:  # GPT-2's vocabulary and layout, narrower and shallower, so the CPU run stays short
-        out["gpt2-d256-L4"] = gpt2_shapes(4, 256)
-    return out
-
-
-def _params(shapes, dtype, device):
-    g = torch.Generator(device="cpu").manual_seed(0)
-    params = []
-    for s in shapes:
-        p = torch.randn(s, generator=g).to(device=device, dtype=dtype).requires_grad_()
-        p.grad = (torch.randn(s, generator=g) * 1e-2).to(device=device, dtype=dtype)
-        params.append(p)
-    return params
-
-
-def _fusedopt_backends(device):
-    names = fusedopt.available_backends(device)
-    if device.type == "cpu":
-        names = [n for n in names if n != "triton"]  # the interpreter: a correctness tool, not a contender
-    return names
 
 
 def contenders(mode: str, params, device):
@@ -74,7 +40,7 @@ def contenders(mode: str, params, device):
         for name, kw in [("torch for-loop", {"foreach": False}), ("torch foreach", {"foreach": True}),
                          ("torch fused", {"fused": True})]:
             fns[name] = torch.optim.AdamW(params, lr=1e-3, **kw).step
-        for backend in _fusedopt_backends(device):
+        for backend in kernel_backends(device):
             fns[f"fusedopt {backend}"] = fusedopt.FusedAdamW(params, lr=1e-3, backend=backend).step
         return fns, "torch fused"
     # bf16 + fp32 master weights
@@ -93,7 +59,7 @@ def contenders(mode: str, params, device):
 
     fns["torch fused + fp32 master (3 passes)"] = torch_master_step
     fns["torch fused on bf16 (no master)"] = torch.optim.AdamW(params, lr=1e-3, fused=True).step
-    for backend in _fusedopt_backends(device):
+    for backend in kernel_backends(device):
         fns[f"fusedopt {backend} master"] = fusedopt.FusedAdamW(params, lr=1e-3, backend=backend,
                                                                 master_weights=True).step
     return fns, "torch fused + fp32 master (3 passes)"
@@ -105,7 +71,7 @@ def run(device: torch.device, case_names, warmup: int, reps: int, log=print):
         if case_names and case not in case_names:
             continue
         for mode, dtype in (("fp32", torch.float32), ("bf16+master", torch.bfloat16)):
-            params = _params(shapes, dtype, device)
+            params = make_params(shapes, dtype, device)
             n = sum(p.numel() for p in params)
             fns, baseline = contenders(mode, params, device)
             stream, stream_bytes = stream_op(device, 16 * n)

@@ -9,10 +9,10 @@ import torch
 
 import fusedopt
 
-from . import adamw
+from . import adamw, clip, lamb
 from .harness import markdown, meta_line, write
 
-BENCHMARKS = {"adamw": adamw}
+BENCHMARKS = {"adamw": adamw, "clip": clip, "lamb": lamb}
 
 
 def main(argv=None) -> int:

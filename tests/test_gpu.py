@@ -147,3 +147,60 @@ def test_tensor_larger_than_2_31_elements(backend):
         assert p[index].item() == expected.item(), index
     assert torch.all(p == expected)
     assert torch.all(opt.state[p]["exp_avg"][-4099:] == opt.state[p]["exp_avg"][0])
+
+
+# --- norms, clipping, max_grad_norm, LAMB (issue 3) ---------------------------------------------
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, float("inf"), 3.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_clip_grad_norm_on_gpu(backend, norm_type, dtype):
+    def params():
+        g = torch.Generator().manual_seed(0)
+        out = []
+        for s in SHAPES + [(1000, 77)] * 3:
+            p = torch.zeros(s, dtype=dtype, device="cuda", requires_grad=True)
+            p.grad = (torch.randn(s, generator=g) * 3).to(dtype).cuda()
+            out.append(p)
+        return out
+
+    a, b = params(), params()
+    a = [p for p in a if p.numel()]  # torch's inf-norm fails on empty tensors
+    b_nonempty = [p for p in b if p.numel()]
+    expected = torch.nn.utils.clip_grad_norm_(a, 1.0, norm_type)
+    got = fusedopt.clip_grad_norm_(b, 1.0, norm_type, backend=backend)
+    tol = tolerance(dtype) if dtype != torch.float32 else {"atol": 1e-5, "rtol": 1e-5}
+    torch.testing.assert_close(got, expected, **tol)
+    for p, q in zip(a, b_nonempty):
+        torch.testing.assert_close(q.grad, p.grad, **tol)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_max_grad_norm_on_gpu(backend):
+    a = make_params(SHAPES, device="cuda")
+    b = [p.detach().clone().requires_grad_() for p in a]
+    ta = torch.optim.AdamW(a, fused=True)
+    fb = FusedAdamW(b, backend=backend, max_grad_norm=0.5)
+    for step in range(5):
+        grads = grads_for(a, step, scale=3.0)
+        for p, q, g in zip(a, b, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        norm = torch.nn.utils.clip_grad_norm_(a, 0.5)
+        ta.step()
+        fb.step()
+        torch.testing.assert_close(fb.last_grad_norm, norm, atol=1e-5, rtol=1e-5)
+        assert all(torch.equal(q.grad, g) for q, g in zip(b, grads))
+    assert_same_state(ta, a, fb, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("adam_w_mode,use_nvlamb", [(True, False), (False, True)])
+@pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.bfloat16, True), (torch.float64, False)])
+def test_lamb_on_gpu(backend, adam_w_mode, use_nvlamb, dtype, master):
+    kw = dict(lr=1e-2, weight_decay=0.02, adam_w_mode=adam_w_mode, use_nvlamb=use_nvlamb, master_weights=master)
+    a = make_params(SHAPES, dtype=dtype, device="cuda")
+    b = [p.detach().clone().requires_grad_() for p in a]
+    ref, opt = fusedopt.FusedLAMB(a, backend="reference", **kw), fusedopt.FusedLAMB(b, backend=backend, **kw)
+    run(ref, a, 6, scale=2.0), run(opt, b, 6, scale=2.0)
+    assert_same_state(ref, a, opt, b, atol=1e-6, rtol=1e-5)

@@ -55,10 +55,24 @@ def unavailable_reason(name: str, device) -> str | None:
     return module.unavailable_reason(device_type)
 
 
+_resolved: dict[tuple, str] = {}
+
+
 def resolve(requested: str | None, device) -> str:
-    """The backend for tensors on `device`, loaded and ready to launch."""
+    """The backend for tensors on `device`, loaded and ready to launch.
+
+    A successful choice is remembered per (request, environment, device type):
+    the checks behind it (toolchain on PATH, builds) are not free, and
+    clip_grad_norm_ asks on every call."""
     device_type = _device_type(device)
     explicit = requested or os.environ.get("FUSEDOPT_BACKEND") or None
+    key = (explicit, device_type)
+    if key not in _resolved:
+        _resolved[key] = _resolve(explicit, requested, device_type)
+    return _resolved[key]
+
+
+def _resolve(explicit: str | None, requested: str | None, device_type: str) -> str:
     if explicit:
         validate_name(explicit)
         reason = unavailable_reason(explicit, device_type)

@@ -1,0 +1,44 @@
+"""Parameter layouts shared by the benchmarks."""
+from __future__ import annotations
+
+import torch
+
+
+def gpt2_shapes(n_layer: int, d: int, vocab: int = 50257, ctx: int = 1024) -> list[tuple[int, ...]]:
+    """Parameter shapes of a GPT-2 (HF layout: Conv1D weights are (in, out))."""
+    shapes = [(vocab, d), (ctx, d)]
+    for _ in range(n_layer):
+        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
+    return shapes + [(d,), (d,)]
+
+
+def cases(device: torch.device) -> dict[str, list[tuple[int, ...]]]:
+    """One 10M tensor, 200 x 50K, a GPT-2 (small on GPUs; on CPUs narrower and
+    shallower so a run stays short) and, on GPUs, 1B parameters."""
+    out = {"1x10M": [(10_000_000,)], "200x50K": [(50_000,)] * 200}
+    if device.type == "cuda":
+        out["gpt2-124M"] = gpt2_shapes(12, 768)
+        out["1B"] = [(1_000_000_000,)]
+    else:
+        out["gpt2-d256-L4"] = gpt2_shapes(4, 256)
+    return out
+
+
+def make_params(shapes, dtype, device, grad_scale: float = 1e-2):
+    """Params with fixed grads (every step then does the same work)."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    params = []
+    for s in shapes:
+        p = torch.randn(s, generator=g).to(device=device, dtype=dtype).requires_grad_()
+        p.grad = (torch.randn(s, generator=g) * grad_scale).to(device=device, dtype=dtype)
+        params.append(p)
+    return params
+
+
+def kernel_backends(device) -> list[str]:
+    """fusedopt backends worth timing on `device` (the Triton interpreter is a
+    correctness tool, not a contender)."""
+    import fusedopt
+
+    names = fusedopt.available_backends(device)
+    return [n for n in names if not (device.type == "cpu" and n == "triton")]
