@@ -21,12 +21,12 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--bench", nargs="*", default=list(BENCHMARKS), choices=list(BENCHMARKS))
     parser.add_argument("--case", nargs="*", default=None, help="only these cases (e.g. 1x10M 200x50K)")
-    parser.add_argument("--reps", type=int, default=None, help="timed rounds (default 20 on CPU, 30 on GPU)")
+    parser.add_argument("--reps", type=int, default=None, help="timed rounds (default 15 on CPU, 30 on GPU)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="where JSON and Markdown go")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    reps = args.reps or (30 if device.type == "cuda" else 20)
+    reps = args.reps or (30 if device.type == "cuda" else 15)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     meta = {"device": card, "torch": torch.__version__, "fusedopt": fusedopt.__version__,
             "threads": torch.get_num_threads(), "reps": reps, "warmup": args.warmup}
