@@ -24,7 +24,7 @@ setup(
         "fusedopt._csrc": "csrc",
     },
     package_data={
-        "fusedopt._csrc": ["*.cpp", "include/fusedopt/*.h", "cpu/*.cpp", "cuda/*.cu", "cuda/*.cuh"],
+        "fusedopt._csrc": ["*.cpp", "include/fusedopt/*.h", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cuh"],
     },
     include_package_data=False,
 )

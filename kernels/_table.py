@@ -1,6 +1,7 @@
-"""Rows of the Adam-family tensor tables: the same numbers as MomentRow in
+"""Launch tables seen from a program: which chunk it owns, and the rows of the
+Adam-family tables (the same numbers as MomentRow in
 csrc/include/fusedopt/multi_tensor.h and MOMENT_ROWS in
-fusedopt/backends/_tables.py."""
+fusedopt/backends/_tables.py)."""
 import triton
 import triton.language as tl
 
@@ -17,3 +18,18 @@ ROW_STEP = tl.constexpr(6)
 def address(table, row, n_tensors, t):
     """The address (int64) of tensor t of list `row`."""
     return tl.load(table + row * n_tensors + t)
+
+
+@triton.jit
+def program_chunk(chunk_tensor, chunk_start, numels, found_inf_ptr, CHUNK: tl.constexpr,
+                  HAS_FOUND_INF: tl.constexpr):
+    """(tensor index, first element, element count) of this program's chunk.
+    The count is 0 when GradScaler found inf/NaN: the program then touches
+    nothing. Chunks never overlap: a program stops at its chunk's end."""
+    c = tl.program_id(0)
+    t = tl.load(chunk_tensor + c)
+    start = tl.load(chunk_start + c)
+    end = tl.minimum(tl.load(numels + t) - start, CHUNK)
+    if HAS_FOUND_INF:
+        end = tl.where(tl.load(found_inf_ptr) == 0, end, 0)
+    return t, start, end

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from ._numeric import F32, F64, div_ieee, load_math, one_minus_exp, sqrt_ieee, store_math
 from ._table import (ROW_EXP_AVG, ROW_EXP_AVG_SQ, ROW_GRAD, ROW_MASTER, ROW_MAX_EXP_AVG_SQ, ROW_PARAM, ROW_STEP,
-                     address)
+                     address, program_chunk)
 
 
 @triton.jit
@@ -37,11 +37,7 @@ def _adamw_kernel(
     LR_IS_PTR: tl.constexpr, HAS_GRAD_MULT: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    c = tl.program_id(0)
-    t = tl.load(chunk_tensor + c)
-    start = tl.load(chunk_start + c)
-    numel = tl.load(numels + t)
-    end = tl.minimum(numel - start, CHUNK)
+    t, start, end = program_chunk(chunk_tensor, chunk_start, numels, found_inf_ptr, CHUNK, HAS_FOUND_INF)
 
     # With master weights the update reads and writes the fp32 master and fp32
     # moments; otherwise the param and moments in the param's dtype.
@@ -63,8 +59,6 @@ def _adamw_kernel(
     bc2 = one_minus_exp(step * log_beta2)
     step_size = div_ieee(lr, bc1, F32)
     bc2_sqrt = sqrt_ieee(bc2, F32)
-    if HAS_FOUND_INF:
-        end = tl.where(tl.load(found_inf_ptr) == 0, end, 0)  # GradScaler found inf/NaN: touch nothing
     if P_KIND == F64:
         # fp64 params: the decay factor multiplies p itself, so it is formed in
         # fp64 (the bias corrections only scale the update: fp32 is plenty).
@@ -77,7 +71,7 @@ def _adamw_kernel(
     for off in range(0, end, BLOCK):
         in_chunk = off + tl.arange(0, BLOCK)
         offs = start + in_chunk
-        mask = in_chunk < end  # the chunk's end, not the tensor's: chunks never overlap
+        mask = in_chunk < end
         p = load_math(work, offs, mask, S_KIND)
         g = load_math(grad, offs, mask, P_KIND)
         m = load_math(exp_avg, offs, mask, S_KIND)

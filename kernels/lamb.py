@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ._numeric import F32, F64, as_stored, div_ieee, load_math, one_minus_exp, sqrt_ieee, store_math
-from ._table import ROW_EXP_AVG, ROW_EXP_AVG_SQ, ROW_GRAD, ROW_MASTER, ROW_PARAM, ROW_STEP, address
+from ._table import ROW_EXP_AVG, ROW_EXP_AVG_SQ, ROW_GRAD, ROW_MASTER, ROW_PARAM, ROW_STEP, address, program_chunk
 from .norms import _combine_kernel
 
 
@@ -50,12 +50,7 @@ def _lamb_moments_kernel(
     MAXIMIZE: tl.constexpr, BIAS_CORRECTION: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    c = tl.program_id(0)
-    t = tl.load(chunk_tensor + c)
-    start = tl.load(chunk_start + c)
-    end = tl.minimum(tl.load(numels + t) - start, CHUNK)
-    if HAS_FOUND_INF:
-        end = tl.where(tl.load(found_inf_ptr) == 0, end, 0)
+    t, start, end = program_chunk(chunk_tensor, chunk_start, numels, found_inf_ptr, CHUNK, HAS_FOUND_INF)
     S_KIND: tl.constexpr = F32 if MASTER else P_KIND
     work = address(table, ROW_MASTER if MASTER else ROW_PARAM, n_tensors, t)
     grad = address(table, ROW_GRAD, n_tensors, t)
@@ -86,6 +81,7 @@ def _lamb_moments_kernel(
         u = _direction(p, as_stored(m, S_KIND), as_stored(v, S_KIND), bc1, bc2, eps, weight_decay, ADAM_W, S_KIND)
         p_acc += p * p
         u_acc += tl.where(mask, u * u, 0.0)  # u of a masked lane is 0/eps = 0, but keep it explicit
+    c = tl.program_id(0)
     tl.store(partials + c, tl.sum(p_acc, axis=0).to(tl.float64))
     tl.store(partials + n_chunks + c, tl.sum(u_acc, axis=0).to(tl.float64))
 
@@ -97,12 +93,7 @@ def _lamb_apply_kernel(
     P_KIND: tl.constexpr, MASTER: tl.constexpr, ADAM_W: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    c = tl.program_id(0)
-    t = tl.load(chunk_tensor + c)
-    start = tl.load(chunk_start + c)
-    end = tl.minimum(tl.load(numels + t) - start, CHUNK)
-    if HAS_FOUND_INF:
-        end = tl.where(tl.load(found_inf_ptr) == 0, end, 0)
+    t, start, end = program_chunk(chunk_tensor, chunk_start, numels, found_inf_ptr, CHUNK, HAS_FOUND_INF)
     S_KIND: tl.constexpr = F32 if MASTER else P_KIND
     param = address(table, ROW_PARAM, n_tensors, t)
     work = address(table, ROW_MASTER if MASTER else ROW_PARAM, n_tensors, t)

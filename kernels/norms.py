@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from ._numeric import F64, load_math, store_math
+from ._table import program_chunk
 
 L1 = tl.constexpr(0)
 L2 = tl.constexpr(1)
@@ -26,10 +27,7 @@ def norm_kind(p: float) -> int:
 @triton.jit
 def _partials_kernel(table, numels, chunk_tensor, chunk_start, p, partials,
                      KIND: tl.constexpr, NORM: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    c = tl.program_id(0)
-    t = tl.load(chunk_tensor + c)
-    start = tl.load(chunk_start + c)
-    end = tl.minimum(tl.load(numels + t) - start, CHUNK)
+    t, start, end = program_chunk(chunk_tensor, chunk_start, numels, numels, CHUNK, False)
     addr = tl.load(table + t)
     ACC: tl.constexpr = tl.float64 if KIND == F64 else tl.float32
     acc = tl.zeros([BLOCK], ACC)
@@ -53,7 +51,7 @@ def _partials_kernel(table, numels, chunk_tensor, chunk_start, p, partials,
         r = tl.sum(acc, axis=0)
     r = r.to(tl.float64)
     r = tl.where(tl.sum(nans, axis=0) > 0, float("nan"), r)
-    tl.store(partials + c, r)
+    tl.store(partials + tl.program_id(0), r)
 
 
 @triton.jit
@@ -81,10 +79,7 @@ def _combine_kernel(partials, chunk_first, out, IS_MAX: tl.constexpr, BLOCK: tl.
 @triton.jit
 def _scale_kernel(table, numels, chunk_tensor, chunk_start, factor_ptr,
                   KIND: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    c = tl.program_id(0)
-    t = tl.load(chunk_tensor + c)
-    start = tl.load(chunk_start + c)
-    end = tl.minimum(tl.load(numels + t) - start, CHUNK)
+    t, start, end = program_chunk(chunk_tensor, chunk_start, numels, numels, CHUNK, False)
     addr = tl.load(table + t)
     factor = tl.load(factor_ptr)
     for off in range(0, end, BLOCK):

@@ -17,12 +17,20 @@ ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = [
     "fusedopt/__init__.py", "fusedopt/__main__.py", "fusedopt/optim/adamw.py", "fusedopt/backends/cpu.py",
     "fusedopt/reference/adamw.py",
-    "fusedopt/_csrc/bindings_cpu.cpp", "fusedopt/_csrc/bindings_cuda.cpp", "fusedopt/_csrc/cpu/adamw.cpp",
-    "fusedopt/_csrc/cuda/adamw.cu", "fusedopt/_csrc/cuda/multi_tensor.cuh",
-    "fusedopt/_csrc/include/fusedopt/adamw.h", "fusedopt/_csrc/include/fusedopt/numeric.h",
-    "fusedopt/_kernels/__init__.py", "fusedopt/_kernels/adamw.py", "fusedopt/_kernels/_numeric.py",
-    "fusedopt/_bench/__init__.py", "fusedopt/_bench/adamw.py",
+    "fusedopt/optim/lamb.py", "fusedopt/reference/lamb.py", "fusedopt/norms.py",
+    "fusedopt/_kernels/__init__.py", "fusedopt/_bench/__init__.py", "fusedopt/_bench/run.py",
 ]
+# every source file of the tree must be in the wheel under its package name
+SOURCES = {"csrc": "fusedopt/_csrc", "kernels": "fusedopt/_kernels", "bench": "fusedopt/_bench"}
+
+
+def shipped_sources() -> list[str]:
+    names = []
+    for folder, package in SOURCES.items():
+        for path in (ROOT / folder).rglob("*"):
+            if path.suffix in {".h", ".cuh", ".cpp", ".cu", ".py"} and "__pycache__" not in path.parts:
+                names.append(f"{package}/{path.relative_to(ROOT / folder).as_posix()}")
+    return names
 
 STEP = """
 import os, torch, fusedopt
@@ -32,6 +40,9 @@ for backend in ("cpu", "triton"):
     opt = fusedopt.FusedAdamW([p], lr=0.1, backend=backend)
     opt.step()
     assert torch.allclose(p, torch.full((300,), 0.899)), (backend, p[:3])
+    q = torch.ones(300, requires_grad=True); q.grad = torch.ones(300)
+    fusedopt.FusedLAMB([q], lr=0.1, backend=backend).step()
+    assert fusedopt.clip_grad_norm_([q], 1.0, backend=backend) > 0
 print("STEPPED", sorted(os.listdir(os.environ["FUSEDOPT_CACHE_DIR"])))
 """
 
@@ -46,7 +57,7 @@ def test_wheel_installs_and_compiles_from_site_packages(tmp_path):
                    check=True, capture_output=True, timeout=600)
     (wheel,) = (tmp_path / "dist").glob("fusedopt-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    missing = [name for name in SHIPPED if name not in names]
+    missing = [name for name in SHIPPED + shipped_sources() if name not in names]
     assert not missing, f"wheel lacks {missing}"
     assert not any(name.endswith((".so", ".o")) for name in names), "nothing is compiled at install time"
 

@@ -10,6 +10,7 @@
 
 #include "fusedopt/adamw.h"
 #include "fusedopt/dispatch.h"
+#include "parallel.h"
 
 namespace fusedopt {
 namespace {
@@ -49,14 +50,8 @@ void adamw_chunks(const TensorTable& tt, const AdamWHyper& h, int num_threads) {
     scalars[size_t(t)] = adamw_scalars<T>(h, lr, double(step));
   }
 
-  // Dynamic scheduling: chunks of small tensors are short, so an equal count
-  // of chunks per thread is not an equal amount of work.
-#pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
-  for (int64_t c = 0; c < tt.n_chunks; ++c) {
-    const int64_t t = tt.chunk_tensor[c];
-    const int64_t begin = tt.chunk_start[c];
-    const int64_t remaining = tt.numel[t] - begin;
-    const int64_t len = remaining < tt.chunk_size ? remaining : tt.chunk_size;
+  parallel_chunks(tt, num_threads, [&](int64_t /*c*/, const Chunk& chunk) {
+    const int64_t t = chunk.tensor, begin = chunk.start, len = chunk.len;
     const AdamWScalars<T> s = scalars[size_t(t)];
 
     P* __restrict__ param = tt.ptr<P>(kRowParam, t) + begin;
@@ -88,7 +83,7 @@ void adamw_chunks(const TensorTable& tt, const AdamWHyper& h, int num_threads) {
 #if defined(__SSE2__)
     if constexpr (MASTER) _mm_sfence();  // streaming stores are weakly ordered: publish them
 #endif
-  }
+  });
 }
 
 template <typename P, typename S, bool MASTER>

@@ -5,6 +5,7 @@
 
 #include "fusedopt/dispatch.h"
 #include "fusedopt/lamb.h"
+#include "parallel.h"
 
 namespace fusedopt {
 namespace {
@@ -32,12 +33,8 @@ void moments(const TensorTable& tt, const LambHyper& h, double* p_sums, double* 
   using T = typename MathOf<P>::type;
   const std::vector<LambScalars<T>> scalars = advance_and_scalars<T>(tt, h);
   std::vector<double> p_part(size_t(tt.n_chunks)), u_part(size_t(tt.n_chunks));
-#pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
-  for (int64_t c = 0; c < tt.n_chunks; ++c) {
-    const int64_t t = tt.chunk_tensor[c];
-    const int64_t begin = tt.chunk_start[c];
-    const int64_t remaining = tt.numel[t] - begin;
-    const int64_t len = remaining < tt.chunk_size ? remaining : tt.chunk_size;
+  parallel_chunks(tt, num_threads, [&](int64_t c, const Chunk& chunk) {
+    const int64_t t = chunk.tensor, begin = chunk.start, len = chunk.len;
     const LambScalars<T> s = scalars[size_t(t)];
     const P* __restrict__ param = tt.ptr<const P>(kRowParam, t) + begin;
     const P* __restrict__ grad = tt.ptr<const P>(kRowGrad, t) + begin;
@@ -61,7 +58,7 @@ void moments(const TensorTable& tt, const LambHyper& h, double* p_sums, double* 
     }
     p_part[size_t(c)] = p_acc;
     u_part[size_t(c)] = u_acc;
-  }
+  });
   for (int64_t t = 0; t < tt.n_tensors; ++t) p_sums[t] = u_sums[t] = 0.0;
   for (int64_t c = 0; c < tt.n_chunks; ++c) {  // a tensor's chunks are consecutive: chunk order
     p_sums[tt.chunk_tensor[c]] += p_part[size_t(c)];
@@ -73,12 +70,8 @@ template <typename P, typename S, bool MASTER, bool ADAM_W>
 void apply(const TensorTable& tt, const LambHyper& h, const float* ratio, int num_threads) {
   using T = typename MathOf<P>::type;
   const std::vector<LambScalars<T>> scalars = scalars_of<T>(tt, h);
-#pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
-  for (int64_t c = 0; c < tt.n_chunks; ++c) {
-    const int64_t t = tt.chunk_tensor[c];
-    const int64_t begin = tt.chunk_start[c];
-    const int64_t remaining = tt.numel[t] - begin;
-    const int64_t len = remaining < tt.chunk_size ? remaining : tt.chunk_size;
+  parallel_chunks(tt, num_threads, [&](int64_t /*c*/, const Chunk& chunk) {
+    const int64_t t = chunk.tensor, begin = chunk.start, len = chunk.len;
     const LambScalars<T> s = scalars[size_t(t)];
     const T r = T(ratio[t]);
     P* __restrict__ param = tt.ptr<P>(kRowParam, t) + begin;
@@ -93,7 +86,7 @@ void apply(const TensorTable& tt, const LambHyper& h, const float* ratio, int nu
       if (MASTER) master[i] = float(p);
       param[i] = Store<P>::from(p);
     }
-  }
+  });
 }
 
 template <typename P, typename S, bool MASTER>

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "fusedopt/norms.h"
+#include "parallel.h"
 
 namespace fusedopt {
 namespace {
@@ -13,12 +14,8 @@ namespace {
 template <typename S, NormKind K>
 void partials(const TensorTable& tt, double p, double* partial, int num_threads) {
   using T = typename MathOf<S>::type;
-#pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
-  for (int64_t c = 0; c < tt.n_chunks; ++c) {
-    const int64_t t = tt.chunk_tensor[c];
-    const int64_t begin = tt.chunk_start[c];
-    const int64_t remaining = tt.numel[t] - begin;
-    const int64_t len = remaining < tt.chunk_size ? remaining : tt.chunk_size;
+  parallel_chunks(tt, num_threads, [&](int64_t c, const Chunk& chunk) {
+    const int64_t t = chunk.tensor, begin = chunk.start, len = chunk.len;
     const S* __restrict__ x = tt.ptr<const S>(0, t) + begin;
     const T pt = T(p);
     double acc = 0.0;
@@ -38,7 +35,7 @@ void partials(const TensorTable& tt, double p, double* partial, int num_threads)
       for (int64_t i = 0; i < len; ++i) acc += double(norm_term<K, T>(T(to_math(x[i])), pt));
     }
     partial[c] = nan ? std::numeric_limits<double>::quiet_NaN() : acc;
-  }
+  });
 }
 
 template <typename S>
@@ -54,17 +51,13 @@ void partials_dispatch(const TensorTable& tt, double p, double* partial, int num
 template <typename S>
 void scale_chunks(const TensorTable& tt, float factor, int num_threads) {
   using T = typename MathOf<S>::type;
-#pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
-  for (int64_t c = 0; c < tt.n_chunks; ++c) {
-    const int64_t t = tt.chunk_tensor[c];
-    const int64_t begin = tt.chunk_start[c];
-    const int64_t remaining = tt.numel[t] - begin;
-    const int64_t len = remaining < tt.chunk_size ? remaining : tt.chunk_size;
+  parallel_chunks(tt, num_threads, [&](int64_t /*c*/, const Chunk& chunk) {
+    const int64_t t = chunk.tensor, begin = chunk.start, len = chunk.len;
     S* __restrict__ x = tt.ptr<S>(0, t) + begin;
     const T f = T(factor);
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i) x[i] = Store<S>::from(T(to_math(x[i])) * f);
-  }
+  });
 }
 
 }  // namespace

@@ -20,7 +20,7 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorTable tt, AdamWHy
   using T = typename MathOf<P>::type;
   if (h.found_inf && *h.found_inf != 0.0f) return;  // GradScaler found inf/NaN: skip (all threads alike)
 
-  const cuda::Chunk chunk = cuda::block_chunk(tt);
+  const Chunk chunk = tt.chunk(blockIdx.x);
   // The tensor's scalars, once per block (double-precision pow is not free).
   __shared__ AdamWScalars<T> shared_scalars;
   if (threadIdx.x == 0) {

@@ -33,7 +33,7 @@ __global__ void __launch_bounds__(kThreads) moments_kernel(TensorTable tt, LambH
     if (threadIdx.x == 0) partials[blockIdx.x] = partials[tt.n_chunks + blockIdx.x] = 0.0;
     return;
   }
-  const cuda::Chunk chunk = cuda::block_chunk(tt);
+  const Chunk chunk = tt.chunk(blockIdx.x);
   const LambScalars<T> s = block_scalars<T>(tt, h, chunk.tensor);
   const P* param = tt.ptr<const P>(kRowParam, chunk.tensor) + chunk.start;
   const P* grad = tt.ptr<const P>(kRowGrad, chunk.tensor) + chunk.start;
@@ -82,7 +82,7 @@ template <typename P, typename S, bool MASTER, bool ADAM_W>
 __global__ void __launch_bounds__(kThreads) apply_kernel(TensorTable tt, LambHyper h, const float* ratio) {
   using T = typename MathOf<P>::type;
   if (h.found_inf && *h.found_inf != 0.0f) return;
-  const cuda::Chunk chunk = cuda::block_chunk(tt);
+  const Chunk chunk = tt.chunk(blockIdx.x);
   const LambScalars<T> s = block_scalars<T>(tt, h, chunk.tensor);
   const T r = T(ratio[chunk.tensor]);
   P* param = tt.ptr<P>(kRowParam, chunk.tensor) + chunk.start;

@@ -50,20 +50,6 @@ __device__ __forceinline__ void store_pack(X* dst, const X (&src)[kILP], int64_t
   }
 }
 
-// The chunk handled by this block: tensor index, first element, length.
-struct Chunk {
-  int64_t tensor, start, len;
-};
-
-__device__ __forceinline__ Chunk block_chunk(const TensorTable& tt) {
-  Chunk c;
-  c.tensor = tt.chunk_tensor[blockIdx.x];
-  c.start = tt.chunk_start[blockIdx.x];
-  const int64_t remaining = tt.numel[c.tensor] - c.start;
-  c.len = remaining < tt.chunk_size ? remaining : tt.chunk_size;
-  return c;
-}
-
 // Tree reduction of one value per thread (sum, or max for kInf) and of a NaN
 // flag; thread 0 gets the result.
 template <typename Acc, bool IS_MAX>

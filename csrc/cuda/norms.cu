@@ -21,7 +21,7 @@ using cuda::kThreads;
 template <typename S, NormKind K>
 __global__ void __launch_bounds__(kThreads) partials_kernel(TensorTable tt, double p, double* partials) {
   using T = typename MathOf<S>::type;
-  const cuda::Chunk chunk = cuda::block_chunk(tt);
+  const Chunk chunk = tt.chunk(blockIdx.x);
   const S* x = tt.ptr<const S>(0, chunk.tensor) + chunk.start;
   const bool aligned = cuda::is_aligned(x);
   const T pt = T(p);
@@ -45,7 +45,7 @@ __global__ void __launch_bounds__(kThreads) partials_kernel(TensorTable tt, doub
 template <typename S>
 __global__ void __launch_bounds__(kThreads) scale_kernel(TensorTable tt, const float* factor) {
   using T = typename MathOf<S>::type;
-  const cuda::Chunk chunk = cuda::block_chunk(tt);
+  const Chunk chunk = tt.chunk(blockIdx.x);
   S* x = tt.ptr<S>(0, chunk.tensor) + chunk.start;
   const bool aligned = cuda::is_aligned(x);
   const T f = T(*factor);

@@ -11,6 +11,11 @@ namespace fusedopt {
 // Tensors are split into fixed-size chunks and the chunks (not the tensors) are
 // spread over threads / thread blocks, so one 10M tensor and 200 x 50K tensors
 // keep every worker equally busy. Offsets are 64-bit: a tensor may exceed 2^31.
+// One chunk: which tensor, its first element, how many elements.
+struct Chunk {
+  int64_t tensor, start, len;
+};
+
 struct TensorTable {
   int64_t n_tensors = 0;
   // table[row * n_tensors + t] is the address of tensor t of list `row`
@@ -25,6 +30,12 @@ struct TensorTable {
   template <typename T>
   FUSEDOPT_HD T* ptr(int row, int64_t t) const {
     return reinterpret_cast<T*>(table[row * n_tensors + t]);
+  }
+
+  FUSEDOPT_HD Chunk chunk(int64_t c) const {
+    const int64_t t = chunk_tensor[c], start = chunk_start[c];
+    const int64_t remaining = numel[t] - start;
+    return Chunk{t, start, remaining < chunk_size ? remaining : chunk_size};
   }
 };
 
