@@ -267,6 +267,19 @@ class FusedOptimizer(Optimizer):
                 state.pop("master_param", None)
 
 
+def check_hyperparameters(lr, eps: float, betas, weight_decay: float) -> None:
+    """The range checks torch.optim's Adam family makes, with its messages."""
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    for i, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+
 class _GradScalars:
     """This step's per-device scalars for the kernels, as 1-element fp32
     tensors: found_inf (GradScaler), and the grad multiplier, GradScaler's

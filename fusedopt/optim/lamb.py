@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..reference import lamb as lamb_spec
-from .base import FusedOptimizer
+from .base import FusedOptimizer, check_hyperparameters
 
 
 class FusedLAMB(FusedOptimizer):
@@ -55,15 +55,7 @@ class FusedLAMB(FusedOptimizer):
     ) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        for i, beta in enumerate(betas):
-            if not 0.0 <= beta < 1.0:
-                raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        check_hyperparameters(lr, eps, betas, weight_decay)
         defaults = {
             "lr": lr,
             "betas": tuple(float(b) for b in betas),
