@@ -7,10 +7,12 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
 #include <vector>
 
+#include "fusedopt/adafactor.h"
 #include "fusedopt/adamw.h"
 #include "fusedopt/lamb.h"
 #include "fusedopt/norms.h"
@@ -44,9 +46,10 @@ struct HostTable {
   fusedopt::TensorTable tt;
 
   // rows[r] is the r-th tensor list, aligned with rows[0]; an empty list means
-  // "row absent". Row `step_row` (if >= 0) holds 0-d float32 step tensors;
-  // every other row's tensors have the shape and strides of rows[0]'s.
-  HostTable(const std::vector<TensorList>& rows, int64_t chunk_size, int64_t step_row = -1) {
+  // "row absent". Rows in `free_rows` (steps, Adafactor's row/col factors)
+  // hold contiguous CPU tensors of any shape; every other row's tensors have
+  // the shape and strides of rows[0]'s.
+  HostTable(const std::vector<TensorList>& rows, int64_t chunk_size, std::vector<int64_t> free_rows = {}) {
     TORCH_CHECK(chunk_size > 0, "fusedopt cpu: chunk_size must be positive");
     const TensorList first = rows[0];
     const int64_t n = int64_t(first.size());
@@ -66,9 +69,9 @@ struct HostTable {
       for (int64_t r = 0; r < n_rows; ++r) {
         if (rows[size_t(r)].empty()) continue;
         const Tensor& x = rows[size_t(r)][size_t(t)];
-        if (r == step_row) {
-          TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.numel() == 1,
-                      "fusedopt cpu: step must be a float32 CPU scalar tensor");
+        if (std::find(free_rows.begin(), free_rows.end(), r) != free_rows.end()) {
+          TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "fusedopt cpu: tensor ", t, " of list ", r,
+                      " must be a contiguous CPU tensor");
         } else {
           TORCH_CHECK(x.device().is_cpu() && x.numel() == p.numel() && x.strides() == p.strides(),
                       "fusedopt cpu: tensor ", t, " of list ", r, " must be a CPU tensor with the shape and ",
@@ -99,6 +102,13 @@ void check_dtype(TensorList xs, at::ScalarType want, const char* what) {
   }
 }
 
+void check_steps(TensorList steps) {
+  for (const Tensor& s : steps) {
+    TORCH_CHECK(s.device().is_cpu() && s.scalar_type() == at::kFloat && s.numel() == 1,
+                "fusedopt cpu: step must be a float32 CPU scalar tensor");
+  }
+}
+
 void adamw(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
            TensorList max_exp_avg_sqs, TensorList masters, TensorList steps, double lr,
            const std::optional<Tensor>& lr_tensor, double beta1, double beta2, double eps,
@@ -118,8 +128,9 @@ void adamw(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
   check_dtype(max_exp_avg_sqs, sdt, "max_exp_avg_sq");
   check_dtype(masters, at::kFloat, "master_param");
 
+  check_steps(steps);
   HostTable host({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps}, chunk_size,
-                 fusedopt::kRowStep);
+                 {fusedopt::kRowStep});
   const fusedopt::AdamWHyper h(lr, scalar_ptr(lr_tensor, "lr"), beta1, beta2, eps, weight_decay, amsgrad, maximize,
                                scalar_ptr(grad_mult, "grad_mult"), scalar_ptr(found_inf, "found_inf"));
   fusedopt::adamw_cpu(host.tt, h, dtype_code(pdt), has_master, at::get_num_threads());
@@ -159,8 +170,9 @@ HostTable lamb_table(TensorList params, TensorList grads, TensorList exp_avgs, T
   check_dtype(exp_avgs, sdt, "exp_avg");
   check_dtype(exp_avg_sqs, sdt, "exp_avg_sq");
   check_dtype(masters, at::kFloat, "master_param");
+  check_steps(steps);
   return HostTable({params, grads, exp_avgs, exp_avg_sqs, TensorList(), masters, steps}, chunk_size,
-                   fusedopt::kRowStep);
+                   {fusedopt::kRowStep});
 }
 
 std::tuple<Tensor, Tensor> lamb_moments(TensorList params, TensorList grads, TensorList exp_avgs,
@@ -195,9 +207,61 @@ void lamb_apply(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
                            ratio.data_ptr<float>(), at::get_num_threads());
 }
 
+// One launch per kind: `factored` (row_vars/col_vars given; rows/cols hold each
+// tensor's last two dims) or 0-d/1-d (variances given).
+void adafactor(TensorList params, TensorList grads, TensorList exp_avgs, TensorList variances, TensorList row_vars,
+               TensorList col_vars, TensorList masters, TensorList steps, const Tensor& rows, const Tensor& cols,
+               double lr, const std::optional<Tensor>& lr_tensor, double beta2_decay, double eps1, double eps2,
+               double d, double weight_decay, bool maximize, std::optional<double> beta1,
+               const std::optional<Tensor>& grad_mult, const std::optional<Tensor>& found_inf, int64_t chunk_size) {
+  if (params.empty()) return;
+  const at::ScalarType pdt = params[0].scalar_type();
+  const bool has_master = !masters.empty(), factored = !row_vars.empty();
+  TORCH_CHECK(!has_master || pdt == at::kBFloat16 || pdt == at::kHalf,
+              "fusedopt cpu: master weights are for bf16/fp16 params");
+  TORCH_CHECK(factored ? (col_vars.size() == row_vars.size() && variances.empty()) : !variances.empty(),
+              "fusedopt cpu: adafactor takes row_vars and col_vars, or variances");
+  TORCH_CHECK(!beta1.has_value() || !exp_avgs.empty(), "fusedopt cpu: beta1 needs exp_avgs");
+  const at::ScalarType sdt = has_master ? at::kFloat : pdt;
+  check_dtype(params, pdt, "params");
+  check_dtype(grads, pdt, "grads");
+  for (TensorList states : {exp_avgs, variances, row_vars, col_vars}) check_dtype(states, sdt, "adafactor state");
+  check_dtype(masters, at::kFloat, "master_param");
+  check_steps(steps);
+  HostTable host({params, grads, exp_avgs, variances, row_vars, col_vars, masters, steps}, chunk_size,
+                 {fusedopt::kAfRowVar, fusedopt::kAfColVar, fusedopt::kAfStep});
+  const fusedopt::AdafactorHyper h{lr, scalar_ptr(lr_tensor, "lr"), beta2_decay, eps1, eps2, d, weight_decay, maximize,
+                                   beta1.has_value(), beta1.value_or(0.0), scalar_ptr(grad_mult, "grad_mult"),
+                                   scalar_ptr(found_inf, "found_inf")};
+  if (factored) {
+    const int64_t n = int64_t(params.size());
+    TORCH_CHECK(rows.scalar_type() == at::kLong && cols.scalar_type() == at::kLong && rows.numel() == n &&
+                    cols.numel() == n && rows.is_contiguous() && cols.is_contiguous(),
+                "fusedopt cpu: rows and cols must hold one int64 per param");
+    const int64_t* r = rows.data_ptr<int64_t>();
+    const int64_t* c = cols.data_ptr<int64_t>();
+    for (int64_t t = 0; t < n; ++t) {
+      const Tensor& p = params[size_t(t)];
+      TORCH_CHECK(p.dim() >= 2 && p.is_contiguous() && p.size(-2) == r[t] && p.size(-1) == c[t],
+                  "fusedopt cpu: factored params must be contiguous with rows x cols as their last two dims");
+      TORCH_CHECK(row_vars[size_t(t)].numel() == p.numel() / c[t] && col_vars[size_t(t)].numel() == p.numel() / r[t],
+                  "fusedopt cpu: row_var / col_var of the wrong size");
+    }
+    fusedopt::adafactor_factored_cpu(host.tt, r, c, h, dtype_code(pdt), has_master, at::get_num_threads());
+  } else {
+    fusedopt::adafactor_vector_cpu(host.tt, h, dtype_code(pdt), has_master, at::get_num_threads());
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fusedopt_cpu, m) {
+  m.def(
+      "adafactor(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] variances, "
+      "Tensor(d!)[] row_vars, Tensor(e!)[] col_vars, Tensor(f!)[] masters, Tensor(g!)[] steps, Tensor rows, "
+      "Tensor cols, float lr, Tensor? lr_tensor, float beta2_decay, float eps1, float eps2, float d, "
+      "float weight_decay, bool maximize, float? beta1, Tensor? grad_mult, Tensor? found_inf, int chunk_size) -> ()",
+      &adafactor);
   m.def(
       "lamb_moments(Tensor[] params, Tensor[] grads, Tensor(a!)[] exp_avgs, Tensor(b!)[] exp_avg_sqs, "
       "Tensor[] masters, Tensor(c!)[] steps, float beta1, float beta2, float eps, float weight_decay, "

@@ -41,7 +41,7 @@ class ExtensionSpec:
 
 
 SPECS = {
-    "cpu": ExtensionSpec("cpu", ("bindings_cpu.cpp", "cpu/adamw.cpp", "cpu/lamb.cpp", "cpu/norms.cpp"), "fusedopt_cpu"),
+    "cpu": ExtensionSpec("cpu", ("bindings_cpu.cpp", "cpu/adafactor.cpp", "cpu/adamw.cpp", "cpu/lamb.cpp", "cpu/norms.cpp"), "fusedopt_cpu"),
     "cuda": ExtensionSpec("cuda", ("bindings_cuda.cpp", "cuda/adamw.cu", "cuda/lamb.cu", "cuda/norms.cu"), "fusedopt_cuda"),
 }
 

@@ -96,3 +96,10 @@ def as_stored(x, KIND: tl.constexpr):
     else:
         y = x
     return y
+
+
+@triton.jit
+def lerp(a, b, w):
+    """torch.lerp as its kernels round it: one FMA from the nearer end."""
+    d = b - a
+    return tl.where(w < 0.5, tl.fma(d, w, a), tl.fma(d, w - 1.0, b))

@@ -23,7 +23,7 @@ import math
 import triton
 import triton.language as tl
 
-from ._numeric import F32, F64, div_ieee, load_math, one_minus_exp, sqrt_ieee, store_math
+from ._numeric import F32, F64, div_ieee, lerp, load_math, one_minus_exp, sqrt_ieee, store_math
 from ._table import (ROW_EXP_AVG, ROW_EXP_AVG_SQ, ROW_GRAD, ROW_MASTER, ROW_MAX_EXP_AVG_SQ, ROW_PARAM, ROW_STEP,
                      address, program_chunk)
 
@@ -83,8 +83,7 @@ def _adamw_kernel(
             g = -g
         p = p * decay
         # lerp and the second-moment update as one FMA each, as torch rounds them
-        d = g - m
-        m = tl.where(lerp_w < 0.5, tl.fma(d, lerp_w, m), tl.fma(d, lerp_w - 1.0, g))
+        m = lerp(m, g, lerp_w)
         v = tl.fma(one_minus_beta2 * g, g, v * beta2)
         vhat = v
         if AMSGRAD:

@@ -28,11 +28,14 @@ CPU_BACKENDS = fusedopt.available_backends("cpu")
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     """Chunk sizes that small test tensors cross: 100 elements per CPU chunk (not
-    a multiple of any vector width), 256 per Triton program in blocks of 64."""
+    a multiple of any vector width), 256 per Triton program in blocks of 64,
+    4 x 8 tiles for Triton's factored Adafactor passes."""
     monkeypatch.setattr(cpu_backend, "CHUNK_SIZE", 100)
     if not HAS_CUDA:
         monkeypatch.setattr(triton_backend, "CHUNK_SIZE", 256)
         monkeypatch.setattr(triton_backend, "BLOCK_SIZE", 64)
+        monkeypatch.setattr(triton_backend, "FACTOR_ROWS", 4)
+        monkeypatch.setattr(triton_backend, "FACTOR_COLS", 8)
 
 
 def pytest_report_header(config):

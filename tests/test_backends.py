@@ -108,3 +108,12 @@ def test_registry_modules_are_consistent():
         module = backends.get(name)
         assert module.NAME == name
         assert callable(module.adamw) and callable(module.load)
+
+
+def test_backends_lacking_an_optimizer_are_passed_over():
+    """The cuda backend has no Adafactor kernels yet: CUDA tensors get triton's;
+    asking for cuda explicitly says why not."""
+    assert backends.unavailable_reason("cuda", "cuda", "adafactor") == "does not implement adafactor"
+    assert backends.unavailable_reason("cpu", "cpu", "adafactor") is None
+    with pytest.raises(ValueError, match="does not implement"):
+        backends.resolve("cuda", "cuda", "adafactor")

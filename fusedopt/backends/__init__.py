@@ -8,7 +8,9 @@ A backend is a module of this package with:
   toolchain, environment) that says why it cannot run, or None,
 * ``load()``: whatever has to happen before the first launch (JIT build,
   importing triton); raises with the reason on failure,
-* one function per optimizer (``adamw(bucket, ...)``).
+* one function per optimizer (``adamw(bucket, ...)``, ``lamb``, ...) and the
+  shared reductions (``power_sums``, ``scale_``); a backend without an
+  optimizer's function is not a candidate for it.
 
 Choice for a device: the ``backend=`` argument, else ``$FUSEDOPT_BACKEND``,
 else automatic: on CUDA ``cuda`` if it builds, else ``triton``; on CPU ``cpu``
@@ -47,42 +49,45 @@ def _device_type(device) -> str:
     return torch.device(device).type
 
 
-def unavailable_reason(name: str, device) -> str | None:
+def unavailable_reason(name: str, device, op: str = "") -> str | None:
     module = get(name)
     device_type = _device_type(device)
     if device_type not in module.DEVICE_TYPES:
         return f"runs on {' and '.join(module.DEVICE_TYPES)} tensors, not {device_type}"
+    if op and not hasattr(module, op):
+        return f"does not implement {op}"
     return module.unavailable_reason(device_type)
 
 
 _resolved: dict[tuple, str] = {}
 
 
-def resolve(requested: str | None, device) -> str:
-    """The backend for tensors on `device`, loaded and ready to launch.
+def resolve(requested: str | None, device, op: str = "") -> str:
+    """The backend for tensors on `device` (that implements `op`, if given),
+    loaded and ready to launch.
 
     A successful choice is remembered per (request, environment, device type):
     the checks behind it (toolchain on PATH, builds) are not free, and
     clip_grad_norm_ asks on every call."""
     device_type = _device_type(device)
     explicit = requested or os.environ.get("FUSEDOPT_BACKEND") or None
-    key = (explicit, device_type)
+    key = (explicit, device_type, op)
     if key not in _resolved:
-        _resolved[key] = _resolve(explicit, requested, device_type)
+        _resolved[key] = _resolve(explicit, requested, device_type, op)
     return _resolved[key]
 
 
-def _resolve(explicit: str | None, requested: str | None, device_type: str) -> str:
+def _resolve(explicit: str | None, requested: str | None, device_type: str, op: str) -> str:
     if explicit:
         validate_name(explicit)
-        reason = unavailable_reason(explicit, device_type)
+        reason = unavailable_reason(explicit, device_type, op)
         if reason:
             source = "backend=" if requested else "FUSEDOPT_BACKEND="
             raise ValueError(f"fusedopt backend {explicit!r} ({source}{explicit}) cannot run here: {reason}")
         get(explicit).load()  # raises (BuildError is a RuntimeError) with the reason
         return explicit
     for name in AUTO_ORDER.get(device_type, ("reference",)):
-        reason = unavailable_reason(name, device_type)
+        reason = unavailable_reason(name, device_type, op)
         if reason is None:
             try:
                 get(name).load()

@@ -22,6 +22,7 @@ class Bucket:
 
     device: torch.device
     dtype: torch.dtype
+    kind: object = None  # the optimizer's further split (e.g. Adafactor: factored or not)
     params: list[Tensor] = field(default_factory=list)
     grads: list[Tensor] = field(default_factory=list)
     states: dict[str, list[Tensor]] = field(default_factory=dict)

@@ -13,6 +13,7 @@ a CUDA-graph capture run without any host-to-device copy.
 """
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -81,3 +82,78 @@ def moment_rows(bucket) -> list[list[Tensor] | None]:
     """The bucket's lists in MOMENT_ROWS order (None for a state it lacks)."""
     return [bucket.params, bucket.grads, bucket.states.get("exp_avg"), bucket.states.get("exp_avg_sq"),
             bucket.states.get("max_exp_avg_sq"), bucket.masters, bucket.steps]
+
+
+# Row order of the Adafactor tables: AdafactorRow in csrc/include/fusedopt/adafactor.h
+# and ROW_* in kernels/adafactor.py use the same numbers.
+ADAFACTOR_ROWS = ("params", "grads", "exp_avg", "variance", "row_var", "col_var", "masters", "steps")
+
+
+def adafactor_rows(bucket) -> list[list[Tensor] | None]:
+    """The bucket's lists in ADAFACTOR_ROWS order (None for a state it lacks)."""
+    states = bucket.states
+    return [bucket.params, bucket.grads, states.get("exp_avg"), states.get("variance"), states.get("row_var"),
+            states.get("col_var"), bucket.masters, bucket.steps]
+
+
+@dataclass(frozen=True)
+class FactoredTables:
+    """Programs of the factored (row / column) passes over tensors [.., R, C]."""
+    rows: Tensor          # int64 [n] R of each tensor
+    cols: Tensor          # int64 [n] C
+    slice_first: Tensor   # int64 [n] index of the tensor's first batch slice (rmean has one value per slice)
+    n_slices: int
+    row_tensor: Tensor    # int64 [row programs] tensor of each row program (RB rows of the [B*R, C] view)
+    row_start: Tensor     # int64 [row programs] its first row
+    row_first: Tensor     # int64 [n + 1] first row program of each tensor
+    col_tensor: Tensor    # int64 [col programs] (tensor, batch slice, first column, slice index) of each
+    col_batch: Tensor     #   column program (CB columns of one batch slice, all R rows)
+    col_start: Tensor
+    col_slice: Tensor
+    host: Tensor
+
+
+_factored_cache: OrderedDict[tuple, FactoredTables] = OrderedDict()
+
+
+def factored_tables(shapes: list[torch.Size], device: torch.device, row_block: int, col_block: int) -> FactoredTables:
+    key = (tuple(tuple(s) for s in shapes), device, row_block, col_block)
+    cached = _factored_cache.get(key)
+    if cached is not None:
+        return cached
+    rows, cols, slice_first, row_tensor, row_start, row_first = [], [], [], [], [], []
+    col_tensor, col_batch, col_start, col_slice = [], [], [], []
+    n_slices = 0
+    for t, shape in enumerate(shapes):
+        R, C = shape[-2], shape[-1]
+        B = math.prod(shape[:-2])
+        rows.append(R)
+        cols.append(C)
+        slice_first.append(n_slices)
+        row_first.append(len(row_tensor))
+        for r0 in range(0, B * R, row_block):
+            row_tensor.append(t)
+            row_start.append(r0)
+        for b in range(B):
+            for c0 in range(0, C, col_block):
+                col_tensor.append(t)
+                col_batch.append(b)
+                col_start.append(c0)
+                col_slice.append(n_slices + b)
+        n_slices += B
+    row_first.append(len(row_tensor))
+    parts = [rows, cols, slice_first, row_tensor, row_start, row_first, col_tensor, col_batch, col_start, col_slice]
+    host = torch.tensor([v for part in parts for v in part], dtype=torch.int64)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    flat = host.to(device, non_blocking=True)
+    views, offset = [], 0
+    for part in parts:
+        views.append(flat[offset:offset + len(part)])
+        offset += len(part)
+    tables = FactoredTables(views[0], views[1], views[2], n_slices, views[3], views[4], views[5], views[6], views[7],
+                            views[8], views[9], host)
+    _factored_cache[key] = tables
+    if len(_factored_cache) > _CACHE_SIZE:
+        _factored_cache.popitem(last=False)
+    return tables

@@ -53,3 +53,21 @@ def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, adam_w
     p_sums, u_sums = torch.ops.fusedopt_cpu.lamb_moments(*lists, *hyper, grad_mult, found_inf, CHUNK_SIZE)
     ratio = lamb_spec.trust_ratio(p_sums, u_sums, lr, weight_decay, use_nvlamb)
     torch.ops.fusedopt_cpu.lamb_apply(*lists, ratio, *hyper, found_inf, CHUNK_SIZE)
+
+
+def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize, beta1, grad_mult, found_inf):
+    """One launch per bucket kind (factored tensors, or 0-d/1-d ones); all
+    passes run inside the extension, which also advances the steps."""
+    factored = bucket.kind
+    states = bucket.states
+    shapes = [p.shape for p in bucket.params]
+    rows = torch.tensor([s[-2] for s in shapes] if factored else [], dtype=torch.int64)
+    cols = torch.tensor([s[-1] for s in shapes] if factored else [], dtype=torch.int64)
+    lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+    torch.ops.fusedopt_cpu.adafactor(
+        bucket.params, bucket.grads, states.get("exp_avg", []), states.get("variance", []), states.get("row_var", []),
+        states.get("col_var", []), bucket.masters or [], bucket.steps, rows, cols,
+        0.0 if lr_tensor is not None else lr, lr_tensor, beta2_decay,
+        torch.finfo(bucket.dtype).eps if eps1 is None else eps1, eps2, d, weight_decay, maximize, beta1, grad_mult,
+        found_inf, CHUNK_SIZE,
+    )

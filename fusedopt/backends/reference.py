@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..reference import adafactor as adafactor_spec
 from ..reference import adamw as adamw_spec
 from ..reference import lamb as lamb_spec
 from ._bucket import advance_steps
@@ -95,6 +96,32 @@ def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, adam_w
         ratio = lamb_spec.trust_ratio(work.double().square().sum(), u.double().square().sum(), lr, weight_decay,
                                       use_nvlamb)
         work.sub_(u * ratio.to(dtype))
+        if master is not None:
+            master.copy_(work)
+        param.copy_(work)
+
+
+def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize, beta1, grad_mult, found_inf):
+    """reference/adafactor.py one tensor at a time, on working copies in the
+    math precision (with .item() for the per-tensor scalars, as torch)."""
+    advance_steps(bucket.steps, found_inf)
+    if found_inf is not None and found_inf.item() != 0:
+        return
+    mult = None if grad_mult is None else float(grad_mult.item())
+    lr = float(lr)
+    dtype = math_dtype(bucket.dtype)
+    eps1 = torch.finfo(bucket.dtype).eps if eps1 is None else eps1
+    for i, param in enumerate(bucket.params):
+        master = bucket.masters[i] if bucket.masters is not None else None
+        work = (master if master is not None else param).to(dtype, copy=True)
+        states = {name: values[i] for name, values in bucket.states.items()}
+        copies = {name: t.to(dtype, copy=True) for name, t in states.items()}
+        adafactor_spec.adafactor_update_(
+            work, bucket.grads[i].to(dtype), copies.get("row_var"), copies.get("col_var"), copies.get("variance"),
+            copies.get("exp_avg"), step=float(bucket.steps[i].item()), lr=lr, beta2_decay=beta2_decay, eps1=eps1,
+            eps2=eps2, d=d, weight_decay=weight_decay, maximize=maximize, beta1=beta1, grad_mult=mult)
+        for name, t in states.items():
+            t.copy_(copies[name])
         if master is not None:
             master.copy_(work)
         param.copy_(work)

@@ -13,6 +13,7 @@ import os
 import torch
 
 from .._resources import shipped_module
+from ..reference import adafactor as adafactor_spec
 from ..reference import lamb as lamb_spec
 from . import _tables
 from ._bucket import advance_steps
@@ -39,7 +40,7 @@ def unavailable_reason(device_type: str) -> str | None:
 
 
 def load() -> None:
-    for name in ("adamw", "lamb", "norms"):
+    for name in ("adafactor", "adamw", "lamb", "norms"):
         shipped_module("kernels", name)
 
 
@@ -88,3 +89,63 @@ def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, adam_w
                                 grad_mult=grad_mult, **common)
     ratio = lamb_spec.trust_ratio(p_sums, u_sums, lr, weight_decay, use_nvlamb)
     kernels.launch_lamb_apply(tables, ratio, **common)
+
+
+#: rows x columns of a program of Adafactor's factored row and column passes
+FACTOR_ROWS = 16
+FACTOR_COLS = 128
+
+
+def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize, beta1, grad_mult, found_inf):
+    kernels = shipped_module("kernels", "adafactor")
+    combine = shipped_module("kernels", "norms")._combine_kernel
+    device = bucket.device
+    tables = _tables.launch_tables(_tables.adafactor_rows(bucket), device, CHUNK_SIZE)
+    advance_steps(bucket.steps, found_inf)
+    eps1 = torch.finfo(bucket.dtype).eps if eps1 is None else eps1
+    n, n_chunks = tables.n_tensors, tables.n_chunks
+    dummy = tables.numel  # stands in for absent pointer arguments
+    flags = dict(P_KIND=CODES[bucket.dtype], MASTER=bucket.masters is not None, GRAD_MULT=grad_mult is not None,
+                 MAXIMIZE=maximize, HAS_FOUND_INF=found_inf is not None)
+    pointers = dict(grad_mult_ptr=dummy if grad_mult is None else grad_mult,
+                    found_inf_ptr=dummy if found_inf is None else found_inf)
+    head = (tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, n)
+    p_sq = torch.empty(n, dtype=torch.float64, device=device)
+    u_sq = torch.empty_like(p_sq)
+    if bucket.kind:  # tensors of 2+ dims
+        ft = _tables.factored_tables([p.shape for p in bucket.params], device, FACTOR_ROWS, FACTOR_COLS)
+        rows, cols, slice_first = ft.rows, ft.cols, ft.slice_first
+        rmean = torch.empty(ft.n_slices, dtype=torch.float32, device=device)
+        p_part = torch.empty(len(ft.row_tensor), dtype=torch.float64, device=device)
+        kernels._row_stats[(len(ft.row_tensor),)](
+            tables.table, n, ft.row_tensor, ft.row_start, rows, cols, tables.numel, beta2_decay,
+            pointers["grad_mult_ptr"], pointers["found_inf_ptr"], p_part, **flags, RB=FACTOR_ROWS, CB=FACTOR_COLS,
+            num_warps=NUM_WARPS)
+        combine[(n,)](p_part, ft.row_first, p_sq, IS_MAX=False, BLOCK=256, num_warps=NUM_WARPS)
+        kernels._col_stats[(len(ft.col_tensor),)](
+            tables.table, n, ft.col_tensor, ft.col_batch, ft.col_start, ft.col_slice, rows, cols, beta2_decay, eps1,
+            pointers["grad_mult_ptr"], pointers["found_inf_ptr"], rmean, **flags, RB=FACTOR_ROWS, CB=FACTOR_COLS,
+            num_warps=NUM_WARPS)
+        u_part = torch.empty(n_chunks, dtype=torch.float64, device=device)
+        kernels._factored_unorm[(n_chunks,)](
+            *head, rows, cols, slice_first, rmean, eps1 * eps1, pointers["grad_mult_ptr"], pointers["found_inf_ptr"],
+            u_part, **flags, CHUNK=tables.chunk_size, BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS)
+        combine[(n,)](u_part, tables.chunk_first, u_sq, IS_MAX=False, BLOCK=256, num_warps=NUM_WARPS)
+    else:  # 0-d and 1-d tensors
+        rows = cols = slice_first = dummy
+        rmean = torch.empty(1, dtype=torch.float32, device=device)
+        partials = torch.empty(2 * n_chunks, dtype=torch.float64, device=device)
+        kernels._vector_stats[(n_chunks,)](
+            *head, n_chunks, beta2_decay, eps1 * eps1, pointers["grad_mult_ptr"], pointers["found_inf_ptr"],
+            partials, **flags, CHUNK=tables.chunk_size, BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS)
+        combine[(n,)](partials, tables.chunk_first, p_sq, IS_MAX=False, BLOCK=256, num_warps=NUM_WARPS)
+        combine[(n,)](partials[n_chunks:], tables.chunk_first, u_sq, IS_MAX=False, BLOCK=256, num_warps=NUM_WARPS)
+    scale, denom = adafactor_spec.scales(p_sq, u_sq, tables.numel, torch.stack(bucket.steps), lr, eps2, d,
+                                         beta1 is not None)
+    lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+    kernels._apply[(n_chunks,)](
+        *head, rows, cols, slice_first, rmean, eps1 * eps1, 0.0 if lr_tensor is not None else lr,
+        dummy if lr_tensor is None else lr_tensor, weight_decay, 0.0 if beta1 is None else 1.0 - beta1, scale, denom,
+        pointers["grad_mult_ptr"], pointers["found_inf_ptr"], **flags, FACTORED=bool(bucket.kind),
+        BETA1=beta1 is not None, LR_IS_PTR=lr_tensor is not None, CHUNK=tables.chunk_size, BLOCK=BLOCK_SIZE,
+        num_warps=NUM_WARPS)

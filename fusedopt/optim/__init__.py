@@ -1,6 +1,7 @@
 """torch.optim-compatible optimizers, one module per optimizer over a shared base."""
+from .adafactor import FusedAdafactor
 from .adamw import FusedAdamW
 from .base import FusedOptimizer
 from .lamb import FusedLAMB
 
-__all__ = ["FusedAdamW", "FusedLAMB", "FusedOptimizer"]
+__all__ = ["FusedAdafactor", "FusedAdamW", "FusedLAMB", "FusedOptimizer"]

@@ -44,6 +44,8 @@ class FusedAdamW(FusedOptimizer):
     never modified.
     """
 
+    _op = "adamw"
+
     def __init__(
         self,
         params,
@@ -95,7 +97,7 @@ class FusedAdamW(FusedOptimizer):
             group.setdefault("fused", None)
             group["decoupled_weight_decay"] = True
 
-    def _elementwise_states(self, group):
+    def _elementwise_states(self, group, kind):
         return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
 
     def _update(self, backend, group, bucket, lr, grad_mult, found_inf):

@@ -2,9 +2,11 @@
 parameters into kernel-ready buckets, state creation (including fp32 master
 weights), GradScaler support, and a state_dict that torch.optim can read.
 
-A subclass declares its hyperparameters (``defaults``), names its elementwise
-state tensors (``_elementwise_states``) and launches its update on a bucket
-(``_update``). A step is:
+A subclass names the backend op it runs (``_op``), declares its
+hyperparameters (``defaults``), names its state tensors (``_elementwise_states``
+for those shaped like the param, ``_shaped_states`` for others) and launches
+its update on a bucket (``_update``); ``_bucket_kind`` may split a (device,
+dtype) bucket further. A step is:
 
 1. check every grad (sparse layout, dtype) and raise before anything changes;
 2. per param group, collect the params with grads into one Bucket per
@@ -37,6 +39,8 @@ class FusedOptimizer(Optimizer):
     # GradScaler hands us grad_scale and found_inf (as attributes) instead of
     # unscaling the grads itself: the kernels unscale while they update.
     _step_supports_amp_scaling = True
+    #: the backend function this optimizer's update calls (a backend without it is not a candidate)
+    _op: str = ""
 
     def __init__(self, params, defaults: dict, *, backend: str | None = None, master_weights: bool = False,
                  max_grad_norm: float | None = None):
@@ -62,7 +66,7 @@ class FusedOptimizer(Optimizer):
     def _backend_for(self, device: torch.device):
         name = self._backend_names.get(device.type)
         if name is None:
-            name = self._backend_names[device.type] = backends.resolve(self._requested_backend, device)
+            name = self._backend_names[device.type] = backends.resolve(self._requested_backend, device, self._op)
         return backends.get(name)
 
     @property
@@ -87,9 +91,23 @@ class FusedOptimizer(Optimizer):
 
     # --- what subclasses provide ----------------------------------------------
 
-    def _elementwise_states(self, group: dict) -> tuple[str, ...]:
-        """Names of the state tensors shaped like the param, in kernel order."""
+    def _elementwise_states(self, group: dict, kind) -> tuple[str, ...]:
+        """Names of the state tensors shaped like the param, in kernel order,
+        for params of bucket kind `kind`."""
         raise NotImplementedError
+
+    def _shaped_states(self, group: dict, p: Tensor) -> dict[str, tuple[int, ...]]:
+        """State tensors not shaped like the param: {name: shape} (zeros at first use)."""
+        return {}
+
+    def _bucket_kind(self, p: Tensor):
+        """What else, beyond (device, dtype), must params share to go in one launch."""
+        return None
+
+    def _needs_contiguous(self, kind) -> bool:
+        """Whether kernels for this kind index rows and columns (row-major
+        contiguous tensors), not just flat elements (any dense layout)."""
+        return False
 
     def _update(self, backend, group: dict, bucket: Bucket, lr, grad_mult, found_inf) -> None:
         """Launch this optimizer's update of one bucket on `backend`."""
@@ -108,15 +126,18 @@ class FusedOptimizer(Optimizer):
     def _state_dtype(self, p: Tensor) -> torch.dtype:
         return torch.float32 if self._uses_master(p) else p.dtype
 
-    def _prepare_state(self, group: dict, p: Tensor) -> dict:
+    def _prepare_state(self, group: dict, p: Tensor, kind) -> dict:
         """The param's state, with anything missing created (lazily, as torch does)."""
         state = self.state[p]
         if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         dtype = self._state_dtype(p)
-        for name in self._elementwise_states(group):
+        for name in self._elementwise_states(group, kind):
             if name not in state:
                 state[name] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        for name, shape in self._shaped_states(group, p).items():
+            if name not in state:
+                state[name] = torch.zeros(shape, dtype=dtype, device=p.device)
         if self._uses_master(p) and "master_param" not in state:
             state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
         return state
@@ -201,32 +222,36 @@ class FusedOptimizer(Optimizer):
     def _build_plan(self, group: dict, grads: list, writeback: list) -> _Plan:
         """One Bucket per (device, dtype) of the group's params with grads, and
         the step tensors of zero-size params (advanced, but never launched)."""
-        names = self._elementwise_states(group)
-        plan = _Plan(group, tuple(g is not None for g in grads), names, self.master_weights)
+        plan = _Plan(group, tuple(g is not None for g in grads), self.master_weights)
         buckets: dict[tuple, tuple[Bucket, list[int]]] = {}
         for i, (p, g) in enumerate(zip(group["params"], grads)):
             if g is None:
                 continue
-            state = self._prepare_state(group, p)
+            kind = self._bucket_kind(p)
+            names = plan.names.setdefault(kind, self._elementwise_states(group, kind))
+            shaped = self._shaped_states(group, p)
+            state = self._prepare_state(group, p, kind)
             master = state.get("master_param") if self._uses_master(p) else None
-            plan.watch(p, state, ["step", *names] + (["master_param"] if master is not None else []))
+            plan.watch(p, state, ["step", *names, *shaped] + (["master_param"] if master is not None else []))
             if p.numel() == 0:
                 plan.empty_steps.setdefault(p.device, []).append(state["step"])
                 continue
-            key = (p.device, p.dtype)
+            key = (p.device, p.dtype, kind)
             if key not in buckets:
-                buckets[key] = (Bucket(p.device, p.dtype, states={n: [] for n in names},
+                buckets[key] = (Bucket(p.device, p.dtype, kind=kind, states={n: [] for n in (*names, *shaped)},
                                        masters=[] if master is not None else None), [])
             bucket, grad_index = buckets[key]
             tensors = [p, g] + [state[n] for n in names] + ([master] if master is not None else [])
             staged = _flat_compatible(tensors, writable=[True, False] + [True] * (len(tensors) - 2),
-                                      writeback=writeback)
+                                      writeback=writeback, contiguous=self._needs_contiguous(kind))
             plan.cacheable &= staged is tensors
             grad_index.append(i)
             bucket.params.append(staged[0])
             bucket.grads.append(staged[1])
             for n, t in zip(names, staged[2:]):
                 bucket.states[n].append(t)
+            for n in shaped:  # small, created contiguous: never staged
+                bucket.states[n].append(state[n].contiguous())
             if master is not None:
                 bucket.masters.append(staged[-1])
             bucket.steps.append(state["step"])
@@ -321,8 +346,9 @@ class _Plan:
     stage a non-contiguous tensor are never cached).
     """
 
-    def __init__(self, group: dict, present: tuple, names: tuple, master_weights: bool):
-        self.group, self.present, self.names, self.master_weights = group, present, names, master_weights
+    def __init__(self, group: dict, present: tuple, master_weights: bool):
+        self.group, self.present, self.master_weights = group, present, master_weights
+        self.names: dict = {}               # bucket kind -> elementwise state names
         self.buckets: list[Bucket] = []
         self.grad_index: list[list[int]] = []   # per bucket: positions in group["params"] of its grads
         self.empty_steps: dict[torch.device, list[Tensor]] = {}
@@ -345,7 +371,9 @@ class _Plan:
     def reusable(self, optimizer: "FusedOptimizer", group: dict, grads: list) -> bool:
         if group is not self.group or optimizer.master_weights != self.master_weights:
             return False
-        if tuple(g is not None for g in grads) != self.present or optimizer._elementwise_states(group) != self.names:
+        if tuple(g is not None for g in grads) != self.present:
+            return False
+        if any(optimizer._elementwise_states(group, kind) != names for kind, names in self.names.items()):
             return False
         # identity checks through map/operator.is_ run at C speed (~30 ns each)
         if not all(map(is_, map(optimizer.state.get, self.params), self.states)):
@@ -368,25 +396,28 @@ def _is_dense(t: Tensor) -> bool:
     return t.stride() == torch.empty_like(t, memory_format=torch.preserve_format).stride()
 
 
-def _flat_compatible(tensors: list[Tensor], writable: list[bool], writeback: list) -> list[Tensor]:
+def _flat_compatible(tensors: list[Tensor], writable: list[bool], writeback: list,
+                     contiguous: bool = False) -> list[Tensor]:
     """Make the param's tensors walkable as flat arrays with one index.
 
     The kernels index every tensor of a param with the same flat offset, so
-    all must be dense with identical strides. Any tensor that is not (a sliced
-    param, a grad with other strides) is replaced by a copy in the layout of
-    the first dense one; copies of written tensors are queued in `writeback`
-    to be copied back after the update.
+    all must be dense with identical strides (row-major contiguous when
+    `contiguous`). Any tensor that is not (a sliced param, a grad with other
+    strides) is replaced by a copy in the layout of the first dense one (or a
+    contiguous one); copies of written tensors are queued in `writeback` to be
+    copied back after the update.
     """
     if all(t.is_contiguous() for t in tensors):
         return tensors  # the same list: nothing staged
-    layout = next((t for t in tensors if _is_dense(t)), None)
+    layout = None if contiguous else next((t for t in tensors if _is_dense(t)), None)
     strides = layout.stride() if layout is not None else None
     out = []
     for t, w in zip(tensors, writable):
-        if strides is not None and t.stride() == strides:
+        if (t.is_contiguous() if strides is None else t.stride() == strides):
             out.append(t)
             continue
-        staged = torch.empty_like(layout, dtype=t.dtype) if layout is not None else t.contiguous().clone()
+        staged = (torch.empty_like(layout, dtype=t.dtype) if layout is not None
+                  else torch.empty_like(t, memory_format=torch.contiguous_format))
         staged.copy_(t)
         if w:
             writeback.append((t, staged))

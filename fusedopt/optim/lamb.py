@@ -36,6 +36,8 @@ class FusedLAMB(FusedOptimizer):
     ``step`` lives per parameter, so state_dicts behave like torch's.
     """
 
+    _op = "lamb"
+
     def __init__(
         self,
         params,
@@ -70,7 +72,7 @@ class FusedLAMB(FusedOptimizer):
         super().__init__(params, defaults, backend=backend, master_weights=master_weights,
                          max_grad_norm=max_grad_norm)
 
-    def _elementwise_states(self, group):
+    def _elementwise_states(self, group, kind):
         return ("exp_avg", "exp_avg_sq")
 
     def _clip_multiplier(self, total_norm, max_norm):

@@ -63,23 +63,6 @@ FUSEDOPT_HD AdamWScalars<T> adamw_scalars(const AdamWHyper& h, double lr, double
   return s;
 }
 
-// Rounding follows torch's own kernels where that is well defined: torch
-// computes lerp as one fused multiply-add from the nearer end (the weight < 0.5
-// test) and addcmul's self + value*t1*t2 as fma(value*t1, t2, self); we write
-// those two FMAs out and build everything else without contraction
-// (-ffp-contract=off, --fmad=false). Division and sqrt are IEEE (correctly
-// rounded) here, while torch's vectorised CPU sqrt is not always (off by one
-// ulp in ~1% of elements on AVX-512), so results agree with torch to an ulp or
-// so per step, not bit for bit.
-FUSEDOPT_HD float fused_mul_add(float a, float b, float c) { return fmaf(a, b, c); }
-FUSEDOPT_HD double fused_mul_add(double a, double b, double c) { return fma(a, b, c); }
-
-template <typename T>
-FUSEDOPT_HD T lerp(T a, T b, T w) {
-  const T d = b - a;
-  return (w < T(0.5)) ? fused_mul_add(w, d, a) : fused_mul_add(w - T(1), d, b);
-}
-
 // One element. p, m, v, vmax are in math precision and updated in place.
 template <typename T, bool AMSGRAD, bool GRAD_MULT>
 FUSEDOPT_HD void adamw_element(T& p, T grad, T& m, T& v, T& vmax, const AdamWScalars<T>& s) {

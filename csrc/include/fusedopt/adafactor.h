@@ -1,0 +1,86 @@
+// Adafactor: the per-element pieces shared by the CPU loops (csrc/cpu/
+// adafactor.cpp) and, in the same order, the reference
+// (fusedopt/reference/adafactor.py, which is torch.optim.Adafactor's code) and
+// the Triton kernels (kernels/adafactor.py):
+//
+//   g        = grad * grad_mult, negated when maximize
+//   variance = lerp(variance, g * g, 1 - beta2_t)                     (0-d / 1-d tensors)
+//   row_var  = lerp(row_var, sum_c g^2 / C, 1 - beta2_t)             (2+ dims: [.., R, 1])
+//   col_var  = lerp(col_var, sum_r g^2 / R, 1 - beta2_t)             ([.., 1, C])
+//   var_est  = row_var * col_var / clamp(mean_r row_var, min=eps1)   (or variance)
+//   u        = rsqrt(clamp(var_est, min=eps1^2)) * g
+//   p        = p * (1 - lr * weight_decay) + (-alpha / denom) * u        alpha = max(eps2, RMS(p)) * rho,
+//   (beta1:  m = lerp(m, u / denom, 1 - beta1);  p = p * decay + (-alpha) * m)   denom = max(1, RMS(u) / d)
+//
+// clamp keeps NaN (as torch.clamp): written as `x < lo ? lo : x`.
+#pragma once
+
+#include <math.h>
+
+#include "fusedopt/multi_tensor.h"
+#include "fusedopt/numeric.h"
+
+namespace fusedopt {
+
+// Rows of the Adafactor tensor table (fusedopt/backends/_tables.py: ADAFACTOR_ROWS).
+enum AdafactorRow : int {
+  kAfParam = 0, kAfGrad = 1, kAfExpAvg = 2, kAfVariance = 3, kAfRowVar = 4, kAfColVar = 5, kAfMaster = 6,
+  kAfStep = 7, kAdafactorRows = 8
+};
+
+struct AdafactorHyper {
+  double lr;
+  const float* lr_ptr;  // tensor lr, or null
+  double beta2_decay, eps1, eps2, d, weight_decay;
+  bool maximize;
+  bool has_beta1;
+  double beta1;
+  const float* grad_mult;  // null: 1
+  const float* found_inf;  // GradScaler: skip everything when *found_inf != 0 (null: never)
+};
+
+template <typename T>
+FUSEDOPT_HD T clamp_min(T x, T lo) { return x < lo ? lo : x; }  // NaN stays NaN
+
+// u of one element from its variance estimate.
+template <typename T>
+FUSEDOPT_HD T adafactor_u(T g, T var_est, T eps1_sq) { return (T(1) / sqrt(clamp_min(var_est, eps1_sq))) * g; }
+
+// The grad as the update sees it.
+template <typename T, bool GRAD_MULT>
+FUSEDOPT_HD T adafactor_grad(T grad, T grad_mult, T sign) { return (GRAD_MULT ? grad * grad_mult : grad) * sign; }
+
+// Per-tensor scalars of a step, in double: before the statistics (beta2_t,
+// rho, decay) and after them (alpha, denom).
+struct AdafactorStep {
+  double one_minus_beta2_t, rho, decay;
+};
+
+FUSEDOPT_HD AdafactorStep adafactor_step(const AdafactorHyper& h, double lr, double step) {
+  AdafactorStep s;
+  s.one_minus_beta2_t = pow(step, h.beta2_decay);
+  const double inv_sqrt_step = 1.0 / sqrt(step);
+  s.rho = lr < inv_sqrt_step ? lr : inv_sqrt_step;
+  s.decay = 1.0 - lr * h.weight_decay;
+  return s;
+}
+
+// alpha and denom from sum(p^2) and sum(u^2) over the tensor's numel elements.
+FUSEDOPT_HD void adafactor_scale(const AdafactorHyper& h, const AdafactorStep& s, double p_sq, double u_sq,
+                                 double numel, double* alpha, double* denom) {
+  const double rms_p = sqrt(p_sq) / sqrt(numel);
+  *alpha = (h.eps2 > rms_p ? h.eps2 : rms_p) * s.rho;
+  const double rms_u = sqrt(u_sq) / (sqrt(numel) * h.d);
+  *denom = rms_u > 1.0 ? rms_u : 1.0;
+}
+
+// Launchers (raw pointers, no torch). Tables in AdafactorRow layout; the CPU
+// launchers advance the steps. `factored`: tensors of 2+ dims, contiguous,
+// rows[t] x cols[t] the last two dims (leading dims batched); otherwise 0-d
+// and 1-d tensors with an elementwise `variance`.
+void adafactor_factored_cpu(const TensorTable& tt, const int64_t* rows, const int64_t* cols,
+                            const AdafactorHyper& h, DType param_dtype, bool has_master, int num_threads);
+void adafactor_vector_cpu(const TensorTable& tt, const AdafactorHyper& h, DType param_dtype, bool has_master,
+                          int num_threads);
+
+}  // namespace fusedopt

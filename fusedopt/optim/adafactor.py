@@ -1,0 +1,107 @@
+"""FusedAdafactor: torch.optim.Adafactor's update with no host synchronisation,
+all tensors of a bucket per launch, and an optional first moment."""
+from __future__ import annotations
+
+from torch import Tensor
+
+from ..reference import adafactor as adafactor_spec
+from .base import FusedOptimizer
+
+
+class FusedAdafactor(FusedOptimizer):
+    """Drop-in replacement for :class:`torch.optim.Adafactor` (torch 2.13).
+
+    Same signature, defaults, validation, update and state layout (``step``;
+    ``row_var`` ``[..., R, 1]`` and ``col_var`` ``[..., 1, C]`` for tensors of
+    2+ dims, factored over the last two with leading dims batched;
+    ``variance`` for 0-d and 1-d tensors), so state_dicts move between the
+    two. The algorithm is written out in :mod:`fusedopt.reference.adafactor`.
+
+    Beyond torch: no host synchronisation at all (torch calls ``.item()``
+    several times per parameter per step: RMS(p), RMS(u) and the step count
+    stay on the device here); empty tensors are skipped (torch divides by
+    zero); ``beta1`` (default None) adds a first moment ``exp_avg`` applied to
+    the clipped update, as in the Adafactor paper and HF transformers; and
+    ``backend``, ``master_weights`` and ``max_grad_norm`` as on the other
+    fusedopt optimizers. ``foreach`` is accepted and ignored.
+
+    Kernels: one pass reduces the row and column sums of g*g and sum(p*p),
+    one reduces sum(u*u) (updating ``variance`` of unfactored tensors), one
+    applies the update; each over all tensors of a bucket in one launch.
+    """
+
+    _op = "adafactor"
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-2,
+        beta2_decay: float = -0.8,
+        eps: tuple[float | None, float] = (None, 1e-3),
+        d: float = 1.0,
+        weight_decay: float = 0.0,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        beta1: float | None = None,
+        backend: str | None = None,
+        master_weights: bool = False,
+        max_grad_norm: float | None = None,
+    ) -> None:
+        # torch.optim.Adafactor's checks, with its messages
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Learning rate should be >= 0 but is: {lr}")
+        if not 0.0 >= beta2_decay:
+            raise ValueError(f"beta2_decay should be <= 0 but is: {beta2_decay}")
+        if eps[0] is not None and not 0.0 <= eps[0]:
+            raise ValueError(f"epsilon1 should be >= 0 but is: {eps[0]}")
+        if not 0.0 <= eps[1]:
+            raise ValueError(f"epsilon2 should be >= 0 but is: {eps[1]}")
+        if not 1.0 <= d:
+            raise ValueError(f"Clipping threshold d should be >= 1 but is: {d}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"weight_decay should be >= 0 but is: {weight_decay}")
+        if beta1 is not None and not 0.0 <= beta1 < 1.0:
+            raise ValueError(f"beta1 should be None or in [0, 1) but is: {beta1}")
+        defaults = {
+            "lr": lr,
+            "beta2_decay": beta2_decay,
+            "eps": eps,
+            "d": d,
+            "weight_decay": weight_decay,
+            "foreach": foreach,
+            "maximize": maximize,
+        }
+        self.beta1 = beta1
+        super().__init__(params, defaults, backend=backend, master_weights=master_weights,
+                         max_grad_norm=max_grad_norm)
+
+    def __getstate__(self):
+        return dict(super().__getstate__(), beta1=self.beta1)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("foreach", None)
+
+    def _bucket_kind(self, p):
+        return adafactor_spec.is_factored(p)
+
+    def _needs_contiguous(self, kind):
+        return kind  # factored kernels walk rows and columns
+
+    def _elementwise_states(self, group, kind):
+        first = ("exp_avg",) if self.beta1 is not None else ()
+        return first if kind else ("variance", *first)
+
+    def _shaped_states(self, group, p):
+        return {k: v for k, v in adafactor_spec.state_shapes(p).items() if k != "variance"}
+
+    def _update(self, backend, group, bucket, lr, grad_mult, found_inf):
+        eps1, eps2 = group["eps"]
+        backend.adafactor(bucket, lr=lr, beta2_decay=float(group["beta2_decay"]), eps1=eps1, eps2=float(eps2),
+                          d=float(group["d"]), weight_decay=float(group["weight_decay"]),
+                          maximize=bool(group["maximize"]), beta1=self.beta1, grad_mult=grad_mult,
+                          found_inf=found_inf)

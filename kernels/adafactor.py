@@ -1,0 +1,239 @@
+"""Adafactor as Triton launches (csrc/include/fusedopt/adafactor.h has the
+per-element steps in the same order; fusedopt/reference/adafactor.py is the
+spec). Table rows: ADAFACTOR_ROWS in fusedopt/backends/_tables.py.
+
+0-d / 1-d tensors, by chunks:
+  _vector_stats    variance = lerp(variance, g*g, 1 - beta2_t); partial sums of p*p and u*u
+  _apply           p = p * decay + scale * u            (or through the first moment)
+Tensors of 2+ dims (row-major [.., R, C], leading dims batched):
+  _row_stats       one program per block of rows: row sums of g*g (final: row_var updated), sum(p*p)
+  _col_stats       one program per (batch slice, block of columns): col_var updated, mean of row_var
+  _factored_unorm  by chunks: partial sums of u*u, u = g * rsqrt(clamp(row * col / rmean, eps1^2))
+  _apply           as above
+Partial sums are combined per tensor in order by kernels/norms.py's
+_combine_kernel; (scale, denom) per tensor come from reference.adafactor.scales.
+"""
+import triton
+import triton.language as tl
+
+from ._numeric import F32, F64, as_stored, div_ieee, lerp, load_math, sqrt_ieee, store_math
+from ._table import address, program_chunk
+from .norms import _combine_kernel
+
+ROW_PARAM = tl.constexpr(0)
+ROW_GRAD = tl.constexpr(1)
+ROW_EXP_AVG = tl.constexpr(2)
+ROW_VARIANCE = tl.constexpr(3)
+ROW_ROW_VAR = tl.constexpr(4)
+ROW_COL_VAR = tl.constexpr(5)
+ROW_MASTER = tl.constexpr(6)
+ROW_STEP = tl.constexpr(7)
+
+
+@triton.jit
+def _lerp_weight(table, n_tensors, t, beta2_decay):
+    """1 - beta2_t = step^beta2_decay, from the tensor's own step (>= 1)."""
+    step = tl.load(address(table, ROW_STEP, n_tensors, t).to(tl.pointer_type(tl.float32)))
+    return tl.exp(beta2_decay * tl.log(step))
+
+
+@triton.jit
+def _grad(grad, offs, mask, grad_mult_ptr, P_KIND: tl.constexpr, GRAD_MULT: tl.constexpr, MAXIMIZE: tl.constexpr):
+    g = load_math(grad, offs, mask, P_KIND)
+    if GRAD_MULT:
+        g = g * tl.load(grad_mult_ptr)
+    if MAXIMIZE:
+        g = -g
+    return g
+
+
+@triton.jit
+def _u(g, var_est, eps1_sq, KIND: tl.constexpr):
+    """rsqrt(clamp(var_est, min=eps1^2)) * g, with clamp keeping NaN as torch's does."""
+    return div_ieee(1.0, sqrt_ieee(tl.where(var_est < eps1_sq, eps1_sq, var_est), KIND), KIND) * g
+
+
+@triton.jit
+def _vector_stats(table, numels, chunk_tensor, chunk_start, n_tensors, n_chunks, beta2_decay, eps1_sq,
+                  grad_mult_ptr, found_inf_ptr, partials,
+                  P_KIND: tl.constexpr, MASTER: tl.constexpr, GRAD_MULT: tl.constexpr, MAXIMIZE: tl.constexpr,
+                  HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    t, start, end = program_chunk(chunk_tensor, chunk_start, numels, found_inf_ptr, CHUNK, HAS_FOUND_INF)
+    S_KIND: tl.constexpr = F32 if MASTER else P_KIND
+    ACC: tl.constexpr = tl.float64 if P_KIND == F64 else tl.float32
+    work = address(table, ROW_MASTER if MASTER else ROW_PARAM, n_tensors, t)
+    grad = address(table, ROW_GRAD, n_tensors, t)
+    variance = address(table, ROW_VARIANCE, n_tensors, t)
+    w = _lerp_weight(table, n_tensors, t, beta2_decay)
+    p_acc = tl.zeros([BLOCK], ACC)
+    u_acc = tl.zeros([BLOCK], ACC)
+    for off in range(0, end, BLOCK):
+        in_chunk = off + tl.arange(0, BLOCK)
+        offs = start + in_chunk
+        mask = in_chunk < end
+        g = _grad(grad, offs, mask, grad_mult_ptr, P_KIND, GRAD_MULT, MAXIMIZE)
+        v = lerp(load_math(variance, offs, mask, S_KIND), g * g, w)
+        store_math(variance, offs, v, mask, S_KIND)
+        u = _u(g, as_stored(v, S_KIND), eps1_sq, S_KIND)
+        p = load_math(work, offs, mask, S_KIND)
+        p_acc += p * p
+        u_acc += tl.where(mask, u * u, 0.0)
+    c = tl.program_id(0)
+    tl.store(partials + c, tl.sum(p_acc, axis=0).to(tl.float64))
+    tl.store(partials + n_chunks + c, tl.sum(u_acc, axis=0).to(tl.float64))
+
+
+@triton.jit
+def _row_stats(table, n_tensors, prog_tensor, prog_row0, rows, cols, numels, beta2_decay, grad_mult_ptr,
+               found_inf_ptr, p_partials,
+               P_KIND: tl.constexpr, MASTER: tl.constexpr, GRAD_MULT: tl.constexpr, MAXIMIZE: tl.constexpr,
+               HAS_FOUND_INF: tl.constexpr, RB: tl.constexpr, CB: tl.constexpr):
+    pid = tl.program_id(0)
+    t = tl.load(prog_tensor + pid)
+    row0 = tl.load(prog_row0 + pid)
+    C = tl.load(cols + t)
+    n_rows = tl.load(numels + t) // C  # batch slices' rows, one after another
+    if HAS_FOUND_INF:
+        n_rows = tl.where(tl.load(found_inf_ptr) == 0, n_rows, 0)
+    S_KIND: tl.constexpr = F32 if MASTER else P_KIND
+    ACC: tl.constexpr = tl.float64 if P_KIND == F64 else tl.float32
+    work = address(table, ROW_MASTER if MASTER else ROW_PARAM, n_tensors, t)
+    grad = address(table, ROW_GRAD, n_tensors, t)
+    row_var = address(table, ROW_ROW_VAR, n_tensors, t)
+    rr = row0 + tl.arange(0, RB)
+    rmask = rr < n_rows
+    row_acc = tl.zeros([RB], ACC)
+    p_acc = tl.zeros([RB], ACC)
+    for c0 in range(0, C, CB):
+        cc = c0 + tl.arange(0, CB)
+        offs = rr[:, None] * C + cc[None, :]
+        mask = rmask[:, None] & (cc < C)[None, :]
+        g = _grad(grad, offs, mask, grad_mult_ptr, P_KIND, GRAD_MULT, MAXIMIZE)
+        row_acc += tl.sum(g * g, axis=1)
+        p = load_math(work, offs, mask, S_KIND)
+        p_acc += tl.sum(p * p, axis=1)
+    w = _lerp_weight(table, n_tensors, t, beta2_decay)
+    rv = lerp(load_math(row_var, rr, rmask, S_KIND), row_acc / C, w)
+    store_math(row_var, rr, rv, rmask, S_KIND)
+    tl.store(p_partials + pid, tl.sum(p_acc, axis=0).to(tl.float64))
+
+
+@triton.jit
+def _col_stats(table, n_tensors, prog_tensor, prog_batch, prog_col0, prog_slice, rows, cols, beta2_decay, eps1,
+               grad_mult_ptr, found_inf_ptr, rmean,
+               P_KIND: tl.constexpr, MASTER: tl.constexpr, GRAD_MULT: tl.constexpr, MAXIMIZE: tl.constexpr,
+               HAS_FOUND_INF: tl.constexpr, RB: tl.constexpr, CB: tl.constexpr):
+    pid = tl.program_id(0)
+    t = tl.load(prog_tensor + pid)
+    b = tl.load(prog_batch + pid)
+    c0 = tl.load(prog_col0 + pid)
+    R = tl.load(rows + t)
+    C = tl.load(cols + t)
+    if HAS_FOUND_INF:
+        R = tl.where(tl.load(found_inf_ptr) == 0, R, 0)
+    S_KIND: tl.constexpr = F32 if MASTER else P_KIND
+    ACC: tl.constexpr = tl.float64 if P_KIND == F64 else tl.float32
+    grad = address(table, ROW_GRAD, n_tensors, t)
+    row_var = address(table, ROW_ROW_VAR, n_tensors, t)
+    col_var = address(table, ROW_COL_VAR, n_tensors, t)
+    cc = c0 + tl.arange(0, CB)
+    cmask = cc < C
+    col_acc = tl.zeros([CB], ACC)
+    rv_acc = tl.zeros([RB], ACC)
+    for r0 in range(0, R, RB):
+        rr = r0 + tl.arange(0, RB)
+        offs = (b * R + rr)[:, None] * C + cc[None, :]
+        g = _grad(grad, offs, (rr < R)[:, None] & cmask[None, :], grad_mult_ptr, P_KIND, GRAD_MULT, MAXIMIZE)
+        col_acc += tl.sum(g * g, axis=0)
+        rv_acc += load_math(row_var, b * R + rr, rr < R, S_KIND)  # row_var is final: _row_stats ran before
+    w = _lerp_weight(table, n_tensors, t, beta2_decay)
+    live = cc < tl.where(R > 0, C, 0)  # nothing when GradScaler found inf/NaN
+    cv = lerp(load_math(col_var, b * C + cc, live, S_KIND), col_acc / R, w)
+    store_math(col_var, b * C + cc, cv, live, S_KIND)
+    mean = tl.sum(rv_acc, axis=0) / R
+    mean = tl.where(mean < eps1, eps1, mean)
+    slot = tl.load(prog_slice + pid) + tl.arange(0, 1)
+    writer = tl.where((c0 == 0) & (R > 0), 1, 0)  # one program per slice writes
+    tl.store(rmean + slot, tl.zeros([1], tl.float32) + mean, mask=tl.arange(0, 1) < writer)
+
+
+@triton.jit
+def _factored_u(grad, row_var, col_var, rmean, slice0, offs, mask, R, C, eps1_sq, grad_mult_ptr,
+                P_KIND: tl.constexpr, S_KIND: tl.constexpr, GRAD_MULT: tl.constexpr, MAXIMIZE: tl.constexpr):
+    rc = R * C
+    b = offs // rc
+    r = (offs // C) % R
+    c = offs % C
+    var_est = load_math(row_var, b * R + r, mask, S_KIND) * load_math(col_var, b * C + c, mask, S_KIND)
+    var_est = var_est / tl.load(rmean + slice0 + b, mask=mask, other=1.0)
+    return _u(_grad(grad, offs, mask, grad_mult_ptr, P_KIND, GRAD_MULT, MAXIMIZE), var_est, eps1_sq, S_KIND)
+
+
+@triton.jit
+def _factored_unorm(table, numels, chunk_tensor, chunk_start, n_tensors, rows, cols, slice_first, rmean, eps1_sq,
+                    grad_mult_ptr, found_inf_ptr, partials,
+                    P_KIND: tl.constexpr, MASTER: tl.constexpr, GRAD_MULT: tl.constexpr, MAXIMIZE: tl.constexpr,
+                    HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    t, start, end = program_chunk(chunk_tensor, chunk_start, numels, found_inf_ptr, CHUNK, HAS_FOUND_INF)
+    S_KIND: tl.constexpr = F32 if MASTER else P_KIND
+    ACC: tl.constexpr = tl.float64 if P_KIND == F64 else tl.float32
+    grad = address(table, ROW_GRAD, n_tensors, t)
+    row_var = address(table, ROW_ROW_VAR, n_tensors, t)
+    col_var = address(table, ROW_COL_VAR, n_tensors, t)
+    R = tl.load(rows + t)
+    C = tl.load(cols + t)
+    slice0 = tl.load(slice_first + t)
+    u_acc = tl.zeros([BLOCK], ACC)
+    for off in range(0, end, BLOCK):
+        in_chunk = off + tl.arange(0, BLOCK)
+        mask = in_chunk < end
+        u = _factored_u(grad, row_var, col_var, rmean, slice0, start + in_chunk, mask, R, C, eps1_sq, grad_mult_ptr,
+                        P_KIND, S_KIND, GRAD_MULT, MAXIMIZE)
+        u_acc += tl.where(mask, u * u, 0.0)
+    tl.store(partials + tl.program_id(0), tl.sum(u_acc, axis=0).to(tl.float64))
+
+
+@triton.jit
+def _apply(table, numels, chunk_tensor, chunk_start, n_tensors, rows, cols, slice_first, rmean, eps1_sq, lr, lr_ptr,
+           weight_decay, one_minus_beta1, scale_ptr, denom_ptr, grad_mult_ptr, found_inf_ptr,
+           P_KIND: tl.constexpr, MASTER: tl.constexpr, GRAD_MULT: tl.constexpr, MAXIMIZE: tl.constexpr,
+           FACTORED: tl.constexpr, BETA1: tl.constexpr, LR_IS_PTR: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+           CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    t, start, end = program_chunk(chunk_tensor, chunk_start, numels, found_inf_ptr, CHUNK, HAS_FOUND_INF)
+    S_KIND: tl.constexpr = F32 if MASTER else P_KIND
+    ACC: tl.constexpr = tl.float64 if P_KIND == F64 else tl.float32
+    param = address(table, ROW_PARAM, n_tensors, t)
+    work = address(table, ROW_MASTER if MASTER else ROW_PARAM, n_tensors, t)
+    grad = address(table, ROW_GRAD, n_tensors, t)
+    exp_avg = address(table, ROW_EXP_AVG, n_tensors, t)
+    variance = address(table, ROW_VARIANCE, n_tensors, t)
+    row_var = address(table, ROW_ROW_VAR, n_tensors, t)
+    col_var = address(table, ROW_COL_VAR, n_tensors, t)
+    if LR_IS_PTR:
+        lr = tl.load(lr_ptr)
+    decay = 1.0 - lr * weight_decay
+    scale = tl.load(scale_ptr + t)
+    denom = tl.load(denom_ptr + t)
+    R = tl.load(rows + t)
+    C = tl.load(cols + t)
+    slice0 = tl.load(slice_first + t)
+    for off in range(0, end, BLOCK):
+        in_chunk = off + tl.arange(0, BLOCK)
+        offs = start + in_chunk
+        mask = in_chunk < end
+        if FACTORED:
+            u = _factored_u(grad, row_var, col_var, rmean, slice0, offs, mask, R, C, eps1_sq, grad_mult_ptr,
+                            P_KIND, S_KIND, GRAD_MULT, MAXIMIZE)
+        else:
+            u = _u(_grad(grad, offs, mask, grad_mult_ptr, P_KIND, GRAD_MULT, MAXIMIZE),
+                   load_math(variance, offs, mask, S_KIND), eps1_sq, S_KIND)
+        p = load_math(work, offs, mask, S_KIND) * decay
+        if BETA1:
+            m = lerp(load_math(exp_avg, offs, mask, S_KIND), u / denom, one_minus_beta1)
+            store_math(exp_avg, offs, m, mask, S_KIND)
+            p = tl.fma(as_stored(m, S_KIND), scale, p)
+        else:
+            p = tl.fma(u, scale, p)
+        store_math(work, offs, p, mask, S_KIND)
+        if MASTER:
+            store_math(param, offs, p, mask, P_KIND)

@@ -1,0 +1,149 @@
+"""FusedAdafactor: the reference against torch.optim.Adafactor (bit for bit),
+every backend that runs here against the reference."""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from conftest import CPU_BACKENDS
+from helpers import assert_same_state, grads_for, run, ulp
+
+from fusedopt import FusedAdafactor
+
+pytestmark = pytest.mark.adafactor
+
+# 0-d, 1-d, 2-d, batched 3-d, dims of size 1, sizes that cross the test chunk and tile sizes
+SHAPES = [(), (7,), (300,), (30, 20), (2, 5, 3), (33, 1), (1, 17), (3, 2, 1, 9), (0,), (0, 4)]
+CONFIGS = {
+    "defaults": {},
+    "lr_decay": {"lr": 3e-2, "weight_decay": 0.1},
+    "d_eps": {"d": 2.0, "eps": (1e-20, 1e-2), "beta2_decay": -0.5},
+    "maximize": {"maximize": True, "lr": 1e-3},
+}
+
+
+def backend_params(backends=CPU_BACKENDS):
+    return [pytest.param(b, marks=[pytest.mark.triton] if b == "triton" else []) for b in backends]
+
+
+def make(shapes=SHAPES, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g, dtype=torch.float64).to(dtype).requires_grad_() for s in shapes]
+
+
+def nonempty(params):
+    return [p for p in params if p.numel()]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_reference_equals_torch(config):
+    """The spec is torch's single-tensor Adafactor: the same bits (torch
+    divides by zero on empty tensors, so they are left out on its side)."""
+    kw = CONFIGS[config]
+    a, b = nonempty(make()), nonempty(make())
+    ta, fb = torch.optim.Adafactor(a, **kw), FusedAdafactor(b, backend="reference", **kw)
+    run(ta, a, 6), run(fb, b, 6)
+    assert_same_state(ta, a, fb, b)
+
+
+@pytest.mark.parametrize("backend", backend_params([b for b in CPU_BACKENDS if b != "reference"]))
+@pytest.mark.parametrize("config", list(CONFIGS) + ["beta1"])
+@pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.float64, False), (torch.bfloat16, False),
+                                          (torch.bfloat16, True)])
+def test_backend_matches_reference(backend, config, dtype, master):
+    kw = CONFIGS.get(config, {"beta1": 0.9, "weight_decay": 0.01})
+    a, b = make(dtype=dtype), make(dtype=dtype)
+    ref = FusedAdafactor(a, backend="reference", master_weights=master, **kw)
+    opt = FusedAdafactor(b, backend=backend, master_weights=master, **kw)
+    assert opt.backend == backend
+    run(ref, a, 5), run(opt, b, 5)
+    if dtype in (torch.float32, torch.float64) or master:
+        tol = {"atol": 1e-6, "rtol": 1e-5}
+    else:
+        tol = {"atol": 4 * ulp(dtype), "rtol": 2 * ulp(dtype)}
+    assert_same_state(ref, a, opt, b, **tol)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_state_dict_from_torch_and_back(backend):
+    """Same state keys and shapes as torch: a torch state_dict loads and the
+    run continues as torch's would, and the other way round."""
+    params = nonempty(make())
+    torch_opt = torch.optim.Adafactor(params, lr=2e-2)
+    run(torch_opt, params, 3)
+    buffer = io.BytesIO()
+    torch.save(torch_opt.state_dict(), buffer)
+    buffer.seek(0)
+    ours_params = [p.detach().clone().requires_grad_() for p in params]
+    ours = FusedAdafactor(ours_params, lr=2e-2, backend=backend)
+    ours.load_state_dict(torch.load(buffer, weights_only=True))
+    assert {k: tuple(v.shape) for k, v in ours.state[ours_params[3]].items()} == \
+        {k: tuple(v.shape) for k, v in torch_opt.state[params[3]].items()}
+    run(torch_opt, params, 3, start=3), run(ours, ours_params, 3, start=3)
+    assert_same_state(torch_opt, params, ours, ours_params, atol=1e-6, rtol=1e-5)
+
+    back = [p.detach().clone().requires_grad_() for p in ours_params]
+    torch_again = torch.optim.Adafactor(back, lr=2e-2)
+    torch_again.load_state_dict(copy.deepcopy(ours.state_dict()))  # load_state_dict keeps references
+    run(torch_again, back, 2, start=6), run(ours, ours_params, 2, start=6)
+    assert_same_state(torch_again, back, ours, ours_params, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_empty_tensors_are_skipped(backend):
+    params = make([(0,), (4, 0), (5, 3)])
+    opt = FusedAdafactor(params, backend=backend)
+    run(opt, params, 2)
+    assert opt.state[params[0]]["step"].item() == 2 and opt.state[params[0]]["variance"].numel() == 0
+    assert opt.state[params[1]]["row_var"].shape == (4, 1) and opt.state[params[1]]["col_var"].shape == (1, 0)
+    assert torch.isfinite(params[2]).all()
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_non_contiguous_params(backend):
+    a = [torch.randn(12, 7).t().contiguous().requires_grad_(), torch.randn(6, 10).requires_grad_()]
+    b = [a[0].detach().t().contiguous().t().requires_grad_(), torch.zeros(6, 20)[:, ::2].copy_(a[1].detach())]
+    b[1].requires_grad_()
+    assert not b[0].is_contiguous() and not b[1].is_contiguous()
+    ref, opt = FusedAdafactor(a, backend="reference"), FusedAdafactor(b, backend=backend)
+    run(ref, a, 3), run(opt, b, 3)
+    assert_same_state(ref, a, opt, b, atol=1e-6, rtol=1e-5)
+
+
+def test_beta1_reference_against_literal_first_moment():
+    """beta1: m = lerp(m, u / denom, 1 - beta1), p -= alpha * m, with u, denom
+    and alpha as torch's Adafactor forms them."""
+    p = make([(6, 5)])[0]
+    opt = FusedAdafactor([p], backend="reference", beta1=0.8, lr=1e-2)
+    x = p.detach().clone()
+    row, col, m = torch.zeros(6, 1), torch.zeros(1, 5), torch.zeros(6, 5)
+    eps1, eps2 = torch.finfo(torch.float32).eps, 1e-3
+    for step in range(1, 5):
+        g = grads_for([p], step)[0]
+        p.grad = g
+        opt.step()
+        w = step ** -0.8
+        alpha = max(eps2, (x.norm() / 30 ** 0.5).item()) * min(1e-2, step ** -0.5)
+        row.lerp_((g * g).mean(-1, keepdim=True), w)
+        col.lerp_((g * g).mean(-2, keepdim=True), w)
+        u = (row @ col / row.mean().clamp(min=eps1)).clamp(min=eps1 * eps1).rsqrt() * g
+        denom = max(1.0, (u.norm() / 30 ** 0.5).item())
+        m.lerp_(u / denom, 0.2)
+        x = x - alpha * m
+    torch.testing.assert_close(p.detach(), x, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(opt.state[p]["exp_avg"], m, atol=1e-6, rtol=1e-5)
+
+
+def test_bad_arguments_like_torch():
+    params = make([(3, 2)])
+    for kw in [{"lr": -1.0}, {"beta2_decay": 0.5}, {"eps": (-1.0, 1e-3)}, {"eps": (None, -1.0)}, {"d": 0.5},
+               {"weight_decay": -0.1}]:
+        with pytest.raises(ValueError) as expected:
+            torch.optim.Adafactor(params, **kw)
+        with pytest.raises(ValueError) as ours:
+            FusedAdafactor(params, **kw)
+        assert str(ours.value) == str(expected.value)
+    with pytest.raises(ValueError, match="beta1"):
+        FusedAdafactor(params, beta1=1.0)
