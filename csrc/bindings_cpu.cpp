@@ -16,6 +16,7 @@
 #include "fusedopt/adamw.h"
 #include "fusedopt/lamb.h"
 #include "fusedopt/norms.h"
+#include "fusedopt/sophia.h"
 
 namespace {
 
@@ -253,9 +254,54 @@ void adafactor(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
   }
 }
 
+// Sophia's lists, checked and tabled in MomentRow layout (hessian in the second-moment row).
+HostTable sophia_table(TensorList params, TensorList grads, TensorList exp_avgs, TensorList hessians,
+                       TensorList masters, TensorList steps, bool has_master, int64_t chunk_size) {
+  const at::ScalarType pdt = params[0].scalar_type();
+  TORCH_CHECK(!has_master || pdt == at::kBFloat16 || pdt == at::kHalf,
+              "fusedopt cpu: master weights are for bf16/fp16 params");
+  const at::ScalarType sdt = has_master ? at::kFloat : pdt;
+  check_dtype(params, pdt, "params");
+  check_dtype(grads, pdt, "grads");
+  check_dtype(exp_avgs, sdt, "exp_avg");
+  check_dtype(hessians, sdt, "hessian");
+  check_dtype(masters, at::kFloat, "master_param");
+  check_steps(steps);
+  return HostTable({params, grads, exp_avgs, hessians, TensorList(), masters, steps}, chunk_size, {fusedopt::kRowStep});
+}
+
+void sophia(TensorList params, TensorList grads, TensorList exp_avgs, TensorList hessians, TensorList masters,
+            TensorList steps, double lr, const std::optional<Tensor>& lr_tensor, double beta1, double rho_bs,
+            double weight_decay, bool maximize, const std::optional<Tensor>& grad_mult,
+            const std::optional<Tensor>& found_inf, int64_t chunk_size) {
+  if (params.empty()) return;
+  HostTable host = sophia_table(params, grads, exp_avgs, hessians, masters, steps, !masters.empty(), chunk_size);
+  const fusedopt::SophiaHyper h{lr, scalar_ptr(lr_tensor, "lr"), beta1, rho_bs, weight_decay, maximize,
+                                scalar_ptr(grad_mult, "grad_mult"), scalar_ptr(found_inf, "found_inf")};
+  fusedopt::sophia_cpu(host.tt, h, dtype_code(params[0].scalar_type()), !masters.empty(), at::get_num_threads());
+}
+
+void sophia_hessian(TensorList params, TensorList grads, TensorList hessians, bool has_master, double beta2,
+                    int64_t chunk_size) {
+  if (params.empty()) return;
+  HostTable host = sophia_table(params, grads, TensorList(), hessians, TensorList(), TensorList(), has_master,
+                                chunk_size);
+  fusedopt::sophia_hessian_cpu(host.tt, beta2, dtype_code(params[0].scalar_type()), has_master,
+                               at::get_num_threads());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fusedopt_cpu, m) {
+  m.def(
+      "sophia(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor[] hessians, Tensor(c!)[] masters, "
+      "Tensor(d!)[] steps, float lr, Tensor? lr_tensor, float beta1, float rho_bs, float weight_decay, "
+      "bool maximize, Tensor? grad_mult, Tensor? found_inf, int chunk_size) -> ()",
+      &sophia);
+  m.def(
+      "sophia_hessian(Tensor[] params, Tensor[] grads, Tensor(a!)[] hessians, bool has_master, float beta2, "
+      "int chunk_size) -> ()",
+      &sophia_hessian);
   m.def(
       "adafactor(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] variances, "
       "Tensor(d!)[] row_vars, Tensor(e!)[] col_vars, Tensor(f!)[] masters, Tensor(g!)[] steps, Tensor rows, "

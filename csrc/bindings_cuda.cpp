@@ -11,6 +11,7 @@
 #include "fusedopt/adamw.h"
 #include "fusedopt/lamb.h"
 #include "fusedopt/norms.h"
+#include "fusedopt/sophia.h"
 
 namespace {
 
@@ -126,9 +127,42 @@ void lamb_apply(const Tensor& table, const Tensor& numel, const Tensor& chunk_te
   TORCH_CHECK(error == nullptr, "fusedopt cuda: lamb apply launch failed: ", error);
 }
 
+void sophia(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor, const Tensor& chunk_start,
+            int64_t chunk_size, int64_t param_dtype, bool has_master, double lr,
+            const std::optional<Tensor>& lr_tensor, double beta1, double rho_bs, double weight_decay, bool maximize,
+            const std::optional<Tensor>& grad_mult, const std::optional<Tensor>& found_inf, int64_t stream) {
+  const fusedopt::TensorTable tt =
+      make_table(table, numel, chunk_tensor, chunk_start, chunk_size, fusedopt::kMomentRows);
+  TORCH_CHECK(param_dtype >= 0 && param_dtype <= 3, "fusedopt cuda: bad dtype code ", param_dtype);
+  const fusedopt::SophiaHyper h{lr, device_scalar(lr_tensor, "lr"), beta1, rho_bs, weight_decay, maximize,
+                                device_scalar(grad_mult, "grad_mult"), device_scalar(found_inf, "found_inf")};
+  const char* error = fusedopt::sophia_cuda(tt, h, static_cast<fusedopt::DType>(param_dtype), has_master,
+                                            reinterpret_cast<void*>(stream));
+  TORCH_CHECK(error == nullptr, "fusedopt cuda: sophia launch failed: ", error);
+}
+
+void sophia_hessian(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor, const Tensor& chunk_start,
+                    int64_t chunk_size, int64_t param_dtype, bool has_master, double beta2, int64_t stream) {
+  const fusedopt::TensorTable tt =
+      make_table(table, numel, chunk_tensor, chunk_start, chunk_size, fusedopt::kMomentRows);
+  TORCH_CHECK(param_dtype >= 0 && param_dtype <= 3, "fusedopt cuda: bad dtype code ", param_dtype);
+  const char* error = fusedopt::sophia_hessian_cuda(tt, beta2, static_cast<fusedopt::DType>(param_dtype), has_master,
+                                                    reinterpret_cast<void*>(stream));
+  TORCH_CHECK(error == nullptr, "fusedopt cuda: sophia hessian launch failed: ", error);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fusedopt_cuda, m) {
+  m.def(
+      "sophia(Tensor table, Tensor numel, Tensor chunk_tensor, Tensor chunk_start, int chunk_size, "
+      "int param_dtype, bool has_master, float lr, Tensor? lr_tensor, float beta1, float rho_bs, "
+      "float weight_decay, bool maximize, Tensor? grad_mult, Tensor? found_inf, int stream) -> ()",
+      &sophia);
+  m.def(
+      "sophia_hessian(Tensor table, Tensor numel, Tensor chunk_tensor, Tensor chunk_start, int chunk_size, "
+      "int param_dtype, bool has_master, float beta2, int stream) -> ()",
+      &sophia_hessian);
   m.def(
       "lamb_moments(Tensor table, Tensor numel, Tensor chunk_tensor, Tensor chunk_start, Tensor chunk_first, "
       "int chunk_size, int param_dtype, bool has_master, float beta1, float beta2, float eps, float weight_decay, "

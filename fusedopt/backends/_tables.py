@@ -78,9 +78,10 @@ def launch_tables(rows: list[list[Tensor] | None], device: torch.device, chunk_s
     return tables
 
 
-def moment_rows(bucket) -> list[list[Tensor] | None]:
-    """The bucket's lists in MOMENT_ROWS order (None for a state it lacks)."""
-    return [bucket.params, bucket.grads, bucket.states.get("exp_avg"), bucket.states.get("exp_avg_sq"),
+def moment_rows(bucket, second: str = "exp_avg_sq") -> list[list[Tensor] | None]:
+    """The bucket's lists in MOMENT_ROWS order (None for a state it lacks);
+    `second` names the state in the second-moment row (Sophia: "hessian")."""
+    return [bucket.params, bucket.grads, bucket.states.get("exp_avg"), bucket.states.get(second),
             bucket.states.get("max_exp_avg_sq"), bucket.masters, bucket.steps]
 
 

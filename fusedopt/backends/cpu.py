@@ -71,3 +71,16 @@ def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize,
         torch.finfo(bucket.dtype).eps if eps1 is None else eps1, eps2, d, weight_decay, maximize, beta1, grad_mult,
         found_inf, CHUNK_SIZE,
     )
+
+
+def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, found_inf):
+    lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+    torch.ops.fusedopt_cpu.sophia(
+        bucket.params, bucket.grads, bucket.states["exp_avg"], bucket.states["hessian"], bucket.masters or [],
+        bucket.steps, 0.0 if lr_tensor is not None else lr, lr_tensor, beta1, rho * bs, weight_decay, maximize,
+        grad_mult, found_inf, CHUNK_SIZE)
+
+
+def sophia_hessian(bucket, *, beta2):
+    torch.ops.fusedopt_cpu.sophia_hessian(bucket.params, bucket.grads, bucket.states["hessian"],
+                                          bucket.masters is not None, beta2, CHUNK_SIZE)

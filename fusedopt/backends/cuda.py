@@ -88,3 +88,24 @@ def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, adam_w
         ratio = lamb_spec.trust_ratio(p_sums, u_sums, lr, weight_decay, use_nvlamb)
         torch.ops.fusedopt_cuda.lamb_apply(*head, tables.chunk_size, kind, master, ratio, beta1, beta2, eps,
                                            weight_decay, bias_correction, adam_w_mode, found_inf, stream)
+
+
+def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, found_inf):
+    device = bucket.device
+    tables = _tables.launch_tables(_tables.moment_rows(bucket, "hessian"), device, CHUNK_SIZE)
+    advance_steps(bucket.steps, found_inf)
+    lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+    with torch.cuda.device(device):
+        torch.ops.fusedopt_cuda.sophia(
+            tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.chunk_size,
+            CODES[bucket.dtype], bucket.masters is not None, 0.0 if lr_tensor is not None else lr, lr_tensor, beta1,
+            rho * bs, weight_decay, maximize, grad_mult, found_inf, torch.cuda.current_stream(device).cuda_stream)
+
+
+def sophia_hessian(bucket, *, beta2):
+    device = bucket.device
+    tables = _tables.launch_tables(_tables.moment_rows(bucket, "hessian"), device, CHUNK_SIZE)
+    with torch.cuda.device(device):
+        torch.ops.fusedopt_cuda.sophia_hessian(
+            tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.chunk_size,
+            CODES[bucket.dtype], bucket.masters is not None, beta2, torch.cuda.current_stream(device).cuda_stream)

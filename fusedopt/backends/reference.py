@@ -11,6 +11,7 @@ import torch
 from ..reference import adafactor as adafactor_spec
 from ..reference import adamw as adamw_spec
 from ..reference import lamb as lamb_spec
+from ..reference import sophia as sophia_spec
 from ._bucket import advance_steps
 from ._dtypes import math_dtype
 
@@ -125,3 +126,31 @@ def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize,
         if master is not None:
             master.copy_(work)
         param.copy_(work)
+
+
+def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, found_inf):
+    advance_steps(bucket.steps, found_inf)
+    if found_inf is not None and found_inf.item() != 0:
+        return
+    mult = None if grad_mult is None else float(grad_mult.item())
+    lr = float(lr)
+    dtype = math_dtype(bucket.dtype)
+    for i, param in enumerate(bucket.params):
+        master = bucket.masters[i] if bucket.masters is not None else None
+        work = (master if master is not None else param).to(dtype, copy=True)
+        exp_avg, hessian = bucket.states["exp_avg"][i], bucket.states["hessian"][i]
+        m = exp_avg.to(dtype, copy=True)
+        sophia_spec.sophia_update_(work, bucket.grads[i].to(dtype), m, hessian.to(dtype), lr=lr, beta1=beta1, rho=rho,
+                                   bs=bs, weight_decay=weight_decay, maximize=maximize, grad_mult=mult)
+        exp_avg.copy_(m)
+        if master is not None:
+            master.copy_(work)
+        param.copy_(work)
+
+
+def sophia_hessian(bucket, *, beta2):
+    dtype = math_dtype(bucket.dtype)
+    for grad, hessian in zip(bucket.grads, bucket.states["hessian"]):
+        h = hessian.to(dtype, copy=True)
+        sophia_spec.hessian_update_(h, grad.to(dtype), beta2=beta2)
+        hessian.copy_(h)

@@ -40,7 +40,7 @@ def unavailable_reason(device_type: str) -> str | None:
 
 
 def load() -> None:
-    for name in ("adafactor", "adamw", "lamb", "norms"):
+    for name in ("adafactor", "adamw", "lamb", "norms", "sophia"):
         shipped_module("kernels", name)
 
 
@@ -149,3 +149,21 @@ def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize,
         pointers["grad_mult_ptr"], pointers["found_inf_ptr"], **flags, FACTORED=bool(bucket.kind),
         BETA1=beta1 is not None, LR_IS_PTR=lr_tensor is not None, CHUNK=tables.chunk_size, BLOCK=BLOCK_SIZE,
         num_warps=NUM_WARPS)
+
+
+def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, found_inf):
+    kernels = shipped_module("kernels", "sophia")
+    tables = _tables.launch_tables(_tables.moment_rows(bucket, "hessian"), bucket.device, CHUNK_SIZE)
+    advance_steps(bucket.steps, found_inf)
+    lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+    kernels.launch_step(tables, p_kind=CODES[bucket.dtype], master=bucket.masters is not None, lr=lr,
+                        lr_tensor=lr_tensor, beta1=beta1, rho_bs=rho * bs, weight_decay=weight_decay,
+                        maximize=maximize, grad_mult=grad_mult, found_inf=found_inf, block=BLOCK_SIZE,
+                        num_warps=NUM_WARPS)
+
+
+def sophia_hessian(bucket, *, beta2):
+    kernels = shipped_module("kernels", "sophia")
+    tables = _tables.launch_tables(_tables.moment_rows(bucket, "hessian"), bucket.device, CHUNK_SIZE)
+    kernels.launch_hessian(tables, p_kind=CODES[bucket.dtype], master=bucket.masters is not None, beta2=beta2,
+                           block=BLOCK_SIZE, num_warps=NUM_WARPS)

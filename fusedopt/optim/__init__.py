@@ -3,5 +3,6 @@ from .adafactor import FusedAdafactor
 from .adamw import FusedAdamW
 from .base import FusedOptimizer
 from .lamb import FusedLAMB
+from .sophia import FusedSophia, gnb_hessian_loss
 
-__all__ = ["FusedAdafactor", "FusedAdamW", "FusedLAMB", "FusedOptimizer"]
+__all__ = ["FusedAdafactor", "FusedAdamW", "FusedLAMB", "FusedOptimizer", "FusedSophia", "gnb_hessian_loss"]

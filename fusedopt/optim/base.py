@@ -169,12 +169,7 @@ class FusedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        all_grads = [[p.grad for p in group["params"]] for group in self.param_groups]
-        for group, grads in zip(self.param_groups, all_grads):
-            self._check_grads(group["params"], grads)
-        writeback: list[tuple[Tensor, Tensor]] = []
-        plans = [self._plan(index, group, grads, writeback)
-                 for index, (group, grads) in enumerate(zip(self.param_groups, all_grads))]
+        plans, writeback = self._plans_of_this_step()
         grad_scale = getattr(self, "grad_scale", None)
         scalars = _GradScalars(grad_scale, getattr(self, "found_inf", None), self._clip_coefficient(plans, grad_scale))
         for group, plan in zip(self.param_groups, plans):
@@ -207,6 +202,18 @@ class FusedOptimizer(Optimizer):
             total = total / grad_scale.to(device=device, dtype=torch.float64).reshape(())
         self.last_grad_norm = total.float()
         return self._clip_multiplier(self.last_grad_norm, self.max_grad_norm)
+
+    def _plans_of_this_step(self) -> tuple[list[_Plan], list[tuple[Tensor, Tensor]]]:
+        """Every group's plan for the grads as they are now (checked first, so
+        a bad grad raises before anything changes), and the staged copies to
+        write back after the kernels ran."""
+        all_grads = [[p.grad for p in group["params"]] for group in self.param_groups]
+        for group, grads in zip(self.param_groups, all_grads):
+            self._check_grads(group["params"], grads)
+        writeback: list[tuple[Tensor, Tensor]] = []
+        plans = [self._plan(index, group, grads, writeback)
+                 for index, (group, grads) in enumerate(zip(self.param_groups, all_grads))]
+        return plans, writeback
 
     def _plan(self, index: int, group: dict, grads: list, writeback: list) -> _Plan:
         """The group's buckets for this step: the cached plan with this step's

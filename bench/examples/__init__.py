@@ -1,0 +1,1 @@
+"""Small runnable examples (shipped as fusedopt._bench.examples)."""

@@ -1,0 +1,110 @@
+// SophiaG on CUDA (include/fusedopt/sophia.h): one launch per bucket for the
+// step and one for the Hessian update; a block per chunk, kILP elements per
+// thread per iteration. lr (when a tensor), grad_mult and found_inf are read
+// on the device. No torch headers.
+#include <cuda_runtime.h>
+
+#include "fusedopt/dispatch.h"
+#include "fusedopt/sophia.h"
+#include "multi_tensor.cuh"
+
+namespace fusedopt {
+namespace {
+
+using cuda::kILP;
+using cuda::kThreads;
+
+template <typename P, typename S, bool MASTER, bool GRAD_MULT>
+__global__ void __launch_bounds__(kThreads) step_kernel(TensorTable tt, SophiaHyper h) {
+  using T = typename MathOf<P>::type;
+  if (h.found_inf && *h.found_inf != 0.0f) return;
+  const Chunk chunk = tt.chunk(blockIdx.x);
+  const SophiaScalars<T> s = sophia_scalars<T>(h, h.lr_ptr ? double(*h.lr_ptr) : h.lr);
+  P* param = tt.ptr<P>(kRowParam, chunk.tensor) + chunk.start;
+  const P* grad = tt.ptr<const P>(kRowGrad, chunk.tensor) + chunk.start;
+  S* exp_avg = tt.ptr<S>(kRowExpAvg, chunk.tensor) + chunk.start;
+  const S* hessian = tt.ptr<const S>(kRowExpAvgSq, chunk.tensor) + chunk.start;
+  float* master = MASTER ? tt.ptr<float>(kRowMaster, chunk.tensor) + chunk.start : nullptr;
+  const bool aligned = cuda::is_aligned(param) && cuda::is_aligned(grad) && cuda::is_aligned(exp_avg) &&
+                       cuda::is_aligned(hessian) && (!MASTER || cuda::is_aligned(master));
+  for (int64_t i = int64_t(threadIdx.x) * kILP; i < chunk.len; i += int64_t(kThreads) * kILP) {
+    P p_io[kILP], g_in[kILP];
+    S m_io[kILP], h_in[kILP];
+    float master_io[kILP];
+    if (MASTER) cuda::load_pack(master_io, master, i, chunk.len, aligned);
+    else cuda::load_pack(p_io, param, i, chunk.len, aligned);
+    cuda::load_pack(g_in, grad, i, chunk.len, aligned);
+    cuda::load_pack(m_io, exp_avg, i, chunk.len, aligned);
+    cuda::load_pack(h_in, hessian, i, chunk.len, aligned);
+#pragma unroll
+    for (int k = 0; k < kILP; ++k) {
+      T p = MASTER ? T(master_io[k]) : T(to_math(p_io[k]));
+      T m = to_math(m_io[k]);
+      sophia_element<T, GRAD_MULT>(p, T(to_math(g_in[k])), m, T(to_math(h_in[k])), s);
+      if (MASTER) master_io[k] = float(p);
+      p_io[k] = Store<P>::from(p);
+      m_io[k] = Store<S>::from(m);
+    }
+    if (MASTER) cuda::store_pack(master, master_io, i, chunk.len, aligned);
+    cuda::store_pack(param, p_io, i, chunk.len, aligned);
+    cuda::store_pack(exp_avg, m_io, i, chunk.len, aligned);
+  }
+}
+
+template <typename P, typename S>
+__global__ void __launch_bounds__(kThreads) hessian_kernel(TensorTable tt, double beta2) {
+  using T = typename MathOf<P>::type;
+  const Chunk chunk = tt.chunk(blockIdx.x);
+  const P* grad = tt.ptr<const P>(kRowGrad, chunk.tensor) + chunk.start;
+  S* hessian = tt.ptr<S>(kRowExpAvgSq, chunk.tensor) + chunk.start;
+  const bool aligned = cuda::is_aligned(grad) && cuda::is_aligned(hessian);
+  const T b2 = T(beta2), omb2 = T(1.0 - beta2);
+  for (int64_t i = int64_t(threadIdx.x) * kILP; i < chunk.len; i += int64_t(kThreads) * kILP) {
+    P g_in[kILP];
+    S h_io[kILP];
+    cuda::load_pack(g_in, grad, i, chunk.len, aligned);
+    cuda::load_pack(h_io, hessian, i, chunk.len, aligned);
+#pragma unroll
+    for (int k = 0; k < kILP; ++k) h_io[k] = Store<S>::from(sophia_hessian(T(to_math(h_io[k])), T(to_math(g_in[k])), b2, omb2));
+    cuda::store_pack(hessian, h_io, i, chunk.len, aligned);
+  }
+}
+
+template <typename P, typename S, bool MASTER>
+struct StepOp {
+  static void run(const TensorTable& tt, const SophiaHyper& h, cudaStream_t stream) {
+    const dim3 grid(unsigned(tt.n_chunks));
+    if (h.grad_mult) step_kernel<P, S, MASTER, true><<<grid, kThreads, 0, stream>>>(tt, h);
+    else step_kernel<P, S, MASTER, false><<<grid, kThreads, 0, stream>>>(tt, h);
+  }
+};
+
+template <typename P, typename S, bool MASTER>
+struct HessianOp {
+  static void run(const TensorTable& tt, double beta2, cudaStream_t stream) {
+    hessian_kernel<P, S><<<dim3(unsigned(tt.n_chunks)), kThreads, 0, stream>>>(tt, beta2);
+  }
+};
+
+const char* last_error() {
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+}  // namespace
+
+const char* sophia_cuda(const TensorTable& tt, const SophiaHyper& h, DType param_dtype, bool has_master,
+                        void* stream) {
+  if (tt.n_chunks == 0) return nullptr;
+  dispatch_storage<StepOp>(param_dtype, has_master, tt, h, static_cast<cudaStream_t>(stream));
+  return last_error();
+}
+
+const char* sophia_hessian_cuda(const TensorTable& tt, double beta2, DType param_dtype, bool has_master,
+                                void* stream) {
+  if (tt.n_chunks == 0) return nullptr;
+  dispatch_storage<HessianOp>(param_dtype, has_master, tt, beta2, static_cast<cudaStream_t>(stream));
+  return last_error();
+}
+
+}  // namespace fusedopt
