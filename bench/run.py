@@ -9,10 +9,10 @@ import torch
 
 import fusedopt
 
-from . import adamw, clip, lamb
+from . import adamw, clip, lamb, second_order
 from .harness import markdown, meta_line, write
 
-BENCHMARKS = {"adamw": adamw, "clip": clip, "lamb": lamb}
+BENCHMARKS = {"adamw": adamw, "clip": clip, "lamb": lamb, "second_order": second_order}
 
 
 def main(argv=None) -> int:

@@ -38,6 +38,14 @@ def _lerp_weight(table, n_tensors, t, beta2_decay):
 
 
 @triton.jit
+def _square32(x):
+    """x * x in fp32. Formed in the kernel from eps1 (an fp32 argument): eps1^2
+    may lie below fp32's normal range, where a Python float would become fp64."""
+    x = tl.cast(x, tl.float32)
+    return x * x
+
+
+@triton.jit
 def _grad(grad, offs, mask, grad_mult_ptr, P_KIND: tl.constexpr, GRAD_MULT: tl.constexpr, MAXIMIZE: tl.constexpr):
     g = load_math(grad, offs, mask, P_KIND)
     if GRAD_MULT:
@@ -54,13 +62,14 @@ def _u(g, var_est, eps1_sq, KIND: tl.constexpr):
 
 
 @triton.jit
-def _vector_stats(table, numels, chunk_tensor, chunk_start, n_tensors, n_chunks, beta2_decay, eps1_sq,
+def _vector_stats(table, numels, chunk_tensor, chunk_start, n_tensors, n_chunks, beta2_decay, eps1,
                   grad_mult_ptr, found_inf_ptr, partials,
                   P_KIND: tl.constexpr, MASTER: tl.constexpr, GRAD_MULT: tl.constexpr, MAXIMIZE: tl.constexpr,
                   HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     t, start, end = program_chunk(chunk_tensor, chunk_start, numels, found_inf_ptr, CHUNK, HAS_FOUND_INF)
     S_KIND: tl.constexpr = F32 if MASTER else P_KIND
     ACC: tl.constexpr = tl.float64 if P_KIND == F64 else tl.float32
+    eps1_sq = _square32(eps1)
     work = address(table, ROW_MASTER if MASTER else ROW_PARAM, n_tensors, t)
     grad = address(table, ROW_GRAD, n_tensors, t)
     variance = address(table, ROW_VARIANCE, n_tensors, t)
@@ -160,17 +169,22 @@ def _col_stats(table, n_tensors, prog_tensor, prog_batch, prog_col0, prog_slice,
 @triton.jit
 def _factored_u(grad, row_var, col_var, rmean, slice0, offs, mask, R, C, eps1_sq, grad_mult_ptr,
                 P_KIND: tl.constexpr, S_KIND: tl.constexpr, GRAD_MULT: tl.constexpr, MAXIMIZE: tl.constexpr):
+    """u = g * (rowq * col < eps1^2 ? 1 / eps1 : rsqrt(rowq) * rsqrt(col)), rowq = row / rmean:
+    csrc/cpu/adafactor.cpp's separable form of torch's rsqrt(clamp(row * col / rmean, eps1^2)) * g."""
     rc = R * C
     b = offs // rc
     r = (offs // C) % R
     c = offs % C
-    var_est = load_math(row_var, b * R + r, mask, S_KIND) * load_math(col_var, b * C + c, mask, S_KIND)
-    var_est = var_est / tl.load(rmean + slice0 + b, mask=mask, other=1.0)
-    return _u(_grad(grad, offs, mask, grad_mult_ptr, P_KIND, GRAD_MULT, MAXIMIZE), var_est, eps1_sq, S_KIND)
+    rowq = div_ieee(load_math(row_var, b * R + r, mask, S_KIND), tl.load(rmean + slice0 + b, mask=mask, other=1.0),
+                    S_KIND)
+    col = load_math(col_var, b * C + c, mask, S_KIND)
+    factor = div_ieee(1.0, sqrt_ieee(rowq, S_KIND), S_KIND) * div_ieee(1.0, sqrt_ieee(col, S_KIND), S_KIND)
+    factor = tl.where(rowq * col < eps1_sq, div_ieee(1.0, tl.sqrt(eps1_sq), S_KIND), factor)
+    return _grad(grad, offs, mask, grad_mult_ptr, P_KIND, GRAD_MULT, MAXIMIZE) * factor
 
 
 @triton.jit
-def _factored_unorm(table, numels, chunk_tensor, chunk_start, n_tensors, rows, cols, slice_first, rmean, eps1_sq,
+def _factored_unorm(table, numels, chunk_tensor, chunk_start, n_tensors, rows, cols, slice_first, rmean, eps1,
                     grad_mult_ptr, found_inf_ptr, partials,
                     P_KIND: tl.constexpr, MASTER: tl.constexpr, GRAD_MULT: tl.constexpr, MAXIMIZE: tl.constexpr,
                     HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
@@ -183,6 +197,7 @@ def _factored_unorm(table, numels, chunk_tensor, chunk_start, n_tensors, rows, c
     R = tl.load(rows + t)
     C = tl.load(cols + t)
     slice0 = tl.load(slice_first + t)
+    eps1_sq = _square32(eps1)
     u_acc = tl.zeros([BLOCK], ACC)
     for off in range(0, end, BLOCK):
         in_chunk = off + tl.arange(0, BLOCK)
@@ -194,7 +209,7 @@ def _factored_unorm(table, numels, chunk_tensor, chunk_start, n_tensors, rows, c
 
 
 @triton.jit
-def _apply(table, numels, chunk_tensor, chunk_start, n_tensors, rows, cols, slice_first, rmean, eps1_sq, lr, lr_ptr,
+def _apply(table, numels, chunk_tensor, chunk_start, n_tensors, rows, cols, slice_first, rmean, eps1, lr, lr_ptr,
            weight_decay, one_minus_beta1, scale_ptr, denom_ptr, grad_mult_ptr, found_inf_ptr,
            P_KIND: tl.constexpr, MASTER: tl.constexpr, GRAD_MULT: tl.constexpr, MAXIMIZE: tl.constexpr,
            FACTORED: tl.constexpr, BETA1: tl.constexpr, LR_IS_PTR: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
@@ -212,6 +227,7 @@ def _apply(table, numels, chunk_tensor, chunk_start, n_tensors, rows, cols, slic
     if LR_IS_PTR:
         lr = tl.load(lr_ptr)
     decay = 1.0 - lr * weight_decay
+    eps1_sq = _square32(eps1)
     scale = tl.load(scale_ptr + t)
     denom = tl.load(denom_ptr + t)
     R = tl.load(rows + t)

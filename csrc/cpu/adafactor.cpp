@@ -5,7 +5,9 @@
 // of one batch slice, so a task's row sums are final (row_var is updated in
 // place) and its column sums are partials, combined per slice in task order;
 //   pass 1: row sums and column partials of g*g, sum(p*p)    (reads g, p)
-//   pass 2: col_var from the partials, mean of row_var per slice
+//   pass 2: col_var from the partials, mean of row_var per slice, and u's
+//           row and column factors (u = g * rsqrt(row / rmean) * rsqrt(col),
+//           so no division or square root is left per element)
 //   pass 3: sum(u*u)                                        (reads g)
 //   pass 4: the update                                      (reads g, p; writes p)
 // 0-d / 1-d tensors go by chunks:
@@ -39,15 +41,15 @@ std::vector<AdafactorStep> advance_steps(const TensorTable& tt, const AdafactorH
 }
 
 // Final per-element write: the update applied to p (or the master, then p).
-template <typename T, typename P, typename S, bool MASTER>
+template <typename T, typename P, typename S, bool MASTER, bool BETA1>
 inline void apply_element(P* param, float* master, S* exp_avg, int64_t i, T u, T decay, T scale, T denom,
-                          T m_weight, bool has_beta1) {
+                          T m_weight) {
   T p = MASTER ? T(master[i]) : T(to_math(param[i]));
   p = p * decay;
-  if (has_beta1) {
-    const T m = lerp(T(to_math(exp_avg[i])), u / denom, m_weight);
-    exp_avg[i] = Store<S>::from(m);
-    p = fused_mul_add(scale, T(to_math(exp_avg[i])), p);
+  if (BETA1) {
+    const S m = Store<S>::from(lerp(T(to_math(exp_avg[i])), u / denom, m_weight));
+    exp_avg[i] = m;
+    p = fused_mul_add(scale, T(to_math(m)), p);
   } else {
     p = fused_mul_add(scale, u, p);
   }
@@ -55,19 +57,35 @@ inline void apply_element(P* param, float* master, S* exp_avg, int64_t i, T u, T
   param[i] = Store<P>::from(p);
 }
 
-template <typename P, typename S, bool MASTER>
+// Per-tensor scale (-alpha / denom, or -alpha with beta1) and denom.
+inline void tensor_scales(const AdafactorHyper& h, const AdafactorStep& step, double p_sq, double u_sq, int64_t numel,
+                          double* scale, double* denom) {
+  double alpha;
+  adafactor_scale(h, step, p_sq, u_sq, double(numel), &alpha, denom);
+  *scale = h.has_beta1 ? -alpha : -alpha / *denom;
+}
+
+template <typename P, typename S, bool MASTER, bool BETA1>
 struct Factored {
   static void run(const TensorTable& tt, const int64_t* rows, const int64_t* cols, const AdafactorHyper& h,
                   int num_threads) {
     using T = typename MathOf<P>::type;
     const std::vector<AdafactorStep> steps = advance_steps(tt, h);
-    // Tasks of about chunk_size elements, whole rows, never crossing a batch slice.
+    // Tasks of about chunk_size elements, whole rows, never crossing a batch slice;
+    // per tensor its first task, first slice and first row/column factor.
     std::vector<RowTask> tasks;
-    std::vector<int64_t> first_task(size_t(tt.n_tensors) + 1);
-    int64_t col_total = 0;
+    std::vector<int64_t> first_task(size_t(tt.n_tensors) + 1), first_slice(size_t(tt.n_tensors) + 1);
+    std::vector<int64_t> row_base(size_t(tt.n_tensors)), col_base(size_t(tt.n_tensors));
+    int64_t col_total = 0, n_slices = 0, n_rows = 0, n_cols = 0;
     for (int64_t t = 0; t < tt.n_tensors; ++t) {
       first_task[size_t(t)] = int64_t(tasks.size());
+      first_slice[size_t(t)] = n_slices;
       const int64_t R = rows[t], C = cols[t], B = tt.numel[t] / (R * C);
+      row_base[size_t(t)] = n_rows;
+      col_base[size_t(t)] = n_cols;
+      n_slices += B;
+      n_rows += B * R;
+      n_cols += B * C;
       const int64_t per_task = std::max<int64_t>(1, tt.chunk_size / C);
       for (int64_t b = 0; b < B; ++b)
         for (int64_t r0 = 0; r0 < R; r0 += per_task) {
@@ -76,96 +94,104 @@ struct Factored {
         }
     }
     first_task[size_t(tt.n_tensors)] = int64_t(tasks.size());
+    first_slice[size_t(tt.n_tensors)] = n_slices;
     const int64_t n_tasks = int64_t(tasks.size());
-    std::vector<double> col_partial(static_cast<size_t>(col_total)), p_partial(static_cast<size_t>(n_tasks)),
-        u_partial(static_cast<size_t>(n_tasks));
-    const T eps1 = T(h.eps1), eps1_sq = T(h.eps1 * h.eps1);
-    const T grad_mult = h.grad_mult ? T(*h.grad_mult) : T(1), sign = h.maximize ? T(-1) : T(1);
-    auto grad_at = [&](const P* grad, int64_t i) { return adafactor_grad<T, true>(T(to_math(grad[i])), grad_mult, sign); };
+    // Sums over one row (at most a few thousand terms) are taken in the math
+    // type, in SIMD lanes; rows, tasks and tensors are combined in double.
+    std::vector<T> col_partial(static_cast<size_t>(col_total));
+    std::vector<double> p_partial(static_cast<size_t>(n_tasks)), u_partial(static_cast<size_t>(n_tasks));
+    // u = g * (v < eps1^2 ? 1 / eps1 : rrow * rcol), v = rowq * col, rowq = row / rmean,
+    // rrow = rsqrt(rowq), rcol = rsqrt(col): torch's rsqrt(clamp(row * col / rmean, eps1^2)) * g
+    // without a division or square root per element.
+    std::vector<T> rowq(static_cast<size_t>(n_rows)), rrow(static_cast<size_t>(n_rows)),
+        rcol(static_cast<size_t>(n_cols)), colv(static_cast<size_t>(n_cols));
+    const T eps1 = T(h.eps1), eps1_sq = T(h.eps1 * h.eps1), inv_eps1 = T(1.0 / h.eps1);
+    const T mult = (h.grad_mult ? T(*h.grad_mult) : T(1)) * (h.maximize ? T(-1) : T(1));
 
     // pass 1: row sums (final: row_var updated), column partials, sum(p*p)
 #pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
     for (int64_t k = 0; k < n_tasks; ++k) {
       const RowTask& task = tasks[size_t(k)];
-      const int64_t C = cols[task.tensor], R = rows[task.tensor];
-      const P* param = tt.ptr<const P>(kAfParam, task.tensor);
-      const float* master = MASTER ? tt.ptr<const float>(kAfMaster, task.tensor) : nullptr;
-      const P* grad = tt.ptr<const P>(kAfGrad, task.tensor);
-      S* row_var = tt.ptr<S>(kAfRowVar, task.tensor);
-      double* colp = col_partial.data() + task.col_offset;
-      const T w = T(steps[size_t(task.tensor)].one_minus_beta2_t);
+      const int64_t t = task.tensor, C = cols[t], R = rows[t];
+      const P* __restrict__ param = tt.ptr<const P>(kAfParam, t);
+      const float* __restrict__ master = MASTER ? tt.ptr<const float>(kAfMaster, t) : nullptr;
+      const P* __restrict__ grad = tt.ptr<const P>(kAfGrad, t);
+      S* __restrict__ row_var = tt.ptr<S>(kAfRowVar, t) + task.batch * R;
+      T* __restrict__ colp = col_partial.data() + task.col_offset;
+      const T w = T(steps[size_t(t)].one_minus_beta2_t);
       double p_acc = 0.0;
       for (int64_t r = task.row0; r < task.row0 + task.nrows; ++r) {
         const int64_t base = (task.batch * R + r) * C;
-        double row_acc = 0.0;
-#pragma omp simd reduction(+ : row_acc, p_acc)
+        T row_acc = T(0), row_p = T(0);
+#pragma omp simd reduction(+ : row_acc, row_p)
         for (int64_t c = 0; c < C; ++c) {
-          const T g = grad_at(grad, base + c);
-          const double g2 = double(g * g);
+          const T g = T(to_math(grad[base + c])) * mult;
+          const T g2 = g * g;
           row_acc += g2;
           colp[c] += g2;
           const T p = MASTER ? T(master[base + c]) : T(to_math(param[base + c]));
-          p_acc += double(p) * double(p);
+          row_p += p * p;
         }
-        S& rv = row_var[task.batch * R + r];
-        rv = Store<S>::from(lerp(T(to_math(rv)), T(row_acc / double(C)), w));
+        p_acc += double(row_p);
+        row_var[r] = Store<S>::from(lerp(T(to_math(row_var[r])), row_acc / T(C), w));
       }
       p_partial[size_t(k)] = p_acc;
     }
 
-    // pass 2: col_var per batch slice from the partials in task order; mean of row_var
-    std::vector<std::pair<int64_t, int64_t>> slices;  // (tensor, batch)
-    for (int64_t t = 0; t < tt.n_tensors; ++t)
-      for (int64_t b = 0; b < tt.numel[t] / (rows[t] * cols[t]); ++b) slices.emplace_back(t, b);
-    std::vector<double> row_mean(slices.size());
-    std::vector<int64_t> first_slice(size_t(tt.n_tensors) + 1, 0);
-    for (size_t i = slices.size(); i-- > 0;) first_slice[size_t(slices[i].first)] = int64_t(i);
-    first_slice[size_t(tt.n_tensors)] = int64_t(slices.size());
+    // pass 2, per batch slice: col_var from the partials in task order, the mean
+    // of row_var, and the row and column factors of u
 #pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
-    for (int64_t i = 0; i < int64_t(slices.size()); ++i) {
-      const int64_t t = slices[size_t(i)].first, b = slices[size_t(i)].second;
-      const int64_t R = rows[t], C = cols[t];
+    for (int64_t i = 0; i < n_slices; ++i) {
+      const int64_t t = std::upper_bound(first_slice.begin(), first_slice.end(), i) - first_slice.begin() - 1;
+      const int64_t b = i - first_slice[size_t(t)], R = rows[t], C = cols[t];
       const T w = T(steps[size_t(t)].one_minus_beta2_t);
       S* col_var = tt.ptr<S>(kAfColVar, t) + b * C;
+      T* cv = colv.data() + col_base[size_t(t)] + b * C;
+      T* rc = rcol.data() + col_base[size_t(t)] + b * C;
       for (int64_t c = 0; c < C; ++c) {
         double sum = 0.0;
         for (int64_t k = first_task[size_t(t)]; k < first_task[size_t(t) + 1]; ++k)
-          if (tasks[size_t(k)].batch == b) sum += col_partial[size_t(tasks[size_t(k)].col_offset + c)];
+          if (tasks[size_t(k)].batch == b) sum += double(col_partial[size_t(tasks[size_t(k)].col_offset + c)]);
         col_var[c] = Store<S>::from(lerp(T(to_math(col_var[c])), T(sum / double(R)), w));
+        cv[c] = T(to_math(col_var[c]));
+        rc[c] = T(1) / sqrt(cv[c]);
       }
       const S* row_var = tt.ptr<const S>(kAfRowVar, t) + b * R;
       double sum = 0.0;
       for (int64_t r = 0; r < R; ++r) sum += double(to_math(row_var[r]));
-      row_mean[size_t(i)] = double(clamp_min(T(sum / double(R)), eps1));
+      const T rmean = clamp_min(T(sum / double(R)), eps1);
+      T* rq = rowq.data() + row_base[size_t(t)] + b * R;
+      T* rr = rrow.data() + row_base[size_t(t)] + b * R;
+      for (int64_t r = 0; r < R; ++r) {
+        rq[r] = T(to_math(row_var[r])) / rmean;
+        rr[r] = T(1) / sqrt(rq[r]);
+      }
     }
 
-    // pass 3: sum(u*u)
-    auto u_at = [&](const RowTask& task, const S* row_var, const S* col_var, double rmean, const P* grad, int64_t r,
-                    int64_t c) {
-      const int64_t R = rows[task.tensor], C = cols[task.tensor];
-      const T var_est = T(to_math(row_var[task.batch * R + r])) * T(to_math(col_var[task.batch * C + c])) / T(rmean);
-      return adafactor_u(grad_at(grad, (task.batch * R + r) * C + c), var_est, eps1_sq);
-    };
+    // pass 3: sum(u*u) per task
 #pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
     for (int64_t k = 0; k < n_tasks; ++k) {
       const RowTask& task = tasks[size_t(k)];
-      const int64_t t = task.tensor, C = cols[t];
-      const S* row_var = tt.ptr<const S>(kAfRowVar, t);
-      const S* col_var = tt.ptr<const S>(kAfColVar, t);
-      const double rmean = row_mean[size_t(first_slice[size_t(t)] + task.batch)];
-      const P* grad = tt.ptr<const P>(kAfGrad, t);
+      const int64_t t = task.tensor, R = rows[t], C = cols[t];
+      const T* __restrict__ cv = colv.data() + col_base[size_t(t)] + task.batch * C;
+      const T* __restrict__ rc = rcol.data() + col_base[size_t(t)] + task.batch * C;
       double u_acc = 0.0;
       for (int64_t r = task.row0; r < task.row0 + task.nrows; ++r) {
-#pragma omp simd reduction(+ : u_acc)
+        const int64_t row = row_base[size_t(t)] + task.batch * R + r;
+        const T rq = rowq[size_t(row)], rr = rrow[size_t(row)];
+        const P* __restrict__ grad = tt.ptr<const P>(kAfGrad, t) + (task.batch * R + r) * C;
+        T row_u = T(0);
+#pragma omp simd reduction(+ : row_u)
         for (int64_t c = 0; c < C; ++c) {
-          const T u = u_at(task, row_var, col_var, rmean, grad, r, c);
-          u_acc += double(u) * double(u);
+          const T factor = rr * rc[c];  // loaded either way: a branch-free select vectorises
+          const T u = T(to_math(grad[c])) * mult * (rq * cv[c] < eps1_sq ? inv_eps1 : factor);
+          row_u += u * u;
         }
+        u_acc += double(row_u);
       }
       u_partial[size_t(k)] = u_acc;
     }
 
-    // per-tensor alpha and denom, then pass 4: the update
     std::vector<double> scale(static_cast<size_t>(tt.n_tensors)), denoms(static_cast<size_t>(tt.n_tensors));
     for (int64_t t = 0; t < tt.n_tensors; ++t) {
       double p_sq = 0.0, u_sq = 0.0;
@@ -173,95 +199,93 @@ struct Factored {
         p_sq += p_partial[size_t(k)];
         u_sq += u_partial[size_t(k)];
       }
-      double alpha, denom;
-      adafactor_scale(h, steps[size_t(t)], p_sq, u_sq, double(tt.numel[t]), &alpha, &denom);
-      scale[size_t(t)] = h.has_beta1 ? -alpha : -alpha / denom;
-      denoms[size_t(t)] = denom;
+      tensor_scales(h, steps[size_t(t)], p_sq, u_sq, tt.numel[t], &scale[size_t(t)], &denoms[size_t(t)]);
     }
+
+    // pass 4: the update, u recomputed as in pass 3
     const T m_weight = T(1.0 - h.beta1);
 #pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
     for (int64_t k = 0; k < n_tasks; ++k) {
       const RowTask& task = tasks[size_t(k)];
-      const int64_t t = task.tensor, C = cols[t];
-      const S* row_var = tt.ptr<const S>(kAfRowVar, t);
-      const S* col_var = tt.ptr<const S>(kAfColVar, t);
-      const double rmean = row_mean[size_t(first_slice[size_t(t)] + task.batch)];
-      const P* grad = tt.ptr<const P>(kAfGrad, t);
-      P* param = tt.ptr<P>(kAfParam, t);
-      float* master = MASTER ? tt.ptr<float>(kAfMaster, t) : nullptr;
-      S* exp_avg = h.has_beta1 ? tt.ptr<S>(kAfExpAvg, t) : nullptr;
+      const int64_t t = task.tensor, R = rows[t], C = cols[t];
+      const T* __restrict__ cv = colv.data() + col_base[size_t(t)] + task.batch * C;
+      const T* __restrict__ rc = rcol.data() + col_base[size_t(t)] + task.batch * C;
       const T decay = T(steps[size_t(t)].decay), s = T(scale[size_t(t)]), denom = T(denoms[size_t(t)]);
       for (int64_t r = task.row0; r < task.row0 + task.nrows; ++r) {
-        const int64_t base = (task.batch * rows[t] + r) * C;
+        const int64_t row = row_base[size_t(t)] + task.batch * R + r;
+        const T rq = rowq[size_t(row)], rr = rrow[size_t(row)];
+        const int64_t base = (task.batch * R + r) * C;
+        const P* __restrict__ grad = tt.ptr<const P>(kAfGrad, t) + base;
+        P* __restrict__ param = tt.ptr<P>(kAfParam, t) + base;
+        float* __restrict__ master = MASTER ? tt.ptr<float>(kAfMaster, t) + base : nullptr;
+        S* __restrict__ exp_avg = BETA1 ? tt.ptr<S>(kAfExpAvg, t) + base : nullptr;
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
-          const T u = u_at(task, row_var, col_var, rmean, grad, r, c);
-          apply_element<T, P, S, MASTER>(param, master, exp_avg, base + c, u, decay, s, denom, m_weight, h.has_beta1);
+          const T factor = rr * rc[c];
+          const T u = T(to_math(grad[c])) * mult * (rq * cv[c] < eps1_sq ? inv_eps1 : factor);
+          apply_element<T, P, S, MASTER, BETA1>(param, master, exp_avg, c, u, decay, s, denom, m_weight);
         }
       }
     }
   }
 };
 
-template <typename P, typename S, bool MASTER>
+template <typename P, typename S, bool MASTER, bool BETA1>
 struct Vector {
   static void run(const TensorTable& tt, const AdafactorHyper& h, int num_threads) {
     using T = typename MathOf<P>::type;
     const std::vector<AdafactorStep> steps = advance_steps(tt, h);
-    std::vector<double> p_partial(size_t(tt.n_chunks)), u_partial(size_t(tt.n_chunks));
+    std::vector<double> p_partial(static_cast<size_t>(tt.n_chunks)), u_partial(static_cast<size_t>(tt.n_chunks));
     const T eps1_sq = T(h.eps1 * h.eps1);
-    const T grad_mult = h.grad_mult ? T(*h.grad_mult) : T(1), sign = h.maximize ? T(-1) : T(1);
+    const T mult = (h.grad_mult ? T(*h.grad_mult) : T(1)) * (h.maximize ? T(-1) : T(1));
 
-    // pass 1: variance updated (as stored: u is formed from what was written), sum(p*p), sum(u*u)
+    // pass 1: variance updated (u is formed from the value as stored), sum(p*p), sum(u*u)
     parallel_chunks(tt, num_threads, [&](int64_t c, const Chunk& chunk) {
       const int64_t t = chunk.tensor;
-      const P* param = tt.ptr<const P>(kAfParam, t) + chunk.start;
-      const float* master = MASTER ? tt.ptr<const float>(kAfMaster, t) + chunk.start : nullptr;
-      const P* grad = tt.ptr<const P>(kAfGrad, t) + chunk.start;
-      S* variance = tt.ptr<S>(kAfVariance, t) + chunk.start;
+      const P* __restrict__ param = tt.ptr<const P>(kAfParam, t) + chunk.start;
+      const float* __restrict__ master = MASTER ? tt.ptr<const float>(kAfMaster, t) + chunk.start : nullptr;
+      const P* __restrict__ grad = tt.ptr<const P>(kAfGrad, t) + chunk.start;
+      S* __restrict__ variance = tt.ptr<S>(kAfVariance, t) + chunk.start;
       const T w = T(steps[size_t(t)].one_minus_beta2_t);
       double p_acc = 0.0, u_acc = 0.0;
 #pragma omp simd reduction(+ : p_acc, u_acc)
       for (int64_t i = 0; i < chunk.len; ++i) {
-        const T g = adafactor_grad<T, true>(T(to_math(grad[i])), grad_mult, sign);
-        variance[i] = Store<S>::from(lerp(T(to_math(variance[i])), g * g, w));
-        const T u = adafactor_u(g, T(to_math(variance[i])), eps1_sq);
+        const T g = T(to_math(grad[i])) * mult;
+        const S v = Store<S>::from(lerp(T(to_math(variance[i])), g * g, w));
+        variance[i] = v;
+        const T u = adafactor_u(g, T(to_math(v)), eps1_sq);
         const T p = MASTER ? T(master[i]) : T(to_math(param[i]));
-        p_acc += double(p) * double(p);
-        u_acc += double(u) * double(u);
+        p_acc += double(p * p);
+        u_acc += double(u * u);
       }
       p_partial[size_t(c)] = p_acc;
       u_partial[size_t(c)] = u_acc;
     });
 
-    std::vector<double> p_sq(size_t(tt.n_tensors), 0.0), u_sq(size_t(tt.n_tensors), 0.0);
+    std::vector<double> p_sq(static_cast<size_t>(tt.n_tensors), 0.0), u_sq(static_cast<size_t>(tt.n_tensors), 0.0);
     for (int64_t c = 0; c < tt.n_chunks; ++c) {  // a tensor's chunks are consecutive: chunk order
       p_sq[size_t(tt.chunk_tensor[c])] += p_partial[size_t(c)];
       u_sq[size_t(tt.chunk_tensor[c])] += u_partial[size_t(c)];
     }
     std::vector<double> scale(static_cast<size_t>(tt.n_tensors)), denoms(static_cast<size_t>(tt.n_tensors));
-    for (int64_t t = 0; t < tt.n_tensors; ++t) {
-      double alpha, denom;
-      adafactor_scale(h, steps[size_t(t)], p_sq[size_t(t)], u_sq[size_t(t)], double(tt.numel[t]), &alpha, &denom);
-      scale[size_t(t)] = h.has_beta1 ? -alpha : -alpha / denom;
-      denoms[size_t(t)] = denom;
-    }
+    for (int64_t t = 0; t < tt.n_tensors; ++t)
+      tensor_scales(h, steps[size_t(t)], p_sq[size_t(t)], u_sq[size_t(t)], tt.numel[t], &scale[size_t(t)],
+                    &denoms[size_t(t)]);
 
     // pass 2: the update
     const T m_weight = T(1.0 - h.beta1);
     parallel_chunks(tt, num_threads, [&](int64_t /*c*/, const Chunk& chunk) {
       const int64_t t = chunk.tensor;
-      P* param = tt.ptr<P>(kAfParam, t) + chunk.start;
-      float* master = MASTER ? tt.ptr<float>(kAfMaster, t) + chunk.start : nullptr;
-      const P* grad = tt.ptr<const P>(kAfGrad, t) + chunk.start;
-      const S* variance = tt.ptr<const S>(kAfVariance, t) + chunk.start;
-      S* exp_avg = h.has_beta1 ? tt.ptr<S>(kAfExpAvg, t) + chunk.start : nullptr;
+      P* __restrict__ param = tt.ptr<P>(kAfParam, t) + chunk.start;
+      float* __restrict__ master = MASTER ? tt.ptr<float>(kAfMaster, t) + chunk.start : nullptr;
+      const P* __restrict__ grad = tt.ptr<const P>(kAfGrad, t) + chunk.start;
+      const S* __restrict__ variance = tt.ptr<const S>(kAfVariance, t) + chunk.start;
+      S* __restrict__ exp_avg = BETA1 ? tt.ptr<S>(kAfExpAvg, t) + chunk.start : nullptr;
       const T decay = T(steps[size_t(t)].decay), s = T(scale[size_t(t)]), denom = T(denoms[size_t(t)]);
 #pragma omp simd
       for (int64_t i = 0; i < chunk.len; ++i) {
-        const T g = adafactor_grad<T, true>(T(to_math(grad[i])), grad_mult, sign);
-        const T u = adafactor_u(g, T(to_math(variance[i])), eps1_sq);
-        apply_element<T, P, S, MASTER>(param, master, exp_avg, i, u, decay, s, denom, m_weight, h.has_beta1);
+        const T u = adafactor_u(T(to_math(grad[i])) * mult, T(to_math(variance[i])), eps1_sq);
+        apply_element<T, P, S, MASTER, BETA1>(param, master, exp_avg, i, u, decay, s, denom, m_weight);
       }
     });
   }
@@ -270,13 +294,17 @@ struct Vector {
 template <typename P, typename S, bool MASTER>
 struct FactoredOp {
   static void run(const TensorTable& tt, const int64_t* rows, const int64_t* cols, const AdafactorHyper& h, int n) {
-    Factored<P, S, MASTER>::run(tt, rows, cols, h, n);
+    if (h.has_beta1) Factored<P, S, MASTER, true>::run(tt, rows, cols, h, n);
+    else Factored<P, S, MASTER, false>::run(tt, rows, cols, h, n);
   }
 };
 
 template <typename P, typename S, bool MASTER>
 struct VectorOp {
-  static void run(const TensorTable& tt, const AdafactorHyper& h, int n) { Vector<P, S, MASTER>::run(tt, h, n); }
+  static void run(const TensorTable& tt, const AdafactorHyper& h, int n) {
+    if (h.has_beta1) Vector<P, S, MASTER, true>::run(tt, h, n);
+    else Vector<P, S, MASTER, false>::run(tt, h, n);
+  }
 };
 
 }  // namespace

@@ -128,7 +128,7 @@ def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize,
             num_warps=NUM_WARPS)
         u_part = torch.empty(n_chunks, dtype=torch.float64, device=device)
         kernels._factored_unorm[(n_chunks,)](
-            *head, rows, cols, slice_first, rmean, eps1 * eps1, pointers["grad_mult_ptr"], pointers["found_inf_ptr"],
+            *head, rows, cols, slice_first, rmean, eps1, pointers["grad_mult_ptr"], pointers["found_inf_ptr"],
             u_part, **flags, CHUNK=tables.chunk_size, BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS)
         combine[(n,)](u_part, tables.chunk_first, u_sq, IS_MAX=False, BLOCK=256, num_warps=NUM_WARPS)
     else:  # 0-d and 1-d tensors
@@ -136,7 +136,7 @@ def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize,
         rmean = torch.empty(1, dtype=torch.float32, device=device)
         partials = torch.empty(2 * n_chunks, dtype=torch.float64, device=device)
         kernels._vector_stats[(n_chunks,)](
-            *head, n_chunks, beta2_decay, eps1 * eps1, pointers["grad_mult_ptr"], pointers["found_inf_ptr"],
+            *head, n_chunks, beta2_decay, eps1, pointers["grad_mult_ptr"], pointers["found_inf_ptr"],
             partials, **flags, CHUNK=tables.chunk_size, BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS)
         combine[(n,)](partials, tables.chunk_first, p_sq, IS_MAX=False, BLOCK=256, num_warps=NUM_WARPS)
         combine[(n,)](partials[n_chunks:], tables.chunk_first, u_sq, IS_MAX=False, BLOCK=256, num_warps=NUM_WARPS)
@@ -144,7 +144,7 @@ def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize,
                                          beta1 is not None)
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
     kernels._apply[(n_chunks,)](
-        *head, rows, cols, slice_first, rmean, eps1 * eps1, 0.0 if lr_tensor is not None else lr,
+        *head, rows, cols, slice_first, rmean, eps1, 0.0 if lr_tensor is not None else lr,
         dummy if lr_tensor is None else lr_tensor, weight_decay, 0.0 if beta1 is None else 1.0 - beta1, scale, denom,
         pointers["grad_mult_ptr"], pointers["found_inf_ptr"], **flags, FACTORED=bool(bucket.kind),
         BETA1=beta1 is not None, LR_IS_PTR=lr_tensor is not None, CHUNK=tables.chunk_size, BLOCK=BLOCK_SIZE,

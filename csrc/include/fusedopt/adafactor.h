@@ -7,8 +7,12 @@
 //   variance = lerp(variance, g * g, 1 - beta2_t)                     (0-d / 1-d tensors)
 //   row_var  = lerp(row_var, sum_c g^2 / C, 1 - beta2_t)             (2+ dims: [.., R, 1])
 //   col_var  = lerp(col_var, sum_r g^2 / R, 1 - beta2_t)             ([.., 1, C])
-//   var_est  = row_var * col_var / clamp(mean_r row_var, min=eps1)   (or variance)
+//   var_est  = variance                                             (0-d / 1-d)
 //   u        = rsqrt(clamp(var_est, min=eps1^2)) * g
+//   factored: rmean = clamp(mean_r row_var, min=eps1), rowq = row_var / rmean,
+//   u        = g * (rowq * col_var < eps1^2 ? 1/eps1 : rsqrt(rowq) * rsqrt(col_var))
+//              (torch's rsqrt(clamp(row_var * col_var / rmean, eps1^2)) * g, up to a few
+//              ulps, with the square roots and divisions per row and per column, not per element)
 //   p        = p * (1 - lr * weight_decay) + (-alpha / denom) * u        alpha = max(eps2, RMS(p)) * rho,
 //   (beta1:  m = lerp(m, u / denom, 1 - beta1);  p = p * decay + (-alpha) * m)   denom = max(1, RMS(u) / d)
 //
