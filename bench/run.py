@@ -19,7 +19,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fusedopt bench",
                                      description="fusedopt benchmarks: same-run ratios against torch")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--bench", nargs="*", default=list(BENCHMARKS), choices=list(BENCHMARKS))
+    parser.add_argument("--bench", nargs="*", default=["adamw"], choices=[*BENCHMARKS, "all"],
+                        help="which benchmarks (default: adamw, under a minute on a CPU; 'all' for every one)")
     parser.add_argument("--case", nargs="*", default=None, help="only these cases (e.g. 1x10M 200x50K)")
     parser.add_argument("--reps", type=int, default=None, help="timed rounds (default 15 on CPU, 30 on GPU)")
     parser.add_argument("--warmup", type=int, default=3)
@@ -31,7 +32,7 @@ def main(argv=None) -> int:
     meta = {"device": card, "torch": torch.__version__, "fusedopt": fusedopt.__version__,
             "threads": torch.get_num_threads(), "reps": reps, "warmup": args.warmup}
     summary = []
-    for name in args.bench:
+    for name in (list(BENCHMARKS) if "all" in args.bench else args.bench):
         results, baselines = BENCHMARKS[name].run(device, args.case, args.warmup, reps)
         table = markdown(results, baselines)
         json_path, md_path = write(results, meta, table, args.out, f"{name}_{device.type}")

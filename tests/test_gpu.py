@@ -204,3 +204,68 @@ def test_lamb_on_gpu(backend, adam_w_mode, use_nvlamb, dtype, master):
     ref, opt = fusedopt.FusedLAMB(a, backend="reference", **kw), fusedopt.FusedLAMB(b, backend=backend, **kw)
     run(ref, a, 6, scale=2.0), run(opt, b, 6, scale=2.0)
     assert_same_state(ref, a, opt, b, atol=1e-6, rtol=1e-5)
+
+
+# --- Adafactor, Sophia, and no host synchronisation (issue 4) -----------------------------------
+
+
+@pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.bfloat16, True), (torch.float64, False)])
+@pytest.mark.parametrize("beta1", [None, 0.9])
+def test_adafactor_on_gpu(dtype, master, beta1):
+    """CUDA tensors run Adafactor on triton (the cuda backend has no Adafactor yet)."""
+    shapes = [(), (7,), (3000,), (300, 200), (2, 50, 3), (33, 1), (50257, 64)]
+    a = make_params(shapes, dtype=dtype, device="cuda")
+    b = [p.detach().clone().requires_grad_() for p in a]
+    ref = fusedopt.FusedAdafactor(a, backend="reference", master_weights=master, beta1=beta1, weight_decay=0.01)
+    opt = fusedopt.FusedAdafactor(b, master_weights=master, beta1=beta1, weight_decay=0.01)
+    assert opt.backend == "triton"
+    run(ref, a, 5), run(opt, b, 5)
+    assert_same_state(ref, a, opt, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.bfloat16, True), (torch.bfloat16, False)])
+def test_sophia_on_gpu(backend, dtype, master):
+    a = make_params(SHAPES, dtype=dtype, device="cuda")
+    b = [p.detach().clone().requires_grad_() for p in a]
+    ref = fusedopt.FusedSophia(a, backend="reference", lr=1e-2, master_weights=master)
+    opt = fusedopt.FusedSophia(b, backend=backend, lr=1e-2, master_weights=master)
+    for step in range(6):
+        for p, q, g in zip(a, b, grads_for(a, step)):
+            p.grad, q.grad = g, g.clone()
+        if step % 2:
+            ref.update_hessian()
+            opt.update_hessian()
+        ref.step()
+        opt.step()
+    assert_same_state(ref, a, opt, b, **tolerance(dtype if not master else torch.float32))
+
+
+OPTIMIZERS = {
+    "adamw": lambda ps, be: FusedAdamW(ps, backend=be, max_grad_norm=1.0, lr=torch.tensor(1e-3, device="cuda"),
+                                       capturable=True),
+    "lamb": lambda ps, be: fusedopt.FusedLAMB(ps, backend=be),
+    "adafactor": lambda ps, be: fusedopt.FusedAdafactor(ps, backend=be),
+    "sophia": lambda ps, be: fusedopt.FusedSophia(ps, backend=be),
+}
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_step_never_waits_on_the_host(backend, name):
+    """After a warm-up step (tables built and cached), a step makes no
+    synchronising CUDA call: torch's sync debug mode turns one into an error."""
+    if name == "adafactor" and backend == "cuda":
+        pytest.skip("the cuda backend has no Adafactor kernels yet (CUDA tensors use triton's)")
+    params = make_params([(300, 200), (77,), (5, 4, 3)], device="cuda")
+    opt = OPTIMIZERS[name](params, backend)
+    for p, g in zip(params, grads_for(params, 0)):
+        p.grad = g
+    opt.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()

@@ -55,8 +55,8 @@ def scales(p_sq: Tensor, u_sq: Tensor, numel: Tensor, steps: Tensor, lr, eps2: f
     p += scale * u (scale = -alpha / denom), or with beta1 m = lerp(m, u / denom),
     p += scale * m (scale = -alpha). The one place the GPU backends form them."""
     steps, numel = steps.double(), numel.double()
-    lr = lr.double() if isinstance(lr, Tensor) else lr
-    rho = torch.minimum(torch.as_tensor(lr, dtype=torch.float64, device=steps.device), steps.rsqrt())
+    rho = steps.rsqrt()  # min(lr, 1/sqrt(step)), without turning a float lr into a device tensor
+    rho = torch.minimum(rho, lr.double()) if isinstance(lr, Tensor) else rho.clamp(max=float(lr))
     alpha = torch.clamp(p_sq.sqrt() / numel.sqrt(), min=eps2) * rho
     denom = torch.clamp(u_sq.sqrt() / (numel.sqrt() * d), min=1.0)
     scale = -alpha if has_beta1 else -alpha / denom

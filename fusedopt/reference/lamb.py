@@ -66,4 +66,5 @@ def trust_ratio(param_sq_sum: Tensor, update_sq_sum: Tensor, lr, weight_decay: f
     apply = (param_norm > 0) & (update_norm > 0)
     if not (use_nvlamb or weight_decay != 0):
         apply = torch.zeros_like(apply)
-    return torch.where(apply, ratio, torch.as_tensor(lr, dtype=ratio.dtype, device=ratio.device)).float()
+    fallback = lr if isinstance(lr, Tensor) else float(lr)  # a Python number: no host-to-device copy
+    return torch.where(apply, ratio, fallback).float()
