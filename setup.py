@@ -16,6 +16,7 @@ setup(
         "fusedopt.reference",
         "fusedopt._kernels",
         "fusedopt._bench",
+        "fusedopt._bench.examples",
         "fusedopt._csrc",
     ],
     package_dir={
