@@ -25,7 +25,7 @@ import torch
 
 import fusedopt
 
-from .cases import cases, kernel_backends, make_params
+from .cases import kernel_backends, make_params, selected
 from .harness import STREAM, Result, alternate, stream_op
 
 BYTES_PER_PARAM = 28
@@ -67,9 +67,7 @@ def contenders(mode: str, params, device):
 
 def run(device: torch.device, case_names, warmup: int, reps: int, log=print):
     results, baselines = [], {}
-    for case, shapes in cases(device).items():
-        if case_names and case not in case_names:
-            continue
+    for case, shapes in selected(device, case_names):
         for mode, dtype in (("fp32", torch.float32), ("bf16+master", torch.bfloat16)):
             params = make_params(shapes, dtype, device)
             n = sum(p.numel() for p in params)

@@ -42,3 +42,11 @@ def kernel_backends(device) -> list[str]:
 
     names = fusedopt.available_backends(device)
     return [n for n in names if not (device.type == "cpu" and n == "triton")]
+
+
+def selected(device, case_names, allowed=None):
+    """(case, shapes) of the cases to run: those in `allowed` (all if None)
+    and, when the user named some, those named."""
+    for case, shapes in cases(device).items():
+        if (allowed is None or case in allowed) and (not case_names or case in case_names):
+            yield case, shapes

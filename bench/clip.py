@@ -13,7 +13,7 @@ import torch
 
 import fusedopt
 
-from .cases import cases, kernel_backends, make_params
+from .cases import kernel_backends, make_params, selected
 from .harness import STREAM, Result, alternate, stream_op
 
 CASES = ("1x10M", "gpt2-124M", "gpt2-d256-L4")
@@ -22,9 +22,7 @@ MAX_NORM = 1.0
 
 def run(device: torch.device, case_names, warmup: int, reps: int, log=print):
     results, baselines = [], {}
-    for case, shapes in cases(device).items():
-        if case not in CASES or (case_names and case not in case_names):
-            continue
+    for case, shapes in selected(device, case_names, CASES):
         params = make_params(shapes, torch.float32, device, grad_scale=1.0)
         n = sum(p.numel() for p in params)
         stream, stream_bytes = stream_op(device, 16 * n)

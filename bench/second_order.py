@@ -17,7 +17,7 @@ import torch
 
 import fusedopt
 
-from .cases import cases, kernel_backends, make_params
+from .cases import kernel_backends, make_params, selected
 from .harness import STREAM, Result, alternate, stream_op
 
 CASES = ("gpt2-124M", "gpt2-d256-L4")  # the targets are on GPT-2-like shapes
@@ -43,9 +43,7 @@ class TorchSophiaG:
 
 def run(device: torch.device, case_names, warmup: int, reps: int, log=print):
     results, baselines = [], {}
-    for case, shapes in cases(device).items():
-        if case not in CASES or (case_names and case not in case_names):
-            continue
+    for case, shapes in selected(device, case_names, CASES):
         params = make_params(shapes, torch.float32, device)
         n = sum(p.numel() for p in params)
         matrix = sum(p.numel() for p in params if p.dim() > 1)

@@ -39,9 +39,9 @@ def test_build_reports_each_backend():
 
 
 def test_bench_harness_on_tiny_cases(monkeypatch, tmp_path):
-    adamw = shipped_module("bench", "adamw")
+    cases = shipped_module("bench", "cases")
     run = shipped_module("bench", "run")
-    monkeypatch.setattr(adamw, "cases", lambda device: {"tiny": [(1000,), (7, 3)]})
+    monkeypatch.setattr(cases, "cases", lambda device: {"tiny": [(1000,), (7, 3)]})
     assert run.main(["--reps", "2", "--warmup", "1", "--out", str(tmp_path)]) == 0
     payload = json.loads((tmp_path / "adamw_cpu.json").read_text())
     contenders = {r["contender"] for r in payload["results"]}

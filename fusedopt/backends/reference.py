@@ -19,6 +19,18 @@ NAME = "reference"
 DEVICE_TYPES = ("cpu", "cuda")
 
 
+_SKIP = object()
+
+
+def _begin(bucket, grad_mult, found_inf):
+    """What every update starts with: advance the steps (not when GradScaler
+    found inf/NaN, then _SKIP: nothing else moves) and read grad_mult."""
+    advance_steps(bucket.steps, found_inf)
+    if found_inf is not None and found_inf.item() != 0:
+        return _SKIP
+    return None if grad_mult is None else float(grad_mult.item())
+
+
 def unavailable_reason(device_type: str) -> str | None:
     return None
 
@@ -28,11 +40,10 @@ def load() -> None:
 
 
 def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_mult, found_inf):
-    advance_steps(bucket.steps, found_inf)
-    if found_inf is not None and found_inf.item() != 0:
+    mult = _begin(bucket, grad_mult, found_inf)
+    if mult is _SKIP:
         return
     lr = float(lr)
-    mult = None if grad_mult is None else float(grad_mult.item())
     dtype = math_dtype(bucket.dtype)
     for i, param in enumerate(bucket.params):
         master = bucket.masters[i] if bucket.masters is not None else None
@@ -76,10 +87,9 @@ def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, adam_w
     """The two passes of reference/lamb.py, one tensor at a time. The update
     direction is formed from the moments as stored (rounded to their dtype),
     which is what the kernels' second pass reads back."""
-    advance_steps(bucket.steps, found_inf)
-    if found_inf is not None and found_inf.item() != 0:
+    mult = _begin(bucket, grad_mult, found_inf)
+    if mult is _SKIP:
         return
-    mult = None if grad_mult is None else float(grad_mult.item())
     dtype = math_dtype(bucket.dtype)
     for i, param in enumerate(bucket.params):
         master = bucket.masters[i] if bucket.masters is not None else None
@@ -105,10 +115,9 @@ def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, adam_w
 def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize, beta1, grad_mult, found_inf):
     """reference/adafactor.py one tensor at a time, on working copies in the
     math precision (with .item() for the per-tensor scalars, as torch)."""
-    advance_steps(bucket.steps, found_inf)
-    if found_inf is not None and found_inf.item() != 0:
+    mult = _begin(bucket, grad_mult, found_inf)
+    if mult is _SKIP:
         return
-    mult = None if grad_mult is None else float(grad_mult.item())
     lr = float(lr)
     dtype = math_dtype(bucket.dtype)
     eps1 = torch.finfo(bucket.dtype).eps if eps1 is None else eps1
@@ -129,10 +138,9 @@ def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize,
 
 
 def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, found_inf):
-    advance_steps(bucket.steps, found_inf)
-    if found_inf is not None and found_inf.item() != 0:
+    mult = _begin(bucket, grad_mult, found_inf)
+    if mult is _SKIP:
         return
-    mult = None if grad_mult is None else float(grad_mult.item())
     lr = float(lr)
     dtype = math_dtype(bucket.dtype)
     for i, param in enumerate(bucket.params):
