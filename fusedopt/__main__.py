@@ -22,13 +22,14 @@ from . import __version__, _jit, backends
 from ._resources import csrc_dir, shipped_module
 
 
-def _version_of(command: list[str]) -> str:
+def _version_of(command: list[str], line_with: str = "") -> str:
+    """The first line of a tool's version output (or the first containing `line_with`)."""
     try:
         out = subprocess.run(command, capture_output=True, text=True, timeout=30)
-        text = (out.stdout or out.stderr).strip().splitlines()
-        return text[0] if text else "?"
     except (OSError, subprocess.SubprocessError):
         return "not found"
+    lines = (out.stdout or out.stderr).strip().splitlines()
+    return next((line for line in lines if line_with in line), "?")
 
 
 def _backend_status(name: str, device_type: str) -> str:
@@ -65,7 +66,7 @@ def info() -> int:
     from torch.utils.cpp_extension import CUDA_HOME
 
     nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else shutil.which("nvcc")
-    print(f"nvcc: {_version_of([nvcc, '--version'])[:80] if nvcc else 'not found'} ({nvcc})")
+    print(f"nvcc: {_version_of([nvcc, '--version'], 'release') if nvcc else 'not found'} ({nvcc})")
     print(f"sources: {csrc_dir()}")
     print(f"JIT cache: {_jit.cache_root()}  (FUSEDOPT_CACHE_DIR, else TORCH_EXTENSIONS_DIR, else ~/.cache/fusedopt)")
     for device_type in ("cpu", "cuda"):
