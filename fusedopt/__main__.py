@@ -76,6 +76,10 @@ def info() -> int:
     return 0
 
 
+#: the backends `build` knows how to prepare
+_BUILT = ("cpu", "cuda", "triton")
+
+
 def build(names: list[str]) -> int:
     failed = 0
     for name in names:
@@ -103,13 +107,17 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices, backends, JIT cache")
     b = sub.add_parser("build", help="pre-build the compiled backends")
-    b.add_argument("backends", nargs="*", default=["cpu", "cuda", "triton"], choices=["cpu", "cuda", "triton"])
+    # no `choices`: argparse checks an empty nargs="*" list against them and fails
+    b.add_argument("backends", nargs="*", metavar="{cpu,cuda,triton}", help="default: all three")
     sub.add_parser("bench", help="run the benchmarks (arguments after `bench` go to it)", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         return info()
     if args.command == "build":
-        return build(args.backends)
+        unknown = sorted(set(args.backends) - set(_BUILT))
+        if unknown:
+            parser.error(f"build: unknown backend(s) {', '.join(unknown)}; choose from {', '.join(_BUILT)}")
+        return build(args.backends or list(_BUILT))
     return shipped_module("bench", "run").main(rest)
 
 

@@ -38,6 +38,19 @@ def test_build_reports_each_backend():
         assert out.returncode == 0, out.stdout + out.stderr
 
 
+def test_build_without_arguments_builds_every_backend():
+    out = cli("build")
+    assert out.returncode == 0, out.stdout + out.stderr
+    for name in ("cpu", "cuda", "triton"):
+        assert f"{name}:" in out.stdout
+
+
+def test_build_rejects_an_unknown_backend():
+    out = cli("build", "cpu", "tpu")
+    assert out.returncode == 2
+    assert "unknown backend(s) tpu" in out.stderr
+
+
 def test_bench_harness_on_tiny_cases(monkeypatch, tmp_path):
     cases = shipped_module("bench", "cases")
     run = shipped_module("bench", "run")
