@@ -23,6 +23,13 @@ HAS_CUDA = torch.cuda.is_available()
 
 #: backends that run on CPU tensors here (builds the cpu extension once per session)
 CPU_BACKENDS = fusedopt.available_backends("cpu")
+#: the same without the reference: the backends tested against it
+KERNEL_BACKENDS = [b for b in CPU_BACKENDS if b != "reference"]
+
+
+def backend_params(backends=CPU_BACKENDS):
+    """`backends` as pytest params, triton's marked (``-m "not triton"`` skips the slow interpreter)."""
+    return [pytest.param(b, marks=[pytest.mark.triton] if b == "triton" else []) for b in backends]
 
 
 @pytest.fixture(autouse=True)

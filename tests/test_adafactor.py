@@ -7,7 +7,7 @@ import io
 
 import pytest
 import torch
-from conftest import CPU_BACKENDS
+from conftest import CPU_BACKENDS, backend_params
 from helpers import assert_same_state, grads_for, run, ulp
 
 from fusedopt import FusedAdafactor
@@ -22,10 +22,6 @@ CONFIGS = {
     "d_eps": {"d": 2.0, "eps": (1e-20, 1e-2), "beta2_decay": -0.5},
     "maximize": {"maximize": True, "lr": 1e-3},
 }
-
-
-def backend_params(backends=CPU_BACKENDS):
-    return [pytest.param(b, marks=[pytest.mark.triton] if b == "triton" else []) for b in backends]
 
 
 def make(shapes=SHAPES, dtype=torch.float32, seed=0):

@@ -7,7 +7,7 @@ import io
 
 import pytest
 import torch
-from conftest import CPU_BACKENDS
+from conftest import CPU_BACKENDS, backend_params
 from helpers import SHAPES, assert_same_state, clone_params, grads_for, make_params, run, state_tensors, ulp
 
 from fusedopt import FusedAdamW
@@ -24,10 +24,6 @@ CONFIGS = {
     "beta1_above_half": {"betas": (0.3, 0.95)},  # the other branch of lerp
 }
 STEPS = 10
-
-
-def backend_params(backends=CPU_BACKENDS):
-    return [pytest.param(b, marks=[pytest.mark.triton] if b == "triton" else []) for b in backends]
 
 
 KERNEL_BACKENDS = backend_params([b for b in CPU_BACKENDS if b != "reference"])

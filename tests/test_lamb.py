@@ -9,7 +9,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import CPU_BACKENDS
+from conftest import CPU_BACKENDS, backend_params
 from helpers import SHAPES, assert_same_state, grads_for, make_params, run, ulp
 
 from fusedopt import FusedLAMB
@@ -19,10 +19,6 @@ pytestmark = pytest.mark.lamb
 SWITCHES = ["bias_correction", "adam_w_mode", "grad_averaging", "use_nvlamb", "maximize"]
 CONFIGS = [dict(zip(SWITCHES, values)) for values in itertools.product([True, False], repeat=len(SWITCHES))]
 FP32 = {"atol": 1e-6, "rtol": 1e-5}
-
-
-def backend_params(backends=CPU_BACKENDS):
-    return [pytest.param(b, marks=[pytest.mark.triton] if b == "triton" else []) for b in backends]
 
 
 def literal_lamb(params, grads_per_step, *, lr, betas, eps, weight_decay, bias_correction, adam_w_mode,

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CPU_BACKENDS
+from conftest import CPU_BACKENDS, backend_params
 from helpers import assert_same_state, grads_for, make_params
 
 from fusedopt import FusedAdamW
 
 TOL = {"atol": 1e-6, "rtol": 1e-5}
-
-
-def backend_params():
-    return [pytest.param(b, marks=[pytest.mark.triton] if b == "triton" else []) for b in CPU_BACKENDS]
 
 
 def two_groups(params):

@@ -6,16 +6,12 @@ import math
 
 import pytest
 import torch
-from conftest import CPU_BACKENDS
+from conftest import CPU_BACKENDS, backend_params
 
 import fusedopt
 
 NORM_TYPES = [2.0, 1.0, float("inf"), 3.5, 0.5]
 SHAPES = [(3, 5), (1,), (257,), (13, 70), ()]
-
-
-def backend_params(backends=CPU_BACKENDS):
-    return [pytest.param(b, marks=[pytest.mark.triton] if b == "triton" else []) for b in backends]
 
 
 def params_with_grads(shapes=SHAPES, dtype=torch.float32, seed=0, scale=1.0):

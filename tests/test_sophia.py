@@ -8,7 +8,7 @@ import io
 
 import pytest
 import torch
-from conftest import CPU_BACKENDS
+from conftest import CPU_BACKENDS, backend_params
 from helpers import SHAPES, assert_same_state, grads_for, make_params, ulp
 
 import fusedopt
@@ -16,10 +16,6 @@ from fusedopt import FusedSophia, gnb_hessian_loss
 from fusedopt._resources import shipped_module
 
 pytestmark = pytest.mark.sophia
-
-
-def backend_params(backends=CPU_BACKENDS):
-    return [pytest.param(b, marks=[pytest.mark.triton] if b == "triton" else []) for b in backends]
 
 
 def run_sophia(opt, params, steps, hessian_every=2, bs=None, start=0):
