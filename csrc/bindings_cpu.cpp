@@ -14,6 +14,7 @@
 
 #include "fusedopt/adafactor.h"
 #include "fusedopt/adamw.h"
+#include "fusedopt/dispatch.h"
 #include "fusedopt/lamb.h"
 #include "fusedopt/norms.h"
 #include "fusedopt/sophia.h"
@@ -103,6 +104,21 @@ void check_dtype(TensorList xs, at::ScalarType want, const char* what) {
   }
 }
 
+// The states' storage dtype (of the first state tensor; the default rule when
+// there is none), checked to be one the kernels are built for.
+at::ScalarType state_dtype_of(at::ScalarType pdt, std::initializer_list<TensorList> states, bool has_master) {
+  at::ScalarType sdt = has_master ? at::kFloat : pdt;
+  for (TensorList list : states) {
+    if (!list.empty()) {
+      sdt = list[0].scalar_type();
+      break;
+    }
+  }
+  TORCH_CHECK(fusedopt::supported_storage(dtype_code(pdt), dtype_code(sdt), has_master), "fusedopt cpu: ", pdt,
+              " params", has_master ? " with master weights" : "", " cannot keep ", sdt, " states");
+  return sdt;
+}
+
 void check_steps(TensorList steps) {
   for (const Tensor& s : steps) {
     TORCH_CHECK(s.device().is_cpu() && s.scalar_type() == at::kFloat && s.numel() == 1,
@@ -118,10 +134,8 @@ void adamw(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
   if (params.empty()) return;
   const at::ScalarType pdt = params[0].scalar_type();
   const bool has_master = !masters.empty();
-  TORCH_CHECK(!has_master || pdt == at::kBFloat16 || pdt == at::kHalf,
-              "fusedopt cpu: master weights are for bf16/fp16 params");
   TORCH_CHECK(!amsgrad || !max_exp_avg_sqs.empty(), "fusedopt cpu: amsgrad needs max_exp_avg_sqs");
-  const at::ScalarType sdt = has_master ? at::kFloat : pdt;
+  const at::ScalarType sdt = state_dtype_of(pdt, {exp_avgs, exp_avg_sqs}, has_master);
   check_dtype(params, pdt, "params");
   check_dtype(grads, pdt, "grads");
   check_dtype(exp_avgs, sdt, "exp_avg");
@@ -134,7 +148,7 @@ void adamw(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
                  {fusedopt::kRowStep});
   const fusedopt::AdamWHyper h(lr, scalar_ptr(lr_tensor, "lr"), beta1, beta2, eps, weight_decay, amsgrad, maximize,
                                scalar_ptr(grad_mult, "grad_mult"), scalar_ptr(found_inf, "found_inf"));
-  fusedopt::adamw_cpu(host.tt, h, dtype_code(pdt), has_master, at::get_num_threads());
+  fusedopt::adamw_cpu(host.tt, h, dtype_code(pdt), dtype_code(sdt), has_master, at::get_num_threads());
 }
 
 void check_one_dtype(TensorList xs) {
@@ -163,9 +177,7 @@ void scale_(TensorList tensors, const Tensor& factor, int64_t chunk_size) {
 HostTable lamb_table(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                      TensorList masters, TensorList steps, int64_t chunk_size) {
   const at::ScalarType pdt = params[0].scalar_type();
-  TORCH_CHECK(masters.empty() || pdt == at::kBFloat16 || pdt == at::kHalf,
-              "fusedopt cpu: master weights are for bf16/fp16 params");
-  const at::ScalarType sdt = masters.empty() ? pdt : at::kFloat;
+  const at::ScalarType sdt = state_dtype_of(pdt, {exp_avgs, exp_avg_sqs}, !masters.empty());
   check_dtype(params, pdt, "params");
   check_dtype(grads, pdt, "grads");
   check_dtype(exp_avgs, sdt, "exp_avg");
@@ -188,7 +200,8 @@ std::tuple<Tensor, Tensor> lamb_moments(TensorList params, TensorList grads, Ten
   HostTable host = lamb_table(params, grads, exp_avgs, exp_avg_sqs, masters, steps, chunk_size);
   const fusedopt::LambHyper h{beta1, beta2, eps, weight_decay, bias_correction, adam_w_mode, grad_averaging, maximize,
                               scalar_ptr(grad_mult, "grad_mult"), scalar_ptr(found_inf, "found_inf")};
-  fusedopt::lamb_moments_cpu(host.tt, h, dtype_code(params[0].scalar_type()), !masters.empty(),
+  fusedopt::lamb_moments_cpu(host.tt, h, dtype_code(params[0].scalar_type()), dtype_code(exp_avgs[0].scalar_type()),
+                             !masters.empty(),
                              p_sums.data_ptr<double>(), u_sums.data_ptr<double>(), at::get_num_threads());
   return {p_sums, u_sums};
 }
@@ -204,7 +217,8 @@ void lamb_apply(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
               "fusedopt cpu: ratio must be a contiguous float32 CPU tensor with one value per param");
   const fusedopt::LambHyper h{beta1, beta2, eps, weight_decay, bias_correction, adam_w_mode, grad_averaging, maximize,
                               nullptr, scalar_ptr(found_inf, "found_inf")};
-  fusedopt::lamb_apply_cpu(host.tt, h, dtype_code(params[0].scalar_type()), !masters.empty(),
+  fusedopt::lamb_apply_cpu(host.tt, h, dtype_code(params[0].scalar_type()), dtype_code(exp_avgs[0].scalar_type()),
+                           !masters.empty(),
                            ratio.data_ptr<float>(), at::get_num_threads());
 }
 
@@ -218,12 +232,10 @@ void adafactor(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
   if (params.empty()) return;
   const at::ScalarType pdt = params[0].scalar_type();
   const bool has_master = !masters.empty(), factored = !row_vars.empty();
-  TORCH_CHECK(!has_master || pdt == at::kBFloat16 || pdt == at::kHalf,
-              "fusedopt cpu: master weights are for bf16/fp16 params");
   TORCH_CHECK(factored ? (col_vars.size() == row_vars.size() && variances.empty()) : !variances.empty(),
               "fusedopt cpu: adafactor takes row_vars and col_vars, or variances");
   TORCH_CHECK(!beta1.has_value() || !exp_avgs.empty(), "fusedopt cpu: beta1 needs exp_avgs");
-  const at::ScalarType sdt = has_master ? at::kFloat : pdt;
+  const at::ScalarType sdt = state_dtype_of(pdt, {exp_avgs, variances, row_vars}, has_master);
   check_dtype(params, pdt, "params");
   check_dtype(grads, pdt, "grads");
   for (TensorList states : {exp_avgs, variances, row_vars, col_vars}) check_dtype(states, sdt, "adafactor state");
@@ -248,9 +260,10 @@ void adafactor(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
       TORCH_CHECK(row_vars[size_t(t)].numel() == p.numel() / c[t] && col_vars[size_t(t)].numel() == p.numel() / r[t],
                   "fusedopt cpu: row_var / col_var of the wrong size");
     }
-    fusedopt::adafactor_factored_cpu(host.tt, r, c, h, dtype_code(pdt), has_master, at::get_num_threads());
+    fusedopt::adafactor_factored_cpu(host.tt, r, c, h, dtype_code(pdt), dtype_code(sdt), has_master,
+                                     at::get_num_threads());
   } else {
-    fusedopt::adafactor_vector_cpu(host.tt, h, dtype_code(pdt), has_master, at::get_num_threads());
+    fusedopt::adafactor_vector_cpu(host.tt, h, dtype_code(pdt), dtype_code(sdt), has_master, at::get_num_threads());
   }
 }
 
@@ -258,9 +271,7 @@ void adafactor(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
 HostTable sophia_table(TensorList params, TensorList grads, TensorList exp_avgs, TensorList hessians,
                        TensorList masters, TensorList steps, bool has_master, int64_t chunk_size) {
   const at::ScalarType pdt = params[0].scalar_type();
-  TORCH_CHECK(!has_master || pdt == at::kBFloat16 || pdt == at::kHalf,
-              "fusedopt cpu: master weights are for bf16/fp16 params");
-  const at::ScalarType sdt = has_master ? at::kFloat : pdt;
+  const at::ScalarType sdt = state_dtype_of(pdt, {hessians, exp_avgs}, has_master);
   check_dtype(params, pdt, "params");
   check_dtype(grads, pdt, "grads");
   check_dtype(exp_avgs, sdt, "exp_avg");
@@ -278,7 +289,8 @@ void sophia(TensorList params, TensorList grads, TensorList exp_avgs, TensorList
   HostTable host = sophia_table(params, grads, exp_avgs, hessians, masters, steps, !masters.empty(), chunk_size);
   const fusedopt::SophiaHyper h{lr, scalar_ptr(lr_tensor, "lr"), beta1, rho_bs, weight_decay, maximize,
                                 scalar_ptr(grad_mult, "grad_mult"), scalar_ptr(found_inf, "found_inf")};
-  fusedopt::sophia_cpu(host.tt, h, dtype_code(params[0].scalar_type()), !masters.empty(), at::get_num_threads());
+  fusedopt::sophia_cpu(host.tt, h, dtype_code(params[0].scalar_type()), dtype_code(hessians[0].scalar_type()),
+                       !masters.empty(), at::get_num_threads());
 }
 
 void sophia_hessian(TensorList params, TensorList grads, TensorList hessians, bool has_master, double beta2,
@@ -286,8 +298,8 @@ void sophia_hessian(TensorList params, TensorList grads, TensorList hessians, bo
   if (params.empty()) return;
   HostTable host = sophia_table(params, grads, TensorList(), hessians, TensorList(), TensorList(), has_master,
                                 chunk_size);
-  fusedopt::sophia_hessian_cpu(host.tt, beta2, dtype_code(params[0].scalar_type()), has_master,
-                               at::get_num_threads());
+  fusedopt::sophia_hessian_cpu(host.tt, beta2, dtype_code(params[0].scalar_type()),
+                               dtype_code(hessians[0].scalar_type()), has_master, at::get_num_threads());
 }
 
 }  // namespace

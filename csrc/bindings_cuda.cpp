@@ -9,6 +9,7 @@
 #include <optional>
 
 #include "fusedopt/adamw.h"
+#include "fusedopt/dispatch.h"
 #include "fusedopt/lamb.h"
 #include "fusedopt/norms.h"
 #include "fusedopt/sophia.h"
@@ -22,6 +23,16 @@ const float* device_scalar(const std::optional<Tensor>& t, const char* what) {
   TORCH_CHECK(t->is_cuda() && t->scalar_type() == at::kFloat && t->numel() == 1,
               "fusedopt cuda: ", what, " must be a 1-element float32 CUDA tensor");
   return t->data_ptr<float>();
+}
+
+// The (param, state, master) storage of a launch, checked.
+std::pair<fusedopt::DType, fusedopt::DType> storage(int64_t param_dtype, int64_t state_dtype, bool has_master) {
+  TORCH_CHECK(param_dtype >= 0 && param_dtype <= 3 && state_dtype >= 0 && state_dtype <= 3,
+              "fusedopt cuda: bad dtype codes ", param_dtype, ", ", state_dtype);
+  const auto p = static_cast<fusedopt::DType>(param_dtype), s = static_cast<fusedopt::DType>(state_dtype);
+  TORCH_CHECK(fusedopt::supported_storage(p, s, has_master), "fusedopt cuda: unsupported param/state dtypes ",
+              param_dtype, "/", state_dtype, has_master ? " with master weights" : "");
+  return {p, s};
 }
 
 fusedopt::TensorTable make_table(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor,
@@ -45,19 +56,16 @@ fusedopt::TensorTable make_table(const Tensor& table, const Tensor& numel, const
 }
 
 void adamw(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor, const Tensor& chunk_start,
-           int64_t chunk_size, int64_t param_dtype, bool has_master, double lr,
+           int64_t chunk_size, int64_t param_dtype, int64_t state_dtype, bool has_master, double lr,
            const std::optional<Tensor>& lr_tensor, double beta1, double beta2, double eps, double weight_decay,
            bool amsgrad, bool maximize, const std::optional<Tensor>& grad_mult,
            const std::optional<Tensor>& found_inf, int64_t stream) {
-  TORCH_CHECK(param_dtype >= 0 && param_dtype <= 3, "fusedopt cuda: bad dtype code ", param_dtype);
-  const auto dtype = static_cast<fusedopt::DType>(param_dtype);
-  TORCH_CHECK(!has_master || dtype == fusedopt::DType::kBFloat16 || dtype == fusedopt::DType::kFloat16,
-              "fusedopt cuda: master weights are for bf16/fp16 params");
+  const auto [pdt, sdt] = storage(param_dtype, state_dtype, has_master);
   const fusedopt::TensorTable tt =
       make_table(table, numel, chunk_tensor, chunk_start, chunk_size, fusedopt::kMomentRows);
   const fusedopt::AdamWHyper h(lr, device_scalar(lr_tensor, "lr"), beta1, beta2, eps, weight_decay, amsgrad, maximize,
                                device_scalar(grad_mult, "grad_mult"), device_scalar(found_inf, "found_inf"));
-  const char* error = fusedopt::adamw_cuda(tt, h, dtype, has_master, reinterpret_cast<void*>(stream));
+  const char* error = fusedopt::adamw_cuda(tt, h, pdt, sdt, has_master, reinterpret_cast<void*>(stream));
   TORCH_CHECK(error == nullptr, "fusedopt cuda: adamw launch failed: ", error);
 }
 
@@ -91,14 +99,14 @@ void scale_(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor
 }
 
 void lamb_moments(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor, const Tensor& chunk_start,
-                  const Tensor& chunk_first, int64_t chunk_size, int64_t param_dtype, bool has_master, double beta1,
-                  double beta2, double eps, double weight_decay, bool bias_correction, bool adam_w_mode,
-                  bool grad_averaging, bool maximize, const std::optional<Tensor>& grad_mult,
+                  const Tensor& chunk_first, int64_t chunk_size, int64_t param_dtype, int64_t state_dtype,
+                  bool has_master, double beta1, double beta2, double eps, double weight_decay, bool bias_correction,
+                  bool adam_w_mode, bool grad_averaging, bool maximize, const std::optional<Tensor>& grad_mult,
                   const std::optional<Tensor>& found_inf, Tensor& partials, Tensor& p_sums, Tensor& u_sums,
                   int64_t stream) {
   const fusedopt::TensorTable tt =
       make_table(table, numel, chunk_tensor, chunk_start, chunk_size, fusedopt::kMomentRows);
-  TORCH_CHECK(param_dtype >= 0 && param_dtype <= 3, "fusedopt cuda: bad dtype code ", param_dtype);
+  const auto [pdt, sdt] = storage(param_dtype, state_dtype, has_master);
   check_cuda_tensor(chunk_first, at::kLong, tt.n_tensors + 1, "chunk_first");
   check_cuda_tensor(partials, at::kDouble, 2 * tt.n_chunks, "partials");
   check_cuda_tensor(p_sums, at::kDouble, tt.n_tensors, "p_sums");
@@ -106,47 +114,48 @@ void lamb_moments(const Tensor& table, const Tensor& numel, const Tensor& chunk_
   const fusedopt::LambHyper h{beta1, beta2, eps, weight_decay, bias_correction, adam_w_mode, grad_averaging, maximize,
                               device_scalar(grad_mult, "grad_mult"), device_scalar(found_inf, "found_inf")};
   const char* error = fusedopt::lamb_moments_cuda(
-      tt, chunk_first.data_ptr<int64_t>(), h, static_cast<fusedopt::DType>(param_dtype), has_master,
+      tt, chunk_first.data_ptr<int64_t>(), h, pdt, sdt, has_master,
       partials.data_ptr<double>(), p_sums.data_ptr<double>(), u_sums.data_ptr<double>(),
       reinterpret_cast<void*>(stream));
   TORCH_CHECK(error == nullptr, "fusedopt cuda: lamb moments launch failed: ", error);
 }
 
 void lamb_apply(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor, const Tensor& chunk_start,
-                int64_t chunk_size, int64_t param_dtype, bool has_master, const Tensor& ratio, double beta1,
-                double beta2, double eps, double weight_decay, bool bias_correction, bool adam_w_mode,
+                int64_t chunk_size, int64_t param_dtype, int64_t state_dtype, bool has_master, const Tensor& ratio,
+                double beta1, double beta2, double eps, double weight_decay, bool bias_correction, bool adam_w_mode,
                 const std::optional<Tensor>& found_inf, int64_t stream) {
   const fusedopt::TensorTable tt =
       make_table(table, numel, chunk_tensor, chunk_start, chunk_size, fusedopt::kMomentRows);
-  TORCH_CHECK(param_dtype >= 0 && param_dtype <= 3, "fusedopt cuda: bad dtype code ", param_dtype);
+  const auto [pdt, sdt] = storage(param_dtype, state_dtype, has_master);
   check_cuda_tensor(ratio, at::kFloat, tt.n_tensors, "ratio");
   const fusedopt::LambHyper h{beta1, beta2, eps, weight_decay, bias_correction, adam_w_mode, false, false, nullptr,
                               device_scalar(found_inf, "found_inf")};
-  const char* error = fusedopt::lamb_apply_cuda(tt, h, static_cast<fusedopt::DType>(param_dtype), has_master,
+  const char* error = fusedopt::lamb_apply_cuda(tt, h, pdt, sdt, has_master,
                                                 ratio.data_ptr<float>(), reinterpret_cast<void*>(stream));
   TORCH_CHECK(error == nullptr, "fusedopt cuda: lamb apply launch failed: ", error);
 }
 
 void sophia(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor, const Tensor& chunk_start,
-            int64_t chunk_size, int64_t param_dtype, bool has_master, double lr,
+            int64_t chunk_size, int64_t param_dtype, int64_t state_dtype, bool has_master, double lr,
             const std::optional<Tensor>& lr_tensor, double beta1, double rho_bs, double weight_decay, bool maximize,
             const std::optional<Tensor>& grad_mult, const std::optional<Tensor>& found_inf, int64_t stream) {
   const fusedopt::TensorTable tt =
       make_table(table, numel, chunk_tensor, chunk_start, chunk_size, fusedopt::kMomentRows);
-  TORCH_CHECK(param_dtype >= 0 && param_dtype <= 3, "fusedopt cuda: bad dtype code ", param_dtype);
+  const auto [pdt, sdt] = storage(param_dtype, state_dtype, has_master);
   const fusedopt::SophiaHyper h{lr, device_scalar(lr_tensor, "lr"), beta1, rho_bs, weight_decay, maximize,
                                 device_scalar(grad_mult, "grad_mult"), device_scalar(found_inf, "found_inf")};
-  const char* error = fusedopt::sophia_cuda(tt, h, static_cast<fusedopt::DType>(param_dtype), has_master,
+  const char* error = fusedopt::sophia_cuda(tt, h, pdt, sdt, has_master,
                                             reinterpret_cast<void*>(stream));
   TORCH_CHECK(error == nullptr, "fusedopt cuda: sophia launch failed: ", error);
 }
 
 void sophia_hessian(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor, const Tensor& chunk_start,
-                    int64_t chunk_size, int64_t param_dtype, bool has_master, double beta2, int64_t stream) {
+                    int64_t chunk_size, int64_t param_dtype, int64_t state_dtype, bool has_master, double beta2,
+                    int64_t stream) {
   const fusedopt::TensorTable tt =
       make_table(table, numel, chunk_tensor, chunk_start, chunk_size, fusedopt::kMomentRows);
-  TORCH_CHECK(param_dtype >= 0 && param_dtype <= 3, "fusedopt cuda: bad dtype code ", param_dtype);
-  const char* error = fusedopt::sophia_hessian_cuda(tt, beta2, static_cast<fusedopt::DType>(param_dtype), has_master,
+  const auto [pdt, sdt] = storage(param_dtype, state_dtype, has_master);
+  const char* error = fusedopt::sophia_hessian_cuda(tt, beta2, pdt, sdt, has_master,
                                                     reinterpret_cast<void*>(stream));
   TORCH_CHECK(error == nullptr, "fusedopt cuda: sophia hessian launch failed: ", error);
 }
@@ -156,23 +165,24 @@ void sophia_hessian(const Tensor& table, const Tensor& numel, const Tensor& chun
 TORCH_LIBRARY(fusedopt_cuda, m) {
   m.def(
       "sophia(Tensor table, Tensor numel, Tensor chunk_tensor, Tensor chunk_start, int chunk_size, "
-      "int param_dtype, bool has_master, float lr, Tensor? lr_tensor, float beta1, float rho_bs, "
+      "int param_dtype, int state_dtype, bool has_master, float lr, Tensor? lr_tensor, float beta1, float rho_bs, "
       "float weight_decay, bool maximize, Tensor? grad_mult, Tensor? found_inf, int stream) -> ()",
       &sophia);
   m.def(
       "sophia_hessian(Tensor table, Tensor numel, Tensor chunk_tensor, Tensor chunk_start, int chunk_size, "
-      "int param_dtype, bool has_master, float beta2, int stream) -> ()",
+      "int param_dtype, int state_dtype, bool has_master, float beta2, int stream) -> ()",
       &sophia_hessian);
   m.def(
       "lamb_moments(Tensor table, Tensor numel, Tensor chunk_tensor, Tensor chunk_start, Tensor chunk_first, "
-      "int chunk_size, int param_dtype, bool has_master, float beta1, float beta2, float eps, float weight_decay, "
-      "bool bias_correction, bool adam_w_mode, bool grad_averaging, bool maximize, Tensor? grad_mult, "
-      "Tensor? found_inf, Tensor(a!) partials, Tensor(b!) p_sums, Tensor(c!) u_sums, int stream) -> ()",
+      "int chunk_size, int param_dtype, int state_dtype, bool has_master, float beta1, float beta2, float eps, "
+      "float weight_decay, bool bias_correction, bool adam_w_mode, bool grad_averaging, bool maximize, "
+      "Tensor? grad_mult, Tensor? found_inf, Tensor(a!) partials, Tensor(b!) p_sums, Tensor(c!) u_sums, "
+      "int stream) -> ()",
       &lamb_moments);
   m.def(
       "lamb_apply(Tensor table, Tensor numel, Tensor chunk_tensor, Tensor chunk_start, int chunk_size, "
-      "int param_dtype, bool has_master, Tensor ratio, float beta1, float beta2, float eps, float weight_decay, "
-      "bool bias_correction, bool adam_w_mode, Tensor? found_inf, int stream) -> ()",
+      "int param_dtype, int state_dtype, bool has_master, Tensor ratio, float beta1, float beta2, float eps, "
+      "float weight_decay, bool bias_correction, bool adam_w_mode, Tensor? found_inf, int stream) -> ()",
       &lamb_apply);
   m.def(
       "power_sums(Tensor table, Tensor numel, Tensor chunk_tensor, Tensor chunk_start, Tensor chunk_first, "
@@ -184,7 +194,8 @@ TORCH_LIBRARY(fusedopt_cuda, m) {
       &scale_);
   m.def(
       "adamw(Tensor table, Tensor numel, Tensor chunk_tensor, Tensor chunk_start, int chunk_size, "
-      "int param_dtype, bool has_master, float lr, Tensor? lr_tensor, float beta1, float beta2, float eps, "
-      "float weight_decay, bool amsgrad, bool maximize, Tensor? grad_mult, Tensor? found_inf, int stream) -> ()",
+      "int param_dtype, int state_dtype, bool has_master, float lr, Tensor? lr_tensor, float beta1, "
+      "float beta2, float eps, float weight_decay, bool amsgrad, bool maximize, Tensor? grad_mult, "
+      "Tensor? found_inf, int stream) -> ()",
       &adamw);
 }

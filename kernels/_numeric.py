@@ -43,10 +43,22 @@ def load_math(addr, offs, mask, KIND: tl.constexpr):
 
 
 @triton.jit
+def load_state(addr, offs, mask, S_KIND: tl.constexpr, P_KIND: tl.constexpr):
+    """Load a state stored as S_KIND in the math precision of P_KIND params:
+    a bf16 state of an fp64 param is widened to fp64, as the reference's
+    working copies are."""
+    x = load_math(addr, offs, mask, S_KIND)
+    if P_KIND == F64:
+        x = x.to(tl.float64)
+    return x
+
+
+@triton.jit
 def store_math(addr, offs, x, mask, KIND: tl.constexpr):
     """Store math-precision values `x`, rounded once to the storage dtype."""
     if KIND == BF16:
-        tl.store(addr.to(tl.pointer_type(tl.int16)) + offs, bf16_bits_rne(x), mask=mask)
+        # via fp32 for fp64 math, as torch converts double to bfloat16
+        tl.store(addr.to(tl.pointer_type(tl.int16)) + offs, bf16_bits_rne(x.to(tl.float32)), mask=mask)
     elif KIND == F16:
         tl.store(addr.to(tl.pointer_type(tl.float16)) + offs, x.to(tl.float16), mask=mask)
     elif KIND == F64:
@@ -87,12 +99,12 @@ def div_ieee(x, y, KIND: tl.constexpr):
 
 @triton.jit
 def as_stored(x, KIND: tl.constexpr):
-    """x rounded to the storage dtype and widened back: the value a later
-    load_math of what store_math wrote returns."""
+    """x rounded to the storage dtype and widened back to x's dtype: the
+    value a later load of what store_math wrote returns."""
     if KIND == BF16:
-        y = (bf16_bits_rne(x).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+        y = (bf16_bits_rne(x.to(tl.float32)).to(tl.int32) << 16).to(tl.float32, bitcast=True).to(x.dtype)
     elif KIND == F16:
-        y = x.to(tl.float16).to(tl.float32)
+        y = x.to(tl.float16).to(x.dtype)
     else:
         y = x
     return y

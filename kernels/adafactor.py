@@ -16,7 +16,7 @@ _combine_kernel; (scale, denom) per tensor come from reference.adafactor.scales.
 import triton
 import triton.language as tl
 
-from ._numeric import F32, F64, as_stored, div_ieee, lerp, load_math, sqrt_ieee, store_math
+from ._numeric import F32, F64, as_stored, div_ieee, lerp, load_math, load_state, sqrt_ieee, store_math
 from ._table import address, program_chunk
 from .norms import _combine_kernel
 
@@ -64,10 +64,10 @@ def _u(g, var_est, eps1_sq, KIND: tl.constexpr):
 @triton.jit
 def _vector_stats(table, numels, chunk_tensor, chunk_start, n_tensors, n_chunks, beta2_decay, eps1,
                   grad_mult_ptr, found_inf_ptr, partials,
-                  P_KIND: tl.constexpr, MASTER: tl.constexpr, GRAD_MULT: tl.constexpr, MAXIMIZE: tl.constexpr,
-                  HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                  P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr, GRAD_MULT: tl.constexpr,
+                  MAXIMIZE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     t, start, end = program_chunk(chunk_tensor, chunk_start, numels, found_inf_ptr, CHUNK, HAS_FOUND_INF)
-    S_KIND: tl.constexpr = F32 if MASTER else P_KIND
+    W_KIND: tl.constexpr = F32 if MASTER else P_KIND  # the working copy: the master, or the param
     ACC: tl.constexpr = tl.float64 if P_KIND == F64 else tl.float32
     eps1_sq = _square32(eps1)
     work = address(table, ROW_MASTER if MASTER else ROW_PARAM, n_tensors, t)
@@ -81,10 +81,10 @@ def _vector_stats(table, numels, chunk_tensor, chunk_start, n_tensors, n_chunks,
         offs = start + in_chunk
         mask = in_chunk < end
         g = _grad(grad, offs, mask, grad_mult_ptr, P_KIND, GRAD_MULT, MAXIMIZE)
-        v = lerp(load_math(variance, offs, mask, S_KIND), g * g, w)
+        v = lerp(load_state(variance, offs, mask, S_KIND, P_KIND), g * g, w)
         store_math(variance, offs, v, mask, S_KIND)
-        u = _u(g, as_stored(v, S_KIND), eps1_sq, S_KIND)
-        p = load_math(work, offs, mask, S_KIND)
+        u = _u(g, as_stored(v, S_KIND), eps1_sq, W_KIND)
+        p = load_math(work, offs, mask, W_KIND)
         p_acc += p * p
         u_acc += tl.where(mask, u * u, 0.0)
     c = tl.program_id(0)
@@ -95,8 +95,8 @@ def _vector_stats(table, numels, chunk_tensor, chunk_start, n_tensors, n_chunks,
 @triton.jit
 def _row_stats(table, n_tensors, prog_tensor, prog_row0, rows, cols, numels, beta2_decay, grad_mult_ptr,
                found_inf_ptr, p_partials,
-               P_KIND: tl.constexpr, MASTER: tl.constexpr, GRAD_MULT: tl.constexpr, MAXIMIZE: tl.constexpr,
-               HAS_FOUND_INF: tl.constexpr, RB: tl.constexpr, CB: tl.constexpr):
+               P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr, GRAD_MULT: tl.constexpr,
+               MAXIMIZE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, RB: tl.constexpr, CB: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(prog_tensor + pid)
     row0 = tl.load(prog_row0 + pid)
@@ -104,7 +104,7 @@ def _row_stats(table, n_tensors, prog_tensor, prog_row0, rows, cols, numels, bet
     n_rows = tl.load(numels + t) // C  # batch slices' rows, one after another
     if HAS_FOUND_INF:
         n_rows = tl.where(tl.load(found_inf_ptr) == 0, n_rows, 0)
-    S_KIND: tl.constexpr = F32 if MASTER else P_KIND
+    W_KIND: tl.constexpr = F32 if MASTER else P_KIND  # the working copy: the master, or the param
     ACC: tl.constexpr = tl.float64 if P_KIND == F64 else tl.float32
     work = address(table, ROW_MASTER if MASTER else ROW_PARAM, n_tensors, t)
     grad = address(table, ROW_GRAD, n_tensors, t)
@@ -119,10 +119,10 @@ def _row_stats(table, n_tensors, prog_tensor, prog_row0, rows, cols, numels, bet
         mask = rmask[:, None] & (cc < C)[None, :]
         g = _grad(grad, offs, mask, grad_mult_ptr, P_KIND, GRAD_MULT, MAXIMIZE)
         row_acc += tl.sum(g * g, axis=1)
-        p = load_math(work, offs, mask, S_KIND)
+        p = load_math(work, offs, mask, W_KIND)
         p_acc += tl.sum(p * p, axis=1)
     w = _lerp_weight(table, n_tensors, t, beta2_decay)
-    rv = lerp(load_math(row_var, rr, rmask, S_KIND), row_acc / C, w)
+    rv = lerp(load_state(row_var, rr, rmask, S_KIND, P_KIND), row_acc / C, w)
     store_math(row_var, rr, rv, rmask, S_KIND)
     tl.store(p_partials + pid, tl.sum(p_acc, axis=0).to(tl.float64))
 
@@ -130,8 +130,8 @@ def _row_stats(table, n_tensors, prog_tensor, prog_row0, rows, cols, numels, bet
 @triton.jit
 def _col_stats(table, n_tensors, prog_tensor, prog_batch, prog_col0, prog_slice, rows, cols, beta2_decay, eps1,
                grad_mult_ptr, found_inf_ptr, rmean,
-               P_KIND: tl.constexpr, MASTER: tl.constexpr, GRAD_MULT: tl.constexpr, MAXIMIZE: tl.constexpr,
-               HAS_FOUND_INF: tl.constexpr, RB: tl.constexpr, CB: tl.constexpr):
+               P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr, GRAD_MULT: tl.constexpr,
+               MAXIMIZE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, RB: tl.constexpr, CB: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(prog_tensor + pid)
     b = tl.load(prog_batch + pid)
@@ -140,7 +140,6 @@ def _col_stats(table, n_tensors, prog_tensor, prog_batch, prog_col0, prog_slice,
     C = tl.load(cols + t)
     if HAS_FOUND_INF:
         R = tl.where(tl.load(found_inf_ptr) == 0, R, 0)
-    S_KIND: tl.constexpr = F32 if MASTER else P_KIND
     ACC: tl.constexpr = tl.float64 if P_KIND == F64 else tl.float32
     grad = address(table, ROW_GRAD, n_tensors, t)
     row_var = address(table, ROW_ROW_VAR, n_tensors, t)
@@ -154,10 +153,10 @@ def _col_stats(table, n_tensors, prog_tensor, prog_batch, prog_col0, prog_slice,
         offs = (b * R + rr)[:, None] * C + cc[None, :]
         g = _grad(grad, offs, (rr < R)[:, None] & cmask[None, :], grad_mult_ptr, P_KIND, GRAD_MULT, MAXIMIZE)
         col_acc += tl.sum(g * g, axis=0)
-        rv_acc += load_math(row_var, b * R + rr, rr < R, S_KIND)  # row_var is final: _row_stats ran before
+        rv_acc += load_state(row_var, b * R + rr, rr < R, S_KIND, P_KIND)  # row_var is final: _row_stats ran before
     w = _lerp_weight(table, n_tensors, t, beta2_decay)
     live = cc < tl.where(R > 0, C, 0)  # nothing when GradScaler found inf/NaN
-    cv = lerp(load_math(col_var, b * C + cc, live, S_KIND), col_acc / R, w)
+    cv = lerp(load_state(col_var, b * C + cc, live, S_KIND, P_KIND), col_acc / R, w)
     store_math(col_var, b * C + cc, cv, live, S_KIND)
     mean = tl.sum(rv_acc, axis=0) / R
     mean = tl.where(mean < eps1, eps1, mean)
@@ -168,28 +167,29 @@ def _col_stats(table, n_tensors, prog_tensor, prog_batch, prog_col0, prog_slice,
 
 @triton.jit
 def _factored_u(grad, row_var, col_var, rmean, slice0, offs, mask, R, C, eps1_sq, grad_mult_ptr,
-                P_KIND: tl.constexpr, S_KIND: tl.constexpr, GRAD_MULT: tl.constexpr, MAXIMIZE: tl.constexpr):
+                P_KIND: tl.constexpr, S_KIND: tl.constexpr, W_KIND: tl.constexpr, GRAD_MULT: tl.constexpr,
+                MAXIMIZE: tl.constexpr):
     """u = g * (rowq * col < eps1^2 ? 1 / eps1 : rsqrt(rowq) * rsqrt(col)), rowq = row / rmean:
     csrc/cpu/adafactor.cpp's separable form of torch's rsqrt(clamp(row * col / rmean, eps1^2)) * g."""
     rc = R * C
     b = offs // rc
     r = (offs // C) % R
     c = offs % C
-    rowq = div_ieee(load_math(row_var, b * R + r, mask, S_KIND), tl.load(rmean + slice0 + b, mask=mask, other=1.0),
-                    S_KIND)
-    col = load_math(col_var, b * C + c, mask, S_KIND)
-    factor = div_ieee(1.0, sqrt_ieee(rowq, S_KIND), S_KIND) * div_ieee(1.0, sqrt_ieee(col, S_KIND), S_KIND)
-    factor = tl.where(rowq * col < eps1_sq, div_ieee(1.0, tl.sqrt(eps1_sq), S_KIND), factor)
+    row = load_state(row_var, b * R + r, mask, S_KIND, P_KIND)
+    rowq = div_ieee(row, tl.load(rmean + slice0 + b, mask=mask, other=1.0), W_KIND)
+    col = load_state(col_var, b * C + c, mask, S_KIND, P_KIND)
+    factor = div_ieee(1.0, sqrt_ieee(rowq, W_KIND), W_KIND) * div_ieee(1.0, sqrt_ieee(col, W_KIND), W_KIND)
+    factor = tl.where(rowq * col < eps1_sq, div_ieee(1.0, tl.sqrt(eps1_sq), W_KIND), factor)
     return _grad(grad, offs, mask, grad_mult_ptr, P_KIND, GRAD_MULT, MAXIMIZE) * factor
 
 
 @triton.jit
 def _factored_unorm(table, numels, chunk_tensor, chunk_start, n_tensors, rows, cols, slice_first, rmean, eps1,
                     grad_mult_ptr, found_inf_ptr, partials,
-                    P_KIND: tl.constexpr, MASTER: tl.constexpr, GRAD_MULT: tl.constexpr, MAXIMIZE: tl.constexpr,
-                    HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                    P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr, GRAD_MULT: tl.constexpr,
+                    MAXIMIZE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     t, start, end = program_chunk(chunk_tensor, chunk_start, numels, found_inf_ptr, CHUNK, HAS_FOUND_INF)
-    S_KIND: tl.constexpr = F32 if MASTER else P_KIND
+    W_KIND: tl.constexpr = F32 if MASTER else P_KIND  # the working copy: the master, or the param
     ACC: tl.constexpr = tl.float64 if P_KIND == F64 else tl.float32
     grad = address(table, ROW_GRAD, n_tensors, t)
     row_var = address(table, ROW_ROW_VAR, n_tensors, t)
@@ -203,7 +203,7 @@ def _factored_unorm(table, numels, chunk_tensor, chunk_start, n_tensors, rows, c
         in_chunk = off + tl.arange(0, BLOCK)
         mask = in_chunk < end
         u = _factored_u(grad, row_var, col_var, rmean, slice0, start + in_chunk, mask, R, C, eps1_sq, grad_mult_ptr,
-                        P_KIND, S_KIND, GRAD_MULT, MAXIMIZE)
+                        P_KIND, S_KIND, W_KIND, GRAD_MULT, MAXIMIZE)
         u_acc += tl.where(mask, u * u, 0.0)
     tl.store(partials + tl.program_id(0), tl.sum(u_acc, axis=0).to(tl.float64))
 
@@ -211,11 +211,11 @@ def _factored_unorm(table, numels, chunk_tensor, chunk_start, n_tensors, rows, c
 @triton.jit
 def _apply(table, numels, chunk_tensor, chunk_start, n_tensors, rows, cols, slice_first, rmean, eps1, lr, lr_ptr,
            weight_decay, one_minus_beta1, scale_ptr, denom_ptr, grad_mult_ptr, found_inf_ptr,
-           P_KIND: tl.constexpr, MASTER: tl.constexpr, GRAD_MULT: tl.constexpr, MAXIMIZE: tl.constexpr,
-           FACTORED: tl.constexpr, BETA1: tl.constexpr, LR_IS_PTR: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-           CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+           P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr, GRAD_MULT: tl.constexpr,
+           MAXIMIZE: tl.constexpr, FACTORED: tl.constexpr, BETA1: tl.constexpr, LR_IS_PTR: tl.constexpr,
+           HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     t, start, end = program_chunk(chunk_tensor, chunk_start, numels, found_inf_ptr, CHUNK, HAS_FOUND_INF)
-    S_KIND: tl.constexpr = F32 if MASTER else P_KIND
+    W_KIND: tl.constexpr = F32 if MASTER else P_KIND  # the working copy: the master, or the param
     ACC: tl.constexpr = tl.float64 if P_KIND == F64 else tl.float32
     param = address(table, ROW_PARAM, n_tensors, t)
     work = address(table, ROW_MASTER if MASTER else ROW_PARAM, n_tensors, t)
@@ -239,17 +239,17 @@ def _apply(table, numels, chunk_tensor, chunk_start, n_tensors, rows, cols, slic
         mask = in_chunk < end
         if FACTORED:
             u = _factored_u(grad, row_var, col_var, rmean, slice0, offs, mask, R, C, eps1_sq, grad_mult_ptr,
-                            P_KIND, S_KIND, GRAD_MULT, MAXIMIZE)
+                            P_KIND, S_KIND, W_KIND, GRAD_MULT, MAXIMIZE)
         else:
             u = _u(_grad(grad, offs, mask, grad_mult_ptr, P_KIND, GRAD_MULT, MAXIMIZE),
-                   load_math(variance, offs, mask, S_KIND), eps1_sq, S_KIND)
-        p = load_math(work, offs, mask, S_KIND) * decay
+                   load_state(variance, offs, mask, S_KIND, P_KIND), eps1_sq, W_KIND)
+        p = load_math(work, offs, mask, W_KIND) * decay
         if BETA1:
-            m = lerp(load_math(exp_avg, offs, mask, S_KIND), u / denom, one_minus_beta1)
+            m = lerp(load_state(exp_avg, offs, mask, S_KIND, P_KIND), u / denom, one_minus_beta1)
             store_math(exp_avg, offs, m, mask, S_KIND)
             p = tl.fma(as_stored(m, S_KIND), scale, p)
         else:
             p = tl.fma(u, scale, p)
-        store_math(work, offs, p, mask, S_KIND)
+        store_math(work, offs, p, mask, W_KIND)
         if MASTER:
             store_math(param, offs, p, mask, P_KIND)

@@ -23,7 +23,7 @@ import math
 import triton
 import triton.language as tl
 
-from ._numeric import F32, F64, div_ieee, lerp, load_math, one_minus_exp, sqrt_ieee, store_math
+from ._numeric import F32, F64, div_ieee, lerp, load_math, load_state, one_minus_exp, sqrt_ieee, store_math
 from ._table import (ROW_EXP_AVG, ROW_EXP_AVG_SQ, ROW_GRAD, ROW_MASTER, ROW_MAX_EXP_AVG_SQ, ROW_PARAM, ROW_STEP,
                      address, program_chunk)
 
@@ -33,15 +33,15 @@ def _adamw_kernel(
     table, numels, chunk_tensor, chunk_start, n_tensors,
     lr, lr_ptr, weight_decay, lerp_w, beta2, one_minus_beta2, eps, log_beta1, log_beta2,
     grad_mult_ptr, found_inf_ptr,
-    P_KIND: tl.constexpr, MASTER: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+    P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     LR_IS_PTR: tl.constexpr, HAS_GRAD_MULT: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     t, start, end = program_chunk(chunk_tensor, chunk_start, numels, found_inf_ptr, CHUNK, HAS_FOUND_INF)
 
-    # With master weights the update reads and writes the fp32 master and fp32
-    # moments; otherwise the param and moments in the param's dtype.
-    S_KIND: tl.constexpr = F32 if MASTER else P_KIND
+    # The update reads and writes the fp32 master with master weights, else
+    # the param (W_KIND); the moments are stored in S_KIND.
+    W_KIND: tl.constexpr = F32 if MASTER else P_KIND
     param = address(table, ROW_PARAM, n_tensors, t)
     grad = address(table, ROW_GRAD, n_tensors, t)
     exp_avg = address(table, ROW_EXP_AVG, n_tensors, t)
@@ -72,10 +72,10 @@ def _adamw_kernel(
         in_chunk = off + tl.arange(0, BLOCK)
         offs = start + in_chunk
         mask = in_chunk < end
-        p = load_math(work, offs, mask, S_KIND)
+        p = load_math(work, offs, mask, W_KIND)
         g = load_math(grad, offs, mask, P_KIND)
-        m = load_math(exp_avg, offs, mask, S_KIND)
-        v = load_math(exp_avg_sq, offs, mask, S_KIND)
+        m = load_state(exp_avg, offs, mask, S_KIND, P_KIND)
+        v = load_state(exp_avg_sq, offs, mask, S_KIND, P_KIND)
 
         if HAS_GRAD_MULT:
             g = g * tl.load(grad_mult_ptr)
@@ -88,20 +88,20 @@ def _adamw_kernel(
         vhat = v
         if AMSGRAD:
             max_exp_avg_sq = address(table, ROW_MAX_EXP_AVG_SQ, n_tensors, t)
-            vmax = tl.maximum(load_math(max_exp_avg_sq, offs, mask, S_KIND), v)
+            vmax = tl.maximum(load_state(max_exp_avg_sq, offs, mask, S_KIND, P_KIND), v)
             store_math(max_exp_avg_sq, offs, vmax, mask, S_KIND)
             vhat = vmax
         denom = div_ieee(sqrt_ieee(vhat, P_KIND), bc2_sqrt, P_KIND) + eps
         p = p - div_ieee(step_size * m, denom, P_KIND)
 
-        store_math(work, offs, p, mask, S_KIND)
+        store_math(work, offs, p, mask, W_KIND)
         if MASTER:
             store_math(param, offs, p, mask, P_KIND)
         store_math(exp_avg, offs, m, mask, S_KIND)
         store_math(exp_avg_sq, offs, v, mask, S_KIND)
 
 
-def launch_adamw(tables, *, p_kind, master, amsgrad, maximize, lr, lr_tensor, beta1, beta2, eps,
+def launch_adamw(tables, *, p_kind, s_kind, master, amsgrad, maximize, lr, lr_tensor, beta1, beta2, eps,
                  weight_decay, grad_mult, found_inf, block, num_warps):
     """Launch the update over `tables` (fusedopt.backends._tables.LaunchTables).
 
@@ -115,7 +115,7 @@ def launch_adamw(tables, *, p_kind, master, amsgrad, maximize, lr, lr_tensor, be
         1.0 - beta1, float(beta2), 1.0 - beta2, float(eps), math.log(beta1) if beta1 > 0 else -math.inf,
         math.log(beta2) if beta2 > 0 else -math.inf,
         dummy if grad_mult is None else grad_mult, dummy if found_inf is None else found_inf,
-        P_KIND=p_kind, MASTER=master, AMSGRAD=amsgrad, MAXIMIZE=maximize,
+        P_KIND=p_kind, S_KIND=s_kind, MASTER=master, AMSGRAD=amsgrad, MAXIMIZE=maximize,
         LR_IS_PTR=lr_tensor is not None, HAS_GRAD_MULT=grad_mult is not None,
         HAS_FOUND_INF=found_inf is not None, CHUNK=tables.chunk_size, BLOCK=block, num_warps=num_warps,
     )

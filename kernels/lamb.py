@@ -16,7 +16,8 @@ import math
 import triton
 import triton.language as tl
 
-from ._numeric import F32, F64, as_stored, div_ieee, load_math, one_minus_exp, sqrt_ieee, store_math
+from ._numeric import (F32, F64, as_stored, div_ieee, load_math, load_state, one_minus_exp, sqrt_ieee,
+                       store_math)
 from ._table import ROW_EXP_AVG, ROW_EXP_AVG_SQ, ROW_GRAD, ROW_MASTER, ROW_PARAM, ROW_STEP, address, program_chunk
 from .norms import _combine_kernel
 
@@ -46,12 +47,12 @@ def _lamb_moments_kernel(
     table, numels, chunk_tensor, chunk_start, n_tensors, n_chunks,
     beta1, beta3, beta2, one_minus_beta2, log_beta1, log_beta2, eps, weight_decay, grad_mult_ptr, found_inf_ptr,
     partials,
-    P_KIND: tl.constexpr, MASTER: tl.constexpr, GRAD_MULT: tl.constexpr, ADAM_W: tl.constexpr,
+    P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr, GRAD_MULT: tl.constexpr, ADAM_W: tl.constexpr,
     MAXIMIZE: tl.constexpr, BIAS_CORRECTION: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     t, start, end = program_chunk(chunk_tensor, chunk_start, numels, found_inf_ptr, CHUNK, HAS_FOUND_INF)
-    S_KIND: tl.constexpr = F32 if MASTER else P_KIND
+    W_KIND: tl.constexpr = F32 if MASTER else P_KIND  # the working copy: the master, or the param
     work = address(table, ROW_MASTER if MASTER else ROW_PARAM, n_tensors, t)
     grad = address(table, ROW_GRAD, n_tensors, t)
     exp_avg = address(table, ROW_EXP_AVG, n_tensors, t)
@@ -64,10 +65,10 @@ def _lamb_moments_kernel(
         in_chunk = off + tl.arange(0, BLOCK)
         offs = start + in_chunk
         mask = in_chunk < end  # masked lanes read 0 and add 0 to the sums
-        p = load_math(work, offs, mask, S_KIND)
+        p = load_math(work, offs, mask, W_KIND)
         g = load_math(grad, offs, mask, P_KIND)
-        m = load_math(exp_avg, offs, mask, S_KIND)
-        v = load_math(exp_avg_sq, offs, mask, S_KIND)
+        m = load_state(exp_avg, offs, mask, S_KIND, P_KIND)
+        v = load_state(exp_avg_sq, offs, mask, S_KIND, P_KIND)
         if GRAD_MULT:
             g = g * tl.load(grad_mult_ptr)
         if MAXIMIZE:
@@ -78,7 +79,7 @@ def _lamb_moments_kernel(
         v = v * beta2 + g * one_minus_beta2 * g
         store_math(exp_avg, offs, m, mask, S_KIND)
         store_math(exp_avg_sq, offs, v, mask, S_KIND)
-        u = _direction(p, as_stored(m, S_KIND), as_stored(v, S_KIND), bc1, bc2, eps, weight_decay, ADAM_W, S_KIND)
+        u = _direction(p, as_stored(m, S_KIND), as_stored(v, S_KIND), bc1, bc2, eps, weight_decay, ADAM_W, W_KIND)
         p_acc += p * p
         u_acc += tl.where(mask, u * u, 0.0)  # u of a masked lane is 0/eps = 0, but keep it explicit
     c = tl.program_id(0)
@@ -90,11 +91,11 @@ def _lamb_moments_kernel(
 def _lamb_apply_kernel(
     table, numels, chunk_tensor, chunk_start, n_tensors,
     log_beta1, log_beta2, eps, weight_decay, ratio_ptr, found_inf_ptr,
-    P_KIND: tl.constexpr, MASTER: tl.constexpr, ADAM_W: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
-    HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr, ADAM_W: tl.constexpr,
+    BIAS_CORRECTION: tl.constexpr, HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     t, start, end = program_chunk(chunk_tensor, chunk_start, numels, found_inf_ptr, CHUNK, HAS_FOUND_INF)
-    S_KIND: tl.constexpr = F32 if MASTER else P_KIND
+    W_KIND: tl.constexpr = F32 if MASTER else P_KIND
     param = address(table, ROW_PARAM, n_tensors, t)
     work = address(table, ROW_MASTER if MASTER else ROW_PARAM, n_tensors, t)
     exp_avg = address(table, ROW_EXP_AVG, n_tensors, t)
@@ -105,11 +106,12 @@ def _lamb_apply_kernel(
         in_chunk = off + tl.arange(0, BLOCK)
         offs = start + in_chunk
         mask = in_chunk < end
-        p = load_math(work, offs, mask, S_KIND)
-        u = _direction(p, load_math(exp_avg, offs, mask, S_KIND), load_math(exp_avg_sq, offs, mask, S_KIND),
-                       bc1, bc2, eps, weight_decay, ADAM_W, S_KIND)
+        p = load_math(work, offs, mask, W_KIND)
+        m = load_state(exp_avg, offs, mask, S_KIND, P_KIND)
+        v = load_state(exp_avg_sq, offs, mask, S_KIND, P_KIND)
+        u = _direction(p, m, v, bc1, bc2, eps, weight_decay, ADAM_W, W_KIND)
         p = p - u * ratio
-        store_math(work, offs, p, mask, S_KIND)
+        store_math(work, offs, p, mask, W_KIND)
         if MASTER:
             store_math(param, offs, p, mask, P_KIND)
 
@@ -118,7 +120,7 @@ def _log(beta):
     return math.log(beta) if beta > 0 else -math.inf
 
 
-def launch_lamb_moments(tables, p_sums, u_sums, *, p_kind, master, beta1, beta2, eps, weight_decay,
+def launch_lamb_moments(tables, p_sums, u_sums, *, p_kind, s_kind, master, beta1, beta2, eps, weight_decay,
                         bias_correction, adam_w_mode, grad_averaging, maximize, grad_mult, found_inf, block,
                         num_warps):
     """m, v updated; per-tensor sum(p^2) into p_sums and sum(u^2) into u_sums (fp64)."""
@@ -131,22 +133,22 @@ def launch_lamb_moments(tables, p_sums, u_sums, *, p_kind, master, beta1, beta2,
         float(beta1), 1.0 - beta1 if grad_averaging else 1.0, float(beta2), 1.0 - beta2, _log(beta1), _log(beta2),
         float(eps), float(weight_decay), dummy if grad_mult is None else grad_mult,
         dummy if found_inf is None else found_inf, partials,
-        P_KIND=p_kind, MASTER=master, GRAD_MULT=grad_mult is not None, ADAM_W=adam_w_mode, MAXIMIZE=maximize,
-        BIAS_CORRECTION=bias_correction, HAS_FOUND_INF=found_inf is not None, CHUNK=tables.chunk_size, BLOCK=block,
-        num_warps=num_warps,
+        P_KIND=p_kind, S_KIND=s_kind, MASTER=master, GRAD_MULT=grad_mult is not None, ADAM_W=adam_w_mode,
+        MAXIMIZE=maximize, BIAS_CORRECTION=bias_correction, HAS_FOUND_INF=found_inf is not None,
+        CHUNK=tables.chunk_size, BLOCK=block, num_warps=num_warps,
     )
     for i, out in enumerate((p_sums, u_sums)):
         _combine_kernel[(tables.n_tensors,)](partials[i * tables.n_chunks:], tables.chunk_first, out, IS_MAX=False,
                                              BLOCK=256, num_warps=num_warps)
 
 
-def launch_lamb_apply(tables, ratio, *, p_kind, master, beta1, beta2, eps, weight_decay, bias_correction,
+def launch_lamb_apply(tables, ratio, *, p_kind, s_kind, master, beta1, beta2, eps, weight_decay, bias_correction,
                       adam_w_mode, found_inf, block, num_warps):
     """p = p - u * ratio[t], u recomputed from the stored moments."""
     dummy = tables.numel
     _lamb_apply_kernel[(tables.n_chunks,)](
         tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.n_tensors,
         _log(beta1), _log(beta2), float(eps), float(weight_decay), ratio, dummy if found_inf is None else found_inf,
-        P_KIND=p_kind, MASTER=master, ADAM_W=adam_w_mode, BIAS_CORRECTION=bias_correction,
+        P_KIND=p_kind, S_KIND=s_kind, MASTER=master, ADAM_W=adam_w_mode, BIAS_CORRECTION=bias_correction,
         HAS_FOUND_INF=found_inf is not None, CHUNK=tables.chunk_size, BLOCK=block, num_warps=num_warps,
     )

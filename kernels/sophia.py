@@ -12,17 +12,18 @@ csrc/include/fusedopt/sophia.h:
 import triton
 import triton.language as tl
 
-from ._numeric import F32, div_ieee, load_math, store_math
+from ._numeric import F32, div_ieee, load_math, load_state, store_math
 from ._table import ROW_EXP_AVG, ROW_EXP_AVG_SQ, ROW_GRAD, ROW_MASTER, ROW_PARAM, address, program_chunk
 
 
 @triton.jit
 def _step_kernel(table, numels, chunk_tensor, chunk_start, n_tensors, lr, lr_ptr, beta1, one_minus_beta1, rho_bs,
                  weight_decay, grad_mult_ptr, found_inf_ptr,
-                 P_KIND: tl.constexpr, MASTER: tl.constexpr, GRAD_MULT: tl.constexpr, MAXIMIZE: tl.constexpr,
-                 LR_IS_PTR: tl.constexpr, HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                 P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr, GRAD_MULT: tl.constexpr,
+                 MAXIMIZE: tl.constexpr, LR_IS_PTR: tl.constexpr, HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr,
+                 BLOCK: tl.constexpr):
     t, start, end = program_chunk(chunk_tensor, chunk_start, numels, found_inf_ptr, CHUNK, HAS_FOUND_INF)
-    S_KIND: tl.constexpr = F32 if MASTER else P_KIND
+    W_KIND: tl.constexpr = F32 if MASTER else P_KIND  # the working copy: the master, or the param
     param = address(table, ROW_PARAM, n_tensors, t)
     work = address(table, ROW_MASTER if MASTER else ROW_PARAM, n_tensors, t)
     grad = address(table, ROW_GRAD, n_tensors, t)
@@ -40,23 +41,22 @@ def _step_kernel(table, numels, chunk_tensor, chunk_start, n_tensors, lr, lr_ptr
             g = g * tl.load(grad_mult_ptr)
         if MAXIMIZE:
             g = -g
-        p = load_math(work, offs, mask, S_KIND) * decay
-        m = tl.fma(g, one_minus_beta1, load_math(exp_avg, offs, mask, S_KIND) * beta1)
-        ratio = div_ieee(tl.abs(m), load_math(hessian, offs, mask, S_KIND) * rho_bs + 1e-15, S_KIND)
+        p = load_math(work, offs, mask, W_KIND) * decay
+        m = tl.fma(g, one_minus_beta1, load_state(exp_avg, offs, mask, S_KIND, P_KIND) * beta1)
+        ratio = div_ieee(tl.abs(m), load_state(hessian, offs, mask, S_KIND, P_KIND) * rho_bs + 1e-15, W_KIND)
         ratio = tl.where(ratio > 1.0, 1.0, ratio)  # NaN stays NaN, as torch.clamp
         sign_m = (m > 0).to(m.dtype) - (m < 0).to(m.dtype)
         p = tl.fma(-lr * sign_m, ratio, p)
         store_math(exp_avg, offs, m, mask, S_KIND)
-        store_math(work, offs, p, mask, S_KIND)
+        store_math(work, offs, p, mask, W_KIND)
         if MASTER:
             store_math(param, offs, p, mask, P_KIND)
 
 
 @triton.jit
 def _hessian_kernel(table, numels, chunk_tensor, chunk_start, n_tensors, beta2, one_minus_beta2,
-                    P_KIND: tl.constexpr, MASTER: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                    P_KIND: tl.constexpr, S_KIND: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     t, start, end = program_chunk(chunk_tensor, chunk_start, numels, numels, CHUNK, False)
-    S_KIND: tl.constexpr = F32 if MASTER else P_KIND
     grad = address(table, ROW_GRAD, n_tensors, t)
     hessian = address(table, ROW_EXP_AVG_SQ, n_tensors, t)
     for off in range(0, end, BLOCK):
@@ -64,11 +64,11 @@ def _hessian_kernel(table, numels, chunk_tensor, chunk_start, n_tensors, beta2, 
         offs = start + in_chunk
         mask = in_chunk < end
         g = load_math(grad, offs, mask, P_KIND)
-        h = tl.fma(one_minus_beta2 * g, g, load_math(hessian, offs, mask, S_KIND) * beta2)
+        h = tl.fma(one_minus_beta2 * g, g, load_state(hessian, offs, mask, S_KIND, P_KIND) * beta2)
         store_math(hessian, offs, h, mask, S_KIND)
 
 
-def launch_step(tables, *, p_kind, master, lr, lr_tensor, beta1, rho_bs, weight_decay, maximize, grad_mult,
+def launch_step(tables, *, p_kind, s_kind, master, lr, lr_tensor, beta1, rho_bs, weight_decay, maximize, grad_mult,
                 found_inf, block, num_warps):
     dummy = tables.numel
     _step_kernel[(tables.n_chunks,)](
@@ -76,12 +76,12 @@ def launch_step(tables, *, p_kind, master, lr, lr_tensor, beta1, rho_bs, weight_
         0.0 if lr_tensor is not None else float(lr), dummy if lr_tensor is None else lr_tensor, float(beta1),
         1.0 - beta1, float(rho_bs), float(weight_decay), dummy if grad_mult is None else grad_mult,
         dummy if found_inf is None else found_inf,
-        P_KIND=p_kind, MASTER=master, GRAD_MULT=grad_mult is not None, MAXIMIZE=maximize,
+        P_KIND=p_kind, S_KIND=s_kind, MASTER=master, GRAD_MULT=grad_mult is not None, MAXIMIZE=maximize,
         LR_IS_PTR=lr_tensor is not None, HAS_FOUND_INF=found_inf is not None, CHUNK=tables.chunk_size, BLOCK=block,
         num_warps=num_warps)
 
 
-def launch_hessian(tables, *, p_kind, master, beta2, block, num_warps):
+def launch_hessian(tables, *, p_kind, s_kind, beta2, block, num_warps):
     _hessian_kernel[(tables.n_chunks,)](
         tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.n_tensors, float(beta2),
-        1.0 - beta2, P_KIND=p_kind, MASTER=master, CHUNK=tables.chunk_size, BLOCK=block, num_warps=num_warps)
+        1.0 - beta2, P_KIND=p_kind, S_KIND=s_kind, CHUNK=tables.chunk_size, BLOCK=block, num_warps=num_warps)

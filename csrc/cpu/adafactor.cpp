@@ -310,17 +310,18 @@ struct VectorOp {
 }  // namespace
 
 void adafactor_factored_cpu(const TensorTable& tt, const int64_t* rows, const int64_t* cols,
-                            const AdafactorHyper& h, DType param_dtype, bool has_master, int num_threads) {
+                            const AdafactorHyper& h, DType param_dtype, DType state_dtype, bool has_master,
+                            int num_threads) {
   if (h.found_inf && *h.found_inf != 0.0f) return;  // GradScaler found inf/NaN: skip the step, steps too
   if (tt.n_tensors == 0) return;
-  dispatch_storage<FactoredOp>(param_dtype, has_master, tt, rows, cols, h, num_threads);
+  dispatch_storage<FactoredOp>(param_dtype, state_dtype, has_master, tt, rows, cols, h, num_threads);
 }
 
-void adafactor_vector_cpu(const TensorTable& tt, const AdafactorHyper& h, DType param_dtype, bool has_master,
-                          int num_threads) {
+void adafactor_vector_cpu(const TensorTable& tt, const AdafactorHyper& h, DType param_dtype, DType state_dtype,
+                          bool has_master, int num_threads) {
   if (h.found_inf && *h.found_inf != 0.0f) return;
   if (tt.n_tensors == 0) return;
-  dispatch_storage<VectorOp>(param_dtype, has_master, tt, h, num_threads);
+  dispatch_storage<VectorOp>(param_dtype, state_dtype, has_master, tt, h, num_threads);
 }
 
 }  // namespace fusedopt

@@ -99,11 +99,11 @@ struct AdamWOp {
 
 }  // namespace
 
-void adamw_cpu(const TensorTable& tt, const AdamWHyper& h, DType param_dtype, bool has_master,
+void adamw_cpu(const TensorTable& tt, const AdamWHyper& h, DType param_dtype, DType state_dtype, bool has_master,
                int num_threads) {
   if (h.found_inf && *h.found_inf != 0.0f) return;  // GradScaler found inf/NaN: skip the step, steps too
   if (tt.n_chunks == 0) return;
-  dispatch_storage<AdamWOp>(param_dtype, has_master, tt, h, num_threads);
+  dispatch_storage<AdamWOp>(param_dtype, state_dtype, has_master, tt, h, num_threads);
 }
 
 }  // namespace fusedopt

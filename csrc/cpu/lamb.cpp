@@ -24,7 +24,8 @@ std::vector<LambScalars<T>> advance_and_scalars(const TensorTable& tt, const Lam
 template <typename T>
 std::vector<LambScalars<T>> scalars_of(const TensorTable& tt, const LambHyper& h) {
   std::vector<LambScalars<T>> scalars(size_t(tt.n_tensors));
-  for (int64_t t = 0; t < tt.n_tensors; ++t) scalars[size_t(t)] = lamb_scalars<T>(h, double(*tt.ptr<float>(kRowStep, t)));
+  for (int64_t t = 0; t < tt.n_tensors; ++t) scalars[size_t(t)] = lamb_scalars<T>(h, double(*tt.ptr<float>(kRowStep,
+       t)));
   return scalars;
 }
 
@@ -110,19 +111,19 @@ struct ApplyOp {
 
 }  // namespace
 
-void lamb_moments_cpu(const TensorTable& tt, const LambHyper& h, DType param_dtype, bool has_master,
+void lamb_moments_cpu(const TensorTable& tt, const LambHyper& h, DType param_dtype, DType state_dtype, bool has_master,
                       double* p_sums, double* u_sums, int num_threads) {
   if (h.found_inf && *h.found_inf != 0.0f) {  // GradScaler found inf/NaN: skip the step, steps too
     for (int64_t t = 0; t < tt.n_tensors; ++t) p_sums[t] = u_sums[t] = 0.0;
     return;
   }
-  dispatch_storage<MomentsOp>(param_dtype, has_master, tt, h, p_sums, u_sums, num_threads);
+  dispatch_storage<MomentsOp>(param_dtype, state_dtype, has_master, tt, h, p_sums, u_sums, num_threads);
 }
 
-void lamb_apply_cpu(const TensorTable& tt, const LambHyper& h, DType param_dtype, bool has_master,
+void lamb_apply_cpu(const TensorTable& tt, const LambHyper& h, DType param_dtype, DType state_dtype, bool has_master,
                     const float* ratio, int num_threads) {
   if (h.found_inf && *h.found_inf != 0.0f) return;
-  dispatch_storage<ApplyOp>(param_dtype, has_master, tt, h, ratio, num_threads);
+  dispatch_storage<ApplyOp>(param_dtype, state_dtype, has_master, tt, h, ratio, num_threads);
 }
 
 }  // namespace fusedopt

@@ -58,13 +58,15 @@ struct HessianOp {
 
 }  // namespace
 
-void sophia_cpu(const TensorTable& tt, const SophiaHyper& h, DType param_dtype, bool has_master, int num_threads) {
+void sophia_cpu(const TensorTable& tt, const SophiaHyper& h, DType param_dtype, DType state_dtype, bool has_master,
+                int num_threads) {
   if (h.found_inf && *h.found_inf != 0.0f) return;  // GradScaler found inf/NaN: skip the step, steps too
-  dispatch_storage<StepOp>(param_dtype, has_master, tt, h, num_threads);
+  dispatch_storage<StepOp>(param_dtype, state_dtype, has_master, tt, h, num_threads);
 }
 
-void sophia_hessian_cpu(const TensorTable& tt, double beta2, DType param_dtype, bool has_master, int num_threads) {
-  dispatch_storage<HessianOp>(param_dtype, has_master, tt, beta2, num_threads);
+void sophia_hessian_cpu(const TensorTable& tt, double beta2, DType param_dtype, DType state_dtype, bool has_master,
+                        int num_threads) {
+  dispatch_storage<HessianOp>(param_dtype, state_dtype, has_master, tt, beta2, num_threads);
 }
 
 }  // namespace fusedopt

@@ -26,7 +26,7 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorTable tt, AdamWHy
   if (threadIdx.x == 0) {
     const double lr = h.lr_ptr ? double(*h.lr_ptr) : h.lr;
     const double step = double(*tt.ptr<const float>(kRowStep, chunk.tensor));
-      shared_scalars = adamw_scalars<T>(h, lr, step);
+    shared_scalars = adamw_scalars<T>(h, lr, step);
   }
   __syncthreads();
   const AdamWScalars<T> s = shared_scalars;
@@ -90,11 +90,11 @@ struct AdamWOp {
 
 }  // namespace
 
-const char* adamw_cuda(const TensorTable& tt, const AdamWHyper& h, DType param_dtype, bool has_master,
-                       void* stream_handle) {
+const char* adamw_cuda(const TensorTable& tt, const AdamWHyper& h, DType param_dtype, DType state_dtype,
+                       bool has_master, void* stream_handle) {
   if (tt.n_chunks == 0) return nullptr;
   if (tt.n_chunks > 0x7FFFFFFF) return "fusedopt: too many chunks for one launch";
-  dispatch_storage<AdamWOp>(param_dtype, has_master, tt, h, static_cast<cudaStream_t>(stream_handle));
+  dispatch_storage<AdamWOp>(param_dtype, state_dtype, has_master, tt, h, static_cast<cudaStream_t>(stream_handle));
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }

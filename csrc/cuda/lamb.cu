@@ -140,21 +140,22 @@ const char* last_error() {
 }  // namespace
 
 const char* lamb_moments_cuda(const TensorTable& tt, const int64_t* chunk_first, const LambHyper& h,
-                              DType param_dtype, bool has_master, double* partials, double* p_sums,
+                              DType param_dtype, DType state_dtype, bool has_master, double* partials, double* p_sums,
                               double* u_sums, void* stream_handle) {
   if (tt.n_chunks == 0) return nullptr;
   cudaStream_t stream = static_cast<cudaStream_t>(stream_handle);
-  dispatch_storage<MomentsOp>(param_dtype, has_master, tt, h, partials, stream);
+  dispatch_storage<MomentsOp>(param_dtype, state_dtype, has_master, tt, h, partials, stream);
   const dim3 grid(unsigned(tt.n_tensors));
   combine_kernel<false><<<grid, kThreads, 0, stream>>>(partials, chunk_first, p_sums);
   combine_kernel<false><<<grid, kThreads, 0, stream>>>(partials + tt.n_chunks, chunk_first, u_sums);
   return last_error();
 }
 
-const char* lamb_apply_cuda(const TensorTable& tt, const LambHyper& h, DType param_dtype, bool has_master,
-                            const float* ratio, void* stream_handle) {
+const char* lamb_apply_cuda(const TensorTable& tt, const LambHyper& h, DType param_dtype, DType state_dtype,
+                            bool has_master, const float* ratio, void* stream_handle) {
   if (tt.n_chunks == 0) return nullptr;
-  dispatch_storage<ApplyOp>(param_dtype, has_master, tt, h, ratio, static_cast<cudaStream_t>(stream_handle));
+  dispatch_storage<ApplyOp>(param_dtype, state_dtype, has_master, tt, h, ratio,
+                            static_cast<cudaStream_t>(stream_handle));
   return last_error();
 }
 

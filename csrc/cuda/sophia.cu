@@ -65,7 +65,8 @@ __global__ void __launch_bounds__(kThreads) hessian_kernel(TensorTable tt, doubl
     cuda::load_pack(g_in, grad, i, chunk.len, aligned);
     cuda::load_pack(h_io, hessian, i, chunk.len, aligned);
 #pragma unroll
-    for (int k = 0; k < kILP; ++k) h_io[k] = Store<S>::from(sophia_hessian(T(to_math(h_io[k])), T(to_math(g_in[k])), b2, omb2));
+    for (int k = 0; k < kILP; ++k) h_io[k] = Store<S>::from(sophia_hessian(T(to_math(h_io[k])), T(to_math(g_in[k])),
+         b2, omb2));
     cuda::store_pack(hessian, h_io, i, chunk.len, aligned);
   }
 }
@@ -93,17 +94,17 @@ const char* last_error() {
 
 }  // namespace
 
-const char* sophia_cuda(const TensorTable& tt, const SophiaHyper& h, DType param_dtype, bool has_master,
-                        void* stream) {
+const char* sophia_cuda(const TensorTable& tt, const SophiaHyper& h, DType param_dtype, DType state_dtype,
+                        bool has_master, void* stream) {
   if (tt.n_chunks == 0) return nullptr;
-  dispatch_storage<StepOp>(param_dtype, has_master, tt, h, static_cast<cudaStream_t>(stream));
+  dispatch_storage<StepOp>(param_dtype, state_dtype, has_master, tt, h, static_cast<cudaStream_t>(stream));
   return last_error();
 }
 
-const char* sophia_hessian_cuda(const TensorTable& tt, double beta2, DType param_dtype, bool has_master,
-                                void* stream) {
+const char* sophia_hessian_cuda(const TensorTable& tt, double beta2, DType param_dtype, DType state_dtype,
+                                bool has_master, void* stream) {
   if (tt.n_chunks == 0) return nullptr;
-  dispatch_storage<HessianOp>(param_dtype, has_master, tt, beta2, static_cast<cudaStream_t>(stream));
+  dispatch_storage<HessianOp>(param_dtype, state_dtype, has_master, tt, beta2, static_cast<cudaStream_t>(stream));
   return last_error();
 }
 

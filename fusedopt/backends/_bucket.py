@@ -17,11 +17,14 @@ class Bucket:
     (non-overlapping, no gaps), so kernels treat it as a flat array; no tensor
     is empty (zero-size params never take a slot). ``steps`` hold each
     parameter's step count (0-d fp32 on the bucket's device); the backend
-    advances them with the update (see advance_steps).
+    advances them with the update (see advance_steps). ``dtype`` is the dtype
+    of params and grads, ``state_dtype`` that of every state tensor (masters
+    are always fp32).
     """
 
     device: torch.device
     dtype: torch.dtype
+    state_dtype: torch.dtype
     kind: object = None  # the optimizer's further split (e.g. Adafactor: factored or not)
     params: list[Tensor] = field(default_factory=list)
     grads: list[Tensor] = field(default_factory=list)

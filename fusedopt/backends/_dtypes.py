@@ -10,6 +10,12 @@ CODES = {torch.float32: F32, torch.float64: F64, torch.bfloat16: BF16, torch.flo
 SUPPORTED_PARAM_DTYPES = tuple(CODES)
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
+#: what the ``state_dtype`` optimizer argument takes besides None (the default:
+#: the param's dtype, or fp32 with master weights)
+STATE_DTYPES = (torch.bfloat16,)
+#: asked for in the issue tracker, not built yet: a clear error, not a fallback
+PLANNED_STATE_DTYPES = tuple(getattr(torch, name) for name in ("float8_e4m3fn",) if hasattr(torch, name))
+
 
 def math_dtype(dtype: torch.dtype) -> torch.dtype:
     """The precision the update is computed in: fp64 for fp64, else fp32."""

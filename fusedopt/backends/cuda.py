@@ -40,7 +40,7 @@ def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, gra
     with torch.cuda.device(bucket.device):
         torch.ops.fusedopt_cuda.adamw(
             tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.chunk_size,
-            CODES[bucket.dtype],
+            CODES[bucket.dtype], CODES[bucket.state_dtype],
             bucket.masters is not None, 0.0 if lr_tensor is not None else lr, lr_tensor, beta1, beta2, eps,
             weight_decay, amsgrad, maximize, grad_mult, found_inf,
             torch.cuda.current_stream(bucket.device).cuda_stream,
@@ -75,18 +75,18 @@ def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, adam_w
     tables = _tables.launch_tables(_tables.moment_rows(bucket), device, CHUNK_SIZE)
     advance_steps(bucket.steps, found_inf)
     head = (tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start)
-    kind, master = CODES[bucket.dtype], bucket.masters is not None
+    kind, state_kind, master = CODES[bucket.dtype], CODES[bucket.state_dtype], bucket.masters is not None
     partials = torch.empty(2 * tables.n_chunks, dtype=torch.float64, device=device)
     p_sums = torch.empty(tables.n_tensors, dtype=torch.float64, device=device)
     u_sums = torch.empty_like(p_sums)
     with torch.cuda.device(device):
         stream = torch.cuda.current_stream(device).cuda_stream
         torch.ops.fusedopt_cuda.lamb_moments(
-            *head, tables.chunk_first, tables.chunk_size, kind, master, beta1, beta2, eps, weight_decay,
+            *head, tables.chunk_first, tables.chunk_size, kind, state_kind, master, beta1, beta2, eps, weight_decay,
             bias_correction, adam_w_mode, grad_averaging, maximize, grad_mult, found_inf, partials, p_sums, u_sums,
             stream)
         ratio = lamb_spec.trust_ratio(p_sums, u_sums, lr, weight_decay, use_nvlamb)
-        torch.ops.fusedopt_cuda.lamb_apply(*head, tables.chunk_size, kind, master, ratio, beta1, beta2, eps,
+        torch.ops.fusedopt_cuda.lamb_apply(*head, tables.chunk_size, kind, state_kind, master, ratio, beta1, beta2, eps,
                                            weight_decay, bias_correction, adam_w_mode, found_inf, stream)
 
 
@@ -98,8 +98,9 @@ def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, fou
     with torch.cuda.device(device):
         torch.ops.fusedopt_cuda.sophia(
             tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.chunk_size,
-            CODES[bucket.dtype], bucket.masters is not None, 0.0 if lr_tensor is not None else lr, lr_tensor, beta1,
-            rho * bs, weight_decay, maximize, grad_mult, found_inf, torch.cuda.current_stream(device).cuda_stream)
+            CODES[bucket.dtype], CODES[bucket.state_dtype], bucket.masters is not None,
+            0.0 if lr_tensor is not None else lr, lr_tensor, beta1, rho * bs, weight_decay, maximize, grad_mult,
+            found_inf, torch.cuda.current_stream(device).cuda_stream)
 
 
 def sophia_hessian(bucket, *, beta2):
@@ -108,4 +109,5 @@ def sophia_hessian(bucket, *, beta2):
     with torch.cuda.device(device):
         torch.ops.fusedopt_cuda.sophia_hessian(
             tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.chunk_size,
-            CODES[bucket.dtype], bucket.masters is not None, beta2, torch.cuda.current_stream(device).cuda_stream)
+            CODES[bucket.dtype], CODES[bucket.state_dtype], bucket.masters is not None, beta2,
+            torch.cuda.current_stream(device).cuda_stream)

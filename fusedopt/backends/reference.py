@@ -121,6 +121,8 @@ def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize,
     lr = float(lr)
     dtype = math_dtype(bucket.dtype)
     eps1 = torch.finfo(bucket.dtype).eps if eps1 is None else eps1
+    sdt = bucket.state_dtype
+    stored = None if sdt == dtype else (lambda t: t.copy_(t.to(sdt)))
     for i, param in enumerate(bucket.params):
         master = bucket.masters[i] if bucket.masters is not None else None
         work = (master if master is not None else param).to(dtype, copy=True)
@@ -129,7 +131,8 @@ def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize,
         adafactor_spec.adafactor_update_(
             work, bucket.grads[i].to(dtype), copies.get("row_var"), copies.get("col_var"), copies.get("variance"),
             copies.get("exp_avg"), step=float(bucket.steps[i].item()), lr=lr, beta2_decay=beta2_decay, eps1=eps1,
-            eps2=eps2, d=d, weight_decay=weight_decay, maximize=maximize, beta1=beta1, grad_mult=mult)
+            eps2=eps2, d=d, weight_decay=weight_decay, maximize=maximize, beta1=beta1, grad_mult=mult,
+            stored=stored)
         for name, t in states.items():
             t.copy_(copies[name])
         if master is not None:

@@ -52,7 +52,8 @@ def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, gra
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
     advance_steps(bucket.steps, found_inf)
     kernels.launch_adamw(
-        tables, p_kind=CODES[bucket.dtype], master=bucket.masters is not None, amsgrad=amsgrad,
+        tables, p_kind=CODES[bucket.dtype], s_kind=CODES[bucket.state_dtype], master=bucket.masters is not None,
+        amsgrad=amsgrad,
         maximize=maximize, lr=0.0 if lr_tensor is not None else lr, lr_tensor=lr_tensor, beta1=beta1,
         beta2=beta2, eps=eps, weight_decay=weight_decay, grad_mult=grad_mult, found_inf=found_inf,
         block=BLOCK_SIZE, num_warps=NUM_WARPS,
@@ -80,7 +81,8 @@ def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, adam_w
     kernels = shipped_module("kernels", "lamb")
     tables = _tables.launch_tables(_tables.moment_rows(bucket), bucket.device, CHUNK_SIZE)
     advance_steps(bucket.steps, found_inf)
-    common = dict(p_kind=CODES[bucket.dtype], master=bucket.masters is not None, beta1=beta1, beta2=beta2, eps=eps,
+    common = dict(p_kind=CODES[bucket.dtype], s_kind=CODES[bucket.state_dtype], master=bucket.masters is not None,
+                  beta1=beta1, beta2=beta2, eps=eps,
                   weight_decay=weight_decay, bias_correction=bias_correction, adam_w_mode=adam_w_mode,
                   found_inf=found_inf, block=BLOCK_SIZE, num_warps=NUM_WARPS)
     p_sums = torch.empty(tables.n_tensors, dtype=torch.float64, device=bucket.device)
@@ -105,8 +107,8 @@ def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize,
     eps1 = torch.finfo(bucket.dtype).eps if eps1 is None else eps1
     n, n_chunks = tables.n_tensors, tables.n_chunks
     dummy = tables.numel  # stands in for absent pointer arguments
-    flags = dict(P_KIND=CODES[bucket.dtype], MASTER=bucket.masters is not None, GRAD_MULT=grad_mult is not None,
-                 MAXIMIZE=maximize, HAS_FOUND_INF=found_inf is not None)
+    flags = dict(P_KIND=CODES[bucket.dtype], S_KIND=CODES[bucket.state_dtype], MASTER=bucket.masters is not None,
+                 GRAD_MULT=grad_mult is not None, MAXIMIZE=maximize, HAS_FOUND_INF=found_inf is not None)
     pointers = dict(grad_mult_ptr=dummy if grad_mult is None else grad_mult,
                     found_inf_ptr=dummy if found_inf is None else found_inf)
     head = (tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, n)
@@ -156,7 +158,8 @@ def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, fou
     tables = _tables.launch_tables(_tables.moment_rows(bucket, "hessian"), bucket.device, CHUNK_SIZE)
     advance_steps(bucket.steps, found_inf)
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
-    kernels.launch_step(tables, p_kind=CODES[bucket.dtype], master=bucket.masters is not None, lr=lr,
+    kernels.launch_step(tables, p_kind=CODES[bucket.dtype], s_kind=CODES[bucket.state_dtype],
+                        master=bucket.masters is not None, lr=lr,
                         lr_tensor=lr_tensor, beta1=beta1, rho_bs=rho * bs, weight_decay=weight_decay,
                         maximize=maximize, grad_mult=grad_mult, found_inf=found_inf, block=BLOCK_SIZE,
                         num_warps=NUM_WARPS)
@@ -165,5 +168,5 @@ def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, fou
 def sophia_hessian(bucket, *, beta2):
     kernels = shipped_module("kernels", "sophia")
     tables = _tables.launch_tables(_tables.moment_rows(bucket, "hessian"), bucket.device, CHUNK_SIZE)
-    kernels.launch_hessian(tables, p_kind=CODES[bucket.dtype], master=bucket.masters is not None, beta2=beta2,
+    kernels.launch_hessian(tables, p_kind=CODES[bucket.dtype], s_kind=CODES[bucket.state_dtype], beta2=beta2,
                            block=BLOCK_SIZE, num_warps=NUM_WARPS)

@@ -2,6 +2,7 @@
 all tensors of a bucket per launch, and an optional first moment."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ..reference import adafactor as adafactor_spec
@@ -22,8 +23,12 @@ class FusedAdafactor(FusedOptimizer):
     stay on the device here); empty tensors are skipped (torch divides by
     zero); ``beta1`` (default None) adds a first moment ``exp_avg`` applied to
     the clipped update, as in the Adafactor paper and HF transformers; and
-    ``backend``, ``master_weights`` and ``max_grad_norm`` as on the other
-    fusedopt optimizers. ``foreach`` is accepted and ignored.
+    ``backend``, ``master_weights``, ``max_grad_norm`` and ``state_dtype`` as
+    on the other fusedopt optimizers (``state_dtype=torch.bfloat16`` stores
+    every state in bf16: ``exp_avg`` and ``variance``, and also the factored
+    ``row_var``/``col_var``, whose size, rows + columns, makes the saving nil
+    but keeps one storage type per launch). ``foreach`` is accepted and
+    ignored.
 
     Kernels: one pass reduces the row and column sums of g*g and sum(p*p),
     one reduces sum(u*u) (updating ``variance`` of unfactored tensors), one
@@ -47,6 +52,7 @@ class FusedAdafactor(FusedOptimizer):
         backend: str | None = None,
         master_weights: bool = False,
         max_grad_norm: float | None = None,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         # torch.optim.Adafactor's checks, with its messages
         if isinstance(lr, Tensor) and lr.numel() != 1:
@@ -76,7 +82,7 @@ class FusedAdafactor(FusedOptimizer):
         }
         self.beta1 = beta1
         super().__init__(params, defaults, backend=backend, master_weights=master_weights,
-                         max_grad_norm=max_grad_norm)
+                         max_grad_norm=max_grad_norm, state_dtype=state_dtype)
 
     def __getstate__(self):
         return dict(super().__getstate__(), beta1=self.beta1)

@@ -1,6 +1,7 @@
 """FusedAdamW: torch.optim.AdamW's update, fused into one kernel per bucket."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .base import FusedOptimizer, check_hyperparameters
@@ -19,6 +20,13 @@ class FusedAdamW(FusedOptimizer):
       the low-precision grad and the moments and writes the master, the moments
       and the param (the new master rounded once, to nearest even) in one pass.
       fp32/fp64 params ignore it.
+    * ``state_dtype``: None (default: moments in the param's dtype, as torch;
+      fp32 with master weights) or ``torch.bfloat16``: the moments are stored
+      in bf16, rounded to nearest even at every store and widened to fp32 for
+      the math inside the kernel. Halves the moments' memory and traffic; the
+      params (and masters) keep their precision. state_dict holds the moments
+      as stored; loading an fp32 state_dict (torch.optim.AdamW's) rounds them
+      once. ``torch.float8_e4m3fn`` is planned and raises NotImplementedError.
     * ``max_grad_norm``: clip by the global L2 norm of all grads (all groups)
       inside ``step()``: the same as ``torch.nn.utils.clip_grad_norm_(params,
       max_grad_norm)`` before the step, but the coefficient is applied inside
@@ -63,6 +71,7 @@ class FusedAdamW(FusedOptimizer):
         backend: str | None = None,
         master_weights: bool = False,
         max_grad_norm: float | None = None,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         if differentiable:
             raise NotImplementedError(
@@ -84,7 +93,7 @@ class FusedAdamW(FusedOptimizer):
             "decoupled_weight_decay": True,
         }
         super().__init__(params, defaults, backend=backend, master_weights=master_weights,
-                         max_grad_norm=max_grad_norm)
+                         max_grad_norm=max_grad_norm, state_dtype=state_dtype)
 
     def __setstate__(self, state):
         super().__setstate__(state)

@@ -32,7 +32,8 @@ from torch.optim import Optimizer
 
 from .. import backends, norms
 from ..backends._bucket import Bucket, advance_steps
-from ..backends._dtypes import LOW_PRECISION, SUPPORTED_PARAM_DTYPES, fp32_scalar
+from ..backends._dtypes import (LOW_PRECISION, PLANNED_STATE_DTYPES, STATE_DTYPES, SUPPORTED_PARAM_DTYPES,
+                                fp32_scalar)
 
 
 class FusedOptimizer(Optimizer):
@@ -43,11 +44,14 @@ class FusedOptimizer(Optimizer):
     _op: str = ""
 
     def __init__(self, params, defaults: dict, *, backend: str | None = None, master_weights: bool = False,
-                 max_grad_norm: float | None = None):
+                 max_grad_norm: float | None = None, state_dtype: torch.dtype | None = None):
         if max_grad_norm is not None and not float(max_grad_norm) >= 0.0:
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (None or 0 turns clipping off)")
+        _check_state_dtype(type(self).__name__, state_dtype)
         self._requested_backend = backends.validate_name(backend)
         self.master_weights = bool(master_weights)
+        #: storage dtype of the elementwise states; None: the param's dtype (fp32 with master weights)
+        self.state_dtype = state_dtype
         #: clip by the global L2 norm of all grads inside step(); None or 0: off
         self.max_grad_norm = float(max_grad_norm) if max_grad_norm else None
         #: the global grad norm of the last step (a device tensor), with max_grad_norm
@@ -81,12 +85,16 @@ class FusedOptimizer(Optimizer):
     def __getstate__(self):
         state = super().__getstate__()
         state.update(_requested_backend=self._requested_backend, master_weights=self.master_weights,
+                     state_dtype=self.state_dtype,
                      _backend_names=dict(self._backend_names), max_grad_norm=self.max_grad_norm,
                      last_grad_norm=self.last_grad_norm)
         return state
 
     def __setstate__(self, state):
+        # also called by torch's load_state_dict with only state and param_groups
         super().__setstate__(state)
+        if not hasattr(self, "state_dtype"):
+            self.state_dtype = None  # pickled before state_dtype existed
         self._plans = {}  # plans hold tensors of the original: never carried over
 
     # --- what subclasses provide ----------------------------------------------
@@ -124,20 +132,34 @@ class FusedOptimizer(Optimizer):
         return self.master_weights and p.dtype in LOW_PRECISION
 
     def _state_dtype(self, p: Tensor) -> torch.dtype:
+        """The storage dtype of p's state tensors (all but step and master_param)."""
+        if self.state_dtype is not None:
+            return self.state_dtype
         return torch.float32 if self._uses_master(p) else p.dtype
 
     def _prepare_state(self, group: dict, p: Tensor, kind) -> dict:
-        """The param's state, with anything missing created (lazily, as torch does)."""
+        """The param's state, with anything missing created (lazily, as torch does).
+
+        Raises (before any update) when an existing state tensor has another
+        dtype than this optimizer stores, e.g. one assigned by hand:
+        load_state_dict converts, the kernels would not.
+        """
         state = self.state[p]
         if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         dtype = self._state_dtype(p)
-        for name in self._elementwise_states(group, kind):
+        shapes = {name: None for name in self._elementwise_states(group, kind)}
+        shapes.update(self._shaped_states(group, p))
+        for name, shape in shapes.items():
             if name not in state:
-                state[name] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-        for name, shape in self._shaped_states(group, p).items():
-            if name not in state:
-                state[name] = torch.zeros(shape, dtype=dtype, device=p.device)
+                state[name] = (torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format) if shape is None
+                               else torch.zeros(shape, dtype=dtype, device=p.device))
+            elif state[name].dtype != dtype:
+                raise RuntimeError(
+                    f"{type(self).__name__}: state {name!r} of a {p.dtype} param of shape {tuple(p.shape)} is "
+                    f"{state[name].dtype}, but this optimizer stores {dtype} states (state_dtype="
+                    f"{self.state_dtype}, master_weights={self.master_weights}); load states with "
+                    f"load_state_dict, which converts them")
         if self._uses_master(p) and "master_param" not in state:
             state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
         return state
@@ -245,7 +267,8 @@ class FusedOptimizer(Optimizer):
                 continue
             key = (p.device, p.dtype, kind)
             if key not in buckets:
-                buckets[key] = (Bucket(p.device, p.dtype, kind=kind, states={n: [] for n in (*names, *shaped)},
+                buckets[key] = (Bucket(p.device, p.dtype, self._state_dtype(p), kind=kind,
+                                       states={n: [] for n in (*names, *shaped)},
                                        masters=[] if master is not None else None), [])
             bucket, grad_index = buckets[key]
             tensors = [p, g] + [state[n] for n in names] + ([master] if master is not None else [])
@@ -273,9 +296,12 @@ class FusedOptimizer(Optimizer):
 
         torch casts every floating state tensor to its param's dtype and leaves
         ``step`` where it was saved. Afterwards: steps go to the param's device
-        as float32, and with master weights the moments and the master are
-        taken at fp32 from the saved values (the master from the param when
-        the saved state has none, e.g. a torch.optim.AdamW checkpoint).
+        as float32, the other states are taken from the saved values in the
+        dtype this optimizer stores (``state_dtype``, or fp32 with master
+        weights: a bf16 param's fp32 moments are not rounded through bf16 on
+        the way), and with master weights the master is taken at fp32 from the
+        saved one, or from the param when the saved state has none (e.g. a
+        torch.optim.AdamW checkpoint).
         """
         super().load_state_dict(state_dict)
         self._plans = {}
@@ -288,15 +314,25 @@ class FusedOptimizer(Optimizer):
                 continue
             if "step" in state:
                 state["step"] = torch.as_tensor(saved["step"], dtype=torch.float32).to(p.device).reshape(())
+            for name, value in saved.items():
+                if name != "step" and isinstance(value, Tensor) and value.is_floating_point():
+                    dtype = torch.float32 if name == "master_param" else self._state_dtype(p)
+                    state[name] = value.to(device=p.device, dtype=dtype, copy=True)
             if self._uses_master(p):
-                for name, value in saved.items():
-                    if name != "step" and isinstance(value, Tensor) and value.is_floating_point():
-                        state[name] = value.to(device=p.device, dtype=torch.float32, copy=True)
                 if "master_param" not in state:
                     state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format,
                                                           copy=True)
             else:
                 state.pop("master_param", None)
+
+
+def _check_state_dtype(name: str, state_dtype) -> None:
+    if state_dtype is None or state_dtype in STATE_DTYPES:
+        return
+    if state_dtype in PLANNED_STATE_DTYPES:
+        raise NotImplementedError(f"{name}: state_dtype={state_dtype} is not implemented yet; "
+                                  f"use None or torch.bfloat16")
+    raise ValueError(f"{name}: state_dtype must be None or torch.bfloat16, got {state_dtype!r}")
 
 
 def check_hyperparameters(lr, eps: float, betas, weight_decay: float) -> None:

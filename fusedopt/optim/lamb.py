@@ -3,6 +3,7 @@ keeps them, bf16/fp16 params and master weights, and max_grad_norm None or 0
 meaning no clipping."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ..reference import lamb as lamb_spec
@@ -32,8 +33,8 @@ class FusedLAMB(FusedOptimizer):
     8 bytes per param, the same as storing u and reading it back, without a
     buffer). Fixed against apex: ``.grad`` is never overwritten,
     ``max_grad_norm=None`` or 0 turns clipping off (apex zeroes every grad),
-    bf16/fp16 params work (with ``master_weights`` as in FusedAdamW), and
-    ``step`` lives per parameter, so state_dicts behave like torch's.
+    bf16/fp16 params work (with ``master_weights`` and ``state_dtype`` as in
+    FusedAdamW), and ``step`` lives per parameter, so state_dicts behave like torch's.
     """
 
     _op = "lamb"
@@ -54,6 +55,7 @@ class FusedLAMB(FusedOptimizer):
         maximize: bool = False,
         backend: str | None = None,
         master_weights: bool = False,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
@@ -70,7 +72,7 @@ class FusedLAMB(FusedOptimizer):
             "maximize": maximize,
         }
         super().__init__(params, defaults, backend=backend, master_weights=master_weights,
-                         max_grad_norm=max_grad_norm)
+                         max_grad_norm=max_grad_norm, state_dtype=state_dtype)
 
     def _elementwise_states(self, group, kind):
         return ("exp_avg", "exp_avg_sq")

@@ -19,7 +19,8 @@ class FusedSophia(FusedOptimizer):
                            p -= lr * sign(m) * ratio
         update_hessian():  h = beta2 * h + (1 - beta2) * grad * grad
 
-    State per param: ``step``, ``exp_avg``, ``hessian`` (zeros at first use).
+    State per param: ``step``, ``exp_avg``, ``hessian`` (zeros at first use;
+    ``master_weights``, ``state_dtype`` and ``max_grad_norm`` as in FusedAdamW).
     ``step(closure=None, bs=None)``: ``bs=None`` uses the group's ``bs``.
     The documented loop (every k steps, on a batch of your choice)::
 
@@ -49,6 +50,7 @@ class FusedSophia(FusedOptimizer):
         backend: str | None = None,
         master_weights: bool = False,
         max_grad_norm: float | None = None,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
@@ -61,7 +63,7 @@ class FusedSophia(FusedOptimizer):
                     "maximize": maximize, "capturable": capturable, "bs": bs}
         self._bs_override: int | None = None
         super().__init__(params, defaults, backend=backend, master_weights=master_weights,
-                         max_grad_norm=max_grad_norm)
+                         max_grad_norm=max_grad_norm, state_dtype=state_dtype)
 
     def _elementwise_states(self, group, kind):
         return ("exp_avg", "hessian")

@@ -83,8 +83,9 @@ FUSEDOPT_HD void adafactor_scale(const AdafactorHyper& h, const AdafactorStep& s
 // rows[t] x cols[t] the last two dims (leading dims batched); otherwise 0-d
 // and 1-d tensors with an elementwise `variance`.
 void adafactor_factored_cpu(const TensorTable& tt, const int64_t* rows, const int64_t* cols,
-                            const AdafactorHyper& h, DType param_dtype, bool has_master, int num_threads);
-void adafactor_vector_cpu(const TensorTable& tt, const AdafactorHyper& h, DType param_dtype, bool has_master,
-                          int num_threads);
+                            const AdafactorHyper& h, DType param_dtype, DType state_dtype, bool has_master,
+                            int num_threads);
+void adafactor_vector_cpu(const TensorTable& tt, const AdafactorHyper& h, DType param_dtype, DType state_dtype,
+                          bool has_master, int num_threads);
 
 }  // namespace fusedopt

@@ -83,16 +83,17 @@ FUSEDOPT_HD void adamw_element(T& p, T grad, T& m, T& v, T& vmax, const AdamWSca
 
 // Launchers (raw pointers, no torch). The CPU launcher also advances each
 // tensor's step (row kRowStep) before using it; on CUDA the caller does
-// (a kernel cannot: every block of a tensor reads the step). `param_dtype` is the dtype of params,
-// grads and moments; with `has_master` (bf16/fp16 params only) the moments and
-// the master weights (row kRowMaster) are fp32, the master is what the update
-// reads and writes, and the param gets the new master rounded once.
-void adamw_cpu(const TensorTable& tt, const AdamWHyper& h, DType param_dtype, bool has_master,
+// (a kernel cannot: every block of a tensor reads the step). `param_dtype` is
+// the dtype of params and grads, `state_dtype` that of the moments (see
+// dispatch.h for the combinations); with `has_master` (bf16/fp16 params only)
+// the fp32 master weights (row kRowMaster) are what the update reads and
+// writes, and the param gets the new master rounded once.
+void adamw_cpu(const TensorTable& tt, const AdamWHyper& h, DType param_dtype, DType state_dtype, bool has_master,
                int num_threads);
 
 // Launches on `stream` (a cudaStream_t). Returns nullptr on success, else the
 // CUDA error string.
-const char* adamw_cuda(const TensorTable& tt, const AdamWHyper& h, DType param_dtype, bool has_master,
-                       void* stream);
+const char* adamw_cuda(const TensorTable& tt, const AdamWHyper& h, DType param_dtype, DType state_dtype,
+                       bool has_master, void* stream);
 
 }  // namespace fusedopt

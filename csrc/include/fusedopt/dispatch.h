@@ -1,27 +1,45 @@
-// From runtime (param dtype, master weights) to the storage types of a
-// kernel template: P for params and grads, S for the states (and the working
-// copy: the param itself, or the fp32 master), MASTER whether a master exists.
-// Low-precision params keep their states in their own dtype (as torch's fused
-// AdamW does) unless they have fp32 master weights. Host code, shared by the
-// CPU and CUDA launchers.
+// From runtime (param dtype, state dtype, master weights) to the storage types
+// of a kernel template: P for params and grads, S for the elementwise states,
+// MASTER whether an fp32 master exists (then it is what the update reads and
+// writes). By default states take the param's dtype (as torch's fused AdamW)
+// or fp32 with master weights; state_dtype=bf16 stores them in bf16 instead.
+// Host code, shared by the CPU and CUDA launchers.
 #pragma once
 
 #include "fusedopt/numeric.h"
 
 namespace fusedopt {
 
-// Op<P, S, MASTER>::run(args...) for the storage types of (dtype, has_master).
+// Whether (param, state, master) is a combination the kernels are built for.
+inline bool supported_storage(DType param_dtype, DType state_dtype, bool has_master) {
+  const bool low = param_dtype == DType::kBFloat16 || param_dtype == DType::kFloat16;
+  if (has_master && !low) return false;
+  if (state_dtype == DType::kBFloat16) return true;
+  return state_dtype == (has_master ? DType::kFloat32 : param_dtype);
+}
+
+// Op<P, S, MASTER>::run(args...) for a supported (param, state, master) combination.
 template <template <typename, typename, bool> class Op, typename... Args>
-void dispatch_storage(DType param_dtype, bool has_master, Args&&... args) {
+void dispatch_storage(DType param_dtype, DType state_dtype, bool has_master, Args&&... args) {
+  const bool bf16_states = state_dtype == DType::kBFloat16;
   switch (param_dtype) {
-    case DType::kFloat32: Op<float, float, false>::run(args...); break;
-    case DType::kFloat64: Op<double, double, false>::run(args...); break;
+    case DType::kFloat32:
+      if (bf16_states) Op<float, bf16, false>::run(args...);
+      else Op<float, float, false>::run(args...);
+      break;
+    case DType::kFloat64:
+      if (bf16_states) Op<double, bf16, false>::run(args...);
+      else Op<double, double, false>::run(args...);
+      break;
     case DType::kBFloat16:
-      if (has_master) Op<bf16, float, true>::run(args...);
+      if (has_master && bf16_states) Op<bf16, bf16, true>::run(args...);
+      else if (has_master) Op<bf16, float, true>::run(args...);
       else Op<bf16, bf16, false>::run(args...);
       break;
     case DType::kFloat16:
-      if (has_master) Op<fp16, float, true>::run(args...);
+      if (has_master && bf16_states) Op<fp16, bf16, true>::run(args...);
+      else if (has_master) Op<fp16, float, true>::run(args...);
+      else if (bf16_states) Op<fp16, bf16, false>::run(args...);
       else Op<fp16, fp16, false>::run(args...);
       break;
   }

@@ -69,20 +69,20 @@ FUSEDOPT_HD T lamb_direction(T p, T m, T v, const LambScalars<T>& s) {
 }
 
 // Launchers (raw pointers, no torch); tables in MomentRow layout without the
-// max_exp_avg_sq row. `param_dtype` as for AdamW (fp32 moments and master with
-// has_master). lamb_moments_* advance the steps on the CPU (on CUDA the
+// max_exp_avg_sq row. `param_dtype`, `state_dtype` and `has_master` as for AdamW.
+// lamb_moments_* advance the steps on the CPU (on CUDA the
 // caller does) and write per-tensor sum(p^2) and sum(u^2) in double.
-void lamb_moments_cpu(const TensorTable& tt, const LambHyper& h, DType param_dtype, bool has_master,
+void lamb_moments_cpu(const TensorTable& tt, const LambHyper& h, DType param_dtype, DType state_dtype, bool has_master,
                       double* p_sums, double* u_sums, int num_threads);
-void lamb_apply_cpu(const TensorTable& tt, const LambHyper& h, DType param_dtype, bool has_master,
+void lamb_apply_cpu(const TensorTable& tt, const LambHyper& h, DType param_dtype, DType state_dtype, bool has_master,
                     const float* ratio, int num_threads);
 
 // CUDA: `partials` is device scratch of 2 * n_chunks doubles; p_sums, u_sums,
 // ratio are device arrays of n_tensors; chunk_first as for power_sums_cuda.
 const char* lamb_moments_cuda(const TensorTable& tt, const int64_t* chunk_first, const LambHyper& h,
-                              DType param_dtype, bool has_master, double* partials, double* p_sums,
+                              DType param_dtype, DType state_dtype, bool has_master, double* partials, double* p_sums,
                               double* u_sums, void* stream);
-const char* lamb_apply_cuda(const TensorTable& tt, const LambHyper& h, DType param_dtype, bool has_master,
-                            const float* ratio, void* stream);
+const char* lamb_apply_cuda(const TensorTable& tt, const LambHyper& h, DType param_dtype, DType state_dtype,
+                            bool has_master, const float* ratio, void* stream);
 
 }  // namespace fusedopt

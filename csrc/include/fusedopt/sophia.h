@@ -62,11 +62,13 @@ FUSEDOPT_HD T sophia_hessian(T h, T grad, T beta2, T one_minus_beta2) {
 // Launchers; tables in MomentRow layout with the Hessian estimate in the
 // kRowExpAvgSq row. sophia_cpu advances the steps; on CUDA the caller does.
 // The Hessian update touches only the hessian row (it reads the grads).
-void sophia_cpu(const TensorTable& tt, const SophiaHyper& h, DType param_dtype, bool has_master, int num_threads);
-void sophia_hessian_cpu(const TensorTable& tt, double beta2, DType param_dtype, bool has_master, int num_threads);
-const char* sophia_cuda(const TensorTable& tt, const SophiaHyper& h, DType param_dtype, bool has_master,
-                        void* stream);
-const char* sophia_hessian_cuda(const TensorTable& tt, double beta2, DType param_dtype, bool has_master,
-                                void* stream);
+void sophia_cpu(const TensorTable& tt, const SophiaHyper& h, DType param_dtype, DType state_dtype, bool has_master,
+                int num_threads);
+void sophia_hessian_cpu(const TensorTable& tt, double beta2, DType param_dtype, DType state_dtype, bool has_master,
+                        int num_threads);
+const char* sophia_cuda(const TensorTable& tt, const SophiaHyper& h, DType param_dtype, DType state_dtype,
+                        bool has_master, void* stream);
+const char* sophia_hessian_cuda(const TensorTable& tt, double beta2, DType param_dtype, DType state_dtype,
+                                bool has_master, void* stream);
 
 }  // namespace fusedopt
