@@ -64,10 +64,14 @@ def _cpu_flags() -> list[str]:
     # (the CPU model is part of the cache key). -fno-math-errno lets sqrt
     # vectorise; -ffp-contract=off keeps a*b+c as two roundings, as torch's
     # own kernels compute them (fused multiply-adds are written out where torch
-    # uses them); OpenMP runs the chunk loop.
+    # uses them); OpenMP runs the chunk loop. -mprefer-vector-width=512: on
+    # AVX-512 CPUs GCC otherwise keeps to 256-bit vectors; the wider ones
+    # halve the cost of the bf16 conversions (bench states, measured on a
+    # Xeon with AVX-512: bf16-state AdamW 6.2 -> 4.7 ms per 10M params, fp32
+    # unchanged). No effect where AVX-512 is absent.
     # The C++ standard is left to torch.utils.cpp_extension, which knows what
     # its headers need.
-    return ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
+    return ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
 
 
 def _cuda_arch_flags() -> list[str]:
