@@ -119,6 +119,17 @@ at::ScalarType state_dtype_of(at::ScalarType pdt, std::initializer_list<TensorLi
   return sdt;
 }
 
+// The launch's stochastic rounding: off without a seed; only bf16 params
+// without master weights have it (the kernels are built for those).
+fusedopt::StochasticRounding stochastic_rounding(const std::optional<int64_t>& seed, at::ScalarType pdt,
+                                                 bool has_master) {
+  if (!seed.has_value()) return {};
+  TORCH_CHECK(pdt == at::kBFloat16 && !has_master,
+              "fusedopt cpu: stochastic rounding is for bf16 params without master weights, got ", pdt,
+              has_master ? " params with master weights" : " params");
+  return {true, uint32_t(uint64_t(*seed) & 0xFFFFFFFFu)};
+}
+
 void check_steps(TensorList steps) {
   for (const Tensor& s : steps) {
     TORCH_CHECK(s.device().is_cpu() && s.scalar_type() == at::kFloat && s.numel() == 1,
@@ -130,7 +141,7 @@ void adamw(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
            TensorList max_exp_avg_sqs, TensorList masters, TensorList steps, double lr,
            const std::optional<Tensor>& lr_tensor, double beta1, double beta2, double eps,
            double weight_decay, bool amsgrad, bool maximize, const std::optional<Tensor>& grad_mult,
-           const std::optional<Tensor>& found_inf, int64_t chunk_size) {
+           const std::optional<Tensor>& found_inf, std::optional<int64_t> sr_seed, int64_t chunk_size) {
   if (params.empty()) return;
   const at::ScalarType pdt = params[0].scalar_type();
   const bool has_master = !masters.empty();
@@ -146,8 +157,9 @@ void adamw(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
   check_steps(steps);
   HostTable host({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps}, chunk_size,
                  {fusedopt::kRowStep});
-  const fusedopt::AdamWHyper h(lr, scalar_ptr(lr_tensor, "lr"), beta1, beta2, eps, weight_decay, amsgrad, maximize,
-                               scalar_ptr(grad_mult, "grad_mult"), scalar_ptr(found_inf, "found_inf"));
+  fusedopt::AdamWHyper h(lr, scalar_ptr(lr_tensor, "lr"), beta1, beta2, eps, weight_decay, amsgrad, maximize,
+                         scalar_ptr(grad_mult, "grad_mult"), scalar_ptr(found_inf, "found_inf"));
+  h.sr = stochastic_rounding(sr_seed, pdt, has_master);
   fusedopt::adamw_cpu(host.tt, h, dtype_code(pdt), dtype_code(sdt), has_master, at::get_num_threads());
 }
 
@@ -209,17 +221,17 @@ std::tuple<Tensor, Tensor> lamb_moments(TensorList params, TensorList grads, Ten
 void lamb_apply(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList masters,
                 TensorList steps, const Tensor& ratio, double beta1, double beta2, double eps, double weight_decay,
                 bool bias_correction, bool adam_w_mode, bool grad_averaging, bool maximize,
-                const std::optional<Tensor>& found_inf, int64_t chunk_size) {
+                const std::optional<Tensor>& found_inf, std::optional<int64_t> sr_seed, int64_t chunk_size) {
   if (params.empty()) return;
   HostTable host = lamb_table(params, grads, exp_avgs, exp_avg_sqs, masters, steps, chunk_size);
   TORCH_CHECK(ratio.device().is_cpu() && ratio.scalar_type() == at::kFloat && ratio.is_contiguous() &&
                   ratio.numel() == int64_t(params.size()),
               "fusedopt cpu: ratio must be a contiguous float32 CPU tensor with one value per param");
-  const fusedopt::LambHyper h{beta1, beta2, eps, weight_decay, bias_correction, adam_w_mode, grad_averaging, maximize,
-                              nullptr, scalar_ptr(found_inf, "found_inf")};
+  fusedopt::LambHyper h{beta1, beta2, eps, weight_decay, bias_correction, adam_w_mode, grad_averaging, maximize,
+                        nullptr, scalar_ptr(found_inf, "found_inf")};
+  h.sr = stochastic_rounding(sr_seed, params[0].scalar_type(), !masters.empty());
   fusedopt::lamb_apply_cpu(host.tt, h, dtype_code(params[0].scalar_type()), dtype_code(exp_avgs[0].scalar_type()),
-                           !masters.empty(),
-                           ratio.data_ptr<float>(), at::get_num_threads());
+                           !masters.empty(), ratio.data_ptr<float>(), at::get_num_threads());
 }
 
 // One launch per kind: `factored` (row_vars/col_vars given; rows/cols hold each
@@ -228,7 +240,8 @@ void adafactor(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
                TensorList col_vars, TensorList masters, TensorList steps, const Tensor& rows, const Tensor& cols,
                double lr, const std::optional<Tensor>& lr_tensor, double beta2_decay, double eps1, double eps2,
                double d, double weight_decay, bool maximize, std::optional<double> beta1,
-               const std::optional<Tensor>& grad_mult, const std::optional<Tensor>& found_inf, int64_t chunk_size) {
+               const std::optional<Tensor>& grad_mult, const std::optional<Tensor>& found_inf,
+               std::optional<int64_t> sr_seed, int64_t chunk_size) {
   if (params.empty()) return;
   const at::ScalarType pdt = params[0].scalar_type();
   const bool has_master = !masters.empty(), factored = !row_vars.empty();
@@ -243,9 +256,10 @@ void adafactor(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
   check_steps(steps);
   HostTable host({params, grads, exp_avgs, variances, row_vars, col_vars, masters, steps}, chunk_size,
                  {fusedopt::kAfRowVar, fusedopt::kAfColVar, fusedopt::kAfStep});
-  const fusedopt::AdafactorHyper h{lr, scalar_ptr(lr_tensor, "lr"), beta2_decay, eps1, eps2, d, weight_decay, maximize,
-                                   beta1.has_value(), beta1.value_or(0.0), scalar_ptr(grad_mult, "grad_mult"),
-                                   scalar_ptr(found_inf, "found_inf")};
+  fusedopt::AdafactorHyper h{lr, scalar_ptr(lr_tensor, "lr"), beta2_decay, eps1, eps2, d, weight_decay, maximize,
+                             beta1.has_value(), beta1.value_or(0.0), scalar_ptr(grad_mult, "grad_mult"),
+                             scalar_ptr(found_inf, "found_inf")};
+  h.sr = stochastic_rounding(sr_seed, pdt, has_master);
   if (factored) {
     const int64_t n = int64_t(params.size());
     TORCH_CHECK(rows.scalar_type() == at::kLong && cols.scalar_type() == at::kLong && rows.numel() == n &&
@@ -284,11 +298,12 @@ HostTable sophia_table(TensorList params, TensorList grads, TensorList exp_avgs,
 void sophia(TensorList params, TensorList grads, TensorList exp_avgs, TensorList hessians, TensorList masters,
             TensorList steps, double lr, const std::optional<Tensor>& lr_tensor, double beta1, double rho_bs,
             double weight_decay, bool maximize, const std::optional<Tensor>& grad_mult,
-            const std::optional<Tensor>& found_inf, int64_t chunk_size) {
+            const std::optional<Tensor>& found_inf, std::optional<int64_t> sr_seed, int64_t chunk_size) {
   if (params.empty()) return;
   HostTable host = sophia_table(params, grads, exp_avgs, hessians, masters, steps, !masters.empty(), chunk_size);
-  const fusedopt::SophiaHyper h{lr, scalar_ptr(lr_tensor, "lr"), beta1, rho_bs, weight_decay, maximize,
-                                scalar_ptr(grad_mult, "grad_mult"), scalar_ptr(found_inf, "found_inf")};
+  fusedopt::SophiaHyper h{lr, scalar_ptr(lr_tensor, "lr"), beta1, rho_bs, weight_decay, maximize,
+                          scalar_ptr(grad_mult, "grad_mult"), scalar_ptr(found_inf, "found_inf")};
+  h.sr = stochastic_rounding(sr_seed, params[0].scalar_type(), !masters.empty());
   fusedopt::sophia_cpu(host.tt, h, dtype_code(params[0].scalar_type()), dtype_code(hessians[0].scalar_type()),
                        !masters.empty(), at::get_num_threads());
 }
@@ -308,7 +323,7 @@ TORCH_LIBRARY(fusedopt_cpu, m) {
   m.def(
       "sophia(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor[] hessians, Tensor(c!)[] masters, "
       "Tensor(d!)[] steps, float lr, Tensor? lr_tensor, float beta1, float rho_bs, float weight_decay, "
-      "bool maximize, Tensor? grad_mult, Tensor? found_inf, int chunk_size) -> ()",
+      "bool maximize, Tensor? grad_mult, Tensor? found_inf, int? sr_seed, int chunk_size) -> ()",
       &sophia);
   m.def(
       "sophia_hessian(Tensor[] params, Tensor[] grads, Tensor(a!)[] hessians, bool has_master, float beta2, "
@@ -318,7 +333,8 @@ TORCH_LIBRARY(fusedopt_cpu, m) {
       "adafactor(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] variances, "
       "Tensor(d!)[] row_vars, Tensor(e!)[] col_vars, Tensor(f!)[] masters, Tensor(g!)[] steps, Tensor rows, "
       "Tensor cols, float lr, Tensor? lr_tensor, float beta2_decay, float eps1, float eps2, float d, "
-      "float weight_decay, bool maximize, float? beta1, Tensor? grad_mult, Tensor? found_inf, int chunk_size) -> ()",
+      "float weight_decay, bool maximize, float? beta1, Tensor? grad_mult, Tensor? found_inf, int? sr_seed, "
+      "int chunk_size) -> ()",
       &adafactor);
   m.def(
       "lamb_moments(Tensor[] params, Tensor[] grads, Tensor(a!)[] exp_avgs, Tensor(b!)[] exp_avg_sqs, "
@@ -330,7 +346,7 @@ TORCH_LIBRARY(fusedopt_cpu, m) {
       "lamb_apply(Tensor(a!)[] params, Tensor[] grads, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, "
       "Tensor(b!)[] masters, Tensor[] steps, Tensor ratio, float beta1, float beta2, float eps, "
       "float weight_decay, bool bias_correction, bool adam_w_mode, bool grad_averaging, bool maximize, "
-      "Tensor? found_inf, int chunk_size) -> ()",
+      "Tensor? found_inf, int? sr_seed, int chunk_size) -> ()",
       &lamb_apply);
   m.def("power_sums(Tensor[] tensors, float p, int chunk_size) -> Tensor", &power_sums);
   m.def("scale_(Tensor(a!)[] tensors, Tensor factor, int chunk_size) -> ()", &scale_);
@@ -338,6 +354,6 @@ TORCH_LIBRARY(fusedopt_cpu, m) {
       "adamw(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] masters, Tensor(f!)[] steps, float lr, Tensor? lr_tensor, "
       "float beta1, float beta2, float eps, float weight_decay, bool amsgrad, bool maximize, "
-      "Tensor? grad_mult, Tensor? found_inf, int chunk_size) -> ()",
+      "Tensor? grad_mult, Tensor? found_inf, int? sr_seed, int chunk_size) -> ()",
       &adamw);
 }

@@ -35,6 +35,16 @@ std::pair<fusedopt::DType, fusedopt::DType> storage(int64_t param_dtype, int64_t
   return {p, s};
 }
 
+// The launch's stochastic rounding: off without a seed; only bf16 params
+// without master weights have it (the kernels are built for those).
+fusedopt::StochasticRounding stochastic_rounding(const std::optional<int64_t>& seed, fusedopt::DType pdt,
+                                                 bool has_master) {
+  if (!seed.has_value()) return {};
+  TORCH_CHECK(pdt == fusedopt::DType::kBFloat16 && !has_master,
+              "fusedopt cuda: stochastic rounding is for bf16 params without master weights");
+  return {true, uint32_t(uint64_t(*seed) & 0xFFFFFFFFu)};
+}
+
 fusedopt::TensorTable make_table(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor,
                                  const Tensor& chunk_start, int64_t chunk_size, int64_t rows) {
   for (const Tensor* t : {&table, &numel, &chunk_tensor, &chunk_start}) {
@@ -59,12 +69,13 @@ void adamw(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor,
            int64_t chunk_size, int64_t param_dtype, int64_t state_dtype, bool has_master, double lr,
            const std::optional<Tensor>& lr_tensor, double beta1, double beta2, double eps, double weight_decay,
            bool amsgrad, bool maximize, const std::optional<Tensor>& grad_mult,
-           const std::optional<Tensor>& found_inf, int64_t stream) {
+           const std::optional<Tensor>& found_inf, std::optional<int64_t> sr_seed, int64_t stream) {
   const auto [pdt, sdt] = storage(param_dtype, state_dtype, has_master);
   const fusedopt::TensorTable tt =
       make_table(table, numel, chunk_tensor, chunk_start, chunk_size, fusedopt::kMomentRows);
-  const fusedopt::AdamWHyper h(lr, device_scalar(lr_tensor, "lr"), beta1, beta2, eps, weight_decay, amsgrad, maximize,
-                               device_scalar(grad_mult, "grad_mult"), device_scalar(found_inf, "found_inf"));
+  fusedopt::AdamWHyper h(lr, device_scalar(lr_tensor, "lr"), beta1, beta2, eps, weight_decay, amsgrad, maximize,
+                         device_scalar(grad_mult, "grad_mult"), device_scalar(found_inf, "found_inf"));
+  h.sr = stochastic_rounding(sr_seed, pdt, has_master);
   const char* error = fusedopt::adamw_cuda(tt, h, pdt, sdt, has_master, reinterpret_cast<void*>(stream));
   TORCH_CHECK(error == nullptr, "fusedopt cuda: adamw launch failed: ", error);
 }
@@ -123,13 +134,14 @@ void lamb_moments(const Tensor& table, const Tensor& numel, const Tensor& chunk_
 void lamb_apply(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor, const Tensor& chunk_start,
                 int64_t chunk_size, int64_t param_dtype, int64_t state_dtype, bool has_master, const Tensor& ratio,
                 double beta1, double beta2, double eps, double weight_decay, bool bias_correction, bool adam_w_mode,
-                const std::optional<Tensor>& found_inf, int64_t stream) {
+                const std::optional<Tensor>& found_inf, std::optional<int64_t> sr_seed, int64_t stream) {
   const fusedopt::TensorTable tt =
       make_table(table, numel, chunk_tensor, chunk_start, chunk_size, fusedopt::kMomentRows);
   const auto [pdt, sdt] = storage(param_dtype, state_dtype, has_master);
   check_cuda_tensor(ratio, at::kFloat, tt.n_tensors, "ratio");
-  const fusedopt::LambHyper h{beta1, beta2, eps, weight_decay, bias_correction, adam_w_mode, false, false, nullptr,
-                              device_scalar(found_inf, "found_inf")};
+  fusedopt::LambHyper h{beta1, beta2, eps, weight_decay, bias_correction, adam_w_mode, false, false, nullptr,
+                        device_scalar(found_inf, "found_inf")};
+  h.sr = stochastic_rounding(sr_seed, pdt, has_master);
   const char* error = fusedopt::lamb_apply_cuda(tt, h, pdt, sdt, has_master,
                                                 ratio.data_ptr<float>(), reinterpret_cast<void*>(stream));
   TORCH_CHECK(error == nullptr, "fusedopt cuda: lamb apply launch failed: ", error);
@@ -138,14 +150,15 @@ void lamb_apply(const Tensor& table, const Tensor& numel, const Tensor& chunk_te
 void sophia(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor, const Tensor& chunk_start,
             int64_t chunk_size, int64_t param_dtype, int64_t state_dtype, bool has_master, double lr,
             const std::optional<Tensor>& lr_tensor, double beta1, double rho_bs, double weight_decay, bool maximize,
-            const std::optional<Tensor>& grad_mult, const std::optional<Tensor>& found_inf, int64_t stream) {
+            const std::optional<Tensor>& grad_mult, const std::optional<Tensor>& found_inf,
+            std::optional<int64_t> sr_seed, int64_t stream) {
   const fusedopt::TensorTable tt =
       make_table(table, numel, chunk_tensor, chunk_start, chunk_size, fusedopt::kMomentRows);
   const auto [pdt, sdt] = storage(param_dtype, state_dtype, has_master);
-  const fusedopt::SophiaHyper h{lr, device_scalar(lr_tensor, "lr"), beta1, rho_bs, weight_decay, maximize,
-                                device_scalar(grad_mult, "grad_mult"), device_scalar(found_inf, "found_inf")};
-  const char* error = fusedopt::sophia_cuda(tt, h, pdt, sdt, has_master,
-                                            reinterpret_cast<void*>(stream));
+  fusedopt::SophiaHyper h{lr, device_scalar(lr_tensor, "lr"), beta1, rho_bs, weight_decay, maximize,
+                          device_scalar(grad_mult, "grad_mult"), device_scalar(found_inf, "found_inf")};
+  h.sr = stochastic_rounding(sr_seed, pdt, has_master);
+  const char* error = fusedopt::sophia_cuda(tt, h, pdt, sdt, has_master, reinterpret_cast<void*>(stream));
   TORCH_CHECK(error == nullptr, "fusedopt cuda: sophia launch failed: ", error);
 }
 
@@ -166,7 +179,7 @@ TORCH_LIBRARY(fusedopt_cuda, m) {
   m.def(
       "sophia(Tensor table, Tensor numel, Tensor chunk_tensor, Tensor chunk_start, int chunk_size, "
       "int param_dtype, int state_dtype, bool has_master, float lr, Tensor? lr_tensor, float beta1, float rho_bs, "
-      "float weight_decay, bool maximize, Tensor? grad_mult, Tensor? found_inf, int stream) -> ()",
+      "float weight_decay, bool maximize, Tensor? grad_mult, Tensor? found_inf, int? sr_seed, int stream) -> ()",
       &sophia);
   m.def(
       "sophia_hessian(Tensor table, Tensor numel, Tensor chunk_tensor, Tensor chunk_start, int chunk_size, "
@@ -182,7 +195,8 @@ TORCH_LIBRARY(fusedopt_cuda, m) {
   m.def(
       "lamb_apply(Tensor table, Tensor numel, Tensor chunk_tensor, Tensor chunk_start, int chunk_size, "
       "int param_dtype, int state_dtype, bool has_master, Tensor ratio, float beta1, float beta2, float eps, "
-      "float weight_decay, bool bias_correction, bool adam_w_mode, Tensor? found_inf, int stream) -> ()",
+      "float weight_decay, bool bias_correction, bool adam_w_mode, Tensor? found_inf, int? sr_seed, "
+      "int stream) -> ()",
       &lamb_apply);
   m.def(
       "power_sums(Tensor table, Tensor numel, Tensor chunk_tensor, Tensor chunk_start, Tensor chunk_first, "
@@ -196,6 +210,6 @@ TORCH_LIBRARY(fusedopt_cuda, m) {
       "adamw(Tensor table, Tensor numel, Tensor chunk_tensor, Tensor chunk_start, int chunk_size, "
       "int param_dtype, int state_dtype, bool has_master, float lr, Tensor? lr_tensor, float beta1, "
       "float beta2, float eps, float weight_decay, bool amsgrad, bool maximize, Tensor? grad_mult, "
-      "Tensor? found_inf, int stream) -> ()",
+      "Tensor? found_inf, int? sr_seed, int stream) -> ()",
       &adamw);
 }

@@ -68,6 +68,40 @@ def store_math(addr, offs, x, mask, KIND: tl.constexpr):
 
 
 @triton.jit
+def mix32(x):
+    """Wellons' lowbias32 on uint32 values (csrc/include/fusedopt/numeric.h)."""
+    x = x ^ (x >> 16)
+    x = x * tl.full((), 0x21F0AAAD, tl.uint32)
+    x = x ^ (x >> 15)
+    x = x * tl.full((), 0xD35A2D97, tl.uint32)
+    return x ^ (x >> 15)
+
+
+@triton.jit
+def sr_tensor_key(seed, t):
+    """The stochastic-rounding key of tensor slot t in a launch with `seed`."""
+    return mix32(seed.to(tl.uint32) ^ mix32(t.to(tl.uint32)))
+
+
+@triton.jit
+def store_param(addr, offs, x, mask, KIND: tl.constexpr, SR: tl.constexpr, key):
+    """Store the new param: rounded to nearest (store_math), or with SR (bf16
+    params without masters) stochastically with the bits of each element's
+    offset: fusedopt/reference/stochastic.py."""
+    if SR:
+        i = offs.to(tl.int64)
+        low = (i & 0xFFFFFFFF).to(tl.uint32)
+        high = (i >> 32).to(tl.uint32)
+        bits = mix32((low ^ key) + high * tl.full((), 0x9E3779B9, tl.uint32))
+        u = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        r = (u + (bits & 0xFFFF)) >> 16
+        r = tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r)
+        tl.store(addr.to(tl.pointer_type(tl.int16)) + offs, r.to(tl.int16), mask=mask)
+    else:
+        store_math(addr, offs, x, mask, KIND)
+
+
+@triton.jit
 def one_minus_exp(x):
     """1 - e^x for x <= 0 in fp32, without the cancellation of `1 - tl.exp(x)`
     near 0 (a degree-7 series there, relative error < 1e-7). Used for bias

@@ -16,7 +16,8 @@ _combine_kernel; (scale, denom) per tensor come from reference.adafactor.scales.
 import triton
 import triton.language as tl
 
-from ._numeric import F32, F64, as_stored, div_ieee, lerp, load_math, load_state, sqrt_ieee, store_math
+from ._numeric import (F32, F64, as_stored, div_ieee, lerp, load_math, load_state, sqrt_ieee, sr_tensor_key,
+                       store_math, store_param)
 from ._table import address, program_chunk
 from .norms import _combine_kernel
 
@@ -210,10 +211,10 @@ def _factored_unorm(table, numels, chunk_tensor, chunk_start, n_tensors, rows, c
 
 @triton.jit
 def _apply(table, numels, chunk_tensor, chunk_start, n_tensors, rows, cols, slice_first, rmean, eps1, lr, lr_ptr,
-           weight_decay, one_minus_beta1, scale_ptr, denom_ptr, grad_mult_ptr, found_inf_ptr,
-           P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr, GRAD_MULT: tl.constexpr,
-           MAXIMIZE: tl.constexpr, FACTORED: tl.constexpr, BETA1: tl.constexpr, LR_IS_PTR: tl.constexpr,
-           HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+           weight_decay, one_minus_beta1, scale_ptr, denom_ptr, grad_mult_ptr, found_inf_ptr, sr_seed,
+           SR: tl.constexpr, P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr,
+           GRAD_MULT: tl.constexpr, MAXIMIZE: tl.constexpr, FACTORED: tl.constexpr, BETA1: tl.constexpr,
+           LR_IS_PTR: tl.constexpr, HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     t, start, end = program_chunk(chunk_tensor, chunk_start, numels, found_inf_ptr, CHUNK, HAS_FOUND_INF)
     W_KIND: tl.constexpr = F32 if MASTER else P_KIND  # the working copy: the master, or the param
     ACC: tl.constexpr = tl.float64 if P_KIND == F64 else tl.float32
@@ -233,6 +234,9 @@ def _apply(table, numels, chunk_tensor, chunk_start, n_tensors, rows, cols, slic
     R = tl.load(rows + t)
     C = tl.load(cols + t)
     slice0 = tl.load(slice_first + t)
+    sr_key = 0
+    if SR:
+        sr_key = sr_tensor_key(sr_seed, t)
     for off in range(0, end, BLOCK):
         in_chunk = off + tl.arange(0, BLOCK)
         offs = start + in_chunk
@@ -250,6 +254,6 @@ def _apply(table, numels, chunk_tensor, chunk_start, n_tensors, rows, cols, slic
             p = tl.fma(as_stored(m, S_KIND), scale, p)
         else:
             p = tl.fma(u, scale, p)
-        store_math(work, offs, p, mask, W_KIND)
         if MASTER:
-            store_math(param, offs, p, mask, P_KIND)
+            store_math(work, offs, p, mask, W_KIND)
+        store_param(param, offs, p, mask, P_KIND, SR, sr_key)

@@ -23,7 +23,8 @@ import math
 import triton
 import triton.language as tl
 
-from ._numeric import F32, F64, div_ieee, lerp, load_math, load_state, one_minus_exp, sqrt_ieee, store_math
+from ._numeric import (F32, F64, div_ieee, lerp, load_math, load_state, one_minus_exp, sqrt_ieee, sr_tensor_key,
+                       store_math, store_param)
 from ._table import (ROW_EXP_AVG, ROW_EXP_AVG_SQ, ROW_GRAD, ROW_MASTER, ROW_MAX_EXP_AVG_SQ, ROW_PARAM, ROW_STEP,
                      address, program_chunk)
 
@@ -32,9 +33,9 @@ from ._table import (ROW_EXP_AVG, ROW_EXP_AVG_SQ, ROW_GRAD, ROW_MASTER, ROW_MAX_
 def _adamw_kernel(
     table, numels, chunk_tensor, chunk_start, n_tensors,
     lr, lr_ptr, weight_decay, lerp_w, beta2, one_minus_beta2, eps, log_beta1, log_beta2,
-    grad_mult_ptr, found_inf_ptr,
+    grad_mult_ptr, found_inf_ptr, sr_seed,
     P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-    LR_IS_PTR: tl.constexpr, HAS_GRAD_MULT: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    LR_IS_PTR: tl.constexpr, HAS_GRAD_MULT: tl.constexpr, HAS_FOUND_INF: tl.constexpr, SR: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     t, start, end = program_chunk(chunk_tensor, chunk_start, numels, found_inf_ptr, CHUNK, HAS_FOUND_INF)
@@ -68,6 +69,10 @@ def _adamw_kernel(
     else:
         decay = 1.0 - lr * weight_decay
 
+    sr_key = 0
+    if SR:  # the stochastic-rounding key of this tensor
+        sr_key = sr_tensor_key(sr_seed, t)
+
     for off in range(0, end, BLOCK):
         in_chunk = off + tl.arange(0, BLOCK)
         offs = start + in_chunk
@@ -94,15 +99,15 @@ def _adamw_kernel(
         denom = div_ieee(sqrt_ieee(vhat, P_KIND), bc2_sqrt, P_KIND) + eps
         p = p - div_ieee(step_size * m, denom, P_KIND)
 
-        store_math(work, offs, p, mask, W_KIND)
         if MASTER:
-            store_math(param, offs, p, mask, P_KIND)
+            store_math(work, offs, p, mask, W_KIND)
+        store_param(param, offs, p, mask, P_KIND, SR, sr_key)
         store_math(exp_avg, offs, m, mask, S_KIND)
         store_math(exp_avg_sq, offs, v, mask, S_KIND)
 
 
 def launch_adamw(tables, *, p_kind, s_kind, master, amsgrad, maximize, lr, lr_tensor, beta1, beta2, eps,
-                 weight_decay, grad_mult, found_inf, block, num_warps):
+                 weight_decay, grad_mult, found_inf, sr_seed, block, num_warps):
     """Launch the update over `tables` (fusedopt.backends._tables.LaunchTables).
 
     `lr_tensor`, `grad_mult` and `found_inf` are 1-element fp32 tensors on the
@@ -115,7 +120,9 @@ def launch_adamw(tables, *, p_kind, s_kind, master, amsgrad, maximize, lr, lr_te
         1.0 - beta1, float(beta2), 1.0 - beta2, float(eps), math.log(beta1) if beta1 > 0 else -math.inf,
         math.log(beta2) if beta2 > 0 else -math.inf,
         dummy if grad_mult is None else grad_mult, dummy if found_inf is None else found_inf,
+        0 if sr_seed is None else sr_seed,
         P_KIND=p_kind, S_KIND=s_kind, MASTER=master, AMSGRAD=amsgrad, MAXIMIZE=maximize,
         LR_IS_PTR=lr_tensor is not None, HAS_GRAD_MULT=grad_mult is not None,
-        HAS_FOUND_INF=found_inf is not None, CHUNK=tables.chunk_size, BLOCK=block, num_warps=num_warps,
+        HAS_FOUND_INF=found_inf is not None, SR=sr_seed is not None, CHUNK=tables.chunk_size, BLOCK=block,
+        num_warps=num_warps,
     )

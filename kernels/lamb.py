@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ._numeric import (F32, F64, as_stored, div_ieee, load_math, load_state, one_minus_exp, sqrt_ieee,
-                       store_math)
+                       sr_tensor_key, store_math, store_param)
 from ._table import ROW_EXP_AVG, ROW_EXP_AVG_SQ, ROW_GRAD, ROW_MASTER, ROW_PARAM, ROW_STEP, address, program_chunk
 from .norms import _combine_kernel
 
@@ -90,9 +90,10 @@ def _lamb_moments_kernel(
 @triton.jit
 def _lamb_apply_kernel(
     table, numels, chunk_tensor, chunk_start, n_tensors,
-    log_beta1, log_beta2, eps, weight_decay, ratio_ptr, found_inf_ptr,
+    log_beta1, log_beta2, eps, weight_decay, ratio_ptr, found_inf_ptr, sr_seed,
     P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr, ADAM_W: tl.constexpr,
-    BIAS_CORRECTION: tl.constexpr, HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    BIAS_CORRECTION: tl.constexpr, SR: tl.constexpr, HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     t, start, end = program_chunk(chunk_tensor, chunk_start, numels, found_inf_ptr, CHUNK, HAS_FOUND_INF)
     W_KIND: tl.constexpr = F32 if MASTER else P_KIND
@@ -102,6 +103,9 @@ def _lamb_apply_kernel(
     exp_avg_sq = address(table, ROW_EXP_AVG_SQ, n_tensors, t)
     bc1, bc2 = _bias_corrections(table, n_tensors, t, log_beta1, log_beta2, BIAS_CORRECTION)
     ratio = tl.load(ratio_ptr + t)
+    sr_key = 0
+    if SR:
+        sr_key = sr_tensor_key(sr_seed, t)
     for off in range(0, end, BLOCK):
         in_chunk = off + tl.arange(0, BLOCK)
         offs = start + in_chunk
@@ -111,9 +115,9 @@ def _lamb_apply_kernel(
         v = load_state(exp_avg_sq, offs, mask, S_KIND, P_KIND)
         u = _direction(p, m, v, bc1, bc2, eps, weight_decay, ADAM_W, W_KIND)
         p = p - u * ratio
-        store_math(work, offs, p, mask, W_KIND)
         if MASTER:
-            store_math(param, offs, p, mask, P_KIND)
+            store_math(work, offs, p, mask, W_KIND)
+        store_param(param, offs, p, mask, P_KIND, SR, sr_key)
 
 
 def _log(beta):
@@ -143,12 +147,14 @@ def launch_lamb_moments(tables, p_sums, u_sums, *, p_kind, s_kind, master, beta1
 
 
 def launch_lamb_apply(tables, ratio, *, p_kind, s_kind, master, beta1, beta2, eps, weight_decay, bias_correction,
-                      adam_w_mode, found_inf, block, num_warps):
+                      adam_w_mode, found_inf, block, num_warps, sr_seed=None):
     """p = p - u * ratio[t], u recomputed from the stored moments."""
     dummy = tables.numel
     _lamb_apply_kernel[(tables.n_chunks,)](
         tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.n_tensors,
         _log(beta1), _log(beta2), float(eps), float(weight_decay), ratio, dummy if found_inf is None else found_inf,
+        0 if sr_seed is None else sr_seed,
         P_KIND=p_kind, S_KIND=s_kind, MASTER=master, ADAM_W=adam_w_mode, BIAS_CORRECTION=bias_correction,
+        SR=sr_seed is not None,
         HAS_FOUND_INF=found_inf is not None, CHUNK=tables.chunk_size, BLOCK=block, num_warps=num_warps,
     )

@@ -12,16 +12,16 @@ csrc/include/fusedopt/sophia.h:
 import triton
 import triton.language as tl
 
-from ._numeric import F32, div_ieee, load_math, load_state, store_math
+from ._numeric import F32, div_ieee, load_math, load_state, sr_tensor_key, store_math, store_param
 from ._table import ROW_EXP_AVG, ROW_EXP_AVG_SQ, ROW_GRAD, ROW_MASTER, ROW_PARAM, address, program_chunk
 
 
 @triton.jit
 def _step_kernel(table, numels, chunk_tensor, chunk_start, n_tensors, lr, lr_ptr, beta1, one_minus_beta1, rho_bs,
-                 weight_decay, grad_mult_ptr, found_inf_ptr,
+                 weight_decay, grad_mult_ptr, found_inf_ptr, sr_seed,
                  P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr, GRAD_MULT: tl.constexpr,
-                 MAXIMIZE: tl.constexpr, LR_IS_PTR: tl.constexpr, HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr,
-                 BLOCK: tl.constexpr):
+                 MAXIMIZE: tl.constexpr, SR: tl.constexpr, LR_IS_PTR: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+                 CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     t, start, end = program_chunk(chunk_tensor, chunk_start, numels, found_inf_ptr, CHUNK, HAS_FOUND_INF)
     W_KIND: tl.constexpr = F32 if MASTER else P_KIND  # the working copy: the master, or the param
     param = address(table, ROW_PARAM, n_tensors, t)
@@ -32,6 +32,9 @@ def _step_kernel(table, numels, chunk_tensor, chunk_start, n_tensors, lr, lr_ptr
     if LR_IS_PTR:
         lr = tl.load(lr_ptr)
     decay = 1.0 - lr * weight_decay
+    sr_key = 0
+    if SR:
+        sr_key = sr_tensor_key(sr_seed, t)
     for off in range(0, end, BLOCK):
         in_chunk = off + tl.arange(0, BLOCK)
         offs = start + in_chunk
@@ -48,9 +51,9 @@ def _step_kernel(table, numels, chunk_tensor, chunk_start, n_tensors, lr, lr_ptr
         sign_m = (m > 0).to(m.dtype) - (m < 0).to(m.dtype)
         p = tl.fma(-lr * sign_m, ratio, p)
         store_math(exp_avg, offs, m, mask, S_KIND)
-        store_math(work, offs, p, mask, W_KIND)
         if MASTER:
-            store_math(param, offs, p, mask, P_KIND)
+            store_math(work, offs, p, mask, W_KIND)
+        store_param(param, offs, p, mask, P_KIND, SR, sr_key)
 
 
 @triton.jit
@@ -69,14 +72,15 @@ def _hessian_kernel(table, numels, chunk_tensor, chunk_start, n_tensors, beta2, 
 
 
 def launch_step(tables, *, p_kind, s_kind, master, lr, lr_tensor, beta1, rho_bs, weight_decay, maximize, grad_mult,
-                found_inf, block, num_warps):
+                found_inf, block, num_warps, sr_seed=None):
     dummy = tables.numel
     _step_kernel[(tables.n_chunks,)](
         tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.n_tensors,
         0.0 if lr_tensor is not None else float(lr), dummy if lr_tensor is None else lr_tensor, float(beta1),
         1.0 - beta1, float(rho_bs), float(weight_decay), dummy if grad_mult is None else grad_mult,
-        dummy if found_inf is None else found_inf,
+        dummy if found_inf is None else found_inf, 0 if sr_seed is None else sr_seed,
         P_KIND=p_kind, S_KIND=s_kind, MASTER=master, GRAD_MULT=grad_mult is not None, MAXIMIZE=maximize,
+        SR=sr_seed is not None,
         LR_IS_PTR=lr_tensor is not None, HAS_FOUND_INF=found_inf is not None, CHUNK=tables.chunk_size, BLOCK=block,
         num_warps=num_warps)
 

@@ -41,9 +41,10 @@ std::vector<AdafactorStep> advance_steps(const TensorTable& tt, const AdafactorH
 }
 
 // Final per-element write: the update applied to p (or the master, then p).
-template <typename T, typename P, typename S, bool MASTER, bool BETA1>
+// `first` + i is the element's offset in its tensor (stochastic rounding's counter).
+template <typename T, typename P, typename S, bool MASTER, bool BETA1, bool SR>
 inline void apply_element(P* param, float* master, S* exp_avg, int64_t i, T u, T decay, T scale, T denom,
-                          T m_weight) {
+                          T m_weight, uint32_t sr_key, int64_t first) {
   T p = MASTER ? T(master[i]) : T(to_math(param[i]));
   p = p * decay;
   if (BETA1) {
@@ -54,7 +55,7 @@ inline void apply_element(P* param, float* master, S* exp_avg, int64_t i, T u, T
     p = fused_mul_add(scale, u, p);
   }
   if (MASTER) master[i] = float(p);
-  param[i] = Store<P>::from(p);
+  param[i] = store_param<P, SR>(p, sr_key, first + i);
 }
 
 // Per-tensor scale (-alpha / denom, or -alpha with beta1) and denom.
@@ -65,7 +66,7 @@ inline void tensor_scales(const AdafactorHyper& h, const AdafactorStep& step, do
   *scale = h.has_beta1 ? -alpha : -alpha / *denom;
 }
 
-template <typename P, typename S, bool MASTER, bool BETA1>
+template <typename P, typename S, bool MASTER, bool BETA1, bool SR>
 struct Factored {
   static void run(const TensorTable& tt, const int64_t* rows, const int64_t* cols, const AdafactorHyper& h,
                   int num_threads) {
@@ -215,6 +216,7 @@ struct Factored {
         const int64_t row = row_base[size_t(t)] + task.batch * R + r;
         const T rq = rowq[size_t(row)], rr = rrow[size_t(row)];
         const int64_t base = (task.batch * R + r) * C;
+        const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, t) : 0u;
         const P* __restrict__ grad = tt.ptr<const P>(kAfGrad, t) + base;
         P* __restrict__ param = tt.ptr<P>(kAfParam, t) + base;
         float* __restrict__ master = MASTER ? tt.ptr<float>(kAfMaster, t) + base : nullptr;
@@ -223,14 +225,15 @@ struct Factored {
         for (int64_t c = 0; c < C; ++c) {
           const T factor = rr * rc[c];
           const T u = T(to_math(grad[c])) * mult * (rq * cv[c] < eps1_sq ? inv_eps1 : factor);
-          apply_element<T, P, S, MASTER, BETA1>(param, master, exp_avg, c, u, decay, s, denom, m_weight);
+          apply_element<T, P, S, MASTER, BETA1, SR>(param, master, exp_avg, c, u, decay, s, denom, m_weight,
+                                                    sr_key, base);
         }
       }
     }
   }
 };
 
-template <typename P, typename S, bool MASTER, bool BETA1>
+template <typename P, typename S, bool MASTER, bool BETA1, bool SR>
 struct Vector {
   static void run(const TensorTable& tt, const AdafactorHyper& h, int num_threads) {
     using T = typename MathOf<P>::type;
@@ -282,10 +285,12 @@ struct Vector {
       const S* __restrict__ variance = tt.ptr<const S>(kAfVariance, t) + chunk.start;
       S* __restrict__ exp_avg = BETA1 ? tt.ptr<S>(kAfExpAvg, t) + chunk.start : nullptr;
       const T decay = T(steps[size_t(t)].decay), s = T(scale[size_t(t)]), denom = T(denoms[size_t(t)]);
+      const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, t) : 0u;
 #pragma omp simd
       for (int64_t i = 0; i < chunk.len; ++i) {
         const T u = adafactor_u(T(to_math(grad[i])) * mult, T(to_math(variance[i])), eps1_sq);
-        apply_element<T, P, S, MASTER, BETA1>(param, master, exp_avg, i, u, decay, s, denom, m_weight);
+        apply_element<T, P, S, MASTER, BETA1, SR>(param, master, exp_avg, i, u, decay, s, denom, m_weight, sr_key,
+                                                  chunk.start);
       }
     });
   }
@@ -293,17 +298,32 @@ struct Vector {
 
 template <typename P, typename S, bool MASTER>
 struct FactoredOp {
+  template <bool SR>
+  static void run_sr(const TensorTable& tt, const int64_t* rows, const int64_t* cols, const AdafactorHyper& h,
+                     int n) {
+    if (h.has_beta1) Factored<P, S, MASTER, true, SR>::run(tt, rows, cols, h, n);
+    else Factored<P, S, MASTER, false, SR>::run(tt, rows, cols, h, n);
+  }
   static void run(const TensorTable& tt, const int64_t* rows, const int64_t* cols, const AdafactorHyper& h, int n) {
-    if (h.has_beta1) Factored<P, S, MASTER, true>::run(tt, rows, cols, h, n);
-    else Factored<P, S, MASTER, false>::run(tt, rows, cols, h, n);
+    if constexpr (kStochasticRoundable<P, MASTER>) {
+      if (h.sr.on) return run_sr<true>(tt, rows, cols, h, n);
+    }
+    run_sr<false>(tt, rows, cols, h, n);
   }
 };
 
 template <typename P, typename S, bool MASTER>
 struct VectorOp {
+  template <bool SR>
+  static void run_sr(const TensorTable& tt, const AdafactorHyper& h, int n) {
+    if (h.has_beta1) Vector<P, S, MASTER, true, SR>::run(tt, h, n);
+    else Vector<P, S, MASTER, false, SR>::run(tt, h, n);
+  }
   static void run(const TensorTable& tt, const AdafactorHyper& h, int n) {
-    if (h.has_beta1) Vector<P, S, MASTER, true>::run(tt, h, n);
-    else Vector<P, S, MASTER, false>::run(tt, h, n);
+    if constexpr (kStochasticRoundable<P, MASTER>) {
+      if (h.sr.on) return run_sr<true>(tt, h, n);
+    }
+    run_sr<false>(tt, h, n);
   }
 };
 

@@ -37,7 +37,7 @@ inline void stream_out(P* dst, const P* src, int64_t n) {
 #endif
 }
 
-template <typename P, typename S, bool MASTER, bool AMSGRAD, bool GRAD_MULT>
+template <typename P, typename S, bool MASTER, bool AMSGRAD, bool GRAD_MULT, bool SR>
 void adamw_chunks(const TensorTable& tt, const AdamWHyper& h, int num_threads) {
   using T = typename MathOf<P>::type;
   // Per-tensor scalars once, before the parallel region: each tensor has its
@@ -53,6 +53,7 @@ void adamw_chunks(const TensorTable& tt, const AdamWHyper& h, int num_threads) {
   parallel_chunks(tt, num_threads, [&](int64_t /*c*/, const Chunk& chunk) {
     const int64_t t = chunk.tensor, begin = chunk.start, len = chunk.len;
     const AdamWScalars<T> s = scalars[size_t(t)];
+    const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, t) : 0u;
 
     P* __restrict__ param = tt.ptr<P>(kRowParam, t) + begin;
     const P* __restrict__ grad = tt.ptr<const P>(kRowGrad, t) + begin;
@@ -73,7 +74,7 @@ void adamw_chunks(const TensorTable& tt, const AdamWHyper& h, int num_threads) {
         T vmax = AMSGRAD ? T(to_math(max_exp_avg_sq[i])) : T(0);
         adamw_element<T, AMSGRAD, GRAD_MULT>(p, T(to_math(grad[i])), m, v, vmax, s);
         if (MASTER) master[i] = float(p);
-        param_out[i] = Store<P>::from(p);
+        param_out[i] = store_param<P, SR>(p, sr_key, begin + i);
         exp_avg[i] = Store<S>::from(m);
         exp_avg_sq[i] = Store<S>::from(v);
         if (AMSGRAD) max_exp_avg_sq[i] = Store<S>::from(vmax);
@@ -86,14 +87,22 @@ void adamw_chunks(const TensorTable& tt, const AdamWHyper& h, int num_threads) {
   });
 }
 
+template <typename P, typename S, bool MASTER, bool SR>
+void adamw_flags(const TensorTable& tt, const AdamWHyper& h, int n) {
+  const bool mult = h.grad_mult != nullptr;
+  if (h.amsgrad && mult) adamw_chunks<P, S, MASTER, true, true, SR>(tt, h, n);
+  else if (h.amsgrad) adamw_chunks<P, S, MASTER, true, false, SR>(tt, h, n);
+  else if (mult) adamw_chunks<P, S, MASTER, false, true, SR>(tt, h, n);
+  else adamw_chunks<P, S, MASTER, false, false, SR>(tt, h, n);
+}
+
 template <typename P, typename S, bool MASTER>
 struct AdamWOp {
   static void run(const TensorTable& tt, const AdamWHyper& h, int n) {
-    const bool mult = h.grad_mult != nullptr;
-    if (h.amsgrad && mult) adamw_chunks<P, S, MASTER, true, true>(tt, h, n);
-    else if (h.amsgrad) adamw_chunks<P, S, MASTER, true, false>(tt, h, n);
-    else if (mult) adamw_chunks<P, S, MASTER, false, true>(tt, h, n);
-    else adamw_chunks<P, S, MASTER, false, false>(tt, h, n);
+    if constexpr (kStochasticRoundable<P, MASTER>) {
+      if (h.sr.on) return adamw_flags<P, S, MASTER, true>(tt, h, n);
+    }
+    adamw_flags<P, S, MASTER, false>(tt, h, n);
   }
 };
 

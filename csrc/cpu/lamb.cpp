@@ -67,7 +67,7 @@ void moments(const TensorTable& tt, const LambHyper& h, double* p_sums, double* 
   }
 }
 
-template <typename P, typename S, bool MASTER, bool ADAM_W>
+template <typename P, typename S, bool MASTER, bool ADAM_W, bool SR>
 void apply(const TensorTable& tt, const LambHyper& h, const float* ratio, int num_threads) {
   using T = typename MathOf<P>::type;
   const std::vector<LambScalars<T>> scalars = scalars_of<T>(tt, h);
@@ -75,6 +75,7 @@ void apply(const TensorTable& tt, const LambHyper& h, const float* ratio, int nu
     const int64_t t = chunk.tensor, begin = chunk.start, len = chunk.len;
     const LambScalars<T> s = scalars[size_t(t)];
     const T r = T(ratio[t]);
+    const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, t) : 0u;
     P* __restrict__ param = tt.ptr<P>(kRowParam, t) + begin;
     const S* __restrict__ exp_avg = tt.ptr<const S>(kRowExpAvg, t) + begin;
     const S* __restrict__ exp_avg_sq = tt.ptr<const S>(kRowExpAvgSq, t) + begin;
@@ -85,7 +86,7 @@ void apply(const TensorTable& tt, const LambHyper& h, const float* ratio, int nu
       const T u = lamb_direction<T, ADAM_W>(p, T(to_math(exp_avg[i])), T(to_math(exp_avg_sq[i])), s);
       p = p - u * r;
       if (MASTER) master[i] = float(p);
-      param[i] = Store<P>::from(p);
+      param[i] = store_param<P, SR>(p, sr_key, begin + i);
     }
   });
 }
@@ -103,9 +104,16 @@ struct MomentsOp {
 
 template <typename P, typename S, bool MASTER>
 struct ApplyOp {
+  template <bool SR>
+  static void run_sr(const TensorTable& tt, const LambHyper& h, const float* ratio, int n) {
+    if (h.adam_w_mode) apply<P, S, MASTER, true, SR>(tt, h, ratio, n);
+    else apply<P, S, MASTER, false, SR>(tt, h, ratio, n);
+  }
   static void run(const TensorTable& tt, const LambHyper& h, const float* ratio, int n) {
-    if (h.adam_w_mode) apply<P, S, MASTER, true>(tt, h, ratio, n);
-    else apply<P, S, MASTER, false>(tt, h, ratio, n);
+    if constexpr (kStochasticRoundable<P, MASTER>) {
+      if (h.sr.on) return run_sr<true>(tt, h, ratio, n);
+    }
+    run_sr<false>(tt, h, ratio, n);
   }
 };
 

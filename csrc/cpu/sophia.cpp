@@ -9,13 +9,14 @@
 namespace fusedopt {
 namespace {
 
-template <typename P, typename S, bool MASTER, bool GRAD_MULT>
+template <typename P, typename S, bool MASTER, bool GRAD_MULT, bool SR>
 void step_chunks(const TensorTable& tt, const SophiaHyper& h, int num_threads) {
   using T = typename MathOf<P>::type;
   for (int64_t t = 0; t < tt.n_tensors; ++t) *tt.ptr<float>(kRowStep, t) += 1.0f;  // SophiaG keeps a count only
   const SophiaScalars<T> s = sophia_scalars<T>(h, h.lr_ptr ? double(*h.lr_ptr) : h.lr);
   parallel_chunks(tt, num_threads, [&](int64_t /*c*/, const Chunk& chunk) {
     const int64_t t = chunk.tensor;
+    const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, t) : 0u;
     P* __restrict__ param = tt.ptr<P>(kRowParam, t) + chunk.start;
     const P* __restrict__ grad = tt.ptr<const P>(kRowGrad, t) + chunk.start;
     S* __restrict__ exp_avg = tt.ptr<S>(kRowExpAvg, t) + chunk.start;
@@ -27,7 +28,7 @@ void step_chunks(const TensorTable& tt, const SophiaHyper& h, int num_threads) {
       T m = to_math(exp_avg[i]);
       sophia_element<T, GRAD_MULT>(p, T(to_math(grad[i])), m, T(to_math(hessian[i])), s);
       if (MASTER) master[i] = float(p);
-      param[i] = Store<P>::from(p);
+      param[i] = store_param<P, SR>(p, sr_key, chunk.start + i);
       exp_avg[i] = Store<S>::from(m);
     }
   });
@@ -35,9 +36,16 @@ void step_chunks(const TensorTable& tt, const SophiaHyper& h, int num_threads) {
 
 template <typename P, typename S, bool MASTER>
 struct StepOp {
+  template <bool SR>
+  static void run_sr(const TensorTable& tt, const SophiaHyper& h, int n) {
+    if (h.grad_mult) step_chunks<P, S, MASTER, true, SR>(tt, h, n);
+    else step_chunks<P, S, MASTER, false, SR>(tt, h, n);
+  }
   static void run(const TensorTable& tt, const SophiaHyper& h, int n) {
-    if (h.grad_mult) step_chunks<P, S, MASTER, true>(tt, h, n);
-    else step_chunks<P, S, MASTER, false>(tt, h, n);
+    if constexpr (kStochasticRoundable<P, MASTER>) {
+      if (h.sr.on) return run_sr<true>(tt, h, n);
+    }
+    run_sr<false>(tt, h, n);
   }
 };
 

@@ -15,7 +15,7 @@ namespace {
 using cuda::kILP;
 using cuda::kThreads;
 
-template <typename P, typename S, bool MASTER, bool AMSGRAD, bool GRAD_MULT>
+template <typename P, typename S, bool MASTER, bool AMSGRAD, bool GRAD_MULT, bool SR>
 __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorTable tt, AdamWHyper h) {
   using T = typename MathOf<P>::type;
   if (h.found_inf && *h.found_inf != 0.0f) return;  // GradScaler found inf/NaN: skip (all threads alike)
@@ -30,6 +30,7 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorTable tt, AdamWHy
   }
   __syncthreads();
   const AdamWScalars<T> s = shared_scalars;
+  const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, chunk.tensor) : 0u;
 
   P* param = tt.ptr<P>(kRowParam, chunk.tensor) + chunk.start;
   const P* grad = tt.ptr<const P>(kRowGrad, chunk.tensor) + chunk.start;
@@ -63,7 +64,7 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorTable tt, AdamWHy
       T vmax = AMSGRAD ? T(to_math(vmax_in[k])) : T(0);
       adamw_element<T, AMSGRAD, GRAD_MULT>(p, T(to_math(g_in[k])), m, v, vmax, s);
       if (MASTER) master_out[k] = float(p);
-      p_out[k] = Store<P>::from(p);
+      p_out[k] = store_param<P, SR>(p, sr_key, chunk.start + i + k);
       m_out[k] = Store<S>::from(m);
       v_out[k] = Store<S>::from(v);
       if (AMSGRAD) vmax_out[k] = Store<S>::from(vmax);
@@ -76,15 +77,23 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorTable tt, AdamWHy
   }
 }
 
+template <typename P, typename S, bool MASTER, bool SR>
+void launch_adamw(const TensorTable& tt, const AdamWHyper& h, cudaStream_t stream) {
+  const dim3 grid(unsigned(tt.n_chunks));
+  const bool mult = h.grad_mult != nullptr;
+  if (h.amsgrad && mult) adamw_kernel<P, S, MASTER, true, true, SR><<<grid, kThreads, 0, stream>>>(tt, h);
+  else if (h.amsgrad) adamw_kernel<P, S, MASTER, true, false, SR><<<grid, kThreads, 0, stream>>>(tt, h);
+  else if (mult) adamw_kernel<P, S, MASTER, false, true, SR><<<grid, kThreads, 0, stream>>>(tt, h);
+  else adamw_kernel<P, S, MASTER, false, false, SR><<<grid, kThreads, 0, stream>>>(tt, h);
+}
+
 template <typename P, typename S, bool MASTER>
 struct AdamWOp {
   static void run(const TensorTable& tt, const AdamWHyper& h, cudaStream_t stream) {
-    const dim3 grid(unsigned(tt.n_chunks));
-    const bool mult = h.grad_mult != nullptr;
-    if (h.amsgrad && mult) adamw_kernel<P, S, MASTER, true, true><<<grid, kThreads, 0, stream>>>(tt, h);
-    else if (h.amsgrad) adamw_kernel<P, S, MASTER, true, false><<<grid, kThreads, 0, stream>>>(tt, h);
-    else if (mult) adamw_kernel<P, S, MASTER, false, true><<<grid, kThreads, 0, stream>>>(tt, h);
-    else adamw_kernel<P, S, MASTER, false, false><<<grid, kThreads, 0, stream>>>(tt, h);
+    if constexpr (kStochasticRoundable<P, MASTER>) {
+      if (h.sr.on) return launch_adamw<P, S, MASTER, true>(tt, h, stream);
+    }
+    launch_adamw<P, S, MASTER, false>(tt, h, stream);
   }
 };
 

@@ -78,13 +78,14 @@ __global__ void __launch_bounds__(kThreads) moments_kernel(TensorTable tt, LambH
   }
 }
 
-template <typename P, typename S, bool MASTER, bool ADAM_W>
+template <typename P, typename S, bool MASTER, bool ADAM_W, bool SR>
 __global__ void __launch_bounds__(kThreads) apply_kernel(TensorTable tt, LambHyper h, const float* ratio) {
   using T = typename MathOf<P>::type;
   if (h.found_inf && *h.found_inf != 0.0f) return;
   const Chunk chunk = tt.chunk(blockIdx.x);
   const LambScalars<T> s = block_scalars<T>(tt, h, chunk.tensor);
   const T r = T(ratio[chunk.tensor]);
+  const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, chunk.tensor) : 0u;
   P* param = tt.ptr<P>(kRowParam, chunk.tensor) + chunk.start;
   const S* exp_avg = tt.ptr<const S>(kRowExpAvg, chunk.tensor) + chunk.start;
   const S* exp_avg_sq = tt.ptr<const S>(kRowExpAvgSq, chunk.tensor) + chunk.start;
@@ -104,7 +105,7 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(TensorTable tt, LambHyp
       T p = MASTER ? T(master_io[k]) : T(to_math(p_io[k]));
       p = p - lamb_direction<T, ADAM_W>(p, T(to_math(m_in[k])), T(to_math(v_in[k])), s) * r;
       if (MASTER) master_io[k] = float(p);
-      p_io[k] = Store<P>::from(p);
+      p_io[k] = store_param<P, SR>(p, sr_key, chunk.start + i + k);
     }
     if (MASTER) cuda::store_pack(master, master_io, i, chunk.len, aligned);
     cuda::store_pack(param, p_io, i, chunk.len, aligned);
@@ -125,10 +126,17 @@ struct MomentsOp {
 
 template <typename P, typename S, bool MASTER>
 struct ApplyOp {
-  static void run(const TensorTable& tt, const LambHyper& h, const float* ratio, cudaStream_t stream) {
+  template <bool SR>
+  static void run_sr(const TensorTable& tt, const LambHyper& h, const float* ratio, cudaStream_t stream) {
     const dim3 grid(unsigned(tt.n_chunks));
-    if (h.adam_w_mode) apply_kernel<P, S, MASTER, true><<<grid, kThreads, 0, stream>>>(tt, h, ratio);
-    else apply_kernel<P, S, MASTER, false><<<grid, kThreads, 0, stream>>>(tt, h, ratio);
+    if (h.adam_w_mode) apply_kernel<P, S, MASTER, true, SR><<<grid, kThreads, 0, stream>>>(tt, h, ratio);
+    else apply_kernel<P, S, MASTER, false, SR><<<grid, kThreads, 0, stream>>>(tt, h, ratio);
+  }
+  static void run(const TensorTable& tt, const LambHyper& h, const float* ratio, cudaStream_t stream) {
+    if constexpr (kStochasticRoundable<P, MASTER>) {
+      if (h.sr.on) return run_sr<true>(tt, h, ratio, stream);
+    }
+    run_sr<false>(tt, h, ratio, stream);
   }
 };
 

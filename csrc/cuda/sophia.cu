@@ -14,12 +14,13 @@ namespace {
 using cuda::kILP;
 using cuda::kThreads;
 
-template <typename P, typename S, bool MASTER, bool GRAD_MULT>
+template <typename P, typename S, bool MASTER, bool GRAD_MULT, bool SR>
 __global__ void __launch_bounds__(kThreads) step_kernel(TensorTable tt, SophiaHyper h) {
   using T = typename MathOf<P>::type;
   if (h.found_inf && *h.found_inf != 0.0f) return;
   const Chunk chunk = tt.chunk(blockIdx.x);
   const SophiaScalars<T> s = sophia_scalars<T>(h, h.lr_ptr ? double(*h.lr_ptr) : h.lr);
+  const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, chunk.tensor) : 0u;
   P* param = tt.ptr<P>(kRowParam, chunk.tensor) + chunk.start;
   const P* grad = tt.ptr<const P>(kRowGrad, chunk.tensor) + chunk.start;
   S* exp_avg = tt.ptr<S>(kRowExpAvg, chunk.tensor) + chunk.start;
@@ -42,7 +43,7 @@ __global__ void __launch_bounds__(kThreads) step_kernel(TensorTable tt, SophiaHy
       T m = to_math(m_io[k]);
       sophia_element<T, GRAD_MULT>(p, T(to_math(g_in[k])), m, T(to_math(h_in[k])), s);
       if (MASTER) master_io[k] = float(p);
-      p_io[k] = Store<P>::from(p);
+      p_io[k] = store_param<P, SR>(p, sr_key, chunk.start + i + k);
       m_io[k] = Store<S>::from(m);
     }
     if (MASTER) cuda::store_pack(master, master_io, i, chunk.len, aligned);
@@ -73,10 +74,17 @@ __global__ void __launch_bounds__(kThreads) hessian_kernel(TensorTable tt, doubl
 
 template <typename P, typename S, bool MASTER>
 struct StepOp {
-  static void run(const TensorTable& tt, const SophiaHyper& h, cudaStream_t stream) {
+  template <bool SR>
+  static void run_sr(const TensorTable& tt, const SophiaHyper& h, cudaStream_t stream) {
     const dim3 grid(unsigned(tt.n_chunks));
-    if (h.grad_mult) step_kernel<P, S, MASTER, true><<<grid, kThreads, 0, stream>>>(tt, h);
-    else step_kernel<P, S, MASTER, false><<<grid, kThreads, 0, stream>>>(tt, h);
+    if (h.grad_mult) step_kernel<P, S, MASTER, true, SR><<<grid, kThreads, 0, stream>>>(tt, h);
+    else step_kernel<P, S, MASTER, false, SR><<<grid, kThreads, 0, stream>>>(tt, h);
+  }
+  static void run(const TensorTable& tt, const SophiaHyper& h, cudaStream_t stream) {
+    if constexpr (kStochasticRoundable<P, MASTER>) {
+      if (h.sr.on) return run_sr<true>(tt, h, stream);
+    }
+    run_sr<false>(tt, h, stream);
   }
 };
 

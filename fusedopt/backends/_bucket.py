@@ -19,7 +19,9 @@ class Bucket:
     parameter's step count (0-d fp32 on the bucket's device); the backend
     advances them with the update (see advance_steps). ``dtype`` is the dtype
     of params and grads, ``state_dtype`` that of every state tensor (masters
-    are always fp32).
+    are always fp32). ``sr_seed``: this launch's stochastic-rounding seed
+    (bf16 params without masters, fusedopt/reference/stochastic.py), or None
+    to round the params to nearest; the optimizer sets it before each launch.
     """
 
     device: torch.device
@@ -31,6 +33,7 @@ class Bucket:
     states: dict[str, list[Tensor]] = field(default_factory=dict)
     masters: list[Tensor] | None = None
     steps: list[Tensor] = field(default_factory=list)
+    sr_seed: int | None = None
 
 
 def advance_steps(steps: list[Tensor], found_inf: Tensor | None) -> None:

@@ -31,7 +31,7 @@ def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, gra
         bucket.params, bucket.grads, bucket.states["exp_avg"], bucket.states["exp_avg_sq"],
         bucket.states["max_exp_avg_sq"] if amsgrad else [], bucket.masters or [], bucket.steps,
         0.0 if lr_tensor is not None else lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize,
-        grad_mult, found_inf, CHUNK_SIZE,
+        grad_mult, found_inf, bucket.sr_seed, CHUNK_SIZE,
     )
 
 
@@ -52,7 +52,7 @@ def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, adam_w
     hyper = (beta1, beta2, eps, weight_decay, bias_correction, adam_w_mode, grad_averaging, maximize)
     p_sums, u_sums = torch.ops.fusedopt_cpu.lamb_moments(*lists, *hyper, grad_mult, found_inf, CHUNK_SIZE)
     ratio = lamb_spec.trust_ratio(p_sums, u_sums, lr, weight_decay, use_nvlamb)
-    torch.ops.fusedopt_cpu.lamb_apply(*lists, ratio, *hyper, found_inf, CHUNK_SIZE)
+    torch.ops.fusedopt_cpu.lamb_apply(*lists, ratio, *hyper, found_inf, bucket.sr_seed, CHUNK_SIZE)
 
 
 def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize, beta1, grad_mult, found_inf):
@@ -69,7 +69,7 @@ def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize,
         states.get("col_var", []), bucket.masters or [], bucket.steps, rows, cols,
         0.0 if lr_tensor is not None else lr, lr_tensor, beta2_decay,
         torch.finfo(bucket.dtype).eps if eps1 is None else eps1, eps2, d, weight_decay, maximize, beta1, grad_mult,
-        found_inf, CHUNK_SIZE,
+        found_inf, bucket.sr_seed, CHUNK_SIZE,
     )
 
 
@@ -78,7 +78,7 @@ def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, fou
     torch.ops.fusedopt_cpu.sophia(
         bucket.params, bucket.grads, bucket.states["exp_avg"], bucket.states["hessian"], bucket.masters or [],
         bucket.steps, 0.0 if lr_tensor is not None else lr, lr_tensor, beta1, rho * bs, weight_decay, maximize,
-        grad_mult, found_inf, CHUNK_SIZE)
+        grad_mult, found_inf, bucket.sr_seed, CHUNK_SIZE)
 
 
 def sophia_hessian(bucket, *, beta2):

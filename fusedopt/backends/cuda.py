@@ -42,7 +42,7 @@ def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, gra
             tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.chunk_size,
             CODES[bucket.dtype], CODES[bucket.state_dtype],
             bucket.masters is not None, 0.0 if lr_tensor is not None else lr, lr_tensor, beta1, beta2, eps,
-            weight_decay, amsgrad, maximize, grad_mult, found_inf,
+            weight_decay, amsgrad, maximize, grad_mult, found_inf, bucket.sr_seed,
             torch.cuda.current_stream(bucket.device).cuda_stream,
         )
 
@@ -87,7 +87,8 @@ def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, adam_w
             stream)
         ratio = lamb_spec.trust_ratio(p_sums, u_sums, lr, weight_decay, use_nvlamb)
         torch.ops.fusedopt_cuda.lamb_apply(*head, tables.chunk_size, kind, state_kind, master, ratio, beta1, beta2, eps,
-                                           weight_decay, bias_correction, adam_w_mode, found_inf, stream)
+                                           weight_decay, bias_correction, adam_w_mode, found_inf, bucket.sr_seed,
+                                           stream)
 
 
 def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, found_inf):
@@ -100,7 +101,7 @@ def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, fou
             tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.chunk_size,
             CODES[bucket.dtype], CODES[bucket.state_dtype], bucket.masters is not None,
             0.0 if lr_tensor is not None else lr, lr_tensor, beta1, rho * bs, weight_decay, maximize, grad_mult,
-            found_inf, torch.cuda.current_stream(device).cuda_stream)
+            found_inf, bucket.sr_seed, torch.cuda.current_stream(device).cuda_stream)
 
 
 def sophia_hessian(bucket, *, beta2):

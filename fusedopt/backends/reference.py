@@ -12,6 +12,7 @@ from ..reference import adafactor as adafactor_spec
 from ..reference import adamw as adamw_spec
 from ..reference import lamb as lamb_spec
 from ..reference import sophia as sophia_spec
+from ..reference import stochastic
 from ._bucket import advance_steps
 from ._dtypes import math_dtype
 
@@ -29,6 +30,15 @@ def _begin(bucket, grad_mult, found_inf):
     if found_inf is not None and found_inf.item() != 0:
         return _SKIP
     return None if grad_mult is None else float(grad_mult.item())
+
+
+def _store_param(bucket, i, param, work):
+    """The new param from its working copy: rounded once to nearest, or
+    stochastically (bucket.sr_seed) with the bits every backend draws."""
+    if bucket.sr_seed is None:
+        param.copy_(work)
+    else:
+        stochastic.store_stochastic_(param, work, bucket.sr_seed, i)
 
 
 def unavailable_reason(device_type: str) -> str | None:
@@ -60,7 +70,7 @@ def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, gra
         # Each stored value is rounded once from the working precision.
         if master is not None:
             master.copy_(work)
-        param.copy_(work)
+        _store_param(bucket, i, param, work)
         exp_avg.copy_(m)
         exp_avg_sq.copy_(v)
         if vmax is not None:
@@ -109,7 +119,7 @@ def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, adam_w
         work.sub_(u * ratio.to(dtype))
         if master is not None:
             master.copy_(work)
-        param.copy_(work)
+        _store_param(bucket, i, param, work)
 
 
 def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize, beta1, grad_mult, found_inf):
@@ -137,7 +147,7 @@ def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize,
             t.copy_(copies[name])
         if master is not None:
             master.copy_(work)
-        param.copy_(work)
+        _store_param(bucket, i, param, work)
 
 
 def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, found_inf):
@@ -156,7 +166,7 @@ def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, fou
         exp_avg.copy_(m)
         if master is not None:
             master.copy_(work)
-        param.copy_(work)
+        _store_param(bucket, i, param, work)
 
 
 def sophia_hessian(bucket, *, beta2):

@@ -56,7 +56,7 @@ def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, gra
         amsgrad=amsgrad,
         maximize=maximize, lr=0.0 if lr_tensor is not None else lr, lr_tensor=lr_tensor, beta1=beta1,
         beta2=beta2, eps=eps, weight_decay=weight_decay, grad_mult=grad_mult, found_inf=found_inf,
-        block=BLOCK_SIZE, num_warps=NUM_WARPS,
+        sr_seed=bucket.sr_seed, block=BLOCK_SIZE, num_warps=NUM_WARPS,
     )
 
 
@@ -90,7 +90,7 @@ def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, adam_w
     kernels.launch_lamb_moments(tables, p_sums, u_sums, grad_averaging=grad_averaging, maximize=maximize,
                                 grad_mult=grad_mult, **common)
     ratio = lamb_spec.trust_ratio(p_sums, u_sums, lr, weight_decay, use_nvlamb)
-    kernels.launch_lamb_apply(tables, ratio, **common)
+    kernels.launch_lamb_apply(tables, ratio, sr_seed=bucket.sr_seed, **common)
 
 
 #: rows x columns of a program of Adafactor's factored row and column passes
@@ -148,7 +148,8 @@ def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize,
     kernels._apply[(n_chunks,)](
         *head, rows, cols, slice_first, rmean, eps1, 0.0 if lr_tensor is not None else lr,
         dummy if lr_tensor is None else lr_tensor, weight_decay, 0.0 if beta1 is None else 1.0 - beta1, scale, denom,
-        pointers["grad_mult_ptr"], pointers["found_inf_ptr"], **flags, FACTORED=bool(bucket.kind),
+        pointers["grad_mult_ptr"], pointers["found_inf_ptr"], 0 if bucket.sr_seed is None else bucket.sr_seed,
+        SR=bucket.sr_seed is not None, **flags, FACTORED=bool(bucket.kind),
         BETA1=beta1 is not None, LR_IS_PTR=lr_tensor is not None, CHUNK=tables.chunk_size, BLOCK=BLOCK_SIZE,
         num_warps=NUM_WARPS)
 
@@ -162,7 +163,7 @@ def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, fou
                         master=bucket.masters is not None, lr=lr,
                         lr_tensor=lr_tensor, beta1=beta1, rho_bs=rho * bs, weight_decay=weight_decay,
                         maximize=maximize, grad_mult=grad_mult, found_inf=found_inf, block=BLOCK_SIZE,
-                        num_warps=NUM_WARPS)
+                        num_warps=NUM_WARPS, sr_seed=bucket.sr_seed)
 
 
 def sophia_hessian(bucket, *, beta2):

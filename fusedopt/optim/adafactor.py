@@ -53,6 +53,7 @@ class FusedAdafactor(FusedOptimizer):
         master_weights: bool = False,
         max_grad_norm: float | None = None,
         state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
     ) -> None:
         # torch.optim.Adafactor's checks, with its messages
         if isinstance(lr, Tensor) and lr.numel() != 1:
@@ -82,7 +83,8 @@ class FusedAdafactor(FusedOptimizer):
         }
         self.beta1 = beta1
         super().__init__(params, defaults, backend=backend, master_weights=master_weights,
-                         max_grad_norm=max_grad_norm, state_dtype=state_dtype)
+                         max_grad_norm=max_grad_norm, state_dtype=state_dtype,
+                         stochastic_rounding=stochastic_rounding)
 
     def __getstate__(self):
         return dict(super().__getstate__(), beta1=self.beta1)

@@ -27,6 +27,14 @@ class FusedAdamW(FusedOptimizer):
       params (and masters) keep their precision. state_dict holds the moments
       as stored; loading an fp32 state_dict (torch.optim.AdamW's) rounds them
       once. ``torch.float8_e4m3fn`` is planned and raises NotImplementedError.
+    * ``stochastic_rounding``: bf16 params without master weights get the new
+      value rounded stochastically (16 random bits added below bf16's, then
+      truncated: unbiased, so updates below half a bf16 ulp still move the
+      weights on average) instead of to nearest. The bits are a hash of a
+      per-launch seed drawn from torch's default generator (``torch.manual_seed``
+      makes runs repeatable), the tensor and the element: every backend draws
+      the same ones (:mod:`fusedopt.reference.stochastic`). Other params are
+      unaffected. Under CUDA-graph capture the seed is fixed at capture.
     * ``max_grad_norm``: clip by the global L2 norm of all grads (all groups)
       inside ``step()``: the same as ``torch.nn.utils.clip_grad_norm_(params,
       max_grad_norm)`` before the step, but the coefficient is applied inside
@@ -72,6 +80,7 @@ class FusedAdamW(FusedOptimizer):
         master_weights: bool = False,
         max_grad_norm: float | None = None,
         state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
     ) -> None:
         if differentiable:
             raise NotImplementedError(
@@ -93,7 +102,8 @@ class FusedAdamW(FusedOptimizer):
             "decoupled_weight_decay": True,
         }
         super().__init__(params, defaults, backend=backend, master_weights=master_weights,
-                         max_grad_norm=max_grad_norm, state_dtype=state_dtype)
+                         max_grad_norm=max_grad_norm, state_dtype=state_dtype,
+                         stochastic_rounding=stochastic_rounding)
 
     def __setstate__(self, state):
         super().__setstate__(state)

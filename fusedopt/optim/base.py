@@ -44,7 +44,8 @@ class FusedOptimizer(Optimizer):
     _op: str = ""
 
     def __init__(self, params, defaults: dict, *, backend: str | None = None, master_weights: bool = False,
-                 max_grad_norm: float | None = None, state_dtype: torch.dtype | None = None):
+                 max_grad_norm: float | None = None, state_dtype: torch.dtype | None = None,
+                 stochastic_rounding: bool = False):
         if max_grad_norm is not None and not float(max_grad_norm) >= 0.0:
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (None or 0 turns clipping off)")
         _check_state_dtype(type(self).__name__, state_dtype)
@@ -52,6 +53,8 @@ class FusedOptimizer(Optimizer):
         self.master_weights = bool(master_weights)
         #: storage dtype of the elementwise states; None: the param's dtype (fp32 with master weights)
         self.state_dtype = state_dtype
+        #: round bf16 params without master weights stochastically (see fusedopt.reference.stochastic)
+        self.stochastic_rounding = bool(stochastic_rounding)
         #: clip by the global L2 norm of all grads inside step(); None or 0: off
         self.max_grad_norm = float(max_grad_norm) if max_grad_norm else None
         #: the global grad norm of the last step (a device tensor), with max_grad_norm
@@ -85,7 +88,7 @@ class FusedOptimizer(Optimizer):
     def __getstate__(self):
         state = super().__getstate__()
         state.update(_requested_backend=self._requested_backend, master_weights=self.master_weights,
-                     state_dtype=self.state_dtype,
+                     state_dtype=self.state_dtype, stochastic_rounding=self.stochastic_rounding,
                      _backend_names=dict(self._backend_names), max_grad_norm=self.max_grad_norm,
                      last_grad_norm=self.last_grad_norm)
         return state
@@ -93,8 +96,9 @@ class FusedOptimizer(Optimizer):
     def __setstate__(self, state):
         # also called by torch's load_state_dict with only state and param_groups
         super().__setstate__(state)
-        if not hasattr(self, "state_dtype"):
-            self.state_dtype = None  # pickled before state_dtype existed
+        for name in ("state_dtype", "stochastic_rounding"):  # pickled before they existed
+            if not hasattr(self, name):
+                setattr(self, name, None if name == "state_dtype" else False)
         self._plans = {}  # plans hold tensors of the original: never carried over
 
     # --- what subclasses provide ----------------------------------------------
@@ -201,11 +205,20 @@ class FusedOptimizer(Optimizer):
                 lr = group["lr"]
                 if isinstance(lr, Tensor):
                     lr = fp32_scalar(lr, bucket.device)
+                bucket.sr_seed = self._stochastic_rounding_seed(bucket)
                 self._update(self._backend_for(bucket.device), group, bucket, lr,
                              scalars.grad_mult(bucket.device), scalars.found_inf(bucket.device))
         for original, staged in writeback:
             original.copy_(staged)
         return loss
+
+    def _stochastic_rounding_seed(self, bucket: Bucket) -> int | None:
+        """A fresh seed for each launch that rounds stochastically (bf16 params
+        without masters), drawn from torch's default CPU generator: repeatable
+        under torch.manual_seed, and no device sync. None: round to nearest."""
+        if not self.stochastic_rounding or bucket.dtype != torch.bfloat16 or bucket.masters is not None:
+            return None
+        return int(torch.randint(0, 2**31, (), dtype=torch.int64))  # 31 bits: a Triton int32 argument
 
     def _clip_coefficient(self, plans: list[_Plan], grad_scale: Tensor | None) -> Tensor | None:
         """With max_grad_norm: the global L2 norm of every grad the optimizer

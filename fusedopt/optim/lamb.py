@@ -56,6 +56,7 @@ class FusedLAMB(FusedOptimizer):
         backend: str | None = None,
         master_weights: bool = False,
         state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
     ) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
@@ -72,7 +73,8 @@ class FusedLAMB(FusedOptimizer):
             "maximize": maximize,
         }
         super().__init__(params, defaults, backend=backend, master_weights=master_weights,
-                         max_grad_norm=max_grad_norm, state_dtype=state_dtype)
+                         max_grad_norm=max_grad_norm, state_dtype=state_dtype,
+                         stochastic_rounding=stochastic_rounding)
 
     def _elementwise_states(self, group, kind):
         return ("exp_avg", "exp_avg_sq")

@@ -51,6 +51,7 @@ class FusedSophia(FusedOptimizer):
         master_weights: bool = False,
         max_grad_norm: float | None = None,
         state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
     ) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
@@ -63,7 +64,8 @@ class FusedSophia(FusedOptimizer):
                     "maximize": maximize, "capturable": capturable, "bs": bs}
         self._bs_override: int | None = None
         super().__init__(params, defaults, backend=backend, master_weights=master_weights,
-                         max_grad_norm=max_grad_norm, state_dtype=state_dtype)
+                         max_grad_norm=max_grad_norm, state_dtype=state_dtype,
+                         stochastic_rounding=stochastic_rounding)
 
     def _elementwise_states(self, group, kind):
         return ("exp_avg", "hessian")

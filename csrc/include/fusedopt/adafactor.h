@@ -41,6 +41,7 @@ struct AdafactorHyper {
   double beta1;
   const float* grad_mult;  // null: 1
   const float* found_inf;  // GradScaler: skip everything when *found_inf != 0 (null: never)
+  StochasticRounding sr;   // bf16 params without master weights rounded stochastically
 };
 
 template <typename T>

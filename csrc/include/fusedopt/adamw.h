@@ -31,6 +31,7 @@ struct AdamWHyper {
   const float* grad_mult;    // grads are multiplied by *grad_mult (GradScaler's 1/scale times the clip
                              // coefficient of max_grad_norm); null: by nothing
   const float* found_inf;    // GradScaler: skip everything when *found_inf != 0 (null: never)
+  StochasticRounding sr;     // bf16 params without master weights: round the new param stochastically
 
   AdamWHyper(double lr_, const float* lr_ptr_, double beta1_, double beta2_, double eps_, double weight_decay_,
              bool amsgrad_, bool maximize_, const float* grad_mult_, const float* found_inf_)

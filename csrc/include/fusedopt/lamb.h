@@ -28,6 +28,7 @@ struct LambHyper {
   bool bias_correction, adam_w_mode, grad_averaging, maximize;
   const float* grad_mult;  // null: 1
   const float* found_inf;  // GradScaler: skip everything when *found_inf != 0 (null: never)
+  StochasticRounding sr;   // the apply pass: bf16 params without master weights rounded stochastically
 };
 
 template <typename T>

@@ -6,6 +6,7 @@
 
 #include <cstring>
 #include <math.h>
+#include <type_traits>
 
 #include "fusedopt/common.h"
 
@@ -117,5 +118,65 @@ template <> struct Store<fp16> { FUSEDOPT_HD static fp16 from(float x) { return 
 // Math precision of a storage type: fp64 stays fp64, everything else is fp32.
 template <typename S> struct MathOf { using type = float; };
 template <> struct MathOf<double> { using type = double; };
+
+// --- stochastic rounding (fp32 -> bf16) ------------------------------------
+//
+// Unbiased: add 16 uniformly random bits below the kept ones, then truncate,
+// so x rounds up with probability (its distance from the bf16 below) / ulp.
+// The bits come from a counter-based hash of (launch seed, tensor slot, element
+// offset), so every backend draws the same bits for the same element in any
+// order: fusedopt/reference/stochastic.py and kernels/_numeric.py spell the
+// same functions. NaN becomes 0x7FC0 as in float_to_bf16; a value within one
+// ulp of the largest bf16 may round up to infinity, as stochastic rounding does.
+struct StochasticRounding {
+  bool on = false;
+  uint32_t seed = 0;  // one per launch, drawn from torch's generator
+};
+
+// A 32-bit bijective integer hash (Wellons' "lowbias32" with the constants
+// of his hash prospector's best two-multiply round).
+FUSEDOPT_HD uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x21F0AAADu;
+  x ^= x >> 15;
+  x *= 0xD35A2D97u;
+  x ^= x >> 15;
+  return x;
+}
+
+// Per tensor of a launch, once: the key its elements' bits are drawn with.
+FUSEDOPT_HD uint32_t sr_tensor_key(uint32_t seed, int64_t tensor) { return mix32(seed ^ mix32(uint32_t(tensor))); }
+
+// The random bits of element `index` (its flat offset in the tensor).
+FUSEDOPT_HD uint32_t sr_random(uint32_t key, int64_t index) {
+  const uint64_t i = uint64_t(index);
+  return mix32((uint32_t(i) ^ key) + uint32_t(i >> 32) * 0x9E3779B9u);
+}
+
+FUSEDOPT_HD uint16_t float_to_bf16_stochastic(float f, uint32_t random) {
+  const uint32_t u = float_to_bits(f);
+  const bool is_nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+  const uint32_t rounded = (u + (random & 0xFFFFu)) >> 16;
+  return is_nan ? uint16_t(0x7FC0) : uint16_t(rounded);
+}
+
+// Which storage combinations have a stochastically rounded variant: bf16
+// params that are their own working copy (with a master, the master keeps
+// the precision).
+template <typename P, bool MASTER>
+constexpr bool kStochasticRoundable = std::is_same<P, bf16>::value && !MASTER;
+
+// How a kernel stores the param: rounded to nearest, or (SR: bf16 params
+// without master weights only) stochastically with the bits of `index`.
+template <typename P, bool SR, typename T>
+FUSEDOPT_HD P store_param(T x, uint32_t key, int64_t index) {
+  if constexpr (SR) {
+    return bf16{float_to_bf16_stochastic(float(x), sr_random(key, index))};
+  } else {
+    (void)key;
+    (void)index;
+    return Store<P>::from(x);
+  }
+}
 
 }  // namespace fusedopt

@@ -23,6 +23,7 @@ struct SophiaHyper {
   bool maximize;
   const float* grad_mult;  // null: 1
   const float* found_inf;  // GradScaler: skip everything when *found_inf != 0 (null: never)
+  StochasticRounding sr;   // bf16 params without master weights rounded stochastically
 };
 
 template <typename T>
