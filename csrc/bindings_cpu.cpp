@@ -15,6 +15,7 @@
 #include "fusedopt/adafactor.h"
 #include "fusedopt/adamw.h"
 #include "fusedopt/dispatch.h"
+#include "fusedopt/fp8.h"
 #include "fusedopt/lamb.h"
 #include "fusedopt/norms.h"
 #include "fusedopt/sophia.h"
@@ -185,6 +186,33 @@ void scale_(TensorList tensors, const Tensor& factor, int64_t chunk_size) {
                       at::get_num_threads());
 }
 
+// Which fp8 format a dtype is (the dtype of the outputs of a cast).
+fusedopt::Fp8Format fp8_format(at::ScalarType t, const char* backend) {
+  if (t == at::kFloat8_e4m3fn) return fusedopt::Fp8Format::kE4M3FN;
+  TORCH_CHECK(t == at::kFloat8_e5m2, "fusedopt ", backend, ": fp8 outputs must be float8_e4m3fn or float8_e5m2, got ",
+              t);
+  return fusedopt::Fp8Format::kE5M2;
+}
+
+// outputs[t] = saturate(inputs[t] * scales[t]) in fp8; returns each input's absmax (float64 [n]).
+Tensor cast_fp8(TensorList inputs, TensorList outputs, const Tensor& scales, int64_t chunk_size) {
+  check_one_dtype(inputs);
+  const at::ScalarType idt = inputs[0].scalar_type();
+  TORCH_CHECK(idt == at::kFloat || idt == at::kBFloat16 || idt == at::kHalf,
+              "fusedopt cpu: fp8 casts take float32, bfloat16 or float16 inputs, got ", idt);
+  check_one_dtype(outputs);
+  const fusedopt::Fp8Format format = fp8_format(outputs[0].scalar_type(), "cpu");
+  const int64_t n = int64_t(inputs.size());
+  TORCH_CHECK(scales.device().is_cpu() && scales.scalar_type() == at::kFloat && scales.is_contiguous() &&
+                  scales.numel() == n,
+              "fusedopt cpu: scales must be a contiguous float32 CPU tensor with one value per tensor");
+  HostTable host({inputs, outputs}, chunk_size);
+  Tensor amax = at::empty({n}, at::TensorOptions().dtype(at::kDouble));
+  fusedopt::cast_fp8_cpu(host.tt, dtype_code(idt), format, scales.data_ptr<float>(), amax.data_ptr<double>(),
+                         at::get_num_threads());
+  return amax;
+}
+
 // LAMB's lists, checked and tabled in MomentRow layout (no max_exp_avg_sq).
 HostTable lamb_table(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                      TensorList masters, TensorList steps, int64_t chunk_size) {
@@ -349,6 +377,7 @@ TORCH_LIBRARY(fusedopt_cpu, m) {
       "Tensor? found_inf, int? sr_seed, int chunk_size) -> ()",
       &lamb_apply);
   m.def("power_sums(Tensor[] tensors, float p, int chunk_size) -> Tensor", &power_sums);
+  m.def("cast_fp8(Tensor[] inputs, Tensor(a!)[] outputs, Tensor scales, int chunk_size) -> Tensor", &cast_fp8);
   m.def("scale_(Tensor(a!)[] tensors, Tensor factor, int chunk_size) -> ()", &scale_);
   m.def(
       "adamw(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "

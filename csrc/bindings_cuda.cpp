@@ -10,6 +10,7 @@
 
 #include "fusedopt/adamw.h"
 #include "fusedopt/dispatch.h"
+#include "fusedopt/fp8.h"
 #include "fusedopt/lamb.h"
 #include "fusedopt/norms.h"
 #include "fusedopt/sophia.h"
@@ -98,6 +99,25 @@ void power_sums(const Tensor& table, const Tensor& numel, const Tensor& chunk_te
                                                 static_cast<fusedopt::DType>(dtype), p, partials.data_ptr<double>(),
                                                 out.data_ptr<double>(), reinterpret_cast<void*>(stream));
   TORCH_CHECK(error == nullptr, "fusedopt cuda: power_sums launch failed: ", error);
+}
+
+// Row 0 (dtype code `dtype`: fp32, bf16, fp16) cast to fp8 (`format`: 0 e4m3fn,
+// 1 e5m2) into row 1 with scales[t]; each input's absmax into `amax` (float64).
+void cast_fp8(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor, const Tensor& chunk_start,
+              const Tensor& chunk_first, int64_t chunk_size, int64_t dtype, int64_t format, const Tensor& scales,
+              Tensor& partials, Tensor& amax, int64_t stream) {
+  const fusedopt::TensorTable tt = make_table(table, numel, chunk_tensor, chunk_start, chunk_size, fusedopt::kFp8Rows);
+  check_cuda_tensor(chunk_first, at::kLong, tt.n_tensors + 1, "chunk_first");
+  check_cuda_tensor(scales, at::kFloat, tt.n_tensors, "scales");
+  check_cuda_tensor(partials, at::kDouble, tt.n_chunks, "partials");
+  check_cuda_tensor(amax, at::kDouble, tt.n_tensors, "amax");
+  TORCH_CHECK(dtype == 0 || dtype == 2 || dtype == 3, "fusedopt cuda: fp8 casts take fp32, bf16 or fp16 inputs");
+  TORCH_CHECK(format == 0 || format == 1, "fusedopt cuda: bad fp8 format code ", format);
+  const char* error = fusedopt::cast_fp8_cuda(tt, chunk_first.data_ptr<int64_t>(), static_cast<fusedopt::DType>(dtype),
+                                              static_cast<fusedopt::Fp8Format>(format), scales.data_ptr<float>(),
+                                              partials.data_ptr<double>(), amax.data_ptr<double>(),
+                                              reinterpret_cast<void*>(stream));
+  TORCH_CHECK(error == nullptr, "fusedopt cuda: cast_fp8 launch failed: ", error);
 }
 
 void scale_(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor, const Tensor& chunk_start,
@@ -202,6 +222,10 @@ TORCH_LIBRARY(fusedopt_cuda, m) {
       "power_sums(Tensor table, Tensor numel, Tensor chunk_tensor, Tensor chunk_start, Tensor chunk_first, "
       "int chunk_size, int dtype, float p, Tensor(a!) partials, Tensor(b!) out, int stream) -> ()",
       &power_sums);
+  m.def(
+      "cast_fp8(Tensor table, Tensor numel, Tensor chunk_tensor, Tensor chunk_start, Tensor chunk_first, "
+      "int chunk_size, int dtype, int format, Tensor scales, Tensor(a!) partials, Tensor(b!) amax, int stream) -> ()",
+      &cast_fp8);
   m.def(
       "scale_(Tensor table, Tensor numel, Tensor chunk_tensor, Tensor chunk_start, int chunk_size, int dtype, "
       "Tensor factor, int stream) -> ()",

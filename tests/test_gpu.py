@@ -303,6 +303,27 @@ def test_stochastic_rounding_bits_on_gpu(backend, name):
     assert differ <= max(3, total * 1e-3)
 
 
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_cast_to_fp8_on_gpu(backend, dtype):
+    """cast_to_fp8 (issue 5) equals torch's (x * s).clamp(-max, max).to(dtype) on the GPU, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(70001, generator=g) * 300, torch.randn(300, 513, generator=g).bfloat16(),
+          torch.randn(1000, generator=g).half() * 1e-3, torch.empty(0),
+          torch.randint(0, 2**32, (4096,), generator=g, dtype=torch.int64).to(torch.int32).view(torch.float32)]
+    xs = [x.cuda() for x in xs]
+    scales = torch.tensor([1.0, 3.0, 1000.0, 1.0, 0.5], device="cuda")
+    outs, amax = fusedopt.cast_to_fp8(xs, scales, dtype, backend=backend)
+    fmax = torch.finfo(dtype).max
+    for x, s, out in zip(xs, scales, outs):
+        ref = (x.float() * s).clamp(-fmax, fmax).to(dtype)
+        nan = ref.float().isnan()
+        assert torch.equal(nan, out.float().isnan())
+        assert torch.equal(out.view(torch.uint8)[~nan], ref.view(torch.uint8)[~nan])
+    expected = torch.stack([x.float().abs().amax() if x.numel() else torch.zeros((), device="cuda") for x in xs])
+    torch.testing.assert_close(amax, expected, equal_nan=True, atol=0, rtol=0)
+
+
 OPTIMIZERS = {
     "adamw": lambda ps, be: FusedAdamW(ps, backend=be, max_grad_norm=1.0, lr=torch.tensor(1e-3, device="cuda"),
                                        capturable=True),

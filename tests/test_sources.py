@@ -31,3 +31,13 @@ def test_cuda_sources_compile(source, tmp_path):
                           f"-I{CSRC / 'include'}", str(CSRC / "cuda" / source), "-o", str(tmp_path / "x.o")],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_every_source_is_built():
+    """A .cpp / .cu added to csrc/ but not to the extension's source list would
+    leave its launcher undefined until the library is loaded: catch it here."""
+    from fusedopt import _jit
+
+    for kind, folder, suffix in (("cpu", "cpu", ".cpp"), ("cuda", "cuda", ".cu")):
+        present = {f"{folder}/{p.name}" for p in (CSRC / folder).glob(f"*{suffix}")}
+        assert present <= set(_jit.SPECS[kind].sources), (kind, present - set(_jit.SPECS[kind].sources))

@@ -14,7 +14,7 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 #: the param's dtype, or fp32 with master weights)
 STATE_DTYPES = (torch.bfloat16,)
 #: asked for in the issue tracker, not built yet: a clear error, not a fallback
-PLANNED_STATE_DTYPES = tuple(getattr(torch, name) for name in ("float8_e4m3fn",) if hasattr(torch, name))
+PLANNED_STATE_DTYPES = (torch.float8_e4m3fn,)
 
 
 def math_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -27,3 +27,7 @@ def fp32_scalar(t, device):
     None): how lr, grad_mult and found_inf reach a kernel. No copy, and no host
     sync, when `t` already is one."""
     return None if t is None else t.detach().to(device=device, dtype=torch.float32).reshape(1)
+
+
+#: fp8 formats by dtype: the codes of Fp8Format (csrc/include/fusedopt/fp8.h) and kernels/fp8.py
+FP8_FORMATS = {torch.float8_e4m3fn: 0, torch.float8_e5m2: 1}

@@ -84,3 +84,9 @@ def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, fou
 def sophia_hessian(bucket, *, beta2):
     torch.ops.fusedopt_cpu.sophia_hessian(bucket.params, bucket.grads, bucket.states["hessian"],
                                           bucket.masters is not None, beta2, CHUNK_SIZE)
+
+
+def cast_fp8(inputs, outputs, scales):
+    """inputs, outputs: aligned lists (same shapes and strides); scales: fp32
+    [n] on the CPU. Returns the inputs' absmax (fp64 [n])."""
+    return torch.ops.fusedopt_cpu.cast_fp8(inputs, outputs, scales, CHUNK_SIZE)

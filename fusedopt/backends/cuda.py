@@ -13,7 +13,7 @@ from .. import _jit
 from ..reference import lamb as lamb_spec
 from . import _tables
 from ._bucket import advance_steps
-from ._dtypes import CODES
+from ._dtypes import CODES, FP8_FORMATS
 
 NAME = "cuda"
 DEVICE_TYPES = ("cuda",)
@@ -112,3 +112,16 @@ def sophia_hessian(bucket, *, beta2):
             tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.chunk_size,
             CODES[bucket.dtype], CODES[bucket.state_dtype], bucket.masters is not None, beta2,
             torch.cuda.current_stream(device).cuda_stream)
+
+
+def cast_fp8(inputs, outputs, scales):
+    device = inputs[0].device
+    tables = _tables.launch_tables([inputs, outputs], device, CHUNK_SIZE)
+    partials = torch.empty(tables.n_chunks, dtype=torch.float64, device=device)
+    amax = torch.empty(len(inputs), dtype=torch.float64, device=device)
+    with torch.cuda.device(device):
+        torch.ops.fusedopt_cuda.cast_fp8(
+            tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.chunk_first,
+            tables.chunk_size, CODES[inputs[0].dtype], FP8_FORMATS[outputs[0].dtype], scales, partials, amax,
+            torch.cuda.current_stream(device).cuda_stream)
+    return amax

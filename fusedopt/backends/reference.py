@@ -175,3 +175,12 @@ def sophia_hessian(bucket, *, beta2):
         h = hessian.to(dtype, copy=True)
         sophia_spec.hessian_update_(h, grad.to(dtype), beta2=beta2)
         hessian.copy_(h)
+
+
+def cast_fp8(inputs, outputs, scales):
+    """outputs[i] = torch's (x.float() * scale).clamp(-max, max).to(fp8); the
+    inputs' absmax (fp64), NaN-propagating."""
+    fmax = torch.finfo(outputs[0].dtype).max
+    for x, y, s in zip(inputs, outputs, scales):
+        y.copy_((x.float() * s).clamp(-fmax, fmax).to(y.dtype))
+    return torch.stack([x.float().abs().amax() for x in inputs]).double()

@@ -17,7 +17,7 @@ from ..reference import adafactor as adafactor_spec
 from ..reference import lamb as lamb_spec
 from . import _tables
 from ._bucket import advance_steps
-from ._dtypes import CODES
+from ._dtypes import CODES, FP8_FORMATS
 
 NAME = "triton"
 DEVICE_TYPES = ("cuda", "cpu")
@@ -40,7 +40,7 @@ def unavailable_reason(device_type: str) -> str | None:
 
 
 def load() -> None:
-    for name in ("adafactor", "adamw", "lamb", "norms", "sophia"):
+    for name in ("adafactor", "adamw", "fp8", "lamb", "norms", "sophia"):
         shipped_module("kernels", name)
 
 
@@ -171,3 +171,13 @@ def sophia_hessian(bucket, *, beta2):
     tables = _tables.launch_tables(_tables.moment_rows(bucket, "hessian"), bucket.device, CHUNK_SIZE)
     kernels.launch_hessian(tables, p_kind=CODES[bucket.dtype], s_kind=CODES[bucket.state_dtype], beta2=beta2,
                            block=BLOCK_SIZE, num_warps=NUM_WARPS)
+
+
+def cast_fp8(inputs, outputs, scales):
+    kernels = shipped_module("kernels", "fp8")
+    device = inputs[0].device
+    tables = _tables.launch_tables([inputs, outputs], device, CHUNK_SIZE)
+    amax = torch.empty(len(inputs), dtype=torch.float64, device=device)
+    kernels.launch_cast(tables, scales, amax, kind=CODES[inputs[0].dtype], fmt=FP8_FORMATS[outputs[0].dtype],
+                        block=BLOCK_SIZE, num_warps=NUM_WARPS)
+    return amax

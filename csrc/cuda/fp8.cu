@@ -1,0 +1,71 @@
+// Scaled FP8 casts on CUDA (include/fusedopt/fp8.h): one block per chunk casts
+// its elements and reduces their absmax (NaN-propagating) to a partial; one
+// block per tensor combines a tensor's partials (multi_tensor.cuh). No torch
+// headers.
+#include <cuda_runtime.h>
+
+#include "fusedopt/fp8.h"
+#include "multi_tensor.cuh"
+
+namespace fusedopt {
+namespace {
+
+using cuda::block_reduce;
+using cuda::combine_kernel;
+using cuda::kILP;
+using cuda::kThreads;
+
+template <typename S, Fp8Format F>
+__global__ void __launch_bounds__(kThreads) cast_kernel(TensorTable tt, const float* scales, double* partials) {
+  const Chunk chunk = tt.chunk(blockIdx.x);
+  const S* x = tt.ptr<const S>(kFp8RowInput, chunk.tensor) + chunk.start;
+  fp8* y = tt.ptr<fp8>(kFp8RowOutput, chunk.tensor) + chunk.start;
+  const bool aligned = cuda::is_aligned(x) && cuda::is_aligned(y);
+  const float scale = scales[chunk.tensor];
+  float mx = 0.0f;
+  int nan = 0;
+  for (int64_t i = int64_t(threadIdx.x) * kILP; i < chunk.len; i += int64_t(kThreads) * kILP) {
+    S in[kILP];
+    fp8 out[kILP];
+    cuda::load_pack(in, x, i, chunk.len, aligned);  // past the end: zeros, which do not raise the max
+#pragma unroll
+    for (int k = 0; k < kILP; ++k) {
+      const float v = to_math(in[k]);
+      out[k] = cast_fp8<F>(v, scale);
+      nan |= int(v != v);
+      mx = absmax_step(mx, v);
+    }
+    cuda::store_pack(y, out, i, chunk.len, aligned);
+  }
+  const float total = block_reduce<float, true>(mx, nan);
+  if (threadIdx.x == 0) partials[blockIdx.x] = nan ? double(NAN) : double(total);
+}
+
+template <typename S>
+void launch(const TensorTable& tt, Fp8Format format, const float* scales, double* partials, cudaStream_t stream) {
+  const dim3 grid(unsigned(tt.n_chunks));
+  if (format == Fp8Format::kE4M3FN) {
+    cast_kernel<S, Fp8Format::kE4M3FN><<<grid, kThreads, 0, stream>>>(tt, scales, partials);
+  } else {
+    cast_kernel<S, Fp8Format::kE5M2><<<grid, kThreads, 0, stream>>>(tt, scales, partials);
+  }
+}
+
+}  // namespace
+
+const char* cast_fp8_cuda(const TensorTable& tt, const int64_t* chunk_first, DType input_dtype, Fp8Format format,
+                          const float* scales, double* partials, double* amax, void* stream_handle) {
+  if (tt.n_chunks == 0) return nullptr;
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_handle);
+  switch (input_dtype) {
+    case DType::kFloat32: launch<float>(tt, format, scales, partials, stream); break;
+    case DType::kBFloat16: launch<bf16>(tt, format, scales, partials, stream); break;
+    case DType::kFloat16: launch<fp16>(tt, format, scales, partials, stream); break;
+    case DType::kFloat64: return "fusedopt: fp8 casts take fp32, bf16 or fp16 inputs";
+  }
+  combine_kernel<true><<<dim3(unsigned(tt.n_tensors)), kThreads, 0, stream>>>(partials, chunk_first, amax);
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+}  // namespace fusedopt
