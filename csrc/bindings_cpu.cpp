@@ -138,8 +138,22 @@ void check_steps(TensorList steps) {
   }
 }
 
+void check_one_dtype(TensorList xs) {
+  TORCH_CHECK(!xs.empty(), "fusedopt cpu: empty tensor list");
+  check_dtype(xs, xs[0].scalar_type(), "every tensor of a launch");
+}
+
+// Which fp8 format a dtype is (the dtype of the outputs of a cast).
+fusedopt::Fp8Format fp8_format(at::ScalarType t, const char* backend) {
+  if (t == at::kFloat8_e4m3fn) return fusedopt::Fp8Format::kE4M3FN;
+  TORCH_CHECK(t == at::kFloat8_e5m2, "fusedopt ", backend, ": fp8 outputs must be float8_e4m3fn or float8_e5m2, got ",
+              t);
+  return fusedopt::Fp8Format::kE5M2;
+}
+
 void adamw(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
-           TensorList max_exp_avg_sqs, TensorList masters, TensorList steps, double lr,
+           TensorList max_exp_avg_sqs, TensorList masters, TensorList steps, TensorList fp8_weights,
+           TensorList fp8_scales, const std::optional<Tensor>& fp8_amax, double lr,
            const std::optional<Tensor>& lr_tensor, double beta1, double beta2, double eps,
            double weight_decay, bool amsgrad, bool maximize, const std::optional<Tensor>& grad_mult,
            const std::optional<Tensor>& found_inf, std::optional<int64_t> sr_seed, int64_t chunk_size) {
@@ -156,17 +170,28 @@ void adamw(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
   check_dtype(masters, at::kFloat, "master_param");
 
   check_steps(steps);
-  HostTable host({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps}, chunk_size,
-                 {fusedopt::kRowStep});
+  const bool fp8 = !fp8_weights.empty();
+  if (fp8) {
+    TORCH_CHECK(pdt == at::kFloat || has_master, "fusedopt cpu: FP8 copies need fp32 working copies (fp32 params "
+                "or master weights), got ", pdt, " params");
+    check_one_dtype(fp8_weights);
+    TORCH_CHECK(fp8_scales.size() == fp8_weights.size() && fp8_amax.has_value() &&
+                    fp8_amax->scalar_type() == at::kDouble && fp8_amax->is_contiguous() &&
+                    fp8_amax->numel() == int64_t(params.size()),
+                "fusedopt cpu: FP8 copies need one scale per param and a float64 amax output of n elements");
+    check_steps(fp8_scales);  // 1-element float32 CPU tensors, like steps
+  }
+  HostTable host({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps, fp8_weights, fp8_scales},
+                 chunk_size, {fusedopt::kRowStep, fusedopt::kRowFp8Scale});
   fusedopt::AdamWHyper h(lr, scalar_ptr(lr_tensor, "lr"), beta1, beta2, eps, weight_decay, amsgrad, maximize,
                          scalar_ptr(grad_mult, "grad_mult"), scalar_ptr(found_inf, "found_inf"));
   h.sr = stochastic_rounding(sr_seed, pdt, has_master);
+  if (fp8) {
+    h.fp8.on = true;
+    h.fp8.format = fp8_format(fp8_weights[0].scalar_type(), "cpu");
+    h.fp8.amax = fp8_amax->data_ptr<double>();
+  }
   fusedopt::adamw_cpu(host.tt, h, dtype_code(pdt), dtype_code(sdt), has_master, at::get_num_threads());
-}
-
-void check_one_dtype(TensorList xs) {
-  TORCH_CHECK(!xs.empty(), "fusedopt cpu: empty tensor list");
-  check_dtype(xs, xs[0].scalar_type(), "every tensor of a launch");
 }
 
 // Per-tensor sum of |x|^p (max |x| for p = inf), as float64 [n].
@@ -184,14 +209,6 @@ void scale_(TensorList tensors, const Tensor& factor, int64_t chunk_size) {
   HostTable host({tensors}, chunk_size);
   fusedopt::scale_cpu(host.tt, dtype_code(tensors[0].scalar_type()), scalar_ptr(factor, "factor"),
                       at::get_num_threads());
-}
-
-// Which fp8 format a dtype is (the dtype of the outputs of a cast).
-fusedopt::Fp8Format fp8_format(at::ScalarType t, const char* backend) {
-  if (t == at::kFloat8_e4m3fn) return fusedopt::Fp8Format::kE4M3FN;
-  TORCH_CHECK(t == at::kFloat8_e5m2, "fusedopt ", backend, ": fp8 outputs must be float8_e4m3fn or float8_e5m2, got ",
-              t);
-  return fusedopt::Fp8Format::kE5M2;
 }
 
 // outputs[t] = saturate(inputs[t] * scales[t]) in fp8; returns each input's absmax (float64 [n]).
@@ -381,7 +398,8 @@ TORCH_LIBRARY(fusedopt_cpu, m) {
   m.def("scale_(Tensor(a!)[] tensors, Tensor factor, int chunk_size) -> ()", &scale_);
   m.def(
       "adamw(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] masters, Tensor(f!)[] steps, float lr, Tensor? lr_tensor, "
+      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] masters, Tensor(f!)[] steps, Tensor(g!)[] fp8_weights, "
+      "Tensor[] fp8_scales, Tensor(h!)? fp8_amax, float lr, Tensor? lr_tensor, "
       "float beta1, float beta2, float eps, float weight_decay, bool amsgrad, bool maximize, "
       "Tensor? grad_mult, Tensor? found_inf, int? sr_seed, int chunk_size) -> ()",
       &adamw);

@@ -66,24 +66,40 @@ fusedopt::TensorTable make_table(const Tensor& table, const Tensor& numel, const
   return tt;
 }
 
+void check_cuda_tensor(const Tensor& t, at::ScalarType dtype, int64_t numel, const char* what) {
+  TORCH_CHECK(t.is_cuda() && t.scalar_type() == dtype && t.is_contiguous() && t.numel() == numel,
+              "fusedopt cuda: ", what, " must be a contiguous ", dtype, " CUDA tensor of ", numel, " elements");
+}
+
 void adamw(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor, const Tensor& chunk_start,
            int64_t chunk_size, int64_t param_dtype, int64_t state_dtype, bool has_master, double lr,
            const std::optional<Tensor>& lr_tensor, double beta1, double beta2, double eps, double weight_decay,
            bool amsgrad, bool maximize, const std::optional<Tensor>& grad_mult,
-           const std::optional<Tensor>& found_inf, std::optional<int64_t> sr_seed, int64_t stream) {
+           const std::optional<Tensor>& found_inf, std::optional<int64_t> sr_seed, int64_t fp8_format,
+           const std::optional<Tensor>& chunk_first, const std::optional<Tensor>& fp8_partials,
+           const std::optional<Tensor>& fp8_amax, int64_t stream) {
   const auto [pdt, sdt] = storage(param_dtype, state_dtype, has_master);
   const fusedopt::TensorTable tt =
       make_table(table, numel, chunk_tensor, chunk_start, chunk_size, fusedopt::kMomentRows);
   fusedopt::AdamWHyper h(lr, device_scalar(lr_tensor, "lr"), beta1, beta2, eps, weight_decay, amsgrad, maximize,
                          device_scalar(grad_mult, "grad_mult"), device_scalar(found_inf, "found_inf"));
   h.sr = stochastic_rounding(sr_seed, pdt, has_master);
+  if (fp8_format >= 0) {  // FP8 copies: table rows kRowFp8 / kRowFp8Scale hold the copies and their scales
+    TORCH_CHECK(fp8_format <= 1, "fusedopt cuda: bad fp8 format code ", fp8_format);
+    TORCH_CHECK(pdt == fusedopt::DType::kFloat32 || has_master,
+                "fusedopt cuda: FP8 copies need fp32 working copies (fp32 params or master weights)");
+    TORCH_CHECK(chunk_first && fp8_partials && fp8_amax, "fusedopt cuda: FP8 copies need chunk_first, partials, amax");
+    check_cuda_tensor(*chunk_first, at::kLong, tt.n_tensors + 1, "chunk_first");
+    check_cuda_tensor(*fp8_partials, at::kDouble, tt.n_chunks, "fp8 partials");
+    check_cuda_tensor(*fp8_amax, at::kDouble, tt.n_tensors, "fp8 amax");
+    h.fp8.on = true;
+    h.fp8.format = static_cast<fusedopt::Fp8Format>(fp8_format);
+    h.fp8.partials = fp8_partials->data_ptr<double>();
+    h.fp8.amax = fp8_amax->data_ptr<double>();
+    h.fp8.chunk_first = chunk_first->data_ptr<int64_t>();
+  }
   const char* error = fusedopt::adamw_cuda(tt, h, pdt, sdt, has_master, reinterpret_cast<void*>(stream));
   TORCH_CHECK(error == nullptr, "fusedopt cuda: adamw launch failed: ", error);
-}
-
-void check_cuda_tensor(const Tensor& t, at::ScalarType dtype, int64_t numel, const char* what) {
-  TORCH_CHECK(t.is_cuda() && t.scalar_type() == dtype && t.is_contiguous() && t.numel() == numel,
-              "fusedopt cuda: ", what, " must be a contiguous ", dtype, " CUDA tensor of ", numel, " elements");
 }
 
 // Per-tensor sum of |x|^p (max |x| for p = inf) of row 0 into `out` (float64).
@@ -234,6 +250,7 @@ TORCH_LIBRARY(fusedopt_cuda, m) {
       "adamw(Tensor table, Tensor numel, Tensor chunk_tensor, Tensor chunk_start, int chunk_size, "
       "int param_dtype, int state_dtype, bool has_master, float lr, Tensor? lr_tensor, float beta1, "
       "float beta2, float eps, float weight_decay, bool amsgrad, bool maximize, Tensor? grad_mult, "
-      "Tensor? found_inf, int? sr_seed, int stream) -> ()",
+      "Tensor? found_inf, int? sr_seed, int fp8_format, Tensor? chunk_first, Tensor(a!)? fp8_partials, "
+      "Tensor(b!)? fp8_amax, int stream) -> ()",
       &adamw);
 }

@@ -7,11 +7,11 @@ Importing fusedopt imports neither triton nor any compiled extension: kernels
 are loaded (and JIT-compiled, once, cached) when an optimizer first needs them.
 """
 from .backends import available_backends
-from .fp8 import cast_to_fp8
+from .fp8 import Float8Recipe, cast_to_fp8
 from .norms import clip_grad_norm_, grad_norm
 from .optim import FusedAdafactor, FusedAdamW, FusedLAMB, FusedSophia, gnb_hessian_loss
 
 __version__ = "0.1.0"
 
-__all__ = ["FusedAdafactor", "FusedAdamW", "FusedLAMB", "FusedSophia", "available_backends", "cast_to_fp8",
-           "clip_grad_norm_", "gnb_hessian_loss", "grad_norm", "__version__"]
+__all__ = ["Float8Recipe", "FusedAdafactor", "FusedAdamW", "FusedLAMB", "FusedSophia", "available_backends",
+           "cast_to_fp8", "clip_grad_norm_", "gnb_hessian_loss", "grad_norm", "__version__"]

@@ -1,6 +1,6 @@
 """FP8 weight casting: ``cast_to_fp8`` (a multi-tensor scaled, saturating cast
 with each tensor's absmax, in one pass) and ``Float8Recipe`` (delayed scaling
-for the FP8 weight copies an optimizer writes during its step).
+for the FP8 weight copies FusedAdamW writes during its step).
 
 The cast of tensor x with scale s is exactly torch's
 
@@ -12,12 +12,14 @@ input, before scaling; NaN if x holds one). See csrc/include/fusedopt/fp8.h.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from . import backends
+from .backends._bucket import Fp8Copies
 from .backends._dtypes import FP8_FORMATS
 
 _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -80,3 +82,113 @@ def cast_to_fp8(tensors: Tensor | Sequence[Tensor], scales, dtype: torch.dtype =
         for j, i in enumerate(index):
             amaxes[i] = amax[j]
     return outputs, torch.stack(amaxes)
+
+
+@dataclass(frozen=True)
+class Float8Recipe:
+    """Delayed scaling of the FP8 weight copies (``FusedAdamW(..., fp8=recipe)``).
+
+    Per weight w (the fp32 master, or an fp32 param): a history of the last
+    ``amax_history_len`` values of max|w|, and a scale
+
+        scale = fp8_max / max(history) / 2**margin       (kept as it was while max(history) is 0 or not finite)
+
+    Step t writes the copy ``saturate(w_t * scale)`` in the same pass that
+    updates w_t, with the scale derived before step t (the delay: w_t's own
+    absmax is known only once the pass is done). Then max|w_t| joins the
+    history and the next scale is formed, on the device. ``opt.fp8_weight(p)``
+    returns the copy and ``1 / scale`` of the scale it was cast with. When the
+    state is created, the history starts with max|w_0| and the first copy is
+    cast from w_0, so a copy exists from the first step on.
+    """
+
+    dtype: torch.dtype = torch.float8_e4m3fn
+    margin: int = 0
+    amax_history_len: int = 16
+
+    def __post_init__(self):
+        _check_fp8_dtype(self.dtype)
+        if not isinstance(self.margin, int) or self.margin < 0:
+            raise ValueError(f"Float8Recipe: margin must be a non-negative int, got {self.margin!r}")
+        if not isinstance(self.amax_history_len, int) or self.amax_history_len < 1:
+            raise ValueError(f"Float8Recipe: amax_history_len must be a positive int, got {self.amax_history_len!r}")
+
+    @property
+    def fp8_max(self) -> float:
+        return torch.finfo(self.dtype).max
+
+    def scale_from(self, amax: Tensor, old_scale: Tensor) -> Tensor:
+        """fp8_max / amax / 2**margin (fp32), or `old_scale` where amax is 0 or not finite."""
+        amax = amax.float()
+        # a tensor numerator: python_float / tensor is reciprocal(t) * float in torch, rounded twice
+        scale = torch.full_like(amax, self.fp8_max) / amax / (2.0**self.margin)
+        return torch.where((amax > 0) & torch.isfinite(amax), scale, old_scale.float())
+
+    def cast(self, w: Tensor, scale: Tensor) -> Tensor:
+        """saturate(w * scale) in the recipe's dtype, as torch computes it (the spec of the kernels' copy)."""
+        return (w.float() * scale).clamp(-self.fp8_max, self.fp8_max).to(self.dtype)
+
+    def initial_state(self, w: Tensor) -> dict[str, Tensor]:
+        """The FP8 state of weight w before its first step: history [max|w|, 0, ...],
+        the scale from it, and the copy of w cast with that scale."""
+        amax = w.detach().float().abs().amax() if w.numel() else torch.zeros((), device=w.device)
+        history = torch.zeros(self.amax_history_len, dtype=torch.float32, device=w.device)
+        history[0] = amax
+        scale = self.scale_from(amax, torch.ones((), device=w.device))
+        copy = torch.empty_like(w, dtype=self.dtype, memory_format=torch.preserve_format)
+        copy.copy_(self.cast(w.detach(), scale))
+        return {"fp8_weight": copy, "fp8_scale": scale, "fp8_scale_inv": scale.reciprocal(),
+                "fp8_amax_history": history}
+
+    def update_(self, copies: Fp8Copies, amax: Tensor, found_inf: Tensor | None = None) -> None:
+        """After a step that cast every copy with its scale and measured the
+        new weights' absmax (`amax`, one per copy): scale_inv = 1 / the scale
+        used, amax joins each history, the next scales. Seven small launches
+        per bucket, on the device, whatever the number of params; all left
+        as they were when GradScaler found inf/NaN (`found_inf` nonzero)."""
+        scales, history = copies.scale_buffer, copies.history_buffer
+        new_history = torch.cat([amax.to(torch.float32)[:, None], history[:, :-1]], dim=1)
+        new_scales = self.scale_from(new_history.amax(dim=1), scales)
+        new_invs = scales.reciprocal()
+        if found_inf is not None:
+            skip = found_inf.reshape(()) != 0
+            new_history = torch.where(skip, history, new_history)
+            new_scales = torch.where(skip, scales, new_scales)
+            new_invs = torch.where(skip, copies.scale_inv_buffer, new_invs)
+        history.copy_(new_history)
+        scales.copy_(new_scales)
+        copies.scale_inv_buffer.copy_(new_invs)
+
+
+#: a param's FP8 state entries, and the Fp8Copies buffer each is a row of
+_BUFFERS = {"fp8_scale": "scale_buffer", "fp8_scale_inv": "scale_inv_buffer", "fp8_amax_history": "history_buffer"}
+
+
+def bucket_copies(weights: list[Tensor], states: list[dict]) -> Fp8Copies:
+    """The Fp8Copies of a bucket: `weights` (the copies as the kernels write
+    them) and the params' state dicts, whose scale, scale_inv and history
+    entries become rows of one buffer each (allocated and filled here, or
+    reused when they already are consecutive rows of one)."""
+    buffers = {}
+    for name, field in _BUFFERS.items():
+        rows = [state[name] for state in states]
+        buffer = _common_buffer(rows)
+        if buffer is None:
+            buffer = torch.stack(rows)
+            for state, row in zip(states, buffer.unbind(0)):
+                state[name] = row
+        buffers[field] = buffer
+    return Fp8Copies(weights=weights, scales=[state["fp8_scale"] for state in states], **buffers)
+
+
+def _common_buffer(rows: list[Tensor]) -> Tensor | None:
+    """The tensor whose rows `rows` are, in order and all of it, if there is one."""
+    base = rows[0]._base
+    if base is None or base.shape[0] != len(rows) or not base.is_contiguous():
+        return None
+    step = base[0].numel() * base.element_size()
+    start = base.data_ptr()
+    if all(r._base is base and r.data_ptr() == start + i * step and r.shape == base.shape[1:]
+           for i, r in enumerate(rows)):
+        return base
+    return None

@@ -12,6 +12,8 @@ ROW_EXP_AVG_SQ = tl.constexpr(3)
 ROW_MAX_EXP_AVG_SQ = tl.constexpr(4)
 ROW_MASTER = tl.constexpr(5)
 ROW_STEP = tl.constexpr(6)
+ROW_FP8 = tl.constexpr(7)
+ROW_FP8_SCALE = tl.constexpr(8)
 
 
 @triton.jit

@@ -25,17 +25,20 @@ import triton.language as tl
 
 from ._numeric import (F32, F64, div_ieee, lerp, load_math, load_state, one_minus_exp, sqrt_ieee, sr_tensor_key,
                        store_math, store_param)
-from ._table import (ROW_EXP_AVG, ROW_EXP_AVG_SQ, ROW_GRAD, ROW_MASTER, ROW_MAX_EXP_AVG_SQ, ROW_PARAM, ROW_STEP,
-                     address, program_chunk)
+from ._table import (ROW_EXP_AVG, ROW_EXP_AVG_SQ, ROW_FP8, ROW_FP8_SCALE, ROW_GRAD, ROW_MASTER, ROW_MAX_EXP_AVG_SQ,
+                     ROW_PARAM, ROW_STEP, address, program_chunk)
+from .fp8 import cast_fp8
+from .norms import _combine_kernel
 
 
 @triton.jit
 def _adamw_kernel(
     table, numels, chunk_tensor, chunk_start, n_tensors,
     lr, lr_ptr, weight_decay, lerp_w, beta2, one_minus_beta2, eps, log_beta1, log_beta2,
-    grad_mult_ptr, found_inf_ptr, sr_seed,
+    grad_mult_ptr, found_inf_ptr, sr_seed, fp8_partials,
     P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     LR_IS_PTR: tl.constexpr, HAS_GRAD_MULT: tl.constexpr, HAS_FOUND_INF: tl.constexpr, SR: tl.constexpr,
+    FP8: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     t, start, end = program_chunk(chunk_tensor, chunk_start, numels, found_inf_ptr, CHUNK, HAS_FOUND_INF)
@@ -72,6 +75,14 @@ def _adamw_kernel(
     sr_key = 0
     if SR:  # the stochastic-rounding key of this tensor
         sr_key = sr_tensor_key(sr_seed, t)
+    # FP8 copies (FP8 = 1 + format): the copy is cast with the tensor's scale; the chunk's absmax is kept
+    fp8_scale = 0.0
+    fp8_copy = param
+    if FP8 != 0:
+        fp8_copy = address(table, ROW_FP8, n_tensors, t)
+        fp8_scale = tl.load(address(table, ROW_FP8_SCALE, n_tensors, t).to(tl.pointer_type(tl.float32)))
+    amax = tl.zeros([BLOCK], tl.float32)
+    nans = tl.zeros([BLOCK], tl.int32)
 
     for off in range(0, end, BLOCK):
         in_chunk = off + tl.arange(0, BLOCK)
@@ -102,17 +113,31 @@ def _adamw_kernel(
         if MASTER:
             store_math(work, offs, p, mask, W_KIND)
         store_param(param, offs, p, mask, P_KIND, SR, sr_key)
+        if FP8 != 0:
+            w = p.to(tl.float32)
+            tl.store(fp8_copy.to(tl.pointer_type(tl.int8)) + offs, cast_fp8(w, fp8_scale, FP8 - 1).to(tl.int8),
+                     mask=mask)
+            amax = tl.maximum(amax, tl.where(mask, tl.abs(w), 0.0))
+            nans += (mask & (w != w)).to(tl.int32)
         store_math(exp_avg, offs, m, mask, S_KIND)
         store_math(exp_avg_sq, offs, v, mask, S_KIND)
+    if FP8 != 0:
+        r = tl.max(amax, axis=0).to(tl.float64)
+        tl.store(fp8_partials + tl.program_id(0), tl.where(tl.sum(nans, axis=0) > 0, float("nan"), r))
 
 
 def launch_adamw(tables, *, p_kind, s_kind, master, amsgrad, maximize, lr, lr_tensor, beta1, beta2, eps,
-                 weight_decay, grad_mult, found_inf, sr_seed, block, num_warps):
+                 weight_decay, grad_mult, found_inf, sr_seed, block, num_warps, fp8_format=None, fp8_amax=None):
     """Launch the update over `tables` (fusedopt.backends._tables.LaunchTables).
 
     `lr_tensor`, `grad_mult` and `found_inf` are 1-element fp32 tensors on the
-    tables' device, or None.
+    tables' device, or None. With `fp8_format` (0 e4m3fn, 1 e5m2) the tables'
+    fp8 rows are written and each new weight's absmax goes to `fp8_amax` (fp64).
     """
+    import torch
+
+    fp8_partials = tables.numel if fp8_format is None else \
+        torch.empty(tables.n_chunks, dtype=torch.float64, device=fp8_amax.device)
     dummy = tables.numel  # any tensor: stands in for absent pointer arguments
     _adamw_kernel[(tables.n_chunks,)](
         tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.n_tensors,
@@ -120,9 +145,12 @@ def launch_adamw(tables, *, p_kind, s_kind, master, amsgrad, maximize, lr, lr_te
         1.0 - beta1, float(beta2), 1.0 - beta2, float(eps), math.log(beta1) if beta1 > 0 else -math.inf,
         math.log(beta2) if beta2 > 0 else -math.inf,
         dummy if grad_mult is None else grad_mult, dummy if found_inf is None else found_inf,
-        0 if sr_seed is None else sr_seed,
+        0 if sr_seed is None else sr_seed, fp8_partials,
         P_KIND=p_kind, S_KIND=s_kind, MASTER=master, AMSGRAD=amsgrad, MAXIMIZE=maximize,
         LR_IS_PTR=lr_tensor is not None, HAS_GRAD_MULT=grad_mult is not None,
-        HAS_FOUND_INF=found_inf is not None, SR=sr_seed is not None, CHUNK=tables.chunk_size, BLOCK=block,
-        num_warps=num_warps,
+        HAS_FOUND_INF=found_inf is not None, SR=sr_seed is not None,
+        FP8=0 if fp8_format is None else 1 + fp8_format, CHUNK=tables.chunk_size, BLOCK=block, num_warps=num_warps,
     )
+    if fp8_format is not None:
+        _combine_kernel[(tables.n_tensors,)](fp8_partials, tables.chunk_first, fp8_amax, IS_MAX=True, BLOCK=256,
+                                             num_warps=num_warps)

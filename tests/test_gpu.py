@@ -324,6 +324,58 @@ def test_cast_to_fp8_on_gpu(backend, dtype):
     torch.testing.assert_close(amax, expected, equal_nan=True, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_copies_on_gpu(backend, dtype):
+    """FusedAdamW(fp8=...) on the GPU (issue 5): each step's copy is the new
+    master cast with the scale from before the step, bit for bit; the history
+    and the next scale follow the delayed-scaling rule."""
+    recipe = fusedopt.Float8Recipe(dtype, margin=1, amax_history_len=3)
+    params = [p.to(torch.bfloat16).detach().requires_grad_() for p in make_params(SHAPES, device="cuda")]
+    opt = FusedAdamW(params, lr=1e-2, backend=backend, master_weights=True, fp8=recipe)
+    fmax = torch.finfo(dtype).max
+    for step in range(4):
+        before = [(opt.state[p]["fp8_scale"].clone(), opt.state[p]["fp8_amax_history"].clone())
+                  if p in opt.state else None for p in params]
+        for p, g in zip(params, grads_for(params, step)):
+            p.grad = g
+        opt.step()
+        for p, old in zip(params, before):
+            if old is None or p.numel() == 0:
+                continue
+            scale, history = old
+            w = opt.state[p]["master_param"]
+            copy, inv = opt.fp8_weight(p)
+            expected = (w * scale).clamp(-fmax, fmax).to(dtype)
+            assert torch.equal(copy.view(torch.uint8), expected.view(torch.uint8))
+            assert torch.equal(inv, scale.reciprocal())
+            new_history = torch.cat([w.abs().amax().reshape(1), history[:-1]])
+            assert torch.equal(opt.state[p]["fp8_amax_history"], new_history)
+            top = new_history.max()
+            assert torch.equal(opt.state[p]["fp8_scale"], torch.full_like(top, fmax) / top / 2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9),
+                    reason="FP8 matmul needs compute capability 8.9+")
+def test_fp8_copies_in_scaled_mm():
+    """The example's forward: torch._scaled_mm on FP8 activations and the
+    optimizer's FP8 weight copies equals the same product from the dequantized
+    FP8 values (fp32 accumulation both), and the example trains with it."""
+    from fusedopt._resources import shipped_module
+
+    example = shipped_module("bench", "examples.fp8_linear")
+    w = torch.nn.Parameter(torch.randn(128, 64, device="cuda").bfloat16())
+    opt = FusedAdamW([w], lr=1e-3, master_weights=True, fp8=fusedopt.Float8Recipe())
+    w.grad = torch.randn_like(w)
+    opt.step()
+    x = torch.randn(256, 64, device="cuda").bfloat16()
+    fast = example.fp8_matmul(x, *opt.fp8_weight(w), use_scaled_mm=True)
+    slow = example.fp8_matmul(x, *opt.fp8_weight(w), use_scaled_mm=False)
+    torch.testing.assert_close(fast.float(), slow.float(), rtol=2**-7, atol=1e-2)
+    losses = example.train(steps=150, device="cuda", log=None)
+    assert losses[-1] < 0.3 * losses[0]
+
+
 OPTIMIZERS = {
     "adamw": lambda ps, be: FusedAdamW(ps, backend=be, max_grad_norm=1.0, lr=torch.tensor(1e-3, device="cuda"),
                                        capturable=True),

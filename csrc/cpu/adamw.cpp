@@ -37,8 +37,10 @@ inline void stream_out(P* dst, const P* src, int64_t n) {
 #endif
 }
 
-template <typename P, typename S, bool MASTER, bool AMSGRAD, bool GRAD_MULT, bool SR>
+// FP8: 0 none, else 1 + Fp8Format: also write the FP8 copy and the chunk's absmax.
+template <typename P, typename S, bool MASTER, bool AMSGRAD, bool GRAD_MULT, bool SR, int FP8>
 void adamw_chunks(const TensorTable& tt, const AdamWHyper& h, int num_threads) {
+  constexpr Fp8Format kFormat = FP8 == 2 ? Fp8Format::kE5M2 : Fp8Format::kE4M3FN;
   using T = typename MathOf<P>::type;
   // Per-tensor scalars once, before the parallel region: each tensor has its
   // own step count (params that skipped steps, or state loaded from elsewhere).
@@ -50,7 +52,7 @@ void adamw_chunks(const TensorTable& tt, const AdamWHyper& h, int num_threads) {
     scalars[size_t(t)] = adamw_scalars<T>(h, lr, double(step));
   }
 
-  parallel_chunks(tt, num_threads, [&](int64_t /*c*/, const Chunk& chunk) {
+  parallel_chunks(tt, num_threads, [&](int64_t c, const Chunk& chunk) {
     const int64_t t = chunk.tensor, begin = chunk.start, len = chunk.len;
     const AdamWScalars<T> s = scalars[size_t(t)];
     const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, t) : 0u;
@@ -61,12 +63,15 @@ void adamw_chunks(const TensorTable& tt, const AdamWHyper& h, int num_threads) {
     S* __restrict__ exp_avg_sq = tt.ptr<S>(kRowExpAvgSq, t) + begin;
     S* __restrict__ max_exp_avg_sq = AMSGRAD ? tt.ptr<S>(kRowMaxExpAvgSq, t) + begin : nullptr;
     float* __restrict__ master = MASTER ? tt.ptr<float>(kRowMaster, t) + begin : nullptr;
+    fp8* __restrict__ fp8_copy = FP8 ? tt.ptr<fp8>(kRowFp8, t) + begin : nullptr;
+    const float fp8_scale = FP8 ? *tt.ptr<const float>(kRowFp8Scale, t) : 0.0f;
+    uint32_t amax_bits = 0;  // max abs_bits(w): NaN-propagating (fp8.h)
 
     alignas(64) P staged_param[MASTER ? kStoreBlock : 1];
     for (int64_t b0 = 0; b0 < len; b0 += MASTER ? kStoreBlock : len) {
       const int64_t b1 = MASTER && b0 + kStoreBlock < len ? b0 + kStoreBlock : len;
       P* __restrict__ param_out = MASTER ? staged_param - b0 : param;
-#pragma omp simd
+#pragma omp simd reduction(max : amax_bits)
       for (int64_t i = b0; i < b1; ++i) {
         T p = MASTER ? T(master[i]) : T(to_math(param[i]));
         T m = to_math(exp_avg[i]);
@@ -75,6 +80,12 @@ void adamw_chunks(const TensorTable& tt, const AdamWHyper& h, int num_threads) {
         adamw_element<T, AMSGRAD, GRAD_MULT>(p, T(to_math(grad[i])), m, v, vmax, s);
         if (MASTER) master[i] = float(p);
         param_out[i] = store_param<P, SR>(p, sr_key, begin + i);
+        if constexpr (FP8 != 0) {
+          const float w = float(p);
+          fp8_copy[i] = cast_fp8<kFormat>(w, fp8_scale);
+          const uint32_t a = abs_bits(w);
+          amax_bits = a > amax_bits ? a : amax_bits;
+        }
         exp_avg[i] = Store<S>::from(m);
         exp_avg_sq[i] = Store<S>::from(v);
         if (AMSGRAD) max_exp_avg_sq[i] = Store<S>::from(vmax);
@@ -84,25 +95,30 @@ void adamw_chunks(const TensorTable& tt, const AdamWHyper& h, int num_threads) {
 #if defined(__SSE2__)
     if constexpr (MASTER) _mm_sfence();  // streaming stores are weakly ordered: publish them
 #endif
+    if constexpr (FP8 != 0) h.fp8.partials[c] = double(bits_to_float(amax_bits));
   });
 }
 
-template <typename P, typename S, bool MASTER, bool SR>
+template <typename P, typename S, bool MASTER, bool SR, int FP8>
 void adamw_flags(const TensorTable& tt, const AdamWHyper& h, int n) {
   const bool mult = h.grad_mult != nullptr;
-  if (h.amsgrad && mult) adamw_chunks<P, S, MASTER, true, true, SR>(tt, h, n);
-  else if (h.amsgrad) adamw_chunks<P, S, MASTER, true, false, SR>(tt, h, n);
-  else if (mult) adamw_chunks<P, S, MASTER, false, true, SR>(tt, h, n);
-  else adamw_chunks<P, S, MASTER, false, false, SR>(tt, h, n);
+  if (h.amsgrad && mult) adamw_chunks<P, S, MASTER, true, true, SR, FP8>(tt, h, n);
+  else if (h.amsgrad) adamw_chunks<P, S, MASTER, true, false, SR, FP8>(tt, h, n);
+  else if (mult) adamw_chunks<P, S, MASTER, false, true, SR, FP8>(tt, h, n);
+  else adamw_chunks<P, S, MASTER, false, false, SR, FP8>(tt, h, n);
 }
 
 template <typename P, typename S, bool MASTER>
 struct AdamWOp {
   static void run(const TensorTable& tt, const AdamWHyper& h, int n) {
     if constexpr (kStochasticRoundable<P, MASTER>) {
-      if (h.sr.on) return adamw_flags<P, S, MASTER, true>(tt, h, n);
+      if (h.sr.on) return adamw_flags<P, S, MASTER, true, 0>(tt, h, n);
     }
-    adamw_flags<P, S, MASTER, false>(tt, h, n);
+    if constexpr (kFp8Copyable<P, MASTER>) {
+      if (h.fp8.on && h.fp8.format == Fp8Format::kE4M3FN) return adamw_flags<P, S, MASTER, false, 1>(tt, h, n);
+      if (h.fp8.on) return adamw_flags<P, S, MASTER, false, 2>(tt, h, n);
+    }
+    adamw_flags<P, S, MASTER, false, 0>(tt, h, n);
   }
 };
 
@@ -112,7 +128,17 @@ void adamw_cpu(const TensorTable& tt, const AdamWHyper& h, DType param_dtype, DT
                int num_threads) {
   if (h.found_inf && *h.found_inf != 0.0f) return;  // GradScaler found inf/NaN: skip the step, steps too
   if (tt.n_chunks == 0) return;
-  dispatch_storage<AdamWOp>(param_dtype, state_dtype, has_master, tt, h, num_threads);
+  if (!h.fp8.on) return dispatch_storage<AdamWOp>(param_dtype, state_dtype, has_master, tt, h, num_threads);
+  std::vector<double> partials(size_t(tt.n_chunks));
+  AdamWHyper with_partials = h;
+  with_partials.fp8.partials = partials.data();
+  dispatch_storage<AdamWOp>(param_dtype, state_dtype, has_master, tt, with_partials, num_threads);
+  for (int64_t t = 0; t < tt.n_tensors; ++t) h.fp8.amax[t] = 0.0;
+  for (int64_t c = 0; c < tt.n_chunks; ++c) {  // a max: the order does not matter; NaN sticks
+    double& o = h.fp8.amax[tt.chunk_tensor[c]];
+    const double v = partials[size_t(c)];
+    if (o == o && (v != v || v > o)) o = v;
+  }
 }
 
 }  // namespace fusedopt

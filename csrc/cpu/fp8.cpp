@@ -2,7 +2,6 @@
 // over the chunks of all tensors; each chunk casts its elements and keeps its
 // absmax, and the chunk maxima are combined per tensor (a max: the order does
 // not matter; any NaN makes the tensor's amax NaN, as torch's amax).
-#include <limits>
 #include <vector>
 
 #include "fusedopt/fp8.h"
@@ -18,17 +17,15 @@ void cast_chunks(const TensorTable& tt, const float* scales, float* partial, int
     const S* __restrict__ x = tt.ptr<const S>(kFp8RowInput, t) + begin;
     fp8* __restrict__ y = tt.ptr<fp8>(kFp8RowOutput, t) + begin;
     const float scale = scales[t];
-    float mx = 0.0f;
-    int nan = 0;
-#pragma omp simd reduction(max : mx) reduction(| : nan)
+    uint32_t mx = 0;  // max abs_bits(x): NaN-propagating (fp8.h)
+#pragma omp simd reduction(max : mx)
     for (int64_t i = 0; i < len; ++i) {
       const float v = to_math(x[i]);
       y[i] = cast_fp8<F>(v, scale);
-      const float a = fabsf(v);
+      const uint32_t a = abs_bits(v);
       mx = a > mx ? a : mx;
-      nan |= int(v != v);
     }
-    partial[c] = nan ? std::numeric_limits<float>::quiet_NaN() : mx;
+    partial[c] = bits_to_float(mx);
   });
 }
 

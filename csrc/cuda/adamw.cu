@@ -15,9 +15,11 @@ namespace {
 using cuda::kILP;
 using cuda::kThreads;
 
-template <typename P, typename S, bool MASTER, bool AMSGRAD, bool GRAD_MULT, bool SR>
+// FP8: 0 none, else 1 + Fp8Format: also write the FP8 copy and the chunk's absmax.
+template <typename P, typename S, bool MASTER, bool AMSGRAD, bool GRAD_MULT, bool SR, int FP8>
 __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorTable tt, AdamWHyper h) {
   using T = typename MathOf<P>::type;
+  constexpr Fp8Format kFormat = FP8 == 2 ? Fp8Format::kE5M2 : Fp8Format::kE4M3FN;
   if (h.found_inf && *h.found_inf != 0.0f) return;  // GradScaler found inf/NaN: skip (all threads alike)
 
   const Chunk chunk = tt.chunk(blockIdx.x);
@@ -38,9 +40,13 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorTable tt, AdamWHy
   S* exp_avg_sq = tt.ptr<S>(kRowExpAvgSq, chunk.tensor) + chunk.start;
   S* max_exp_avg_sq = AMSGRAD ? tt.ptr<S>(kRowMaxExpAvgSq, chunk.tensor) + chunk.start : nullptr;
   float* master = MASTER ? tt.ptr<float>(kRowMaster, chunk.tensor) + chunk.start : nullptr;
+  fp8* fp8_copy = FP8 ? tt.ptr<fp8>(kRowFp8, chunk.tensor) + chunk.start : nullptr;
+  const float fp8_scale = FP8 ? *tt.ptr<const float>(kRowFp8Scale, chunk.tensor) : 0.0f;
+  float amax = 0.0f;
+  int nan = 0;
   const bool aligned = cuda::is_aligned(param) && cuda::is_aligned(grad) && cuda::is_aligned(exp_avg) &&
                        cuda::is_aligned(exp_avg_sq) && (!AMSGRAD || cuda::is_aligned(max_exp_avg_sq)) &&
-                       (!MASTER || cuda::is_aligned(master));
+                       (!MASTER || cuda::is_aligned(master)) && (!FP8 || cuda::is_aligned(fp8_copy));
 
   for (int64_t i = int64_t(threadIdx.x) * kILP; i < chunk.len; i += int64_t(kThreads) * kILP) {
     P p_in[kILP], g_in[kILP];
@@ -56,6 +62,7 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorTable tt, AdamWHy
     P p_out[kILP];
     S m_out[kILP], v_out[kILP], vmax_out[kILP];
     float master_out[kILP];
+    fp8 fp8_out[kILP];
 #pragma unroll
     for (int k = 0; k < kILP; ++k) {
       T p = MASTER ? T(master_in[k]) : T(to_math(p_in[k]));
@@ -65,6 +72,14 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorTable tt, AdamWHy
       adamw_element<T, AMSGRAD, GRAD_MULT>(p, T(to_math(g_in[k])), m, v, vmax, s);
       if (MASTER) master_out[k] = float(p);
       p_out[k] = store_param<P, SR>(p, sr_key, chunk.start + i + k);
+      if constexpr (FP8 != 0) {
+        const float w = float(p);
+        fp8_out[k] = cast_fp8<kFormat>(w, fp8_scale);
+        if (i + k < chunk.len) {  // lanes past the end hold zeros' updates: not part of the tensor
+          nan |= int(w != w);
+          amax = absmax_step(amax, w);
+        }
+      }
       m_out[k] = Store<S>::from(m);
       v_out[k] = Store<S>::from(v);
       if (AMSGRAD) vmax_out[k] = Store<S>::from(vmax);
@@ -74,26 +89,35 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorTable tt, AdamWHy
     cuda::store_pack(exp_avg, m_out, i, chunk.len, aligned);
     cuda::store_pack(exp_avg_sq, v_out, i, chunk.len, aligned);
     if (AMSGRAD) cuda::store_pack(max_exp_avg_sq, vmax_out, i, chunk.len, aligned);
+    if (FP8) cuda::store_pack(fp8_copy, fp8_out, i, chunk.len, aligned);
+  }
+  if constexpr (FP8 != 0) {
+    const float total = cuda::block_reduce<float, true>(amax, nan);
+    if (threadIdx.x == 0) h.fp8.partials[blockIdx.x] = nan ? double(NAN) : double(total);
   }
 }
 
-template <typename P, typename S, bool MASTER, bool SR>
+template <typename P, typename S, bool MASTER, bool SR, int FP8>
 void launch_adamw(const TensorTable& tt, const AdamWHyper& h, cudaStream_t stream) {
   const dim3 grid(unsigned(tt.n_chunks));
   const bool mult = h.grad_mult != nullptr;
-  if (h.amsgrad && mult) adamw_kernel<P, S, MASTER, true, true, SR><<<grid, kThreads, 0, stream>>>(tt, h);
-  else if (h.amsgrad) adamw_kernel<P, S, MASTER, true, false, SR><<<grid, kThreads, 0, stream>>>(tt, h);
-  else if (mult) adamw_kernel<P, S, MASTER, false, true, SR><<<grid, kThreads, 0, stream>>>(tt, h);
-  else adamw_kernel<P, S, MASTER, false, false, SR><<<grid, kThreads, 0, stream>>>(tt, h);
+  if (h.amsgrad && mult) adamw_kernel<P, S, MASTER, true, true, SR, FP8><<<grid, kThreads, 0, stream>>>(tt, h);
+  else if (h.amsgrad) adamw_kernel<P, S, MASTER, true, false, SR, FP8><<<grid, kThreads, 0, stream>>>(tt, h);
+  else if (mult) adamw_kernel<P, S, MASTER, false, true, SR, FP8><<<grid, kThreads, 0, stream>>>(tt, h);
+  else adamw_kernel<P, S, MASTER, false, false, SR, FP8><<<grid, kThreads, 0, stream>>>(tt, h);
 }
 
 template <typename P, typename S, bool MASTER>
 struct AdamWOp {
   static void run(const TensorTable& tt, const AdamWHyper& h, cudaStream_t stream) {
     if constexpr (kStochasticRoundable<P, MASTER>) {
-      if (h.sr.on) return launch_adamw<P, S, MASTER, true>(tt, h, stream);
+      if (h.sr.on) return launch_adamw<P, S, MASTER, true, 0>(tt, h, stream);
     }
-    launch_adamw<P, S, MASTER, false>(tt, h, stream);
+    if constexpr (kFp8Copyable<P, MASTER>) {
+      if (h.fp8.on && h.fp8.format == Fp8Format::kE4M3FN) return launch_adamw<P, S, MASTER, false, 1>(tt, h, stream);
+      if (h.fp8.on) return launch_adamw<P, S, MASTER, false, 2>(tt, h, stream);
+    }
+    launch_adamw<P, S, MASTER, false, 0>(tt, h, stream);
   }
 };
 
@@ -103,7 +127,12 @@ const char* adamw_cuda(const TensorTable& tt, const AdamWHyper& h, DType param_d
                        bool has_master, void* stream_handle) {
   if (tt.n_chunks == 0) return nullptr;
   if (tt.n_chunks > 0x7FFFFFFF) return "fusedopt: too many chunks for one launch";
-  dispatch_storage<AdamWOp>(param_dtype, state_dtype, has_master, tt, h, static_cast<cudaStream_t>(stream_handle));
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_handle);
+  dispatch_storage<AdamWOp>(param_dtype, state_dtype, has_master, tt, h, stream);
+  if (h.fp8.on) {
+    cuda::combine_kernel<true><<<dim3(unsigned(tt.n_tensors)), kThreads, 0, stream>>>(h.fp8.partials,
+                                                                                     h.fp8.chunk_first, h.fp8.amax);
+  }
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }

@@ -9,6 +9,26 @@ from torch import Tensor
 
 
 @dataclass
+class Fp8Copies:
+    """The FP8 copies of a bucket's weights (aligned with its params) and their
+    delayed-scaling state (fusedopt.fp8.Float8Recipe says how it evolves):
+    one buffer per quantity, whose rows are the params' state tensors, so
+    that the update after the step is a few launches however many params.
+
+    ``weights[i]``: param i's FP8 copy. ``scale_buffer`` [n]: the fp32 scale
+    each next copy is cast with (``scales[i]``: its 0-d rows, for the kernels'
+    tables). ``scale_inv_buffer`` [n]: 1 / the scale each current copy was cast
+    with. ``history_buffer`` [n, amax_history_len]: the amax histories.
+    """
+
+    weights: list[Tensor]
+    scales: list[Tensor]
+    scale_buffer: Tensor
+    scale_inv_buffer: Tensor
+    history_buffer: Tensor
+
+
+@dataclass
 class Bucket:
     """Aligned lists: ``params[i]``, ``grads[i]``, ``states[name][i]``,
     ``masters[i]`` and ``steps[i]`` belong to the same parameter.
@@ -22,6 +42,9 @@ class Bucket:
     are always fp32). ``sr_seed``: this launch's stochastic-rounding seed
     (bf16 params without masters, fusedopt/reference/stochastic.py), or None
     to round the params to nearest; the optimizer sets it before each launch.
+    ``fp8`` (AdamW with an FP8 recipe): the FP8 copies the update writes
+    from the new fp32 weights (Fp8Copies); the backend then returns each new
+    weight's absmax.
     """
 
     device: torch.device
@@ -34,6 +57,7 @@ class Bucket:
     masters: list[Tensor] | None = None
     steps: list[Tensor] = field(default_factory=list)
     sr_seed: int | None = None
+    fp8: Fp8Copies | None = None
 
 
 def advance_steps(steps: list[Tensor], found_inf: Tensor | None) -> None:

@@ -23,7 +23,8 @@ from torch import Tensor
 # Row order of the Adam-family tables (AdamW, LAMB): MomentRow in
 # csrc/include/fusedopt/multi_tensor.h and ROW_* in kernels/_table.py use the
 # same numbers; a row an optimizer lacks is left absent (address 0).
-MOMENT_ROWS = ("params", "grads", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "masters", "steps")
+MOMENT_ROWS = ("params", "grads", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "masters", "steps", "fp8_weights",
+               "fp8_scales")
 
 _CACHE_SIZE = 64
 _cache: OrderedDict[tuple, "LaunchTables"] = OrderedDict()
@@ -82,7 +83,8 @@ def moment_rows(bucket, second: str = "exp_avg_sq") -> list[list[Tensor] | None]
     """The bucket's lists in MOMENT_ROWS order (None for a state it lacks);
     `second` names the state in the second-moment row (Sophia: "hessian")."""
     return [bucket.params, bucket.grads, bucket.states.get("exp_avg"), bucket.states.get(second),
-            bucket.states.get("max_exp_avg_sq"), bucket.masters, bucket.steps]
+            bucket.states.get("max_exp_avg_sq"), bucket.masters, bucket.steps,
+            bucket.fp8.weights if bucket.fp8 else None, bucket.fp8.scales if bucket.fp8 else None]
 
 
 # Row order of the Adafactor tables: AdafactorRow in csrc/include/fusedopt/adafactor.h

@@ -25,14 +25,19 @@ def load() -> None:
 
 def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_mult, found_inf):
     """lr: float or 1-element fp32 tensor; grad_mult, found_inf: 1-element
-    fp32 tensors or None; all on the CPU. The extension advances the steps."""
+    fp32 tensors or None; all on the CPU. The extension advances the steps.
+    Returns each new weight's absmax (fp64) when the bucket has FP8 copies."""
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+    fp8 = bucket.fp8 is not None
+    amax = torch.zeros(len(bucket.params), dtype=torch.float64) if fp8 else None
     torch.ops.fusedopt_cpu.adamw(
         bucket.params, bucket.grads, bucket.states["exp_avg"], bucket.states["exp_avg_sq"],
         bucket.states["max_exp_avg_sq"] if amsgrad else [], bucket.masters or [], bucket.steps,
+        bucket.fp8.weights if fp8 else [], bucket.fp8.scales if fp8 else [], amax,
         0.0 if lr_tensor is not None else lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize,
         grad_mult, found_inf, bucket.sr_seed, CHUNK_SIZE,
     )
+    return amax
 
 
 def power_sums(tensors, p):

@@ -37,14 +37,21 @@ def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, gra
     tables = _tables.launch_tables(_tables.moment_rows(bucket), bucket.device, CHUNK_SIZE)
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
     advance_steps(bucket.steps, found_inf)
+    fp8 = bucket.fp8 is not None
+    amax = partials = None
+    if fp8:  # zeros: a step GradScaler skips leaves them, and the optimizer discards them
+        amax = torch.zeros(len(bucket.params), dtype=torch.float64, device=bucket.device)
+        partials = torch.zeros(tables.n_chunks, dtype=torch.float64, device=bucket.device)
     with torch.cuda.device(bucket.device):
         torch.ops.fusedopt_cuda.adamw(
             tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.chunk_size,
             CODES[bucket.dtype], CODES[bucket.state_dtype],
             bucket.masters is not None, 0.0 if lr_tensor is not None else lr, lr_tensor, beta1, beta2, eps,
             weight_decay, amsgrad, maximize, grad_mult, found_inf, bucket.sr_seed,
-            torch.cuda.current_stream(bucket.device).cuda_stream,
+            FP8_FORMATS[bucket.fp8.weights[0].dtype] if fp8 else -1, tables.chunk_first if fp8 else None, partials,
+            amax, torch.cuda.current_stream(bucket.device).cuda_stream,
         )
+    return amax
 
 
 def power_sums(tensors, p):

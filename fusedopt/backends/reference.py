@@ -50,9 +50,11 @@ def load() -> None:
 
 
 def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_mult, found_inf):
+    """Returns each new weight's absmax (fp64) when the bucket has FP8 copies."""
     mult = _begin(bucket, grad_mult, found_inf)
+    amax = torch.zeros(len(bucket.params), dtype=torch.float64, device=bucket.device)
     if mult is _SKIP:
-        return
+        return amax if bucket.fp8 is not None else None
     lr = float(lr)
     dtype = math_dtype(bucket.dtype)
     for i, param in enumerate(bucket.params):
@@ -75,6 +77,12 @@ def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, gra
         exp_avg_sq.copy_(v)
         if vmax is not None:
             vmax.copy_(vm)
+        if bucket.fp8 is not None:
+            copy = bucket.fp8.weights[i]
+            fmax = torch.finfo(copy.dtype).max
+            copy.copy_((work.float() * bucket.fp8.scales[i]).clamp(-fmax, fmax).to(copy.dtype))
+            amax[i] = work.float().abs().amax()
+    return amax if bucket.fp8 is not None else None
 
 
 def power_sums(tensors, p):

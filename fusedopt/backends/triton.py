@@ -51,13 +51,17 @@ def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, gra
     tables = _tables.launch_tables(_tables.moment_rows(bucket), bucket.device, CHUNK_SIZE)
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
     advance_steps(bucket.steps, found_inf)
+    fp8 = bucket.fp8 is not None
+    amax = torch.zeros(len(bucket.params), dtype=torch.float64, device=bucket.device) if fp8 else None
     kernels.launch_adamw(
         tables, p_kind=CODES[bucket.dtype], s_kind=CODES[bucket.state_dtype], master=bucket.masters is not None,
         amsgrad=amsgrad,
         maximize=maximize, lr=0.0 if lr_tensor is not None else lr, lr_tensor=lr_tensor, beta1=beta1,
         beta2=beta2, eps=eps, weight_decay=weight_decay, grad_mult=grad_mult, found_inf=found_inf,
         sr_seed=bucket.sr_seed, block=BLOCK_SIZE, num_warps=NUM_WARPS,
+        fp8_format=FP8_FORMATS[bucket.fp8.weights[0].dtype] if fp8 else None, fp8_amax=amax,
     )
+    return amax
 
 
 def power_sums(tensors, p):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..fp8 import Float8Recipe
 from .base import FusedOptimizer, check_hyperparameters
 
 
@@ -35,6 +36,11 @@ class FusedAdamW(FusedOptimizer):
       makes runs repeatable), the tensor and the element: every backend draws
       the same ones (:mod:`fusedopt.reference.stochastic`). Other params are
       unaffected. Under CUDA-graph capture the seed is fixed at capture.
+    * ``fp8``: a :class:`fusedopt.Float8Recipe`. The pass that updates each
+      fp32 weight (the master with ``master_weights=True``, or an fp32 param)
+      also writes an FP8 copy of it, ``saturate(w * scale)``, with delayed
+      scaling (the recipe's docstring); ``opt.fp8_weight(p)`` returns
+      ``(fp8_tensor, scale_inv)``. bf16/fp16 params need master weights.
     * ``max_grad_norm``: clip by the global L2 norm of all grads (all groups)
       inside ``step()``: the same as ``torch.nn.utils.clip_grad_norm_(params,
       max_grad_norm)`` before the step, but the coefficient is applied inside
@@ -81,6 +87,7 @@ class FusedAdamW(FusedOptimizer):
         max_grad_norm: float | None = None,
         state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = False,
+        fp8: Float8Recipe | None = None,
     ) -> None:
         if differentiable:
             raise NotImplementedError(
@@ -88,6 +95,8 @@ class FusedAdamW(FusedOptimizer):
                 "autograd cannot see); use torch.optim.AdamW(differentiable=True)."
             )
         _check_adam_args(lr, betas, eps, weight_decay, foreach, capturable, fused)
+        if fp8 is not None and not isinstance(fp8, Float8Recipe):
+            raise TypeError(f"fp8 must be a fusedopt.Float8Recipe or None, got {type(fp8).__name__}")
         defaults = {
             "lr": lr,
             "betas": tuple(b.squeeze() if isinstance(b, Tensor) and b.dim() != 0 else b for b in betas),
@@ -103,7 +112,7 @@ class FusedAdamW(FusedOptimizer):
         }
         super().__init__(params, defaults, backend=backend, master_weights=master_weights,
                          max_grad_norm=max_grad_norm, state_dtype=state_dtype,
-                         stochastic_rounding=stochastic_rounding)
+                         stochastic_rounding=stochastic_rounding, fp8=fp8)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -121,9 +130,11 @@ class FusedAdamW(FusedOptimizer):
 
     def _update(self, backend, group, bucket, lr, grad_mult, found_inf):
         beta1, beta2 = (float(b) for b in group["betas"])
-        backend.adamw(bucket, lr=lr, beta1=beta1, beta2=beta2, eps=float(group["eps"]),
-                      weight_decay=float(group["weight_decay"]), amsgrad=bool(group["amsgrad"]),
-                      maximize=bool(group["maximize"]), grad_mult=grad_mult, found_inf=found_inf)
+        amax = backend.adamw(bucket, lr=lr, beta1=beta1, beta2=beta2, eps=float(group["eps"]),
+                             weight_decay=float(group["weight_decay"]), amsgrad=bool(group["amsgrad"]),
+                             maximize=bool(group["maximize"]), grad_mult=grad_mult, found_inf=found_inf)
+        if bucket.fp8 is not None:
+            self.fp8.update_(bucket.fp8, amax, found_inf)
 
 
 def _check_adam_args(lr, betas, eps, weight_decay, foreach, capturable, fused) -> None:

@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import backends, norms
+from ..fp8 import bucket_copies
 from ..backends._bucket import Bucket, advance_steps
 from ..backends._dtypes import (LOW_PRECISION, PLANNED_STATE_DTYPES, STATE_DTYPES, SUPPORTED_PARAM_DTYPES,
                                 fp32_scalar)
@@ -45,7 +46,7 @@ class FusedOptimizer(Optimizer):
 
     def __init__(self, params, defaults: dict, *, backend: str | None = None, master_weights: bool = False,
                  max_grad_norm: float | None = None, state_dtype: torch.dtype | None = None,
-                 stochastic_rounding: bool = False):
+                 stochastic_rounding: bool = False, fp8=None):
         if max_grad_norm is not None and not float(max_grad_norm) >= 0.0:
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (None or 0 turns clipping off)")
         _check_state_dtype(type(self).__name__, state_dtype)
@@ -55,6 +56,8 @@ class FusedOptimizer(Optimizer):
         self.state_dtype = state_dtype
         #: round bf16 params without master weights stochastically (see fusedopt.reference.stochastic)
         self.stochastic_rounding = bool(stochastic_rounding)
+        #: a fusedopt.Float8Recipe: the step also writes FP8 copies of the weights (see fp8_weight)
+        self.fp8 = fp8
         #: clip by the global L2 norm of all grads inside step(); None or 0: off
         self.max_grad_norm = float(max_grad_norm) if max_grad_norm else None
         #: the global grad norm of the last step (a device tensor), with max_grad_norm
@@ -69,6 +72,10 @@ class FusedOptimizer(Optimizer):
         super().add_param_group(param_group)
         for p in self.param_groups[-1]["params"]:
             self._backend_for(p.device)
+            if self.fp8 is not None and not self._uses_fp8(p):
+                raise ValueError(f"{type(self).__name__}: FP8 copies are written from fp32 weights: {p.dtype} params "
+                                 f"need master_weights=True" if p.dtype in LOW_PRECISION else
+                                 f"{type(self).__name__}: FP8 copies are written from fp32 weights, not {p.dtype}")
 
     def _backend_for(self, device: torch.device):
         name = self._backend_names.get(device.type)
@@ -88,7 +95,7 @@ class FusedOptimizer(Optimizer):
     def __getstate__(self):
         state = super().__getstate__()
         state.update(_requested_backend=self._requested_backend, master_weights=self.master_weights,
-                     state_dtype=self.state_dtype, stochastic_rounding=self.stochastic_rounding,
+                     state_dtype=self.state_dtype, stochastic_rounding=self.stochastic_rounding, fp8=self.fp8,
                      _backend_names=dict(self._backend_names), max_grad_norm=self.max_grad_norm,
                      last_grad_norm=self.last_grad_norm)
         return state
@@ -96,9 +103,9 @@ class FusedOptimizer(Optimizer):
     def __setstate__(self, state):
         # also called by torch's load_state_dict with only state and param_groups
         super().__setstate__(state)
-        for name in ("state_dtype", "stochastic_rounding"):  # pickled before they existed
-            if not hasattr(self, name):
-                setattr(self, name, None if name == "state_dtype" else False)
+        for name, default in (("state_dtype", None), ("stochastic_rounding", False), ("fp8", None)):
+            if not hasattr(self, name):  # pickled before it existed
+                setattr(self, name, default)
         self._plans = {}  # plans hold tensors of the original: never carried over
 
     # --- what subclasses provide ----------------------------------------------
@@ -135,6 +142,10 @@ class FusedOptimizer(Optimizer):
     def _uses_master(self, p: Tensor) -> bool:
         return self.master_weights and p.dtype in LOW_PRECISION
 
+    def _uses_fp8(self, p: Tensor) -> bool:
+        """Whether p gets an FP8 copy: with a recipe, when its working copy is fp32."""
+        return self.fp8 is not None and (self._uses_master(p) or p.dtype == torch.float32)
+
     def _state_dtype(self, p: Tensor) -> torch.dtype:
         """The storage dtype of p's state tensors (all but step and master_param)."""
         if self.state_dtype is not None:
@@ -166,6 +177,8 @@ class FusedOptimizer(Optimizer):
                     f"load_state_dict, which converts them")
         if self._uses_master(p) and "master_param" not in state:
             state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
+        if self._uses_fp8(p) and "fp8_weight" not in state:
+            state.update(self.fp8.initial_state(state.get("master_param", p)))
         return state
 
     # --- the step -----------------------------------------------------------------
@@ -266,6 +279,7 @@ class FusedOptimizer(Optimizer):
         the step tensors of zero-size params (advanced, but never launched)."""
         plan = _Plan(group, tuple(g is not None for g in grads), self.master_weights)
         buckets: dict[tuple, tuple[Bucket, list[int]]] = {}
+        fp8_parts: dict[tuple, tuple[list[Tensor], list[dict]]] = {}  # per bucket: FP8 copies, state dicts
         for i, (p, g) in enumerate(zip(group["params"], grads)):
             if g is None:
                 continue
@@ -274,7 +288,9 @@ class FusedOptimizer(Optimizer):
             shaped = self._shaped_states(group, p)
             state = self._prepare_state(group, p, kind)
             master = state.get("master_param") if self._uses_master(p) else None
-            plan.watch(p, state, ["step", *names, *shaped] + (["master_param"] if master is not None else []))
+            fp8 = self._uses_fp8(p)
+            plan.watch(p, state, ["step", *names, *shaped] + (["master_param"] if master is not None else [])
+                       + (list(_FP8_STATES) if fp8 else []))
             if p.numel() == 0:
                 plan.empty_steps.setdefault(p.device, []).append(state["step"])
                 continue
@@ -284,7 +300,8 @@ class FusedOptimizer(Optimizer):
                                        states={n: [] for n in (*names, *shaped)},
                                        masters=[] if master is not None else None), [])
             bucket, grad_index = buckets[key]
-            tensors = [p, g] + [state[n] for n in names] + ([master] if master is not None else [])
+            tensors = ([p, g] + [state[n] for n in names] + ([master] if master is not None else [])
+                       + ([state["fp8_weight"]] if fp8 else []))
             staged = _flat_compatible(tensors, writable=[True, False] + [True] * (len(tensors) - 2),
                                       writeback=writeback, contiguous=self._needs_contiguous(kind))
             plan.cacheable &= staged is tensors
@@ -296,8 +313,16 @@ class FusedOptimizer(Optimizer):
             for n in shaped:  # small, created contiguous: never staged
                 bucket.states[n].append(state[n].contiguous())
             if master is not None:
-                bucket.masters.append(staged[-1])
+                bucket.masters.append(staged[2 + len(names)])
+            if fp8:
+                fp8_parts.setdefault(key, ([], []))
+                fp8_parts[key][0].append(staged[-1])
+                fp8_parts[key][1].append(state)
             bucket.steps.append(state["step"])
+        for key, (weights, states) in fp8_parts.items():
+            buckets[key][0].fp8 = bucket_copies(weights, states)  # may swap state entries for buffer rows
+        if fp8_parts:
+            plan.rewatch()
         plan.buckets = [bucket for bucket, _ in buckets.values()]
         plan.grad_index = [grad_index for _, grad_index in buckets.values()]
         return plan
@@ -314,7 +339,9 @@ class FusedOptimizer(Optimizer):
         weights: a bf16 param's fp32 moments are not rounded through bf16 on
         the way), and with master weights the master is taken at fp32 from the
         saved one, or from the param when the saved state has none (e.g. a
-        torch.optim.AdamW checkpoint).
+        torch.optim.AdamW checkpoint). FP8 copies (``fp8=``) are loaded as
+        saved when they match the recipe's dtype and history length, and are
+        otherwise re-created from the weight at the next step.
         """
         super().load_state_dict(state_dict)
         self._plans = {}
@@ -329,14 +356,54 @@ class FusedOptimizer(Optimizer):
                 state["step"] = torch.as_tensor(saved["step"], dtype=torch.float32).to(p.device).reshape(())
             for name, value in saved.items():
                 if name != "step" and isinstance(value, Tensor) and value.is_floating_point():
-                    dtype = torch.float32 if name == "master_param" else self._state_dtype(p)
-                    state[name] = value.to(device=p.device, dtype=dtype, copy=True)
+                    dtype = _FIXED_DTYPES.get(name, self._state_dtype(p))
+                    state[name] = value.to(device=p.device, dtype=dtype or value.dtype, copy=True)
             if self._uses_master(p):
                 if "master_param" not in state:
                     state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format,
                                                           copy=True)
             else:
                 state.pop("master_param", None)
+            if not self._uses_fp8(p) or not _fp8_state_matches(state, self.fp8):
+                # no recipe now, or one of another dtype / history length: the
+                # FP8 state is re-created from the weight at the next step
+                for name in _FP8_STATES:
+                    state.pop(name, None)
+
+    def fp8_weight(self, p: Tensor) -> tuple[Tensor, Tensor]:
+        """``(fp8_tensor, scale_inv)``: the FP8 copy of param p written by the
+        last step (a recipe's dtype, p's shape) and the inverse of the scale it
+        was cast with (0-d fp32), so that ``fp8_tensor.float() * scale_inv``
+        approximates the weight; ready for ``torch._scaled_mm``. Before p's
+        first step this creates p's state, with the copy cast from the initial
+        weight (Float8Recipe.initial_state), so the first forward has one too.
+        Call it where the copy is used (a dict lookup): steps update these
+        tensors in place, but the first step after the state is created or
+        loaded moves scale_inv into a buffer shared by the bucket."""
+        if self.fp8 is None:
+            raise RuntimeError(f"{type(self).__name__} keeps no FP8 copies: pass fp8=fusedopt.Float8Recipe(...)")
+        state = self.state.get(p)
+        if not state or "fp8_weight" not in state:
+            group = next((g for g in self.param_groups if any(q is p for q in g["params"])), None)
+            if group is None:
+                raise ValueError("fp8_weight: this tensor is not a param of this optimizer")
+            state = self._prepare_state(group, p, self._bucket_kind(p))
+        return state["fp8_weight"], state["fp8_scale_inv"]
+
+
+#: the FP8 copy's state (fusedopt.fp8.Float8Recipe)
+_FP8_STATES = ("fp8_weight", "fp8_scale", "fp8_scale_inv", "fp8_amax_history")
+#: states whose dtype does not follow state_dtype (None: the saved one)
+_FIXED_DTYPES = {"master_param": torch.float32, "fp8_weight": None, "fp8_scale": torch.float32,
+                 "fp8_scale_inv": torch.float32, "fp8_amax_history": torch.float32}
+
+
+def _fp8_state_matches(state: dict, recipe) -> bool:
+    """Whether a loaded FP8 state is complete and shaped for `recipe`."""
+    if not all(name in state for name in _FP8_STATES):
+        return False
+    return (state["fp8_weight"].dtype == recipe.dtype
+            and state["fp8_amax_history"].shape == (recipe.amax_history_len,))
 
 
 def _check_state_dtype(name: str, state_dtype) -> None:
@@ -423,6 +490,10 @@ class _Plan:
         self.watched_dicts += [state] * len(keys)
         self.watched_keys += keys
         self.watched_tensors += [state[k] for k in keys]
+
+    def rewatch(self) -> None:
+        """Watch the state tensors now in place (after some were replaced while building)."""
+        self.watched_tensors = list(map(dict.get, self.watched_dicts, self.watched_keys))
 
     def reusable(self, optimizer: "FusedOptimizer", group: dict, grads: list) -> bool:
         if group is not self.group or optimizer.master_weights != self.master_weights:

@@ -17,6 +17,7 @@
 
 #include <math.h>
 
+#include "fusedopt/fp8.h"
 #include "fusedopt/multi_tensor.h"
 #include "fusedopt/numeric.h"
 
@@ -32,6 +33,7 @@ struct AdamWHyper {
                              // coefficient of max_grad_norm); null: by nothing
   const float* found_inf;    // GradScaler: skip everything when *found_inf != 0 (null: never)
   StochasticRounding sr;     // bf16 params without master weights: round the new param stochastically
+  Fp8Copy fp8;               // also write FP8 copies of the new weights (fp32 working copies only)
 
   AdamWHyper(double lr_, const float* lr_ptr_, double beta1_, double beta2_, double eps_, double weight_decay_,
              bool amsgrad_, bool maximize_, const float* grad_mult_, const float* found_inf_)

@@ -31,22 +31,23 @@ FUSEDOPT_HD float fp8_max(Fp8Format f) { return f == Fp8Format::kE4M3FN ? 448.0f
 // in fp32 lines fp32's ulp at C (C * 2^-23) up with fp8's subnormal ulp
 // (2^(1 - BIAS - MANT)), so the FPU's own round-to-nearest-even does the work
 // and the low bits of the sum are the result.
+// Both results are computed and one selected, without branches, so that the
+// CPU loops that call this stay vectorized (the unselected one may wrap: it is
+// unsigned arithmetic, defined, and discarded).
 template <int MANT, int BIAS>
 FUSEDOPT_HD uint8_t float_to_fp8_bits(float x) {
-  uint32_t u = float_to_bits(x);
-  const uint8_t sign = uint8_t((u >> 24) & 0x80u);
-  u &= 0x7FFFFFFFu;
-  if (u > 0x7F800000u) return uint8_t(sign | 0x7Fu);  // NaN
+  const uint32_t u = float_to_bits(x);
+  const uint32_t sign = (u >> 24) & 0x80u;
+  const uint32_t a = u & 0x7FFFFFFFu;
   constexpr uint32_t kSmallestNormal = uint32_t(127 + 1 - BIAS) << 23;
-  if (u < kSmallestNormal) {
-    constexpr uint32_t kAlign = uint32_t(127 + 24 - BIAS - MANT) << 23;  // C
-    const float shifted = bits_to_float(u) + bits_to_float(kAlign);
-    return uint8_t(sign | uint8_t(float_to_bits(shifted) - kAlign));
-  }
+  constexpr uint32_t kAlign = uint32_t(127 + 24 - BIAS - MANT) << 23;  // C
   constexpr int kDropped = 23 - MANT;
-  const uint32_t odd = (u >> kDropped) & 1u;
-  u += (uint32_t(BIAS - 127) << 23) + ((1u << (kDropped - 1)) - 1u) + odd;
-  return uint8_t(sign | uint8_t(u >> kDropped));
+  constexpr uint32_t kRebiasHalf = (uint32_t(BIAS - 127) << 23) + ((1u << (kDropped - 1)) - 1u);
+  const uint32_t normal = (a + kRebiasHalf + ((a >> kDropped) & 1u)) >> kDropped;
+  const uint32_t subnormal = float_to_bits(bits_to_float(a) + bits_to_float(kAlign)) - kAlign;
+  uint32_t r = a < kSmallestNormal ? subnormal : normal;
+  r = a > 0x7F800000u ? 0x7Fu : r;  // NaN
+  return uint8_t(sign | r);
 }
 
 // The scaled, saturating cast of one value (already in fp32).
@@ -58,11 +59,32 @@ FUSEDOPT_HD fp8 cast_fp8(float x, float scale) {
   return fp8{F == Fp8Format::kE4M3FN ? float_to_fp8_bits<3, 7>(y) : float_to_fp8_bits<2, 15>(y)};
 }
 
+// |x| as its fp32 bits: for non-negative floats the integer order of the bits
+// is the float order, and every NaN's bits exceed infinity's, so an unsigned
+// max over abs_bits is a NaN-propagating absmax (as torch's amax) that
+// vectorizes as a plain integer max reduction.
+FUSEDOPT_HD uint32_t abs_bits(float x) { return float_to_bits(x) & 0x7FFFFFFFu; }
+
 // max(a, |x|), NaN-propagating (as torch's amax).
 FUSEDOPT_HD float absmax_step(float a, float x) {
   const float m = x < 0.0f ? -x : x;
   return (m > a || m != m) ? m : a;
 }
+
+// An optimizer step that also writes an FP8 copy of each new weight w (the
+// fp32 master, or an fp32 param): copy = cast_fp8(w, scale) with the tensor's
+// scale (table row kRowFp8Scale), and amax[t] = max |w| for the next scale.
+struct Fp8Copy {
+  bool on = false;
+  Fp8Format format = Fp8Format::kE4M3FN;
+  double* partials = nullptr;  // [n_chunks] absmax per chunk (the CPU launcher allocates it)
+  double* amax = nullptr;      // [n_tensors] absmax per tensor (host on CPU, device on CUDA)
+  const int64_t* chunk_first = nullptr;  // CUDA: [n_tensors + 1] first chunk of each tensor (the combine)
+};
+
+// Which storage combinations can write FP8 copies: those whose working copy is fp32.
+template <typename P, bool MASTER>
+constexpr bool kFp8Copyable = MASTER || std::is_same<P, float>::value;
 
 // Launchers. Table rows: the inputs (dtype `input_dtype`: fp32, bf16, fp16),
 // the fp8 outputs. `scales`: one fp32 per tensor. Writes each tensor's absmax

@@ -41,10 +41,11 @@ struct TensorTable {
 
 // Rows of the table of the Adam-family kernels (AdamW, LAMB): the same numbers
 // as MOMENT_ROWS in fusedopt/backends/_tables.py and kernels/_table.py. A
-// kernel that has no use for a row finds 0 there.
+// kernel that has no use for a row finds 0 there. kRowFp8 / kRowFp8Scale:
+// AdamW's FP8 weight copies and the fp32 scale each is cast with.
 enum MomentRow : int {
   kRowParam = 0, kRowGrad = 1, kRowExpAvg = 2, kRowExpAvgSq = 3, kRowMaxExpAvgSq = 4, kRowMaster = 5,
-  kRowStep = 6, kMomentRows = 7
+  kRowStep = 6, kRowFp8 = 7, kRowFp8Scale = 8, kMomentRows = 9
 };
 
 }  // namespace fusedopt

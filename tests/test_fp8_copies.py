@@ -1,0 +1,287 @@
+"""FusedAdamW(fp8=Float8Recipe(...)): the FP8 weight copies written in the step.
+
+Every step on every backend is checked against the delayed-scaling rule, written
+out here independently of fusedopt.fp8: the copy is the new fp32 weight cast
+with the scale from before the step (bit for bit, torch's cast), scale_inv is
+its inverse, the new weight's absmax joins the history and the next scale is
+fp8_max / max(history) / 2**margin. The weights themselves are unchanged by the
+recipe (the same bits as without it), and the reference's equal torch's AdamW.
+"""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from conftest import KERNEL_BACKENDS, backend_params
+from helpers import SHAPES, grads_for, make_params
+
+from fusedopt import Float8Recipe, FusedAdamW
+from fusedopt._resources import shipped_module
+
+FORMATS = [torch.float8_e4m3fn, torch.float8_e5m2]
+FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+
+
+def spec_cast(w: torch.Tensor, scale: torch.Tensor, dtype) -> torch.Tensor:
+    """saturate(w * scale) in `dtype`, as torch computes it."""
+    return (w.float() * scale).clamp(-FP8_MAX[dtype], FP8_MAX[dtype]).to(dtype)
+
+
+def spec_scale(history: torch.Tensor, old: torch.Tensor, dtype, margin: int) -> torch.Tensor:
+    amax = history.max()
+    if not (amax > 0 and torch.isfinite(amax)):
+        return old.clone()
+    return (torch.tensor(FP8_MAX[dtype], dtype=torch.float32) / amax) / (2.0**margin)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.element_size() == 1 else t
+
+
+def weight(opt, p):
+    """The fp32 weight the copy is cast from."""
+    return opt.state[p]["master_param"] if "master_param" in opt.state[p] else p.detach()
+
+
+def fp8_state(opt, p):
+    s = opt.state[p]
+    return {k: s[k].clone() for k in ("fp8_weight", "fp8_scale", "fp8_scale_inv", "fp8_amax_history")}
+
+
+def make(dtype, shapes=SHAPES, seed=0):
+    params = make_params(shapes, torch.float32, seed)
+    return [p.detach().to(dtype).requires_grad_() for p in params]
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+def test_copies_follow_delayed_scaling(backend, fmt, param_dtype):
+    recipe = Float8Recipe(fmt, margin=1, amax_history_len=3)
+    params = make(param_dtype)
+    opt = FusedAdamW(params, lr=0.05, weight_decay=0.1, backend=backend,
+                     master_weights=param_dtype != torch.float32, fp8=recipe)
+    before = None
+    for step in range(5):  # more steps than the history is long: values roll out
+        for p, g in zip(params, grads_for(params, step)):
+            p.grad = g
+        opt.step()
+        for i, p in enumerate(params):
+            s = fp8_state(opt, p)
+            w = weight(opt, p)
+            assert s["fp8_weight"].dtype == fmt and s["fp8_weight"].shape == p.shape
+            if before is None:  # created from w_0 inside the first step: check the invariants only
+                assert s["fp8_amax_history"].shape == (3,)
+                continue
+            old = before[i]
+            amax = w.abs().max() if w.numel() else torch.zeros(())
+            history = torch.cat([amax.reshape(1), old["fp8_amax_history"][:-1]])
+            assert torch.equal(bits(s["fp8_weight"]), bits(spec_cast(w, old["fp8_scale"], fmt))), (step, i)
+            assert torch.equal(s["fp8_scale_inv"], old["fp8_scale"].reciprocal())
+            assert torch.equal(s["fp8_amax_history"], history)
+            assert torch.equal(s["fp8_scale"], spec_scale(history, old["fp8_scale"], fmt, 1))
+        before = [fp8_state(opt, p) for p in params]
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_initial_state_and_weights_unchanged(backend):
+    """The state made at the first step: history [amax(w_0), 0, ...], the scale
+    from it, the copy of w_0; the weights get the same bits as without fp8."""
+    recipe = Float8Recipe(amax_history_len=4)
+    params, plain = make(torch.bfloat16), make(torch.bfloat16)
+    w0 = [p.detach().float().clone() for p in params]
+    opt = FusedAdamW(params, lr=0.01, backend=backend, master_weights=True, fp8=recipe)
+    ref = FusedAdamW(plain, lr=0.01, backend=backend, master_weights=True)
+    initial = recipe.initial_state(w0[5])
+    amax = w0[5].abs().max()
+    assert torch.equal(initial["fp8_amax_history"], torch.tensor([amax, 0, 0, 0]))
+    assert torch.equal(initial["fp8_scale"], torch.tensor(448.0) / amax)
+    assert torch.equal(bits(initial["fp8_weight"]), bits(spec_cast(w0[5], initial["fp8_scale"], recipe.dtype)))
+    for step in range(3):
+        for ps in (params, plain):
+            for p, g in zip(ps, grads_for(ps, step)):
+                p.grad = g
+        opt.step()
+        ref.step()
+        if step == 0:  # the first step's copy is cast with the scale made from w_0
+            torch.testing.assert_close(opt.fp8_weight(params[5])[1], initial["fp8_scale_inv"], rtol=0, atol=0)
+    for p, q in zip(params, plain):
+        assert torch.equal(p, q) and torch.equal(opt.state[p]["master_param"], ref.state[q]["master_param"])
+
+
+def test_copy_exists_before_the_first_step():
+    """fp8_weight before any step: the copy of the initial weight (for the
+    first forward); the first step then casts with that same scale and keeps
+    updating the same tensors in place."""
+    params = make(torch.bfloat16, shapes=[(257,)])
+    opt = FusedAdamW(params, lr=0.01, backend="cpu", master_weights=True, fp8=Float8Recipe())
+    copy, inv = opt.fp8_weight(params[0])
+    w0 = params[0].detach().float()
+    assert torch.equal(inv, (torch.tensor(448.0) / w0.abs().max()).reciprocal())
+    assert torch.equal(bits(copy), bits(spec_cast(w0, inv.reciprocal(), torch.float8_e4m3fn)))
+    scale = opt.state[params[0]]["fp8_scale"].clone()
+    params[0].grad = torch.ones_like(params[0])
+    opt.step()
+    copy_after, inv_after = opt.fp8_weight(params[0])
+    assert copy_after is copy and torch.equal(inv_after, scale.reciprocal())
+
+
+def test_reference_master_is_torch_adamw_and_copies_scale_it():
+    """End to end against torch: the reference's fp32 weights are
+    torch.optim.AdamW's bit for bit, and each copy times scale_inv is within
+    FP8's relative precision of them (scaled to at most fp8_max)."""
+    recipe = Float8Recipe(torch.float8_e4m3fn)
+    params = make(torch.float32, shapes=[(257,), (13, 70)])
+    theirs = [p.detach().clone().requires_grad_() for p in params]
+    opt = FusedAdamW(params, lr=0.01, backend="reference", fp8=recipe)
+    torch_opt = torch.optim.AdamW(theirs, lr=0.01, foreach=False)
+    for step in range(4):
+        for ps in (params, theirs):
+            for p, g in zip(ps, grads_for(ps, step)):
+                p.grad = g
+        scales = [opt.state[p]["fp8_scale"].clone() if p in opt.state else None for p in params]
+        opt.step()
+        torch_opt.step()
+        for p, q, scale in zip(params, theirs, scales):
+            assert torch.equal(p, q)
+            copy, inv = opt.fp8_weight(p)
+            if scale is not None:
+                assert torch.equal(inv, scale.reciprocal())
+            # e4m3: 3 mantissa bits, so half an ulp is 2^-4 relative, plus the subnormal floor
+            err = (copy.float() * inv - q).abs()
+            assert torch.all(err <= q.abs() * 2.0**-4 + inv * 2.0**-10)
+
+
+@pytest.mark.parametrize("backend", backend_params(KERNEL_BACKENDS))
+def test_kernels_match_reference(backend):
+    """Same params, grads and recipe: the kernels' copies, scales and histories
+    equal the reference's wherever their weights do (the weights themselves
+    are within the usual ~1 ulp; see test_adamw)."""
+    recipe = Float8Recipe(torch.float8_e5m2, margin=2, amax_history_len=2)
+    results = {}
+    for name in ("reference", backend):
+        params = make(torch.bfloat16)
+        opt = FusedAdamW(params, lr=0.02, backend=name, master_weights=True, fp8=recipe)
+        for step in range(3):
+            for p, g in zip(params, grads_for(params, step)):
+                p.grad = g
+            opt.step()
+        results[name] = [(weight(opt, p).clone(), fp8_state(opt, p)) for p in params]
+    for (w_ref, s_ref), (w, s) in zip(results["reference"], results[backend]):
+        torch.testing.assert_close(w, w_ref, rtol=2e-7, atol=1e-7)
+        if torch.equal(w, w_ref):
+            for k in s:
+                assert torch.equal(bits(s[k]), bits(s_ref[k])), k
+        # the copy always matches its own weight and the (possibly 1-ulp-different) scale
+        torch.testing.assert_close(s["fp8_scale"], s_ref["fp8_scale"], rtol=1e-6, atol=0)
+
+
+def test_state_rows_share_buffers_and_the_plan_is_kept():
+    """The scales, inverses and histories of a bucket are rows of one buffer
+    each (one update for all params), and steps reuse the cached plan."""
+    params = make(torch.float32, shapes=[(7,), (257,), (3, 5)])
+    opt = FusedAdamW(params, lr=0.01, backend="cpu", fp8=Float8Recipe(amax_history_len=5))
+    plans = []
+    for step in range(3):
+        for p, g in zip(params, grads_for(params, step)):
+            p.grad = g
+        opt.step()
+        plans.append(opt._plans[0])
+    assert plans[1] is plans[2]
+    for name in ("fp8_scale", "fp8_scale_inv", "fp8_amax_history"):
+        rows = [opt.state[p][name] for p in params]
+        assert rows[0]._base is not None and all(r._base is rows[0]._base for r in rows)
+        assert rows[0]._base.shape[0] == len(params)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_found_inf_leaves_fp8_state_unchanged(backend):
+    """A step GradScaler skips (found_inf=1) changes neither the weights nor
+    the copy, the scale, scale_inv or the history."""
+    params = make(torch.float32, shapes=[(7,), (257,)])
+    opt = FusedAdamW(params, lr=0.01, backend=backend, fp8=Float8Recipe(amax_history_len=2))
+    for step in range(2):
+        for p, g in zip(params, grads_for(params, step)):
+            p.grad = g
+        opt.step()
+    saved = [(p.detach().clone(), fp8_state(opt, p)) for p in params]
+    opt.grad_scale = torch.tensor(1.0)
+    opt.found_inf = torch.tensor(1.0)
+    for p, g in zip(params, grads_for(params, 9)):
+        p.grad = g
+    opt.step()
+    for p, (w, s) in zip(params, saved):
+        assert torch.equal(p.detach(), w)
+        for k, v in fp8_state(opt, p).items():
+            assert torch.equal(bits(v), bits(s[k])), k
+    opt.found_inf = torch.tensor(0.0)
+    opt.step()
+    assert not torch.equal(opt.state[params[1]]["fp8_amax_history"], saved[1][1]["fp8_amax_history"])
+
+
+@pytest.mark.parametrize("backend", backend_params(["reference", "cpu"]))
+def test_state_dict_round_trip(backend):
+    """Saved and loaded (through torch.save), the FP8 state continues bit for bit; a
+    recipe of another dtype or history length re-creates it from the weight."""
+    recipe = Float8Recipe(amax_history_len=3)
+    params = make(torch.bfloat16, shapes=[(7,), (13, 70)])
+    opt = FusedAdamW(params, lr=0.01, backend=backend, master_weights=True, fp8=recipe)
+    for step in range(2):
+        for p, g in zip(params, grads_for(params, step)):
+            p.grad = g
+        opt.step()
+    buffer = io.BytesIO()  # torch.save: plain pickle of float8 tensors fails in torch 2.13 itself
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    assert saved["state"][1]["fp8_weight"].dtype == torch.float8_e4m3fn
+    clones = [p.detach().clone().requires_grad_() for p in params]
+    again = FusedAdamW(clones, lr=0.01, backend=backend, master_weights=True, fp8=recipe)
+    again.load_state_dict(saved)
+    for ps, o in ((params, opt), (clones, again)):
+        for p, g in zip(ps, grads_for(ps, 5)):
+            p.grad = g
+        o.step()
+    for p, q in zip(params, clones):
+        for k, v in fp8_state(opt, p).items():
+            assert torch.equal(bits(v), bits(fp8_state(again, q)[k])), k
+
+    other = FusedAdamW([p.detach().clone().requires_grad_() for p in params], lr=0.01, backend=backend,
+                       master_weights=True, fp8=Float8Recipe(torch.float8_e5m2, amax_history_len=3))
+    other.load_state_dict(saved)
+    assert all("fp8_weight" not in s for s in other.state.values())
+    plain = FusedAdamW([p.detach().clone().requires_grad_() for p in params], lr=0.01, backend=backend,
+                       master_weights=True)
+    plain.load_state_dict(saved)
+    assert all("fp8_weight" not in s for s in plain.state.values())
+
+
+def test_errors():
+    recipe = Float8Recipe()
+    with pytest.raises(ValueError, match="need master_weights=True"):
+        FusedAdamW([torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)], fp8=recipe)
+    with pytest.raises(ValueError, match="from fp32 weights, not torch.float64"):
+        FusedAdamW([torch.zeros(3, dtype=torch.float64, requires_grad=True)], fp8=recipe)
+    with pytest.raises(TypeError, match="Float8Recipe"):
+        FusedAdamW([torch.zeros(3, requires_grad=True)], fp8=torch.float8_e4m3fn)
+    p = torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match="not a param of this optimizer"):
+        FusedAdamW([torch.zeros(3, requires_grad=True)], fp8=recipe).fp8_weight(p)
+    with pytest.raises(RuntimeError, match="keeps no FP8 copies"):
+        FusedAdamW([p]).fp8_weight(p)
+    with pytest.raises(ValueError, match="fp8 dtype"):
+        Float8Recipe(torch.bfloat16)
+    with pytest.raises(ValueError, match="margin"):
+        Float8Recipe(margin=-1)
+    with pytest.raises(ValueError, match="amax_history_len"):
+        Float8Recipe(amax_history_len=0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_example_trains_on_fp8_copies(backend):
+    """bench/examples/fp8_linear.py: an MLP whose forward runs on the FP8
+    copies (dequantized here: no FP8 matmul on a CPU) learns its target."""
+    example = shipped_module("bench", "examples.fp8_linear")
+    losses = example.train(steps=150, backend=backend, log=None)
+    assert losses[-1] < 0.3 * losses[0]
