@@ -1,0 +1,28 @@
+"""Run a test body on N gloo ranks (torch.multiprocessing spawn, CPU)."""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, fn, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn, world: int, *args) -> None:
+    """fn(rank, world, *args) on `world` gloo ranks; an exception on any rank fails the caller."""
+    mp.spawn(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)

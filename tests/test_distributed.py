@@ -1,0 +1,175 @@
+"""fusedopt.distributed.GradBuckets on 2 and 3 gloo ranks, against plain
+dist.all_reduce of each grad: odd param sizes, buckets smaller than one param,
+a param no rank uses, a param only rank 0 uses, no_sync accumulation, the
+reduce_scatter shards and bf16 transfers."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from dist_helpers import spawn
+
+from fusedopt.distributed import GradBuckets
+
+pytestmark = pytest.mark.distributed
+
+
+class Net(torch.nn.Module):
+    """Odd sizes; `unused` never takes part; `rank0_only` only on rank 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(7, 13)
+        self.unused = torch.nn.Linear(3, 3)
+        self.b = torch.nn.Linear(13, 5)
+        self.rank0_only = torch.nn.Parameter(torch.randn(11))
+
+    def forward(self, x, rank):
+        y = self.b(torch.tanh(self.a(x)))
+        if rank == 0:
+            y = y + self.rank0_only[:5].sum()
+        return y.square().mean()
+
+
+def make_net():
+    torch.manual_seed(0)
+    return Net()
+
+
+def local_grads(net, rank, batches):
+    """The grads of `batches` (accumulated) on this rank, without any hooks."""
+    net.zero_grad(set_to_none=True)
+    for b in batches:
+        net(data(rank, b), rank).backward()
+    return {n: None if p.grad is None else p.grad.clone() for n, p in net.named_parameters()}
+
+
+def data(rank, batch):
+    return torch.randn(4, 7, generator=torch.Generator().manual_seed(100 * rank + batch))
+
+
+def expected_all_reduce(grads, world):
+    """Plain dist.all_reduce per grad (None where no rank has one), then / world."""
+    out = {}
+    for name, g in grads.items():
+        flag = torch.tensor([0.0 if g is None else 1.0])
+        dist.all_reduce(flag)
+        if flag.item() == 0:
+            out[name] = None
+            continue
+        t = torch.zeros_like(dict(make_net().named_parameters())[name]) if g is None else g.clone()
+        dist.all_reduce(t)
+        out[name] = t / world
+    return out
+
+
+def expected_low_precision(grads, world, dtype):
+    """reduce_dtype's rule: the fp32 sum of every rank's dtype-rounded grad,
+    / world, rounded to dtype (unused params as in expected_all_reduce)."""
+    out = expected_all_reduce(grads, world)
+    for name, g in grads.items():
+        if out[name] is None:
+            continue
+        mine = (torch.zeros_like(out[name]) if g is None else g).to(dtype)
+        every = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(every, mine)
+        out[name] = (torch.stack(every).float().sum(0) / world).to(dtype).float()
+    return out
+
+
+def check_all_reduce(rank, world, bucket_cap_mb, reduce_dtype=None, accumulate=False):
+    net = make_net()
+    batches = [0, 1] if accumulate else [0]
+    grads = local_grads(make_net(), rank, batches)
+    want = (expected_all_reduce(grads, world) if reduce_dtype is None
+            else expected_low_precision(grads, world, reduce_dtype))
+    buckets = GradBuckets(net, bucket_cap_mb=bucket_cap_mb, first_bucket_mb=bucket_cap_mb / 2,
+                          reduce_dtype=reduce_dtype)
+    if accumulate:
+        with buckets.no_sync():
+            net(data(rank, 0), rank).backward()
+        net(data(rank, 1), rank).backward()
+    else:
+        net(data(rank, 0), rank).backward()
+    buckets.wait()
+    # the order gloo sums 3 ranks in depends on the buffer's chunking: an ulp or so
+    tol = {"rtol": 1e-6, "atol": 1e-8} if reduce_dtype is None else {"rtol": 2**-7, "atol": 1e-30}
+    for name, p in net.named_parameters():
+        if want[name] is None:
+            assert p.grad is None, name
+        else:
+            torch.testing.assert_close(p.grad, want[name], **tol, msg=name)
+    assert net.unused.weight.grad is None and net.rank0_only.grad is not None
+    return net, buckets
+
+
+def check_reduce_scatter(rank, world):
+    net = make_net()
+    want = expected_all_reduce(local_grads(make_net(), rank, [0]), world)
+    params = dict(net.named_parameters())
+    names = {id(p): n for n, p in params.items()}
+    buckets = GradBuckets(net, bucket_cap_mb=200 / 2**20, first_bucket_mb=100 / 2**20, mode="reduce_scatter")
+    net(data(rank, 0), rank).backward()
+    buckets.wait()
+    assert len(buckets.buckets) > 2
+    for bucket, shard in zip(buckets.buckets, buckets.shards()):
+        flat = torch.zeros(bucket.buffer.numel())
+        for p, offset in zip(bucket.params, bucket.offsets):
+            g = want[names[id(p)]]
+            if g is not None:
+                flat[offset:offset + p.numel()] = g.reshape(-1)
+        assert shard.numel() * world == bucket.buffer.numel()
+        torch.testing.assert_close(shard, flat[bucket.shard_start:bucket.shard_end], rtol=1e-6, atol=1e-8)
+
+
+def worker(rank, world):
+    # every bucket smaller than one param (each param alone), then a few params per bucket
+    check_all_reduce(rank, world, bucket_cap_mb=16 / 2**20)
+    net, buckets = check_all_reduce(rank, world, bucket_cap_mb=400 / 2**20)
+    # grads live in the buffers: no second copy
+    assert any(net.a.weight.grad.data_ptr() == b.buffer.data_ptr() + o * 4
+               for b in buckets.buckets for p, o in zip(b.params, b.offsets) if p is net.a.weight)
+    # a second round (grads set to None in between) reduces the new grads only
+    net.zero_grad(set_to_none=True)
+    net(data(rank, 5), rank).backward()
+    buckets.wait()
+    want = expected_all_reduce(local_grads(make_net(), rank, [5]), world)
+    torch.testing.assert_close(net.b.weight.grad, want["b.weight"], rtol=1e-6, atol=1e-8)
+    check_all_reduce(rank, world, bucket_cap_mb=400 / 2**20, accumulate=True)
+    check_all_reduce(rank, world, bucket_cap_mb=1.0, reduce_dtype=torch.bfloat16)
+    check_reduce_scatter(rank, world)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_grad_buckets(world):
+    spawn(worker, world)
+
+
+def bucket_layout(rank, world):
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in (10, 300, 5, 7)]
+    buckets = GradBuckets(params, bucket_cap_mb=1250 / 2**20, first_bucket_mb=40 / 2**20)
+    # reverse order; the first bucket capped at 40 B (10 fp32), the others at 1250 B
+    assert [[p.numel() for p in b.params] for b in buckets.buckets] == [[7], [5, 300], [10]]
+    assert all(b.buffer.numel() % world == 0 for b in buckets.buckets)
+    # every grad used: each bucket is launched during backward, before wait()
+    sum((p * (rank + 1)).sum() for p in params).backward()
+    assert all(b.launched for b in buckets.buckets)
+    buckets.wait()
+    mean = sum(range(1, world + 1)) / world
+    assert all(torch.equal(p.grad, torch.full_like(p, mean)) for p in params)
+    with pytest.raises(RuntimeError, match="inside no_sync"):
+        with buckets.no_sync():
+            buckets.wait()
+
+
+def test_bucket_layout_and_errors():
+    spawn(bucket_layout, 2)
+
+
+def test_errors_without_a_process_group():
+    with pytest.raises(ValueError, match="mode"):
+        GradBuckets([torch.nn.Parameter(torch.zeros(2))], mode="broadcast")
+    with pytest.raises(ValueError, match="reduce_dtype"):
+        GradBuckets([torch.nn.Parameter(torch.zeros(2))], reduce_dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        GradBuckets([torch.nn.Parameter(torch.zeros(2))])
