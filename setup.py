@@ -12,6 +12,7 @@ setup(
     packages=[
         "fusedopt",
         "fusedopt.backends",
+        "fusedopt.distributed",
         "fusedopt.optim",
         "fusedopt.reference",
         "fusedopt._kernels",

@@ -20,8 +20,8 @@ SHIPPED = [
     "fusedopt/optim/lamb.py", "fusedopt/reference/lamb.py", "fusedopt/norms.py",
     "fusedopt/_kernels/__init__.py", "fusedopt/_bench/__init__.py", "fusedopt/_bench/run.py",
 ]
-# every source file of the tree must be in the wheel under its package name
-SOURCES = {"csrc": "fusedopt/_csrc", "kernels": "fusedopt/_kernels", "bench": "fusedopt/_bench"}
+# every source file of the tree (the package itself included) must be in the wheel under its package name
+SOURCES = {"fusedopt": "fusedopt", "csrc": "fusedopt/_csrc", "kernels": "fusedopt/_kernels", "bench": "fusedopt/_bench"}
 
 
 def shipped_sources() -> list[str]:
