@@ -313,6 +313,24 @@ def test_state_dict_round_trip(backend, direction):
     assert_same_state(opt, params, cont, cont_params, **tolerance(backend))
 
 
+def test_loading_a_live_state_dict_shares_nothing():
+    """Loading another optimizer's state_dict (no save in between) copies
+    every state, the step counters included: both then step on their own."""
+    params = make_params()
+    opt = FusedAdamW(params, backend="cpu")
+    run(opt, params, 2)
+    cont_params = clone_params(params)
+    cont = FusedAdamW(cont_params, backend="cpu")
+    cont.load_state_dict(opt.state_dict())
+    run(opt, params, 1, start=2)
+    run(cont, cont_params, 1, start=2)
+    for p, q in zip(params, cont_params):
+        if p in opt.state:
+            assert opt.state[p]["step"].item() == cont.state[q]["step"].item() == 3
+            assert opt.state[p]["step"] is not cont.state[q]["step"]
+    assert_same_state(opt, params, cont, cont_params, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("backend", backend_params())
 def test_master_weights_state_dict(backend):
     """The master is saved; a state_dict without one (from torch.optim.AdamW)

@@ -353,7 +353,7 @@ class FusedOptimizer(Optimizer):
             if not state or saved is None:
                 continue
             if "step" in state:
-                state["step"] = torch.as_tensor(saved["step"], dtype=torch.float32).to(p.device).reshape(())
+                state["step"] = torch.as_tensor(saved["step"], dtype=torch.float32).to(p.device).reshape(()).clone()
             for name, value in saved.items():
                 if name != "step" and isinstance(value, Tensor) and value.is_floating_point():
                     dtype = _FIXED_DTYPES.get(name, self._state_dtype(p))
