@@ -173,3 +173,82 @@ def test_errors_without_a_process_group():
         GradBuckets([torch.nn.Parameter(torch.zeros(2))], reduce_dtype=torch.int8)
     with pytest.raises(RuntimeError, match="init_process_group"):
         GradBuckets([torch.nn.Parameter(torch.zeros(2))])
+
+
+# --- ZeroOptimizer ---------------------------------------------------------------
+
+
+class Small(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(7, 13)
+        self.b = torch.nn.Linear(13, 5)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x))).square().mean()
+
+
+def small():
+    torch.manual_seed(0)
+    return Small()
+
+
+def global_batch(step, world):
+    return torch.randn(4 * world, 7, generator=torch.Generator().manual_seed(step))
+
+
+def zero_worker(rank, world, stage):
+    from fusedopt import FusedAdamW
+    from fusedopt.distributed import ZeroOptimizer
+
+    kwargs = {"lr": 0.05, "weight_decay": 0.1, "max_grad_norm": 0.05}
+    single, model = small(), small()
+    ref = FusedAdamW(single.parameters(), **kwargs)
+    opt = ZeroOptimizer(model.parameters(), stage=stage, **kwargs)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    ref_sched = torch.optim.lr_scheduler.StepLR(ref, step_size=2, gamma=0.5)
+    for step in range(4):
+        x = global_batch(step, world)
+        single(x).backward()  # the global batch's mean loss
+        ref.step()
+        ref.zero_grad()
+        ref_sched.step()
+        model(x.chunk(world)[rank]).backward()  # this rank's equal share of it
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == ref.param_groups[0]["lr"] == 0.05 * 0.25
+    assert opt.last_grad_norm is not None
+    for (name, p), q in zip(model.named_parameters(), single.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    # this rank holds 1/N of the state: its shard of the zero-padded flat buffer
+    total = sum(p.numel() for p in model.parameters())
+    local = sum(t.numel() for s in opt.state.values() for k, t in s.items() if k in ("exp_avg", "exp_avg_sq"))
+    assert local == 2 * (-(-total // world))
+    # GradScaler's found_inf on one rank only: every rank skips the step
+    before = [p.detach().clone() for p in model.parameters()]
+    model(global_batch(9, world).chunk(world)[rank]).backward()
+    opt.found_inf = torch.tensor(1.0 if rank == 0 else 0.0)
+    opt.step()
+    del opt.found_inf
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    # a same-world-size checkpoint continues identically
+    saved = opt.state_dict()
+    again_model = small()
+    with torch.no_grad():
+        for p, q in zip(again_model.parameters(), model.parameters()):
+            p.copy_(q)
+    again = ZeroOptimizer(again_model.parameters(), stage=stage, **kwargs)
+    again.load_state_dict(saved)
+    for m, o in ((model, opt), (again_model, again)):
+        o.zero_grad()
+        m(global_batch(11, world).chunk(world)[rank]).backward()
+        o.step()
+    for p, q in zip(model.parameters(), again_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_matches_single_process(world, stage):
+    spawn(zero_worker, world, stage)

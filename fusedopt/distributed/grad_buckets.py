@@ -24,6 +24,10 @@ grad here: its part counts as zeros), finishes every collective and averages
 (a SUM and then a scale: gloo has no PREMUL_SUM). A param that got no grad on
 any rank keeps ``grad=None`` (one small all-reduce of flags says which); one that
 got a grad on some rank only gets the reduced grad everywhere.
+``layout`` (a list of lists of params, all of one device and dtype each) fixes
+the buckets and their order instead (the ZeRO wrapper uses it so that bucket
+shards are its param shards).
+
 ``with buckets.no_sync():`` accumulates without communicating (gradient
 accumulation); the next backward outside it reduces the accumulated grads.
 
@@ -73,7 +77,8 @@ class GradBucket:
 
 class GradBuckets:
     def __init__(self, params_or_module, process_group=None, bucket_cap_mb: float = 25, first_bucket_mb: float = 1,
-                 reduce_dtype: torch.dtype | None = None, average: bool = True, mode: str = "all_reduce"):
+                 reduce_dtype: torch.dtype | None = None, average: bool = True, mode: str = "all_reduce",
+                 layout: list[list[Tensor]] | None = None):
         if mode not in MODES:
             raise ValueError(f"GradBuckets: mode must be one of {MODES}, got {mode!r}")
         if not bucket_cap_mb > 0 or not first_bucket_mb > 0:
@@ -96,7 +101,10 @@ class GradBuckets:
         self.world = dist.get_world_size(process_group)
         self.rank = dist.get_rank(process_group)
         self.mode, self.average, self.reduce_dtype = mode, bool(average), reduce_dtype
-        self.buckets = _make_buckets(self.params, first_bucket_mb, bucket_cap_mb, self.world, self.rank)
+        groups = layout if layout is not None else _pack(self.params, first_bucket_mb, bucket_cap_mb)
+        if layout is not None and sorted(map(id, (p for g in layout for p in g))) != sorted(map(id, self.params)):
+            raise ValueError("GradBuckets: layout must hold each param that requires grad exactly once")
+        self.buckets = _make_buckets(groups, self.world, self.rank)
         self._where = {id(p): (b, i) for b in self.buckets for i, p in enumerate(b.params)}
         self._sync = True
         self._next = 0  # the next bucket to launch (in order)
@@ -225,9 +233,9 @@ def _same_memory(a: Tensor, b: Tensor) -> bool:
     return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.dtype == b.dtype
 
 
-def _make_buckets(params: list[Tensor], first_mb: float, cap_mb: float, world: int, rank: int) -> list[GradBucket]:
-    """Pack params in reverse order into buckets of one (device, dtype), each
-    up to its cap (the first: first_mb), a larger param alone."""
+def _pack(params: list[Tensor], first_mb: float, cap_mb: float) -> list[list[Tensor]]:
+    """Params in reverse order, in groups of one (device, dtype), each up to
+    its cap (the first: first_mb), a larger param alone."""
     groups: list[list[Tensor]] = []
     size = 0
     for p in reversed(params):
@@ -241,6 +249,11 @@ def _make_buckets(params: list[Tensor], first_mb: float, cap_mb: float, world: i
             size = 0
         groups[-1].append(p)
         size += nbytes
+    return groups
+
+
+def _make_buckets(groups: list[list[Tensor]], world: int, rank: int) -> list[GradBucket]:
+    """A zero-filled flat buffer per group, padded to a multiple of the world size."""
     buckets = []
     for members in groups:
         offsets, n = [], 0
