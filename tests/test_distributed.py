@@ -194,7 +194,9 @@ def small():
 
 
 def global_batch(step, world):
-    return torch.randn(4 * world, 7, generator=torch.Generator().manual_seed(step))
+    """12 rows: equal shares for 1, 2 and 3 ranks (the mean of the ranks' mean
+    losses is then the global batch's mean loss)."""
+    return torch.randn(12, 7, generator=torch.Generator().manual_seed(step))
 
 
 def zero_worker(rank, world, stage):
@@ -252,3 +254,102 @@ def zero_worker(rank, world, stage):
 @pytest.mark.parametrize("stage", [1, 2])
 def test_zero_matches_single_process(world, stage):
     spawn(zero_worker, world, stage)
+
+
+# --- ZeroOptimizer checkpoints: save at 2 ranks, load at 3 and at 1 ----------------
+
+KW = {"lr": 0.05, "weight_decay": 0.1, "max_grad_norm": 0.05}
+
+
+def train(model, opt, world, rank, steps, start=0):
+    for step in range(start, start + steps):
+        x = global_batch(step, world)
+        loss = model(x) if rank is None else model(x.chunk(world)[rank])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def reference_after(steps, world):
+    """Single-process FusedAdamW on the same global batches."""
+    from fusedopt import FusedAdamW
+
+    model = small()
+    opt = FusedAdamW(model.parameters(), **KW)
+    train(model, opt, world, None, steps)
+    return model, opt
+
+
+def save_worker(rank, world, path):
+    import torch.distributed.checkpoint as dcp
+
+    from fusedopt.distributed import ZeroOptimizer
+
+    model = small()
+    opt = ZeroOptimizer(model.parameters(), stage=2, **KW)
+    train(model, opt, world, rank, 3)
+    dcp.save({"optimizer": opt.state_dict()}, checkpoint_id=f"{path}/dcp")
+    full = opt.full_state_dict()
+    if rank == 0:
+        torch.save({"model": model.state_dict(), "full": full}, f"{path}/full.pt")
+        _, ref = reference_after(3, world)
+        mine = dict(enumerate(model.parameters()))
+        for i, p in mine.items():  # full_state_dict: the single-process optimizer's state, its layout
+            want = ref.state[list(ref.param_groups[0]["params"])[i]]
+            assert full["state"][i]["exp_avg"].shape == p.shape
+            for name in ("exp_avg", "exp_avg_sq", "step"):
+                torch.testing.assert_close(full["state"][i][name], want[name], rtol=1e-5, atol=1e-7)
+        assert full["param_groups"][0]["params"] == [0, 1, 2, 3] and full["param_groups"][0]["lr"] == KW["lr"]
+    else:
+        assert full is None
+
+
+def load_worker(rank, world, path, saved_world, source):
+    import torch.distributed.checkpoint as dcp
+
+    from fusedopt.distributed import ZeroOptimizer
+
+    saved = torch.load(f"{path}/full.pt", weights_only=True)
+    model = small()
+    model.load_state_dict(saved["model"])
+    opt = ZeroOptimizer(model.parameters(), stage=2, **KW)
+    if source == "sharded":
+        template = {"optimizer": opt.state_dict()}  # exists before the first step
+        dcp.load(template, checkpoint_id=f"{path}/dcp")
+        opt.load_state_dict(template["optimizer"])
+    else:
+        opt.load_state_dict(saved["full"])
+    # the global batch is the same whatever the world size: continue on it
+    for step in range(3, 5):
+        x = global_batch(step, saved_world)
+        model(x.chunk(world)[rank]).backward()
+        opt.step()
+        opt.zero_grad()
+    ref, _ = reference_after(5, saved_world)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_zero_checkpoints_reshard(tmp_path):
+    """Saved at 2 ranks (sharded through torch.distributed.checkpoint, and
+    full), loaded at 3 and at 1 rank: training continues as if uninterrupted;
+    the full state_dict equals the single-process optimizer's, and a plain
+    torch.optim.AdamW continues from it too."""
+    spawn(save_worker, 2, str(tmp_path))
+    for world in (3, 1):
+        for source in ("sharded", "full"):
+            spawn(load_worker, world, str(tmp_path), 2, source)
+    # the full dict in a plain torch.optim.AdamW (the global batch of 2 ranks, in one process)
+    saved = torch.load(tmp_path / "full.pt", weights_only=True)
+    model = small()
+    model.load_state_dict(saved["model"])
+    opt = torch.optim.AdamW(model.parameters(), lr=KW["lr"], weight_decay=KW["weight_decay"])
+    opt.load_state_dict(saved["full"])
+    for step in range(3, 5):
+        model(global_batch(step, 2)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), KW["max_grad_norm"])
+        opt.step()
+        opt.zero_grad()
+    ref, _ = reference_after(5, 2)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

@@ -21,10 +21,13 @@ an all-gather per flat buffer brings every rank the whole updated params.
 squares over its own shards is all-reduced (the padding is zero). GradScaler's
 found_inf is all-reduced too, so every rank skips a step together.
 
+Checkpoints: ``state_dict()`` is sharded (DTensors) and reshards through
+torch.distributed.checkpoint; ``full_state_dict()`` / a full dict in
+``load_state_dict`` move to and from the torch.optim.AdamW layout.
+
 Not yet (see issue 6's notes): overlap finer than one bucket per flat buffer
-(``bucket_cap_mb`` and ``overlap_comm`` are accepted and not used yet), freeing
-the full grad buffer in stage 2, and DTensor-sharded, resharding checkpoints:
-``state_dict()`` is this rank's shard and loads only at the same world size.
+(``bucket_cap_mb`` and ``overlap_comm`` are accepted and not used yet), and
+freeing the full grad buffer in stage 2.
 """
 from __future__ import annotations
 
@@ -49,6 +52,7 @@ class _Flat:
         for p in params:
             self.offsets.append(n)
             n += p.numel()
+        self.numel = n  # elements in use; the rest of the buffer is zero padding
         padded = -(-n // world) * world if n else world
         self.buffer = torch.zeros(padded, dtype=params[0].dtype, device=params[0].device)
         for p, o in zip(params, self.offsets):
@@ -86,8 +90,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
         self.flats: list[_Flat] = []
         inner_groups = []
+        #: the params of each group in the caller's order (the full state_dict's numbering)
+        self._original: list[list[Tensor]] = []
         for group in groups:
-            members = [p for p in group["params"] if p.requires_grad]
+            given = group["params"]
+            given = [given] if isinstance(given, Tensor) else list(given)
+            self._original.append(given)
+            members = [p for p in given if p.requires_grad]
             keys = OrderedDict()
             for p in members:
                 keys.setdefault((p.device, p.dtype), []).append(p)
@@ -107,6 +116,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._zero_grad_profile_name = "Optimizer.zero_grad#ZeroOptimizer.zero_grad"
+        # the state exists before the first step, so that a checkpoint can be loaded into it
+        for group in self.optimizer.param_groups:
+            for shard in group["params"]:
+                self.optimizer._prepare_state(group, shard, self.optimizer._bucket_kind(shard))
 
     _step_supports_amp_scaling = True
 
@@ -186,14 +199,125 @@ class ZeroOptimizer(torch.optim.Optimizer):
                     p.grad.zero_()
             flat.shard.grad = None
 
+    # --- checkpoints ------------------------------------------------------------------
+
+    def _valid(self, flat: _Flat) -> int:
+        """How many elements of this rank's shard are real (not padding)."""
+        return max(0, min(flat.end, flat.numel) - flat.start)
+
+    def _elementwise(self, flat: _Flat, state: dict) -> list[str]:
+        """The state entries shaped like the shard (sharded in checkpoints); the rest (step) are replicated."""
+        return [k for k, v in state.items() if isinstance(v, Tensor) and v.dim() == 1
+                and v.numel() == flat.shard.numel()]
+
     def state_dict(self) -> dict:
-        """This rank's shard of the state (loads back at the same world size only, for now)."""
-        return {"world_size": self.world, "rank": self.rank, "stage": self.stage,
-                "optimizer": self.optimizer.state_dict()}
+        """The sharded state: per flat buffer (numbered in order), each
+        elementwise state (exp_avg, exp_avg_sq, master_param, ...) as a 1-d
+        DTensor of the buffer's global length, Shard(0) over the ranks (this
+        rank's part is its shard without the padding), the step as a plain
+        tensor; the inner optimizer's param_groups. It exists before the first
+        step. ``torch.distributed.checkpoint.save`` writes it at N ranks and
+        ``torch.distributed.checkpoint.load`` fills ``opt.state_dict()`` of a
+        ZeroOptimizer at M ranks in place; then ``opt.load_state_dict(it)``."""
+        from torch.distributed.device_mesh import DeviceMesh
+        from torch.distributed.tensor import DTensor, Shard
+
+        mesh = DeviceMesh.from_group(self.group or dist.group.WORLD, self.flats[0].buffer.device.type)
+        inner = self.optimizer.state_dict()
+        state = {}
+        for i, flat in enumerate(self.flats):
+            own = self.optimizer.state[flat.shard]
+            entry = {}
+            for name, value in own.items():
+                if name in self._elementwise(flat, own):
+                    value = DTensor.from_local(value[:self._valid(flat)], mesh, [Shard(0)], run_check=False,
+                                               shape=(flat.numel,), stride=(1,))
+                entry[name] = value
+            state[i] = entry
+        return {"state": state, "param_groups": inner["param_groups"]}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if state_dict.get("world_size") != self.world or state_dict.get("rank") != self.rank:
-            raise ValueError(f"ZeroOptimizer: this state_dict is rank {state_dict.get('rank')} of "
-                             f"{state_dict.get('world_size')}; loading needs the same rank of the same world size "
-                             f"(here {self.rank} of {self.world}): resharding is not implemented yet")
-        self.optimizer.load_state_dict(state_dict["optimizer"])
+        """Load a sharded state_dict (``state_dict()``, possibly filled by
+        torch.distributed.checkpoint at another world size) or a full one in
+        the torch.optim.AdamW layout (``full_state_dict()``, or a plain
+        FusedAdamW's / torch.optim.AdamW's): each rank takes its part."""
+        from torch.distributed.tensor import DTensor
+
+        states = state_dict["state"]
+        sharded = any(isinstance(v, DTensor) for entry in states.values() for v in entry.values())
+        inner_state = {}
+        for i, flat in enumerate(self.flats):
+            pieces = {}
+            if sharded:
+                for name, value in states.get(i, {}).items():
+                    pieces[name] = value.to_local() if isinstance(value, DTensor) else value
+            else:
+                pieces = self._pieces_from_full(flat, states)
+            entry = {}
+            for name, value in pieces.items():
+                if isinstance(value, Tensor) and value.dim() == 1 and name != "step":
+                    padded = torch.zeros(flat.shard.numel(), dtype=value.dtype, device=flat.shard.device)
+                    padded[:value.numel()] = value
+                    value = padded
+                entry[name] = value
+            inner_state[i] = entry
+        # the saved hyperparameters, with the inner optimizer's numbering of its shards
+        inner_groups = self.optimizer.state_dict()["param_groups"]
+        groups = [dict(g, params=ig["params"]) for g, ig in zip(state_dict["param_groups"], inner_groups)]
+        self.optimizer.load_state_dict({"state": inner_state, "param_groups": groups})
+
+    def _full_index(self) -> dict[int, int]:
+        """id(param) -> its number in a full state_dict (the caller's order, all groups)."""
+        index, n = {}, 0
+        for given in self._original:
+            for p in given:
+                index[id(p)] = n
+                n += 1
+        return index
+
+    def _pieces_from_full(self, flat: _Flat, states: dict) -> dict:
+        """This rank's shard of each elementwise state of `flat`, cut from a full state_dict."""
+        index = self._full_index()
+        per_param = [states.get(index[id(p)], {}) for p in flat.params]
+        names = {k for s in per_param for k, v in s.items() if isinstance(v, Tensor) and v.dim() > 0}
+        pieces = {}
+        for name in names:
+            parts = []
+            for p, s in zip(flat.params, per_param):
+                value = s.get(name)
+                parts.append(torch.zeros(p.numel(), device=flat.shard.device) if value is None
+                             else value.detach().reshape(-1).to(flat.shard.device))
+            whole = torch.cat(parts) if parts else torch.zeros(0)
+            pieces[name] = whole[flat.start:flat.start + self._valid(flat)]
+        steps = [s["step"] for s in per_param if "step" in s]
+        if steps:
+            pieces["step"] = torch.as_tensor(steps[0], dtype=torch.float32).clone()
+        return pieces
+
+    def full_state_dict(self) -> dict | None:
+        """Collective: the whole state on rank 0 in the torch.optim.AdamW layout
+        (per param: step and each elementwise state shaped like the param,
+        numbered in the caller's order; the param_groups), loadable by a plain
+        FusedAdamW or torch.optim.AdamW, or back by ``load_state_dict``.
+        Other ranks get None."""
+        index = self._full_index()
+        state: dict = {}
+        for flat in self.flats:
+            own = self.optimizer.state[flat.shard]
+            for name in self._elementwise(flat, own):
+                shards = [torch.empty_like(own[name]) for _ in range(self.world)] if self.rank == 0 else None
+                root = 0 if self.group is None else dist.get_global_rank(self.group, 0)
+                dist.gather(own[name].contiguous(), shards, dst=root, group=self.group)
+                if self.rank != 0:
+                    continue
+                whole = torch.cat(shards)
+                for p, offset in zip(flat.params, flat.offsets):
+                    entry = state.setdefault(index[id(p)], {"step": own["step"].clone()})
+                    entry[name] = whole[offset:offset + p.numel()].view_as(p).clone()
+        if self.rank != 0:
+            return None
+        groups = []
+        for given, inner_group in zip(self._original, self.optimizer.param_groups):
+            groups.append({**{k: v for k, v in inner_group.items() if k != "params"},
+                           "params": [index[id(p)] for p in given]})
+        return {"state": state, "param_groups": groups}
