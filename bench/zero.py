@@ -75,6 +75,7 @@ def _worker(rank: int, world: int, port: int, out: str):
         with open(out, "a") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
+    dist.barrier()  # tearing gloo down while a peer still talks to it can abort the process
     dist.destroy_process_group()
 
 

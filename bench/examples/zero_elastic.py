@@ -87,6 +87,7 @@ def main(argv=None) -> None:
             print(f"step {step:3d} loss {loss.item():.5f}", flush=True)
     if rank == 0:
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, args.dir / "final.pt")
+    dist.barrier()  # tearing gloo down while a peer still talks to it can abort the process
     dist.destroy_process_group()
 
 
