@@ -37,6 +37,16 @@ def batch(step: int, rank: int, world: int, device):
     return x.chunk(world)[rank].to(device), y.chunk(world)[rank].to(device)
 
 
+def init_process_group(backend: str) -> None:
+    """init_process_group on torchrun's store, under a prefix of its own per
+    restart: a restarted attempt must not read the addresses the previous
+    attempt's (dead) ranks left in the store (gloo then fails to connect)."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+    dist.init_process_group(backend, store=dist.PrefixStore(f"zero_elastic/attempt_{attempt}", store),
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", required=True, type=Path)
@@ -46,7 +56,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
+    init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
