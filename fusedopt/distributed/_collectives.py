@@ -24,6 +24,9 @@ def all_reduce(tensor: Tensor, group=None, async_op: bool = False):
     return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group, async_op=async_op)
 
 
-def all_to_all(output: Tensor, input: Tensor, group=None, async_op: bool = False):
-    """Chunk r of input goes to rank r; chunk r of output comes from rank r."""
-    return dist.all_to_all_single(output, input, group=group, async_op=async_op)
+def all_to_all(output: Tensor, input: Tensor, group=None, async_op: bool = False, output_split_sizes=None,
+               input_split_sizes=None):
+    """Chunk r of input goes to rank r; chunk r of output comes from rank r
+    (equal chunks, or the given split sizes)."""
+    return dist.all_to_all_single(output, input, output_split_sizes=output_split_sizes,
+                                  input_split_sizes=input_split_sizes, group=group, async_op=async_op)

@@ -25,8 +25,13 @@ grad here: its part counts as zeros), finishes every collective and averages
 any rank keeps ``grad=None`` (one small all-reduce of flags says which); one that
 got a grad on some rank only gets the reduced grad everywhere.
 ``layout`` (a list of lists of params, all of one device and dtype each) fixes
-the buckets and their order instead (the ZeRO wrapper uses it so that bucket
-shards are its param shards).
+the buckets and their order instead; with mode="reduce_scatter",
+``shard_sizes`` (per bucket, the number of elements each rank receives, in rank
+order) cuts a bucket into uneven consecutive pieces (an all-to-all and a local
+sum, the same bytes as a reduce-scatter): the ZeRO wrapper uses both so that
+small buckets land in its contiguous param shards. ``keep_grads=False``
+(reduce_scatter mode) releases the full-size buffers at the end of ``wait()``
+and leaves ``p.grad`` None: only the shards stay.
 
 ``with buckets.no_sync():`` accumulates without communicating (gradient
 accumulation); the next backward outside it reduces the accumulated grads.
@@ -61,24 +66,33 @@ class GradBucket:
     params: list[Tensor]
     offsets: list[int]          # where each param's grad starts in `buffer`
     numel: int                  # elements used (the rest is zero padding)
-    buffer: Tensor              # padded to a multiple of the world size
+    buffer: Tensor | None       # padded to a multiple of the world size (None while released)
     shard_start: int = 0        # this rank's shard of the buffer
     shard_end: int = 0
     shard: Tensor | None = None  # reduce_scatter mode: the reduced shard after wait()
     ready: list[bool] = field(default_factory=list)     # grad arrived in this (synced) backward
     has_grad: list[bool] = field(default_factory=list)  # grad arrived since the last wait() (no_sync too)
     launched: bool = False
+    sends: list[int] | None = None  # reduce_scatter with explicit pieces: elements for each rank, in order
     _pending: list = field(default_factory=list)  # (work, finish) pairs
+    _size: int = 0
 
     def view(self, i: int) -> Tensor:
         p = self.params[i]
-        return self.buffer[self.offsets[i]:self.offsets[i] + p.numel()].view_as(p)
+        return self.ensure()[self.offsets[i]:self.offsets[i] + p.numel()].view_as(p)
+
+    def ensure(self) -> Tensor:
+        """The buffer, zero-filled again if it was released."""
+        if self.buffer is None:
+            self.buffer = torch.zeros(self._size, dtype=self.params[0].dtype, device=self.params[0].device)
+        return self.buffer
 
 
 class GradBuckets:
     def __init__(self, params_or_module, process_group=None, bucket_cap_mb: float = 25, first_bucket_mb: float = 1,
                  reduce_dtype: torch.dtype | None = None, average: bool = True, mode: str = "all_reduce",
-                 layout: list[list[Tensor]] | None = None):
+                 layout: list[list[Tensor]] | None = None, shard_sizes: list[list[int]] | None = None,
+                 keep_grads: bool = True):
         if mode not in MODES:
             raise ValueError(f"GradBuckets: mode must be one of {MODES}, got {mode!r}")
         if not bucket_cap_mb > 0 or not first_bucket_mb > 0:
@@ -105,6 +119,15 @@ class GradBuckets:
         if layout is not None and sorted(map(id, (p for g in layout for p in g))) != sorted(map(id, self.params)):
             raise ValueError("GradBuckets: layout must hold each param that requires grad exactly once")
         self.buckets = _make_buckets(groups, self.world, self.rank)
+        if shard_sizes is not None:
+            if layout is None or mode != "reduce_scatter" or len(shard_sizes) != len(self.buckets):
+                raise ValueError("GradBuckets: shard_sizes needs mode='reduce_scatter' and one entry per layout bucket")
+            for bucket, sends in zip(self.buckets, shard_sizes):
+                if len(sends) != self.world or sum(sends) != bucket.numel or min(sends) < 0:
+                    raise ValueError(f"GradBuckets: shard_sizes {sends} do not split a bucket of {bucket.numel} "
+                                     f"elements over {self.world} ranks")
+                bucket.sends = list(sends)
+        self.keep_grads = bool(keep_grads)
         self._where = {id(p): (b, i) for b in self.buckets for i, p in enumerate(b.params)}
         self._sync = True
         self._next = 0  # the next bucket to launch (in order)
@@ -147,37 +170,40 @@ class GradBuckets:
     def _launch(self, bucket: GradBucket) -> None:
         """Start the bucket's collective; the `finish` closures run in wait()."""
         bucket.launched = True
-        world, group, buf = self.world, self.group, bucket.buffer
-        shard = buf.numel() // world
+        world, group, buf = self.world, self.group, bucket.ensure()
         divisor = world if self.average else 1
-        if self.reduce_dtype is None or self.reduce_dtype == buf.dtype:
-            if self.mode == "all_reduce":
-                work = comm.all_reduce(buf, group, async_op=True)
-                bucket._pending.append((work, lambda: buf.div_(divisor) if divisor != 1 else None))
-            else:
-                out = torch.empty(shard, dtype=buf.dtype, device=buf.device)
-                work = comm.reduce_scatter(out, buf, group, async_op=True)
+        low = self.reduce_dtype is not None and self.reduce_dtype != buf.dtype
+        if bucket.sends is not None or low:
+            # all-to-all: every rank sends each piece of its buffer to the piece's owner and
+            # adds the N pieces it receives (in fp32 when the transfer is low precision)
+            sends = bucket.sends or [buf.numel() // world] * world
+            mine = sends[self.rank]
+            sent = buf[:sum(sends)].to(self.reduce_dtype) if low else buf[:sum(sends)]
+            received = torch.empty(world * mine, dtype=sent.dtype, device=buf.device)
+            work = comm.all_to_all(received, sent, group, async_op=True, output_split_sizes=[mine] * world,
+                                   input_split_sizes=sends)
 
-                def finish(out=out):
-                    bucket.shard = out.div_(divisor) if divisor != 1 else out
-                bucket._pending.append((work, finish))
-            return
-        # low-precision transfer, fp32 sum: all-to-all the chunks to their owners
-        sent = buf.to(self.reduce_dtype)
-        received = torch.empty_like(sent)
-        work = comm.all_to_all(received, sent, group, async_op=True)
+            def finish():
+                total = received.view(world, mine).float().sum(dim=0) if low else received.view(world, mine).sum(0)
+                if divisor != 1:
+                    total.div_(divisor)
+                if self.mode == "reduce_scatter":
+                    bucket.shard = total.to(buf.dtype)
+                    return
+                gathered = torch.empty_like(sent)
+                comm.all_gather(gathered, total.to(sent.dtype), group)
+                buf.copy_(gathered)
+            bucket._pending.append((work, finish))
+        elif self.mode == "all_reduce":
+            work = comm.all_reduce(buf, group, async_op=True)
+            bucket._pending.append((work, lambda: buf.div_(divisor) if divisor != 1 else None))
+        else:
+            out = torch.empty(buf.numel() // world, dtype=buf.dtype, device=buf.device)
+            work = comm.reduce_scatter(out, buf, group, async_op=True)
 
-        def finish_low():
-            total = received.view(world, shard).float().sum(dim=0)
-            if divisor != 1:
-                total.div_(divisor)
-            if self.mode == "reduce_scatter":
-                bucket.shard = total.to(buf.dtype)
-                return
-            gathered = torch.empty_like(sent)
-            comm.all_gather(gathered, total.to(self.reduce_dtype), group)
-            buf.copy_(gathered)
-        bucket._pending.append((work, finish_low))
+            def finish_scatter():
+                bucket.shard = out.div_(divisor) if divisor != 1 else out
+            bucket._pending.append((work, finish_scatter))
 
     def wait(self) -> None:
         """Launch what is left, finish every collective, settle the grads."""
@@ -189,7 +215,7 @@ class GradBuckets:
                     if not has:  # no grad here since the last wait (param unused): contribute zeros
                         bucket.view(i).zero_()
                 self._launch(bucket)
-        device = self.buckets[0].buffer.device if self.buckets else "cpu"  # NCCL reduces device tensors only
+        device = self.buckets[0].params[0].device if self.buckets else "cpu"  # NCCL reduces device tensors only
         had_grad = torch.tensor([float(h) for b in self.buckets for h in b.has_grad], device=device)
         flags = comm.all_reduce(had_grad, self.group, async_op=True) if self.params else None
         for bucket in self.buckets:
@@ -214,6 +240,10 @@ class GradBuckets:
             bucket.ready = [False] * len(bucket.params)
             bucket.has_grad = [False] * len(bucket.params)
             bucket.launched = False
+            if not self.keep_grads:  # reduce_scatter: only the shard is kept; the next backward re-creates the buffer
+                for p in bucket.params:
+                    p.grad = None
+                bucket.buffer = None
         self._next = 0
 
     def shards(self) -> list[Tensor]:
@@ -263,7 +293,7 @@ def _make_buckets(groups: list[list[Tensor]], world: int, rank: int) -> list[Gra
         padded = -(-n // world) * world if n else world
         buffer = torch.zeros(padded, dtype=members[0].dtype, device=members[0].device)
         shard = padded // world
-        buckets.append(GradBucket(params=members, offsets=offsets, numel=n, buffer=buffer,
+        buckets.append(GradBucket(params=members, offsets=offsets, numel=n, buffer=buffer, _size=padded,
                                   shard_start=rank * shard, shard_end=(rank + 1) * shard,
                                   ready=[False] * len(members), has_grad=[False] * len(members)))
     return buckets

@@ -9,11 +9,18 @@ shard r. The inner optimizer (``optimizer_class``, default FusedAdamW) is built
 on this rank's shards only: one 1-d tensor per flat buffer, so its states and
 masters are 1/N of the total.
 
-Step. Grads go through GradBuckets with the same layout (one bucket per flat
-buffer, so a bucket's shard r is exactly rank r's param shard):
-  stage 1  all-reduce: every rank holds the full mean grads; its shard's part
-           is the inner optimizer's grad (a view, no copy)
-  stage 2  reduce-scatter: each rank receives only its shard of the mean grad
+Step. Grads go through GradBuckets in buckets of consecutive params of one
+flat buffer (up to ``bucket_cap_mb``; one bucket per flat buffer with
+``overlap_comm=False``), the last params first, each launched as soon as
+backward has produced its grads:
+  stage 1  all-reduce: every rank holds the full mean grads; the part of each
+           bucket that falls in this rank's shard is copied into the shard's grad
+  stage 2  each bucket is cut where the shards are cut and every piece is summed
+           on its owner (an all-to-all with uneven splits and a local sum: a
+           reduce-scatter's bytes), so each rank receives only its shard of the
+           mean grad; the full-size bucket buffers are released after the
+           step's reduction (``p.grad`` is None then) and re-created by the
+           next backward, so between steps only the shards are kept
 then the inner step updates this rank's shard of the flat params in place and
 an all-gather per flat buffer brings every rank the whole updated params.
 
@@ -25,9 +32,9 @@ Checkpoints: ``state_dict()`` is sharded (DTensors) and reshards through
 torch.distributed.checkpoint; ``full_state_dict()`` / a full dict in
 ``load_state_dict`` move to and from the torch.optim.AdamW layout.
 
-Not yet (see issue 6's notes): overlap finer than one bucket per flat buffer
-(``bucket_cap_mb`` and ``overlap_comm`` are accepted and not used yet), and
-freeing the full grad buffer in stage 2.
+Not yet (see issue 6's notes): GradScaler's own unscale path (it reads grads
+through ``param_groups``, which hold the shards, whose grads exist only inside
+``step()``): set ``opt.grad_scale`` / ``opt.found_inf`` as GradScaler would.
 """
 from __future__ import annotations
 
@@ -62,6 +69,23 @@ class _Flat:
         size = padded // world
         self.start, self.end = rank * size, (rank + 1) * size
         self.shard = self.buffer[self.start:self.end]  # the inner optimizer's param
+
+
+def _runs(flat: _Flat, cap_bytes: float) -> list[tuple[list[Tensor], int, int]]:
+    """flat's params cut into runs of consecutive params of at most cap_bytes
+    (a larger param alone): (params, first element, end element) each."""
+    runs, members, size = [], [], 0
+    for p in flat.params:
+        nbytes = p.numel() * p.element_size()
+        if members and size + nbytes > cap_bytes:
+            runs.append(members)
+            members, size = [], 0
+        members.append(p)
+        size += nbytes
+    if members:
+        runs.append(members)
+    index = {id(p): o for p, o in zip(flat.params, flat.offsets)}
+    return [(ps, index[id(ps[0])], index[id(ps[-1])] + ps[-1].numel()) for ps in runs]
 
 
 class ZeroOptimizer(torch.optim.Optimizer):
@@ -105,9 +129,21 @@ class ZeroOptimizer(torch.optim.Optimizer):
             inner_groups.append({**{k: v for k, v in group.items() if k != "params"},
                                  "params": [f.shard for f in flats]})
         self.optimizer = optimizer_class(inner_groups, **optimizer_kwargs)
+        # buckets of consecutive params of one flat buffer, the last params first (backward's order)
+        cap = bucket_cap_mb * 2**20 if overlap_comm else float("inf")
+        self._bucket_ranges: list[tuple[_Flat, int, int]] = []  # (flat, first element, end element)
+        layout, shard_sizes = [], []
+        for flat in reversed(self.flats):
+            for members, lo, hi in reversed(_runs(flat, cap)):
+                layout.append(members)
+                self._bucket_ranges.append((flat, lo, hi))
+                size = flat.end - flat.start
+                shard_sizes.append([max(0, min(hi, (r + 1) * size) - max(lo, r * size)) for r in range(self.world)])
         self.grads = GradBuckets([p for f in self.flats for p in f.params], process_group=process_group,
-                                 mode="all_reduce" if stage == 1 else "reduce_scatter",
-                                 layout=[f.params for f in self.flats])
+                                 mode="all_reduce" if stage == 1 else "reduce_scatter", layout=layout,
+                                 shard_sizes=shard_sizes if stage == 2 else None, keep_grads=stage == 1)
+        for flat in self.flats:  # this rank's part of the mean grad, where the buckets deliver it
+            flat.shard.grad = torch.zeros_like(flat.shard)
         # what torch.optim.Optimizer.__init__ would set (not called: the groups are the inner optimizer's)
         self._optimizer_step_pre_hooks = OrderedDict()
         self._optimizer_step_post_hooks = OrderedDict()
@@ -146,11 +182,14 @@ class ZeroOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.grads.wait()
-        for flat, bucket in zip(self.flats, self.grads.buckets):
-            if self.stage == 1:
-                flat.shard.grad = bucket.buffer[flat.start:flat.end]
-            else:
-                flat.shard.grad = bucket.shard
+        for (flat, lo, hi), bucket in zip(self._bucket_ranges, self.grads.buckets):
+            first, last = max(lo, flat.start), min(hi, flat.end)  # the bucket's part of this rank's shard
+            if first >= last:
+                continue
+            if flat.shard.grad is None:
+                flat.shard.grad = torch.zeros_like(flat.shard)
+            target = flat.shard.grad[first - flat.start:last - flat.start]
+            target.copy_(bucket.buffer[first - lo:last - lo] if self.stage == 1 else bucket.shard)
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None:  # every rank skips together
@@ -197,7 +236,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                     p.grad = None
                 else:
                     p.grad.zero_()
-            flat.shard.grad = None
+            flat.shard.grad = None  # re-created (zeros, then the buckets' parts) by the next step
 
     # --- checkpoints ------------------------------------------------------------------
 
