@@ -297,6 +297,50 @@ def test_zero_shards_master_weights(world):
     spawn(zero_master_worker, world)
 
 
+def zero_scaler_worker(rank, world):
+    """GradScaler with ZeroOptimizer: the same weights and scales as a
+    single-process FusedAdamW with GradScaler; an inf on one rank only makes
+    every rank skip the step and halve its scale."""
+    import warnings
+
+    from fusedopt import FusedAdamW
+    from fusedopt.distributed import ZeroOptimizer
+
+    warnings.filterwarnings("ignore", "GradScaler is going to stop", FutureWarning)
+    single, net = small(), small()
+    ref = FusedAdamW(single.parameters(), lr=0.05, max_grad_norm=0.05)
+    opt = ZeroOptimizer(net.parameters(), stage=2, lr=0.05, max_grad_norm=0.05)
+    ref_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2)
+    for step in range(4):
+        x = global_batch(step, world)
+        ref_scaler.scale(single(x)).backward()
+        ref_scaler.step(ref)
+        ref_scaler.update()
+        ref.zero_grad()
+        scaler.scale(net(x.chunk(world)[rank])).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    assert scaler.get_scale() == ref_scaler.get_scale() == 2.0**14
+    for p, q in zip(net.parameters(), single.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    before = [p.detach().clone() for p in net.parameters()]
+    x = global_batch(7, world).chunk(world)[rank].clone()
+    if rank == 0:
+        x[0, 0] = float("inf")
+    scaler.scale(net(x)).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**13  # on every rank
+    assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_zero_with_grad_scaler(world):
+    spawn(zero_scaler_worker, world)
+
+
 # --- ZeroOptimizer checkpoints: save at 2 ranks, load at 3 and at 1 ----------------
 
 KW = {"lr": 0.05, "weight_decay": 0.1, "max_grad_norm": 0.05}

@@ -32,9 +32,7 @@ Checkpoints: ``state_dict()`` is sharded (DTensors) and reshards through
 torch.distributed.checkpoint; ``full_state_dict()`` / a full dict in
 ``load_state_dict`` move to and from the torch.optim.AdamW layout.
 
-Not yet (see issue 6's notes): GradScaler's own unscale path (it reads grads
-through ``param_groups``, which hold the shards, whose grads exist only inside
-``step()``): set ``opt.grad_scale`` / ``opt.found_inf`` as GradScaler would.
+GradScaler: see ``step()``.
 """
 from __future__ import annotations
 
@@ -176,7 +174,17 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return self.grads.no_sync()
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, grad_scaler=None):
+        """Reduce the grads, step this rank's shards, all-gather the params.
+
+        GradScaler: ``scaler.step(opt)`` passes itself as ``grad_scaler`` (the
+        contract torch keeps for optimizers with ``_step_supports_amp_scaling``;
+        torch warns that it is being deprecated). The inf/NaN check then runs
+        here, on the reduced shard grads, and is all-reduced, and the scaler is
+        handed that global flag, so every rank skips the same steps and keeps
+        the same scale. The grads are unscaled inside the kernel. Calling
+        ``scaler.unscale_(opt)`` first is not supported (clip with
+        ``max_grad_norm`` instead)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -192,7 +200,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
             target.copy_(bucket.buffer[first - lo:last - lo] if self.stage == 1 else bucket.shard)
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None:  # every rank skips together
+        if grad_scaler is not None:
+            grad_scale, found_inf = self._scaler_flags(grad_scaler)
+        elif found_inf is not None:  # every rank skips together
             found_inf = torch.as_tensor(found_inf, dtype=torch.float32, device=self.flats[0].buffer.device).clone()
             comm.all_reduce(found_inf, self.group)
             self.optimizer.found_inf = (found_inf > 0).to(torch.float32)
@@ -209,6 +219,25 @@ class ZeroOptimizer(torch.optim.Optimizer):
         for flat in self.flats:  # every rank gets every updated shard
             comm.all_gather(flat.buffer, flat.shard.clone(), self.group)
         return loss
+
+    def _scaler_flags(self, scaler) -> tuple[Tensor, Tensor]:
+        """GradScaler's scale, and found_inf over every rank's shard grads
+        (also recorded in the scaler, for its update())."""
+        from torch.amp.grad_scaler import OptState
+
+        per_optimizer = scaler._per_optimizer_states[id(self)]  # the scaler's own bookkeeping for this optimizer
+        if per_optimizer["stage"] is OptState.UNSCALED:
+            raise RuntimeError("ZeroOptimizer: scaler.unscale_(opt) before scaler.step(opt) is not supported "
+                               "(the grads are reduced inside step()); clip with max_grad_norm instead")
+        device = self.flats[0].buffer.device
+        grads = [f.shard.grad for f in self.flats if f.shard.grad is not None]
+        bad = torch.stack([(~torch.isfinite(g)).any() for g in grads]).any() if grads else torch.tensor(False)
+        found_inf = bad.to(device=device, dtype=torch.float32).reshape(1)
+        comm.all_reduce(found_inf, self.group)
+        found_inf = (found_inf > 0).to(torch.float32)
+        per_optimizer["found_inf_per_device"] = {found_inf.device: found_inf}
+        self.optimizer.found_inf = found_inf
+        return scaler._scale.to(device), found_inf
 
     def _clip(self, grad_scale: Tensor | None) -> Tensor:
         """torch's clip_grad_norm_ rule on the global norm: the grads are to be
