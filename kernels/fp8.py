@@ -23,23 +23,19 @@ ROW_OUTPUT = tl.constexpr(1)
 
 @triton.jit
 def fp8_bits(x, MANT: tl.constexpr, BIAS: tl.constexpr):
-    """fp32 `x` (|x| <= the format's max, or NaN) -> the fp8 bit pattern (int32)."""
+    """fp32 `x` (|x| <= the format's max, or NaN) -> the fp8 bit pattern (int32).
+    The rule of csrc/include/fusedopt/fp8.h: adding C, the power of two whose fp32
+    ulp is fp8's ulp at |x| (or the subnormal ulp), rounds |x| to fp8's grid in
+    the FPU; the bits of the sum minus C's count fp8 ulps."""
     u = x.to(tl.uint32, bitcast=True)
-    sign = (u >> 24) & 0x80
     a = u & 0x7FFFFFFF
-    # below the smallest normal: x + C rounds x to fp8's subnormal ulp (C = 2^(24 - BIAS - MANT))
-    c_bits: tl.constexpr = (127 + 24 - BIAS - MANT) << 23
-    c = tl.full(x.shape, c_bits, tl.uint32).to(tl.float32, bitcast=True)
-    sub = (a.to(tl.float32, bitcast=True) + c).to(tl.uint32, bitcast=True) - c_bits
-    # normal: rebias the exponent, round the dropped bits to nearest even
-    DROPPED: tl.constexpr = 23 - MANT
-    odd = (a >> DROPPED) & 1
-    rebias: tl.constexpr = (127 - BIAS) << 23
-    nrm = (a - rebias + ((1 << (DROPPED - 1)) - 1) + odd) >> DROPPED
-    smallest_normal: tl.constexpr = (127 + 1 - BIAS) << 23
-    r = tl.where(a < smallest_normal, sub, nrm)
-    r = tl.where(a > 0x7F800000, 0x7F, r)
-    return ((r & 0xFF) | sign).to(tl.int32)
+    SUBNORMAL_C: tl.constexpr = (127 + 24 - BIAS - MANT) << 23
+    c = (a & 0x7F800000) + ((23 - MANT) << 23)
+    c = tl.maximum(c, tl.full(x.shape, SUBNORMAL_C, tl.uint32))
+    total = (a.to(tl.float32, bitcast=True) + c.to(tl.float32, bitcast=True)).to(tl.uint32, bitcast=True)
+    r = total - c + (c >> (23 - MANT)) - ((151 - MANT - BIAS) << MANT)
+    r = tl.where(a > 0x7F800000, 0x7F, r)  # NaN
+    return ((r & 0xFF) | ((u >> 24) & 0x80)).to(tl.int32)
 
 
 @triton.jit
