@@ -85,6 +85,27 @@ def test_copies_follow_delayed_scaling(backend, fmt, param_dtype):
 
 
 @pytest.mark.parametrize("backend", backend_params())
+def test_non_contiguous_and_many_tensors(backend):
+    """Transposed (non-contiguous) fp32 params and more tensors than one
+    launch table holds: each copy is its weight cast with the old scale, in
+    the param's own layout."""
+    g = torch.Generator().manual_seed(3)
+    params = [torch.randn(9, 5, generator=g).t().requires_grad_() for _ in range(3)]
+    params += [torch.randn(n % 7 + 1, generator=g).requires_grad_() for n in range(300)]
+    opt = FusedAdamW(params, lr=0.05, backend=backend, fp8=Float8Recipe())
+    for step in range(2):
+        scales = [opt.state[p]["fp8_scale"].clone() if p in opt.state else None for p in params]
+        for p, grad in zip(params, grads_for(params, step)):
+            p.grad = grad
+        opt.step()
+    for p, scale in zip(params, scales):
+        copy, inv = opt.fp8_weight(p)
+        assert copy.stride() == p.stride()
+        assert torch.equal(bits(copy), bits(spec_cast(p.detach(), scale, torch.float8_e4m3fn)))
+        assert torch.equal(inv, scale.reciprocal())
+
+
+@pytest.mark.parametrize("backend", backend_params())
 def test_initial_state_and_weights_unchanged(backend):
     """The state made at the first step: history [amax(w_0), 0, ...], the scale
     from it, the copy of w_0; the weights get the same bits as without fp8."""
