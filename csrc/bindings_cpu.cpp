@@ -16,6 +16,7 @@
 #include "fusedopt/adamw.h"
 #include "fusedopt/dispatch.h"
 #include "fusedopt/fp8.h"
+#include "fusedopt/fp8_states.h"
 #include "fusedopt/lamb.h"
 #include "fusedopt/norms.h"
 #include "fusedopt/sophia.h"
@@ -31,6 +32,7 @@ fusedopt::DType dtype_code(at::ScalarType t) {
     case at::kDouble: return fusedopt::DType::kFloat64;
     case at::kBFloat16: return fusedopt::DType::kBFloat16;
     case at::kHalf: return fusedopt::DType::kFloat16;
+    case at::kFloat8_e4m3fn: return fusedopt::DType::kFp8Blocked;  // block-scaled states only
     default: TORCH_CHECK(false, "fusedopt cpu: unsupported dtype ", t, " (fp32, fp64, bf16, fp16 only)");
   }
 }
@@ -107,7 +109,8 @@ void check_dtype(TensorList xs, at::ScalarType want, const char* what) {
 
 // The states' storage dtype (of the first state tensor; the default rule when
 // there is none), checked to be one the kernels are built for.
-at::ScalarType state_dtype_of(at::ScalarType pdt, std::initializer_list<TensorList> states, bool has_master) {
+at::ScalarType state_dtype_of(at::ScalarType pdt, std::initializer_list<TensorList> states, bool has_master,
+                              bool fp8_states = false) {
   at::ScalarType sdt = has_master ? at::kFloat : pdt;
   for (TensorList list : states) {
     if (!list.empty()) {
@@ -115,7 +118,7 @@ at::ScalarType state_dtype_of(at::ScalarType pdt, std::initializer_list<TensorLi
       break;
     }
   }
-  TORCH_CHECK(fusedopt::supported_storage(dtype_code(pdt), dtype_code(sdt), has_master), "fusedopt cpu: ", pdt,
+  TORCH_CHECK(fusedopt::supported_storage(dtype_code(pdt), dtype_code(sdt), has_master, fp8_states), "fusedopt cpu: ", pdt,
               " params", has_master ? " with master weights" : "", " cannot keep ", sdt, " states");
   return sdt;
 }
@@ -151,8 +154,21 @@ fusedopt::Fp8Format fp8_format(at::ScalarType t, const char* backend) {
   return fusedopt::Fp8Format::kE5M2;
 }
 
+// Block-scaled FP8 states: each state's list of scales, fp32 contiguous, one per kQBlock elements.
+void check_block_scales(TensorList scales, TensorList states, const char* what) {
+  TORCH_CHECK(scales.size() == states.size(), "fusedopt cpu: ", what, " needs one scale tensor per state tensor");
+  for (size_t i = 0; i < scales.size(); ++i) {
+    const int64_t blocks = (states[i].numel() + fusedopt::kQBlock - 1) / fusedopt::kQBlock;
+    TORCH_CHECK(states[i].is_contiguous() && scales[i].scalar_type() == at::kFloat && scales[i].is_contiguous() &&
+                    scales[i].numel() == blocks,
+                "fusedopt cpu: ", what, " ", i, " must be contiguous fp32 of ", blocks,
+                " elements (one per block of the contiguous FP8 state)");
+  }
+}
+
 void adamw(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
-           TensorList max_exp_avg_sqs, TensorList masters, TensorList steps, TensorList fp8_weights,
+           TensorList max_exp_avg_sqs, TensorList exp_avg_scales, TensorList exp_avg_sq_scales,
+           TensorList max_exp_avg_sq_scales, TensorList masters, TensorList steps, TensorList fp8_weights,
            TensorList fp8_scales, const std::optional<Tensor>& fp8_amax, double lr,
            const std::optional<Tensor>& lr_tensor, double beta1, double beta2, double eps,
            double weight_decay, bool amsgrad, bool maximize, const std::optional<Tensor>& grad_mult,
@@ -161,7 +177,14 @@ void adamw(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
   const at::ScalarType pdt = params[0].scalar_type();
   const bool has_master = !masters.empty();
   TORCH_CHECK(!amsgrad || !max_exp_avg_sqs.empty(), "fusedopt cpu: amsgrad needs max_exp_avg_sqs");
-  const at::ScalarType sdt = state_dtype_of(pdt, {exp_avgs, exp_avg_sqs}, has_master);
+  const at::ScalarType sdt = state_dtype_of(pdt, {exp_avgs, exp_avg_sqs}, has_master, true);
+  if (sdt == at::kFloat8_e4m3fn) {
+    check_block_scales(exp_avg_scales, exp_avgs, "exp_avg_scale");
+    check_block_scales(exp_avg_sq_scales, exp_avg_sqs, "exp_avg_sq_scale");
+    check_block_scales(max_exp_avg_sq_scales, max_exp_avg_sqs, "max_exp_avg_sq_scale");
+    TORCH_CHECK(chunk_size % fusedopt::kQBlock == 0, "fusedopt cpu: chunk_size must be a multiple of ",
+                fusedopt::kQBlock, " with FP8 states");
+  }
   check_dtype(params, pdt, "params");
   check_dtype(grads, pdt, "grads");
   check_dtype(exp_avgs, sdt, "exp_avg");
@@ -181,8 +204,10 @@ void adamw(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
                 "fusedopt cpu: FP8 copies need one scale per param and a float64 amax output of n elements");
     check_steps(fp8_scales);  // 1-element float32 CPU tensors, like steps
   }
-  HostTable host({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps, fp8_weights, fp8_scales},
-                 chunk_size, {fusedopt::kRowStep, fusedopt::kRowFp8Scale});
+  HostTable host({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps, fp8_weights, fp8_scales,
+                  exp_avg_scales, exp_avg_sq_scales, max_exp_avg_sq_scales},
+                 chunk_size, {fusedopt::kRowStep, fusedopt::kRowFp8Scale, fusedopt::kRowExpAvgScale,
+                              fusedopt::kRowExpAvgSqScale, fusedopt::kRowMaxExpAvgSqScale});
   fusedopt::AdamWHyper h(lr, scalar_ptr(lr_tensor, "lr"), beta1, beta2, eps, weight_decay, amsgrad, maximize,
                          scalar_ptr(grad_mult, "grad_mult"), scalar_ptr(found_inf, "found_inf"));
   h.sr = stochastic_rounding(sr_seed, pdt, has_master);
@@ -398,7 +423,8 @@ TORCH_LIBRARY(fusedopt_cpu, m) {
   m.def("scale_(Tensor(a!)[] tensors, Tensor factor, int chunk_size) -> ()", &scale_);
   m.def(
       "adamw(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] masters, Tensor(f!)[] steps, Tensor(g!)[] fp8_weights, "
+      "Tensor(d!)[] max_exp_avg_sqs, Tensor(i!)[] exp_avg_scales, Tensor(j!)[] exp_avg_sq_scales, "
+      "Tensor(k!)[] max_exp_avg_sq_scales, Tensor(e!)[] masters, Tensor(f!)[] steps, Tensor(g!)[] fp8_weights, "
       "Tensor[] fp8_scales, Tensor(h!)? fp8_amax, float lr, Tensor? lr_tensor, "
       "float beta1, float beta2, float eps, float weight_decay, bool amsgrad, bool maximize, "
       "Tensor? grad_mult, Tensor? found_inf, int? sr_seed, int chunk_size) -> ()",

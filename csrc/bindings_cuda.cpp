@@ -11,6 +11,7 @@
 #include "fusedopt/adamw.h"
 #include "fusedopt/dispatch.h"
 #include "fusedopt/fp8.h"
+#include "fusedopt/fp8_states.h"
 #include "fusedopt/lamb.h"
 #include "fusedopt/norms.h"
 #include "fusedopt/sophia.h"
@@ -27,11 +28,13 @@ const float* device_scalar(const std::optional<Tensor>& t, const char* what) {
 }
 
 // The (param, state, master) storage of a launch, checked.
-std::pair<fusedopt::DType, fusedopt::DType> storage(int64_t param_dtype, int64_t state_dtype, bool has_master) {
-  TORCH_CHECK(param_dtype >= 0 && param_dtype <= 3 && state_dtype >= 0 && state_dtype <= 3,
+// fp8_states: the op's kernels take block-scaled FP8 states (state code 4).
+std::pair<fusedopt::DType, fusedopt::DType> storage(int64_t param_dtype, int64_t state_dtype, bool has_master,
+                                                    bool fp8_states = false) {
+  TORCH_CHECK(param_dtype >= 0 && param_dtype <= 3 && state_dtype >= 0 && state_dtype <= 4,
               "fusedopt cuda: bad dtype codes ", param_dtype, ", ", state_dtype);
   const auto p = static_cast<fusedopt::DType>(param_dtype), s = static_cast<fusedopt::DType>(state_dtype);
-  TORCH_CHECK(fusedopt::supported_storage(p, s, has_master), "fusedopt cuda: unsupported param/state dtypes ",
+  TORCH_CHECK(fusedopt::supported_storage(p, s, has_master, fp8_states), "fusedopt cuda: unsupported param/state dtypes ",
               param_dtype, "/", state_dtype, has_master ? " with master weights" : "");
   return {p, s};
 }
@@ -78,7 +81,9 @@ void adamw(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor,
            const std::optional<Tensor>& found_inf, std::optional<int64_t> sr_seed, int64_t fp8_format,
            const std::optional<Tensor>& chunk_first, const std::optional<Tensor>& fp8_partials,
            const std::optional<Tensor>& fp8_amax, int64_t stream) {
-  const auto [pdt, sdt] = storage(param_dtype, state_dtype, has_master);
+  const auto [pdt, sdt] = storage(param_dtype, state_dtype, has_master, true);
+  TORCH_CHECK(sdt != fusedopt::DType::kFp8Blocked || chunk_size % fusedopt::kQBlock == 0,
+              "fusedopt cuda: chunk_size must be a multiple of ", fusedopt::kQBlock, " with FP8 states");
   const fusedopt::TensorTable tt =
       make_table(table, numel, chunk_tensor, chunk_start, chunk_size, fusedopt::kMomentRows);
   fusedopt::AdamWHyper h(lr, device_scalar(lr_tensor, "lr"), beta1, beta2, eps, weight_decay, amsgrad, maximize,

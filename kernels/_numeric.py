@@ -15,6 +15,7 @@ F32 = tl.constexpr(0)
 F64 = tl.constexpr(1)
 BF16 = tl.constexpr(2)
 F16 = tl.constexpr(3)
+FP8_BLOCKED = tl.constexpr(4)  # block-scaled e4m3fn states (kernels/fp8_states.py)
 
 
 @triton.jit

@@ -14,6 +14,9 @@ ROW_MASTER = tl.constexpr(5)
 ROW_STEP = tl.constexpr(6)
 ROW_FP8 = tl.constexpr(7)
 ROW_FP8_SCALE = tl.constexpr(8)
+ROW_EXP_AVG_SCALE = tl.constexpr(9)
+ROW_EXP_AVG_SQ_SCALE = tl.constexpr(10)
+ROW_MAX_EXP_AVG_SQ_SCALE = tl.constexpr(11)
 
 
 @triton.jit

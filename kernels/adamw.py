@@ -23,11 +23,13 @@ import math
 import triton
 import triton.language as tl
 
-from ._numeric import (F32, F64, div_ieee, lerp, load_math, load_state, one_minus_exp, sqrt_ieee, sr_tensor_key,
-                       store_math, store_param)
-from ._table import (ROW_EXP_AVG, ROW_EXP_AVG_SQ, ROW_FP8, ROW_FP8_SCALE, ROW_GRAD, ROW_MASTER, ROW_MAX_EXP_AVG_SQ,
-                     ROW_PARAM, ROW_STEP, address, program_chunk)
+from ._numeric import (F32, F64, FP8_BLOCKED, div_ieee, lerp, load_math, load_state, one_minus_exp, sqrt_ieee,
+                       sr_tensor_key, store_math, store_param)
+from ._table import (ROW_EXP_AVG, ROW_EXP_AVG_SCALE, ROW_EXP_AVG_SQ, ROW_EXP_AVG_SQ_SCALE, ROW_FP8, ROW_FP8_SCALE,
+                     ROW_GRAD, ROW_MASTER, ROW_MAX_EXP_AVG_SQ, ROW_MAX_EXP_AVG_SQ_SCALE, ROW_PARAM, ROW_STEP, address,
+                     program_chunk)
 from .fp8 import cast_fp8
+from .fp8_states import load_fp8_state, store_fp8_state
 from .norms import _combine_kernel
 
 
@@ -53,6 +55,11 @@ def _adamw_kernel(
     work = param
     if MASTER:
         work = address(table, ROW_MASTER, n_tensors, t)
+    m_scales = exp_avg
+    v_scales = exp_avg_sq
+    if S_KIND == FP8_BLOCKED:
+        m_scales = address(table, ROW_EXP_AVG_SCALE, n_tensors, t)
+        v_scales = address(table, ROW_EXP_AVG_SQ_SCALE, n_tensors, t)
     step_addr = address(table, ROW_STEP, n_tensors, t)
     step = tl.load(step_addr.to(tl.pointer_type(tl.float32)))
 
@@ -90,8 +97,12 @@ def _adamw_kernel(
         mask = in_chunk < end
         p = load_math(work, offs, mask, W_KIND)
         g = load_math(grad, offs, mask, P_KIND)
-        m = load_state(exp_avg, offs, mask, S_KIND, P_KIND)
-        v = load_state(exp_avg_sq, offs, mask, S_KIND, P_KIND)
+        if S_KIND == FP8_BLOCKED:  # block-scaled FP8: decoded to fp32 (v from its stored sqrt)
+            m = _widen(load_fp8_state(exp_avg, m_scales, offs, mask, False), P_KIND)
+            v = _widen(load_fp8_state(exp_avg_sq, v_scales, offs, mask, True), P_KIND)
+        else:
+            m = load_state(exp_avg, offs, mask, S_KIND, P_KIND)
+            v = load_state(exp_avg_sq, offs, mask, S_KIND, P_KIND)
 
         if HAS_GRAD_MULT:
             g = g * tl.load(grad_mult_ptr)
@@ -104,8 +115,13 @@ def _adamw_kernel(
         vhat = v
         if AMSGRAD:
             max_exp_avg_sq = address(table, ROW_MAX_EXP_AVG_SQ, n_tensors, t)
-            vmax = tl.maximum(load_state(max_exp_avg_sq, offs, mask, S_KIND, P_KIND), v)
-            store_math(max_exp_avg_sq, offs, vmax, mask, S_KIND)
+            if S_KIND == FP8_BLOCKED:
+                vmax_scales = address(table, ROW_MAX_EXP_AVG_SQ_SCALE, n_tensors, t)
+                vmax = tl.maximum(_widen(load_fp8_state(max_exp_avg_sq, vmax_scales, offs, mask, True), P_KIND), v)
+                store_fp8_state(max_exp_avg_sq, vmax_scales, offs, vmax, mask, True, BLOCK)
+            else:
+                vmax = tl.maximum(load_state(max_exp_avg_sq, offs, mask, S_KIND, P_KIND), v)
+                store_math(max_exp_avg_sq, offs, vmax, mask, S_KIND)
             vhat = vmax
         denom = div_ieee(sqrt_ieee(vhat, P_KIND), bc2_sqrt, P_KIND) + eps
         p = p - div_ieee(step_size * m, denom, P_KIND)
@@ -119,11 +135,23 @@ def _adamw_kernel(
                      mask=mask)
             amax = tl.maximum(amax, tl.where(mask, tl.abs(w), 0.0))
             nans += (mask & (w != w)).to(tl.int32)
-        store_math(exp_avg, offs, m, mask, S_KIND)
-        store_math(exp_avg_sq, offs, v, mask, S_KIND)
+        if S_KIND == FP8_BLOCKED:
+            store_fp8_state(exp_avg, m_scales, offs, m, mask, False, BLOCK)
+            store_fp8_state(exp_avg_sq, v_scales, offs, v, mask, True, BLOCK)
+        else:
+            store_math(exp_avg, offs, m, mask, S_KIND)
+            store_math(exp_avg_sq, offs, v, mask, S_KIND)
     if FP8 != 0:
         r = tl.max(amax, axis=0).to(tl.float64)
         tl.store(fp8_partials + tl.program_id(0), tl.where(tl.sum(nans, axis=0) > 0, float("nan"), r))
+
+
+@triton.jit
+def _widen(x, P_KIND: tl.constexpr):
+    """fp32 state values in the math precision of P_KIND params."""
+    if P_KIND == F64:
+        x = x.to(tl.float64)
+    return x
 
 
 def launch_adamw(tables, *, p_kind, s_kind, master, amsgrad, maximize, lr, lr_tensor, beta1, beta2, eps,

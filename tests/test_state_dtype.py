@@ -166,12 +166,12 @@ def test_loading_fp32_states_converts_them(backend):
 
 def test_bad_state_dtype_raises():
     params = make_params([(3,)])
-    with pytest.raises(ValueError, match="state_dtype must be None or torch.bfloat16"):
+    with pytest.raises(ValueError, match="state_dtype must be None, torch.bfloat16 or torch.float8_e4m3fn"):
         FusedAdamW(params, state_dtype=torch.float16)
     with pytest.raises(ValueError, match="state_dtype"):
         FusedLAMB(params, state_dtype="bf16")
     if hasattr(torch, "float8_e4m3fn"):
-        with pytest.raises(NotImplementedError, match="not implemented yet"):
+        with pytest.raises(NotImplementedError, match="not implemented for this optimizer yet"):
             FusedSophia(params, state_dtype=torch.float8_e4m3fn)
 
 

@@ -7,6 +7,7 @@
 
 #include "fusedopt/adamw.h"
 #include "fusedopt/dispatch.h"
+#include "fusedopt/fp8_states.h"
 #include "multi_tensor.cuh"
 
 namespace fusedopt {
@@ -97,14 +98,162 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorTable tt, AdamWHy
   }
 }
 
+// Block-scaled FP8 states (fp8_states.h): one state block of kQBlock elements
+// is held by kGroup consecutive threads (kILP elements each) of one loop
+// iteration. max over those threads of `bits`, for each of them: a warp
+// shuffle reduction, then the group's warps through shared memory.
+constexpr int kGroup = int(kQBlock) / kILP;
+static_assert(kGroup % 32 == 0 && kThreads % kGroup == 0, "a state block must be whole warps of one thread block");
+
+__device__ __forceinline__ uint32_t group_max(uint32_t bits, uint32_t* scratch) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const uint32_t other = __shfl_xor_sync(0xFFFFFFFFu, bits, offset);
+    bits = other > bits ? other : bits;
+  }
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = bits;
+  __syncthreads();
+  const int first = int(threadIdx.x) / kGroup * (kGroup / 32);
+  uint32_t m = 0;
+#pragma unroll
+  for (int w = 0; w < kGroup / 32; ++w) m = scratch[first + w] > m ? scratch[first + w] : m;
+  __syncthreads();  // scratch is reused by the next call
+  return m;
+}
+
+// The same update with block-scaled FP8 moments. Every thread runs every
+// iteration (group_max synchronizes the thread block); lanes past the end
+// of the chunk load zeros and store nothing. Chunks are multiples of kQBlock.
+template <typename P, bool MASTER, bool AMSGRAD, bool GRAD_MULT, bool SR, int FP8>
+__global__ void __launch_bounds__(kThreads) adamw_fp8_states_kernel(TensorTable tt, AdamWHyper h) {
+  using T = typename MathOf<P>::type;
+  constexpr Fp8Format kFormat = FP8 == 2 ? Fp8Format::kE5M2 : Fp8Format::kE4M3FN;
+  if (h.found_inf && *h.found_inf != 0.0f) return;
+
+  const Chunk chunk = tt.chunk(blockIdx.x);
+  __shared__ AdamWScalars<T> shared_scalars;
+  __shared__ uint32_t scratch[kThreads / 32];
+  if (threadIdx.x == 0) {
+    const double lr = h.lr_ptr ? double(*h.lr_ptr) : h.lr;
+    const double step = double(*tt.ptr<const float>(kRowStep, chunk.tensor));
+    shared_scalars = adamw_scalars<T>(h, lr, step);
+  }
+  __syncthreads();
+  const AdamWScalars<T> s = shared_scalars;
+  const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, chunk.tensor) : 0u;
+  const int64_t t = chunk.tensor;
+
+  P* param = tt.ptr<P>(kRowParam, t) + chunk.start;
+  const P* grad = tt.ptr<const P>(kRowGrad, t) + chunk.start;
+  uint8_t* exp_avg = tt.ptr<uint8_t>(kRowExpAvg, t) + chunk.start;
+  uint8_t* exp_avg_sq = tt.ptr<uint8_t>(kRowExpAvgSq, t) + chunk.start;
+  uint8_t* max_exp_avg_sq = AMSGRAD ? tt.ptr<uint8_t>(kRowMaxExpAvgSq, t) + chunk.start : nullptr;
+  float* m_scales = tt.ptr<float>(kRowExpAvgScale, t) + chunk.start / kQBlock;
+  float* v_scales = tt.ptr<float>(kRowExpAvgSqScale, t) + chunk.start / kQBlock;
+  float* vmax_scales = AMSGRAD ? tt.ptr<float>(kRowMaxExpAvgSqScale, t) + chunk.start / kQBlock : nullptr;
+  float* master = MASTER ? tt.ptr<float>(kRowMaster, t) + chunk.start : nullptr;
+  fp8* fp8_copy = FP8 ? tt.ptr<fp8>(kRowFp8, t) + chunk.start : nullptr;
+  const float fp8_scale = FP8 ? *tt.ptr<const float>(kRowFp8Scale, t) : 0.0f;
+  float amax = 0.0f;
+  int nan = 0;
+  const bool aligned = cuda::is_aligned(param) && cuda::is_aligned(grad) && cuda::is_aligned(exp_avg) &&
+                       cuda::is_aligned(exp_avg_sq) && (!AMSGRAD || cuda::is_aligned(max_exp_avg_sq)) &&
+                       (!MASTER || cuda::is_aligned(master)) && (!FP8 || cuda::is_aligned(fp8_copy));
+
+  for (int64_t base = 0; base < chunk.len; base += int64_t(kThreads) * kILP) {
+    const int64_t i = base + int64_t(threadIdx.x) * kILP, blk = i / kQBlock;
+    const bool live = i < chunk.len;
+    P p_in[kILP], g_in[kILP];
+    uint8_t m_in[kILP], v_in[kILP], vmax_in[kILP];
+    float master_in[kILP];
+    if (MASTER) cuda::load_pack(master_in, master, i, chunk.len, aligned);
+    else cuda::load_pack(p_in, param, i, chunk.len, aligned);
+    cuda::load_pack(g_in, grad, i, chunk.len, aligned);
+    cuda::load_pack(m_in, exp_avg, i, chunk.len, aligned);
+    cuda::load_pack(v_in, exp_avg_sq, i, chunk.len, aligned);
+    if (AMSGRAD) cuda::load_pack(vmax_in, max_exp_avg_sq, i, chunk.len, aligned);
+    const float m_scale = live ? m_scales[blk] : 0.0f, v_scale = live ? v_scales[blk] : 0.0f;
+    const float vmax_scale = AMSGRAD && live ? vmax_scales[blk] : 0.0f;
+
+    P p_out[kILP];
+    float master_out[kILP], m_new[kILP], s_new[kILP], smax_new[kILP];
+    fp8 fp8_out[kILP];
+    uint32_t m_bits = 0, s_bits = 0, smax_bits = 0;
+#pragma unroll
+    for (int k = 0; k < kILP; ++k) {
+      T p = MASTER ? T(master_in[k]) : T(to_math(p_in[k]));
+      T m = T(q8_decode<false>(m_in[k], m_scale));
+      T v = T(q8_decode<true>(v_in[k], v_scale));
+      T vmax = AMSGRAD ? T(q8_decode<true>(vmax_in[k], vmax_scale)) : T(0);
+      adamw_element<T, AMSGRAD, GRAD_MULT>(p, T(to_math(g_in[k])), m, v, vmax, s);
+      if (MASTER) master_out[k] = float(p);
+      p_out[k] = store_param<P, SR>(p, sr_key, chunk.start + i + k);
+      m_new[k] = float(m);
+      s_new[k] = sqrtf(float(v));
+      smax_new[k] = AMSGRAD ? sqrtf(float(vmax)) : 0.0f;
+      if (i + k < chunk.len) {  // lanes past the end are not part of any block
+        const uint32_t am = abs_bits(m_new[k]), as = abs_bits(s_new[k]), ax = abs_bits(smax_new[k]);
+        m_bits = am > m_bits ? am : m_bits;
+        s_bits = as > s_bits ? as : s_bits;
+        smax_bits = ax > smax_bits ? ax : smax_bits;
+      }
+      if constexpr (FP8 != 0) {
+        const float w = float(p);
+        fp8_out[k] = cast_fp8<kFormat>(w, fp8_scale);
+        if (i + k < chunk.len) {
+          nan |= int(w != w);
+          amax = absmax_step(amax, w);
+        }
+      }
+    }
+    if (MASTER) cuda::store_pack(master, master_out, i, chunk.len, aligned);
+    cuda::store_pack(param, p_out, i, chunk.len, aligned);
+    if (FP8) cuda::store_pack(fp8_copy, fp8_out, i, chunk.len, aligned);
+
+    // every thread has read its block's old scales before group_max's barrier
+    const float m_amax = bits_to_float(group_max(m_bits, scratch));
+    const float s_amax = bits_to_float(group_max(s_bits, scratch));
+    const float smax_amax = AMSGRAD ? bits_to_float(group_max(smax_bits, scratch)) : 0.0f;
+    const float m_inv = q8_inv(m_amax), s_inv = q8_inv(s_amax), smax_inv = q8_inv(smax_amax);
+    uint8_t m_out[kILP], v_out[kILP], vmax_out[kILP];
+#pragma unroll
+    for (int k = 0; k < kILP; ++k) {
+      m_out[k] = q8_encode(m_new[k], m_inv);
+      v_out[k] = q8_encode(s_new[k], s_inv);
+      vmax_out[k] = q8_encode(smax_new[k], smax_inv);
+    }
+    cuda::store_pack(exp_avg, m_out, i, chunk.len, aligned);
+    cuda::store_pack(exp_avg_sq, v_out, i, chunk.len, aligned);
+    if (AMSGRAD) cuda::store_pack(max_exp_avg_sq, vmax_out, i, chunk.len, aligned);
+    if (live && threadIdx.x % kGroup == 0) {
+      m_scales[blk] = q8_scale(m_amax);
+      v_scales[blk] = q8_scale(s_amax);
+      if (AMSGRAD) vmax_scales[blk] = q8_scale(smax_amax);
+    }
+  }
+  if constexpr (FP8 != 0) {
+    const float total = cuda::block_reduce<float, true>(amax, nan);
+    if (threadIdx.x == 0) h.fp8.partials[blockIdx.x] = nan ? double(NAN) : double(total);
+  }
+}
+
+template <typename P, typename S, bool MASTER, bool AMSGRAD, bool GRAD_MULT, bool SR, int FP8>
+void launch_one(const TensorTable& tt, const AdamWHyper& h, cudaStream_t stream) {
+  const dim3 grid(unsigned(tt.n_chunks));
+  if constexpr (std::is_same<S, fp8>::value) {
+    adamw_fp8_states_kernel<P, MASTER, AMSGRAD, GRAD_MULT, SR, FP8><<<grid, kThreads, 0, stream>>>(tt, h);
+  } else {
+    adamw_kernel<P, S, MASTER, AMSGRAD, GRAD_MULT, SR, FP8><<<grid, kThreads, 0, stream>>>(tt, h);
+  }
+}
+
 template <typename P, typename S, bool MASTER, bool SR, int FP8>
 void launch_adamw(const TensorTable& tt, const AdamWHyper& h, cudaStream_t stream) {
-  const dim3 grid(unsigned(tt.n_chunks));
   const bool mult = h.grad_mult != nullptr;
-  if (h.amsgrad && mult) adamw_kernel<P, S, MASTER, true, true, SR, FP8><<<grid, kThreads, 0, stream>>>(tt, h);
-  else if (h.amsgrad) adamw_kernel<P, S, MASTER, true, false, SR, FP8><<<grid, kThreads, 0, stream>>>(tt, h);
-  else if (mult) adamw_kernel<P, S, MASTER, false, true, SR, FP8><<<grid, kThreads, 0, stream>>>(tt, h);
-  else adamw_kernel<P, S, MASTER, false, false, SR, FP8><<<grid, kThreads, 0, stream>>>(tt, h);
+  if (h.amsgrad && mult) launch_one<P, S, MASTER, true, true, SR, FP8>(tt, h, stream);
+  else if (h.amsgrad) launch_one<P, S, MASTER, true, false, SR, FP8>(tt, h, stream);
+  else if (mult) launch_one<P, S, MASTER, false, true, SR, FP8>(tt, h, stream);
+  else launch_one<P, S, MASTER, false, false, SR, FP8>(tt, h, stream);
 }
 
 template <typename P, typename S, bool MASTER>
@@ -128,7 +277,7 @@ const char* adamw_cuda(const TensorTable& tt, const AdamWHyper& h, DType param_d
   if (tt.n_chunks == 0) return nullptr;
   if (tt.n_chunks > 0x7FFFFFFF) return "fusedopt: too many chunks for one launch";
   cudaStream_t stream = static_cast<cudaStream_t>(stream_handle);
-  dispatch_storage<AdamWOp>(param_dtype, state_dtype, has_master, tt, h, stream);
+  dispatch_storage<AdamWOp, true>(param_dtype, state_dtype, has_master, tt, h, stream);
   if (h.fp8.on) {
     cuda::combine_kernel<true><<<dim3(unsigned(tt.n_tensors)), kThreads, 0, stream>>>(h.fp8.partials,
                                                                                      h.fp8.chunk_first, h.fp8.amax);

@@ -2,9 +2,11 @@
 headers (csrc/include/fusedopt/common.h: enum class DType)."""
 import torch
 
-F32, F64, BF16, F16 = 0, 1, 2, 3
+F32, F64, BF16, F16, FP8_BLOCKED = 0, 1, 2, 3, 4
 
 CODES = {torch.float32: F32, torch.float64: F64, torch.bfloat16: BF16, torch.float16: F16}
+#: the codes of state storage dtypes: FP8_BLOCKED is block-scaled e4m3fn (fusedopt/reference/fp8_states.py)
+STATE_CODES = {**CODES, torch.float8_e4m3fn: FP8_BLOCKED}
 
 #: param dtypes every fusedopt optimizer takes
 SUPPORTED_PARAM_DTYPES = tuple(CODES)
@@ -12,9 +14,9 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 #: what the ``state_dtype`` optimizer argument takes besides None (the default:
 #: the param's dtype, or fp32 with master weights)
-STATE_DTYPES = (torch.bfloat16,)
-#: asked for in the issue tracker, not built yet: a clear error, not a fallback
-PLANNED_STATE_DTYPES = (torch.float8_e4m3fn,)
+STATE_DTYPES = (torch.bfloat16, torch.float8_e4m3fn)
+#: block-scaled FP8 states (fusedopt/reference/fp8_states.py): kernels pass code FP8_STATES
+FP8_STATE_DTYPE = torch.float8_e4m3fn
 
 
 def math_dtype(dtype: torch.dtype) -> torch.dtype:

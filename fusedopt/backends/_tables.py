@@ -24,7 +24,7 @@ from torch import Tensor
 # csrc/include/fusedopt/multi_tensor.h and ROW_* in kernels/_table.py use the
 # same numbers; a row an optimizer lacks is left absent (address 0).
 MOMENT_ROWS = ("params", "grads", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "masters", "steps", "fp8_weights",
-               "fp8_scales")
+               "fp8_scales", "exp_avg_scale", "exp_avg_sq_scale", "max_exp_avg_sq_scale")
 
 _CACHE_SIZE = 64
 _cache: OrderedDict[tuple, "LaunchTables"] = OrderedDict()
@@ -79,12 +79,19 @@ def launch_tables(rows: list[list[Tensor] | None], device: torch.device, chunk_s
     return tables
 
 
+def round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` >= n (chunk sizes that FP8 state blocks do not straddle)."""
+    return -(-n // multiple) * multiple
+
+
 def moment_rows(bucket, second: str = "exp_avg_sq") -> list[list[Tensor] | None]:
     """The bucket's lists in MOMENT_ROWS order (None for a state it lacks);
     `second` names the state in the second-moment row (Sophia: "hessian")."""
     return [bucket.params, bucket.grads, bucket.states.get("exp_avg"), bucket.states.get(second),
             bucket.states.get("max_exp_avg_sq"), bucket.masters, bucket.steps,
-            bucket.fp8.weights if bucket.fp8 else None, bucket.fp8.scales if bucket.fp8 else None]
+            bucket.fp8.weights if bucket.fp8 else None, bucket.fp8.scales if bucket.fp8 else None,
+            bucket.states.get("exp_avg_scale"), bucket.states.get(second + "_scale"),
+            bucket.states.get("max_exp_avg_sq_scale")]
 
 
 # Row order of the Adafactor tables: AdafactorRow in csrc/include/fusedopt/adafactor.h

@@ -6,7 +6,10 @@ from __future__ import annotations
 import torch
 
 from .. import _jit
+from ..reference import fp8_states
 from ..reference import lamb as lamb_spec
+from . import _tables
+from ._dtypes import FP8_STATE_DTYPE
 
 NAME = "cpu"
 DEVICE_TYPES = ("cpu",)
@@ -30,12 +33,16 @@ def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, gra
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
     fp8 = bucket.fp8 is not None
     amax = torch.zeros(len(bucket.params), dtype=torch.float64) if fp8 else None
+    # FP8 states: chunks hold whole blocks of 256
+    chunk = _tables.round_up(CHUNK_SIZE, fp8_states.BLOCK) if bucket.state_dtype == FP8_STATE_DTYPE else CHUNK_SIZE
     torch.ops.fusedopt_cpu.adamw(
         bucket.params, bucket.grads, bucket.states["exp_avg"], bucket.states["exp_avg_sq"],
-        bucket.states["max_exp_avg_sq"] if amsgrad else [], bucket.masters or [], bucket.steps,
+        bucket.states["max_exp_avg_sq"] if amsgrad else [], bucket.states.get("exp_avg_scale", []),
+        bucket.states.get("exp_avg_sq_scale", []), bucket.states.get("max_exp_avg_sq_scale", []) if amsgrad else [],
+        bucket.masters or [], bucket.steps,
         bucket.fp8.weights if fp8 else [], bucket.fp8.scales if fp8 else [], amax,
         0.0 if lr_tensor is not None else lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize,
-        grad_mult, found_inf, bucket.sr_seed, CHUNK_SIZE,
+        grad_mult, found_inf, bucket.sr_seed, chunk,
     )
     return amax
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 import torch
 
 from .. import _jit
+from ..reference import fp8_states
 from ..reference import lamb as lamb_spec
 from . import _tables
 from ._bucket import advance_steps
-from ._dtypes import CODES, FP8_FORMATS
+from ._dtypes import CODES, FP8_FORMATS, FP8_STATE_DTYPE, STATE_CODES
 
 NAME = "cuda"
 DEVICE_TYPES = ("cuda",)
@@ -34,7 +35,9 @@ def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, gra
     """lr: float or 1-element fp32 tensor; grad_mult, found_inf: 1-element
     fp32 tensors or None; all on the bucket's device (the optimizer's base
     class sees to that)."""
-    tables = _tables.launch_tables(_tables.moment_rows(bucket), bucket.device, CHUNK_SIZE)
+    # FP8 states: chunks hold whole blocks of 256
+    chunk = _tables.round_up(CHUNK_SIZE, fp8_states.BLOCK) if bucket.state_dtype == FP8_STATE_DTYPE else CHUNK_SIZE
+    tables = _tables.launch_tables(_tables.moment_rows(bucket), bucket.device, chunk)
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
     advance_steps(bucket.steps, found_inf)
     fp8 = bucket.fp8 is not None
@@ -45,7 +48,7 @@ def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, gra
     with torch.cuda.device(bucket.device):
         torch.ops.fusedopt_cuda.adamw(
             tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.chunk_size,
-            CODES[bucket.dtype], CODES[bucket.state_dtype],
+            CODES[bucket.dtype], STATE_CODES[bucket.state_dtype],
             bucket.masters is not None, 0.0 if lr_tensor is not None else lr, lr_tensor, beta1, beta2, eps,
             weight_decay, amsgrad, maximize, grad_mult, found_inf, bucket.sr_seed,
             FP8_FORMATS[bucket.fp8.weights[0].dtype] if fp8 else -1, tables.chunk_first if fp8 else None, partials,

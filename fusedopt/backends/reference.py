@@ -10,11 +10,12 @@ import torch
 
 from ..reference import adafactor as adafactor_spec
 from ..reference import adamw as adamw_spec
+from ..reference import fp8_states
 from ..reference import lamb as lamb_spec
 from ..reference import sophia as sophia_spec
 from ..reference import stochastic
 from ._bucket import advance_steps
-from ._dtypes import math_dtype
+from ._dtypes import FP8_STATE_DTYPE, math_dtype
 
 NAME = "reference"
 DEVICE_TYPES = ("cpu", "cuda")
@@ -41,6 +42,25 @@ def _store_param(bucket, i, param, work):
         stochastic.store_stochastic_(param, work, bucket.sr_seed, i)
 
 
+def _load_state(bucket, name, i, dtype):
+    """A working copy (math precision) of state `name` of tensor i: decoded
+    when the bucket stores block-scaled FP8 states."""
+    stored = bucket.states[name][i]
+    if bucket.state_dtype == FP8_STATE_DTYPE:
+        return fp8_states.decode(name, stored, bucket.states[fp8_states.scale_name(name)][i]).to(dtype)
+    return stored.to(dtype, copy=True)
+
+
+def _store_state(bucket, name, i, value):
+    """Store the new value of state `name` of tensor i, rounded once to its
+    storage (block-scaled FP8: quantized with fresh scales)."""
+    stored = bucket.states[name][i]
+    if bucket.state_dtype == FP8_STATE_DTYPE:
+        fp8_states.store_(name, stored, bucket.states[fp8_states.scale_name(name)][i], value)
+    else:
+        stored.copy_(value)
+
+
 def unavailable_reason(device_type: str) -> str | None:
     return None
 
@@ -60,11 +80,8 @@ def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, gra
     for i, param in enumerate(bucket.params):
         master = bucket.masters[i] if bucket.masters is not None else None
         work = (master if master is not None else param).to(dtype, copy=True)
-        exp_avg = bucket.states["exp_avg"][i]
-        exp_avg_sq = bucket.states["exp_avg_sq"][i]
-        vmax = bucket.states["max_exp_avg_sq"][i] if amsgrad else None
-        m, v = exp_avg.to(dtype, copy=True), exp_avg_sq.to(dtype, copy=True)
-        vm = vmax.to(dtype, copy=True) if vmax is not None else None
+        m, v = _load_state(bucket, "exp_avg", i, dtype), _load_state(bucket, "exp_avg_sq", i, dtype)
+        vm = _load_state(bucket, "max_exp_avg_sq", i, dtype) if amsgrad else None
         adamw_spec.adamw_update_(
             work, bucket.grads[i].to(dtype), m, v, vm, step=float(bucket.steps[i].item()), lr=lr, beta1=beta1,
             beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize, grad_mult=mult,
@@ -73,10 +90,10 @@ def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, gra
         if master is not None:
             master.copy_(work)
         _store_param(bucket, i, param, work)
-        exp_avg.copy_(m)
-        exp_avg_sq.copy_(v)
-        if vmax is not None:
-            vmax.copy_(vm)
+        _store_state(bucket, "exp_avg", i, m)
+        _store_state(bucket, "exp_avg_sq", i, v)
+        if vm is not None:
+            _store_state(bucket, "max_exp_avg_sq", i, vm)
         if bucket.fp8 is not None:
             copy = bucket.fp8.weights[i]
             fmax = torch.finfo(copy.dtype).max

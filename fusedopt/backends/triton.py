@@ -14,10 +14,11 @@ import torch
 
 from .._resources import shipped_module
 from ..reference import adafactor as adafactor_spec
+from ..reference import fp8_states
 from ..reference import lamb as lamb_spec
 from . import _tables
 from ._bucket import advance_steps
-from ._dtypes import CODES, FP8_FORMATS
+from ._dtypes import CODES, FP8_FORMATS, FP8_STATE_DTYPE, STATE_CODES
 
 NAME = "triton"
 DEVICE_TYPES = ("cuda", "cpu")
@@ -48,17 +49,21 @@ def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, gra
     """lr: float or 1-element fp32 tensor; grad_mult, found_inf: 1-element
     fp32 tensors or None; all on the bucket's device."""
     kernels = shipped_module("kernels", "adamw")
-    tables = _tables.launch_tables(_tables.moment_rows(bucket), bucket.device, CHUNK_SIZE)
+    block, chunk = BLOCK_SIZE, CHUNK_SIZE
+    if bucket.state_dtype == FP8_STATE_DTYPE:  # every FP8 state block inside one loop iteration
+        block = _tables.round_up(block, fp8_states.BLOCK)
+        chunk = _tables.round_up(chunk, block)
+    tables = _tables.launch_tables(_tables.moment_rows(bucket), bucket.device, chunk)
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
     advance_steps(bucket.steps, found_inf)
     fp8 = bucket.fp8 is not None
     amax = torch.zeros(len(bucket.params), dtype=torch.float64, device=bucket.device) if fp8 else None
     kernels.launch_adamw(
-        tables, p_kind=CODES[bucket.dtype], s_kind=CODES[bucket.state_dtype], master=bucket.masters is not None,
+        tables, p_kind=CODES[bucket.dtype], s_kind=STATE_CODES[bucket.state_dtype], master=bucket.masters is not None,
         amsgrad=amsgrad,
         maximize=maximize, lr=0.0 if lr_tensor is not None else lr, lr_tensor=lr_tensor, beta1=beta1,
         beta2=beta2, eps=eps, weight_decay=weight_decay, grad_mult=grad_mult, found_inf=found_inf,
-        sr_seed=bucket.sr_seed, block=BLOCK_SIZE, num_warps=NUM_WARPS,
+        sr_seed=bucket.sr_seed, block=block, num_warps=NUM_WARPS,
         fp8_format=FP8_FORMATS[bucket.fp8.weights[0].dtype] if fp8 else None, fp8_amax=amax,
     )
     return amax

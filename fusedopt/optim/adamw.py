@@ -27,7 +27,17 @@ class FusedAdamW(FusedOptimizer):
       the math inside the kernel. Halves the moments' memory and traffic; the
       params (and masters) keep their precision. state_dict holds the moments
       as stored; loading an fp32 state_dict (torch.optim.AdamW's) rounds them
-      once. ``torch.float8_e4m3fn`` is planned and raises NotImplementedError.
+      once. ``torch.float8_e4m3fn``: block-scaled FP8 moments
+      (:mod:`fusedopt.reference.fp8_states`): each moment is stored as e4m3fn
+      values of the param's shape plus one fp32 scale per 256 elements
+      (``state["exp_avg_scale"]``, ...), recomputed from the block's absmax at
+      every store (round to nearest even). ``exp_avg_sq`` and ``max_exp_avg_sq``
+      hold the square root of the second moment (decoded as s * s), which keeps
+      it within e4m3's range. 2.03 bytes per param for both moments instead of
+      8; states are always contiguous (a channels_last param is staged). Like
+      any 3-bit-mantissa state, an EMA step smaller than half an fp8 ulp of the
+      value (about 3-6%) is lost to rounding: with beta2 = 0.999 the second
+      moment then follows rises in the gradients' scale but decays slowly.
     * ``stochastic_rounding``: bf16 params without master weights get the new
       value rounded stochastically (16 random bits added below bf16's, then
       truncated: unbiased, so updates below half a bf16 ulp still move the
@@ -67,6 +77,7 @@ class FusedAdamW(FusedOptimizer):
     """
 
     _op = "adamw"
+    _fp8_states = True
 
     def __init__(
         self,

@@ -33,8 +33,8 @@ from torch.optim import Optimizer
 from .. import backends, norms
 from ..fp8 import bucket_copies
 from ..backends._bucket import Bucket, advance_steps
-from ..backends._dtypes import (LOW_PRECISION, PLANNED_STATE_DTYPES, STATE_DTYPES, SUPPORTED_PARAM_DTYPES,
-                                fp32_scalar)
+from ..backends._dtypes import FP8_STATE_DTYPE, LOW_PRECISION, STATE_DTYPES, SUPPORTED_PARAM_DTYPES, fp32_scalar
+from ..reference import fp8_states
 
 
 class FusedOptimizer(Optimizer):
@@ -43,13 +43,15 @@ class FusedOptimizer(Optimizer):
     _step_supports_amp_scaling = True
     #: the backend function this optimizer's update calls (a backend without it is not a candidate)
     _op: str = ""
+    #: whether its kernels take state_dtype=torch.float8_e4m3fn (block-scaled, fusedopt.reference.fp8_states)
+    _fp8_states: bool = False
 
     def __init__(self, params, defaults: dict, *, backend: str | None = None, master_weights: bool = False,
                  max_grad_norm: float | None = None, state_dtype: torch.dtype | None = None,
                  stochastic_rounding: bool = False, fp8=None):
         if max_grad_norm is not None and not float(max_grad_norm) >= 0.0:
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (None or 0 turns clipping off)")
-        _check_state_dtype(type(self).__name__, state_dtype)
+        _check_state_dtype(type(self).__name__, state_dtype, self._fp8_states)
         self._requested_backend = backends.validate_name(backend)
         self.master_weights = bool(master_weights)
         #: storage dtype of the elementwise states; None: the param's dtype (fp32 with master weights)
@@ -166,9 +168,16 @@ class FusedOptimizer(Optimizer):
         shapes = {name: None for name in self._elementwise_states(group, kind)}
         shapes.update(self._shaped_states(group, p))
         for name, shape in shapes.items():
-            if name not in state:
+            if name not in state and dtype == FP8_STATE_DTYPE:
+                state[name], state[fp8_states.scale_name(name)] = fp8_states.empty_like(p)
+            elif name not in state:
                 state[name] = (torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format) if shape is None
                                else torch.zeros(shape, dtype=dtype, device=p.device))
+            elif dtype == FP8_STATE_DTYPE and state[name].dtype == dtype and not _fp8_state_ok(state, name, p):
+                raise RuntimeError(
+                    f"{type(self).__name__}: FP8 state {name!r} of a param of shape {tuple(p.shape)} needs the "
+                    f"param's shape, contiguous, and {fp8_states.scale_name(name)!r}: fp32 "
+                    f"[{fp8_states.n_blocks(p.numel())}] (one scale per {fp8_states.BLOCK} elements)")
             elif state[name].dtype != dtype:
                 raise RuntimeError(
                     f"{type(self).__name__}: state {name!r} of a {p.dtype} param of shape {tuple(p.shape)} is "
@@ -289,6 +298,10 @@ class FusedOptimizer(Optimizer):
             state = self._prepare_state(group, p, kind)
             master = state.get("master_param") if self._uses_master(p) else None
             fp8 = self._uses_fp8(p)
+            # block-scaled FP8 states: their scales ride along like shaped states,
+            # and the blocks run in row-major order, so everything is made contiguous
+            fp8_scales = [fp8_states.scale_name(n) for n in names] if self._state_dtype(p) == FP8_STATE_DTYPE else []
+            shaped = [*shaped, *fp8_scales]
             plan.watch(p, state, ["step", *names, *shaped] + (["master_param"] if master is not None else [])
                        + (list(_FP8_STATES) if fp8 else []))
             if p.numel() == 0:
@@ -303,7 +316,7 @@ class FusedOptimizer(Optimizer):
             tensors = ([p, g] + [state[n] for n in names] + ([master] if master is not None else [])
                        + ([state["fp8_weight"]] if fp8 else []))
             staged = _flat_compatible(tensors, writable=[True, False] + [True] * (len(tensors) - 2),
-                                      writeback=writeback, contiguous=self._needs_contiguous(kind))
+                                      writeback=writeback, contiguous=self._needs_contiguous(kind) or bool(fp8_scales))
             plan.cacheable &= staged is tensors
             grad_index.append(i)
             bucket.params.append(staged[0])
@@ -354,10 +367,7 @@ class FusedOptimizer(Optimizer):
                 continue
             if "step" in state:
                 state["step"] = torch.as_tensor(saved["step"], dtype=torch.float32).to(p.device).reshape(()).clone()
-            for name, value in saved.items():
-                if name != "step" and isinstance(value, Tensor) and value.is_floating_point():
-                    dtype = _FIXED_DTYPES.get(name, self._state_dtype(p))
-                    state[name] = value.to(device=p.device, dtype=dtype or value.dtype, copy=True)
+            self._load_states(p, state, saved)
             if self._uses_master(p):
                 if "master_param" not in state:
                     state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format,
@@ -369,6 +379,40 @@ class FusedOptimizer(Optimizer):
                 # FP8 state is re-created from the weight at the next step
                 for name in _FP8_STATES:
                     state.pop(name, None)
+
+    def _load_states(self, p: Tensor, state: dict, saved: dict) -> None:
+        """Take p's saved floating-point states into `state` in the dtype this
+        optimizer stores. Block-scaled FP8 states (a payload with its
+        ``<name>_scale``) are kept as stored when this optimizer stores FP8
+        too, else decoded; full-precision ones are encoded when it does."""
+        target = self._state_dtype(p)
+        scale_keys = {fp8_states.scale_name(n) for n, v in saved.items()
+                      if isinstance(v, Tensor) and v.dtype == FP8_STATE_DTYPE}
+        for key in [k for k in state if k.endswith("_scale") and k not in _FIXED_DTYPES]:
+            state.pop(key)  # torch's load put them there cast to the param's dtype
+        for name, value in saved.items():
+            if name == "step" or name in scale_keys or not isinstance(value, Tensor) or not value.is_floating_point():
+                continue
+            if name in _FIXED_DTYPES:
+                dtype = _FIXED_DTYPES[name]
+                state[name] = value.to(device=p.device, dtype=dtype or value.dtype, copy=True)
+                continue
+            scale = saved.get(fp8_states.scale_name(name))
+            if value.dtype == FP8_STATE_DTYPE and not isinstance(scale, Tensor):
+                raise ValueError(f"{type(self).__name__}.load_state_dict: the FP8 state {name!r} of a param of "
+                                 f"shape {tuple(p.shape)} comes without its {fp8_states.scale_name(name)!r}")
+            if value.dtype == FP8_STATE_DTYPE and target == FP8_STATE_DTYPE:
+                q, scales = value, scale  # as stored: no second rounding
+            elif value.dtype == FP8_STATE_DTYPE:
+                state[name] = fp8_states.decode(name, value, scale).to(device=p.device, dtype=target)
+                continue
+            elif target == FP8_STATE_DTYPE:
+                q, scales = fp8_states.encode(name, value.to(p.device).reshape(p.shape))
+            else:
+                state[name] = value.to(device=p.device, dtype=target, copy=True)
+                continue
+            state[name] = q.to(p.device).reshape(p.shape).contiguous().clone()
+            state[fp8_states.scale_name(name)] = scales.to(device=p.device, dtype=torch.float32, copy=True)
 
     def fp8_weight(self, p: Tensor) -> tuple[Tensor, Tensor]:
         """``(fp8_tensor, scale_inv)``: the FP8 copy of param p written by the
@@ -406,13 +450,20 @@ def _fp8_state_matches(state: dict, recipe) -> bool:
             and state["fp8_amax_history"].shape == (recipe.amax_history_len,))
 
 
-def _check_state_dtype(name: str, state_dtype) -> None:
+def _fp8_state_ok(state: dict, name: str, p: Tensor) -> bool:
+    """Whether FP8 state `name` has p's shape and its scales (one per block)."""
+    scales = state.get(fp8_states.scale_name(name))
+    return (state[name].shape == p.shape and state[name].is_contiguous() and isinstance(scales, Tensor)
+            and scales.dtype == torch.float32 and scales.shape == (fp8_states.n_blocks(p.numel()),))
+
+
+def _check_state_dtype(name: str, state_dtype, fp8_states_built: bool) -> None:
+    if state_dtype == FP8_STATE_DTYPE and not fp8_states_built:
+        raise NotImplementedError(f"{name}: state_dtype={state_dtype} is not implemented for this optimizer yet "
+                                  f"(FusedAdamW has it); use None or torch.bfloat16")
     if state_dtype is None or state_dtype in STATE_DTYPES:
         return
-    if state_dtype in PLANNED_STATE_DTYPES:
-        raise NotImplementedError(f"{name}: state_dtype={state_dtype} is not implemented yet; "
-                                  f"use None or torch.bfloat16")
-    raise ValueError(f"{name}: state_dtype must be None or torch.bfloat16, got {state_dtype!r}")
+    raise ValueError(f"{name}: state_dtype must be None, torch.bfloat16 or torch.float8_e4m3fn, got {state_dtype!r}")
 
 
 def check_hyperparameters(lr, eps: float, betas, weight_decay: float) -> None:

@@ -14,6 +14,7 @@ namespace fusedopt {
 
 // Storage dtype codes. The Python side (fusedopt/backends/_dtypes.py) uses the
 // same numbers; keep the two in sync.
-enum class DType : int32_t { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
+// kFp8Blocked: block-scaled e4m3fn optimizer states (fp8_states.h), states only.
+enum class DType : int32_t { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3, kFp8Blocked = 4 };
 
 }  // namespace fusedopt

@@ -43,9 +43,11 @@ struct TensorTable {
 // as MOMENT_ROWS in fusedopt/backends/_tables.py and kernels/_table.py. A
 // kernel that has no use for a row finds 0 there. kRowFp8 / kRowFp8Scale:
 // AdamW's FP8 weight copies and the fp32 scale each is cast with.
+// kRow*Scale: the block scales of block-scaled FP8 states (fp8_states.h).
 enum MomentRow : int {
   kRowParam = 0, kRowGrad = 1, kRowExpAvg = 2, kRowExpAvgSq = 3, kRowMaxExpAvgSq = 4, kRowMaster = 5,
-  kRowStep = 6, kRowFp8 = 7, kRowFp8Scale = 8, kMomentRows = 9
+  kRowStep = 6, kRowFp8 = 7, kRowFp8Scale = 8, kRowExpAvgScale = 9, kRowExpAvgSqScale = 10,
+  kRowMaxExpAvgSqScale = 11, kMomentRows = 12
 };
 
 }  // namespace fusedopt

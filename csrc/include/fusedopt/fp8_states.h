@@ -1,0 +1,49 @@
+// Block-scaled FP8 optimizer states (state_dtype=torch.float8_e4m3fn), shared by
+// the CPU loops and the CUDA kernels; fusedopt/reference/fp8_states.py is the
+// specification and kernels/fp8_states.py spells the same operations in Triton.
+//
+// A state is stored as e4m3fn values q (the param's shape, contiguous) and one
+// fp32 scale per block of kQBlock = 256 consecutive elements, recomputed at
+// every store from the block's absmax:
+//
+//   amax  = max |x_i| over the block           (NaN-propagating: abs_bits in fp8.h)
+//   scale = amax / 448                          value_i ~= float(q_i) * scale
+//   inv   = amax > 0 ? 448 / amax : 0           q_i = fp8(clamp(x_i * inv, -448, 448))
+//
+// The second moments are stored as sqrt(v) (correctly rounded) and decoded as
+// s * s, which keeps them within e4m3's dynamic range inside a block.
+// Chunks of the multi-tensor launch are multiples of kQBlock, so no block is
+// split between two threads (CPU) or thread blocks (CUDA).
+#pragma once
+
+#include "fusedopt/fp8.h"
+#include "fusedopt/numeric.h"
+
+namespace fusedopt {
+
+constexpr int64_t kQBlock = 256;
+
+// e4m3fn bits -> fp32, exact. Normal numbers: rebias the exponent (7 -> 127);
+// subnormals: m * 2^-9; 0x7F / 0xFF: NaN. Selects, not branches, so loops vectorize.
+FUSEDOPT_HD float e4m3fn_to_float(uint8_t b) {
+  const uint32_t sign = uint32_t(b & 0x80u) << 24;
+  const uint32_t mag = b & 0x7Fu;
+  const float normal = bits_to_float((mag << 20) + (120u << 23));
+  const float subnormal = float(mag & 7u) * 0.001953125f;
+  float x = (mag >> 3) == 0 ? subnormal : normal;
+  x = mag == 0x7Fu ? bits_to_float(0x7FC00000u) : x;
+  return bits_to_float(float_to_bits(x) | sign);
+}
+
+FUSEDOPT_HD float q8_scale(float amax) { return amax / 448.0f; }
+FUSEDOPT_HD float q8_inv(float amax) { return amax > 0.0f ? 448.0f / amax : 0.0f; }
+FUSEDOPT_HD uint8_t q8_encode(float x, float inv) { return cast_fp8<Fp8Format::kE4M3FN>(x, inv).bits; }
+
+// A state's stored value as fp32: v = s * s for the second moments (SQRT).
+template <bool SQRT>
+FUSEDOPT_HD float q8_decode(uint8_t q, float scale) {
+  const float s = e4m3fn_to_float(q) * scale;
+  return SQRT ? s * s : s;
+}
+
+}  // namespace fusedopt
