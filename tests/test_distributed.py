@@ -122,7 +122,34 @@ def check_reduce_scatter(rank, world):
         torch.testing.assert_close(shard, flat[bucket.shard_start:bucket.shard_end], rtol=1e-6, atol=1e-8)
 
 
+def check_released_buckets(rank, world):
+    """keep_grads=False: a bucket's full-size buffer goes once its reduction is
+    done (at most MAX_IN_FLIGHT reductions at once), and a bucket still
+    filling keeps its grads while an earlier one is released."""
+    from fusedopt.distributed.grad_buckets import MAX_IN_FLIGHT
+    params = [torch.zeros(5, requires_grad=True) for _ in range(4)]
+    grads = [torch.randn(5, generator=torch.Generator().manual_seed(10 * rank + i)) for i in range(4)]
+    buckets = GradBuckets(params, mode="reduce_scatter", keep_grads=False,
+                          layout=[[params[3]], [params[2]], [params[1], params[0]]])
+    assert all(b.buffer is None for b in buckets.buckets)
+    live = []
+    for i in (0, 3, 2, 1):  # the last bucket half filled before the first two launch
+        params[i].grad = grads[i].clone()
+        buckets._on_grad(params[i])  # what the post-accumulate-grad hook calls
+        live.append(sum(b.buffer is not None for b in buckets.buckets))
+    assert live == [1, 2, 3, 3 if MAX_IN_FLIGHT >= 3 else 2], live
+    buckets.wait()
+    assert all(p.grad is None for p in params) and all(b.buffer is None for b in buckets.buckets)
+    total = [sum(torch.randn(5, generator=torch.Generator().manual_seed(10 * r + i)) for r in range(world)) / world
+             for i in range(4)]
+    for bucket, shard in zip(buckets.buckets, buckets.shards()):
+        flat = torch.cat([total[next(i for i, q in enumerate(params) if q is p)] for p in bucket.params])
+        flat = torch.cat([flat, flat.new_zeros(-flat.numel() % world)])
+        torch.testing.assert_close(shard, flat[bucket.shard_start:bucket.shard_end], rtol=1e-6, atol=1e-7)
+
+
 def worker(rank, world):
+    check_released_buckets(rank, world)
     # every bucket smaller than one param (each param alone), then a few params per bucket
     check_all_reduce(rank, world, bucket_cap_mb=16 / 2**20)
     net, buckets = check_all_reduce(rank, world, bucket_cap_mb=400 / 2**20)
@@ -209,6 +236,10 @@ def zero_worker(rank, world, stage, bucket_cap_mb=25):
     opt = ZeroOptimizer(model.parameters(), stage=stage, bucket_cap_mb=bucket_cap_mb, **kwargs)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
     ref_sched = torch.optim.lr_scheduler.StepLR(ref, step_size=2, gamma=0.5)
+    live = []  # during backward (hooks after the optimizer's): full-size grad buffers that exist
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(
+            lambda p: live.append(sum(b.buffer is not None for b in opt.grads.buckets)))
     for step in range(4):
         x = global_batch(step, world)
         single(x).backward()  # the global batch's mean loss
@@ -224,6 +255,13 @@ def zero_worker(rank, world, stage, bucket_cap_mb=25):
     if stage == 2:  # only the shards of the grads are kept between steps
         assert all(p.grad is None for p in model.parameters())
         assert all(b.buffer is None for b in opt.grads.buckets)
+        # and during backward each bucket's full-size buffer goes once its reduction is done:
+        # at most MAX_IN_FLIGHT being reduced plus the one filling
+        from fusedopt.distributed.grad_buckets import MAX_IN_FLIGHT
+        n_buckets = len(opt.grads.buckets)
+        assert max(live) <= min(n_buckets, MAX_IN_FLIGHT + 1), (live, n_buckets)
+        if n_buckets > MAX_IN_FLIGHT + 1:
+            assert min(live) < n_buckets
     assert opt.last_grad_norm is not None
     for (name, p), q in zip(model.named_parameters(), single.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)

@@ -30,8 +30,11 @@ the buckets and their order instead; with mode="reduce_scatter",
 order) cuts a bucket into uneven consecutive pieces (an all-to-all and a local
 sum, the same bytes as a reduce-scatter): the ZeRO wrapper uses both so that
 small buckets land in its contiguous param shards. ``keep_grads=False``
-(reduce_scatter mode) releases the full-size buffers at the end of ``wait()``
-and leaves ``p.grad`` None: only the shards stay.
+(reduce_scatter mode) leaves ``p.grad`` None and keeps only the shards: the
+full-size buffer of a bucket is released as soon as its reduction is done,
+and at most MAX_IN_FLIGHT buckets are being reduced at once (launching one
+more first finishes the oldest), so during backward no more than that many
+full-size buckets (plus the one filling) exist at a time, as in ZeRO-2.
 
 ``with buckets.no_sync():`` accumulates without communicating (gradient
 accumulation); the next backward outside it reduces the accumulated grads.
@@ -57,6 +60,8 @@ from torch import Tensor
 from . import _collectives as comm
 
 MODES = ("all_reduce", "reduce_scatter")
+#: keep_grads=False: buckets reduced at once before the oldest is finished and released
+MAX_IN_FLIGHT = 2
 
 
 @dataclass
@@ -128,6 +133,9 @@ class GradBuckets:
                                      f"elements over {self.world} ranks")
                 bucket.sends = list(sends)
         self.keep_grads = bool(keep_grads)
+        if not self.keep_grads:  # full-size buffers exist only from a bucket's first grad to its reduction
+            for bucket in self.buckets:
+                bucket.buffer = None
         self._where = {id(p): (b, i) for b in self.buckets for i, p in enumerate(b.params)}
         self._sync = True
         self._next = 0  # the next bucket to launch (in order)
@@ -154,6 +162,22 @@ class GradBuckets:
         while self._next < len(self.buckets) and all(self.buckets[self._next].ready):
             self._launch(self.buckets[self._next])
             self._next += 1
+            if not self.keep_grads:
+                self._release_finished(self.buckets[:max(0, self._next - MAX_IN_FLIGHT)])
+
+    def _release_finished(self, buckets: list[GradBucket]) -> None:
+        """keep_grads=False: finish these launched buckets' reductions and free
+        their full-size buffers (``p.grad`` None; the shard stays)."""
+        for bucket in buckets:
+            if bucket.buffer is None or not bucket.launched:
+                continue
+            for work, finish in bucket._pending:
+                work.wait()
+                finish()
+            bucket._pending.clear()
+            for p in bucket.params:
+                p.grad = None
+            bucket.buffer = None
 
     @contextlib.contextmanager
     def no_sync(self):
@@ -231,8 +255,8 @@ class GradBuckets:
             for i, p in enumerate(bucket.params):
                 used = used_flags[k]
                 k += 1
-                if not used:
-                    p.grad = None
+                if not used or not self.keep_grads:
+                    p.grad = None  # keep_grads=False: only the shards are kept
                 elif self.mode == "all_reduce" and (p.grad is None or not _same_memory(p.grad, bucket.view(i))):
                     p.grad = bucket.view(i)
                 elif self.mode == "reduce_scatter" and p.grad is None:
@@ -241,8 +265,6 @@ class GradBuckets:
             bucket.has_grad = [False] * len(bucket.params)
             bucket.launched = False
             if not self.keep_grads:  # reduce_scatter: only the shard is kept; the next backward re-creates the buffer
-                for p in bucket.params:
-                    p.grad = None
                 bucket.buffer = None
         self._next = 0
 

@@ -18,9 +18,11 @@ backward has produced its grads:
   stage 2  each bucket is cut where the shards are cut and every piece is summed
            on its owner (an all-to-all with uneven splits and a local sum: a
            reduce-scatter's bytes), so each rank receives only its shard of the
-           mean grad; the full-size bucket buffers are released after the
-           step's reduction (``p.grad`` is None then) and re-created by the
-           next backward, so between steps only the shards are kept
+           mean grad; a bucket's full-size buffer exists from its first grad
+           to the end of its reduction (GradBuckets keep_grads=False: at most
+           MAX_IN_FLIGHT buckets reduced at once, then the oldest is freed),
+           so during backward only a few buckets of full grads exist, and
+           between steps only the shards (``p.grad`` is None)
 then the inner step updates this rank's shard of the flat params in place and
 an all-gather per flat buffer brings every rank the whole updated params.
 
