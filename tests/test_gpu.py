@@ -277,6 +277,29 @@ def test_bf16_states_on_gpu(backend, name, dtype, master):
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.bfloat16, True), (torch.bfloat16, False)])
+def test_fp8_states_on_gpu(backend, amsgrad, dtype, master):
+    """state_dtype=torch.float8_e4m3fn (issue 5): the same FP8 bits and block
+    scales as the reference's, on the GPU (the state update is elementwise
+    and each block's absmax an exact max, so nothing depends on an order),
+    over tensors of many blocks and chunks, with partial last blocks."""
+    kw = dict(lr=1e-2, amsgrad=amsgrad, master_weights=master, state_dtype=torch.float8_e4m3fn)
+    a = make_params(SHAPES, dtype=dtype, device="cuda")
+    b = [p.detach().clone().requires_grad_() for p in a]
+    ref, opt = FusedAdamW(a, backend="reference", **kw), FusedAdamW(b, backend=backend, **kw)
+    run(ref, a, 6), run(opt, b, 6)
+    for p, q in zip(a, b):
+        for key, value in ref.state[p].items():
+            got = opt.state[q][key]
+            if value.dtype == torch.float8_e4m3fn:
+                assert torch.equal(got.view(torch.uint8), value.view(torch.uint8)), key
+            elif key.endswith("_scale"):
+                assert torch.equal(got, value), key
+        torch.testing.assert_close(q.detach(), p.detach(), **tolerance(dtype))
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("name", ["adamw", "lamb", "sophia", "adafactor"])
 def test_stochastic_rounding_bits_on_gpu(backend, name):
     """stochastic_rounding=True (issue 5): the kernels draw the reference's

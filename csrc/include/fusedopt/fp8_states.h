@@ -26,13 +26,12 @@ constexpr int64_t kQBlock = 256;
 // e4m3fn bits -> fp32, exact. Normal numbers: rebias the exponent (7 -> 127);
 // subnormals: m * 2^-9; 0x7F / 0xFF: NaN. Selects, not branches, so loops vectorize.
 FUSEDOPT_HD float e4m3fn_to_float(uint8_t b) {
-  const uint32_t sign = uint32_t(b & 0x80u) << 24;
   const uint32_t mag = b & 0x7Fu;
-  const float normal = bits_to_float((mag << 20) + (120u << 23));
-  const float subnormal = float(mag & 7u) * 0.001953125f;
-  float x = (mag >> 3) == 0 ? subnormal : normal;
-  x = mag == 0x7Fu ? bits_to_float(0x7FC00000u) : x;
-  return bits_to_float(float_to_bits(x) | sign);
+  const uint32_t normal = (mag << 20) + (120u << 23);
+  const uint32_t subnormal = float_to_bits(float(int32_t(mag & 7u)) * 0.001953125f);
+  uint32_t bits = mag >= 8u ? normal : subnormal;  // integer selects: the loops stay vectorized
+  bits = mag == 0x7Fu ? 0x7FC00000u : bits;
+  return bits_to_float(bits | (uint32_t(b & 0x80u) << 24));
 }
 
 FUSEDOPT_HD float q8_scale(float amax) { return amax / 448.0f; }
