@@ -18,6 +18,10 @@ cases=()
 [ "${QUICK:-0}" = 1 ] && cases=(--case 1x10M 200x50K gpt2-124M)
 python3 -m fusedopt bench --device cuda --bench adamw states fp8 --out "$out" "${cases[@]}" 2>&1 | tee "$out/gpu-bench.log" | tail -n 45
 bench_rc=${PIPESTATUS[0]}
+n_gpus=$(nvidia-smi -L | wc -l)
+if [ "$n_gpus" -ge 2 ]; then  # ZeRO stage 2 against DDP on NCCL (issue 6)
+  python3 bench/zero.py --time "$n_gpus" 2>&1 | tee "$out/zero-ddp.log" | tail -n 4
+fi
 echo
 echo "== summary =="
 grep -E "^(PASS|MISS)" "$out/gpu-bench.log" || true
