@@ -10,7 +10,7 @@
 
 #include "fusedopt/adamw.h"
 #include "fusedopt/dispatch.h"
-#include "fusedopt/fp8_states.h"
+#include "fp8_blocks.h"
 #include "parallel.h"
 
 namespace fusedopt {
@@ -100,14 +100,13 @@ void adamw_chunks(const TensorTable& tt, const AdamWHyper& h, int num_threads) {
   });
 }
 
-// The same update with block-scaled FP8 moments (fp8_states.h). Each chunk
-// (a multiple of kQBlock elements from a multiple of kQBlock) is walked one
-// block at a time: a vector loop decodes the moments with the block's scales,
-// updates, stores the param (and master, FP8 copy) and keeps the new moments
-// in L1 with their absmaxes; a second loop encodes them with the new scales.
+// The same update with block-scaled FP8 moments (fp8_blocks.h: each block of
+// kQBlock elements is updated by a vector loop that keeps the new moments in
+// L1, then encoded with the block's new scales).
 template <typename P, bool MASTER, bool AMSGRAD, bool GRAD_MULT, bool SR, int FP8>
 void adamw_chunks_fp8_states(const TensorTable& tt, const AdamWHyper& h, int num_threads) {
   constexpr Fp8Format kFormat = FP8 == 2 ? Fp8Format::kE5M2 : Fp8Format::kE4M3FN;
+  constexpr int kStates = AMSGRAD ? 3 : 2;
   using T = typename MathOf<P>::type;
   const double lr = h.lr_ptr ? double(*h.lr_ptr) : h.lr;
   std::vector<AdamWScalars<T>> scalars(size_t(tt.n_tensors));
@@ -118,37 +117,45 @@ void adamw_chunks_fp8_states(const TensorTable& tt, const AdamWHyper& h, int num
   }
 
   parallel_chunks(tt, num_threads, [&](int64_t c, const Chunk& chunk) {
-    const int64_t t = chunk.tensor, begin = chunk.start, len = chunk.len;
+    const int64_t t = chunk.tensor, begin = chunk.start;
     const AdamWScalars<T> s = scalars[size_t(t)];
     const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, t) : 0u;
 
     P* __restrict__ param = tt.ptr<P>(kRowParam, t) + begin;
     const P* __restrict__ grad = tt.ptr<const P>(kRowGrad, t) + begin;
-    uint8_t* __restrict__ exp_avg = tt.ptr<uint8_t>(kRowExpAvg, t) + begin;
-    uint8_t* __restrict__ exp_avg_sq = tt.ptr<uint8_t>(kRowExpAvgSq, t) + begin;
-    uint8_t* __restrict__ max_exp_avg_sq = AMSGRAD ? tt.ptr<uint8_t>(kRowMaxExpAvgSq, t) + begin : nullptr;
-    float* __restrict__ m_scales = tt.ptr<float>(kRowExpAvgScale, t) + begin / kQBlock;
-    float* __restrict__ v_scales = tt.ptr<float>(kRowExpAvgSqScale, t) + begin / kQBlock;
-    float* __restrict__ vmax_scales = AMSGRAD ? tt.ptr<float>(kRowMaxExpAvgSqScale, t) + begin / kQBlock : nullptr;
     float* __restrict__ master = MASTER ? tt.ptr<float>(kRowMaster, t) + begin : nullptr;
     fp8* __restrict__ fp8_copy = FP8 ? tt.ptr<fp8>(kRowFp8, t) + begin : nullptr;
     const float fp8_scale = FP8 ? *tt.ptr<const float>(kRowFp8Scale, t) : 0.0f;
+    // the moments (exp_avg, exp_avg_sq as sqrt, max_exp_avg_sq as sqrt) and their scales
+    uint8_t* q[kStates];
+    float* scales[kStates];
+    const int rows[3] = {kRowExpAvg, kRowExpAvgSq, kRowMaxExpAvgSq};
+    const int scale_rows[3] = {kRowExpAvgScale, kRowExpAvgSqScale, kRowMaxExpAvgSqScale};
+    for (int k = 0; k < kStates; ++k) {
+      q[k] = tt.ptr<uint8_t>(rows[k], t) + begin;
+      scales[k] = tt.ptr<float>(scale_rows[k], t) + begin / kQBlock;
+    }
     uint32_t amax_bits = 0;
 
-    alignas(64) float m_new[kQBlock], s_new[kQBlock], smax_new[AMSGRAD ? kQBlock : 1];
     alignas(64) P staged_param[MASTER ? kQBlock : 1];
-    for (int64_t b0 = 0; b0 < len; b0 += kQBlock) {
-      const int64_t n = len - b0 < kQBlock ? len - b0 : kQBlock, blk = b0 / kQBlock;
-      const float m_scale = m_scales[blk], v_scale = v_scales[blk], vmax_scale = AMSGRAD ? vmax_scales[blk] : 0.0f;
+    q8_store_blocks<kStates>(chunk.len, q, scales, [&](int64_t b0, int64_t n, float (*out)[kQBlock]) {
+      const int64_t blk = b0 / kQBlock;
+      const float m_scale = scales[0][blk], v_scale = scales[1][blk];
+      const float vmax_scale = AMSGRAD ? scales[kStates - 1][blk] : 0.0f;
+      const uint8_t* __restrict__ m_in = q[0] + b0;
+      const uint8_t* __restrict__ v_in = q[1] + b0;
+      const uint8_t* __restrict__ vmax_in = q[kStates - 1] + b0;
+      float* __restrict__ m_out = out[0];
+      float* __restrict__ s_out = out[1];
+      float* __restrict__ smax_out = out[kStates - 1];
       P* __restrict__ param_out = MASTER ? staged_param : param + b0;
-      uint32_t m_amax = 0, s_amax = 0, smax_amax = 0;
-#pragma omp simd reduction(max : amax_bits, m_amax, s_amax, smax_amax)
+#pragma omp simd reduction(max : amax_bits)
       for (int64_t i = 0; i < n; ++i) {
         const int64_t e = b0 + i;
         T p = MASTER ? T(master[e]) : T(to_math(param[e]));
-        T m = T(q8_decode<false>(exp_avg[e], m_scale));
-        T v = T(q8_decode<true>(exp_avg_sq[e], v_scale));
-        T vmax = AMSGRAD ? T(q8_decode<true>(max_exp_avg_sq[e], vmax_scale)) : T(0);
+        T m = T(q8_decode<false>(m_in[i], m_scale));
+        T v = T(q8_decode<true>(v_in[i], v_scale));
+        T vmax = AMSGRAD ? T(q8_decode<true>(vmax_in[i], vmax_scale)) : T(0);
         adamw_element<T, AMSGRAD, GRAD_MULT>(p, T(to_math(grad[e])), m, v, vmax, s);
         if (MASTER) master[e] = float(p);
         param_out[i] = store_param<P, SR>(p, sr_key, begin + e);
@@ -158,30 +165,12 @@ void adamw_chunks_fp8_states(const TensorTable& tt, const AdamWHyper& h, int num
           const uint32_t a = abs_bits(w);
           amax_bits = a > amax_bits ? a : amax_bits;
         }
-        m_new[i] = float(m);
-        s_new[i] = sqrtf(float(v));
-        const uint32_t am = abs_bits(m_new[i]), as = abs_bits(s_new[i]);
-        m_amax = am > m_amax ? am : m_amax;
-        s_amax = as > s_amax ? as : s_amax;
-        if (AMSGRAD) {
-          smax_new[i] = sqrtf(float(vmax));
-          const uint32_t ax = abs_bits(smax_new[i]);
-          smax_amax = ax > smax_amax ? ax : smax_amax;
-        }
+        m_out[i] = float(m);
+        s_out[i] = sqrtf(float(v));
+        if (AMSGRAD) smax_out[i] = sqrtf(float(vmax));
       }
       if constexpr (MASTER) stream_out(param + b0, staged_param, n);
-      const float m_inv = q8_inv(bits_to_float(m_amax)), s_inv = q8_inv(bits_to_float(s_amax));
-      const float smax_inv = q8_inv(bits_to_float(smax_amax));
-      m_scales[blk] = q8_scale(bits_to_float(m_amax));
-      v_scales[blk] = q8_scale(bits_to_float(s_amax));
-      if (AMSGRAD) vmax_scales[blk] = q8_scale(bits_to_float(smax_amax));
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) {
-        exp_avg[b0 + i] = q8_encode(m_new[i], m_inv);
-        exp_avg_sq[b0 + i] = q8_encode(s_new[i], s_inv);
-        if (AMSGRAD) max_exp_avg_sq[b0 + i] = q8_encode(smax_new[i], smax_inv);
-      }
-    }
+    });
 #if defined(__SSE2__)
     if constexpr (MASTER) _mm_sfence();
 #endif
