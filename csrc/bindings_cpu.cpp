@@ -353,24 +353,35 @@ void adafactor(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
 
 // Sophia's lists, checked and tabled in MomentRow layout (hessian in the second-moment row).
 HostTable sophia_table(TensorList params, TensorList grads, TensorList exp_avgs, TensorList hessians,
-                       TensorList masters, TensorList steps, bool has_master, int64_t chunk_size) {
+                       TensorList exp_avg_scales, TensorList hessian_scales, TensorList masters, TensorList steps,
+                       bool has_master, int64_t chunk_size) {
   const at::ScalarType pdt = params[0].scalar_type();
-  const at::ScalarType sdt = state_dtype_of(pdt, {hessians, exp_avgs}, has_master);
+  const at::ScalarType sdt = state_dtype_of(pdt, {hessians, exp_avgs}, has_master, true);
+  if (sdt == at::kFloat8_e4m3fn) {
+    check_block_scales(exp_avg_scales, exp_avgs, "exp_avg_scale");
+    check_block_scales(hessian_scales, hessians, "hessian_scale");
+    TORCH_CHECK(chunk_size % fusedopt::kQBlock == 0, "fusedopt cpu: chunk_size must be a multiple of ",
+                fusedopt::kQBlock, " with FP8 states");
+  }
   check_dtype(params, pdt, "params");
   check_dtype(grads, pdt, "grads");
   check_dtype(exp_avgs, sdt, "exp_avg");
   check_dtype(hessians, sdt, "hessian");
   check_dtype(masters, at::kFloat, "master_param");
   check_steps(steps);
-  return HostTable({params, grads, exp_avgs, hessians, TensorList(), masters, steps}, chunk_size, {fusedopt::kRowStep});
+  // the hessian takes the second-moment row (and its scales' row)
+  return HostTable({params, grads, exp_avgs, hessians, TensorList(), masters, steps, TensorList(), TensorList(),
+                    exp_avg_scales, hessian_scales},
+                   chunk_size, {fusedopt::kRowStep, fusedopt::kRowExpAvgScale, fusedopt::kRowExpAvgSqScale});
 }
 
-void sophia(TensorList params, TensorList grads, TensorList exp_avgs, TensorList hessians, TensorList masters,
-            TensorList steps, double lr, const std::optional<Tensor>& lr_tensor, double beta1, double rho_bs,
+void sophia(TensorList params, TensorList grads, TensorList exp_avgs, TensorList hessians,
+            TensorList exp_avg_scales, TensorList hessian_scales, TensorList masters, TensorList steps, double lr, const std::optional<Tensor>& lr_tensor, double beta1, double rho_bs,
             double weight_decay, bool maximize, const std::optional<Tensor>& grad_mult,
             const std::optional<Tensor>& found_inf, std::optional<int64_t> sr_seed, int64_t chunk_size) {
   if (params.empty()) return;
-  HostTable host = sophia_table(params, grads, exp_avgs, hessians, masters, steps, !masters.empty(), chunk_size);
+  HostTable host = sophia_table(params, grads, exp_avgs, hessians, exp_avg_scales, hessian_scales, masters, steps,
+                                !masters.empty(), chunk_size);
   fusedopt::SophiaHyper h{lr, scalar_ptr(lr_tensor, "lr"), beta1, rho_bs, weight_decay, maximize,
                           scalar_ptr(grad_mult, "grad_mult"), scalar_ptr(found_inf, "found_inf")};
   h.sr = stochastic_rounding(sr_seed, params[0].scalar_type(), !masters.empty());
@@ -378,11 +389,11 @@ void sophia(TensorList params, TensorList grads, TensorList exp_avgs, TensorList
                        !masters.empty(), at::get_num_threads());
 }
 
-void sophia_hessian(TensorList params, TensorList grads, TensorList hessians, bool has_master, double beta2,
-                    int64_t chunk_size) {
+void sophia_hessian(TensorList params, TensorList grads, TensorList hessians, TensorList hessian_scales,
+                    bool has_master, double beta2, int64_t chunk_size) {
   if (params.empty()) return;
-  HostTable host = sophia_table(params, grads, TensorList(), hessians, TensorList(), TensorList(), has_master,
-                                chunk_size);
+  HostTable host = sophia_table(params, grads, TensorList(), hessians, TensorList(), hessian_scales, TensorList(),
+                                TensorList(), has_master, chunk_size);
   fusedopt::sophia_hessian_cpu(host.tt, beta2, dtype_code(params[0].scalar_type()),
                                dtype_code(hessians[0].scalar_type()), has_master, at::get_num_threads());
 }
@@ -391,12 +402,14 @@ void sophia_hessian(TensorList params, TensorList grads, TensorList hessians, bo
 
 TORCH_LIBRARY(fusedopt_cpu, m) {
   m.def(
-      "sophia(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor[] hessians, Tensor(c!)[] masters, "
+      "sophia(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor[] hessians, "
+      "Tensor(e!)[] exp_avg_scales, Tensor[] hessian_scales, Tensor(c!)[] masters, "
       "Tensor(d!)[] steps, float lr, Tensor? lr_tensor, float beta1, float rho_bs, float weight_decay, "
       "bool maximize, Tensor? grad_mult, Tensor? found_inf, int? sr_seed, int chunk_size) -> ()",
       &sophia);
   m.def(
-      "sophia_hessian(Tensor[] params, Tensor[] grads, Tensor(a!)[] hessians, bool has_master, float beta2, "
+      "sophia_hessian(Tensor[] params, Tensor[] grads, Tensor(a!)[] hessians, Tensor(b!)[] hessian_scales, "
+      "bool has_master, float beta2, "
       "int chunk_size) -> ()",
       &sophia_hessian);
   m.def(

@@ -39,6 +39,12 @@ std::pair<fusedopt::DType, fusedopt::DType> storage(int64_t param_dtype, int64_t
   return {p, s};
 }
 
+// Block-scaled FP8 states: no block may straddle two chunks.
+void check_fp8_chunks(fusedopt::DType state_dtype, int64_t chunk_size) {
+  TORCH_CHECK(state_dtype != fusedopt::DType::kFp8Blocked || chunk_size % fusedopt::kQBlock == 0,
+              "fusedopt cuda: chunk_size must be a multiple of ", fusedopt::kQBlock, " with FP8 states");
+}
+
 // The launch's stochastic rounding: off without a seed; only bf16 params
 // without master weights have it (the kernels are built for those).
 fusedopt::StochasticRounding stochastic_rounding(const std::optional<int64_t>& seed, fusedopt::DType pdt,
@@ -82,8 +88,7 @@ void adamw(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor,
            const std::optional<Tensor>& chunk_first, const std::optional<Tensor>& fp8_partials,
            const std::optional<Tensor>& fp8_amax, int64_t stream) {
   const auto [pdt, sdt] = storage(param_dtype, state_dtype, has_master, true);
-  TORCH_CHECK(sdt != fusedopt::DType::kFp8Blocked || chunk_size % fusedopt::kQBlock == 0,
-              "fusedopt cuda: chunk_size must be a multiple of ", fusedopt::kQBlock, " with FP8 states");
+  check_fp8_chunks(sdt, chunk_size);
   const fusedopt::TensorTable tt =
       make_table(table, numel, chunk_tensor, chunk_start, chunk_size, fusedopt::kMomentRows);
   fusedopt::AdamWHyper h(lr, device_scalar(lr_tensor, "lr"), beta1, beta2, eps, weight_decay, amsgrad, maximize,
@@ -195,7 +200,8 @@ void sophia(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor
             std::optional<int64_t> sr_seed, int64_t stream) {
   const fusedopt::TensorTable tt =
       make_table(table, numel, chunk_tensor, chunk_start, chunk_size, fusedopt::kMomentRows);
-  const auto [pdt, sdt] = storage(param_dtype, state_dtype, has_master);
+  const auto [pdt, sdt] = storage(param_dtype, state_dtype, has_master, true);
+  check_fp8_chunks(sdt, chunk_size);
   fusedopt::SophiaHyper h{lr, device_scalar(lr_tensor, "lr"), beta1, rho_bs, weight_decay, maximize,
                           device_scalar(grad_mult, "grad_mult"), device_scalar(found_inf, "found_inf")};
   h.sr = stochastic_rounding(sr_seed, pdt, has_master);
@@ -208,7 +214,8 @@ void sophia_hessian(const Tensor& table, const Tensor& numel, const Tensor& chun
                     int64_t stream) {
   const fusedopt::TensorTable tt =
       make_table(table, numel, chunk_tensor, chunk_start, chunk_size, fusedopt::kMomentRows);
-  const auto [pdt, sdt] = storage(param_dtype, state_dtype, has_master);
+  const auto [pdt, sdt] = storage(param_dtype, state_dtype, has_master, true);
+  check_fp8_chunks(sdt, chunk_size);
   const char* error = fusedopt::sophia_hessian_cuda(tt, beta2, pdt, sdt, has_master,
                                                     reinterpret_cast<void*>(stream));
   TORCH_CHECK(error == nullptr, "fusedopt cuda: sophia hessian launch failed: ", error);

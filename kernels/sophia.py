@@ -8,12 +8,38 @@ csrc/include/fusedopt/sophia.h:
     ratio = min(|m| / (h * (rho * bs) + 1e-15), 1)
     p = p + (-lr * sign(m)) * ratio                (one FMA)
     update_hessian: h = h * beta2 + (1 - beta2) * grad * grad   (one FMA)
+
+With block-scaled FP8 states (S_KIND == FP8_BLOCKED, kernels/fp8_states.py)
+exp_avg and the hessian (as sqrt) are decoded with their block scales and
+re-encoded with fresh ones.
 """
 import triton
 import triton.language as tl
 
-from ._numeric import F32, div_ieee, load_math, load_state, sr_tensor_key, store_math, store_param
-from ._table import ROW_EXP_AVG, ROW_EXP_AVG_SQ, ROW_GRAD, ROW_MASTER, ROW_PARAM, address, program_chunk
+from ._numeric import F32, F64, FP8_BLOCKED, div_ieee, load_math, load_state, sr_tensor_key, store_math, store_param
+from ._table import (ROW_EXP_AVG, ROW_EXP_AVG_SCALE, ROW_EXP_AVG_SQ, ROW_EXP_AVG_SQ_SCALE, ROW_GRAD, ROW_MASTER,
+                     ROW_PARAM, address, program_chunk)
+from .fp8_states import load_fp8_state, store_fp8_state
+
+
+@triton.jit
+def _load(addr, scales, offs, mask, SQRT: tl.constexpr, S_KIND: tl.constexpr, P_KIND: tl.constexpr):
+    """A state in the math precision: decoded (FP8 states) or widened."""
+    if S_KIND == FP8_BLOCKED:
+        x = load_fp8_state(addr, scales, offs, mask, SQRT)
+        if P_KIND == F64:
+            x = x.to(tl.float64)
+    else:
+        x = load_state(addr, offs, mask, S_KIND, P_KIND)
+    return x
+
+
+@triton.jit
+def _store(addr, scales, offs, x, mask, SQRT: tl.constexpr, S_KIND: tl.constexpr, BLOCK: tl.constexpr):
+    if S_KIND == FP8_BLOCKED:
+        store_fp8_state(addr, scales, offs, x, mask, SQRT, BLOCK)
+    else:
+        store_math(addr, offs, x, mask, S_KIND)
 
 
 @triton.jit
@@ -29,6 +55,8 @@ def _step_kernel(table, numels, chunk_tensor, chunk_start, n_tensors, lr, lr_ptr
     grad = address(table, ROW_GRAD, n_tensors, t)
     exp_avg = address(table, ROW_EXP_AVG, n_tensors, t)
     hessian = address(table, ROW_EXP_AVG_SQ, n_tensors, t)
+    m_scales = address(table, ROW_EXP_AVG_SCALE, n_tensors, t)  # FP8 states only (else 0)
+    h_scales = address(table, ROW_EXP_AVG_SQ_SCALE, n_tensors, t)
     if LR_IS_PTR:
         lr = tl.load(lr_ptr)
     decay = 1.0 - lr * weight_decay
@@ -45,12 +73,13 @@ def _step_kernel(table, numels, chunk_tensor, chunk_start, n_tensors, lr, lr_ptr
         if MAXIMIZE:
             g = -g
         p = load_math(work, offs, mask, W_KIND) * decay
-        m = tl.fma(g, one_minus_beta1, load_state(exp_avg, offs, mask, S_KIND, P_KIND) * beta1)
-        ratio = div_ieee(tl.abs(m), load_state(hessian, offs, mask, S_KIND, P_KIND) * rho_bs + 1e-15, W_KIND)
+        m = tl.fma(g, one_minus_beta1, _load(exp_avg, m_scales, offs, mask, False, S_KIND, P_KIND) * beta1)
+        ratio = div_ieee(tl.abs(m), _load(hessian, h_scales, offs, mask, True, S_KIND, P_KIND) * rho_bs + 1e-15,
+                         W_KIND)
         ratio = tl.where(ratio > 1.0, 1.0, ratio)  # NaN stays NaN, as torch.clamp
         sign_m = (m > 0).to(m.dtype) - (m < 0).to(m.dtype)
         p = tl.fma(-lr * sign_m, ratio, p)
-        store_math(exp_avg, offs, m, mask, S_KIND)
+        _store(exp_avg, m_scales, offs, m, mask, False, S_KIND, BLOCK)
         if MASTER:
             store_math(work, offs, p, mask, W_KIND)
         store_param(param, offs, p, mask, P_KIND, SR, sr_key)
@@ -62,13 +91,14 @@ def _hessian_kernel(table, numels, chunk_tensor, chunk_start, n_tensors, beta2, 
     t, start, end = program_chunk(chunk_tensor, chunk_start, numels, numels, CHUNK, False)
     grad = address(table, ROW_GRAD, n_tensors, t)
     hessian = address(table, ROW_EXP_AVG_SQ, n_tensors, t)
+    h_scales = address(table, ROW_EXP_AVG_SQ_SCALE, n_tensors, t)
     for off in range(0, end, BLOCK):
         in_chunk = off + tl.arange(0, BLOCK)
         offs = start + in_chunk
         mask = in_chunk < end
         g = load_math(grad, offs, mask, P_KIND)
-        h = tl.fma(one_minus_beta2 * g, g, load_state(hessian, offs, mask, S_KIND, P_KIND) * beta2)
-        store_math(hessian, offs, h, mask, S_KIND)
+        h = tl.fma(one_minus_beta2 * g, g, _load(hessian, h_scales, offs, mask, True, S_KIND, P_KIND) * beta2)
+        _store(hessian, h_scales, offs, h, mask, True, S_KIND, BLOCK)
 
 
 def launch_step(tables, *, p_kind, s_kind, master, lr, lr_tensor, beta1, rho_bs, weight_decay, maximize, grad_mult,

@@ -2,6 +2,7 @@
 // chunks of every tensor, per step and per Hessian update.
 #include <vector>
 
+#include "fp8_blocks.h"
 #include "fusedopt/dispatch.h"
 #include "fusedopt/sophia.h"
 #include "parallel.h"
@@ -9,11 +10,48 @@
 namespace fusedopt {
 namespace {
 
+// Block-scaled FP8 states (S = fp8, fp8_blocks.h): exp_avg is re-encoded
+// block by block; the hessian (stored as sqrt) is only read here.
+template <typename P, bool MASTER, bool GRAD_MULT, bool SR>
+void step_chunks_fp8_states(const TensorTable& tt, const SophiaScalars<typename MathOf<P>::type>& s,
+                            uint32_t sr_seed, int num_threads) {
+  using T = typename MathOf<P>::type;
+  parallel_chunks(tt, num_threads, [&](int64_t /*c*/, const Chunk& chunk) {
+    const int64_t t = chunk.tensor, begin = chunk.start;
+    const uint32_t sr_key = SR ? sr_tensor_key(sr_seed, t) : 0u;
+    P* __restrict__ param = tt.ptr<P>(kRowParam, t) + begin;
+    const P* __restrict__ grad = tt.ptr<const P>(kRowGrad, t) + begin;
+    const uint8_t* __restrict__ hessian = tt.ptr<const uint8_t>(kRowExpAvgSq, t) + begin;
+    const float* __restrict__ h_scales = tt.ptr<const float>(kRowExpAvgSqScale, t) + begin / kQBlock;
+    float* __restrict__ master = MASTER ? tt.ptr<float>(kRowMaster, t) + begin : nullptr;
+    uint8_t* const q[1] = {tt.ptr<uint8_t>(kRowExpAvg, t) + begin};
+    float* const scales[1] = {tt.ptr<float>(kRowExpAvgScale, t) + begin / kQBlock};
+    q8_store_blocks<1>(chunk.len, q, scales, [&](int64_t b0, int64_t n, float (*out)[kQBlock]) {
+      const float m_scale = scales[0][b0 / kQBlock], h_scale = h_scales[b0 / kQBlock];
+      const uint8_t* __restrict__ m_in = q[0] + b0;
+      float* __restrict__ m_out = out[0];
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t e = b0 + i;
+        T p = MASTER ? T(master[e]) : T(to_math(param[e]));
+        T m = T(q8_decode<false>(m_in[i], m_scale));
+        sophia_element<T, GRAD_MULT>(p, T(to_math(grad[e])), m, T(q8_decode<true>(hessian[e], h_scale)), s);
+        if (MASTER) master[e] = float(p);
+        param[e] = store_param<P, SR>(p, sr_key, begin + e);
+        m_out[i] = float(m);
+      }
+    });
+  });
+}
+
 template <typename P, typename S, bool MASTER, bool GRAD_MULT, bool SR>
 void step_chunks(const TensorTable& tt, const SophiaHyper& h, int num_threads) {
   using T = typename MathOf<P>::type;
   for (int64_t t = 0; t < tt.n_tensors; ++t) *tt.ptr<float>(kRowStep, t) += 1.0f;  // SophiaG keeps a count only
   const SophiaScalars<T> s = sophia_scalars<T>(h, h.lr_ptr ? double(*h.lr_ptr) : h.lr);
+  if constexpr (std::is_same<S, fp8>::value) {
+    step_chunks_fp8_states<P, MASTER, GRAD_MULT, SR>(tt, s, h.sr.seed, num_threads);
+  } else {
   parallel_chunks(tt, num_threads, [&](int64_t /*c*/, const Chunk& chunk) {
     const int64_t t = chunk.tensor;
     const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, t) : 0u;
@@ -32,6 +70,7 @@ void step_chunks(const TensorTable& tt, const SophiaHyper& h, int num_threads) {
       exp_avg[i] = Store<S>::from(m);
     }
   });
+  }
 }
 
 template <typename P, typename S, bool MASTER>
@@ -54,13 +93,31 @@ struct HessianOp {
   static void run(const TensorTable& tt, double beta2, int num_threads) {
     using T = typename MathOf<P>::type;
     const T b2 = T(beta2), omb2 = T(1.0 - beta2);
-    parallel_chunks(tt, num_threads, [&](int64_t /*c*/, const Chunk& chunk) {
-      const P* __restrict__ grad = tt.ptr<const P>(kRowGrad, chunk.tensor) + chunk.start;
-      S* __restrict__ hessian = tt.ptr<S>(kRowExpAvgSq, chunk.tensor) + chunk.start;
+    if constexpr (std::is_same<S, fp8>::value) {  // block-scaled FP8 hessian, stored as sqrt
+      parallel_chunks(tt, num_threads, [&](int64_t /*c*/, const Chunk& chunk) {
+        const P* __restrict__ grad = tt.ptr<const P>(kRowGrad, chunk.tensor) + chunk.start;
+        uint8_t* const q[1] = {tt.ptr<uint8_t>(kRowExpAvgSq, chunk.tensor) + chunk.start};
+        float* const scales[1] = {tt.ptr<float>(kRowExpAvgSqScale, chunk.tensor) + chunk.start / kQBlock};
+        q8_store_blocks<1>(chunk.len, q, scales, [&](int64_t b0, int64_t n, float (*out)[kQBlock]) {
+          const float scale = scales[0][b0 / kQBlock];
+          const uint8_t* __restrict__ h_in = q[0] + b0;
+          float* __restrict__ h_out = out[0];
 #pragma omp simd
-      for (int64_t i = 0; i < chunk.len; ++i)
-        hessian[i] = Store<S>::from(sophia_hessian(T(to_math(hessian[i])), T(to_math(grad[i])), b2, omb2));
-    });
+          for (int64_t i = 0; i < n; ++i) {
+            const T hh = sophia_hessian(T(q8_decode<true>(h_in[i], scale)), T(to_math(grad[b0 + i])), b2, omb2);
+            h_out[i] = sqrtf(float(hh));
+          }
+        });
+      });
+    } else {
+      parallel_chunks(tt, num_threads, [&](int64_t /*c*/, const Chunk& chunk) {
+        const P* __restrict__ grad = tt.ptr<const P>(kRowGrad, chunk.tensor) + chunk.start;
+        S* __restrict__ hessian = tt.ptr<S>(kRowExpAvgSq, chunk.tensor) + chunk.start;
+#pragma omp simd
+        for (int64_t i = 0; i < chunk.len; ++i)
+          hessian[i] = Store<S>::from(sophia_hessian(T(to_math(hessian[i])), T(to_math(grad[i])), b2, omb2));
+      });
+    }
   }
 };
 
@@ -69,12 +126,12 @@ struct HessianOp {
 void sophia_cpu(const TensorTable& tt, const SophiaHyper& h, DType param_dtype, DType state_dtype, bool has_master,
                 int num_threads) {
   if (h.found_inf && *h.found_inf != 0.0f) return;  // GradScaler found inf/NaN: skip the step, steps too
-  dispatch_storage<StepOp>(param_dtype, state_dtype, has_master, tt, h, num_threads);
+  dispatch_storage<StepOp, true>(param_dtype, state_dtype, has_master, tt, h, num_threads);
 }
 
 void sophia_hessian_cpu(const TensorTable& tt, double beta2, DType param_dtype, DType state_dtype, bool has_master,
                         int num_threads) {
-  dispatch_storage<HessianOp>(param_dtype, state_dtype, has_master, tt, beta2, num_threads);
+  dispatch_storage<HessianOp, true>(param_dtype, state_dtype, has_master, tt, beta2, num_threads);
 }
 
 }  // namespace fusedopt

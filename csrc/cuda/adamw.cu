@@ -7,7 +7,7 @@
 
 #include "fusedopt/adamw.h"
 #include "fusedopt/dispatch.h"
-#include "fusedopt/fp8_states.h"
+#include "fp8_states.cuh"
 #include "multi_tensor.cuh"
 
 namespace fusedopt {
@@ -98,32 +98,8 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorTable tt, AdamWHy
   }
 }
 
-// Block-scaled FP8 states (fp8_states.h): one state block of kQBlock elements
-// is held by kGroup consecutive threads (kILP elements each) of one loop
-// iteration. max over those threads of `bits`, for each of them: a warp
-// shuffle reduction, then the group's warps through shared memory.
-constexpr int kGroup = int(kQBlock) / kILP;
-static_assert(kGroup % 32 == 0 && kThreads % kGroup == 0, "a state block must be whole warps of one thread block");
-
-__device__ __forceinline__ uint32_t group_max(uint32_t bits, uint32_t* scratch) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    const uint32_t other = __shfl_xor_sync(0xFFFFFFFFu, bits, offset);
-    bits = other > bits ? other : bits;
-  }
-  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = bits;
-  __syncthreads();
-  const int first = int(threadIdx.x) / kGroup * (kGroup / 32);
-  uint32_t m = 0;
-#pragma unroll
-  for (int w = 0; w < kGroup / 32; ++w) m = scratch[first + w] > m ? scratch[first + w] : m;
-  __syncthreads();  // scratch is reused by the next call
-  return m;
-}
-
-// The same update with block-scaled FP8 moments. Every thread runs every
-// iteration (group_max synchronizes the thread block); lanes past the end
-// of the chunk load zeros and store nothing. Chunks are multiples of kQBlock.
+// The same update with block-scaled FP8 moments (fp8_states.cuh: every
+// thread runs every iteration; the new moments are encoded per block).
 template <typename P, bool MASTER, bool AMSGRAD, bool GRAD_MULT, bool SR, int FP8>
 __global__ void __launch_bounds__(kThreads) adamw_fp8_states_kernel(TensorTable tt, AdamWHyper h) {
   using T = typename MathOf<P>::type;
@@ -178,7 +154,6 @@ __global__ void __launch_bounds__(kThreads) adamw_fp8_states_kernel(TensorTable 
     P p_out[kILP];
     float master_out[kILP], m_new[kILP], s_new[kILP], smax_new[kILP];
     fp8 fp8_out[kILP];
-    uint32_t m_bits = 0, s_bits = 0, smax_bits = 0;
 #pragma unroll
     for (int k = 0; k < kILP; ++k) {
       T p = MASTER ? T(master_in[k]) : T(to_math(p_in[k]));
@@ -191,12 +166,6 @@ __global__ void __launch_bounds__(kThreads) adamw_fp8_states_kernel(TensorTable 
       m_new[k] = float(m);
       s_new[k] = sqrtf(float(v));
       smax_new[k] = AMSGRAD ? sqrtf(float(vmax)) : 0.0f;
-      if (i + k < chunk.len) {  // lanes past the end are not part of any block
-        const uint32_t am = abs_bits(m_new[k]), as = abs_bits(s_new[k]), ax = abs_bits(smax_new[k]);
-        m_bits = am > m_bits ? am : m_bits;
-        s_bits = as > s_bits ? as : s_bits;
-        smax_bits = ax > smax_bits ? ax : smax_bits;
-      }
       if constexpr (FP8 != 0) {
         const float w = float(p);
         fp8_out[k] = cast_fp8<kFormat>(w, fp8_scale);
@@ -210,26 +179,10 @@ __global__ void __launch_bounds__(kThreads) adamw_fp8_states_kernel(TensorTable 
     cuda::store_pack(param, p_out, i, chunk.len, aligned);
     if (FP8) cuda::store_pack(fp8_copy, fp8_out, i, chunk.len, aligned);
 
-    // every thread has read its block's old scales before group_max's barrier
-    const float m_amax = bits_to_float(group_max(m_bits, scratch));
-    const float s_amax = bits_to_float(group_max(s_bits, scratch));
-    const float smax_amax = AMSGRAD ? bits_to_float(group_max(smax_bits, scratch)) : 0.0f;
-    const float m_inv = q8_inv(m_amax), s_inv = q8_inv(s_amax), smax_inv = q8_inv(smax_amax);
-    uint8_t m_out[kILP], v_out[kILP], vmax_out[kILP];
-#pragma unroll
-    for (int k = 0; k < kILP; ++k) {
-      m_out[k] = q8_encode(m_new[k], m_inv);
-      v_out[k] = q8_encode(s_new[k], s_inv);
-      vmax_out[k] = q8_encode(smax_new[k], smax_inv);
-    }
-    cuda::store_pack(exp_avg, m_out, i, chunk.len, aligned);
-    cuda::store_pack(exp_avg_sq, v_out, i, chunk.len, aligned);
-    if (AMSGRAD) cuda::store_pack(max_exp_avg_sq, vmax_out, i, chunk.len, aligned);
-    if (live && threadIdx.x % kGroup == 0) {
-      m_scales[blk] = q8_scale(m_amax);
-      v_scales[blk] = q8_scale(s_amax);
-      if (AMSGRAD) vmax_scales[blk] = q8_scale(smax_amax);
-    }
+    // every thread has read its block's old scales before the first call's barrier
+    cuda::q8_store_group(exp_avg, m_scales, i, chunk.len, aligned, m_new, scratch);
+    cuda::q8_store_group(exp_avg_sq, v_scales, i, chunk.len, aligned, s_new, scratch);
+    if (AMSGRAD) cuda::q8_store_group(max_exp_avg_sq, vmax_scales, i, chunk.len, aligned, smax_new, scratch);
   }
   if constexpr (FP8 != 0) {
     const float total = cuda::block_reduce<float, true>(amax, nan);

@@ -4,6 +4,7 @@
 // on the device. No torch headers.
 #include <cuda_runtime.h>
 
+#include "fp8_states.cuh"
 #include "fusedopt/dispatch.h"
 #include "fusedopt/sophia.h"
 #include "multi_tensor.cuh"
@@ -72,13 +73,92 @@ __global__ void __launch_bounds__(kThreads) hessian_kernel(TensorTable tt, doubl
   }
 }
 
+// Block-scaled FP8 states (fp8_states.cuh): exp_avg decoded and re-encoded
+// per block, the hessian (stored as sqrt) decoded. All threads run every iteration.
+template <typename P, bool MASTER, bool GRAD_MULT, bool SR>
+__global__ void __launch_bounds__(kThreads) step_fp8_states_kernel(TensorTable tt, SophiaHyper h) {
+  using T = typename MathOf<P>::type;
+  if (h.found_inf && *h.found_inf != 0.0f) return;
+  __shared__ uint32_t scratch[kThreads / 32];
+  const Chunk chunk = tt.chunk(blockIdx.x);
+  const int64_t t = chunk.tensor;
+  const SophiaScalars<T> s = sophia_scalars<T>(h, h.lr_ptr ? double(*h.lr_ptr) : h.lr);
+  const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, t) : 0u;
+  P* param = tt.ptr<P>(kRowParam, t) + chunk.start;
+  const P* grad = tt.ptr<const P>(kRowGrad, t) + chunk.start;
+  uint8_t* exp_avg = tt.ptr<uint8_t>(kRowExpAvg, t) + chunk.start;
+  const uint8_t* hessian = tt.ptr<const uint8_t>(kRowExpAvgSq, t) + chunk.start;
+  float* m_scales = tt.ptr<float>(kRowExpAvgScale, t) + chunk.start / kQBlock;
+  const float* h_scales = tt.ptr<const float>(kRowExpAvgSqScale, t) + chunk.start / kQBlock;
+  float* master = MASTER ? tt.ptr<float>(kRowMaster, t) + chunk.start : nullptr;
+  const bool aligned = cuda::is_aligned(param) && cuda::is_aligned(grad) && cuda::is_aligned(exp_avg) &&
+                       cuda::is_aligned(hessian) && (!MASTER || cuda::is_aligned(master));
+  for (int64_t base = 0; base < chunk.len; base += int64_t(kThreads) * kILP) {
+    const int64_t i = base + int64_t(threadIdx.x) * kILP;
+    const bool live = i < chunk.len;
+    P p_io[kILP], g_in[kILP];
+    uint8_t m_in[kILP], h_in[kILP];
+    float master_io[kILP], m_new[kILP];
+    if (MASTER) cuda::load_pack(master_io, master, i, chunk.len, aligned);
+    else cuda::load_pack(p_io, param, i, chunk.len, aligned);
+    cuda::load_pack(g_in, grad, i, chunk.len, aligned);
+    cuda::load_pack(m_in, exp_avg, i, chunk.len, aligned);
+    cuda::load_pack(h_in, hessian, i, chunk.len, aligned);
+    const float m_scale = live ? m_scales[i / kQBlock] : 0.0f, h_scale = live ? h_scales[i / kQBlock] : 0.0f;
+#pragma unroll
+    for (int k = 0; k < kILP; ++k) {
+      T p = MASTER ? T(master_io[k]) : T(to_math(p_io[k]));
+      T m = T(q8_decode<false>(m_in[k], m_scale));
+      sophia_element<T, GRAD_MULT>(p, T(to_math(g_in[k])), m, T(q8_decode<true>(h_in[k], h_scale)), s);
+      if (MASTER) master_io[k] = float(p);
+      p_io[k] = store_param<P, SR>(p, sr_key, chunk.start + i + k);
+      m_new[k] = float(m);
+    }
+    if (MASTER) cuda::store_pack(master, master_io, i, chunk.len, aligned);
+    cuda::store_pack(param, p_io, i, chunk.len, aligned);
+    cuda::q8_store_group(exp_avg, m_scales, i, chunk.len, aligned, m_new, scratch);
+  }
+}
+
+template <typename P>
+__global__ void __launch_bounds__(kThreads) hessian_fp8_states_kernel(TensorTable tt, double beta2) {
+  using T = typename MathOf<P>::type;
+  __shared__ uint32_t scratch[kThreads / 32];
+  const Chunk chunk = tt.chunk(blockIdx.x);
+  const P* grad = tt.ptr<const P>(kRowGrad, chunk.tensor) + chunk.start;
+  uint8_t* hessian = tt.ptr<uint8_t>(kRowExpAvgSq, chunk.tensor) + chunk.start;
+  float* h_scales = tt.ptr<float>(kRowExpAvgSqScale, chunk.tensor) + chunk.start / kQBlock;
+  const bool aligned = cuda::is_aligned(grad) && cuda::is_aligned(hessian);
+  const T b2 = T(beta2), omb2 = T(1.0 - beta2);
+  for (int64_t base = 0; base < chunk.len; base += int64_t(kThreads) * kILP) {
+    const int64_t i = base + int64_t(threadIdx.x) * kILP;
+    P g_in[kILP];
+    uint8_t h_in[kILP];
+    float s_new[kILP];
+    cuda::load_pack(g_in, grad, i, chunk.len, aligned);
+    cuda::load_pack(h_in, hessian, i, chunk.len, aligned);
+    const float scale = i < chunk.len ? h_scales[i / kQBlock] : 0.0f;
+#pragma unroll
+    for (int k = 0; k < kILP; ++k) {
+      const T hh = sophia_hessian(T(q8_decode<true>(h_in[k], scale)), T(to_math(g_in[k])), b2, omb2);
+      s_new[k] = sqrtf(float(hh));
+    }
+    cuda::q8_store_group(hessian, h_scales, i, chunk.len, aligned, s_new, scratch);
+  }
+}
+
 template <typename P, typename S, bool MASTER>
 struct StepOp {
   template <bool SR>
   static void run_sr(const TensorTable& tt, const SophiaHyper& h, cudaStream_t stream) {
     const dim3 grid(unsigned(tt.n_chunks));
-    if (h.grad_mult) step_kernel<P, S, MASTER, true, SR><<<grid, kThreads, 0, stream>>>(tt, h);
-    else step_kernel<P, S, MASTER, false, SR><<<grid, kThreads, 0, stream>>>(tt, h);
+    if constexpr (std::is_same<S, fp8>::value) {
+      if (h.grad_mult) step_fp8_states_kernel<P, MASTER, true, SR><<<grid, kThreads, 0, stream>>>(tt, h);
+      else step_fp8_states_kernel<P, MASTER, false, SR><<<grid, kThreads, 0, stream>>>(tt, h);
+    } else {
+      if (h.grad_mult) step_kernel<P, S, MASTER, true, SR><<<grid, kThreads, 0, stream>>>(tt, h);
+      else step_kernel<P, S, MASTER, false, SR><<<grid, kThreads, 0, stream>>>(tt, h);
+    }
   }
   static void run(const TensorTable& tt, const SophiaHyper& h, cudaStream_t stream) {
     if constexpr (kStochasticRoundable<P, MASTER>) {
@@ -91,7 +171,11 @@ struct StepOp {
 template <typename P, typename S, bool MASTER>
 struct HessianOp {
   static void run(const TensorTable& tt, double beta2, cudaStream_t stream) {
-    hessian_kernel<P, S><<<dim3(unsigned(tt.n_chunks)), kThreads, 0, stream>>>(tt, beta2);
+    if constexpr (std::is_same<S, fp8>::value) {
+      hessian_fp8_states_kernel<P><<<dim3(unsigned(tt.n_chunks)), kThreads, 0, stream>>>(tt, beta2);
+    } else {
+      hessian_kernel<P, S><<<dim3(unsigned(tt.n_chunks)), kThreads, 0, stream>>>(tt, beta2);
+    }
   }
 };
 
@@ -105,14 +189,15 @@ const char* last_error() {
 const char* sophia_cuda(const TensorTable& tt, const SophiaHyper& h, DType param_dtype, DType state_dtype,
                         bool has_master, void* stream) {
   if (tt.n_chunks == 0) return nullptr;
-  dispatch_storage<StepOp>(param_dtype, state_dtype, has_master, tt, h, static_cast<cudaStream_t>(stream));
+  dispatch_storage<StepOp, true>(param_dtype, state_dtype, has_master, tt, h, static_cast<cudaStream_t>(stream));
   return last_error();
 }
 
 const char* sophia_hessian_cuda(const TensorTable& tt, double beta2, DType param_dtype, DType state_dtype,
                                 bool has_master, void* stream) {
   if (tt.n_chunks == 0) return nullptr;
-  dispatch_storage<HessianOp>(param_dtype, state_dtype, has_master, tt, beta2, static_cast<cudaStream_t>(stream));
+  dispatch_storage<HessianOp, true>(param_dtype, state_dtype, has_master, tt, beta2,
+                                    static_cast<cudaStream_t>(stream));
   return last_error();
 }
 

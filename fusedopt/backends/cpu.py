@@ -26,6 +26,13 @@ def load() -> None:
     _jit.load_extension("cpu")
 
 
+def _chunk(bucket) -> int:
+    """CHUNK_SIZE, or with FP8 states the next multiple of their 256-element blocks."""
+    if bucket.state_dtype == FP8_STATE_DTYPE:
+        return _tables.round_up(CHUNK_SIZE, fp8_states.BLOCK)
+    return CHUNK_SIZE
+
+
 def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_mult, found_inf):
     """lr: float or 1-element fp32 tensor; grad_mult, found_inf: 1-element
     fp32 tensors or None; all on the CPU. The extension advances the steps.
@@ -33,8 +40,7 @@ def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, gra
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
     fp8 = bucket.fp8 is not None
     amax = torch.zeros(len(bucket.params), dtype=torch.float64) if fp8 else None
-    # FP8 states: chunks hold whole blocks of 256
-    chunk = _tables.round_up(CHUNK_SIZE, fp8_states.BLOCK) if bucket.state_dtype == FP8_STATE_DTYPE else CHUNK_SIZE
+    chunk = _chunk(bucket)
     torch.ops.fusedopt_cpu.adamw(
         bucket.params, bucket.grads, bucket.states["exp_avg"], bucket.states["exp_avg_sq"],
         bucket.states["max_exp_avg_sq"] if amsgrad else [], bucket.states.get("exp_avg_scale", []),
@@ -87,15 +93,17 @@ def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize,
 
 def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, found_inf):
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+    states = bucket.states
     torch.ops.fusedopt_cpu.sophia(
-        bucket.params, bucket.grads, bucket.states["exp_avg"], bucket.states["hessian"], bucket.masters or [],
-        bucket.steps, 0.0 if lr_tensor is not None else lr, lr_tensor, beta1, rho * bs, weight_decay, maximize,
-        grad_mult, found_inf, bucket.sr_seed, CHUNK_SIZE)
+        bucket.params, bucket.grads, states["exp_avg"], states["hessian"], states.get("exp_avg_scale", []),
+        states.get("hessian_scale", []), bucket.masters or [], bucket.steps, 0.0 if lr_tensor is not None else lr,
+        lr_tensor, beta1, rho * bs, weight_decay, maximize, grad_mult, found_inf, bucket.sr_seed, _chunk(bucket))
 
 
 def sophia_hessian(bucket, *, beta2):
     torch.ops.fusedopt_cpu.sophia_hessian(bucket.params, bucket.grads, bucket.states["hessian"],
-                                          bucket.masters is not None, beta2, CHUNK_SIZE)
+                                          bucket.states.get("hessian_scale", []), bucket.masters is not None, beta2,
+                                          _chunk(bucket))
 
 
 def cast_fp8(inputs, outputs, scales):

@@ -31,13 +31,18 @@ def load() -> None:
     _jit.load_extension("cuda")
 
 
+def _chunk(bucket) -> int:
+    """CHUNK_SIZE, or with FP8 states the next multiple of their 256-element blocks."""
+    if bucket.state_dtype == FP8_STATE_DTYPE:
+        return _tables.round_up(CHUNK_SIZE, fp8_states.BLOCK)
+    return CHUNK_SIZE
+
+
 def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_mult, found_inf):
     """lr: float or 1-element fp32 tensor; grad_mult, found_inf: 1-element
     fp32 tensors or None; all on the bucket's device (the optimizer's base
     class sees to that)."""
-    # FP8 states: chunks hold whole blocks of 256
-    chunk = _tables.round_up(CHUNK_SIZE, fp8_states.BLOCK) if bucket.state_dtype == FP8_STATE_DTYPE else CHUNK_SIZE
-    tables = _tables.launch_tables(_tables.moment_rows(bucket), bucket.device, chunk)
+    tables = _tables.launch_tables(_tables.moment_rows(bucket), bucket.device, _chunk(bucket))
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
     advance_steps(bucket.steps, found_inf)
     fp8 = bucket.fp8 is not None
@@ -103,24 +108,24 @@ def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, adam_w
 
 def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, found_inf):
     device = bucket.device
-    tables = _tables.launch_tables(_tables.moment_rows(bucket, "hessian"), device, CHUNK_SIZE)
+    tables = _tables.launch_tables(_tables.moment_rows(bucket, "hessian"), device, _chunk(bucket))
     advance_steps(bucket.steps, found_inf)
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
     with torch.cuda.device(device):
         torch.ops.fusedopt_cuda.sophia(
             tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.chunk_size,
-            CODES[bucket.dtype], CODES[bucket.state_dtype], bucket.masters is not None,
+            CODES[bucket.dtype], STATE_CODES[bucket.state_dtype], bucket.masters is not None,
             0.0 if lr_tensor is not None else lr, lr_tensor, beta1, rho * bs, weight_decay, maximize, grad_mult,
             found_inf, bucket.sr_seed, torch.cuda.current_stream(device).cuda_stream)
 
 
 def sophia_hessian(bucket, *, beta2):
     device = bucket.device
-    tables = _tables.launch_tables(_tables.moment_rows(bucket, "hessian"), device, CHUNK_SIZE)
+    tables = _tables.launch_tables(_tables.moment_rows(bucket, "hessian"), device, _chunk(bucket))
     with torch.cuda.device(device):
         torch.ops.fusedopt_cuda.sophia_hessian(
             tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.chunk_size,
-            CODES[bucket.dtype], CODES[bucket.state_dtype], bucket.masters is not None, beta2,
+            CODES[bucket.dtype], STATE_CODES[bucket.state_dtype], bucket.masters is not None, beta2,
             torch.cuda.current_stream(device).cuda_stream)
 
 

@@ -184,11 +184,11 @@ def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, fou
     for i, param in enumerate(bucket.params):
         master = bucket.masters[i] if bucket.masters is not None else None
         work = (master if master is not None else param).to(dtype, copy=True)
-        exp_avg, hessian = bucket.states["exp_avg"][i], bucket.states["hessian"][i]
-        m = exp_avg.to(dtype, copy=True)
-        sophia_spec.sophia_update_(work, bucket.grads[i].to(dtype), m, hessian.to(dtype), lr=lr, beta1=beta1, rho=rho,
-                                   bs=bs, weight_decay=weight_decay, maximize=maximize, grad_mult=mult)
-        exp_avg.copy_(m)
+        m = _load_state(bucket, "exp_avg", i, dtype)
+        sophia_spec.sophia_update_(work, bucket.grads[i].to(dtype), m, _load_state(bucket, "hessian", i, dtype), lr=lr,
+                                   beta1=beta1, rho=rho, bs=bs, weight_decay=weight_decay, maximize=maximize,
+                                   grad_mult=mult)
+        _store_state(bucket, "exp_avg", i, m)
         if master is not None:
             master.copy_(work)
         _store_param(bucket, i, param, work)
@@ -196,10 +196,10 @@ def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, fou
 
 def sophia_hessian(bucket, *, beta2):
     dtype = math_dtype(bucket.dtype)
-    for grad, hessian in zip(bucket.grads, bucket.states["hessian"]):
-        h = hessian.to(dtype, copy=True)
+    for i, grad in enumerate(bucket.grads):
+        h = _load_state(bucket, "hessian", i, dtype)
         sophia_spec.hessian_update_(h, grad.to(dtype), beta2=beta2)
-        hessian.copy_(h)
+        _store_state(bucket, "hessian", i, h)
 
 
 def cast_fp8(inputs, outputs, scales):

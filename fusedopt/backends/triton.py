@@ -45,14 +45,21 @@ def load() -> None:
         shipped_module("kernels", name)
 
 
+def _sizes(bucket) -> tuple[int, int]:
+    """(BLOCK_SIZE, CHUNK_SIZE), or with FP8 states the next multiples that
+    keep each 256-element state block inside one loop iteration."""
+    block, chunk = BLOCK_SIZE, CHUNK_SIZE
+    if bucket.state_dtype == FP8_STATE_DTYPE:
+        block = _tables.round_up(block, fp8_states.BLOCK)
+        chunk = _tables.round_up(chunk, block)
+    return block, chunk
+
+
 def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_mult, found_inf):
     """lr: float or 1-element fp32 tensor; grad_mult, found_inf: 1-element
     fp32 tensors or None; all on the bucket's device."""
     kernels = shipped_module("kernels", "adamw")
-    block, chunk = BLOCK_SIZE, CHUNK_SIZE
-    if bucket.state_dtype == FP8_STATE_DTYPE:  # every FP8 state block inside one loop iteration
-        block = _tables.round_up(block, fp8_states.BLOCK)
-        chunk = _tables.round_up(chunk, block)
+    block, chunk = _sizes(bucket)
     tables = _tables.launch_tables(_tables.moment_rows(bucket), bucket.device, chunk)
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
     advance_steps(bucket.steps, found_inf)
@@ -165,21 +172,23 @@ def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize,
 
 def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, found_inf):
     kernels = shipped_module("kernels", "sophia")
-    tables = _tables.launch_tables(_tables.moment_rows(bucket, "hessian"), bucket.device, CHUNK_SIZE)
+    block, chunk = _sizes(bucket)
+    tables = _tables.launch_tables(_tables.moment_rows(bucket, "hessian"), bucket.device, chunk)
     advance_steps(bucket.steps, found_inf)
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
-    kernels.launch_step(tables, p_kind=CODES[bucket.dtype], s_kind=CODES[bucket.state_dtype],
+    kernels.launch_step(tables, p_kind=CODES[bucket.dtype], s_kind=STATE_CODES[bucket.state_dtype],
                         master=bucket.masters is not None, lr=lr,
                         lr_tensor=lr_tensor, beta1=beta1, rho_bs=rho * bs, weight_decay=weight_decay,
-                        maximize=maximize, grad_mult=grad_mult, found_inf=found_inf, block=BLOCK_SIZE,
+                        maximize=maximize, grad_mult=grad_mult, found_inf=found_inf, block=block,
                         num_warps=NUM_WARPS, sr_seed=bucket.sr_seed)
 
 
 def sophia_hessian(bucket, *, beta2):
     kernels = shipped_module("kernels", "sophia")
-    tables = _tables.launch_tables(_tables.moment_rows(bucket, "hessian"), bucket.device, CHUNK_SIZE)
-    kernels.launch_hessian(tables, p_kind=CODES[bucket.dtype], s_kind=CODES[bucket.state_dtype], beta2=beta2,
-                           block=BLOCK_SIZE, num_warps=NUM_WARPS)
+    block, chunk = _sizes(bucket)
+    tables = _tables.launch_tables(_tables.moment_rows(bucket, "hessian"), bucket.device, chunk)
+    kernels.launch_hessian(tables, p_kind=CODES[bucket.dtype], s_kind=STATE_CODES[bucket.state_dtype], beta2=beta2,
+                           block=block, num_warps=NUM_WARPS)
 
 
 def cast_fp8(inputs, outputs, scales):

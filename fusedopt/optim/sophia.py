@@ -20,7 +20,10 @@ class FusedSophia(FusedOptimizer):
         update_hessian():  h = beta2 * h + (1 - beta2) * grad * grad
 
     State per param: ``step``, ``exp_avg``, ``hessian`` (zeros at first use;
-    ``master_weights``, ``state_dtype`` and ``max_grad_norm`` as in FusedAdamW).
+    ``master_weights``, ``state_dtype`` and ``max_grad_norm`` as in FusedAdamW;
+    with ``state_dtype=torch.float8_e4m3fn`` both are block-scaled FP8 with
+    ``exp_avg_scale`` / ``hessian_scale``, the hessian stored as its square
+    root: see :mod:`fusedopt.reference.fp8_states`).
     ``step(closure=None, bs=None)``: ``bs=None`` uses the group's ``bs``.
     The documented loop (every k steps, on a batch of your choice)::
 
@@ -35,6 +38,7 @@ class FusedSophia(FusedOptimizer):
     """
 
     _op = "sophia"
+    _fp8_states = True
 
     def __init__(
         self,

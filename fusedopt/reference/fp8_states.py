@@ -16,8 +16,9 @@ values in one tensor both keep 3 significant bits relative to their block:
     q_i   = fp8(clamp(x_i * inv, -448, 448))      (round to nearest even)
     x_i  ~= float(q_i) * scale                    (decoding)
 
-The second moments (``exp_avg_sq``, ``max_exp_avg_sq``) are stored as their
-square roots, sqrt(v) (correctly rounded fp32), and decoded as s * s: v is a
+The second moments (``exp_avg_sq``, ``max_exp_avg_sq``, and Sophia's
+``hessian``, an average of squared gradients) are stored as their square
+roots, sqrt(v) (correctly rounded fp32), and decoded as s * s: v is a
 square of gradients, so its values span twice the exponent range of the
 gradients and, within one block, would underflow e4m3's 2^17 dynamic range
 where sqrt(v) (on the scale of the gradients and of exp_avg) does not.
@@ -37,7 +38,7 @@ BLOCK = 256
 DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 #: states stored as sqrt(value)
-SQRT_STATES = frozenset({"exp_avg_sq", "max_exp_avg_sq"})
+SQRT_STATES = frozenset({"exp_avg_sq", "max_exp_avg_sq", "hessian"})
 
 
 def scale_name(name: str) -> str:
