@@ -257,21 +257,30 @@ Tensor cast_fp8(TensorList inputs, TensorList outputs, const Tensor& scales, int
 
 // LAMB's lists, checked and tabled in MomentRow layout (no max_exp_avg_sq).
 HostTable lamb_table(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
-                     TensorList masters, TensorList steps, int64_t chunk_size) {
+                     TensorList exp_avg_scales, TensorList exp_avg_sq_scales, TensorList masters, TensorList steps,
+                     int64_t chunk_size) {
   const at::ScalarType pdt = params[0].scalar_type();
-  const at::ScalarType sdt = state_dtype_of(pdt, {exp_avgs, exp_avg_sqs}, !masters.empty());
+  const at::ScalarType sdt = state_dtype_of(pdt, {exp_avgs, exp_avg_sqs}, !masters.empty(), true);
+  if (sdt == at::kFloat8_e4m3fn) {
+    check_block_scales(exp_avg_scales, exp_avgs, "exp_avg_scale");
+    check_block_scales(exp_avg_sq_scales, exp_avg_sqs, "exp_avg_sq_scale");
+    TORCH_CHECK(chunk_size % fusedopt::kQBlock == 0, "fusedopt cpu: chunk_size must be a multiple of ",
+                fusedopt::kQBlock, " with FP8 states");
+  }
   check_dtype(params, pdt, "params");
   check_dtype(grads, pdt, "grads");
   check_dtype(exp_avgs, sdt, "exp_avg");
   check_dtype(exp_avg_sqs, sdt, "exp_avg_sq");
   check_dtype(masters, at::kFloat, "master_param");
   check_steps(steps);
-  return HostTable({params, grads, exp_avgs, exp_avg_sqs, TensorList(), masters, steps}, chunk_size,
-                   {fusedopt::kRowStep});
+  return HostTable({params, grads, exp_avgs, exp_avg_sqs, TensorList(), masters, steps, TensorList(), TensorList(),
+                    exp_avg_scales, exp_avg_sq_scales},
+                   chunk_size, {fusedopt::kRowStep, fusedopt::kRowExpAvgScale, fusedopt::kRowExpAvgSqScale});
 }
 
 std::tuple<Tensor, Tensor> lamb_moments(TensorList params, TensorList grads, TensorList exp_avgs,
-                                        TensorList exp_avg_sqs, TensorList masters, TensorList steps, double beta1,
+                                        TensorList exp_avg_sqs, TensorList exp_avg_scales,
+                                        TensorList exp_avg_sq_scales, TensorList masters, TensorList steps, double beta1,
                                         double beta2, double eps, double weight_decay, bool bias_correction,
                                         bool adam_w_mode, bool grad_averaging, bool maximize,
                                         const std::optional<Tensor>& grad_mult,
@@ -279,7 +288,8 @@ std::tuple<Tensor, Tensor> lamb_moments(TensorList params, TensorList grads, Ten
   const auto options = at::TensorOptions().dtype(at::kDouble);
   Tensor p_sums = at::empty({int64_t(params.size())}, options), u_sums = at::empty({int64_t(params.size())}, options);
   if (params.empty()) return {p_sums, u_sums};
-  HostTable host = lamb_table(params, grads, exp_avgs, exp_avg_sqs, masters, steps, chunk_size);
+  HostTable host = lamb_table(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, masters, steps,
+                              chunk_size);
   const fusedopt::LambHyper h{beta1, beta2, eps, weight_decay, bias_correction, adam_w_mode, grad_averaging, maximize,
                               scalar_ptr(grad_mult, "grad_mult"), scalar_ptr(found_inf, "found_inf")};
   fusedopt::lamb_moments_cpu(host.tt, h, dtype_code(params[0].scalar_type()), dtype_code(exp_avgs[0].scalar_type()),
@@ -288,12 +298,14 @@ std::tuple<Tensor, Tensor> lamb_moments(TensorList params, TensorList grads, Ten
   return {p_sums, u_sums};
 }
 
-void lamb_apply(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList masters,
-                TensorList steps, const Tensor& ratio, double beta1, double beta2, double eps, double weight_decay,
+void lamb_apply(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                TensorList exp_avg_scales, TensorList exp_avg_sq_scales, TensorList masters, TensorList steps,
+                const Tensor& ratio, double beta1, double beta2, double eps, double weight_decay,
                 bool bias_correction, bool adam_w_mode, bool grad_averaging, bool maximize,
                 const std::optional<Tensor>& found_inf, std::optional<int64_t> sr_seed, int64_t chunk_size) {
   if (params.empty()) return;
-  HostTable host = lamb_table(params, grads, exp_avgs, exp_avg_sqs, masters, steps, chunk_size);
+  HostTable host = lamb_table(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, masters, steps,
+                              chunk_size);
   TORCH_CHECK(ratio.device().is_cpu() && ratio.scalar_type() == at::kFloat && ratio.is_contiguous() &&
                   ratio.numel() == int64_t(params.size()),
               "fusedopt cpu: ratio must be a contiguous float32 CPU tensor with one value per param");
@@ -421,13 +433,13 @@ TORCH_LIBRARY(fusedopt_cpu, m) {
       &adafactor);
   m.def(
       "lamb_moments(Tensor[] params, Tensor[] grads, Tensor(a!)[] exp_avgs, Tensor(b!)[] exp_avg_sqs, "
-      "Tensor[] masters, Tensor(c!)[] steps, float beta1, float beta2, float eps, float weight_decay, "
+      "Tensor(d!)[] exp_avg_scales, Tensor(e!)[] exp_avg_sq_scales, Tensor[] masters, Tensor(c!)[] steps, float beta1, float beta2, float eps, float weight_decay, "
       "bool bias_correction, bool adam_w_mode, bool grad_averaging, bool maximize, Tensor? grad_mult, "
       "Tensor? found_inf, int chunk_size) -> (Tensor, Tensor)",
       &lamb_moments);
   m.def(
       "lamb_apply(Tensor(a!)[] params, Tensor[] grads, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, "
-      "Tensor(b!)[] masters, Tensor[] steps, Tensor ratio, float beta1, float beta2, float eps, "
+      "Tensor[] exp_avg_scales, Tensor[] exp_avg_sq_scales, Tensor(b!)[] masters, Tensor[] steps, Tensor ratio, float beta1, float beta2, float eps, "
       "float weight_decay, bool bias_correction, bool adam_w_mode, bool grad_averaging, bool maximize, "
       "Tensor? found_inf, int? sr_seed, int chunk_size) -> ()",
       &lamb_apply);

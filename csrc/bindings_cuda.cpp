@@ -163,7 +163,8 @@ void lamb_moments(const Tensor& table, const Tensor& numel, const Tensor& chunk_
                   int64_t stream) {
   const fusedopt::TensorTable tt =
       make_table(table, numel, chunk_tensor, chunk_start, chunk_size, fusedopt::kMomentRows);
-  const auto [pdt, sdt] = storage(param_dtype, state_dtype, has_master);
+  const auto [pdt, sdt] = storage(param_dtype, state_dtype, has_master, true);
+  check_fp8_chunks(sdt, chunk_size);
   check_cuda_tensor(chunk_first, at::kLong, tt.n_tensors + 1, "chunk_first");
   check_cuda_tensor(partials, at::kDouble, 2 * tt.n_chunks, "partials");
   check_cuda_tensor(p_sums, at::kDouble, tt.n_tensors, "p_sums");
@@ -183,7 +184,8 @@ void lamb_apply(const Tensor& table, const Tensor& numel, const Tensor& chunk_te
                 const std::optional<Tensor>& found_inf, std::optional<int64_t> sr_seed, int64_t stream) {
   const fusedopt::TensorTable tt =
       make_table(table, numel, chunk_tensor, chunk_start, chunk_size, fusedopt::kMomentRows);
-  const auto [pdt, sdt] = storage(param_dtype, state_dtype, has_master);
+  const auto [pdt, sdt] = storage(param_dtype, state_dtype, has_master, true);
+  check_fp8_chunks(sdt, chunk_size);
   check_cuda_tensor(ratio, at::kFloat, tt.n_tensors, "ratio");
   fusedopt::LambHyper h{beta1, beta2, eps, weight_decay, bias_correction, adam_w_mode, false, false, nullptr,
                         device_scalar(found_inf, "found_inf")};

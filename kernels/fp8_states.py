@@ -12,7 +12,7 @@ mis-converts fp8 with ``.to``), the same on every device.
 import triton
 import triton.language as tl
 
-from ._numeric import div_ieee, sqrt_ieee
+from ._numeric import F64, FP8_BLOCKED, as_stored, div_ieee, load_state, sqrt_ieee, store_math
 from .fp8 import E4M3FN, cast_fp8
 
 QBLOCK = tl.constexpr(256)
@@ -43,7 +43,8 @@ def load_fp8_state(addr, scale_addr, offs, mask, SQRT: tl.constexpr):
 @triton.jit
 def store_fp8_state(addr, scale_addr, offs, x, mask, SQRT: tl.constexpr, BLOCK: tl.constexpr):
     """Encode fp32 values `x` (sqrt(x) when SQRT) at `offs` (BLOCK of them,
-    offs[0] a multiple of QBLOCK) with fresh per-block scales."""
+    offs[0] a multiple of QBLOCK) with fresh per-block scales. Returns what a
+    later load_fp8_state of them gives (fp32)."""
     NB: tl.constexpr = BLOCK // QBLOCK
     x = x.to(tl.float32)
     if SQRT:
@@ -58,4 +59,36 @@ def store_fp8_state(addr, scale_addr, offs, x, mask, SQRT: tl.constexpr, BLOCK: 
     block_live = tl.max(tl.reshape(mask.to(tl.int32), (NB, QBLOCK)), axis=1) > 0
     tl.store(scale_addr.to(tl.pointer_type(tl.float32)) + block_first, scale, mask=block_live)
     inv_each = tl.reshape(tl.broadcast_to(tl.reshape(inv, (NB, 1)), (NB, QBLOCK)), (BLOCK,))
-    tl.store(addr.to(tl.pointer_type(tl.int8)) + offs, cast_fp8(x, inv_each, E4M3FN).to(tl.int8), mask=mask)
+    bits = cast_fp8(x, inv_each, E4M3FN)
+    tl.store(addr.to(tl.pointer_type(tl.int8)) + offs, bits.to(tl.int8), mask=mask)
+    stored = e4m3fn_to_float(bits & 0xFF) * tl.reshape(tl.broadcast_to(tl.reshape(scale, (NB, 1)), (NB, QBLOCK)),
+                                                        (BLOCK,))
+    if SQRT:
+        stored = stored * stored
+    return stored
+
+
+@triton.jit
+def load_any_state(addr, scales, offs, mask, SQRT: tl.constexpr, S_KIND: tl.constexpr, P_KIND: tl.constexpr):
+    """A state in the math precision of P_KIND params: decoded when stored as
+    block-scaled FP8 (S_KIND == FP8_BLOCKED, `scales` its scales), else
+    widened from S_KIND (`scales` unused)."""
+    if S_KIND == FP8_BLOCKED:
+        x = load_fp8_state(addr, scales, offs, mask, SQRT)
+        if P_KIND == F64:
+            x = x.to(tl.float64)
+    else:
+        x = load_state(addr, offs, mask, S_KIND, P_KIND)
+    return x
+
+
+@triton.jit
+def store_any_state(addr, scales, offs, x, mask, SQRT: tl.constexpr, S_KIND: tl.constexpr, BLOCK: tl.constexpr):
+    """Store a state's new values `x`; returns what load_any_state will read
+    back (in x's dtype): rounded to S_KIND, or encoded as FP8."""
+    if S_KIND == FP8_BLOCKED:
+        y = store_fp8_state(addr, scales, offs, x, mask, SQRT, BLOCK).to(x.dtype)
+    else:
+        store_math(addr, offs, x, mask, S_KIND)
+        y = as_stored(x, S_KIND)
+    return y

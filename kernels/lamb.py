@@ -10,15 +10,18 @@ The moments pass writes m and v and one partial of sum(p^2) and of sum(u^2)
 per chunk (u from the moments as stored), combined per tensor in chunk order
 by kernels/norms.py's combine kernel; the trust ratios are formed on the
 device (fusedopt/reference/lamb.py: trust_ratio); the apply pass recomputes u.
+With block-scaled FP8 states (kernels/fp8_states.py) m and v (as sqrt) are
+decoded with their block scales and re-encoded with fresh ones.
 """
 import math
 
 import triton
 import triton.language as tl
 
-from ._numeric import (F32, F64, as_stored, div_ieee, load_math, load_state, one_minus_exp, sqrt_ieee,
-                       sr_tensor_key, store_math, store_param)
-from ._table import ROW_EXP_AVG, ROW_EXP_AVG_SQ, ROW_GRAD, ROW_MASTER, ROW_PARAM, ROW_STEP, address, program_chunk
+from ._numeric import F32, F64, div_ieee, load_math, one_minus_exp, sqrt_ieee, sr_tensor_key, store_math, store_param
+from ._table import (ROW_EXP_AVG, ROW_EXP_AVG_SCALE, ROW_EXP_AVG_SQ, ROW_EXP_AVG_SQ_SCALE, ROW_GRAD, ROW_MASTER,
+                     ROW_PARAM, ROW_STEP, address, program_chunk)
+from .fp8_states import load_any_state, store_any_state
 from .norms import _combine_kernel
 
 
@@ -57,6 +60,8 @@ def _lamb_moments_kernel(
     grad = address(table, ROW_GRAD, n_tensors, t)
     exp_avg = address(table, ROW_EXP_AVG, n_tensors, t)
     exp_avg_sq = address(table, ROW_EXP_AVG_SQ, n_tensors, t)
+    m_scales = address(table, ROW_EXP_AVG_SCALE, n_tensors, t)  # FP8 states only (else 0)
+    v_scales = address(table, ROW_EXP_AVG_SQ_SCALE, n_tensors, t)
     bc1, bc2 = _bias_corrections(table, n_tensors, t, log_beta1, log_beta2, BIAS_CORRECTION)
     ACC: tl.constexpr = tl.float64 if P_KIND == F64 else tl.float32
     p_acc = tl.zeros([BLOCK], ACC)
@@ -67,8 +72,8 @@ def _lamb_moments_kernel(
         mask = in_chunk < end  # masked lanes read 0 and add 0 to the sums
         p = load_math(work, offs, mask, W_KIND)
         g = load_math(grad, offs, mask, P_KIND)
-        m = load_state(exp_avg, offs, mask, S_KIND, P_KIND)
-        v = load_state(exp_avg_sq, offs, mask, S_KIND, P_KIND)
+        m = load_any_state(exp_avg, m_scales, offs, mask, False, S_KIND, P_KIND)
+        v = load_any_state(exp_avg_sq, v_scales, offs, mask, True, S_KIND, P_KIND)
         if GRAD_MULT:
             g = g * tl.load(grad_mult_ptr)
         if MAXIMIZE:
@@ -77,9 +82,9 @@ def _lamb_moments_kernel(
             g = g + weight_decay * p
         m = m * beta1 + g * beta3
         v = v * beta2 + g * one_minus_beta2 * g
-        store_math(exp_avg, offs, m, mask, S_KIND)
-        store_math(exp_avg_sq, offs, v, mask, S_KIND)
-        u = _direction(p, as_stored(m, S_KIND), as_stored(v, S_KIND), bc1, bc2, eps, weight_decay, ADAM_W, W_KIND)
+        m_stored = store_any_state(exp_avg, m_scales, offs, m, mask, False, S_KIND, BLOCK)
+        v_stored = store_any_state(exp_avg_sq, v_scales, offs, v, mask, True, S_KIND, BLOCK)
+        u = _direction(p, m_stored, v_stored, bc1, bc2, eps, weight_decay, ADAM_W, W_KIND)
         p_acc += p * p
         u_acc += tl.where(mask, u * u, 0.0)  # u of a masked lane is 0/eps = 0, but keep it explicit
     c = tl.program_id(0)
@@ -101,6 +106,8 @@ def _lamb_apply_kernel(
     work = address(table, ROW_MASTER if MASTER else ROW_PARAM, n_tensors, t)
     exp_avg = address(table, ROW_EXP_AVG, n_tensors, t)
     exp_avg_sq = address(table, ROW_EXP_AVG_SQ, n_tensors, t)
+    m_scales = address(table, ROW_EXP_AVG_SCALE, n_tensors, t)
+    v_scales = address(table, ROW_EXP_AVG_SQ_SCALE, n_tensors, t)
     bc1, bc2 = _bias_corrections(table, n_tensors, t, log_beta1, log_beta2, BIAS_CORRECTION)
     ratio = tl.load(ratio_ptr + t)
     sr_key = 0
@@ -111,8 +118,8 @@ def _lamb_apply_kernel(
         offs = start + in_chunk
         mask = in_chunk < end
         p = load_math(work, offs, mask, W_KIND)
-        m = load_state(exp_avg, offs, mask, S_KIND, P_KIND)
-        v = load_state(exp_avg_sq, offs, mask, S_KIND, P_KIND)
+        m = load_any_state(exp_avg, m_scales, offs, mask, False, S_KIND, P_KIND)
+        v = load_any_state(exp_avg_sq, v_scales, offs, mask, True, S_KIND, P_KIND)
         u = _direction(p, m, v, bc1, bc2, eps, weight_decay, ADAM_W, W_KIND)
         p = p - u * ratio
         if MASTER:

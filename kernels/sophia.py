@@ -16,30 +16,11 @@ re-encoded with fresh ones.
 import triton
 import triton.language as tl
 
-from ._numeric import F32, F64, FP8_BLOCKED, div_ieee, load_math, load_state, sr_tensor_key, store_math, store_param
+from ._numeric import F32, div_ieee, load_math, sr_tensor_key, store_math, store_param
 from ._table import (ROW_EXP_AVG, ROW_EXP_AVG_SCALE, ROW_EXP_AVG_SQ, ROW_EXP_AVG_SQ_SCALE, ROW_GRAD, ROW_MASTER,
                      ROW_PARAM, address, program_chunk)
-from .fp8_states import load_fp8_state, store_fp8_state
-
-
-@triton.jit
-def _load(addr, scales, offs, mask, SQRT: tl.constexpr, S_KIND: tl.constexpr, P_KIND: tl.constexpr):
-    """A state in the math precision: decoded (FP8 states) or widened."""
-    if S_KIND == FP8_BLOCKED:
-        x = load_fp8_state(addr, scales, offs, mask, SQRT)
-        if P_KIND == F64:
-            x = x.to(tl.float64)
-    else:
-        x = load_state(addr, offs, mask, S_KIND, P_KIND)
-    return x
-
-
-@triton.jit
-def _store(addr, scales, offs, x, mask, SQRT: tl.constexpr, S_KIND: tl.constexpr, BLOCK: tl.constexpr):
-    if S_KIND == FP8_BLOCKED:
-        store_fp8_state(addr, scales, offs, x, mask, SQRT, BLOCK)
-    else:
-        store_math(addr, offs, x, mask, S_KIND)
+from .fp8_states import load_any_state as _load
+from .fp8_states import store_any_state as _store
 
 
 @triton.jit

@@ -1,5 +1,5 @@
 """state_dtype=torch.float8_e4m3fn: block-scaled FP8 moments
-(fusedopt/reference/fp8_states.py), FusedAdamW and FusedSophia. The codec
+(fusedopt/reference/fp8_states.py), FusedAdamW, FusedSophia and FusedLAMB. The codec
 against torch's own fp8 cast; the reference against torch.optim.AdamW (and
 the Sophia spec) with the states re-encoded every step; every kernel backend
 against the reference, bit for bit in the stored states; state_dict both
@@ -242,6 +242,37 @@ def test_sophia_fp8_states_match_reference(backend, storage):
         torch.testing.assert_close(pb.detach(), pa.detach(), atol=1e-6 if dtype == torch.float32 else 0, rtol=0)
 
 
+# --- LAMB -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("storage", STORAGE[:3], ids=["fp32", "bf16+master", "bf16"])
+@pytest.mark.parametrize("backend", backend_params(KERNEL_BACKENDS))
+def test_lamb_fp8_states_match_reference(backend, storage):
+    """Both passes: the moments pass encodes m and sqrt(v) per block and forms
+    u from them as stored (the trust ratio's norm), the apply pass decodes
+    them. adam_w_mode (the default) keeps the moments independent of the
+    params, and without clipping nothing scales the grads: the params agree
+    across backends only to the norms' summation order, the stored bits
+    exactly."""
+    dtype, master = storage
+    a, b = make_params(SHAPES, dtype=dtype), make_params(SHAPES, dtype=dtype)
+    kw = dict(lr=1e-2, weight_decay=0.1, master_weights=master, state_dtype=FP8, max_grad_norm=None)
+    ref, ours = FusedLAMB(a, backend="reference", **kw), FusedLAMB(b, backend=backend, **kw)
+    steps(ref, a, STEPS), steps(ours, b, STEPS)
+    ref_states, our_states = state_tensors(ref, a), state_tensors(ours, b)
+    assert ref_states.keys() == our_states.keys()
+    assert {k for _, k in ref_states} >= {"exp_avg", "exp_avg_scale", "exp_avg_sq", "exp_avg_sq_scale"}
+    for key, want in ref_states.items():
+        got = our_states[key]
+        if want.dtype == FP8:
+            assert torch.equal(bits(got), bits(want)), key
+        elif key[1].endswith("_scale"):
+            assert torch.equal(got, want), key
+    tol = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0, "rtol": 2.0**-7}
+    for pa, pb in zip(a, b):
+        torch.testing.assert_close(pb.detach(), pa.detach(), **tol)
+
+
 # --- memory and state_dict ------------------------------------------------------------
 
 
@@ -340,10 +371,9 @@ def test_a_damaged_scale_raises_before_any_change(backend):
                            if v.dtype == FP8 else states_before[k]) for k, v in state_tensors(opt, params).items())
 
 
-@pytest.mark.parametrize("cls", [FusedLAMB, FusedAdafactor])
-def test_optimizers_without_fp8_kernels_say_so(cls):
-    with pytest.raises(NotImplementedError, match="FusedAdamW and FusedSophia have it"):
-        cls(make_params([(3,)]), state_dtype=FP8)
+def test_optimizers_without_fp8_kernels_say_so():
+    with pytest.raises(NotImplementedError, match="FusedAdamW, FusedLAMB and FusedSophia have it"):
+        FusedAdafactor(make_params([(3,)]), state_dtype=FP8)
 
 
 # --- a long run -----------------------------------------------------------------------

@@ -292,6 +292,13 @@ def test_fp8_states_on_gpu(backend, amsgrad, dtype, master):
     _same_fp8_states(ref, a, opt, b)
     for p, q in zip(a, b):
         torch.testing.assert_close(q.detach(), p.detach(), **tolerance(dtype))
+    # FusedLAMB's moments (its moments and apply kernels)
+    a = make_params(SHAPES, dtype=dtype, device="cuda")
+    b = [p.detach().clone().requires_grad_() for p in a]
+    kw = dict(lr=1e-2, master_weights=master, state_dtype=torch.float8_e4m3fn, max_grad_norm=None)
+    ref, opt = fusedopt.FusedLAMB(a, backend="reference", **kw), fusedopt.FusedLAMB(b, backend=backend, **kw)
+    run(ref, a, 4), run(opt, b, 4)
+    _same_fp8_states(ref, a, opt, b)
     # FusedSophia's exp_avg and hessian (its own step and update_hessian kernels)
     a = make_params(SHAPES, dtype=dtype, device="cuda")
     b = [p.detach().clone().requires_grad_() for p in a]

@@ -172,7 +172,7 @@ def test_bad_state_dtype_raises():
         FusedLAMB(params, state_dtype="bf16")
     if hasattr(torch, "float8_e4m3fn"):
         with pytest.raises(NotImplementedError, match="not implemented for this optimizer yet"):
-            FusedLAMB(params, state_dtype=torch.float8_e4m3fn)
+            FusedAdafactor(params, state_dtype=torch.float8_e4m3fn)
 
 
 @pytest.mark.parametrize("backend", backend_params())

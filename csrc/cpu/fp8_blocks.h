@@ -14,8 +14,14 @@ namespace fusedopt {
 
 // q[s], scales[s]: state s's bytes and scales from the chunk's first element.
 // body(b0, n, out): elements [b0, b0 + n) of the chunk; out[s][0..n) the new values.
-template <int NS, typename Body>
-inline void q8_store_blocks(int64_t len, uint8_t* const (&q)[NS], float* const (&scales)[NS], Body&& body) {
+// after(b0, n): runs once the block is encoded (LAMB reads the states back as stored).
+struct NoAfter {
+  void operator()(int64_t, int64_t) const {}
+};
+
+template <int NS, typename Body, typename After = NoAfter>
+inline void q8_store_blocks(int64_t len, uint8_t* const (&q)[NS], float* const (&scales)[NS], Body&& body,
+                            After&& after = After{}) {
   alignas(64) float out[NS][kQBlock];
   for (int64_t b0 = 0; b0 < len; b0 += kQBlock) {
     const int64_t n = len - b0 < kQBlock ? len - b0 : kQBlock;
@@ -33,6 +39,7 @@ inline void q8_store_blocks(int64_t len, uint8_t* const (&q)[NS], float* const (
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) dst[i] = q8_encode(out[s][i], inv);
     }
+    after(b0, n);
   }
 }
 

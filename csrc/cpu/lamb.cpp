@@ -3,6 +3,7 @@
 // of p^2 and u^2 are combined per tensor in chunk order (deterministic).
 #include <vector>
 
+#include "fp8_blocks.h"
 #include "fusedopt/dispatch.h"
 #include "fusedopt/lamb.h"
 #include "parallel.h"
@@ -29,11 +30,68 @@ std::vector<LambScalars<T>> scalars_of(const TensorTable& tt, const LambHyper& h
   return scalars;
 }
 
+// Block-scaled FP8 states (fp8_blocks.h): m and sqrt(v) encoded per block,
+// then u formed from the block as stored, as the apply pass will read it.
+template <typename P, bool MASTER, bool GRAD_MULT, bool ADAM_W>
+void moments_fp8_states(const TensorTable& tt, const std::vector<LambScalars<typename MathOf<P>::type>>& scalars,
+                        std::vector<double>& p_part, std::vector<double>& u_part, int num_threads) {
+  using T = typename MathOf<P>::type;
+  parallel_chunks(tt, num_threads, [&](int64_t c, const Chunk& chunk) {
+    const int64_t t = chunk.tensor, begin = chunk.start;
+    const LambScalars<T> s = scalars[size_t(t)];
+    const P* __restrict__ param = tt.ptr<const P>(kRowParam, t) + begin;
+    const P* __restrict__ grad = tt.ptr<const P>(kRowGrad, t) + begin;
+    const float* __restrict__ master = MASTER ? tt.ptr<const float>(kRowMaster, t) + begin : nullptr;
+    uint8_t* const q[2] = {tt.ptr<uint8_t>(kRowExpAvg, t) + begin, tt.ptr<uint8_t>(kRowExpAvgSq, t) + begin};
+    float* const scales[2] = {tt.ptr<float>(kRowExpAvgScale, t) + begin / kQBlock,
+                              tt.ptr<float>(kRowExpAvgSqScale, t) + begin / kQBlock};
+    double p_acc = 0.0, u_acc = 0.0;
+    q8_store_blocks<2>(
+        chunk.len, q, scales,
+        [&](int64_t b0, int64_t n, float (*out)[kQBlock]) {
+          const float m_scale = scales[0][b0 / kQBlock], v_scale = scales[1][b0 / kQBlock];
+          const uint8_t* __restrict__ m_in = q[0] + b0;
+          const uint8_t* __restrict__ v_in = q[1] + b0;
+          float* __restrict__ m_out = out[0];
+          float* __restrict__ s_out = out[1];
+#pragma omp simd reduction(+ : p_acc)
+          for (int64_t i = 0; i < n; ++i) {
+            const int64_t e = b0 + i;
+            const T p = MASTER ? T(master[e]) : T(to_math(param[e]));
+            T m = T(q8_decode<false>(m_in[i], m_scale));
+            T v = T(q8_decode<true>(v_in[i], v_scale));
+            lamb_moments<T, GRAD_MULT, ADAM_W>(p, T(to_math(grad[e])), m, v, s);
+            m_out[i] = float(m);
+            s_out[i] = sqrtf(float(v));
+            p_acc += double(p) * double(p);
+          }
+        },
+        [&](int64_t b0, int64_t n) {
+          const float m_scale = scales[0][b0 / kQBlock], v_scale = scales[1][b0 / kQBlock];
+          const uint8_t* __restrict__ m_in = q[0] + b0;
+          const uint8_t* __restrict__ v_in = q[1] + b0;
+#pragma omp simd reduction(+ : u_acc)
+          for (int64_t i = 0; i < n; ++i) {
+            const int64_t e = b0 + i;
+            const T p = MASTER ? T(master[e]) : T(to_math(param[e]));
+            const T u = lamb_direction<T, ADAM_W>(p, T(q8_decode<false>(m_in[i], m_scale)),
+                                                  T(q8_decode<true>(v_in[i], v_scale)), s);
+            u_acc += double(u) * double(u);
+          }
+        });
+    p_part[size_t(c)] = p_acc;
+    u_part[size_t(c)] = u_acc;
+  });
+}
+
 template <typename P, typename S, bool MASTER, bool GRAD_MULT, bool ADAM_W>
 void moments(const TensorTable& tt, const LambHyper& h, double* p_sums, double* u_sums, int num_threads) {
   using T = typename MathOf<P>::type;
   const std::vector<LambScalars<T>> scalars = advance_and_scalars<T>(tt, h);
   std::vector<double> p_part(size_t(tt.n_chunks)), u_part(size_t(tt.n_chunks));
+  if constexpr (std::is_same<S, fp8>::value) {
+    moments_fp8_states<P, MASTER, GRAD_MULT, ADAM_W>(tt, scalars, p_part, u_part, num_threads);
+  } else {
   parallel_chunks(tt, num_threads, [&](int64_t c, const Chunk& chunk) {
     const int64_t t = chunk.tensor, begin = chunk.start, len = chunk.len;
     const LambScalars<T> s = scalars[size_t(t)];
@@ -60,6 +118,7 @@ void moments(const TensorTable& tt, const LambHyper& h, double* p_sums, double* 
     p_part[size_t(c)] = p_acc;
     u_part[size_t(c)] = u_acc;
   });
+  }
   for (int64_t t = 0; t < tt.n_tensors; ++t) p_sums[t] = u_sums[t] = 0.0;
   for (int64_t c = 0; c < tt.n_chunks; ++c) {  // a tensor's chunks are consecutive: chunk order
     p_sums[tt.chunk_tensor[c]] += p_part[size_t(c)];
@@ -80,10 +139,27 @@ void apply(const TensorTable& tt, const LambHyper& h, const float* ratio, int nu
     const S* __restrict__ exp_avg = tt.ptr<const S>(kRowExpAvg, t) + begin;
     const S* __restrict__ exp_avg_sq = tt.ptr<const S>(kRowExpAvgSq, t) + begin;
     float* __restrict__ master = MASTER ? tt.ptr<float>(kRowMaster, t) + begin : nullptr;
+    // FP8 states: each element's block scales (rows absent otherwise)
+    const float* __restrict__ m_scales = nullptr;
+    const float* __restrict__ v_scales = nullptr;
+    if constexpr (std::is_same<S, fp8>::value) {
+      m_scales = tt.ptr<const float>(kRowExpAvgScale, t) + begin / kQBlock;
+      v_scales = tt.ptr<const float>(kRowExpAvgSqScale, t) + begin / kQBlock;
+    }
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i) {
       T p = MASTER ? T(master[i]) : T(to_math(param[i]));
-      const T u = lamb_direction<T, ADAM_W>(p, T(to_math(exp_avg[i])), T(to_math(exp_avg_sq[i])), s);
+      T m, v;
+      if constexpr (std::is_same<S, fp8>::value) {
+        const uint8_t* m_bytes = reinterpret_cast<const uint8_t*>(exp_avg);
+        const uint8_t* v_bytes = reinterpret_cast<const uint8_t*>(exp_avg_sq);
+        m = T(q8_decode<false>(m_bytes[i], m_scales[i / kQBlock]));
+        v = T(q8_decode<true>(v_bytes[i], v_scales[i / kQBlock]));
+      } else {
+        m = T(to_math(exp_avg[i]));
+        v = T(to_math(exp_avg_sq[i]));
+      }
+      const T u = lamb_direction<T, ADAM_W>(p, m, v, s);
       p = p - u * r;
       if (MASTER) master[i] = float(p);
       param[i] = store_param<P, SR>(p, sr_key, begin + i);
@@ -125,13 +201,13 @@ void lamb_moments_cpu(const TensorTable& tt, const LambHyper& h, DType param_dty
     for (int64_t t = 0; t < tt.n_tensors; ++t) p_sums[t] = u_sums[t] = 0.0;
     return;
   }
-  dispatch_storage<MomentsOp>(param_dtype, state_dtype, has_master, tt, h, p_sums, u_sums, num_threads);
+  dispatch_storage<MomentsOp, true>(param_dtype, state_dtype, has_master, tt, h, p_sums, u_sums, num_threads);
 }
 
 void lamb_apply_cpu(const TensorTable& tt, const LambHyper& h, DType param_dtype, DType state_dtype, bool has_master,
                     const float* ratio, int num_threads) {
   if (h.found_inf && *h.found_inf != 0.0f) return;
-  dispatch_storage<ApplyOp>(param_dtype, state_dtype, has_master, tt, h, ratio, num_threads);
+  dispatch_storage<ApplyOp, true>(param_dtype, state_dtype, has_master, tt, h, ratio, num_threads);
 }
 
 }  // namespace fusedopt

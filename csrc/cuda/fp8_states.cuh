@@ -39,8 +39,10 @@ __device__ __forceinline__ uint32_t group_max(uint32_t bits, uint32_t* scratch) 
 // x (already as stored: sqrt for second moments) encoded with the scale of
 // their block, which the group's first thread writes. Every thread's reads of
 // the old scales must come before the first call (its barrier orders them).
+// `stored` (optional): the values as a later decode reads them (before any square).
 __device__ __forceinline__ void q8_store_group(uint8_t* q, float* scales, int64_t i, int64_t len, bool aligned,
-                                               const float (&x)[kILP], uint32_t* scratch) {
+                                               const float (&x)[kILP], uint32_t* scratch,
+                                               float* stored = nullptr) {
   uint32_t bits = 0;
 #pragma unroll
   for (int k = 0; k < kILP; ++k) {
@@ -52,6 +54,10 @@ __device__ __forceinline__ void q8_store_group(uint8_t* q, float* scales, int64_
 #pragma unroll
   for (int k = 0; k < kILP; ++k) out[k] = q8_encode(x[k], inv);
   store_pack(q, out, i, len, aligned);
+  if (stored != nullptr) {
+#pragma unroll
+    for (int k = 0; k < kILP; ++k) stored[k] = q8_decode<false>(out[k], q8_scale(amax));
+  }
   if (i < len && threadIdx.x % kGroup == 0) scales[i / kQBlock] = q8_scale(amax);
 }
 

@@ -5,6 +5,7 @@
 // headers.
 #include <cuda_runtime.h>
 
+#include "fp8_states.cuh"
 #include "fusedopt/dispatch.h"
 #include "fusedopt/lamb.h"
 #include "multi_tensor.cuh"
@@ -78,6 +79,72 @@ __global__ void __launch_bounds__(kThreads) moments_kernel(TensorTable tt, LambH
   }
 }
 
+// Block-scaled FP8 states (fp8_states.cuh): m and sqrt(v) encoded per block
+// and u formed from them as stored. Every thread runs every iteration.
+template <typename P, bool MASTER, bool GRAD_MULT, bool ADAM_W>
+__global__ void __launch_bounds__(kThreads) moments_fp8_states_kernel(TensorTable tt, LambHyper h, double* partials) {
+  using T = typename MathOf<P>::type;
+  if (h.found_inf && *h.found_inf != 0.0f) {
+    if (threadIdx.x == 0) partials[blockIdx.x] = partials[tt.n_chunks + blockIdx.x] = 0.0;
+    return;
+  }
+  __shared__ uint32_t scratch[kThreads / 32];
+  const Chunk chunk = tt.chunk(blockIdx.x);
+  const int64_t t = chunk.tensor;
+  const LambScalars<T> s = block_scalars<T>(tt, h, t);
+  const P* param = tt.ptr<const P>(kRowParam, t) + chunk.start;
+  const P* grad = tt.ptr<const P>(kRowGrad, t) + chunk.start;
+  uint8_t* exp_avg = tt.ptr<uint8_t>(kRowExpAvg, t) + chunk.start;
+  uint8_t* exp_avg_sq = tt.ptr<uint8_t>(kRowExpAvgSq, t) + chunk.start;
+  float* m_scales = tt.ptr<float>(kRowExpAvgScale, t) + chunk.start / kQBlock;
+  float* v_scales = tt.ptr<float>(kRowExpAvgSqScale, t) + chunk.start / kQBlock;
+  const float* master = MASTER ? tt.ptr<const float>(kRowMaster, t) + chunk.start : nullptr;
+  const bool aligned = cuda::is_aligned(param) && cuda::is_aligned(grad) && cuda::is_aligned(exp_avg) &&
+                       cuda::is_aligned(exp_avg_sq) && (!MASTER || cuda::is_aligned(master));
+  T p_acc = T(0), u_acc = T(0);
+  for (int64_t base = 0; base < chunk.len; base += int64_t(kThreads) * kILP) {
+    const int64_t i = base + int64_t(threadIdx.x) * kILP;
+    const bool live = i < chunk.len;
+    P p_in[kILP], g_in[kILP];
+    uint8_t m_in[kILP], v_in[kILP];
+    float master_in[kILP], m_new[kILP], s_new[kILP], m_stored[kILP], s_stored[kILP];
+    T p_val[kILP];
+    if (MASTER) cuda::load_pack(master_in, master, i, chunk.len, aligned);
+    else cuda::load_pack(p_in, param, i, chunk.len, aligned);
+    cuda::load_pack(g_in, grad, i, chunk.len, aligned);
+    cuda::load_pack(m_in, exp_avg, i, chunk.len, aligned);
+    cuda::load_pack(v_in, exp_avg_sq, i, chunk.len, aligned);
+    const float m_scale = live ? m_scales[i / kQBlock] : 0.0f, v_scale = live ? v_scales[i / kQBlock] : 0.0f;
+#pragma unroll
+    for (int k = 0; k < kILP; ++k) {
+      const T p = MASTER ? T(master_in[k]) : T(to_math(p_in[k]));
+      T m = T(q8_decode<false>(m_in[k], m_scale));
+      T v = T(q8_decode<true>(v_in[k], v_scale));
+      lamb_moments<T, GRAD_MULT, ADAM_W>(p, T(to_math(g_in[k])), m, v, s);
+      p_val[k] = p;
+      m_new[k] = float(m);
+      s_new[k] = sqrtf(float(v));
+    }
+    cuda::q8_store_group(exp_avg, m_scales, i, chunk.len, aligned, m_new, scratch, m_stored);
+    cuda::q8_store_group(exp_avg_sq, v_scales, i, chunk.len, aligned, s_new, scratch, s_stored);
+#pragma unroll
+    for (int k = 0; k < kILP; ++k) {
+      if (i + k >= chunk.len) break;  // past the end: nothing to add to the sums
+      const T u = lamb_direction<T, ADAM_W>(p_val[k], T(m_stored[k]), T(s_stored[k] * s_stored[k]), s);
+      p_acc += p_val[k] * p_val[k];
+      u_acc += u * u;
+    }
+  }
+  int nan = 0;
+  const T p_total = block_reduce<T, false>(p_acc, nan);
+  __syncthreads();
+  const T u_total = block_reduce<T, false>(u_acc, nan);
+  if (threadIdx.x == 0) {
+    partials[blockIdx.x] = double(p_total);
+    partials[tt.n_chunks + blockIdx.x] = double(u_total);
+  }
+}
+
 template <typename P, typename S, bool MASTER, bool ADAM_W, bool SR>
 __global__ void __launch_bounds__(kThreads) apply_kernel(TensorTable tt, LambHyper h, const float* ratio) {
   using T = typename MathOf<P>::type;
@@ -92,6 +159,10 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(TensorTable tt, LambHyp
   float* master = MASTER ? tt.ptr<float>(kRowMaster, chunk.tensor) + chunk.start : nullptr;
   const bool aligned = cuda::is_aligned(param) && cuda::is_aligned(exp_avg) && cuda::is_aligned(exp_avg_sq) &&
                        (!MASTER || cuda::is_aligned(master));
+  constexpr bool kFp8 = std::is_same<S, fp8>::value;  // block-scaled FP8 states: decoded with their scales
+  const float* m_scales = kFp8 ? tt.ptr<const float>(kRowExpAvgScale, chunk.tensor) + chunk.start / kQBlock : nullptr;
+  const float* v_scales =
+      kFp8 ? tt.ptr<const float>(kRowExpAvgSqScale, chunk.tensor) + chunk.start / kQBlock : nullptr;
   for (int64_t i = int64_t(threadIdx.x) * kILP; i < chunk.len; i += int64_t(kThreads) * kILP) {
     P p_io[kILP];
     S m_in[kILP], v_in[kILP];
@@ -103,7 +174,15 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(TensorTable tt, LambHyp
 #pragma unroll
     for (int k = 0; k < kILP; ++k) {
       T p = MASTER ? T(master_io[k]) : T(to_math(p_io[k]));
-      p = p - lamb_direction<T, ADAM_W>(p, T(to_math(m_in[k])), T(to_math(v_in[k])), s) * r;
+      T m, v;
+      if constexpr (kFp8) {  // kILP elements from a multiple of kILP: one block
+        m = T(q8_decode<false>(m_in[k].bits, m_scales[i / kQBlock]));
+        v = T(q8_decode<true>(v_in[k].bits, v_scales[i / kQBlock]));
+      } else {
+        m = T(to_math(m_in[k]));
+        v = T(to_math(v_in[k]));
+      }
+      p = p - lamb_direction<T, ADAM_W>(p, m, v, s) * r;
       if (MASTER) master_io[k] = float(p);
       p_io[k] = store_param<P, SR>(p, sr_key, chunk.start + i + k);
     }
@@ -112,15 +191,24 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(TensorTable tt, LambHyp
   }
 }
 
+template <typename P, typename S, bool MASTER, bool GRAD_MULT, bool ADAM_W>
+void launch_moments(const TensorTable& tt, const LambHyper& h, double* partials, cudaStream_t stream) {
+  const dim3 grid(unsigned(tt.n_chunks));
+  if constexpr (std::is_same<S, fp8>::value) {
+    moments_fp8_states_kernel<P, MASTER, GRAD_MULT, ADAM_W><<<grid, kThreads, 0, stream>>>(tt, h, partials);
+  } else {
+    moments_kernel<P, S, MASTER, GRAD_MULT, ADAM_W><<<grid, kThreads, 0, stream>>>(tt, h, partials);
+  }
+}
+
 template <typename P, typename S, bool MASTER>
 struct MomentsOp {
   static void run(const TensorTable& tt, const LambHyper& h, double* partials, cudaStream_t stream) {
-    const dim3 grid(unsigned(tt.n_chunks));
     const bool mult = h.grad_mult != nullptr;
-    if (mult && h.adam_w_mode) moments_kernel<P, S, MASTER, true, true><<<grid, kThreads, 0, stream>>>(tt, h, partials);
-    else if (mult) moments_kernel<P, S, MASTER, true, false><<<grid, kThreads, 0, stream>>>(tt, h, partials);
-    else if (h.adam_w_mode) moments_kernel<P, S, MASTER, false, true><<<grid, kThreads, 0, stream>>>(tt, h, partials);
-    else moments_kernel<P, S, MASTER, false, false><<<grid, kThreads, 0, stream>>>(tt, h, partials);
+    if (mult && h.adam_w_mode) launch_moments<P, S, MASTER, true, true>(tt, h, partials, stream);
+    else if (mult) launch_moments<P, S, MASTER, true, false>(tt, h, partials, stream);
+    else if (h.adam_w_mode) launch_moments<P, S, MASTER, false, true>(tt, h, partials, stream);
+    else launch_moments<P, S, MASTER, false, false>(tt, h, partials, stream);
   }
 };
 
@@ -152,7 +240,7 @@ const char* lamb_moments_cuda(const TensorTable& tt, const int64_t* chunk_first,
                               double* u_sums, void* stream_handle) {
   if (tt.n_chunks == 0) return nullptr;
   cudaStream_t stream = static_cast<cudaStream_t>(stream_handle);
-  dispatch_storage<MomentsOp>(param_dtype, state_dtype, has_master, tt, h, partials, stream);
+  dispatch_storage<MomentsOp, true>(param_dtype, state_dtype, has_master, tt, h, partials, stream);
   const dim3 grid(unsigned(tt.n_tensors));
   combine_kernel<false><<<grid, kThreads, 0, stream>>>(partials, chunk_first, p_sums);
   combine_kernel<false><<<grid, kThreads, 0, stream>>>(partials + tt.n_chunks, chunk_first, u_sums);
@@ -162,7 +250,7 @@ const char* lamb_moments_cuda(const TensorTable& tt, const int64_t* chunk_first,
 const char* lamb_apply_cuda(const TensorTable& tt, const LambHyper& h, DType param_dtype, DType state_dtype,
                             bool has_master, const float* ratio, void* stream_handle) {
   if (tt.n_chunks == 0) return nullptr;
-  dispatch_storage<ApplyOp>(param_dtype, state_dtype, has_master, tt, h, ratio,
+  dispatch_storage<ApplyOp, true>(param_dtype, state_dtype, has_master, tt, h, ratio,
                             static_cast<cudaStream_t>(stream_handle));
   return last_error();
 }

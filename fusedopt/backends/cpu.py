@@ -65,12 +65,13 @@ def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, adam_w
          maximize, grad_mult, found_inf):
     """Moments pass (advances the steps, reduces sum p^2 and u^2 per tensor),
     the trust ratios (reference/lamb.py), then the apply pass."""
-    lists = (bucket.params, bucket.grads, bucket.states["exp_avg"], bucket.states["exp_avg_sq"],
-             bucket.masters or [], bucket.steps)
+    states = bucket.states
+    lists = (bucket.params, bucket.grads, states["exp_avg"], states["exp_avg_sq"], states.get("exp_avg_scale", []),
+             states.get("exp_avg_sq_scale", []), bucket.masters or [], bucket.steps)
     hyper = (beta1, beta2, eps, weight_decay, bias_correction, adam_w_mode, grad_averaging, maximize)
-    p_sums, u_sums = torch.ops.fusedopt_cpu.lamb_moments(*lists, *hyper, grad_mult, found_inf, CHUNK_SIZE)
+    p_sums, u_sums = torch.ops.fusedopt_cpu.lamb_moments(*lists, *hyper, grad_mult, found_inf, _chunk(bucket))
     ratio = lamb_spec.trust_ratio(p_sums, u_sums, lr, weight_decay, use_nvlamb)
-    torch.ops.fusedopt_cpu.lamb_apply(*lists, ratio, *hyper, found_inf, bucket.sr_seed, CHUNK_SIZE)
+    torch.ops.fusedopt_cpu.lamb_apply(*lists, ratio, *hyper, found_inf, bucket.sr_seed, _chunk(bucket))
 
 
 def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize, beta1, grad_mult, found_inf):

@@ -87,10 +87,10 @@ def scale_(tensors, factor):
 def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, adam_w_mode, grad_averaging, use_nvlamb,
          maximize, grad_mult, found_inf):
     device = bucket.device
-    tables = _tables.launch_tables(_tables.moment_rows(bucket), device, CHUNK_SIZE)
+    tables = _tables.launch_tables(_tables.moment_rows(bucket), device, _chunk(bucket))
     advance_steps(bucket.steps, found_inf)
     head = (tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start)
-    kind, state_kind, master = CODES[bucket.dtype], CODES[bucket.state_dtype], bucket.masters is not None
+    kind, state_kind, master = CODES[bucket.dtype], STATE_CODES[bucket.state_dtype], bucket.masters is not None
     partials = torch.empty(2 * tables.n_chunks, dtype=torch.float64, device=device)
     p_sums = torch.empty(tables.n_tensors, dtype=torch.float64, device=device)
     u_sums = torch.empty_like(p_sums)

@@ -129,14 +129,14 @@ def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, adam_w
     for i, param in enumerate(bucket.params):
         master = bucket.masters[i] if bucket.masters is not None else None
         work = (master if master is not None else param).to(dtype, copy=True)
-        exp_avg, exp_avg_sq = bucket.states["exp_avg"][i], bucket.states["exp_avg_sq"][i]
-        m, v = exp_avg.to(dtype, copy=True), exp_avg_sq.to(dtype, copy=True)
+        m, v = _load_state(bucket, "exp_avg", i, dtype), _load_state(bucket, "exp_avg_sq", i, dtype)
         lamb_spec.moments_(work, bucket.grads[i].to(dtype), m, v, beta1=beta1, beta2=beta2,
                            weight_decay=weight_decay, adam_w_mode=adam_w_mode, grad_averaging=grad_averaging,
                            maximize=maximize, grad_mult=mult)
-        exp_avg.copy_(m)
-        exp_avg_sq.copy_(v)
-        u = lamb_spec.direction(work, exp_avg.to(dtype), exp_avg_sq.to(dtype), step=float(bucket.steps[i].item()),
+        _store_state(bucket, "exp_avg", i, m)
+        _store_state(bucket, "exp_avg_sq", i, v)
+        u = lamb_spec.direction(work, _load_state(bucket, "exp_avg", i, dtype), _load_state(bucket, "exp_avg_sq", i, dtype),
+                                step=float(bucket.steps[i].item()),
                                 beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                                 bias_correction=bias_correction, adam_w_mode=adam_w_mode)
         ratio = lamb_spec.trust_ratio(work.double().square().sum(), u.double().square().sum(), lr, weight_decay,

@@ -95,12 +95,13 @@ def scale_(tensors, factor):
 def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, adam_w_mode, grad_averaging, use_nvlamb,
          maximize, grad_mult, found_inf):
     kernels = shipped_module("kernels", "lamb")
-    tables = _tables.launch_tables(_tables.moment_rows(bucket), bucket.device, CHUNK_SIZE)
+    block, chunk = _sizes(bucket)
+    tables = _tables.launch_tables(_tables.moment_rows(bucket), bucket.device, chunk)
     advance_steps(bucket.steps, found_inf)
-    common = dict(p_kind=CODES[bucket.dtype], s_kind=CODES[bucket.state_dtype], master=bucket.masters is not None,
-                  beta1=beta1, beta2=beta2, eps=eps,
+    common = dict(p_kind=CODES[bucket.dtype], s_kind=STATE_CODES[bucket.state_dtype],
+                  master=bucket.masters is not None, beta1=beta1, beta2=beta2, eps=eps,
                   weight_decay=weight_decay, bias_correction=bias_correction, adam_w_mode=adam_w_mode,
-                  found_inf=found_inf, block=BLOCK_SIZE, num_warps=NUM_WARPS)
+                  found_inf=found_inf, block=block, num_warps=NUM_WARPS)
     p_sums = torch.empty(tables.n_tensors, dtype=torch.float64, device=bucket.device)
     u_sums = torch.empty_like(p_sums)
     kernels.launch_lamb_moments(tables, p_sums, u_sums, grad_averaging=grad_averaging, maximize=maximize,

@@ -460,7 +460,7 @@ def _fp8_state_ok(state: dict, name: str, p: Tensor) -> bool:
 def _check_state_dtype(name: str, state_dtype, fp8_states_built: bool) -> None:
     if state_dtype == FP8_STATE_DTYPE and not fp8_states_built:
         raise NotImplementedError(f"{name}: state_dtype={state_dtype} is not implemented for this optimizer yet "
-                                  f"(FusedAdamW and FusedSophia have it); use None or torch.bfloat16")
+                                  f"(FusedAdamW, FusedLAMB and FusedSophia have it); use None or torch.bfloat16")
     if state_dtype is None or state_dtype in STATE_DTYPES:
         return
     raise ValueError(f"{name}: state_dtype must be None, torch.bfloat16 or torch.float8_e4m3fn, got {state_dtype!r}")

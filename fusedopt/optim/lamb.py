@@ -38,6 +38,7 @@ class FusedLAMB(FusedOptimizer):
     """
 
     _op = "lamb"
+    _fp8_states = True
 
     def __init__(
         self,
