@@ -1,4 +1,5 @@
-"""Run a test body on N gloo ranks (torch.multiprocessing spawn, CPU)."""
+"""Run a test body on N ranks (torch.multiprocessing spawn): gloo on the CPU,
+or NCCL with one GPU per rank."""
 from __future__ import annotations
 
 import os
@@ -14,9 +15,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, fn, args):
+def _entry(rank: int, world: int, port: int, fn, args, backend: str = "gloo"):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    if backend == "nccl":
+        import torch
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world)
     fn(rank, world, *args)
     dist.barrier()  # no rank tears the group down while another still talks to it
     dist.destroy_process_group()
@@ -26,6 +30,6 @@ def _entry(rank: int, world: int, port: int, fn, args):
     os._exit(0)
 
 
-def spawn(fn, world: int, *args) -> None:
-    """fn(rank, world, *args) on `world` gloo ranks; an exception on any rank fails the caller."""
-    mp.spawn(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)
+def spawn(fn, world: int, *args, backend: str = "gloo") -> None:
+    """fn(rank, world, *args) on `world` ranks of `backend`; an exception on any rank fails the caller."""
+    mp.spawn(_entry, args=(world, free_port(), fn, args, backend), nprocs=world, join=True)

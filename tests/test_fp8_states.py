@@ -39,6 +39,22 @@ def moment_grads(params, step):
     return out
 
 
+def assert_same_fp8_states(ref, a, ours, b) -> int:
+    """The same state keys, FP8 payloads equal bit for bit and scales exactly;
+    returns how many FP8 payloads were compared."""
+    ref_states, our_states = state_tensors(ref, a), state_tensors(ours, b)
+    assert ref_states.keys() == our_states.keys()
+    n_fp8 = 0
+    for key, want in ref_states.items():
+        got = our_states[key]
+        if want.dtype == FP8:
+            n_fp8 += 1
+            assert got.dtype == FP8 and torch.equal(bits(got), bits(want)), key
+        elif key[1].endswith("_scale"):
+            assert torch.equal(got, want), key
+    return n_fp8
+
+
 def steps(opt, params, n, start=0):
     for s in range(start, start + n):
         for p, g in zip(params, moment_grads(params, s)):
@@ -142,17 +158,7 @@ def test_fp8_states_match_reference(backend, storage, amsgrad):
     kw = dict(lr=1e-2, weight_decay=0.1, amsgrad=amsgrad, master_weights=master, state_dtype=FP8)
     ref, ours = FusedAdamW(a, backend="reference", **kw), FusedAdamW(b, backend=backend, **kw)
     steps(ref, a, STEPS), steps(ours, b, STEPS)
-    ref_states, our_states = state_tensors(ref, a), state_tensors(ours, b)
-    assert ref_states.keys() == our_states.keys()
-    n_fp8 = 0
-    for key, want in ref_states.items():
-        got = our_states[key]
-        if want.dtype == FP8:
-            n_fp8 += 1
-            assert got.dtype == FP8 and torch.equal(bits(got), bits(want)), key
-        elif key[1].endswith("_scale"):
-            assert torch.equal(got, want), key
-    assert n_fp8 == (3 if amsgrad else 2) * len(SHAPES)
+    assert assert_same_fp8_states(ref, a, ours, b) == (3 if amsgrad else 2) * len(SHAPES)
     tol = {"atol": 1e-6, "rtol": 1e-5} if dtype in (torch.float32, torch.float64) else {"atol": 0, "rtol": 0}
     for pa, pb in zip(a, b):
         torch.testing.assert_close(pb.detach(), pa.detach(), **tol)
@@ -229,15 +235,8 @@ def test_sophia_fp8_states_match_reference(backend, storage):
     kw = dict(lr=1e-2, weight_decay=0.1, master_weights=master, state_dtype=FP8)
     ref, ours = FusedSophia(a, backend="reference", **kw), FusedSophia(b, backend=backend, **kw)
     sophia_steps(ref, a, STEPS), sophia_steps(ours, b, STEPS)
-    ref_states, our_states = state_tensors(ref, a), state_tensors(ours, b)
-    assert ref_states.keys() == our_states.keys()
-    assert {k for _, k in ref_states} >= {"exp_avg", "exp_avg_scale", "hessian", "hessian_scale"}
-    for key, want in ref_states.items():
-        got = our_states[key]
-        if want.dtype == FP8:
-            assert torch.equal(bits(got), bits(want)), key
-        elif key[1].endswith("_scale"):
-            assert torch.equal(got, want), key
+    assert assert_same_fp8_states(ref, a, ours, b) == 2 * len(SHAPES)
+    assert {k for _, k in state_tensors(ours, b)} >= {"exp_avg", "exp_avg_scale", "hessian", "hessian_scale"}
     for pa, pb in zip(a, b):
         torch.testing.assert_close(pb.detach(), pa.detach(), atol=1e-6 if dtype == torch.float32 else 0, rtol=0)
 
@@ -259,15 +258,7 @@ def test_lamb_fp8_states_match_reference(backend, storage):
     kw = dict(lr=1e-2, weight_decay=0.1, master_weights=master, state_dtype=FP8, max_grad_norm=None)
     ref, ours = FusedLAMB(a, backend="reference", **kw), FusedLAMB(b, backend=backend, **kw)
     steps(ref, a, STEPS), steps(ours, b, STEPS)
-    ref_states, our_states = state_tensors(ref, a), state_tensors(ours, b)
-    assert ref_states.keys() == our_states.keys()
-    assert {k for _, k in ref_states} >= {"exp_avg", "exp_avg_scale", "exp_avg_sq", "exp_avg_sq_scale"}
-    for key, want in ref_states.items():
-        got = our_states[key]
-        if want.dtype == FP8:
-            assert torch.equal(bits(got), bits(want)), key
-        elif key[1].endswith("_scale"):
-            assert torch.equal(got, want), key
+    assert assert_same_fp8_states(ref, a, ours, b) == 2 * len(SHAPES)
     tol = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0, "rtol": 2.0**-7}
     for pa, pb in zip(a, b):
         torch.testing.assert_close(pb.detach(), pa.detach(), **tol)
