@@ -20,6 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..reference import fp8_states
+from ._dtypes import FP8_STATE_DTYPE
+
 # Row order of the Adam-family tables (AdamW, LAMB): MomentRow in
 # csrc/include/fusedopt/multi_tensor.h and ROW_* in kernels/_table.py use the
 # same numbers; a row an optimizer lacks is left absent (address 0).
@@ -80,8 +83,18 @@ def launch_tables(rows: list[list[Tensor] | None], device: torch.device, chunk_s
 
 
 def round_up(n: int, multiple: int) -> int:
-    """The smallest multiple of `multiple` >= n (chunk sizes that FP8 state blocks do not straddle)."""
+    """The smallest multiple of `multiple` >= n."""
     return -(-n // multiple) * multiple
+
+
+def launch_sizes(bucket, chunk_size: int, block_size: int = 1) -> tuple[int, int]:
+    """(block, chunk) for a launch over `bucket`: as given, or with block-scaled
+    FP8 states the next multiples that keep each 256-element state block inside
+    one loop iteration (block) and one chunk (the kernels encode whole blocks)."""
+    if bucket.state_dtype != FP8_STATE_DTYPE:
+        return block_size, chunk_size
+    block = round_up(block_size, fp8_states.BLOCK)
+    return block, round_up(chunk_size, block)
 
 
 def moment_rows(bucket, second: str = "exp_avg_sq") -> list[list[Tensor] | None]:

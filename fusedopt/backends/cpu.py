@@ -6,10 +6,8 @@ from __future__ import annotations
 import torch
 
 from .. import _jit
-from ..reference import fp8_states
 from ..reference import lamb as lamb_spec
 from . import _tables
-from ._dtypes import FP8_STATE_DTYPE
 
 NAME = "cpu"
 DEVICE_TYPES = ("cpu",)
@@ -27,10 +25,7 @@ def load() -> None:
 
 
 def _chunk(bucket) -> int:
-    """CHUNK_SIZE, or with FP8 states the next multiple of their 256-element blocks."""
-    if bucket.state_dtype == FP8_STATE_DTYPE:
-        return _tables.round_up(CHUNK_SIZE, fp8_states.BLOCK)
-    return CHUNK_SIZE
+    return _tables.launch_sizes(bucket, CHUNK_SIZE)[1]
 
 
 def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_mult, found_inf):

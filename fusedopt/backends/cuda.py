@@ -10,11 +10,10 @@ from __future__ import annotations
 import torch
 
 from .. import _jit
-from ..reference import fp8_states
 from ..reference import lamb as lamb_spec
 from . import _tables
 from ._bucket import advance_steps
-from ._dtypes import CODES, FP8_FORMATS, FP8_STATE_DTYPE, STATE_CODES
+from ._dtypes import CODES, FP8_FORMATS, STATE_CODES
 
 NAME = "cuda"
 DEVICE_TYPES = ("cuda",)
@@ -32,10 +31,7 @@ def load() -> None:
 
 
 def _chunk(bucket) -> int:
-    """CHUNK_SIZE, or with FP8 states the next multiple of their 256-element blocks."""
-    if bucket.state_dtype == FP8_STATE_DTYPE:
-        return _tables.round_up(CHUNK_SIZE, fp8_states.BLOCK)
-    return CHUNK_SIZE
+    return _tables.launch_sizes(bucket, CHUNK_SIZE)[1]
 
 
 def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_mult, found_inf):

@@ -14,11 +14,10 @@ import torch
 
 from .._resources import shipped_module
 from ..reference import adafactor as adafactor_spec
-from ..reference import fp8_states
 from ..reference import lamb as lamb_spec
 from . import _tables
 from ._bucket import advance_steps
-from ._dtypes import CODES, FP8_FORMATS, FP8_STATE_DTYPE, STATE_CODES
+from ._dtypes import CODES, FP8_FORMATS, STATE_CODES
 
 NAME = "triton"
 DEVICE_TYPES = ("cuda", "cpu")
@@ -46,13 +45,7 @@ def load() -> None:
 
 
 def _sizes(bucket) -> tuple[int, int]:
-    """(BLOCK_SIZE, CHUNK_SIZE), or with FP8 states the next multiples that
-    keep each 256-element state block inside one loop iteration."""
-    block, chunk = BLOCK_SIZE, CHUNK_SIZE
-    if bucket.state_dtype == FP8_STATE_DTYPE:
-        block = _tables.round_up(block, fp8_states.BLOCK)
-        chunk = _tables.round_up(chunk, block)
-    return block, chunk
+    return _tables.launch_sizes(bucket, CHUNK_SIZE, BLOCK_SIZE)
 
 
 def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_mult, found_inf):
