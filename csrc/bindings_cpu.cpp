@@ -319,7 +319,8 @@ void lamb_apply(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
 // One launch per kind: `factored` (row_vars/col_vars given; rows/cols hold each
 // tensor's last two dims) or 0-d/1-d (variances given).
 void adafactor(TensorList params, TensorList grads, TensorList exp_avgs, TensorList variances, TensorList row_vars,
-               TensorList col_vars, TensorList masters, TensorList steps, const Tensor& rows, const Tensor& cols,
+               TensorList col_vars, TensorList exp_avg_scales, TensorList masters, TensorList steps,
+               const Tensor& rows, const Tensor& cols,
                double lr, const std::optional<Tensor>& lr_tensor, double beta2_decay, double eps1, double eps2,
                double d, double weight_decay, bool maximize, std::optional<double> beta1,
                const std::optional<Tensor>& grad_mult, const std::optional<Tensor>& found_inf,
@@ -330,14 +331,26 @@ void adafactor(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
   TORCH_CHECK(factored ? (col_vars.size() == row_vars.size() && variances.empty()) : !variances.empty(),
               "fusedopt cpu: adafactor takes row_vars and col_vars, or variances");
   TORCH_CHECK(!beta1.has_value() || !exp_avgs.empty(), "fusedopt cpu: beta1 needs exp_avgs");
-  const at::ScalarType sdt = state_dtype_of(pdt, {exp_avgs, variances, row_vars}, has_master);
+  // the second-moment statistics' storage; exp_avg has it too, or is block-scaled FP8
+  const at::ScalarType sdt = state_dtype_of(pdt, {variances, row_vars}, has_master);
+  const bool fp8_exp_avg = !exp_avgs.empty() && exp_avgs[0].scalar_type() == at::kFloat8_e4m3fn;
+  if (fp8_exp_avg) {
+    TORCH_CHECK(beta1.has_value(), "fusedopt cpu: an FP8 exp_avg needs beta1");
+    check_dtype(exp_avgs, at::kFloat8_e4m3fn, "exp_avg");
+    check_block_scales(exp_avg_scales, exp_avgs, "exp_avg_scale");
+    TORCH_CHECK(chunk_size % fusedopt::kQBlock == 0, "fusedopt cpu: chunk_size must be a multiple of ",
+                fusedopt::kQBlock, " with FP8 states");
+  } else {
+    check_dtype(exp_avgs, sdt, "adafactor state");
+  }
   check_dtype(params, pdt, "params");
   check_dtype(grads, pdt, "grads");
-  for (TensorList states : {exp_avgs, variances, row_vars, col_vars}) check_dtype(states, sdt, "adafactor state");
+  for (TensorList states : {variances, row_vars, col_vars}) check_dtype(states, sdt, "adafactor state");
   check_dtype(masters, at::kFloat, "master_param");
   check_steps(steps);
-  HostTable host({params, grads, exp_avgs, variances, row_vars, col_vars, masters, steps}, chunk_size,
-                 {fusedopt::kAfRowVar, fusedopt::kAfColVar, fusedopt::kAfStep});
+  HostTable host({params, grads, exp_avgs, variances, row_vars, col_vars, masters, steps,
+                  fp8_exp_avg ? exp_avg_scales : TensorList()},
+                 chunk_size, {fusedopt::kAfRowVar, fusedopt::kAfColVar, fusedopt::kAfStep, fusedopt::kAfExpAvgScale});
   fusedopt::AdafactorHyper h{lr, scalar_ptr(lr_tensor, "lr"), beta2_decay, eps1, eps2, d, weight_decay, maximize,
                              beta1.has_value(), beta1.value_or(0.0), scalar_ptr(grad_mult, "grad_mult"),
                              scalar_ptr(found_inf, "found_inf")};
@@ -356,10 +369,11 @@ void adafactor(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
       TORCH_CHECK(row_vars[size_t(t)].numel() == p.numel() / c[t] && col_vars[size_t(t)].numel() == p.numel() / r[t],
                   "fusedopt cpu: row_var / col_var of the wrong size");
     }
-    fusedopt::adafactor_factored_cpu(host.tt, r, c, h, dtype_code(pdt), dtype_code(sdt), has_master,
+    fusedopt::adafactor_factored_cpu(host.tt, r, c, h, dtype_code(pdt), dtype_code(sdt), has_master, fp8_exp_avg,
                                      at::get_num_threads());
   } else {
-    fusedopt::adafactor_vector_cpu(host.tt, h, dtype_code(pdt), dtype_code(sdt), has_master, at::get_num_threads());
+    fusedopt::adafactor_vector_cpu(host.tt, h, dtype_code(pdt), dtype_code(sdt), has_master, fp8_exp_avg,
+                                   at::get_num_threads());
   }
 }
 
@@ -426,7 +440,8 @@ TORCH_LIBRARY(fusedopt_cpu, m) {
       &sophia_hessian);
   m.def(
       "adafactor(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] variances, "
-      "Tensor(d!)[] row_vars, Tensor(e!)[] col_vars, Tensor(f!)[] masters, Tensor(g!)[] steps, Tensor rows, "
+      "Tensor(d!)[] row_vars, Tensor(e!)[] col_vars, Tensor(h!)[] exp_avg_scales, Tensor(f!)[] masters, "
+      "Tensor(g!)[] steps, Tensor rows, "
       "Tensor cols, float lr, Tensor? lr_tensor, float beta2_decay, float eps1, float eps2, float d, "
       "float weight_decay, bool maximize, float? beta1, Tensor? grad_mult, Tensor? found_inf, int? sr_seed, "
       "int chunk_size) -> ()",

@@ -4,7 +4,8 @@ spec). Table rows: ADAFACTOR_ROWS in fusedopt/backends/_tables.py.
 
 0-d / 1-d tensors, by chunks:
   _vector_stats    variance = lerp(variance, g*g, 1 - beta2_t); partial sums of p*p and u*u
-  _apply           p = p * decay + scale * u            (or through the first moment)
+  _apply           p = p * decay + scale * u            (or through the first moment, which may be
+                                                        block-scaled FP8: kernels/fp8_states.py)
 Tensors of 2+ dims (row-major [.., R, C], leading dims batched):
   _row_stats       one program per block of rows: row sums of g*g (final: row_var updated), sum(p*p)
   _col_stats       one program per (batch slice, block of columns): col_var updated, mean of row_var
@@ -19,6 +20,7 @@ import triton.language as tl
 from ._numeric import (F32, F64, as_stored, div_ieee, lerp, load_math, load_state, sqrt_ieee, sr_tensor_key,
                        store_math, store_param)
 from ._table import address, program_chunk
+from .fp8_states import load_any_state, store_any_state
 from .norms import _combine_kernel
 
 ROW_PARAM = tl.constexpr(0)
@@ -29,6 +31,7 @@ ROW_ROW_VAR = tl.constexpr(4)
 ROW_COL_VAR = tl.constexpr(5)
 ROW_MASTER = tl.constexpr(6)
 ROW_STEP = tl.constexpr(7)
+ROW_EXP_AVG_SCALE = tl.constexpr(8)
 
 
 @triton.jit
@@ -214,7 +217,10 @@ def _apply(table, numels, chunk_tensor, chunk_start, n_tensors, rows, cols, slic
            weight_decay, one_minus_beta1, scale_ptr, denom_ptr, grad_mult_ptr, found_inf_ptr, sr_seed,
            SR: tl.constexpr, P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr,
            GRAD_MULT: tl.constexpr, MAXIMIZE: tl.constexpr, FACTORED: tl.constexpr, BETA1: tl.constexpr,
-           LR_IS_PTR: tl.constexpr, HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+           M_KIND: tl.constexpr, LR_IS_PTR: tl.constexpr, HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr,
+           BLOCK: tl.constexpr):
+    """The update; exp_avg (BETA1) stored as M_KIND: S_KIND, or FP8_BLOCKED
+    (then BLOCK is a multiple of 256 and chunks start at multiples of BLOCK)."""
     t, start, end = program_chunk(chunk_tensor, chunk_start, numels, found_inf_ptr, CHUNK, HAS_FOUND_INF)
     W_KIND: tl.constexpr = F32 if MASTER else P_KIND  # the working copy: the master, or the param
     ACC: tl.constexpr = tl.float64 if P_KIND == F64 else tl.float32
@@ -222,6 +228,7 @@ def _apply(table, numels, chunk_tensor, chunk_start, n_tensors, rows, cols, slic
     work = address(table, ROW_MASTER if MASTER else ROW_PARAM, n_tensors, t)
     grad = address(table, ROW_GRAD, n_tensors, t)
     exp_avg = address(table, ROW_EXP_AVG, n_tensors, t)
+    exp_avg_scale = address(table, ROW_EXP_AVG_SCALE, n_tensors, t)
     variance = address(table, ROW_VARIANCE, n_tensors, t)
     row_var = address(table, ROW_ROW_VAR, n_tensors, t)
     col_var = address(table, ROW_COL_VAR, n_tensors, t)
@@ -249,9 +256,10 @@ def _apply(table, numels, chunk_tensor, chunk_start, n_tensors, rows, cols, slic
                    load_state(variance, offs, mask, S_KIND, P_KIND), eps1_sq, W_KIND)
         p = load_math(work, offs, mask, W_KIND) * decay
         if BETA1:
-            m = lerp(load_state(exp_avg, offs, mask, S_KIND, P_KIND), u / denom, one_minus_beta1)
-            store_math(exp_avg, offs, m, mask, S_KIND)
-            p = tl.fma(as_stored(m, S_KIND), scale, p)
+            m = lerp(load_any_state(exp_avg, exp_avg_scale, offs, mask, False, M_KIND, P_KIND), u / denom,
+                     one_minus_beta1)
+            m = store_any_state(exp_avg, exp_avg_scale, offs, m, mask, False, M_KIND, BLOCK)  # as stored
+            p = tl.fma(m, scale, p)
         else:
             p = tl.fma(u, scale, p)
         if MASTER:

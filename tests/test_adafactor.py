@@ -11,6 +11,7 @@ from conftest import CPU_BACKENDS, backend_params
 from helpers import assert_same_state, grads_for, run, ulp
 
 from fusedopt import FusedAdafactor
+from fusedopt.reference import fp8_states
 
 pytestmark = pytest.mark.adafactor
 
@@ -108,28 +109,41 @@ def test_non_contiguous_params(backend):
     assert_same_state(ref, a, opt, b, atol=1e-6, rtol=1e-5)
 
 
-def test_beta1_reference_against_literal_first_moment():
+@pytest.mark.parametrize("state_dtype", [None, torch.float8_e4m3fn])
+def test_beta1_reference_against_literal_first_moment(state_dtype):
     """beta1: m = lerp(m, u / denom, 1 - beta1), p -= alpha * m, with u, denom
-    and alpha as torch's Adafactor forms them."""
-    p = make([(6, 5)])[0]
-    opt = FusedAdafactor([p], backend="reference", beta1=0.8, lr=1e-2)
+    and alpha as torch's Adafactor forms them. With state_dtype=FP8, m is
+    stored block-scaled (reference/fp8_states.py) and p moves by m as stored."""
+    fp8 = state_dtype is not None
+    p = make([(60, 9)])[0] if fp8 else make([(6, 5)])[0]  # FP8: 540 elements, three 256-element blocks
+    n = p.numel()
+    opt = FusedAdafactor([p], backend="reference", beta1=0.8, lr=1e-2, state_dtype=state_dtype)
     x = p.detach().clone()
-    row, col, m = torch.zeros(6, 1), torch.zeros(1, 5), torch.zeros(6, 5)
+    row, col, m = torch.zeros(p.shape[0], 1), torch.zeros(1, p.shape[1]), torch.zeros(p.shape)
     eps1, eps2 = torch.finfo(torch.float32).eps, 1e-3
     for step in range(1, 5):
         g = grads_for([p], step)[0]
         p.grad = g
         opt.step()
         w = step ** -0.8
-        alpha = max(eps2, (x.norm() / 30 ** 0.5).item()) * min(1e-2, step ** -0.5)
+        alpha = max(eps2, (x.norm() / n ** 0.5).item()) * min(1e-2, step ** -0.5)
         row.lerp_((g * g).mean(-1, keepdim=True), w)
         col.lerp_((g * g).mean(-2, keepdim=True), w)
         u = (row @ col / row.mean().clamp(min=eps1)).clamp(min=eps1 * eps1).rsqrt() * g
-        denom = max(1.0, (u.norm() / 30 ** 0.5).item())
+        denom = max(1.0, (u.norm() / n ** 0.5).item())
         m.lerp_(u / denom, 0.2)
+        if fp8:
+            m = fp8_states.decode("exp_avg", *fp8_states.encode("exp_avg", m))
         x = x - alpha * m
+    state = opt.state[p]
     torch.testing.assert_close(p.detach(), x, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(opt.state[p]["exp_avg"], m, atol=1e-6, rtol=1e-5)
+    if fp8:
+        assert state["exp_avg"].dtype == torch.float8_e4m3fn and state["row_var"].dtype == torch.float32
+        assert (state["exp_avg"].float() != 0).float().mean() > 0.9  # not underflowed
+        torch.testing.assert_close(fp8_states.decode("exp_avg", state["exp_avg"], state["exp_avg_scale"]), m,
+                                   atol=1e-6, rtol=1e-5)
+    else:
+        torch.testing.assert_close(state["exp_avg"], m, atol=1e-6, rtol=1e-5)
 
 
 def test_bad_arguments_like_torch():

@@ -14,9 +14,14 @@
 //   pass 1: variance updated, sum(p*p), sum(u*u)           (reads p, g, variance; writes variance)
 //   pass 2: the update                                      (reads p, g, variance; writes p)
 // All sums in double, combined in a fixed order: deterministic.
+// With a block-scaled FP8 exp_avg (M8) the update pass goes by the launch's
+// chunks (multiples of kQBlock) through fp8_blocks.h: each block's new first
+// moments are formed, encoded with the block's new scale, and the params are
+// updated from the moments as stored.
 #include <algorithm>
 #include <vector>
 
+#include "fp8_blocks.h"
 #include "fusedopt/adafactor.h"
 #include "fusedopt/dispatch.h"
 #include "parallel.h"
@@ -40,23 +45,48 @@ std::vector<AdafactorStep> advance_steps(const TensorTable& tt, const AdafactorH
   return steps;
 }
 
-// Final per-element write: the update applied to p (or the master, then p).
+// Final per-element write: p (or the master, then p) = p * decay + scale * x.
 // `first` + i is the element's offset in its tensor (stochastic rounding's counter).
-template <typename T, typename P, typename S, bool MASTER, bool BETA1, bool SR>
-inline void apply_element(P* param, float* master, S* exp_avg, int64_t i, T u, T decay, T scale, T denom,
-                          T m_weight, uint32_t sr_key, int64_t first) {
-  T p = MASTER ? T(master[i]) : T(to_math(param[i]));
-  p = p * decay;
-  if (BETA1) {
-    const S m = Store<S>::from(lerp(T(to_math(exp_avg[i])), u / denom, m_weight));
-    exp_avg[i] = m;
-    p = fused_mul_add(scale, T(to_math(m)), p);
-  } else {
-    p = fused_mul_add(scale, u, p);
-  }
+template <typename T, typename P, bool MASTER, bool SR>
+inline void write_param(P* param, float* master, int64_t i, T x, T decay, T scale, uint32_t sr_key, int64_t first) {
+  const T p = adafactor_apply(MASTER ? T(master[i]) : T(to_math(param[i])), x, decay, scale);
   if (MASTER) master[i] = float(p);
   param[i] = store_param<P, SR>(p, sr_key, first + i);
 }
+
+// The update of one element from its u, through the first moment with BETA1.
+template <typename T, typename P, typename S, bool MASTER, bool BETA1, bool SR>
+inline void apply_element(P* param, float* master, S* exp_avg, int64_t i, T u, T decay, T scale, T denom,
+                          T m_weight, uint32_t sr_key, int64_t first) {
+  T x = u;
+  if (BETA1) {
+    const S m = Store<S>::from(lerp(T(to_math(exp_avg[i])), u / denom, m_weight));
+    exp_avg[i] = m;
+    x = T(to_math(m));
+  }
+  write_param<T, P, MASTER, SR>(param, master, i, x, decay, scale, sr_key, first);
+}
+
+// u of a factored element: g * (rowq * col < eps1^2 ? 1 / eps1 : rsqrt(rowq) * rsqrt(col)), from the row's
+// rowq and rrow = rsqrt(rowq) and the column's col and rcol = rsqrt(col). `g` already carries grad_mult and sign.
+template <typename T>
+inline T factored_u(T g, T rowq, T rrow, T col, T rcol, T eps1_sq, T inv_eps1) {
+  const T factor = rrow * rcol;  // formed either way: a branch-free select vectorises
+  return g * (rowq * col < eps1_sq ? inv_eps1 : factor);
+}
+
+// Elements [first, first + n) of a [rows, C] row-major view, as row segments:
+// body(row, c0, len, o) for columns [c0, c0 + len) of `row`, o = their offset from `first`.
+template <typename Body>
+inline void for_row_segments(int64_t first, int64_t n, int64_t C, Body&& body) {
+  for (int64_t o = 0; o < n;) {
+    const int64_t row = (first + o) / C, c0 = (first + o) - row * C;
+    const int64_t len = std::min(C - c0, n - o);
+    body(row, c0, len, o);
+    o += len;
+  }
+}
+
 
 // Per-tensor scale (-alpha / denom, or -alpha with beta1) and denom.
 inline void tensor_scales(const AdafactorHyper& h, const AdafactorStep& step, double p_sq, double u_sq, int64_t numel,
@@ -66,7 +96,8 @@ inline void tensor_scales(const AdafactorHyper& h, const AdafactorStep& step, do
   *scale = h.has_beta1 ? -alpha : -alpha / *denom;
 }
 
-template <typename P, typename S, bool MASTER, bool BETA1, bool SR>
+// S: storage of the second-moment statistics, and of exp_avg unless M8 (block-scaled FP8).
+template <typename P, typename S, bool MASTER, bool BETA1, bool SR, bool M8>
 struct Factored {
   static void run(const TensorTable& tt, const int64_t* rows, const int64_t* cols, const AdafactorHyper& h,
                   int num_threads) {
@@ -184,8 +215,7 @@ struct Factored {
         T row_u = T(0);
 #pragma omp simd reduction(+ : row_u)
         for (int64_t c = 0; c < C; ++c) {
-          const T factor = rr * rc[c];  // loaded either way: a branch-free select vectorises
-          const T u = T(to_math(grad[c])) * mult * (rq * cv[c] < eps1_sq ? inv_eps1 : factor);
+          const T u = factored_u(T(to_math(grad[c])) * mult, rq, rr, cv[c], rc[c], eps1_sq, inv_eps1);
           row_u += u * u;
         }
         u_acc += double(row_u);
@@ -205,6 +235,46 @@ struct Factored {
 
     // pass 4: the update, u recomputed as in pass 3
     const T m_weight = T(1.0 - h.beta1);
+    if constexpr (M8) {
+      // by the launch's chunks: the FP8 blocks of exp_avg follow the flat offsets, not the rows
+      parallel_chunks(tt, num_threads, [&](int64_t /*c*/, const Chunk& chunk) {
+        const int64_t t = chunk.tensor, R = rows[t], C = cols[t];
+        const T decay = T(steps[size_t(t)].decay), s = T(scale[size_t(t)]), denom = T(denoms[size_t(t)]);
+        const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, t) : 0u;
+        const P* __restrict__ grad = tt.ptr<const P>(kAfGrad, t);
+        P* __restrict__ param = tt.ptr<P>(kAfParam, t) + chunk.start;
+        float* __restrict__ master = MASTER ? tt.ptr<float>(kAfMaster, t) + chunk.start : nullptr;
+        uint8_t* const q[1] = {tt.ptr<uint8_t>(kAfExpAvg, t) + chunk.start};
+        float* const q_scales[1] = {tt.ptr<float>(kAfExpAvgScale, t) + chunk.start / kQBlock};
+        q8_store_blocks<1>(
+            chunk.len, q, q_scales,
+            [&](int64_t b0, int64_t n, float (*out)[kQBlock]) {
+              const float m_scale = q_scales[0][b0 / kQBlock];
+              for_row_segments(chunk.start + b0, n, C, [&](int64_t row, int64_t c0, int64_t len, int64_t o) {
+                const T rq = rowq[size_t(row_base[size_t(t)] + row)], rr = rrow[size_t(row_base[size_t(t)] + row)];
+                const T* __restrict__ cv = colv.data() + col_base[size_t(t)] + row / R * C + c0;
+                const T* __restrict__ rc = rcol.data() + col_base[size_t(t)] + row / R * C + c0;
+                const P* __restrict__ g = grad + row * C + c0;
+                const uint8_t* __restrict__ m_in = q[0] + b0 + o;
+                float* __restrict__ m_out = out[0] + o;
+#pragma omp simd
+                for (int64_t c = 0; c < len; ++c) {
+                  const T u = factored_u(T(to_math(g[c])) * mult, rq, rr, cv[c], rc[c], eps1_sq, inv_eps1);
+                  m_out[c] = float(lerp(T(q8_decode<false>(m_in[c], m_scale)), u / denom, m_weight));
+                }
+              });
+            },
+            [&](int64_t b0, int64_t n) {
+              const float m_scale = q_scales[0][b0 / kQBlock];
+#pragma omp simd
+              for (int64_t i = b0; i < b0 + n; ++i) {
+                write_param<T, P, MASTER, SR>(param, master, i, T(q8_decode<false>(q[0][i], m_scale)), decay, s,
+                                              sr_key, chunk.start);
+              }
+            });
+      });
+      return;
+    }
 #pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
     for (int64_t k = 0; k < n_tasks; ++k) {
       const RowTask& task = tasks[size_t(k)];
@@ -223,8 +293,7 @@ struct Factored {
         S* __restrict__ exp_avg = BETA1 ? tt.ptr<S>(kAfExpAvg, t) + base : nullptr;
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
-          const T factor = rr * rc[c];
-          const T u = T(to_math(grad[c])) * mult * (rq * cv[c] < eps1_sq ? inv_eps1 : factor);
+          const T u = factored_u(T(to_math(grad[c])) * mult, rq, rr, cv[c], rc[c], eps1_sq, inv_eps1);
           apply_element<T, P, S, MASTER, BETA1, SR>(param, master, exp_avg, c, u, decay, s, denom, m_weight,
                                                     sr_key, base);
         }
@@ -233,7 +302,7 @@ struct Factored {
   }
 };
 
-template <typename P, typename S, bool MASTER, bool BETA1, bool SR>
+template <typename P, typename S, bool MASTER, bool BETA1, bool SR, bool M8>
 struct Vector {
   static void run(const TensorTable& tt, const AdafactorHyper& h, int num_threads) {
     using T = typename MathOf<P>::type;
@@ -277,6 +346,40 @@ struct Vector {
 
     // pass 2: the update
     const T m_weight = T(1.0 - h.beta1);
+    if constexpr (M8) {
+      parallel_chunks(tt, num_threads, [&](int64_t /*c*/, const Chunk& chunk) {
+        const int64_t t = chunk.tensor;
+        P* __restrict__ param = tt.ptr<P>(kAfParam, t) + chunk.start;
+        float* __restrict__ master = MASTER ? tt.ptr<float>(kAfMaster, t) + chunk.start : nullptr;
+        const P* __restrict__ grad = tt.ptr<const P>(kAfGrad, t) + chunk.start;
+        const S* __restrict__ variance = tt.ptr<const S>(kAfVariance, t) + chunk.start;
+        uint8_t* const q[1] = {tt.ptr<uint8_t>(kAfExpAvg, t) + chunk.start};
+        float* const q_scales[1] = {tt.ptr<float>(kAfExpAvgScale, t) + chunk.start / kQBlock};
+        const T decay = T(steps[size_t(t)].decay), s = T(scale[size_t(t)]), denom = T(denoms[size_t(t)]);
+        const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, t) : 0u;
+        q8_store_blocks<1>(
+            chunk.len, q, q_scales,
+            [&](int64_t b0, int64_t n, float (*out)[kQBlock]) {
+              const float m_scale = q_scales[0][b0 / kQBlock];
+              float* __restrict__ m_out = out[0];
+#pragma omp simd
+              for (int64_t i = 0; i < n; ++i) {
+                const int64_t e = b0 + i;
+                const T u = adafactor_u(T(to_math(grad[e])) * mult, T(to_math(variance[e])), eps1_sq);
+                m_out[i] = float(lerp(T(q8_decode<false>(q[0][e], m_scale)), u / denom, m_weight));
+              }
+            },
+            [&](int64_t b0, int64_t n) {
+              const float m_scale = q_scales[0][b0 / kQBlock];
+#pragma omp simd
+              for (int64_t i = b0; i < b0 + n; ++i) {
+                write_param<T, P, MASTER, SR>(param, master, i, T(q8_decode<false>(q[0][i], m_scale)), decay, s,
+                                              sr_key, chunk.start);
+              }
+            });
+      });
+      return;
+    }
     parallel_chunks(tt, num_threads, [&](int64_t /*c*/, const Chunk& chunk) {
       const int64_t t = chunk.tensor;
       P* __restrict__ param = tt.ptr<P>(kAfParam, t) + chunk.start;
@@ -296,52 +399,44 @@ struct Vector {
   }
 };
 
-template <typename P, typename S, bool MASTER>
-struct FactoredOp {
-  template <bool SR>
-  static void run_sr(const TensorTable& tt, const int64_t* rows, const int64_t* cols, const AdafactorHyper& h,
-                     int n) {
-    if (h.has_beta1) Factored<P, S, MASTER, true, SR>::run(tt, rows, cols, h, n);
-    else Factored<P, S, MASTER, false, SR>::run(tt, rows, cols, h, n);
-  }
-  static void run(const TensorTable& tt, const int64_t* rows, const int64_t* cols, const AdafactorHyper& h, int n) {
-    if constexpr (kStochasticRoundable<P, MASTER>) {
-      if (h.sr.on) return run_sr<true>(tt, rows, cols, h, n);
+// Pass<P, S, MASTER, BETA1, SR, M8>::run(args...) for the launch's switches:
+// beta1, stochastic rounding, and exp_avg as block-scaled FP8 (which needs beta1).
+template <template <typename, typename, bool, bool, bool, bool> class Pass>
+struct Switches {
+  template <typename P, typename S, bool MASTER>
+  struct Op {
+    template <bool SR, typename... Args>
+    static void run_sr(const AdafactorHyper& h, bool m8, Args&&... args) {
+      if (m8) Pass<P, S, MASTER, true, SR, true>::run(args...);
+      else if (h.has_beta1) Pass<P, S, MASTER, true, SR, false>::run(args...);
+      else Pass<P, S, MASTER, false, SR, false>::run(args...);
     }
-    run_sr<false>(tt, rows, cols, h, n);
-  }
-};
-
-template <typename P, typename S, bool MASTER>
-struct VectorOp {
-  template <bool SR>
-  static void run_sr(const TensorTable& tt, const AdafactorHyper& h, int n) {
-    if (h.has_beta1) Vector<P, S, MASTER, true, SR>::run(tt, h, n);
-    else Vector<P, S, MASTER, false, SR>::run(tt, h, n);
-  }
-  static void run(const TensorTable& tt, const AdafactorHyper& h, int n) {
-    if constexpr (kStochasticRoundable<P, MASTER>) {
-      if (h.sr.on) return run_sr<true>(tt, h, n);
+    template <typename... Args>
+    static void run(const AdafactorHyper& h, bool m8, Args&&... args) {
+      if constexpr (kStochasticRoundable<P, MASTER>) {
+        if (h.sr.on) return run_sr<true>(h, m8, args...);
+      }
+      run_sr<false>(h, m8, args...);
     }
-    run_sr<false>(tt, h, n);
-  }
+  };
 };
 
 }  // namespace
 
 void adafactor_factored_cpu(const TensorTable& tt, const int64_t* rows, const int64_t* cols,
                             const AdafactorHyper& h, DType param_dtype, DType state_dtype, bool has_master,
-                            int num_threads) {
+                            bool fp8_exp_avg, int num_threads) {
   if (h.found_inf && *h.found_inf != 0.0f) return;  // GradScaler found inf/NaN: skip the step, steps too
   if (tt.n_tensors == 0) return;
-  dispatch_storage<FactoredOp>(param_dtype, state_dtype, has_master, tt, rows, cols, h, num_threads);
+  dispatch_storage<Switches<Factored>::Op>(param_dtype, state_dtype, has_master, h, fp8_exp_avg, tt, rows, cols, h,
+                                           num_threads);
 }
 
 void adafactor_vector_cpu(const TensorTable& tt, const AdafactorHyper& h, DType param_dtype, DType state_dtype,
-                          bool has_master, int num_threads) {
+                          bool has_master, bool fp8_exp_avg, int num_threads) {
   if (h.found_inf && *h.found_inf != 0.0f) return;
   if (tt.n_tensors == 0) return;
-  dispatch_storage<VectorOp>(param_dtype, state_dtype, has_master, tt, h, num_threads);
+  dispatch_storage<Switches<Vector>::Op>(param_dtype, state_dtype, has_master, h, fp8_exp_avg, tt, h, num_threads);
 }
 
 }  // namespace fusedopt

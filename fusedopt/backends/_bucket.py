@@ -38,8 +38,10 @@ class Bucket:
     is empty (zero-size params never take a slot). ``steps`` hold each
     parameter's step count (0-d fp32 on the bucket's device); the backend
     advances them with the update (see advance_steps). ``dtype`` is the dtype
-    of params and grads, ``state_dtype`` that of every state tensor (masters
-    are always fp32). ``sr_seed``: this launch's stochastic-rounding seed
+    of params and grads, ``state_dtype`` that of the state tensors (masters
+    are always fp32; with block-scaled FP8 states, an optimizer may keep some
+    states at their default storage, e.g. Adafactor's second-moment
+    statistics: their tensors carry their dtype). ``sr_seed``: this launch's stochastic-rounding seed
     (bf16 params without masters, fusedopt/reference/stochastic.py), or None
     to round the params to nearest; the optimizer sets it before each launch.
     ``fp8`` (AdamW with an FP8 recipe): the FP8 copies the update writes

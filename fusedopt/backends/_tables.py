@@ -109,14 +109,23 @@ def moment_rows(bucket, second: str = "exp_avg_sq") -> list[list[Tensor] | None]
 
 # Row order of the Adafactor tables: AdafactorRow in csrc/include/fusedopt/adafactor.h
 # and ROW_* in kernels/adafactor.py use the same numbers.
-ADAFACTOR_ROWS = ("params", "grads", "exp_avg", "variance", "row_var", "col_var", "masters", "steps")
+ADAFACTOR_ROWS = ("params", "grads", "exp_avg", "variance", "row_var", "col_var", "masters", "steps",
+                  "exp_avg_scale")
 
 
 def adafactor_rows(bucket) -> list[list[Tensor] | None]:
     """The bucket's lists in ADAFACTOR_ROWS order (None for a state it lacks)."""
     states = bucket.states
     return [bucket.params, bucket.grads, states.get("exp_avg"), states.get("variance"), states.get("row_var"),
-            states.get("col_var"), bucket.masters, bucket.steps]
+            states.get("col_var"), bucket.masters, bucket.steps, states.get("exp_avg_scale")]
+
+
+def adafactor_storage(bucket) -> tuple[torch.dtype, torch.dtype]:
+    """(second-moment statistics, exp_avg) storage dtypes of an Adafactor
+    bucket: they differ when exp_avg is block-scaled FP8 (FusedAdafactor
+    keeps its statistics at their default storage)."""
+    stats = bucket.states["row_var" if "row_var" in bucket.states else "variance"][0].dtype
+    return stats, bucket.states["exp_avg"][0].dtype if "exp_avg" in bucket.states else stats
 
 
 @dataclass(frozen=True)

@@ -80,10 +80,10 @@ def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize,
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
     torch.ops.fusedopt_cpu.adafactor(
         bucket.params, bucket.grads, states.get("exp_avg", []), states.get("variance", []), states.get("row_var", []),
-        states.get("col_var", []), bucket.masters or [], bucket.steps, rows, cols,
+        states.get("col_var", []), states.get("exp_avg_scale", []), bucket.masters or [], bucket.steps, rows, cols,
         0.0 if lr_tensor is not None else lr, lr_tensor, beta2_decay,
         torch.finfo(bucket.dtype).eps if eps1 is None else eps1, eps2, d, weight_decay, maximize, beta1, grad_mult,
-        found_inf, bucket.sr_seed, CHUNK_SIZE,
+        found_inf, bucket.sr_seed, _chunk(bucket),
     )
 
 

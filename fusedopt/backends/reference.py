@@ -46,7 +46,7 @@ def _load_state(bucket, name, i, dtype):
     """A working copy (math precision) of state `name` of tensor i: decoded
     when the bucket stores block-scaled FP8 states."""
     stored = bucket.states[name][i]
-    if bucket.state_dtype == FP8_STATE_DTYPE:
+    if stored.dtype == FP8_STATE_DTYPE:
         return fp8_states.decode(name, stored, bucket.states[fp8_states.scale_name(name)][i]).to(dtype)
     return stored.to(dtype, copy=True)
 
@@ -55,7 +55,7 @@ def _store_state(bucket, name, i, value):
     """Store the new value of state `name` of tensor i, rounded once to its
     storage (block-scaled FP8: quantized with fresh scales)."""
     stored = bucket.states[name][i]
-    if bucket.state_dtype == FP8_STATE_DTYPE:
+    if stored.dtype == FP8_STATE_DTYPE:
         fp8_states.store_(name, stored, bucket.states[fp8_states.scale_name(name)][i], value)
     else:
         stored.copy_(value)
@@ -156,20 +156,23 @@ def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize,
     lr = float(lr)
     dtype = math_dtype(bucket.dtype)
     eps1 = torch.finfo(bucket.dtype).eps if eps1 is None else eps1
-    sdt = bucket.state_dtype
-    stored = None if sdt == dtype else (lambda t: t.copy_(t.to(sdt)))
+    scales = {fp8_states.scale_name(name) for name in bucket.states}
+    names = [name for name in bucket.states if name not in scales]
     for i, param in enumerate(bucket.params):
         master = bucket.masters[i] if bucket.masters is not None else None
         work = (master if master is not None else param).to(dtype, copy=True)
-        states = {name: values[i] for name, values in bucket.states.items()}
-        copies = {name: t.to(dtype, copy=True) for name, t in states.items()}
+        copies = {name: _load_state(bucket, name, i, dtype) for name in names}
+
+        def stored(name, value, i=i):
+            """Store a state where the spec updates it, and go on with what was stored."""
+            _store_state(bucket, name, i, value)
+            return value.copy_(_load_state(bucket, name, i, dtype))
+
         adafactor_spec.adafactor_update_(
             work, bucket.grads[i].to(dtype), copies.get("row_var"), copies.get("col_var"), copies.get("variance"),
             copies.get("exp_avg"), step=float(bucket.steps[i].item()), lr=lr, beta2_decay=beta2_decay, eps1=eps1,
             eps2=eps2, d=d, weight_decay=weight_decay, maximize=maximize, beta1=beta1, grad_mult=mult,
             stored=stored)
-        for name, t in states.items():
-            t.copy_(copies[name])
         if master is not None:
             master.copy_(work)
         _store_param(bucket, i, param, work)

@@ -112,12 +112,14 @@ def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize,
     kernels = shipped_module("kernels", "adafactor")
     combine = shipped_module("kernels", "norms")._combine_kernel
     device = bucket.device
-    tables = _tables.launch_tables(_tables.adafactor_rows(bucket), device, CHUNK_SIZE)
+    block, chunk = _sizes(bucket)
+    tables = _tables.launch_tables(_tables.adafactor_rows(bucket), device, chunk)
     advance_steps(bucket.steps, found_inf)
     eps1 = torch.finfo(bucket.dtype).eps if eps1 is None else eps1
     n, n_chunks = tables.n_tensors, tables.n_chunks
     dummy = tables.numel  # stands in for absent pointer arguments
-    flags = dict(P_KIND=CODES[bucket.dtype], S_KIND=CODES[bucket.state_dtype], MASTER=bucket.masters is not None,
+    stats_dtype, exp_avg_dtype = _tables.adafactor_storage(bucket)
+    flags = dict(P_KIND=CODES[bucket.dtype], S_KIND=CODES[stats_dtype], MASTER=bucket.masters is not None,
                  GRAD_MULT=grad_mult is not None, MAXIMIZE=maximize, HAS_FOUND_INF=found_inf is not None)
     pointers = dict(grad_mult_ptr=dummy if grad_mult is None else grad_mult,
                     found_inf_ptr=dummy if found_inf is None else found_inf)
@@ -141,7 +143,7 @@ def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize,
         u_part = torch.empty(n_chunks, dtype=torch.float64, device=device)
         kernels._factored_unorm[(n_chunks,)](
             *head, rows, cols, slice_first, rmean, eps1, pointers["grad_mult_ptr"], pointers["found_inf_ptr"],
-            u_part, **flags, CHUNK=tables.chunk_size, BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS)
+            u_part, **flags, CHUNK=tables.chunk_size, BLOCK=block, num_warps=NUM_WARPS)
         combine[(n,)](u_part, tables.chunk_first, u_sq, IS_MAX=False, BLOCK=256, num_warps=NUM_WARPS)
     else:  # 0-d and 1-d tensors
         rows = cols = slice_first = dummy
@@ -149,7 +151,7 @@ def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize,
         partials = torch.empty(2 * n_chunks, dtype=torch.float64, device=device)
         kernels._vector_stats[(n_chunks,)](
             *head, n_chunks, beta2_decay, eps1, pointers["grad_mult_ptr"], pointers["found_inf_ptr"],
-            partials, **flags, CHUNK=tables.chunk_size, BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS)
+            partials, **flags, CHUNK=tables.chunk_size, BLOCK=block, num_warps=NUM_WARPS)
         combine[(n,)](partials, tables.chunk_first, p_sq, IS_MAX=False, BLOCK=256, num_warps=NUM_WARPS)
         combine[(n,)](partials[n_chunks:], tables.chunk_first, u_sq, IS_MAX=False, BLOCK=256, num_warps=NUM_WARPS)
     scale, denom = adafactor_spec.scales(p_sq, u_sq, tables.numel, torch.stack(bucket.steps), lr, eps2, d,
@@ -160,8 +162,8 @@ def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize,
         dummy if lr_tensor is None else lr_tensor, weight_decay, 0.0 if beta1 is None else 1.0 - beta1, scale, denom,
         pointers["grad_mult_ptr"], pointers["found_inf_ptr"], 0 if bucket.sr_seed is None else bucket.sr_seed,
         SR=bucket.sr_seed is not None, **flags, FACTORED=bool(bucket.kind),
-        BETA1=beta1 is not None, LR_IS_PTR=lr_tensor is not None, CHUNK=tables.chunk_size, BLOCK=BLOCK_SIZE,
-        num_warps=NUM_WARPS)
+        BETA1=beta1 is not None, M_KIND=STATE_CODES[exp_avg_dtype], LR_IS_PTR=lr_tensor is not None,
+        CHUNK=tables.chunk_size, BLOCK=block, num_warps=NUM_WARPS)
 
 
 def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, found_inf):

@@ -24,11 +24,17 @@ class FusedAdafactor(FusedOptimizer):
     zero); ``beta1`` (default None) adds a first moment ``exp_avg`` applied to
     the clipped update, as in the Adafactor paper and HF transformers; and
     ``backend``, ``master_weights``, ``max_grad_norm`` and ``state_dtype`` as
-    on the other fusedopt optimizers (``state_dtype=torch.bfloat16`` stores
+    on the other fusedopt optimizers. ``state_dtype=torch.bfloat16`` stores
     every state in bf16: ``exp_avg`` and ``variance``, and also the factored
     ``row_var``/``col_var``, whose size, rows + columns, makes the saving nil
-    but keeps one storage type per launch). ``foreach`` is accepted and
-    ignored.
+    but keeps one storage type per launch. ``state_dtype=torch.float8_e4m3fn``
+    stores ``exp_avg`` block-scaled (:mod:`fusedopt.reference.fp8_states`: one
+    fp32 scale per 256 elements, ``exp_avg_scale`` in the state); the
+    second-moment statistics (``row_var``, ``col_var``, ``variance``) keep
+    their default storage (the param's dtype, fp32 with master weights):
+    factored they are rows + columns, and unfactored (biases, norms) small.
+    Without ``beta1`` there is no ``exp_avg`` and FP8 changes nothing.
+    ``foreach`` is accepted and ignored.
 
     Kernels: one pass reduces the row and column sums of g*g and sum(p*p),
     one reduces sum(u*u) (updating ``variance`` of unfactored tensors), one
@@ -36,6 +42,7 @@ class FusedAdafactor(FusedOptimizer):
     """
 
     _op = "adafactor"
+    _fp8_exempt_states = frozenset({"row_var", "col_var", "variance"})
 
     def __init__(
         self,

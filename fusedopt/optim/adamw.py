@@ -77,7 +77,6 @@ class FusedAdamW(FusedOptimizer):
     """
 
     _op = "adamw"
-    _fp8_states = True
 
     def __init__(
         self,

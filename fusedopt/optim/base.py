@@ -43,15 +43,16 @@ class FusedOptimizer(Optimizer):
     _step_supports_amp_scaling = True
     #: the backend function this optimizer's update calls (a backend without it is not a candidate)
     _op: str = ""
-    #: whether its kernels take state_dtype=torch.float8_e4m3fn (block-scaled, fusedopt.reference.fp8_states)
-    _fp8_states: bool = False
+    #: states that keep their default storage when state_dtype is FP8 (Adafactor's second-moment
+    #: statistics: factored ones are tiny, and the issue asks FP8 for the first moment only)
+    _fp8_exempt_states: frozenset[str] = frozenset()
 
     def __init__(self, params, defaults: dict, *, backend: str | None = None, master_weights: bool = False,
                  max_grad_norm: float | None = None, state_dtype: torch.dtype | None = None,
                  stochastic_rounding: bool = False, fp8=None):
         if max_grad_norm is not None and not float(max_grad_norm) >= 0.0:
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (None or 0 turns clipping off)")
-        _check_state_dtype(type(self).__name__, state_dtype, self._fp8_states)
+        _check_state_dtype(type(self).__name__, state_dtype)
         self._requested_backend = backends.validate_name(backend)
         self.master_weights = bool(master_weights)
         #: storage dtype of the elementwise states; None: the param's dtype (fp32 with master weights)
@@ -148,9 +149,13 @@ class FusedOptimizer(Optimizer):
         """Whether p gets an FP8 copy: with a recipe, when its working copy is fp32."""
         return self.fp8 is not None and (self._uses_master(p) or p.dtype == torch.float32)
 
-    def _state_dtype(self, p: Tensor) -> torch.dtype:
-        """The storage dtype of p's state tensors (all but step and master_param)."""
-        if self.state_dtype is not None:
+    def _state_dtype(self, p: Tensor, name: str | None = None) -> torch.dtype:
+        """The storage dtype of p's state tensor `name` (all but step and
+        master_param): ``state_dtype``, else p's dtype (fp32 with master
+        weights). Without a name: the dtype ``state_dtype`` gives, which every
+        state has but those in _fp8_exempt_states when it is FP8."""
+        if self.state_dtype is not None and not (self.state_dtype == FP8_STATE_DTYPE
+                                                 and name in self._fp8_exempt_states):
             return self.state_dtype
         return torch.float32 if self._uses_master(p) else p.dtype
 
@@ -164,10 +169,10 @@ class FusedOptimizer(Optimizer):
         state = self.state[p]
         if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        dtype = self._state_dtype(p)
         shapes = {name: None for name in self._elementwise_states(group, kind)}
         shapes.update(self._shaped_states(group, p))
         for name, shape in shapes.items():
+            dtype = self._state_dtype(p, name)
             if name not in state and dtype == FP8_STATE_DTYPE:
                 state[name], state[fp8_states.scale_name(name)] = fp8_states.empty_like(p)
             elif name not in state:
@@ -181,7 +186,7 @@ class FusedOptimizer(Optimizer):
             elif state[name].dtype != dtype:
                 raise RuntimeError(
                     f"{type(self).__name__}: state {name!r} of a {p.dtype} param of shape {tuple(p.shape)} is "
-                    f"{state[name].dtype}, but this optimizer stores {dtype} states (state_dtype="
+                    f"{state[name].dtype}, but this optimizer stores it as {dtype} (state_dtype="
                     f"{self.state_dtype}, master_weights={self.master_weights}); load states with "
                     f"load_state_dict, which converts them")
         if self._uses_master(p) and "master_param" not in state:
@@ -300,7 +305,7 @@ class FusedOptimizer(Optimizer):
             fp8 = self._uses_fp8(p)
             # block-scaled FP8 states: their scales ride along like shaped states,
             # and the blocks run in row-major order, so everything is made contiguous
-            fp8_scales = [fp8_states.scale_name(n) for n in names] if self._state_dtype(p) == FP8_STATE_DTYPE else []
+            fp8_scales = [fp8_states.scale_name(n) for n in names if self._state_dtype(p, n) == FP8_STATE_DTYPE]
             shaped = [*shaped, *fp8_scales]
             plan.watch(p, state, ["step", *names, *shaped] + (["master_param"] if master is not None else [])
                        + (list(_FP8_STATES) if fp8 else []))
@@ -385,7 +390,6 @@ class FusedOptimizer(Optimizer):
         optimizer stores. Block-scaled FP8 states (a payload with its
         ``<name>_scale``) are kept as stored when this optimizer stores FP8
         too, else decoded; full-precision ones are encoded when it does."""
-        target = self._state_dtype(p)
         scale_keys = {fp8_states.scale_name(n) for n, v in saved.items()
                       if isinstance(v, Tensor) and v.dtype == FP8_STATE_DTYPE}
         for key in [k for k in state if k.endswith("_scale") and k not in _FIXED_DTYPES]:
@@ -397,6 +401,7 @@ class FusedOptimizer(Optimizer):
                 dtype = _FIXED_DTYPES[name]
                 state[name] = value.to(device=p.device, dtype=dtype or value.dtype, copy=True)
                 continue
+            target = self._state_dtype(p, name)
             scale = saved.get(fp8_states.scale_name(name))
             if value.dtype == FP8_STATE_DTYPE and not isinstance(scale, Tensor):
                 raise ValueError(f"{type(self).__name__}.load_state_dict: the FP8 state {name!r} of a param of "
@@ -457,10 +462,7 @@ def _fp8_state_ok(state: dict, name: str, p: Tensor) -> bool:
             and scales.dtype == torch.float32 and scales.shape == (fp8_states.n_blocks(p.numel()),))
 
 
-def _check_state_dtype(name: str, state_dtype, fp8_states_built: bool) -> None:
-    if state_dtype == FP8_STATE_DTYPE and not fp8_states_built:
-        raise NotImplementedError(f"{name}: state_dtype={state_dtype} is not implemented for this optimizer yet "
-                                  f"(FusedAdamW, FusedLAMB and FusedSophia have it); use None or torch.bfloat16")
+def _check_state_dtype(name: str, state_dtype) -> None:
     if state_dtype is None or state_dtype in STATE_DTYPES:
         return
     raise ValueError(f"{name}: state_dtype must be None, torch.bfloat16 or torch.float8_e4m3fn, got {state_dtype!r}")

@@ -38,7 +38,6 @@ class FusedLAMB(FusedOptimizer):
     """
 
     _op = "lamb"
-    _fp8_states = True
 
     def __init__(
         self,

@@ -38,7 +38,6 @@ class FusedSophia(FusedOptimizer):
     """
 
     _op = "sophia"
-    _fp8_states = True
 
     def __init__(
         self,

@@ -69,16 +69,17 @@ def adafactor_update_(param: Tensor, grad: Tensor, row_var: Tensor | None, col_v
                       variance: Tensor | None, exp_avg: Tensor | None, *, step: float, lr: float,
                       beta2_decay: float, eps1: float, eps2: float, d: float, weight_decay: float, maximize: bool,
                       beta1: float | None = None, grad_mult: float | None = None,
-                      stored: Callable[[Tensor], Tensor] | None = None) -> None:
+                      stored: Callable[[str, Tensor], Tensor] | None = None) -> None:
     """One step of one tensor on working tensors (one dtype), in place.
     `step` is the step count after this step; `eps1` already resolved.
 
-    `stored(t)` rounds a working state tensor in place to the precision it is
-    stored in (None: stored as computed). It is applied where each state is
-    updated, before the update reads it: the kernels store each state and
-    read back what they stored.
+    `stored(name, t)` rounds working state tensor `name` in place to what its
+    storage holds (bf16, or block-scaled FP8 for exp_avg) and returns it
+    (None: stored as computed). It is applied where each state is updated,
+    before the update reads it: the kernels store each state and read back
+    what they stored.
     """
-    stored = stored or (lambda t: t)
+    stored = stored or (lambda name, t: t)
     if grad_mult is not None:
         grad = grad * grad_mult
     if maximize:
@@ -90,13 +91,13 @@ def adafactor_update_(param: Tensor, grad: Tensor, row_var: Tensor | None, col_v
         param.mul_(1 - lr * weight_decay)
     if is_factored(grad):
         row_mean = torch.norm(grad, dim=-1, keepdim=True).square_().div_(grad.size(-1))
-        stored(row_var.lerp_(row_mean, one_minus_beta2_t))
+        stored("row_var", row_var.lerp_(row_mean, one_minus_beta2_t))
         col_mean = torch.norm(grad, dim=-2, keepdim=True).square_().div_(grad.size(-2))
-        stored(col_var.lerp_(col_mean, one_minus_beta2_t))
+        stored("col_var", col_var.lerp_(col_mean, one_minus_beta2_t))
         var_estimate = row_var @ col_var
         var_estimate.div_(row_var.mean(dim=-2, keepdim=True).clamp_(min=eps1))
     else:
-        stored(variance.lerp_(grad * grad, one_minus_beta2_t))
+        stored("variance", variance.lerp_(grad * grad, one_minus_beta2_t))
         var_estimate = variance.clone()
     update = var_estimate.clamp_(min=eps1 * eps1).rsqrt_()
     update.mul_(grad)
@@ -104,5 +105,5 @@ def adafactor_update_(param: Tensor, grad: Tensor, row_var: Tensor | None, col_v
     if beta1 is None:
         param.add_(update, alpha=-alpha / denom)
     else:
-        stored(exp_avg.lerp_(update / denom, 1 - beta1))
+        stored("exp_avg", exp_avg.lerp_(update / denom, 1 - beta1))
         param.add_(exp_avg, alpha=-alpha)

@@ -15,6 +15,7 @@
 //              ulps, with the square roots and divisions per row and per column, not per element)
 //   p        = p * (1 - lr * weight_decay) + (-alpha / denom) * u        alpha = max(eps2, RMS(p)) * rho,
 //   (beta1:  m = lerp(m, u / denom, 1 - beta1);  p = p * decay + (-alpha) * m)   denom = max(1, RMS(u) / d)
+//            with m as stored: rounded to its storage, or block-scaled FP8 (fp8_states.h)
 //
 // clamp keeps NaN (as torch.clamp): written as `x < lo ? lo : x`.
 #pragma once
@@ -29,7 +30,7 @@ namespace fusedopt {
 // Rows of the Adafactor tensor table (fusedopt/backends/_tables.py: ADAFACTOR_ROWS).
 enum AdafactorRow : int {
   kAfParam = 0, kAfGrad = 1, kAfExpAvg = 2, kAfVariance = 3, kAfRowVar = 4, kAfColVar = 5, kAfMaster = 6,
-  kAfStep = 7, kAdafactorRows = 8
+  kAfStep = 7, kAfExpAvgScale = 8, kAdafactorRows = 9
 };
 
 struct AdafactorHyper {
@@ -79,14 +80,22 @@ FUSEDOPT_HD void adafactor_scale(const AdafactorHyper& h, const AdafactorStep& s
   *denom = rms_u > 1.0 ? rms_u : 1.0;
 }
 
+// p = p * decay + scale * x (x: u, or the first moment as stored): the final
+// step of every element, in one order on every backend.
+template <typename T>
+FUSEDOPT_HD T adafactor_apply(T p, T x, T decay, T scale) { return fused_mul_add(scale, x, p * decay); }
+
 // Launchers (raw pointers, no torch). Tables in AdafactorRow layout; the CPU
 // launchers advance the steps. `factored`: tensors of 2+ dims, contiguous,
 // rows[t] x cols[t] the last two dims (leading dims batched); otherwise 0-d
-// and 1-d tensors with an elementwise `variance`.
+// and 1-d tensors with an elementwise `variance`. `state_dtype`: the storage
+// of the second-moment statistics and of exp_avg, unless `fp8_exp_avg`: then
+// exp_avg is block-scaled FP8 (scales in row kAfExpAvgScale; chunks are
+// multiples of kQBlock).
 void adafactor_factored_cpu(const TensorTable& tt, const int64_t* rows, const int64_t* cols,
                             const AdafactorHyper& h, DType param_dtype, DType state_dtype, bool has_master,
-                            int num_threads);
+                            bool fp8_exp_avg, int num_threads);
 void adafactor_vector_cpu(const TensorTable& tt, const AdafactorHyper& h, DType param_dtype, DType state_dtype,
-                          bool has_master, int num_threads);
+                          bool has_master, bool fp8_exp_avg, int num_threads);
 
 }  // namespace fusedopt
