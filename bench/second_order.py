@@ -7,9 +7,14 @@ Sophia: the authors' per-tensor SophiaG in plain torch (github.com/Liuhong99/
 Sophia, _single_tensor_sophiag), step only.
 
 Bytes per param counted (fp32): FusedAdafactor on a matrix reads g and p for
-the statistics (8), g for RMS(u) (4), g and p and writes p for the update
-(12): 24 B (vectors: 32 B with their full variance). Sophia's step reads p, g,
-m, h and writes p, m: 24 B.
+the statistics and RMS(u) (8: csrc/cpu/adafactor.cpp forms sum(u*u) from the
+rows it reads there), and g and p and writes p for the update (12): 20 B
+(vectors: 32 B with their full variance). That is the count for every backend;
+the Triton kernels read g twice more (column sums, sum(u*u)): 28 B.
+torch's fused AdamW reads 16 and writes 12: on a machine whose reads are the
+limit (the CPUs here: writes back to lines just read are nearly free) the two
+move the same 16 B of reads per param. Sophia's step reads p, g, m, h and
+writes p, m: 24 B.
 """
 from __future__ import annotations
 
@@ -47,7 +52,7 @@ def run(device: torch.device, case_names, warmup: int, reps: int, log=print):
         params = make_params(shapes, torch.float32, device)
         n = sum(p.numel() for p in params)
         matrix = sum(p.numel() for p in params if p.dim() > 1)
-        adafactor_bytes = 24 * matrix + 32 * (n - matrix)
+        adafactor_bytes = 20 * matrix + 32 * (n - matrix)
         stream, stream_bytes = stream_op(device, 16 * n)
 
         fns = {"torch Adafactor": torch.optim.Adafactor(params, lr=1e-3).step,

@@ -63,6 +63,32 @@ def test_backend_matches_reference(backend, config, dtype, master):
     assert_same_state(ref, a, opt, b, **tol)
 
 
+@pytest.mark.parametrize("backend", backend_params([b for b in CPU_BACKENDS if b != "reference"]))
+def test_unused_rows_clamped_updates_and_nan(backend):
+    """Grads that test the shortcuts of the kernels' sum(u*u) (the cpu
+    backend forms it from row and column partials unless an element is
+    clamped or a statistic is not finite): rows and columns that never get a
+    grad (an embedding's unused tokens), grads so small that u is clamped
+    (variance below eps1^2), and a NaN, against the reference."""
+    shapes = [(40, 30), (2, 20, 25), (30, 20)]
+    a, b = make(shapes), make(shapes)
+    ref, opt = FusedAdafactor(a, backend="reference", beta1=0.9), FusedAdafactor(b, backend=backend, beta1=0.9)
+    for step in range(5):
+        grads = grads_for(a, step)
+        grads[0][:10] = 0.0  # unused rows
+        grads[0][:, :4] = 0.0  # and columns
+        if step < 2:
+            grads[1] = grads[1] * 1e-9  # var_est ~1e-18 < eps1^2: every element clamped
+        grads[1][1, 3] *= 1e-12  # one slice with a row that stays tiny
+        if step == 3:
+            grads[2][5, 7] = float("nan")
+        for p, q, g in zip(a, b, grads):
+            p.grad, q.grad = g, g.clone()
+        ref.step(), opt.step()
+    assert b[2].isnan().all() and not b[0].isnan().any() and not b[1].isnan().any()
+    assert_same_state(ref, a, opt, b, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("backend", backend_params())
 def test_state_dict_from_torch_and_back(backend):
     """Same state keys and shapes as torch: a torch state_dict loads and the

@@ -5,11 +5,22 @@
 // of one batch slice, so a task's row sums are final (row_var is updated in
 // place) and its column sums are partials, combined per slice in task order;
 //   pass 1: row sums and column partials of g*g, sum(p*p)    (reads g, p)
+//           and, once a row's row_var is final, column partials of g*g / row_var
 //   pass 2: col_var from the partials, mean of row_var per slice, and u's
 //           row and column factors (u = g * rsqrt(row / rmean) * rsqrt(col),
-//           so no division or square root is left per element)
-//   pass 3: sum(u*u)                                        (reads g)
+//           so no division or square root is left per element); sum(u*u)
+//           of the slice from the partials when no element is clamped
+//   pass 3: sum(u*u) of the other slices                    (reads g)
 //   pass 4: the update                                      (reads g, p; writes p)
+// Pass 3 is where exact Adafactor reads the grads a third time. Without the
+// clamp, u^2 = g^2 * rmean / (row_var * col_var), so the slice's sum(u*u) is
+// rmean * sum_c (sum_r g^2 / row_var) / col_var: pass 1 collects the inner
+// sums from the rows it has in cache, and pass 2 forms it, up to rounding,
+// when no element with g^2 > 0 is clamped (min rowq * min col_var >= eps1^2
+// over the rows and columns that have one: a monotone bound) and every
+// row_var and col_var is finite. Elements whose g^2 underflows to 0 are left
+// out (their u^2 is below 2^-104), and so is the rare slice that fails the
+// test: pass 3 sums it element by element.
 // 0-d / 1-d tensors go by chunks:
 //   pass 1: variance updated, sum(p*p), sum(u*u)           (reads p, g, variance; writes variance)
 //   pass 2: the update                                      (reads p, g, variance; writes p)
@@ -19,6 +30,8 @@
 // moments are formed, encoded with the block's new scale, and the params are
 // updated from the moments as stored.
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <vector>
 
 #include "fp8_blocks.h"
@@ -130,8 +143,12 @@ struct Factored {
     const int64_t n_tasks = int64_t(tasks.size());
     // Sums over one row (at most a few thousand terms) are taken in the math
     // type, in SIMD lanes; rows, tasks and tensors are combined in double.
-    std::vector<T> col_partial(static_cast<size_t>(col_total));
+    std::vector<T> col_partial(static_cast<size_t>(col_total)), col_h(static_cast<size_t>(col_total));
     std::vector<double> p_partial(static_cast<size_t>(n_tasks)), u_partial(static_cast<size_t>(n_tasks));
+    // per task: the least row_var of its rows with g^2 > 0, and whether all its row_vars are finite;
+    // per slice: whether its sum(u*u) came from the partials (then in u_partial of its first task)
+    std::vector<T> task_min_row(static_cast<size_t>(n_tasks));
+    std::vector<unsigned char> task_finite(static_cast<size_t>(n_tasks)), slice_done(static_cast<size_t>(n_slices));
     // u = g * (v < eps1^2 ? 1 / eps1 : rrow * rcol), v = rowq * col, rowq = row / rmean,
     // rrow = rsqrt(rowq), rcol = rsqrt(col): torch's rsqrt(clamp(row * col / rmean, eps1^2)) * g
     // without a division or square root per element.
@@ -150,8 +167,11 @@ struct Factored {
       const P* __restrict__ grad = tt.ptr<const P>(kAfGrad, t);
       S* __restrict__ row_var = tt.ptr<S>(kAfRowVar, t) + task.batch * R;
       T* __restrict__ colp = col_partial.data() + task.col_offset;
+      T* __restrict__ colh = col_h.data() + task.col_offset;
       const T w = T(steps[size_t(t)].one_minus_beta2_t);
       double p_acc = 0.0;
+      T min_row = std::numeric_limits<T>::infinity();
+      bool finite = true;
       for (int64_t r = task.row0; r < task.row0 + task.nrows; ++r) {
         const int64_t base = (task.batch * R + r) * C;
         T row_acc = T(0), row_p = T(0);
@@ -166,8 +186,21 @@ struct Factored {
         }
         p_acc += double(row_p);
         row_var[r] = Store<S>::from(lerp(T(to_math(row_var[r])), row_acc / T(C), w));
+        const T rv = T(to_math(row_var[r]));  // as stored, as pass 2 reads it
+        finite = finite && std::isfinite(rv);
+        if (row_acc > T(0) && finite) {  // the row has g^2 > 0: it is in cache, take its share of sum(u*u)
+          min_row = rv < min_row ? rv : min_row;
+          const T inv_rv = T(1) / rv;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const T g = T(to_math(grad[base + c])) * mult;
+            colh[c] += g * g * inv_rv;
+          }
+        }
       }
       p_partial[size_t(k)] = p_acc;
+      task_min_row[size_t(k)] = min_row;
+      task_finite[size_t(k)] = finite;
     }
 
     // pass 2, per batch slice: col_var from the partials in task order, the mean
@@ -180,13 +213,31 @@ struct Factored {
       S* col_var = tt.ptr<S>(kAfColVar, t) + b * C;
       T* cv = colv.data() + col_base[size_t(t)] + b * C;
       T* rc = rcol.data() + col_base[size_t(t)] + b * C;
+      int64_t k0 = first_task[size_t(t)];  // the slice's tasks: consecutive
+      while (tasks[size_t(k0)].batch != b) ++k0;
+      int64_t k1 = k0;
+      T min_row = std::numeric_limits<T>::infinity();
+      bool finite = true;
+      for (; k1 < first_task[size_t(t) + 1] && tasks[size_t(k1)].batch == b; ++k1) {
+        min_row = task_min_row[size_t(k1)] < min_row ? task_min_row[size_t(k1)] : min_row;
+        finite = finite && task_finite[size_t(k1)];
+      }
+      T min_col = std::numeric_limits<T>::infinity();
+      double h_sum = 0.0;
       for (int64_t c = 0; c < C; ++c) {
-        double sum = 0.0;
-        for (int64_t k = first_task[size_t(t)]; k < first_task[size_t(t) + 1]; ++k)
-          if (tasks[size_t(k)].batch == b) sum += double(col_partial[size_t(tasks[size_t(k)].col_offset + c)]);
+        double sum = 0.0, h = 0.0;
+        for (int64_t k = k0; k < k1; ++k) {
+          sum += double(col_partial[size_t(tasks[size_t(k)].col_offset + c)]);
+          h += double(col_h[size_t(tasks[size_t(k)].col_offset + c)]);
+        }
         col_var[c] = Store<S>::from(lerp(T(to_math(col_var[c])), T(sum / double(R)), w));
         cv[c] = T(to_math(col_var[c]));
         rc[c] = T(1) / sqrt(cv[c]);
+        finite = finite && std::isfinite(cv[c]);
+        if (sum > 0.0) {  // the column has g^2 > 0: then col_var > 0
+          min_col = cv[c] < min_col ? cv[c] : min_col;
+          h_sum += h / double(cv[c]);
+        }
       }
       const S* row_var = tt.ptr<const S>(kAfRowVar, t) + b * R;
       double sum = 0.0;
@@ -198,13 +249,22 @@ struct Factored {
         rq[r] = T(to_math(row_var[r])) / rmean;
         rr[r] = T(1) / sqrt(rq[r]);
       }
+      // no element with g^2 > 0 is clamped: rq * col of each is >= this (rounding is monotone)
+      const bool unclamped = !(min_row < std::numeric_limits<T>::infinity()) ||
+                             !(min_col < std::numeric_limits<T>::infinity()) || (min_row / rmean) * min_col >= eps1_sq;
+      slice_done[size_t(i)] = finite && unclamped;
+      if (slice_done[size_t(i)]) {
+        for (int64_t k = k0; k < k1; ++k) u_partial[size_t(k)] = 0.0;
+        u_partial[size_t(k0)] = double(rmean) * h_sum;
+      }
     }
 
-    // pass 3: sum(u*u) per task
+    // pass 3: sum(u*u) per task of the slices pass 2 could not do
 #pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
     for (int64_t k = 0; k < n_tasks; ++k) {
       const RowTask& task = tasks[size_t(k)];
       const int64_t t = task.tensor, R = rows[t], C = cols[t];
+      if (slice_done[size_t(first_slice[size_t(t)] + task.batch)]) continue;
       const T* __restrict__ cv = colv.data() + col_base[size_t(t)] + task.batch * C;
       const T* __restrict__ rc = rcol.data() + col_base[size_t(t)] + task.batch * C;
       double u_acc = 0.0;

@@ -38,7 +38,11 @@ class FusedAdafactor(FusedOptimizer):
 
     Kernels: one pass reduces the row and column sums of g*g and sum(p*p),
     one reduces sum(u*u) (updating ``variance`` of unfactored tensors), one
-    applies the update; each over all tensors of a bucket in one launch.
+    applies the update; each over all tensors of a bucket in one launch. The
+    cpu backend forms sum(u*u) of a factored tensor from partial sums taken
+    in the first pass (exact up to rounding whenever no element is clamped,
+    and element by element otherwise), so it reads the grads twice, not
+    three times (csrc/cpu/adafactor.cpp).
     """
 
     _op = "adafactor"

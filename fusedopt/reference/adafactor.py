@@ -26,7 +26,8 @@ Empty tensors are skipped (torch divides by their zero size).
 
 The kernels (csrc/include/fusedopt/adafactor.h, kernels/adafactor.py) run it
 in three passes over a bucket: row/column sums of g*g and sum(p*p); sum(u*u)
-(updating `variance` for unfactored tensors); the update. For factored
+(updating `variance` for unfactored tensors); the update (the cpu backend
+folds the second into the first for factored tensors). For factored
 tensors they form u as g * rsqrt(row / rmean) * rsqrt(col) (with the same
 clamp), which moves the square roots and divisions from every element to
 every row and column: the same value up to a few ulps.
