@@ -16,7 +16,7 @@ python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$out/gpu-tests
 tests_rc=${PIPESTATUS[0]}
 cases=()
 [ "${QUICK:-0}" = 1 ] && cases=(--case 1x10M 200x50K gpt2-124M)
-python3 -m fusedopt bench --device cuda --bench adamw states fp8 --out "$out" "${cases[@]}" 2>&1 | tee "$out/gpu-bench.log" | tail -n 45
+python3 -m fusedopt bench --device cuda --bench adamw states fp8 second_order --out "$out" "${cases[@]}" 2>&1 | tee "$out/gpu-bench.log" | tail -n 45
 bench_rc=${PIPESTATUS[0]}
 n_gpus=$(nvidia-smi -L | wc -l)
 if [ "$n_gpus" -ge 2 ]; then  # ZeRO stage 2 against DDP on NCCL (issue 6)

@@ -8,6 +8,7 @@
 
 #include <optional>
 
+#include "fusedopt/adafactor.h"
 #include "fusedopt/adamw.h"
 #include "fusedopt/dispatch.h"
 #include "fusedopt/fp8.h"
@@ -223,9 +224,82 @@ void sophia_hessian(const Tensor& table, const Tensor& numel, const Tensor& chun
   TORCH_CHECK(error == nullptr, "fusedopt cuda: sophia hessian launch failed: ", error);
 }
 
+// AdafactorLayout from `packed`, its arrays one after another in field order
+// (fusedopt/backends/_tables.py: FACTORED_TASK_PARTS), sized by the counts.
+fusedopt::AdafactorLayout unpack_layout(const Tensor& packed, int64_t n, int64_t n_tasks, int64_t n_slices,
+                                        int64_t n_col_programs, int64_t col_total) {
+  TORCH_CHECK(n_tasks > 0 && n_slices > 0 && n_col_programs > 0 && col_total > 0,
+              "fusedopt cuda: a factored launch needs tasks, slices, column programs and column partials");
+  const int64_t sizes[] = {n, n, n, n + 1, n_tasks, n_tasks, n_tasks, n_tasks, n_slices, n_slices, n_slices + 1,
+                           n_col_programs, n_col_programs};
+  int64_t total = 0;
+  for (int64_t size : sizes) total += size;
+  check_cuda_tensor(packed, at::kLong, total, "the factored layout");
+  const int64_t* parts[13];
+  const int64_t* p = packed.data_ptr<int64_t>();
+  for (int i = 0; i < 13; ++i) {
+    parts[i] = p;
+    p += sizes[i];
+  }
+  return {parts[0], parts[1], parts[2], parts[3], parts[4], parts[5], parts[6], parts[7], parts[8], parts[9],
+          parts[10], parts[11], parts[12], n_tasks, n_slices, n_col_programs, col_total};
+}
+
+// One Adafactor step of a bucket (table rows in AdafactorRow order; steps
+// already advanced). `layout` (with its counts) for tensors of 2+ dims, None
+// for 0-d / 1-d ones; the fp64 scratch arrays as AdafactorScratch describes.
+void adafactor(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor, const Tensor& chunk_start,
+               const Tensor& chunk_first, int64_t chunk_size, int64_t param_dtype, int64_t state_dtype,
+               bool has_master, bool fp8_exp_avg, const std::optional<Tensor>& layout, int64_t n_tasks,
+               int64_t n_slices, int64_t n_col_programs, int64_t col_total, double lr,
+               const std::optional<Tensor>& lr_tensor, double beta2_decay, double eps1, double eps2, double d,
+               double weight_decay, bool maximize, std::optional<double> beta1,
+               const std::optional<Tensor>& grad_mult, const std::optional<Tensor>& found_inf,
+               std::optional<int64_t> sr_seed, Tensor& col_partial, Tensor& p_partial, Tensor& u_partial,
+               Tensor& rmean, Tensor& sums, int64_t stream) {
+  const fusedopt::TensorTable tt =
+      make_table(table, numel, chunk_tensor, chunk_start, chunk_size, fusedopt::kAdafactorRows);
+  const auto [pdt, sdt] = storage(param_dtype, state_dtype, has_master);  // the statistics: never FP8
+  check_cuda_tensor(chunk_first, at::kLong, tt.n_tensors + 1, "chunk_first");
+  if (fp8_exp_avg) {
+    TORCH_CHECK(beta1.has_value(), "fusedopt cuda: an FP8 exp_avg needs beta1");
+    check_fp8_chunks(fusedopt::DType::kFp8Blocked, chunk_size);
+  }
+  fusedopt::AdafactorLayout L{};
+  if (layout.has_value()) {
+    L = unpack_layout(*layout, tt.n_tensors, n_tasks, n_slices, n_col_programs, col_total);
+    check_cuda_tensor(col_partial, at::kDouble, col_total, "col_partial");
+    check_cuda_tensor(p_partial, at::kDouble, n_tasks, "p_partial");
+    check_cuda_tensor(rmean, at::kDouble, n_slices, "rmean");
+  } else {
+    check_cuda_tensor(p_partial, at::kDouble, tt.n_chunks, "p_partial");
+  }
+  check_cuda_tensor(u_partial, at::kDouble, tt.n_chunks, "u_partial");
+  check_cuda_tensor(sums, at::kDouble, 4 * tt.n_tensors, "sums");
+  fusedopt::AdafactorHyper h{lr, device_scalar(lr_tensor, "lr"), beta2_decay, eps1, eps2, d, weight_decay, maximize,
+                             beta1.has_value(), beta1.value_or(0.0), device_scalar(grad_mult, "grad_mult"),
+                             device_scalar(found_inf, "found_inf")};
+  h.sr = stochastic_rounding(sr_seed, pdt, has_master);
+  const fusedopt::AdafactorScratch scratch{col_partial.data_ptr<double>(), p_partial.data_ptr<double>(),
+                                           u_partial.data_ptr<double>(), rmean.data_ptr<double>(),
+                                           sums.data_ptr<double>()};
+  const char* error = fusedopt::adafactor_cuda(tt, layout.has_value() ? &L : nullptr, chunk_first.data_ptr<int64_t>(),
+                                               h, pdt, sdt, has_master, fp8_exp_avg, scratch,
+                                               reinterpret_cast<void*>(stream));
+  TORCH_CHECK(error == nullptr, "fusedopt cuda: adafactor launch failed: ", error);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fusedopt_cuda, m) {
+  m.def(
+      "adafactor(Tensor table, Tensor numel, Tensor chunk_tensor, Tensor chunk_start, Tensor chunk_first, "
+      "int chunk_size, int param_dtype, int state_dtype, bool has_master, bool fp8_exp_avg, Tensor? layout, "
+      "int n_tasks, int n_slices, int n_col_programs, int col_total, float lr, Tensor? lr_tensor, "
+      "float beta2_decay, float eps1, float eps2, float d, float weight_decay, bool maximize, float? beta1, "
+      "Tensor? grad_mult, Tensor? found_inf, int? sr_seed, Tensor(a!) col_partial, Tensor(b!) p_partial, "
+      "Tensor(c!) u_partial, Tensor(d!) rmean, Tensor(e!) sums, int stream) -> ()",
+      &adafactor);
   m.def(
       "sophia(Tensor table, Tensor numel, Tensor chunk_tensor, Tensor chunk_start, int chunk_size, "
       "int param_dtype, int state_dtype, bool has_master, float lr, Tensor? lr_tensor, float beta1, float rho_bs, "

@@ -43,8 +43,8 @@ class ExtensionSpec:
 SPECS = {
     "cpu": ExtensionSpec("cpu", ("bindings_cpu.cpp", "cpu/adafactor.cpp", "cpu/adamw.cpp", "cpu/fp8.cpp",
                                  "cpu/lamb.cpp", "cpu/norms.cpp", "cpu/sophia.cpp"), "fusedopt_cpu"),
-    "cuda": ExtensionSpec("cuda", ("bindings_cuda.cpp", "cuda/adamw.cu", "cuda/fp8.cu", "cuda/lamb.cu",
-                                   "cuda/norms.cu", "cuda/sophia.cu"), "fusedopt_cuda"),
+    "cuda": ExtensionSpec("cuda", ("bindings_cuda.cpp", "cuda/adafactor.cu", "cuda/adamw.cu", "cuda/fp8.cu",
+                                   "cuda/lamb.cu", "cuda/norms.cu", "cuda/sophia.cu"), "fusedopt_cuda"),
 }
 
 _loaded: dict[str, Path] = {}

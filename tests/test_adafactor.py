@@ -183,3 +183,39 @@ def test_bad_arguments_like_torch():
         assert str(ours.value) == str(expected.value)
     with pytest.raises(ValueError, match="beta1"):
         FusedAdafactor(params, beta1=1.0)
+
+
+def test_cuda_task_layout_covers_every_row_and_column():
+    """The work lists the cuda backend's factored kernels walk
+    (_tables.factored_tasks, read by AdafactorLayout in adafactor.h): every
+    row of every batch slice in exactly one task of at most TASK_ROWS rows,
+    a task's column sums in their own C slots, every column of every slice in
+    one column program, and the per-tensor and per-slice ranges consistent."""
+    from fusedopt.backends import _tables
+
+    shapes = [torch.Size(s) for s in [(70, 5), (2, 3, 33), (1, 200), (65, 1), (2, 2, 40, 3)]]
+    layout = _tables.factored_tasks(shapes, torch.device("cpu"))
+    n, nt, ns, nc = len(shapes), layout.n_tasks, layout.n_slices, layout.n_col_programs
+    sizes = [n, n, n, n + 1, nt, nt, nt, nt, ns, ns, ns + 1, nc, nc]
+    assert layout.packed.numel() == sum(sizes)
+    parts = dict(zip(_tables.FACTORED_TASK_PARTS, (x.tolist() for x in layout.packed.split(sizes))))
+    slots = set()
+    for t, shape in enumerate(shapes):
+        R, C, B = shape[-2], shape[-1], shape[:-2].numel()
+        assert (parts["rows"][t], parts["cols"][t]) == (R, C)
+        slices = range(parts["slice_first"][t], parts["slice_first"][t] + B)
+        assert [parts["slice_tensor"][s] for s in slices] == [t] * B
+        assert [parts["slice_batch"][s] for s in slices] == list(range(B))
+        assert parts["task_first"][t] == parts["slice_task_first"][slices[0]]
+        assert parts["task_first"][t + 1] == parts["slice_task_first"][slices[-1] + 1]
+        for s in slices:
+            covered = []
+            for k in range(parts["slice_task_first"][s], parts["slice_task_first"][s + 1]):
+                assert parts["task_slice"][k] == s and 1 <= parts["task_rows"][k] <= _tables.TASK_ROWS
+                covered += range(parts["task_row0"][k], parts["task_row0"][k] + parts["task_rows"][k])
+                slots |= set(range(parts["task_col"][k], parts["task_col"][k] + C))
+            assert covered == list(range(R))
+            col0 = [c for s2, c in zip(parts["colprog_slice"], parts["colprog_col0"]) if s2 == s]
+            assert col0 == list(range(0, C, _tables.COL_BLOCK))
+    assert slots == set(range(layout.col_total))
+    assert ns == sum(s[:-2].numel() for s in shapes)

@@ -110,10 +110,23 @@ def test_registry_modules_are_consistent():
         assert callable(module.adamw) and callable(module.load)
 
 
-def test_backends_lacking_an_optimizer_are_passed_over():
-    """The cuda backend has no Adafactor kernels yet: CUDA tensors get triton's;
-    asking for cuda explicitly says why not."""
-    assert backends.unavailable_reason("cuda", "cuda", "adafactor") == "does not implement adafactor"
-    assert backends.unavailable_reason("cpu", "cpu", "adafactor") is None
+def test_every_backend_implements_every_optimizer():
+    ops = ("adamw", "lamb", "adafactor", "sophia", "sophia_hessian", "power_sums", "scale_", "cast_fp8")
+    for name in backends.NAMES:
+        assert all(callable(getattr(backends.get(name), op, None)) for op in ops), name
+
+
+def test_backends_lacking_an_optimizer_are_passed_over(monkeypatch):
+    """A backend without an optimizer's kernels (as the cuda backend once was
+    for Adafactor) is skipped by the automatic choice for that optimizer, and
+    asking for it explicitly says why not."""
+    monkeypatch.delattr(backends.get("cpu"), "adafactor")
+    monkeypatch.setattr(backends, "_resolved", {})
+    monkeypatch.delenv("FUSEDOPT_BACKEND", raising=False)
+    assert backends.unavailable_reason("cpu", "cpu", "adafactor") == "does not implement adafactor"
+    assert backends.unavailable_reason("cpu", "cpu", "adamw") is None
     with pytest.raises(ValueError, match="does not implement"):
-        backends.resolve("cuda", "cuda", "adafactor")
+        backends.resolve("cpu", "cpu", "adafactor")
+    monkeypatch.setattr(backends, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="does not implement adafactor"):
+        assert backends.resolve(None, "cpu", "adafactor") == "reference"

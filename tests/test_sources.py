@@ -41,3 +41,33 @@ def test_every_source_is_built():
     for kind, folder, suffix in (("cpu", "cpu", ".cpp"), ("cuda", "cuda", ".cu")):
         present = {f"{folder}/{p.name}" for p in (CSRC / folder).glob(f"*{suffix}")}
         assert present <= set(_jit.SPECS[kind].sources), (kind, present - set(_jit.SPECS[kind].sources))
+
+
+def _header(name: str) -> str:
+    return (CSRC / "include" / "fusedopt" / name).read_text()
+
+
+def test_adafactor_tables_agree_with_the_header():
+    """The Python side builds what csrc/include/fusedopt/adafactor.h reads:
+    as many table rows as AdafactorRow has (Triton's ROW_* numbered the same),
+    the CUDA task layout's parts in AdafactorLayout's field order, and the
+    same rows per task and columns per column program (a mismatch would make
+    the kernels skip rows silently)."""
+    import re
+
+    from fusedopt.backends import _tables
+
+    header = _header("adafactor.h")
+    enum = header[header.index("enum AdafactorRow"):]
+    rows = dict(re.findall(r"(kAf\w+) = (\d+)", enum[:enum.index("};")]))
+    assert int(re.search(r"kAdafactorRows = (\d+)", header).group(1)) == len(_tables.ADAFACTOR_ROWS)
+    assert sorted(int(v) for v in rows.values()) == list(range(len(_tables.ADAFACTOR_ROWS)))
+    triton = dict(re.findall(r"^(ROW_\w+) = tl\.constexpr\((\d+)\)", (ROOT / "kernels" / "adafactor.py").read_text(),
+                             re.M))
+    snake = {re.sub(r"(?<!^)(?=[A-Z])", "_", k[3:]).lower(): int(v) for k, v in rows.items()}  # kAfRowVar: row_var
+    assert {k[4:].lower(): int(v) for k, v in triton.items()} == snake
+    layout = header[header.index("struct AdafactorLayout"):]
+    fields = re.findall(r"const int64_t\* (\w+);", layout[:layout.index("};")])
+    assert tuple(fields) == _tables.FACTORED_TASK_PARTS
+    assert int(re.search(r"kAfTaskRows = (\d+)", header).group(1)) == _tables.TASK_ROWS
+    assert int(re.search(r"kAfColBlock = (\d+)", header).group(1)) == _tables.COL_BLOCK

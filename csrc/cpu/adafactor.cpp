@@ -80,14 +80,6 @@ inline void apply_element(P* param, float* master, S* exp_avg, int64_t i, T u, T
   write_param<T, P, MASTER, SR>(param, master, i, x, decay, scale, sr_key, first);
 }
 
-// u of a factored element: g * (rowq * col < eps1^2 ? 1 / eps1 : rsqrt(rowq) * rsqrt(col)), from the row's
-// rowq and rrow = rsqrt(rowq) and the column's col and rcol = rsqrt(col). `g` already carries grad_mult and sign.
-template <typename T>
-inline T factored_u(T g, T rowq, T rrow, T col, T rcol, T eps1_sq, T inv_eps1) {
-  const T factor = rrow * rcol;  // formed either way: a branch-free select vectorises
-  return g * (rowq * col < eps1_sq ? inv_eps1 : factor);
-}
-
 // Elements [first, first + n) of a [rows, C] row-major view, as row segments:
 // body(row, c0, len, o) for columns [c0, c0 + len) of `row`, o = their offset from `first`.
 template <typename Body>

@@ -189,3 +189,69 @@ def factored_tables(shapes: list[torch.Size], device: torch.device, row_block: i
     if len(_factored_cache) > _CACHE_SIZE:
         _factored_cache.popitem(last=False)
     return tables
+
+
+# The CUDA kernels' work lists over factored tensors: AdafactorLayout in
+# csrc/include/fusedopt/adafactor.h reads one int64 array holding these parts
+# one after another, in this order.
+FACTORED_TASK_PARTS = ("rows", "cols", "slice_first", "task_first", "task_slice", "task_row0", "task_rows", "task_col",
+                       "slice_tensor", "slice_batch", "slice_task_first", "colprog_slice", "colprog_col0")
+#: rows per task and columns per column program (kAfTaskRows, kAfColBlock there)
+TASK_ROWS = 32
+COL_BLOCK = 64
+
+
+@dataclass(frozen=True)
+class FactoredTasks:
+    """The CUDA backend's programs over tensors [.., R, C]: tasks of at most
+    TASK_ROWS rows of one batch slice (each writes its C column sums at
+    task_col), and column programs of COL_BLOCK columns of one slice."""
+    packed: Tensor       # int64, the FACTORED_TASK_PARTS one after another
+    n_tasks: int
+    n_slices: int
+    n_col_programs: int
+    col_total: int       # column sums over all tasks
+    host: Tensor
+
+
+_tasks_cache: OrderedDict[tuple, FactoredTasks] = OrderedDict()
+
+
+def factored_tasks(shapes: list[torch.Size], device: torch.device) -> FactoredTasks:
+    key = (tuple(tuple(s) for s in shapes), device)
+    cached = _tasks_cache.get(key)
+    if cached is not None:
+        return cached
+    parts: dict[str, list[int]] = {name: [] for name in FACTORED_TASK_PARTS}
+    col_total = 0
+    for t, shape in enumerate(shapes):
+        R, C = shape[-2], shape[-1]
+        parts["rows"].append(R)
+        parts["cols"].append(C)
+        parts["slice_first"].append(len(parts["slice_tensor"]))
+        parts["task_first"].append(len(parts["task_slice"]))
+        for b in range(math.prod(shape[:-2])):
+            slice_index = len(parts["slice_tensor"])
+            parts["slice_tensor"].append(t)
+            parts["slice_batch"].append(b)
+            parts["slice_task_first"].append(len(parts["task_slice"]))
+            for r0 in range(0, R, TASK_ROWS):
+                parts["task_slice"].append(slice_index)
+                parts["task_row0"].append(r0)
+                parts["task_rows"].append(min(TASK_ROWS, R - r0))
+                parts["task_col"].append(col_total)
+                col_total += C
+            for c0 in range(0, C, COL_BLOCK):
+                parts["colprog_slice"].append(slice_index)
+                parts["colprog_col0"].append(c0)
+    parts["task_first"].append(len(parts["task_slice"]))
+    parts["slice_task_first"].append(len(parts["task_slice"]))
+    host = torch.tensor([v for name in FACTORED_TASK_PARTS for v in parts[name]], dtype=torch.int64)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    tasks = FactoredTasks(host.to(device, non_blocking=True), len(parts["task_slice"]), len(parts["slice_tensor"]),
+                          len(parts["colprog_slice"]), col_total, host)
+    _tasks_cache[key] = tasks
+    if len(_tasks_cache) > _CACHE_SIZE:
+        _tasks_cache.popitem(last=False)
+    return tasks

@@ -13,7 +13,7 @@ from .. import _jit
 from ..reference import lamb as lamb_spec
 from . import _tables
 from ._bucket import advance_steps
-from ._dtypes import CODES, FP8_FORMATS, STATE_CODES
+from ._dtypes import CODES, FP8_FORMATS, FP8_STATE_DTYPE, STATE_CODES
 
 NAME = "cuda"
 DEVICE_TYPES = ("cuda",)
@@ -100,6 +100,36 @@ def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, adam_w
         torch.ops.fusedopt_cuda.lamb_apply(*head, tables.chunk_size, kind, state_kind, master, ratio, beta1, beta2, eps,
                                            weight_decay, bias_correction, adam_w_mode, found_inf, bucket.sr_seed,
                                            stream)
+
+
+def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize, beta1, grad_mult, found_inf):
+    """The launch sequence of csrc/cuda/adafactor.cu for one bucket kind
+    (factored tensors with their task layout, or 0-d/1-d ones), on the
+    current stream, with fp64 scratch allocated here."""
+    device = bucket.device
+    tables = _tables.launch_tables(_tables.adafactor_rows(bucket), device, _chunk(bucket))
+    advance_steps(bucket.steps, found_inf)
+    stats_dtype, exp_avg_dtype = _tables.adafactor_storage(bucket)
+    n, n_chunks = tables.n_tensors, tables.n_chunks
+    layout = _tables.factored_tasks([p.shape for p in bucket.params], device) if bucket.kind else None
+
+    def scratch(size):
+        return torch.empty(max(size, 1), dtype=torch.float64, device=device)
+
+    col_partial = scratch(layout.col_total if layout else 0)
+    p_partial = scratch(layout.n_tasks if layout else n_chunks)
+    u_partial, rmean, sums = scratch(n_chunks), scratch(layout.n_slices if layout else 0), scratch(4 * n)
+    lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+    with torch.cuda.device(device):
+        torch.ops.fusedopt_cuda.adafactor(
+            tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.chunk_first,
+            tables.chunk_size, CODES[bucket.dtype], CODES[stats_dtype], bucket.masters is not None,
+            exp_avg_dtype == FP8_STATE_DTYPE, layout.packed if layout else None,
+            *((layout.n_tasks, layout.n_slices, layout.n_col_programs, layout.col_total) if layout else (0, 0, 0, 0)),
+            0.0 if lr_tensor is not None else lr, lr_tensor, beta2_decay,
+            torch.finfo(bucket.dtype).eps if eps1 is None else eps1, eps2, d, weight_decay, maximize, beta1,
+            grad_mult, found_inf, bucket.sr_seed, col_partial, p_partial, u_partial, rmean, sums,
+            torch.cuda.current_stream(device).cuda_stream)
 
 
 def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, found_inf):

@@ -52,6 +52,15 @@ FUSEDOPT_HD T clamp_min(T x, T lo) { return x < lo ? lo : x; }  // NaN stays NaN
 template <typename T>
 FUSEDOPT_HD T adafactor_u(T g, T var_est, T eps1_sq) { return (T(1) / sqrt(clamp_min(var_est, eps1_sq))) * g; }
 
+// u of a factored element: g * (rowq * col < eps1^2 ? 1 / eps1 : rsqrt(rowq) * rsqrt(col)), from the row's
+// rowq = row_var / rmean and rrow = 1 / sqrt(rowq) and the column's col and rcol = 1 / sqrt(col). `g` already
+// carries grad_mult and the sign.
+template <typename T>
+FUSEDOPT_HD T factored_u(T g, T rowq, T rrow, T col, T rcol, T eps1_sq, T inv_eps1) {
+  const T factor = rrow * rcol;  // formed either way: a branch-free select vectorises
+  return g * (rowq * col < eps1_sq ? inv_eps1 : factor);
+}
+
 // The grad as the update sees it.
 template <typename T, bool GRAD_MULT>
 FUSEDOPT_HD T adafactor_grad(T grad, T grad_mult, T sign) { return (GRAD_MULT ? grad * grad_mult : grad) * sign; }
@@ -97,5 +106,45 @@ void adafactor_factored_cpu(const TensorTable& tt, const int64_t* rows, const in
                             bool fp8_exp_avg, int num_threads);
 void adafactor_vector_cpu(const TensorTable& tt, const AdafactorHyper& h, DType param_dtype, DType state_dtype,
                           bool has_master, bool fp8_exp_avg, int num_threads);
+
+// The CUDA kernels' work lists for factored tensors, built once per layout on
+// the Python side (fusedopt/backends/_tables.py: factored_tasks) as one int64
+// device array whose parts follow in this order (FACTORED_TASK_PARTS there).
+// A task is at most kAfTaskRows rows of one batch slice; a column program is
+// kAfColBlock columns of one slice.
+constexpr int kAfTaskRows = 32;
+constexpr int kAfColBlock = 64;
+struct AdafactorLayout {
+  const int64_t* rows;              // [n] R and C, the last two dims of each tensor
+  const int64_t* cols;              // [n]
+  const int64_t* slice_first;       // [n] the tensor's first batch slice
+  const int64_t* task_first;        // [n + 1] the tensor's tasks
+  const int64_t* task_slice;        // [n_tasks] the task's slice,
+  const int64_t* task_row0;         //   its first row in the slice,
+  const int64_t* task_rows;         //   its row count (<= kAfTaskRows),
+  const int64_t* task_col;          //   and where its column partials start
+  const int64_t* slice_tensor;      // [n_slices] the slice's tensor
+  const int64_t* slice_batch;       // [n_slices] and batch index
+  const int64_t* slice_task_first;  // [n_slices + 1] the slice's tasks (consecutive)
+  const int64_t* colprog_slice;     // [n_col_programs] the column program's slice
+  const int64_t* colprog_col0;      // [n_col_programs] and first column
+  int64_t n_tasks, n_slices, n_col_programs, col_total;  // col_total: sum over tasks of C
+};
+
+// Scratch of one CUDA launch (fp64 device arrays, written before read).
+struct AdafactorScratch {
+  double* col_partial;  // [col_total] factored: each task's column sums of g^2
+  double* p_partial;    // [n_tasks] factored, [n_chunks] vector: partial sums of p^2
+  double* u_partial;    // [n_chunks] partial sums of u^2
+  double* rmean;        // [n_slices] factored: clamp(mean of row_var, eps1) per slice
+  double* sums;         // [4 n] sum(p^2), sum(u^2), scale and denom per tensor
+};
+
+// One Adafactor step of a bucket on `stream` (steps already advanced):
+// `layout` for factored tensors, null for 0-d / 1-d ones. `chunk_first` [n + 1]:
+// each tensor's first chunk. Returns null or the CUDA error.
+const char* adafactor_cuda(const TensorTable& tt, const AdafactorLayout* layout, const int64_t* chunk_first,
+                           const AdafactorHyper& h, DType param_dtype, DType state_dtype, bool has_master,
+                           bool fp8_exp_avg, const AdafactorScratch& scratch, void* stream);
 
 }  // namespace fusedopt
