@@ -92,7 +92,6 @@ inline void for_row_segments(int64_t first, int64_t n, int64_t C, Body&& body) {
   }
 }
 
-
 // Per-tensor scale (-alpha / denom, or -alpha with beta1) and denom.
 inline void tensor_scales(const AdafactorHyper& h, const AdafactorStep& step, double p_sq, double u_sq, int64_t numel,
                           double* scale, double* denom) {
