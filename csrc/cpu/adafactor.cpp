@@ -80,6 +80,17 @@ inline void apply_element(P* param, float* master, S* exp_avg, int64_t i, T u, T
   write_param<T, P, MASTER, SR>(param, master, i, x, decay, scale, sr_key, first);
 }
 
+// Elements [b0, b0 + n) of a chunk, once their block of the first moment is
+// encoded (block-scaled FP8, scale m_scale): the update from the moments as stored.
+template <typename T, typename P, bool MASTER, bool SR>
+inline void write_params_from_fp8(P* param, float* master, const uint8_t* q, float m_scale, int64_t b0, int64_t n,
+                                  T decay, T scale, uint32_t sr_key, int64_t first) {
+#pragma omp simd
+  for (int64_t i = b0; i < b0 + n; ++i) {
+    write_param<T, P, MASTER, SR>(param, master, i, T(q8_decode<false>(q[i], m_scale)), decay, scale, sr_key, first);
+  }
+}
+
 // Elements [first, first + n) of a [rows, C] row-major view, as row segments:
 // body(row, c0, len, o) for columns [c0, c0 + len) of `row`, o = their offset from `first`.
 template <typename Body>
@@ -316,12 +327,8 @@ struct Factored {
               });
             },
             [&](int64_t b0, int64_t n) {
-              const float m_scale = q_scales[0][b0 / kQBlock];
-#pragma omp simd
-              for (int64_t i = b0; i < b0 + n; ++i) {
-                write_param<T, P, MASTER, SR>(param, master, i, T(q8_decode<false>(q[0][i], m_scale)), decay, s,
-                                              sr_key, chunk.start);
-              }
+              write_params_from_fp8<T, P, MASTER, SR>(param, master, q[0], q_scales[0][b0 / kQBlock], b0, n, decay, s,
+                                                      sr_key, chunk.start);
             });
       });
       return;
@@ -421,12 +428,8 @@ struct Vector {
               }
             },
             [&](int64_t b0, int64_t n) {
-              const float m_scale = q_scales[0][b0 / kQBlock];
-#pragma omp simd
-              for (int64_t i = b0; i < b0 + n; ++i) {
-                write_param<T, P, MASTER, SR>(param, master, i, T(q8_decode<false>(q[0][i], m_scale)), decay, s,
-                                              sr_key, chunk.start);
-              }
+              write_params_from_fp8<T, P, MASTER, SR>(param, master, q[0], q_scales[0][b0 / kQBlock], b0, n, decay, s,
+                                                      sr_key, chunk.start);
             });
       });
       return;
