@@ -17,14 +17,34 @@
 #include "fusedopt/norms.h"
 #include "fusedopt/sophia.h"
 
+// tests/test_cuda_emulated.py builds this file with FUSEDOPT_CUDA_EMULATION and
+// the kernels translated to C++ (tests/cuda_emu): the ops then register as
+// fusedopt_cuda_emu and take CPU tensors, so the kernels run without a GPU.
+#if defined(FUSEDOPT_CUDA_EMULATION)
+#define FUSEDOPT_CUDA_LIBRARY fusedopt_cuda_emu
+#define FUSEDOPT_DEVICE "CPU (emulated CUDA)"
+#else
+#define FUSEDOPT_CUDA_LIBRARY fusedopt_cuda
+#define FUSEDOPT_DEVICE "CUDA"
+#endif
+
 namespace {
 
 using at::Tensor;
 
+// Whether a tensor lives where the kernels run.
+bool on_device(const Tensor& t) {
+#if defined(FUSEDOPT_CUDA_EMULATION)
+  return t.is_cpu();
+#else
+  return t.is_cuda();
+#endif
+}
+
 const float* device_scalar(const std::optional<Tensor>& t, const char* what) {
   if (!t.has_value()) return nullptr;
-  TORCH_CHECK(t->is_cuda() && t->scalar_type() == at::kFloat && t->numel() == 1,
-              "fusedopt cuda: ", what, " must be a 1-element float32 CUDA tensor");
+  TORCH_CHECK(on_device(*t) && t->scalar_type() == at::kFloat && t->numel() == 1,
+              "fusedopt cuda: ", what, " must be a 1-element float32 " FUSEDOPT_DEVICE " tensor");
   return t->data_ptr<float>();
 }
 
@@ -59,8 +79,8 @@ fusedopt::StochasticRounding stochastic_rounding(const std::optional<int64_t>& s
 fusedopt::TensorTable make_table(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor,
                                  const Tensor& chunk_start, int64_t chunk_size, int64_t rows) {
   for (const Tensor* t : {&table, &numel, &chunk_tensor, &chunk_start}) {
-    TORCH_CHECK(t->is_cuda() && t->scalar_type() == at::kLong && t->is_contiguous(),
-                "fusedopt cuda: launch tables must be contiguous int64 CUDA tensors");
+    TORCH_CHECK(on_device(*t) && t->scalar_type() == at::kLong && t->is_contiguous(),
+                "fusedopt cuda: launch tables must be contiguous int64 " FUSEDOPT_DEVICE " tensors");
   }
   TORCH_CHECK(table.numel() == rows * numel.numel(), "fusedopt cuda: table has ", table.numel(),
               " entries, expected ", rows, " rows of ", numel.numel());
@@ -77,8 +97,9 @@ fusedopt::TensorTable make_table(const Tensor& table, const Tensor& numel, const
 }
 
 void check_cuda_tensor(const Tensor& t, at::ScalarType dtype, int64_t numel, const char* what) {
-  TORCH_CHECK(t.is_cuda() && t.scalar_type() == dtype && t.is_contiguous() && t.numel() == numel,
-              "fusedopt cuda: ", what, " must be a contiguous ", dtype, " CUDA tensor of ", numel, " elements");
+  TORCH_CHECK(on_device(t) && t.scalar_type() == dtype && t.is_contiguous() && t.numel() == numel,
+              "fusedopt cuda: ", what, " must be a contiguous ", dtype, " " FUSEDOPT_DEVICE " tensor of ", numel,
+              " elements");
 }
 
 void adamw(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor, const Tensor& chunk_start,
@@ -291,7 +312,7 @@ void adafactor(const Tensor& table, const Tensor& numel, const Tensor& chunk_ten
 
 }  // namespace
 
-TORCH_LIBRARY(fusedopt_cuda, m) {
+TORCH_LIBRARY(FUSEDOPT_CUDA_LIBRARY, m) {
   m.def(
       "adafactor(Tensor table, Tensor numel, Tensor chunk_tensor, Tensor chunk_start, Tensor chunk_first, "
       "int chunk_size, int param_dtype, int state_dtype, bool has_master, bool fp8_exp_avg, Tensor? layout, "

@@ -23,13 +23,49 @@ HAS_CUDA = torch.cuda.is_available()
 
 #: backends that run on CPU tensors here (builds the cpu extension once per session)
 CPU_BACKENDS = fusedopt.available_backends("cpu")
+#: what the backend-parametrized tests run: those, and without a GPU the cuda
+#: backend, its kernels run on CPU tensors by the emulator in tests/cuda_emu
+TESTED_BACKENDS = CPU_BACKENDS + ([] if HAS_CUDA else ["cuda"])
 #: the same without the reference: the backends tested against it
-KERNEL_BACKENDS = [b for b in CPU_BACKENDS if b != "reference"]
+KERNEL_BACKENDS = [b for b in TESTED_BACKENDS if b != "reference"]
+
+_MARKS = {"triton": [pytest.mark.triton], "cuda": [pytest.mark.cuda_emulated]}
 
 
-def backend_params(backends=CPU_BACKENDS):
-    """`backends` as pytest params, triton's marked (``-m "not triton"`` skips the slow interpreter)."""
-    return [pytest.param(b, marks=[pytest.mark.triton] if b == "triton" else []) for b in backends]
+def backend_params(backends=TESTED_BACKENDS):
+    """`backends` as pytest params, marked: triton (``-m "not triton"`` skips
+    the slow interpreter) and cuda_emulated."""
+    return [pytest.param(b, marks=_MARKS.get(b, [])) for b in backends]
+
+
+@pytest.fixture(scope="session")
+def emulated_cuda_ops():
+    from cuda_emu.build import load
+
+    return load()
+
+
+@pytest.fixture(autouse=True)
+def emulated_cuda(request, monkeypatch):
+    """A test run with backend "cuda" on a machine without a GPU gets the cuda
+    backend wired to the emulated kernels (tests/cuda_emu): CPU tensors, the
+    same Python driver (fusedopt/backends/cuda.py) and kernel sources."""
+    callspec = getattr(request.node, "callspec", None)
+    if HAS_CUDA or callspec is None or callspec.params.get("backend") != "cuda":
+        yield
+        return
+    from fusedopt import backends
+    from fusedopt.backends import cuda as cuda_backend
+
+    ops = request.getfixturevalue("emulated_cuda_ops")
+    monkeypatch.setattr(cuda_backend, "DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(cuda_backend, "unavailable_reason", lambda device_type: None)
+    monkeypatch.setattr(cuda_backend, "load", lambda: None)
+    monkeypatch.setattr(cuda_backend, "_launch", lambda op, device, *args: getattr(ops, op)(*args, 0))
+    # a block's loop takes 1024 elements: chunks of one full and one partial iteration
+    monkeypatch.setattr(cuda_backend, "CHUNK_SIZE", 1280)
+    monkeypatch.setattr(backends, "_resolved", {})
+    yield
 
 
 @pytest.fixture(autouse=True)
@@ -46,4 +82,5 @@ def small_chunks(monkeypatch):
 
 
 def pytest_report_header(config):
-    return f"fusedopt backends for CPU tensors here: {CPU_BACKENDS}; CUDA: {HAS_CUDA}"
+    return (f"fusedopt backends for CPU tensors here: {CPU_BACKENDS}; CUDA: {HAS_CUDA}"
+            f"{'' if HAS_CUDA else ' (the cuda backend runs emulated: tests/cuda_emu)'}")

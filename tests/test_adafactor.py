@@ -7,7 +7,7 @@ import io
 
 import pytest
 import torch
-from conftest import CPU_BACKENDS, backend_params
+from conftest import KERNEL_BACKENDS, backend_params
 from helpers import assert_same_state, grads_for, run, ulp
 
 from fusedopt import FusedAdafactor
@@ -45,7 +45,7 @@ def test_reference_equals_torch(config):
     assert_same_state(ta, a, fb, b)
 
 
-@pytest.mark.parametrize("backend", backend_params([b for b in CPU_BACKENDS if b != "reference"]))
+@pytest.mark.parametrize("backend", backend_params(KERNEL_BACKENDS))
 @pytest.mark.parametrize("config", list(CONFIGS) + ["beta1"])
 @pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.float64, False), (torch.bfloat16, False),
                                           (torch.bfloat16, True)])
@@ -63,7 +63,7 @@ def test_backend_matches_reference(backend, config, dtype, master):
     assert_same_state(ref, a, opt, b, **tol)
 
 
-@pytest.mark.parametrize("backend", backend_params([b for b in CPU_BACKENDS if b != "reference"]))
+@pytest.mark.parametrize("backend", backend_params(KERNEL_BACKENDS))
 def test_unused_rows_clamped_updates_and_nan(backend):
     """Grads that test the shortcuts of the kernels' sum(u*u) (the cpu
     backend forms it from row and column partials unless an element is
@@ -87,6 +87,21 @@ def test_unused_rows_clamped_updates_and_nan(backend):
         ref.step(), opt.step()
     assert b[2].isnan().all() and not b[0].isnan().any() and not b[1].isnan().any()
     assert_same_state(ref, a, opt, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", backend_params([b for b in KERNEL_BACKENDS if b != "triton"]))
+@pytest.mark.parametrize("beta1", [None, 0.9])
+def test_tall_and_wide_matrices(backend, beta1):
+    """Rows and columns past the cuda kernels' tasks (32 rows) and column
+    programs (64 columns), batched slices, one long row, and bf16 params with
+    master weights, against the reference."""
+    shapes = [(70, 130), (3, 33, 65), (1, 300), (65, 2)]
+    for dtype, master in ((torch.float32, False), (torch.bfloat16, True)):
+        a, b = make(shapes, dtype=dtype), make(shapes, dtype=dtype)
+        ref = FusedAdafactor(a, backend="reference", beta1=beta1, master_weights=master)
+        opt = FusedAdafactor(b, backend=backend, beta1=beta1, master_weights=master)
+        run(ref, a, 3), run(opt, b, 3)
+        assert_same_state(ref, a, opt, b, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", backend_params())

@@ -7,7 +7,7 @@ import io
 
 import pytest
 import torch
-from conftest import CPU_BACKENDS, backend_params
+from conftest import CPU_BACKENDS, KERNEL_BACKENDS, backend_params
 from helpers import SHAPES, assert_same_state, clone_params, grads_for, make_params, run, state_tensors, ulp
 
 from fusedopt import FusedAdamW
@@ -26,7 +26,7 @@ CONFIGS = {
 STEPS = 10
 
 
-KERNEL_BACKENDS = backend_params([b for b in CPU_BACKENDS if b != "reference"])
+KERNEL_PARAMS = backend_params(KERNEL_BACKENDS)
 
 
 def tolerance(backend, dtype=torch.float32):
@@ -75,7 +75,7 @@ def test_backend_matches_torch(backend, config, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("config", ["defaults", "amsgrad_maximize"])
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_PARAMS)
 def test_low_precision_matches_reference(backend, config, dtype):
     """bf16/fp16 params without master weights: fp32 math, each stored value
     rounded once to nearest even, states in the param dtype (as torch's fused

@@ -9,7 +9,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import CPU_BACKENDS, backend_params
+from conftest import KERNEL_BACKENDS, backend_params
 from helpers import SHAPES, assert_same_state, grads_for, make_params, run, ulp
 
 from fusedopt import FusedLAMB
@@ -69,7 +69,7 @@ def test_reference_matches_the_written_algorithm(config, max_grad_norm, weight_d
         assert opt.state[p]["step"].item() == st["step"]
 
 
-@pytest.mark.parametrize("backend", backend_params([b for b in CPU_BACKENDS if b != "reference"]))
+@pytest.mark.parametrize("backend", backend_params(KERNEL_BACKENDS))
 @pytest.mark.parametrize("config", [0, 5, 10, 21, 31])
 @pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.float64, False), (torch.bfloat16, False),
                                           (torch.bfloat16, True), (torch.float16, True)])

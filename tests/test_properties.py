@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CPU_BACKENDS
+from conftest import CPU_BACKENDS, KERNEL_BACKENDS, backend_params
 from helpers import assert_same_state, grads_for, run, ulp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -41,10 +41,10 @@ def check(backend, shape_list, kw, dtype, master, seed):
     assert_same_state(ref, a, opt, b, **tol)
 
 
-@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b not in ("reference", "triton")])
+@pytest.mark.parametrize("backend", backend_params([b for b in KERNEL_BACKENDS if b != "triton"]))
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(shape_list=shapes, kw=hyper, dtype=dtypes, seed=st.integers(0, 2**16))
-def test_cpu_backend_matches_reference(backend, shape_list, kw, dtype, seed):
+def test_kernel_backend_matches_reference(backend, shape_list, kw, dtype, seed):
     check(backend, shape_list, kw, dtype[0], dtype[1], seed)
 
 

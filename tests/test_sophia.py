@@ -8,7 +8,7 @@ import io
 
 import pytest
 import torch
-from conftest import CPU_BACKENDS, backend_params
+from conftest import KERNEL_BACKENDS, TESTED_BACKENDS, backend_params
 from helpers import SHAPES, assert_same_state, grads_for, make_params, ulp
 
 import fusedopt
@@ -58,7 +58,7 @@ def test_reference_matches_the_written_algorithm(maximize, bs):
         assert opt.state[p]["step"].item() == 8
 
 
-@pytest.mark.parametrize("backend", backend_params([b for b in CPU_BACKENDS if b != "reference"]))
+@pytest.mark.parametrize("backend", backend_params(KERNEL_BACKENDS))
 @pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.float64, False), (torch.bfloat16, False),
                                           (torch.bfloat16, True), (torch.float16, True)])
 @pytest.mark.parametrize("maximize", [False, True])
@@ -121,7 +121,7 @@ def test_gnb_loss_gradient_is_unbiased_noise():
     assert gnb_hessian_loss(torch.randn(2, 3, 5)).dim() == 0
 
 
-@pytest.mark.parametrize("backend", backend_params([b for b in CPU_BACKENDS if b != "triton"]))
+@pytest.mark.parametrize("backend", backend_params([b for b in TESTED_BACKENDS if b != "triton"]))
 def test_example_trains(backend):
     example = shipped_module("bench", "examples.sophia_gnb")
     losses = example.train(steps=120, backend=backend, log=None)

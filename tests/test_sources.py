@@ -74,3 +74,18 @@ def test_adafactor_tables_agree_with_the_header():
     assert tuple(fields) == _tables.FACTORED_TASK_PARTS
     assert int(re.search(r"kAfTaskRows = (\d+)", header).group(1)) == _tables.TASK_ROWS
     assert int(re.search(r"kAfColBlock = (\d+)", header).group(1)) == _tables.COL_BLOCK
+
+
+def test_emulator_translates_every_launch():
+    """tests/cuda_emu rewrites each `kernel<...><<<grid, threads, smem, stream>>>(args)`
+    (the one piece of CUDA syntax C++ cannot parse) into a call of its launcher,
+    and leaves none behind in any .cu."""
+    from cuda_emu.translate import translate
+
+    src = ("  if (x) combine_kernel<true><<<grid, kThreads, 0, stream>>>(partials, f(a, b), out);\n"
+           "  ns::k<P, S, (N > 2)><<<dim3(unsigned(n)), 256>>>(tt, h);\n#include <cuda_runtime.h>\n")
+    assert translate(src) == (
+        "  if (x) ::emu::launch(grid, kThreads, [&] { combine_kernel<true>(partials, f(a, b), out); });\n"
+        "  ::emu::launch(dim3(unsigned(n)), 256, [&] { ns::k<P, S, (N > 2)>(tt, h); });\n#include \"cuda_emu.h\"\n")
+    for source in (CSRC / "cuda").glob("*.cu"):
+        assert "<<<" not in translate(source.read_text()), source.name

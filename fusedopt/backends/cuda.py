@@ -34,6 +34,14 @@ def _chunk(bucket) -> int:
     return _tables.launch_sizes(bucket, CHUNK_SIZE)[1]
 
 
+def _launch(op: str, device: torch.device, *args) -> None:
+    """The extension's op `op` with `args` and the handle of `device`'s current
+    stream, on `device`: every launch of this backend goes through here
+    (tests/test_cuda_emulated.py points it at the kernels run on the CPU)."""
+    with torch.cuda.device(device):
+        getattr(torch.ops.fusedopt_cuda, op)(*args, torch.cuda.current_stream(device).cuda_stream)
+
+
 def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_mult, found_inf):
     """lr: float or 1-element fp32 tensor; grad_mult, found_inf: 1-element
     fp32 tensors or None; all on the bucket's device (the optimizer's base
@@ -46,15 +54,13 @@ def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, gra
     if fp8:  # zeros: a step GradScaler skips leaves them, and the optimizer discards them
         amax = torch.zeros(len(bucket.params), dtype=torch.float64, device=bucket.device)
         partials = torch.zeros(tables.n_chunks, dtype=torch.float64, device=bucket.device)
-    with torch.cuda.device(bucket.device):
-        torch.ops.fusedopt_cuda.adamw(
+    _launch("adamw", bucket.device,
             tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.chunk_size,
             CODES[bucket.dtype], STATE_CODES[bucket.state_dtype],
             bucket.masters is not None, 0.0 if lr_tensor is not None else lr, lr_tensor, beta1, beta2, eps,
             weight_decay, amsgrad, maximize, grad_mult, found_inf, bucket.sr_seed,
             FP8_FORMATS[bucket.fp8.weights[0].dtype] if fp8 else -1, tables.chunk_first if fp8 else None, partials,
-            amax, torch.cuda.current_stream(bucket.device).cuda_stream,
-        )
+            amax)
     return amax
 
 
@@ -63,21 +69,16 @@ def power_sums(tensors, p):
     tables = _tables.launch_tables([tensors], device, CHUNK_SIZE)
     partials = torch.empty(tables.n_chunks, dtype=torch.float64, device=device)
     out = torch.empty(len(tensors), dtype=torch.float64, device=device)
-    with torch.cuda.device(device):
-        torch.ops.fusedopt_cuda.power_sums(
-            tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.chunk_first,
-            tables.chunk_size, CODES[tensors[0].dtype], float(p), partials, out,
-            torch.cuda.current_stream(device).cuda_stream)
+    _launch("power_sums", device, tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start,
+            tables.chunk_first, tables.chunk_size, CODES[tensors[0].dtype], float(p), partials, out)
     return out
 
 
 def scale_(tensors, factor):
     device = tensors[0].device
     tables = _tables.launch_tables([tensors], device, CHUNK_SIZE)
-    with torch.cuda.device(device):
-        torch.ops.fusedopt_cuda.scale_(tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start,
-                                       tables.chunk_size, CODES[tensors[0].dtype], factor,
-                                       torch.cuda.current_stream(device).cuda_stream)
+    _launch("scale_", device, tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start,
+            tables.chunk_size, CODES[tensors[0].dtype], factor)
 
 
 def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, adam_w_mode, grad_averaging, use_nvlamb,
@@ -90,16 +91,12 @@ def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, adam_w
     partials = torch.empty(2 * tables.n_chunks, dtype=torch.float64, device=device)
     p_sums = torch.empty(tables.n_tensors, dtype=torch.float64, device=device)
     u_sums = torch.empty_like(p_sums)
-    with torch.cuda.device(device):
-        stream = torch.cuda.current_stream(device).cuda_stream
-        torch.ops.fusedopt_cuda.lamb_moments(
-            *head, tables.chunk_first, tables.chunk_size, kind, state_kind, master, beta1, beta2, eps, weight_decay,
-            bias_correction, adam_w_mode, grad_averaging, maximize, grad_mult, found_inf, partials, p_sums, u_sums,
-            stream)
-        ratio = lamb_spec.trust_ratio(p_sums, u_sums, lr, weight_decay, use_nvlamb)
-        torch.ops.fusedopt_cuda.lamb_apply(*head, tables.chunk_size, kind, state_kind, master, ratio, beta1, beta2, eps,
-                                           weight_decay, bias_correction, adam_w_mode, found_inf, bucket.sr_seed,
-                                           stream)
+    _launch("lamb_moments", device, *head, tables.chunk_first, tables.chunk_size, kind, state_kind, master, beta1,
+            beta2, eps, weight_decay, bias_correction, adam_w_mode, grad_averaging, maximize, grad_mult, found_inf,
+            partials, p_sums, u_sums)
+    ratio = lamb_spec.trust_ratio(p_sums, u_sums, lr, weight_decay, use_nvlamb)
+    _launch("lamb_apply", device, *head, tables.chunk_size, kind, state_kind, master, ratio, beta1, beta2, eps,
+            weight_decay, bias_correction, adam_w_mode, found_inf, bucket.sr_seed)
 
 
 def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize, beta1, grad_mult, found_inf):
@@ -120,16 +117,14 @@ def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize,
     p_partial = scratch(layout.n_tasks if layout else n_chunks)
     u_partial, rmean, sums = scratch(n_chunks), scratch(layout.n_slices if layout else 0), scratch(4 * n)
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
-    with torch.cuda.device(device):
-        torch.ops.fusedopt_cuda.adafactor(
+    _launch("adafactor", device,
             tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.chunk_first,
             tables.chunk_size, CODES[bucket.dtype], CODES[stats_dtype], bucket.masters is not None,
             exp_avg_dtype == FP8_STATE_DTYPE, layout.packed if layout else None,
             *((layout.n_tasks, layout.n_slices, layout.n_col_programs, layout.col_total) if layout else (0, 0, 0, 0)),
             0.0 if lr_tensor is not None else lr, lr_tensor, beta2_decay,
             torch.finfo(bucket.dtype).eps if eps1 is None else eps1, eps2, d, weight_decay, maximize, beta1,
-            grad_mult, found_inf, bucket.sr_seed, col_partial, p_partial, u_partial, rmean, sums,
-            torch.cuda.current_stream(device).cuda_stream)
+            grad_mult, found_inf, bucket.sr_seed, col_partial, p_partial, u_partial, rmean, sums)
 
 
 def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, found_inf):
@@ -137,22 +132,17 @@ def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, fou
     tables = _tables.launch_tables(_tables.moment_rows(bucket, "hessian"), device, _chunk(bucket))
     advance_steps(bucket.steps, found_inf)
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
-    with torch.cuda.device(device):
-        torch.ops.fusedopt_cuda.sophia(
-            tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.chunk_size,
+    _launch("sophia", device, tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.chunk_size,
             CODES[bucket.dtype], STATE_CODES[bucket.state_dtype], bucket.masters is not None,
             0.0 if lr_tensor is not None else lr, lr_tensor, beta1, rho * bs, weight_decay, maximize, grad_mult,
-            found_inf, bucket.sr_seed, torch.cuda.current_stream(device).cuda_stream)
+            found_inf, bucket.sr_seed)
 
 
 def sophia_hessian(bucket, *, beta2):
     device = bucket.device
     tables = _tables.launch_tables(_tables.moment_rows(bucket, "hessian"), device, _chunk(bucket))
-    with torch.cuda.device(device):
-        torch.ops.fusedopt_cuda.sophia_hessian(
-            tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.chunk_size,
-            CODES[bucket.dtype], STATE_CODES[bucket.state_dtype], bucket.masters is not None, beta2,
-            torch.cuda.current_stream(device).cuda_stream)
+    _launch("sophia_hessian", device, tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start,
+            tables.chunk_size, CODES[bucket.dtype], STATE_CODES[bucket.state_dtype], bucket.masters is not None, beta2)
 
 
 def cast_fp8(inputs, outputs, scales):
@@ -160,9 +150,7 @@ def cast_fp8(inputs, outputs, scales):
     tables = _tables.launch_tables([inputs, outputs], device, CHUNK_SIZE)
     partials = torch.empty(tables.n_chunks, dtype=torch.float64, device=device)
     amax = torch.empty(len(inputs), dtype=torch.float64, device=device)
-    with torch.cuda.device(device):
-        torch.ops.fusedopt_cuda.cast_fp8(
-            tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.chunk_first,
-            tables.chunk_size, CODES[inputs[0].dtype], FP8_FORMATS[outputs[0].dtype], scales, partials, amax,
-            torch.cuda.current_stream(device).cuda_stream)
+    _launch("cast_fp8", device, tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start,
+            tables.chunk_first, tables.chunk_size, CODES[inputs[0].dtype], FP8_FORMATS[outputs[0].dtype], scales,
+            partials, amax)
     return amax
