@@ -261,9 +261,10 @@ struct Factored {
       }
     }
 
-    // pass 3: sum(u*u) per task of the slices pass 2 could not do
-#pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
-    for (int64_t k = 0; k < n_tasks; ++k) {
+    // pass 3: sum(u*u) per task of the slices pass 2 could not do (no parallel region when there are none)
+    const bool any_left = std::find(slice_done.begin(), slice_done.end(), 0) != slice_done.end();
+#pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1) if (any_left)
+    for (int64_t k = 0; k < (any_left ? n_tasks : 0); ++k) {
       const RowTask& task = tasks[size_t(k)];
       const int64_t t = task.tensor, R = rows[t], C = cols[t];
       if (slice_done[size_t(first_slice[size_t(t)] + task.batch)]) continue;
