@@ -405,17 +405,17 @@ struct Vector {
 
     // pass 2: the update
     const T m_weight = T(1.0 - h.beta1);
-    if constexpr (M8) {
-      parallel_chunks(tt, num_threads, [&](int64_t /*c*/, const Chunk& chunk) {
-        const int64_t t = chunk.tensor;
-        P* __restrict__ param = tt.ptr<P>(kAfParam, t) + chunk.start;
-        float* __restrict__ master = MASTER ? tt.ptr<float>(kAfMaster, t) + chunk.start : nullptr;
-        const P* __restrict__ grad = tt.ptr<const P>(kAfGrad, t) + chunk.start;
-        const S* __restrict__ variance = tt.ptr<const S>(kAfVariance, t) + chunk.start;
+    parallel_chunks(tt, num_threads, [&](int64_t /*c*/, const Chunk& chunk) {
+      const int64_t t = chunk.tensor;
+      P* __restrict__ param = tt.ptr<P>(kAfParam, t) + chunk.start;
+      float* __restrict__ master = MASTER ? tt.ptr<float>(kAfMaster, t) + chunk.start : nullptr;
+      const P* __restrict__ grad = tt.ptr<const P>(kAfGrad, t) + chunk.start;
+      const S* __restrict__ variance = tt.ptr<const S>(kAfVariance, t) + chunk.start;
+      const T decay = T(steps[size_t(t)].decay), s = T(scale[size_t(t)]), denom = T(denoms[size_t(t)]);
+      const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, t) : 0u;
+      if constexpr (M8) {
         uint8_t* const q[1] = {tt.ptr<uint8_t>(kAfExpAvg, t) + chunk.start};
         float* const q_scales[1] = {tt.ptr<float>(kAfExpAvgScale, t) + chunk.start / kQBlock};
-        const T decay = T(steps[size_t(t)].decay), s = T(scale[size_t(t)]), denom = T(denoms[size_t(t)]);
-        const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, t) : 0u;
         q8_store_blocks<1>(
             chunk.len, q, q_scales,
             [&](int64_t b0, int64_t n, float (*out)[kQBlock]) {
@@ -432,23 +432,14 @@ struct Vector {
               write_params_from_fp8<T, P, MASTER, SR>(param, master, q[0], q_scales[0][b0 / kQBlock], b0, n, decay, s,
                                                       sr_key, chunk.start);
             });
-      });
-      return;
-    }
-    parallel_chunks(tt, num_threads, [&](int64_t /*c*/, const Chunk& chunk) {
-      const int64_t t = chunk.tensor;
-      P* __restrict__ param = tt.ptr<P>(kAfParam, t) + chunk.start;
-      float* __restrict__ master = MASTER ? tt.ptr<float>(kAfMaster, t) + chunk.start : nullptr;
-      const P* __restrict__ grad = tt.ptr<const P>(kAfGrad, t) + chunk.start;
-      const S* __restrict__ variance = tt.ptr<const S>(kAfVariance, t) + chunk.start;
-      S* __restrict__ exp_avg = BETA1 ? tt.ptr<S>(kAfExpAvg, t) + chunk.start : nullptr;
-      const T decay = T(steps[size_t(t)].decay), s = T(scale[size_t(t)]), denom = T(denoms[size_t(t)]);
-      const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, t) : 0u;
+      } else {
+        S* __restrict__ exp_avg = BETA1 ? tt.ptr<S>(kAfExpAvg, t) + chunk.start : nullptr;
 #pragma omp simd
-      for (int64_t i = 0; i < chunk.len; ++i) {
-        const T u = adafactor_u(T(to_math(grad[i])) * mult, T(to_math(variance[i])), eps1_sq);
-        apply_element<T, P, S, MASTER, BETA1, SR>(param, master, exp_avg, i, u, decay, s, denom, m_weight, sr_key,
-                                                  chunk.start);
+        for (int64_t i = 0; i < chunk.len; ++i) {
+          const T u = adafactor_u(T(to_math(grad[i])) * mult, T(to_math(variance[i])), eps1_sq);
+          apply_element<T, P, S, MASTER, BETA1, SR>(param, master, exp_avg, i, u, decay, s, denom, m_weight, sr_key,
+                                                    chunk.start);
+        }
       }
     });
   }
