@@ -80,15 +80,30 @@ inline void apply_element(P* param, float* master, S* exp_avg, int64_t i, T u, T
   write_param<T, P, MASTER, SR>(param, master, i, x, decay, scale, sr_key, first);
 }
 
-// Elements [b0, b0 + n) of a chunk, once their block of the first moment is
-// encoded (block-scaled FP8, scale m_scale): the update from the moments as stored.
-template <typename T, typename P, bool MASTER, bool SR>
-inline void write_params_from_fp8(P* param, float* master, const uint8_t* q, float m_scale, int64_t b0, int64_t n,
-                                  T decay, T scale, uint32_t sr_key, int64_t first) {
+// The update of one chunk with exp_avg block-scaled FP8 (fp8_blocks.h): per
+// block of kQBlock elements, fill(b0, n, m_out, m_in, m_scale) writes the new
+// first moments of elements [b0, b0 + n) of the chunk into m_out (from the
+// stored ones, m_in[i] with m_scale); they are encoded with the block's new
+// scale, and the params move by them as stored.
+template <typename T, typename P, bool MASTER, bool SR, typename Fill>
+inline void fp8_moment_chunk(const TensorTable& tt, const Chunk& chunk, T decay, T scale, uint32_t sr_key,
+                             Fill&& fill) {
+  const int64_t t = chunk.tensor;
+  P* __restrict__ param = tt.ptr<P>(kAfParam, t) + chunk.start;
+  float* __restrict__ master = MASTER ? tt.ptr<float>(kAfMaster, t) + chunk.start : nullptr;
+  uint8_t* const q[1] = {tt.ptr<uint8_t>(kAfExpAvg, t) + chunk.start};
+  float* const q_scales[1] = {tt.ptr<float>(kAfExpAvgScale, t) + chunk.start / kQBlock};
+  q8_store_blocks<1>(
+      chunk.len, q, q_scales,
+      [&](int64_t b0, int64_t n, float (*out)[kQBlock]) { fill(b0, n, out[0], q[0] + b0, q_scales[0][b0 / kQBlock]); },
+      [&](int64_t b0, int64_t n) {
+        const float m_scale = q_scales[0][b0 / kQBlock];
 #pragma omp simd
-  for (int64_t i = b0; i < b0 + n; ++i) {
-    write_param<T, P, MASTER, SR>(param, master, i, T(q8_decode<false>(q[i], m_scale)), decay, scale, sr_key, first);
-  }
+        for (int64_t i = b0; i < b0 + n; ++i) {
+          write_param<T, P, MASTER, SR>(param, master, i, T(q8_decode<false>(q[0][i], m_scale)), decay, scale, sr_key,
+                                        chunk.start);
+        }
+      });
 }
 
 // Elements [first, first + n) of a [rows, C] row-major view, as row segments:
@@ -302,34 +317,22 @@ struct Factored {
       // by the launch's chunks: the FP8 blocks of exp_avg follow the flat offsets, not the rows
       parallel_chunks(tt, num_threads, [&](int64_t /*c*/, const Chunk& chunk) {
         const int64_t t = chunk.tensor, R = rows[t], C = cols[t];
-        const T decay = T(steps[size_t(t)].decay), s = T(scale[size_t(t)]), denom = T(denoms[size_t(t)]);
-        const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, t) : 0u;
         const P* __restrict__ grad = tt.ptr<const P>(kAfGrad, t);
-        P* __restrict__ param = tt.ptr<P>(kAfParam, t) + chunk.start;
-        float* __restrict__ master = MASTER ? tt.ptr<float>(kAfMaster, t) + chunk.start : nullptr;
-        uint8_t* const q[1] = {tt.ptr<uint8_t>(kAfExpAvg, t) + chunk.start};
-        float* const q_scales[1] = {tt.ptr<float>(kAfExpAvgScale, t) + chunk.start / kQBlock};
-        q8_store_blocks<1>(
-            chunk.len, q, q_scales,
-            [&](int64_t b0, int64_t n, float (*out)[kQBlock]) {
-              const float m_scale = q_scales[0][b0 / kQBlock];
+        const T denom = T(denoms[size_t(t)]);
+        fp8_moment_chunk<T, P, MASTER, SR>(
+            tt, chunk, T(steps[size_t(t)].decay), T(scale[size_t(t)]), SR ? sr_tensor_key(h.sr.seed, t) : 0u,
+            [&](int64_t b0, int64_t n, float* m_out, const uint8_t* m_in, float m_scale) {
               for_row_segments(chunk.start + b0, n, C, [&](int64_t row, int64_t c0, int64_t len, int64_t o) {
                 const T rq = rowq[size_t(row_base[size_t(t)] + row)], rr = rrow[size_t(row_base[size_t(t)] + row)];
                 const T* __restrict__ cv = colv.data() + col_base[size_t(t)] + row / R * C + c0;
                 const T* __restrict__ rc = rcol.data() + col_base[size_t(t)] + row / R * C + c0;
                 const P* __restrict__ g = grad + row * C + c0;
-                const uint8_t* __restrict__ m_in = q[0] + b0 + o;
-                float* __restrict__ m_out = out[0] + o;
 #pragma omp simd
                 for (int64_t c = 0; c < len; ++c) {
                   const T u = factored_u(T(to_math(g[c])) * mult, rq, rr, cv[c], rc[c], eps1_sq, inv_eps1);
-                  m_out[c] = float(lerp(T(q8_decode<false>(m_in[c], m_scale)), u / denom, m_weight));
+                  m_out[o + c] = float(lerp(T(q8_decode<false>(m_in[o + c], m_scale)), u / denom, m_weight));
                 }
               });
-            },
-            [&](int64_t b0, int64_t n) {
-              write_params_from_fp8<T, P, MASTER, SR>(param, master, q[0], q_scales[0][b0 / kQBlock], b0, n, decay, s,
-                                                      sr_key, chunk.start);
             });
       });
       return;
@@ -414,23 +417,13 @@ struct Vector {
       const T decay = T(steps[size_t(t)].decay), s = T(scale[size_t(t)]), denom = T(denoms[size_t(t)]);
       const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, t) : 0u;
       if constexpr (M8) {
-        uint8_t* const q[1] = {tt.ptr<uint8_t>(kAfExpAvg, t) + chunk.start};
-        float* const q_scales[1] = {tt.ptr<float>(kAfExpAvgScale, t) + chunk.start / kQBlock};
-        q8_store_blocks<1>(
-            chunk.len, q, q_scales,
-            [&](int64_t b0, int64_t n, float (*out)[kQBlock]) {
-              const float m_scale = q_scales[0][b0 / kQBlock];
-              float* __restrict__ m_out = out[0];
+        fp8_moment_chunk<T, P, MASTER, SR>(
+            tt, chunk, decay, s, sr_key, [&](int64_t b0, int64_t n, float* m_out, const uint8_t* m_in, float m_scale) {
 #pragma omp simd
               for (int64_t i = 0; i < n; ++i) {
-                const int64_t e = b0 + i;
-                const T u = adafactor_u(T(to_math(grad[e])) * mult, T(to_math(variance[e])), eps1_sq);
-                m_out[i] = float(lerp(T(q8_decode<false>(q[0][e], m_scale)), u / denom, m_weight));
+                const T u = adafactor_u(T(to_math(grad[b0 + i])) * mult, T(to_math(variance[b0 + i])), eps1_sq);
+                m_out[i] = float(lerp(T(q8_decode<false>(m_in[i], m_scale)), u / denom, m_weight));
               }
-            },
-            [&](int64_t b0, int64_t n) {
-              write_params_from_fp8<T, P, MASTER, SR>(param, master, q[0], q_scales[0][b0 / kQBlock], b0, n, decay, s,
-                                                      sr_key, chunk.start);
             });
       } else {
         S* __restrict__ exp_avg = BETA1 ? tt.ptr<S>(kAfExpAvg, t) + chunk.start : nullptr;
