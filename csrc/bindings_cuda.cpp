@@ -17,7 +17,7 @@
 #include "fusedopt/norms.h"
 #include "fusedopt/sophia.h"
 
-// tests/test_cuda_emulated.py builds this file with FUSEDOPT_CUDA_EMULATION and
+// tests/cuda_emu/build.py builds this file with FUSEDOPT_CUDA_EMULATION and
 // the kernels translated to C++ (tests/cuda_emu): the ops then register as
 // fusedopt_cuda_emu and take CPU tensors, so the kernels run without a GPU.
 #if defined(FUSEDOPT_CUDA_EMULATION)

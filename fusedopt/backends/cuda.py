@@ -37,7 +37,7 @@ def _chunk(bucket) -> int:
 def _launch(op: str, device: torch.device, *args) -> None:
     """The extension's op `op` with `args` and the handle of `device`'s current
     stream, on `device`: every launch of this backend goes through here
-    (tests/test_cuda_emulated.py points it at the kernels run on the CPU)."""
+    (tests/conftest.py points it at the kernels run on the CPU by tests/cuda_emu)."""
     with torch.cuda.device(device):
         getattr(torch.ops.fusedopt_cuda, op)(*args, torch.cuda.current_stream(device).cuda_stream)
 
