@@ -285,6 +285,63 @@ __device__ __forceinline__ ApplyScalars<T> apply_scalars(const TensorTable& tt, 
           T(h.eps1 * h.eps1), grad_factor<T>(h)};
 }
 
+// What both update kernels do around the first moment, for one chunk: load p
+// (or the master), g and the variance, form u, and write p = p * decay +
+// scale * x back (x: u, or the first moment as stored).
+template <typename P, typename S, bool MASTER, bool FACTORED, bool SR>
+struct UpdateChunk {
+  using T = typename MathOf<P>::type;
+  Chunk chunk;
+  ApplyScalars<T> s;
+  uint32_t sr_key;
+  P* param;
+  const P* grad;
+  const S* variance;
+  float* master;
+  FactoredU<T, S> u_at;
+
+  __device__ UpdateChunk(const TensorTable& tt, const AdafactorLayout& L, const AdafactorHyper& h,
+                         const double* rmean, const double* sums)
+      : chunk(tt.chunk(blockIdx.x)), s(apply_scalars<T>(tt, h, sums, chunk.tensor)),
+        sr_key(SR ? sr_tensor_key(h.sr.seed, chunk.tensor) : 0u),
+        param(tt.ptr<P>(kAfParam, chunk.tensor) + chunk.start),
+        grad(tt.ptr<const P>(kAfGrad, chunk.tensor) + chunk.start),
+        variance(FACTORED ? nullptr : tt.ptr<const S>(kAfVariance, chunk.tensor) + chunk.start),
+        master(MASTER ? tt.ptr<float>(kAfMaster, chunk.tensor) + chunk.start : nullptr), u_at{} {
+    if (FACTORED) u_at = factored_u_of<T, S>(tt, L, h, rmean, chunk.tensor);
+  }
+
+  __device__ bool aligned() const {
+    return cuda::is_aligned(param) && cuda::is_aligned(grad) && (FACTORED || cuda::is_aligned(variance)) &&
+           (!MASTER || cuda::is_aligned(master));
+  }
+
+  __device__ void load(int64_t i, bool aligned, P (&p_io)[kILP], float (&master_io)[kILP], P (&g_in)[kILP],
+                       S (&v_in)[kILP]) const {
+    if (MASTER) cuda::load_pack(master_io, master, i, chunk.len, aligned);
+    else cuda::load_pack(p_io, param, i, chunk.len, aligned);
+    cuda::load_pack(g_in, grad, i, chunk.len, aligned);
+    if (!FACTORED) cuda::load_pack(v_in, variance, i, chunk.len, aligned);
+  }
+
+  // u of element i + k of the chunk.
+  __device__ T u(int64_t i, int k, const P (&g_in)[kILP], const S (&v_in)[kILP]) const {
+    const T g = T(to_math(g_in[k])) * s.mult;
+    return FACTORED ? u_at(g, chunk.start + i + k) : adafactor_u(g, T(to_math(v_in[k])), s.eps1_sq);
+  }
+
+  __device__ void update(int64_t i, int k, T x, P (&p_io)[kILP], float (&master_io)[kILP]) const {
+    const T p = adafactor_apply(MASTER ? T(master_io[k]) : T(to_math(p_io[k])), x, s.decay, s.scale);
+    if (MASTER) master_io[k] = float(p);
+    p_io[k] = store_param<P, SR>(p, sr_key, chunk.start + i + k);
+  }
+
+  __device__ void store(int64_t i, bool aligned, const P (&p_io)[kILP], const float (&master_io)[kILP]) const {
+    if (MASTER) cuda::store_pack(master, master_io, i, chunk.len, aligned);
+    cuda::store_pack(param, p_io, i, chunk.len, aligned);
+  }
+};
+
 // A block per chunk: u (factored, or from the stored variance), through the first moment with
 // BETA1, then p = p * decay + scale * x. Lanes past the chunk's end compute nothing and store nothing.
 template <typename P, typename S, bool MASTER, bool FACTORED, bool BETA1, bool SR>
@@ -292,45 +349,29 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(TensorTable tt, Adafact
                                                          const double* rmean, const double* sums) {
   using T = typename MathOf<P>::type;
   if (skipped(h)) return;
-  const Chunk chunk = tt.chunk(blockIdx.x);
-  const int64_t t = chunk.tensor;
-  const ApplyScalars<T> s = apply_scalars<T>(tt, h, sums, t);
-  const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, t) : 0u;
-  P* param = tt.ptr<P>(kAfParam, t) + chunk.start;
-  const P* grad = tt.ptr<const P>(kAfGrad, t) + chunk.start;
-  const S* variance = FACTORED ? nullptr : tt.ptr<const S>(kAfVariance, t) + chunk.start;
-  S* exp_avg = BETA1 ? tt.ptr<S>(kAfExpAvg, t) + chunk.start : nullptr;
-  float* master = MASTER ? tt.ptr<float>(kAfMaster, t) + chunk.start : nullptr;
-  const bool aligned = cuda::is_aligned(param) && cuda::is_aligned(grad) && (FACTORED || cuda::is_aligned(variance)) &&
-                       (!BETA1 || cuda::is_aligned(exp_avg)) && (!MASTER || cuda::is_aligned(master));
-  FactoredU<T, S> u_at{};
-  if (FACTORED) u_at = factored_u_of<T, S>(tt, L, h, rmean, t);
-  for (int64_t i = int64_t(threadIdx.x) * kILP; i < chunk.len; i += int64_t(kThreads) * kILP) {
+  const UpdateChunk<P, S, MASTER, FACTORED, SR> c(tt, L, h, rmean, sums);
+  const int64_t len = c.chunk.len;
+  S* exp_avg = BETA1 ? tt.ptr<S>(kAfExpAvg, c.chunk.tensor) + c.chunk.start : nullptr;
+  const bool aligned = c.aligned() && (!BETA1 || cuda::is_aligned(exp_avg));
+  for (int64_t i = int64_t(threadIdx.x) * kILP; i < len; i += int64_t(kThreads) * kILP) {
     P p_io[kILP], g_in[kILP];
     S v_in[kILP], m_io[kILP];
     float master_io[kILP];
-    if (MASTER) cuda::load_pack(master_io, master, i, chunk.len, aligned);
-    else cuda::load_pack(p_io, param, i, chunk.len, aligned);
-    cuda::load_pack(g_in, grad, i, chunk.len, aligned);
-    if (!FACTORED) cuda::load_pack(v_in, variance, i, chunk.len, aligned);
-    if (BETA1) cuda::load_pack(m_io, exp_avg, i, chunk.len, aligned);
+    c.load(i, aligned, p_io, master_io, g_in, v_in);
+    if (BETA1) cuda::load_pack(m_io, exp_avg, i, len, aligned);
 #pragma unroll
     for (int k = 0; k < kILP; ++k) {
-      if (i + k >= chunk.len) continue;
-      const T g = T(to_math(g_in[k])) * s.mult;
-      const T u = FACTORED ? u_at(g, chunk.start + i + k) : adafactor_u(g, T(to_math(v_in[k])), s.eps1_sq);
+      if (i + k >= len) continue;
+      const T u = c.u(i, k, g_in, v_in);
       T x = u;
       if (BETA1) {
-        m_io[k] = Store<S>::from(lerp(T(to_math(m_io[k])), u / s.denom, s.m_weight));
+        m_io[k] = Store<S>::from(lerp(T(to_math(m_io[k])), u / c.s.denom, c.s.m_weight));
         x = T(to_math(m_io[k]));
       }
-      const T p = adafactor_apply(MASTER ? T(master_io[k]) : T(to_math(p_io[k])), x, s.decay, s.scale);
-      if (MASTER) master_io[k] = float(p);
-      p_io[k] = store_param<P, SR>(p, sr_key, chunk.start + i + k);
+      c.update(i, k, x, p_io, master_io);
     }
-    if (MASTER) cuda::store_pack(master, master_io, i, chunk.len, aligned);
-    cuda::store_pack(param, p_io, i, chunk.len, aligned);
-    if (BETA1) cuda::store_pack(exp_avg, m_io, i, chunk.len, aligned);
+    c.store(i, aligned, p_io, master_io);
+    if (BETA1) cuda::store_pack(exp_avg, m_io, i, len, aligned);
   }
 }
 
@@ -343,50 +384,32 @@ __global__ void __launch_bounds__(kThreads) apply_fp8_kernel(TensorTable tt, Ada
   using T = typename MathOf<P>::type;
   __shared__ uint32_t scratch[kThreads / 32];
   if (skipped(h)) return;
-  const Chunk chunk = tt.chunk(blockIdx.x);
-  const int64_t t = chunk.tensor;
-  const ApplyScalars<T> s = apply_scalars<T>(tt, h, sums, t);
-  const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, t) : 0u;
-  P* param = tt.ptr<P>(kAfParam, t) + chunk.start;
-  const P* grad = tt.ptr<const P>(kAfGrad, t) + chunk.start;
-  const S* variance = FACTORED ? nullptr : tt.ptr<const S>(kAfVariance, t) + chunk.start;
-  uint8_t* exp_avg = tt.ptr<uint8_t>(kAfExpAvg, t) + chunk.start;
-  float* m_scales = tt.ptr<float>(kAfExpAvgScale, t) + chunk.start / kQBlock;
-  float* master = MASTER ? tt.ptr<float>(kAfMaster, t) + chunk.start : nullptr;
-  const bool aligned = cuda::is_aligned(param) && cuda::is_aligned(grad) && (FACTORED || cuda::is_aligned(variance)) &&
-                       cuda::is_aligned(exp_avg) && (!MASTER || cuda::is_aligned(master));
-  FactoredU<T, S> u_at{};
-  if (FACTORED) u_at = factored_u_of<T, S>(tt, L, h, rmean, t);
-  for (int64_t base = 0; base < chunk.len; base += int64_t(kThreads) * kILP) {
+  const UpdateChunk<P, S, MASTER, FACTORED, SR> c(tt, L, h, rmean, sums);
+  const int64_t len = c.chunk.len;
+  uint8_t* exp_avg = tt.ptr<uint8_t>(kAfExpAvg, c.chunk.tensor) + c.chunk.start;
+  float* m_scales = tt.ptr<float>(kAfExpAvgScale, c.chunk.tensor) + c.chunk.start / kQBlock;
+  const bool aligned = c.aligned() && cuda::is_aligned(exp_avg);
+  for (int64_t base = 0; base < len; base += int64_t(kThreads) * kILP) {
     const int64_t i = base + int64_t(threadIdx.x) * kILP;
     P p_io[kILP], g_in[kILP];
     S v_in[kILP];
     uint8_t m_in[kILP];
     float master_io[kILP], m_new[kILP], m_stored[kILP];
-    if (MASTER) cuda::load_pack(master_io, master, i, chunk.len, aligned);
-    else cuda::load_pack(p_io, param, i, chunk.len, aligned);
-    cuda::load_pack(g_in, grad, i, chunk.len, aligned);
-    if (!FACTORED) cuda::load_pack(v_in, variance, i, chunk.len, aligned);
-    cuda::load_pack(m_in, exp_avg, i, chunk.len, aligned);
-    const float m_scale = i < chunk.len ? m_scales[i / kQBlock] : 0.0f;  // read before the block's new scale
+    c.load(i, aligned, p_io, master_io, g_in, v_in);
+    cuda::load_pack(m_in, exp_avg, i, len, aligned);
+    const float m_scale = i < len ? m_scales[i / kQBlock] : 0.0f;  // read before the block's new scale
 #pragma unroll
     for (int k = 0; k < kILP; ++k) {
       m_new[k] = 0.0f;
-      if (i + k >= chunk.len) continue;
-      const T g = T(to_math(g_in[k])) * s.mult;
-      const T u = FACTORED ? u_at(g, chunk.start + i + k) : adafactor_u(g, T(to_math(v_in[k])), s.eps1_sq);
-      m_new[k] = float(lerp(T(q8_decode<false>(m_in[k], m_scale)), u / s.denom, s.m_weight));
+      if (i + k >= len) continue;
+      m_new[k] = float(lerp(T(q8_decode<false>(m_in[k], m_scale)), c.u(i, k, g_in, v_in) / c.s.denom, c.s.m_weight));
     }
-    cuda::q8_store_group(exp_avg, m_scales, i, chunk.len, aligned, m_new, scratch, m_stored);
+    cuda::q8_store_group(exp_avg, m_scales, i, len, aligned, m_new, scratch, m_stored);
 #pragma unroll
     for (int k = 0; k < kILP; ++k) {
-      if (i + k >= chunk.len) continue;
-      const T p = adafactor_apply(MASTER ? T(master_io[k]) : T(to_math(p_io[k])), T(m_stored[k]), s.decay, s.scale);
-      if (MASTER) master_io[k] = float(p);
-      p_io[k] = store_param<P, SR>(p, sr_key, chunk.start + i + k);
+      if (i + k < len) c.update(i, k, T(m_stored[k]), p_io, master_io);
     }
-    if (MASTER) cuda::store_pack(master, master_io, i, chunk.len, aligned);
-    cuda::store_pack(param, p_io, i, chunk.len, aligned);
+    c.store(i, aligned, p_io, master_io);
   }
 }
 
