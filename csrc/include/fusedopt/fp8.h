@@ -38,25 +38,35 @@ FUSEDOPT_HD float fp8_max(Fp8Format f) { return f == Fp8Format::kE4M3FN ? 448.0f
 // stay vectorized; checked equal to the per-case rounding for every fp32
 // value of both signs up to each format's max, and to torch in tests/test_fp8.py.
 template <int MANT, int BIAS>
-FUSEDOPT_HD uint8_t float_to_fp8_bits(float x) {
-  const uint32_t u = float_to_bits(x);
-  const uint32_t a = u & 0x7FFFFFFFu;
+FUSEDOPT_HD uint32_t fp8_magnitude_bits(uint32_t a) {
   constexpr uint32_t kSubnormalC = uint32_t(127 + 24 - BIAS - MANT) << 23;
   uint32_t c = (a & 0x7F800000u) + (uint32_t(23 - MANT) << 23);
   c = c > kSubnormalC ? c : kSubnormalC;
   const uint32_t sum = float_to_bits(bits_to_float(a) + bits_to_float(c));
-  uint32_t r = sum - c + (c >> (23 - MANT)) - (uint32_t(151 - MANT - BIAS) << MANT);
-  r = a > 0x7F800000u ? 0x7Fu : r;  // NaN
+  return sum - c + (c >> (23 - MANT)) - (uint32_t(151 - MANT - BIAS) << MANT);
+}
+
+template <int MANT, int BIAS>
+FUSEDOPT_HD uint8_t float_to_fp8_bits(float x) {
+  const uint32_t u = float_to_bits(x);
+  const uint32_t a = u & 0x7FFFFFFFu;
+  const uint32_t r = a > 0x7F800000u ? 0x7Fu : fp8_magnitude_bits<MANT, BIAS>(a);  // NaN stays NaN
   return uint8_t(((u >> 24) & 0x80u) | r);
 }
 
-// The scaled, saturating cast of one value (already in fp32).
+// The scaled, saturating cast of one value (already in fp32). The clamp is
+// done on the magnitude's bits (an unsigned min: |y| > max and infinities
+// become max), NaN is recognised before it and kept: torch.clamp's result,
+// in integer operations that vectorize without masks.
 template <Fp8Format F>
 FUSEDOPT_HD fp8 cast_fp8(float x, float scale) {
-  constexpr float kMax = F == Fp8Format::kE4M3FN ? 448.0f : 57344.0f;
-  float y = x * scale;
-  y = y > kMax ? kMax : (y < -kMax ? -kMax : y);  // NaN compares false: stays NaN, as torch.clamp
-  return fp8{F == Fp8Format::kE4M3FN ? float_to_fp8_bits<3, 7>(y) : float_to_fp8_bits<2, 15>(y)};
+  constexpr uint32_t kMaxBits = F == Fp8Format::kE4M3FN ? 0x43E00000u : 0x47600000u;  // 448, 57344
+  const uint32_t u = float_to_bits(x * scale);
+  uint32_t a = u & 0x7FFFFFFFu;
+  const bool nan = a > 0x7F800000u;
+  a = a < kMaxBits ? a : kMaxBits;
+  const uint32_t r = F == Fp8Format::kE4M3FN ? fp8_magnitude_bits<3, 7>(a) : fp8_magnitude_bits<2, 15>(a);
+  return fp8{uint8_t(((u >> 24) & 0x80u) | (nan ? 0x7Fu : r))};
 }
 
 // |x| as its fp32 bits: for non-negative floats the integer order of the bits
@@ -85,6 +95,14 @@ struct Fp8Copy {
 // Which storage combinations can write FP8 copies: those whose working copy is fp32.
 template <typename P, bool MASTER>
 constexpr bool kFp8Copyable = MASTER || std::is_same<P, float>::value;
+
+// Delayed scaling after a step that wrote FP8 copies (fusedopt.fp8.Float8Recipe.update_
+// is the spec, bit for bit): per copy t, scale_inv[t] = 1 / the scale it was
+// cast with; amax[t] joins history[t] (the oldest value leaves); the next
+// scale = fp8_max / max(history[t]) / 2^margin, or the old one while that max
+// is 0 or not finite. history: [n, len] row-major. CPU tensors only.
+void fp8_delayed_scaling_cpu(const double* amax, float* history, float* scales, float* scale_inv, int64_t n,
+                             int64_t len, float fp8_max, int margin);
 
 // Launchers. Table rows: the inputs (dtype `input_dtype`: fp32, bf16, fp16),
 // the fp8 outputs. `scales`: one fp32 per tensor. Writes each tensor's absmax
