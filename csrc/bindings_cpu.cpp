@@ -255,6 +255,27 @@ Tensor cast_fp8(TensorList inputs, TensorList outputs, const Tensor& scales, int
   return amax;
 }
 
+// Float8Recipe.update_ for CPU buffers in one call (fp8.h: fp8_delayed_scaling_cpu):
+// nothing when found_inf holds a nonzero value.
+void fp8_update_(const Tensor& amax, const Tensor& history, const Tensor& scales, const Tensor& scale_inv,
+                 const std::optional<Tensor>& found_inf, double fp8_max, int64_t margin) {
+  const int64_t n = scales.numel();
+  TORCH_CHECK(amax.device().is_cpu() && amax.scalar_type() == at::kDouble && amax.is_contiguous() &&
+                  amax.numel() == n,
+              "fusedopt cpu: fp8_update_ takes one float64 amax per copy");
+  for (const Tensor* t : {&history, &scales, &scale_inv}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(),
+                "fusedopt cpu: fp8_update_ buffers must be contiguous float32 CPU tensors");
+  }
+  TORCH_CHECK(scale_inv.numel() == n && history.dim() == 2 && history.size(0) == n && history.size(1) >= 1,
+              "fusedopt cpu: fp8_update_ needs scale_inv [n] and history [n, len] for n = ", n, " copies");
+  TORCH_CHECK(margin >= 0, "fusedopt cpu: fp8_update_ margin must be >= 0, got ", margin);
+  const float* skip = scalar_ptr(found_inf, "found_inf");
+  if (skip && *skip != 0.0f) return;
+  fusedopt::fp8_delayed_scaling_cpu(amax.data_ptr<double>(), history.data_ptr<float>(), scales.data_ptr<float>(),
+                                    scale_inv.data_ptr<float>(), n, history.size(1), float(fp8_max), int(margin));
+}
+
 // LAMB's lists, checked and tabled in MomentRow layout (no max_exp_avg_sq).
 HostTable lamb_table(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                      TensorList exp_avg_scales, TensorList exp_avg_sq_scales, TensorList masters, TensorList steps,
@@ -460,6 +481,9 @@ TORCH_LIBRARY(fusedopt_cpu, m) {
       &lamb_apply);
   m.def("power_sums(Tensor[] tensors, float p, int chunk_size) -> Tensor", &power_sums);
   m.def("cast_fp8(Tensor[] inputs, Tensor(a!)[] outputs, Tensor scales, int chunk_size) -> Tensor", &cast_fp8);
+  m.def("fp8_update_(Tensor amax, Tensor(a!) history, Tensor(b!) scales, Tensor(c!) scale_inv, Tensor? found_inf, "
+        "float fp8_max, int margin) -> ()",
+        &fp8_update_);
   m.def("scale_(Tensor(a!)[] tensors, Tensor factor, int chunk_size) -> ()", &scale_);
   m.def(
       "adamw(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "

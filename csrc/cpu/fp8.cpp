@@ -2,6 +2,8 @@
 // over the chunks of all tensors; each chunk casts its elements and keeps its
 // absmax, and the chunk maxima are combined per tensor (a max: the order does
 // not matter; any NaN makes the tensor's amax NaN, as torch's amax).
+#include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "fusedopt/fp8.h"
@@ -52,6 +54,21 @@ void cast_fp8_cpu(const TensorTable& tt, DType input_dtype, Fp8Format format, co
     o = absmax_step(o, partial[size_t(c)]);
   }
   for (int64_t t = 0; t < tt.n_tensors; ++t) amax[t] = double(out[size_t(t)]);
+}
+
+void fp8_delayed_scaling_cpu(const double* amax, float* history, float* scales, float* scale_inv, int64_t n,
+                             int64_t len, float fp8_max, int margin) {
+  const float divisor = std::ldexp(1.0f, margin);
+  for (int64_t t = 0; t < n; ++t) {
+    float* h = history + t * len;
+    std::memmove(h + 1, h, size_t(len - 1) * sizeof(float));
+    h[0] = float(amax[t]);  // an fp32 value held in a double: exact
+    float m = h[0];         // max of the history, NaN-propagating (torch.amax)
+    for (int64_t k = 1; k < len; ++k) m = (m != m || m >= h[k]) ? m : h[k];
+    const float old = scales[t];
+    scale_inv[t] = 1.0f / old;
+    scales[t] = (m > 0.0f && std::isfinite(m)) ? fp8_max / m / divisor : old;
+  }
 }
 
 }  // namespace fusedopt

@@ -10,7 +10,10 @@ A backend is a module of this package with:
   importing triton); raises with the reason on failure,
 * one function per optimizer (``adamw(bucket, ...)``, ``lamb``, ...) and the
   shared reductions (``power_sums``, ``scale_``); a backend without an
-  optimizer's function is not a candidate for it.
+  optimizer's function is not a candidate for it,
+* optionally ``fp8_update_(copies, amax, found_inf, recipe)``: the delayed
+  scaling after a step with FP8 copies in one call (else
+  ``Float8Recipe.update_``, its spec, runs as torch ops).
 
 Choice for a device: the ``backend=`` argument, else ``$FUSEDOPT_BACKEND``,
 else automatic: on CUDA ``cuda`` if it builds, else ``triton``; on CPU ``cpu``

@@ -48,6 +48,13 @@ def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, gra
     return amax
 
 
+def fp8_update_(copies, amax, found_inf, recipe):
+    """recipe.update_(copies, amax, found_inf) in one call (the ~15 small torch
+    ops of the spec cost more than the cast itself right after a step)."""
+    torch.ops.fusedopt_cpu.fp8_update_(amax, copies.history_buffer, copies.scale_buffer, copies.scale_inv_buffer,
+                                       found_inf, recipe.fp8_max, recipe.margin)
+
+
 def power_sums(tensors, p):
     return torch.ops.fusedopt_cpu.power_sums(tensors, float(p), CHUNK_SIZE)
 

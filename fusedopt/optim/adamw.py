@@ -144,7 +144,12 @@ class FusedAdamW(FusedOptimizer):
                              weight_decay=float(group["weight_decay"]), amsgrad=bool(group["amsgrad"]),
                              maximize=bool(group["maximize"]), grad_mult=grad_mult, found_inf=found_inf)
         if bucket.fp8 is not None:
-            self.fp8.update_(bucket.fp8, amax, found_inf)
+            # a backend may do the delayed-scaling update in one call (Float8Recipe.update_ is the spec)
+            update = getattr(backend, "fp8_update_", None)
+            if update is not None:
+                update(bucket.fp8, amax, found_inf, self.fp8)
+            else:
+                self.fp8.update_(bucket.fp8, amax, found_inf)
 
 
 def _check_adam_args(lr, betas, eps, weight_decay, foreach, capturable, fused) -> None:
