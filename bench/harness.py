@@ -72,7 +72,12 @@ def alternate(fns: dict, device: torch.device, warmup: int, reps: int) -> dict[s
     times: dict[str, list[float]] = {name: [] for name in fns}
     names = list(fns)
     for r in range(reps):
-        for name in names if r % 2 == 0 else reversed(names):
+        # rotate the order each round: every contender starts a round as often
+        # as any other and none runs twice in a row (forward-then-reversed
+        # rounds ran the first and last twice in a row every other round, with
+        # their data still partly in cache: a bias for whichever came first)
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
             times[name].append(time_once(fns[name], device))
     return times
 
