@@ -23,7 +23,8 @@ struct fp8 { uint8_t bits; };
 // Largest finite value of each format.
 FUSEDOPT_HD float fp8_max(Fp8Format f) { return f == Fp8Format::kE4M3FN ? 448.0f : 57344.0f; }
 
-// fp32 -> fp8, round to nearest even, for |x| <= max or NaN (the caller clamps).
+// The bits of |x| (a, as fp32 bits; |x| <= the format's max, not NaN: the caller
+// saturates and handles NaN) -> fp8's magnitude bits, rounded to nearest even.
 //   MANT: mantissa bits kept (3 or 2); BIAS: the format's exponent bias (7 or 15).
 // One rule for normal and subnormal results: with a = |x| in [2^e, 2^(e+1)),
 // fp8's ulp there is 2^(e - MANT), or 2^(1 - BIAS - MANT) below the smallest
@@ -44,14 +45,6 @@ FUSEDOPT_HD uint32_t fp8_magnitude_bits(uint32_t a) {
   c = c > kSubnormalC ? c : kSubnormalC;
   const uint32_t sum = float_to_bits(bits_to_float(a) + bits_to_float(c));
   return sum - c + (c >> (23 - MANT)) - (uint32_t(151 - MANT - BIAS) << MANT);
-}
-
-template <int MANT, int BIAS>
-FUSEDOPT_HD uint8_t float_to_fp8_bits(float x) {
-  const uint32_t u = float_to_bits(x);
-  const uint32_t a = u & 0x7FFFFFFFu;
-  const uint32_t r = a > 0x7F800000u ? 0x7Fu : fp8_magnitude_bits<MANT, BIAS>(a);  // NaN stays NaN
-  return uint8_t(((u >> 24) & 0x80u) | r);
 }
 
 // The scaled, saturating cast of one value (already in fp32). The clamp is
