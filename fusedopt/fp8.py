@@ -145,7 +145,9 @@ class Float8Recipe:
         new weights' absmax (`amax`, one per copy): scale_inv = 1 / the scale
         used, amax joins each history, the next scales. Seven small launches
         per bucket, on the device, whatever the number of params; all left
-        as they were when GradScaler found inf/NaN (`found_inf` nonzero)."""
+        as they were when GradScaler found inf/NaN (`found_inf` nonzero).
+        This is the spec: a backend may do the same in one call
+        (``fp8_update_``, the cpu backend's is C++), tested against it."""
         scales, history = copies.scale_buffer, copies.history_buffer
         new_history = torch.cat([amax.to(torch.float32)[:, None], history[:, :-1]], dim=1)
         new_scales = self.scale_from(new_history.amax(dim=1), scales)
