@@ -231,8 +231,9 @@ struct Factored {
       T min_row = std::numeric_limits<T>::infinity();
       bool finite = true;
       // A row's sums are final: update its row_var; if it is finite and from
-      // g^2 > 0 (and every row of the task finished before it is finite), add its share
-      // of the column sums of g^2 / row_var while the row is in cache.
+      // g^2 > 0 (and every row of the task finished before it is finite),
+      // add its share of the column sums of g^2 / row_var while the row is
+      // in cache.
       auto finish_row = [&](int64_t r, T row_acc, T row_p) {
         const int64_t base = (task.batch * R + r) * C;
         p_acc += double(row_p);
@@ -250,9 +251,10 @@ struct Factored {
       };
       // The rows go as two halves side by side (rows r and r + half in one
       // loop): two sequential streams per array keep twice the loads in
-      // flight. One stream of short rows left this pass far below the
-      // bandwidth the update pass gets (gpt2-d256-L4: -25% time; four
-      // quarters were slower again).
+      // flight. One stream of short rows left this pass latency-bound, far
+      // below the bandwidth the update pass gets (gpt2-d256-L4, same-process
+      // A/B: 0.75x the time when memory was slow, ~0.98x when fast; four
+      // quarters, or four adjacent rows, were slower).
       const int64_t half = task.nrows / 2;
       const int64_t first = (task.batch * R + task.row0) * C;
       for (int64_t i = 0; i < half; ++i) {
