@@ -40,9 +40,11 @@ def _separate_cast(opt: fusedopt.FusedAdamW, params, recipe: fusedopt.Float8Reci
     states = [recipe.initial_state(m) for m in masters]
     copies = fusedopt.fp8.bucket_copies([s["fp8_weight"] for s in states], states)
 
+    impl = fusedopt.backends.get(backend)
+
     def cast():
         outs, amax = fusedopt.cast_to_fp8(masters, copies.scale_buffer, recipe.dtype, backend=backend)
-        recipe.update_(copies, amax)
+        fusedopt.fp8.delayed_scaling_update_(recipe, copies, amax.double(), None, impl)
         return outs
     return cast
 

@@ -162,6 +162,17 @@ class Float8Recipe:
         copies.scale_inv_buffer.copy_(new_invs)
 
 
+def delayed_scaling_update_(recipe: Float8Recipe, copies: Fp8Copies, amax: Tensor, found_inf: Tensor | None,
+                            backend) -> None:
+    """``recipe.update_(copies, amax, found_inf)`` through `backend` (a backend
+    module): its one-call ``fp8_update_`` when it has one, else the spec's torch ops."""
+    update = getattr(backend, "fp8_update_", None)
+    if update is not None:
+        update(copies, amax, found_inf, recipe)
+    else:
+        recipe.update_(copies, amax, found_inf)
+
+
 #: a param's FP8 state entries, and the Fp8Copies buffer each is a row of
 _BUFFERS = {"fp8_scale": "scale_buffer", "fp8_scale_inv": "scale_inv_buffer", "fp8_amax_history": "history_buffer"}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..fp8 import Float8Recipe
+from ..fp8 import Float8Recipe, delayed_scaling_update_
 from .base import FusedOptimizer, check_hyperparameters
 
 
@@ -144,12 +144,7 @@ class FusedAdamW(FusedOptimizer):
                              weight_decay=float(group["weight_decay"]), amsgrad=bool(group["amsgrad"]),
                              maximize=bool(group["maximize"]), grad_mult=grad_mult, found_inf=found_inf)
         if bucket.fp8 is not None:
-            # a backend may do the delayed-scaling update in one call (Float8Recipe.update_ is the spec)
-            update = getattr(backend, "fp8_update_", None)
-            if update is not None:
-                update(bucket.fp8, amax, found_inf, self.fp8)
-            else:
-                self.fp8.update_(bucket.fp8, amax, found_inf)
+            delayed_scaling_update_(self.fp8, bucket.fp8, amax, found_inf, backend)
 
 
 def _check_adam_args(lr, betas, eps, weight_decay, foreach, capturable, fused) -> None:

@@ -37,7 +37,7 @@ FUSEDOPT_HD float fp8_max(Fp8Format f) { return f == Fp8Format::kE4M3FN ? 448.0f
 // subnormal C is k itself; both read (bits(C) >> (23 - MANT)) - (151 - MANT - BIAS) * 2^MANT.
 // About 8 vector operations and no branches, so the CPU loops that call this
 // stay vectorized; checked equal to the per-case rounding for every fp32
-// value of both signs up to each format's max, and to torch in tests/test_fp8.py.
+// magnitude up to each format's max, and (through cast_fp8) to torch in tests/test_fp8.py.
 template <int MANT, int BIAS>
 FUSEDOPT_HD uint32_t fp8_magnitude_bits(uint32_t a) {
   constexpr uint32_t kSubnormalC = uint32_t(127 + 24 - BIAS - MANT) << 23;
