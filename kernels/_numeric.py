@@ -17,6 +17,14 @@ BF16 = tl.constexpr(2)
 F16 = tl.constexpr(3)
 FP8_BLOCKED = tl.constexpr(4)  # block-scaled e4m3fn states (kernels/fp8_states.py)
 
+#: Options of every launch: no floating-point contraction. The kernels round
+#: each operation as torch and the reference do, with an explicit tl.fma where
+#: those fuse; Triton's default on GPUs would contract other multiply-adds into
+#: FMAs too (sm_90: 45 instead of 24 in the AdamW kernel) and change the bits.
+#: The interpreter never contracts, so without this the CPU tests would not
+#: test what a GPU runs. (The CUDA backend builds with --fmad=false likewise.)
+EXACT = {"enable_fp_fusion": False}
+
 
 @triton.jit
 def bf16_bits_rne(x):

@@ -23,7 +23,7 @@ import math
 import triton
 import triton.language as tl
 
-from ._numeric import (F32, F64, FP8_BLOCKED, div_ieee, lerp, load_math, load_state, one_minus_exp, sqrt_ieee,
+from ._numeric import (EXACT, F32, F64, FP8_BLOCKED, div_ieee, lerp, load_math, load_state, one_minus_exp, sqrt_ieee,
                        sr_tensor_key, store_math, store_param)
 from ._table import (ROW_EXP_AVG, ROW_EXP_AVG_SCALE, ROW_EXP_AVG_SQ, ROW_EXP_AVG_SQ_SCALE, ROW_FP8, ROW_FP8_SCALE,
                      ROW_GRAD, ROW_MASTER, ROW_MAX_EXP_AVG_SQ, ROW_MAX_EXP_AVG_SQ_SCALE, ROW_PARAM, ROW_STEP, address,
@@ -177,8 +177,9 @@ def launch_adamw(tables, *, p_kind, s_kind, master, amsgrad, maximize, lr, lr_te
         P_KIND=p_kind, S_KIND=s_kind, MASTER=master, AMSGRAD=amsgrad, MAXIMIZE=maximize,
         LR_IS_PTR=lr_tensor is not None, HAS_GRAD_MULT=grad_mult is not None,
         HAS_FOUND_INF=found_inf is not None, SR=sr_seed is not None,
-        FP8=0 if fp8_format is None else 1 + fp8_format, CHUNK=tables.chunk_size, BLOCK=block, num_warps=num_warps,
+        FP8=0 if fp8_format is None else 1 + fp8_format, CHUNK=tables.chunk_size, BLOCK=block,
+        num_warps=num_warps, **EXACT,
     )
     if fp8_format is not None:
         _combine_kernel[(tables.n_tensors,)](fp8_partials, tables.chunk_first, fp8_amax, IS_MAX=True, BLOCK=256,
-                                             num_warps=num_warps)
+                                             num_warps=num_warps, **EXACT)

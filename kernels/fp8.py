@@ -11,7 +11,7 @@ NaN -> 0x7F with the sign; the caller clamps to +-max first, as torch's
 import triton
 import triton.language as tl
 
-from ._numeric import load_math
+from ._numeric import EXACT, load_math
 from ._table import program_chunk
 from .norms import _combine_kernel
 
@@ -80,6 +80,6 @@ def launch_cast(tables, scales, amax, *, kind, fmt, block, num_warps):
     partials = torch.empty(tables.n_chunks, dtype=torch.float64, device=amax.device)
     _cast_kernel[(tables.n_chunks,)](tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start,
                                      tables.n_tensors, scales, partials, KIND=kind, FORMAT=fmt,
-                                     CHUNK=tables.chunk_size, BLOCK=block, num_warps=num_warps)
+                                     CHUNK=tables.chunk_size, BLOCK=block, num_warps=num_warps, **EXACT)
     _combine_kernel[(tables.n_tensors,)](partials, tables.chunk_first, amax, IS_MAX=True, BLOCK=256,
-                                         num_warps=num_warps)
+                                         num_warps=num_warps, **EXACT)

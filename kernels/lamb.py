@@ -18,7 +18,8 @@ import math
 import triton
 import triton.language as tl
 
-from ._numeric import F32, F64, div_ieee, load_math, one_minus_exp, sqrt_ieee, sr_tensor_key, store_math, store_param
+from ._numeric import (EXACT, F32, F64, div_ieee, load_math, one_minus_exp, sqrt_ieee, sr_tensor_key, store_math,
+                       store_param)
 from ._table import (ROW_EXP_AVG, ROW_EXP_AVG_SCALE, ROW_EXP_AVG_SQ, ROW_EXP_AVG_SQ_SCALE, ROW_GRAD, ROW_MASTER,
                      ROW_PARAM, ROW_STEP, address, program_chunk)
 from .fp8_states import load_any_state, store_any_state
@@ -146,11 +147,11 @@ def launch_lamb_moments(tables, p_sums, u_sums, *, p_kind, s_kind, master, beta1
         dummy if found_inf is None else found_inf, partials,
         P_KIND=p_kind, S_KIND=s_kind, MASTER=master, GRAD_MULT=grad_mult is not None, ADAM_W=adam_w_mode,
         MAXIMIZE=maximize, BIAS_CORRECTION=bias_correction, HAS_FOUND_INF=found_inf is not None,
-        CHUNK=tables.chunk_size, BLOCK=block, num_warps=num_warps,
+        CHUNK=tables.chunk_size, BLOCK=block, num_warps=num_warps, **EXACT,
     )
     for i, out in enumerate((p_sums, u_sums)):
         _combine_kernel[(tables.n_tensors,)](partials[i * tables.n_chunks:], tables.chunk_first, out, IS_MAX=False,
-                                             BLOCK=256, num_warps=num_warps)
+                                             BLOCK=256, num_warps=num_warps, **EXACT)
 
 
 def launch_lamb_apply(tables, ratio, *, p_kind, s_kind, master, beta1, beta2, eps, weight_decay, bias_correction,
@@ -163,5 +164,5 @@ def launch_lamb_apply(tables, ratio, *, p_kind, s_kind, master, beta1, beta2, ep
         0 if sr_seed is None else sr_seed,
         P_KIND=p_kind, S_KIND=s_kind, MASTER=master, ADAM_W=adam_w_mode, BIAS_CORRECTION=bias_correction,
         SR=sr_seed is not None,
-        HAS_FOUND_INF=found_inf is not None, CHUNK=tables.chunk_size, BLOCK=block, num_warps=num_warps,
+        HAS_FOUND_INF=found_inf is not None, CHUNK=tables.chunk_size, BLOCK=block, num_warps=num_warps, **EXACT,
     )

@@ -10,7 +10,7 @@ General p uses exp(p * log|x|) in fp32 (fp64 for fp64 tensors).
 import triton
 import triton.language as tl
 
-from ._numeric import F64, load_math, store_math
+from ._numeric import EXACT, F64, load_math, store_math
 from ._table import program_chunk
 
 L1 = tl.constexpr(0)
@@ -98,12 +98,12 @@ def launch_power_sums(tables, out, *, kind, p, block, num_warps):
     norm = norm_kind(p)
     _partials_kernel[(tables.n_chunks,)](tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start,
                                          float(p), partials, KIND=kind, NORM=norm, CHUNK=tables.chunk_size,
-                                         BLOCK=block, num_warps=num_warps)
+                                         BLOCK=block, num_warps=num_warps, **EXACT)
     _combine_kernel[(tables.n_tensors,)](partials, tables.chunk_first, out, IS_MAX=norm == 2, BLOCK=256,
-                                         num_warps=num_warps)
+                                         num_warps=num_warps, **EXACT)
 
 
 def launch_scale(tables, factor, *, kind, block, num_warps):
     """x *= factor (1-element fp32 tensor) for the tables' row 0."""
     _scale_kernel[(tables.n_chunks,)](tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, factor,
-                                      KIND=kind, CHUNK=tables.chunk_size, BLOCK=block, num_warps=num_warps)
+                                      KIND=kind, CHUNK=tables.chunk_size, BLOCK=block, num_warps=num_warps, **EXACT)

@@ -16,7 +16,7 @@ re-encoded with fresh ones.
 import triton
 import triton.language as tl
 
-from ._numeric import F32, div_ieee, load_math, sr_tensor_key, store_math, store_param
+from ._numeric import EXACT, F32, div_ieee, load_math, sr_tensor_key, store_math, store_param
 from ._table import (ROW_EXP_AVG, ROW_EXP_AVG_SCALE, ROW_EXP_AVG_SQ, ROW_EXP_AVG_SQ_SCALE, ROW_GRAD, ROW_MASTER,
                      ROW_PARAM, address, program_chunk)
 from .fp8_states import load_any_state as _load
@@ -93,10 +93,10 @@ def launch_step(tables, *, p_kind, s_kind, master, lr, lr_tensor, beta1, rho_bs,
         P_KIND=p_kind, S_KIND=s_kind, MASTER=master, GRAD_MULT=grad_mult is not None, MAXIMIZE=maximize,
         SR=sr_seed is not None,
         LR_IS_PTR=lr_tensor is not None, HAS_FOUND_INF=found_inf is not None, CHUNK=tables.chunk_size, BLOCK=block,
-        num_warps=num_warps)
+        num_warps=num_warps, **EXACT)
 
 
 def launch_hessian(tables, *, p_kind, s_kind, beta2, block, num_warps):
     _hessian_kernel[(tables.n_chunks,)](
         tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.n_tensors, float(beta2),
-        1.0 - beta2, P_KIND=p_kind, S_KIND=s_kind, CHUNK=tables.chunk_size, BLOCK=block, num_warps=num_warps)
+        1.0 - beta2, P_KIND=p_kind, S_KIND=s_kind, CHUNK=tables.chunk_size, BLOCK=block, num_warps=num_warps, **EXACT)

@@ -110,6 +110,7 @@ FACTOR_COLS = 128
 
 def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize, beta1, grad_mult, found_inf):
     kernels = shipped_module("kernels", "adafactor")
+    exact = shipped_module("kernels", "_numeric").EXACT  # launch options: no FP contraction
     combine = shipped_module("kernels", "norms")._combine_kernel
     device = bucket.device
     block, chunk = _sizes(bucket)
@@ -134,26 +135,27 @@ def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize,
         kernels._row_stats[(len(ft.row_tensor),)](
             tables.table, n, ft.row_tensor, ft.row_start, rows, cols, tables.numel, beta2_decay,
             pointers["grad_mult_ptr"], pointers["found_inf_ptr"], p_part, **flags, RB=FACTOR_ROWS, CB=FACTOR_COLS,
-            num_warps=NUM_WARPS)
-        combine[(n,)](p_part, ft.row_first, p_sq, IS_MAX=False, BLOCK=256, num_warps=NUM_WARPS)
+            num_warps=NUM_WARPS, **exact)
+        combine[(n,)](p_part, ft.row_first, p_sq, IS_MAX=False, BLOCK=256, num_warps=NUM_WARPS, **exact)
         kernels._col_stats[(len(ft.col_tensor),)](
             tables.table, n, ft.col_tensor, ft.col_batch, ft.col_start, ft.col_slice, rows, cols, beta2_decay, eps1,
             pointers["grad_mult_ptr"], pointers["found_inf_ptr"], rmean, **flags, RB=FACTOR_ROWS, CB=FACTOR_COLS,
-            num_warps=NUM_WARPS)
+            num_warps=NUM_WARPS, **exact)
         u_part = torch.empty(n_chunks, dtype=torch.float64, device=device)
         kernels._factored_unorm[(n_chunks,)](
             *head, rows, cols, slice_first, rmean, eps1, pointers["grad_mult_ptr"], pointers["found_inf_ptr"],
-            u_part, **flags, CHUNK=tables.chunk_size, BLOCK=block, num_warps=NUM_WARPS)
-        combine[(n,)](u_part, tables.chunk_first, u_sq, IS_MAX=False, BLOCK=256, num_warps=NUM_WARPS)
+            u_part, **flags, CHUNK=tables.chunk_size, BLOCK=block, num_warps=NUM_WARPS, **exact)
+        combine[(n,)](u_part, tables.chunk_first, u_sq, IS_MAX=False, BLOCK=256, num_warps=NUM_WARPS, **exact)
     else:  # 0-d and 1-d tensors
         rows = cols = slice_first = dummy
         rmean = torch.empty(1, dtype=torch.float32, device=device)
         partials = torch.empty(2 * n_chunks, dtype=torch.float64, device=device)
         kernels._vector_stats[(n_chunks,)](
             *head, n_chunks, beta2_decay, eps1, pointers["grad_mult_ptr"], pointers["found_inf_ptr"],
-            partials, **flags, CHUNK=tables.chunk_size, BLOCK=block, num_warps=NUM_WARPS)
-        combine[(n,)](partials, tables.chunk_first, p_sq, IS_MAX=False, BLOCK=256, num_warps=NUM_WARPS)
-        combine[(n,)](partials[n_chunks:], tables.chunk_first, u_sq, IS_MAX=False, BLOCK=256, num_warps=NUM_WARPS)
+            partials, **flags, CHUNK=tables.chunk_size, BLOCK=block, num_warps=NUM_WARPS, **exact)
+        combine[(n,)](partials, tables.chunk_first, p_sq, IS_MAX=False, BLOCK=256, num_warps=NUM_WARPS, **exact)
+        combine[(n,)](partials[n_chunks:], tables.chunk_first, u_sq, IS_MAX=False, BLOCK=256, num_warps=NUM_WARPS,
+                      **exact)
     scale, denom = adafactor_spec.scales(p_sq, u_sq, tables.numel, torch.stack(bucket.steps), lr, eps2, d,
                                          beta1 is not None)
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
@@ -163,7 +165,7 @@ def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize,
         pointers["grad_mult_ptr"], pointers["found_inf_ptr"], 0 if bucket.sr_seed is None else bucket.sr_seed,
         SR=bucket.sr_seed is not None, **flags, FACTORED=bool(bucket.kind),
         BETA1=beta1 is not None, M_KIND=STATE_CODES[exp_avg_dtype], LR_IS_PTR=lr_tensor is not None,
-        CHUNK=tables.chunk_size, BLOCK=block, num_warps=NUM_WARPS)
+        CHUNK=tables.chunk_size, BLOCK=block, num_warps=NUM_WARPS, **exact)
 
 
 def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, found_inf):
