@@ -1,8 +1,8 @@
 """Timing, bandwidth and reporting shared by the benchmarks.
 
-Contenders of one case are timed alternately: every round times each once
-(order reversed every other round, so slow drifts such as CPU frequency or a
-neighbour's load hit all alike), after `warmup` untimed calls each. GPU
+Contenders of one case are timed alternately: every round times each once,
+so slow drifts such as CPU frequency or a neighbour's load hit all alike (the
+order rotates each round: see `alternate`), after `warmup` untimed calls each. GPU
 timings use CUDA events; CPU timings perf_counter. The streaming bandwidth is
 itself one contender: ``x.mul_(1.0)`` over a buffer as large as the case's
 working set (capped), reading and writing every byte once.
