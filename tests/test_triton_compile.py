@@ -140,11 +140,10 @@ def _workload() -> None:
 
 def _compile_script(specs_path: str, arch: int) -> str:
     return textwrap.dedent(f"""
-        import importlib, json
+        import json
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
-        import fusedopt
         from fusedopt._resources import shipped_module
         failures = []
         for s in json.load(open({specs_path!r})):
