@@ -35,10 +35,12 @@ ROW_EXP_AVG_SCALE = tl.constexpr(8)
 
 
 @triton.jit
-def _lerp_weight(table, n_tensors, t, beta2_decay):
-    """1 - beta2_t = step^beta2_decay, from the tensor's own step (>= 1)."""
-    step = tl.load(address(table, ROW_STEP, n_tensors, t).to(tl.pointer_type(tl.float32)))
-    return tl.exp(beta2_decay * tl.log(step))
+def _lerp_weight(table, n_tensors, t, beta2_decay, ACC: tl.constexpr):
+    """1 - beta2_t = step^beta2_decay, from the tensor's own step (>= 1), in
+    the math dtype ACC. Formed in fp64: in fp32, tl.exp and tl.log are the
+    GPU's approximations (ex2/lg2.approx), unlike the interpreter's numpy."""
+    step = tl.load(address(table, ROW_STEP, n_tensors, t).to(tl.pointer_type(tl.float32))).to(tl.float64)
+    return tl.exp(tl.cast(beta2_decay, tl.float64) * tl.log(step)).to(ACC)
 
 
 @triton.jit
@@ -77,7 +79,7 @@ def _vector_stats(table, numels, chunk_tensor, chunk_start, n_tensors, n_chunks,
     work = address(table, ROW_MASTER if MASTER else ROW_PARAM, n_tensors, t)
     grad = address(table, ROW_GRAD, n_tensors, t)
     variance = address(table, ROW_VARIANCE, n_tensors, t)
-    w = _lerp_weight(table, n_tensors, t, beta2_decay)
+    w = _lerp_weight(table, n_tensors, t, beta2_decay, ACC)
     p_acc = tl.zeros([BLOCK], ACC)
     u_acc = tl.zeros([BLOCK], ACC)
     for off in range(0, end, BLOCK):
@@ -125,8 +127,8 @@ def _row_stats(table, n_tensors, prog_tensor, prog_row0, rows, cols, numels, bet
         row_acc += tl.sum(g * g, axis=1)
         p = load_math(work, offs, mask, W_KIND)
         p_acc += tl.sum(p * p, axis=1)
-    w = _lerp_weight(table, n_tensors, t, beta2_decay)
-    rv = lerp(load_state(row_var, rr, rmask, S_KIND, P_KIND), row_acc / C, w)
+    w = _lerp_weight(table, n_tensors, t, beta2_decay, ACC)
+    rv = lerp(load_state(row_var, rr, rmask, S_KIND, P_KIND), div_ieee(row_acc, C.to(ACC), P_KIND), w)
     store_math(row_var, rr, rv, rmask, S_KIND)
     tl.store(p_partials + pid, tl.sum(p_acc, axis=0).to(tl.float64))
 
@@ -158,11 +160,11 @@ def _col_stats(table, n_tensors, prog_tensor, prog_batch, prog_col0, prog_slice,
         g = _grad(grad, offs, (rr < R)[:, None] & cmask[None, :], grad_mult_ptr, P_KIND, GRAD_MULT, MAXIMIZE)
         col_acc += tl.sum(g * g, axis=0)
         rv_acc += load_state(row_var, b * R + rr, rr < R, S_KIND, P_KIND)  # row_var is final: _row_stats ran before
-    w = _lerp_weight(table, n_tensors, t, beta2_decay)
+    w = _lerp_weight(table, n_tensors, t, beta2_decay, ACC)
     live = cc < tl.where(R > 0, C, 0)  # nothing when GradScaler found inf/NaN
-    cv = lerp(load_state(col_var, b * C + cc, live, S_KIND, P_KIND), col_acc / R, w)
+    cv = lerp(load_state(col_var, b * C + cc, live, S_KIND, P_KIND), div_ieee(col_acc, R.to(ACC), P_KIND), w)
     store_math(col_var, b * C + cc, cv, live, S_KIND)
-    mean = tl.sum(rv_acc, axis=0) / R
+    mean = div_ieee(tl.sum(rv_acc, axis=0), R.to(ACC), P_KIND)
     mean = tl.where(mean < eps1, eps1, mean)
     slot = tl.load(prog_slice + pid) + tl.arange(0, 1)
     writer = tl.where((c0 == 0) & (R > 0), 1, 0)  # one program per slice writes
@@ -183,7 +185,7 @@ def _factored_u(grad, row_var, col_var, rmean, slice0, offs, mask, R, C, eps1_sq
     rowq = div_ieee(row, tl.load(rmean + slice0 + b, mask=mask, other=1.0), W_KIND)
     col = load_state(col_var, b * C + c, mask, S_KIND, P_KIND)
     factor = div_ieee(1.0, sqrt_ieee(rowq, W_KIND), W_KIND) * div_ieee(1.0, sqrt_ieee(col, W_KIND), W_KIND)
-    factor = tl.where(rowq * col < eps1_sq, div_ieee(1.0, tl.sqrt(eps1_sq), W_KIND), factor)
+    factor = tl.where(rowq * col < eps1_sq, div_ieee(1.0, sqrt_ieee(eps1_sq, F32), F32), factor)
     return _grad(grad, offs, mask, grad_mult_ptr, P_KIND, GRAD_MULT, MAXIMIZE) * factor
 
 
@@ -256,8 +258,8 @@ def _apply(table, numels, chunk_tensor, chunk_start, n_tensors, rows, cols, slic
                    load_state(variance, offs, mask, S_KIND, P_KIND), eps1_sq, W_KIND)
         p = load_math(work, offs, mask, W_KIND) * decay
         if BETA1:
-            m = lerp(load_any_state(exp_avg, exp_avg_scale, offs, mask, False, M_KIND, P_KIND), u / denom,
-                     one_minus_beta1)
+            m = lerp(load_any_state(exp_avg, exp_avg_scale, offs, mask, False, M_KIND, P_KIND),
+                     div_ieee(u, denom.to(u.dtype), W_KIND), one_minus_beta1)
             m = store_any_state(exp_avg, exp_avg_scale, offs, m, mask, False, M_KIND, BLOCK)  # as stored
             p = tl.fma(m, scale, p)
         else:

@@ -23,8 +23,8 @@ import math
 import triton
 import triton.language as tl
 
-from ._numeric import (EXACT, F32, F64, FP8_BLOCKED, div_ieee, lerp, load_math, load_state, one_minus_exp, sqrt_ieee,
-                       sr_tensor_key, store_math, store_param)
+from ._numeric import (EXACT, F32, F64, FP8_BLOCKED, bias_correction, div_ieee, lerp, load_math, load_state,
+                       sqrt_ieee, sr_tensor_key, store_math, store_param)
 from ._table import (ROW_EXP_AVG, ROW_EXP_AVG_SCALE, ROW_EXP_AVG_SQ, ROW_EXP_AVG_SQ_SCALE, ROW_FP8, ROW_FP8_SCALE,
                      ROW_GRAD, ROW_MASTER, ROW_MAX_EXP_AVG_SQ, ROW_MAX_EXP_AVG_SQ_SCALE, ROW_PARAM, ROW_STEP, address,
                      program_chunk)
@@ -66,8 +66,8 @@ def _adamw_kernel(
     # Per-tensor scalars, as adamw_scalars() in adamw.h.
     if LR_IS_PTR:
         lr = tl.load(lr_ptr)
-    bc1 = one_minus_exp(step * log_beta1)
-    bc2 = one_minus_exp(step * log_beta2)
+    bc1 = bias_correction(step, log_beta1)
+    bc2 = bias_correction(step, log_beta2)
     step_size = div_ieee(lr, bc1, F32)
     bc2_sqrt = sqrt_ieee(bc2, F32)
     if P_KIND == F64:

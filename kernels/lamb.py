@@ -18,7 +18,7 @@ import math
 import triton
 import triton.language as tl
 
-from ._numeric import (EXACT, F32, F64, div_ieee, load_math, one_minus_exp, sqrt_ieee, sr_tensor_key, store_math,
+from ._numeric import (EXACT, F32, F64, bias_correction, div_ieee, load_math, sqrt_ieee, sr_tensor_key, store_math,
                        store_param)
 from ._table import (ROW_EXP_AVG, ROW_EXP_AVG_SCALE, ROW_EXP_AVG_SQ, ROW_EXP_AVG_SQ_SCALE, ROW_GRAD, ROW_MASTER,
                      ROW_PARAM, ROW_STEP, address, program_chunk)
@@ -30,8 +30,8 @@ from .norms import _combine_kernel
 def _bias_corrections(table, n_tensors, t, log_beta1, log_beta2, BIAS_CORRECTION: tl.constexpr):
     step = tl.load(address(table, ROW_STEP, n_tensors, t).to(tl.pointer_type(tl.float32)))
     if BIAS_CORRECTION:
-        bc1 = one_minus_exp(step * log_beta1)
-        bc2 = one_minus_exp(step * log_beta2)
+        bc1 = bias_correction(step, log_beta1)
+        bc2 = bias_correction(step, log_beta2)
     else:
         bc1 = step * 0.0 + 1.0
         bc2 = step * 0.0 + 1.0

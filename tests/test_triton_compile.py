@@ -138,9 +138,17 @@ def _workload() -> None:
         fusedopt.cast_to_fp8(xs, torch.ones(len(xs)), fmt, backend="triton")
 
 
+#: fp32 PTX instructions that are approximations, which the interpreter (numpy,
+#: IEEE) does not reproduce: fp32 `/` (div.full), tl.sqrt, tl.rsqrt, tl.exp,
+#: tl.log. The kernels use div_ieee / sqrt_ieee and take exp/log in fp64.
+APPROXIMATE_FP32 = r"\b(?:div\.(?:full|approx)|(?:sqrt|rsqrt|rcp|ex2|lg2)\.approx)(?:\.ftz)?\.f32\b"
+
+
 def _compile_script(specs_path: str, arch: int) -> str:
+    """Compiles each recorded launch; prints a line per failure or per kernel
+    whose PTX holds an approximate fp32 instruction, and exits 1 if any."""
     return textwrap.dedent(f"""
-        import json
+        import json, re
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
@@ -149,10 +157,14 @@ def _compile_script(specs_path: str, arch: int) -> str:
         for s in json.load(open({specs_path!r})):
             fn = getattr(shipped_module("kernels", s["module"].rsplit(".", 1)[1]), s["kernel"])
             try:
-                triton.compile(ASTSource(fn=fn, signature=s["signature"], constexprs=s["constexprs"]),
-                               target=GPUTarget("cuda", {arch}, 32), options=s["options"])
+                k = triton.compile(ASTSource(fn=fn, signature=s["signature"], constexprs=s["constexprs"]),
+                                   target=GPUTarget("cuda", {arch}, 32), options=s["options"])
             except Exception as e:  # report them all, not the first
                 failures.append(f"{{s['kernel']}} {{s['constexprs']}}: {{type(e).__name__}}: {{e}}")
+                continue
+            approx = sorted(set(re.findall({APPROXIMATE_FP32!r}, k.asm["ptx"])))
+            if approx:
+                failures.append(f"{{s['kernel']}} {{s['constexprs']}}: approximate fp32 math {{approx}}")
         print("\\n".join(failures))
         raise SystemExit(1 if failures else 0)
     """)
@@ -209,6 +221,7 @@ def test_every_launch_turns_fp_contraction_off(recorded_launches):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_launched_kernel_compiles_for_gpus(recorded_launches, arch, tmp_path):
+    """...to cubin, with no approximate fp32 division, sqrt, exp or log in its PTX."""
     specs, path = recorded_launches
     assert len(specs) >= 30  # the workload's specialisations, not a handful
     done = subprocess.run([sys.executable, "-c", _compile_script(str(path), arch)], env=_compile_env(tmp_path),
