@@ -58,11 +58,13 @@ def store_fp8_state(addr, scale_addr, offs, x, mask, SQRT: tl.constexpr, BLOCK: 
     block_first = tl.max(tl.reshape(first, (NB, QBLOCK)), axis=1)  # every lane of a block has the same index
     block_live = tl.max(tl.reshape(mask.to(tl.int32), (NB, QBLOCK)), axis=1) > 0
     tl.store(scale_addr.to(tl.pointer_type(tl.float32)) + block_first, scale, mask=block_live)
-    inv_each = tl.reshape(tl.broadcast_to(tl.reshape(inv, (NB, 1)), (NB, QBLOCK)), (BLOCK,))
-    bits = cast_fp8(x, inv_each, E4M3FN)
+    # each element's block's values by a gather along x's own layout (a
+    # reshape/broadcast back from [NB, 1] gave triton 3.6 a layout replicated
+    # across threads: FusedLAMB's FP8 moments kernel took minutes to compile)
+    block = tl.arange(0, BLOCK) // QBLOCK
+    bits = cast_fp8(x, tl.gather(inv, block, 0), E4M3FN)
     tl.store(addr.to(tl.pointer_type(tl.int8)) + offs, bits.to(tl.int8), mask=mask)
-    stored = e4m3fn_to_float(bits & 0xFF) * tl.reshape(tl.broadcast_to(tl.reshape(scale, (NB, 1)), (NB, QBLOCK)),
-                                                        (BLOCK,))
+    stored = e4m3fn_to_float(bits & 0xFF) * tl.gather(scale, block, 0)
     if SQRT:
         stored = stored * stored
     return stored
