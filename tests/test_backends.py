@@ -130,3 +130,19 @@ def test_backends_lacking_an_optimizer_are_passed_over(monkeypatch):
     monkeypatch.setattr(backends, "_warned", set())
     with pytest.warns(RuntimeWarning, match="does not implement adafactor"):
         assert backends.resolve(None, "cpu", "adafactor") == "reference"
+
+
+def test_triton_older_than_the_kernels_need_is_unavailable_with_the_reason(monkeypatch):
+    """tl.gather (kernels/fp8_states.py) arrived in triton 3.3."""
+    import importlib.metadata
+    import importlib.util
+
+    from fusedopt.backends import triton as triton_backend
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "3.2.0")
+    assert triton_backend.unavailable_reason("cuda") == \
+        "triton 3.2.0 is too old: the kernels need triton >= 3.3 (`pip install -U triton`)"
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "3.3.1+git1234")
+    assert "too old" not in (triton_backend.unavailable_reason("cuda") or "")

@@ -7,8 +7,10 @@ kernels are tested on machines without a GPU.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
+import re
 
 import torch
 
@@ -29,9 +31,18 @@ BLOCK_SIZE = 1024
 NUM_WARPS = 4
 
 
+#: the oldest triton with everything the kernels use (tl.gather: kernels/fp8_states.py);
+#: tested with 3.6 (compiled for sm_80/sm_90) and 3.9 (also the interpreter)
+MIN_TRITON = (3, 3)
+
+
 def unavailable_reason(device_type: str) -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (`pip install triton`)"
+    version = importlib.metadata.version("triton")
+    if tuple(int(x) for x in re.findall(r"\d+", version)[:2]) < MIN_TRITON:
+        need = ".".join(map(str, MIN_TRITON))
+        return f"triton {version} is too old: the kernels need triton >= {need} (`pip install -U triton`)"
     if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return "on CPU tensors triton runs only under its interpreter: set TRITON_INTERPRET=1 before importing triton"
     if device_type == "cuda" and not torch.cuda.is_available():
