@@ -15,6 +15,7 @@ compiler forms more FMAs than the kernels ask for.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -177,24 +178,32 @@ def _compile_env(cache_dir) -> dict:
     return env
 
 
-@pytest.fixture(scope="module")
-def recorded_launches(tmp_path_factory):
-    specs = {}
+@contextlib.contextmanager
+def _recording():
+    """The launches of Triton kernels inside the block, as _launch_spec dicts."""
+    specs = []
     real_run = interpreter.InterpretedFunction.run
 
     def recording_run(self, *args, grid, warmup, **kwargs):
-        spec = _launch_spec(self.fn, args, kwargs)
-        specs[json.dumps(spec, sort_keys=True, default=str)] = spec
+        specs.append(_launch_spec(self.fn, args, kwargs))
         return real_run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     interpreter.InterpretedFunction.run = recording_run
     try:
-        _workload()
+        yield specs
     finally:
         interpreter.InterpretedFunction.run = real_run
+
+
+@pytest.fixture(scope="module")
+def recorded_launches(tmp_path_factory):
+    """(distinct launches of the workload, a JSON file holding them)."""
+    with _recording() as launched:
+        _workload()
+    specs = list({json.dumps(s, sort_keys=True, default=str): s for s in launched}.values())
     path = tmp_path_factory.mktemp("triton_aot") / "launches.json"
-    path.write_text(json.dumps(list(specs.values()), default=str))
-    return list(specs.values()), path
+    path.write_text(json.dumps(specs, default=str))
+    return specs, path
 
 
 def test_the_workload_launches_every_kernel(recorded_launches):
@@ -235,18 +244,8 @@ def test_default_fp_fusion_would_add_fmas(tmp_path):
     from fusedopt._resources import shipped_module
 
     ps = _params(torch.float32)
-    specs = []
-    real_run = interpreter.InterpretedFunction.run
-
-    def recording_run(self, *args, grid, warmup, **kwargs):
-        specs.append(_launch_spec(self.fn, args, kwargs))
-        return real_run(self, *args, grid=grid, warmup=warmup, **kwargs)
-
-    interpreter.InterpretedFunction.run = recording_run
-    try:
+    with _recording() as specs:
         _steps(FusedAdamW(ps, backend="triton"), ps, n=1)
-    finally:
-        interpreter.InterpretedFunction.run = real_run
     (spec,) = [s for s in specs if s["kernel"] == "_adamw_kernel"]
     assert shipped_module("kernels", "_numeric").EXACT == {"enable_fp_fusion": False}
     script = textwrap.dedent(f"""
