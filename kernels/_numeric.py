@@ -114,8 +114,8 @@ def store_param(addr, offs, x, mask, KIND: tl.constexpr, SR: tl.constexpr, key):
 def bias_correction(step, log_beta):
     """1 - beta^step = 1 - exp(step * log(beta)) as fp32, formed in fp64. In
     fp32, tl.exp is the GPU's approximate ex2.approx, and the interpreter's
-    numpy exp is not: fp64 gives both libdevice-accurate values that round to
-    the same fp32 bits. Near 0 (step * log(beta) > -0.25) a degree-7 series
+    numpy exp is not: in fp64 both are accurate to about an fp64 ulp, so once
+    rounded to fp32 they agree but for rare ties (not yet seen on a GPU). Near 0 (step * log(beta) > -0.25) a degree-7 series
     avoids the cancellation of 1 - exp(x) (truncation < 2e-9 relative)."""
     x = tl.cast(step, tl.float64) * tl.cast(log_beta, tl.float64)
     series = -x * (1.0 + x * (0.5 + x * (1.0 / 6 + x * (1.0 / 24 + x * (1.0 / 120 + x * (1.0 / 720 + x / 5040))))))
