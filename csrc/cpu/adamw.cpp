@@ -11,6 +11,7 @@
 #include "fusedopt/adamw.h"
 #include "fusedopt/dispatch.h"
 #include "fp8_blocks.h"
+#include "fp8_cast.h"
 #include "parallel.h"
 
 namespace fusedopt {
@@ -36,6 +37,14 @@ inline void stream_out(P* dst, const P* src, int64_t n) {
 #else
   std::memcpy(dst, src, size_t(n) * sizeof(P));
 #endif
+}
+
+// The fp32 working copy an FP8 weight copy is cast from: the master weights,
+// or fp32 params themselves (kFp8Copyable: no other combination has copies).
+template <typename P>
+inline const float* new_weights(const float* master, const P* param) {
+  if constexpr (std::is_same<P, float>::value) return master ? master : param;
+  else return master;
 }
 
 // FP8: 0 none, else 1 + Fp8Format: also write the FP8 copy and the chunk's absmax.
@@ -68,11 +77,15 @@ void adamw_chunks(const TensorTable& tt, const AdamWHyper& h, int num_threads) {
     const float fp8_scale = FP8 ? *tt.ptr<const float>(kRowFp8Scale, t) : 0.0f;
     uint32_t amax_bits = 0;  // max abs_bits(w): NaN-propagating (fp8.h)
 
+    // Blocks: with master weights the param goes out through a staged block
+    // (stream_out); with FP8 copies each block of new weights is cast from L1
+    // right after its update (fp8_cast.h says why not in the same loop).
+    constexpr bool kBlocked = MASTER || FP8 != 0;
     alignas(64) P staged_param[MASTER ? kStoreBlock : 1];
-    for (int64_t b0 = 0; b0 < len; b0 += MASTER ? kStoreBlock : len) {
-      const int64_t b1 = MASTER && b0 + kStoreBlock < len ? b0 + kStoreBlock : len;
+    for (int64_t b0 = 0; b0 < len; b0 += kBlocked ? kStoreBlock : len) {
+      const int64_t b1 = kBlocked && b0 + kStoreBlock < len ? b0 + kStoreBlock : len;
       P* __restrict__ param_out = MASTER ? staged_param - b0 : param;
-#pragma omp simd reduction(max : amax_bits)
+#pragma omp simd
       for (int64_t i = b0; i < b1; ++i) {
         T p = MASTER ? T(master[i]) : T(to_math(param[i]));
         T m = to_math(exp_avg[i]);
@@ -81,15 +94,13 @@ void adamw_chunks(const TensorTable& tt, const AdamWHyper& h, int num_threads) {
         adamw_element<T, AMSGRAD, GRAD_MULT>(p, T(to_math(grad[i])), m, v, vmax, s);
         if (MASTER) master[i] = float(p);
         param_out[i] = store_param<P, SR>(p, sr_key, begin + i);
-        if constexpr (FP8 != 0) {
-          const float w = float(p);
-          fp8_copy[i] = cast_fp8<kFormat>(w, fp8_scale);
-          const uint32_t a = abs_bits(w);
-          amax_bits = a > amax_bits ? a : amax_bits;
-        }
         exp_avg[i] = Store<S>::from(m);
         exp_avg_sq[i] = Store<S>::from(v);
         if (AMSGRAD) max_exp_avg_sq[i] = Store<S>::from(vmax);
+      }
+      if constexpr (FP8 != 0) {
+        amax_bits = cast_fp8_span<kFormat>(new_weights(master, param) + b0, fp8_copy + b0, b1 - b0, fp8_scale,
+                                           amax_bits);
       }
       if constexpr (MASTER) stream_out(param + b0, staged_param, b1 - b0);
     }
@@ -149,7 +160,7 @@ void adamw_chunks_fp8_states(const TensorTable& tt, const AdamWHyper& h, int num
       float* __restrict__ s_out = out[1];
       float* __restrict__ smax_out = out[kStates - 1];
       P* __restrict__ param_out = MASTER ? staged_param : param + b0;
-#pragma omp simd reduction(max : amax_bits)
+#pragma omp simd
       for (int64_t i = 0; i < n; ++i) {
         const int64_t e = b0 + i;
         T p = MASTER ? T(master[e]) : T(to_math(param[e]));
@@ -159,15 +170,12 @@ void adamw_chunks_fp8_states(const TensorTable& tt, const AdamWHyper& h, int num
         adamw_element<T, AMSGRAD, GRAD_MULT>(p, T(to_math(grad[e])), m, v, vmax, s);
         if (MASTER) master[e] = float(p);
         param_out[i] = store_param<P, SR>(p, sr_key, begin + e);
-        if constexpr (FP8 != 0) {
-          const float w = float(p);
-          fp8_copy[e] = cast_fp8<kFormat>(w, fp8_scale);
-          const uint32_t a = abs_bits(w);
-          amax_bits = a > amax_bits ? a : amax_bits;
-        }
         m_out[i] = float(m);
         s_out[i] = sqrtf(float(v));
         if (AMSGRAD) smax_out[i] = sqrtf(float(vmax));
+      }
+      if constexpr (FP8 != 0) {
+        amax_bits = cast_fp8_span<kFormat>(new_weights(master, param) + b0, fp8_copy + b0, n, fp8_scale, amax_bits);
       }
       if constexpr (MASTER) stream_out(param + b0, staged_param, n);
     });

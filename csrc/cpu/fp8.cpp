@@ -6,7 +6,7 @@
 #include <cstring>
 #include <vector>
 
-#include "fusedopt/fp8.h"
+#include "fp8_cast.h"
 #include "parallel.h"
 
 namespace fusedopt {
@@ -19,15 +19,7 @@ void cast_chunks(const TensorTable& tt, const float* scales, float* partial, int
     const S* __restrict__ x = tt.ptr<const S>(kFp8RowInput, t) + begin;
     fp8* __restrict__ y = tt.ptr<fp8>(kFp8RowOutput, t) + begin;
     const float scale = scales[t];
-    uint32_t mx = 0;  // max abs_bits(x): NaN-propagating (fp8.h)
-#pragma omp simd reduction(max : mx)
-    for (int64_t i = 0; i < len; ++i) {
-      const float v = to_math(x[i]);
-      y[i] = cast_fp8<F>(v, scale);
-      const uint32_t a = abs_bits(v);
-      mx = a > mx ? a : mx;
-    }
-    partial[c] = bits_to_float(mx);
+    partial[c] = bits_to_float(cast_fp8_span<F>(x, y, len, scale, 0u));
   });
 }
 
