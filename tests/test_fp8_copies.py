@@ -105,6 +105,39 @@ def test_non_contiguous_and_many_tensors(backend):
         assert torch.equal(inv, scale.reciprocal())
 
 
+@pytest.mark.parametrize("backend", backend_params(KERNEL_BACKENDS))
+@pytest.mark.parametrize("state_dtype", [None, torch.float8_e4m3fn])
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+def test_copies_of_chunks_of_several_blocks(backend, state_dtype, param_dtype, monkeypatch):
+    """The cpu backend casts each chunk's copies block by block (512 weights)
+    after updating the block; the suite's 100-element chunks never hold two
+    blocks, so here chunks of 1500 elements (two full blocks and a partial
+    one; 1536 with FP8 states) over tensors of several chunks: every copy, and
+    each tensor's absmax across blocks and chunks, with the largest weight in
+    the partial last block of one tensor and in the second block of the other."""
+    from fusedopt.backends import cpu as cpu_backend
+
+    monkeypatch.setattr(cpu_backend, "CHUNK_SIZE", 1500)
+    g = torch.Generator().manual_seed(11)
+    params = []
+    for n, where in ((3 * 1500 + 77, -3), (1501, 600)):
+        w = torch.randn(n, generator=g)
+        w[where] = -40.0  # the absmax
+        params.append(w.to(param_dtype).requires_grad_())
+    opt = FusedAdamW(params, lr=0.01, backend=backend, master_weights=param_dtype != torch.float32,
+                     state_dtype=state_dtype, fp8=Float8Recipe(amax_history_len=2))
+    for step in range(2):
+        before = [fp8_state(opt, p) if p in opt.state else None for p in params]
+        for p, grad in zip(params, grads_for(params, step)):
+            p.grad = grad
+        opt.step()
+    for p, old in zip(params, before):
+        s, w = fp8_state(opt, p), weight(opt, p)
+        assert torch.equal(bits(s["fp8_weight"]), bits(spec_cast(w, old["fp8_scale"], torch.float8_e4m3fn)))
+        assert torch.equal(s["fp8_amax_history"][0], w.abs().max())
+        assert torch.equal(p.detach(), w.to(param_dtype))  # the param: its master rounded once (staged blocks)
+
+
 @pytest.mark.parametrize("backend", backend_params())
 def test_initial_state_and_weights_unchanged(backend):
     """The state made at the first step: history [amax(w_0), 0, ...], the scale
