@@ -476,16 +476,19 @@ def test_deepcopy_keeps_backend_and_state():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cpu_master_path_with_real_chunk_sizes(monkeypatch, chunk, dtype):
     """The production chunk size and one that is not a multiple of the store
-    block: streamed (aligned) and copied (unaligned view) param stores, partial
-    blocks at chunk ends."""
+    block: streamed param stores, from an aligned start and from a view 2 bytes
+    off alignment (its first elements are copied up to the first aligned
+    address), partial blocks at chunk ends; nothing outside the view is written."""
     from fusedopt.backends import cpu as cpu_backend
 
     monkeypatch.setattr(cpu_backend, "CHUNK_SIZE", chunk)
     base = torch.randn(3 * 4099 + 1, dtype=torch.float64).to(dtype)
     shapes_a = [base[:4099], base[4099:2 * 4099], base[2 * 4099 + 1:]]  # the last starts 2 bytes off alignment
     low = [t.clone().requires_grad_() if i < 2 else t.requires_grad_() for i, t in enumerate(shapes_a)]
-    low[2] = base.clone()[2 * 4099 + 1:].requires_grad_()
+    outer = base.clone()
+    low[2] = outer[2 * 4099 + 1:].requires_grad_()
     assert low[2].data_ptr() % 16 != 0
+    before_view = outer[:2 * 4099 + 1].clone()
     fp32 = [p.detach().float().requires_grad_() for p in low]
     ours = FusedAdamW(low, backend="cpu", master_weights=True)
     ref = torch.optim.AdamW(fp32, foreach=False)
@@ -497,6 +500,7 @@ def test_cpu_master_path_with_real_chunk_sizes(monkeypatch, chunk, dtype):
     for p, q in zip(low, fp32):
         torch.testing.assert_close(ours.state[p]["master_param"], q.detach(), **tolerance("cpu"))
         torch.testing.assert_close(p.detach(), ours.state[p]["master_param"].to(dtype), atol=0, rtol=0)
+    assert torch.equal(outer[:2 * 4099 + 1], before_view)
 
 
 @pytest.mark.parametrize("backend", backend_params())

@@ -5,7 +5,7 @@
 #include <vector>
 
 #if defined(__SSE2__)
-#include <emmintrin.h>
+#include <immintrin.h>
 #endif
 
 #include "fusedopt/adamw.h"
@@ -20,23 +20,52 @@ namespace {
 // With master weights the low-precision param is written and never read.
 // Storing it through the cache would first read each line in (a write-allocate
 // miss); streaming (non-temporal) stores skip that read. The loop fills a small
-// L1-resident block which is then streamed out 16 bytes at a time.
+// L1-resident block which is then streamed out, one vector register at a time:
+// the widest the build has (64-byte stores took 0.94-0.96x the time of 16-byte
+// ones over a whole bf16 + fp32-master step, 10M params, memory-bound, Zen 4).
 constexpr int64_t kStoreBlock = 512;
+
+#if defined(__AVX512F__)
+constexpr int64_t kStreamBytes = 64;
+inline void stream_vector(void* dst, const void* src) {
+  _mm512_stream_si512(static_cast<__m512i*>(dst), _mm512_loadu_si512(src));
+}
+#elif defined(__AVX__)
+constexpr int64_t kStreamBytes = 32;
+inline void stream_vector(void* dst, const void* src) {
+  _mm256_stream_si256(static_cast<__m256i*>(dst), _mm256_loadu_si256(static_cast<const __m256i*>(src)));
+}
+#elif defined(__SSE2__)
+constexpr int64_t kStreamBytes = 16;
+inline void stream_vector(void* dst, const void* src) {
+  _mm_stream_si128(static_cast<__m128i*>(dst), _mm_loadu_si128(static_cast<const __m128i*>(src)));
+}
+#else
+constexpr int64_t kStreamBytes = 0;  // no streaming stores: plain copies
+#endif
+
+// Streaming stores are weakly ordered: a fence publishes them before the launch returns.
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
 
 template <typename P>
 inline void stream_out(P* dst, const P* src, int64_t n) {
-#if defined(__SSE2__)
-  constexpr int64_t kPerStore = 16 / sizeof(P);
   int64_t i = 0;
-  if (reinterpret_cast<uintptr_t>(dst) % 16 == 0) {
-    for (; i + kPerStore <= n; i += kPerStore) {
-      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+  if constexpr (kStreamBytes != 0) {
+    constexpr int64_t kPerStore = kStreamBytes / int64_t(sizeof(P));
+    const auto addr = reinterpret_cast<uintptr_t>(dst);
+    if (addr % sizeof(P) == 0) {
+      // the elements before the first aligned address go through the cache
+      const int64_t head = int64_t((kStreamBytes - addr % kStreamBytes) % kStreamBytes / sizeof(P));
+      i = head < n ? head : n;
+      std::memcpy(dst, src, size_t(i) * sizeof(P));
+      for (; i + kPerStore <= n; i += kPerStore) stream_vector(dst + i, src + i);
     }
   }
   std::memcpy(dst + i, src + i, size_t(n - i) * sizeof(P));
-#else
-  std::memcpy(dst, src, size_t(n) * sizeof(P));
-#endif
 }
 
 // The fp32 working copy an FP8 weight copy is cast from: the master weights,
@@ -104,9 +133,7 @@ void adamw_chunks(const TensorTable& tt, const AdamWHyper& h, int num_threads) {
       }
       if constexpr (MASTER) stream_out(param + b0, staged_param, b1 - b0);
     }
-#if defined(__SSE2__)
-    if constexpr (MASTER) _mm_sfence();  // streaming stores are weakly ordered: publish them
-#endif
+    if constexpr (MASTER) stream_fence();
     if constexpr (FP8 != 0) h.fp8.partials[c] = double(bits_to_float(amax_bits));
   });
 }
@@ -179,9 +206,7 @@ void adamw_chunks_fp8_states(const TensorTable& tt, const AdamWHyper& h, int num
       }
       if constexpr (MASTER) stream_out(param + b0, staged_param, n);
     });
-#if defined(__SSE2__)
-    if constexpr (MASTER) _mm_sfence();
-#endif
+    if constexpr (MASTER) stream_fence();
     if constexpr (FP8 != 0) h.fp8.partials[c] = double(bits_to_float(amax_bits));
   });
 }
