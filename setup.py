@@ -27,6 +27,7 @@ setup(
     },
     package_data={
         "fusedopt._csrc": ["*.cpp", "include/fusedopt/*.h", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cuh"],
+        "fusedopt._bench": ["native/*.cpp"],
     },
     include_package_data=False,
 )
