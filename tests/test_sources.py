@@ -1,6 +1,7 @@
 """The CUDA backend's binding compiles against torch's headers on a machine
 without CUDA (it includes no CUDA header), and every .cu compiles with nvcc
-when nvcc is present (.ci/run also checks sm_80 and sm_90)."""
+when nvcc is present (.ci/run also checks sm_80 and sm_90); the standalone
+bench loops (bench/native/) compile against the current headers."""
 from __future__ import annotations
 
 import os
@@ -33,6 +34,17 @@ def test_cuda_sources_compile(source, tmp_path):
     out = subprocess.run(["nvcc", "-c", "-std=c++17", "--fmad=false", "-gencode=arch=compute_90,code=sm_90",
                           f"-I{CSRC / 'include'}", str(CSRC / "cuda" / source), "-o", str(tmp_path / "x.o")],
                          capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("source", sorted(p.name for p in (ROOT / "bench" / "native").glob("*.cpp")))
+def test_native_bench_loops_compile(source):
+    """bench/native/*.cpp include the kernels' headers: keep them building as those change."""
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.fail("no C++ compiler on PATH")
+    out = subprocess.run([cxx, "-std=c++17", "-fopenmp", "-fsyntax-only", f"-I{CSRC / 'include'}",
+                          str(ROOT / "bench" / "native" / source)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
 
 
