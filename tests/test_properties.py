@@ -50,7 +50,7 @@ def test_kernel_backend_matches_reference(backend, shape_list, kw, dtype, seed):
 
 @pytest.mark.triton
 @pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton does not run on CPU tensors here")
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(shape_list=shapes, kw=hyper, dtype=dtypes, seed=st.integers(0, 2**16))
 def test_triton_matches_reference(shape_list, kw, dtype, seed):
     check("triton", shape_list, kw, dtype[0], dtype[1], seed)
