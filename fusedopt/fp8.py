@@ -12,6 +12,7 @@ input, before scaling; NaN if x holds one). See csrc/include/fusedopt/fp8.h.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -34,10 +35,22 @@ def _scales_tensor(scales, n: int, device: torch.device) -> Tensor:
     """One fp32 scale per tensor on `device`, from a 1-D tensor or a sequence of
     numbers / 1-element tensors (no host sync for tensors already there)."""
     if isinstance(scales, Tensor):
+        if scales.is_complex() or not (scales.is_floating_point() or scales.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"cast_to_fp8: scales must be real numbers, got {scales.dtype}")
         s = scales.detach().reshape(-1)
+    elif isinstance(scales, (list, tuple)):
+        values = []
+        for i, v in enumerate(scales):
+            if isinstance(v, Tensor) and (v.numel() != 1 or v.is_complex()):
+                raise ValueError(f"cast_to_fp8: scales[{i}] must be one real number, got a tensor of shape "
+                                 f"{tuple(v.shape)} ({v.dtype})")
+            if not isinstance(v, (Tensor, numbers.Real)):
+                raise TypeError(f"cast_to_fp8: scales[{i}] must be a number, got {type(v).__name__}")
+            values.append(torch.as_tensor(v, dtype=torch.float32).reshape(()).to(device))
+        s = torch.stack(values) if values else torch.empty(0)
     else:
-        s = torch.stack([torch.as_tensor(v, dtype=torch.float32).reshape(()).to(device) for v in scales]) \
-            if len(scales) else torch.empty(0)
+        raise TypeError(f"cast_to_fp8: scales must be a 1-D tensor or a sequence of numbers, got "
+                        f"{type(scales).__name__}")
     if s.numel() != n:
         raise ValueError(f"cast_to_fp8: {n} tensors but {s.numel()} scales (one per tensor)")
     return s.to(device=device, dtype=torch.float32)

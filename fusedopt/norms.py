@@ -145,9 +145,14 @@ def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float, norm
     ``min(max_norm / (total_norm + 1e-6), 1)`` and return the total norm.
 
     ``foreach`` is accepted and ignored (the fused path is always taken);
-    ``backend`` picks the implementation as for the optimizers.
+    ``backend`` picks the implementation as for the optimizers. Unlike torch,
+    a negative or NaN ``max_norm`` is a ValueError (torch would flip or wipe
+    the grads), as are norm types torch takes but that are not norms (0,
+    negative, -inf).
     """
     p = _check_norm_type(norm_type)
+    if not isinstance(max_norm, Tensor) and not float(max_norm) >= 0.0:
+        raise ValueError(f"max_norm must be >= 0, got {max_norm!r}")
     grads = _grads(parameters)
     if not grads:
         return torch.tensor(0.0)

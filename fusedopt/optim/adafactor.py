@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ..reference import adafactor as adafactor_spec
-from .base import FusedOptimizer
+from .base import FusedOptimizer, GroupCheck
 
 
 class FusedAdafactor(FusedOptimizer):
@@ -114,6 +114,16 @@ class FusedAdafactor(FusedOptimizer):
     def _elementwise_states(self, group, kind):
         first = ("exp_avg",) if self.beta1 is not None else ()
         return first if kind else ("variance", *first)
+
+    def _check_group(self, group, where):
+        check = GroupCheck(type(self).__name__, group, where).at_least(0.0, "lr", "weight_decay").at_least(1.0, "d")
+        check.number("beta2_decay", group.get("beta2_decay"), float("-inf"), 0.0)
+        eps = group.get("eps")
+        if isinstance(eps, (Tensor, str)) or not hasattr(eps, "__len__") or len(eps) != 2:
+            check.fail("eps", "must be (eps1 or None, eps2)")
+        if eps[0] is not None:
+            check.number("eps", eps[0], 0.0)
+        check.number("eps", eps[1], 0.0)
 
     def _shaped_states(self, group, p):
         return {k: v for k, v in adafactor_spec.state_shapes(p).items() if k != "variance"}

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from ..fp8 import Float8Recipe, delayed_scaling_update_
-from .base import FusedOptimizer, check_hyperparameters
+from .base import FusedOptimizer, GroupCheck, check_hyperparameters
 
 
 class FusedAdamW(FusedOptimizer):
@@ -138,6 +138,9 @@ class FusedAdamW(FusedOptimizer):
     def _elementwise_states(self, group, kind):
         return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
 
+    def _check_group(self, group, where):
+        GroupCheck(type(self).__name__, group, where).at_least(0.0, "lr", "eps", "weight_decay").betas()
+
     def _update(self, backend, group, bucket, lr, grad_mult, found_inf):
         beta1, beta2 = (float(b) for b in group["betas"])
         amax = backend.adamw(bucket, lr=lr, beta1=beta1, beta2=beta2, eps=float(group["eps"]),
@@ -154,6 +157,11 @@ def _check_adam_args(lr, betas, eps, weight_decay, foreach, capturable, fused) -
             raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
         if lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
+    if len(betas) != 2:
+        raise ValueError(f"betas must be a pair, got {len(betas)} values")
+    for i, beta in enumerate(betas):  # before the range check: a 2-element tensor has no truth value
+        if isinstance(beta, Tensor) and beta.numel() != 1:
+            raise ValueError(f"Tensor betas[{i}] must be 1-element")
     check_hyperparameters(lr, eps, betas, weight_decay)
     if not ((isinstance(betas[0], float) and isinstance(betas[1], float))
             or (isinstance(betas[0], Tensor) and isinstance(betas[1], Tensor))):
@@ -162,7 +170,5 @@ def _check_adam_args(lr, betas, eps, weight_decay, foreach, capturable, fused) -
         if isinstance(beta, Tensor):
             if not capturable and foreach:
                 raise ValueError(f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True")
-            if beta.numel() != 1:
-                raise ValueError(f"Tensor betas[{i}] must be 1-element")
     if fused and foreach:
         raise RuntimeError("`fused` and `foreach` cannot be `True` together.")

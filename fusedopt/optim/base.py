@@ -8,7 +8,9 @@ for those shaped like the param, ``_shaped_states`` for others) and launches
 its update on a bucket (``_update``); ``_bucket_kind`` may split a (device,
 dtype) bucket further. A step is:
 
-1. check every grad (sparse layout, dtype) and raise before anything changes;
+1. check every group's hyperparameters, every grad (sparse layout, dtype,
+   shape) and every existing state tensor (dtype, shape), and raise before
+   anything changes: no group is half-stepped;
 2. per param group, collect the params with grads into one Bucket per
    (device, dtype), creating state at first use, staging any tensor a flat
    kernel cannot walk (non-dense views, mismatched strides); this plan is
@@ -24,7 +26,7 @@ dtype) bucket further. A step is:
 from __future__ import annotations
 
 from itertools import chain
-from operator import is_
+from operator import attrgetter, is_
 
 import torch
 from torch import Tensor
@@ -72,13 +74,28 @@ class FusedOptimizer(Optimizer):
     # --- backend choice -------------------------------------------------------
 
     def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        for p in self.param_groups[-1]["params"]:
+        """torch's add_param_group, with this optimizer's checks made first: a
+        group it cannot step (bad hyperparameters, a device no backend runs on,
+        params an FP8 recipe cannot copy) raises and is not added."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group).__name__}")
+        param_group = dict(param_group)
+        params = param_group.get("params")
+        if isinstance(params, Tensor):
+            param_group["params"] = [params]
+        elif params is not None and not isinstance(params, set):  # torch refuses sets itself
+            param_group["params"] = list(params)  # a generator is read once, here
+        candidate = {**self.defaults, **param_group}
+        self._check_group(candidate, f"param group {len(self.param_groups)}")
+        for p in param_group.get("params") or ():
+            if not isinstance(p, Tensor):
+                continue  # torch's TypeError follows
             self._backend_for(p.device)
             if self.fp8 is not None and not self._uses_fp8(p):
                 raise ValueError(f"{type(self).__name__}: FP8 copies are written from fp32 weights: {p.dtype} params "
                                  f"need master_weights=True" if p.dtype in LOW_PRECISION else
                                  f"{type(self).__name__}: FP8 copies are written from fp32 weights, not {p.dtype}")
+        super().add_param_group(param_group)
 
     def _backend_for(self, device: torch.device):
         name = self._backend_names.get(device.type)
@@ -135,6 +152,14 @@ class FusedOptimizer(Optimizer):
         """Launch this optimizer's update of one bucket on `backend`."""
         raise NotImplementedError
 
+    def _check_group(self, group: dict, where: str) -> None:
+        """Raise ValueError if the group's hyperparameters cannot be stepped
+        with (`where` names the group in the message). Called when a group is
+        added, for every group at the start of every step and after
+        load_state_dict: a value edited in param_groups is checked too. This
+        base checks lr; subclasses add theirs (GroupCheck)."""
+        GroupCheck(type(self).__name__, group, where).at_least(0.0, "lr")
+
     def _clip_multiplier(self, total_norm: Tensor, max_norm: float) -> Tensor:
         """The grads' factor for a global norm: clip_grad_norm_'s
         min(max_norm / (total_norm + 1e-6), 1), formed on the device."""
@@ -159,36 +184,75 @@ class FusedOptimizer(Optimizer):
             return self.state_dtype
         return torch.float32 if self._uses_master(p) else p.dtype
 
-    def _prepare_state(self, group: dict, p: Tensor, kind) -> dict:
-        """The param's state, with anything missing created (lazily, as torch does).
+    def _state_shapes(self, group: dict, p: Tensor, kind) -> dict[str, tuple[int, ...] | None]:
+        """{name: shape} of the param's states the kernels read (None: p's shape)."""
+        shapes: dict[str, tuple[int, ...] | None] = {name: None for name in self._elementwise_states(group, kind)}
+        shapes.update(self._shaped_states(group, p))
+        return shapes
 
-        Raises (before any update) when an existing state tensor has another
-        dtype than this optimizer stores, e.g. one assigned by hand:
-        load_state_dict converts, the kernels would not.
-        """
+    def _check_state(self, group: dict, p: Tensor, kind) -> None:
+        """Raise RuntimeError (before any update) when an existing state entry
+        is not what the kernels take: another dtype than this optimizer stores
+        (e.g. assigned by hand: load_state_dict converts, the kernels would
+        not), another shape than the param's (a param resized through .data,
+        a state replaced by hand), or not a tensor. Missing entries are fine:
+        they are created at first use."""
+        state = self.state.get(p)
+        if not state:
+            return
+        name_ = type(self).__name__
+        where = f"{name_}: state {{!r}} of a {p.dtype} param of shape {tuple(p.shape)}"
+        fixed = {"step": (torch.float32, ()), "master_param": (torch.float32, None)} if self._uses_master(p) \
+            else {"step": (torch.float32, ())}
+        expected = {name: (self._state_dtype(p, name), shape)
+                    for name, shape in self._state_shapes(group, p, kind).items()}
+        for name, (dtype, shape) in {**fixed, **expected}.items():
+            if name not in state:
+                continue
+            t = state[name]
+            if not isinstance(t, Tensor):
+                raise RuntimeError(f"{where.format(name)} is a {type(t).__name__}, not a tensor")
+            if name == "step":  # the kernels advance it in place, as one float32
+                if t.dtype != torch.float32 or t.numel() != 1 or t.device != p.device:
+                    raise RuntimeError(f"{where.format(name)} is a {t.dtype} tensor of {t.numel()} elements on "
+                                       f"{t.device}; the kernels take one float32 on {p.device} (load_state_dict "
+                                       f"converts)")
+                continue
+            if dtype == FP8_STATE_DTYPE and t.dtype == dtype:
+                if not _fp8_state_ok(state, name, p):
+                    raise RuntimeError(
+                        f"{name_}: FP8 state {name!r} of a param of shape {tuple(p.shape)} needs the "
+                        f"param's shape, contiguous, and {fp8_states.scale_name(name)!r}: fp32 "
+                        f"[{fp8_states.n_blocks(p.numel())}] (one scale per {fp8_states.BLOCK} elements)")
+                continue
+            if t.dtype != dtype:
+                raise RuntimeError(
+                    f"{where.format(name)} is {t.dtype}, but this optimizer stores it as {dtype} (state_dtype="
+                    f"{self.state_dtype}, master_weights={self.master_weights}); load states with "
+                    f"load_state_dict, which converts them")
+            want = tuple(p.shape) if shape is None else tuple(shape)
+            if tuple(t.shape) != want or t.device != p.device:
+                raise RuntimeError(f"{where.format(name)} has shape {tuple(t.shape)} on {t.device}; the kernels "
+                                   f"take {want} on {p.device}")
+        if self._uses_fp8(p) and "fp8_weight" in state:
+            t = state["fp8_weight"]
+            if not isinstance(t, Tensor) or tuple(t.shape) != tuple(p.shape):
+                raise RuntimeError(f"{where.format('fp8_weight')} must be a tensor of the param's shape")
+
+    def _prepare_state(self, group: dict, p: Tensor, kind) -> dict:
+        """The param's state, with anything missing created (lazily, as torch
+        does), after _check_state's checks of what is there."""
+        self._check_state(group, p, kind)
         state = self.state[p]
         if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        shapes = {name: None for name in self._elementwise_states(group, kind)}
-        shapes.update(self._shaped_states(group, p))
-        for name, shape in shapes.items():
+        for name, shape in self._state_shapes(group, p, kind).items():
             dtype = self._state_dtype(p, name)
             if name not in state and dtype == FP8_STATE_DTYPE:
                 state[name], state[fp8_states.scale_name(name)] = fp8_states.empty_like(p)
             elif name not in state:
                 state[name] = (torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format) if shape is None
                                else torch.zeros(shape, dtype=dtype, device=p.device))
-            elif dtype == FP8_STATE_DTYPE and state[name].dtype == dtype and not _fp8_state_ok(state, name, p):
-                raise RuntimeError(
-                    f"{type(self).__name__}: FP8 state {name!r} of a param of shape {tuple(p.shape)} needs the "
-                    f"param's shape, contiguous, and {fp8_states.scale_name(name)!r}: fp32 "
-                    f"[{fp8_states.n_blocks(p.numel())}] (one scale per {fp8_states.BLOCK} elements)")
-            elif state[name].dtype != dtype:
-                raise RuntimeError(
-                    f"{type(self).__name__}: state {name!r} of a {p.dtype} param of shape {tuple(p.shape)} is "
-                    f"{state[name].dtype}, but this optimizer stores it as {dtype} (state_dtype="
-                    f"{self.state_dtype}, master_weights={self.master_weights}); load states with "
-                    f"load_state_dict, which converts them")
         if self._uses_master(p) and "master_param" not in state:
             state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
         if self._uses_fp8(p) and "fp8_weight" not in state:
@@ -200,20 +264,30 @@ class FusedOptimizer(Optimizer):
     def _check_grads(self, params: list[Tensor], grads: list) -> None:
         """Raise on any grad the kernels cannot take, before anything is modified.
 
-        Shape and device need no check: torch refuses a .grad of another shape
-        or device when it is assigned (and the kernels re-check sizes).
+        One combined test per grad: this runs for every param at every step.
+        Shapes and devices: torch refuses a .grad of another shape or device
+        when it is assigned, but a param resized or moved through ``.data``
+        keeps its old grad. They are checked where a plan is built
+        (_plans_of_this_step); a cached plan is reused only while the params
+        keep their shapes and the grads their sizes (_Plan.reusable).
         """
-        name = type(self).__name__
         for p, g in zip(params, grads):
-            if g is None:
-                continue
-            if g.layout is not torch.strided:
-                raise RuntimeError(f"{name} does not support sparse gradients (got {g.layout})")
-            if p.dtype not in SUPPORTED_PARAM_DTYPES:
-                raise TypeError(f"{name} supports float32, float64, bfloat16 and float16 params, got {p.dtype}")
-            if g.dtype is not p.dtype:
-                raise RuntimeError(f"{name}: a grad must have its param's dtype; got a {g.dtype} grad for a "
-                                   f"{p.dtype} param of shape {tuple(p.shape)}")
+            if g is not None and (g.layout is not torch.strided or g.dtype is not p.dtype
+                                  or p.dtype not in SUPPORTED_PARAM_DTYPES):
+                self._refuse_grad(p, g)
+
+    def _refuse_grad(self, p: Tensor, g: Tensor) -> None:
+        """Raise the error _check_grads found for param p and its grad g."""
+        name = type(self).__name__
+        if g.layout is not torch.strided:
+            raise RuntimeError(f"{name} does not support sparse gradients (got {g.layout})")
+        if p.dtype not in SUPPORTED_PARAM_DTYPES:
+            raise TypeError(f"{name} supports float32, float64, bfloat16 and float16 params, got {p.dtype}")
+        if g.dtype is not p.dtype:
+            raise RuntimeError(f"{name}: a grad must have its param's dtype; got a {g.dtype} grad for a "
+                               f"{p.dtype} param of shape {tuple(p.shape)}")
+        raise RuntimeError(f"{name}: a grad of shape {tuple(g.shape)} on {g.device} for a param of shape "
+                           f"{tuple(p.shape)} on {p.device} (was the param resized or moved through .data?)")
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -266,27 +340,33 @@ class FusedOptimizer(Optimizer):
         return self._clip_multiplier(self.last_grad_norm, self.max_grad_norm)
 
     def _plans_of_this_step(self) -> tuple[list[_Plan], list[tuple[Tensor, Tensor]]]:
-        """Every group's plan for the grads as they are now (checked first, so
-        a bad grad raises before anything changes), and the staged copies to
-        write back after the kernels ran."""
+        """Every group's plan for the grads as they are now, and the staged
+        copies to write back after the kernels ran. Everything is checked
+        before the first plan is built (building creates state): a bad
+        hyperparameter, grad or state in any group raises with nothing changed."""
         all_grads = [[p.grad for p in group["params"]] for group in self.param_groups]
-        for group, grads in zip(self.param_groups, all_grads):
+        cached = []
+        for index, (group, grads) in enumerate(zip(self.param_groups, all_grads)):
+            self._check_group(group, f"param group {index}")
             self._check_grads(group["params"], grads)
+            plan = self._plans.get(index)
+            cached.append(plan if plan is not None and plan.reusable(self, group, grads) else None)
+            if cached[-1] is None:  # a reused plan's states are the ones it checked when it was built
+                for p, g in zip(group["params"], grads):
+                    if g is not None:
+                        if g.shape != p.shape or g.device != p.device:
+                            self._refuse_grad(p, g)
+                        self._check_state(group, p, self._bucket_kind(p))
         writeback: list[tuple[Tensor, Tensor]] = []
-        plans = [self._plan(index, group, grads, writeback)
-                 for index, (group, grads) in enumerate(zip(self.param_groups, all_grads))]
+        plans = []
+        for index, (group, grads, plan) in enumerate(zip(self.param_groups, all_grads, cached)):
+            if plan is not None:
+                plan.refill(grads)
+            else:
+                plan = self._build_plan(group, grads, writeback)
+                self._plans[index] = plan if plan.cacheable else None
+            plans.append(plan)
         return plans, writeback
-
-    def _plan(self, index: int, group: dict, grads: list, writeback: list) -> _Plan:
-        """The group's buckets for this step: the cached plan with this step's
-        grads when nothing else changed, else a fresh one."""
-        plan = self._plans.get(index)
-        if plan is not None and plan.reusable(self, group, grads):
-            plan.refill(grads)
-            return plan
-        plan = self._build_plan(group, grads, writeback)
-        self._plans[index] = plan if plan.cacheable else None
-        return plan
 
     def _build_plan(self, group: dict, grads: list, writeback: list) -> _Plan:
         """One Bucket per (device, dtype) of the group's params with grads, and
@@ -360,8 +440,29 @@ class FusedOptimizer(Optimizer):
         torch.optim.AdamW checkpoint). FP8 copies (``fp8=``) are loaded as
         saved when they match the recipe's dtype and history length, and are
         otherwise re-created from the weight at the next step.
+
+        Load hooks work as on torch's optimizers: the conversion reads the
+        state_dict the pre-hooks returned, and runs before the post-hooks.
+        Then every group and state is checked as a step would check it; on any
+        error the optimizer is left as it was before the call.
         """
-        super().load_state_dict(state_dict)
+        before = (self.state, self.param_groups, self._plans)
+        hooked: list[dict] = []
+        # registered now, so that the pre-hook runs after the user's (it sees
+        # the dict they returned) and the post-hook before theirs
+        pre = self.register_load_state_dict_pre_hook(lambda _, sd: hooked.append(sd))
+        post = self.register_load_state_dict_post_hook(lambda _: self._convert_loaded(hooked[-1]), prepend=True)
+        try:
+            super().load_state_dict(state_dict)  # replaces self.state and self.param_groups
+        except BaseException:
+            self.state, self.param_groups, self._plans = before  # torch never modifies the old containers
+            raise
+        finally:
+            pre.remove()
+            post.remove()
+
+    def _convert_loaded(self, state_dict: dict) -> None:
+        """load_state_dict's work after torch's (see there), then its checks."""
         self._plans = {}
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
@@ -384,6 +485,13 @@ class FusedOptimizer(Optimizer):
                 # FP8 state is re-created from the weight at the next step
                 for name in _FP8_STATES:
                     state.pop(name, None)
+        for index, group in enumerate(self.param_groups):
+            self._check_group(group, f"param group {index} of the loaded state_dict")
+            for p in group["params"]:
+                try:
+                    self._check_state(group, p, self._bucket_kind(p))
+                except RuntimeError as e:
+                    raise ValueError(f"{type(self).__name__}.load_state_dict: {e}") from None
 
     def _load_states(self, p: Tensor, state: dict, saved: dict) -> None:
         """Take p's saved floating-point states into `state` in the dtype this
@@ -440,6 +548,7 @@ class FusedOptimizer(Optimizer):
         return state["fp8_weight"], state["fp8_scale_inv"]
 
 
+_shape = attrgetter("shape")
 #: the FP8 copy's state (fusedopt.fp8.Float8Recipe)
 _FP8_STATES = ("fp8_weight", "fp8_scale", "fp8_scale_inv", "fp8_amax_history")
 #: states whose dtype does not follow state_dtype (None: the saved one)
@@ -466,6 +575,51 @@ def _check_state_dtype(name: str, state_dtype) -> None:
     if state_dtype is None or state_dtype in STATE_DTYPES:
         return
     raise ValueError(f"{name}: state_dtype must be None, torch.bfloat16 or torch.float8_e4m3fn, got {state_dtype!r}")
+
+
+class GroupCheck:
+    """Checks of one param group's hyperparameters, each raising ValueError
+    that names the optimizer, the group, the key and the value: what a step
+    checks of values that may have been edited in param_groups since
+    construction (the constructors check their arguments first, with torch's
+    own messages). Tensor values are checked for being one real number, not
+    for their value: that would be a host sync."""
+
+    def __init__(self, optimizer: str, group: dict, where: str):
+        self.optimizer, self.group, self.where = optimizer, group, where
+
+    def fail(self, key: str, why: str):
+        raise ValueError(f"{self.optimizer}: {self.where}: {key}={self.group.get(key)!r}: {why}")
+
+    def number(self, key: str, value, low: float, high: float | None = None, *, high_open: bool = False):
+        """`value` (of `key`) is a real number within [low, high] ([low, high) with high_open)."""
+        if isinstance(value, Tensor):
+            if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+                self.fail(key, "a tensor here must hold one real number")
+            return self
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            self.fail(key, "not a number")
+        if not (low <= x and (high is None or (x < high if high_open else x <= high))):  # NaN fails too
+            bound = "" if high is None else f" and {'<' if high_open else '<='} {high}"
+            self.fail(key, f"must be >= {low}{bound}")
+        return self
+
+    def at_least(self, low: float, *keys: str) -> "GroupCheck":
+        for key in keys:
+            if key not in self.group:
+                self.fail(key, "missing")
+            self.number(key, self.group[key], low)
+        return self
+
+    def betas(self, n: int = 2) -> "GroupCheck":
+        betas = self.group.get("betas")
+        if isinstance(betas, (Tensor, str)) or not hasattr(betas, "__len__") or len(betas) != n:
+            self.fail("betas", f"must be {n} numbers")
+        for beta in betas:
+            self.number("betas", beta, 0.0, 1.0, high_open=True)
+        return self
 
 
 def check_hyperparameters(lr, eps: float, betas, weight_decay: float) -> None:
@@ -516,20 +670,23 @@ class _Plan:
 
     Rebuilding costs a few microseconds per parameter (state lookups, layout
     checks, list building); reusing costs a few identity checks. A plan is
-    reused when the same params have grads, the same state tensors are in
-    place (nothing replaced by load_state_dict or by hand), the params still
-    have their sizes and every param and grad is contiguous (plans that had to
-    stage a non-contiguous tensor are never cached).
+    reused when the group holds the same params in the same order, the same
+    of them have grads, the same state tensors are in place (nothing replaced
+    by load_state_dict or by hand), the params still have their shapes and
+    every param and grad is contiguous (plans that had to stage a
+    non-contiguous tensor are never cached).
     """
 
     def __init__(self, group: dict, present: tuple, master_weights: bool):
         self.group, self.present, self.master_weights = group, present, master_weights
+        self.group_params = list(group["params"])  # the tensors, in order (a list edited in place is new)
         self.names: dict = {}               # bucket kind -> elementwise state names
         self.buckets: list[Bucket] = []
         self.grad_index: list[list[int]] = []   # per bucket: positions in group["params"] of its grads
         self.empty_steps: dict[torch.device, list[Tensor]] = {}
-        self.params: list[Tensor] = []      # params with grads, their state dicts and sizes
+        self.params: list[Tensor] = []      # params with grads, their state dicts and shapes
         self.states: list[dict] = []
+        self.shapes: list[torch.Size] = []
         self.numels: list[int] = []
         self.watched_dicts: list[dict] = []  # (dict, key) -> tensor: the state tensors in use
         self.watched_keys: list[str] = []
@@ -539,6 +696,7 @@ class _Plan:
     def watch(self, p: Tensor, state: dict, keys: list[str]) -> None:
         self.params.append(p)
         self.states.append(state)
+        self.shapes.append(p.shape)
         self.numels.append(p.numel())
         self.watched_dicts += [state] * len(keys)
         self.watched_keys += keys
@@ -551,6 +709,9 @@ class _Plan:
     def reusable(self, optimizer: "FusedOptimizer", group: dict, grads: list) -> bool:
         if group is not self.group or optimizer.master_weights != self.master_weights:
             return False
+        params = group["params"]
+        if len(params) != len(self.group_params) or not all(map(is_, params, self.group_params)):
+            return False  # params replaced or reordered in the group (grads are taken by position)
         if tuple(g is not None for g in grads) != self.present:
             return False
         if any(optimizer._elementwise_states(group, kind) != names for kind, names in self.names.items()):
@@ -560,9 +721,12 @@ class _Plan:
             return False
         if not all(map(is_, map(dict.get, self.watched_dicts, self.watched_keys), self.watched_tensors)):
             return False
-        if [p.numel() for p in self.params] != self.numels or not all(p.is_contiguous() for p in self.params):
+        if list(map(_shape, self.params)) != self.shapes or not all(map(Tensor.is_contiguous, self.params)):
             return False
-        return all(grads[i].is_contiguous() for index in self.grad_index for i in index)
+        present = [g for g in grads if g is not None]  # self.params' grads, in order
+        # grads of the sizes checked when the plan was built (a .grad.data swap
+        # could change them), dense as they were (the kernels walk them flat)
+        return list(map(Tensor.numel, present)) == self.numels and all(map(Tensor.is_contiguous, present))
 
     def refill(self, grads: list) -> None:
         for bucket, index in zip(self.buckets, self.grad_index):

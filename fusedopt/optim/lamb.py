@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ..reference import lamb as lamb_spec
-from .base import FusedOptimizer, check_hyperparameters
+from .base import FusedOptimizer, GroupCheck, check_hyperparameters
 
 
 class FusedLAMB(FusedOptimizer):
@@ -60,6 +60,8 @@ class FusedLAMB(FusedOptimizer):
     ) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
+        if len(betas) != 2:
+            raise ValueError(f"betas must be a pair, got {len(betas)} values")
         check_hyperparameters(lr, eps, betas, weight_decay)
         defaults = {
             "lr": lr,
@@ -78,6 +80,9 @@ class FusedLAMB(FusedOptimizer):
 
     def _elementwise_states(self, group, kind):
         return ("exp_avg", "exp_avg_sq")
+
+    def _check_group(self, group, where):
+        GroupCheck(type(self).__name__, group, where).at_least(0.0, "lr", "eps", "weight_decay").betas()
 
     def _clip_multiplier(self, total_norm, max_norm):
         return lamb_spec.clip_multiplier(total_norm, max_norm)

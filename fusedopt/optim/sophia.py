@@ -2,11 +2,13 @@
 Gauss-Newton-Bartlett Hessian estimator."""
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import FusedOptimizer, check_hyperparameters
+from .base import FusedOptimizer, GroupCheck, check_hyperparameters
 
 
 class FusedSophia(FusedOptimizer):
@@ -58,6 +60,8 @@ class FusedSophia(FusedOptimizer):
     ) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
+        if len(betas) != 2:
+            raise ValueError(f"betas must be a pair, got {len(betas)} values")
         check_hyperparameters(lr, 0.0, betas, weight_decay)
         if not 0.0 <= rho:
             raise ValueError(f"Invalid rho parameter: {rho}")
@@ -73,9 +77,16 @@ class FusedSophia(FusedOptimizer):
     def _elementwise_states(self, group, kind):
         return ("exp_avg", "hessian")
 
+    def _check_group(self, group, where):
+        check = GroupCheck(type(self).__name__, group, where).at_least(0.0, "lr", "rho", "weight_decay").betas()
+        if not isinstance(group.get("bs"), numbers.Real) or not group["bs"] > 0:
+            check.fail("bs", "must be a number > 0")
+
     def step(self, closure=None, bs: int | None = None):
         """One SophiaG step; `bs` (default: the group's) scales the Hessian
         estimate as in the authors' code (tokens per batch for GNB)."""
+        if bs is not None and not (isinstance(bs, numbers.Real) and bs > 0):
+            raise ValueError(f"Invalid bs: {bs!r} (a number > 0, or None for the group's)")
         self._bs_override = bs
         try:
             return super().step(closure)

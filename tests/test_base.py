@@ -1,0 +1,316 @@
+"""What every fusedopt optimizer shares (fusedopt/optim/base.py): bad input
+raises before anything changes, in any group; param groups edited between
+steps are stepped as torch steps them; load_state_dict is all-or-nothing and
+honours load hooks; add_param_group adds only groups it can step."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import backend_params
+
+import fusedopt
+from helpers import grads_for, make_params
+
+# every optimizer, with a hyperparameter that only it has, to edit into a group
+OPTIMIZERS = {
+    "adamw": (fusedopt.FusedAdamW, {}),
+    "lamb": (fusedopt.FusedLAMB, {}),
+    "sophia": (fusedopt.FusedSophia, {}),
+    "adafactor": (fusedopt.FusedAdafactor, {"beta1": 0.9}),
+}
+BACKENDS = backend_params(["reference", "cpu"])  # the checks run before any backend is called
+
+
+def two_groups(name, backend, **extra):
+    cls, kwargs = OPTIMIZERS[name]
+    a, b = make_params([(3, 4), (5,)], seed=1), make_params([(2, 3), (6,)], seed=2)
+    opt = cls([{"params": a}, {"params": b}], backend=backend, **kwargs, **extra)
+    return opt, a + b
+
+
+def step(opt, params, k):
+    for p, g in zip(params, grads_for(params, k)):
+        p.grad = g
+    opt.step()
+
+
+def snapshot(opt, params):
+    """Copies of every param and every state entry, to compare after a failed call."""
+    return ([p.detach().clone() for p in params],
+            {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
+             for p in params if p in opt.state})
+
+
+def assert_unchanged(opt, params, snap):
+    old_params, old_states = snap
+    for p, old in zip(params, old_params):
+        torch.testing.assert_close(p.detach(), old, atol=0, rtol=0)
+    assert {id(p) for p in params if opt.state.get(p)} == set(old_states)
+    for p in params:
+        if id(p) not in old_states:
+            continue
+        state = opt.state[p]
+        assert state.keys() == old_states[id(p)].keys()
+        for k, v in state.items():
+            if torch.is_tensor(v):
+                torch.testing.assert_close(v, old_states[id(p)][k], atol=0, rtol=0, equal_nan=True)
+
+
+GROUP_EDITS = {
+    "lr nan": ("lr", float("nan")),
+    "lr negative": ("lr", -1.0),
+    "lr two-element tensor": ("lr", torch.tensor([0.1, 0.2])),
+    "weight_decay not a number": ("weight_decay", "x"),
+    "weight_decay negative": ("weight_decay", -5.0),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("edit", GROUP_EDITS)
+def test_bad_hyperparameter_in_a_later_group_changes_nothing(name, backend, edit):
+    opt, params = two_groups(name, backend)
+    step(opt, params, 0)
+    key, value = GROUP_EDITS[edit]
+    opt.param_groups[1][key] = value
+    for p, g in zip(params, grads_for(params, 1)):
+        p.grad = g
+    snap = snapshot(opt, params)
+    with pytest.raises(ValueError, match=f"param group 1: {key}="):
+        opt.step()
+    assert_unchanged(opt, params, snap)
+
+
+@pytest.mark.parametrize("name, key, value", [
+    ("adamw", "betas", (0.9, 0.99, 0.5)), ("adamw", "betas", (0.9, 1.0)), ("adamw", "eps", -1.0),
+    ("lamb", "betas", (0.9,)), ("sophia", "betas", (0.9,)), ("sophia", "rho", -1.0), ("sophia", "bs", 0),
+    ("adafactor", "d", 0.5), ("adafactor", "beta2_decay", 0.5), ("adafactor", "eps", (None,)),
+    ("adafactor", "eps", (-1.0, 1e-3)),
+])
+def test_each_optimizers_own_hyperparameters_are_checked_at_every_step(name, key, value):
+    opt, params = two_groups(name, "cpu")
+    step(opt, params, 0)
+    opt.param_groups[1][key] = value
+    snap = snapshot(opt, params)
+    with pytest.raises(ValueError, match=f"param group 1: {key}="):
+        opt.step()
+    assert_unchanged(opt, params, snap)
+    if name == "sophia" and key == "betas":  # update_hessian reads betas[1] of every group too
+        with pytest.raises(ValueError, match="param group 1: betas="):
+            opt.update_hessian()
+        assert_unchanged(opt, params, snap)
+
+
+def test_sophia_step_checks_its_bs_argument():
+    opt, params = two_groups("sophia", "cpu")
+    step(opt, params, 0)
+    snap = snapshot(opt, params)
+    with pytest.raises(ValueError, match="Invalid bs"):
+        opt.step(bs=-5)
+    assert_unchanged(opt, params, snap)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_param_resized_through_data_raises_before_anything_changes(name, backend):
+    """torch keeps a .grad of the old shape when .data is swapped: the kernels
+    would index it (and the old states) with the new sizes."""
+    opt, params = two_groups(name, backend)
+    step(opt, params, 0)
+    for p, g in zip(params, grads_for(params, 1)):
+        p.grad = g
+    params[2].data = torch.randn(4, 2)  # its grad keeps the old (2, 3)
+    snap = snapshot(opt, params)
+    with pytest.raises(RuntimeError, match=r"grad of shape \(2, 3\).*param of shape \(4, 2\)"):
+        opt.step()
+    assert_unchanged(opt, params, snap)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_state_of_another_shape_raises_before_any_kernel_runs(backend):
+    """A state tensor replaced by one of another size would be read and written
+    out of bounds by the kernels (Triton and CUDA do not check): refused first."""
+    opt, params = two_groups("adamw", backend)
+    step(opt, params, 0)
+    buffer = torch.zeros(1000)
+    opt.state[params[2]]["exp_avg"] = buffer[:7]  # the param has 6 elements
+    snap = snapshot(opt, params)
+    with pytest.raises(RuntimeError, match=r"state 'exp_avg' .* has shape \(7,\)"):
+        step(opt, params, 1)
+    assert_unchanged(opt, params, snap)
+    assert torch.count_nonzero(buffer) == 0
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_grad_resized_through_data_is_refused_by_a_cached_plan(backend):
+    """The plan cached from the last step would hand the kernels a grad whose
+    size changed under it (``.grad.data = ...`` skips torch's check)."""
+    opt, params = two_groups("adamw", backend)
+    step(opt, params, 0)
+    step(opt, params, 1)  # the plan is cached now
+    for p, g in zip(params, grads_for(params, 2)):
+        p.grad = g
+    params[3].grad.data = torch.ones(2)  # the param has 6 elements
+    snap = snapshot(opt, params)
+    with pytest.raises(RuntimeError, match=r"grad of shape \(2,\) on cpu for a param of shape \(6,\)"):
+        opt.step()
+    assert_unchanged(opt, params, snap)
+
+
+def test_no_state_is_created_when_a_later_param_fails_its_check():
+    opt, params = two_groups("adamw", "cpu")
+    opt.state[params[3]]["exp_avg"] = torch.zeros(6, dtype=torch.float64)  # hand-set, wrong dtype
+    for p, g in zip(params, grads_for(params, 0)):
+        p.grad = g
+    with pytest.raises(RuntimeError, match="is torch.float64, but this optimizer stores it as torch.float32"):
+        opt.step()
+    assert [set(opt.state[p]) for p in params] == [set(), set(), set(), {"exp_avg"}]
+
+
+def test_a_hand_set_step_of_another_dtype_is_refused():
+    opt, params = two_groups("adamw", "cpu")
+    step(opt, params, 0)
+    opt.state[params[0]]["step"] = torch.tensor(1)  # int64: the kernels advance a float32 in place
+    with pytest.raises(RuntimeError, match="state 'step'.*one float32"):
+        step(opt, params, 1)
+
+
+# --- param groups edited between steps ------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("edit", ["replace", "swap", "new list"])
+def test_params_replaced_or_reordered_in_a_group_are_stepped_like_torch(backend, edit):
+    """The cached step plan holds the group's tensors: editing group["params"]
+    must not leave it stepping the old ones with the new ones' grads."""
+    def build(cls, **kw):
+        params = make_params([(3,), (3,), (2, 2)], seed=3)
+        return cls(params, lr=0.1, **kw), params
+
+    fused, fp = build(fusedopt.FusedAdamW, backend=backend)
+    ref, rp = build(torch.optim.AdamW)
+    for opt, params in ((fused, fp), (ref, rp)):
+        params[0].grad, params[1].grad, params[2].grad = torch.zeros(3), torch.full((3,), 100.0), torch.ones(2, 2)
+        opt.step()
+        group = opt.param_groups[0]
+        if edit == "replace":
+            group["params"][0] = torch.nn.Parameter(torch.ones(3))
+        elif edit == "swap":
+            group["params"][0], group["params"][1] = group["params"][1], group["params"][0]
+        else:
+            group["params"] = [group["params"][1], group["params"][0], group["params"][2]]
+        for i, p in enumerate(group["params"]):
+            p.grad = torch.full(p.shape, float(i + 1))
+        opt.step()
+    for pf, pr in zip(fused.param_groups[0]["params"], ref.param_groups[0]["params"]):
+        torch.testing.assert_close(pf.detach(), pr.detach(), atol=1e-6, rtol=1e-5)
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(fused.state[pf][key], ref.state[pr][key], atol=1e-6, rtol=1e-5)
+
+
+# --- add_param_group ----------------------------------------------------------------
+
+
+def test_add_param_group_that_cannot_be_stepped_is_not_added():
+    opt = fusedopt.FusedAdamW(make_params([(3,)]), backend="cpu", master_weights=False,
+                              fp8=fusedopt.Float8Recipe())
+    bf16 = torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)
+    with pytest.raises(ValueError, match="need master_weights=True"):
+        opt.add_param_group({"params": [bf16]})
+    with pytest.raises(ValueError, match="param group 1: lr=-1"):
+        opt.add_param_group({"params": [torch.zeros(3, requires_grad=True)], "lr": -1.0})
+    with pytest.raises(ValueError, match="param group 1: betas="):
+        opt.add_param_group({"params": [torch.zeros(3, requires_grad=True)], "betas": (0.9, 0.99, 0.5)})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": (p for p in make_params([(2,)], seed=5)), "lr": 0.5})  # a generator
+    assert len(opt.param_groups) == 2 and len(opt.param_groups[1]["params"]) == 1
+    assert opt.param_groups[1]["lr"] == 0.5 and opt.param_groups[1]["betas"] == (0.9, 0.999)
+
+
+# --- load_state_dict ------------------------------------------------------------------
+
+
+def _trained(name="adamw", backend="cpu"):
+    opt, params = two_groups(name, backend)
+    step(opt, params, 0)
+    step(opt, params, 1)
+    return opt, params
+
+
+@pytest.mark.parametrize("damage", ["exp_avg shape", "step of two", "betas", "lr nan"])
+def test_load_state_dict_that_fails_leaves_the_optimizer_as_it_was(damage):
+    opt, params = _trained()
+    twin, twin_params = _trained()
+    sd = copy.deepcopy(opt.state_dict())  # its per-param dicts are the optimizer's own (as in torch)
+    if damage == "exp_avg shape":
+        sd["state"][2]["exp_avg"] = torch.zeros(7)
+    elif damage == "step of two":
+        sd["state"][0]["step"] = torch.zeros(2)
+    elif damage == "betas":
+        sd["param_groups"][1]["betas"] = (0.9,)
+    else:
+        sd["param_groups"][0]["lr"] = float("nan")
+    before_state, before_groups = opt.state, opt.param_groups
+    snap = snapshot(opt, params)
+    # (with step of two, torch's own reshape fails first: still all-or-nothing)
+    with pytest.raises((ValueError, RuntimeError)):
+        opt.load_state_dict(sd)
+    assert opt.state is before_state and opt.param_groups is before_groups
+    assert_unchanged(opt, params, snap)
+    step(opt, params, 2)  # and it goes on as if nothing had happened
+    step(twin, twin_params, 2)
+    for a, b in zip(params, twin_params):
+        torch.testing.assert_close(a.detach(), b.detach(), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("cls", [fusedopt.FusedAdamW, torch.optim.AdamW])
+def test_load_hooks_act_as_on_torch_optimizers(cls):
+    """A pre-hook's returned state_dict is what gets loaded; a post-hook's
+    edits of the loaded state stay (the same outcome for torch's AdamW)."""
+    def make():
+        params = make_params([(3,)], seed=4)
+        opt = cls(params, lr=0.1)
+        params[0].grad = torch.ones(3)
+        opt.step()
+        return opt, params
+
+    source, _ = make()
+    opt, params = make()
+
+    def pre(optimizer, state_dict):
+        state_dict = {**state_dict, "state": {0: {**state_dict["state"][0], "step": torch.tensor(100.0)}}}
+        return state_dict
+
+    def post(optimizer):
+        optimizer.state[params[0]]["exp_avg_sq"] = torch.full((3,), 7.0)
+
+    opt.register_load_state_dict_pre_hook(pre)
+    opt.register_load_state_dict_post_hook(post)
+    opt.load_state_dict(source.state_dict())
+    assert float(opt.state[params[0]]["step"]) == 100.0
+    assert torch.equal(opt.state[params[0]]["exp_avg_sq"], torch.full((3,), 7.0))
+
+
+# --- the free functions ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_norm", [-1.0, float("nan")])
+def test_clip_grad_norm_refuses_a_negative_or_nan_max_norm(max_norm):
+    p = torch.zeros(3, requires_grad=True)
+    p.grad = torch.ones(3)
+    with pytest.raises(ValueError, match="max_norm"):
+        fusedopt.clip_grad_norm_([p], max_norm, backend="cpu")
+    assert torch.equal(p.grad, torch.ones(3))
+
+
+@pytest.mark.parametrize("scales, error, match", [
+    (None, TypeError, "scales must be"),
+    ([torch.tensor([1.0, 2.0]), 3.0], ValueError, r"scales\[0\] must be one real number"),
+    (["a", 1.0], TypeError, r"scales\[0\] must be a number"),
+    (torch.tensor([1 + 1j, 2 + 0j]), TypeError, "scales must be real"),
+])
+def test_cast_to_fp8_says_what_is_wrong_with_the_scales(scales, error, match):
+    with pytest.raises(error, match=match):
+        fusedopt.cast_to_fp8([torch.ones(3), torch.ones(2)], scales, backend="cpu")
