@@ -43,7 +43,8 @@ def test_native_bench_loops_compile(source):
     cxx = shutil.which("c++") or shutil.which("g++")
     if cxx is None:
         pytest.fail("no C++ compiler on PATH")
-    out = subprocess.run([cxx, "-std=c++17", "-fopenmp", "-fsyntax-only", f"-I{CSRC / 'include'}",
+    # -march=native: a loop behind an instruction-set test (#if __AVX512BF16__) is checked where the CPU has it
+    out = subprocess.run([cxx, "-std=c++17", "-fopenmp", "-march=native", "-fsyntax-only", f"-I{CSRC / 'include'}",
                           str(ROOT / "bench" / "native" / source)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
 
