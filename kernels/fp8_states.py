@@ -53,7 +53,9 @@ def store_fp8_state(addr, scale_addr, offs, x, mask, SQRT: tl.constexpr, BLOCK: 
     a = tl.where(mask, x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 0)
     amax = tl.max(tl.reshape(a, (NB, QBLOCK)), axis=1).to(tl.float32, bitcast=True)
     scale = div_ieee(amax, tl.full(amax.shape, 448.0, tl.float32), 0)
-    inv = tl.where(amax > 0, div_ieee(tl.full(amax.shape, 448.0, tl.float32), amax, 0), 0.0)
+    inv = div_ieee(tl.full(amax.shape, 448.0, tl.float32), amax, 0)
+    inv = tl.where(inv < 3.4028234663852886e38, inv, 3.4028234663852886e38)  # FLT_MAX: tiny amax overflows
+    inv = tl.where(amax > 0, inv, 0.0)
     first = offs // QBLOCK
     block_first = tl.max(tl.reshape(first, (NB, QBLOCK)), axis=1)  # every lane of a block has the same index
     block_live = tl.max(tl.reshape(mask.to(tl.int32), (NB, QBLOCK)), axis=1) > 0

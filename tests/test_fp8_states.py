@@ -120,6 +120,37 @@ def test_codec_zero_block_and_nan():
     assert torch.equal(codec.dequantize(q, scales)[256:], torch.ones(44))
 
 
+def test_codec_block_of_tiny_values_keeps_its_zeros():
+    """448 / amax overflows to inf for amax below 448 / FLT_MAX (~1.3e-36):
+    the zeros of such a block must not become 0 * inf = NaN (an embedding row
+    that gets no grad for ~700 steps next to always-zero elements)."""
+    x = torch.zeros(300)
+    x[0], x[1], x[257] = 1e-37, -5e-38, 1e-45
+    q, scales = codec.quantize(x)
+    out = codec.dequantize(q, scales)
+    assert not out.isnan().any()
+    assert out[2:256].eq(0).all() and out[258:].eq(0).all()
+    assert out[0] > 0 and out[1] < 0  # the nonzero ones keep their signs (their values are below any use)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_moments_decayed_to_tiny_values_stay_finite(backend):
+    """exp_avg decays by beta1 each step without a grad: blocks whose absmax
+    falls below 448 / FLT_MAX keep their zeros zero on every backend."""
+    p = torch.zeros(300, requires_grad=True)
+    opt = FusedAdamW([p], lr=1e-3, betas=(0.5, 0.999), weight_decay=0.0, state_dtype=FP8, backend=backend)
+    g = torch.zeros(300)
+    g[0] = 1e-30
+    p.grad = g
+    opt.step()
+    p.grad = torch.zeros(300)
+    for _ in range(25):  # exp_avg[0]: 5e-31 * 0.5^25 ~ 1.5e-38
+        opt.step()
+    m = codec.dequantize(opt.state[p]["exp_avg"], opt.state[p]["exp_avg_scale"])
+    assert not m.isnan().any() and m[1:].eq(0).all()
+    assert not p.detach().isnan().any()
+
+
 # --- the reference against torch ------------------------------------------------
 
 

@@ -12,9 +12,13 @@ values in one tensor both keep 3 significant bits relative to their block:
 
     amax  = max |x_i| over the block              (NaN-propagating)
     scale = amax / 448                            (fp32, IEEE division)
-    inv   = 448 / amax if amax > 0 else 0
+    inv   = min(448 / amax, FLT_MAX) if amax > 0 else 0
     q_i   = fp8(clamp(x_i * inv, -448, 448))      (round to nearest even)
     x_i  ~= float(q_i) * scale                    (decoding)
+
+(The min: 448 / amax overflows for amax < 448 / FLT_MAX, ~1.3e-36, a first
+moment left to decay long enough, and the block's zeros would become
+0 * inf = NaN. With FLT_MAX instead, |x_i * inv| < 448 still.)
 
 The second moments (``exp_avg_sq``, ``max_exp_avg_sq``, and Sophia's
 ``hessian``, an average of squared gradients) are stored as their square
@@ -69,7 +73,8 @@ def quantize(x: Tensor) -> tuple[Tensor, Tensor]:
     amax = blocks.abs().amax(dim=1)
     scales = amax / FP8_MAX
     # a true division (torch computes `number / tensor` as a reciprocal times the number)
-    inv = torch.where(amax > 0, torch.full_like(amax, FP8_MAX) / amax, torch.zeros_like(amax))
+    inv = torch.where(amax > 0, (torch.full_like(amax, FP8_MAX) / amax).clamp(max=torch.finfo(torch.float32).max),
+                      torch.zeros_like(amax))
     q = (blocks * inv[:, None]).clamp(-FP8_MAX, FP8_MAX).to(DTYPE)
     return q.reshape(-1)[:x.numel()].reshape(x.shape), scales
 

@@ -8,7 +8,9 @@
 //
 //   amax  = max |x_i| over the block           (NaN-propagating: abs_bits in fp8.h)
 //   scale = amax / 448                          value_i ~= float(q_i) * scale
-//   inv   = amax > 0 ? 448 / amax : 0           q_i = fp8(clamp(x_i * inv, -448, 448))
+//   inv   = amax > 0 ? min(448 / amax, FLT_MAX) : 0
+//                                               q_i = fp8(clamp(x_i * inv, -448, 448))
+//   (the min: 448 / amax is inf for amax < 448 / FLT_MAX, and 0 * inf = NaN)
 //
 // The second moments are stored as sqrt(v) (correctly rounded) and decoded as
 // s * s, which keeps them within e4m3's dynamic range inside a block.
@@ -35,7 +37,11 @@ FUSEDOPT_HD float e4m3fn_to_float(uint8_t b) {
 }
 
 FUSEDOPT_HD float q8_scale(float amax) { return amax / 448.0f; }
-FUSEDOPT_HD float q8_inv(float amax) { return amax > 0.0f ? 448.0f / amax : 0.0f; }
+FUSEDOPT_HD float q8_inv(float amax) {
+  const float inv = 448.0f / amax;
+  const float finite = inv < 3.40282347e+38f ? inv : 3.40282347e+38f;  // FLT_MAX: a tiny amax overflows 448 / amax
+  return amax > 0.0f ? finite : 0.0f;
+}
 FUSEDOPT_HD uint8_t q8_encode(float x, float inv) { return cast_fp8<Fp8Format::kE4M3FN>(x, inv).bits; }
 
 // A state's stored value as fp32: v = s * s for the second moments (SQRT).
