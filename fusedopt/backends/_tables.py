@@ -9,7 +9,7 @@ Everything is packed into one pinned host buffer and copied with one
 non-blocking transfer. Tables are cached by (addresses, sizes): when the same
 tensors come back (states, masters and steps always do; grads do when they are
 kept between steps), the cached device copy is reused, which is also what lets
-a CUDA-graph capture run without any host-to-device copy.
+a CUDA-graph capture run without any host-to-device copy (_TableCache).
 """
 from __future__ import annotations
 
@@ -30,7 +30,71 @@ MOMENT_ROWS = ("params", "grads", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "ma
                "fp8_scales", "exp_avg_scale", "exp_avg_sq_scale", "max_exp_avg_sq_scale")
 
 _CACHE_SIZE = 64
-_cache: OrderedDict[tuple, "LaunchTables"] = OrderedDict()
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether `device`'s current stream is capturing a CUDA graph (asked on
+    that device: the caller may not have made it current yet)."""
+    if device.type != "cuda":
+        return False
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
+
+
+class _TableCache:
+    """The device tables built for recent launches, by what they were built
+    from (least recently used dropped beyond _CACHE_SIZE), with what a GPU
+    needs of them beyond that:
+
+    * a table used while a CUDA graph is captured is kept for the life of the
+      process: the graph holds its address, replays never come back here, and
+      a dropped table's memory would be handed to other tensors;
+    * a table used on another stream than the one it was copied on is
+      recorded on that stream, so that dropping it cannot free memory a
+      queued kernel still reads (the allocator ignores the copy's own stream);
+    * a table missing during a capture is an error: building it would record
+      a host-to-device copy of host data into the graph.
+    """
+
+    def __init__(self):
+        self._recent: OrderedDict[tuple, object] = OrderedDict()
+        self._captured: dict[tuple, object] = {}
+
+    def get(self, key: tuple, device: torch.device):
+        entry = self._recent.get(key) or self._captured.get(key)
+        capturing = _capturing(device)
+        if entry is None:
+            if capturing:
+                raise RuntimeError(
+                    "fusedopt: the optimizer's tensors changed while a CUDA graph was being captured. "
+                    "Run the step once outside the capture (warm-up) with the same tensors, and keep grads "
+                    "between steps (zero_grad(set_to_none=False)) so their addresses stay fixed.")
+            return None
+        if key in self._recent:
+            self._recent.move_to_end(key)
+        if capturing:
+            self._captured[key] = entry
+        elif device.type == "cuda":
+            with torch.cuda.device(device):
+                entry.host_copy.record_stream(torch.cuda.current_stream())
+        return entry
+
+    def put(self, key: tuple, entry):
+        self._recent[key] = entry
+        if len(self._recent) > _CACHE_SIZE:
+            self._recent.popitem(last=False)
+        return entry
+
+
+def _to_device(host: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(source, copy): one non-blocking copy of an int64 host buffer, pinned
+    first for CUDA (the tables keep the pinned source alive)."""
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host, host.to(device, non_blocking=True)
+
+
+_cache = _TableCache()
 
 
 @dataclass(frozen=True)
@@ -45,6 +109,11 @@ class LaunchTables:
     chunk_size: int
     host: Tensor           # the pinned source buffer, kept alive for graph replays
 
+    @property
+    def host_copy(self) -> Tensor:
+        """A view of the one device allocation all the tables live in."""
+        return self.table
+
 
 def launch_tables(rows: list[list[Tensor] | None], device: torch.device, chunk_size: int) -> LaunchTables:
     """Tables for `rows` (aligned tensor lists; None for an absent row)."""
@@ -52,16 +121,9 @@ def launch_tables(rows: list[list[Tensor] | None], device: torch.device, chunk_s
     addresses = tuple(0 if row is None else t.data_ptr() for row in rows for t in (row or [None] * n))
     numels = tuple(t.numel() for t in rows[0])
     key = (device, chunk_size, addresses, numels)
-    cached = _cache.get(key)
+    cached = _cache.get(key, device)
     if cached is not None:
-        _cache.move_to_end(key)
         return cached
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
-            "fusedopt: the optimizer's tensors changed while a CUDA graph was being captured. "
-            "Run the step once outside the capture (warm-up) with the same tensors, and keep grads "
-            "between steps (zero_grad(set_to_none=False)) so their addresses stay fixed."
-        )
     counts = [(size + chunk_size - 1) // chunk_size for size in numels]
     n_chunks = sum(counts)
     chunk_tensor = torch.repeat_interleave(torch.arange(n, dtype=torch.int64), torch.tensor(counts, dtype=torch.int64))
@@ -70,16 +132,11 @@ def launch_tables(rows: list[list[Tensor] | None], device: torch.device, chunk_s
     chunk_first = torch.cat([first_chunk, torch.tensor([n_chunks], dtype=torch.int64)])
     host = torch.cat([torch.tensor(addresses, dtype=torch.int64), torch.tensor(numels, dtype=torch.int64),
                       chunk_tensor, chunk_start, chunk_first])
-    if device.type == "cuda":
-        host = host.pin_memory()
-    flat = host.to(device, non_blocking=True)
+    host, flat = _to_device(host, device)
     a, b = len(addresses), len(addresses) + n
     c, d = b + n_chunks, b + 2 * n_chunks
-    tables = LaunchTables(flat[:a], flat[a:b], flat[b:c], flat[c:d], flat[d:], n, n_chunks, chunk_size, host)
-    _cache[key] = tables
-    if len(_cache) > _CACHE_SIZE:
-        _cache.popitem(last=False)
-    return tables
+    return _cache.put(key, LaunchTables(flat[:a], flat[a:b], flat[b:c], flat[c:d], flat[d:], n, n_chunks, chunk_size,
+                                        host))
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -144,13 +201,17 @@ class FactoredTables:
     col_slice: Tensor
     host: Tensor
 
+    @property
+    def host_copy(self) -> Tensor:
+        return self.rows
 
-_factored_cache: OrderedDict[tuple, FactoredTables] = OrderedDict()
+
+_factored_cache = _TableCache()
 
 
 def factored_tables(shapes: list[torch.Size], device: torch.device, row_block: int, col_block: int) -> FactoredTables:
     key = (tuple(tuple(s) for s in shapes), device, row_block, col_block)
-    cached = _factored_cache.get(key)
+    cached = _factored_cache.get(key, device)
     if cached is not None:
         return cached
     rows, cols, slice_first, row_tensor, row_start, row_first = [], [], [], [], [], []
@@ -176,19 +237,13 @@ def factored_tables(shapes: list[torch.Size], device: torch.device, row_block: i
     row_first.append(len(row_tensor))
     parts = [rows, cols, slice_first, row_tensor, row_start, row_first, col_tensor, col_batch, col_start, col_slice]
     host = torch.tensor([v for part in parts for v in part], dtype=torch.int64)
-    if device.type == "cuda":
-        host = host.pin_memory()
-    flat = host.to(device, non_blocking=True)
+    host, flat = _to_device(host, device)
     views, offset = [], 0
     for part in parts:
         views.append(flat[offset:offset + len(part)])
         offset += len(part)
-    tables = FactoredTables(views[0], views[1], views[2], n_slices, views[3], views[4], views[5], views[6], views[7],
-                            views[8], views[9], host)
-    _factored_cache[key] = tables
-    if len(_factored_cache) > _CACHE_SIZE:
-        _factored_cache.popitem(last=False)
-    return tables
+    return _factored_cache.put(key, FactoredTables(views[0], views[1], views[2], n_slices, views[3], views[4],
+                                                   views[5], views[6], views[7], views[8], views[9], host))
 
 
 # The CUDA kernels' work lists over factored tensors: AdafactorLayout in
@@ -213,13 +268,17 @@ class FactoredTasks:
     col_total: int       # column sums over all tasks
     host: Tensor
 
+    @property
+    def host_copy(self) -> Tensor:
+        return self.packed
 
-_tasks_cache: OrderedDict[tuple, FactoredTasks] = OrderedDict()
+
+_tasks_cache = _TableCache()
 
 
 def factored_tasks(shapes: list[torch.Size], device: torch.device) -> FactoredTasks:
     key = (tuple(tuple(s) for s in shapes), device)
-    cached = _tasks_cache.get(key)
+    cached = _tasks_cache.get(key, device)
     if cached is not None:
         return cached
     parts: dict[str, list[int]] = {name: [] for name in FACTORED_TASK_PARTS}
@@ -246,12 +305,7 @@ def factored_tasks(shapes: list[torch.Size], device: torch.device) -> FactoredTa
                 parts["colprog_col0"].append(c0)
     parts["task_first"].append(len(parts["task_slice"]))
     parts["slice_task_first"].append(len(parts["task_slice"]))
-    host = torch.tensor([v for name in FACTORED_TASK_PARTS for v in parts[name]], dtype=torch.int64)
-    if device.type == "cuda":
-        host = host.pin_memory()
-    tasks = FactoredTasks(host.to(device, non_blocking=True), len(parts["task_slice"]), len(parts["slice_tensor"]),
-                          len(parts["colprog_slice"]), col_total, host)
-    _tasks_cache[key] = tasks
-    if len(_tasks_cache) > _CACHE_SIZE:
-        _tasks_cache.popitem(last=False)
-    return tasks
+    host, packed = _to_device(torch.tensor([v for name in FACTORED_TASK_PARTS for v in parts[name]],
+                                           dtype=torch.int64), device)
+    return _tasks_cache.put(key, FactoredTasks(packed, len(parts["task_slice"]), len(parts["slice_tensor"]),
+                                               len(parts["colprog_slice"]), col_total, host))

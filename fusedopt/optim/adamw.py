@@ -59,7 +59,9 @@ class FusedAdamW(FusedOptimizer):
       the unscaled grads under GradScaler). None or 0: no clipping.
     * ``foreach`` and ``fused`` are accepted (and validated as torch does) but
       change nothing: the step is always fused. ``differentiable=True`` is not
-      supported.
+      supported. Tensor ``betas`` are accepted as torch accepts them, but read
+      to the host at every step (on CUDA a sync, refused under CUDA-graph
+      capture); a tensor ``lr`` is read on the device.
 
     The update, per element, in fp32 (fp64 for fp64 params)::
 
@@ -142,12 +144,22 @@ class FusedAdamW(FusedOptimizer):
         GroupCheck(type(self).__name__, group, where).at_least(0.0, "lr", "eps", "weight_decay").betas()
 
     def _update(self, backend, group, bucket, lr, grad_mult, found_inf):
-        beta1, beta2 = (float(b) for b in group["betas"])
+        beta1, beta2 = (_host_beta(b) for b in group["betas"])
         amax = backend.adamw(bucket, lr=lr, beta1=beta1, beta2=beta2, eps=float(group["eps"]),
                              weight_decay=float(group["weight_decay"]), amsgrad=bool(group["amsgrad"]),
                              maximize=bool(group["maximize"]), grad_mult=grad_mult, found_inf=found_inf)
         if bucket.fp8 is not None:
             delayed_scaling_update_(self.fp8, bucket.fp8, amax, found_inf, backend)
+
+
+def _host_beta(beta) -> float:
+    """A beta as the kernels take it: a Python float. A tensor beta is read to
+    the host (a sync for a CUDA tensor), which a CUDA-graph capture cannot do:
+    that is refused with the reason instead of failing inside CUDA."""
+    if isinstance(beta, Tensor) and beta.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("FusedAdamW: tensor betas are read on the host at every step, which a CUDA graph "
+                           "cannot capture; pass betas as floats (a tensor lr is fine: it is read on the device)")
+    return float(beta)
 
 
 def _check_adam_args(lr, betas, eps, weight_decay, foreach, capturable, fused) -> None:

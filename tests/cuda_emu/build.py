@@ -48,6 +48,9 @@ def load():
     _jit.check_toolchain("cpu")
     cpp_extension.load(
         name="fusedopt_cuda_emu", sources=[str(CSRC / "bindings_cuda.cpp"), *translated],
-        extra_cflags=["-O1", "-DFUSEDOPT_CUDA_EMULATION", f"-I{HERE}", f"-I{CSRC / 'include'}", f"-I{CSRC / 'cuda'}"],
+        # -ffp-contract=off: the kernels are built with --fmad=false; a host compiler that may contract
+        # a*b+c into an FMA (GCC's default where the target has FMA, e.g. aarch64) would round differently
+        extra_cflags=["-O1", "-ffp-contract=off", "-DFUSEDOPT_CUDA_EMULATION", f"-I{HERE}", f"-I{CSRC / 'include'}",
+                      f"-I{CSRC / 'cuda'}"],
         build_directory=str(build), is_python_module=False, verbose=False)
     return torch.ops.fusedopt_cuda_emu
