@@ -89,7 +89,9 @@ def mix32(x):
 @triton.jit
 def sr_tensor_key(seed, t):
     """The stochastic-rounding key of tensor slot t in a launch with `seed`."""
-    return mix32(seed.to(tl.uint32) ^ mix32(t.to(tl.uint32)))
+    # tl.cast, not seed.to: Triton's JIT turns an int argument equal to 1 into a
+    # constexpr (a plain int, without .to), and a seed is 1 once in 2^31 launches
+    return mix32(tl.cast(seed, tl.uint32) ^ mix32(t.to(tl.uint32)))
 
 
 @triton.jit

@@ -117,10 +117,12 @@ def _adamw_kernel(
             max_exp_avg_sq = address(table, ROW_MAX_EXP_AVG_SQ, n_tensors, t)
             if S_KIND == FP8_BLOCKED:
                 vmax_scales = address(table, ROW_MAX_EXP_AVG_SQ_SCALE, n_tensors, t)
-                vmax = tl.maximum(_widen(load_fp8_state(max_exp_avg_sq, vmax_scales, offs, mask, True), P_KIND), v)
+                vmax = tl.maximum(_widen(load_fp8_state(max_exp_avg_sq, vmax_scales, offs, mask, True), P_KIND), v,
+                                  propagate_nan=tl.PropagateNan.ALL)  # as torch.maximum (the default drops NaN)
                 store_fp8_state(max_exp_avg_sq, vmax_scales, offs, vmax, mask, True, BLOCK)
             else:
-                vmax = tl.maximum(load_state(max_exp_avg_sq, offs, mask, S_KIND, P_KIND), v)
+                vmax = tl.maximum(load_state(max_exp_avg_sq, offs, mask, S_KIND, P_KIND), v,
+                                  propagate_nan=tl.PropagateNan.ALL)
                 store_math(max_exp_avg_sq, offs, vmax, mask, S_KIND)
             vhat = vmax
         denom = div_ieee(sqrt_ieee(vhat, P_KIND), bc2_sqrt, P_KIND) + eps

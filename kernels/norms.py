@@ -5,7 +5,7 @@ Two levels, deterministic for a given layout (no float atomics):
 p = inf) and ``_combine_kernel`` sums (or maxes) each tensor's partials in
 chunk order, in fp64. The same scheme as csrc/cpu/norms.cpp and
 csrc/cuda/norms.cu. NaN anywhere makes the tensor's result NaN.
-General p uses exp(p * log|x|) in fp32 (fp64 for fp64 tensors).
+General p uses exp(p * log|x|) in fp64 (fp32 exp and log compile to approximate instructions).
 """
 import triton
 import triton.language as tl
@@ -42,7 +42,9 @@ def _partials_kernel(table, numels, chunk_tensor, chunk_start, p, partials,
         elif NORM == L2:
             acc += x * x
         elif NORM == GENERAL:
-            acc += tl.exp(p * tl.log(a))
+            # |x|^p as exp(p log|x|) in fp64: fp32 tl.exp / tl.log compile to approximate
+            # instructions (ex2.approx, lg2.approx); fp64 ones go through libdevice, exact to an ulp
+            acc += tl.exp(p * tl.log(a.to(tl.float64))).to(ACC)
         else:
             acc += a
     if NORM == INF:

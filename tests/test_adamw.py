@@ -394,10 +394,13 @@ def test_grad_scaler_skips_inf_steps_and_unscales(backend):
     assert fo.state[next(fm.parameters())]["step"].item() == 5
 
 
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["plain", "amsgrad"])
 @pytest.mark.parametrize("backend", backend_params())
-def test_nan_and_inf_grads_propagate_like_torch(backend):
+def test_nan_and_inf_grads_propagate_like_torch(backend, amsgrad):
+    """Also into max_exp_avg_sq: torch.maximum propagates NaN, and so must
+    each backend's max (Triton's tl.maximum drops NaN unless told)."""
     a, b = make_params([(4, 5)]), make_params([(4, 5)])
-    ta, fb = torch.optim.AdamW(a, foreach=False), FusedAdamW(b, backend=backend)
+    ta, fb = torch.optim.AdamW(a, foreach=False, amsgrad=amsgrad), FusedAdamW(b, backend=backend, amsgrad=amsgrad)
     g = grads_for(a, 0)[0]
     g[0, 0], g[1, 1], g[2, 2] = float("nan"), float("inf"), float("-inf")
     a[0].grad, b[0].grad = g, g.clone()

@@ -44,7 +44,8 @@ _POINTEE = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16",
 
 
 def _arg_type(value) -> str:
-    """Triton's signature type of a runtime argument, as its JIT specialises it."""
+    """Triton's signature type of a runtime argument, as its JIT specialises it
+    (but for the int 1: _launch_spec)."""
     if isinstance(value, torch.Tensor):
         return "*" + _POINTEE[value.dtype]
     if isinstance(value, bool):
@@ -63,7 +64,8 @@ def _launch_spec(fn, args, kwargs) -> dict:
     signature, constexprs = {}, {}
     for name, param in sig.parameters.items():
         value = bound.arguments.get(name, param.default)
-        if "constexpr" in str(param.annotation) or value is None:
+        # the JIT also makes an int argument equal to 1 a constexpr (triton 3.6 and 3.9)
+        if "constexpr" in str(param.annotation) or value is None or (type(value) is int and value == 1):
             signature[name], constexprs[name] = "constexpr", value
         else:
             signature[name] = _arg_type(value)
@@ -84,6 +86,14 @@ def _steps(opt, params, n=2):
         opt.step()
 
 
+def _with_seed_one(opt, params) -> None:
+    """One more step whose stochastic-rounding seed is 1 (once in 2^31 launches
+    in real use): the JIT compiles that launch with the seed as a constexpr."""
+    draw = opt._stochastic_rounding_seed
+    opt._stochastic_rounding_seed = lambda bucket: None if draw(bucket) is None else 1
+    _steps(opt, params, 1)
+
+
 def _workload() -> None:
     """Each entry point of the triton backend, with each switch of its kernels
     on at least once: param dtypes, master weights, state dtypes, amsgrad,
@@ -96,7 +106,9 @@ def _workload() -> None:
         ps = _params(dtype)
         _steps(FusedAdamW(ps, backend="triton", master_weights=True, max_grad_norm=1.0), ps)
     ps = _params(torch.bfloat16)
-    _steps(FusedAdamW(ps, backend="triton", stochastic_rounding=True, state_dtype=torch.bfloat16), ps)
+    opt = FusedAdamW(ps, backend="triton", stochastic_rounding=True, state_dtype=torch.bfloat16)
+    _steps(opt, ps)
+    _with_seed_one(opt, ps)
     for state_dtype in (torch.bfloat16, fp8):
         ps = _params(torch.float32)
         _steps(FusedAdamW(ps, backend="triton", amsgrad=True, state_dtype=state_dtype), ps)
@@ -129,7 +141,7 @@ def _workload() -> None:
         _steps(opt, ps)
         opt.update_hessian()
 
-    for norm_type in (2.0, float("inf"), 1.0):
+    for norm_type in (2.0, float("inf"), 1.0, 3.0):
         ps = _params(torch.bfloat16)
         for p, g in zip(ps, grads_for(ps, 0)):
             p.grad = g
