@@ -508,6 +508,98 @@ def test_zero_checkpoints_reshard(tmp_path):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+# --- ZeroOptimizer: the edges a review found ----------------------------------------
+
+
+def zero_edges_worker(rank, world):
+    import gc
+
+    from fusedopt import FusedAdafactor, FusedAdamW, FusedLAMB
+    from fusedopt.distributed import ZeroOptimizer
+
+    # inner optimizers that are not elementwise are refused (one shard mixes several params)
+    for cls in (FusedLAMB, FusedAdafactor):
+        with pytest.raises(TypeError, match="not elementwise"):
+            ZeroOptimizer(small().parameters(), cls, lr=0.1)
+
+    # max_grad_norm with a rank whose shard is all padding (2 elements over 3 ranks), after zero_grad
+    torch.manual_seed(0)
+    tiny, ref_tiny = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    ref_tiny.load_state_dict(tiny.state_dict())
+    opt = ZeroOptimizer(tiny.parameters(), stage=2, lr=0.1, max_grad_norm=0.01)
+    ref = FusedAdamW(ref_tiny.parameters(), lr=0.1, max_grad_norm=0.01)
+    for step in range(3):
+        x = global_batch(step, world)[:, :1]
+        ref_tiny(x).square().mean().backward()
+        ref.step()
+        ref.zero_grad()
+        tiny(x.chunk(world)[rank]).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    for p, q in zip(tiny.parameters(), ref_tiny.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+    # step hooks run; add_param_group is refused
+    calls = []
+    opt.register_step_pre_hook(lambda *a: calls.append("pre"))
+    opt.register_step_post_hook(lambda *a: calls.append("post"))
+    tiny(global_batch(5, world)[:, :1].chunk(world)[rank]).square().mean().backward()
+    opt.step()
+    assert calls == ["pre", "post"]
+    with pytest.raises(NotImplementedError, match="build a new ZeroOptimizer"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
+    del opt
+    gc.collect()  # its grad hooks go with it
+
+    for stage in (1, 2):
+        model, single = small(), small()
+        opt = ZeroOptimizer(model.parameters(), stage=stage, **KW)
+        ref = FusedAdamW(single.parameters(), **KW)
+        # a backward whose grads are discarded (zero_grad without step), then a normal step
+        model(global_batch(0, world).chunk(world)[rank]).backward()
+        opt.zero_grad()
+        # a bad lr raises before the grads are reduced and freed: fixed, the step goes on
+        model(global_batch(1, world).chunk(world)[rank]).backward()
+        opt.param_groups[0]["lr"] = float("nan")
+        with pytest.raises(ValueError, match="lr=nan"):
+            opt.step()
+        opt.param_groups[0]["lr"] = KW["lr"]
+        opt.step()
+        opt.zero_grad()
+        single(global_batch(1, world)).backward()
+        ref.step()
+        ref.zero_grad()
+        for p, q in zip(model.parameters(), single.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        # a full state_dict loaded back gives itself back, whatever order each rank keeps its states in
+        full = opt.full_state_dict()
+        full = [full] if rank == 0 else [None]
+        dist.broadcast_object_list(full, src=0)
+        opt.load_state_dict(full[0])
+        if rank == 1:  # another rank, another order of its states
+            for state in opt.optimizer.state.values():
+                items = list(state.items())
+                state.clear()
+                state.update(reversed(items))
+        again = opt.full_state_dict()
+        if rank == 0:
+            for i, entry in full[0]["state"].items():
+                for name, value in entry.items():
+                    torch.testing.assert_close(again["state"][i][name], value, rtol=0, atol=0, msg=name)
+        opt.remove_hooks()  # the next ZeroOptimizer on these params has the hooks to itself
+        second = ZeroOptimizer(model.parameters(), stage=stage, **KW)
+        model(global_batch(2, world).chunk(world)[rank]).backward()
+        second.step()
+
+
+def test_zero_edges():
+    """LAMB/Adafactor refused; max_grad_norm with an all-padding shard; step
+    hooks; add_param_group refused; zero_grad after a discarded backward; a
+    bad lr raises before the grads are consumed; full_state_dict with states
+    held in another order on each rank; hooks removed for a second wrapper."""
+    spawn(zero_edges_worker, 3)
+
+
 # --- fault tolerance ----------------------------------------------------------------
 
 

@@ -268,6 +268,11 @@ class GradBuckets:
                 bucket.buffer = None
         self._next = 0
 
+    def pending(self) -> bool:
+        """Whether a backward has delivered grads (or started collectives) that
+        no wait() has settled yet."""
+        return any(b.launched or any(b.has_grad) for b in self.buckets)
+
     def shards(self) -> list[Tensor]:
         """reduce_scatter mode: this rank's reduced shard of each bucket (after wait())."""
         if self.mode != "reduce_scatter":

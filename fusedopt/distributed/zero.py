@@ -9,6 +9,15 @@ shard r. The inner optimizer (``optimizer_class``, default FusedAdamW) is built
 on this rank's shards only: one 1-d tensor per flat buffer, so its states and
 masters are 1/N of the total.
 
+The inner optimizer must update each element from that element alone
+(FusedAdamW, FusedSophia): it sees one 1-d shard mixing several params, so
+LAMB's per-tensor trust ratio and Adafactor's factored statistics would be
+taken over the wrong elements (refused). As in DeepSpeed's ZeRO, every
+element of a shard is stepped at every step: a param that got no grad on any
+rank is stepped with a zero grad (weight decay and momentum still move it,
+where a plain fusedopt optimizer skips it), and all params of a flat buffer
+share one step count.
+
 Step. Grads go through GradBuckets in buckets of consecutive params of one
 flat buffer (up to ``bucket_cap_mb``; one bucket per flat buffer with
 ``overlap_comm=False``), the last params first, each launched as soon as
@@ -100,6 +109,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if not issubclass(optimizer_class, FusedOptimizer):
             raise TypeError(f"ZeroOptimizer: optimizer_class must be a fusedopt optimizer (it takes the clip "
                             f"coefficient and GradScaler's flags in-kernel), got {optimizer_class.__name__}")
+        if not optimizer_class._elementwise_update:
+            raise TypeError(f"ZeroOptimizer: {optimizer_class.__name__}'s update is not elementwise (per-tensor "
+                            f"norms or statistics), and each rank steps one flat shard mixing several params; "
+                            f"use FusedAdamW or FusedSophia, or the optimizer without ZeRO")
         groups = list(params)
         if not groups:
             raise ValueError("ZeroOptimizer got an empty parameter list")
@@ -151,7 +164,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._optimizer_state_dict_post_hooks = OrderedDict()
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
-        self._zero_grad_profile_name = "Optimizer.zero_grad#ZeroOptimizer.zero_grad"
+        self._patch_step_function()  # step() runs the step pre/post hooks, as on any torch optimizer
         # the state exists before the first step, so that a checkpoint can be loaded into it
         for group in self.optimizer.param_groups:
             for shard in group["params"]:
@@ -175,6 +188,21 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """Accumulate grads over several backward passes without communicating."""
         return self.grads.no_sync()
 
+    def add_param_group(self, param_group: dict) -> None:
+        raise NotImplementedError("ZeroOptimizer: params are laid out in flat buffers and sharded at construction; "
+                                  "build a new ZeroOptimizer with every param group instead of adding one")
+
+    def remove_hooks(self) -> None:
+        """Unregister the grad hooks (GradBuckets.remove): call it before
+        building another ZeroOptimizer on the same params. Also done when this
+        one is garbage collected."""
+        self.grads.remove()
+
+    def __del__(self):
+        grads = self.__dict__.get("grads")
+        if grads is not None:
+            grads.remove()
+
     @torch.no_grad()
     def step(self, closure=None, grad_scaler=None):
         """Reduce the grads, step this rank's shards, all-gather the params.
@@ -191,13 +219,16 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for index, group in enumerate(self.optimizer.param_groups):  # before the grads are reduced and freed
+            self.optimizer._check_group(group, f"param group {index}")
         self.grads.wait()
+        for flat in self.flats:  # zeros where no bucket delivers (a shard of padding only)
+            if flat.shard.grad is None:
+                flat.shard.grad = torch.zeros_like(flat.shard)
         for (flat, lo, hi), bucket in zip(self._bucket_ranges, self.grads.buckets):
             first, last = max(lo, flat.start), min(hi, flat.end)  # the bucket's part of this rank's shard
             if first >= last:
                 continue
-            if flat.shard.grad is None:
-                flat.shard.grad = torch.zeros_like(flat.shard)
             target = flat.shard.grad[first - flat.start:last - flat.start]
             target.copy_(bucket.buffer[first - lo:last - lo] if self.stage == 1 else bucket.shard)
         grad_scale = getattr(self, "grad_scale", None)
@@ -259,6 +290,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return (scale / coefficient).to(torch.float32)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the grads. After a backward whose grads are then discarded
+        (no step), the collectives it started are finished first, as every
+        rank does the same: the next backward starts clean."""
+        if self.grads.pending():
+            self.grads.wait()
         for flat in self.flats:
             for p in flat.params:
                 if p.grad is None:
@@ -349,7 +385,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """This rank's shard of each elementwise state of `flat`, cut from a full state_dict."""
         index = self._full_index()
         per_param = [states.get(index[id(p)], {}) for p in flat.params]
-        names = {k for s in per_param for k, v in s.items() if isinstance(v, Tensor) and v.dim() > 0}
+        # sorted: every rank must hold its states in one order (full_state_dict gathers them in it)
+        names = sorted({k for s in per_param for k, v in s.items() if isinstance(v, Tensor) and v.dim() > 0})
         pieces = {}
         for name in names:
             parts = []
@@ -374,7 +411,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         state: dict = {}
         for flat in self.flats:
             own = self.optimizer.state[flat.shard]
-            for name in self._elementwise(flat, own):
+            for name in sorted(self._elementwise(flat, own)):  # one gather per state, in one order on every rank
                 shards = [torch.empty_like(own[name]) for _ in range(self.world)] if self.rank == 0 else None
                 root = 0 if self.group is None else dist.get_global_rank(self.group, 0)
                 dist.gather(own[name].contiguous(), shards, dst=root, group=self.group)

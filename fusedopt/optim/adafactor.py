@@ -46,6 +46,7 @@ class FusedAdafactor(FusedOptimizer):
     """
 
     _op = "adafactor"
+    _elementwise_update = False  # factored statistics and RMS clipping are per tensor
     _fp8_exempt_states = frozenset({"row_var", "col_var", "variance"})
 
     def __init__(

@@ -48,6 +48,9 @@ class FusedOptimizer(Optimizer):
     #: states that keep their default storage when state_dtype is FP8 (Adafactor's second-moment
     #: statistics: factored ones are tiny, and the issue asks FP8 for the first moment only)
     _fp8_exempt_states: frozenset[str] = frozenset()
+    #: whether each element's update depends on that element alone (no per-tensor norms or
+    #: factored statistics): then a flat shard of many params can be stepped as one tensor (ZeRO)
+    _elementwise_update: bool = True
 
     def __init__(self, params, defaults: dict, *, backend: str | None = None, master_weights: bool = False,
                  max_grad_norm: float | None = None, state_dtype: torch.dtype | None = None,

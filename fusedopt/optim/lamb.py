@@ -38,6 +38,7 @@ class FusedLAMB(FusedOptimizer):
     """
 
     _op = "lamb"
+    _elementwise_update = False  # the trust ratio is per tensor
 
     def __init__(
         self,
