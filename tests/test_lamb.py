@@ -43,7 +43,7 @@ def literal_lamb(params, grads_per_step, *, lr, betas, eps, weight_decay, bias_c
             if adam_w_mode:
                 u = u + weight_decay * p
             pn, un = p.norm(), u.norm()
-            ratio = lr * pn / un if (use_nvlamb or weight_decay != 0) and pn > 0 and un > 0 else lr
+            ratio = lr * pn / un if (use_nvlamb or weight_decay != 0) and pn != 0 and un != 0 else lr
             p -= ratio * u
     return params, state
 
@@ -100,6 +100,24 @@ def test_grads_untouched_many_tensors_and_non_contiguous(backend):
         opt.step()
         assert all(torch.equal(q.grad, g) for q, g in zip(b, grads))
     assert_same_state(ref, a, opt, b, **FP32)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_nan_grad_makes_its_tensor_nan_as_in_apex(backend):
+    """Without GradScaler a NaN grad makes ||u|| NaN; apex's ratio test
+    (norms != 0) then takes lr * ||p|| / NaN, so every element of that tensor
+    becomes NaN, and the other tensors step normally."""
+    a, b = make_params([(5, 4), (7,)]), make_params([(5, 4), (7,)])
+    ref, ours = FusedLAMB(a, backend="reference", max_grad_norm=None), FusedLAMB(b, backend=backend,
+                                                                                 max_grad_norm=None)
+    for params, opt in ((a, ref), (b, ours)):
+        grads = grads_for(params, 0)
+        grads[0][1, 2] = float("nan")
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+    assert b[0].isnan().all() and not b[1].isnan().any()
+    assert_same_state(ref, a, ours, b, **FP32)
 
 
 @pytest.mark.parametrize("backend", backend_params())

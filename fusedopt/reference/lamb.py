@@ -13,7 +13,7 @@ Learning"), with the step count kept per parameter as torch keeps it:
     v      = beta2 * v + (1 - beta2) * g * g
     u      = (m / bc1) / (sqrt(v / bc2) + eps)           (bc = 1 - beta^step if bias_correction else 1)
     u      = u + weight_decay * p                         (adam_w_mode)
-    ratio  = lr * ||p|| / ||u||  if (use_nvlamb or weight_decay != 0) and ||p|| > 0 and ||u|| > 0
+    ratio  = lr * ||p|| / ||u||  if (use_nvlamb or weight_decay != 0) and ||p|| != 0 and ||u|| != 0
              else lr
     p      = p - ratio * u
 
@@ -63,7 +63,9 @@ def trust_ratio(param_sq_sum: Tensor, update_sq_sum: Tensor, lr, weight_decay: f
     lr = lr.double() if isinstance(lr, Tensor) else lr
     param_norm, update_norm = param_sq_sum.sqrt(), update_sq_sum.sqrt()
     ratio = lr * param_norm / update_norm
-    apply = (param_norm > 0) & (update_norm > 0)
+    # != 0 as apex tests it, not > 0: a NaN norm (a NaN grad without GradScaler)
+    # makes the ratio, and so the whole tensor, NaN there too
+    apply = (param_norm != 0) & (update_norm != 0)
     if not (use_nvlamb or weight_decay != 0):
         apply = torch.zeros_like(apply)
     fallback = lr if isinstance(lr, Tensor) else float(lr)  # a Python number: no host-to-device copy
