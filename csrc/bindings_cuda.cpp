@@ -296,7 +296,7 @@ void adafactor(const Tensor& table, const Tensor& numel, const Tensor& chunk_ten
     check_cuda_tensor(p_partial, at::kDouble, tt.n_chunks, "p_partial");
   }
   check_cuda_tensor(u_partial, at::kDouble, tt.n_chunks, "u_partial");
-  check_cuda_tensor(sums, at::kDouble, 4 * tt.n_tensors, "sums");
+  check_cuda_tensor(sums, at::kDouble, 3 * tt.n_tensors, "sums");
   fusedopt::AdafactorHyper h{lr, device_scalar(lr_tensor, "lr"), beta2_decay, eps1, eps2, d, weight_decay, maximize,
                              beta1.has_value(), beta1.value_or(0.0), device_scalar(grad_mult, "grad_mult"),
                              device_scalar(found_inf, "found_inf")};

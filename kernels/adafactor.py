@@ -12,7 +12,7 @@ Tensors of 2+ dims (row-major [.., R, C], leading dims batched):
   _factored_unorm  by chunks: partial sums of u*u, u = g * rsqrt(clamp(row * col / rmean, eps1^2))
   _apply           as above
 Partial sums are combined per tensor in order by kernels/norms.py's
-_combine_kernel; (scale, denom) per tensor come from reference.adafactor.scales.
+_combine_kernel; the scale per tensor comes from reference.adafactor.scales.
 """
 import triton
 import triton.language as tl
@@ -216,7 +216,7 @@ def _factored_unorm(table, numels, chunk_tensor, chunk_start, n_tensors, rows, c
 
 @triton.jit
 def _apply(table, numels, chunk_tensor, chunk_start, n_tensors, rows, cols, slice_first, rmean, eps1, lr, lr_ptr,
-           weight_decay, one_minus_beta1, scale_ptr, denom_ptr, grad_mult_ptr, found_inf_ptr, sr_seed,
+           weight_decay, one_minus_beta1, scale_ptr, grad_mult_ptr, found_inf_ptr, sr_seed,
            SR: tl.constexpr, P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr,
            GRAD_MULT: tl.constexpr, MAXIMIZE: tl.constexpr, FACTORED: tl.constexpr, BETA1: tl.constexpr,
            M_KIND: tl.constexpr, LR_IS_PTR: tl.constexpr, HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr,
@@ -239,7 +239,6 @@ def _apply(table, numels, chunk_tensor, chunk_start, n_tensors, rows, cols, slic
     decay = 1.0 - lr * weight_decay
     eps1_sq = _square32(eps1)
     scale = tl.load(scale_ptr + t)
-    denom = tl.load(denom_ptr + t)
     R = tl.load(rows + t)
     C = tl.load(cols + t)
     slice0 = tl.load(slice_first + t)
@@ -258,10 +257,11 @@ def _apply(table, numels, chunk_tensor, chunk_start, n_tensors, rows, cols, slic
                    load_state(variance, offs, mask, S_KIND, P_KIND), eps1_sq, W_KIND)
         p = load_math(work, offs, mask, W_KIND) * decay
         if BETA1:
+            # the step itself, alpha * u / denom = u * -scale, averaged (tensor2tensor, HF)
             m = lerp(load_any_state(exp_avg, exp_avg_scale, offs, mask, False, M_KIND, P_KIND),
-                     div_ieee(u, denom.to(u.dtype), W_KIND), one_minus_beta1)
+                     u * (-scale).to(u.dtype), one_minus_beta1)
             m = store_any_state(exp_avg, exp_avg_scale, offs, m, mask, False, M_KIND, BLOCK)  # as stored
-            p = tl.fma(m, scale, p)
+            p = p - m
         else:
             p = tl.fma(u, scale, p)
         if MASTER:

@@ -152,9 +152,12 @@ def test_non_contiguous_params(backend):
 
 @pytest.mark.parametrize("state_dtype", [None, torch.float8_e4m3fn])
 def test_beta1_reference_against_literal_first_moment(state_dtype):
-    """beta1: m = lerp(m, u / denom, 1 - beta1), p -= alpha * m, with u, denom
-    and alpha as torch's Adafactor forms them. With state_dtype=FP8, m is
-    stored block-scaled (reference/fp8_states.py) and p moves by m as stored."""
+    """beta1 as the authors' tensor2tensor code and HF transformers keep it:
+    the steps themselves are averaged, m = lerp(m, alpha * u / denom, 1 - beta1),
+    p -= m, with u, denom and alpha as torch's Adafactor forms them. lr
+    changes every step, so an m that applied today's alpha to past updates
+    would differ. With state_dtype=FP8, m is stored block-scaled
+    (reference/fp8_states.py) and p moves by m as stored."""
     fp8 = state_dtype is not None
     p = make([(60, 9)])[0] if fp8 else make([(6, 5)])[0]  # FP8: 540 elements, three 256-element blocks
     n = p.numel()
@@ -162,20 +165,22 @@ def test_beta1_reference_against_literal_first_moment(state_dtype):
     x = p.detach().clone()
     row, col, m = torch.zeros(p.shape[0], 1), torch.zeros(1, p.shape[1]), torch.zeros(p.shape)
     eps1, eps2 = torch.finfo(torch.float32).eps, 1e-3
-    for step in range(1, 5):
+    for step in range(1, 6):
+        lr = 1e-2 / step  # a schedule
+        opt.param_groups[0]["lr"] = lr
         g = grads_for([p], step)[0]
         p.grad = g
         opt.step()
         w = step ** -0.8
-        alpha = max(eps2, (x.norm() / n ** 0.5).item()) * min(1e-2, step ** -0.5)
+        alpha = max(eps2, (x.norm() / n ** 0.5).item()) * min(lr, step ** -0.5)
         row.lerp_((g * g).mean(-1, keepdim=True), w)
         col.lerp_((g * g).mean(-2, keepdim=True), w)
         u = (row @ col / row.mean().clamp(min=eps1)).clamp(min=eps1 * eps1).rsqrt() * g
         denom = max(1.0, (u.norm() / n ** 0.5).item())
-        m.lerp_(u / denom, 0.2)
+        m.lerp_(alpha * u / denom, 0.2)
         if fp8:
             m = fp8_states.decode("exp_avg", *fp8_states.encode("exp_avg", m))
-        x = x - alpha * m
+        x = x - m
     state = opt.state[p]
     torch.testing.assert_close(p.detach(), x, atol=1e-6, rtol=1e-5)
     if fp8:

@@ -67,27 +67,28 @@ inline void write_param(P* param, float* master, int64_t i, T x, T decay, T scal
   param[i] = store_param<P, SR>(p, sr_key, first + i);
 }
 
-// The update of one element from its u, through the first moment with BETA1.
+// The update of one element from its u: p = p * decay + scale * u, or with
+// BETA1 the step itself averaged, m = lerp(m, u * -scale, 1 - beta1), and
+// p = p * decay - m (m as stored).
 template <typename T, typename P, typename S, bool MASTER, bool BETA1, bool SR>
-inline void apply_element(P* param, float* master, S* exp_avg, int64_t i, T u, T decay, T scale, T denom,
-                          T m_weight, uint32_t sr_key, int64_t first) {
-  T x = u;
+inline void apply_element(P* param, float* master, S* exp_avg, int64_t i, T u, T decay, T scale, T m_weight,
+                          uint32_t sr_key, int64_t first) {
   if (BETA1) {
-    const S m = Store<S>::from(lerp(T(to_math(exp_avg[i])), u / denom, m_weight));
+    const S m = Store<S>::from(lerp(T(to_math(exp_avg[i])), u * -scale, m_weight));
     exp_avg[i] = m;
-    x = T(to_math(m));
+    write_param<T, P, MASTER, SR>(param, master, i, T(to_math(m)), decay, T(-1), sr_key, first);
+  } else {
+    write_param<T, P, MASTER, SR>(param, master, i, u, decay, scale, sr_key, first);
   }
-  write_param<T, P, MASTER, SR>(param, master, i, x, decay, scale, sr_key, first);
 }
 
 // The update of one chunk with exp_avg block-scaled FP8 (fp8_blocks.h): per
 // block of kQBlock elements, fill(b0, n, m_out, m_in, m_scale) writes the new
 // first moments of elements [b0, b0 + n) of the chunk into m_out (from the
 // stored ones, m_in[i] with m_scale); they are encoded with the block's new
-// scale, and the params move by them as stored.
+// scale, and the params move by them as stored: p = p * decay - m.
 template <typename T, typename P, bool MASTER, bool SR, typename Fill>
-inline void fp8_moment_chunk(const TensorTable& tt, const Chunk& chunk, T decay, T scale, uint32_t sr_key,
-                             Fill&& fill) {
+inline void fp8_moment_chunk(const TensorTable& tt, const Chunk& chunk, T decay, uint32_t sr_key, Fill&& fill) {
   const int64_t t = chunk.tensor;
   P* __restrict__ param = tt.ptr<P>(kAfParam, t) + chunk.start;
   float* __restrict__ master = MASTER ? tt.ptr<float>(kAfMaster, t) + chunk.start : nullptr;
@@ -100,8 +101,8 @@ inline void fp8_moment_chunk(const TensorTable& tt, const Chunk& chunk, T decay,
         const float m_scale = q_scales[0][b0 / kQBlock];
 #pragma omp simd
         for (int64_t i = b0; i < b0 + n; ++i) {
-          write_param<T, P, MASTER, SR>(param, master, i, T(q8_decode<false>(q[0][i], m_scale)), decay, scale, sr_key,
-                                        chunk.start);
+          write_param<T, P, MASTER, SR>(param, master, i, T(q8_decode<false>(q[0][i], m_scale)), decay, T(-1),
+                                        sr_key, chunk.start);
         }
       });
 }
@@ -159,12 +160,12 @@ inline RowSquares<T> row_squares(const P* grad, const P* param, const float* mas
   return {{a0, a1}, {q0, q1}};
 }
 
-// Per-tensor scale (-alpha / denom, or -alpha with beta1) and denom.
-inline void tensor_scales(const AdafactorHyper& h, const AdafactorStep& step, double p_sq, double u_sq, int64_t numel,
-                          double* scale, double* denom) {
-  double alpha;
-  adafactor_scale(h, step, p_sq, u_sq, double(numel), &alpha, denom);
-  *scale = h.has_beta1 ? -alpha : -alpha / *denom;
+// Per-tensor scale = -alpha / denom.
+inline double tensor_scale(const AdafactorHyper& h, const AdafactorStep& step, double p_sq, double u_sq,
+                           int64_t numel) {
+  double alpha, denom;
+  adafactor_scale(h, step, p_sq, u_sq, double(numel), &alpha, &denom);
+  return -alpha / denom;
 }
 
 // S: storage of the second-moment statistics, and of exp_avg unless M8 (block-scaled FP8).
@@ -354,14 +355,14 @@ struct Factored {
       u_partial[size_t(k)] = u_acc;
     }
 
-    std::vector<double> scale(static_cast<size_t>(tt.n_tensors)), denoms(static_cast<size_t>(tt.n_tensors));
+    std::vector<double> scale(static_cast<size_t>(tt.n_tensors));
     for (int64_t t = 0; t < tt.n_tensors; ++t) {
       double p_sq = 0.0, u_sq = 0.0;
       for (int64_t k = first_task[size_t(t)]; k < first_task[size_t(t) + 1]; ++k) {
         p_sq += p_partial[size_t(k)];
         u_sq += u_partial[size_t(k)];
       }
-      tensor_scales(h, steps[size_t(t)], p_sq, u_sq, tt.numel[t], &scale[size_t(t)], &denoms[size_t(t)]);
+      scale[size_t(t)] = tensor_scale(h, steps[size_t(t)], p_sq, u_sq, tt.numel[t]);
     }
 
     // pass 4: the update, u recomputed as in pass 3
@@ -371,9 +372,9 @@ struct Factored {
       parallel_chunks(tt, num_threads, [&](int64_t /*c*/, const Chunk& chunk) {
         const int64_t t = chunk.tensor, R = rows[t], C = cols[t];
         const P* __restrict__ grad = tt.ptr<const P>(kAfGrad, t);
-        const T denom = T(denoms[size_t(t)]);
+        const T step_of_u = -T(scale[size_t(t)]);  // alpha / denom: the step is u * that
         fp8_moment_chunk<T, P, MASTER, SR>(
-            tt, chunk, T(steps[size_t(t)].decay), T(scale[size_t(t)]), SR ? sr_tensor_key(h.sr.seed, t) : 0u,
+            tt, chunk, T(steps[size_t(t)].decay), SR ? sr_tensor_key(h.sr.seed, t) : 0u,
             [&](int64_t b0, int64_t n, float* m_out, const uint8_t* m_in, float m_scale) {
               for_row_segments(chunk.start + b0, n, C, [&](int64_t row, int64_t c0, int64_t len, int64_t o) {
                 const T rq = rowq[size_t(row_base[size_t(t)] + row)], rr = rrow[size_t(row_base[size_t(t)] + row)];
@@ -383,7 +384,7 @@ struct Factored {
 #pragma omp simd
                 for (int64_t c = 0; c < len; ++c) {
                   const T u = factored_u(T(to_math(g[c])) * mult, rq, rr, cv[c], rc[c], eps1_sq, inv_eps1);
-                  m_out[o + c] = float(lerp(T(q8_decode<false>(m_in[o + c], m_scale)), u / denom, m_weight));
+                  m_out[o + c] = float(lerp(T(q8_decode<false>(m_in[o + c], m_scale)), u * step_of_u, m_weight));
                 }
               });
             });
@@ -396,7 +397,7 @@ struct Factored {
       const int64_t t = task.tensor, R = rows[t], C = cols[t];
       const T* __restrict__ cv = colv.data() + col_base[size_t(t)] + task.batch * C;
       const T* __restrict__ rc = rcol.data() + col_base[size_t(t)] + task.batch * C;
-      const T decay = T(steps[size_t(t)].decay), s = T(scale[size_t(t)]), denom = T(denoms[size_t(t)]);
+      const T decay = T(steps[size_t(t)].decay), s = T(scale[size_t(t)]);
       for (int64_t r = task.row0; r < task.row0 + task.nrows; ++r) {
         const int64_t row = row_base[size_t(t)] + task.batch * R + r;
         const T rq = rowq[size_t(row)], rr = rrow[size_t(row)];
@@ -409,8 +410,7 @@ struct Factored {
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
           const T u = factored_u(T(to_math(grad[c])) * mult, rq, rr, cv[c], rc[c], eps1_sq, inv_eps1);
-          apply_element<T, P, S, MASTER, BETA1, SR>(param, master, exp_avg, c, u, decay, s, denom, m_weight,
-                                                    sr_key, base);
+          apply_element<T, P, S, MASTER, BETA1, SR>(param, master, exp_avg, c, u, decay, s, m_weight, sr_key, base);
         }
       }
     }
@@ -454,10 +454,9 @@ struct Vector {
       p_sq[size_t(tt.chunk_tensor[c])] += p_partial[size_t(c)];
       u_sq[size_t(tt.chunk_tensor[c])] += u_partial[size_t(c)];
     }
-    std::vector<double> scale(static_cast<size_t>(tt.n_tensors)), denoms(static_cast<size_t>(tt.n_tensors));
+    std::vector<double> scale(static_cast<size_t>(tt.n_tensors));
     for (int64_t t = 0; t < tt.n_tensors; ++t)
-      tensor_scales(h, steps[size_t(t)], p_sq[size_t(t)], u_sq[size_t(t)], tt.numel[t], &scale[size_t(t)],
-                    &denoms[size_t(t)]);
+      scale[size_t(t)] = tensor_scale(h, steps[size_t(t)], p_sq[size_t(t)], u_sq[size_t(t)], tt.numel[t]);
 
     // pass 2: the update
     const T m_weight = T(1.0 - h.beta1);
@@ -467,15 +466,15 @@ struct Vector {
       float* __restrict__ master = MASTER ? tt.ptr<float>(kAfMaster, t) + chunk.start : nullptr;
       const P* __restrict__ grad = tt.ptr<const P>(kAfGrad, t) + chunk.start;
       const S* __restrict__ variance = tt.ptr<const S>(kAfVariance, t) + chunk.start;
-      const T decay = T(steps[size_t(t)].decay), s = T(scale[size_t(t)]), denom = T(denoms[size_t(t)]);
+      const T decay = T(steps[size_t(t)].decay), s = T(scale[size_t(t)]);
       const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, t) : 0u;
       if constexpr (M8) {
         fp8_moment_chunk<T, P, MASTER, SR>(
-            tt, chunk, decay, s, sr_key, [&](int64_t b0, int64_t n, float* m_out, const uint8_t* m_in, float m_scale) {
+            tt, chunk, decay, sr_key, [&](int64_t b0, int64_t n, float* m_out, const uint8_t* m_in, float m_scale) {
 #pragma omp simd
               for (int64_t i = 0; i < n; ++i) {
                 const T u = adafactor_u(T(to_math(grad[b0 + i])) * mult, T(to_math(variance[b0 + i])), eps1_sq);
-                m_out[i] = float(lerp(T(q8_decode<false>(m_in[i], m_scale)), u / denom, m_weight));
+                m_out[i] = float(lerp(T(q8_decode<false>(m_in[i], m_scale)), u * -s, m_weight));
               }
             });
       } else {
@@ -483,7 +482,7 @@ struct Vector {
 #pragma omp simd
         for (int64_t i = 0; i < chunk.len; ++i) {
           const T u = adafactor_u(T(to_math(grad[i])) * mult, T(to_math(variance[i])), eps1_sq);
-          apply_element<T, P, S, MASTER, BETA1, SR>(param, master, exp_avg, i, u, decay, s, denom, m_weight, sr_key,
+          apply_element<T, P, S, MASTER, BETA1, SR>(param, master, exp_avg, i, u, decay, s, m_weight, sr_key,
                                                     chunk.start);
         }
       }

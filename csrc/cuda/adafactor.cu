@@ -17,7 +17,7 @@
 //   vector_stats    variance updated, partial sums of p^2 and u^2
 //   apply           the update
 // Between them, per tensor: partials combined in a fixed order
-// (combine_kernel) and scales_kernel forms alpha and denom. A block's sums use
+// (combine_kernel) and scales_kernel forms the scale from alpha and denom. A block's sums use
 // a fixed per-thread order and a fixed tree: deterministic, no float atomics.
 // With exp_avg block-scaled FP8 the apply kernel encodes each 256-element
 // block (fp8_states.cuh) and moves the params by the moments as stored.
@@ -260,34 +260,33 @@ __global__ void __launch_bounds__(kThreads) vector_stats_kernel(TensorTable tt, 
 
 // --- the update -------------------------------------------------------------------------------
 
-// One thread per tensor: scale (-alpha / denom, or -alpha with beta1) and denom from the sums.
+// One thread per tensor: scale = -alpha / denom from the sums.
 __global__ void scales_kernel(TensorTable tt, AdafactorHyper h, double* sums) {
   const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t n = tt.n_tensors;
   if (skipped(h) || t >= n) return;
   double alpha, denom;
   adafactor_scale(h, step_of(tt, h, t), sums[t], sums[n + t], double(tt.numel[t]), &alpha, &denom);
-  sums[2 * n + t] = h.has_beta1 ? -alpha : -alpha / denom;
-  sums[3 * n + t] = denom;
+  sums[2 * n + t] = -alpha / denom;
 }
 
 // The per-chunk constants of the update.
 template <typename T>
 struct ApplyScalars {
-  T decay, scale, denom, m_weight, eps1_sq, mult;
+  T decay, scale, m_weight, eps1_sq, mult;
 };
 
 template <typename T>
 __device__ __forceinline__ ApplyScalars<T> apply_scalars(const TensorTable& tt, const AdafactorHyper& h,
                                                          const double* sums, int64_t t) {
   const int64_t n = tt.n_tensors;
-  return {T(step_of(tt, h, t).decay), T(sums[2 * n + t]), T(sums[3 * n + t]), T(1.0 - h.beta1),
+  return {T(step_of(tt, h, t).decay), T(sums[2 * n + t]), T(1.0 - h.beta1),
           T(h.eps1 * h.eps1), grad_factor<T>(h)};
 }
 
 // What both update kernels do around the first moment, for one chunk: load p
 // (or the master), g and the variance, form u, and write p = p * decay +
-// scale * x back (x: u, or the first moment as stored).
+// scale * u, or p * decay - m (the first moment as stored), back.
 template <typename P, typename S, bool MASTER, bool FACTORED, bool SR>
 struct UpdateChunk {
   using T = typename MathOf<P>::type;
@@ -330,8 +329,9 @@ struct UpdateChunk {
     return FACTORED ? u_at(g, chunk.start + i + k) : adafactor_u(g, T(to_math(v_in[k])), s.eps1_sq);
   }
 
-  __device__ void update(int64_t i, int k, T x, P (&p_io)[kILP], float (&master_io)[kILP]) const {
-    const T p = adafactor_apply(MASTER ? T(master_io[k]) : T(to_math(p_io[k])), x, s.decay, s.scale);
+  // x: u (p += scale * u), or the first moment (p -= m)
+  __device__ void update(int64_t i, int k, T x, P (&p_io)[kILP], float (&master_io)[kILP], bool moment) const {
+    const T p = adafactor_apply(MASTER ? T(master_io[k]) : T(to_math(p_io[k])), x, s.decay, moment ? T(-1) : s.scale);
     if (MASTER) master_io[k] = float(p);
     p_io[k] = store_param<P, SR>(p, sr_key, chunk.start + i + k);
   }
@@ -342,8 +342,9 @@ struct UpdateChunk {
   }
 };
 
-// A block per chunk: u (factored, or from the stored variance), through the first moment with
-// BETA1, then p = p * decay + scale * x. Lanes past the chunk's end compute nothing and store nothing.
+// A block per chunk: u (factored, or from the stored variance), then p = p * decay + scale * u, or
+// with BETA1 m = lerp(m, u * -scale, 1 - beta1), p = p * decay - m. Lanes past the chunk's end
+// compute nothing and store nothing.
 template <typename P, typename S, bool MASTER, bool FACTORED, bool BETA1, bool SR>
 __global__ void __launch_bounds__(kThreads) apply_kernel(TensorTable tt, AdafactorLayout L, AdafactorHyper h,
                                                          const double* rmean, const double* sums) {
@@ -365,10 +366,10 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(TensorTable tt, Adafact
       const T u = c.u(i, k, g_in, v_in);
       T x = u;
       if (BETA1) {
-        m_io[k] = Store<S>::from(lerp(T(to_math(m_io[k])), u / c.s.denom, c.s.m_weight));
+        m_io[k] = Store<S>::from(lerp(T(to_math(m_io[k])), u * -c.s.scale, c.s.m_weight));
         x = T(to_math(m_io[k]));
       }
-      c.update(i, k, x, p_io, master_io);
+      c.update(i, k, x, p_io, master_io, BETA1);
     }
     c.store(i, aligned, p_io, master_io);
     if (BETA1) cuda::store_pack(exp_avg, m_io, i, len, aligned);
@@ -402,12 +403,12 @@ __global__ void __launch_bounds__(kThreads) apply_fp8_kernel(TensorTable tt, Ada
     for (int k = 0; k < kILP; ++k) {
       m_new[k] = 0.0f;
       if (i + k >= len) continue;
-      m_new[k] = float(lerp(T(q8_decode<false>(m_in[k], m_scale)), c.u(i, k, g_in, v_in) / c.s.denom, c.s.m_weight));
+      m_new[k] = float(lerp(T(q8_decode<false>(m_in[k], m_scale)), c.u(i, k, g_in, v_in) * -c.s.scale, c.s.m_weight));
     }
     cuda::q8_store_group(exp_avg, m_scales, i, len, aligned, m_new, scratch, m_stored);
 #pragma unroll
     for (int k = 0; k < kILP; ++k) {
-      if (i + k < len) c.update(i, k, T(m_stored[k]), p_io, master_io);
+      if (i + k < len) c.update(i, k, T(m_stored[k]), p_io, master_io, true);
     }
     c.store(i, aligned, p_io, master_io);
   }

@@ -115,7 +115,7 @@ def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize,
 
     col_partial = scratch(layout.col_total if layout else 0)
     p_partial = scratch(layout.n_tasks if layout else n_chunks)
-    u_partial, rmean, sums = scratch(n_chunks), scratch(layout.n_slices if layout else 0), scratch(4 * n)
+    u_partial, rmean, sums = scratch(n_chunks), scratch(layout.n_slices if layout else 0), scratch(3 * n)
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
     _launch("adafactor", device,
             tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.chunk_first,

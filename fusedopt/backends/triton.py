@@ -167,12 +167,11 @@ def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize,
         combine[(n,)](partials, tables.chunk_first, p_sq, IS_MAX=False, BLOCK=256, num_warps=NUM_WARPS, **exact)
         combine[(n,)](partials[n_chunks:], tables.chunk_first, u_sq, IS_MAX=False, BLOCK=256, num_warps=NUM_WARPS,
                       **exact)
-    scale, denom = adafactor_spec.scales(p_sq, u_sq, tables.numel, torch.stack(bucket.steps), lr, eps2, d,
-                                         beta1 is not None)
+    scale = adafactor_spec.scales(p_sq, u_sq, tables.numel, torch.stack(bucket.steps), lr, eps2, d)
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
     kernels._apply[(n_chunks,)](
         *head, rows, cols, slice_first, rmean, eps1, 0.0 if lr_tensor is not None else lr,
-        dummy if lr_tensor is None else lr_tensor, weight_decay, 0.0 if beta1 is None else 1.0 - beta1, scale, denom,
+        dummy if lr_tensor is None else lr_tensor, weight_decay, 0.0 if beta1 is None else 1.0 - beta1, scale,
         pointers["grad_mult_ptr"], pointers["found_inf_ptr"], 0 if bucket.sr_seed is None else bucket.sr_seed,
         SR=bucket.sr_seed is not None, **flags, FACTORED=bool(bucket.kind),
         BETA1=beta1 is not None, M_KIND=STATE_CODES[exp_avg_dtype], LR_IS_PTR=lr_tensor is not None,

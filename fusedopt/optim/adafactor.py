@@ -21,8 +21,11 @@ class FusedAdafactor(FusedOptimizer):
     Beyond torch: no host synchronisation at all (torch calls ``.item()``
     several times per parameter per step: RMS(p), RMS(u) and the step count
     stay on the device here); empty tensors are skipped (torch divides by
-    zero); ``beta1`` (default None) adds a first moment ``exp_avg`` applied to
-    the clipped update, as in the Adafactor paper and HF transformers; and
+    zero); ``beta1`` (default None) adds a first moment ``exp_avg`` of the
+    steps: m = lerp(m, alpha * clipped update, 1 - beta1), p -= m, as the
+    authors' tensor2tensor code and HF transformers keep it (a past step keeps
+    the alpha it was taken with); ``eps=(None, ...)`` takes each tensor's own
+    dtype's eps (torch: the first param's, for the whole group); and
     ``backend``, ``master_weights``, ``max_grad_norm`` and ``state_dtype`` as
     on the other fusedopt optimizers. ``state_dtype=torch.bfloat16`` stores
     every state in bf16: ``exp_avg`` and ``variance``, and also the factored

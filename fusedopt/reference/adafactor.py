@@ -2,8 +2,9 @@
 
 torch.optim.Adafactor's update (torch 2.13, torch/optim/_adafactor.py,
 single-tensor path), operation for operation, so the reference equals torch;
-plus an optional first moment (``beta1``, applied to the clipped update as in
-the Adafactor paper, Shazeer & Stern 2018, and HF transformers) and
+plus an optional first moment (``beta1``: an average of the steps themselves,
+the clipped update times alpha, as the authors' tensor2tensor code and HF
+transformers keep it, Shazeer & Stern 2018) and
 ``grad_mult`` (GradScaler's 1/scale times a max_grad_norm clip coefficient)::
 
     g       = grad * grad_mult, negated when maximize
@@ -19,8 +20,12 @@ the Adafactor paper, Shazeer & Stern 2018, and HF transformers) and
       variance.lerp_(g*g, 1 - beta2_t);   var_est = variance
     u       = g * rsqrt(clamp(var_est, min=eps1 * eps1))                 eps1 = eps[0] or finfo(p.dtype).eps
     u       = u / max(1, RMS(u) / d)                                     (the clipped update)
-    m       = lerp(m, u, 1 - beta1);  u = m                               (only with beta1)
-    p      -= alpha * u
+    p      -= alpha * u                                                  (without beta1)
+    m       = lerp(m, alpha * u, 1 - beta1);  p -= m                      (with beta1)
+
+(alpha * u is formed as u * (alpha / max(1, RMS(u) / d)): the same per-tensor
+factor the update without beta1 uses. m holds past steps each with its own
+alpha, so a schedule or a drifting RMS(p) changes only the new steps.)
 
 Empty tensors are skipped (torch divides by their zero size).
 
@@ -51,19 +56,18 @@ def state_shapes(p: Tensor) -> dict[str, tuple[int, ...]]:
     return {"variance": tuple(p.shape)}
 
 
-def scales(p_sq: Tensor, u_sq: Tensor, numel: Tensor, steps: Tensor, lr, eps2: float, d: float,
-           has_beta1: bool) -> tuple[Tensor, Tensor]:
-    """Per-tensor (scale, denom) of the final update, from sum(p^2), sum(u^2),
-    the sizes and the step counts (1-D tensors on one device, no host sync):
-    p += scale * u (scale = -alpha / denom), or with beta1 m = lerp(m, u / denom),
-    p += scale * m (scale = -alpha). The one place the GPU backends form them."""
+def scales(p_sq: Tensor, u_sq: Tensor, numel: Tensor, steps: Tensor, lr, eps2: float, d: float) -> Tensor:
+    """Per-tensor scale = -alpha / denom of the final update (fp32), from
+    sum(p^2), sum(u^2), the sizes and the step counts (1-D tensors on one
+    device, no host sync): p += scale * u, or with beta1
+    m = lerp(m, u * -scale, 1 - beta1), p -= m. The one place the Triton
+    backend forms it (csrc/include/fusedopt/adafactor.h: adafactor_scale)."""
     steps, numel = steps.double(), numel.double()
     rho = steps.rsqrt()  # min(lr, 1/sqrt(step)), without turning a float lr into a device tensor
     rho = torch.minimum(rho, lr.double()) if isinstance(lr, Tensor) else rho.clamp(max=float(lr))
     alpha = torch.clamp(p_sq.sqrt() / numel.sqrt(), min=eps2) * rho
     denom = torch.clamp(u_sq.sqrt() / (numel.sqrt() * d), min=1.0)
-    scale = -alpha if has_beta1 else -alpha / denom
-    return scale.float(), denom.float()
+    return (-alpha / denom).float()
 
 
 def adafactor_update_(param: Tensor, grad: Tensor, row_var: Tensor | None, col_var: Tensor | None,
@@ -106,5 +110,5 @@ def adafactor_update_(param: Tensor, grad: Tensor, row_var: Tensor | None, col_v
     if beta1 is None:
         param.add_(update, alpha=-alpha / denom)
     else:
-        stored("exp_avg", exp_avg.lerp_(update / denom, 1 - beta1))
-        param.add_(exp_avg, alpha=-alpha)
+        stored("exp_avg", exp_avg.lerp_(update.mul_(alpha / denom), 1 - beta1))
+        param.sub_(exp_avg)

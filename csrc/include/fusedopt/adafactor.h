@@ -14,7 +14,7 @@
 //              (torch's rsqrt(clamp(row_var * col_var / rmean, eps1^2)) * g, up to a few
 //              ulps, with the square roots and divisions per row and per column, not per element)
 //   p        = p * (1 - lr * weight_decay) + (-alpha / denom) * u        alpha = max(eps2, RMS(p)) * rho,
-//   (beta1:  m = lerp(m, u / denom, 1 - beta1);  p = p * decay + (-alpha) * m)   denom = max(1, RMS(u) / d)
+//   (beta1:  m = lerp(m, u * (alpha / denom), 1 - beta1);  p = p * decay - m)   denom = max(1, RMS(u) / d)
 //            with m as stored: rounded to its storage, or block-scaled FP8 (fp8_states.h)
 //
 // clamp keeps NaN (as torch.clamp): written as `x < lo ? lo : x`.
@@ -137,7 +137,7 @@ struct AdafactorScratch {
   double* p_partial;    // [n_tasks] factored, [n_chunks] vector: partial sums of p^2
   double* u_partial;    // [n_chunks] partial sums of u^2
   double* rmean;        // [n_slices] factored: clamp(mean of row_var, eps1) per slice
-  double* sums;         // [4 n] sum(p^2), sum(u^2), scale and denom per tensor
+  double* sums;         // [3 n] sum(p^2), sum(u^2) and the scale (-alpha / denom) per tensor
 };
 
 // One Adafactor step of a bucket on `stream` (steps already advanced):
