@@ -9,7 +9,6 @@ bench  the benchmarks in bench/ (shipped as fusedopt._bench); see --help.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import platform
 import shutil
@@ -44,12 +43,9 @@ def _backend_status(name: str, device_type: str) -> str:
 
 def info() -> int:
     print(f"fusedopt {__version__}")
-    triton = importlib.util.find_spec("triton")
-    triton_version = "not installed"
-    if triton is not None:
-        from importlib.metadata import version
+    from .backends.triton import installed_version
 
-        triton_version = version("triton")
+    triton_version = installed_version() or "not installed"
     print(f"python {platform.python_version()}, torch {torch.__version__} "
           f"(CUDA {torch.version.cuda or 'none'}), triton {triton_version}")
     print(f"platform: {platform.platform()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")

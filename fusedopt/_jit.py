@@ -59,9 +59,26 @@ def cache_root() -> Path:
     return Path(base) / "fusedopt"
 
 
+def _arch_flags() -> list[str]:
+    """The target CPU: FUSEDOPT_CPU_ARCH (e.g. x86-64-v3, for a cache or an
+    image shared by several kinds of CPU), else this machine's (-march=native;
+    -mcpu=native on POWER, whose GCC has no -march=native). x86 GCC keeps to
+    256-bit vectors on AVX-512 CPUs unless told otherwise:
+    -mprefer-vector-width=512 (an x86-only option)."""
+    machine = platform.machine().lower()
+    x86 = machine in ("x86_64", "amd64", "i386", "i686")
+    arch = os.environ.get("FUSEDOPT_CPU_ARCH")
+    if arch:
+        flags = [f"-mcpu={arch}" if machine.startswith(("ppc", "powerpc")) else f"-march={arch}"]
+    else:
+        flags = ["-mcpu=native" if machine.startswith(("ppc", "powerpc")) else "-march=native"]
+    return flags + (["-mprefer-vector-width=512"] if x86 else [])
+
+
 def _cpu_flags() -> list[str]:
     # -march=native: the library is built on, and cached for, this machine
-    # (the CPU model is part of the cache key). -fno-math-errno lets sqrt
+    # (the CPU's model and instruction-set flags are part of the cache key;
+    # FUSEDOPT_CPU_ARCH picks a portable target instead). -fno-math-errno lets sqrt
     # vectorise; -ffp-contract=off keeps a*b+c as two roundings, as torch's
     # own kernels compute them (fused multiply-adds are written out where torch
     # uses them); OpenMP runs the chunk loop. -mprefer-vector-width=512: on
@@ -75,8 +92,7 @@ def _cpu_flags() -> list[str]:
     # It changes no value: rounding stays IEEE round-to-nearest-even.
     # The C++ standard is left to torch.utils.cpp_extension, which knows what
     # its headers need.
-    return ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fno-trapping-math",
-            "-ffp-contract=off", "-fopenmp"]
+    return ["-O3", *_arch_flags(), "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp"]
 
 
 def _cuda_arch_flags() -> list[str]:
@@ -99,14 +115,22 @@ def _flags(kind: str) -> tuple[list[str], list[str], list[str]]:
     return cflags, cuda, []
 
 
-def _cpu_model() -> str:
+def _cpu_identity(cpuinfo: str | None = None) -> str:
+    """What -march=native compiles for: the CPU's model and its instruction-set
+    flags (one model name can cover CPUs with and without AVX-512, e.g. a
+    cloud's "AMD EPYC"; a library built for one must not load on the other).
+    `cpuinfo`: /proc/cpuinfo's text (read when None)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags", "Features")):
-                return line
+        lines = (Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo).splitlines()
     except OSError:
-        pass
-    return platform.processor()
+        return platform.machine() + " " + platform.processor()
+    keys = ("model name", "flags", "Features", "cpu\t", "CPU implementer", "CPU part")
+    found: dict[str, str] = {}
+    for line in lines:
+        key = line.split(":", 1)[0].strip()
+        if line.startswith(keys) and key not in found:  # the first CPU's; they agree on a machine
+            found[key] = line
+    return platform.machine() + "\n" + "\n".join(found.values())
 
 
 def _cache_key(spec: ExtensionSpec, flags) -> str:
@@ -117,7 +141,7 @@ def _cache_key(spec: ExtensionSpec, flags) -> str:
         h.update(str(path.relative_to(root)).encode())
         h.update(path.read_bytes())
     h.update(repr((flags, torch.__version__, torch.version.cuda, sys.version_info[:2])).encode())
-    h.update(_cpu_model().encode())
+    h.update(_cpu_identity().encode())
     return h.hexdigest()[:16]
 
 
@@ -178,14 +202,27 @@ def load_extension(kind: str) -> Path:
         spec = SPECS[kind]
         cflags, cuda_cflags, ldflags = _flags(kind)
         directory = build_dir(kind)
-        directory.mkdir(parents=True, exist_ok=True)
+        if _load_built(directory):  # built before (the key covers sources, flags and CPU): no lock, no ninja
+            _loaded[kind] = directory
+            return directory
         from torch.utils import cpp_extension
 
         verbose = os.environ.get("FUSEDOPT_VERBOSE_BUILD", "0") == "1"
         lock_path = directory.parent / f"{directory.name}.lock"
-        with open(lock_path, "w") as lock_file:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            lock_file = open(lock_path, "w")
+        except OSError as exc:
+            raise BuildError(
+                f"fusedopt cannot build its {kind} kernels in {directory}: {exc}. Point FUSEDOPT_CACHE_DIR "
+                "(or TORCH_EXTENSIONS_DIR) at a writable directory, or prebuild there with "
+                "`python -m fusedopt build`.") from exc
+        with lock_file:
             fcntl.flock(lock_file, fcntl.LOCK_EX)  # other processes wait here, then find it built
             try:
+                # torch's own build lock: left behind by a build that was killed (we hold the
+                # flock, so no live build owns it), it would make torch wait for ever
+                (directory / "lock").unlink(missing_ok=True)
                 cpp_extension.load(
                     name=directory.name,
                     sources=[str(csrc_dir() / s) for s in spec.sources],
@@ -197,6 +234,9 @@ def load_extension(kind: str) -> Path:
                     verbose=verbose,
                 )
             except (RuntimeError, subprocess.CalledProcessError, OSError) as exc:
+                # torch remembers the failed attempt's version and would only try to load the
+                # missing library next time: forget it, so a retry in this process builds again
+                cpp_extension.JIT_EXTENSION_VERSIONER.entries.pop(directory.name, None)
                 raise BuildError(
                     f"fusedopt could not build its {kind} kernels in {directory}.\n"
                     f"{_tail(str(exc))}\n"
@@ -207,6 +247,18 @@ def load_extension(kind: str) -> Path:
                 fcntl.flock(lock_file, fcntl.LOCK_UN)
         _loaded[kind] = directory
         return directory
+
+
+def _load_built(directory: Path) -> bool:
+    """Load the library already built in `directory`, if there is one that loads."""
+    library = directory / f"{directory.name}.so"
+    if not library.exists():
+        return False
+    try:
+        torch.ops.load_library(str(library))
+    except (OSError, RuntimeError):  # e.g. still being linked by another process: take the locked path
+        return False
+    return True
 
 
 def is_built(kind: str) -> bool:

@@ -1,4 +1,5 @@
-"""The first-use build: cache location, toolchain errors, concurrent builds."""
+"""The first-use build: cache location and key, toolchain errors, retries and stale locks.
+(Concurrent first builds: tests/test_packaging.py, on an installed copy.)"""
 from __future__ import annotations
 
 import os
@@ -73,23 +74,88 @@ def test_broken_build_reports_the_compiler_error(monkeypatch, tmp_path):
         _jit.load_extension("cpu")
 
 
-@pytest.mark.slow
-def test_processes_starting_together_build_once(tmp_path):
-    """Two processes, one empty cache: both get a working extension, and the
-    shared objects were compiled once (ninja logs each compilation)."""
-    code = ("import torch, fusedopt\n"
-            "p = torch.ones(5, requires_grad=True); p.grad = torch.ones(5)\n"
-            "fusedopt.FusedAdamW([p], backend='cpu').step()\n"
-            "print('OK', p.sum().item())\n")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "FUSEDOPT_CACHE_DIR": str(tmp_path)}
-    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
-    outs = [p.communicate(timeout=900) for p in procs]
-    for proc, (out, err) in zip(procs, outs):
-        assert proc.returncode == 0, err
-        assert "OK" in out
-    logs = list(tmp_path.glob("*/.ninja_log"))
-    assert len(logs) == 1
-    compiled = [line.split("\t")[3] for line in logs[0].read_text().splitlines()[1:]]
-    assert sorted(compiled) == sorted(set(compiled)), compiled  # nothing compiled twice
-    assert any(name.endswith(".so") for name in compiled)
+def test_cache_key_holds_the_cpus_instruction_set(monkeypatch):
+    """-march=native: one model name ("AMD EPYC") can cover CPUs with and
+    without AVX-512, and a shared cache must not hand one's library to the other."""
+    model = "processor\t: 0\nmodel name\t: AMD EPYC\n"
+    with_avx512 = _jit._cpu_identity(model + "flags\t\t: fpu sse2 avx2 avx512f avx512bw\n")
+    without = _jit._cpu_identity(model + "flags\t\t: fpu sse2 avx2\n")
+    assert with_avx512 != without and "AMD EPYC" in without
+    assert _jit._cpu_identity(model + "flags\t\t: fpu sse2 avx2\nprocessor\t: 1\nflags\t\t: other\n") == without
+
+
+def test_portable_cpu_target(monkeypatch):
+    monkeypatch.delenv("FUSEDOPT_CPU_ARCH", raising=False)
+    native = _jit._flags("cpu")[0]
+    monkeypatch.setenv("FUSEDOPT_CPU_ARCH", "x86-64-v3")
+    portable = _jit._flags("cpu")[0]
+    assert "-march=x86-64-v3" in portable and "-march=native" not in portable
+    assert _jit._cache_key(_jit.SPECS["cpu"], portable) != _jit._cache_key(_jit.SPECS["cpu"], native)
+    monkeypatch.setattr(_jit.platform, "machine", lambda: "aarch64")
+    assert "-mprefer-vector-width=512" not in _jit._flags("cpu")[0]  # an x86-only option
+
+
+def _tiny_sources(root: Path, body: str = "int fusedopt_tiny_{i} = {i};\n") -> Path:
+    """A csrc/ whose cpu sources are tiny C++ files: a build in seconds."""
+    src = root / "csrc"
+    (src / "include" / "fusedopt").mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(_jit.SPECS["cpu"].sources):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_text(body.format(i=i))
+    return src
+
+
+@pytest.fixture
+def tiny_tree(monkeypatch, tmp_path):
+    src = _tiny_sources(tmp_path)
+    monkeypatch.setattr(_jit, "csrc_dir", lambda: src)
+    monkeypatch.setattr(_jit, "_loaded", {})
+    monkeypatch.setenv("FUSEDOPT_CACHE_DIR", str(tmp_path / "cache"))
+    return src
+
+
+def test_retry_in_the_same_process_builds_again(monkeypatch, tiny_tree, tmp_path):
+    """A notebook user fixes what broke the build (here the compiler) and
+    retries with the same cache key: torch's JIT would only try to load the
+    library the failed attempt never made."""
+    broken = tmp_path / "broken-c++"
+    broken.write_text("#!/bin/sh\necho 'broken compiler' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CXX", str(broken))
+    with pytest.raises(_jit.BuildError, match="could not build"):
+        _jit.load_extension("cpu")
+    monkeypatch.delenv("CXX")
+    directory = _jit.load_extension("cpu")
+    assert (directory / f"{directory.name}.so").exists()
+
+
+def test_unwritable_cache_says_what_to_set(monkeypatch, tiny_tree, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("FUSEDOPT_CACHE_DIR", str(tmp_path / "a_file" / "cache"))  # mkdir fails, even for root
+    with pytest.raises(_jit.BuildError, match="FUSEDOPT_CACHE_DIR"):
+        _jit.load_extension("cpu")
+
+
+def test_built_library_loads_without_the_lock(monkeypatch, tiny_tree):
+    """A prebuilt cache (an image's, read-only) loads without writing to it."""
+    directory = _jit.load_extension("cpu")
+    lock = directory.parent / f"{directory.name}.lock"
+    lock.unlink()
+    lock.mkdir()  # the lock file cannot be opened for writing now
+    monkeypatch.setattr(_jit, "_loaded", {})
+    assert _jit.load_extension("cpu") == directory
+
+
+def test_lock_left_by_a_killed_build_does_not_hang(tiny_tree, tmp_path):
+    """torch's own build lock, left in the build folder by a killed process
+    (a preempted job), would make every later build wait for ever."""
+    directory = _jit.build_dir("cpu")
+    directory.mkdir(parents=True)
+    (directory / "lock").write_text("")
+    code = ("from pathlib import Path\nfrom fusedopt import _jit\n"
+            f"_jit.csrc_dir = lambda: Path({str(tiny_tree)!r})\n"
+            "print(_jit.load_extension('cpu'))\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FUSEDOPT_CACHE_DIR": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (directory / f"{directory.name}.so").exists()

@@ -1,6 +1,6 @@
 """The wheel carries the C++/CUDA sources and the Triton kernels, and an
 installed copy JIT-compiles and steps from any directory with the source tree
-out of reach."""
+out of reach; two processes starting together on an empty cache build once."""
 from __future__ import annotations
 
 import os
@@ -67,7 +67,15 @@ def test_wheel_installs_and_compiles_from_site_packages(tmp_path):
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site), "SITE": str(site), "TRITON_INTERPRET": "1",
            "FUSEDOPT_CACHE_DIR": str(tmp_path / "cache")}
-    out = subprocess.run([sys.executable, "-c", STEP], cwd=elsewhere, env=env, capture_output=True, text=True,
-                         timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "STEPPED ['fusedopt_cpu_" in out.stdout  # built into the fresh cache, from the installed sources
+    # two processes at once (one build: the first waits on the file lock, then loads what the other built)
+    procs = [subprocess.Popen([sys.executable, "-c", STEP], cwd=elsewhere, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err[-3000:]
+        assert "STEPPED ['fusedopt_cpu_" in out  # built into the fresh cache, from the installed sources
+    logs = list((tmp_path / "cache").glob("*/.ninja_log"))
+    assert len(logs) == 1
+    compiled = [line.split("\t")[3] for line in logs[0].read_text().splitlines()[1:]]
+    assert sorted(compiled) == sorted(set(compiled)), compiled  # nothing compiled twice
+    assert any(name.endswith(".so") for name in compiled)

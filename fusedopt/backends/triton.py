@@ -36,10 +36,26 @@ NUM_WARPS = 4
 MIN_TRITON = (3, 3)
 
 
-def unavailable_reason(device_type: str) -> str | None:
+def installed_version() -> str | None:
+    """The installed triton's version, None if there is none. Torch's nightly,
+    ROCm and XPU wheels ship the `triton` module in packages of other names;
+    the module itself is imported only when no package says."""
     if importlib.util.find_spec("triton") is None:
+        return None
+    for dist in ("triton", "pytorch-triton", "pytorch-triton-rocm", "pytorch-triton-xpu"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    import triton
+
+    return getattr(triton, "__version__", "0")
+
+
+def unavailable_reason(device_type: str) -> str | None:
+    version = installed_version()
+    if version is None:
         return "triton is not installed (`pip install triton`)"
-    version = importlib.metadata.version("triton")
     if tuple(int(x) for x in re.findall(r"\d+", version)[:2]) < MIN_TRITON:
         need = ".".join(map(str, MIN_TRITON))
         return f"triton {version} is too old: the kernels need triton >= {need} (`pip install -U triton`)"
