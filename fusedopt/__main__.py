@@ -80,7 +80,8 @@ def build(names: list[str]) -> int:
     failed = 0
     for name in names:
         device_type = "cuda" if name == "cuda" or (name == "triton" and torch.cuda.is_available()) else "cpu"
-        reason = backends.unavailable_reason(name, device_type)
+        # cuda: whether it can be built (a GPU-less image build can, with TORCH_CUDA_ARCH_LIST)
+        reason = _jit.toolchain_problem("cuda") if name == "cuda" else backends.unavailable_reason(name, device_type)
         if reason:
             print(f"{name}: skipped ({reason})")
             continue

@@ -17,6 +17,7 @@ import fcntl
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -95,8 +96,25 @@ def _cpu_flags() -> list[str]:
     return ["-O3", *_arch_flags(), "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp"]
 
 
+def _cuda_archs() -> list[tuple[int, int]]:
+    """The GPU architectures to compile for: TORCH_CUDA_ARCH_LIST's (e.g.
+    "8.0;9.0", as torch's own extension builds read it: how a Docker image
+    build without a GPU prebuilds), else those of the GPUs present."""
+    listed = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if not listed:
+        return sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    archs = set()
+    for item in re.split(r"[;\s]+", listed):
+        match = re.fullmatch(r"(\d+)\.(\d+)(\+PTX)?", item)
+        if match is None:
+            raise BuildError(f"TORCH_CUDA_ARCH_LIST={listed!r}: cannot read {item!r}; give compute capabilities, "
+                             "e.g. '8.0;9.0'")
+        archs.add((int(match[1]), int(match[2])))
+    return sorted(archs)
+
+
 def _cuda_arch_flags() -> list[str]:
-    archs = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    archs = _cuda_archs()
     flags = []
     for major, minor in archs:
         flags += [f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"]
@@ -167,8 +185,10 @@ def check_toolchain(kind: str) -> None:
     if kind == "cuda":
         from torch.utils.cpp_extension import CUDA_HOME
 
-        if not torch.cuda.is_available():
-            raise BuildError("the cuda backend needs a CUDA device and a CUDA build of torch.")
+        if torch.version.cuda is None or not (torch.cuda.is_available() or os.environ.get("TORCH_CUDA_ARCH_LIST")):
+            raise BuildError("the cuda backend needs a CUDA device and a CUDA build of torch."
+                             + ("" if torch.version.cuda is None else
+                                " (To prebuild without a GPU, set TORCH_CUDA_ARCH_LIST, e.g. '8.0;9.0'.)"))
         if CUDA_HOME is None or not Path(CUDA_HOME, "bin", "nvcc").exists():
             raise BuildError(
                 "fusedopt needs nvcc to build its CUDA kernels: install the CUDA toolkit matching "

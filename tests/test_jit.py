@@ -159,3 +159,14 @@ def test_lock_left_by_a_killed_build_does_not_hang(tiny_tree, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert (directory / f"{directory.name}.so").exists()
+
+
+def test_cuda_architectures_from_torch_cuda_arch_list(monkeypatch):
+    """A Docker image build has no GPU to ask: TORCH_CUDA_ARCH_LIST names the
+    architectures (as for torch's own extension builds)."""
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0 8.0;8.0+PTX")
+    assert _jit._cuda_archs() == [(8, 0), (9, 0)]
+    assert _jit._cuda_arch_flags() == ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "Hopper")
+    with pytest.raises(_jit.BuildError, match="give compute capabilities"):
+        _jit._cuda_archs()

@@ -23,6 +23,8 @@ CHUNK_SIZE = 1 << 16
 
 
 def unavailable_reason(device_type: str) -> str | None:
+    if torch.version.cuda is not None and not torch.cuda.is_available():
+        return "no CUDA device"  # (a build is still possible with TORCH_CUDA_ARCH_LIST: `python -m fusedopt build`)
     return _jit.toolchain_problem("cuda")
 
 
