@@ -372,7 +372,7 @@ struct Factored {
       parallel_chunks(tt, num_threads, [&](int64_t /*c*/, const Chunk& chunk) {
         const int64_t t = chunk.tensor, R = rows[t], C = cols[t];
         const P* __restrict__ grad = tt.ptr<const P>(kAfGrad, t);
-        const T step_of_u = -T(scale[size_t(t)]);  // alpha / denom: the step is u * that
+        const T s = T(scale[size_t(t)]);  // -alpha / denom: the step is u * -s
         fp8_moment_chunk<T, P, MASTER, SR>(
             tt, chunk, T(steps[size_t(t)].decay), SR ? sr_tensor_key(h.sr.seed, t) : 0u,
             [&](int64_t b0, int64_t n, float* m_out, const uint8_t* m_in, float m_scale) {
@@ -384,7 +384,7 @@ struct Factored {
 #pragma omp simd
                 for (int64_t c = 0; c < len; ++c) {
                   const T u = factored_u(T(to_math(g[c])) * mult, rq, rr, cv[c], rc[c], eps1_sq, inv_eps1);
-                  m_out[o + c] = float(lerp(T(q8_decode<false>(m_in[o + c], m_scale)), u * step_of_u, m_weight));
+                  m_out[o + c] = float(lerp(T(q8_decode<false>(m_in[o + c], m_scale)), u * -s, m_weight));
                 }
               });
             });

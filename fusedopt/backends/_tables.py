@@ -74,9 +74,8 @@ class _TableCache:
             self._recent.move_to_end(key)
         if capturing:
             self._captured[key] = entry
-        elif device.type == "cuda":
-            with torch.cuda.device(device):
-                entry.host_copy.record_stream(torch.cuda.current_stream())
+        elif device.type == "cuda":  # no-op on the copy's own stream
+            entry.device_buffer.record_stream(torch.cuda.current_stream(device))
         return entry
 
     def put(self, key: tuple, entry):
@@ -110,7 +109,7 @@ class LaunchTables:
     host: Tensor           # the pinned source buffer, kept alive for graph replays
 
     @property
-    def host_copy(self) -> Tensor:
+    def device_buffer(self) -> Tensor:
         """A view of the one device allocation all the tables live in."""
         return self.table
 
@@ -202,7 +201,7 @@ class FactoredTables:
     host: Tensor
 
     @property
-    def host_copy(self) -> Tensor:
+    def device_buffer(self) -> Tensor:
         return self.rows
 
 
@@ -269,7 +268,7 @@ class FactoredTasks:
     host: Tensor
 
     @property
-    def host_copy(self) -> Tensor:
+    def device_buffer(self) -> Tensor:
         return self.packed
 
 
