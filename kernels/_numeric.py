@@ -6,6 +6,8 @@ while GPUs round, and the explicit form gives the same bits on both (and is the
 same formula as csrc/include/fusedopt/numeric.h). fp16 conversion is correct on
 both, so it uses ``.to``.
 """
+import struct
+
 import triton
 import triton.language as tl
 
@@ -24,6 +26,37 @@ FP8_BLOCKED = tl.constexpr(4)  # block-scaled e4m3fn states (kernels/fp8_states.
 #: The interpreter never contracts, so without this the CPU tests would not
 #: test what a GPU runs. (The CUDA backend builds with --fmad=false likewise.)
 EXACT = {"enable_fp_fusion": False}
+
+
+def f64_bits(x) -> int:
+    """Host float `x` as the int64 bit pattern of its fp64 value: how launches
+    pass hyperparameters. A Python float argument reaches a GPU kernel as fp32
+    but stays a Python float under the interpreter (rounded to fp32 where it
+    meets a tensor), so fp64 params would get fp32-rounded hyperparameters and
+    the two would round scalar expressions differently. With the bits, the
+    kernels form their per-step scalars in fp64 and round them once to the
+    math precision (`to_math`), as the C++ headers do, on a GPU and under the
+    interpreter alike. Kernel parameters that take them are annotated
+    ``tl.int64`` and listed in ``do_not_specialize``: the JIT would otherwise
+    compile a variant for bits that are a multiple of 16."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+@triton.jit
+def f64(bits):
+    """The fp64 value of a scalar argument passed as f64_bits."""
+    return tl.cast(bits, tl.int64).to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def to_math(x, P_KIND: tl.constexpr):
+    """fp64 scalar `x` rounded once to the math precision of P_KIND params
+    (fp64 for fp64 params, fp32 otherwise)."""
+    if P_KIND == F64:
+        y = x.to(tl.float64)
+    else:
+        y = x.to(tl.float32)
+    return y
 
 
 @triton.jit
@@ -114,14 +147,18 @@ def store_param(addr, offs, x, mask, KIND: tl.constexpr, SR: tl.constexpr, key):
 
 @triton.jit
 def bias_correction(step, log_beta):
-    """1 - beta^step = 1 - exp(step * log(beta)) as fp32, formed in fp64. In
-    fp32, tl.exp is the GPU's approximate ex2.approx, and the interpreter's
-    numpy exp is not: in fp64 both are accurate to about an fp64 ulp, so once
-    rounded to fp32 they agree but for rare ties (not yet seen on a GPU). Near 0 (step * log(beta) > -0.25) a degree-7 series
-    avoids the cancellation of 1 - exp(x) (truncation < 2e-9 relative)."""
-    x = tl.cast(step, tl.float64) * tl.cast(log_beta, tl.float64)
-    series = -x * (1.0 + x * (0.5 + x * (1.0 / 6 + x * (1.0 / 24 + x * (1.0 / 120 + x * (1.0 / 720 + x / 5040))))))
-    return tl.where(x > -0.25, series, 1.0 - tl.exp(x)).to(tl.float32)
+    """1 - beta^step = 1 - exp(step * log(beta)) in fp64, from log(beta) in
+    fp64 (f64). In fp32, tl.exp is the GPU's approximate ex2.approx, and the
+    interpreter's numpy exp is not: in fp64 both are accurate to about an fp64
+    ulp, so once rounded to fp32 they agree but for rare ties (not yet seen on
+    a GPU). Near 0 (step * log(beta) > -0.25) the series of -expm1(x) to
+    x^14 avoids the cancellation of 1 - exp(x) (truncation < 1e-18 relative:
+    fp64-accurate for fp64 params)."""
+    x = tl.cast(step, tl.float64) * log_beta
+    s = x * 0.0 + 1.0  # expm1(x) = x * (1 + x/2 * (1 + x/3 * (... (1 + x/14))))
+    for k in tl.static_range(14, 1, -1):
+        s = 1.0 + s * (x / k)
+    return tl.where(x > -0.25, -x * s, 1.0 - tl.exp(x))
 
 
 @triton.jit

@@ -17,7 +17,8 @@ _combine_kernel; the scale per tensor comes from reference.adafactor.scales.
 import triton
 import triton.language as tl
 
-from ._numeric import (F32, F64, as_stored, div_ieee, lerp, load_math, load_state, sqrt_ieee, sr_tensor_key,
+from ._numeric import (F32, F64, as_stored, div_ieee, f64, lerp, load_math, load_state, sqrt_ieee, sr_tensor_key,
+                       to_math,
                        store_math, store_param)
 from ._table import address, program_chunk
 from .fp8_states import load_any_state, store_any_state
@@ -37,18 +38,19 @@ ROW_EXP_AVG_SCALE = tl.constexpr(8)
 @triton.jit
 def _lerp_weight(table, n_tensors, t, beta2_decay, ACC: tl.constexpr):
     """1 - beta2_t = step^beta2_decay, from the tensor's own step (>= 1), in
-    the math dtype ACC. Formed in fp64: in fp32, tl.exp and tl.log are the
-    GPU's approximations (ex2/lg2.approx), unlike the interpreter's numpy."""
+    the math dtype ACC. Formed in fp64 (beta2_decay: f64_bits): in fp32,
+    tl.exp and tl.log are the GPU's approximations (ex2/lg2.approx), unlike
+    the interpreter's numpy."""
     step = tl.load(address(table, ROW_STEP, n_tensors, t).to(tl.pointer_type(tl.float32))).to(tl.float64)
-    return tl.exp(tl.cast(beta2_decay, tl.float64) * tl.log(step)).to(ACC)
+    return tl.exp(f64(beta2_decay) * tl.log(step)).to(ACC)
 
 
 @triton.jit
-def _square32(x):
-    """x * x in fp32. Formed in the kernel from eps1 (an fp32 argument): eps1^2
-    may lie below fp32's normal range, where a Python float would become fp64."""
-    x = tl.cast(x, tl.float32)
-    return x * x
+def _eps1_scalars(eps1, P_KIND: tl.constexpr):
+    """eps1, eps1^2 and 1 / eps1 in the math precision, each formed in fp64
+    from eps1's f64_bits and rounded once (csrc/cpu/adafactor.cpp)."""
+    e = f64(eps1)
+    return to_math(e, P_KIND), to_math(e * e, P_KIND), to_math(1.0 / e, P_KIND)
 
 
 @triton.jit
@@ -67,15 +69,15 @@ def _u(g, var_est, eps1_sq, KIND: tl.constexpr):
     return div_ieee(1.0, sqrt_ieee(tl.where(var_est < eps1_sq, eps1_sq, var_est), KIND), KIND) * g
 
 
-@triton.jit
-def _vector_stats(table, numels, chunk_tensor, chunk_start, n_tensors, n_chunks, beta2_decay, eps1,
+@triton.jit(do_not_specialize=["beta2_decay", "eps1"])
+def _vector_stats(table, numels, chunk_tensor, chunk_start, n_tensors, n_chunks, beta2_decay: tl.int64, eps1: tl.int64,
                   grad_mult_ptr, found_inf_ptr, partials,
                   P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr, GRAD_MULT: tl.constexpr,
                   MAXIMIZE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     t, start, end = program_chunk(chunk_tensor, chunk_start, numels, found_inf_ptr, CHUNK, HAS_FOUND_INF)
     W_KIND: tl.constexpr = F32 if MASTER else P_KIND  # the working copy: the master, or the param
     ACC: tl.constexpr = tl.float64 if P_KIND == F64 else tl.float32
-    eps1_sq = _square32(eps1)
+    _, eps1_sq, _ = _eps1_scalars(eps1, P_KIND)
     work = address(table, ROW_MASTER if MASTER else ROW_PARAM, n_tensors, t)
     grad = address(table, ROW_GRAD, n_tensors, t)
     variance = address(table, ROW_VARIANCE, n_tensors, t)
@@ -98,8 +100,8 @@ def _vector_stats(table, numels, chunk_tensor, chunk_start, n_tensors, n_chunks,
     tl.store(partials + n_chunks + c, tl.sum(u_acc, axis=0).to(tl.float64))
 
 
-@triton.jit
-def _row_stats(table, n_tensors, prog_tensor, prog_row0, rows, cols, numels, beta2_decay, grad_mult_ptr,
+@triton.jit(do_not_specialize=["beta2_decay"])
+def _row_stats(table, n_tensors, prog_tensor, prog_row0, rows, cols, numels, beta2_decay: tl.int64, grad_mult_ptr,
                found_inf_ptr, p_partials,
                P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr, GRAD_MULT: tl.constexpr,
                MAXIMIZE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, RB: tl.constexpr, CB: tl.constexpr):
@@ -133,8 +135,9 @@ def _row_stats(table, n_tensors, prog_tensor, prog_row0, rows, cols, numels, bet
     tl.store(p_partials + pid, tl.sum(p_acc, axis=0).to(tl.float64))
 
 
-@triton.jit
-def _col_stats(table, n_tensors, prog_tensor, prog_batch, prog_col0, prog_slice, rows, cols, beta2_decay, eps1,
+@triton.jit(do_not_specialize=["beta2_decay", "eps1"])
+def _col_stats(table, n_tensors, prog_tensor, prog_batch, prog_col0, prog_slice, rows, cols, beta2_decay: tl.int64,
+               eps1: tl.int64,
                grad_mult_ptr, found_inf_ptr, rmean,
                P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr, GRAD_MULT: tl.constexpr,
                MAXIMIZE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, RB: tl.constexpr, CB: tl.constexpr):
@@ -165,14 +168,15 @@ def _col_stats(table, n_tensors, prog_tensor, prog_batch, prog_col0, prog_slice,
     cv = lerp(load_state(col_var, b * C + cc, live, S_KIND, P_KIND), div_ieee(col_acc, R.to(ACC), P_KIND), w)
     store_math(col_var, b * C + cc, cv, live, S_KIND)
     mean = div_ieee(tl.sum(rv_acc, axis=0), R.to(ACC), P_KIND)
+    eps1, _, _ = _eps1_scalars(eps1, P_KIND)
     mean = tl.where(mean < eps1, eps1, mean)
     slot = tl.load(prog_slice + pid) + tl.arange(0, 1)
     writer = tl.where((c0 == 0) & (R > 0), 1, 0)  # one program per slice writes
-    tl.store(rmean + slot, tl.zeros([1], tl.float32) + mean, mask=tl.arange(0, 1) < writer)
+    tl.store(rmean + slot, tl.zeros([1], ACC) + mean, mask=tl.arange(0, 1) < writer)
 
 
 @triton.jit
-def _factored_u(grad, row_var, col_var, rmean, slice0, offs, mask, R, C, eps1_sq, grad_mult_ptr,
+def _factored_u(grad, row_var, col_var, rmean, slice0, offs, mask, R, C, eps1_sq, inv_eps1, grad_mult_ptr,
                 P_KIND: tl.constexpr, S_KIND: tl.constexpr, W_KIND: tl.constexpr, GRAD_MULT: tl.constexpr,
                 MAXIMIZE: tl.constexpr):
     """u = g * (rowq * col < eps1^2 ? 1 / eps1 : rsqrt(rowq) * rsqrt(col)), rowq = row / rmean:
@@ -185,12 +189,13 @@ def _factored_u(grad, row_var, col_var, rmean, slice0, offs, mask, R, C, eps1_sq
     rowq = div_ieee(row, tl.load(rmean + slice0 + b, mask=mask, other=1.0), W_KIND)
     col = load_state(col_var, b * C + c, mask, S_KIND, P_KIND)
     factor = div_ieee(1.0, sqrt_ieee(rowq, W_KIND), W_KIND) * div_ieee(1.0, sqrt_ieee(col, W_KIND), W_KIND)
-    factor = tl.where(rowq * col < eps1_sq, div_ieee(1.0, sqrt_ieee(eps1_sq, F32), F32), factor)
+    factor = tl.where(rowq * col < eps1_sq, inv_eps1, factor)
     return _grad(grad, offs, mask, grad_mult_ptr, P_KIND, GRAD_MULT, MAXIMIZE) * factor
 
 
-@triton.jit
-def _factored_unorm(table, numels, chunk_tensor, chunk_start, n_tensors, rows, cols, slice_first, rmean, eps1,
+@triton.jit(do_not_specialize=["eps1"])
+def _factored_unorm(table, numels, chunk_tensor, chunk_start, n_tensors, rows, cols, slice_first, rmean,
+                    eps1: tl.int64,
                     grad_mult_ptr, found_inf_ptr, partials,
                     P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr, GRAD_MULT: tl.constexpr,
                     MAXIMIZE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
@@ -203,20 +208,21 @@ def _factored_unorm(table, numels, chunk_tensor, chunk_start, n_tensors, rows, c
     R = tl.load(rows + t)
     C = tl.load(cols + t)
     slice0 = tl.load(slice_first + t)
-    eps1_sq = _square32(eps1)
+    _, eps1_sq, inv_eps1 = _eps1_scalars(eps1, P_KIND)
     u_acc = tl.zeros([BLOCK], ACC)
     for off in range(0, end, BLOCK):
         in_chunk = off + tl.arange(0, BLOCK)
         mask = in_chunk < end
-        u = _factored_u(grad, row_var, col_var, rmean, slice0, start + in_chunk, mask, R, C, eps1_sq, grad_mult_ptr,
-                        P_KIND, S_KIND, W_KIND, GRAD_MULT, MAXIMIZE)
+        u = _factored_u(grad, row_var, col_var, rmean, slice0, start + in_chunk, mask, R, C, eps1_sq, inv_eps1,
+                        grad_mult_ptr, P_KIND, S_KIND, W_KIND, GRAD_MULT, MAXIMIZE)
         u_acc += tl.where(mask, u * u, 0.0)
     tl.store(partials + tl.program_id(0), tl.sum(u_acc, axis=0).to(tl.float64))
 
 
-@triton.jit
-def _apply(table, numels, chunk_tensor, chunk_start, n_tensors, rows, cols, slice_first, rmean, eps1, lr, lr_ptr,
-           weight_decay, one_minus_beta1, scale_ptr, grad_mult_ptr, found_inf_ptr, sr_seed,
+@triton.jit(do_not_specialize=["eps1", "lr", "weight_decay", "one_minus_beta1"])
+def _apply(table, numels, chunk_tensor, chunk_start, n_tensors, rows, cols, slice_first, rmean, eps1: tl.int64,
+           lr: tl.int64, lr_ptr, weight_decay: tl.int64, one_minus_beta1: tl.int64, scale_ptr, grad_mult_ptr,
+           found_inf_ptr, sr_seed,
            SR: tl.constexpr, P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr,
            GRAD_MULT: tl.constexpr, MAXIMIZE: tl.constexpr, FACTORED: tl.constexpr, BETA1: tl.constexpr,
            M_KIND: tl.constexpr, LR_IS_PTR: tl.constexpr, HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr,
@@ -234,10 +240,13 @@ def _apply(table, numels, chunk_tensor, chunk_start, n_tensors, rows, cols, slic
     variance = address(table, ROW_VARIANCE, n_tensors, t)
     row_var = address(table, ROW_ROW_VAR, n_tensors, t)
     col_var = address(table, ROW_COL_VAR, n_tensors, t)
-    if LR_IS_PTR:
-        lr = tl.load(lr_ptr)
-    decay = 1.0 - lr * weight_decay
-    eps1_sq = _square32(eps1)
+    if LR_IS_PTR:  # the scalars in fp64 (f64_bits), rounded once, as csrc/cpu/adafactor.cpp
+        lr64 = tl.load(lr_ptr).to(tl.float64)
+    else:
+        lr64 = f64(lr)
+    decay = to_math(1.0 - lr64 * f64(weight_decay), P_KIND)
+    one_minus_beta1 = to_math(f64(one_minus_beta1), P_KIND)
+    _, eps1_sq, inv_eps1 = _eps1_scalars(eps1, P_KIND)
     scale = tl.load(scale_ptr + t)
     R = tl.load(rows + t)
     C = tl.load(cols + t)
@@ -250,7 +259,7 @@ def _apply(table, numels, chunk_tensor, chunk_start, n_tensors, rows, cols, slic
         offs = start + in_chunk
         mask = in_chunk < end
         if FACTORED:
-            u = _factored_u(grad, row_var, col_var, rmean, slice0, offs, mask, R, C, eps1_sq, grad_mult_ptr,
+            u = _factored_u(grad, row_var, col_var, rmean, slice0, offs, mask, R, C, eps1_sq, inv_eps1, grad_mult_ptr,
                             P_KIND, S_KIND, W_KIND, GRAD_MULT, MAXIMIZE)
         else:
             u = _u(_grad(grad, offs, mask, grad_mult_ptr, P_KIND, GRAD_MULT, MAXIMIZE),

@@ -23,8 +23,8 @@ import math
 import triton
 import triton.language as tl
 
-from ._numeric import (EXACT, F32, F64, FP8_BLOCKED, bias_correction, div_ieee, lerp, load_math, load_state,
-                       sqrt_ieee, sr_tensor_key, store_math, store_param)
+from ._numeric import (EXACT, F32, F64, FP8_BLOCKED, bias_correction, div_ieee, f64, f64_bits, lerp, load_math,
+                       load_state, sqrt_ieee, sr_tensor_key, store_math, store_param, to_math)
 from ._table import (ROW_EXP_AVG, ROW_EXP_AVG_SCALE, ROW_EXP_AVG_SQ, ROW_EXP_AVG_SQ_SCALE, ROW_FP8, ROW_FP8_SCALE,
                      ROW_GRAD, ROW_MASTER, ROW_MAX_EXP_AVG_SQ, ROW_MAX_EXP_AVG_SQ_SCALE, ROW_PARAM, ROW_STEP, address,
                      program_chunk)
@@ -33,10 +33,12 @@ from .fp8_states import load_fp8_state, store_fp8_state
 from .norms import _combine_kernel
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["lr", "weight_decay", "lerp_w", "beta2", "one_minus_beta2", "eps", "log_beta1",
+                               "log_beta2"])
 def _adamw_kernel(
     table, numels, chunk_tensor, chunk_start, n_tensors,
-    lr, lr_ptr, weight_decay, lerp_w, beta2, one_minus_beta2, eps, log_beta1, log_beta2,
+    lr: tl.int64, lr_ptr, weight_decay: tl.int64, lerp_w: tl.int64, beta2: tl.int64, one_minus_beta2: tl.int64,
+    eps: tl.int64, log_beta1: tl.int64, log_beta2: tl.int64,
     grad_mult_ptr, found_inf_ptr, sr_seed, fp8_partials,
     P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     LR_IS_PTR: tl.constexpr, HAS_GRAD_MULT: tl.constexpr, HAS_FOUND_INF: tl.constexpr, SR: tl.constexpr,
@@ -63,21 +65,19 @@ def _adamw_kernel(
     step_addr = address(table, ROW_STEP, n_tensors, t)
     step = tl.load(step_addr.to(tl.pointer_type(tl.float32)))
 
-    # Per-tensor scalars, as adamw_scalars() in adamw.h.
+    # Per-tensor scalars, as adamw_scalars() in adamw.h: in fp64 from the
+    # hyperparameters' fp64 bits (f64_bits), each rounded once to the math precision.
     if LR_IS_PTR:
-        lr = tl.load(lr_ptr)
-    bc1 = bias_correction(step, log_beta1)
-    bc2 = bias_correction(step, log_beta2)
-    step_size = div_ieee(lr, bc1, F32)
-    bc2_sqrt = sqrt_ieee(bc2, F32)
-    if P_KIND == F64:
-        # fp64 params: the decay factor multiplies p itself, so it is formed in
-        # fp64 (the bias corrections only scale the update: fp32 is plenty).
-        decay = 1.0 - tl.cast(lr, tl.float64) * tl.cast(weight_decay, tl.float64)
-        step_size = step_size.to(tl.float64)
-        bc2_sqrt = bc2_sqrt.to(tl.float64)
+        lr64 = tl.load(lr_ptr).to(tl.float64)
     else:
-        decay = 1.0 - lr * weight_decay
+        lr64 = f64(lr)
+    decay = to_math(1.0 - lr64 * f64(weight_decay), P_KIND)
+    lerp_w = to_math(f64(lerp_w), P_KIND)
+    beta2 = to_math(f64(beta2), P_KIND)
+    one_minus_beta2 = to_math(f64(one_minus_beta2), P_KIND)
+    eps = to_math(f64(eps), P_KIND)
+    step_size = to_math(lr64 / bias_correction(step, f64(log_beta1)), P_KIND)
+    bc2_sqrt = to_math(tl.sqrt(bias_correction(step, f64(log_beta2))), P_KIND)  # fp64 sqrt is IEEE on GPUs
 
     sr_key = 0
     if SR:  # the stochastic-rounding key of this tensor
@@ -171,9 +171,9 @@ def launch_adamw(tables, *, p_kind, s_kind, master, amsgrad, maximize, lr, lr_te
     dummy = tables.numel  # any tensor: stands in for absent pointer arguments
     _adamw_kernel[(tables.n_chunks,)](
         tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.n_tensors,
-        float(lr), dummy if lr_tensor is None else lr_tensor, float(weight_decay),
-        1.0 - beta1, float(beta2), 1.0 - beta2, float(eps), math.log(beta1) if beta1 > 0 else -math.inf,
-        math.log(beta2) if beta2 > 0 else -math.inf,
+        f64_bits(0.0 if lr_tensor is not None else lr), dummy if lr_tensor is None else lr_tensor,
+        f64_bits(weight_decay), f64_bits(1.0 - beta1), f64_bits(beta2), f64_bits(1.0 - beta2), f64_bits(eps),
+        f64_bits(math.log(beta1) if beta1 > 0 else -math.inf), f64_bits(math.log(beta2) if beta2 > 0 else -math.inf),
         dummy if grad_mult is None else grad_mult, dummy if found_inf is None else found_inf,
         0 if sr_seed is None else sr_seed, fp8_partials,
         P_KIND=p_kind, S_KIND=s_kind, MASTER=master, AMSGRAD=amsgrad, MAXIMIZE=maximize,

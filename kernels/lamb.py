@@ -18,8 +18,8 @@ import math
 import triton
 import triton.language as tl
 
-from ._numeric import (EXACT, F32, F64, bias_correction, div_ieee, load_math, sqrt_ieee, sr_tensor_key, store_math,
-                       store_param)
+from ._numeric import (EXACT, F32, F64, bias_correction, div_ieee, f64, f64_bits, load_math, sqrt_ieee, sr_tensor_key,
+                       store_math, store_param, to_math)
 from ._table import (ROW_EXP_AVG, ROW_EXP_AVG_SCALE, ROW_EXP_AVG_SQ, ROW_EXP_AVG_SQ_SCALE, ROW_GRAD, ROW_MASTER,
                      ROW_PARAM, ROW_STEP, address, program_chunk)
 from .fp8_states import load_any_state, store_any_state
@@ -27,15 +27,18 @@ from .norms import _combine_kernel
 
 
 @triton.jit
-def _bias_corrections(table, n_tensors, t, log_beta1, log_beta2, BIAS_CORRECTION: tl.constexpr):
+def _bias_corrections(table, n_tensors, t, log_beta1, log_beta2, P_KIND: tl.constexpr,
+                      BIAS_CORRECTION: tl.constexpr):
+    """1 - beta1^step and 1 - beta2^step (or 1 and 1) in the math precision,
+    as lamb_scalars() in lamb.h; log_beta*: f64_bits."""
     step = tl.load(address(table, ROW_STEP, n_tensors, t).to(tl.pointer_type(tl.float32)))
     if BIAS_CORRECTION:
-        bc1 = bias_correction(step, log_beta1)
-        bc2 = bias_correction(step, log_beta2)
+        bc1 = bias_correction(step, f64(log_beta1))
+        bc2 = bias_correction(step, f64(log_beta2))
     else:
-        bc1 = step * 0.0 + 1.0
-        bc2 = step * 0.0 + 1.0
-    return bc1, bc2
+        bc1 = step.to(tl.float64) * 0.0 + 1.0
+        bc2 = bc1
+    return to_math(bc1, P_KIND), to_math(bc2, P_KIND)
 
 
 @triton.jit
@@ -46,11 +49,12 @@ def _direction(p, m, v, bc1, bc2, eps, weight_decay, ADAM_W: tl.constexpr, KIND:
     return u
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["beta1", "beta3", "beta2", "one_minus_beta2", "log_beta1", "log_beta2", "eps",
+                               "weight_decay"])
 def _lamb_moments_kernel(
     table, numels, chunk_tensor, chunk_start, n_tensors, n_chunks,
-    beta1, beta3, beta2, one_minus_beta2, log_beta1, log_beta2, eps, weight_decay, grad_mult_ptr, found_inf_ptr,
-    partials,
+    beta1: tl.int64, beta3: tl.int64, beta2: tl.int64, one_minus_beta2: tl.int64, log_beta1: tl.int64,
+    log_beta2: tl.int64, eps: tl.int64, weight_decay: tl.int64, grad_mult_ptr, found_inf_ptr, partials,
     P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr, GRAD_MULT: tl.constexpr, ADAM_W: tl.constexpr,
     MAXIMIZE: tl.constexpr, BIAS_CORRECTION: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
@@ -63,7 +67,13 @@ def _lamb_moments_kernel(
     exp_avg_sq = address(table, ROW_EXP_AVG_SQ, n_tensors, t)
     m_scales = address(table, ROW_EXP_AVG_SCALE, n_tensors, t)  # FP8 states only (else 0)
     v_scales = address(table, ROW_EXP_AVG_SQ_SCALE, n_tensors, t)
-    bc1, bc2 = _bias_corrections(table, n_tensors, t, log_beta1, log_beta2, BIAS_CORRECTION)
+    bc1, bc2 = _bias_corrections(table, n_tensors, t, log_beta1, log_beta2, P_KIND, BIAS_CORRECTION)
+    beta1 = to_math(f64(beta1), P_KIND)  # the scalars of lamb_scalars() in lamb.h
+    beta3 = to_math(f64(beta3), P_KIND)
+    beta2 = to_math(f64(beta2), P_KIND)
+    one_minus_beta2 = to_math(f64(one_minus_beta2), P_KIND)
+    eps = to_math(f64(eps), P_KIND)
+    weight_decay = to_math(f64(weight_decay), P_KIND)
     ACC: tl.constexpr = tl.float64 if P_KIND == F64 else tl.float32
     p_acc = tl.zeros([BLOCK], ACC)
     u_acc = tl.zeros([BLOCK], ACC)
@@ -93,10 +103,11 @@ def _lamb_moments_kernel(
     tl.store(partials + n_chunks + c, tl.sum(u_acc, axis=0).to(tl.float64))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["log_beta1", "log_beta2", "eps", "weight_decay"])
 def _lamb_apply_kernel(
     table, numels, chunk_tensor, chunk_start, n_tensors,
-    log_beta1, log_beta2, eps, weight_decay, ratio_ptr, found_inf_ptr, sr_seed,
+    log_beta1: tl.int64, log_beta2: tl.int64, eps: tl.int64, weight_decay: tl.int64, ratio_ptr, found_inf_ptr,
+    sr_seed,
     P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr, ADAM_W: tl.constexpr,
     BIAS_CORRECTION: tl.constexpr, SR: tl.constexpr, HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -109,7 +120,9 @@ def _lamb_apply_kernel(
     exp_avg_sq = address(table, ROW_EXP_AVG_SQ, n_tensors, t)
     m_scales = address(table, ROW_EXP_AVG_SCALE, n_tensors, t)
     v_scales = address(table, ROW_EXP_AVG_SQ_SCALE, n_tensors, t)
-    bc1, bc2 = _bias_corrections(table, n_tensors, t, log_beta1, log_beta2, BIAS_CORRECTION)
+    bc1, bc2 = _bias_corrections(table, n_tensors, t, log_beta1, log_beta2, P_KIND, BIAS_CORRECTION)
+    eps = to_math(f64(eps), P_KIND)
+    weight_decay = to_math(f64(weight_decay), P_KIND)
     ratio = tl.load(ratio_ptr + t)
     sr_key = 0
     if SR:
@@ -129,7 +142,8 @@ def _lamb_apply_kernel(
 
 
 def _log(beta):
-    return math.log(beta) if beta > 0 else -math.inf
+    """log(beta) as f64_bits."""
+    return f64_bits(math.log(beta) if beta > 0 else -math.inf)
 
 
 def launch_lamb_moments(tables, p_sums, u_sums, *, p_kind, s_kind, master, beta1, beta2, eps, weight_decay,
@@ -142,8 +156,8 @@ def launch_lamb_moments(tables, p_sums, u_sums, *, p_kind, s_kind, master, beta1
     dummy = tables.numel
     _lamb_moments_kernel[(tables.n_chunks,)](
         tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.n_tensors, tables.n_chunks,
-        float(beta1), 1.0 - beta1 if grad_averaging else 1.0, float(beta2), 1.0 - beta2, _log(beta1), _log(beta2),
-        float(eps), float(weight_decay), dummy if grad_mult is None else grad_mult,
+        f64_bits(beta1), f64_bits(1.0 - beta1 if grad_averaging else 1.0), f64_bits(beta2), f64_bits(1.0 - beta2),
+        _log(beta1), _log(beta2), f64_bits(eps), f64_bits(weight_decay), dummy if grad_mult is None else grad_mult,
         dummy if found_inf is None else found_inf, partials,
         P_KIND=p_kind, S_KIND=s_kind, MASTER=master, GRAD_MULT=grad_mult is not None, ADAM_W=adam_w_mode,
         MAXIMIZE=maximize, BIAS_CORRECTION=bias_correction, HAS_FOUND_INF=found_inf is not None,
@@ -160,7 +174,8 @@ def launch_lamb_apply(tables, ratio, *, p_kind, s_kind, master, beta1, beta2, ep
     dummy = tables.numel
     _lamb_apply_kernel[(tables.n_chunks,)](
         tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.n_tensors,
-        _log(beta1), _log(beta2), float(eps), float(weight_decay), ratio, dummy if found_inf is None else found_inf,
+        _log(beta1), _log(beta2), f64_bits(eps), f64_bits(weight_decay), ratio,
+        dummy if found_inf is None else found_inf,
         0 if sr_seed is None else sr_seed,
         P_KIND=p_kind, S_KIND=s_kind, MASTER=master, ADAM_W=adam_w_mode, BIAS_CORRECTION=bias_correction,
         SR=sr_seed is not None,

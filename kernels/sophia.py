@@ -16,16 +16,17 @@ re-encoded with fresh ones.
 import triton
 import triton.language as tl
 
-from ._numeric import EXACT, F32, div_ieee, load_math, sr_tensor_key, store_math, store_param
+from ._numeric import EXACT, F32, div_ieee, f64, f64_bits, load_math, sr_tensor_key, store_math, store_param, to_math
 from ._table import (ROW_EXP_AVG, ROW_EXP_AVG_SCALE, ROW_EXP_AVG_SQ, ROW_EXP_AVG_SQ_SCALE, ROW_GRAD, ROW_MASTER,
                      ROW_PARAM, address, program_chunk)
 from .fp8_states import load_any_state as _load
 from .fp8_states import store_any_state as _store
 
 
-@triton.jit
-def _step_kernel(table, numels, chunk_tensor, chunk_start, n_tensors, lr, lr_ptr, beta1, one_minus_beta1, rho_bs,
-                 weight_decay, grad_mult_ptr, found_inf_ptr, sr_seed,
+@triton.jit(do_not_specialize=["lr", "beta1", "one_minus_beta1", "rho_bs", "weight_decay"])
+def _step_kernel(table, numels, chunk_tensor, chunk_start, n_tensors, lr: tl.int64, lr_ptr, beta1: tl.int64,
+                 one_minus_beta1: tl.int64, rho_bs: tl.int64, weight_decay: tl.int64, grad_mult_ptr, found_inf_ptr,
+                 sr_seed,
                  P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr, GRAD_MULT: tl.constexpr,
                  MAXIMIZE: tl.constexpr, SR: tl.constexpr, LR_IS_PTR: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
                  CHUNK: tl.constexpr, BLOCK: tl.constexpr):
@@ -38,9 +39,16 @@ def _step_kernel(table, numels, chunk_tensor, chunk_start, n_tensors, lr, lr_ptr
     hessian = address(table, ROW_EXP_AVG_SQ, n_tensors, t)
     m_scales = address(table, ROW_EXP_AVG_SCALE, n_tensors, t)  # FP8 states only (else 0)
     h_scales = address(table, ROW_EXP_AVG_SQ_SCALE, n_tensors, t)
+    # the scalars of sophia_scalars() in sophia.h: fp64 (f64_bits), rounded once
     if LR_IS_PTR:
-        lr = tl.load(lr_ptr)
-    decay = 1.0 - lr * weight_decay
+        lr64 = tl.load(lr_ptr).to(tl.float64)
+    else:
+        lr64 = f64(lr)
+    decay = to_math(1.0 - lr64 * f64(weight_decay), P_KIND)
+    neg_lr = to_math(-lr64, P_KIND)
+    beta1 = to_math(f64(beta1), P_KIND)
+    one_minus_beta1 = to_math(f64(one_minus_beta1), P_KIND)
+    rho_bs = to_math(f64(rho_bs), P_KIND)
     sr_key = 0
     if SR:
         sr_key = sr_tensor_key(sr_seed, t)
@@ -59,17 +67,19 @@ def _step_kernel(table, numels, chunk_tensor, chunk_start, n_tensors, lr, lr_ptr
                          W_KIND)
         ratio = tl.where(ratio > 1.0, 1.0, ratio)  # NaN stays NaN, as torch.clamp
         sign_m = (m > 0).to(m.dtype) - (m < 0).to(m.dtype)
-        p = tl.fma(-lr * sign_m, ratio, p)
+        p = tl.fma(neg_lr * sign_m, ratio, p)
         _store(exp_avg, m_scales, offs, m, mask, False, S_KIND, BLOCK)
         if MASTER:
             store_math(work, offs, p, mask, W_KIND)
         store_param(param, offs, p, mask, P_KIND, SR, sr_key)
 
 
-@triton.jit
-def _hessian_kernel(table, numels, chunk_tensor, chunk_start, n_tensors, beta2, one_minus_beta2,
+@triton.jit(do_not_specialize=["beta2", "one_minus_beta2"])
+def _hessian_kernel(table, numels, chunk_tensor, chunk_start, n_tensors, beta2: tl.int64, one_minus_beta2: tl.int64,
                     P_KIND: tl.constexpr, S_KIND: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     t, start, end = program_chunk(chunk_tensor, chunk_start, numels, numels, CHUNK, False)
+    beta2 = to_math(f64(beta2), P_KIND)
+    one_minus_beta2 = to_math(f64(one_minus_beta2), P_KIND)
     grad = address(table, ROW_GRAD, n_tensors, t)
     hessian = address(table, ROW_EXP_AVG_SQ, n_tensors, t)
     h_scales = address(table, ROW_EXP_AVG_SQ_SCALE, n_tensors, t)
@@ -87,8 +97,8 @@ def launch_step(tables, *, p_kind, s_kind, master, lr, lr_tensor, beta1, rho_bs,
     dummy = tables.numel
     _step_kernel[(tables.n_chunks,)](
         tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.n_tensors,
-        0.0 if lr_tensor is not None else float(lr), dummy if lr_tensor is None else lr_tensor, float(beta1),
-        1.0 - beta1, float(rho_bs), float(weight_decay), dummy if grad_mult is None else grad_mult,
+        f64_bits(0.0 if lr_tensor is not None else lr), dummy if lr_tensor is None else lr_tensor, f64_bits(beta1),
+        f64_bits(1.0 - beta1), f64_bits(rho_bs), f64_bits(weight_decay), dummy if grad_mult is None else grad_mult,
         dummy if found_inf is None else found_inf, 0 if sr_seed is None else sr_seed,
         P_KIND=p_kind, S_KIND=s_kind, MASTER=master, GRAD_MULT=grad_mult is not None, MAXIMIZE=maximize,
         SR=sr_seed is not None,
@@ -98,5 +108,6 @@ def launch_step(tables, *, p_kind, s_kind, master, lr, lr_tensor, beta1, rho_bs,
 
 def launch_hessian(tables, *, p_kind, s_kind, beta2, block, num_warps):
     _hessian_kernel[(tables.n_chunks,)](
-        tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.n_tensors, float(beta2),
-        1.0 - beta2, P_KIND=p_kind, S_KIND=s_kind, CHUNK=tables.chunk_size, BLOCK=block, num_warps=num_warps, **EXACT)
+        tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.n_tensors, f64_bits(beta2),
+        f64_bits(1.0 - beta2), P_KIND=p_kind, S_KIND=s_kind, CHUNK=tables.chunk_size, BLOCK=block,
+        num_warps=num_warps, **EXACT)

@@ -55,5 +55,28 @@ def assert_same_state(a_opt, a_params, b_opt, b_params, *, atol=0.0, rtol=0.0, k
                                    check_dtype=True, msg=lambda m, k=k: f"state {k}: {m}")
 
 
+_BITS = {torch.bfloat16: (torch.int16, 0x7FFF), torch.float16: (torch.int16, 0x7FFF),
+         torch.float32: (torch.int32, 0x7FFFFFFF), torch.float64: (torch.int64, 0x7FFFFFFFFFFFFFFF)}
+
+
+def ulps_apart(a, b):
+    """Elementwise count of representable values between a and b (same dtype):
+    0 where equal (+0 and -0 alike, NaN and NaN alike), 1 for neighbours."""
+    assert a.dtype == b.dtype, (a.dtype, b.dtype)
+    int_dtype, magnitude = _BITS[a.dtype]
+
+    def ordered(x):  # sign-magnitude bits -> integers in the floats' order
+        i = x.detach().contiguous().view(int_dtype).to(torch.int64)
+        return torch.where(i < 0, -(i & magnitude), i)
+
+    distance = (ordered(a) - ordered(b)).abs()
+    return torch.where(a.isnan() & b.isnan(), 0, distance)
+
+
+def assert_within_ulps(a, b, n):
+    far = ulps_apart(a, b)
+    assert far.numel() == 0 or far.max().item() <= n, f"{(far > n).sum().item()} elements more than {n} ulps apart (max {far.max().item()})"
+
+
 def ulp(dtype):
     return {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float32: 2.0**-23, torch.float64: 2.0**-52}[dtype]

@@ -50,8 +50,8 @@ def test_bf16_states_match_reference(backend, name, storage):
     """Kernels store the same bf16 states as the reference, bit for bit (the
     same operations in the same order, each state rounded once to nearest
     even where it is stored, and read back as stored), and the params agree
-    within DESIGN's fp32 tolerance (LAMB's and Adafactor's norms sum in
-    another order; triton forms its per-tensor scalars in fp32)."""
+    within the project's fp32 tolerance (LAMB's and Adafactor's norms sum in
+    another order)."""
     cls, kw = OPTIMIZERS[name]
     dtype, master = storage
     a, b = make_params(SHAPES, dtype=dtype), make_params(SHAPES, dtype=dtype)

@@ -43,6 +43,9 @@ _POINTEE = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16",
             torch.bool: "i1", torch.float8_e4m3fn: "fp8e4nv", torch.float8_e5m2: "fp8e5"}
 
 
+_ANNOTATED = {"int64": "i64"}  # str(tl.int64): the signature type of a parameter annotated with it
+
+
 def _arg_type(value) -> str:
     """Triton's signature type of a runtime argument, as its JIT specialises it
     (but for the int 1: _launch_spec)."""
@@ -64,8 +67,13 @@ def _launch_spec(fn, args, kwargs) -> dict:
     signature, constexprs = {}, {}
     for name, param in sig.parameters.items():
         value = bound.arguments.get(name, param.default)
-        # the JIT also makes an int argument equal to 1 a constexpr (triton 3.6 and 3.9)
-        if "constexpr" in str(param.annotation) or value is None or (type(value) is int and value == 1):
+        # the JIT also makes an int argument equal to 1 a constexpr (triton 3.6 and 3.9), unless the
+        # parameter is annotated with a type (the f64_bits scalars: tl.int64), which it then takes
+        if "constexpr" in str(param.annotation):
+            signature[name], constexprs[name] = "constexpr", value
+        elif param.annotation is not inspect.Parameter.empty:
+            signature[name] = _ANNOTATED[str(param.annotation)]
+        elif value is None or (type(value) is int and value == 1):
             signature[name], constexprs[name] = "constexpr", value
         else:
             signature[name] = _arg_type(value)

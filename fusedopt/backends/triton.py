@@ -137,7 +137,8 @@ FACTOR_COLS = 128
 
 def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize, beta1, grad_mult, found_inf):
     kernels = shipped_module("kernels", "adafactor")
-    exact = shipped_module("kernels", "_numeric").EXACT  # launch options: no FP contraction
+    numeric = shipped_module("kernels", "_numeric")
+    exact, bits = numeric.EXACT, numeric.f64_bits  # launch options: no FP contraction; how scalars travel
     combine = shipped_module("kernels", "norms")._combine_kernel
     device = bucket.device
     block, chunk = _sizes(bucket)
@@ -152,42 +153,44 @@ def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize,
     pointers = dict(grad_mult_ptr=dummy if grad_mult is None else grad_mult,
                     found_inf_ptr=dummy if found_inf is None else found_inf)
     head = (tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, n)
+    math_dtype = torch.float64 if bucket.dtype == torch.float64 else torch.float32  # rmean's and the scale's
     p_sq = torch.empty(n, dtype=torch.float64, device=device)
     u_sq = torch.empty_like(p_sq)
     if bucket.kind:  # tensors of 2+ dims
         ft = _tables.factored_tables([p.shape for p in bucket.params], device, FACTOR_ROWS, FACTOR_COLS)
         rows, cols, slice_first = ft.rows, ft.cols, ft.slice_first
-        rmean = torch.empty(ft.n_slices, dtype=torch.float32, device=device)
+        rmean = torch.empty(ft.n_slices, dtype=math_dtype, device=device)
         p_part = torch.empty(len(ft.row_tensor), dtype=torch.float64, device=device)
         kernels._row_stats[(len(ft.row_tensor),)](
-            tables.table, n, ft.row_tensor, ft.row_start, rows, cols, tables.numel, beta2_decay,
+            tables.table, n, ft.row_tensor, ft.row_start, rows, cols, tables.numel, bits(beta2_decay),
             pointers["grad_mult_ptr"], pointers["found_inf_ptr"], p_part, **flags, RB=FACTOR_ROWS, CB=FACTOR_COLS,
             num_warps=NUM_WARPS, **exact)
         combine[(n,)](p_part, ft.row_first, p_sq, IS_MAX=False, BLOCK=256, num_warps=NUM_WARPS, **exact)
         kernels._col_stats[(len(ft.col_tensor),)](
-            tables.table, n, ft.col_tensor, ft.col_batch, ft.col_start, ft.col_slice, rows, cols, beta2_decay, eps1,
+            tables.table, n, ft.col_tensor, ft.col_batch, ft.col_start, ft.col_slice, rows, cols, bits(beta2_decay), bits(eps1),
             pointers["grad_mult_ptr"], pointers["found_inf_ptr"], rmean, **flags, RB=FACTOR_ROWS, CB=FACTOR_COLS,
             num_warps=NUM_WARPS, **exact)
         u_part = torch.empty(n_chunks, dtype=torch.float64, device=device)
         kernels._factored_unorm[(n_chunks,)](
-            *head, rows, cols, slice_first, rmean, eps1, pointers["grad_mult_ptr"], pointers["found_inf_ptr"],
+            *head, rows, cols, slice_first, rmean, bits(eps1), pointers["grad_mult_ptr"], pointers["found_inf_ptr"],
             u_part, **flags, CHUNK=tables.chunk_size, BLOCK=block, num_warps=NUM_WARPS, **exact)
         combine[(n,)](u_part, tables.chunk_first, u_sq, IS_MAX=False, BLOCK=256, num_warps=NUM_WARPS, **exact)
     else:  # 0-d and 1-d tensors
         rows = cols = slice_first = dummy
-        rmean = torch.empty(1, dtype=torch.float32, device=device)
+        rmean = torch.empty(1, dtype=math_dtype, device=device)
         partials = torch.empty(2 * n_chunks, dtype=torch.float64, device=device)
         kernels._vector_stats[(n_chunks,)](
-            *head, n_chunks, beta2_decay, eps1, pointers["grad_mult_ptr"], pointers["found_inf_ptr"],
+            *head, n_chunks, bits(beta2_decay), bits(eps1), pointers["grad_mult_ptr"], pointers["found_inf_ptr"],
             partials, **flags, CHUNK=tables.chunk_size, BLOCK=block, num_warps=NUM_WARPS, **exact)
         combine[(n,)](partials, tables.chunk_first, p_sq, IS_MAX=False, BLOCK=256, num_warps=NUM_WARPS, **exact)
         combine[(n,)](partials[n_chunks:], tables.chunk_first, u_sq, IS_MAX=False, BLOCK=256, num_warps=NUM_WARPS,
                       **exact)
-    scale = adafactor_spec.scales(p_sq, u_sq, tables.numel, torch.stack(bucket.steps), lr, eps2, d)
+    scale = adafactor_spec.scales(p_sq, u_sq, tables.numel, torch.stack(bucket.steps), lr, eps2, d, math_dtype)
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
     kernels._apply[(n_chunks,)](
-        *head, rows, cols, slice_first, rmean, eps1, 0.0 if lr_tensor is not None else lr,
-        dummy if lr_tensor is None else lr_tensor, weight_decay, 0.0 if beta1 is None else 1.0 - beta1, scale,
+        *head, rows, cols, slice_first, rmean, bits(eps1), bits(0.0 if lr_tensor is not None else lr),
+        dummy if lr_tensor is None else lr_tensor, bits(weight_decay), bits(0.0 if beta1 is None else 1.0 - beta1),
+        scale,
         pointers["grad_mult_ptr"], pointers["found_inf_ptr"], 0 if bucket.sr_seed is None else bucket.sr_seed,
         SR=bucket.sr_seed is not None, **flags, FACTORED=bool(bucket.kind),
         BETA1=beta1 is not None, M_KIND=STATE_CODES[exp_avg_dtype], LR_IS_PTR=lr_tensor is not None,

@@ -56,8 +56,9 @@ def state_shapes(p: Tensor) -> dict[str, tuple[int, ...]]:
     return {"variance": tuple(p.shape)}
 
 
-def scales(p_sq: Tensor, u_sq: Tensor, numel: Tensor, steps: Tensor, lr, eps2: float, d: float) -> Tensor:
-    """Per-tensor scale = -alpha / denom of the final update (fp32), from
+def scales(p_sq: Tensor, u_sq: Tensor, numel: Tensor, steps: Tensor, lr, eps2: float, d: float,
+           dtype: torch.dtype = torch.float32) -> Tensor:
+    """Per-tensor scale = -alpha / denom of the final update (in `dtype`, the math dtype), from
     sum(p^2), sum(u^2), the sizes and the step counts (1-D tensors on one
     device, no host sync): p += scale * u, or with beta1
     m = lerp(m, u * -scale, 1 - beta1), p -= m. The one place the Triton
@@ -67,7 +68,7 @@ def scales(p_sq: Tensor, u_sq: Tensor, numel: Tensor, steps: Tensor, lr, eps2: f
     rho = torch.minimum(rho, lr.double()) if isinstance(lr, Tensor) else rho.clamp(max=float(lr))
     alpha = torch.clamp(p_sq.sqrt() / numel.sqrt(), min=eps2) * rho
     denom = torch.clamp(u_sq.sqrt() / (numel.sqrt() * d), min=1.0)
-    return (-alpha / denom).float()
+    return (-alpha / denom).to(dtype)
 
 
 def adafactor_update_(param: Tensor, grad: Tensor, row_var: Tensor | None, col_var: Tensor | None,
