@@ -232,7 +232,9 @@ Tensor power_sums(TensorList tensors, double p, int64_t chunk_size) {
 void scale_(TensorList tensors, const Tensor& factor, int64_t chunk_size) {
   check_one_dtype(tensors);
   HostTable host({tensors}, chunk_size);
-  fusedopt::scale_cpu(host.tt, dtype_code(tensors[0].scalar_type()), scalar_ptr(factor, "factor"),
+  TORCH_CHECK(factor.device().is_cpu() && factor.scalar_type() == at::kDouble && factor.numel() == 1,
+              "fusedopt cpu: factor must be a 1-element float64 CPU tensor");
+  fusedopt::scale_cpu(host.tt, dtype_code(tensors[0].scalar_type()), factor.data_ptr<double>(),
                       at::get_num_threads());
 }
 

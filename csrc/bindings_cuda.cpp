@@ -172,8 +172,10 @@ void scale_(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor
             int64_t chunk_size, int64_t dtype, const Tensor& factor, int64_t stream) {
   const fusedopt::TensorTable tt = make_table(table, numel, chunk_tensor, chunk_start, chunk_size, 1);
   TORCH_CHECK(dtype >= 0 && dtype <= 3, "fusedopt cuda: bad dtype code ", dtype);
-  const char* error = fusedopt::scale_cuda(tt, static_cast<fusedopt::DType>(dtype),
-                                           device_scalar(factor, "factor"), reinterpret_cast<void*>(stream));
+  TORCH_CHECK(on_device(factor) && factor.scalar_type() == at::kDouble && factor.numel() == 1,
+              "fusedopt cuda: factor must be a 1-element float64 " FUSEDOPT_DEVICE " tensor");
+  const char* error = fusedopt::scale_cuda(tt, static_cast<fusedopt::DType>(dtype), factor.data_ptr<double>(),
+                                           reinterpret_cast<void*>(stream));
   TORCH_CHECK(error == nullptr, "fusedopt cuda: scale_ launch failed: ", error);
 }
 

@@ -127,11 +127,13 @@ def grad_norm(parameters: Tensor | Iterable[Tensor], norm_type: float = 2.0, per
 
 
 def scale_(tensors: list[Tensor], factor: Tensor, backend: str | None = None) -> None:
-    """tensors *= factor (a 0-d or 1-element tensor), one launch per (device, dtype)."""
+    """tensors *= factor (a 0-d or 1-element tensor), one launch per (device, dtype). The
+    kernels take the factor in fp64 and round it once to the math precision
+    (fp32, fp64 for fp64 tensors, whose clip coefficient torch keeps in fp64)."""
     for (device, _), index in _groups(tensors).items():
         views = [tensors[i] for i in index]
         dense = [_dense(t) for t in views]
-        _backend(backend, device).scale_(dense, factor.detach().to(device=device, dtype=torch.float32).reshape(1))
+        _backend(backend, device).scale_(dense, factor.detach().to(device=device, dtype=torch.float64).reshape(1))
         for original, copy in zip(views, dense):
             if copy is not original:
                 original.copy_(copy)

@@ -31,11 +31,14 @@ def twins(*args, **kwargs):
 
 
 def tolerance(dtype):
-    """Ours reduces in fp64; torch in fp32, and for bf16/fp16 grads it rounds
-    each per-tensor norm, the total and the clip coefficient to the grads' dtype."""
+    """Ours sums in fp64; torch in fp32, and for bf16/fp16 grads it rounds
+    each per-tensor norm, the total and the clip coefficient to the grads' dtype.
+    fp64 grads: fp64 throughout on both sides, the clip coefficient included."""
     if dtype in (torch.bfloat16, torch.float16):
         eps = torch.finfo(dtype).eps
         return {"atol": 2 * eps, "rtol": 2 * eps}
+    if dtype == torch.float64:
+        return {"atol": 1e-14, "rtol": 1e-13}
     return {"atol": 1e-6, "rtol": 1e-5}
 
 
@@ -50,6 +53,24 @@ def test_clip_grad_norm_matches_torch(backend, norm_type, dtype):
     torch.testing.assert_close(got, expected, **tolerance(dtype))
     for p, q in zip(a, b):
         torch.testing.assert_close(q.grad, p.grad, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_terms_overflow_and_underflow_as_torch_sums_do_not(backend):
+    """Each |x|^p is formed in the grads' math precision, as torch forms it, so
+    a term beyond fp32's range is inf and one below it 0, on every backend
+    alike; the sums are fp64 everywhere, so four fp32 squares whose sum
+    exceeds fp32's range still give a finite norm (torch's fp32 sum: inf)."""
+    cases = {"overflowing term": ([1e20, 1.0], math.inf), "underflowing terms": ([1e-30, 1e-30], 0.0),
+             "overflowing sum": ([1.5e19] * 4, 3e19)}
+    for name, (values, norm) in cases.items():
+        p = torch.zeros(len(values), requires_grad=True)
+        p.grad = torch.tensor(values)
+        total = fusedopt.grad_norm([p], 2.0, backend=backend)
+        if name != "overflowing sum":
+            assert total.item() == torch.nn.utils.get_total_norm([p.grad]).item() == norm, name
+        else:
+            assert total.item() == pytest.approx(norm, rel=1e-6), name
 
 
 @pytest.mark.parametrize("backend", backend_params())

@@ -49,7 +49,7 @@ void partials_dispatch(const TensorTable& tt, double p, double* partial, int num
 }
 
 template <typename S>
-void scale_chunks(const TensorTable& tt, float factor, int num_threads) {
+void scale_chunks(const TensorTable& tt, double factor, int num_threads) {
   using T = typename MathOf<S>::type;
   parallel_chunks(tt, num_threads, [&](int64_t /*c*/, const Chunk& chunk) {
     const int64_t t = chunk.tensor, begin = chunk.start, len = chunk.len;
@@ -79,7 +79,7 @@ void power_sums_cpu(const TensorTable& tt, DType dtype, double p, double* out, i
   }
 }
 
-void scale_cpu(const TensorTable& tt, DType dtype, const float* factor, int num_threads) {
+void scale_cpu(const TensorTable& tt, DType dtype, const double* factor, int num_threads) {
   switch (dtype) {
     case DType::kFloat32: scale_chunks<float>(tt, *factor, num_threads); break;
     case DType::kFloat64: scale_chunks<double>(tt, *factor, num_threads); break;

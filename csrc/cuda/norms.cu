@@ -25,7 +25,7 @@ __global__ void __launch_bounds__(kThreads) partials_kernel(TensorTable tt, doub
   const S* x = tt.ptr<const S>(0, chunk.tensor) + chunk.start;
   const bool aligned = cuda::is_aligned(x);
   const T pt = T(p);
-  T acc = T(0);
+  double acc = 0.0;  // terms in T (they overflow and underflow as torch's do), sums in double as on the CPU
   int nan = 0;
   for (int64_t i = int64_t(threadIdx.x) * kILP; i < chunk.len; i += int64_t(kThreads) * kILP) {
     S in[kILP];
@@ -35,15 +35,15 @@ __global__ void __launch_bounds__(kThreads) partials_kernel(TensorTable tt, doub
       const T v = to_math(in[k]);
       nan |= int(v != v);
       const T term = norm_term<K, T>(v, pt);
-      acc = K == NormKind::kInf ? (term > acc ? term : acc) : acc + term;
+      acc = K == NormKind::kInf ? (double(term) > acc ? double(term) : acc) : acc + double(term);
     }
   }
-  const T total = block_reduce<T, K == NormKind::kInf>(acc, nan);
-  if (threadIdx.x == 0) partials[blockIdx.x] = nan ? double(NAN) : double(total);
+  const double total = block_reduce<double, K == NormKind::kInf>(acc, nan);
+  if (threadIdx.x == 0) partials[blockIdx.x] = nan ? double(NAN) : total;
 }
 
 template <typename S>
-__global__ void __launch_bounds__(kThreads) scale_kernel(TensorTable tt, const float* factor) {
+__global__ void __launch_bounds__(kThreads) scale_kernel(TensorTable tt, const double* factor) {
   using T = typename MathOf<S>::type;
   const Chunk chunk = tt.chunk(blockIdx.x);
   S* x = tt.ptr<S>(0, chunk.tensor) + chunk.start;
@@ -94,7 +94,7 @@ const char* power_sums_cuda(const TensorTable& tt, const int64_t* chunk_first, D
   return last_error();
 }
 
-const char* scale_cuda(const TensorTable& tt, DType dtype, const float* factor, void* stream_handle) {
+const char* scale_cuda(const TensorTable& tt, DType dtype, const double* factor, void* stream_handle) {
   if (tt.n_chunks == 0) return nullptr;
   cudaStream_t stream = static_cast<cudaStream_t>(stream_handle);
   const dim3 grid(unsigned(tt.n_chunks));

@@ -103,11 +103,15 @@ def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, gra
 
 
 def power_sums(tensors, p):
-    """Per-tensor sum of |x|^p (max |x| for p = inf), in fp64."""
+    """Per-tensor sum of |x|^p (max |x| for p = inf): each term in the math
+    precision (fp32, fp64 for fp64), so it overflows and underflows as
+    torch's does, and summed in fp64, as every backend does."""
     out = []
     for t in tensors:
-        x = t.detach().double().abs()
-        out.append(x.max() if p == float("inf") else (x.square() if p == 2.0 else x.pow(p)).sum())
+        x = t.detach().to(math_dtype(t.dtype)).abs()
+        terms = x if p in (1.0, float("inf")) else x.square() if p == 2.0 else x.pow(p)
+        terms = terms.double()
+        out.append(terms.max() if p == float("inf") else terms.sum())
     return torch.stack(out)
 
 

@@ -33,17 +33,20 @@ FUSEDOPT_HD T norm_term(T x, T p) {
 }
 
 // Launchers. `out` receives one value per tensor: the sum of the terms (max
-// for kInf), in double; NaN when the tensor holds a NaN.
+// for kInf), in double; NaN when the tensor holds a NaN. Each term is formed in
+// the math type (so it overflows and underflows as torch's does), every sum in
+// double, on every backend.
 void power_sums_cpu(const TensorTable& tt, DType dtype, double p, double* out, int num_threads);
-// x *= *factor for every element, computed in fp32 (fp64 for fp64 tensors) and
-// rounded once to the tensor's dtype.
-void scale_cpu(const TensorTable& tt, DType dtype, const float* factor, int num_threads);
+// x *= *factor for every element: the factor (fp64: a clip coefficient of fp64
+// grads keeps its bits) rounded to the math type, fp32 (fp64 for fp64 tensors),
+// the product rounded once to the tensor's dtype.
+void scale_cpu(const TensorTable& tt, DType dtype, const double* factor, int num_threads);
 
 // CUDA: `partials` is device scratch of n_chunks doubles, `out` device memory
 // of n_tensors doubles, `chunk_first` the first chunk of each tensor
 // ([n_tensors + 1], device). Return nullptr or the CUDA error string.
 const char* power_sums_cuda(const TensorTable& tt, const int64_t* chunk_first, DType dtype, double p,
                             double* partials, double* out, void* stream);
-const char* scale_cuda(const TensorTable& tt, DType dtype, const float* factor, void* stream);
+const char* scale_cuda(const TensorTable& tt, DType dtype, const double* factor, void* stream);
 
 }  // namespace fusedopt
