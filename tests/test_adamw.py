@@ -81,25 +81,36 @@ def test_backend_matches_torch(backend, config, dtype):
 def test_low_precision_matches_reference(backend, config, dtype):
     """bf16/fp16 params without master weights: fp32 math, each stored value
     rounded once to nearest even, states in the param dtype (as torch's fused
-    AdamW). Kernels agree with the reference to one rounding step."""
+    AdamW). Kernels agree with the reference to a rounding step: every param
+    and state within one ulp of the reference's (torch's vectorised sqrt,
+    which the reference uses, is an fp32 ulp off now and then)."""
     kw = CONFIGS[config]
     a, b = make_params(dtype=dtype), make_params(dtype=dtype)
+    init = clone_params(b)
     ra, fb = FusedAdamW(a, backend="reference", **kw), FusedAdamW(b, backend=backend, **kw)
     run(ra, a, STEPS), run(fb, b, STEPS)
-    assert all(s.dtype == dtype for (_, k), s in state_tensors(fb, b).items() if k != "step")
-    assert_same_state(ra, a, fb, b, atol=ulp(dtype), rtol=ulp(dtype))
+    states, ref_states = state_tensors(fb, b), state_tensors(ra, a)
+    assert all(s.dtype == dtype for (_, k), s in states.items() if k != "step")
+    assert states.keys() == ref_states.keys()
+    for pa, pb, p0 in zip(a, b, init):
+        assert_within_ulps(pa, pb, 1)
+        assert pb.numel() < 2 or (pb != p0).any()  # the params moved: the kernel wrote them
+    for key, s in states.items():
+        assert_within_ulps(ref_states[key], s, 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("backend", backend_params())
 def test_low_precision_error_vs_fp64(backend, dtype):
-    """DESIGN's tolerance rule: error against an fp64 run <= 2x the error of
-    plain torch (torch.optim.AdamW in the same dtype) against that run."""
+    """The project's tolerance rule: error against an fp64 run <= 2x the error
+    of plain torch (torch.optim.AdamW in the same dtype) against that run, in
+    the largest and in the mean error. eps=1e-4: with torch's 1e-8, which
+    fp16 rounds to 0, plain fp16 AdamW divides by a zero second moment."""
     shapes = [(64, 33), (1000,)]
     init = make_params(shapes, dtype=dtype)
-    p64, ptorch, pours = ([p.detach().to(dt).requires_grad_() for p in init]
+    p64, ptorch, pours = ([p.detach().to(dt, copy=True).requires_grad_() for p in init]
                           for dt in (torch.float64, dtype, dtype))
-    kw = {"lr": 1e-2, "weight_decay": 0.1}
+    kw = {"lr": 1e-2, "weight_decay": 0.1, "eps": 1e-4}
     opts = [torch.optim.AdamW(p64, foreach=False, **kw), torch.optim.AdamW(ptorch, foreach=False, **kw),
             FusedAdamW(pours, backend=backend, **kw)]
     for step in range(STEPS):
@@ -108,9 +119,13 @@ def test_low_precision_error_vs_fp64(backend, dtype):
             for p, g in zip(params, grads):
                 p.grad = g.to(p.dtype)
             opt.step()
-    err_torch = max((a.double() - r).abs().max().item() for a, r in zip(ptorch, p64))
-    err_ours = max((a.double() - r).abs().max().item() for a, r in zip(pours, p64))
-    assert err_ours <= 2 * err_torch
+    def errors(params):  # (largest, mean) absolute error against the fp64 run
+        diff = torch.cat([(a.detach().double() - r.detach()).abs().flatten() for a, r in zip(params, p64)])
+        return diff.max().item(), diff.mean().item()
+
+    (max_torch, mean_torch), (max_ours, mean_ours) = errors(ptorch), errors(pours)
+    assert math.isfinite(max_torch) and max_ours <= 2 * max_torch and mean_ours <= 2 * mean_torch
+    assert errors(init)[1] > 2 * mean_torch  # params that never moved would fail the test
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -207,20 +222,23 @@ def test_mixed_dtypes_in_a_group_and_params_without_grads(backend):
     shapes = [(5, 3), (17,), (4,), (9,)]
     dtypes = [torch.float32, torch.bfloat16, torch.float64, torch.float32]
     a = [p.to(dt).detach().requires_grad_() for p, dt in zip(make_params(shapes), dtypes)]
-    b = clone_params(a)
+    b, c, init = clone_params(a), clone_params(a), clone_params(a)
     ta, fb = torch.optim.AdamW(a, foreach=False, fused=False), FusedAdamW(b, backend=backend)
+    fc = FusedAdamW(c, backend="reference")  # the bf16 param: fp32 math rounded once, unlike torch's foreach=False
     for step in range(4):
-        for i, (pa, pb, g) in enumerate(zip(a, b, grads_for(a, step))):
+        for i, (pa, pb, pc, g) in enumerate(zip(a, b, c, grads_for(a, step))):
             if i == 3:
                 continue  # never has a grad
-            pa.grad, pb.grad = g, g.clone()
-        ta.step()
-        fb.step()
+            pa.grad, pb.grad, pc.grad = g, g.clone(), g.clone()
+        ta.step(), fb.step(), fc.step()
     assert b[3] not in fb.state or not fb.state[b[3]]
     torch.testing.assert_close(b[3], a[3], atol=0, rtol=0)
     for i in range(3):
-        tol = {"atol": 1e-2, "rtol": 1e-2} if dtypes[i] == torch.bfloat16 else tolerance(backend, dtypes[i])
-        torch.testing.assert_close(b[i], a[i], **tol)
+        if dtypes[i] == torch.bfloat16:
+            assert_within_ulps(c[i], b[i], 1)
+            assert (b[i] != init[i]).any()
+        else:
+            torch.testing.assert_close(b[i], a[i], **tolerance(backend, dtypes[i]))
 
 
 # --- torch.optim features ---------------------------------------------------------------------
