@@ -159,7 +159,8 @@ def _cache_key(spec: ExtensionSpec, flags) -> str:
         h.update(str(path.relative_to(root)).encode())
         h.update(path.read_bytes())
     h.update(repr((flags, torch.__version__, torch.version.cuda, sys.version_info[:2])).encode())
-    h.update(_cpu_identity().encode())
+    if "native" in repr(flags):  # -march=native (-mcpu=native) builds for this CPU: it is part of the key
+        h.update(_cpu_identity().encode())
     return h.hexdigest()[:16]
 
 

@@ -91,6 +91,15 @@ def test_portable_cpu_target(monkeypatch):
     portable = _jit._flags("cpu")[0]
     assert "-march=x86-64-v3" in portable and "-march=native" not in portable
     assert _jit._cache_key(_jit.SPECS["cpu"], portable) != _jit._cache_key(_jit.SPECS["cpu"], native)
+    # a portable build (and the cuda extension: no -march=native) is one cache entry for every CPU,
+    # so an image prebuilt on one machine serves another; a native build is not
+    portable_key, native_key = _jit._cache_key(_jit.SPECS["cpu"], portable), _jit._cache_key(_jit.SPECS["cpu"], native)
+    monkeypatch.setattr(_jit, "_cpu_identity", lambda cpuinfo=None: "another CPU")
+    assert _jit._cache_key(_jit.SPECS["cpu"], portable) == portable_key
+    assert _jit._cache_key(_jit.SPECS["cpu"], native) != native_key
+    monkeypatch.delenv("FUSEDOPT_CPU_ARCH")
+    cuda_flags = _jit._flags("cuda")
+    assert "native" not in repr(cuda_flags)
     monkeypatch.setattr(_jit.platform, "machine", lambda: "aarch64")
     assert "-mprefer-vector-width=512" not in _jit._flags("cpu")[0]  # an x86-only option
 
