@@ -47,6 +47,8 @@ def _groups(tensors: list[Tensor]) -> dict[tuple, list[int]]:
     for i, t in enumerate(tensors):
         if t.is_sparse or t.layout != torch.strided:
             raise RuntimeError(f"fusedopt norms do not support sparse tensors (got {t.layout})")
+        if not t.is_floating_point():  # complex grads among them (torch takes those; we have no kernels)
+            raise TypeError(f"fusedopt norms take floating-point tensors (fp32, fp64, bf16, fp16), got {t.dtype}")
         if t.numel():
             groups.setdefault((t.device, t.dtype), []).append(i)
     return groups
@@ -93,7 +95,8 @@ def _grads(parameters) -> list[Tensor]:
         is_generator = isinstance(parameters, types.GeneratorType)
         parameters = list(parameters)
         if is_generator and not parameters:
-            warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3)
+            # the caller's frame: _grads <- clip_grad_norm_ / grad_norm <- torch.no_grad's wrapper <- caller
+            warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=4)
     return [p.grad for p in parameters if p.grad is not None]
 
 

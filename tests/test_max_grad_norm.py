@@ -78,3 +78,15 @@ def test_max_grad_norm_validation_and_off_switch():
     off.step()
     assert off.max_grad_norm is None and off.last_grad_norm is None
     assert_same_state(plain, a, off, b)
+
+
+def test_last_grad_norm_of_a_step_without_grads_is_zero():
+    """As clip_grad_norm_ returns 0 without grads, not the previous step's norm."""
+    (p,) = make_params([(3,)])
+    opt = FusedAdamW([p], max_grad_norm=1.0)
+    p.grad = torch.full((3,), 4.0)
+    opt.step()
+    assert opt.last_grad_norm.item() == pytest.approx(48**0.5)
+    p.grad = None
+    opt.step()
+    assert opt.last_grad_norm.item() == 0.0

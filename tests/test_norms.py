@@ -105,8 +105,19 @@ def test_empty_tensors_bare_tensor_empty_list(backend):
                                torch.nn.utils.clip_grad_norm_(t, 0.1), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(u.grad, t.grad, atol=1e-6, rtol=1e-5)
     assert fusedopt.clip_grad_norm_([], 1.0).item() == 0.0
-    with pytest.warns(UserWarning, match="empty generator"):
+    with pytest.warns(UserWarning, match="empty generator") as caught:
         assert fusedopt.clip_grad_norm_((p for p in []), 1.0).item() == 0.0
+    assert caught[0].filename == __file__  # attributed to the caller, as torch's warning is
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_complex_grads_are_refused_before_anything_changes(backend):
+    """torch clips complex grads; fusedopt has no complex kernels, and says so."""
+    p, q = torch.zeros(3, dtype=torch.complex64, requires_grad=True), torch.zeros(4, requires_grad=True)
+    p.grad, q.grad = torch.ones(3, dtype=torch.complex64) * 5, torch.full((4,), 5.0)
+    with pytest.raises(TypeError, match="complex64"):
+        fusedopt.clip_grad_norm_([q, p], 1.0, backend=backend)
+    assert torch.equal(q.grad, torch.full((4,), 5.0)) and torch.equal(p.grad, torch.ones(3, dtype=torch.complex64) * 5)
 
 
 @pytest.mark.parametrize("backend", backend_params())

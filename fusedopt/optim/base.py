@@ -332,7 +332,8 @@ class FusedOptimizer(Optimizer):
         if not self.max_grad_norm:
             return None
         buckets = [bucket for plan in plans for bucket in plan.buckets]
-        if not buckets:
+        if not buckets:  # no grads: a norm of 0, as clip_grad_norm_ returns, and nothing to scale
+            self.last_grad_norm = torch.zeros(())
             return None
         device = buckets[0].device
         parts = [(None, self._backend_for(b.device).power_sums(b.grads, 2.0)) for b in buckets]
