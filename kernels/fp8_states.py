@@ -49,8 +49,10 @@ def store_fp8_state(addr, scale_addr, offs, x, mask, SQRT: tl.constexpr, BLOCK: 
     x = x.to(tl.float32)
     if SQRT:
         x = sqrt_ieee(x, 0)
-    # |x| as bits: an integer max is a NaN-propagating absmax (fp8.h: abs_bits)
+    # |x| as bits: an integer max is the absmax, of the finite values only (fp8_states.h: q8_abs_bits)
     a = tl.where(mask, x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 0)
+    finite = a < 0x7F800000
+    a = tl.where(finite, a, 0)
     amax = tl.max(tl.reshape(a, (NB, QBLOCK)), axis=1).to(tl.float32, bitcast=True)
     scale = div_ieee(amax, tl.full(amax.shape, 448.0, tl.float32), 0)
     inv = div_ieee(tl.full(amax.shape, 448.0, tl.float32), amax, 0)
@@ -64,7 +66,7 @@ def store_fp8_state(addr, scale_addr, offs, x, mask, SQRT: tl.constexpr, BLOCK: 
     # reshape/broadcast back from [NB, 1] gave triton 3.6 a layout replicated
     # across threads: FusedLAMB's FP8 moments kernel took minutes to compile)
     block = tl.arange(0, BLOCK) // QBLOCK
-    bits = cast_fp8(x, tl.gather(inv, block, 0), E4M3FN)
+    bits = tl.where(finite, cast_fp8(x, tl.gather(inv, block, 0), E4M3FN), 0x7F)  # inf and NaN: NaN
     tl.store(addr.to(tl.pointer_type(tl.int8)) + offs, bits.to(tl.int8), mask=mask)
     stored = e4m3fn_to_float(bits & 0xFF) * tl.gather(scale, block, 0)
     if SQRT:

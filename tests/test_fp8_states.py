@@ -111,13 +111,37 @@ def test_codec_second_moments_as_square_roots():
 
 
 def test_codec_zero_block_and_nan():
+    """A NaN or inf value is stored as NaN on its own: the scale comes from the
+    block's finite values, so its neighbours keep theirs."""
     q, scales = codec.quantize(torch.zeros(300))
     assert torch.equal(scales, torch.zeros(2)) and not bits(q).any()
     x = torch.ones(300)
-    x[3] = float("nan")
+    x[3], x[4], x[5] = float("nan"), float("inf"), -float("inf")
     q, scales = codec.quantize(x)
-    assert scales[0].isnan() and codec.dequantize(q, scales)[:256].isnan().all()
-    assert torch.equal(codec.dequantize(q, scales)[256:], torch.ones(44))
+    out = codec.dequantize(q, scales)
+    assert torch.equal(scales, torch.full((2,), 1 / 448)) and out[3:6].isnan().all()
+    assert torch.equal(out[:3], torch.ones(3)) and torch.equal(out[6:], torch.ones(294))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_an_inf_grad_spoils_its_own_param_only(backend):
+    """As with fp32 states (and torch): one inf grad makes its own param NaN,
+    not the 255 others of its states' blocks."""
+    for cls, kw in ((FusedAdamW, {"amsgrad": True}), (FusedSophia, {}), (FusedLAMB, {}),
+                    (FusedAdafactor, {"beta1": 0.9})):
+        nans = []
+        for state_dtype in (None, FP8):
+            p = torch.ones(600, requires_grad=True)
+            opt = cls([p], lr=1e-2, state_dtype=state_dtype, backend=backend, **kw)
+            for step in range(3):
+                p.grad = torch.ones(600)
+                if step == 1:
+                    p.grad[300] = float("inf")
+                opt.step()
+                if cls is FusedSophia:
+                    opt.update_hessian()
+            nans.append(p.detach().isnan())
+        assert torch.equal(nans[0], nans[1]), cls.__name__
 
 
 def test_codec_block_of_tiny_values_keeps_its_zeros():

@@ -27,10 +27,10 @@ inline void q8_store_blocks(int64_t len, uint8_t* const (&q)[NS], float* const (
     const int64_t n = len - b0 < kQBlock ? len - b0 : kQBlock;
     body(b0, n, out);
     for (int s = 0; s < NS; ++s) {
-      uint32_t amax_bits = 0;  // NaN-propagating absmax (fp8.h: abs_bits)
+      uint32_t amax_bits = 0;  // absmax of the finite values (fp8_states.h: q8_abs_bits)
 #pragma omp simd reduction(max : amax_bits)
       for (int64_t i = 0; i < n; ++i) {
-        const uint32_t a = abs_bits(out[s][i]);
+        const uint32_t a = q8_abs_bits(out[s][i]);
         amax_bits = a > amax_bits ? a : amax_bits;
       }
       const float amax = bits_to_float(amax_bits), inv = q8_inv(amax);

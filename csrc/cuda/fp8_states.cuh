@@ -46,7 +46,7 @@ __device__ __forceinline__ void q8_store_group(uint8_t* q, float* scales, int64_
   uint32_t bits = 0;
 #pragma unroll
   for (int k = 0; k < kILP; ++k) {
-    const uint32_t a = abs_bits(x[k]);
+    const uint32_t a = q8_abs_bits(x[k]);  // the finite values' absmax
     if (i + k < len && a > bits) bits = a;  // lanes past the end belong to no block
   }
   const float amax = bits_to_float(group_max(bits, scratch)), inv = q8_inv(amax);

@@ -10,15 +10,17 @@ A state tensor x (fp32 values, the param's shape) is stored as
 recomputed at every store from the block's absmax, so that small and large
 values in one tensor both keep 3 significant bits relative to their block:
 
-    amax  = max |x_i| over the block              (NaN-propagating)
+    amax  = max |x_i| over the block's finite x_i
     scale = amax / 448                            (fp32, IEEE division)
     inv   = min(448 / amax, FLT_MAX) if amax > 0 else 0
-    q_i   = fp8(clamp(x_i * inv, -448, 448))      (round to nearest even)
+    q_i   = fp8(clamp(x_i * inv, -448, 448))      (round to nearest even; NaN for inf and NaN x_i)
     x_i  ~= float(q_i) * scale                    (decoding)
 
 (The min: 448 / amax overflows for amax < 448 / FLT_MAX, ~1.3e-36, a first
 moment left to decay long enough, and the block's zeros would become
-0 * inf = NaN. With FLT_MAX instead, |x_i * inv| < 448 still.)
+0 * inf = NaN. With FLT_MAX instead, |x_i * inv| < 448 still. Finite only: a
+grad's inf or NaN makes its own state inf or NaN, as in torch; in the absmax
+it would make the block's scale inf or NaN and all 256 values NaN.)
 
 The second moments (``exp_avg_sq``, ``max_exp_avg_sq``, and Sophia's
 ``hessian``, an average of squared gradients) are stored as their square
@@ -70,12 +72,13 @@ def quantize(x: Tensor) -> tuple[Tensor, Tensor]:
     """fp32 values x -> (q fp8 of x's shape, contiguous; scales fp32 [n_blocks])."""
     x = x.detach().float()
     blocks = _blocks(x.reshape(-1))
-    amax = blocks.abs().amax(dim=1)
+    finite = blocks.isfinite()
+    amax = torch.where(finite, blocks.abs(), 0.0).amax(dim=1)
     scales = amax / FP8_MAX
     # a true division (torch computes `number / tensor` as a reciprocal times the number)
     inv = torch.where(amax > 0, (torch.full_like(amax, FP8_MAX) / amax).clamp(max=torch.finfo(torch.float32).max),
                       torch.zeros_like(amax))
-    q = (blocks * inv[:, None]).clamp(-FP8_MAX, FP8_MAX).to(DTYPE)
+    q = torch.where(finite, (blocks * inv[:, None]).clamp(-FP8_MAX, FP8_MAX), torch.nan).to(DTYPE)
     return q.reshape(-1)[:x.numel()].reshape(x.shape), scales
 
 

@@ -6,11 +6,14 @@
 // fp32 scale per block of kQBlock = 256 consecutive elements, recomputed at
 // every store from the block's absmax:
 //
-//   amax  = max |x_i| over the block           (NaN-propagating: abs_bits in fp8.h)
+//   amax  = max |x_i| over the block's finite x_i
 //   scale = amax / 448                          value_i ~= float(q_i) * scale
 //   inv   = amax > 0 ? min(448 / amax, FLT_MAX) : 0
-//                                               q_i = fp8(clamp(x_i * inv, -448, 448))
-//   (the min: 448 / amax is inf for amax < 448 / FLT_MAX, and 0 * inf = NaN)
+//   q_i   = x_i finite ? fp8(clamp(x_i * inv, -448, 448)) : NaN (0x7F)
+//   (the min: 448 / amax is inf for amax < 448 / FLT_MAX, and 0 * inf = NaN.
+//   Finite only: an inf or NaN state (a grad's inf or NaN, as in torch) stays in
+//   its own element; in the absmax it would make the scale inf or NaN and every
+//   value of its block NaN.)
 //
 // The second moments are stored as sqrt(v) (correctly rounded) and decoded as
 // s * s, which keeps them within e4m3's dynamic range inside a block.
@@ -42,7 +45,15 @@ FUSEDOPT_HD float q8_inv(float amax) {
   const float finite = inv < 3.40282347e+38f ? inv : 3.40282347e+38f;  // FLT_MAX: a tiny amax overflows 448 / amax
   return amax > 0.0f ? finite : 0.0f;
 }
-FUSEDOPT_HD uint8_t q8_encode(float x, float inv) { return cast_fp8<Fp8Format::kE4M3FN>(x, inv).bits; }
+// |x| as bits for the block's absmax (an integer max): 0 for inf and NaN.
+FUSEDOPT_HD uint32_t q8_abs_bits(float x) {
+  const uint32_t a = abs_bits(x);
+  return a < 0x7F800000u ? a : 0u;
+}
+FUSEDOPT_HD uint8_t q8_encode(float x, float inv) {
+  const uint8_t bits = cast_fp8<Fp8Format::kE4M3FN>(x, inv).bits;
+  return abs_bits(x) < 0x7F800000u ? bits : uint8_t(0x7F);  // inf and NaN: NaN
+}
 
 // A state's stored value as fp32: v = s * s for the second moments (SQRT).
 template <bool SQRT>
