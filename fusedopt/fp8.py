@@ -97,6 +97,9 @@ def cast_to_fp8(tensors: Tensor | Sequence[Tensor], scales, dtype: torch.dtype =
     return outputs, torch.stack(amaxes)
 
 
+_FLT_MAX = torch.finfo(torch.float32).max
+
+
 @dataclass(frozen=True)
 class Float8Recipe:
     """Delayed scaling of the FP8 weight copies (``FusedAdamW(..., fp8=recipe)``).
@@ -131,10 +134,13 @@ class Float8Recipe:
         return torch.finfo(self.dtype).max
 
     def scale_from(self, amax: Tensor, old_scale: Tensor) -> Tensor:
-        """fp8_max / amax / 2**margin (fp32), or `old_scale` where amax is 0 or not finite."""
+        """fp8_max / amax / 2**margin (fp32) at most FLT_MAX, or `old_scale` where
+        amax is 0 or not finite. (An amax below fp8_max / FLT_MAX, ~1e-36, would
+        give an inf scale: copies 0 * inf = NaN, scale_inv 0. Transformer Engine
+        clamps likewise.)"""
         amax = amax.float()
         # a tensor numerator: python_float / tensor is reciprocal(t) * float in torch, rounded twice
-        scale = torch.full_like(amax, self.fp8_max) / amax / (2.0**self.margin)
+        scale = (torch.full_like(amax, self.fp8_max) / amax / (2.0**self.margin)).clamp(max=_FLT_MAX)
         return torch.where((amax > 0) & torch.isfinite(amax), scale, old_scale.float())
 
     def cast(self, w: Tensor, scale: Tensor) -> Tensor:

@@ -32,7 +32,23 @@ def spec_scale(history: torch.Tensor, old: torch.Tensor, dtype, margin: int) -> 
     amax = history.max()
     if not (amax > 0 and torch.isfinite(amax)):
         return old.clone()
-    return (torch.tensor(FP8_MAX[dtype], dtype=torch.float32) / amax) / (2.0**margin)
+    scale = (torch.tensor(FP8_MAX[dtype], dtype=torch.float32) / amax) / (2.0**margin)
+    return scale.clamp(max=torch.finfo(torch.float32).max)  # a tiny amax overflows: FLT_MAX, as Transformer Engine
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_tiny_weights_get_a_finite_scale(backend):
+    """max|w| below fp8_max / FLT_MAX would make fp8_max / amax inf, the copies of
+    zeros 0 * inf = NaN and scale_inv 0: the scale stops at FLT_MAX."""
+    p = torch.tensor([1e-37, 0.0, -1e-37, 5e-38], requires_grad=True)
+    opt = FusedAdamW([p], lr=0.0, backend=backend, fp8=Float8Recipe())
+    for _ in range(2):
+        p.grad = torch.zeros(4)
+        opt.step()
+    copy, scale_inv = opt.fp8_weight(p)
+    assert opt.state[p]["fp8_scale"].item() == torch.finfo(torch.float32).max
+    assert not copy.float().isnan().any() and scale_inv.item() > 0
+    assert copy.float()[1] == 0 and copy.float()[0] > 0 > copy.float()[2]
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@
 // not matter; any NaN makes the tensor's amax NaN, as torch's amax).
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "fp8_cast.h"
@@ -59,7 +60,8 @@ void fp8_delayed_scaling_cpu(const double* amax, float* history, float* scales, 
     for (int64_t k = 1; k < len; ++k) m = (m != m || m >= h[k]) ? m : h[k];
     const float old = scales[t];
     scale_inv[t] = 1.0f / old;
-    scales[t] = (m > 0.0f && std::isfinite(m)) ? fp8_max / m / divisor : old;
+    const float scale = fp8_max / m / divisor;  // at most FLT_MAX: a tiny amax overflows (Float8Recipe.scale_from)
+    scales[t] = (m > 0.0f && std::isfinite(m)) ? std::fmin(scale, std::numeric_limits<float>::max()) : old;
   }
 }
 

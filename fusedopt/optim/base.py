@@ -538,9 +538,12 @@ class FusedOptimizer(Optimizer):
         approximates the weight; ready for ``torch._scaled_mm``. Before p's
         first step this creates p's state, with the copy cast from the initial
         weight (Float8Recipe.initial_state), so the first forward has one too.
-        Call it where the copy is used (a dict lookup): steps update these
-        tensors in place, but the first step after the state is created or
-        loaded moves scale_inv into a buffer shared by the bucket."""
+        Call it where the copy is used (a dict lookup), not once: steps update
+        these tensors in place, but scale_inv moves into a new buffer shared
+        by the bucket whenever the step's set of tensors changes (the first
+        step after the state is created or loaded, a step where some param of
+        the group has no grad, ...), and a tensor kept from before stops
+        following."""
         if self.fp8 is None:
             raise RuntimeError(f"{type(self).__name__} keeps no FP8 copies: pass fp8=fusedopt.Float8Recipe(...)")
         state = self.state.get(p)
