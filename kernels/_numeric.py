@@ -136,7 +136,7 @@ def store_param(addr, offs, x, mask, KIND: tl.constexpr, SR: tl.constexpr, key):
         i = offs.to(tl.int64)
         low = (i & 0xFFFFFFFF).to(tl.uint32)
         high = (i >> 32).to(tl.uint32)
-        bits = mix32((low ^ key) + high * tl.full((), 0x9E3779B9, tl.uint32))
+        bits = mix32(mix32(low + high * tl.full((), 0x9E3779B9, tl.uint32)) ^ key)
         u = x.to(tl.float32).to(tl.uint32, bitcast=True)
         r = (u + (bits & 0xFFFF)) >> 16
         r = tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r)

@@ -63,6 +63,15 @@ def test_hash_bits_are_uniform_enough():
     assert (bits == other).double().mean() < 0.01
 
 
+def test_streams_of_two_keys_are_not_shifted_copies():
+    """Two tensors (or two steps) draw unrelated noise: with the key XORed into
+    the offset, tensor 1's bits at offset i ^ (key0 ^ key1) were tensor 0's at i."""
+    k0, k1 = stochastic.tensor_key(7, 0), stochastic.tensor_key(7, 1)
+    offsets = torch.arange(1 << 16)
+    a, b = stochastic.random_bits(k0, offsets), stochastic.random_bits(k1, offsets ^ (k0 ^ k1))
+    assert (a == b).double().mean() < 0.001
+
+
 @pytest.mark.parametrize("name", OPTIMIZERS)
 @pytest.mark.parametrize("backend", backend_params(KERNEL_BACKENDS))
 def test_kernels_draw_the_reference_bits(backend, name):

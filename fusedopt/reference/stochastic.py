@@ -35,9 +35,13 @@ def tensor_key(seed: int, tensor: int) -> int:
 
 
 def random_bits(key: int, offsets: Tensor) -> Tensor:
-    """32 random bits per element, from its flat offset (int64 tensor)."""
+    """32 random bits per element, from its flat offset (int64 tensor):
+    mix32(mix32(counter) ^ key). The key enters after a first hash of the
+    offset: XORed into the offset itself, the streams of two keys would be the
+    same bits at offsets i and i ^ (key0 ^ key1), whole tensors' noise shifted
+    copies of each other."""
     low, high = offsets & _M32, offsets >> 32
-    return mix32((((low ^ key) + high * 0x9E3779B9) & _M32))
+    return mix32(mix32((low + high * 0x9E3779B9) & _M32) ^ key)
 
 
 def memory_offsets(t: Tensor) -> Tensor:

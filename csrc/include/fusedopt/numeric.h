@@ -147,10 +147,11 @@ FUSEDOPT_HD uint32_t mix32(uint32_t x) {
 // Per tensor of a launch, once: the key its elements' bits are drawn with.
 FUSEDOPT_HD uint32_t sr_tensor_key(uint32_t seed, int64_t tensor) { return mix32(seed ^ mix32(uint32_t(tensor))); }
 
-// The random bits of element `index` (its flat offset in the tensor).
+// The random bits of element `index` (its flat offset in the tensor): the key
+// enters after a first hash of the offset (fusedopt/reference/stochastic.py).
 FUSEDOPT_HD uint32_t sr_random(uint32_t key, int64_t index) {
   const uint64_t i = uint64_t(index);
-  return mix32((uint32_t(i) ^ key) + uint32_t(i >> 32) * 0x9E3779B9u);
+  return mix32(mix32(uint32_t(i) + uint32_t(i >> 32) * 0x9E3779B9u) ^ key);
 }
 
 FUSEDOPT_HD uint16_t float_to_bf16_stochastic(float f, uint32_t random) {
