@@ -57,7 +57,7 @@ def _eps1_scalars(eps1, P_KIND: tl.constexpr):
 def _grad(grad, offs, mask, grad_mult_ptr, P_KIND: tl.constexpr, GRAD_MULT: tl.constexpr, MAXIMIZE: tl.constexpr):
     g = load_math(grad, offs, mask, P_KIND)
     if GRAD_MULT:
-        g = g * tl.load(grad_mult_ptr)
+        g = g * to_math(tl.load(grad_mult_ptr), P_KIND)  # fp64, rounded once
     if MAXIMIZE:
         g = -g
     return g

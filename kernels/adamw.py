@@ -105,7 +105,7 @@ def _adamw_kernel(
             v = load_state(exp_avg_sq, offs, mask, S_KIND, P_KIND)
 
         if HAS_GRAD_MULT:
-            g = g * tl.load(grad_mult_ptr)
+            g = g * to_math(tl.load(grad_mult_ptr), P_KIND)  # fp64, rounded once
         if MAXIMIZE:
             g = -g
         p = p * decay

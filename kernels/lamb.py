@@ -86,7 +86,7 @@ def _lamb_moments_kernel(
         m = load_any_state(exp_avg, m_scales, offs, mask, False, S_KIND, P_KIND)
         v = load_any_state(exp_avg_sq, v_scales, offs, mask, True, S_KIND, P_KIND)
         if GRAD_MULT:
-            g = g * tl.load(grad_mult_ptr)
+            g = g * to_math(tl.load(grad_mult_ptr), P_KIND)  # fp64, rounded once
         if MAXIMIZE:
             g = -g
         if not ADAM_W:

@@ -58,7 +58,7 @@ def _step_kernel(table, numels, chunk_tensor, chunk_start, n_tensors, lr: tl.int
         mask = in_chunk < end
         g = load_math(grad, offs, mask, P_KIND)
         if GRAD_MULT:
-            g = g * tl.load(grad_mult_ptr)
+            g = g * to_math(tl.load(grad_mult_ptr), P_KIND)  # fp64, rounded once
         if MAXIMIZE:
             g = -g
         p = load_math(work, offs, mask, W_KIND) * decay

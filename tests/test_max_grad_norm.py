@@ -17,9 +17,12 @@ def two_groups(params):
 
 
 @pytest.mark.parametrize("backend", backend_params())
-@pytest.mark.parametrize("max_norm", [0.5, 1e3])
-def test_adamw_max_grad_norm_equals_clip_then_step(backend, max_norm):
-    a, b = make_params(), make_params()
+@pytest.mark.parametrize("max_norm,dtype", [(0.5, torch.float32), (1e3, torch.float32), (0.5, torch.float64)])
+def test_adamw_max_grad_norm_equals_clip_then_step(backend, max_norm, dtype):
+    """fp64 params: the norm, the clip coefficient (torch keeps it in fp64) and
+    the step in fp64, to fp64 rounding."""
+    tol = TOL if dtype == torch.float32 else {"atol": 1e-13, "rtol": 1e-12}
+    a, b = make_params(dtype=dtype), make_params(dtype=dtype)
     ta = torch.optim.AdamW(two_groups(a), foreach=False)
     fb = FusedAdamW(two_groups(b), backend=backend, max_grad_norm=max_norm)
     for step in range(6):
@@ -31,8 +34,8 @@ def test_adamw_max_grad_norm_equals_clip_then_step(backend, max_norm):
         fb.step()
         for q, g in zip(b, grads):
             assert torch.equal(q.grad, g)  # never rewritten
-        torch.testing.assert_close(fb.last_grad_norm, norm, **TOL)
-    assert_same_state(ta, a, fb, b, **TOL)
+        torch.testing.assert_close(fb.last_grad_norm, norm, **tol)
+    assert_same_state(ta, a, fb, b, **tol)
 
 
 @pytest.mark.parametrize("backend", backend_params())

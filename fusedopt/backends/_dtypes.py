@@ -26,7 +26,7 @@ def math_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def fp32_scalar(t, device):
     """A 1-element fp32 tensor on `device` holding scalar tensor `t` (None stays
-    None): how lr, grad_mult and found_inf reach a kernel. No copy, and no host
+    None): how a tensor lr and found_inf reach a kernel. No copy, and no host
     sync, when `t` already is one."""
     return None if t is None else t.detach().to(device=device, dtype=torch.float32).reshape(1)
 

@@ -340,8 +340,10 @@ class FusedOptimizer(Optimizer):
         total = norms.combine(parts, 2.0, device)
         if grad_scale is not None:
             total = total / grad_scale.to(device=device, dtype=torch.float64).reshape(())
-        self.last_grad_norm = total.float()
-        return self._clip_multiplier(self.last_grad_norm, self.max_grad_norm)
+        # fp64 when some grads are, as clip_grad_norm_ returns it; the coefficient from the fp64 total
+        fp64 = any(bucket.dtype == torch.float64 for bucket in buckets)
+        self.last_grad_norm = total if fp64 else total.float()
+        return self._clip_multiplier(total, self.max_grad_norm)
 
     def _plans_of_this_step(self) -> tuple[list[_Plan], list[tuple[Tensor, Tensor]]]:
         """Every group's plan for the grads as they are now, and the staged
@@ -643,17 +645,19 @@ def check_hyperparameters(lr, eps: float, betas, weight_decay: float) -> None:
 
 
 class _GradScalars:
-    """This step's per-device scalars for the kernels, as 1-element fp32
-    tensors: found_inf (GradScaler), and the grad multiplier, GradScaler's
-    1/scale times the clip coefficient (None when neither applies). For the
-    power-of-two scales GradScaler uses, multiplying by 1/scale gives the bits
-    of dividing by the scale."""
+    """This step's per-device scalars for the kernels, as 1-element tensors:
+    found_inf (GradScaler; fp32), and the grad multiplier, GradScaler's
+    1/scale times the clip coefficient (fp64, which each kernel rounds once to
+    its math precision: fp64 params get the clip coefficient torch would use;
+    None when neither applies). For the power-of-two scales GradScaler uses,
+    multiplying by 1/scale gives the bits of dividing by the scale."""
 
     def __init__(self, grad_scale: Tensor | None, found_inf: Tensor | None, clip: Tensor | None):
-        mult = None if grad_scale is None else grad_scale.detach().to(torch.float32).reciprocal()
+        mult = None if grad_scale is None else grad_scale.detach().to(torch.float32).reciprocal().double()
         if clip is not None:
-            mult = clip if mult is None else clip * mult.to(clip.device)
+            mult = clip.double() if mult is None else clip.double() * mult.to(clip.device)
         self._values = {"grad_mult": mult, "found_inf": found_inf}
+        self._dtypes = {"grad_mult": torch.float64, "found_inf": torch.float32}
         self._cache: dict = {}
 
     def _on(self, what: str, device: torch.device):
@@ -662,7 +666,7 @@ class _GradScalars:
             return None
         key = (what, device)
         if key not in self._cache:
-            self._cache[key] = fp32_scalar(t, device)
+            self._cache[key] = t.detach().to(device=device, dtype=self._dtypes[what]).reshape(1)
         return self._cache[key]
 
     def grad_mult(self, device):

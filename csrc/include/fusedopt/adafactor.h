@@ -40,7 +40,7 @@ struct AdafactorHyper {
   bool maximize;
   bool has_beta1;
   double beta1;
-  const float* grad_mult;  // null: 1
+  const double* grad_mult;  // null: 1 (fp64: rounded once to the math type)
   const float* found_inf;  // GradScaler: skip everything when *found_inf != 0 (null: never)
   StochasticRounding sr;   // bf16 params without master weights rounded stochastically
 };

@@ -29,14 +29,14 @@ struct AdamWHyper {
   const float* lr_ptr;       // tensor lr (fp32, same memory space as the tensors), or null
   double beta1, beta2, eps, weight_decay;
   bool amsgrad, maximize;
-  const float* grad_mult;    // grads are multiplied by *grad_mult (GradScaler's 1/scale times the clip
+  const double* grad_mult;   // grads are multiplied by *grad_mult (GradScaler's 1/scale times the clip
                              // coefficient of max_grad_norm); null: by nothing
   const float* found_inf;    // GradScaler: skip everything when *found_inf != 0 (null: never)
   StochasticRounding sr;     // bf16 params without master weights: round the new param stochastically
   Fp8Copy fp8;               // also write FP8 copies of the new weights (fp32 working copies only)
 
   AdamWHyper(double lr_, const float* lr_ptr_, double beta1_, double beta2_, double eps_, double weight_decay_,
-             bool amsgrad_, bool maximize_, const float* grad_mult_, const float* found_inf_)
+             bool amsgrad_, bool maximize_, const double* grad_mult_, const float* found_inf_)
       : lr(lr_), lr_ptr(lr_ptr_), beta1(beta1_), beta2(beta2_), eps(eps_), weight_decay(weight_decay_),
         amsgrad(amsgrad_), maximize(maximize_), grad_mult(grad_mult_), found_inf(found_inf_) {}
 };

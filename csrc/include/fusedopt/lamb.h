@@ -26,7 +26,7 @@ namespace fusedopt {
 struct LambHyper {
   double beta1, beta2, eps, weight_decay;
   bool bias_correction, adam_w_mode, grad_averaging, maximize;
-  const float* grad_mult;  // null: 1
+  const double* grad_mult;  // null: 1 (fp64: rounded once to the math type)
   const float* found_inf;  // GradScaler: skip everything when *found_inf != 0 (null: never)
   StochasticRounding sr;   // the apply pass: bf16 params without master weights rounded stochastically
 };

@@ -21,7 +21,7 @@ struct SophiaHyper {
   const float* lr_ptr;  // tensor lr, or null
   double beta1, rho_bs, weight_decay;
   bool maximize;
-  const float* grad_mult;  // null: 1
+  const double* grad_mult;  // null: 1 (fp64: rounded once to the math type)
   const float* found_inf;  // GradScaler: skip everything when *found_inf != 0 (null: never)
   StochasticRounding sr;   // bf16 params without master weights rounded stochastically
 };
