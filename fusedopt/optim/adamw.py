@@ -55,8 +55,9 @@ class FusedAdamW(FusedOptimizer):
       inside ``step()``: the same as ``torch.nn.utils.clip_grad_norm_(params,
       max_grad_norm)`` before the step, but the coefficient is applied inside
       the update kernel (one norm pass + the update pass; ``.grad`` is never
-      rewritten). ``opt.last_grad_norm`` holds the norm (a device tensor, fp32, fp64 when some grads are; of
-      the unscaled grads under GradScaler). None or 0: no clipping.
+      rewritten). ``opt.last_grad_norm`` holds the norm (a device tensor,
+      fp32, fp64 when some grads are; of the unscaled grads under GradScaler).
+      None or 0: no clipping.
     * ``foreach`` and ``fused`` are accepted (and validated as torch does) but
       change nothing: the step is always fused. ``differentiable=True`` is not
       supported. Tensor ``betas`` are accepted as torch accepts them, but read
