@@ -14,5 +14,5 @@ from .optim import FusedAdafactor, FusedAdamW, FusedLAMB, FusedSophia, gnb_hessi
 
 __version__ = "0.1.0"
 
-__all__ = ["BuildError", "Float8Recipe", "FusedAdafactor", "FusedAdamW", "FusedLAMB", "FusedSophia", "available_backends",
-           "cast_to_fp8", "clip_grad_norm_", "gnb_hessian_loss", "grad_norm", "__version__"]
+__all__ = ["BuildError", "Float8Recipe", "FusedAdafactor", "FusedAdamW", "FusedLAMB", "FusedSophia",
+           "available_backends", "cast_to_fp8", "clip_grad_norm_", "gnb_hessian_loss", "grad_norm", "__version__"]

@@ -167,8 +167,9 @@ def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize,
             num_warps=NUM_WARPS, **exact)
         combine[(n,)](p_part, ft.row_first, p_sq, IS_MAX=False, BLOCK=256, num_warps=NUM_WARPS, **exact)
         kernels._col_stats[(len(ft.col_tensor),)](
-            tables.table, n, ft.col_tensor, ft.col_batch, ft.col_start, ft.col_slice, rows, cols, bits(beta2_decay), bits(eps1),
-            pointers["grad_mult_ptr"], pointers["found_inf_ptr"], rmean, **flags, RB=FACTOR_ROWS, CB=FACTOR_COLS,
+            tables.table, n, ft.col_tensor, ft.col_batch, ft.col_start, ft.col_slice, rows, cols, bits(beta2_decay),
+            bits(eps1), pointers["grad_mult_ptr"], pointers["found_inf_ptr"], rmean, **flags, RB=FACTOR_ROWS,
+            CB=FACTOR_COLS,
             num_warps=NUM_WARPS, **exact)
         u_part = torch.empty(n_chunks, dtype=torch.float64, device=device)
         kernels._factored_unorm[(n_chunks,)](
