@@ -96,28 +96,33 @@ def _cpu_flags() -> list[str]:
     return ["-O3", *_arch_flags(), "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp"]
 
 
-def _cuda_archs() -> list[tuple[int, int]]:
-    """The GPU architectures to compile for: TORCH_CUDA_ARCH_LIST's (e.g.
-    "8.0;9.0", as torch's own extension builds read it: how a Docker image
-    build without a GPU prebuilds), else those of the GPUs present."""
+def _cuda_archs() -> list[tuple[int, int, str, bool]]:
+    """The GPU architectures to compile for, as (major, minor, suffix, +PTX):
+    TORCH_CUDA_ARCH_LIST's (e.g. "8.0;9.0", as torch's own extension builds
+    read it: how a Docker image build without a GPU prebuilds; "9.0a" names
+    an architecture-specific target, as the H100/H200 machines' images set it;
+    "+PTX" also embeds PTX for later GPUs), else those of the GPUs present."""
     listed = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
     if not listed:
-        return sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
-    archs = set()
+        return sorted({(*torch.cuda.get_device_capability(i), "", False) for i in range(torch.cuda.device_count())})
+    archs: dict[tuple[int, int, str], bool] = {}
     for item in re.split(r"[;\s]+", listed):
-        match = re.fullmatch(r"(\d+)\.(\d+)(\+PTX)?", item)
+        match = re.fullmatch(r"(\d+)\.(\d+)([af]?)(\+PTX)?", item)
         if match is None:
             raise BuildError(f"TORCH_CUDA_ARCH_LIST={listed!r}: cannot read {item!r}; give compute capabilities, "
-                             "e.g. '8.0;9.0'")
-        archs.add((int(match[1]), int(match[2])))
-    return sorted(archs)
+                             "e.g. '8.0;9.0' or '9.0a'")
+        key = (int(match[1]), int(match[2]), match[3])
+        archs[key] = archs.get(key, False) or match[4] is not None
+    return sorted((*key, ptx) for key, ptx in archs.items())
 
 
 def _cuda_arch_flags() -> list[str]:
-    archs = _cuda_archs()
     flags = []
-    for major, minor in archs:
-        flags += [f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"]
+    for major, minor, suffix, ptx in _cuda_archs():
+        arch = f"{major}{minor}{suffix}"
+        flags += [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
+        if ptx:
+            flags += [f"-gencode=arch=compute_{arch},code=compute_{arch}"]
     return flags
 
 

@@ -174,8 +174,12 @@ def test_cuda_architectures_from_torch_cuda_arch_list(monkeypatch):
     """A Docker image build has no GPU to ask: TORCH_CUDA_ARCH_LIST names the
     architectures (as for torch's own extension builds)."""
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0 8.0;8.0+PTX")
-    assert _jit._cuda_archs() == [(8, 0), (9, 0)]
-    assert _jit._cuda_arch_flags() == ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+    assert _jit._cuda_archs() == [(8, 0, "", True), (9, 0, "", False)]
+    assert _jit._cuda_arch_flags() == ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_80,code=compute_80",
+                                       "-gencode=arch=compute_90,code=sm_90"]
+    # what the H200 machines' images set (a review's GPU run: the cuda backend refused to build)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0a")
+    assert _jit._cuda_arch_flags() == ["-gencode=arch=compute_90a,code=sm_90a"]
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "Hopper")
     with pytest.raises(_jit.BuildError, match="give compute capabilities"):
         _jit._cuda_archs()
