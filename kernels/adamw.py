@@ -160,8 +160,8 @@ def launch_adamw(tables, *, p_kind, s_kind, master, amsgrad, maximize, lr, lr_te
                  weight_decay, grad_mult, found_inf, sr_seed, block, num_warps, fp8_format=None, fp8_amax=None):
     """Launch the update over `tables` (fusedopt.backends._tables.LaunchTables).
 
-    `lr_tensor`, `grad_mult` and `found_inf` are 1-element fp32 tensors on the
-    tables' device, or None. With `fp8_format` (0 e4m3fn, 1 e5m2) the tables'
+    `lr_tensor`, `grad_mult` (fp64) and `found_inf` are 1-element tensors on
+    the tables' device, or None; the other scalars are Python numbers. With `fp8_format` (0 e4m3fn, 1 e5m2) the tables'
     fp8 rows are written and each new weight's absmax goes to `fp8_amax` (fp64).
     """
     import torch

@@ -11,7 +11,7 @@ General p uses exp(p * log|x|) in fp64 (fp32 exp and log compile to approximate 
 import triton
 import triton.language as tl
 
-from ._numeric import EXACT, F64, f64, f64_bits, load_math, store_math
+from ._numeric import EXACT, F64, f64, f64_bits, load_math, store_math, to_math
 from ._table import program_chunk
 
 L1 = tl.constexpr(0)
@@ -45,7 +45,8 @@ def _partials_kernel(table, numels, chunk_tensor, chunk_start, p: tl.int64, part
         elif NORM == GENERAL:
             # |x|^p as exp(p log|x|) in fp64: fp32 tl.exp / tl.log compile to approximate
             # instructions (ex2.approx, lg2.approx); fp64 ones go through libdevice, exact to an ulp
-            acc += tl.exp(f64(p) * tl.log(a.to(tl.float64))).to(ACC).to(tl.float64)
+            # p rounded to the math precision first, as the C++ (T(p)) and torch's pow take it
+            acc += tl.exp(to_math(f64(p), KIND).to(tl.float64) * tl.log(a.to(tl.float64))).to(ACC).to(tl.float64)
         else:
             acc += a.to(tl.float64)
     if NORM == INF:

@@ -298,6 +298,33 @@ def test_zero_matches_single_process(world, stage):
     spawn(zero_worker, world, stage)
 
 
+def zero_fp64_worker(rank, world):
+    """fp64 params: the clip coefficient stays fp64 through ZeRO's global norm
+    (a review found it rounded to fp32 there: 4e-8 from the single process)."""
+    from fusedopt import FusedAdamW
+    from fusedopt.distributed import ZeroOptimizer
+
+    single, model = small().double(), small().double()
+    ref = FusedAdamW(single.parameters(), **KW)
+    opt = ZeroOptimizer(model.parameters(), stage=2, **KW)
+    for step in range(4):
+        x = global_batch(step, world).double()
+        single(x).backward()
+        ref.step()
+        ref.zero_grad()
+        model(x.chunk(world)[rank]).backward()
+        opt.step()
+        opt.zero_grad()
+    assert opt.last_grad_norm.dtype == torch.float64
+    torch.testing.assert_close(opt.last_grad_norm, ref.last_grad_norm, rtol=1e-12, atol=0)
+    for (name, p), q in zip(model.named_parameters(), single.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_zero_fp64():
+    spawn(zero_fp64_worker, 2)
+
+
 def zero_nccl_worker(rank, world):
     """ZeRO stage 1 and 2 on NCCL (one GPU per rank) == single-process FusedAdamW on the GPU."""
     from fusedopt import FusedAdamW

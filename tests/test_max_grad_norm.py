@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CPU_BACKENDS, backend_params
+from conftest import CPU_BACKENDS, KERNEL_BACKENDS, backend_params
 from helpers import assert_same_state, grads_for, make_params
 
-from fusedopt import FusedAdamW
+import fusedopt
+from fusedopt import FusedAdafactor, FusedAdamW, FusedLAMB, FusedSophia
 
 TOL = {"atol": 1e-6, "rtol": 1e-5}
 
@@ -93,3 +94,41 @@ def test_last_grad_norm_of_a_step_without_grads_is_zero():
     p.grad = None
     opt.step()
     assert opt.last_grad_norm.item() == 0.0
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_fused_clip_gives_clip_grad_norm_then_steps_bits(backend):
+    """fp32: the fused coefficient is clip_grad_norm_'s, formed in fp32 from the
+    fp32 norm, and applied in the kernel with one rounding, as clip_grad_norm_
+    rounds the clipped grad: the same bits as fusedopt.clip_grad_norm_ + step."""
+    a, b = make_params(), make_params()
+    fused, plain = FusedAdamW(a, backend=backend, max_grad_norm=0.5), FusedAdamW(b, backend=backend)
+    for step in range(4):
+        grads = grads_for(a, step, scale=3.0)
+        for p, q, g in zip(a, b, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        fused.step()
+        fusedopt.clip_grad_norm_(b, 0.5, backend=backend)
+        plain.step()
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("backend", backend_params(KERNEL_BACKENDS))
+@pytest.mark.parametrize("name", ["lamb", "sophia", "adafactor"])
+def test_fp64_grad_multiplier_on_every_optimizer(backend, name):
+    """fp64 params with max_grad_norm and a GradScaler scale: the multiplier
+    reaches every kernel in fp64 (against the reference to fp64 rounding)."""
+    cls, kw = {"lamb": (FusedLAMB, {}), "sophia": (FusedSophia, {"lr": 1e-2}),
+               "adafactor": (FusedAdafactor, {"beta1": 0.9})}[name]
+    runs = []
+    for which in ("reference", backend):
+        params = make_params(dtype=torch.float64)
+        opt = cls(params, backend=which, max_grad_norm=0.5, **kw)
+        for step in range(4):
+            for p, g in zip(params, grads_for(params, step, scale=24.0)):
+                p.grad = g
+            opt.grad_scale, opt.found_inf = torch.tensor([8.0]), torch.tensor([0.0])  # what GradScaler sets
+            opt.step()
+        runs.append((opt, params))
+    assert_same_state(*runs[0], *runs[1], atol=1e-13, rtol=1e-12)

@@ -29,8 +29,8 @@ def _chunk(bucket) -> int:
 
 
 def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_mult, found_inf):
-    """lr: float or 1-element fp32 tensor; grad_mult, found_inf: 1-element
-    fp32 tensors or None; all on the CPU. The extension advances the steps.
+    """lr: float or 1-element fp32 tensor; grad_mult (fp64), found_inf (fp32):
+    1-element tensors or None; all on the CPU. The extension advances the steps.
     Returns each new weight's absmax (fp64) when the bucket has FP8 copies."""
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
     fp8 = bucket.fp8 is not None

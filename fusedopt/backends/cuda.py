@@ -45,8 +45,8 @@ def _launch(op: str, device: torch.device, *args) -> None:
 
 
 def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_mult, found_inf):
-    """lr: float or 1-element fp32 tensor; grad_mult, found_inf: 1-element
-    fp32 tensors or None; all on the bucket's device (the optimizer's base
+    """lr: float or 1-element fp32 tensor; grad_mult (fp64), found_inf (fp32):
+    1-element tensors or None; all on the bucket's device (the optimizer's base
     class sees to that)."""
     tables = _tables.launch_tables(_tables.moment_rows(bucket), bucket.device, _chunk(bucket))
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None

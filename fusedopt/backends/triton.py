@@ -76,8 +76,8 @@ def _sizes(bucket) -> tuple[int, int]:
 
 
 def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_mult, found_inf):
-    """lr: float or 1-element fp32 tensor; grad_mult, found_inf: 1-element
-    fp32 tensors or None; all on the bucket's device."""
+    """lr: float or 1-element fp32 tensor; grad_mult (fp64), found_inf (fp32):
+    1-element tensors or None; all on the bucket's device."""
     kernels = shipped_module("kernels", "adamw")
     block, chunk = _sizes(bucket)
     tables = _tables.launch_tables(_tables.moment_rows(bucket), bucket.device, chunk)

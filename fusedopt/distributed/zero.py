@@ -53,6 +53,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..backends._dtypes import math_dtype
 from ..optim.adamw import FusedAdamW
 from ..optim.base import FusedOptimizer
 from . import _collectives as comm
@@ -279,15 +280,17 @@ class ZeroOptimizer(torch.optim.Optimizer):
         shards = [f.shard.grad for f in self.flats]
         device = shards[0].device
         squares = torch.zeros((), dtype=torch.float64, device=device)
-        for g in shards:
-            squares += g.detach().double().square().sum().to(device)
+        for g in shards:  # each square in the math precision, sums in fp64: fusedopt.norms' rule
+            squares += g.detach().to(math_dtype(g.dtype)).square().double().sum().to(device)
         comm.all_reduce(squares, self.group)
         scale = torch.ones((), dtype=torch.float64, device=device) if grad_scale is None else \
             grad_scale.to(device=device, dtype=torch.float64).reshape(())
-        total = squares.sqrt() / scale
-        self.last_grad_norm = total.to(torch.float32)
-        coefficient = (self.max_grad_norm / (total + 1e-6)).clamp(max=1.0)
-        return (scale / coefficient).to(torch.float32)
+        # the norm and the coefficient in fp32, fp64 when some grads are, as clip_grad_norm_ forms them;
+        # handed on in fp64 (the inner optimizer takes 1 / grad_scale in fp64)
+        norm_dtype = torch.float64 if any(g.dtype == torch.float64 for g in shards) else torch.float32
+        self.last_grad_norm = (squares.sqrt() / scale).to(norm_dtype)
+        coefficient = (self.max_grad_norm / (self.last_grad_norm + 1e-6)).clamp(max=1.0)
+        return scale / coefficient.double()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop the grads. After a backward whose grads are then discarded

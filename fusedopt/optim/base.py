@@ -340,10 +340,10 @@ class FusedOptimizer(Optimizer):
         total = norms.combine(parts, 2.0, device)
         if grad_scale is not None:
             total = total / grad_scale.to(device=device, dtype=torch.float64).reshape(())
-        # fp64 when some grads are, as clip_grad_norm_ returns it; the coefficient from the fp64 total
+        # fp64 when some grads are, else fp32, and the coefficient in that dtype: as clip_grad_norm_ forms them
         fp64 = any(bucket.dtype == torch.float64 for bucket in buckets)
         self.last_grad_norm = total if fp64 else total.float()
-        return self._clip_multiplier(total, self.max_grad_norm)
+        return self._clip_multiplier(self.last_grad_norm, self.max_grad_norm)
 
     def _plans_of_this_step(self) -> tuple[list[_Plan], list[tuple[Tensor, Tensor]]]:
         """Every group's plan for the grads as they are now, and the staged
@@ -653,7 +653,7 @@ class _GradScalars:
     multiplying by 1/scale gives the bits of dividing by the scale."""
 
     def __init__(self, grad_scale: Tensor | None, found_inf: Tensor | None, clip: Tensor | None):
-        mult = None if grad_scale is None else grad_scale.detach().to(torch.float32).reciprocal().double()
+        mult = None if grad_scale is None else grad_scale.detach().double().reciprocal()
         if clip is not None:
             mult = clip.double() if mult is None else clip.double() * mult.to(clip.device)
         self._values = {"grad_mult": mult, "found_inf": found_inf}
