@@ -298,6 +298,19 @@ def test_zero_matches_single_process(world, stage):
     spawn(zero_worker, world, stage)
 
 
+def train_side_by_side(single, ref, model, opt, rank, world, batch=lambda x: x, steps=4):
+    """`steps` steps of the single process (the global batch) and of this rank
+    (its share), each optimizer stepping and zeroing its own model."""
+    for step in range(steps):
+        x = batch(global_batch(step, world))
+        single(x).backward()
+        ref.step()
+        ref.zero_grad()
+        model(x.chunk(world)[rank]).backward()
+        opt.step()
+        opt.zero_grad()
+
+
 def zero_fp64_worker(rank, world):
     """fp64 params: the clip coefficient stays fp64 through ZeRO's global norm
     (a review found it rounded to fp32 there: 4e-8 from the single process)."""
@@ -307,14 +320,7 @@ def zero_fp64_worker(rank, world):
     single, model = small().double(), small().double()
     ref = FusedAdamW(single.parameters(), **KW)
     opt = ZeroOptimizer(model.parameters(), stage=2, **KW)
-    for step in range(4):
-        x = global_batch(step, world).double()
-        single(x).backward()
-        ref.step()
-        ref.zero_grad()
-        model(x.chunk(world)[rank]).backward()
-        opt.step()
-        opt.zero_grad()
+    train_side_by_side(single, ref, model, opt, rank, world, batch=torch.Tensor.double)
     assert opt.last_grad_norm.dtype == torch.float64
     torch.testing.assert_close(opt.last_grad_norm, ref.last_grad_norm, rtol=1e-12, atol=0)
     for (name, p), q in zip(model.named_parameters(), single.parameters()):
@@ -337,14 +343,7 @@ def zero_nccl_worker(rank, world):
         ref = FusedAdamW(single.parameters(), **kwargs)
         opt = ZeroOptimizer(model.parameters(), stage=stage, bucket_cap_mb=200 / 2**20, **kwargs)
         assert opt.optimizer.backend == "cuda"
-        for step in range(4):
-            x = global_batch(step, world).to(device)
-            single(x).backward()
-            ref.step()
-            ref.zero_grad()
-            model(x.chunk(world)[rank]).backward()
-            opt.step()
-            opt.zero_grad()
+        train_side_by_side(single, ref, model, opt, rank, world, batch=lambda x: x.to(device))
         for (name, p), q in zip(model.named_parameters(), single.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
 
