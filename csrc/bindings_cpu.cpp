@@ -37,20 +37,16 @@ fusedopt::DType dtype_code(at::ScalarType t) {
   }
 }
 
-const float* scalar_ptr(const std::optional<Tensor>& t, const char* what) {
+// A 1-element CPU tensor of T, or null. lr and found_inf are float32; grad_mult
+// and the clip factor travel in fp64 (a clip coefficient of fp64 grads keeps
+// its bits), which the kernels round once to the math type.
+template <typename T = float>
+const T* scalar_ptr(const std::optional<Tensor>& t, const char* what) {
   if (!t.has_value()) return nullptr;
-  TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->numel() == 1,
-              "fusedopt cpu: ", what, " must be a 1-element float32 CPU tensor");
-  return t->data_ptr<float>();
-}
-
-// grad_mult and the clip factor travel in fp64 (a clip coefficient of fp64
-// grads keeps its bits); the kernels round them once to the math type.
-const double* double_scalar_ptr(const std::optional<Tensor>& t, const char* what) {
-  if (!t.has_value()) return nullptr;
-  TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kDouble && t->numel() == 1,
-              "fusedopt cpu: ", what, " must be a 1-element float64 CPU tensor");
-  return t->data_ptr<double>();
+  constexpr at::ScalarType kType = c10::CppTypeToScalarType<T>::value;
+  TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == kType && t->numel() == 1, "fusedopt cpu: ", what,
+              " must be a 1-element ", kType == at::kDouble ? "float64" : "float32", " CPU tensor");
+  return t->data_ptr<T>();
 }
 
 // Host-side table + chunk list for one launch. The vectors own the storage
@@ -218,7 +214,7 @@ void adamw(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
                  chunk_size, {fusedopt::kRowStep, fusedopt::kRowFp8Scale, fusedopt::kRowExpAvgScale,
                               fusedopt::kRowExpAvgSqScale, fusedopt::kRowMaxExpAvgSqScale});
   fusedopt::AdamWHyper h(lr, scalar_ptr(lr_tensor, "lr"), beta1, beta2, eps, weight_decay, amsgrad, maximize,
-                         double_scalar_ptr(grad_mult, "grad_mult"), scalar_ptr(found_inf, "found_inf"));
+                         scalar_ptr<double>(grad_mult, "grad_mult"), scalar_ptr(found_inf, "found_inf"));
   h.sr = stochastic_rounding(sr_seed, pdt, has_master);
   if (fp8) {
     h.fp8.on = true;
@@ -241,7 +237,7 @@ Tensor power_sums(TensorList tensors, double p, int64_t chunk_size) {
 void scale_(TensorList tensors, const Tensor& factor, int64_t chunk_size) {
   check_one_dtype(tensors);
   HostTable host({tensors}, chunk_size);
-  fusedopt::scale_cpu(host.tt, dtype_code(tensors[0].scalar_type()), double_scalar_ptr(factor, "factor"),
+  fusedopt::scale_cpu(host.tt, dtype_code(tensors[0].scalar_type()), scalar_ptr<double>(factor, "factor"),
                       at::get_num_threads());
 }
 
@@ -321,7 +317,7 @@ std::tuple<Tensor, Tensor> lamb_moments(TensorList params, TensorList grads, Ten
   HostTable host = lamb_table(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, masters, steps,
                               chunk_size);
   const fusedopt::LambHyper h{beta1, beta2, eps, weight_decay, bias_correction, adam_w_mode, grad_averaging, maximize,
-                              double_scalar_ptr(grad_mult, "grad_mult"), scalar_ptr(found_inf, "found_inf")};
+                              scalar_ptr<double>(grad_mult, "grad_mult"), scalar_ptr(found_inf, "found_inf")};
   fusedopt::lamb_moments_cpu(host.tt, h, dtype_code(params[0].scalar_type()), dtype_code(exp_avgs[0].scalar_type()),
                              !masters.empty(),
                              p_sums.data_ptr<double>(), u_sums.data_ptr<double>(), at::get_num_threads());
@@ -382,7 +378,7 @@ void adafactor(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
                   fp8_exp_avg ? exp_avg_scales : TensorList()},
                  chunk_size, {fusedopt::kAfRowVar, fusedopt::kAfColVar, fusedopt::kAfStep, fusedopt::kAfExpAvgScale});
   fusedopt::AdafactorHyper h{lr, scalar_ptr(lr_tensor, "lr"), beta2_decay, eps1, eps2, d, weight_decay, maximize,
-                             beta1.has_value(), beta1.value_or(0.0), double_scalar_ptr(grad_mult, "grad_mult"),
+                             beta1.has_value(), beta1.value_or(0.0), scalar_ptr<double>(grad_mult, "grad_mult"),
                              scalar_ptr(found_inf, "found_inf")};
   h.sr = stochastic_rounding(sr_seed, pdt, has_master);
   if (factored) {
@@ -439,7 +435,7 @@ void sophia(TensorList params, TensorList grads, TensorList exp_avgs, TensorList
   HostTable host = sophia_table(params, grads, exp_avgs, hessians, exp_avg_scales, hessian_scales, masters, steps,
                                 !masters.empty(), chunk_size);
   fusedopt::SophiaHyper h{lr, scalar_ptr(lr_tensor, "lr"), beta1, rho_bs, weight_decay, maximize,
-                          double_scalar_ptr(grad_mult, "grad_mult"), scalar_ptr(found_inf, "found_inf")};
+                          scalar_ptr<double>(grad_mult, "grad_mult"), scalar_ptr(found_inf, "found_inf")};
   h.sr = stochastic_rounding(sr_seed, params[0].scalar_type(), !masters.empty());
   fusedopt::sophia_cpu(host.tt, h, dtype_code(params[0].scalar_type()), dtype_code(hessians[0].scalar_type()),
                        !masters.empty(), at::get_num_threads());

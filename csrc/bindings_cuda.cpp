@@ -41,20 +41,16 @@ bool on_device(const Tensor& t) {
 #endif
 }
 
-const float* device_scalar(const std::optional<Tensor>& t, const char* what) {
-  if (!t.has_value()) return nullptr;
-  TORCH_CHECK(on_device(*t) && t->scalar_type() == at::kFloat && t->numel() == 1,
-              "fusedopt cuda: ", what, " must be a 1-element float32 " FUSEDOPT_DEVICE " tensor");
-  return t->data_ptr<float>();
-}
-
+// A 1-element device tensor of T, or null. lr and found_inf are float32;
 // grad_mult and the clip factor travel in fp64 (a clip coefficient of fp64
-// grads keeps its bits); the kernels round them once to the math type.
-const double* device_double_scalar(const std::optional<Tensor>& t, const char* what) {
+// grads keeps its bits), which the kernels round once to the math type.
+template <typename T = float>
+const T* device_scalar(const std::optional<Tensor>& t, const char* what) {
   if (!t.has_value()) return nullptr;
-  TORCH_CHECK(on_device(*t) && t->scalar_type() == at::kDouble && t->numel() == 1,
-              "fusedopt cuda: ", what, " must be a 1-element float64 " FUSEDOPT_DEVICE " tensor");
-  return t->data_ptr<double>();
+  constexpr at::ScalarType kType = c10::CppTypeToScalarType<T>::value;
+  TORCH_CHECK(on_device(*t) && t->scalar_type() == kType && t->numel() == 1, "fusedopt cuda: ", what,
+              " must be a 1-element ", kType == at::kDouble ? "float64" : "float32", " " FUSEDOPT_DEVICE " tensor");
+  return t->data_ptr<T>();
 }
 
 // The (param, state, master) storage of a launch, checked.
@@ -123,7 +119,7 @@ void adamw(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor,
   const fusedopt::TensorTable tt =
       make_table(table, numel, chunk_tensor, chunk_start, chunk_size, fusedopt::kMomentRows);
   fusedopt::AdamWHyper h(lr, device_scalar(lr_tensor, "lr"), beta1, beta2, eps, weight_decay, amsgrad, maximize,
-                         device_double_scalar(grad_mult, "grad_mult"), device_scalar(found_inf, "found_inf"));
+                         device_scalar<double>(grad_mult, "grad_mult"), device_scalar(found_inf, "found_inf"));
   h.sr = stochastic_rounding(sr_seed, pdt, has_master);
   if (fp8_format >= 0) {  // FP8 copies: table rows kRowFp8 / kRowFp8Scale hold the copies and their scales
     TORCH_CHECK(fp8_format <= 1, "fusedopt cuda: bad fp8 format code ", fp8_format);
@@ -182,7 +178,7 @@ void scale_(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor
   const fusedopt::TensorTable tt = make_table(table, numel, chunk_tensor, chunk_start, chunk_size, 1);
   TORCH_CHECK(dtype >= 0 && dtype <= 3, "fusedopt cuda: bad dtype code ", dtype);
   const char* error = fusedopt::scale_cuda(tt, static_cast<fusedopt::DType>(dtype),
-                                           device_double_scalar(factor, "factor"), reinterpret_cast<void*>(stream));
+                                           device_scalar<double>(factor, "factor"), reinterpret_cast<void*>(stream));
   TORCH_CHECK(error == nullptr, "fusedopt cuda: scale_ launch failed: ", error);
 }
 
@@ -201,7 +197,7 @@ void lamb_moments(const Tensor& table, const Tensor& numel, const Tensor& chunk_
   check_cuda_tensor(p_sums, at::kDouble, tt.n_tensors, "p_sums");
   check_cuda_tensor(u_sums, at::kDouble, tt.n_tensors, "u_sums");
   const fusedopt::LambHyper h{beta1, beta2, eps, weight_decay, bias_correction, adam_w_mode, grad_averaging, maximize,
-                              device_double_scalar(grad_mult, "grad_mult"), device_scalar(found_inf, "found_inf")};
+                              device_scalar<double>(grad_mult, "grad_mult"), device_scalar(found_inf, "found_inf")};
   const char* error = fusedopt::lamb_moments_cuda(
       tt, chunk_first.data_ptr<int64_t>(), h, pdt, sdt, has_master,
       partials.data_ptr<double>(), p_sums.data_ptr<double>(), u_sums.data_ptr<double>(),
@@ -236,7 +232,7 @@ void sophia(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor
   const auto [pdt, sdt] = storage(param_dtype, state_dtype, has_master, true);
   check_fp8_chunks(sdt, chunk_size);
   fusedopt::SophiaHyper h{lr, device_scalar(lr_tensor, "lr"), beta1, rho_bs, weight_decay, maximize,
-                          device_double_scalar(grad_mult, "grad_mult"), device_scalar(found_inf, "found_inf")};
+                          device_scalar<double>(grad_mult, "grad_mult"), device_scalar(found_inf, "found_inf")};
   h.sr = stochastic_rounding(sr_seed, pdt, has_master);
   const char* error = fusedopt::sophia_cuda(tt, h, pdt, sdt, has_master, reinterpret_cast<void*>(stream));
   TORCH_CHECK(error == nullptr, "fusedopt cuda: sophia launch failed: ", error);
@@ -307,7 +303,7 @@ void adafactor(const Tensor& table, const Tensor& numel, const Tensor& chunk_ten
   check_cuda_tensor(u_partial, at::kDouble, tt.n_chunks, "u_partial");
   check_cuda_tensor(sums, at::kDouble, 3 * tt.n_tensors, "sums");
   fusedopt::AdafactorHyper h{lr, device_scalar(lr_tensor, "lr"), beta2_decay, eps1, eps2, d, weight_decay, maximize,
-                             beta1.has_value(), beta1.value_or(0.0), device_double_scalar(grad_mult, "grad_mult"),
+                             beta1.has_value(), beta1.value_or(0.0), device_scalar<double>(grad_mult, "grad_mult"),
                              device_scalar(found_inf, "found_inf")};
   h.sr = stochastic_rounding(sr_seed, pdt, has_master);
   const fusedopt::AdafactorScratch scratch{col_partial.data_ptr<double>(), p_partial.data_ptr<double>(),

@@ -60,6 +60,18 @@ def to_math(x, P_KIND: tl.constexpr):
 
 
 @triton.jit
+def lr_and_decay(lr, lr_ptr, weight_decay, P_KIND: tl.constexpr, LR_IS_PTR: tl.constexpr):
+    """(lr in fp64, the decay factor 1 - lr * weight_decay rounded once to the
+    math precision): lr from the fp32 tensor at lr_ptr when LR_IS_PTR, else
+    from its f64_bits, as the C++ headers form them."""
+    if LR_IS_PTR:
+        lr64 = tl.load(lr_ptr).to(tl.float64)
+    else:
+        lr64 = f64(lr)
+    return lr64, to_math(1.0 - lr64 * f64(weight_decay), P_KIND)
+
+
+@triton.jit
 def bf16_bits_rne(x):
     """fp32 -> bf16 bit pattern (int16), round-to-nearest-even; NaN -> 0x7FC0."""
     b = x.to(tl.int32, bitcast=True)

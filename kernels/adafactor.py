@@ -17,9 +17,8 @@ _combine_kernel; the scale per tensor comes from reference.adafactor.scales.
 import triton
 import triton.language as tl
 
-from ._numeric import (F32, F64, as_stored, div_ieee, f64, lerp, load_math, load_state, sqrt_ieee, sr_tensor_key,
-                       to_math,
-                       store_math, store_param)
+from ._numeric import (F32, F64, as_stored, div_ieee, f64, lerp, load_math, load_state, lr_and_decay, sqrt_ieee,
+                       sr_tensor_key, store_math, store_param, to_math)
 from ._table import address, program_chunk
 from .fp8_states import load_any_state, store_any_state
 from .norms import _combine_kernel
@@ -240,11 +239,8 @@ def _apply(table, numels, chunk_tensor, chunk_start, n_tensors, rows, cols, slic
     variance = address(table, ROW_VARIANCE, n_tensors, t)
     row_var = address(table, ROW_ROW_VAR, n_tensors, t)
     col_var = address(table, ROW_COL_VAR, n_tensors, t)
-    if LR_IS_PTR:  # the scalars in fp64 (f64_bits), rounded once, as csrc/cpu/adafactor.cpp
-        lr64 = tl.load(lr_ptr).to(tl.float64)
-    else:
-        lr64 = f64(lr)
-    decay = to_math(1.0 - lr64 * f64(weight_decay), P_KIND)
+    # the scalars in fp64 (f64_bits), rounded once, as csrc/cpu/adafactor.cpp
+    _, decay = lr_and_decay(lr, lr_ptr, weight_decay, P_KIND, LR_IS_PTR)
     one_minus_beta1 = to_math(f64(one_minus_beta1), P_KIND)
     _, eps1_sq, inv_eps1 = _eps1_scalars(eps1, P_KIND)
     scale = tl.load(scale_ptr + t)

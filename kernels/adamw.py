@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ._numeric import (EXACT, F32, F64, FP8_BLOCKED, bias_correction, div_ieee, f64, f64_bits, lerp, load_math,
-                       load_state, sqrt_ieee, sr_tensor_key, store_math, store_param, to_math)
+                       load_state, lr_and_decay, sqrt_ieee, sr_tensor_key, store_math, store_param, to_math)
 from ._table import (ROW_EXP_AVG, ROW_EXP_AVG_SCALE, ROW_EXP_AVG_SQ, ROW_EXP_AVG_SQ_SCALE, ROW_FP8, ROW_FP8_SCALE,
                      ROW_GRAD, ROW_MASTER, ROW_MAX_EXP_AVG_SQ, ROW_MAX_EXP_AVG_SQ_SCALE, ROW_PARAM, ROW_STEP, address,
                      program_chunk)
@@ -67,11 +67,7 @@ def _adamw_kernel(
 
     # Per-tensor scalars, as adamw_scalars() in adamw.h: in fp64 from the
     # hyperparameters' fp64 bits (f64_bits), each rounded once to the math precision.
-    if LR_IS_PTR:
-        lr64 = tl.load(lr_ptr).to(tl.float64)
-    else:
-        lr64 = f64(lr)
-    decay = to_math(1.0 - lr64 * f64(weight_decay), P_KIND)
+    lr64, decay = lr_and_decay(lr, lr_ptr, weight_decay, P_KIND, LR_IS_PTR)
     lerp_w = to_math(f64(lerp_w), P_KIND)
     beta2 = to_math(f64(beta2), P_KIND)
     one_minus_beta2 = to_math(f64(one_minus_beta2), P_KIND)

@@ -16,7 +16,8 @@ re-encoded with fresh ones.
 import triton
 import triton.language as tl
 
-from ._numeric import EXACT, F32, div_ieee, f64, f64_bits, load_math, sr_tensor_key, store_math, store_param, to_math
+from ._numeric import (EXACT, F32, div_ieee, f64, f64_bits, load_math, lr_and_decay, sr_tensor_key, store_math,
+                       store_param, to_math)
 from ._table import (ROW_EXP_AVG, ROW_EXP_AVG_SCALE, ROW_EXP_AVG_SQ, ROW_EXP_AVG_SQ_SCALE, ROW_GRAD, ROW_MASTER,
                      ROW_PARAM, address, program_chunk)
 from .fp8_states import load_any_state as _load
@@ -40,11 +41,7 @@ def _step_kernel(table, numels, chunk_tensor, chunk_start, n_tensors, lr: tl.int
     m_scales = address(table, ROW_EXP_AVG_SCALE, n_tensors, t)  # FP8 states only (else 0)
     h_scales = address(table, ROW_EXP_AVG_SQ_SCALE, n_tensors, t)
     # the scalars of sophia_scalars() in sophia.h: fp64 (f64_bits), rounded once
-    if LR_IS_PTR:
-        lr64 = tl.load(lr_ptr).to(tl.float64)
-    else:
-        lr64 = f64(lr)
-    decay = to_math(1.0 - lr64 * f64(weight_decay), P_KIND)
+    lr64, decay = lr_and_decay(lr, lr_ptr, weight_decay, P_KIND, LR_IS_PTR)
     neg_lr = to_math(-lr64, P_KIND)
     beta1 = to_math(f64(beta1), P_KIND)
     one_minus_beta1 = to_math(f64(one_minus_beta1), P_KIND)
