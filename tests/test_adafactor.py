@@ -94,6 +94,41 @@ def test_unused_rows_clamped_updates_and_nan(backend):
     assert_same_state(ref, a, opt, b, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", backend_params(KERNEL_BACKENDS))
+def test_interleaved_optimizers_give_the_bits_of_each_alone(backend):
+    """Scratch reused from launch to launch (the cpu backend keeps its
+    per-row and per-column arrays per thread) carries nothing over: two
+    optimizers of different sizes stepped in turn, one with a clamped slice
+    and a NaN, give the bits each gives alone."""
+    big, small = [(70, 130), (3, 33, 65), (5,)], [(9, 4), (2, 3, 7)]
+
+    def grads(params, step):
+        gs = grads_for(params, step)
+        if len(params) == 2:
+            gs[1][1] *= 1e-12  # a slice whose u is clamped: the element-wise sum of u*u
+            if step == 2:
+                gs[0][3, 1] = float("nan")
+        return gs
+
+    def steps(opts_params, n=3):
+        for step in range(n):
+            for opt, params in opts_params:
+                for p, g in zip(params, grads(params, step)):
+                    p.grad = g
+                opt.step()
+
+    alone = []
+    for shapes in (big, small):
+        params = make(shapes)
+        steps([(FusedAdafactor(params, backend=backend, beta1=0.9), params)])
+        alone.append(params)
+    pb, ps = make(big), make(small)
+    steps([(FusedAdafactor(pb, backend=backend, beta1=0.9), pb), (FusedAdafactor(ps, backend=backend, beta1=0.9), ps)])
+    for want, got in zip(alone[0] + alone[1], pb + ps):
+        assert torch.equal(want.isnan(), got.isnan()) and torch.equal(want.nan_to_num(), got.nan_to_num())
+    assert ps[0].isnan().all() and not pb[0].isnan().any()
+
+
 @pytest.mark.parametrize("backend", backend_params([b for b in KERNEL_BACKENDS if b != "triton"]))
 @pytest.mark.parametrize("beta1", [None, 0.9])
 def test_tall_and_wide_matrices(backend, beta1):

@@ -168,6 +168,32 @@ inline double tensor_scale(const AdafactorHyper& h, const AdafactorStep& step, d
   return -alpha / denom;
 }
 
+// The factored launch's scratch arrays, kept per thread for its next launch:
+// fresh vectors of a few hundred KB each cost the CPU benchmark's GPT-2
+// embedding 0.4 ms a step (~6% of it) in page faults, glibc mapping and
+// unmapping allocations that size (bench/native/adafactor_pass1.cpp, "lib").
+// A launch writes every element before it reads it, except the column
+// partials, which it zeroes. Freed after a launch that needed more than kKeepBytes.
+template <typename T>
+struct FactoredScratch {
+  static constexpr size_t kKeepBytes = size_t(64) << 20;
+  std::vector<T> col_partial, col_h, task_min_row, rowq, rrow, rcol, colv;
+  std::vector<double> p_partial, u_partial;
+  std::vector<unsigned char> task_finite, slice_done;
+
+  static FactoredScratch& of_this_thread() {
+    static thread_local FactoredScratch scratch;
+    return scratch;
+  }
+  void trim() {
+    const size_t t_bytes = (col_partial.capacity() + col_h.capacity() + task_min_row.capacity() + rowq.capacity() +
+                            rrow.capacity() + rcol.capacity() + colv.capacity()) * sizeof(T);
+    const size_t other = (p_partial.capacity() + u_partial.capacity()) * sizeof(double) + task_finite.capacity() +
+                         slice_done.capacity();
+    if (t_bytes + other > kKeepBytes) *this = FactoredScratch();
+  }
+};
+
 // S: storage of the second-moment statistics, and of exp_avg unless M8 (block-scaled FP8).
 template <typename P, typename S, bool MASTER, bool BETA1, bool SR, bool M8>
 struct Factored {
@@ -202,17 +228,38 @@ struct Factored {
     const int64_t n_tasks = int64_t(tasks.size());
     // Sums over one row (at most a few thousand terms) are taken in the math
     // type, in SIMD lanes; rows, tasks and tensors are combined in double.
-    std::vector<T> col_partial(static_cast<size_t>(col_total)), col_h(static_cast<size_t>(col_total));
-    std::vector<double> p_partial(static_cast<size_t>(n_tasks)), u_partial(static_cast<size_t>(n_tasks));
+    FactoredScratch<T>& scratch = FactoredScratch<T>::of_this_thread();
+    struct Trim {
+      FactoredScratch<T>& s;
+      ~Trim() { s.trim(); }
+    } trim_on_return{scratch};
+    std::vector<T>& col_partial = scratch.col_partial;
+    std::vector<T>& col_h = scratch.col_h;
+    std::vector<double>& p_partial = scratch.p_partial;
+    std::vector<double>& u_partial = scratch.u_partial;
     // per task: the least row_var of its rows with g^2 > 0, and whether all its row_vars are finite;
     // per slice: whether its sum(u*u) came from the partials (then in u_partial of its first task)
-    std::vector<T> task_min_row(static_cast<size_t>(n_tasks));
-    std::vector<unsigned char> task_finite(static_cast<size_t>(n_tasks)), slice_done(static_cast<size_t>(n_slices));
+    std::vector<T>& task_min_row = scratch.task_min_row;
+    std::vector<unsigned char>& task_finite = scratch.task_finite;
+    std::vector<unsigned char>& slice_done = scratch.slice_done;
     // u = g * (v < eps1^2 ? 1 / eps1 : rrow * rcol), v = rowq * col, rowq = row / rmean,
     // rrow = rsqrt(rowq), rcol = rsqrt(col): torch's rsqrt(clamp(row * col / rmean, eps1^2)) * g
     // without a division or square root per element.
-    std::vector<T> rowq(static_cast<size_t>(n_rows)), rrow(static_cast<size_t>(n_rows)),
-        rcol(static_cast<size_t>(n_cols)), colv(static_cast<size_t>(n_cols));
+    std::vector<T>& rowq = scratch.rowq;
+    std::vector<T>& rrow = scratch.rrow;
+    std::vector<T>& rcol = scratch.rcol;
+    std::vector<T>& colv = scratch.colv;
+    col_partial.assign(size_t(col_total), T(0));  // pass 1 adds to these
+    col_h.assign(size_t(col_total), T(0));
+    p_partial.resize(size_t(n_tasks));
+    u_partial.resize(size_t(n_tasks));
+    task_min_row.resize(size_t(n_tasks));
+    task_finite.resize(size_t(n_tasks));
+    slice_done.resize(size_t(n_slices));
+    rowq.resize(size_t(n_rows));
+    rrow.resize(size_t(n_rows));
+    rcol.resize(size_t(n_cols));
+    colv.resize(size_t(n_cols));
     const T eps1 = T(h.eps1), eps1_sq = T(h.eps1 * h.eps1), inv_eps1 = T(1.0 / h.eps1);
     const T mult = (h.grad_mult ? T(*h.grad_mult) : T(1)) * (h.maximize ? T(-1) : T(1));
 
