@@ -55,6 +55,30 @@ constexpr int64_t kTasks = (R + kTaskRows - 1) / kTaskRows;
 
 double g_sink = 0.0;  // results go here so no loop is optimised away
 
+// Sums of g^2 and p^2 over two rows side by side (at `base` and `base + gap`),
+// with COLP the rows' g^2 added to the column sums colp.
+struct PairSums {
+  float a0, a1, q0, q1;
+};
+template <bool COLP>
+inline PairSums pair_sums(const float* g, const float* p, int64_t base, int64_t gap, float* __restrict__ colp) {
+  const float* __restrict__ g0 = g + base;
+  const float* __restrict__ g1 = g + base + gap;
+  const float* __restrict__ p0 = p + base;
+  const float* __restrict__ p1 = p + base + gap;
+  float a0 = 0.0f, a1 = 0.0f, q0 = 0.0f, q1 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1, q0, q1)
+  for (int64_t c = 0; c < C; ++c) {
+    const float s0 = g0[c] * g0[c], s1 = g1[c] * g1[c];
+    a0 += s0;
+    a1 += s1;
+    q0 += p0[c] * p0[c];
+    q1 += p1[c] * p1[c];
+    if (COLP) colp[c] += s0 + s1;
+  }
+  return {a0, a1, q0, q1};
+}
+
 __attribute__((noinline)) void read_bound(const float* __restrict__ g, const float* __restrict__ p) {
   double total = 0.0;
 #pragma omp parallel for num_threads(2) schedule(dynamic, 1) reduction(+ : total)
@@ -96,23 +120,9 @@ __attribute__((noinline)) void rows_pass(const float* __restrict__ g, const floa
     };
     const int64_t half = nrows / 2, gap = half * C;
     for (int64_t i = 0; i < half; ++i) {
-      const int64_t base = (row0 + i) * C;
-      const float* __restrict__ g0 = g + base;
-      const float* __restrict__ g1 = g + base + gap;
-      const float* __restrict__ p0 = p + base;
-      const float* __restrict__ p1 = p + base + gap;
-      float a0 = 0.0f, a1 = 0.0f, q0 = 0.0f, q1 = 0.0f;
-#pragma omp simd reduction(+ : a0, a1, q0, q1)
-      for (int64_t c = 0; c < C; ++c) {
-        const float s0 = g0[c] * g0[c], s1 = g1[c] * g1[c];
-        a0 += s0;
-        a1 += s1;
-        q0 += p0[c] * p0[c];
-        q1 += p1[c] * p1[c];
-        colp[c] += s0 + s1;
-      }
-      finish_row(row0 + i, a0, q0);
-      finish_row(row0 + half + i, a1, q1);
+      const PairSums ps = pair_sums<true>(g, p, (row0 + i) * C, gap, colp);
+      finish_row(row0 + i, ps.a0, ps.q0);
+      finish_row(row0 + half + i, ps.a1, ps.q1);
     }
     if (nrows % 2) {
       const int64_t r = row0 + nrows - 1;
@@ -166,23 +176,11 @@ __attribute__((noinline)) void task_cols_pass(const float* __restrict__ g, const
     double p_acc = 0.0;
     const int64_t half = nrows / 2, gap = half * C;
     for (int64_t i = 0; i < half; ++i) {
-      const int64_t base = (row0 + i) * C;
-      const float* __restrict__ g0 = g + base;
-      const float* __restrict__ g1 = g + base + gap;
-      const float* __restrict__ p0 = p + base;
-      const float* __restrict__ p1 = p + base + gap;
-      float a0 = 0.0f, a1 = 0.0f, q0 = 0.0f, q1 = 0.0f;
-#pragma omp simd reduction(+ : a0, a1, q0, q1)
-      for (int64_t c = 0; c < C; ++c) {
-        a0 += g0[c] * g0[c];
-        a1 += g1[c] * g1[c];
-        q0 += p0[c] * p0[c];
-        q1 += p1[c] * p1[c];
-      }
-      p_acc += double(q0) + double(q1);
+      const PairSums ps = pair_sums<false>(g, p, (row0 + i) * C, gap, nullptr);
+      p_acc += double(ps.q0) + double(ps.q1);
       const int64_t r0 = row0 + i, r1 = row0 + half + i;
-      row_var[r0] = row_var[r0] + (a0 / float(C) - row_var[r0]) * 0.2f;
-      row_var[r1] = row_var[r1] + (a1 / float(C) - row_var[r1]) * 0.2f;
+      row_var[r0] = row_var[r0] + (ps.a0 / float(C) - row_var[r0]) * 0.2f;
+      row_var[r1] = row_var[r1] + (ps.a1 / float(C) - row_var[r1]) * 0.2f;
       inv[i] = 1.0f / row_var[r0];
       inv[half + i] = 1.0f / row_var[r1];
     }
