@@ -186,11 +186,10 @@ struct FactoredScratch {
     return scratch;
   }
   void trim() {
-    const size_t t_bytes = (col_partial.capacity() + col_h.capacity() + task_min_row.capacity() + rowq.capacity() +
-                            rrow.capacity() + rcol.capacity() + colv.capacity()) * sizeof(T);
-    const size_t other = (p_partial.capacity() + u_partial.capacity()) * sizeof(double) + task_finite.capacity() +
-                         slice_done.capacity();
-    if (t_bytes + other > kKeepBytes) *this = FactoredScratch();
+    auto bytes = [](const auto&... v) { return (size_t(0) + ... + (v.capacity() * sizeof(v[0]))); };
+    if (bytes(col_partial, col_h, task_min_row, rowq, rrow, rcol, colv, p_partial, u_partial, task_finite,
+              slice_done) > kKeepBytes)
+      *this = FactoredScratch();
   }
 };
 
