@@ -341,19 +341,32 @@ struct Factored {
       }
       T min_col = std::numeric_limits<T>::infinity();
       double h_sum = 0.0;
-      for (int64_t c = 0; c < C; ++c) {
-        double sum = 0.0, h = 0.0;
+      // the tasks' partials, kColumnBlock columns at a time: each task's are read in a row (column by
+      // column across the tasks, a cache line per value, this took 0.2 ms a step for the benchmark's
+      // GPT-2 embedding, one slice on one thread)
+      constexpr int64_t kColumnBlock = 64;
+      for (int64_t c0 = 0; c0 < C; c0 += kColumnBlock) {
+        const int64_t n = std::min(kColumnBlock, C - c0);
+        double sums[kColumnBlock] = {}, hs[kColumnBlock] = {};
         for (int64_t k = k0; k < k1; ++k) {
-          sum += double(col_partial[size_t(tasks[size_t(k)].col_offset + c)]);
-          h += double(col_h[size_t(tasks[size_t(k)].col_offset + c)]);
+          const T* cp = col_partial.data() + tasks[size_t(k)].col_offset + c0;
+          const T* ch = col_h.data() + tasks[size_t(k)].col_offset + c0;
+          for (int64_t j = 0; j < n; ++j) {
+            sums[j] += double(cp[j]);
+            hs[j] += double(ch[j]);
+          }
         }
-        col_var[c] = Store<S>::from(lerp(T(to_math(col_var[c])), T(sum / double(R)), w));
-        cv[c] = T(to_math(col_var[c]));
-        rc[c] = T(1) / sqrt(cv[c]);
-        finite = finite && std::isfinite(cv[c]);
-        if (sum > 0.0) {  // the column has g^2 > 0: then col_var > 0
-          min_col = cv[c] < min_col ? cv[c] : min_col;
-          h_sum += h / double(cv[c]);
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t c = c0 + j;
+          const double sum = sums[j];
+          col_var[c] = Store<S>::from(lerp(T(to_math(col_var[c])), T(sum / double(R)), w));
+          cv[c] = T(to_math(col_var[c]));
+          rc[c] = T(1) / sqrt(cv[c]);
+          finite = finite && std::isfinite(cv[c]);
+          if (sum > 0.0) {  // the column has g^2 > 0: then col_var > 0
+            min_col = cv[c] < min_col ? cv[c] : min_col;
+            h_sum += hs[j] / double(cv[c]);
+          }
         }
       }
       const S* row_var = tt.ptr<const S>(kAfRowVar, t) + b * R;
