@@ -5,7 +5,8 @@
 // of one batch slice, so a task's row sums are final (row_var is updated in
 // place) and its column sums are partials, combined per slice in task order;
 //   pass 1: row sums and column partials of g*g, sum(p*p)    (reads g, p)
-//           and, once a row's row_var is final, column partials of g*g / row_var
+//           and, once the row_vars of a block of rows are final, its column
+//           partials of g*g / row_var (the block still in L1)
 //   pass 2: col_var from the partials, mean of row_var per slice, and u's
 //           row and column factors (u = g * rsqrt(row / rmean) * rsqrt(col),
 //           so no division or square root is left per element); sum(u*u)
@@ -119,10 +120,9 @@ inline void for_row_segments(int64_t first, int64_t n, int64_t C, Body&& body) {
   }
 }
 
-// Pass 1's sums over NR (1 or 2) rows of C elements at `base` and
+// Pass 1's row sums over NR (1 or 2) rows of C elements at `base` and
 // `base + gap`: each row's sums of g^2 and of p^2 (p: the master with master
-// weights), and the rows' g^2 added to the column partials colp (in one
-// load and store per column).
+// weights).
 template <typename T>
 struct RowSquares {
   T g2[2], p2[2];
@@ -130,7 +130,7 @@ struct RowSquares {
 
 template <int NR, typename T, typename P, bool MASTER>
 inline RowSquares<T> row_squares(const P* grad, const P* param, const float* master, int64_t base, int64_t gap,
-                                 int64_t C, T mult, T* __restrict__ colp) {
+                                 int64_t C, T mult) {
   static_assert(NR == 1 || NR == 2, "row_squares takes 1 or 2 rows");
   const P* __restrict__ g0 = grad + base;
   const P* __restrict__ g1 = grad + base + gap;
@@ -142,22 +142,64 @@ inline RowSquares<T> row_squares(const P* grad, const P* param, const float* mas
 #pragma omp simd reduction(+ : a0, a1, q0, q1)
   for (int64_t c = 0; c < C; ++c) {
     const T x0 = T(to_math(g0[c])) * mult;
-    const T s0 = x0 * x0;
-    a0 += s0;
+    a0 += x0 * x0;
     const T w0 = MASTER ? T(m0[c]) : T(to_math(p0[c]));
     q0 += w0 * w0;
     if constexpr (NR == 2) {
       const T x1 = T(to_math(g1[c])) * mult;
-      const T s1 = x1 * x1;
-      a1 += s1;
+      a1 += x1 * x1;
       const T w1 = MASTER ? T(m1[c]) : T(to_math(p1[c]));
       q1 += w1 * w1;
-      colp[c] += s0 + s1;
-    } else {
-      colp[c] += s0;
     }
   }
   return {{a0, a1}, {q0, q1}};
+}
+
+// Pass 1's column sums over a block of rows whose row sums are done: for
+// the n rows at g (C apart, weights wa) and, NR = 2, the n at g + gap (wb), colp[c]
+// += sum_r g^2 and colh[c] += sum_r g^2 * w_r, each loaded and stored once
+// per block (per row, their loads and stores cost pass 1 more than its
+// memory traffic when memory is fast: bench/native/adafactor_pass1.cpp).
+template <int NR, int64_t W, typename T, typename P>
+inline void column_squares_block(const P* g, int64_t gap, int64_t n, int64_t C, T mult, const T* wa, const T* wb,
+                                 T* __restrict__ colp, T* __restrict__ colh) {
+  T sp[W] = {}, sh[W] = {};  // W columns' sums, in registers
+  for (int64_t j = 0; j < n; ++j) {
+    const P* __restrict__ ga = g + j * C;
+    const P* __restrict__ gb = g + gap + j * C;
+    const T a = wa[j], b = NR == 2 ? wb[j] : T(0);
+#pragma omp simd
+    for (int64_t l = 0; l < W; ++l) {
+      const T xa = T(to_math(ga[l])) * mult;
+      const T sa = xa * xa;
+      if constexpr (NR == 2) {
+        const T xb = T(to_math(gb[l])) * mult;
+        const T sb = xb * xb;
+        sp[l] += sa + sb;
+        sh[l] += sa * a;
+        sh[l] += sb * b;
+      } else {
+        sp[l] += sa;
+        sh[l] += sa * a;
+      }
+    }
+  }
+#pragma omp simd
+  for (int64_t l = 0; l < W; ++l) {
+    colp[l] += sp[l];
+    colh[l] += sh[l];
+  }
+}
+
+template <int NR, typename T, typename P>
+inline void column_squares(const P* g, int64_t gap, int64_t n, int64_t C, T mult, const T* wa, const T* wb,
+                           T* __restrict__ colp, T* __restrict__ colh) {
+  static_assert(NR == 1 || NR == 2, "column_squares takes 1 or 2 groups of rows");
+  constexpr int64_t V = 64 / sizeof(T), W = 4 * V;  // a 512-bit vector, four of them
+  int64_t c0 = 0;
+  for (; c0 + W <= C; c0 += W) column_squares_block<NR, W>(g + c0, gap, n, C, mult, wa, wb, colp + c0, colh + c0);
+  for (; c0 + V <= C; c0 += V) column_squares_block<NR, V>(g + c0, gap, n, C, mult, wa, wb, colp + c0, colh + c0);
+  for (; c0 < C; ++c0) column_squares_block<NR, 1>(g + c0, gap, n, C, mult, wa, wb, colp + c0, colh + c0);
 }
 
 // Per-tensor scale = -alpha / denom.
@@ -277,43 +319,51 @@ struct Factored {
       double p_acc = 0.0;
       T min_row = std::numeric_limits<T>::infinity();
       bool finite = true;
-      // A row's sums are final: update its row_var; if it is finite and from
-      // g^2 > 0 (and every row of the task finished before it is finite),
-      // add its share of the column sums of g^2 / row_var while the row is
-      // in cache.
-      auto finish_row = [&](int64_t r, T row_acc, T row_p) {
-        const int64_t base = (task.batch * R + r) * C;
+      // A row's sums are final: update its row_var; its weight in the column
+      // sums of g^2 / row_var is 1 / row_var if it is finite and from g^2 > 0
+      // (and every row of the task before it is finite), else 0. (A row left
+      // out with a non-finite g^2 makes its slice go to pass 3: its sums
+      // from these are not used.)
+      auto finish_row = [&](int64_t r, T row_acc, T row_p) -> T {
         p_acc += double(row_p);
         row_var[r] = Store<S>::from(lerp(T(to_math(row_var[r])), row_acc / T(C), w));
         const T rv = T(to_math(row_var[r]));  // as stored, as pass 2 reads it
         finite = finite && std::isfinite(rv);
-        if (!(row_acc > T(0) && finite)) return;
+        if (!(row_acc > T(0) && finite)) return T(0);
         min_row = rv < min_row ? rv : min_row;
-        const T inv_rv = T(1) / rv;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          const T g = T(to_math(grad[base + c])) * mult;
-          colh[c] += g * g * inv_rv;
-        }
+        return T(1) / rv;
       };
       // The rows go as two halves side by side (rows r and r + half in one
       // loop): two sequential streams per array keep twice the loads in
       // flight. One stream of short rows left this pass latency-bound, far
       // below the bandwidth the update pass gets (gpt2-d256-L4, same-process
       // A/B: 0.75x the time when memory was slow, ~0.98x when fast; four
-      // quarters, or four adjacent rows, were slower).
+      // quarters, or four adjacent rows, were slower). Their column sums go
+      // by blocks of at least two pairs, about kBlockBytes of g per half,
+      // read again from L1 (bench/native/adafactor_pass1.cpp; GPT-2's
+      // embedding [50257, 256]: blocks of 2 pairs as fast as the per-row sums
+      // with memory slow, 4 pairs 1-3% slower; [768, 768]: 2 pairs 7% faster
+      // than 1).
+      constexpr int64_t kBlockBytes = 2048, kMaxPairs = 16;
       const int64_t half = task.nrows / 2;
       const int64_t first = (task.batch * R + task.row0) * C;
-      for (int64_t i = 0; i < half; ++i) {
-        const RowSquares<T> s2 = row_squares<2, T, P, MASTER>(grad, param, master, first + i * C, half * C, C, mult,
-                                                              colp);
-        finish_row(task.row0 + i, s2.g2[0], s2.p2[0]);
-        finish_row(task.row0 + half + i, s2.g2[1], s2.p2[1]);
+      const int64_t block = std::clamp<int64_t>(kBlockBytes / (C * int64_t(sizeof(P))), 2, kMaxPairs);
+      T wa[kMaxPairs], wb[kMaxPairs];
+      for (int64_t i0 = 0; i0 < half; i0 += block) {
+        const int64_t n = std::min(block, half - i0);
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t i = i0 + j;
+          const RowSquares<T> s2 = row_squares<2, T, P, MASTER>(grad, param, master, first + i * C, half * C, C, mult);
+          wa[j] = finish_row(task.row0 + i, s2.g2[0], s2.p2[0]);
+          wb[j] = finish_row(task.row0 + half + i, s2.g2[1], s2.p2[1]);
+        }
+        column_squares<2, T, P>(grad + first + i0 * C, half * C, n, C, mult, wa, wb, colp, colh);
       }
       if (task.nrows % 2) {
-        const RowSquares<T> s1 = row_squares<1, T, P, MASTER>(grad, param, master, first + 2 * half * C, 0, C, mult,
-                                                              colp);
-        finish_row(task.row0 + task.nrows - 1, s1.g2[0], s1.p2[0]);
+        const int64_t last = first + 2 * half * C;
+        const RowSquares<T> s1 = row_squares<1, T, P, MASTER>(grad, param, master, last, 0, C, mult);
+        wa[0] = finish_row(task.row0 + task.nrows - 1, s1.g2[0], s1.p2[0]);
+        column_squares<1, T, P>(grad + last, 0, 1, C, mult, wa, nullptr, colp, colh);
       }
       p_partial[size_t(k)] = p_acc;
       task_min_row[size_t(k)] = min_row;
