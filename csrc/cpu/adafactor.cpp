@@ -219,7 +219,7 @@ inline double tensor_scale(const AdafactorHyper& h, const AdafactorStep& step, d
 template <typename T>
 struct FactoredScratch {
   static constexpr size_t kKeepBytes = size_t(64) << 20;
-  std::vector<T> col_partial, col_h, task_min_row, rowq, rrow, rcol, colv;
+  std::vector<T> col_partial, col_h, task_min_row, slice_min_col, rowq, rrow, rcol, colv;
   std::vector<double> p_partial, u_partial;
   std::vector<unsigned char> task_finite, slice_done;
 
@@ -229,8 +229,8 @@ struct FactoredScratch {
   }
   void trim() {
     auto bytes = [](const auto&... v) { return (size_t(0) + ... + (v.capacity() * sizeof(v[0]))); };
-    if (bytes(col_partial, col_h, task_min_row, rowq, rrow, rcol, colv, p_partial, u_partial, task_finite,
-              slice_done) > kKeepBytes)
+    if (bytes(col_partial, col_h, task_min_row, slice_min_col, rowq, rrow, rcol, colv, p_partial, u_partial,
+              task_finite, slice_done) > kKeepBytes)
       *this = FactoredScratch();
   }
 };
@@ -283,6 +283,9 @@ struct Factored {
     std::vector<T>& task_min_row = scratch.task_min_row;
     std::vector<unsigned char>& task_finite = scratch.task_finite;
     std::vector<unsigned char>& slice_done = scratch.slice_done;
+    // per slice: the least of its col_vars that are not NaN (a row whose rowq times it is >= eps1^2
+    // has no element clamped: the update takes it without the per-element test)
+    std::vector<T>& slice_min_col = scratch.slice_min_col;
     // u = g * (v < eps1^2 ? 1 / eps1 : rrow * rcol), v = rowq * col, rowq = row / rmean,
     // rrow = rsqrt(rowq), rcol = rsqrt(col): torch's rsqrt(clamp(row * col / rmean, eps1^2)) * g
     // without a division or square root per element.
@@ -297,6 +300,7 @@ struct Factored {
     task_min_row.resize(size_t(n_tasks));
     task_finite.resize(size_t(n_tasks));
     slice_done.resize(size_t(n_slices));
+    slice_min_col.resize(size_t(n_slices));
     rowq.resize(size_t(n_rows));
     rrow.resize(size_t(n_rows));
     rcol.resize(size_t(n_cols));
@@ -389,7 +393,7 @@ struct Factored {
         min_row = task_min_row[size_t(k1)] < min_row ? task_min_row[size_t(k1)] : min_row;
         finite = finite && task_finite[size_t(k1)];
       }
-      T min_col = std::numeric_limits<T>::infinity();
+      T min_col = std::numeric_limits<T>::infinity(), min_any_col = min_col;
       double h_sum = 0.0;
       // the tasks' partials, kColumnBlock columns at a time: each task's are read in a row (column by
       // column across the tasks, a cache line per value, this took 0.2 ms a step for the benchmark's
@@ -413,6 +417,7 @@ struct Factored {
           cv[c] = T(to_math(col_var[c]));
           rc[c] = T(1) / sqrt(cv[c]);
           finite = finite && std::isfinite(cv[c]);
+          min_any_col = cv[c] < min_any_col ? cv[c] : min_any_col;
           if (sum > 0.0) {  // the column has g^2 > 0: then col_var > 0
             min_col = cv[c] < min_col ? cv[c] : min_col;
             h_sum += hs[j] / double(cv[c]);
@@ -433,6 +438,7 @@ struct Factored {
       const bool unclamped = !(min_row < std::numeric_limits<T>::infinity()) ||
                              !(min_col < std::numeric_limits<T>::infinity()) || (min_row / rmean) * min_col >= eps1_sq;
       slice_done[size_t(i)] = finite && unclamped;
+      slice_min_col[size_t(i)] = min_any_col;
       if (slice_done[size_t(i)]) {
         for (int64_t k = k0; k < k1; ++k) u_partial[size_t(k)] = 0.0;
         u_partial[size_t(k0)] = double(rmean) * h_sum;
@@ -507,19 +513,34 @@ struct Factored {
       const T* __restrict__ cv = colv.data() + col_base[size_t(t)] + task.batch * C;
       const T* __restrict__ rc = rcol.data() + col_base[size_t(t)] + task.batch * C;
       const T decay = T(steps[size_t(t)].decay), s = T(scale[size_t(t)]);
+      const T min_col = slice_min_col[size_t(first_slice[size_t(t)] + task.batch)];
+      const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, t) : 0u;
+      // the slice's rows and elements
+      const T* __restrict__ rq = rowq.data() + row_base[size_t(t)] + task.batch * R;
+      const T* __restrict__ rr = rrow.data() + row_base[size_t(t)] + task.batch * R;
+      const int64_t first = task.batch * R * C;
+      const P* __restrict__ grad = tt.ptr<const P>(kAfGrad, t) + first;
+      P* __restrict__ param = tt.ptr<P>(kAfParam, t) + first;
+      float* __restrict__ master = MASTER ? tt.ptr<float>(kAfMaster, t) + first : nullptr;
+      S* __restrict__ exp_avg = BETA1 ? tt.ptr<S>(kAfExpAvg, t) + first : nullptr;
       for (int64_t r = task.row0; r < task.row0 + task.nrows; ++r) {
-        const int64_t row = row_base[size_t(t)] + task.batch * R + r;
-        const T rq = rowq[size_t(row)], rr = rrow[size_t(row)];
-        const int64_t base = (task.batch * R + r) * C;
-        const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, t) : 0u;
-        const P* __restrict__ grad = tt.ptr<const P>(kAfGrad, t) + base;
-        P* __restrict__ param = tt.ptr<P>(kAfParam, t) + base;
-        float* __restrict__ master = MASTER ? tt.ptr<float>(kAfMaster, t) + base : nullptr;
-        S* __restrict__ exp_avg = BETA1 ? tt.ptr<S>(kAfExpAvg, t) + base : nullptr;
+        const int64_t o = r * C;
+        const T row_q = rq[r], row_r = rr[r];
+        // row_q * min_col >= eps1^2 (or NaN): no element of the row is clamped (rounding is monotone)
+        if (!(row_q * min_col < eps1_sq)) {
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          const T u = factored_u(T(to_math(grad[c])) * mult, rq, rr, cv[c], rc[c], eps1_sq, inv_eps1);
-          apply_element<T, P, S, MASTER, BETA1, SR>(param, master, exp_avg, c, u, decay, s, m_weight, sr_key, base);
+          for (int64_t c = 0; c < C; ++c) {
+            const T u = T(to_math(grad[o + c])) * mult * (row_r * rc[c]);
+            apply_element<T, P, S, MASTER, BETA1, SR>(param, master, exp_avg, o + c, u, decay, s, m_weight, sr_key,
+                                                      first);
+          }
+        } else {
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const T u = factored_u(T(to_math(grad[o + c])) * mult, row_q, row_r, cv[c], rc[c], eps1_sq, inv_eps1);
+            apply_element<T, P, S, MASTER, BETA1, SR>(param, master, exp_avg, o + c, u, decay, s, m_weight, sr_key,
+                                                      first);
+          }
         }
       }
     }
