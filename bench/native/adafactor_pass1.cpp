@@ -8,9 +8,12 @@
 // two threads:
 //
 //   read          sum(g*g) and sum(p*p): the bound of pass 1 (8 B/param, reads only)
-//   rows          the library's pass 1: row pairs (rows i and half + i side by
-//                 side) with row sums of g^2 and p^2 and column sums of g^2,
-//                 then per row the column sums of g^2 / row_var from the row in L1
+//   rows          the library's pass 1 until 7232f71: row pairs (rows i and
+//                 half + i side by side) with row sums of g^2 and p^2 and column
+//                 sums of g^2, then per row the column sums of g^2 / row_var from
+//                 the row in L1 (the library now forms the column sums per block
+//                 of two pairs, in registers: "lib"; bench/native/adafactor_ab.cpp
+//                 times it against the form before)
 //   rows -colh    the same without the g^2 / row_var loop: its cost
 //   task cols     an alternative: the row sums, then the task's column sums
 //                 of g^2 and g^2 / row_var, 64 columns at a time in registers
@@ -31,6 +34,9 @@
 // whole step 3-7% slower in the usual state (same-run A/B, 50 rounds) for
 // ~25% off pass 1 in the other. "lib" ran 0.4 ms a step in its setup before
 // its scratch arrays were kept from step to step (FactoredScratch), 0.1 after.
+// With the column sums per block of rows (7232f71), "lib" took 7.6-8.1 ms with
+// the stream at 66-82 GB/s (8.4-9.2 ms at 83-87 GB/s before); the same-process
+// A/B of adafactor_ab.cpp is the better measure: 0.83-0.87x when fast.
 //
 // Build (the cpu backend's flags: fusedopt/_jit.py) and run from the repository root:
 //   g++ -O3 -march=native -mprefer-vector-width=512 -fno-math-errno -fno-trapping-math
