@@ -17,6 +17,7 @@
 #include "fusedopt/dispatch.h"
 #include "fusedopt/fp8.h"
 #include "fusedopt/fp8_states.h"
+#include "fusedopt/host_table.h"
 #include "fusedopt/lamb.h"
 #include "fusedopt/norms.h"
 #include "fusedopt/sophia.h"
@@ -49,12 +50,8 @@ const T* scalar_ptr(const std::optional<Tensor>& t, const char* what) {
   return t->data_ptr<T>();
 }
 
-// Host-side table + chunk list for one launch. The vectors own the storage
-// that the TensorTable points into.
-struct HostTable {
-  std::vector<int64_t> table, numel, chunk_tensor, chunk_start;
-  fusedopt::TensorTable tt;
-
+// Host-side table + chunk list for one launch, from tensor lists.
+struct HostTable : fusedopt::HostTableArrays {
   // rows[r] is the r-th tensor list, aligned with rows[0]; an empty list means
   // "row absent". Rows in `free_rows` (steps, Adafactor's row/col factors)
   // hold contiguous CPU tensors of any shape; every other row's tensors have
@@ -90,19 +87,7 @@ struct HostTable {
         table[size_t(r * n + t)] = reinterpret_cast<int64_t>(x.data_ptr());
       }
     }
-    for (int64_t t = 0; t < n; ++t) {
-      for (int64_t start = 0; start < numel[size_t(t)]; start += chunk_size) {
-        chunk_tensor.push_back(t);
-        chunk_start.push_back(start);
-      }
-    }
-    tt.n_tensors = n;
-    tt.table = table.data();
-    tt.numel = numel.data();
-    tt.chunk_size = chunk_size;
-    tt.n_chunks = int64_t(chunk_start.size());
-    tt.chunk_tensor = chunk_tensor.data();
-    tt.chunk_start = chunk_start.data();
+    cut_into_chunks(chunk_size);
   }
 };
 

@@ -1,5 +1,5 @@
 // Two builds of the CPU Adafactor launch (csrc/cpu/adafactor.cpp) in one
-// process, timed in turn with an AdamW step for scale: how a change to the
+// process, timed in turn with the library's AdamW step for scale: how a change to the
 // factored step moves its time, with the noise of this machine's memory
 // (whose speed changes from minute to minute) the same for both.
 //
@@ -27,39 +27,29 @@
 #include <cstdint>
 #include <vector>
 
+#include "fusedopt/host_table.h"
+
 #ifdef AB_STEP
 #include AB_STEP
 using namespace fusedopt;
 
-// One factored launch over n fp32 tensors [R[t], C[t]].
+// One factored launch over n fp32 tensors [R[t], C[t]], chunks as the cpu backend cuts them.
 extern "C" void AB_NAME(int n, float* const* g, float* const* p, float* const* row_var, float* const* col_var,
                         float* step, const int64_t* R, const int64_t* C) {
-  constexpr int64_t kChunk = 65536;  // the cpu backend's chunk_size
-  std::vector<int64_t> table(size_t(kAdafactorRows) * size_t(n), 0), numel(static_cast<size_t>(n));
-  std::vector<int64_t> chunk_tensor, chunk_start;
+  HostTableArrays host;
+  host.table.assign(size_t(kAdafactorRows) * size_t(n), 0);
   for (int t = 0; t < n; ++t) {
-    numel[size_t(t)] = R[t] * C[t];
-    table[size_t(kAfParam * n + t)] = int64_t(p[t]);
-    table[size_t(kAfGrad * n + t)] = int64_t(g[t]);
-    table[size_t(kAfRowVar * n + t)] = int64_t(row_var[t]);
-    table[size_t(kAfColVar * n + t)] = int64_t(col_var[t]);
-    table[size_t(kAfStep * n + t)] = int64_t(step + t);
-    for (int64_t s = 0; s < numel[size_t(t)]; s += kChunk) {
-      chunk_tensor.push_back(t);
-      chunk_start.push_back(s);
-    }
+    host.numel.push_back(R[t] * C[t]);
+    host.table[size_t(kAfParam * n + t)] = int64_t(p[t]);
+    host.table[size_t(kAfGrad * n + t)] = int64_t(g[t]);
+    host.table[size_t(kAfRowVar * n + t)] = int64_t(row_var[t]);
+    host.table[size_t(kAfColVar * n + t)] = int64_t(col_var[t]);
+    host.table[size_t(kAfStep * n + t)] = int64_t(step + t);
   }
-  TensorTable tt;
-  tt.n_tensors = n;
-  tt.table = table.data();
-  tt.numel = numel.data();
-  tt.chunk_size = kChunk;
-  tt.n_chunks = int64_t(chunk_tensor.size());
-  tt.chunk_tensor = chunk_tensor.data();
-  tt.chunk_start = chunk_start.data();
+  host.cut_into_chunks(65536);  // the cpu backend's chunk_size
   const AdafactorHyper h{1e-3, nullptr, -0.8, 1.1920928955078125e-07, 1e-3, 1.0, 0.0, false, false, 0.0, nullptr,
                          nullptr, {}};
-  adafactor_factored_cpu(tt, R, C, h, DType::kFloat32, DType::kFloat32, false, false, 2);
+  adafactor_factored_cpu(host.tt, R, C, h, DType::kFloat32, DType::kFloat32, false, false, 2);
 }
 
 #else
@@ -68,7 +58,7 @@ extern "C" void AB_NAME(int n, float* const* g, float* const* p, float* const* r
 #include <cstdio>
 #include <cstdlib>
 
-#include "fusedopt/adamw.h"
+#include "adamw.cpp"  // the library's AdamW step, torch-free
 
 using namespace fusedopt;
 using StepFn = void (*)(int, float* const*, float* const*, float* const*, float* const*, float*, const int64_t*,
@@ -91,7 +81,7 @@ float* page_offset_64(int64_t n, float v) {
 struct Tensors {
   std::vector<int64_t> R, C, numel;
   std::vector<float*> g, p, row_var, col_var, m, v;
-  std::vector<float> step;
+  std::vector<float> step, adamw_step;
   explicit Tensors(std::vector<int64_t> rows, std::vector<int64_t> cols) : R(std::move(rows)), C(std::move(cols)) {
     for (size_t t = 0; t < R.size(); ++t) {
       const int64_t n = R[t] * C[t];
@@ -105,6 +95,7 @@ struct Tensors {
         p.back()[i] = float((i * 104729) % 1000 - 500) / 500.0f;
       }
     }
+    adamw_step.assign(R.size(), 0.0f);
     reset();
   }
   void reset() {  // zeroed factors and steps, as at the first step
@@ -121,28 +112,21 @@ struct Tensors {
   }
 };
 
-// fp32 AdamW (include/fusedopt/adamw.h) over every element, by chunks of 65536 as the cpu backend
-__attribute__((noinline)) void adamw(Tensors& x, const AdamWScalars<float>& s) {
-  std::vector<std::pair<size_t, int64_t>> chunks;
-  for (size_t t = 0; t < x.R.size(); ++t)
-    for (int64_t c = 0; c < x.numel[t]; c += 65536) chunks.push_back({t, c});
-#pragma omp parallel for num_threads(2) schedule(dynamic, 1)
-  for (size_t k = 0; k < chunks.size(); ++k) {
-    const size_t t = chunks[k].first;
-    const int64_t b = chunks[k].second, e = std::min(x.numel[t], b + 65536);
-    float* __restrict__ p = x.p[t];
-    const float* __restrict__ g = x.g[t];
-    float* __restrict__ m = x.m[t];
-    float* __restrict__ v = x.v[t];
-#pragma omp simd
-    for (int64_t i = b; i < e; ++i) {
-      float pi = p[i], mi = m[i], vi = v[i], vmax = 0.0f;
-      adamw_element<float, false, false>(pi, g[i], mi, vi, vmax, s);
-      p[i] = pi;
-      m[i] = mi;
-      v[i] = vi;
-    }
+// The library's fp32 AdamW step (csrc/cpu/adamw.cpp) on the same params and grads.
+__attribute__((noinline)) void adamw(Tensors& x, const AdamWHyper& h) {
+  const size_t n = x.R.size();
+  HostTableArrays host;
+  host.table.assign(size_t(kMomentRows) * n, 0);
+  for (size_t t = 0; t < n; ++t) {
+    host.numel.push_back(x.numel[t]);
+    host.table[kRowParam * n + t] = int64_t(x.p[t]);
+    host.table[kRowGrad * n + t] = int64_t(x.g[t]);
+    host.table[kRowExpAvg * n + t] = int64_t(x.m[t]);
+    host.table[kRowExpAvgSq * n + t] = int64_t(x.v[t]);
+    host.table[kRowStep * n + t] = int64_t(&x.adamw_step[t]);
   }
+  host.cut_into_chunks(65536);
+  adamw_cpu(host.tt, h, DType::kFloat32, DType::kFloat32, false, 2);
 }
 
 // Params of both builds after three steps from the same state: how many differ.
@@ -180,7 +164,6 @@ int main(int argc, char** argv) {
   compare_bits(x);
   std::vector<float> stream(40000000, 1.0f);
   const AdamWHyper h(1e-3, nullptr, 0.9, 0.999, 1e-8, 0.01, false, false, nullptr, nullptr);
-  const AdamWScalars<float> s = adamw_scalars<float>(h, 1e-3, 10.0);
   for (int k = 0; k < rounds; ++k) {
     std::vector<double> t[4];  // old, new, adamw, stream
     for (int r = 0; r < reps; ++r) {
@@ -189,7 +172,7 @@ int main(int argc, char** argv) {
         const auto t0 = std::chrono::steady_clock::now();
         if (which == 0) x.adafactor(step_old);
         if (which == 1) x.adafactor(step_new);
-        if (which == 2) adamw(x, s);
+        if (which == 2) adamw(x, h);
         if (which == 3) {
 #pragma omp parallel for num_threads(2) schedule(static)
           for (int64_t i = 0; i < int64_t(stream.size()); ++i) stream[size_t(i)] *= 1.0001f;
