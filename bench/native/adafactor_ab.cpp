@@ -20,7 +20,8 @@
 //   git show REV:csrc/cpu/adafactor.cpp > /tmp/adafactor_old.cpp
 //   g++ $F -c bench/native/adafactor_ab.cpp -DAB_STEP='"/tmp/adafactor_old.cpp"' -DAB_NAME=step_old
 //       -Dfusedopt=fusedopt_old -o /tmp/ab_old.o
-//   g++ $F -c bench/native/adafactor_ab.cpp -DAB_STEP='"adafactor.cpp"' -DAB_NAME=step_new -o /tmp/ab_new.o
+//   g++ $F -c bench/native/adafactor_ab.cpp -DAB_STEP='"../../csrc/cpu/adafactor.cpp"' -DAB_NAME=step_new
+//       -o /tmp/ab_new.o
 //   g++ $F -c bench/native/adafactor_ab.cpp -o /tmp/ab_main.o
 //   g++ -fopenmp /tmp/ab_old.o /tmp/ab_new.o /tmp/ab_main.o -o /tmp/adafactor_ab && /tmp/adafactor_ab [rounds reps [R C]]
 // (the old build's headers are today's: a change to them needs its own pair.)
@@ -58,7 +59,7 @@ extern "C" void AB_NAME(int n, float* const* g, float* const* p, float* const* r
 #include <cstdio>
 #include <cstdlib>
 
-#include "adamw.cpp"  // the library's AdamW step, torch-free
+#include "../../csrc/cpu/adamw.cpp"  // the library's AdamW step, torch-free
 
 using namespace fusedopt;
 using StepFn = void (*)(int, float* const*, float* const*, float* const*, float* const*, float*, const int64_t*,
