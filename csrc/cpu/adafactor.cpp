@@ -344,9 +344,9 @@ struct Factored {
       // A/B: 0.75x the time when memory was slow, ~0.98x when fast; four
       // quarters, or four adjacent rows, were slower). Their column sums go
       // by blocks of at least two pairs, about kBlockBytes of g per half,
-      // read again from L1 (bench/native/adafactor_pass1.cpp; GPT-2's
+      // read again from L1 (bench/native/adafactor_ab.cpp; GPT-2's
       // embedding [50257, 256]: blocks of 2 pairs as fast as the per-row sums
-      // with memory slow, 4 pairs 1-3% slower; [768, 768]: 2 pairs 7% faster
+      // with memory usual, 4 pairs 1-3% slower; [768, 768]: 2 pairs 7% faster
       // than 1).
       constexpr int64_t kBlockBytes = 2048, kMaxPairs = 16;
       const int64_t half = task.nrows / 2;
@@ -530,7 +530,7 @@ struct Factored {
         if (!(row_q * min_col < eps1_sq)) {
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
-            const T u = T(to_math(grad[o + c])) * mult * (row_r * rc[c]);
+            const T u = factored_u_unclamped(T(to_math(grad[o + c])) * mult, row_r, rc[c]);
             apply_element<T, P, S, MASTER, BETA1, SR>(param, master, exp_avg, o + c, u, decay, s, m_weight, sr_key,
                                                       first);
           }

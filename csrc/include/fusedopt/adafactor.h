@@ -61,6 +61,10 @@ FUSEDOPT_HD T factored_u(T g, T rowq, T rrow, T col, T rcol, T eps1_sq, T inv_ep
   return g * (rowq * col < eps1_sq ? inv_eps1 : factor);
 }
 
+// factored_u of an element known not to be clamped (rowq * col >= eps1^2, or NaN): the same bits.
+template <typename T>
+FUSEDOPT_HD T factored_u_unclamped(T g, T rrow, T rcol) { return g * (rrow * rcol); }
+
 // The grad as the update sees it.
 template <typename T, bool GRAD_MULT>
 FUSEDOPT_HD T adafactor_grad(T grad, T grad_mult, T sign) { return (GRAD_MULT ? grad * grad_mult : grad) * sign; }
