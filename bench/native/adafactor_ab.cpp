@@ -97,14 +97,16 @@ struct Tensors {
       }
     }
     adamw_step.assign(R.size(), 0.0f);
-    reset();
-  }
-  void reset() {  // zeroed factors and steps, as at the first step
-    row_var.clear();
-    col_var.clear();
     for (size_t t = 0; t < R.size(); ++t) {
       row_var.push_back(page_offset_64(R[t], 0.0f));
       col_var.push_back(page_offset_64(C[t], 0.0f));
+    }
+    step.assign(R.size(), 0.0f);
+  }
+  void reset() {  // zeroed factors and steps, as at the first step
+    for (size_t t = 0; t < R.size(); ++t) {
+      std::fill(row_var[t], row_var[t] + R[t], 0.0f);
+      std::fill(col_var[t], col_var[t] + C[t], 0.0f);
     }
     step.assign(R.size(), 0.0f);
   }

@@ -51,6 +51,7 @@
 
 #include "../../csrc/cpu/adafactor.cpp"  // the library's Adafactor, torch-free
 #include "fusedopt/adamw.h"
+#include "fusedopt/host_table.h"
 
 using namespace fusedopt;
 
@@ -252,27 +253,21 @@ __attribute__((noinline)) void clock_probe() {
 struct LibraryStep {
   std::vector<float> row_var = std::vector<float>(R, 0.0f), col_var = std::vector<float>(C, 0.0f);
   float step = 0.0f;
-  int64_t table[kAdafactorRows] = {}, numel[1] = {kN}, chunk_tensor[kTasks] = {}, chunk_start[kTasks] = {};
-  TensorTable tt;
+  HostTableArrays host;
   LibraryStep(const float* g, float* p) {
-    table[kAfParam] = int64_t(p);
-    table[kAfGrad] = int64_t(g);
-    table[kAfRowVar] = int64_t(row_var.data());
-    table[kAfColVar] = int64_t(col_var.data());
-    table[kAfStep] = int64_t(&step);
-    for (int64_t c = 0; c < kTasks; ++c) chunk_start[c] = c * 65536;
-    tt.n_tensors = 1;
-    tt.table = table;
-    tt.numel = numel;
-    tt.chunk_size = 65536;
-    tt.n_chunks = kTasks;
-    tt.chunk_tensor = chunk_tensor;
-    tt.chunk_start = chunk_start;
+    host.table.assign(kAdafactorRows, 0);
+    host.table[kAfParam] = int64_t(p);
+    host.table[kAfGrad] = int64_t(g);
+    host.table[kAfRowVar] = int64_t(row_var.data());
+    host.table[kAfColVar] = int64_t(col_var.data());
+    host.table[kAfStep] = int64_t(&step);
+    host.numel = {kN};
+    host.cut_into_chunks(65536);
   }
   void operator()() {
     const int64_t rows[1] = {R}, cols[1] = {C};
     AdafactorHyper h{1e-3, nullptr, -0.8, 1.1920928955078125e-07, 1e-3, 1.0, 0.0, false, false, 0.0, nullptr, nullptr, {}};
-    adafactor_factored_cpu(tt, rows, cols, h, DType::kFloat32, DType::kFloat32, false, false, 2);
+    adafactor_factored_cpu(host.tt, rows, cols, h, DType::kFloat32, DType::kFloat32, false, false, 2);
   }
 };
 
