@@ -279,3 +279,30 @@ def test_cuda_task_layout_covers_every_row_and_column():
             assert col0 == list(range(0, C, _tables.COL_BLOCK))
     assert slots == set(range(layout.col_total))
     assert ns == sum(s[:-2].numel() for s in shapes)
+
+
+
+# matrices larger than one of the cpu backend's waves (about 8 MB of g and p) between small ones
+WAVE_SHAPES = [(30, 20), (1100, 1000), (40, 30), (2, 20, 25), (7,), (1024, 1100), (9, 4)]
+
+
+@pytest.mark.parametrize("backend", backend_params(["cpu"]))
+@pytest.mark.parametrize("beta1", [None, 0.9])
+def test_launch_in_waves(backend, beta1):
+    """The cpu backend takes a launch's matrices in waves of about 8 MB of g
+    and p, every pass over one wave before the next (csrc/cpu/adafactor.cpp):
+    matrices larger than a wave between small ones, a clamped slice (its
+    sum(u*u) element by element) and a NaN in different waves, against the
+    reference. (FP8 exp_avg, updated by chunks of a wave: test_fp8_states.py.)"""
+    a, b = make(WAVE_SHAPES), make(WAVE_SHAPES)
+    ref, opt = FusedAdafactor(a, backend="reference", beta1=beta1), FusedAdafactor(b, backend=backend, beta1=beta1)
+    for step in range(3):
+        grads = grads_for(a, step)
+        grads[3][1] *= 1e-12  # a clamped slice, in the wave after the first large matrix
+        if step == 1:
+            grads[6][2, 3] = float("nan")  # the last wave's only matrix
+        for p, q, g in zip(a, b, grads):
+            p.grad, q.grad = g, g.clone()
+        ref.step(), opt.step()
+    assert b[6].isnan().all() and not any(q.isnan().any() for q in b[:6])
+    assert_same_state(ref, a, opt, b, atol=1e-6, rtol=1e-5)

@@ -374,6 +374,29 @@ def test_adafactor_fp8_exp_avg_matches_reference(backend, storage):
         torch.testing.assert_close(pb.detach(), pa.detach(), **tol)
 
 
+
+@pytest.mark.parametrize("backend", backend_params(["cpu"]))
+def test_adafactor_fp8_exp_avg_in_waves(backend):
+    """The cpu backend's launch goes in waves of about 8 MB of g and p, the
+    FP8 update by the chunks of one wave at a time: matrices larger than a
+    wave between small ones, against the reference in fp64 (with fp32's eps1):
+    the reference in fp32 sums these matrices' sum(p*p) and sum(u*u) as torch
+    does, 1.2e-5 from the exact scale, the cpu backend in double, 5e-7 from
+    it. Codes and scales as the fp64 reference's (exact=False: the few ulps of
+    fp32's u) after one step (in later ones a code one step off is amplified
+    where the next step nearly cancels its moment), params within fp32's
+    tolerance but where a code is one step off."""
+    shapes = [(30, 20), (1100, 1000), (40, 30), (2, 20, 25), (7,), (1024, 1100), (9, 4)]
+    a, b = make_params(shapes, dtype=torch.float64), make_params(shapes)
+    kw = dict(lr=1e-2, beta1=0.9, state_dtype=FP8, eps=(torch.finfo(torch.float32).eps, 1e-3))
+    ref, ours = FusedAdafactor(a, backend="reference", **kw), FusedAdafactor(b, backend=backend, **kw)
+    steps(ref, a, 1), steps(ours, b, 1)
+    assert assert_same_fp8_states(ref, a, ours, b, exact=False) == len(shapes)
+    for pa, pb in zip(a, b):  # but where a code is one step off
+        far = ~torch.isclose(pb.detach(), pa.detach().float(), atol=1e-6, rtol=1e-5)
+        assert int(far.sum()) <= max(1, pa.numel() // 1000), int(far.sum())
+
+
 def test_adafactor_state_dict_and_memory():
     """The state_dict holds exp_avg as FP8 with its scales (1.016 B per
     param instead of 4) and fp32 statistics; fp32 states (a FusedAdafactor

@@ -1,9 +1,12 @@
 // Adafactor on the CPU (include/fusedopt/adafactor.h). Every pass is one
-// OpenMP region over all tensors of the launch:
+// OpenMP region over many tensors of the launch:
 //
 // factored tensors ([.., R, C], contiguous) are cut into tasks of whole rows
 // of one batch slice, so a task's row sums are final (row_var is updated in
 // place) and its column sums are partials, combined per slice in task order;
+// they go in waves of consecutive tensors of about 8 MB of g and p, each
+// wave through these passes before the next (its update then finds g and p
+// in cache), pass 1 and the update giving each task to the same thread:
 //   pass 1: row sums and column partials of g*g, sum(p*p)    (reads g, p)
 //           and, once the row_vars of a block of rows are final, its column
 //           partials of g*g / row_var (the block still in L1)
@@ -308,241 +311,261 @@ struct Factored {
     const T eps1 = T(h.eps1), eps1_sq = T(h.eps1 * h.eps1), inv_eps1 = T(1.0 / h.eps1);
     const T mult = (h.grad_mult ? T(*h.grad_mult) : T(1)) * (h.maximize ? T(-1) : T(1));
 
-    // pass 1: row sums (final: row_var updated), column partials, sum(p*p)
-#pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
-    for (int64_t k = 0; k < n_tasks; ++k) {
-      const RowTask& task = tasks[size_t(k)];
-      const int64_t t = task.tensor, C = cols[t], R = rows[t];
-      const P* __restrict__ param = tt.ptr<const P>(kAfParam, t);
-      const float* __restrict__ master = MASTER ? tt.ptr<const float>(kAfMaster, t) : nullptr;
-      const P* __restrict__ grad = tt.ptr<const P>(kAfGrad, t);
-      S* __restrict__ row_var = tt.ptr<S>(kAfRowVar, t) + task.batch * R;
-      T* __restrict__ colp = col_partial.data() + task.col_offset;
-      T* __restrict__ colh = col_h.data() + task.col_offset;
-      const T w = T(steps[size_t(t)].one_minus_beta2_t);
-      double p_acc = 0.0;
-      T min_row = std::numeric_limits<T>::infinity();
-      bool finite = true;
-      // A row's sums are final: update its row_var; its weight in the column
-      // sums of g^2 / row_var is 1 / row_var if it is finite and from g^2 > 0
-      // (and every row of the task before it is finite), else 0. (A row left
-      // out with a non-finite g^2 makes its slice go to pass 3: its sums
-      // from these are not used.)
-      auto finish_row = [&](int64_t r, T row_acc, T row_p) -> T {
-        p_acc += double(row_p);
-        row_var[r] = Store<S>::from(lerp(T(to_math(row_var[r])), row_acc / T(C), w));
-        const T rv = T(to_math(row_var[r]));  // as stored, as pass 2 reads it
-        finite = finite && std::isfinite(rv);
-        if (!(row_acc > T(0) && finite)) return T(0);
-        min_row = rv < min_row ? rv : min_row;
-        return T(1) / rv;
-      };
-      // The rows go as two halves side by side (rows r and r + half in one
-      // loop): two sequential streams per array keep twice the loads in
-      // flight. One stream of short rows left this pass latency-bound, far
-      // below the bandwidth the update pass gets (gpt2-d256-L4, same-process
-      // A/B: 0.75x the time when memory was slow, ~0.98x when fast; four
-      // quarters, or four adjacent rows, were slower). Their column sums go
-      // by blocks of at least two pairs, about kBlockBytes of g per half,
-      // read again from L1 (bench/native/adafactor_ab.cpp; GPT-2's
-      // embedding [50257, 256]: blocks of 2 pairs as fast as the per-row sums
-      // with memory usual, 4 pairs 1-3% slower; [768, 768]: 2 pairs 7% faster
-      // than 1).
-      constexpr int64_t kBlockBytes = 2048, kMaxPairs = 16;
-      const int64_t half = task.nrows / 2;
-      const int64_t first = (task.batch * R + task.row0) * C;
-      const int64_t block = std::clamp<int64_t>(kBlockBytes / (C * int64_t(sizeof(P))), 2, kMaxPairs);
-      T wa[kMaxPairs], wb[kMaxPairs];
-      for (int64_t i0 = 0; i0 < half; i0 += block) {
-        const int64_t n = std::min(block, half - i0);
-        for (int64_t j = 0; j < n; ++j) {
-          const int64_t i = i0 + j;
-          const RowSquares<T> s2 = row_squares<2, T, P, MASTER>(grad, param, master, first + i * C, half * C, C, mult);
-          wa[j] = finish_row(task.row0 + i, s2.g2[0], s2.p2[0]);
-          wb[j] = finish_row(task.row0 + half + i, s2.g2[1], s2.p2[1]);
-        }
-        column_squares<2, T, P>(grad + first + i0 * C, half * C, n, C, mult, wa, wb, colp, colh);
-      }
-      if (task.nrows % 2) {
-        const int64_t last = first + 2 * half * C;
-        const RowSquares<T> s1 = row_squares<1, T, P, MASTER>(grad, param, master, last, 0, C, mult);
-        wa[0] = finish_row(task.row0 + task.nrows - 1, s1.g2[0], s1.p2[0]);
-        column_squares<1, T, P>(grad + last, 0, 1, C, mult, wa, nullptr, colp, colh);
-      }
-      p_partial[size_t(k)] = p_acc;
-      task_min_row[size_t(k)] = min_row;
-      task_finite[size_t(k)] = finite;
-    }
-
-    // pass 2, per batch slice: col_var from the partials in task order, the mean
-    // of row_var, and the row and column factors of u
-#pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
-    for (int64_t i = 0; i < n_slices; ++i) {
-      const int64_t t = std::upper_bound(first_slice.begin(), first_slice.end(), i) - first_slice.begin() - 1;
-      const int64_t b = i - first_slice[size_t(t)], R = rows[t], C = cols[t];
-      const T w = T(steps[size_t(t)].one_minus_beta2_t);
-      S* col_var = tt.ptr<S>(kAfColVar, t) + b * C;
-      T* cv = colv.data() + col_base[size_t(t)] + b * C;
-      T* rc = rcol.data() + col_base[size_t(t)] + b * C;
-      int64_t k0 = first_task[size_t(t)];  // the slice's tasks: consecutive
-      while (tasks[size_t(k0)].batch != b) ++k0;
-      int64_t k1 = k0;
-      T min_row = std::numeric_limits<T>::infinity();
-      bool finite = true;
-      for (; k1 < first_task[size_t(t) + 1] && tasks[size_t(k1)].batch == b; ++k1) {
-        min_row = task_min_row[size_t(k1)] < min_row ? task_min_row[size_t(k1)] : min_row;
-        finite = finite && task_finite[size_t(k1)];
-      }
-      T min_col = std::numeric_limits<T>::infinity(), min_any_col = min_col;
-      double h_sum = 0.0;
-      // the tasks' partials, kColumnBlock columns at a time: each task's are read in a row (column by
-      // column across the tasks, a cache line per value, this took 0.2 ms a step for the benchmark's
-      // GPT-2 embedding, one slice on one thread)
-      constexpr int64_t kColumnBlock = 64;
-      for (int64_t c0 = 0; c0 < C; c0 += kColumnBlock) {
-        const int64_t n = std::min(kColumnBlock, C - c0);
-        double sums[kColumnBlock] = {}, hs[kColumnBlock] = {};
-        for (int64_t k = k0; k < k1; ++k) {
-          const T* cp = col_partial.data() + tasks[size_t(k)].col_offset + c0;
-          const T* ch = col_h.data() + tasks[size_t(k)].col_offset + c0;
-          for (int64_t j = 0; j < n; ++j) {
-            sums[j] += double(cp[j]);
-            hs[j] += double(ch[j]);
-          }
-        }
-        for (int64_t j = 0; j < n; ++j) {
-          const int64_t c = c0 + j;
-          const double sum = sums[j];
-          col_var[c] = Store<S>::from(lerp(T(to_math(col_var[c])), T(sum / double(R)), w));
-          cv[c] = T(to_math(col_var[c]));
-          rc[c] = T(1) / sqrt(cv[c]);
-          finite = finite && std::isfinite(cv[c]);
-          min_any_col = cv[c] < min_any_col ? cv[c] : min_any_col;
-          if (sum > 0.0) {  // the column has g^2 > 0: then col_var > 0
-            min_col = cv[c] < min_col ? cv[c] : min_col;
-            h_sum += hs[j] / double(cv[c]);
-          }
-        }
-      }
-      const S* row_var = tt.ptr<const S>(kAfRowVar, t) + b * R;
-      double sum = 0.0;
-      for (int64_t r = 0; r < R; ++r) sum += double(to_math(row_var[r]));
-      const T rmean = clamp_min(T(sum / double(R)), eps1);
-      T* rq = rowq.data() + row_base[size_t(t)] + b * R;
-      T* rr = rrow.data() + row_base[size_t(t)] + b * R;
-      for (int64_t r = 0; r < R; ++r) {
-        rq[r] = T(to_math(row_var[r])) / rmean;
-        rr[r] = T(1) / sqrt(rq[r]);
-      }
-      // no element with g^2 > 0 is clamped: rq * col of each is >= this (rounding is monotone)
-      const bool unclamped = !(min_row < std::numeric_limits<T>::infinity()) ||
-                             !(min_col < std::numeric_limits<T>::infinity()) || (min_row / rmean) * min_col >= eps1_sq;
-      slice_done[size_t(i)] = finite && unclamped;
-      slice_min_col[size_t(i)] = min_any_col;
-      if (slice_done[size_t(i)]) {
-        for (int64_t k = k0; k < k1; ++k) u_partial[size_t(k)] = 0.0;
-        u_partial[size_t(k0)] = double(rmean) * h_sum;
-      }
-    }
-
-    // pass 3: sum(u*u) per task of the slices pass 2 could not do (no parallel region when there are none)
-    const bool any_left = std::find(slice_done.begin(), slice_done.end(), 0) != slice_done.end();
-#pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1) if (any_left)
-    for (int64_t k = 0; k < (any_left ? n_tasks : 0); ++k) {
-      const RowTask& task = tasks[size_t(k)];
-      const int64_t t = task.tensor, R = rows[t], C = cols[t];
-      if (slice_done[size_t(first_slice[size_t(t)] + task.batch)]) continue;
-      const T* __restrict__ cv = colv.data() + col_base[size_t(t)] + task.batch * C;
-      const T* __restrict__ rc = rcol.data() + col_base[size_t(t)] + task.batch * C;
-      double u_acc = 0.0;
-      for (int64_t r = task.row0; r < task.row0 + task.nrows; ++r) {
-        const int64_t row = row_base[size_t(t)] + task.batch * R + r;
-        const T rq = rowq[size_t(row)], rr = rrow[size_t(row)];
-        const P* __restrict__ grad = tt.ptr<const P>(kAfGrad, t) + (task.batch * R + r) * C;
-        T row_u = T(0);
-#pragma omp simd reduction(+ : row_u)
-        for (int64_t c = 0; c < C; ++c) {
-          const T u = factored_u(T(to_math(grad[c])) * mult, rq, rr, cv[c], rc[c], eps1_sq, inv_eps1);
-          row_u += u * u;
-        }
-        u_acc += double(row_u);
-      }
-      u_partial[size_t(k)] = u_acc;
-    }
-
+    // Waves of consecutive tensors, about kWaveBytes of g and p (a larger
+    // tensor alone), go through every pass before the next wave starts, and
+    // pass 1 and the update give each task to the same thread
+    // (parallel_affine): the update then reads a wave's g and p again from
+    // the caches of the core that read them in pass 1, not from memory.
+    // gpt2-d256-L4's matrices in one launch (bench/native/adafactor_ab.cpp):
+    // 0.90-0.97x the time of one wave of all, with memory usual; 0.78-0.82x
+    // with memory fast (0.81-0.85x from the task affinity alone); waves of 4
+    // or 16 MB within a few % of 8.
+    constexpr int64_t kWaveBytes = int64_t(8) << 20;
+    const int64_t elem_bytes = int64_t(sizeof(P)) + (MASTER ? int64_t(sizeof(float)) : int64_t(sizeof(P)));
     std::vector<double> scale(static_cast<size_t>(tt.n_tensors));
-    for (int64_t t = 0; t < tt.n_tensors; ++t) {
-      double p_sq = 0.0, u_sq = 0.0;
-      for (int64_t k = first_task[size_t(t)]; k < first_task[size_t(t) + 1]; ++k) {
-        p_sq += p_partial[size_t(k)];
-        u_sq += u_partial[size_t(k)];
-      }
-      scale[size_t(t)] = tensor_scale(h, steps[size_t(t)], p_sq, u_sq, tt.numel[t]);
-    }
-
-    // pass 4: the update, u recomputed as in pass 3
     const T m_weight = T(1.0 - h.beta1);
-    if constexpr (M8) {
-      // by the launch's chunks: the FP8 blocks of exp_avg follow the flat offsets, not the rows
-      parallel_chunks(tt, num_threads, [&](int64_t /*c*/, const Chunk& chunk) {
-        const int64_t t = chunk.tensor, R = rows[t], C = cols[t];
+    for (int64_t t0 = 0, t1 = 0; t0 < tt.n_tensors; t0 = t1) {
+      int64_t bytes = 0;
+      for (t1 = t0; t1 < tt.n_tensors && (t1 == t0 || bytes + tt.numel[t1] * elem_bytes <= kWaveBytes); ++t1)
+        bytes += tt.numel[t1] * elem_bytes;
+      const int64_t k0 = first_task[size_t(t0)], k1 = first_task[size_t(t1)];
+      const int64_t slice0 = first_slice[size_t(t0)], slice1 = first_slice[size_t(t1)];
+      // pass 1: row sums (final: row_var updated), column partials, sum(p*p)
+      parallel_affine(k0, k1, num_threads, [&](int64_t k) {
+        const RowTask& task = tasks[size_t(k)];
+        const int64_t t = task.tensor, C = cols[t], R = rows[t];
+        const P* __restrict__ param = tt.ptr<const P>(kAfParam, t);
+        const float* __restrict__ master = MASTER ? tt.ptr<const float>(kAfMaster, t) : nullptr;
         const P* __restrict__ grad = tt.ptr<const P>(kAfGrad, t);
-        const T s = T(scale[size_t(t)]);  // -alpha / denom: the step is u * -s
-        fp8_moment_chunk<T, P, MASTER, SR>(
-            tt, chunk, T(steps[size_t(t)].decay), SR ? sr_tensor_key(h.sr.seed, t) : 0u,
-            [&](int64_t b0, int64_t n, float* m_out, const uint8_t* m_in, float m_scale) {
-              for_row_segments(chunk.start + b0, n, C, [&](int64_t row, int64_t c0, int64_t len, int64_t o) {
-                const T rq = rowq[size_t(row_base[size_t(t)] + row)], rr = rrow[size_t(row_base[size_t(t)] + row)];
-                const T* __restrict__ cv = colv.data() + col_base[size_t(t)] + row / R * C + c0;
-                const T* __restrict__ rc = rcol.data() + col_base[size_t(t)] + row / R * C + c0;
-                const P* __restrict__ g = grad + row * C + c0;
-#pragma omp simd
-                for (int64_t c = 0; c < len; ++c) {
-                  const T u = factored_u(T(to_math(g[c])) * mult, rq, rr, cv[c], rc[c], eps1_sq, inv_eps1);
-                  m_out[o + c] = float(lerp(T(q8_decode<false>(m_in[o + c], m_scale)), u * -s, m_weight));
-                }
-              });
-            });
-      });
-      return;
-    }
-#pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
-    for (int64_t k = 0; k < n_tasks; ++k) {
-      const RowTask& task = tasks[size_t(k)];
-      const int64_t t = task.tensor, R = rows[t], C = cols[t];
-      const T* __restrict__ cv = colv.data() + col_base[size_t(t)] + task.batch * C;
-      const T* __restrict__ rc = rcol.data() + col_base[size_t(t)] + task.batch * C;
-      const T decay = T(steps[size_t(t)].decay), s = T(scale[size_t(t)]);
-      const T min_col = slice_min_col[size_t(first_slice[size_t(t)] + task.batch)];
-      const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, t) : 0u;
-      // the slice's rows and elements
-      const T* __restrict__ rq = rowq.data() + row_base[size_t(t)] + task.batch * R;
-      const T* __restrict__ rr = rrow.data() + row_base[size_t(t)] + task.batch * R;
-      const int64_t first = task.batch * R * C;
-      const P* __restrict__ grad = tt.ptr<const P>(kAfGrad, t) + first;
-      P* __restrict__ param = tt.ptr<P>(kAfParam, t) + first;
-      float* __restrict__ master = MASTER ? tt.ptr<float>(kAfMaster, t) + first : nullptr;
-      S* __restrict__ exp_avg = BETA1 ? tt.ptr<S>(kAfExpAvg, t) + first : nullptr;
-      for (int64_t r = task.row0; r < task.row0 + task.nrows; ++r) {
-        const int64_t o = r * C;
-        const T row_q = rq[r], row_r = rr[r];
-        // row_q * min_col >= eps1^2 (or NaN): no element of the row is clamped (rounding is monotone)
-        if (!(row_q * min_col < eps1_sq)) {
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const T u = factored_u_unclamped(T(to_math(grad[o + c])) * mult, row_r, rc[c]);
-            apply_element<T, P, S, MASTER, BETA1, SR>(param, master, exp_avg, o + c, u, decay, s, m_weight, sr_key,
-                                                      first);
+        S* __restrict__ row_var = tt.ptr<S>(kAfRowVar, t) + task.batch * R;
+        T* __restrict__ colp = col_partial.data() + task.col_offset;
+        T* __restrict__ colh = col_h.data() + task.col_offset;
+        const T w = T(steps[size_t(t)].one_minus_beta2_t);
+        double p_acc = 0.0;
+        T min_row = std::numeric_limits<T>::infinity();
+        bool finite = true;
+        // A row's sums are final: update its row_var; its weight in the column
+        // sums of g^2 / row_var is 1 / row_var if it is finite and from g^2 > 0
+        // (and every row of the task before it is finite), else 0. (A row left
+        // out with a non-finite g^2 makes its slice go to pass 3: its sums
+        // from these are not used.)
+        auto finish_row = [&](int64_t r, T row_acc, T row_p) -> T {
+          p_acc += double(row_p);
+          row_var[r] = Store<S>::from(lerp(T(to_math(row_var[r])), row_acc / T(C), w));
+          const T rv = T(to_math(row_var[r]));  // as stored, as pass 2 reads it
+          finite = finite && std::isfinite(rv);
+          if (!(row_acc > T(0) && finite)) return T(0);
+          min_row = rv < min_row ? rv : min_row;
+          return T(1) / rv;
+        };
+        // The rows go as two halves side by side (rows r and r + half in one
+        // loop): two sequential streams per array keep twice the loads in
+        // flight. One stream of short rows left this pass latency-bound, far
+        // below the bandwidth the update pass gets (gpt2-d256-L4, same-process
+        // A/B: 0.75x the time when memory was slow, ~0.98x when fast; four
+        // quarters, or four adjacent rows, were slower). Their column sums go
+        // by blocks of at least two pairs, about kBlockBytes of g per half,
+        // read again from L1 (bench/native/adafactor_ab.cpp; GPT-2's
+        // embedding [50257, 256]: blocks of 2 pairs as fast as the per-row sums
+        // with memory usual, 4 pairs 1-3% slower; [768, 768]: 2 pairs 7% faster
+        // than 1).
+        constexpr int64_t kBlockBytes = 2048, kMaxPairs = 16;
+        const int64_t half = task.nrows / 2;
+        const int64_t first = (task.batch * R + task.row0) * C;
+        const int64_t block = std::clamp<int64_t>(kBlockBytes / (C * int64_t(sizeof(P))), 2, kMaxPairs);
+        T wa[kMaxPairs], wb[kMaxPairs];
+        for (int64_t i0 = 0; i0 < half; i0 += block) {
+          const int64_t n = std::min(block, half - i0);
+          for (int64_t j = 0; j < n; ++j) {
+            const int64_t i = i0 + j;
+            const RowSquares<T> s2 = row_squares<2, T, P, MASTER>(grad, param, master, first + i * C, half * C, C, mult);
+            wa[j] = finish_row(task.row0 + i, s2.g2[0], s2.p2[0]);
+            wb[j] = finish_row(task.row0 + half + i, s2.g2[1], s2.p2[1]);
           }
-        } else {
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const T u = factored_u(T(to_math(grad[o + c])) * mult, row_q, row_r, cv[c], rc[c], eps1_sq, inv_eps1);
-            apply_element<T, P, S, MASTER, BETA1, SR>(param, master, exp_avg, o + c, u, decay, s, m_weight, sr_key,
-                                                      first);
+          column_squares<2, T, P>(grad + first + i0 * C, half * C, n, C, mult, wa, wb, colp, colh);
+        }
+        if (task.nrows % 2) {
+          const int64_t last = first + 2 * half * C;
+          const RowSquares<T> s1 = row_squares<1, T, P, MASTER>(grad, param, master, last, 0, C, mult);
+          wa[0] = finish_row(task.row0 + task.nrows - 1, s1.g2[0], s1.p2[0]);
+          column_squares<1, T, P>(grad + last, 0, 1, C, mult, wa, nullptr, colp, colh);
+        }
+        p_partial[size_t(k)] = p_acc;
+        task_min_row[size_t(k)] = min_row;
+        task_finite[size_t(k)] = finite;
+      });
+
+      // pass 2, per batch slice: col_var from the partials in task order, the mean
+      // of row_var, and the row and column factors of u
+#pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
+      for (int64_t i = slice0; i < slice1; ++i) {
+        const int64_t t = std::upper_bound(first_slice.begin(), first_slice.end(), i) - first_slice.begin() - 1;
+        const int64_t b = i - first_slice[size_t(t)], R = rows[t], C = cols[t];
+        const T w = T(steps[size_t(t)].one_minus_beta2_t);
+        S* col_var = tt.ptr<S>(kAfColVar, t) + b * C;
+        T* cv = colv.data() + col_base[size_t(t)] + b * C;
+        T* rc = rcol.data() + col_base[size_t(t)] + b * C;
+        int64_t j0 = first_task[size_t(t)];  // the slice's tasks: consecutive
+        while (tasks[size_t(j0)].batch != b) ++j0;
+        int64_t j1 = j0;
+        T min_row = std::numeric_limits<T>::infinity();
+        bool finite = true;
+        for (; j1 < first_task[size_t(t) + 1] && tasks[size_t(j1)].batch == b; ++j1) {
+          min_row = task_min_row[size_t(j1)] < min_row ? task_min_row[size_t(j1)] : min_row;
+          finite = finite && task_finite[size_t(j1)];
+        }
+        T min_col = std::numeric_limits<T>::infinity(), min_any_col = min_col;
+        double h_sum = 0.0;
+        // the tasks' partials, kColumnBlock columns at a time: each task's are read in a row (column by
+        // column across the tasks, a cache line per value, this took 0.2 ms a step for the benchmark's
+        // GPT-2 embedding, one slice on one thread)
+        constexpr int64_t kColumnBlock = 64;
+        for (int64_t c0 = 0; c0 < C; c0 += kColumnBlock) {
+          const int64_t n = std::min(kColumnBlock, C - c0);
+          double sums[kColumnBlock] = {}, hs[kColumnBlock] = {};
+          for (int64_t k = j0; k < j1; ++k) {
+            const T* cp = col_partial.data() + tasks[size_t(k)].col_offset + c0;
+            const T* ch = col_h.data() + tasks[size_t(k)].col_offset + c0;
+            for (int64_t j = 0; j < n; ++j) {
+              sums[j] += double(cp[j]);
+              hs[j] += double(ch[j]);
+            }
+          }
+          for (int64_t j = 0; j < n; ++j) {
+            const int64_t c = c0 + j;
+            const double sum = sums[j];
+            col_var[c] = Store<S>::from(lerp(T(to_math(col_var[c])), T(sum / double(R)), w));
+            cv[c] = T(to_math(col_var[c]));
+            rc[c] = T(1) / sqrt(cv[c]);
+            finite = finite && std::isfinite(cv[c]);
+            min_any_col = cv[c] < min_any_col ? cv[c] : min_any_col;
+            if (sum > 0.0) {  // the column has g^2 > 0: then col_var > 0
+              min_col = cv[c] < min_col ? cv[c] : min_col;
+              h_sum += hs[j] / double(cv[c]);
+            }
           }
         }
+        const S* row_var = tt.ptr<const S>(kAfRowVar, t) + b * R;
+        double sum = 0.0;
+        for (int64_t r = 0; r < R; ++r) sum += double(to_math(row_var[r]));
+        const T rmean = clamp_min(T(sum / double(R)), eps1);
+        T* rq = rowq.data() + row_base[size_t(t)] + b * R;
+        T* rr = rrow.data() + row_base[size_t(t)] + b * R;
+        for (int64_t r = 0; r < R; ++r) {
+          rq[r] = T(to_math(row_var[r])) / rmean;
+          rr[r] = T(1) / sqrt(rq[r]);
+        }
+        // no element with g^2 > 0 is clamped: rq * col of each is >= this (rounding is monotone)
+        const bool unclamped = !(min_row < std::numeric_limits<T>::infinity()) ||
+                               !(min_col < std::numeric_limits<T>::infinity()) || (min_row / rmean) * min_col >= eps1_sq;
+        slice_done[size_t(i)] = finite && unclamped;
+        slice_min_col[size_t(i)] = min_any_col;
+        if (slice_done[size_t(i)]) {
+          for (int64_t k = j0; k < j1; ++k) u_partial[size_t(k)] = 0.0;
+          u_partial[size_t(j0)] = double(rmean) * h_sum;
+        }
       }
+
+      // pass 3: sum(u*u) per task of the slices pass 2 could not do (no parallel region when there are none)
+      const auto done0 = slice_done.begin() + slice0, done1 = slice_done.begin() + slice1;
+      const bool any_left = std::find(done0, done1, 0) != done1;
+      if (any_left) parallel_affine(k0, k1, num_threads, [&](int64_t k) {
+        const RowTask& task = tasks[size_t(k)];
+        const int64_t t = task.tensor, R = rows[t], C = cols[t];
+        if (slice_done[size_t(first_slice[size_t(t)] + task.batch)]) return;
+        const T* __restrict__ cv = colv.data() + col_base[size_t(t)] + task.batch * C;
+        const T* __restrict__ rc = rcol.data() + col_base[size_t(t)] + task.batch * C;
+        double u_acc = 0.0;
+        for (int64_t r = task.row0; r < task.row0 + task.nrows; ++r) {
+          const int64_t row = row_base[size_t(t)] + task.batch * R + r;
+          const T rq = rowq[size_t(row)], rr = rrow[size_t(row)];
+          const P* __restrict__ grad = tt.ptr<const P>(kAfGrad, t) + (task.batch * R + r) * C;
+          T row_u = T(0);
+#pragma omp simd reduction(+ : row_u)
+          for (int64_t c = 0; c < C; ++c) {
+            const T u = factored_u(T(to_math(grad[c])) * mult, rq, rr, cv[c], rc[c], eps1_sq, inv_eps1);
+            row_u += u * u;
+          }
+          u_acc += double(row_u);
+        }
+        u_partial[size_t(k)] = u_acc;
+      });
+
+      for (int64_t t = t0; t < t1; ++t) {
+        double p_sq = 0.0, u_sq = 0.0;
+        for (int64_t k = first_task[size_t(t)]; k < first_task[size_t(t) + 1]; ++k) {
+          p_sq += p_partial[size_t(k)];
+          u_sq += u_partial[size_t(k)];
+        }
+        scale[size_t(t)] = tensor_scale(h, steps[size_t(t)], p_sq, u_sq, tt.numel[t]);
+      }
+
+      // pass 4: the update, u recomputed as in pass 3
+      if constexpr (M8) {
+        // by the launch's chunks: the FP8 blocks of exp_avg follow the flat offsets, not the rows
+        // (the wave's chunks: a tensor's chunks are consecutive, in tensor order)
+        const int64_t* chunk_tensor_end = tt.chunk_tensor + tt.n_chunks;
+        const int64_t first_chunk = std::lower_bound(tt.chunk_tensor, chunk_tensor_end, t0) - tt.chunk_tensor;
+        const int64_t end_chunk = std::lower_bound(tt.chunk_tensor, chunk_tensor_end, t1) - tt.chunk_tensor;
+        parallel_chunks(tt, first_chunk, end_chunk, num_threads, [&](int64_t /*c*/, const Chunk& chunk) {
+          const int64_t t = chunk.tensor, R = rows[t], C = cols[t];
+          const P* __restrict__ grad = tt.ptr<const P>(kAfGrad, t);
+          const T s = T(scale[size_t(t)]);  // -alpha / denom: the step is u * -s
+          fp8_moment_chunk<T, P, MASTER, SR>(
+              tt, chunk, T(steps[size_t(t)].decay), SR ? sr_tensor_key(h.sr.seed, t) : 0u,
+              [&](int64_t b0, int64_t n, float* m_out, const uint8_t* m_in, float m_scale) {
+                for_row_segments(chunk.start + b0, n, C, [&](int64_t row, int64_t c0, int64_t len, int64_t o) {
+                  const T rq = rowq[size_t(row_base[size_t(t)] + row)], rr = rrow[size_t(row_base[size_t(t)] + row)];
+                  const T* __restrict__ cv = colv.data() + col_base[size_t(t)] + row / R * C + c0;
+                  const T* __restrict__ rc = rcol.data() + col_base[size_t(t)] + row / R * C + c0;
+                  const P* __restrict__ g = grad + row * C + c0;
+#pragma omp simd
+                  for (int64_t c = 0; c < len; ++c) {
+                    const T u = factored_u(T(to_math(g[c])) * mult, rq, rr, cv[c], rc[c], eps1_sq, inv_eps1);
+                    m_out[o + c] = float(lerp(T(q8_decode<false>(m_in[o + c], m_scale)), u * -s, m_weight));
+                  }
+                });
+              });
+        });
+        continue;
+      }
+      parallel_affine(k0, k1, num_threads, [&](int64_t k) {
+        const RowTask& task = tasks[size_t(k)];
+        const int64_t t = task.tensor, R = rows[t], C = cols[t];
+        const T* __restrict__ cv = colv.data() + col_base[size_t(t)] + task.batch * C;
+        const T* __restrict__ rc = rcol.data() + col_base[size_t(t)] + task.batch * C;
+        const T decay = T(steps[size_t(t)].decay), s = T(scale[size_t(t)]);
+        const T min_col = slice_min_col[size_t(first_slice[size_t(t)] + task.batch)];
+        const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, t) : 0u;
+        // the slice's rows and elements
+        const T* __restrict__ rq = rowq.data() + row_base[size_t(t)] + task.batch * R;
+        const T* __restrict__ rr = rrow.data() + row_base[size_t(t)] + task.batch * R;
+        const int64_t first = task.batch * R * C;
+        const P* __restrict__ grad = tt.ptr<const P>(kAfGrad, t) + first;
+        P* __restrict__ param = tt.ptr<P>(kAfParam, t) + first;
+        float* __restrict__ master = MASTER ? tt.ptr<float>(kAfMaster, t) + first : nullptr;
+        S* __restrict__ exp_avg = BETA1 ? tt.ptr<S>(kAfExpAvg, t) + first : nullptr;
+        for (int64_t r = task.row0; r < task.row0 + task.nrows; ++r) {
+          const int64_t o = r * C;
+          const T row_q = rq[r], row_r = rr[r];
+          // row_q * min_col >= eps1^2 (or NaN): no element of the row is clamped (rounding is monotone)
+          if (!(row_q * min_col < eps1_sq)) {
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+              const T u = factored_u_unclamped(T(to_math(grad[o + c])) * mult, row_r, rc[c]);
+              apply_element<T, P, S, MASTER, BETA1, SR>(param, master, exp_avg, o + c, u, decay, s, m_weight, sr_key,
+                                                        first);
+            }
+          } else {
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+              const T u = factored_u(T(to_math(grad[o + c])) * mult, row_q, row_r, cv[c], rc[c], eps1_sq, inv_eps1);
+              apply_element<T, P, S, MASTER, BETA1, SR>(param, master, exp_avg, o + c, u, decay, s, m_weight, sr_key,
+                                                        first);
+            }
+          }
+        }
+      });
     }
   }
 };
