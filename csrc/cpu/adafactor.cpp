@@ -296,8 +296,8 @@ struct Factored {
     std::vector<T>& rrow = scratch.rrow;
     std::vector<T>& rcol = scratch.rcol;
     std::vector<T>& colv = scratch.colv;
-    col_partial.assign(size_t(col_total), T(0));  // pass 1 adds to these
-    col_h.assign(size_t(col_total), T(0));
+    col_partial.resize(size_t(col_total));  // each task zeroes its own, then adds to them
+    col_h.resize(size_t(col_total));
     p_partial.resize(size_t(n_tasks));
     u_partial.resize(size_t(n_tasks));
     task_min_row.resize(size_t(n_tasks));
@@ -340,6 +340,8 @@ struct Factored {
         S* __restrict__ row_var = tt.ptr<S>(kAfRowVar, t) + task.batch * R;
         T* __restrict__ colp = col_partial.data() + task.col_offset;
         T* __restrict__ colh = col_h.data() + task.col_offset;
+        std::fill(colp, colp + C, T(0));  // here, by the thread that adds to them
+        std::fill(colh, colh + C, T(0));
         const T w = T(steps[size_t(t)].one_minus_beta2_t);
         double p_acc = 0.0;
         T min_row = std::numeric_limits<T>::infinity();
