@@ -11,6 +11,10 @@ the statistics and RMS(u) (8: csrc/cpu/adafactor.cpp forms sum(u*u) from the
 rows it reads there), and g and p and writes p for the update (12): 20 B
 (vectors: 32 B with their full variance). That is the count for every backend;
 the Triton kernels read g twice more (column sums, sum(u*u)): 28 B.
+(The cpu backend takes the matrices in waves of about 8 MB, each through
+every pass before the next: a wave's second read of g and p comes from
+cache, so for the smaller matrices less than these bytes cross the memory
+bus. The count stays the algorithm's.)
 torch's fused AdamW reads 16 and writes 12: on a machine whose reads are the
 limit (the CPUs here: writes back to lines just read are nearly free) the two
 move the same 16 B of reads per param. Sophia's step reads p, g, m, h and
