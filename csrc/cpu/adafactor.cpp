@@ -317,7 +317,7 @@ struct Factored {
     // (parallel_affine): the update then reads a wave's g and p again from
     // the caches of the core that read them in pass 1, not from memory.
     // gpt2-d256-L4's matrices in one launch (bench/native/adafactor_ab.cpp):
-    // 0.90-0.97x the time of one wave of all, with memory usual; 0.78-0.82x
+    // 0.90-0.99x the time of one wave of all, with memory usual; 0.78-0.82x
     // with memory fast (0.81-0.85x from the task affinity alone); waves of 4
     // or 16 MB within a few % of 8.
     constexpr int64_t kWaveBytes = int64_t(8) << 20;

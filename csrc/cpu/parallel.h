@@ -18,15 +18,17 @@ void parallel_chunks(const TensorTable& tt, int64_t c0, int64_t c1, int num_thre
 // body(k) for every k in [k0, k1), each thread taking the same k from one
 // call to the next as long as the range is the same: a contiguous share of
 // the first (1 - 1/kDynamicTail) of the range per thread (OpenMP's static
-// schedule), the rest dynamically, so a core slowed by a neighbour holds the
-// others up by at most that tail. For passes over the same data one after
-// another: a task's data is then read again by the core that read it before,
-// from its own caches. (On the 2-vCPU CI machine, for minutes at a time,
-// memory streams ~1.6x faster and data read on one core reaches the other
-// slower than from memory, as if the two sat on two CCDs: Adafactor's update
-// pass, run in cache-sized waves after pass 1 with tasks going to either
-// thread, took 1.5x as long as from memory; with them kept per thread the
-// launch took 0.81-0.85x its time: bench/native/adafactor_ab.cpp.)
+// schedule), the rest dynamically, so a thread that finishes its share
+// early takes the tail from one slowed by a neighbour. For passes over the
+// same data one after another: a task's data is then read again by the core
+// that read it before, from its own caches. (On the 2-vCPU CI machine, for
+// minutes at a time, memory streams ~1.6x faster and data read on one core
+// reaches the other slower than from memory, as if the two sat on two CCDs:
+// Adafactor's update, run in cache-sized waves after pass 1 with tasks going
+// to either thread, took 1.5x as long as from memory; with the tasks kept
+// per thread the launch takes 0.78-0.82x the time it took in one wave with
+// dynamic scheduling, 0.81-0.85x without the waves:
+// bench/native/adafactor_ab.cpp.)
 template <typename Body>
 void parallel_affine(int64_t k0, int64_t k1, int num_threads, Body&& body) {
   constexpr int64_t kDynamicTail = 8;
