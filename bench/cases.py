@@ -25,12 +25,13 @@ def cases(device: torch.device) -> dict[str, list[tuple[int, ...]]]:
 
 
 def make_params(shapes, dtype, device, grad_scale: float = 1e-2):
-    """Params with fixed grads (every step then does the same work)."""
-    g = torch.Generator(device="cpu").manual_seed(0)
+    """Params with fixed grads (every step then does the same work), drawn on
+    `device` itself (1B normals take seconds on a CPU, milliseconds on a GPU)."""
+    g = torch.Generator(device=device).manual_seed(0)
     params = []
     for s in shapes:
-        p = torch.randn(s, generator=g).to(device=device, dtype=dtype).requires_grad_()
-        p.grad = (torch.randn(s, generator=g) * grad_scale).to(device=device, dtype=dtype)
+        p = torch.randn(s, generator=g, device=device).to(dtype).requires_grad_()
+        p.grad = (torch.randn(s, generator=g, device=device) * grad_scale).to(dtype)
         params.append(p)
     return params
 
