@@ -254,16 +254,18 @@ void fp8_update_(const Tensor& amax, const Tensor& history, const Tensor& scales
                   amax.numel() == n,
               "fusedopt cpu: fp8_update_ takes one float64 amax per copy");
   for (const Tensor* t : {&history, &scales, &scale_inv}) {
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(),
-                "fusedopt cpu: fp8_update_ buffers must be contiguous float32 CPU tensors");
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && (t == &scale_inv || t->is_contiguous()),
+                "fusedopt cpu: fp8_update_ buffers must be contiguous float32 CPU tensors (scale_inv: strided)");
   }
-  TORCH_CHECK(scale_inv.numel() == n && history.dim() == 2 && history.size(0) == n && history.size(1) >= 1,
+  TORCH_CHECK(scale_inv.dim() == 1 && scale_inv.numel() == n && history.dim() == 2 && history.size(0) == n &&
+                  history.size(1) >= 1,
               "fusedopt cpu: fp8_update_ needs scale_inv [n] and history [n, len] for n = ", n, " copies");
   TORCH_CHECK(margin >= 0, "fusedopt cpu: fp8_update_ margin must be >= 0, got ", margin);
   const float* skip = scalar_ptr(found_inf, "found_inf");
   if (skip && *skip != 0.0f) return;
   fusedopt::fp8_delayed_scaling_cpu(amax.data_ptr<double>(), history.data_ptr<float>(), scales.data_ptr<float>(),
-                                    scale_inv.data_ptr<float>(), n, history.size(1), float(fp8_max), int(margin));
+                                    scale_inv.data_ptr<float>(), scale_inv.stride(0), n, history.size(1),
+                                    float(fp8_max), int(margin));
 }
 
 // LAMB's lists, checked and tabled in MomentRow layout (no max_exp_avg_sq).

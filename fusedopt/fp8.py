@@ -194,33 +194,49 @@ def delayed_scaling_update_(recipe: Float8Recipe, copies: Fp8Copies, amax: Tenso
 
 #: a param's FP8 state entries, and the Fp8Copies buffer each is a row of
 _BUFFERS = {"fp8_scale": "scale_buffer", "fp8_scale_inv": "scale_inv_buffer", "fp8_amax_history": "history_buffer"}
+#: fp32 elements per row where a buffer's rows are padded: a scale_inv row is what
+#: torch._scaled_mm takes as a scale pointer, and cuBLASLt refuses one that is not
+#: 16-byte aligned (CUBLAS_STATUS_NOT_SUPPORTED at +4 and +8 bytes, seen on an H200)
+_ROW_WIDTH = {"fp8_scale_inv": 4}
 
 
 def bucket_copies(weights: list[Tensor], states: list[dict]) -> Fp8Copies:
     """The Fp8Copies of a bucket: `weights` (the copies as the kernels write
     them) and the params' state dicts, whose scale, scale_inv and history
     entries become rows of one buffer each (allocated and filled here, or
-    reused when they already are consecutive rows of one)."""
+    reused when they already are consecutive rows of one). scale_inv's
+    buffer is column 0 of an [n, 4] tensor (_ROW_WIDTH): each row 16-byte
+    aligned, as torch._scaled_mm needs its scales."""
     buffers = {}
     for name, field in _BUFFERS.items():
         rows = [state[name] for state in states]
-        buffer = _common_buffer(rows)
+        width = _ROW_WIDTH.get(name)
+        buffer = _common_buffer(rows, width)
         if buffer is None:
             buffer = torch.stack(rows)
+            if width is not None:
+                padded = buffer.new_zeros((len(rows), width))
+                padded[:, 0] = buffer
+                buffer = padded[:, 0]
             for state, row in zip(states, buffer.unbind(0)):
                 state[name] = row
         buffers[field] = buffer
     return Fp8Copies(weights=weights, scales=[state["fp8_scale"] for state in states], **buffers)
 
 
-def _common_buffer(rows: list[Tensor]) -> Tensor | None:
-    """The tensor whose rows `rows` are, in order and all of it, if there is one."""
+def _common_buffer(rows: list[Tensor], width: int | None = None) -> Tensor | None:
+    """The buffer whose rows `rows` are, in order and all of it, if there is
+    one: a contiguous [n, ...] tensor, or with `width`, column 0 of a
+    contiguous [n, width] one (rows of 0-d scalars)."""
     base = rows[0]._base
     if base is None or base.shape[0] != len(rows) or not base.is_contiguous():
         return None
+    if width is not None and base.shape[1:] != (width,):
+        return None
+    row_shape = base.shape[1:] if width is None else torch.Size()
     step = base[0].numel() * base.element_size()
     start = base.data_ptr()
-    if all(r._base is base and r.data_ptr() == start + i * step and r.shape == base.shape[1:]
+    if all(r._base is base and r.data_ptr() == start + i * step and r.shape == row_shape
            for i, r in enumerate(rows)):
-        return base
+        return base if width is None else base[:, 0]
     return None

@@ -320,6 +320,29 @@ def test_cpu_delayed_scaling_update_is_the_recipes(fmt, margin):
                 (field, found_inf)
 
 
+@pytest.mark.parametrize("backend", backend_params())
+def test_scale_inv_is_16_byte_aligned(backend):
+    """fp8_weight's scale_inv is what torch._scaled_mm takes as a scale
+    pointer, and cuBLASLt refuses one that is not 16-byte aligned (an H200:
+    CUBLAS_STATUS_NOT_SUPPORTED for the second param's, 4 bytes into a packed
+    buffer). Every param's is aligned, holds 1 / the scale its copy was cast
+    with, and later steps update them in place (the padded buffer is reused)."""
+    params = make(torch.bfloat16, shapes=[(7,), (13, 70), (5,), (3, 3)])
+    opt = FusedAdamW(params, lr=0.01, backend=backend, master_weights=True, fp8=Float8Recipe())
+    for step in range(3):
+        scales = [opt.state[p]["fp8_scale"].clone() if p in opt.state else None for p in params]
+        for p, g in zip(params, grads_for(params, step)):
+            p.grad = g
+        opt.step()
+        invs = [opt.fp8_weight(p)[1] for p in params]
+        assert all(inv.data_ptr() % 16 == 0 for inv in invs), [inv.data_ptr() % 16 for inv in invs]
+        if step:
+            assert all(torch.equal(inv, s.reciprocal()) for inv, s in zip(invs, scales))
+        if step == 1:
+            where = [inv.data_ptr() for inv in invs]
+    assert [inv.data_ptr() for inv in invs] == where
+
+
 @pytest.mark.parametrize("backend", backend_params(["reference", "cpu"]))
 def test_state_dict_round_trip(backend):
     """Saved and loaded (through torch.save), the FP8 state continues bit for bit; a

@@ -49,8 +49,8 @@ void cast_fp8_cpu(const TensorTable& tt, DType input_dtype, Fp8Format format, co
   for (int64_t t = 0; t < tt.n_tensors; ++t) amax[t] = double(out[size_t(t)]);
 }
 
-void fp8_delayed_scaling_cpu(const double* amax, float* history, float* scales, float* scale_inv, int64_t n,
-                             int64_t len, float fp8_max, int margin) {
+void fp8_delayed_scaling_cpu(const double* amax, float* history, float* scales, float* scale_inv,
+                             int64_t inv_stride, int64_t n, int64_t len, float fp8_max, int margin) {
   const float divisor = std::ldexp(1.0f, margin);
   for (int64_t t = 0; t < n; ++t) {
     float* h = history + t * len;
@@ -59,7 +59,7 @@ void fp8_delayed_scaling_cpu(const double* amax, float* history, float* scales, 
     float m = h[0];         // max of the history, NaN-propagating (torch.amax)
     for (int64_t k = 1; k < len; ++k) m = (m != m || m >= h[k]) ? m : h[k];
     const float old = scales[t];
-    scale_inv[t] = 1.0f / old;
+    scale_inv[t * inv_stride] = 1.0f / old;
     const float scale = fp8_max / m / divisor;  // at most FLT_MAX: a tiny amax overflows (Float8Recipe.scale_from)
     scales[t] = (m > 0.0f && std::isfinite(m)) ? std::fmin(scale, std::numeric_limits<float>::max()) : old;
   }

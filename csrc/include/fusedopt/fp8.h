@@ -93,9 +93,11 @@ constexpr bool kFp8Copyable = MASTER || std::is_same<P, float>::value;
 // is the spec, bit for bit): per copy t, scale_inv[t] = 1 / the scale it was
 // cast with; amax[t] joins history[t] (the oldest value leaves); the next
 // scale = fp8_max / max(history[t]) / 2^margin, or the old one while that max
-// is 0 or not finite. history: [n, len] row-major. CPU tensors only.
-void fp8_delayed_scaling_cpu(const double* amax, float* history, float* scales, float* scale_inv, int64_t n,
-                             int64_t len, float fp8_max, int margin);
+// is 0 or not finite. history: [n, len] row-major; scale_inv[t] at t * inv_stride
+// (its rows are padded to 16 bytes: torch._scaled_mm takes them as scale pointers).
+// CPU tensors only.
+void fp8_delayed_scaling_cpu(const double* amax, float* history, float* scales, float* scale_inv,
+                             int64_t inv_stride, int64_t n, int64_t len, float fp8_max, int margin);
 
 // Launchers. Table rows: the inputs (dtype `input_dtype`: fp32, bf16, fp16),
 // the fp8 outputs. `scales`: one fp32 per tensor. Writes each tensor's absmax
