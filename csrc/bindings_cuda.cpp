@@ -173,6 +173,29 @@ void cast_fp8(const Tensor& table, const Tensor& numel, const Tensor& chunk_tens
   TORCH_CHECK(error == nullptr, "fusedopt cuda: cast_fp8 launch failed: ", error);
 }
 
+// Float8Recipe.update_ in one launch (fp8.h: fp8_delayed_scaling_cuda): amax
+// [n] float64; history [n, len], scales [n] contiguous, scale_inv [n] strided
+// (rows 16 bytes apart), float32; nothing when found_inf holds a nonzero value.
+void fp8_update_(const Tensor& amax, Tensor& history, Tensor& scales, Tensor& scale_inv,
+                 const std::optional<Tensor>& found_inf, double fp8_max, int64_t margin, int64_t stream) {
+  const int64_t n = scales.numel();
+  check_cuda_tensor(amax, at::kDouble, n, "fp8_update_ amax");
+  check_cuda_tensor(scales, at::kFloat, n, "fp8_update_ scales");
+  TORCH_CHECK(history.dim() == 2 && history.size(0) == n && history.size(1) >= 1,
+              "fusedopt cuda: fp8_update_ needs history [n, len] for n = ", n, " copies");
+  check_cuda_tensor(history, at::kFloat, history.numel(), "fp8_update_ history");
+  TORCH_CHECK(on_device(scale_inv) && scale_inv.scalar_type() == at::kFloat && scale_inv.dim() == 1 &&
+                  scale_inv.numel() == n,
+              "fusedopt cuda: fp8_update_ scale_inv must be a float32 " FUSEDOPT_DEVICE " tensor of ", n,
+              " elements");
+  TORCH_CHECK(margin >= 0, "fusedopt cuda: fp8_update_ margin must be >= 0, got ", margin);
+  const char* error = fusedopt::fp8_delayed_scaling_cuda(
+      amax.data_ptr<double>(), history.data_ptr<float>(), scales.data_ptr<float>(), scale_inv.data_ptr<float>(),
+      scale_inv.stride(0), n, history.size(1), float(fp8_max), int(margin), device_scalar(found_inf, "found_inf"),
+      reinterpret_cast<void*>(stream));
+  TORCH_CHECK(error == nullptr, "fusedopt cuda: fp8_update_ launch failed: ", error);
+}
+
 void scale_(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor, const Tensor& chunk_start,
             int64_t chunk_size, int64_t dtype, const Tensor& factor, int64_t stream) {
   const fusedopt::TensorTable tt = make_table(table, numel, chunk_tensor, chunk_start, chunk_size, 1);
@@ -360,6 +383,10 @@ TORCH_LIBRARY(FUSEDOPT_CUDA_LIBRARY, m) {
       "scale_(Tensor table, Tensor numel, Tensor chunk_tensor, Tensor chunk_start, int chunk_size, int dtype, "
       "Tensor factor, int stream) -> ()",
       &scale_);
+  m.def(
+      "fp8_update_(Tensor amax, Tensor(a!) history, Tensor(b!) scales, Tensor(c!) scale_inv, Tensor? found_inf, "
+      "float fp8_max, int margin, int stream) -> ()",
+      &fp8_update_);
   m.def(
       "adamw(Tensor table, Tensor numel, Tensor chunk_tensor, Tensor chunk_start, int chunk_size, "
       "int param_dtype, int state_dtype, bool has_master, float lr, Tensor? lr_tensor, float beta1, "

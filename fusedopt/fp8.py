@@ -162,11 +162,12 @@ class Float8Recipe:
     def update_(self, copies: Fp8Copies, amax: Tensor, found_inf: Tensor | None = None) -> None:
         """After a step that cast every copy with its scale and measured the
         new weights' absmax (`amax`, one per copy): scale_inv = 1 / the scale
-        used, amax joins each history, the next scales. Seven small launches
-        per bucket, on the device, whatever the number of params; all left
-        as they were when GradScaler found inf/NaN (`found_inf` nonzero).
-        This is the spec: a backend may do the same in one call
-        (``fp8_update_``, the cpu backend's is C++), tested against it."""
+        used, amax joins each history, the next scales. About twenty small
+        torch ops per bucket (on a GPU, launches), on the device, whatever
+        the number of params; all left as they were when GradScaler found
+        inf/NaN (`found_inf` nonzero). This is the spec: a backend may do the
+        same in one call (``fp8_update_``: C++ on the cpu backend, one kernel
+        on the cuda backend), tested against it bit for bit."""
         scales, history = copies.scale_buffer, copies.history_buffer
         new_history = torch.cat([amax.to(torch.float32)[:, None], history[:, :-1]], dim=1)
         new_scales = self.scale_from(new_history.amax(dim=1), scales)

@@ -289,35 +289,41 @@ def test_found_inf_leaves_fp8_state_unchanged(backend):
     assert not torch.equal(opt.state[params[1]]["fp8_amax_history"], saved[1][1]["fp8_amax_history"])
 
 
-@pytest.mark.skipif("cpu" not in KERNEL_BACKENDS, reason="the cpu extension does not build here")
+@pytest.mark.parametrize("backend", backend_params([b for b in KERNEL_BACKENDS if b in ("cpu", "cuda")]))
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("margin", [0, 3])
-def test_cpu_delayed_scaling_update_is_the_recipes(fmt, margin):
-    """The cpu backend's one-call update (fp8_update_) against Float8Recipe.update_,
-    bit for bit: amaxes of 0, NaN, inf, subnormal and huge, histories holding
-    NaN or only zeros, and a GradScaler skip."""
-    from fusedopt.backends import cpu
+def test_delayed_scaling_update_is_the_recipes(backend, fmt, margin):
+    """The one-call update (fp8_update_: C++ on the cpu backend, a thread per
+    copy on the cuda backend) against Float8Recipe.update_, bit for bit:
+    amaxes of 0, NaN, inf, subnormal and huge, histories holding NaN or only
+    zeros, a GradScaler skip, and 300 copies (more than one CUDA block)."""
+    from fusedopt.backends import cpu, cuda
     from fusedopt.fp8 import bucket_copies
-    cpu.load()
+    module = {"cpu": cpu, "cuda": cuda}[backend]
+    module.load()
     recipe = Float8Recipe(fmt, margin=margin, amax_history_len=4)
     inf, nan = float("inf"), float("nan")
-    amax = torch.tensor([0.5, 0.0, nan, inf, 1e-40, 3e38, 2.0, 0.0], dtype=torch.float64)
-    history = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.5, 0.0, 0.0, 0.0],
-                            [0.0, 0.0, 0.0, 0.0], [7.0, 0.0, 0.0, 0.0], [1.0, nan, 0.0, 0.0], [0.0, 0.0, 0.0, 9.0]])
-    scales = torch.tensor([1.0, 2.0, 3.0, 0.25, 5.0, 6.0, 7.0, 8.0])
+    edges = (torch.tensor([0.5, 0.0, nan, inf, 1e-40, 3e38, 2.0, 0.0], dtype=torch.float64),
+             torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.5, 0.0, 0.0, 0.0],
+                           [0.0, 0.0, 0.0, 0.0], [7.0, 0.0, 0.0, 0.0], [1.0, nan, 0.0, 0.0], [0.0, 0.0, 0.0, 9.0]]),
+             torch.tensor([1.0, 2.0, 3.0, 0.25, 5.0, 6.0, 7.0, 8.0]))
+    g = torch.Generator().manual_seed(0)
+    many = (torch.rand(300, generator=g, dtype=torch.float64) * 10, torch.rand(300, 4, generator=g) * 10,
+            torch.rand(300, generator=g) + 0.5)
 
-    def fresh():
+    def fresh(history, scales):
         states = [{"fp8_scale": s.clone(), "fp8_scale_inv": torch.ones(()), "fp8_amax_history": h.clone()}
                   for s, h in zip(scales, history)]
         return bucket_copies([torch.empty(0)] * len(states), states)
 
-    for found_inf in (None, torch.tensor([0.0]), torch.tensor([1.0])):
-        want, got = fresh(), fresh()
-        recipe.update_(want, amax, found_inf)
-        cpu.fp8_update_(got, amax, found_inf, recipe)
-        for field in ("scale_buffer", "scale_inv_buffer", "history_buffer"):
-            assert torch.equal(getattr(got, field).view(torch.int32), getattr(want, field).view(torch.int32)), \
-                (field, found_inf)
+    for amax, history, scales in (edges, many):
+        for found_inf in (None, torch.tensor([0.0]), torch.tensor([1.0])):
+            want, got = fresh(history, scales), fresh(history, scales)
+            recipe.update_(want, amax, found_inf)
+            module.fp8_update_(got, amax, found_inf, recipe)
+            for field in ("scale_buffer", "scale_inv_buffer", "history_buffer"):
+                assert torch.equal(getattr(got, field).view(torch.int32), getattr(want, field).view(torch.int32)), \
+                    (field, found_inf)
 
 
 @pytest.mark.parametrize("backend", backend_params())

@@ -3,8 +3,6 @@
 // absmax, and the chunk maxima are combined per tensor (a max: the order does
 // not matter; any NaN makes the tensor's amax NaN, as torch's amax).
 #include <cmath>
-#include <cstring>
-#include <limits>
 #include <vector>
 
 #include "fp8_cast.h"
@@ -52,17 +50,9 @@ void cast_fp8_cpu(const TensorTable& tt, DType input_dtype, Fp8Format format, co
 void fp8_delayed_scaling_cpu(const double* amax, float* history, float* scales, float* scale_inv,
                              int64_t inv_stride, int64_t n, int64_t len, float fp8_max, int margin) {
   const float divisor = std::ldexp(1.0f, margin);
-  for (int64_t t = 0; t < n; ++t) {
-    float* h = history + t * len;
-    std::memmove(h + 1, h, size_t(len - 1) * sizeof(float));
-    h[0] = float(amax[t]);  // an fp32 value held in a double: exact
-    float m = h[0];         // max of the history, NaN-propagating (torch.amax)
-    for (int64_t k = 1; k < len; ++k) m = (m != m || m >= h[k]) ? m : h[k];
-    const float old = scales[t];
-    scale_inv[t * inv_stride] = 1.0f / old;
-    const float scale = fp8_max / m / divisor;  // at most FLT_MAX: a tiny amax overflows (Float8Recipe.scale_from)
-    scales[t] = (m > 0.0f && std::isfinite(m)) ? std::fmin(scale, std::numeric_limits<float>::max()) : old;
-  }
+  for (int64_t t = 0; t < n; ++t)
+    fp8_delayed_scaling_one(amax[t], history + t * len, len, scales + t, scale_inv + t * inv_stride, fp8_max,
+                            divisor);
 }
 
 }  // namespace fusedopt

@@ -1,7 +1,10 @@
 // Scaled FP8 casts on CUDA (include/fusedopt/fp8.h): one block per chunk casts
 // its elements and reduces their absmax (NaN-propagating) to a partial; one
-// block per tensor combines a tensor's partials (multi_tensor.cuh). No torch
-// headers.
+// block per tensor combines a tensor's partials (multi_tensor.cuh). And the
+// delayed-scaling update after a step that wrote FP8 copies, one thread per
+// copy (torch ops take ~20 small launches for it). No torch headers.
+#include <cmath>
+
 #include <cuda_runtime.h>
 
 #include "fusedopt/fp8.h"
@@ -51,7 +54,28 @@ void launch(const TensorTable& tt, Fp8Format format, const float* scales, double
   }
 }
 
+__global__ void delayed_scaling_kernel(const double* amax, float* history, float* scales, float* scale_inv,
+                                       int64_t inv_stride, int64_t n, int64_t len, float fp8_max, float divisor,
+                                       const float* found_inf) {
+  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= n || (found_inf != nullptr && *found_inf != 0.0f)) return;  // GradScaler skipped the step
+  fp8_delayed_scaling_one(amax[t], history + t * len, len, scales + t, scale_inv + t * inv_stride, fp8_max, divisor);
+}
+
 }  // namespace
+
+const char* fp8_delayed_scaling_cuda(const double* amax, float* history, float* scales, float* scale_inv,
+                                     int64_t inv_stride, int64_t n, int64_t len, float fp8_max, int margin,
+                                     const float* found_inf, void* stream_handle) {
+  if (n == 0) return nullptr;
+  constexpr int kBlock = 128;
+  const float divisor = std::ldexp(1.0f, margin);
+  delayed_scaling_kernel<<<dim3(unsigned((n + kBlock - 1) / kBlock)), kBlock, 0,
+                           static_cast<cudaStream_t>(stream_handle)>>>(amax, history, scales, scale_inv, inv_stride,
+                                                                        n, len, fp8_max, divisor, found_inf);
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
 
 const char* cast_fp8_cuda(const TensorTable& tt, const int64_t* chunk_first, DType input_dtype, Fp8Format format,
                           const float* scales, double* partials, double* amax, void* stream_handle) {

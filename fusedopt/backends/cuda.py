@@ -147,6 +147,14 @@ def sophia_hessian(bucket, *, beta2):
             tables.chunk_size, CODES[bucket.dtype], STATE_CODES[bucket.state_dtype], bucket.masters is not None, beta2)
 
 
+def fp8_update_(copies, amax, found_inf, recipe):
+    """recipe.update_(copies, amax, found_inf) in one launch (the spec's torch
+    ops are ~20 small launches, which cost more than a 10M step's own kernel on
+    an H200: the step with FP8 copies took 1.27-1.42x the step)."""
+    _launch("fp8_update_", amax.device, amax, copies.history_buffer, copies.scale_buffer, copies.scale_inv_buffer,
+            found_inf, recipe.fp8_max, recipe.margin)
+
+
 def cast_fp8(inputs, outputs, scales):
     device = inputs[0].device
     tables = _tables.launch_tables([inputs, outputs], device, CHUNK_SIZE)

@@ -95,9 +95,28 @@ constexpr bool kFp8Copyable = MASTER || std::is_same<P, float>::value;
 // scale = fp8_max / max(history[t]) / 2^margin, or the old one while that max
 // is 0 or not finite. history: [n, len] row-major; scale_inv[t] at t * inv_stride
 // (its rows are padded to 16 bytes: torch._scaled_mm takes them as scale pointers).
-// CPU tensors only.
+// One copy's update (divisor = 2^margin); the CPU loops over the copies, CUDA
+// gives each a thread.
+FUSEDOPT_HD void fp8_delayed_scaling_one(double amax, float* h, int64_t len, float* scale, float* scale_inv,
+                                         float fp8_max, float divisor) {
+  constexpr float kFloatMax = 3.40282347e+38f;
+  for (int64_t k = len - 1; k > 0; --k) h[k] = h[k - 1];
+  h[0] = float(amax);  // an fp32 value held in a double: exact
+  float m = h[0];      // max of the history, NaN-propagating (torch.amax)
+  for (int64_t k = 1; k < len; ++k) m = (m != m || m >= h[k]) ? m : h[k];
+  const float old = *scale;
+  *scale_inv = 1.0f / old;
+  // at most FLT_MAX: a tiny amax overflows (Float8Recipe.scale_from); kept while m is 0, inf or NaN
+  const float next = fp8_max / m / divisor;
+  *scale = (m > 0.0f && m <= kFloatMax) ? (next < kFloatMax ? next : kFloatMax) : old;
+}
+
 void fp8_delayed_scaling_cpu(const double* amax, float* history, float* scales, float* scale_inv,
                              int64_t inv_stride, int64_t n, int64_t len, float fp8_max, int margin);
+// The same on CUDA, one thread per copy; nothing when *found_inf (device, or null) is nonzero.
+const char* fp8_delayed_scaling_cuda(const double* amax, float* history, float* scales, float* scale_inv,
+                                     int64_t inv_stride, int64_t n, int64_t len, float fp8_max, int margin,
+                                     const float* found_inf, void* stream);
 
 // Launchers. Table rows: the inputs (dtype `input_dtype`: fp32, bf16, fp16),
 // the fp8 outputs. `scales`: one fp32 per tensor. Writes each tensor's absmax
