@@ -19,7 +19,8 @@ class Fp8Copies:
     each next copy is cast with (``scales[i]``: its 0-d rows, for the kernels'
     tables). ``scale_inv_buffer`` [n]: 1 / the scale each current copy was cast
     with (column 0 of an [n, 4] tensor: rows 16-byte aligned for
-    torch._scaled_mm, which refuses other scale pointers). ``history_buffer`` [n, amax_history_len]: the amax histories.
+    torch._scaled_mm, which refuses other scale pointers).
+    ``history_buffer`` [n, amax_history_len]: the amax histories.
     """
 
     weights: list[Tensor]
