@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from conftest import CPU_BACKENDS, KERNEL_BACKENDS, backend_params
-from helpers import (SHAPES, assert_same_state, assert_within_ulps, clone_params, grads_for, make_params, run,
+from helpers import (SHAPES, assert_same_state, assert_within_ulps, clone_params, grads_for, make_params, many, run,
                      state_tensors, ulp)
 
 from fusedopt import FusedAdamW
@@ -210,7 +210,7 @@ def test_non_contiguous_params(backend):
 
 @pytest.mark.parametrize("backend", backend_params())
 def test_many_tensors_one_group(backend):
-    shapes = [(i % 7 + 1, 3) for i in range(300)]
+    shapes = [(i % 7 + 1, 3) for i in range(many(backend, 300))]
     a, b = make_params(shapes), make_params(shapes)
     ta, fb = torch.optim.AdamW(a, foreach=False), FusedAdamW(b, backend=backend)
     run(ta, a, 3), run(fb, b, 3)

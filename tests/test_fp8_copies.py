@@ -14,7 +14,7 @@ import io
 import pytest
 import torch
 from conftest import KERNEL_BACKENDS, backend_params
-from helpers import SHAPES, grads_for, make_params
+from helpers import SHAPES, grads_for, make_params, many
 
 from fusedopt import Float8Recipe, FusedAdamW
 from fusedopt._resources import shipped_module
@@ -107,7 +107,7 @@ def test_non_contiguous_and_many_tensors(backend):
     the param's own layout."""
     g = torch.Generator().manual_seed(3)
     params = [torch.randn(9, 5, generator=g).t().requires_grad_() for _ in range(3)]
-    params += [torch.randn(n % 7 + 1, generator=g).requires_grad_() for n in range(300)]
+    params += [torch.randn(n % 7 + 1, generator=g).requires_grad_() for n in range(many(backend, 300))]
     opt = FusedAdamW(params, lr=0.05, backend=backend, fp8=Float8Recipe())
     for step in range(2):
         scales = [opt.state[p]["fp8_scale"].clone() if p in opt.state else None for p in params]

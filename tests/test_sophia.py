@@ -9,7 +9,7 @@ import io
 import pytest
 import torch
 from conftest import KERNEL_BACKENDS, TESTED_BACKENDS, backend_params
-from helpers import SHAPES, assert_same_state, grads_for, make_params, ulp
+from helpers import SHAPES, assert_same_state, grads_for, make_params, many, ulp
 
 import fusedopt
 from fusedopt import FusedSophia, gnb_hessian_loss
@@ -78,7 +78,7 @@ def test_backend_matches_reference(backend, dtype, master, maximize):
 
 @pytest.mark.parametrize("backend", backend_params())
 def test_many_tensors_non_contiguous_grad_scaler(backend):
-    shapes = [(i % 5 + 1, 3) for i in range(150)] + [(0,), (40,)]
+    shapes = [(i % 5 + 1, 3) for i in range(many(backend, 150))] + [(0,), (40,)]
     a, b = make_params(shapes), make_params(shapes)
     b[-1] = torch.zeros(80)[::2].copy_(a[-1].detach()).requires_grad_()
     ref, opt = FusedSophia(a, backend="reference", lr=1e-2), FusedSophia(b, backend=backend, lr=1e-2)
