@@ -2,11 +2,13 @@
 // OpenMP region per call over the chunks of all tensors; chunk partials in
 // double, combined per tensor in chunk order, so the result does not depend
 // on the thread count.
+#include <algorithm>
 #include <limits>
 #include <vector>
 
 #include "fusedopt/norms.h"
 #include "parallel.h"
+#include "prefetch.h"
 
 namespace fusedopt {
 namespace {
@@ -20,19 +22,29 @@ void partials(const TensorTable& tt, double p, double* partial, int num_threads)
     const T pt = T(p);
     double acc = 0.0;
     int nan = 0;
+    // by blocks, each after asking for the lines a few KB past it (a read-only pass: prefetch.h)
+    constexpr int64_t kBlock = 4096 / int64_t(sizeof(S));
     if (K == NormKind::kInf) {
       T mx = T(0);
+      for (int64_t b0 = 0; b0 < len; b0 += kBlock) {
+        const int64_t b1 = std::min(len, b0 + kBlock);
+        prefetch_ahead(x + b0, (b1 - b0) * int64_t(sizeof(S)));
 #pragma omp simd reduction(max : mx) reduction(| : nan)
-      for (int64_t i = 0; i < len; ++i) {
-        const T v = to_math(x[i]);
-        mx = fabs(v) > mx ? fabs(v) : mx;
-        nan |= int(v != v);
+        for (int64_t i = b0; i < b1; ++i) {
+          const T v = to_math(x[i]);
+          mx = fabs(v) > mx ? fabs(v) : mx;
+          nan |= int(v != v);
+        }
       }
       acc = double(mx);
     } else {
       // Double lanes: 64K terms per chunk stay exact to ~1e-16 relative.
+      for (int64_t b0 = 0; b0 < len; b0 += kBlock) {
+        const int64_t b1 = std::min(len, b0 + kBlock);
+        prefetch_ahead(x + b0, (b1 - b0) * int64_t(sizeof(S)));
 #pragma omp simd reduction(+ : acc)
-      for (int64_t i = 0; i < len; ++i) acc += double(norm_term<K, T>(T(to_math(x[i])), pt));
+        for (int64_t i = b0; i < b1; ++i) acc += double(norm_term<K, T>(T(to_math(x[i])), pt));
+      }
     }
     partial[c] = nan ? std::numeric_limits<double>::quiet_NaN() : acc;
   });
