@@ -17,7 +17,9 @@ cache, so for the smaller matrices less than these bytes cross the memory
 bus. The count stays the algorithm's.)
 torch's fused AdamW reads 16 and writes 12: on a machine whose reads are the
 limit (the CPUs here: writes back to lines just read are nearly free) the two
-move the same 16 B of reads per param. Sophia's step reads p, g, m, h and
+move the same 16 B of reads per param. (What puts the cpu backend ahead there:
+its read-only first pass asks for its lines ahead, csrc/cpu/prefetch.h, and
+the smaller matrices' second read comes from cache.) Sophia's step reads p, g, m, h and
 writes p, m: 24 B.
 """
 from __future__ import annotations
