@@ -22,6 +22,17 @@ def many(backend, n):
     return n // 3 if backend == "triton" else n
 
 
+def cross_on_triton(backend, keep: bool, why: str) -> None:
+    """Skip a case of a cross product on triton unless `keep`. Its interpreter
+    runs each program in Python (5-9 s a case against well under one on the
+    compiled backends), so there a cross product keeps the cases that reach
+    each of its code paths and leaves the rest to the compiled backends,
+    which take every case. `why`: which cases it keeps."""
+    if backend == "triton" and not keep:
+        import pytest
+        pytest.skip(f"triton interpreter: {why}; the compiled backends take this case")
+
+
 def clone_params(params):
     return [p.detach().clone().requires_grad_() for p in params]
 

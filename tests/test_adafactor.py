@@ -8,7 +8,7 @@ import io
 import pytest
 import torch
 from conftest import KERNEL_BACKENDS, backend_params
-from helpers import assert_same_state, assert_within_ulps, grads_for, run, state_tensors, ulp
+from helpers import assert_same_state, assert_within_ulps, cross_on_triton, grads_for, run, state_tensors, ulp
 
 from fusedopt import FusedAdafactor
 from fusedopt.reference import fp8_states
@@ -50,6 +50,9 @@ def test_reference_equals_torch(config):
 @pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.float64, False), (torch.bfloat16, False),
                                           (torch.bfloat16, True)])
 def test_backend_matches_reference(backend, config, dtype, master):
+    # the configs are runtime scalars and the dtypes compile-time switches of the same kernels
+    cross_on_triton(backend, dtype == torch.float32 and not master or config in ("defaults", "beta1"),
+                    "every config in fp32, defaults and beta1 in every dtype")
     kw = CONFIGS.get(config, {"beta1": 0.9, "weight_decay": 0.01})
     a, b = make(dtype=dtype), make(dtype=dtype)
     ref = FusedAdafactor(a, backend="reference", master_weights=master, **kw)
