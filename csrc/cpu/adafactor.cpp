@@ -64,9 +64,10 @@ std::vector<AdafactorStep> advance_steps(const TensorTable& tt, const AdafactorH
 }
 
 // Ask for the lines a few KB ahead of row `o` (C elements) of each stream
-// the update reads: g, p (or the master) and exp_avg. From memory, with the
-// caches full of other data, the update took ~6% less time with them
-// (gpt2-d256-L4's matrices, bench/native/adafactor_ab.cpp with AB_FLUSH=1).
+// a pass reads: g, p (or the master) and, with BETA1, exp_avg. Pass 1 and
+// the update use it. From memory, with the caches full of other data, the
+// update took ~6% less time with them (gpt2-d256-L4's matrices,
+// bench/native/adafactor_ab.cpp with AB_FLUSH=1).
 template <typename P, bool MASTER, bool BETA1, typename S>
 inline void prefetch_row(const P* grad, const P* param, const float* master, const S* exp_avg, int64_t o, int64_t C) {
   prefetch_ahead(grad + o, C * int64_t(sizeof(P)));
@@ -155,11 +156,7 @@ inline RowSquares<T> row_squares(const P* grad, const P* param, const float* mas
   const float* __restrict__ m0 = MASTER ? master + base : nullptr;
   const float* __restrict__ m1 = MASTER ? master + base + gap : nullptr;
   // a read-only pass: the lines a few KB ahead are requested (prefetch.h)
-  for (int i = 0; i < NR; ++i) {
-    prefetch_ahead(i ? g1 : g0, C * int64_t(sizeof(P)));
-    if constexpr (MASTER) prefetch_ahead(i ? m1 : m0, C * int64_t(sizeof(float)));
-    else prefetch_ahead(i ? p1 : p0, C * int64_t(sizeof(P)));
-  }
+  for (int i = 0; i < NR; ++i) prefetch_row<P, MASTER, false, float>(grad, param, master, nullptr, base + i * gap, C);
   T a0 = T(0), a1 = T(0), q0 = T(0), q1 = T(0);  // named, not arrays: OpenMP array reductions go through memory
 #pragma omp simd reduction(+ : a0, a1, q0, q1)
   for (int64_t c = 0; c < C; ++c) {

@@ -22,7 +22,10 @@ void partials(const TensorTable& tt, double p, double* partial, int num_threads)
     const T pt = T(p);
     double acc = 0.0;
     int nan = 0;
-    // by blocks, each after asking for the lines a few KB past it (a read-only pass: prefetch.h)
+    // by blocks, each after asking for the lines a few KB past it (a read-only pass: prefetch.h).
+    // The block loop is written out in both branches: through a helper taking a lambda, the
+    // reductions ran on the captured references, in memory (clip_grad_norm_ 1.12-1.35x torch's
+    // foreach instead of 0.61-0.70x).
     constexpr int64_t kBlock = 4096 / int64_t(sizeof(S));
     if (K == NormKind::kInf) {
       T mx = T(0);
