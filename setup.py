@@ -26,7 +26,7 @@ setup(
         "fusedopt._csrc": "csrc",
     },
     package_data={
-        "fusedopt._csrc": ["*.cpp", "include/fusedopt/*.h", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cuh"],
+        "fusedopt._csrc": ["*.cpp", "*.h", "include/fusedopt/*.h", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cuh"],
         "fusedopt._bench": ["native/*.cpp"],
     },
     include_package_data=False,

@@ -9,10 +9,11 @@ import torch
 
 import fusedopt
 
-from . import adamw, clip, fp8, lamb, second_order, states
+from . import adamw, clip, dtensor, fp8, lamb, second_order, states
 from .harness import markdown, meta_line, write
 
-BENCHMARKS = {"adamw": adamw, "clip": clip, "fp8": fp8, "lamb": lamb, "second_order": second_order, "states": states}
+BENCHMARKS = {"adamw": adamw, "clip": clip, "dtensor": dtensor, "fp8": fp8, "lamb": lamb,
+              "second_order": second_order, "states": states}
 
 
 def main(argv=None) -> int:

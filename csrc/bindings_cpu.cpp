@@ -12,6 +12,7 @@
 #include <tuple>
 #include <vector>
 
+#include "bindings_checks.h"
 #include "fusedopt/adafactor.h"
 #include "fusedopt/adamw.h"
 #include "fusedopt/dispatch.h"
@@ -26,6 +27,12 @@ namespace {
 
 using at::Tensor;
 using at::TensorList;
+
+// An input's data pointer, checked to be a plain tensor's (bindings_checks.h).
+template <typename T>
+T* ptr(const Tensor& t, const char* what) {
+  return fusedopt::checked_ptr<T>(t, "cpu", what);
+}
 
 fusedopt::DType dtype_code(at::ScalarType t) {
   switch (t) {
@@ -47,7 +54,7 @@ const T* scalar_ptr(const std::optional<Tensor>& t, const char* what) {
   constexpr at::ScalarType kType = c10::CppTypeToScalarType<T>::value;
   TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == kType && t->numel() == 1, "fusedopt cpu: ", what,
               " must be a 1-element ", kType == at::kDouble ? "float64" : "float32", " CPU tensor");
-  return t->data_ptr<T>();
+  return ptr<T>(*t, what);
 }
 
 // Host-side table + chunk list for one launch, from tensor lists.
@@ -69,6 +76,7 @@ struct HostTable : fusedopt::HostTableArrays {
     }
     for (int64_t t = 0; t < n; ++t) {
       const Tensor& p = first[size_t(t)];
+      fusedopt::check_plain(p, "cpu", "a tensor of a launch");
       TORCH_CHECK(p.device().is_cpu(), "fusedopt cpu: tensors must be on the CPU");
       TORCH_CHECK(p.numel() > 0, "fusedopt cpu: zero-size tensors must be filtered out before launch");
       TORCH_CHECK(p.is_non_overlapping_and_dense(), "fusedopt cpu: tensors must be dense (stage them first)");
@@ -84,7 +92,7 @@ struct HostTable : fusedopt::HostTableArrays {
                       "fusedopt cpu: tensor ", t, " of list ", r, " must be a CPU tensor with the shape and ",
                       "strides of list 0's");
         }
-        table[size_t(r * n + t)] = reinterpret_cast<int64_t>(x.data_ptr());
+        table[size_t(r * n + t)] = reinterpret_cast<int64_t>(ptr<void>(x, "a tensor of a launch"));
       }
     }
     cut_into_chunks(chunk_size);
@@ -204,7 +212,7 @@ void adamw(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
   if (fp8) {
     h.fp8.on = true;
     h.fp8.format = fp8_format(fp8_weights[0].scalar_type(), "cpu");
-    h.fp8.amax = fp8_amax->data_ptr<double>();
+    h.fp8.amax = ptr<double>(*fp8_amax, "fp8_amax");
   }
   fusedopt::adamw_cpu(host.tt, h, dtype_code(pdt), dtype_code(sdt), has_master, at::get_num_threads());
 }
@@ -240,7 +248,7 @@ Tensor cast_fp8(TensorList inputs, TensorList outputs, const Tensor& scales, int
               "fusedopt cpu: scales must be a contiguous float32 CPU tensor with one value per tensor");
   HostTable host({inputs, outputs}, chunk_size);
   Tensor amax = at::empty({n}, at::TensorOptions().dtype(at::kDouble));
-  fusedopt::cast_fp8_cpu(host.tt, dtype_code(idt), format, scales.data_ptr<float>(), amax.data_ptr<double>(),
+  fusedopt::cast_fp8_cpu(host.tt, dtype_code(idt), format, ptr<float>(scales, "scales"), amax.data_ptr<double>(),
                          at::get_num_threads());
   return amax;
 }
@@ -263,8 +271,8 @@ void fp8_update_(const Tensor& amax, const Tensor& history, const Tensor& scales
   TORCH_CHECK(margin >= 0, "fusedopt cpu: fp8_update_ margin must be >= 0, got ", margin);
   const float* skip = scalar_ptr(found_inf, "found_inf");
   if (skip && *skip != 0.0f) return;
-  fusedopt::fp8_delayed_scaling_cpu(amax.data_ptr<double>(), history.data_ptr<float>(), scales.data_ptr<float>(),
-                                    scale_inv.data_ptr<float>(), scale_inv.stride(0), n, history.size(1),
+  fusedopt::fp8_delayed_scaling_cpu(ptr<double>(amax, "amax"), ptr<float>(history, "history"),
+                                    ptr<float>(scales, "scales"), ptr<float>(scale_inv, "scale_inv"), scale_inv.stride(0), n, history.size(1),
                                     float(fp8_max), int(margin));
 }
 
@@ -326,7 +334,7 @@ void lamb_apply(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
                         nullptr, scalar_ptr(found_inf, "found_inf")};
   h.sr = stochastic_rounding(sr_seed, params[0].scalar_type(), !masters.empty());
   fusedopt::lamb_apply_cpu(host.tt, h, dtype_code(params[0].scalar_type()), dtype_code(exp_avgs[0].scalar_type()),
-                           !masters.empty(), ratio.data_ptr<float>(), at::get_num_threads());
+                           !masters.empty(), ptr<float>(ratio, "ratio"), at::get_num_threads());
 }
 
 // One launch per kind: `factored` (row_vars/col_vars given; rows/cols hold each
@@ -373,8 +381,8 @@ void adafactor(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
     TORCH_CHECK(rows.scalar_type() == at::kLong && cols.scalar_type() == at::kLong && rows.numel() == n &&
                     cols.numel() == n && rows.is_contiguous() && cols.is_contiguous(),
                 "fusedopt cpu: rows and cols must hold one int64 per param");
-    const int64_t* r = rows.data_ptr<int64_t>();
-    const int64_t* c = cols.data_ptr<int64_t>();
+    const int64_t* r = ptr<int64_t>(rows, "rows");
+    const int64_t* c = ptr<int64_t>(cols, "cols");
     for (int64_t t = 0; t < n; ++t) {
       const Tensor& p = params[size_t(t)];
       TORCH_CHECK(p.dim() >= 2 && p.is_contiguous() && p.size(-2) == r[t] && p.size(-1) == c[t],

@@ -8,6 +8,7 @@
 
 #include <optional>
 
+#include "bindings_checks.h"
 #include "fusedopt/adafactor.h"
 #include "fusedopt/adamw.h"
 #include "fusedopt/dispatch.h"
@@ -32,6 +33,12 @@ namespace {
 
 using at::Tensor;
 
+// An input's data pointer, checked to be a plain tensor's (bindings_checks.h).
+template <typename T>
+T* ptr(const Tensor& t, const char* what) {
+  return fusedopt::checked_ptr<T>(t, "cuda", what);
+}
+
 // Whether a tensor lives where the kernels run.
 bool on_device(const Tensor& t) {
 #if defined(FUSEDOPT_CUDA_EMULATION)
@@ -50,7 +57,7 @@ const T* device_scalar(const std::optional<Tensor>& t, const char* what) {
   constexpr at::ScalarType kType = c10::CppTypeToScalarType<T>::value;
   TORCH_CHECK(on_device(*t) && t->scalar_type() == kType && t->numel() == 1, "fusedopt cuda: ", what,
               " must be a 1-element ", kType == at::kDouble ? "float64" : "float32", " " FUSEDOPT_DEVICE " tensor");
-  return t->data_ptr<T>();
+  return ptr<T>(*t, what);
 }
 
 // The (param, state, master) storage of a launch, checked.
@@ -92,16 +99,17 @@ fusedopt::TensorTable make_table(const Tensor& table, const Tensor& numel, const
   TORCH_CHECK(chunk_tensor.numel() == chunk_start.numel() && chunk_size > 0, "fusedopt cuda: bad chunk list");
   fusedopt::TensorTable tt;
   tt.n_tensors = numel.numel();
-  tt.table = table.data_ptr<int64_t>();
-  tt.numel = numel.data_ptr<int64_t>();
+  tt.table = ptr<int64_t>(table, "table");
+  tt.numel = ptr<int64_t>(numel, "numel");
   tt.chunk_size = chunk_size;
   tt.n_chunks = chunk_start.numel();
-  tt.chunk_tensor = chunk_tensor.data_ptr<int64_t>();
-  tt.chunk_start = chunk_start.data_ptr<int64_t>();
+  tt.chunk_tensor = ptr<int64_t>(chunk_tensor, "chunk_tensor");
+  tt.chunk_start = ptr<int64_t>(chunk_start, "chunk_start");
   return tt;
 }
 
 void check_cuda_tensor(const Tensor& t, at::ScalarType dtype, int64_t numel, const char* what) {
+  fusedopt::check_plain(t, "cuda", what);
   TORCH_CHECK(on_device(t) && t.scalar_type() == dtype && t.is_contiguous() && t.numel() == numel,
               "fusedopt cuda: ", what, " must be a contiguous ", dtype, " " FUSEDOPT_DEVICE " tensor of ", numel,
               " elements");
@@ -190,7 +198,7 @@ void fp8_update_(const Tensor& amax, Tensor& history, Tensor& scales, Tensor& sc
               " elements");
   TORCH_CHECK(margin >= 0, "fusedopt cuda: fp8_update_ margin must be >= 0, got ", margin);
   const char* error = fusedopt::fp8_delayed_scaling_cuda(
-      amax.data_ptr<double>(), history.data_ptr<float>(), scales.data_ptr<float>(), scale_inv.data_ptr<float>(),
+      amax.data_ptr<double>(), history.data_ptr<float>(), scales.data_ptr<float>(), ptr<float>(scale_inv, "scale_inv"),
       scale_inv.stride(0), n, history.size(1), float(fp8_max), int(margin), device_scalar(found_inf, "found_inf"),
       reinterpret_cast<void*>(stream));
   TORCH_CHECK(error == nullptr, "fusedopt cuda: fp8_update_ launch failed: ", error);
@@ -329,8 +337,8 @@ void adafactor(const Tensor& table, const Tensor& numel, const Tensor& chunk_ten
                              beta1.has_value(), beta1.value_or(0.0), device_scalar<double>(grad_mult, "grad_mult"),
                              device_scalar(found_inf, "found_inf")};
   h.sr = stochastic_rounding(sr_seed, pdt, has_master);
-  const fusedopt::AdafactorScratch scratch{col_partial.data_ptr<double>(), p_partial.data_ptr<double>(),
-                                           u_partial.data_ptr<double>(), rmean.data_ptr<double>(),
+  const fusedopt::AdafactorScratch scratch{ptr<double>(col_partial, "col_partial"), p_partial.data_ptr<double>(),
+                                           u_partial.data_ptr<double>(), ptr<double>(rmean, "rmean"),
                                            sums.data_ptr<double>()};
   const char* error = fusedopt::adafactor_cuda(tt, layout.has_value() ? &L : nullptr, chunk_first.data_ptr<int64_t>(),
                                                h, pdt, sdt, has_master, fp8_exp_avg, scratch,

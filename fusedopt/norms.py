@@ -13,6 +13,12 @@ for p = inf), returned in the dtype torch.nn.utils.clip_grad_norm_ returns
 (the promotion of the grads' dtypes) on the first grad's device. Unlike
 torch, an empty tensor simply contributes nothing (torch's inf-norm raises on
 one).
+
+DTensor grads (FSDP2, tensor parallel) are reduced on their local shards and
+each tensor's sum is then summed (max for inf) over the mesh dims that shard
+it (fusedopt.dtensor): the norm of the whole model's gradient, the same on
+every rank, returned as a plain tensor; plain grads beside them are whole on
+every rank and counted once.
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from . import backends
+from . import backends, dtensor
 
 
 def _check_norm_type(norm_type) -> float:
@@ -65,6 +71,29 @@ def power_sums(tensors: list[Tensor], p: float, backend: str | None = None) -> l
     for (device, _), index in _groups(tensors).items():
         out.append((index, _backend(backend, device).power_sums([_dense(tensors[i]) for i in index], p)))
     return out
+
+
+def _kernel_inputs(grads: list[Tensor]) -> tuple[list[Tensor], list | None]:
+    """The grads as the kernels read them (DTensors' local shards), and each
+    one's dtensor.Sharding (None when every grad is plain)."""
+    for i, g in enumerate(grads):
+        dtensor.check_tensor(g, f"fusedopt norms: grad {i}")
+    shardings = [dtensor.sharding_of(g) for g in grads]
+    if all(s is None for s in shardings):
+        return grads, None
+    return [dtensor.local(g) for g in grads], shardings
+
+
+def _whole_tensor_parts(parts: list[tuple[list[int], Tensor]], shardings: list, p: float,
+                        device: torch.device) -> list[tuple[list[int], Tensor]]:
+    """power_sums' parts of local shards -> one part with every tensor's sum
+    (max for inf) over its whole tensor: a collective per process group."""
+    full = torch.zeros(len(shardings), dtype=torch.float64, device=device)
+    for index, sums in parts:
+        full[torch.tensor(index, device=device)] = sums.to(device)
+    stats = dtensor.TensorSums(shardings, None, None, list(range(len(shardings))), device)
+    stats.reduce_(full.unsqueeze(0), op="max" if math.isinf(p) else "sum")
+    return [(list(range(len(shardings))), full)]
 
 
 def combine(parts: list[tuple[list[int], Tensor]], p: float, device: torch.device) -> Tensor:
@@ -122,7 +151,10 @@ def grad_norm(parameters: Tensor | Iterable[Tensor], norm_type: float = 2.0, per
         total = torch.tensor(0.0)
         return (total, torch.zeros(0)) if per_tensor else total
     device = grads[0].device
+    grads, shardings = _kernel_inputs(grads)
     parts = power_sums(grads, p, backend)
+    if shardings is not None:
+        parts = _whole_tensor_parts(parts, shardings, p, device)
     total = combine(parts, p, device).to(_result_dtype(grads))
     if per_tensor:
         return total, per_tensor_norms(parts, p, len(grads), device).float()
@@ -161,7 +193,11 @@ def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float, norm
     grads = _grads(parameters)
     if not grads:
         return torch.tensor(0.0)
-    total = combine(power_sums(grads, p, backend), p, grads[0].device).to(_result_dtype(grads))
+    grads, shardings = _kernel_inputs(grads)
+    parts = power_sums(grads, p, backend)
+    if shardings is not None:
+        parts = _whole_tensor_parts(parts, shardings, p, grads[0].device)
+    total = combine(parts, p, grads[0].device).to(_result_dtype(grads))
     if error_if_nonfinite and bool(torch.logical_or(total.isnan(), total.isinf())):
         raise RuntimeError(
             f"The total norm of order {float(norm_type)} for gradients from `parameters` is non-finite, so it "

@@ -48,7 +48,10 @@ class Bucket:
     to round the params to nearest; the optimizer sets it before each launch.
     ``fp8`` (AdamW with an FP8 recipe): the FP8 copies the update writes
     from the new fp32 weights (Fp8Copies); the backend then returns each new
-    weight's absmax.
+    weight's absmax. With DTensor params the tensors are their local shards,
+    and ``params`` may be empty when every DTensor of the bucket has an empty
+    shard on this rank (``stats`` still joins the bucket's collectives; the
+    optimizer launches nothing).
     """
 
     device: torch.device
@@ -62,6 +65,21 @@ class Bucket:
     steps: list[Tensor] = field(default_factory=list)
     sr_seed: int | None = None
     fp8: Fp8Copies | None = None
+    #: with DTensor params: how per-tensor statistics of the local shards become
+    #: whole-tensor ones (fusedopt.dtensor.TensorSums); None when every tensor is whole
+    stats: object = None
+
+    def whole_tensor_sums(self, *sums: Tensor, every_member: bool = False) -> tuple[Tensor, ...]:
+        """Per-tensor partial sums ([len(params)] each, fp64) of the local
+        shards -> the sums over the whole tensors (a collective for DTensors;
+        the same tensors when every tensor is whole). The one call through
+        which every backend's per-tensor statistics (LAMB's ||p||^2, ||u||^2,
+        the grad norms) pass. With `every_member`: also of the DTensors with
+        no shard on this rank (then one sum per member, in member order: for
+        totals over the bucket)."""
+        if self.stats is None:
+            return sums
+        return tuple(self.stats.whole(torch.stack(sums), every_member=every_member).unbind(0))
 
 
 def advance_steps(steps: list[Tensor], found_inf: Tensor | None) -> None:

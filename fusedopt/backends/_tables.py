@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..dtensor import check_plain
 from ..reference import fp8_states
 from ._dtypes import FP8_STATE_DTYPE
 
@@ -123,6 +124,9 @@ def launch_tables(rows: list[list[Tensor] | None], device: torch.device, chunk_s
     cached = _cache.get(key, device)
     if cached is not None:
         return cached
+    for row in rows:  # a new table: a DTensor's (null) pointer would reach the kernels
+        for t in row or ():
+            check_plain(t, "a tensor of a launch")
     counts = [(size + chunk_size - 1) // chunk_size for size in numels]
     n_chunks = sum(counts)
     chunk_tensor = torch.repeat_interleave(torch.arange(n, dtype=torch.int64), torch.tensor(counts, dtype=torch.int64))

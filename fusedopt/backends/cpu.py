@@ -72,6 +72,7 @@ def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, adam_w
              states.get("exp_avg_sq_scale", []), bucket.masters or [], bucket.steps)
     hyper = (beta1, beta2, eps, weight_decay, bias_correction, adam_w_mode, grad_averaging, maximize)
     p_sums, u_sums = torch.ops.fusedopt_cpu.lamb_moments(*lists, *hyper, grad_mult, found_inf, _chunk(bucket))
+    p_sums, u_sums = bucket.whole_tensor_sums(p_sums, u_sums)  # DTensors: over their shards
     ratio = lamb_spec.trust_ratio(p_sums, u_sums, lr, weight_decay, use_nvlamb)
     torch.ops.fusedopt_cpu.lamb_apply(*lists, ratio, *hyper, found_inf, bucket.sr_seed, _chunk(bucket))
 

@@ -96,6 +96,7 @@ def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, adam_w
     _launch("lamb_moments", device, *head, tables.chunk_first, tables.chunk_size, kind, state_kind, master, beta1,
             beta2, eps, weight_decay, bias_correction, adam_w_mode, grad_averaging, maximize, grad_mult, found_inf,
             partials, p_sums, u_sums)
+    p_sums, u_sums = bucket.whole_tensor_sums(p_sums, u_sums)  # DTensors: over their shards
     ratio = lamb_spec.trust_ratio(p_sums, u_sums, lr, weight_decay, use_nvlamb)
     _launch("lamb_apply", device, *head, tables.chunk_size, kind, state_kind, master, ratio, beta1, beta2, eps,
             weight_decay, bias_correction, adam_w_mode, found_inf, bucket.sr_seed)

@@ -127,9 +127,12 @@ def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, adam_w
     direction is formed from the moments as stored (rounded to their dtype),
     which is what the kernels' second pass reads back."""
     mult = _begin(bucket, grad_mult, found_inf)
-    if mult is _SKIP:
+    if mult is _SKIP:  # the collectives of DTensor statistics are made whatever the data says
+        zeros = torch.zeros(len(bucket.params), dtype=torch.float64, device=bucket.device)
+        bucket.whole_tensor_sums(zeros, zeros)
         return
     dtype = math_dtype(bucket.dtype)
+    works, directions = [], []
     for i, param in enumerate(bucket.params):
         master = bucket.masters[i] if bucket.masters is not None else None
         work = (master if master is not None else param).to(dtype, copy=True)
@@ -139,15 +142,19 @@ def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, adam_w
                            maximize=maximize, grad_mult=mult)
         _store_state(bucket, "exp_avg", i, m)
         _store_state(bucket, "exp_avg_sq", i, v)
-        u = lamb_spec.direction(work, _load_state(bucket, "exp_avg", i, dtype), _load_state(bucket, "exp_avg_sq", i, dtype),
-                                step=float(bucket.steps[i].item()),
-                                beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                                bias_correction=bias_correction, adam_w_mode=adam_w_mode)
-        ratio = lamb_spec.trust_ratio(work.double().square().sum(), u.double().square().sum(), lr, weight_decay,
-                                      use_nvlamb)
-        work.sub_(u * ratio.to(dtype))
-        if master is not None:
-            master.copy_(work)
+        works.append(work)
+        directions.append(lamb_spec.direction(
+            work, _load_state(bucket, "exp_avg", i, dtype), _load_state(bucket, "exp_avg_sq", i, dtype),
+            step=float(bucket.steps[i].item()), beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+            bias_correction=bias_correction, adam_w_mode=adam_w_mode))
+    p_sums = torch.stack([w.double().square().sum() for w in works])
+    u_sums = torch.stack([u.double().square().sum() for u in directions])
+    p_sums, u_sums = bucket.whole_tensor_sums(p_sums, u_sums)  # DTensors: over their shards
+    ratios = lamb_spec.trust_ratio(p_sums, u_sums, lr, weight_decay, use_nvlamb)
+    for i, (param, work, u) in enumerate(zip(bucket.params, works, directions)):
+        work.sub_(u * ratios[i].to(dtype))
+        if bucket.masters is not None:
+            bucket.masters[i].copy_(work)
         _store_param(bucket, i, param, work)
 
 
@@ -180,6 +187,107 @@ def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize,
         if master is not None:
             master.copy_(work)
         _store_param(bucket, i, param, work)
+
+
+def adafactor_sharded(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize, beta1, grad_mult,
+                      found_inf):
+    """reference/adafactor.py on the local shards of DTensor params (a
+    bucket with ``stats``, fusedopt.dtensor.TensorSums), in phases with the
+    statistics of the whole tensors summed over the shards between them:
+
+      1. per local row and column, the sums of g*g  -> row sums over the mesh dims sharding the last dim,
+                                                       column sums over those sharding dim -2
+      2. row_var and col_var (0-d/1-d: variance) updated; the sum of row_var
+         over the local rows of each slice             -> over the mesh dims sharding dim -2 (the row mean)
+      3. u and sum(u*u); sum(p*p) (before the decay)   -> both over every sharded mesh dim
+      4. the update, with the per-tensor scale of adafactor_spec.scales
+
+    Members whose local shard is empty take part with zeros. Every rank makes
+    the same collectives whatever the data (with GradScaler's found_inf set,
+    on zeros, and nothing is updated)."""
+    stats = bucket.stats
+    mult = _begin(bucket, grad_mult, found_inf)
+    skip = mult is _SKIP
+    dtype = math_dtype(bucket.dtype)
+    eps1 = torch.finfo(bucket.dtype).eps if eps1 is None else eps1
+    lr = float(lr)
+    factored = bool(bucket.kind.factored)
+    launched = {j: i for i, j in enumerate(stats.slots)}  # member -> launch index
+    works, grads, copies = {}, {}, {}
+    names = [name for name in bucket.states if not name.endswith("_scale")]
+    for j, i in launched.items():
+        master = bucket.masters[i] if bucket.masters is not None else None
+        works[j] = (master if master is not None else bucket.params[i]).to(dtype, copy=True)
+        g = bucket.grads[i].to(dtype, copy=True)
+        if not skip and mult is not None:
+            g.mul_(mult)
+        grads[j] = g.neg_() if maximize else g
+        copies[j] = {name: _load_state(bucket, name, i, dtype) for name in names}
+
+    def zeros(shape):
+        return torch.zeros(shape, dtype=torch.float64, device=bucket.device)
+
+    def stored(j, name, value):
+        """Store a state as its storage holds it, and go on with what was stored."""
+        if skip:
+            return value
+        _store_state(bucket, name, launched[j], value)
+        return value.copy_(_load_state(bucket, name, launched[j], dtype))
+
+    members = range(stats.n)
+    u = {}
+    if factored:
+        rows = [grads[j].double().square().sum(-1) if j in grads and not skip else zeros(stats.local_shapes[j][:-1])
+                for j in members]
+        cols = [grads[j].double().square().sum(-2) if j in grads and not skip
+                else zeros((*stats.local_shapes[j][:-2], stats.local_shapes[j][-1])) for j in members]
+        stats.reduce_parts_(rows, dims=(-1,))
+        stats.reduce_parts_(cols, dims=(-2,))
+        row_sums = []
+        for j in members:
+            if j in grads and not skip:
+                shape = stats.shapes[j]
+                w = float(bucket.steps[launched[j]].item()) ** beta2_decay
+                state = copies[j]
+                stored(j, "row_var", state["row_var"].lerp_((rows[j] / shape[-1]).to(dtype).unsqueeze(-1), w))
+                stored(j, "col_var", state["col_var"].lerp_((cols[j] / shape[-2]).to(dtype).unsqueeze(-2), w))
+                row_sums.append(state["row_var"].double().sum(-2))
+            else:
+                row_sums.append(zeros((*stats.local_shapes[j][:-2], 1)))
+        stats.reduce_parts_(row_sums, dims=(-2,))
+        for j in grads:
+            state = copies[j]
+            rmean = (row_sums[j] / stats.shapes[j][-2]).to(dtype).unsqueeze(-2).clamp_(min=eps1)
+            var_estimate = (state["row_var"] @ state["col_var"]).div_(rmean)
+            u[j] = var_estimate.clamp_(min=eps1 * eps1).rsqrt_().mul_(grads[j])
+    else:
+        for j in grads:
+            w = float(bucket.steps[launched[j]].item()) ** beta2_decay
+            variance = stored(j, "variance", copies[j]["variance"].lerp_(grads[j] * grads[j], w))
+            u[j] = variance.clamp(min=eps1 * eps1).rsqrt_().mul_(grads[j])
+    sums = torch.zeros((2, stats.n), dtype=torch.float64, device=bucket.device)
+    if not skip:
+        for j in grads:
+            sums[0, j] = works[j].double().square().sum()
+            sums[1, j] = u[j].double().square().sum()
+    stats.reduce_(sums)
+    if skip or not launched:
+        return
+    index = torch.tensor(stats.slots, device=bucket.device)
+    numel = torch.tensor([stats.shapes[j].numel() for j in stats.slots], device=bucket.device)
+    scales = adafactor_spec.scales(sums[0, index], sums[1, index], numel, torch.stack(bucket.steps), lr, eps2, d,
+                                   dtype)
+    decay = 1 - lr * weight_decay
+    for j, i in launched.items():
+        work = works[j].mul_(decay)
+        if beta1 is None:
+            work.add_(u[j] * scales[i])
+        else:
+            m = stored(j, "exp_avg", copies[j]["exp_avg"].lerp_(u[j] * -scales[i], 1 - beta1))
+            work.sub_(m)
+        if bucket.masters is not None:
+            bucket.masters[i].copy_(work)
+        _store_param(bucket, i, bucket.params[i], work)
 
 
 def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, found_inf):

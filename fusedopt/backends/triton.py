@@ -126,6 +126,7 @@ def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, adam_w
     u_sums = torch.empty_like(p_sums)
     kernels.launch_lamb_moments(tables, p_sums, u_sums, grad_averaging=grad_averaging, maximize=maximize,
                                 grad_mult=grad_mult, **common)
+    p_sums, u_sums = bucket.whole_tensor_sums(p_sums, u_sums)  # DTensors: over their shards
     ratio = lamb_spec.trust_ratio(p_sums, u_sums, lr, weight_decay, use_nvlamb)
     kernels.launch_lamb_apply(tables, ratio, sr_seed=bucket.sr_seed, **common)
 

@@ -2,11 +2,26 @@
 all tensors of a bucket per launch, and an optional first moment."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
+from .. import dtensor
+from ..backends import reference as reference_backend
 from ..reference import adafactor as adafactor_spec
 from .base import FusedOptimizer, GroupCheck
+
+
+class _Sharded(NamedTuple):
+    """The bucket kind of DTensor params sharded on some mesh dim: their
+    statistics are summed over the shards between the passes."""
+
+    factored: bool
+
+
+def _factored(kind) -> bool:
+    return kind.factored if isinstance(kind, _Sharded) else kind
 
 
 class FusedAdafactor(FusedOptimizer):
@@ -110,14 +125,16 @@ class FusedAdafactor(FusedOptimizer):
             group.setdefault("foreach", None)
 
     def _bucket_kind(self, p):
-        return adafactor_spec.is_factored(p)
+        factored = adafactor_spec.is_factored(p)
+        sharding = dtensor.sharding_of(p)
+        return _Sharded(factored) if sharding is not None and sharding.groups() else factored
 
     def _needs_contiguous(self, kind):
-        return kind  # factored kernels walk rows and columns
+        return kind is True  # factored kernels walk rows and columns (the sharded path runs torch ops)
 
     def _elementwise_states(self, group, kind):
         first = ("exp_avg",) if self.beta1 is not None else ()
-        return first if kind else ("variance", *first)
+        return first if _factored(kind) else ("variance", *first)
 
     def _check_group(self, group, where):
         check = GroupCheck(type(self).__name__, group, where).at_least(0.0, "lr", "weight_decay").at_least(1.0, "d")
@@ -132,9 +149,15 @@ class FusedAdafactor(FusedOptimizer):
     def _shaped_states(self, group, p):
         return {k: v for k, v in adafactor_spec.state_shapes(p).items() if k != "variance"}
 
+    def _join_statistics(self, group, bucket):
+        self._update(None, group, bucket, group["lr"], None, None)
+
     def _update(self, backend, group, bucket, lr, grad_mult, found_inf):
         eps1, eps2 = group["eps"]
-        backend.adafactor(bucket, lr=lr, beta2_decay=float(group["beta2_decay"]), eps1=eps1, eps2=float(eps2),
-                          d=float(group["d"]), weight_decay=float(group["weight_decay"]),
-                          maximize=bool(group["maximize"]), beta1=self.beta1, grad_mult=grad_mult,
-                          found_inf=found_inf)
+        # Sharded tensors take a phased path in torch ops on their local shards:
+        # the kernels update row_var and col_var in the pass that sums the rows
+        # and columns, so no collective fits between.
+        update = reference_backend.adafactor_sharded if isinstance(bucket.kind, _Sharded) else backend.adafactor
+        update(bucket, lr=lr, beta2_decay=float(group["beta2_decay"]), eps1=eps1, eps2=float(eps2),
+               d=float(group["d"]), weight_decay=float(group["weight_decay"]), maximize=bool(group["maximize"]),
+               beta1=self.beta1, grad_mult=grad_mult, found_inf=found_inf)

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .. import backends, norms
+from .. import backends, dtensor, norms
 from ..fp8 import bucket_copies
 from ..backends._bucket import Bucket, advance_steps
 from ..backends._dtypes import FP8_STATE_DTYPE, LOW_PRECISION, STATE_DTYPES, SUPPORTED_PARAM_DTYPES, fp32_scalar
@@ -90,15 +90,31 @@ class FusedOptimizer(Optimizer):
             param_group["params"] = list(params)  # a generator is read once, here
         candidate = {**self.defaults, **param_group}
         self._check_group(candidate, f"param group {len(self.param_groups)}")
-        for p in param_group.get("params") or ():
+        for i, p in enumerate(param_group.get("params") or ()):
             if not isinstance(p, Tensor):
                 continue  # torch's TypeError follows
+            where = f"{type(self).__name__}: param {i} of param group {len(self.param_groups)}"
+            dtensor.check_tensor(p, where)
+            if dtensor.is_dtensor(p):
+                self._check_dtensor_options(where)
             self._backend_for(p.device)
             if self.fp8 is not None and not self._uses_fp8(p):
                 raise ValueError(f"{type(self).__name__}: FP8 copies are written from fp32 weights: {p.dtype} params "
                                  f"need master_weights=True" if p.dtype in LOW_PRECISION else
                                  f"{type(self).__name__}: FP8 copies are written from fp32 weights, not {p.dtype}")
         super().add_param_group(param_group)
+
+    def _check_dtensor_options(self, where: str) -> None:
+        """Raise ValueError for the options that do not run on DTensor params
+        yet: their FP8 scales are per block or per tensor of the local shard,
+        which a checkpoint cannot reshard, and FP8 copies need each tensor's
+        amax reduced over the mesh."""
+        if self.state_dtype == FP8_STATE_DTYPE:
+            raise ValueError(f"{where} is a DTensor: block-scaled FP8 states (state_dtype=torch.float8_e4m3fn) "
+                             f"are not supported on DTensor params yet; use state_dtype=torch.bfloat16 or None")
+        if self.fp8 is not None:
+            raise ValueError(f"{where} is a DTensor: FP8 weight copies (fp8=) are not supported on DTensor "
+                             f"params yet")
 
     def _backend_for(self, device: torch.device):
         name = self._backend_names.get(device.type)
@@ -155,6 +171,11 @@ class FusedOptimizer(Optimizer):
         """Launch this optimizer's update of one bucket on `backend`."""
         raise NotImplementedError
 
+    def _join_statistics(self, group: dict, bucket: Bucket) -> None:
+        """For a bucket whose DTensors all have empty local shards on this rank:
+        take part in the collectives its update would make on other ranks,
+        with zero partial sums (none for an elementwise update)."""
+
     def _check_group(self, group: dict, where: str) -> None:
         """Raise ValueError if the group's hyperparameters cannot be stepped
         with (`where` names the group in the message). Called when a group is
@@ -209,6 +230,8 @@ class FusedOptimizer(Optimizer):
             else {"step": (torch.float32, ())}
         expected = {name: (self._state_dtype(p, name), shape)
                     for name, shape in self._state_shapes(group, p, kind).items()}
+        is_dtensor = dtensor.is_dtensor(p)
+        local_shapes = self._state_shapes(group, p._local_tensor, kind) if is_dtensor else {}
         for name, (dtype, shape) in {**fixed, **expected}.items():
             if name not in state:
                 continue
@@ -237,10 +260,33 @@ class FusedOptimizer(Optimizer):
             if tuple(t.shape) != want or t.device != p.device:
                 raise RuntimeError(f"{where.format(name)} has shape {tuple(t.shape)} on {t.device}; the kernels "
                                    f"take {want} on {p.device}")
+            if is_dtensor or dtensor.is_dtensor(t):
+                self._check_dtensor_state(where.format(name), p, t, want, local_shapes.get(name))
         if self._uses_fp8(p) and "fp8_weight" in state:
             t = state["fp8_weight"]
             if not isinstance(t, Tensor) or tuple(t.shape) != tuple(p.shape):
                 raise RuntimeError(f"{where.format('fp8_weight')} must be a tensor of the param's shape")
+
+    @staticmethod
+    def _check_dtensor_state(where: str, p: Tensor, t: Tensor, shape: tuple, local_shape) -> None:
+        """A state of a DTensor param is a DTensor on its mesh with the
+        placements that follow from the param's (dtensor.Sharding) and the
+        local shape the kernels read; a plain param's states are plain."""
+        if not dtensor.is_dtensor(p):
+            raise RuntimeError(f"{where} is a DTensor, but the param is a plain tensor")
+        if not dtensor.is_dtensor(t):
+            raise RuntimeError(f"{where} is a plain tensor, but the param is a DTensor on {p.device_mesh} with "
+                               f"placements {p.placements}: its states are DTensors (load_state_dict converts)")
+        placements = p.placements if local_shape is None else \
+            dtensor.sharding_of(p).reduced_placements(shape, p.shape)
+        if t.device_mesh != p.device_mesh or tuple(t.placements) != tuple(placements):
+            raise RuntimeError(f"{where} is a DTensor on {t.device_mesh} with placements {t.placements}; the "
+                               f"kernels take it on {p.device_mesh} with {tuple(placements)} (load_state_dict "
+                               f"redistributes)")
+        want = p._local_tensor.shape if local_shape is None else torch.Size(local_shape)
+        if t._local_tensor.shape != want:
+            raise RuntimeError(f"{where} has a local shard of shape {tuple(t._local_tensor.shape)}; the param's "
+                               f"local shard takes {tuple(want)}")
 
     def _prepare_state(self, group: dict, p: Tensor, kind) -> dict:
         """The param's state, with anything missing created (lazily, as torch
@@ -249,15 +295,22 @@ class FusedOptimizer(Optimizer):
         state = self.state[p]
         if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        # a DTensor's states are made from its local shard and wrapped (dtensor.like), without DTensor dispatch
+        sharded = dtensor.is_dtensor(p)
+        lp = p._local_tensor if sharded else p
+        local_shapes = self._state_shapes(group, lp, kind) if sharded else {}
         for name, shape in self._state_shapes(group, p, kind).items():
             dtype = self._state_dtype(p, name)
             if name not in state and dtype == FP8_STATE_DTYPE:
                 state[name], state[fp8_states.scale_name(name)] = fp8_states.empty_like(p)
             elif name not in state:
-                state[name] = (torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format) if shape is None
-                               else torch.zeros(shape, dtype=dtype, device=p.device))
+                value = (torch.zeros_like(lp, dtype=dtype, memory_format=torch.preserve_format) if shape is None
+                         else torch.zeros(local_shapes.get(name, shape), dtype=dtype, device=lp.device))
+                state[name] = value if not sharded else dtensor.like(p, value) if shape is None else \
+                    dtensor.like(p, value, dtensor.sharding_of(p).reduced_placements(shape, p.shape), shape)
         if self._uses_master(p) and "master_param" not in state:
-            state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
+            master = lp.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
+            state["master_param"] = dtensor.like(p, master) if sharded else master
         if self._uses_fp8(p) and "fp8_weight" not in state:
             state.update(self.fp8.initial_state(state.get("master_param", p)))
         return state
@@ -276,12 +329,24 @@ class FusedOptimizer(Optimizer):
         """
         for p, g in zip(params, grads):
             if g is not None and (g.layout is not torch.strided or g.dtype is not p.dtype
-                                  or p.dtype not in SUPPORTED_PARAM_DTYPES):
+                                  or p.dtype not in SUPPORTED_PARAM_DTYPES
+                                  or ((type(p) not in _PLAIN or type(g) not in _PLAIN) and not _grad_matches(p, g))):
                 self._refuse_grad(p, g)
 
     def _refuse_grad(self, p: Tensor, g: Tensor) -> None:
         """Raise the error _check_grads found for param p and its grad g."""
         name = type(self).__name__
+        if dtensor.is_dtensor(p) and not (dtensor.is_dtensor(g) and dtensor.same_layout(p, g)):
+            raise RuntimeError(
+                f"{name}: the grad of a DTensor param of shape {tuple(p.shape)} on {p.device_mesh} with placements "
+                f"{p.placements} is " + (f"a DTensor with placements {g.placements} on {g.device_mesh}"
+                                         if dtensor.is_dtensor(g) else f"a {type(g).__name__}") +
+                "; the kernels step local shards, so it must have the param's mesh and placements (as FSDP2 and "
+                "parallelize_module give them): redistribute it first")
+        if dtensor.is_dtensor(g) and not dtensor.is_dtensor(p):
+            raise RuntimeError(f"{name}: a plain param of shape {tuple(p.shape)} has a DTensor grad")
+        if not dtensor.is_dtensor(g):
+            dtensor.check_tensor(g, f"{name}: the grad of a param of shape {tuple(p.shape)}")
         if g.layout is not torch.strided:
             raise RuntimeError(f"{name} does not support sparse gradients (got {g.layout})")
         if p.dtype not in SUPPORTED_PARAM_DTYPES:
@@ -301,7 +366,8 @@ class FusedOptimizer(Optimizer):
                 loss = closure()
         plans, writeback = self._plans_of_this_step()
         grad_scale = getattr(self, "grad_scale", None)
-        scalars = _GradScalars(grad_scale, getattr(self, "found_inf", None), self._clip_coefficient(plans, grad_scale))
+        found_inf = _found_inf_on_every_rank(getattr(self, "found_inf", None), plans)
+        scalars = _GradScalars(grad_scale, found_inf, self._clip_coefficient(plans, grad_scale))
         for group, plan in zip(self.param_groups, plans):
             for device, steps in plan.empty_steps.items():
                 advance_steps(steps, scalars.found_inf(device))
@@ -310,6 +376,9 @@ class FusedOptimizer(Optimizer):
                 if isinstance(lr, Tensor):
                     lr = fp32_scalar(lr, bucket.device)
                 bucket.sr_seed = self._stochastic_rounding_seed(bucket)
+                if not bucket.params:  # only DTensors with empty local shards: nothing to launch
+                    self._join_statistics(group, bucket)
+                    continue
                 self._update(self._backend_for(bucket.device), group, bucket, lr,
                              scalars.grad_mult(bucket.device), scalars.found_inf(bucket.device))
         for original, staged in writeback:
@@ -336,7 +405,11 @@ class FusedOptimizer(Optimizer):
             self.last_grad_norm = torch.zeros(())
             return None
         device = buckets[0].device
-        parts = [(None, self._backend_for(b.device).power_sums(b.grads, 2.0)) for b in buckets]
+        parts = []
+        for b in buckets:
+            sums = (self._backend_for(b.device).power_sums(b.grads, 2.0) if b.params
+                    else torch.zeros(0, dtype=torch.float64, device=b.device))
+            parts.append((None, b.whole_tensor_sums(sums, every_member=True)[0]))  # DTensors: over their shards
         total = norms.combine(parts, 2.0, device)
         if grad_scale is not None:
             total = total / grad_scale.to(device=device, dtype=torch.float64).reshape(())
@@ -355,12 +428,13 @@ class FusedOptimizer(Optimizer):
         for index, (group, grads) in enumerate(zip(self.param_groups, all_grads)):
             self._check_group(group, f"param group {index}")
             self._check_grads(group["params"], grads)
+            all_grads[index] = local_grads = _local_grads(grads)  # what the kernels read
             plan = self._plans.get(index)
-            cached.append(plan if plan is not None and plan.reusable(self, group, grads) else None)
+            cached.append(plan if plan is not None and plan.reusable(self, group, local_grads) else None)
             if cached[-1] is None:  # a reused plan's states are the ones it checked when it was built
-                for p, g in zip(group["params"], grads):
+                for p, g, lg in zip(group["params"], grads, local_grads):
                     if g is not None:
-                        if g.shape != p.shape or g.device != p.device:
+                        if g.shape != p.shape or g.device != p.device or lg.shape != dtensor.local(p).shape:
                             self._refuse_grad(p, g)
                         self._check_state(group, p, self._bucket_kind(p))
         writeback: list[tuple[Tensor, Tensor]] = []
@@ -376,9 +450,14 @@ class FusedOptimizer(Optimizer):
 
     def _build_plan(self, group: dict, grads: list, writeback: list) -> _Plan:
         """One Bucket per (device, dtype) of the group's params with grads, and
-        the step tensors of zero-size params (advanced, but never launched)."""
+        the step tensors of zero-size params (advanced, but never launched).
+        `grads`: what the kernels read (a DTensor grad's local shard). A
+        DTensor param is launched on its local shard; one whose local shard is
+        empty launches nothing but is a member of its bucket's statistics
+        (Bucket.stats), so that this rank joins their collectives."""
         plan = _Plan(group, tuple(g is not None for g in grads), self.master_weights)
         buckets: dict[tuple, tuple[Bucket, list[int]]] = {}
+        members: dict[tuple, list[tuple]] = {}  # per bucket: (sharding, local shape, launched) of each member
         fp8_parts: dict[tuple, tuple[list[Tensor], list[dict]]] = {}  # per bucket: FP8 copies, state dicts
         for i, (p, g) in enumerate(zip(group["params"], grads)):
             if g is None:
@@ -387,24 +466,32 @@ class FusedOptimizer(Optimizer):
             names = plan.names.setdefault(kind, self._elementwise_states(group, kind))
             shaped = self._shaped_states(group, p)
             state = self._prepare_state(group, p, kind)
+            sharding = dtensor.sharding_of(p)
+            lp = p if sharding is None else p._local_tensor
             master = state.get("master_param") if self._uses_master(p) else None
             fp8 = self._uses_fp8(p)
             # block-scaled FP8 states: their scales ride along like shaped states,
             # and the blocks run in row-major order, so everything is made contiguous
             fp8_scales = [fp8_states.scale_name(n) for n in names if self._state_dtype(p, n) == FP8_STATE_DTYPE]
             shaped = [*shaped, *fp8_scales]
-            plan.watch(p, state, ["step", *names, *shaped] + (["master_param"] if master is not None else [])
+            plan.watch(p, lp, state, ["step", *names, *shaped] + (["master_param"] if master is not None else [])
                        + (list(_FP8_STATES) if fp8 else []))
-            if p.numel() == 0:
-                plan.empty_steps.setdefault(p.device, []).append(state["step"])
-                continue
             key = (p.device, p.dtype, kind)
+            if lp.numel() == 0:
+                plan.empty_steps.setdefault(p.device, []).append(state["step"])
+                if sharding is None:
+                    continue
             if key not in buckets:
                 buckets[key] = (Bucket(p.device, p.dtype, self._state_dtype(p), kind=kind,
                                        states={n: [] for n in (*names, *shaped)},
                                        masters=[] if master is not None else None), [])
+                members[key] = []
             bucket, grad_index = buckets[key]
-            tensors = ([p, g] + [state[n] for n in names] + ([master] if master is not None else [])
+            members[key].append((sharding, p.shape, lp.shape, lp.numel() > 0))
+            if lp.numel() == 0:
+                continue
+            local = dtensor.local
+            tensors = ([lp, g] + [local(state[n]) for n in names] + ([local(master)] if master is not None else [])
                        + ([state["fp8_weight"]] if fp8 else []))
             staged = _flat_compatible(tensors, writable=[True, False] + [True] * (len(tensors) - 2),
                                       writeback=writeback, contiguous=self._needs_contiguous(kind) or bool(fp8_scales))
@@ -415,7 +502,7 @@ class FusedOptimizer(Optimizer):
             for n, t in zip(names, staged[2:]):
                 bucket.states[n].append(t)
             for n in shaped:  # small, created contiguous: never staged
-                bucket.states[n].append(state[n].contiguous())
+                bucket.states[n].append(local(state[n]).contiguous())
             if master is not None:
                 bucket.masters.append(staged[2 + len(names)])
             if fp8:
@@ -427,6 +514,11 @@ class FusedOptimizer(Optimizer):
             buckets[key][0].fp8 = bucket_copies(weights, states)  # may swap state entries for buffer rows
         if fp8_parts:
             plan.rewatch()
+        for key, (bucket, _) in buckets.items():
+            shardings, shapes, local_shapes, launched = map(list, zip(*members[key]))
+            if any(s is not None for s in shardings):
+                bucket.stats = dtensor.TensorSums(shardings, shapes, local_shapes,
+                                                  [j for j, x in enumerate(launched) if x], bucket.device)
         plan.buckets = [bucket for bucket, _ in buckets.values()]
         plan.grad_index = [grad_index for _, grad_index in buckets.values()]
         return plan
@@ -558,6 +650,49 @@ class FusedOptimizer(Optimizer):
 
 
 _shape = attrgetter("shape")
+_local_shard = attrgetter("_local_tensor")
+_PLAIN = (Tensor, torch.nn.Parameter)
+_PLAIN_OR_NONE = (Tensor, torch.nn.Parameter, type(None))
+
+
+def _found_inf_on_every_rank(found_inf: Tensor | None, plans: list[_Plan]) -> Tensor | None:
+    """GradScaler's found_inf, OR-ed over every process group that shards a
+    DTensor param with a grad, so that every rank skips a step together
+    (torch's inf check reduces over the mesh of the first DTensor grad only)."""
+    if found_inf is None:
+        return None
+    groups = dict.fromkeys(group for plan in plans for group in plan.mesh_groups)
+    if not groups:
+        return found_inf
+    import torch.distributed as dist
+
+    found_inf = found_inf.clone()
+    for group in groups:
+        dist.all_reduce(found_inf, op=dist.ReduceOp.MAX, group=group)
+    return found_inf
+
+
+def _local_grads(grads: list) -> list:
+    """The grads as the kernels read them: DTensors' local shards (checked by
+    _check_grads); the same list when every grad is plain."""
+    if all(map(_PLAIN_OR_NONE.__contains__, map(type, grads))):
+        return grads
+    return [dtensor.local(g) if g is not None else None for g in grads]
+
+
+def _grad_matches(p: Tensor, g: Tensor) -> bool:
+    """Whether grad g fits param p beyond dtype and layout: a DTensor param's
+    grad is a DTensor of the same mesh and placements, a plain param's a
+    tensor the kernels can take."""
+    if dtensor.is_dtensor(p):
+        return dtensor.is_dtensor(g) and dtensor.same_layout(p, g)
+    if dtensor.is_dtensor(g):
+        return False
+    try:
+        dtensor.check_tensor(g, "")
+    except TypeError:
+        return False
+    return True
 #: the FP8 copy's state (fusedopt.fp8.Float8Recipe)
 _FP8_STATES = ("fp8_weight", "fp8_scale", "fp8_scale_inv", "fp8_amax_history")
 #: states whose dtype does not follow state_dtype (None: the saved one)
@@ -696,19 +831,30 @@ class _Plan:
         self.grad_index: list[list[int]] = []   # per bucket: positions in group["params"] of its grads
         self.empty_steps: dict[torch.device, list[Tensor]] = {}
         self.params: list[Tensor] = []      # params with grads, their state dicts and shapes
+        self.locals: list[Tensor] = []      # what the kernels read of them (a DTensor's local shard)
         self.states: list[dict] = []
         self.shapes: list[torch.Size] = []
-        self.numels: list[int] = []
+        self.numels: list[int] = []         # of the local shards
+        self.dtensors: list[Tensor] = []    # the DTensor params and their local shards when planned
+        self.dtensor_locals: list[Tensor] = []
+        self.mesh_groups: dict = {}         # the process groups that shard them, in order (a dict as a set)
         self.watched_dicts: list[dict] = []  # (dict, key) -> tensor: the state tensors in use
         self.watched_keys: list[str] = []
         self.watched_tensors: list[Tensor] = []
         self.cacheable = True
 
-    def watch(self, p: Tensor, state: dict, keys: list[str]) -> None:
+    def watch(self, p: Tensor, lp: Tensor, state: dict, keys: list[str]) -> None:
+        """Keep param p (kernels read `lp`, its local shard when p is a DTensor)
+        and the state tensors `keys` in use."""
         self.params.append(p)
+        self.locals.append(lp)
         self.states.append(state)
         self.shapes.append(p.shape)
-        self.numels.append(p.numel())
+        self.numels.append(lp.numel())
+        if lp is not p:
+            self.dtensors.append(p)
+            self.dtensor_locals.append(lp)
+            self.mesh_groups.update(dict.fromkeys(dtensor.sharding_of(p).groups()))
         self.watched_dicts += [state] * len(keys)
         self.watched_keys += keys
         self.watched_tensors += [state[k] for k in keys]
@@ -732,9 +878,11 @@ class _Plan:
             return False
         if not all(map(is_, map(dict.get, self.watched_dicts, self.watched_keys), self.watched_tensors)):
             return False
-        if list(map(_shape, self.params)) != self.shapes or not all(map(Tensor.is_contiguous, self.params)):
+        if list(map(_shape, self.params)) != self.shapes or not all(map(Tensor.is_contiguous, self.locals)):
             return False
-        present = [g for g in grads if g is not None]  # self.params' grads, in order
+        if self.dtensors and not all(map(is_, map(_local_shard, self.dtensors), self.dtensor_locals)):
+            return False  # a DTensor given a new local shard (FSDP2 may swap them)
+        present = [g for g in grads if g is not None]  # self.params' grads (local shards), in order
         # grads of the sizes checked when the plan was built (a .grad.data swap
         # could change them), dense as they were (the kernels walk them flat)
         return list(map(Tensor.numel, present)) == self.numels and all(map(Tensor.is_contiguous, present))

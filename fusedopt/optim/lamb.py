@@ -88,6 +88,11 @@ class FusedLAMB(FusedOptimizer):
     def _clip_multiplier(self, total_norm, max_norm):
         return lamb_spec.clip_multiplier(total_norm, max_norm)
 
+    def _join_statistics(self, group, bucket):
+        # the one collective of a launch's ||p||^2 and ||u||^2 (Bucket.whole_tensor_sums), with no shards here
+        zeros = torch.zeros(0, dtype=torch.float64, device=bucket.device)
+        bucket.whole_tensor_sums(zeros, zeros)
+
     def _update(self, backend, group, bucket, lr, grad_mult, found_inf):
         beta1, beta2 = group["betas"]
         backend.lamb(bucket, lr=lr, beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),

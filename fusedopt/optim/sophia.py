@@ -99,7 +99,8 @@ class FusedSophia(FusedOptimizer):
         plans, writeback = self._plans_of_this_step()
         for group, plan in zip(self.param_groups, plans):
             for bucket in plan.buckets:
-                self._backend_for(bucket.device).sophia_hessian(bucket, beta2=float(group["betas"][1]))
+                if bucket.params:  # (none: DTensors with empty local shards)
+                    self._backend_for(bucket.device).sophia_hessian(bucket, beta2=float(group["betas"][1]))
         for original, staged in writeback:
             original.copy_(staged)
 

@@ -1,0 +1,154 @@
+"""FusedAdamW on DTensor params: FSDP2 over 2 ranks (gloo on the CPU, NCCL
+when 2 GPUs exist), a model of 48 blocks of Linear(256, 256) + LayerNorm(256)
+(3.2M params, 1.6M on each rank).
+
+    python -m fusedopt bench --bench dtensor
+
+Every rank times the optimizer step alone (the grads of one backward stay in
+place), its contenders alternately (bench/harness.alternate); rank 0's times
+are reported. Contenders, each with its own optimizer state over the same
+params:
+
+  plain         FusedAdamW on plain tensors that are the local shards
+                (``p._local_tensor``, the grads' too): the same kernel work
+                with no DTensor in sight, the floor
+  fused (DTensor params)  FusedAdamW(model.parameters()) on FSDP2's DTensors
+  torch fused (DTensor params)  torch.optim.AdamW(fused=True) on them, which
+                pays DTensor dispatch
+
+Mode "clip" adds max_grad_norm=1.0 (a global norm over the mesh: one
+all-reduce per step) against torch's clip_grad_norm_ + fused AdamW on the
+DTensors. Bytes per param: AdamW's 28 (fp32 p, g, m, v read, p, m, v
+written), of the local shard.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from .harness import STREAM, Result, alternate, stream_op
+
+BLOCKS, WIDTH, WORLD = 48, 256, 2
+BYTES_PER_PARAM = 28
+CASE = f"fsdp2-{WORLD}x-{BLOCKS}blocks"
+
+
+def _model(device):
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(BLOCKS):
+        layers += [torch.nn.Linear(WIDTH, WIDTH), torch.nn.LayerNorm(WIDTH)]
+    return torch.nn.Sequential(*layers).to(device)
+
+
+def _contenders(mode: str, model, device):
+    import fusedopt
+
+    params = list(model.parameters())
+    local = [p._local_tensor.detach().requires_grad_() for p in params]  # views of the same shards
+    for q, p in zip(local, params):
+        q.grad = p.grad._local_tensor
+    clip = mode == "clip"
+    kw = {"max_grad_norm": 1.0} if clip else {}
+    fns = {"fusedopt cpu plain (local shards)" if device.type == "cpu" else "fusedopt plain (local shards)":
+           fusedopt.FusedAdamW(local, lr=1e-4, **kw).step,
+           "fusedopt (DTensor params)": fusedopt.FusedAdamW(params, lr=1e-4, **kw).step}
+    torch_opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    if clip:
+        def torch_step():
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            torch_opt.step()
+        fns["torch clip + fused (DTensor params)"] = torch_step
+    else:
+        fns["torch fused (DTensor params)"] = torch_opt.step
+    n = sum(q.numel() for q in local)
+    return fns, n
+
+
+def _worker(rank: int, world: int, port: int, out: str, device_type: str, warmup: int, reps: int):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    gpu = device_type == "cuda"
+    if gpu:
+        torch.cuda.set_device(rank)
+    device = torch.device(device_type, rank) if gpu else torch.device("cpu")
+    dist.init_process_group("nccl" if gpu else "gloo", rank=rank, world_size=world)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device_type, (world,))
+    model = _model(device)
+    for block in model:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    x = torch.randn(16, WIDTH, generator=torch.Generator().manual_seed(rank)).to(device)
+    model(x).square().mean().backward()
+    rows = []
+    for mode in ("step", "clip"):
+        fns, n = _contenders(mode, model, device)
+        stream, stream_bytes = stream_op(device, 16 * n)
+        fns[STREAM] = stream
+        times = alternate(fns, device, warmup, reps)
+        for name, ts in times.items():
+            rows.append(dict(mode=mode, contender=name, times_ms=ts, params=n,
+                             bytes_per_step=stream_bytes if name == STREAM else BYTES_PER_PARAM * n))
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(rows, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run(device: torch.device, case_names, warmup: int, reps: int, log=print):
+    if case_names and CASE not in case_names:
+        return [], {}
+    if device.type == "cuda" and torch.cuda.device_count() < WORLD:
+        log(f"dtensor: FSDP2 over {WORLD} ranks needs {WORLD} GPUs for NCCL, this machine has "
+            f"{torch.cuda.device_count()}: skipped")
+        return [], {}
+    log(f"dtensor {CASE}: {WORLD} ranks, {BLOCKS} x (Linear({WIDTH}, {WIDTH}) + LayerNorm({WIDTH}))")
+    fd, out = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        mp.spawn(_worker, args=(WORLD, _free_port(), out, device.type, warmup, reps), nprocs=WORLD, join=True)
+        with open(out) as f:
+            rows = json.load(f)
+    finally:
+        os.unlink(out)
+    results = [Result(CASE, r["mode"], r["contender"], r["times_ms"], r["bytes_per_step"], r["params"])
+               for r in rows]
+    baselines = {(CASE, mode): next(r.contender for r in results if r.mode == mode and "plain" in r.contender)
+                 for mode in ("step", "clip")}
+    return results, baselines
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def targets(results, device) -> list[str]:
+    """Issue 22's numbers: the DTensor step <= 1.25x the plain one on the same
+    shards, and <= 0.8x torch's fused AdamW on the DTensors."""
+    by = {(r.mode, r.contender): r for r in results}
+    lines = []
+    for mode in ("step", "clip"):
+        ours = by.get((mode, "fusedopt (DTensor params)"))
+        plain = next((r for (m, c), r in by.items() if m == mode and "plain" in c), None)
+        theirs = next((r for (m, c), r in by.items() if m == mode and c.startswith("torch")), None)
+        if not (ours and plain and theirs):
+            continue
+        a, b = ours.median / plain.median, ours.median / theirs.median
+        lines.append(f"{'PASS' if a <= 1.25 else 'MISS'} dtensor {mode}: DTensor / plain local shards = {a:.3f} "
+                     f"(target <= 1.25)")
+        lines.append(f"{'PASS' if b <= 0.8 else 'MISS'} dtensor {mode}: fusedopt / {theirs.contender} = {b:.3f} "
+                     f"(target <= 0.8)")
+    return lines

@@ -1,0 +1,295 @@
+"""Every fusedopt optimizer on DTensor params, against the same optimizer in
+one process on the whole model: tensor parallel (TP=2), FSDP2 (2 ranks) and
+FSDP2 x TP on a 2x2 mesh, on gloo ranks (one spawn per layout, every case
+inside it).
+
+The model has dims that do not divide evenly over the ranks (10 and 7 rows,
+10 columns), a LayerNorm left plain between the parallel layers (a param
+group mixing DTensors and plain tensors under TP), and a head whose single
+row leaves some ranks an empty shard under FSDP2.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from dist_helpers import spawn
+
+import fusedopt
+from fusedopt import FusedAdafactor, FusedAdamW, FusedLAMB, FusedSophia
+
+pytestmark = pytest.mark.distributed
+
+#: name -> (class, kwargs, backends); max_grad_norm small enough to clip at every step
+CASES = {
+    "adamw": (FusedAdamW, dict(lr=0.02, weight_decay=0.1, max_grad_norm=0.05), ("cpu", "reference")),
+    "adamw_master": (FusedAdamW, dict(lr=0.02, weight_decay=0.1, max_grad_norm=0.05, amsgrad=True,
+                                      state_dtype=torch.bfloat16), ("cpu",)),
+    "lamb": (FusedLAMB, dict(lr=0.02, weight_decay=0.01, max_grad_norm=0.05), ("cpu", "reference", "triton")),
+    "adafactor": (FusedAdafactor, dict(lr=0.02, max_grad_norm=0.05), ("cpu",)),
+    "adafactor_beta1": (FusedAdafactor, dict(lr=0.02, beta1=0.9, weight_decay=0.1, max_grad_norm=0.05), ("cpu",)),
+    "sophia": (FusedSophia, dict(lr=0.02, weight_decay=0.1, max_grad_norm=0.05), ("cpu", "reference")),
+}
+STEPS = 3
+BATCH = 8
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(8, 10)   # colwise under TP: 10 rows
+        self.norm = torch.nn.LayerNorm(10)  # stays a plain module under TP
+        self.b = torch.nn.Linear(10, 7)   # rowwise under TP: 10 columns
+        self.c = torch.nn.Linear(7, 7)    # colwise: 7 rows
+        self.head = torch.nn.Linear(7, 1)  # plain; one row: an empty shard under FSDP2
+
+    def forward(self, x):
+        x = self.norm(torch.relu(self.a(x)))
+        x = self.c(torch.tanh(self.b(x)))
+        return self.head(torch.relu(x)).square().mean()
+
+
+def batch(step):
+    return torch.randn(BATCH, 8, generator=torch.Generator().manual_seed(1000 + step))
+
+
+class Layout:
+    """A model on `name`'s layout (its twin in one process beside it)."""
+
+    def __init__(self, name: str, world: int):
+        from torch.distributed.device_mesh import init_device_mesh
+
+        self.name = name
+        if name == "tp":
+            self.mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
+            self.tp, self.dp = self.mesh, None
+        elif name == "fsdp":
+            self.mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp",))
+            self.tp, self.dp = None, self.mesh
+        else:
+            self.mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+            self.tp, self.dp = self.mesh["tp"], self.mesh["dp"]
+
+    def models(self, seed: int = 0):
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import Replicate
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        torch.manual_seed(seed)
+        single = Net()
+        model = copy.deepcopy(single)
+        if self.tp is not None:
+            parallelize_module(model, self.tp, {
+                "a": ColwiseParallel(output_layouts=Replicate()),
+                "b": RowwiseParallel(input_layouts=Replicate()),
+                "c": ColwiseParallel(output_layouts=Replicate()),
+            })
+        if self.dp is not None:
+            for module in (model.a, model.norm, model.b, model.c, model.head):
+                fully_shard(module, mesh=self.dp)
+            fully_shard(model, mesh=self.dp)
+        return model, single
+
+    def local_batch(self, step):
+        x = batch(step)
+        if self.dp is None:
+            return x
+        return x.chunk(self.dp.size())[self.dp.get_local_rank()]
+
+    def train(self, model, opt, steps, start=0, single=False, hessian=False):
+        for step in range(start, start + steps):
+            opt.zero_grad(set_to_none=True)
+            model(batch(step) if single else self.local_batch(step)).backward()
+            if hessian and step % 2 == 0:
+                opt.update_hessian()
+            opt.step()
+
+
+def full(t):
+    return t.full_tensor() if fusedopt.dtensor.is_dtensor(t) else t
+
+
+def assert_same(model, single, opt=None, single_opt=None, rtol=1e-5, atol=1e-6, what=""):
+    """Params (and every state of `opt`) gathered equal the single-process ones."""
+    for (name, p), (_, q) in zip(model.named_parameters(), single.named_parameters()):
+        torch.testing.assert_close(full(p).detach(), q.detach(), rtol=rtol, atol=atol, msg=lambda m: f"{what} {name}: {m}")
+        if opt is None:
+            continue
+        mine, want = opt.state[p], single_opt.state[q]
+        assert mine.keys() == want.keys(), (what, name, mine.keys(), want.keys())
+        for key, value in want.items():
+            got = mine[key]
+            if key != "step":
+                assert fusedopt.dtensor.is_dtensor(got) == fusedopt.dtensor.is_dtensor(p), (what, name, key)
+            torch.testing.assert_close(full(got).float(), value.float(), rtol=rtol, atol=atol,
+                                       msg=lambda m: f"{what} {name} {key}: {m}")
+
+
+def check_optimizers(layout: Layout):
+    for case, (cls, kwargs, backends) in CASES.items():
+        for backend in backends:
+            if backend == "triton" and layout.name == "fsdp":
+                continue  # the interpreter is slow: TP and 2-D take it
+            model, single = layout.models()
+            opt = cls(model.parameters(), backend=backend, **kwargs)
+            single_opt = cls(single.parameters(), backend=backend, **kwargs)
+            hessian = cls is FusedSophia
+            layout.train(model, opt, STEPS, hessian=hessian)
+            layout.train(single, single_opt, STEPS, single=True, hessian=hessian)
+            assert_same(model, single, opt, single_opt, what=f"{layout.name} {case} {backend}")
+            torch.testing.assert_close(opt.last_grad_norm, single_opt.last_grad_norm, rtol=1e-5, atol=0)
+
+
+def check_clip(layout: Layout):
+    """clip_grad_norm_ and grad_norm: the single-process norm on every rank, and its grads."""
+    model, single = layout.models(seed=1)
+    for norm_type in (2.0, math.inf, 1.5):
+        for m, x in ((model, layout.local_batch(0)), (single, batch(0))):
+            m.zero_grad(set_to_none=True)
+            m(x).backward()
+        total, per_tensor = fusedopt.grad_norm(model.parameters(), norm_type, per_tensor=True)
+        want_total, want_per_tensor = fusedopt.grad_norm(single.parameters(), norm_type, per_tensor=True)
+        torch.testing.assert_close(total, want_total, rtol=1e-6, atol=0)
+        torch.testing.assert_close(per_tensor, want_per_tensor, rtol=1e-6, atol=1e-9)
+        total = fusedopt.clip_grad_norm_(model.parameters(), 0.01, norm_type)
+        want = torch.nn.utils.clip_grad_norm_(single.parameters(), 0.01, norm_type)
+        assert not fusedopt.dtensor.is_dtensor(total)
+        torch.testing.assert_close(total, want, rtol=1e-6, atol=0)
+        for (name, p), q in zip(model.named_parameters(), single.parameters()):
+            torch.testing.assert_close(full(p.grad), q.grad, rtol=1e-5, atol=1e-8, msg=lambda m: f"{name}: {m}")
+
+
+def check_full_state_dict(layout: Layout):
+    """get_optimizer_state_dict(full_state_dict=True) is the single-process optimizer's state, by FQN."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    for cls, kwargs in ((FusedAdamW, CASES["adamw"][1]), (FusedAdafactor, CASES["adafactor_beta1"][1])):
+        model, single = layout.models()
+        opt, single_opt = cls(model.parameters(), **kwargs), cls(single.parameters(), **kwargs)
+        layout.train(model, opt, 2)
+        layout.train(single, single_opt, 2, single=True)
+        saved = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
+        for name, q in single.named_parameters():
+            want = single_opt.state[q]
+            assert saved["state"][name].keys() == want.keys(), name
+            for key, value in want.items():
+                got = saved["state"][name][key]
+                assert not fusedopt.dtensor.is_dtensor(got)
+                torch.testing.assert_close(got, value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name} {key}: {m}")
+
+
+def check_grad_scaler(layout: Layout):
+    """An inf in one rank's shard: every rank skips the step (and backs off the scale)."""
+    import torch.distributed as dist
+
+    for replicate_first in (False, True):
+        model, _ = layout.models()
+        # torch's GradScaler refuses a group that mixes DTensors and plain tensors (its inf check is one
+        # foreach call per dtype): under TP, the DTensors only
+        params = [p for p in model.parameters() if fusedopt.dtensor.is_dtensor(p)]
+        if replicate_first:
+            # torch's check reduces found_inf over the first grad's sharded mesh dims only: with a param
+            # replicated over TP first, it misses the TP ranks, and only fusedopt's own OR makes them all skip
+            if not any(p.placements[-1].is_replicate() for p in params):
+                continue
+            params.sort(key=lambda p: not p.placements[-1].is_replicate())
+        opt = FusedAdamW(params, lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+        scaler.scale(model(layout.local_batch(0))).backward()
+        scaler.step(opt)
+        scaler.update()
+        before = {n: full(p).detach().clone() for n, p in model.named_parameters()}
+        steps = [float(s["step"]) for s in opt.state.values()]
+        opt.zero_grad()
+        scaler.scale(model(layout.local_batch(1))).backward()
+        if dist.get_rank() == dist.get_world_size() - 1:
+            model.a.weight.grad._local_tensor.view(-1)[0] = float("inf")
+        scaler.step(opt)
+        scaler.update()
+        if not replicate_first:
+            assert scaler.get_scale() == 2.0**7
+        assert [float(s["step"]) for s in opt.state.values()] == steps
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(full(p).detach(), before[n], rtol=0, atol=0)
+
+
+def check_refusals(layout: Layout):
+    """What the kernels cannot take raises a clear error before anything changes."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    model, _ = layout.models()
+    p = model.a.weight
+    partial = torch.nn.Parameter(DTensor.from_local(torch.zeros(3), layout.mesh, [Partial()] * layout.mesh.ndim))
+    with pytest.raises(TypeError, match="Partial"):
+        FusedAdamW([partial])
+    with pytest.raises(ValueError, match="FP8 states"):
+        FusedAdamW([p], state_dtype=torch.float8_e4m3fn)
+    opt = FusedAdamW(model.parameters(), lr=0.1)
+    model(layout.local_batch(0)).backward()
+    good = p.grad
+    p.grad = good.redistribute(p.device_mesh, [Replicate()] * p.device_mesh.ndim)
+    before = full(p).detach().clone()
+    with pytest.raises(RuntimeError, match="placements"):
+        opt.step()
+    torch.testing.assert_close(full(p).detach(), before, rtol=0, atol=0)
+    assert not opt.state
+    p.grad = good
+    opt.step()
+
+
+def layout_worker(rank, world, name, path):
+    torch.set_num_threads(1)
+    layout = Layout(name, world)
+    check_optimizers(layout)
+    check_clip(layout)
+    check_full_state_dict(layout)
+    check_grad_scaler(layout)
+    check_refusals(layout)
+    if name == "fsdp":
+        save_checkpoint(layout, path)
+    elif name == "2d":
+        load_checkpoint(layout, path)
+
+
+CHECKPOINTED = {"adamw": CASES["adamw"], "lamb": CASES["lamb"], "adafactor_beta1": CASES["adafactor_beta1"]}
+
+
+def save_checkpoint(layout: Layout, path: str):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    for case, (cls, kwargs, _) in CHECKPOINTED.items():
+        model, _ = layout.models()
+        opt = cls(model.parameters(), **kwargs)
+        layout.train(model, opt, STEPS)
+        model_sd, optim_sd = get_state_dict(model, opt)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=f"{path}/{case}")
+
+
+def load_checkpoint(layout: Layout, path: str):
+    """FSDP2=2's checkpoint in FSDP2 x TP: training goes on as if uninterrupted."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    for case, (cls, kwargs, _) in CHECKPOINTED.items():
+        model, single = layout.models(seed=5)  # other weights: the checkpoint must replace them
+        opt = cls(model.parameters(), **kwargs)
+        model_sd, optim_sd = get_state_dict(model, opt)
+        loaded = {"model": model_sd, "optim": optim_sd}
+        dcp.load(loaded, checkpoint_id=f"{path}/{case}")
+        set_state_dict(model, opt, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+        layout.train(model, opt, 2, start=STEPS)
+        torch.manual_seed(0)
+        single = Net()
+        single_opt = cls(single.parameters(), **kwargs)
+        layout.train(single, single_opt, STEPS + 2, single=True)
+        assert_same(model, single, opt, single_opt, what=f"resumed {case}")
+
+
+def test_dtensor_layouts(tmp_path):
+    """TP=2, FSDP2=2 (which saves a checkpoint), FSDP2 x TP on 2x2 (which resumes from it)."""
+    spawn(layout_worker, 2, "tp", str(tmp_path))
+    spawn(layout_worker, 2, "fsdp", str(tmp_path))
+    spawn(layout_worker, 4, "2d", str(tmp_path))
