@@ -22,7 +22,7 @@ its module is loaded, so until then every tensor is plain.
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -31,17 +31,25 @@ from torch.nn import Parameter
 _PLAIN_TYPES = (Tensor, Parameter)
 
 
-def _dtensor_class():
-    module = sys.modules.get("torch.distributed.tensor")
-    return None if module is None else module.DTensor
+_DTENSOR: type | None = None  # the DTensor class, once its module is loaded
+
+
+def dtensor_class() -> type | None:
+    """torch's DTensor class, or None while torch.distributed.tensor is not
+    loaded (then no DTensor exists)."""
+    global _DTENSOR
+    if _DTENSOR is None:
+        module = sys.modules.get("torch.distributed.tensor")
+        _DTENSOR = None if module is None else module.DTensor
+    return _DTENSOR
 
 
 def is_dtensor(t) -> bool:
     cls = type(t)
     if cls is Tensor or cls is Parameter:
         return False
-    dtensor = _dtensor_class()
-    return dtensor is not None and isinstance(t, dtensor)
+    dtensor = _DTENSOR or dtensor_class()
+    return dtensor is not None and issubclass(cls, dtensor)
 
 
 def local(t: Tensor) -> Tensor:
@@ -96,7 +104,7 @@ def _shard_dim(placement, ndim: int) -> int | None:
 class Sharding:
     """How one DTensor is laid out: mesh, placements and its number of dims."""
 
-    __slots__ = ("mesh", "placements", "ndim", "_groups")
+    __slots__ = ("_groups", "mesh", "ndim", "placements")
 
     def __init__(self, mesh, placements: Sequence, ndim: int):
         self.mesh, self.placements, self.ndim = mesh, tuple(placements), ndim

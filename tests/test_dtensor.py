@@ -114,7 +114,8 @@ def full(t):
 def assert_same(model, single, opt=None, single_opt=None, rtol=1e-5, atol=1e-6, what=""):
     """Params (and every state of `opt`) gathered equal the single-process ones."""
     for (name, p), (_, q) in zip(model.named_parameters(), single.named_parameters()):
-        torch.testing.assert_close(full(p).detach(), q.detach(), rtol=rtol, atol=atol, msg=lambda m: f"{what} {name}: {m}")
+        torch.testing.assert_close(full(p).detach(), q.detach(), rtol=rtol, atol=atol,
+                                   msg=lambda m: f"{what} {name}: {m}")
         if opt is None:
             continue
         mine, want = opt.state[p], single_opt.state[q]

@@ -327,10 +327,22 @@ class FusedOptimizer(Optimizer):
         (_plans_of_this_step); a cached plan is reused only while the params
         keep their shapes and the grads their sizes (_Plan.reusable).
         """
+        dtensor_type = dtensor.dtensor_class()
         for p, g in zip(params, grads):
-            if g is not None and (g.layout is not torch.strided or g.dtype is not p.dtype
-                                  or p.dtype not in SUPPORTED_PARAM_DTYPES
-                                  or ((type(p) not in _PLAIN or type(g) not in _PLAIN) and not _grad_matches(p, g))):
+            if g is None:
+                continue
+            if type(p) is dtensor_type and type(g) is dtensor_type:
+                # a DTensor grad of its param's mesh, placements and dtype (what FSDP2 and TP give) in a few
+                # plain attribute reads: a DTensor's .dtype or .layout costs ~3x a plain tensor's
+                ps, gs = p._spec, g._spec
+                dtype = ps.tensor_meta.dtype
+                if not (ps.mesh is gs.mesh and ps.placements == gs.placements and gs.tensor_meta.dtype is dtype
+                        and dtype in SUPPORTED_PARAM_DTYPES and g._local_tensor.layout is torch.strided):
+                    self._refuse_grad(p, g)
+                continue
+            if g.layout is not torch.strided or g.dtype is not p.dtype or p.dtype not in SUPPORTED_PARAM_DTYPES:
+                self._refuse_grad(p, g)
+            if (type(p) not in _PLAIN or type(g) not in _PLAIN) and not _grad_matches(p, g):
                 self._refuse_grad(p, g)
 
     def _refuse_grad(self, p: Tensor, g: Tensor) -> None:
@@ -347,8 +359,9 @@ class FusedOptimizer(Optimizer):
             raise RuntimeError(f"{name}: a plain param of shape {tuple(p.shape)} has a DTensor grad")
         if not dtensor.is_dtensor(g):
             dtensor.check_tensor(g, f"{name}: the grad of a param of shape {tuple(p.shape)}")
-        if g.layout is not torch.strided:
-            raise RuntimeError(f"{name} does not support sparse gradients (got {g.layout})")
+        layout = dtensor.local(g).layout
+        if layout is not torch.strided:
+            raise RuntimeError(f"{name} does not support sparse gradients (got {layout})")
         if p.dtype not in SUPPORTED_PARAM_DTYPES:
             raise TypeError(f"{name} supports float32, float64, bfloat16 and float16 params, got {p.dtype}")
         if g.dtype is not p.dtype:
@@ -677,7 +690,7 @@ def _local_grads(grads: list) -> list:
     _check_grads); the same list when every grad is plain."""
     if all(map(_PLAIN_OR_NONE.__contains__, map(type, grads))):
         return grads
-    return [dtensor.local(g) if g is not None else None for g in grads]
+    return [g if type(g) in _PLAIN_OR_NONE else g._local_tensor for g in grads]
 
 
 def _grad_matches(p: Tensor, g: Tensor) -> bool:
@@ -833,7 +846,7 @@ class _Plan:
         self.params: list[Tensor] = []      # params with grads, their state dicts and shapes
         self.locals: list[Tensor] = []      # what the kernels read of them (a DTensor's local shard)
         self.states: list[dict] = []
-        self.shapes: list[torch.Size] = []
+        self.shapes: list[torch.Size] = []  # of the local shards
         self.numels: list[int] = []         # of the local shards
         self.dtensors: list[Tensor] = []    # the DTensor params and their local shards when planned
         self.dtensor_locals: list[Tensor] = []
@@ -849,7 +862,7 @@ class _Plan:
         self.params.append(p)
         self.locals.append(lp)
         self.states.append(state)
-        self.shapes.append(p.shape)
+        self.shapes.append(lp.shape)
         self.numels.append(lp.numel())
         if lp is not p:
             self.dtensors.append(p)
@@ -878,7 +891,7 @@ class _Plan:
             return False
         if not all(map(is_, map(dict.get, self.watched_dicts, self.watched_keys), self.watched_tensors)):
             return False
-        if list(map(_shape, self.params)) != self.shapes or not all(map(Tensor.is_contiguous, self.locals)):
+        if list(map(_shape, self.locals)) != self.shapes or not all(map(Tensor.is_contiguous, self.locals)):
             return False
         if self.dtensors and not all(map(is_, map(_local_shard, self.dtensors), self.dtensor_locals)):
             return False  # a DTensor given a new local shard (FSDP2 may swap them)
