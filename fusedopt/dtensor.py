@@ -126,18 +126,17 @@ class Sharding:
             found = self._groups[key] = tuple(found)
         return found
 
-    def reduced_placements(self, shape: Sequence[int], full_shape: Sequence[int]) -> tuple:
-        """The placements of a tensor with the param's dims but some reduced to
-        size 1 (`shape` against the param's `full_shape`): the param's, with
-        Replicate on mesh dims that shard a reduced dim."""
+    def reduced_placements(self, dims: Sequence[int]) -> tuple:
+        """The placements of a tensor with the param's dims where `dims` are
+        reduced (to size 1: a row or column statistic): the param's, with
+        Replicate on the mesh dims that shard one of them."""
+        if not dims:
+            return self.placements
         from torch.distributed.tensor import Replicate
 
-        out = []
-        for placement in self.placements:
-            dim = _shard_dim(placement, self.ndim)
-            reduced = dim is not None and shape[dim] != full_shape[dim]
-            out.append(Replicate() if reduced else placement)
-        return tuple(out)
+        reduced = {d % self.ndim for d in dims}
+        return tuple(Replicate() if _shard_dim(placement, self.ndim) in reduced else placement
+                     for placement in self.placements)
 
 
 _shardings: dict = {}

@@ -181,6 +181,31 @@ def check_full_state_dict(layout: Layout):
                 torch.testing.assert_close(got, value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name} {key}: {m}")
 
 
+def check_load_state_dict(layout: Layout):
+    """opt.load_state_dict moves states between one process and a sharded
+    optimizer: whole states are cut into shards, sharded ones gathered; then
+    training goes on as if uninterrupted."""
+    for cls, kwargs in ((FusedAdamW, CASES["adamw_master"][1]), (FusedAdafactor, CASES["adafactor_beta1"][1]),
+                        (FusedLAMB, CASES["lamb"][1])):
+        model, single = layout.models()
+        single_opt = cls(single.parameters(), **kwargs)
+        layout.train(model, cls(model.parameters(), **kwargs), 2)
+        layout.train(single, single_opt, 2, single=True)
+        opt = cls(model.parameters(), **kwargs)
+        opt.load_state_dict(single_opt.state_dict())  # plain, whole states -> this rank's shards
+        for p in model.parameters():
+            assert all(fusedopt.dtensor.is_dtensor(v) == fusedopt.dtensor.is_dtensor(p)
+                       for k, v in opt.state[p].items() if k != "step")
+        back = cls(copy.deepcopy(single).parameters(), **kwargs)
+        back.load_state_dict(opt.state_dict())  # sharded -> whole (gathered)
+        layout.train(model, opt, 2, start=2)
+        layout.train(single, single_opt, 2, start=2, single=True)
+        assert_same(model, single, opt, single_opt, what=f"loaded {cls.__name__}")
+        for q, r in zip(single_opt.param_groups[0]["params"], back.param_groups[0]["params"]):
+            for key, value in back.state[r].items():
+                assert not fusedopt.dtensor.is_dtensor(value)
+
+
 def check_grad_scaler(layout: Layout):
     """An inf in one rank's shard: every rank skips the step (and backs off the scale)."""
     import torch.distributed as dist
@@ -246,6 +271,7 @@ def layout_worker(rank, world, name, path):
     check_optimizers(layout)
     check_clip(layout)
     check_full_state_dict(layout)
+    check_load_state_dict(layout)
     check_grad_scaler(layout)
     check_refusals(layout)
     if name == "fsdp":
@@ -289,8 +315,18 @@ def load_checkpoint(layout: Layout, path: str):
         assert_same(model, single, opt, single_opt, what=f"resumed {case}")
 
 
+class OneProcess(Layout):
+    """No mesh: the model whole in this process."""
+
+    def __init__(self):
+        self.name, self.tp, self.dp = "one process", None, None
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_dtensor_layouts(tmp_path):
-    """TP=2, FSDP2=2 (which saves a checkpoint), FSDP2 x TP on 2x2 (which resumes from it)."""
+    """TP=2, FSDP2=2 (which saves a checkpoint), FSDP2 x TP on 2x2 (which
+    resumes from it); then the checkpoint resumes in this one process too."""
     spawn(layout_worker, 2, "tp", str(tmp_path))
     spawn(layout_worker, 2, "fsdp", str(tmp_path))
     spawn(layout_worker, 4, "2d", str(tmp_path))
+    load_checkpoint(OneProcess(), str(tmp_path))

@@ -51,7 +51,9 @@ class Bucket:
     weight's absmax. With DTensor params the tensors are their local shards,
     and ``params`` may be empty when every DTensor of the bucket has an empty
     shard on this rank (``stats`` still joins the bucket's collectives; the
-    optimizer launches nothing).
+    optimizer launches nothing). The one exception to "no tensor is empty":
+    buckets of sharded Adafactor tensors, which never reach a kernel, take
+    empty local shards too (their replicated statistics are updated).
     """
 
     device: torch.device

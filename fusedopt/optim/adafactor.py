@@ -66,6 +66,7 @@ class FusedAdafactor(FusedOptimizer):
     _op = "adafactor"
     _elementwise_update = False  # factored statistics and RMS clipping are per tensor
     _fp8_exempt_states = frozenset({"row_var", "col_var", "variance"})
+    _reduced_dims = {"row_var": (-1,), "col_var": (-2,)}
 
     def __init__(
         self,
@@ -128,6 +129,11 @@ class FusedAdafactor(FusedOptimizer):
         factored = adafactor_spec.is_factored(p)
         sharding = dtensor.sharding_of(p)
         return _Sharded(factored) if sharding is not None and sharding.groups() else factored
+
+    def _launches_empty_shards(self, kind):
+        # the sharded path takes them: the column statistics of a row-sharded matrix are replicated, and
+        # every rank updates its copy, also one holding no rows
+        return isinstance(kind, _Sharded)
 
     def _needs_contiguous(self, kind):
         return kind is True  # factored kernels walk rows and columns (the sharded path runs torch ops)

@@ -51,6 +51,9 @@ class FusedOptimizer(Optimizer):
     #: whether each element's update depends on that element alone (no per-tensor norms or
     #: factored statistics): then a flat shard of many params can be stepped as one tensor (ZeRO)
     _elementwise_update: bool = True
+    #: states that reduce some of their param's dims ({name: dims}, e.g. Adafactor's row_var: the last):
+    #: on DTensor params they are Replicate on the mesh dims that shard those dims
+    _reduced_dims: dict[str, tuple[int, ...]] = {}
 
     def __init__(self, params, defaults: dict, *, backend: str | None = None, master_weights: bool = False,
                  max_grad_norm: float | None = None, state_dtype: torch.dtype | None = None,
@@ -162,6 +165,11 @@ class FusedOptimizer(Optimizer):
         """What else, beyond (device, dtype), must params share to go in one launch."""
         return None
 
+    def _launches_empty_shards(self, kind) -> bool:
+        """Whether buckets of this kind take DTensors whose local shard is
+        empty (their update then runs on empty tensors: not the kernels')."""
+        return False
+
     def _needs_contiguous(self, kind) -> bool:
         """Whether kernels for this kind index rows and columns (row-major
         contiguous tensors), not just flat elements (any dense layout)."""
@@ -261,14 +269,18 @@ class FusedOptimizer(Optimizer):
                 raise RuntimeError(f"{where.format(name)} has shape {tuple(t.shape)} on {t.device}; the kernels "
                                    f"take {want} on {p.device}")
             if is_dtensor or dtensor.is_dtensor(t):
-                self._check_dtensor_state(where.format(name), p, t, want, local_shapes.get(name))
+                self._check_dtensor_state(where.format(name), name, p, t, local_shapes.get(name))
         if self._uses_fp8(p) and "fp8_weight" in state:
             t = state["fp8_weight"]
             if not isinstance(t, Tensor) or tuple(t.shape) != tuple(p.shape):
                 raise RuntimeError(f"{where.format('fp8_weight')} must be a tensor of the param's shape")
 
-    @staticmethod
-    def _check_dtensor_state(where: str, p: Tensor, t: Tensor, shape: tuple, local_shape) -> None:
+    def _state_placements(self, p: Tensor, name: str) -> tuple:
+        """The placements of DTensor param p's state `name`: p's, with
+        Replicate on the mesh dims that shard a dim the state reduces."""
+        return dtensor.sharding_of(p).reduced_placements(self._reduced_dims.get(name, ()))
+
+    def _check_dtensor_state(self, where: str, name: str, p: Tensor, t: Tensor, local_shape) -> None:
         """A state of a DTensor param is a DTensor on its mesh with the
         placements that follow from the param's (dtensor.Sharding) and the
         local shape the kernels read; a plain param's states are plain."""
@@ -277,8 +289,7 @@ class FusedOptimizer(Optimizer):
         if not dtensor.is_dtensor(t):
             raise RuntimeError(f"{where} is a plain tensor, but the param is a DTensor on {p.device_mesh} with "
                                f"placements {p.placements}: its states are DTensors (load_state_dict converts)")
-        placements = p.placements if local_shape is None else \
-            dtensor.sharding_of(p).reduced_placements(shape, p.shape)
+        placements = self._state_placements(p, name)
         if t.device_mesh != p.device_mesh or tuple(t.placements) != tuple(placements):
             raise RuntimeError(f"{where} is a DTensor on {t.device_mesh} with placements {t.placements}; the "
                                f"kernels take it on {p.device_mesh} with {tuple(placements)} (load_state_dict "
@@ -307,7 +318,7 @@ class FusedOptimizer(Optimizer):
                 value = (torch.zeros_like(lp, dtype=dtype, memory_format=torch.preserve_format) if shape is None
                          else torch.zeros(local_shapes.get(name, shape), dtype=dtype, device=lp.device))
                 state[name] = value if not sharded else dtensor.like(p, value) if shape is None else \
-                    dtensor.like(p, value, dtensor.sharding_of(p).reduced_placements(shape, p.shape), shape)
+                    dtensor.like(p, value, self._state_placements(p, name), shape)
         if self._uses_master(p) and "master_param" not in state:
             master = lp.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
             state["master_param"] = dtensor.like(p, master) if sharded else master
@@ -420,8 +431,14 @@ class FusedOptimizer(Optimizer):
         device = buckets[0].device
         parts = []
         for b in buckets:
-            sums = (self._backend_for(b.device).power_sums(b.grads, 2.0) if b.params
-                    else torch.zeros(0, dtype=torch.float64, device=b.device))
+            # the kernels take no empty tensor: those of a sharded Adafactor bucket (empty local shards) sum to 0
+            index = [i for i, g in enumerate(b.grads) if g.numel()]
+            if len(index) == len(b.grads) and index:
+                sums = self._backend_for(b.device).power_sums(b.grads, 2.0)
+            else:
+                sums = torch.zeros(len(b.grads), dtype=torch.float64, device=b.device)
+                if index:
+                    sums[index] = self._backend_for(b.device).power_sums([b.grads[i] for i in index], 2.0)
             parts.append((None, b.whole_tensor_sums(sums, every_member=True)[0]))  # DTensors: over their shards
         total = norms.combine(parts, 2.0, device)
         if grad_scale is not None:
@@ -490,7 +507,10 @@ class FusedOptimizer(Optimizer):
             plan.watch(p, lp, state, ["step", *names, *shaped] + (["master_param"] if master is not None else [])
                        + (list(_FP8_STATES) if fp8 else []))
             key = (p.device, p.dtype, kind)
-            if lp.numel() == 0:
+            # a DTensor with an empty local shard still has states to update when some are replicated
+            # (Adafactor's column statistics of a row-sharded matrix): launched by kinds that take empties
+            skip = lp.numel() == 0 and not (sharding is not None and self._launches_empty_shards(kind))
+            if skip:
                 plan.empty_steps.setdefault(p.device, []).append(state["step"])
                 if sharding is None:
                     continue
@@ -500,8 +520,8 @@ class FusedOptimizer(Optimizer):
                                        masters=[] if master is not None else None), [])
                 members[key] = []
             bucket, grad_index = buckets[key]
-            members[key].append((sharding, p.shape, lp.shape, lp.numel() > 0))
-            if lp.numel() == 0:
+            members[key].append((sharding, p.shape, lp.shape, not skip))
+            if skip:
                 continue
             local = dtensor.local
             tensors = ([lp, g] + [local(state[n]) for n in names] + ([local(master)] if master is not None else [])
@@ -576,8 +596,8 @@ class FusedOptimizer(Optimizer):
         """load_state_dict's work after torch's (see there), then its checks."""
         self._plans = {}
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = chain.from_iterable(g["params"] for g in self.param_groups)
-        for saved_id, p in zip(saved_ids, params):
+        params = [(group, p) for group in self.param_groups for p in group["params"]]
+        for saved_id, (group, p) in zip(saved_ids, params):
             state = self.state.get(p)
             saved = state_dict["state"].get(saved_id)
             if not state or saved is None:
@@ -596,6 +616,8 @@ class FusedOptimizer(Optimizer):
                 # FP8 state is re-created from the weight at the next step
                 for name in _FP8_STATES:
                     state.pop(name, None)
+            if dtensor.is_dtensor(p) or any(dtensor.is_dtensor(v) for v in state.values()):
+                self._place_loaded(group, p, state)
         for index, group in enumerate(self.param_groups):
             self._check_group(group, f"param group {index} of the loaded state_dict")
             for p in group["params"]:
@@ -603,6 +625,38 @@ class FusedOptimizer(Optimizer):
                     self._check_state(group, p, self._bucket_kind(p))
                 except RuntimeError as e:
                     raise ValueError(f"{type(self).__name__}.load_state_dict: {e}") from None
+
+    def _place_loaded(self, group: dict, p: Tensor, state: dict) -> None:
+        """Loaded states in the layout the kernels take for p: for a DTensor
+        param, a whole (plain) state is cut into this rank's shard (no
+        communication: every rank holds it) and a DTensor state of other
+        placements is redistributed; a plain param's DTensor state is
+        gathered (a collective, as every rank loads the same dict)."""
+        from torch.distributed.tensor import distribute_tensor
+
+        shapes = self._state_shapes(group, p, self._bucket_kind(p))
+        sharding = dtensor.sharding_of(p)
+        for name, value in list(state.items()):
+            if not isinstance(value, Tensor) or name == "step" or (name not in shapes and name != "master_param"):
+                continue
+            if sharding is None:
+                if dtensor.is_dtensor(value):
+                    state[name] = value.full_tensor()
+                continue
+            shape = shapes.get(name)
+            placements = self._state_placements(p, name)
+            want = tuple(p.shape) if shape is None else tuple(shape)
+            if dtensor.is_dtensor(value):
+                if value.device_mesh != p.device_mesh:
+                    raise ValueError(f"{type(self).__name__}.load_state_dict: state {name!r} of a param on "
+                                     f"{p.device_mesh} is a DTensor on {value.device_mesh}")
+                if tuple(value.placements) != tuple(placements):
+                    value = value.redistribute(p.device_mesh, placements)
+            elif tuple(value.shape) == want:
+                value = distribute_tensor(value.to(p.device), p.device_mesh, placements, src_data_rank=None)
+            else:
+                continue  # _check_state names what is wrong with it
+            state[name] = dtensor.like(p, value._local_tensor.contiguous(), placements, shape)
 
     def _load_states(self, p: Tensor, state: dict, saved: dict) -> None:
         """Take p's saved floating-point states into `state` in the dtype this
