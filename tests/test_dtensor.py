@@ -72,7 +72,7 @@ class Layout:
             self.mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
             self.tp, self.dp = self.mesh["tp"], self.mesh["dp"]
 
-    def models(self, seed: int = 0):
+    def models(self, seed: int = 0, fsdp: bool = True):
         from torch.distributed.fsdp import fully_shard
         from torch.distributed.tensor import Replicate
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
@@ -86,7 +86,7 @@ class Layout:
                 "b": RowwiseParallel(input_layouts=Replicate()),
                 "c": ColwiseParallel(output_layouts=Replicate()),
             })
-        if self.dp is not None:
+        if self.dp is not None and fsdp:
             for module in (model.a, model.norm, model.b, model.c, model.head):
                 fully_shard(module, mesh=self.dp)
             fully_shard(model, mesh=self.dp)
@@ -265,6 +265,57 @@ def check_refusals(layout: Layout):
     opt.step()
 
 
+def check_zero_tp(layout: Layout):
+    """ZeroOptimizer over the data-parallel group of a TP model (DP x TP):
+    the single-process weights, the global norm counted once, every rank
+    skipping an inf together, the full state_dict as DTensors."""
+    import torch.distributed as dist
+
+    from fusedopt.distributed import ZeroOptimizer
+
+    kwargs = CASES["adamw"][1]
+    for stage in (1, 2):
+        model, single = layout.models(fsdp=False)
+        opt = ZeroOptimizer(model.parameters(), stage=stage, process_group=layout.dp.get_group(), **kwargs)
+        single_opt = FusedAdamW(single.parameters(), **kwargs)
+        layout.train(model, opt, STEPS)
+        layout.train(single, single_opt, STEPS, single=True)
+        assert_same(model, single, what=f"zero{stage} x tp")
+        torch.testing.assert_close(opt.last_grad_norm, single_opt.last_grad_norm, rtol=1e-5, atol=0)
+        saved = opt.full_state_dict()
+        if layout.dp.get_local_rank() == 0:
+            for i, (p, q) in enumerate(zip(model.parameters(), single.parameters())):
+                for key in ("exp_avg", "exp_avg_sq"):
+                    got = saved["state"][i][key]
+                    assert fusedopt.dtensor.is_dtensor(got) == fusedopt.dtensor.is_dtensor(p)
+                    torch.testing.assert_close(full(got), single_opt.state[q][key], rtol=1e-5, atol=1e-6)
+        else:
+            assert saved is None
+        with pytest.raises(NotImplementedError, match="tensor-parallel"):
+            opt.state_dict()
+        opt.remove_hooks()
+    model, _ = layout.models(fsdp=False)
+    opt = ZeroOptimizer(model.parameters(), stage=2, process_group=layout.dp.get_group(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    before = {n: full(p).detach().clone() for n, p in model.named_parameters()}
+
+    def poison(g):  # an inf in this rank's TP shard of one replica's grad, before ZeRO reduces it
+        g = g.clone()
+        g._local_tensor.view(-1)[-1] = float("inf")
+        return g
+
+    if dist.get_rank() == dist.get_world_size() - 1:
+        model.c.weight.register_hook(poison)
+    scaler.scale(model(layout.local_batch(0))).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**7
+    assert all(float(s["step"]) == 0 for s in opt.state.values())
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(full(p).detach(), before[n], rtol=0, atol=0)
+    opt.remove_hooks()
+
+
 def layout_worker(rank, world, name, path):
     torch.set_num_threads(1)
     layout = Layout(name, world)
@@ -277,6 +328,7 @@ def layout_worker(rank, world, name, path):
     if name == "fsdp":
         save_checkpoint(layout, path)
     elif name == "2d":
+        check_zero_tp(layout)
         load_checkpoint(layout, path)
 
 

@@ -47,6 +47,10 @@ bf16 in all_reduce mode; bytes sent per element are half of fp32's.
 
 Every rank must run the same backward/wait sequence (collectives are matched in
 order), as with DDP.
+
+DTensor params (tensor parallel, the model replicated over the data-parallel
+``process_group``): their local shards are bucketed and reduced, and ``p.grad``
+stays a DTensor of the param's layout whose local shard is the bucket's view.
 """
 from __future__ import annotations
 
@@ -57,6 +61,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .. import dtensor
 from . import _collectives as comm
 
 MODES = ("all_reduce", "reduce_scatter")
@@ -83,8 +88,14 @@ class GradBucket:
     _size: int = 0
 
     def view(self, i: int) -> Tensor:
-        p = self.params[i]
+        """Param i's grad in the buffer (its local shard's, for a DTensor)."""
+        p = dtensor.local(self.params[i])
         return self.ensure()[self.offsets[i]:self.offsets[i] + p.numel()].view_as(p)
+
+    def grad(self, i: int) -> Tensor:
+        """view(i) as param i's .grad: a DTensor of the param's layout for a DTensor param."""
+        p = self.params[i]
+        return dtensor.like(p, self.view(i)) if dtensor.is_dtensor(p) else self.view(i)
 
     def ensure(self) -> Tensor:
         """The buffer, zero-filled again if it was released."""
@@ -149,9 +160,9 @@ class GradBuckets:
             raise RuntimeError("GradBuckets: a grad arrived for a bucket already being reduced: call wait() "
                                "after each backward (or run the extra backward inside no_sync())")
         view = bucket.view(i)
-        if p.grad is not None and not _same_memory(p.grad, view):
-            view.copy_(p.grad)
-            p.grad = view  # later accumulation lands in the buffer
+        if p.grad is not None and not _same_memory(dtensor.local(p.grad), view):
+            view.copy_(dtensor.local(p.grad))
+            p.grad = bucket.grad(i)  # later accumulation lands in the buffer
         bucket.has_grad[i] = True
         if not self._sync:
             return
@@ -257,10 +268,11 @@ class GradBuckets:
                 k += 1
                 if not used or not self.keep_grads:
                     p.grad = None  # keep_grads=False: only the shards are kept
-                elif self.mode == "all_reduce" and (p.grad is None or not _same_memory(p.grad, bucket.view(i))):
-                    p.grad = bucket.view(i)
+                elif self.mode == "all_reduce" and (p.grad is None
+                                                    or not _same_memory(dtensor.local(p.grad), bucket.view(i))):
+                    p.grad = bucket.grad(i)
                 elif self.mode == "reduce_scatter" and p.grad is None:
-                    p.grad = bucket.view(i)  # zeros: this rank's own (absent) contribution
+                    p.grad = bucket.grad(i)  # zeros: this rank's own (absent) contribution
             bucket.ready = [False] * len(bucket.params)
             bucket.has_grad = [False] * len(bucket.params)
             bucket.launched = False
@@ -297,7 +309,7 @@ def _pack(params: list[Tensor], first_mb: float, cap_mb: float) -> list[list[Ten
     size = 0
     for p in reversed(params):
         cap_bytes = (first_mb if len(groups) <= 1 else cap_mb) * 2**20  # groups[0] is the first bucket
-        nbytes = p.numel() * p.element_size()
+        nbytes = dtensor.local(p).numel() * p.element_size()
         current = groups[-1] if groups else None
         fits = (current is not None and current[0].device == p.device and current[0].dtype == p.dtype
                 and size + nbytes <= cap_bytes)
@@ -316,7 +328,7 @@ def _make_buckets(groups: list[list[Tensor]], world: int, rank: int) -> list[Gra
         offsets, n = [], 0
         for p in members:
             offsets.append(n)
-            n += p.numel()
+            n += dtensor.local(p).numel()
         padded = -(-n // world) * world if n else world
         buffer = torch.zeros(padded, dtype=members[0].dtype, device=members[0].device)
         shard = padded // world

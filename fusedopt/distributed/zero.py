@@ -43,6 +43,16 @@ Checkpoints: ``state_dict()`` is sharded (DTensors) and reshards through
 torch.distributed.checkpoint; ``full_state_dict()`` / a full dict in
 ``load_state_dict`` move to and from the torch.optim.AdamW layout.
 
+Tensor parallel (DP x TP): params that are DTensors (e.g. ``parallelize_module``
+on the TP sub-mesh, the model replicated over the data-parallel
+``process_group``) are laid out by their local shards, in flat buffers of
+their own per set of mesh groups that shard them: the global norm sums each
+buffer's squares over the ZeRO group and then over those groups, so a TP
+shard is counted once and a replicated param once; GradScaler's flag is OR-ed
+over them too. Params sharded over the ZeRO group itself (FSDP) are refused.
+``full_state_dict()`` gives their states as DTensors of their layout; the
+sharded ``state_dict()`` does not take them yet (it raises).
+
 GradScaler: see ``step()``.
 """
 from __future__ import annotations
@@ -53,6 +63,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .. import dtensor
 from ..backends._dtypes import math_dtype
 from ..optim.adamw import FusedAdamW
 from ..optim.base import FusedOptimizer
@@ -61,21 +72,26 @@ from .grad_buckets import GradBuckets
 
 
 class _Flat:
-    """One flat buffer of params (one group, device, dtype) and this rank's shard of it."""
+    """One flat buffer of params (one group, device, dtype, and for DTensors
+    the process groups that shard them: ``groups``) and this rank's shard of
+    it. A DTensor param takes its local shard's place."""
 
-    def __init__(self, params: list[Tensor], world: int, rank: int):
-        self.params = params
+    def __init__(self, params: list[Tensor], world: int, rank: int, groups: tuple = ()):
+        self.params, self.groups = params, groups
         self.offsets, n = [], 0
         for p in params:
             self.offsets.append(n)
-            n += p.numel()
+            n += dtensor.local(p).numel()
         self.numel = n  # elements in use; the rest of the buffer is zero padding
         padded = -(-n // world) * world if n else world
         self.buffer = torch.zeros(padded, dtype=params[0].dtype, device=params[0].device)
         for p, o in zip(params, self.offsets):
-            view = self.buffer[o:o + p.numel()].view_as(p)
-            view.copy_(p.detach())
-            p.data = view  # the module keeps its Parameter objects; their storage is now the flat buffer
+            local = dtensor.local(p)
+            view = self.buffer[o:o + local.numel()].view_as(local)
+            view.copy_(local.detach())
+            # the module keeps its Parameter objects (a DTensor its local shard object); their storage is now
+            # the flat buffer
+            local.data = view
         size = padded // world
         self.start, self.end = rank * size, (rank + 1) * size
         self.shard = self.buffer[self.start:self.end]  # the inner optimizer's param
@@ -86,7 +102,7 @@ def _runs(flat: _Flat, cap_bytes: float) -> list[tuple[list[Tensor], int, int]]:
     (a larger param alone): (params, first element, end element) each."""
     runs, members, size = [], [], 0
     for p in flat.params:
-        nbytes = p.numel() * p.element_size()
+        nbytes = dtensor.local(p).numel() * p.element_size()
         if members and size + nbytes > cap_bytes:
             runs.append(members)
             members, size = [], 0
@@ -95,7 +111,7 @@ def _runs(flat: _Flat, cap_bytes: float) -> list[tuple[list[Tensor], int, int]]:
     if members:
         runs.append(members)
     index = {id(p): o for p, o in zip(flat.params, flat.offsets)}
-    return [(ps, index[id(ps[0])], index[id(ps[-1])] + ps[-1].numel()) for ps in runs]
+    return [(ps, index[id(ps[0])], index[id(ps[-1])] + dtensor.local(ps[-1]).numel()) for ps in runs]
 
 
 class ZeroOptimizer(torch.optim.Optimizer):
@@ -137,8 +153,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
             members = [p for p in given if p.requires_grad]
             keys = OrderedDict()
             for p in members:
-                keys.setdefault((p.device, p.dtype), []).append(p)
-            flats = [_Flat(ps, self.world, self.rank) for ps in keys.values()]
+                keys.setdefault((p.device, p.dtype, self._sharding_groups(p)), []).append(p)
+            flats = [_Flat(ps, self.world, self.rank, key[2]) for key, ps in keys.items()]
             self.flats += flats
             inner_groups.append({**{k: v for k, v in group.items() if k != "params"},
                                  "params": [f.shard for f in flats]})
@@ -172,6 +188,34 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 self.optimizer._prepare_state(group, shard, self.optimizer._bucket_kind(shard))
 
     _step_supports_amp_scaling = True
+
+    def _sharding_groups(self, p: Tensor) -> tuple:
+        """The process groups that shard DTensor param p (none for a plain one);
+        refused when one is the ZeRO group itself."""
+        if not dtensor.is_dtensor(p):
+            return ()
+        dtensor.check_tensor(p, "ZeroOptimizer: a param")
+        groups = dtensor.sharding_of(p).groups()
+        zero_ranks = dist.get_process_group_ranks(self.group or dist.group.WORLD)
+        if any(dist.get_process_group_ranks(g) == zero_ranks for g in groups):
+            raise ValueError(f"ZeroOptimizer: a DTensor param of shape {tuple(p.shape)} is already sharded over "
+                             f"the ZeRO process group ({p.placements} on {p.device_mesh}): ZeRO shards a model "
+                             f"replicated over its group (e.g. tensor parallel over another mesh dim); use a plain "
+                             f"fusedopt optimizer with FSDP2")
+        return groups
+
+    def _over_sharding_groups(self, values: Tensor, op=dist.ReduceOp.SUM) -> None:
+        """values[i] (one per flat buffer, already reduced over the ZeRO group)
+        reduced in place over the groups that shard flat i's params: one
+        collective per group."""
+        members: dict = {}
+        for i, flat in enumerate(self.flats):
+            for group in flat.groups:
+                members.setdefault(group, []).append(i)
+        for group, index in members.items():
+            part = values[index]
+            dist.all_reduce(part, op=op, group=group)
+            values[index] = part
 
     @property
     def param_groups(self):
@@ -237,8 +281,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if grad_scaler is not None:
             grad_scale, found_inf = self._scaler_flags(grad_scaler)
         elif found_inf is not None:  # every rank skips together
-            found_inf = torch.as_tensor(found_inf, dtype=torch.float32, device=self.flats[0].buffer.device).clone()
-            comm.all_reduce(found_inf, self.group)
+            found_inf = self._on_every_rank(torch.as_tensor(found_inf, dtype=torch.float32,
+                                                            device=self.flats[0].buffer.device).clone())
             self.optimizer.found_inf = (found_inf > 0).to(torch.float32)
         if self.max_grad_norm:
             grad_scale = self._clip(grad_scale)
@@ -266,12 +310,18 @@ class ZeroOptimizer(torch.optim.Optimizer):
         device = self.flats[0].buffer.device
         grads = [f.shard.grad for f in self.flats if f.shard.grad is not None]
         bad = torch.stack([(~torch.isfinite(g)).any() for g in grads]).any() if grads else torch.tensor(False)
-        found_inf = bad.to(device=device, dtype=torch.float32).reshape(1)
-        comm.all_reduce(found_inf, self.group)
+        found_inf = self._on_every_rank(bad.to(device=device, dtype=torch.float32).reshape(1))
         found_inf = (found_inf > 0).to(torch.float32)
         per_optimizer["found_inf_per_device"] = {found_inf.device: found_inf}
         self.optimizer.found_inf = found_inf
         return scaler._scale.to(device), found_inf
+
+    def _on_every_rank(self, found_inf: Tensor) -> Tensor:
+        """A found_inf flag summed over the ZeRO group, then OR-ed over every group that shards a param."""
+        comm.all_reduce(found_inf, self.group)
+        values = found_inf.reshape(1).expand(len(self.flats)).clone()
+        self._over_sharding_groups(values, dist.ReduceOp.MAX)
+        return values.max().reshape(found_inf.shape)
 
     def _clip(self, grad_scale: Tensor | None) -> Tensor:
         """torch's clip_grad_norm_ rule on the global norm: the grads are to be
@@ -279,10 +329,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
         scale the inner (fused) optimizer divides by, so no grad is modified."""
         shards = [f.shard.grad for f in self.flats]
         device = shards[0].device
-        squares = torch.zeros((), dtype=torch.float64, device=device)
-        for g in shards:  # each square in the math precision, sums in fp64: fusedopt.norms' rule
-            squares += g.detach().to(math_dtype(g.dtype)).square().double().sum().to(device)
+        # each square in the math precision, sums in fp64 (fusedopt.norms' rule), one per flat buffer: summed
+        # over the ZeRO group, then over the groups that shard its params (a TP shard and a replica count once)
+        squares = torch.stack([g.detach().to(math_dtype(g.dtype)).square().double().sum().to(device) for g in shards])
         comm.all_reduce(squares, self.group)
+        self._over_sharding_groups(squares)
+        squares = squares.sum()
         scale = torch.ones((), dtype=torch.float64, device=device) if grad_scale is None else \
             grad_scale.to(device=device, dtype=torch.float64).reshape(())
         # the norm and the coefficient in fp32, fp64 when some grads are, as clip_grad_norm_ forms them;
@@ -331,6 +383,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
         from torch.distributed.device_mesh import DeviceMesh
         from torch.distributed.tensor import DTensor, Shard
 
+        if any(flat.groups for flat in self.flats):
+            # each TP rank's flat buffers hold other shards of other tensors: a 1-d DTensor over the ZeRO
+            # group would give them one name, and checkpoint writes would collide
+            raise NotImplementedError("ZeroOptimizer.state_dict(): the sharded state of tensor-parallel "
+                                      "(DTensor) params is not supported yet; use full_state_dict() and "
+                                      "load_state_dict(full)")
         mesh = DeviceMesh.from_group(self.group or dist.group.WORLD, self.flats[0].buffer.device.type)
         inner = self.optimizer.state_dict()
         state = {}
@@ -395,8 +453,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
             parts = []
             for p, s in zip(flat.params, per_param):
                 value = s.get(name)
-                parts.append(torch.zeros(p.numel(), device=flat.shard.device) if value is None
-                             else value.detach().reshape(-1).to(flat.shard.device))
+                parts.append(torch.zeros(dtensor.local(p).numel(), device=flat.shard.device) if value is None
+                             else _local_piece(p, value.detach()).reshape(-1).to(flat.shard.device))
             whole = torch.cat(parts) if parts else torch.zeros(0)
             pieces[name] = whole[flat.start:flat.start + self._valid(flat)]
         steps = [s["step"] for s in per_param if "step" in s]
@@ -423,7 +481,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 whole = torch.cat(shards)
                 for p, offset in zip(flat.params, flat.offsets):
                     entry = state.setdefault(index[id(p)], {"step": own["step"].clone()})
-                    entry[name] = whole[offset:offset + p.numel()].view_as(p).clone()
+                    local = dtensor.local(p)
+                    value = whole[offset:offset + local.numel()].view_as(local).clone()
+                    entry[name] = dtensor.like(p, value) if dtensor.is_dtensor(p) else value
         if self.rank != 0:
             return None
         groups = []
@@ -431,3 +491,19 @@ class ZeroOptimizer(torch.optim.Optimizer):
             groups.append({**{k: v for k, v in inner_group.items() if k != "params"},
                            "params": [index[id(p)] for p in given]})
         return {"state": state, "param_groups": groups}
+
+
+def _local_piece(p: Tensor, value: Tensor) -> Tensor:
+    """What of a full state_dict's `value` for param p this rank keeps: p's
+    local shard of it for a DTensor param (a DTensor state redistributed to
+    p's placements, a whole one cut without communication)."""
+    if not dtensor.is_dtensor(p):
+        return dtensor.local(value)
+    from torch.distributed.tensor import distribute_tensor
+
+    if dtensor.is_dtensor(value):
+        if tuple(value.placements) != tuple(p.placements):
+            value = value.redistribute(p.device_mesh, p.placements)
+        return value._local_tensor
+    return distribute_tensor(value.to(dtensor.local(p).device), p.device_mesh, p.placements,
+                             src_data_rank=None)._local_tensor
