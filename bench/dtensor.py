@@ -20,6 +20,13 @@ Mode "clip" adds max_grad_norm=1.0 (a global norm over the mesh: one
 all-reduce per step) against torch's clip_grad_norm_ + fused AdamW on the
 DTensors. Bytes per param: AdamW's 28 (fp32 p, g, m, v read, p, m, v
 written), of the local shard.
+
+Mode "adafactor": FusedAdafactor on the DTensors (their sharded path: torch
+ops on the local shards with the statistics reduced between its phases)
+against torch.optim.Adafactor on them, and for scale FusedAdafactor's kernels
+on the plain local shards (statistics of the shards alone: what the kernels
+cost, not a result a sharded model may use). Bytes: 20 per param
+(bench/second_order.py's count).
 """
 from __future__ import annotations
 
@@ -35,6 +42,7 @@ from .harness import STREAM, Result, alternate, stream_op
 
 BLOCKS, WIDTH, WORLD = 48, 256, 2
 BYTES_PER_PARAM = 28
+MODES = ("step", "clip", "adafactor")
 CASE = f"fsdp2-{WORLD}x-{BLOCKS}blocks"
 
 
@@ -53,6 +61,18 @@ def _contenders(mode: str, model, device):
     local = [p._local_tensor.detach().requires_grad_() for p in params]  # views of the same shards
     for q, p in zip(local, params):
         q.grad = p.grad._local_tensor
+    n = sum(q.numel() for q in local)
+    if mode == "adafactor":
+        fns = {"fusedopt kernels on plain local shards (local statistics)":
+               fusedopt.FusedAdafactor(local, lr=1e-4).step,
+               "fusedopt (DTensor params)": fusedopt.FusedAdafactor(params, lr=1e-4).step}
+        try:  # torch 2.13's raises on FSDP2 params (an in-place square of a norm DTensor dispatch refuses)
+            theirs = torch.optim.Adafactor(params, lr=1e-4)
+            theirs.step()
+            fns["torch Adafactor (DTensor params)"] = theirs.step
+        except RuntimeError as e:
+            print(f"dtensor adafactor: torch.optim.Adafactor on the DTensor params raises: {str(e)[:160]}")
+        return fns, n
     clip = mode == "clip"
     kw = {"max_grad_norm": 1.0} if clip else {}
     fns = {"fusedopt cpu plain (local shards)" if device.type == "cpu" else "fusedopt plain (local shards)":
@@ -66,7 +86,6 @@ def _contenders(mode: str, model, device):
         fns["torch clip + fused (DTensor params)"] = torch_step
     else:
         fns["torch fused (DTensor params)"] = torch_opt.step
-    n = sum(q.numel() for q in local)
     return fns, n
 
 
@@ -89,14 +108,15 @@ def _worker(rank: int, world: int, port: int, out: str, device_type: str, warmup
     x = torch.randn(16, WIDTH, generator=torch.Generator().manual_seed(rank)).to(device)
     model(x).square().mean().backward()
     rows = []
-    for mode in ("step", "clip"):
+    for mode in MODES:
         fns, n = _contenders(mode, model, device)
         stream, stream_bytes = stream_op(device, 16 * n)
         fns[STREAM] = stream
         times = alternate(fns, device, warmup, reps)
         for name, ts in times.items():
+            per_param = 20 if mode == "adafactor" else BYTES_PER_PARAM  # bench/second_order.py's count
             rows.append(dict(mode=mode, contender=name, times_ms=ts, params=n,
-                             bytes_per_step=stream_bytes if name == STREAM else BYTES_PER_PARAM * n))
+                             bytes_per_step=stream_bytes if name == STREAM else per_param * n))
     if rank == 0:
         with open(out, "w") as f:
             json.dump(rows, f)
@@ -125,8 +145,7 @@ def run(device: torch.device, case_names, warmup: int, reps: int, log=print):
     # step: against the same step on plain tensors (the issue's bound); clip: against torch, as the plain
     # contender's norm is local (no collective), which a sharded model cannot do
     baselines = {(CASE, r.mode): r.contender for r in results
-                 if ("plain" in r.contender) == (r.mode == "step") and r.contender != STREAM
-                 and (r.mode == "step" or r.contender.startswith("torch"))}
+                 if ("plain" in r.contender if r.mode != "clip" else r.contender.startswith("torch"))}
     return results, baselines
 
 
@@ -143,10 +162,15 @@ def targets(results, device) -> list[str]:
     shards, and <= 0.8x torch's fused AdamW on the DTensors."""
     by = {(r.mode, r.contender): r for r in results}
     lines = []
-    for mode in ("step", "clip"):
+    for mode in MODES:
         ours = by.get((mode, "fusedopt (DTensor params)"))
         plain = next((r for (m, c), r in by.items() if m == mode and "plain" in c), None)
         theirs = next((r for (m, c), r in by.items() if m == mode and c.startswith("torch")), None)
+        if mode == "adafactor" and ours and plain:  # no target: how far the phased path is from the kernels
+            lines.append(f"dtensor adafactor: fusedopt on the DTensors / its kernels on the plain local shards = "
+                         f"{ours.median / plain.median:.2f}" + (f", / {theirs.contender} = "
+                                                                f"{ours.median / theirs.median:.3f}" if theirs else ""))
+            continue
         if not (ours and plain and theirs):
             continue
         if mode == "step":

@@ -84,14 +84,27 @@ def _kernel_inputs(grads: list[Tensor]) -> tuple[list[Tensor], list | None]:
     return [dtensor.local(g) for g in grads], shardings
 
 
+#: (device, shardings, parts' indices) -> (TensorSums, the parts' index tensors): built once per layout of
+#: grads (a clip_grad_norm_ call per step sees the same one), so no step copies indices to the device
+_whole_tensor_plans: dict = {}
+
+
 def _whole_tensor_parts(parts: list[tuple[list[int], Tensor]], shardings: list, p: float,
                         device: torch.device) -> list[tuple[list[int], Tensor]]:
     """power_sums' parts of local shards -> one part with every tensor's sum
     (max for inf) over its whole tensor: a collective per process group."""
+    key = (device, tuple(shardings), tuple(tuple(index) for index, _ in parts))
+    plan = _whole_tensor_plans.get(key)
+    if plan is None:
+        if len(_whole_tensor_plans) > 64:
+            _whole_tensor_plans.clear()
+        every = list(range(len(shardings)))
+        plan = _whole_tensor_plans[key] = (dtensor.TensorSums(shardings, None, None, every, device),
+                                           [torch.tensor(index, device=device) for index, _ in parts])
+    stats, indices = plan
     full = torch.zeros(len(shardings), dtype=torch.float64, device=device)
-    for index, sums in parts:
-        full[torch.tensor(index, device=device)] = sums.to(device)
-    stats = dtensor.TensorSums(shardings, None, None, list(range(len(shardings))), device)
+    for index, (_, sums) in zip(indices, parts):
+        full.index_copy_(0, index, sums.to(device))
     stats.reduce_(full.unsqueeze(0), op="max" if math.isinf(p) else "sum")
     return [(list(range(len(shardings))), full)]
 

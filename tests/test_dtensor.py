@@ -166,7 +166,8 @@ def check_full_state_dict(layout: Layout):
     """get_optimizer_state_dict(full_state_dict=True) is the single-process optimizer's state, by FQN."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    for cls, kwargs in ((FusedAdamW, CASES["adamw"][1]), (FusedAdafactor, CASES["adafactor_beta1"][1])):
+    for cls, kwargs in ((FusedAdamW, CASES["adamw"][1]), (FusedAdafactor, CASES["adafactor_beta1"][1]),
+                        (FusedLAMB, CASES["lamb"][1]), (FusedSophia, CASES["sophia"][1])):
         model, single = layout.models()
         opt, single_opt = cls(model.parameters(), **kwargs), cls(single.parameters(), **kwargs)
         layout.train(model, opt, 2)

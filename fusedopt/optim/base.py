@@ -22,6 +22,15 @@ dtype) bucket further. A step is:
    rewritten); the backend also advances each parameter's step count on its
    device (not when GradScaler found inf/NaN);
 5. copy staged results back.
+
+DTensor params (FSDP2, tensor parallel) are planned by their local shards and
+their states are DTensors of their layout (fusedopt.dtensor). An optimizer
+whose update needs whole-tensor statistics reduces them through
+``Bucket.whole_tensor_sums`` (LAMB) or ``Bucket.stats`` (Adafactor's sharded
+path); ``_reduced_dims`` names its states that reduce some of the param's
+dims (their placements follow), ``_launches_empty_shards`` whether empty
+local shards take part in its launches, and ``_join_statistics`` what a rank
+whose shards of a bucket are all empty contributes to its collectives.
 """
 from __future__ import annotations
 
