@@ -63,7 +63,9 @@ struct HostTable : fusedopt::HostTableArrays {
   // "row absent". Rows in `free_rows` (steps, Adafactor's row/col factors)
   // hold contiguous CPU tensors of any shape; every other row's tensors have
   // the shape and strides of rows[0]'s.
-  HostTable(const std::vector<TensorList>& rows, int64_t chunk_size, std::vector<int64_t> free_rows = {}) {
+  // allow_empty: zero-size tensors may take a slot (they get no chunk): Adafactor's sharded phases
+  HostTable(const std::vector<TensorList>& rows, int64_t chunk_size, std::vector<int64_t> free_rows = {},
+            bool allow_empty = false) {
     TORCH_CHECK(chunk_size > 0, "fusedopt cpu: chunk_size must be positive");
     const TensorList first = rows[0];
     const int64_t n = int64_t(first.size());
@@ -78,7 +80,7 @@ struct HostTable : fusedopt::HostTableArrays {
       const Tensor& p = first[size_t(t)];
       fusedopt::check_plain(p, "cpu", "a tensor of a launch");
       TORCH_CHECK(p.device().is_cpu(), "fusedopt cpu: tensors must be on the CPU");
-      TORCH_CHECK(p.numel() > 0, "fusedopt cpu: zero-size tensors must be filtered out before launch");
+      TORCH_CHECK(allow_empty || p.numel() > 0, "fusedopt cpu: zero-size tensors must be filtered out before launch");
       TORCH_CHECK(p.is_non_overlapping_and_dense(), "fusedopt cpu: tensors must be dense (stage them first)");
       numel[size_t(t)] = p.numel();
       for (int64_t r = 0; r < n_rows; ++r) {
@@ -398,6 +400,107 @@ void adafactor(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
   }
 }
 
+// Adafactor on the local shards of DTensor params, one phase per call (include/fusedopt/adafactor.h):
+// factored (row_vars and col_vars given) 0 sums -> [row_sums, col_sums, p_sq], 1 factors(row_sums, col_sums)
+// -> [rv_sums], 2 unorm(rv_sums) -> [u_sq], 3 update(rv_sums, p_sq, u_sq) -> []; 0-d / 1-d (variances given)
+// 0 stats -> [p_sq, u_sq], 3 update(p_sq, u_sq) -> []. dims: int64 [n, 5] (B, local R and C, whole R and C)
+// for factored tensors; numel: int64 [n], the whole tensors' sizes. Local shards may be empty.
+std::vector<Tensor> adafactor_sharded(int64_t phase, TensorList params, TensorList grads, TensorList exp_avgs,
+                                      TensorList variances, TensorList row_vars, TensorList col_vars,
+                                      TensorList masters, TensorList steps, const Tensor& dims, const Tensor& numel,
+                                      TensorList inputs, double lr, const std::optional<Tensor>& lr_tensor,
+                                      double beta2_decay, double eps1, double eps2, double d, double weight_decay,
+                                      bool maximize, std::optional<double> beta1,
+                                      const std::optional<Tensor>& grad_mult, const std::optional<Tensor>& found_inf,
+                                      std::optional<int64_t> sr_seed, int64_t chunk_size) {
+  TORCH_CHECK(!params.empty(), "fusedopt cpu: adafactor_sharded needs tensors");
+  const int64_t n = int64_t(params.size());
+  const at::ScalarType pdt = params[0].scalar_type();
+  const bool has_master = !masters.empty(), factored = !row_vars.empty();
+  TORCH_CHECK(factored ? (col_vars.size() == row_vars.size() && variances.empty()) : !variances.empty(),
+              "fusedopt cpu: adafactor_sharded takes row_vars and col_vars, or variances");
+  TORCH_CHECK(!beta1.has_value() || !exp_avgs.empty(), "fusedopt cpu: beta1 needs exp_avgs");
+  const at::ScalarType sdt = state_dtype_of(pdt, {variances, row_vars}, has_master);
+  check_dtype(params, pdt, "params");
+  check_dtype(grads, pdt, "grads");
+  for (TensorList states : {exp_avgs, variances, row_vars, col_vars}) check_dtype(states, sdt, "adafactor state");
+  check_dtype(masters, at::kFloat, "master_param");
+  check_steps(steps);
+  TORCH_CHECK(numel.scalar_type() == at::kLong && numel.is_contiguous() && numel.numel() == n,
+              "fusedopt cpu: numel must hold one int64 per tensor");
+  const int64_t* whole = ptr<int64_t>(numel, "numel");
+  HostTable host({params, grads, exp_avgs, variances, row_vars, col_vars, masters, steps}, chunk_size,
+                 {fusedopt::kAfRowVar, fusedopt::kAfColVar, fusedopt::kAfStep}, /*allow_empty=*/true);
+  for (int64_t t = 0; t < n; ++t) TORCH_CHECK(whole[t] >= params[size_t(t)].numel(), "fusedopt cpu: bad numel");
+  fusedopt::AdafactorHyper h{lr, scalar_ptr(lr_tensor, "lr"), beta2_decay, eps1, eps2, d, weight_decay, maximize,
+                             beta1.has_value(), beta1.value_or(0.0), scalar_ptr<double>(grad_mult, "grad_mult"),
+                             scalar_ptr(found_inf, "found_inf")};
+  h.sr = stochastic_rounding(sr_seed, pdt, has_master);
+  const auto doubles = [](int64_t size) { return at::empty({size}, at::TensorOptions().dtype(at::kDouble)); };
+  const auto input = [&](size_t i, int64_t size, const char* what) {
+    TORCH_CHECK(inputs.size() > i && inputs[i].scalar_type() == at::kDouble && inputs[i].is_contiguous() &&
+                    inputs[i].numel() == size,
+                "fusedopt cpu: adafactor_sharded phase ", phase, " takes ", what, ": float64 [", size, "]");
+    return static_cast<const double*>(ptr<double>(inputs[i], what));
+  };
+  const auto P = dtype_code(pdt), S = dtype_code(sdt);
+  const int threads = at::get_num_threads();
+  if (!factored) {
+    TORCH_CHECK(phase == 0 || phase == 3, "fusedopt cpu: adafactor_sharded of 0-d / 1-d tensors has phases 0 and 3");
+    if (phase == 0) {
+      Tensor p_sq = doubles(n), u_sq = doubles(n);
+      fusedopt::adafactor_vector_stats_cpu(host.tt, h, P, S, has_master, threads, p_sq.data_ptr<double>(),
+                                           u_sq.data_ptr<double>());
+      return {p_sq, u_sq};
+    }
+    fusedopt::adafactor_vector_update_cpu(host.tt, h, P, S, has_master, false, threads, input(0, n, "p_sq"),
+                                          input(1, n, "u_sq"), whole);
+    return {};
+  }
+  TORCH_CHECK(dims.scalar_type() == at::kLong && dims.is_contiguous() && dims.numel() == 5 * n,
+              "fusedopt cpu: dims must hold B, R, C, whole R and whole C (int64) per tensor");
+  const int64_t* dm = ptr<int64_t>(dims, "dims");
+  int64_t n_rows = 0, n_cols = 0, n_slices = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t B = dm[5 * t], R = dm[5 * t + 1], C = dm[5 * t + 2], RF = dm[5 * t + 3], CF = dm[5 * t + 4];
+    const Tensor& p = params[size_t(t)];
+    TORCH_CHECK(B >= 0 && R >= 0 && C >= 0 && RF >= std::max<int64_t>(R, 1) && CF >= std::max<int64_t>(C, 1) &&
+                    p.dim() >= 2 && p.is_contiguous() && p.size(-2) == R && p.size(-1) == C && B * R * C == p.numel() &&
+                    row_vars[size_t(t)].numel() == B * R && col_vars[size_t(t)].numel() == B * C,
+                "fusedopt cpu: adafactor_sharded: tensor ", t, " does not match its dims (contiguous, B x R x C, "
+                "row_var B x R, col_var B x C, whole dims at least the local ones)");
+    n_rows += B * R;
+    n_cols += B * C;
+    n_slices += B;
+  }
+  switch (phase) {
+    case 0: {
+      Tensor rows = doubles(n_rows), cols = doubles(n_cols), p_sq = doubles(n);
+      fusedopt::adafactor_sharded_sums_cpu(host.tt, dm, h, P, S, has_master, threads, rows.data_ptr<double>(),
+                                           cols.data_ptr<double>(), p_sq.data_ptr<double>());
+      return {rows, cols, p_sq};
+    }
+    case 1: {
+      Tensor rv_sums = doubles(n_slices);
+      fusedopt::adafactor_sharded_factors_cpu(host.tt, dm, h, P, S, has_master, threads, input(0, n_rows, "row_sums"),
+                                              input(1, n_cols, "col_sums"), rv_sums.data_ptr<double>());
+      return {rv_sums};
+    }
+    case 2: {
+      Tensor u_sq = doubles(n);
+      fusedopt::adafactor_sharded_unorm_cpu(host.tt, dm, h, P, S, has_master, threads, input(0, n_slices, "rv_sums"),
+                                            u_sq.data_ptr<double>());
+      return {u_sq};
+    }
+    case 3:
+      fusedopt::adafactor_sharded_update_cpu(host.tt, dm, h, P, S, has_master, threads, input(0, n_slices, "rv_sums"),
+                                             input(1, n, "p_sq"), input(2, n, "u_sq"), whole);
+      return {};
+    default:
+      TORCH_CHECK(false, "fusedopt cpu: adafactor_sharded phase must be 0, 1, 2 or 3, got ", phase);
+  }
+}
+
 // Sophia's lists, checked and tabled in MomentRow layout (hessian in the second-moment row).
 HostTable sophia_table(TensorList params, TensorList grads, TensorList exp_avgs, TensorList hessians,
                        TensorList exp_avg_scales, TensorList hessian_scales, TensorList masters, TensorList steps,
@@ -479,6 +582,13 @@ TORCH_LIBRARY(fusedopt_cpu, m) {
       "float weight_decay, bool bias_correction, bool adam_w_mode, bool grad_averaging, bool maximize, "
       "Tensor? found_inf, int? sr_seed, int chunk_size) -> ()",
       &lamb_apply);
+  m.def(
+      "adafactor_sharded(int phase, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] variances, Tensor(d!)[] row_vars, Tensor(e!)[] col_vars, Tensor(f!)[] masters, "
+      "Tensor(g!)[] steps, Tensor dims, Tensor numel, Tensor[] inputs, float lr, Tensor? lr_tensor, "
+      "float beta2_decay, float eps1, float eps2, float d, float weight_decay, bool maximize, float? beta1, "
+      "Tensor? grad_mult, Tensor? found_inf, int? sr_seed, int chunk_size) -> Tensor[]",
+      &adafactor_sharded);
   m.def("power_sums(Tensor[] tensors, float p, int chunk_size) -> Tensor", &power_sums);
   m.def("cast_fp8(Tensor[] inputs, Tensor(a!)[] outputs, Tensor scales, int chunk_size) -> Tensor", &cast_fp8);
   m.def("fp8_update_(Tensor amax, Tensor(a!) history, Tensor(b!) scales, Tensor(c!) scale_inv, Tensor? found_inf, "

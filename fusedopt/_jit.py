@@ -42,8 +42,9 @@ class ExtensionSpec:
 
 
 SPECS = {
-    "cpu": ExtensionSpec("cpu", ("bindings_cpu.cpp", "cpu/adafactor.cpp", "cpu/adamw.cpp", "cpu/fp8.cpp",
-                                 "cpu/lamb.cpp", "cpu/norms.cpp", "cpu/sophia.cpp"), "fusedopt_cpu"),
+    "cpu": ExtensionSpec("cpu", ("bindings_cpu.cpp", "cpu/adafactor.cpp", "cpu/adafactor_sharded.cpp",
+                                 "cpu/adamw.cpp", "cpu/fp8.cpp", "cpu/lamb.cpp", "cpu/norms.cpp", "cpu/sophia.cpp"),
+                         "fusedopt_cpu"),
     "cuda": ExtensionSpec("cuda", ("bindings_cuda.cpp", "cuda/adafactor.cu", "cuda/adamw.cu", "cuda/fp8.cu",
                                    "cuda/lamb.cu", "cuda/norms.cu", "cuda/sophia.cu"), "fusedopt_cuda"),
 }

@@ -28,8 +28,9 @@ CASES = {
     "adamw_master": (FusedAdamW, dict(lr=0.02, weight_decay=0.1, max_grad_norm=0.05, amsgrad=True,
                                       state_dtype=torch.bfloat16), ("cpu",)),
     "lamb": (FusedLAMB, dict(lr=0.02, weight_decay=0.01, max_grad_norm=0.05), ("cpu", "reference", "triton")),
-    "adafactor": (FusedAdafactor, dict(lr=0.02, max_grad_norm=0.05), ("cpu",)),
-    "adafactor_beta1": (FusedAdafactor, dict(lr=0.02, beta1=0.9, weight_decay=0.1, max_grad_norm=0.05), ("cpu",)),
+    "adafactor": (FusedAdafactor, dict(lr=0.02, max_grad_norm=0.05), ("cpu", "reference")),
+    "adafactor_beta1": (FusedAdafactor, dict(lr=0.02, beta1=0.9, weight_decay=0.1, max_grad_norm=0.05),
+                        ("cpu", "reference")),
     "sophia": (FusedSophia, dict(lr=0.02, weight_decay=0.1, max_grad_norm=0.05), ("cpu", "reference")),
 }
 STEPS = 3

@@ -38,6 +38,7 @@
 #include <limits>
 #include <vector>
 
+#include "adafactor_element.h"
 #include "fp8_blocks.h"
 #include "fusedopt/adafactor.h"
 #include "fusedopt/dispatch.h"
@@ -47,21 +48,11 @@
 namespace fusedopt {
 namespace {
 
+using namespace adafactor_cpu;  // NOLINT: the shared per-step and per-element pieces
+
 struct RowTask {
   int64_t tensor, batch, row0, nrows, col_offset;  // col_offset: where its column partials start
 };
-
-// Steps advanced, and the scalars that need no statistics.
-std::vector<AdafactorStep> advance_steps(const TensorTable& tt, const AdafactorHyper& h) {
-  const double lr = h.lr_ptr ? double(*h.lr_ptr) : h.lr;
-  std::vector<AdafactorStep> steps(size_t(tt.n_tensors));
-  for (int64_t t = 0; t < tt.n_tensors; ++t) {
-    float& step = *tt.ptr<float>(kAfStep, t);
-    step += 1.0f;
-    steps[size_t(t)] = adafactor_step(h, lr, double(step));
-  }
-  return steps;
-}
 
 // Ask for the lines a few KB ahead of row `o` (C elements) of each stream
 // a pass reads: g, p (or the master) and, with BETA1, exp_avg. Pass 1 and
@@ -74,30 +65,6 @@ inline void prefetch_row(const P* grad, const P* param, const float* master, con
   if constexpr (MASTER) prefetch_ahead(master + o, C * int64_t(sizeof(float)));
   else prefetch_ahead(param + o, C * int64_t(sizeof(P)));
   if constexpr (BETA1) prefetch_ahead(exp_avg + o, C * int64_t(sizeof(S)));
-}
-
-// Final per-element write: p (or the master, then p) = p * decay + scale * x.
-// `first` + i is the element's offset in its tensor (stochastic rounding's counter).
-template <typename T, typename P, bool MASTER, bool SR>
-inline void write_param(P* param, float* master, int64_t i, T x, T decay, T scale, uint32_t sr_key, int64_t first) {
-  const T p = adafactor_apply(MASTER ? T(master[i]) : T(to_math(param[i])), x, decay, scale);
-  if (MASTER) master[i] = float(p);
-  param[i] = store_param<P, SR>(p, sr_key, first + i);
-}
-
-// The update of one element from its u: p = p * decay + scale * u, or with
-// BETA1 the step itself averaged, m = lerp(m, u * -scale, 1 - beta1), and
-// p = p * decay - m (m as stored).
-template <typename T, typename P, typename S, bool MASTER, bool BETA1, bool SR>
-inline void apply_element(P* param, float* master, S* exp_avg, int64_t i, T u, T decay, T scale, T m_weight,
-                          uint32_t sr_key, int64_t first) {
-  if (BETA1) {
-    const S m = Store<S>::from(lerp(T(to_math(exp_avg[i])), u * -scale, m_weight));
-    exp_avg[i] = m;
-    write_param<T, P, MASTER, SR>(param, master, i, T(to_math(m)), decay, T(-1), sr_key, first);
-  } else {
-    write_param<T, P, MASTER, SR>(param, master, i, u, decay, scale, sr_key, first);
-  }
 }
 
 // The update of one chunk with exp_avg block-scaled FP8 (fp8_blocks.h): per
@@ -219,14 +186,6 @@ inline void column_squares(const P* g, int64_t gap, int64_t n, int64_t C, T mult
   for (; c0 + W <= C; c0 += W) column_squares_block<NR, W>(g + c0, gap, n, C, mult, wa, wb, colp + c0, colh + c0);
   for (; c0 + V <= C; c0 += V) column_squares_block<NR, V>(g + c0, gap, n, C, mult, wa, wb, colp + c0, colh + c0);
   for (; c0 < C; ++c0) column_squares_block<NR, 1>(g + c0, gap, n, C, mult, wa, wb, colp + c0, colh + c0);
-}
-
-// Per-tensor scale = -alpha / denom.
-inline double tensor_scale(const AdafactorHyper& h, const AdafactorStep& step, double p_sq, double u_sq,
-                           int64_t numel) {
-  double alpha, denom;
-  adafactor_scale(h, step, p_sq, u_sq, double(numel), &alpha, &denom);
-  return -alpha / denom;
 }
 
 // The factored launch's scratch arrays, kept per thread for its next launch:
@@ -589,16 +548,16 @@ struct Factored {
   }
 };
 
+// 0-d / 1-d tensors, pass 1 (advances the steps): variance updated (u is formed from the value as stored),
+// sum(p*p) and sum(u*u) per tensor into p_sq and u_sq.
 template <typename P, typename S, bool MASTER, bool BETA1, bool SR, bool M8>
-struct Vector {
-  static void run(const TensorTable& tt, const AdafactorHyper& h, int num_threads) {
+struct VectorStats {
+  static void run(const TensorTable& tt, const AdafactorHyper& h, int num_threads, double* p_sq, double* u_sq) {
     using T = typename MathOf<P>::type;
     const std::vector<AdafactorStep> steps = advance_steps(tt, h);
     std::vector<double> p_partial(static_cast<size_t>(tt.n_chunks)), u_partial(static_cast<size_t>(tt.n_chunks));
     const T eps1_sq = T(h.eps1 * h.eps1);
     const T mult = (h.grad_mult ? T(*h.grad_mult) : T(1)) * (h.maximize ? T(-1) : T(1));
-
-    // pass 1: variance updated (u is formed from the value as stored), sum(p*p), sum(u*u)
     parallel_chunks(tt, num_threads, [&](int64_t c, const Chunk& chunk) {
       const int64_t t = chunk.tensor;
       const P* __restrict__ param = tt.ptr<const P>(kAfParam, t) + chunk.start;
@@ -620,17 +579,28 @@ struct Vector {
       p_partial[size_t(c)] = p_acc;
       u_partial[size_t(c)] = u_acc;
     });
-
-    std::vector<double> p_sq(static_cast<size_t>(tt.n_tensors), 0.0), u_sq(static_cast<size_t>(tt.n_tensors), 0.0);
+    std::fill(p_sq, p_sq + tt.n_tensors, 0.0);
+    std::fill(u_sq, u_sq + tt.n_tensors, 0.0);
     for (int64_t c = 0; c < tt.n_chunks; ++c) {  // a tensor's chunks are consecutive: chunk order
-      p_sq[size_t(tt.chunk_tensor[c])] += p_partial[size_t(c)];
-      u_sq[size_t(tt.chunk_tensor[c])] += u_partial[size_t(c)];
+      p_sq[tt.chunk_tensor[c]] += p_partial[size_t(c)];
+      u_sq[tt.chunk_tensor[c]] += u_partial[size_t(c)];
     }
+  }
+};
+
+// 0-d / 1-d tensors, pass 2: the update, scaled by the sums of the whole tensors (p_sq, u_sq over numel
+// elements each: of the launch's tensors, or summed over their shards).
+template <typename P, typename S, bool MASTER, bool BETA1, bool SR, bool M8>
+struct VectorUpdate {
+  static void run(const TensorTable& tt, const AdafactorHyper& h, int num_threads, const double* p_sq,
+                  const double* u_sq, const int64_t* numel) {
+    using T = typename MathOf<P>::type;
+    const std::vector<AdafactorStep> steps = step_scalars(tt, h);
+    const T eps1_sq = T(h.eps1 * h.eps1);
+    const T mult = (h.grad_mult ? T(*h.grad_mult) : T(1)) * (h.maximize ? T(-1) : T(1));
     std::vector<double> scale(static_cast<size_t>(tt.n_tensors));
     for (int64_t t = 0; t < tt.n_tensors; ++t)
-      scale[size_t(t)] = tensor_scale(h, steps[size_t(t)], p_sq[size_t(t)], u_sq[size_t(t)], tt.numel[t]);
-
-    // pass 2: the update
+      scale[size_t(t)] = tensor_scale(h, steps[size_t(t)], p_sq[t], u_sq[t], numel[t]);
     const T m_weight = T(1.0 - h.beta1);
     parallel_chunks(tt, num_threads, [&](int64_t /*c*/, const Chunk& chunk) {
       const int64_t t = chunk.tensor;
@@ -659,6 +629,15 @@ struct Vector {
         }
       }
     });
+  }
+};
+
+template <typename P, typename S, bool MASTER, bool BETA1, bool SR, bool M8>
+struct Vector {
+  static void run(const TensorTable& tt, const AdafactorHyper& h, int num_threads) {
+    std::vector<double> p_sq(static_cast<size_t>(tt.n_tensors)), u_sq(static_cast<size_t>(tt.n_tensors));
+    VectorStats<P, S, MASTER, BETA1, SR, M8>::run(tt, h, num_threads, p_sq.data(), u_sq.data());
+    VectorUpdate<P, S, MASTER, BETA1, SR, M8>::run(tt, h, num_threads, p_sq.data(), u_sq.data(), tt.numel);
   }
 };
 
@@ -700,6 +679,25 @@ void adafactor_vector_cpu(const TensorTable& tt, const AdafactorHyper& h, DType 
   if (h.found_inf && *h.found_inf != 0.0f) return;
   if (tt.n_tensors == 0) return;
   dispatch_storage<Switches<Vector>::Op>(param_dtype, state_dtype, has_master, h, fp8_exp_avg, tt, h, num_threads);
+}
+
+void adafactor_vector_stats_cpu(const TensorTable& tt, const AdafactorHyper& h, DType param_dtype,
+                                DType state_dtype, bool has_master, int num_threads, double* p_sq, double* u_sq) {
+  std::fill(p_sq, p_sq + tt.n_tensors, 0.0);
+  std::fill(u_sq, u_sq + tt.n_tensors, 0.0);
+  if (h.found_inf && *h.found_inf != 0.0f) return;  // zeros for the collectives; nothing changes
+  if (tt.n_tensors == 0) return;
+  dispatch_storage<Switches<VectorStats>::Op>(param_dtype, state_dtype, has_master, h, false, tt, h, num_threads,
+                                              p_sq, u_sq);
+}
+
+void adafactor_vector_update_cpu(const TensorTable& tt, const AdafactorHyper& h, DType param_dtype,
+                                 DType state_dtype, bool has_master, bool fp8_exp_avg, int num_threads,
+                                 const double* p_sq, const double* u_sq, const int64_t* numel) {
+  if (h.found_inf && *h.found_inf != 0.0f) return;
+  if (tt.n_tensors == 0) return;
+  dispatch_storage<Switches<VectorUpdate>::Op>(param_dtype, state_dtype, has_master, h, fp8_exp_avg, tt, h,
+                                               num_threads, p_sq, u_sq, numel);
 }
 
 }  // namespace fusedopt

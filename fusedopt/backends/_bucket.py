@@ -70,6 +70,8 @@ class Bucket:
     #: with DTensor params: how per-tensor statistics of the local shards become
     #: whole-tensor ones (fusedopt.dtensor.TensorSums); None when every tensor is whole
     stats: object = None
+    #: what a backend derives once from the bucket's layout (a cached plan reuses the bucket)
+    launch_cache: dict = field(default_factory=dict)
 
     def whole_tensor_sums(self, *sums: Tensor, every_member: bool = False) -> tuple[Tensor, ...]:
         """Per-tensor partial sums ([len(params)] each, fp64) of the local

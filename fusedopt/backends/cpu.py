@@ -95,6 +95,58 @@ def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize,
     )
 
 
+def adafactor_sharded(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize, beta1, grad_mult,
+                      found_inf):
+    """FusedAdafactor on the local shards of DTensor params (a bucket with
+    ``stats``, every member launched, empty shards too): the phases of
+    csrc/cpu/adafactor_sharded.cpp, each one launch over the bucket, with the
+    statistics summed over the shards between them (fusedopt.dtensor:
+    TensorSums). Every rank makes the same collectives, whatever found_inf."""
+    stats, states = bucket.stats, bucket.states
+    layout = bucket.launch_cache.get("adafactor_sharded")
+    if layout is None:
+        layout = bucket.launch_cache["adafactor_sharded"] = _sharded_layout(stats, bucket.kind.factored)
+    dims, numel, row_counts, col_counts, slice_counts = layout
+    lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+
+    def phase(number, inputs=()):
+        return torch.ops.fusedopt_cpu.adafactor_sharded(
+            number, bucket.params, bucket.grads, states.get("exp_avg", []), states.get("variance", []),
+            states.get("row_var", []), states.get("col_var", []), bucket.masters or [], bucket.steps, dims, numel,
+            list(inputs), 0.0 if lr_tensor is not None else lr, lr_tensor, beta2_decay,
+            torch.finfo(bucket.dtype).eps if eps1 is None else eps1, eps2, d, weight_decay, maximize, beta1,
+            grad_mult, found_inf, bucket.sr_seed, _chunk(bucket))
+
+    if bucket.kind.factored:
+        row_sums, col_sums, p_sq = phase(0)
+        stats.reduce_parts_(list(row_sums.split(row_counts)), dims=(-1,))
+        stats.reduce_parts_(list(col_sums.split(col_counts)), dims=(-2,))
+        (rv_sums,) = phase(1, (row_sums, col_sums))
+        stats.reduce_parts_(list(rv_sums.split(slice_counts)), dims=(-2,))
+        (u_sq,) = phase(2, (rv_sums,))
+        p_sq, u_sq = bucket.whole_tensor_sums(p_sq, u_sq)
+        phase(3, (rv_sums, p_sq, u_sq))
+    else:
+        p_sq, u_sq = bucket.whole_tensor_sums(*phase(0))
+        phase(3, (p_sq, u_sq))
+
+
+def _sharded_layout(stats, factored: bool):
+    """adafactor_sharded's dims [n, 5] (B, local R and C, whole R and C) and
+    whole numel [n], and each member's count of rows, columns and slices."""
+    dims, rows, cols, slices = [], [], [], []
+    for shape, local in zip(stats.shapes, stats.local_shapes):
+        if not factored:
+            continue
+        batch = local[:-2].numel()
+        dims.append([batch, local[-2], local[-1], shape[-2], shape[-1]])
+        rows.append(batch * local[-2])
+        cols.append(batch * local[-1])
+        slices.append(batch)
+    numel = torch.tensor([shape.numel() for shape in stats.shapes], dtype=torch.int64)
+    return torch.tensor(dims, dtype=torch.int64).reshape(-1), numel, rows, cols, slices
+
+
 def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, found_inf):
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
     states = bucket.states

@@ -136,7 +136,7 @@ class FusedAdafactor(FusedOptimizer):
         return isinstance(kind, _Sharded)
 
     def _needs_contiguous(self, kind):
-        return kind is True  # factored kernels walk rows and columns (the sharded path runs torch ops)
+        return _factored(kind)  # factored kernels walk rows and columns
 
     def _elementwise_states(self, group, kind):
         first = ("exp_avg",) if self.beta1 is not None else ()
@@ -155,15 +155,16 @@ class FusedAdafactor(FusedOptimizer):
     def _shaped_states(self, group, p):
         return {k: v for k, v in adafactor_spec.state_shapes(p).items() if k != "variance"}
 
-    def _join_statistics(self, group, bucket):
-        self._update(None, group, bucket, group["lr"], None, None)
-
     def _update(self, backend, group, bucket, lr, grad_mult, found_inf):
         eps1, eps2 = group["eps"]
-        # Sharded tensors take a phased path in torch ops on their local shards:
-        # the kernels update row_var and col_var in the pass that sums the rows
-        # and columns, so no collective fits between.
-        update = reference_backend.adafactor_sharded if isinstance(bucket.kind, _Sharded) else backend.adafactor
+        # Sharded tensors go in phases with the collectives between them: the fused
+        # kernels update row_var and col_var in the pass that sums the rows and
+        # columns, where no collective fits. The cpu backend has kernels for the
+        # phases; the others take the reference's phases in torch ops.
+        if isinstance(bucket.kind, _Sharded):
+            update = getattr(backend, "adafactor_sharded", None) or reference_backend.adafactor_sharded
+        else:
+            update = backend.adafactor
         update(bucket, lr=lr, beta2_decay=float(group["beta2_decay"]), eps1=eps1, eps2=float(eps2),
                d=float(group["d"]), weight_decay=float(group["weight_decay"]), maximize=bool(group["maximize"]),
                beta1=self.beta1, grad_mult=grad_mult, found_inf=found_inf)

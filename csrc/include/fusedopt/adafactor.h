@@ -111,6 +111,36 @@ void adafactor_factored_cpu(const TensorTable& tt, const int64_t* rows, const in
 void adafactor_vector_cpu(const TensorTable& tt, const AdafactorHyper& h, DType param_dtype, DType state_dtype,
                           bool has_master, bool fp8_exp_avg, int num_threads);
 
+// The vector launch in its two passes, for DTensor params whose sums are
+// taken over every shard between them (fusedopt/dtensor.py): stats advances
+// the steps, updates `variance` and writes each tensor's sum(p^2) and
+// sum(u^2); update scales by the given sums over `numel` elements each.
+// With found_inf set, stats writes zeros and neither changes anything.
+void adafactor_vector_stats_cpu(const TensorTable& tt, const AdafactorHyper& h, DType param_dtype,
+                                DType state_dtype, bool has_master, int num_threads, double* p_sq, double* u_sq);
+void adafactor_vector_update_cpu(const TensorTable& tt, const AdafactorHyper& h, DType param_dtype,
+                                 DType state_dtype, bool has_master, bool fp8_exp_avg, int num_threads,
+                                 const double* p_sq, const double* u_sq, const int64_t* numel);
+
+// The factored step of DTensor params in phases (csrc/cpu/adafactor_sharded.cpp), for the collectives
+// between them: sums (advances the steps; per local row and column the sums of g^2, per tensor sum(p^2)),
+// factors (row_var, col_var from the whole rows' and columns' sums; per slice the sum of row_var over its
+// local rows), unorm (per tensor sum(u^2)), update. `dims` [n * 5]: B, local R and C, whole R and C per
+// tensor; local shards may be empty. With found_inf set, each writes zeros and changes nothing.
+void adafactor_sharded_sums_cpu(const TensorTable& tt, const int64_t* dims, const AdafactorHyper& h,
+                                DType param_dtype, DType state_dtype, bool has_master, int num_threads,
+                                double* row_sums, double* col_sums, double* p_sq);
+void adafactor_sharded_factors_cpu(const TensorTable& tt, const int64_t* dims, const AdafactorHyper& h,
+                                   DType param_dtype, DType state_dtype, bool has_master, int num_threads,
+                                   const double* row_sums, const double* col_sums, double* rv_sums);
+void adafactor_sharded_unorm_cpu(const TensorTable& tt, const int64_t* dims, const AdafactorHyper& h,
+                                 DType param_dtype, DType state_dtype, bool has_master, int num_threads,
+                                 const double* rv_sums, double* u_sq);
+void adafactor_sharded_update_cpu(const TensorTable& tt, const int64_t* dims, const AdafactorHyper& h,
+                                  DType param_dtype, DType state_dtype, bool has_master, int num_threads,
+                                  const double* rv_sums, const double* p_sq, const double* u_sq,
+                                  const int64_t* numel);
+
 // The CUDA kernels' work lists for factored tensors, built once per layout on
 // the Python side (fusedopt/backends/_tables.py: factored_tasks) as one int64
 // device array whose parts follow in this order (FACTORED_TASK_PARTS there).

@@ -1,0 +1,62 @@
+// Adafactor's per-step and per-element pieces of the CPU launches, shared by
+// the fused launch (adafactor.cpp) and the phases of DTensor params
+// (adafactor_sharded.cpp).
+#pragma once
+
+#include <vector>
+
+#include "fusedopt/adafactor.h"
+#include "fusedopt/multi_tensor.h"
+#include "fusedopt/numeric.h"
+
+namespace fusedopt {
+namespace adafactor_cpu {
+
+// The scalars of each tensor's step that need no statistics, from its step count as it is.
+inline std::vector<AdafactorStep> step_scalars(const TensorTable& tt, const AdafactorHyper& h) {
+  const double lr = h.lr_ptr ? double(*h.lr_ptr) : h.lr;
+  std::vector<AdafactorStep> steps(size_t(tt.n_tensors));
+  for (int64_t t = 0; t < tt.n_tensors; ++t) steps[size_t(t)] = adafactor_step(h, lr, double(*tt.ptr<float>(kAfStep, t)));
+  return steps;
+}
+
+// Steps advanced, and the scalars that need no statistics.
+inline std::vector<AdafactorStep> advance_steps(const TensorTable& tt, const AdafactorHyper& h) {
+  for (int64_t t = 0; t < tt.n_tensors; ++t) *tt.ptr<float>(kAfStep, t) += 1.0f;
+  return step_scalars(tt, h);
+}
+
+// Per-tensor scale = -alpha / denom.
+inline double tensor_scale(const AdafactorHyper& h, const AdafactorStep& step, double p_sq, double u_sq,
+                           int64_t numel) {
+  double alpha, denom;
+  adafactor_scale(h, step, p_sq, u_sq, double(numel), &alpha, &denom);
+  return -alpha / denom;
+}
+
+// Final per-element write: p (or the master, then p) = p * decay + scale * x.
+// `first` + i is the element's offset in its tensor (stochastic rounding's counter).
+template <typename T, typename P, bool MASTER, bool SR>
+inline void write_param(P* param, float* master, int64_t i, T x, T decay, T scale, uint32_t sr_key, int64_t first) {
+  const T p = adafactor_apply(MASTER ? T(master[i]) : T(to_math(param[i])), x, decay, scale);
+  if (MASTER) master[i] = float(p);
+  param[i] = store_param<P, SR>(p, sr_key, first + i);
+}
+
+// The update of one element from its u: p = p * decay + scale * u, or with
+// BETA1 the step itself averaged, m = lerp(m, u * -scale, 1 - beta1), and
+// p = p * decay - m (m as stored).
+template <typename T, typename P, typename S, bool MASTER, bool BETA1, bool SR>
+inline void apply_element(P* param, float* master, S* exp_avg, int64_t i, T u, T decay, T scale, T m_weight,
+                          uint32_t sr_key, int64_t first) {
+  if (BETA1) {
+    const S m = Store<S>::from(lerp(T(to_math(exp_avg[i])), u * -scale, m_weight));
+    exp_avg[i] = m;
+    write_param<T, P, MASTER, SR>(param, master, i, T(to_math(m)), decay, T(-1), sr_key, first);
+  } else {
+    write_param<T, P, MASTER, SR>(param, master, i, u, decay, scale, sr_key, first);
+  }
+}
+
+}  // namespace adafactor_cpu
+}  // namespace fusedopt
