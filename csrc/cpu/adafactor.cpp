@@ -457,13 +457,7 @@ struct Factored {
           const int64_t row = row_base[size_t(t)] + task.batch * R + r;
           const T rq = rowq[size_t(row)], rr = rrow[size_t(row)];
           const P* __restrict__ grad = tt.ptr<const P>(kAfGrad, t) + (task.batch * R + r) * C;
-          T row_u = T(0);
-#pragma omp simd reduction(+ : row_u)
-          for (int64_t c = 0; c < C; ++c) {
-            const T u = factored_u(T(to_math(grad[c])) * mult, rq, rr, cv[c], rc[c], eps1_sq, inv_eps1);
-            row_u += u * u;
-          }
-          u_acc += double(row_u);
+          u_acc += double(row_u_squares(grad, C, mult, rq, rr, cv, rc, eps1_sq, inv_eps1));
         }
         u_partial[size_t(k)] = u_acc;
       });

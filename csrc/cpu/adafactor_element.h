@@ -34,6 +34,20 @@ inline double tensor_scale(const AdafactorHyper& h, const AdafactorStep& step, d
   return -alpha / denom;
 }
 
+// sum(u*u) over the C elements of one factored row (u: adafactor.h's factored_u of the row's rowq and
+// rrow and the columns' col and rcol), in the math type, in SIMD lanes.
+template <typename T, typename P>
+inline T row_u_squares(const P* __restrict__ grad, int64_t C, T mult, T rq, T rr, const T* __restrict__ cv,
+                       const T* __restrict__ rc, T eps1_sq, T inv_eps1) {
+  T row_u = T(0);
+#pragma omp simd reduction(+ : row_u)
+  for (int64_t c = 0; c < C; ++c) {
+    const T u = factored_u(T(to_math(grad[c])) * mult, rq, rr, cv[c], rc[c], eps1_sq, inv_eps1);
+    row_u += u * u;
+  }
+  return row_u;
+}
+
 // Final per-element write: p (or the master, then p) = p * decay + scale * x.
 // `first` + i is the element's offset in its tensor (stochastic rounding's counter).
 template <typename T, typename P, bool MASTER, bool SR>

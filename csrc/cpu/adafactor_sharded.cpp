@@ -68,6 +68,15 @@ struct Layout {
     first_task[n] = int64_t(tasks.size());
   }
 
+  // out[t] = the sum of tensor t's tasks' partials, in task order.
+  void per_tensor(const std::vector<double>& partials, double* out) const {
+    for (size_t t = 0; t + 1 < first_task.size(); ++t) {
+      double sum = 0.0;
+      for (int64_t k = first_task[t]; k < first_task[t + 1]; ++k) sum += partials[size_t(k)];
+      out[t] = sum;
+    }
+  }
+
   // The tensor of flat slice i.
   int64_t tensor_of_slice(int64_t i) const {
     return std::upper_bound(slice_base.begin(), slice_base.end(), i) - slice_base.begin() - 1;
@@ -161,11 +170,7 @@ struct Sums {
         for (int64_t c = 0; c < C; ++c) out[c] += double(colp[c]);
       }
     }
-    for (int64_t t = 0; t < tt.n_tensors; ++t) {
-      double sum = 0.0;
-      for (int64_t k = L.first_task[size_t(t)]; k < L.first_task[size_t(t) + 1]; ++k) sum += p_partial[size_t(k)];
-      p_sq[t] = sum;
-    }
+    L.per_tensor(p_partial, p_sq);
   }
 };
 
@@ -221,21 +226,11 @@ struct Unorm {
         const int64_t row = L.row_base[size_t(t)] + task.batch * R + r;
         const T rq = f.rowq[size_t(row)], rr = f.rrow[size_t(row)];
         const P* __restrict__ grad = tt.ptr<const P>(kAfGrad, t) + (task.batch * R + r) * C;
-        T row_u = T(0);
-#pragma omp simd reduction(+ : row_u)
-        for (int64_t c = 0; c < C; ++c) {
-          const T u = factored_u(T(to_math(grad[c])) * mult, rq, rr, cv[c], rc[c], eps1_sq, inv_eps1);
-          row_u += u * u;
-        }
-        acc += double(row_u);
+        acc += double(row_u_squares(grad, C, mult, rq, rr, cv, rc, eps1_sq, inv_eps1));
       }
       u_partial[size_t(k)] = acc;
     }
-    for (int64_t t = 0; t < tt.n_tensors; ++t) {
-      double sum = 0.0;
-      for (int64_t k = L.first_task[size_t(t)]; k < L.first_task[size_t(t) + 1]; ++k) sum += u_partial[size_t(k)];
-      u_sq[t] = sum;
-    }
+    L.per_tensor(u_partial, u_sq);
   }
 };
 
