@@ -90,7 +90,10 @@ struct HostTable : fusedopt::HostTableArrays {
           TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "fusedopt cpu: tensor ", t, " of list ", r,
                       " must be a contiguous CPU tensor");
         } else {
-          TORCH_CHECK(x.device().is_cpu() && x.numel() == p.numel() && x.strides() == p.strides(),
+          // the same flat walk: identical strides, or both contiguous (the strides of size-1 dims may differ:
+          // a DTensor's local shard gets them from view_as)
+          TORCH_CHECK(x.device().is_cpu() && x.numel() == p.numel() &&
+                          (x.strides() == p.strides() || (x.is_contiguous() && p.is_contiguous())),
                       "fusedopt cpu: tensor ", t, " of list ", r, " must be a CPU tensor with the shape and ",
                       "strides of list 0's");
         }
@@ -132,6 +135,12 @@ fusedopt::StochasticRounding stochastic_rounding(const std::optional<int64_t>& s
               "fusedopt cpu: stochastic rounding is for bf16 params without master weights, got ", pdt,
               has_master ? " params with master weights" : " params");
   return {true, uint32_t(uint64_t(*seed) & 0xFFFFFFFFu)};
+}
+
+// A list the op cannot do without: one tensor per param (an empty list would be taken as an absent row,
+// whose null pointers the kernels would then follow).
+void require(TensorList xs, size_t n, const char* what) {
+  TORCH_CHECK(xs.size() == n, "fusedopt cpu: ", what, " needs one tensor per param (", n, "), got ", xs.size());
 }
 
 void check_steps(TensorList steps) {
@@ -176,7 +185,10 @@ void adamw(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
   if (params.empty()) return;
   const at::ScalarType pdt = params[0].scalar_type();
   const bool has_master = !masters.empty();
-  TORCH_CHECK(!amsgrad || !max_exp_avg_sqs.empty(), "fusedopt cpu: amsgrad needs max_exp_avg_sqs");
+  for (auto [list, what] : {std::pair{grads, "grads"}, {exp_avgs, "exp_avg"}, {exp_avg_sqs, "exp_avg_sq"},
+                            {steps, "steps"}})
+    require(list, params.size(), what);
+  if (amsgrad) require(max_exp_avg_sqs, params.size(), "amsgrad's max_exp_avg_sq");
   const at::ScalarType sdt = state_dtype_of(pdt, {exp_avgs, exp_avg_sqs}, has_master, true);
   if (sdt == at::kFloat8_e4m3fn) {
     check_block_scales(exp_avg_scales, exp_avgs, "exp_avg_scale");
@@ -282,6 +294,9 @@ void fp8_update_(const Tensor& amax, const Tensor& history, const Tensor& scales
 HostTable lamb_table(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                      TensorList exp_avg_scales, TensorList exp_avg_sq_scales, TensorList masters, TensorList steps,
                      int64_t chunk_size) {
+  for (auto [list, what] : {std::pair{grads, "grads"}, {exp_avgs, "exp_avg"}, {exp_avg_sqs, "exp_avg_sq"},
+                            {steps, "steps"}})
+    require(list, params.size(), what);
   const at::ScalarType pdt = params[0].scalar_type();
   const at::ScalarType sdt = state_dtype_of(pdt, {exp_avgs, exp_avg_sqs}, !masters.empty(), true);
   if (sdt == at::kFloat8_e4m3fn) {
@@ -354,6 +369,8 @@ void adafactor(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
   TORCH_CHECK(factored ? (col_vars.size() == row_vars.size() && variances.empty()) : !variances.empty(),
               "fusedopt cpu: adafactor takes row_vars and col_vars, or variances");
   TORCH_CHECK(!beta1.has_value() || !exp_avgs.empty(), "fusedopt cpu: beta1 needs exp_avgs");
+  require(grads, params.size(), "grads");
+  require(steps, params.size(), "steps");
   // the second-moment statistics' storage; exp_avg has it too, or is block-scaled FP8
   const at::ScalarType sdt = state_dtype_of(pdt, {variances, row_vars}, has_master);
   const bool fp8_exp_avg = !exp_avgs.empty() && exp_avgs[0].scalar_type() == at::kFloat8_e4m3fn;
@@ -420,14 +437,17 @@ std::vector<Tensor> adafactor_sharded(int64_t phase, TensorList params, TensorLi
   TORCH_CHECK(factored ? (col_vars.size() == row_vars.size() && variances.empty()) : !variances.empty(),
               "fusedopt cpu: adafactor_sharded takes row_vars and col_vars, or variances");
   TORCH_CHECK(!beta1.has_value() || !exp_avgs.empty(), "fusedopt cpu: beta1 needs exp_avgs");
+  require(grads, params.size(), "grads");
+  require(steps, params.size(), "steps");
   const at::ScalarType sdt = state_dtype_of(pdt, {variances, row_vars}, has_master);
   check_dtype(params, pdt, "params");
   check_dtype(grads, pdt, "grads");
   for (TensorList states : {exp_avgs, variances, row_vars, col_vars}) check_dtype(states, sdt, "adafactor state");
   check_dtype(masters, at::kFloat, "master_param");
   check_steps(steps);
-  TORCH_CHECK(numel.scalar_type() == at::kLong && numel.is_contiguous() && numel.numel() == n,
-              "fusedopt cpu: numel must hold one int64 per tensor");
+  TORCH_CHECK(numel.device().is_cpu() && numel.scalar_type() == at::kLong && numel.is_contiguous() &&
+                  numel.numel() == n,
+              "fusedopt cpu: numel must be a CPU tensor of one int64 per tensor");
   const int64_t* whole = ptr<int64_t>(numel, "numel");
   HostTable host({params, grads, exp_avgs, variances, row_vars, col_vars, masters, steps}, chunk_size,
                  {fusedopt::kAfRowVar, fusedopt::kAfColVar, fusedopt::kAfStep}, /*allow_empty=*/true);
@@ -438,8 +458,8 @@ std::vector<Tensor> adafactor_sharded(int64_t phase, TensorList params, TensorLi
   h.sr = stochastic_rounding(sr_seed, pdt, has_master);
   const auto doubles = [](int64_t size) { return at::empty({size}, at::TensorOptions().dtype(at::kDouble)); };
   const auto input = [&](size_t i, int64_t size, const char* what) {
-    TORCH_CHECK(inputs.size() > i && inputs[i].scalar_type() == at::kDouble && inputs[i].is_contiguous() &&
-                    inputs[i].numel() == size,
+    TORCH_CHECK(inputs.size() > i && inputs[i].device().is_cpu() && inputs[i].scalar_type() == at::kDouble &&
+                    inputs[i].is_contiguous() && inputs[i].numel() == size,
                 "fusedopt cpu: adafactor_sharded phase ", phase, " takes ", what, ": float64 [", size, "]");
     return static_cast<const double*>(ptr<double>(inputs[i], what));
   };
@@ -457,15 +477,18 @@ std::vector<Tensor> adafactor_sharded(int64_t phase, TensorList params, TensorLi
                                           input(1, n, "u_sq"), whole);
     return {};
   }
-  TORCH_CHECK(dims.scalar_type() == at::kLong && dims.is_contiguous() && dims.numel() == 5 * n,
-              "fusedopt cpu: dims must hold B, R, C, whole R and whole C (int64) per tensor");
+  TORCH_CHECK(dims.device().is_cpu() && dims.scalar_type() == at::kLong && dims.is_contiguous() &&
+                  dims.numel() == 5 * n,
+              "fusedopt cpu: dims must be a CPU tensor of B, R, C, whole R and whole C (int64) per tensor");
   const int64_t* dm = ptr<int64_t>(dims, "dims");
   int64_t n_rows = 0, n_cols = 0, n_slices = 0;
   for (int64_t t = 0; t < n; ++t) {
     const int64_t B = dm[5 * t], R = dm[5 * t + 1], C = dm[5 * t + 2], RF = dm[5 * t + 3], CF = dm[5 * t + 4];
     const Tensor& p = params[size_t(t)];
-    TORCH_CHECK(B >= 0 && R >= 0 && C >= 0 && RF >= std::max<int64_t>(R, 1) && CF >= std::max<int64_t>(C, 1) &&
-                    p.dim() >= 2 && p.is_contiguous() && p.size(-2) == R && p.size(-1) == C && B * R * C == p.numel() &&
+    int64_t batch = 1;  // the product of the leading dims (no overflow: they are a tensor's)
+    for (int64_t i = 0; i + 2 < p.dim(); ++i) batch *= p.size(i);
+    TORCH_CHECK(p.dim() >= 2 && B == batch && R == p.size(-2) && C == p.size(-1) && p.is_contiguous() &&
+                    RF >= std::max<int64_t>(R, 1) && CF >= std::max<int64_t>(C, 1) &&
                     row_vars[size_t(t)].numel() == B * R && col_vars[size_t(t)].numel() == B * C,
                 "fusedopt cpu: adafactor_sharded: tensor ", t, " does not match its dims (contiguous, B x R x C, "
                 "row_var B x R, col_var B x C, whole dims at least the local ones)");
@@ -505,6 +528,8 @@ std::vector<Tensor> adafactor_sharded(int64_t phase, TensorList params, TensorLi
 HostTable sophia_table(TensorList params, TensorList grads, TensorList exp_avgs, TensorList hessians,
                        TensorList exp_avg_scales, TensorList hessian_scales, TensorList masters, TensorList steps,
                        bool has_master, int64_t chunk_size) {
+  require(grads, params.size(), "grads");
+  require(hessians, params.size(), "hessians");
   const at::ScalarType pdt = params[0].scalar_type();
   const at::ScalarType sdt = state_dtype_of(pdt, {hessians, exp_avgs}, has_master, true);
   if (sdt == at::kFloat8_e4m3fn) {
@@ -530,6 +555,8 @@ void sophia(TensorList params, TensorList grads, TensorList exp_avgs, TensorList
             double weight_decay, bool maximize, const std::optional<Tensor>& grad_mult,
             const std::optional<Tensor>& found_inf, std::optional<int64_t> sr_seed, int64_t chunk_size) {
   if (params.empty()) return;
+  require(exp_avgs, params.size(), "exp_avg");
+  require(steps, params.size(), "steps");
   HostTable host = sophia_table(params, grads, exp_avgs, hessians, exp_avg_scales, hessian_scales, masters, steps,
                                 !masters.empty(), chunk_size);
   fusedopt::SophiaHyper h{lr, scalar_ptr(lr_tensor, "lr"), beta1, rho_bs, weight_decay, maximize,

@@ -7,6 +7,7 @@ Importing fusedopt imports neither triton nor any compiled extension: kernels
 are loaded (and JIT-compiled, once, cached) when an optimizer first needs them.
 """
 from ._jit import BuildError
+from .amp import GradScaler
 from .backends import available_backends
 from .fp8 import Float8Recipe, cast_to_fp8
 from .norms import clip_grad_norm_, grad_norm
@@ -14,5 +15,5 @@ from .optim import FusedAdafactor, FusedAdamW, FusedLAMB, FusedSophia, gnb_hessi
 
 __version__ = "0.1.0"
 
-__all__ = ["BuildError", "Float8Recipe", "FusedAdafactor", "FusedAdamW", "FusedLAMB", "FusedSophia",
+__all__ = ["BuildError", "Float8Recipe", "FusedAdafactor", "FusedAdamW", "FusedLAMB", "FusedSophia", "GradScaler",
            "available_backends", "cast_to_fp8", "clip_grad_norm_", "gnb_hessian_loss", "grad_norm", "__version__"]

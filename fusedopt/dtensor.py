@@ -57,17 +57,19 @@ def local(t: Tensor) -> Tensor:
     return t._local_tensor if is_dtensor(t) else t
 
 
-def check_tensor(t: Tensor, what: str) -> None:
+def check_tensor(t: Tensor, what: str, pending_sums: bool = False) -> None:
     """Raise TypeError unless the kernels can take `t` (`what` names it):
     a plain tensor (or a subclass that leaves dispatch to torch, such as
-    nn.Parameter), or a DTensor without Partial placements whose local shard
-    is such a tensor, strided."""
+    nn.Parameter), or a DTensor without Partial placements (with
+    `pending_sums`, a grad: Partial "sum" or "avg", which reduced_locals
+    reduces) whose local shard is such a tensor, strided."""
     cls = type(t)
     if cls in _PLAIN_TYPES:
         return
     if is_dtensor(t):
         for placement in t.placements:
-            if placement.is_partial():
+            if placement.is_partial() and not (pending_sums and getattr(placement, "reduce_op", None) in
+                                               ("sum", "avg")):
                 raise TypeError(f"{what} is a DTensor with a Partial placement ({t.placements}): its local shards "
                                 f"hold pending sums, not values. Reduce it first (.redistribute(mesh, "
                                 f"[Replicate()]) or the param's own placements)")
@@ -142,22 +144,83 @@ class Sharding:
 _shardings: dict = {}
 
 
+def sharding_for(mesh, placements: Sequence, ndim: int) -> Sharding:
+    """The Sharding of a DTensor of `ndim` dims on `mesh` with `placements`
+    (one object per layout)."""
+    key = (mesh, tuple(placements), ndim)
+    found = _shardings.get(key)
+    if found is None:
+        found = _shardings[key] = Sharding(mesh, placements, ndim)
+    return found
+
+
 def sharding_of(t: Tensor) -> Sharding | None:
     """The Sharding of a DTensor (shared by every DTensor of the same mesh,
     placements and number of dims), or None for a plain tensor."""
     if not is_dtensor(t):
         return None
     spec = t._spec
-    key = (spec.mesh, spec.placements, t.dim())
-    found = _shardings.get(key)
-    if found is None:
-        found = _shardings[key] = Sharding(spec.mesh, spec.placements, t.dim())
-    return found
+    return sharding_for(spec.mesh, spec.placements, t.dim())
 
 
-def same_layout(a: Tensor, b: Tensor) -> bool:
-    """Whether DTensors a and b have the same mesh and placements."""
-    return a._spec.mesh == b._spec.mesh and a._spec.placements == b._spec.placements
+def _pending_sums(have: Sequence, want: Sequence) -> tuple | None:
+    """The (mesh dim, reduce op) pairs where placements `have` hold pending
+    sums (Partial "sum" or "avg") that placements `want` replicate, when that
+    is all that differs between them; else None."""
+    pending = []
+    for dim, (a, b) in enumerate(zip(have, want)):
+        if a == b:
+            continue
+        if not (a.is_partial() and b.is_replicate() and getattr(a, "reduce_op", None) in ("sum", "avg")):
+            return None
+        pending.append((dim, a.reduce_op))
+    return tuple(pending)
+
+
+def grad_fits(g: Tensor, p: Tensor) -> bool:
+    """Whether DTensor grad g can be stepped for DTensor param p: the same
+    mesh, and p's placements or pending sums where p is Replicate (the grads
+    of SequenceParallel's norm weights)."""
+    gs, ps = g._spec, p._spec
+    if not (gs.mesh is ps.mesh or gs.mesh == ps.mesh):
+        return False
+    return gs.placements == ps.placements or _pending_sums(gs.placements, ps.placements) is not None
+
+
+def reduced_locals(grads: list[Tensor], placements: list[Sequence]) -> list[Tensor]:
+    """The local shards of DTensor grads (grad_fits checked) in the
+    placements `placements[i]`: a grad's own local shard when they are its
+    placements, else its pending sums reduced: one all-reduce per mesh dim
+    for all grads that share a mesh and pending dims (new tensors: .grad is
+    left as it is)."""
+    import torch.distributed as dist
+
+    out: list = [None] * len(grads)
+    batches: dict = {}
+    for i, (g, want) in enumerate(zip(grads, placements)):
+        if tuple(g.placements) == tuple(want):
+            out[i] = g._local_tensor
+        else:
+            batches.setdefault((g.device_mesh, _pending_sums(g.placements, want)), []).append(i)
+    for (mesh, pending), index in batches.items():
+        locals_ = [grads[i]._local_tensor for i in index]
+        flat = torch.cat([t.reshape(-1) for t in locals_])
+        for dim, op in pending:
+            dist.all_reduce(flat, group=mesh.get_group(dim))
+            if op == "avg":
+                flat.div_(mesh.size(dim))
+        offset = 0
+        for i, t in zip(index, locals_):
+            out[i] = flat[offset:offset + t.numel()].view_as(t)
+            offset += t.numel()
+    return out
+
+
+def replicated(placements: Sequence) -> tuple:
+    """`placements` with pending sums (Partial) made Replicate: what a grad's are once reduced."""
+    from torch.distributed.tensor import Replicate
+
+    return tuple(Replicate() if p.is_partial() else p for p in placements)
 
 
 def like(p: Tensor, value: Tensor, placements: Sequence | None = None, shape: Sequence[int] | None = None) -> Tensor:

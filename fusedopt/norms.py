@@ -73,15 +73,31 @@ def power_sums(tensors: list[Tensor], p: float, backend: str | None = None) -> l
     return out
 
 
-def _kernel_inputs(grads: list[Tensor]) -> tuple[list[Tensor], list | None]:
-    """The grads as the kernels read them (DTensors' local shards), and each
-    one's dtensor.Sharding (None when every grad is plain)."""
+def _kernel_inputs(grads: list[Tensor]) -> tuple[list[Tensor], list | None, list[Tensor]]:
+    """The grads as the norm kernels read them (DTensors' local shards, with
+    pending sums, Partial, reduced first), each one's dtensor.Sharding (None
+    when every grad is plain), and the tensors a clip scales in place (the
+    local shards as they are: scaling partial sums scales their sum)."""
     for i, g in enumerate(grads):
-        dtensor.check_tensor(g, f"fusedopt norms: grad {i}")
-    shardings = [dtensor.sharding_of(g) for g in grads]
-    if all(s is None for s in shardings):
-        return grads, None
-    return [dtensor.local(g) for g in grads], shardings
+        dtensor.check_tensor(g, f"fusedopt norms: grad {i}", pending_sums=True)
+    if not any(map(dtensor.is_dtensor, grads)):
+        return grads, None, grads
+    own = [dtensor.local(g) for g in grads]
+    shardings, read, pending = [], list(own), []
+    for i, g in enumerate(grads):
+        if not dtensor.is_dtensor(g):
+            shardings.append(None)
+            continue
+        placements = dtensor.replicated(g.placements)
+        shardings.append(dtensor.sharding_for(g.device_mesh, placements, g.dim()))
+        if placements != tuple(g.placements):
+            pending.append(i)
+    if pending:
+        reduced = dtensor.reduced_locals([grads[i] for i in pending],
+                                         [dtensor.replicated(grads[i].placements) for i in pending])
+        for i, t in zip(pending, reduced):
+            read[i] = t
+    return read, shardings, own
 
 
 #: (device, shardings, parts' indices) -> (TensorSums, the parts' index tensors): built once per layout of
@@ -164,7 +180,7 @@ def grad_norm(parameters: Tensor | Iterable[Tensor], norm_type: float = 2.0, per
         total = torch.tensor(0.0)
         return (total, torch.zeros(0)) if per_tensor else total
     device = grads[0].device
-    grads, shardings = _kernel_inputs(grads)
+    grads, shardings, _ = _kernel_inputs(grads)
     parts = power_sums(grads, p, backend)
     if shardings is not None:
         parts = _whole_tensor_parts(parts, shardings, p, device)
@@ -206,7 +222,7 @@ def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float, norm
     grads = _grads(parameters)
     if not grads:
         return torch.tensor(0.0)
-    grads, shardings = _kernel_inputs(grads)
+    grads, shardings, own = _kernel_inputs(grads)
     parts = power_sums(grads, p, backend)
     if shardings is not None:
         parts = _whole_tensor_parts(parts, shardings, p, grads[0].device)
@@ -219,5 +235,5 @@ def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float, norm
         )
     # as torch computes it: in the total's dtype, clamped without a host sync
     clip_coef = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
-    scale_(grads, clip_coef, backend)
+    scale_(own, clip_coef, backend)
     return total

@@ -28,6 +28,9 @@ CASES = {
     "adamw_master": (FusedAdamW, dict(lr=0.02, weight_decay=0.1, max_grad_norm=0.05, amsgrad=True,
                                       state_dtype=torch.bfloat16), ("cpu",)),
     "lamb": (FusedLAMB, dict(lr=0.02, weight_decay=0.01, max_grad_norm=0.05), ("cpu", "reference", "triton")),
+    # the head in a group of its own: under FSDP2 one rank holds only empty shards of it (a bucket with no
+    # launch that still joins LAMB's collective)
+    "lamb_head_group": (FusedLAMB, dict(lr=0.02, weight_decay=0.01, max_grad_norm=0.05), ("cpu",)),
     "adafactor": (FusedAdafactor, dict(lr=0.02, max_grad_norm=0.05), ("cpu", "reference")),
     "adafactor_beta1": (FusedAdafactor, dict(lr=0.02, beta1=0.9, weight_decay=0.1, max_grad_norm=0.05),
                         ("cpu", "reference")),
@@ -38,6 +41,9 @@ BATCH = 8
 
 
 class Net(torch.nn.Module):
+    """Under FSDP2 x TP the LayerNorm is sequence-parallel over the batch dim
+    (its weights Replicate over TP with Partial grads), as torchtitan's norms."""
+
     def __init__(self):
         super().__init__()
         self.a = torch.nn.Linear(8, 10)   # colwise under TP: 10 rows
@@ -75,16 +81,24 @@ class Layout:
 
     def models(self, seed: int = 0, fsdp: bool = True):
         from torch.distributed.fsdp import fully_shard
-        from torch.distributed.tensor import Replicate
-        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+        from torch.distributed.tensor import Replicate, Shard
+        from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel, SequenceParallel,
+                                                       parallelize_module)
 
         torch.manual_seed(seed)
         single = Net()
         model = copy.deepcopy(single)
-        if self.tp is not None:
+        if self.name == "tp":  # the LayerNorm a plain module: groups mix DTensors and plain tensors
             parallelize_module(model, self.tp, {
                 "a": ColwiseParallel(output_layouts=Replicate()),
                 "b": RowwiseParallel(input_layouts=Replicate()),
+                "c": ColwiseParallel(output_layouts=Replicate()),
+            })
+        elif self.tp is not None:  # as torchtitan: the LayerNorm sequence-parallel (its grads Partial)
+            parallelize_module(model, self.tp, {
+                "a": ColwiseParallel(output_layouts=Shard(0)),
+                "norm": SequenceParallel(sequence_dim=0),
+                "b": RowwiseParallel(input_layouts=Shard(0)),
                 "c": ColwiseParallel(output_layouts=Replicate()),
             })
         if self.dp is not None and fsdp:
@@ -129,14 +143,21 @@ def assert_same(model, single, opt=None, single_opt=None, rtol=1e-5, atol=1e-6, 
                                        msg=lambda m: f"{what} {name} {key}: {m}")
 
 
+def param_groups(model: Net, case: str):
+    if not case.endswith("_head_group"):
+        return model.parameters()
+    head = list(model.head.parameters())
+    return [{"params": head}, {"params": [p for p in model.parameters() if all(p is not q for q in head)]}]
+
+
 def check_optimizers(layout: Layout):
     for case, (cls, kwargs, backends) in CASES.items():
         for backend in backends:
             if backend == "triton" and layout.name == "fsdp":
                 continue  # the interpreter is slow: TP and 2-D take it
             model, single = layout.models()
-            opt = cls(model.parameters(), backend=backend, **kwargs)
-            single_opt = cls(single.parameters(), backend=backend, **kwargs)
+            opt = cls(param_groups(model, case), backend=backend, **kwargs)
+            single_opt = cls(param_groups(single, case), backend=backend, **kwargs)
             hessian = cls is FusedSophia
             layout.train(model, opt, STEPS, hessian=hessian)
             layout.train(single, single_opt, STEPS, single=True, hessian=hessian)
@@ -200,31 +221,35 @@ def check_load_state_dict(layout: Layout):
                        for k, v in opt.state[p].items() if k != "step")
         back = cls(copy.deepcopy(single).parameters(), **kwargs)
         back.load_state_dict(opt.state_dict())  # sharded -> whole (gathered)
+        for q, r in zip(single_opt.param_groups[0]["params"], back.param_groups[0]["params"]):
+            assert back.state[r].keys() == single_opt.state[q].keys()
+            for key, value in back.state[r].items():
+                assert not fusedopt.dtensor.is_dtensor(value)
+                torch.testing.assert_close(value, single_opt.state[q][key], rtol=1e-5, atol=1e-6)
         layout.train(model, opt, 2, start=2)
         layout.train(single, single_opt, 2, start=2, single=True)
         assert_same(model, single, opt, single_opt, what=f"loaded {cls.__name__}")
-        for q, r in zip(single_opt.param_groups[0]["params"], back.param_groups[0]["params"]):
-            for key, value in back.state[r].items():
-                assert not fusedopt.dtensor.is_dtensor(value)
 
 
 def check_grad_scaler(layout: Layout):
-    """An inf in one rank's shard: every rank skips the step (and backs off the scale)."""
+    """An inf in one rank's shard: every rank skips the step and backs off
+    the scale. torch.amp.GradScaler refuses a group mixing DTensors and plain
+    tensors (TP's plain LayerNorm) and reduces its flag over the first grad's
+    mesh dims only: fusedopt.GradScaler takes both; fusedopt's own OR still
+    makes every rank skip under torch's when a replicated param comes first."""
     import torch.distributed as dist
 
-    for replicate_first in (False, True):
+    cases = [(fusedopt.GradScaler, False, False), (fusedopt.GradScaler, True, False),
+             (torch.amp.GradScaler, False, True), (torch.amp.GradScaler, True, True)]
+    for scaler_class, replicate_first, dtensors_only in cases:
         model, _ = layout.models()
-        # torch's GradScaler refuses a group that mixes DTensors and plain tensors (its inf check is one
-        # foreach call per dtype): under TP, the DTensors only
-        params = [p for p in model.parameters() if fusedopt.dtensor.is_dtensor(p)]
+        params = [p for p in model.parameters() if fusedopt.dtensor.is_dtensor(p) or not dtensors_only]
         if replicate_first:
-            # torch's check reduces found_inf over the first grad's sharded mesh dims only: with a param
-            # replicated over TP first, it misses the TP ranks, and only fusedopt's own OR makes them all skip
-            if not any(p.placements[-1].is_replicate() for p in params):
+            if not any(p.placements[-1].is_replicate() for p in params if fusedopt.dtensor.is_dtensor(p)):
                 continue
-            params.sort(key=lambda p: not p.placements[-1].is_replicate())
+            params.sort(key=lambda p: not (fusedopt.dtensor.is_dtensor(p) and p.placements[-1].is_replicate()))
         opt = FusedAdamW(params, lr=0.1)
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+        scaler = scaler_class("cpu", init_scale=2.0**8)
         scaler.scale(model(layout.local_batch(0))).backward()
         scaler.step(opt)
         scaler.update()
@@ -236,8 +261,9 @@ def check_grad_scaler(layout: Layout):
             model.a.weight.grad._local_tensor.view(-1)[0] = float("inf")
         scaler.step(opt)
         scaler.update()
-        if not replicate_first:
-            assert scaler.get_scale() == 2.0**7
+        # torch's scaler, a replicated param first: its flag misses ranks, only fusedopt's skip holds
+        if scaler_class is fusedopt.GradScaler or not replicate_first:
+            assert scaler.get_scale() == 2.0**7, (scaler_class, replicate_first)
         assert [float(s["step"]) for s in opt.state.values()] == steps
         for n, p in model.named_parameters():
             torch.testing.assert_close(full(p).detach(), before[n], rtol=0, atol=0)
@@ -265,6 +291,66 @@ def check_refusals(layout: Layout):
     assert not opt.state
     p.grad = good
     opt.step()
+
+
+def check_sequence_parallel(layout: Layout):
+    """TP with a sequence-parallel LayerNorm and no FSDP: the norm's grads are
+    Partial (pending sums over TP); the optimizers and clip_grad_norm_ reduce
+    them. Every rank trains on the whole batch (no data parallelism)."""
+    for cls, kwargs in ((FusedAdamW, CASES["adamw"][1]), (FusedLAMB, CASES["lamb"][1]),
+                        (FusedAdafactor, CASES["adafactor_beta1"][1])):
+        model, single = layout.models(fsdp=False)
+        opt, single_opt = cls(model.parameters(), **kwargs), cls(single.parameters(), **kwargs)
+        layout.train(model, opt, STEPS, single=True)
+        layout.train(single, single_opt, STEPS, single=True)
+        assert_same(model, single, opt, single_opt, what=f"sequence parallel {cls.__name__}")
+    for m in (model, single):
+        m.zero_grad(set_to_none=True)
+        m(batch(0)).backward()
+    assert model.norm.weight.grad.placements[-1].is_partial()
+    total = fusedopt.clip_grad_norm_(model.parameters(), 0.01)
+    torch.testing.assert_close(total, torch.nn.utils.clip_grad_norm_(single.parameters(), 0.01), rtol=1e-6, atol=0)
+    for (name, p), q in zip(model.named_parameters(), single.parameters()):
+        torch.testing.assert_close(full(p.grad), q.grad, rtol=1e-5, atol=1e-8, msg=lambda m: f"{name}: {m}")
+
+
+#: DTensor params made by hand on the 2x2 mesh: 3-d, sharded on any dim and on two dims at once, size-1
+#: dims (local shards whose strides there differ from a fresh tensor's), a whole empty tensor, replicated
+DIRECT = [((3, 5, 6), "S0 S1"), ((4, 3, 7), "S2 R"), ((1, 8, 6), "R S1"), ((2, 9, 4), "S1 S2"), ((5,), "S0 R"),
+          ((0, 4), "S0 S1"), ((7, 3), "R R"), ((6, 1, 5), "S0 S2")]
+
+
+def check_direct_params(layout: Layout):
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    def placements(spec):
+        return [Replicate() if s == "R" else Shard(int(s[1])) for s in spec.split()]
+
+    def draw(seed):
+        g = torch.Generator().manual_seed(seed)
+        return [torch.randn(shape, generator=g) for shape, _ in DIRECT]
+
+    for cls, kwargs, backends in (CASES["adamw"], CASES["lamb"], CASES["adafactor_beta1"]):
+        for backend in backends[:2]:
+            whole = draw(0)
+            single = [w.clone().requires_grad_() for w in whole]
+            params = [torch.nn.Parameter(distribute_tensor(w.clone(), layout.mesh, placements(spec),
+                                                           src_data_rank=None))
+                      for w, (_, spec) in zip(whole, DIRECT)]
+            opt, single_opt = cls(params, backend=backend, **kwargs), cls(single, backend=backend, **kwargs)
+            for step in range(STEPS):
+                for p, q, g, (_, spec) in zip(params, single, draw(step + 1), DIRECT):
+                    p.grad = distribute_tensor(g.clone(), layout.mesh, placements(spec), src_data_rank=None)
+                    q.grad = g.clone()
+                opt.step()
+                single_opt.step()
+            for p, q, (shape, spec) in zip(params, single, DIRECT):
+                what = f"{cls.__name__} {backend} {shape} {spec}"
+                torch.testing.assert_close(full(p).detach(), q.detach(), rtol=1e-5, atol=1e-6,
+                                           msg=lambda m: f"{what}: {m}")
+                for key, value in single_opt.state[q].items():
+                    torch.testing.assert_close(full(opt.state[p][key]), value, rtol=1e-5, atol=1e-6,
+                                               msg=lambda m: f"{what} {key}: {m}")
 
 
 def check_zero_tp(layout: Layout):
@@ -330,6 +416,8 @@ def layout_worker(rank, world, name, path):
     if name == "fsdp":
         save_checkpoint(layout, path)
     elif name == "2d":
+        check_direct_params(layout)
+        check_sequence_parallel(layout)
         check_zero_tp(layout)
         load_checkpoint(layout, path)
 

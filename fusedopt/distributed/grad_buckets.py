@@ -161,7 +161,7 @@ class GradBuckets:
                                "after each backward (or run the extra backward inside no_sync())")
         view = bucket.view(i)
         if p.grad is not None and not _same_memory(dtensor.local(p.grad), view):
-            view.copy_(dtensor.local(p.grad))
+            view.copy_(_local_grad(p))
             p.grad = bucket.grad(i)  # later accumulation lands in the buffer
         bucket.has_grad[i] = True
         if not self._sync:
@@ -296,6 +296,19 @@ class GradBuckets:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+def _local_grad(p: Tensor) -> Tensor:
+    """p.grad's values as p's bucket holds them: a DTensor grad's local shard
+    in p's placements (pending sums, Partial, reduced first: the grads of
+    SequenceParallel's norm weights)."""
+    g = p.grad
+    if not dtensor.is_dtensor(g) or g._spec.placements == p._spec.placements:
+        return dtensor.local(g)
+    if not (dtensor.is_dtensor(p) and dtensor.grad_fits(g, p)):
+        raise RuntimeError(f"GradBuckets: the grad of a param of shape {tuple(p.shape)} is a DTensor with "
+                           f"placements {g.placements}, which the param's layout cannot take")
+    return dtensor.reduced_locals([g], [p.placements])[0]
 
 
 def _same_memory(a: Tensor, b: Tensor) -> bool:

@@ -196,8 +196,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
             return ()
         dtensor.check_tensor(p, "ZeroOptimizer: a param")
         groups = dtensor.sharding_of(p).groups()
-        zero_ranks = dist.get_process_group_ranks(self.group or dist.group.WORLD)
-        if any(dist.get_process_group_ranks(g) == zero_ranks for g in groups):
+        zero_ranks = set(dist.get_process_group_ranks(self.group or dist.group.WORLD))
+        # two ranks of the ZeRO group holding different shards of p: ZeRO would average them as replicas
+        if any(len(zero_ranks.intersection(dist.get_process_group_ranks(g))) > 1 for g in groups):
             raise ValueError(f"ZeroOptimizer: a DTensor param of shape {tuple(p.shape)} is already sharded over "
                              f"the ZeRO process group ({p.placements} on {p.device_mesh}): ZeRO shards a model "
                              f"replicated over its group (e.g. tensor parallel over another mesh dim); use a plain "
@@ -207,15 +208,19 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def _over_sharding_groups(self, values: Tensor, op=dist.ReduceOp.SUM) -> None:
         """values[i] (one per flat buffer, already reduced over the ZeRO group)
         reduced in place over the groups that shard flat i's params: one
-        collective per group."""
-        members: dict = {}
-        for i, flat in enumerate(self.flats):
-            for group in flat.groups:
-                members.setdefault(group, []).append(i)
-        for group, index in members.items():
-            part = values[index]
+        collective per group (index tensors made once: no host sync a step)."""
+        plan = self.__dict__.get("_group_plan")
+        if plan is None or plan[0] != values.device:
+            members: dict = {}
+            for i, flat in enumerate(self.flats):
+                for group in flat.groups:
+                    members.setdefault(group, []).append(i)
+            plan = self._group_plan = (values.device, [(g, torch.tensor(ix, device=values.device))
+                                                       for g, ix in members.items()])
+        for group, index in plan[1]:
+            part = values.index_select(0, index)
             dist.all_reduce(part, op=op, group=group)
-            values[index] = part
+            values.index_copy_(0, index, part)
 
     @property
     def param_groups(self):

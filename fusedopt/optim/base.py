@@ -356,7 +356,8 @@ class FusedOptimizer(Optimizer):
                 # plain attribute reads: a DTensor's .dtype or .layout costs ~3x a plain tensor's
                 ps, gs = p._spec, g._spec
                 dtype = ps.tensor_meta.dtype
-                if not (ps.mesh is gs.mesh and ps.placements == gs.placements and gs.tensor_meta.dtype is dtype
+                if not ((ps.placements == gs.placements or dtensor.grad_fits(g, p))
+                        and (ps.mesh is gs.mesh or ps.mesh == gs.mesh) and gs.tensor_meta.dtype is dtype
                         and dtype in SUPPORTED_PARAM_DTYPES and g._local_tensor.layout is torch.strided):
                     self._refuse_grad(p, g)
                 continue
@@ -368,13 +369,13 @@ class FusedOptimizer(Optimizer):
     def _refuse_grad(self, p: Tensor, g: Tensor) -> None:
         """Raise the error _check_grads found for param p and its grad g."""
         name = type(self).__name__
-        if dtensor.is_dtensor(p) and not (dtensor.is_dtensor(g) and dtensor.same_layout(p, g)):
+        if dtensor.is_dtensor(p) and not (dtensor.is_dtensor(g) and dtensor.grad_fits(g, p)):
             raise RuntimeError(
                 f"{name}: the grad of a DTensor param of shape {tuple(p.shape)} on {p.device_mesh} with placements "
                 f"{p.placements} is " + (f"a DTensor with placements {g.placements} on {g.device_mesh}"
                                          if dtensor.is_dtensor(g) else f"a {type(g).__name__}") +
-                "; the kernels step local shards, so it must have the param's mesh and placements (as FSDP2 and "
-                "parallelize_module give them): redistribute it first")
+                "; the kernels step local shards, so it must have the param's mesh and placements (or pending "
+                "sums, Partial, where the param is Replicate): redistribute it first")
         if dtensor.is_dtensor(g) and not dtensor.is_dtensor(p):
             raise RuntimeError(f"{name}: a plain param of shape {tuple(p.shape)} has a DTensor grad")
         if not dtensor.is_dtensor(g):
@@ -441,7 +442,7 @@ class FusedOptimizer(Optimizer):
         parts = []
         for b in buckets:
             # the kernels take no empty tensor: those of a sharded Adafactor bucket (empty local shards) sum to 0
-            index = [i for i, g in enumerate(b.grads) if g.numel()]
+            index = range(len(b.grads)) if b.stats is None else [i for i, g in enumerate(b.grads) if g.numel()]
             if len(index) == len(b.grads) and index:
                 sums = self._backend_for(b.device).power_sums(b.grads, 2.0)
             else:
@@ -467,7 +468,7 @@ class FusedOptimizer(Optimizer):
         for index, (group, grads) in enumerate(zip(self.param_groups, all_grads)):
             self._check_group(group, f"param group {index}")
             self._check_grads(group["params"], grads)
-            all_grads[index] = local_grads = _local_grads(grads)  # what the kernels read
+            all_grads[index] = local_grads = _local_grads(group["params"], grads)  # what the kernels read
             plan = self._plans.get(index)
             cached.append(plan if plan is not None and plan.reusable(self, group, local_grads) else None)
             if cached[-1] is None:  # a reused plan's states are the ones it checked when it was built
@@ -516,12 +517,13 @@ class FusedOptimizer(Optimizer):
             plan.watch(p, lp, state, ["step", *names, *shaped] + (["master_param"] if master is not None else [])
                        + (list(_FP8_STATES) if fp8 else []))
             key = (p.device, p.dtype, kind)
-            # a DTensor with an empty local shard still has states to update when some are replicated
-            # (Adafactor's column statistics of a row-sharded matrix): launched by kinds that take empties
-            skip = lp.numel() == 0 and not (sharding is not None and self._launches_empty_shards(kind))
+            # a DTensor with an empty local shard of a non-empty tensor still has states to update when some
+            # are replicated (Adafactor's column statistics of a row-sharded matrix): launched by kinds that
+            # take empties, else a member of its bucket's statistics only
+            skip = lp.numel() == 0 and not (sharding is not None and p.numel() and self._launches_empty_shards(kind))
             if skip:
                 plan.empty_steps.setdefault(p.device, []).append(state["step"])
-                if sharding is None:
+                if sharding is None or p.numel() == 0:  # (a whole empty tensor: empty on every rank)
                     continue
             if key not in buckets:
                 buckets[key] = (Bucket(p.device, p.dtype, self._state_dtype(p), kind=kind,
@@ -748,20 +750,35 @@ def _found_inf_on_every_rank(found_inf: Tensor | None, plans: list[_Plan]) -> Te
     return found_inf
 
 
-def _local_grads(grads: list) -> list:
-    """The grads as the kernels read them: DTensors' local shards (checked by
-    _check_grads); the same list when every grad is plain."""
+def _local_grads(params: list, grads: list) -> list:
+    """The grads as the kernels read them (checked by _check_grads): a
+    DTensor's local shard, its pending sums (Partial, SequenceParallel's norm
+    weights) reduced first, in one collective per mesh dim for all of them;
+    the same list when every grad is plain."""
     if all(map(_PLAIN_OR_NONE.__contains__, map(type, grads))):
         return grads
-    return [g if type(g) in _PLAIN_OR_NONE else g._local_tensor for g in grads]
+    out, pending = list(grads), []
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if type(g) in _PLAIN_OR_NONE or not dtensor.is_dtensor(g):
+            continue
+        if g._spec.placements == p._spec.placements:
+            out[i] = g._local_tensor
+        else:
+            pending.append(i)
+    if pending:
+        reduced = dtensor.reduced_locals([grads[i] for i in pending], [params[i].placements for i in pending])
+        for i, t in zip(pending, reduced):
+            out[i] = t
+    return out
 
 
 def _grad_matches(p: Tensor, g: Tensor) -> bool:
     """Whether grad g fits param p beyond dtype and layout: a DTensor param's
-    grad is a DTensor of the same mesh and placements, a plain param's a
-    tensor the kernels can take."""
+    grad is a DTensor of the same mesh and placements (or pending sums where
+    the param is Replicate: dtensor.grad_fits), a plain param's a tensor the
+    kernels can take."""
     if dtensor.is_dtensor(p):
-        return dtensor.is_dtensor(g) and dtensor.same_layout(p, g)
+        return dtensor.is_dtensor(g) and dtensor.grad_fits(g, p)
     if dtensor.is_dtensor(g):
         return False
     try:

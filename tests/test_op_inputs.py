@@ -1,7 +1,9 @@
-"""Tensor subclasses the kernels cannot take (a wrapper such as DTensor or
+"""What the kernels are handed, checked before a pointer is followed: never
+a crash. Tensor subclasses they cannot take (a wrapper such as DTensor or
 FakeTensor, whose data pointer is not its data) raise a clear error, from the
-optimizers and norms first and from every binding too: never a crash. (DTensor
-params themselves are stepped on their local shards: tests/test_dtensor.py.)"""
+optimizers and norms first and from every binding too (DTensor params
+themselves are stepped on their local shards: tests/test_dtensor.py); a list
+an op cannot do without, given empty, is refused."""
 from __future__ import annotations
 
 import pytest
@@ -105,3 +107,36 @@ def test_cuda_binding_refuses_subclasses(emulated_cuda_ops):
         bad[i] = wrapped(bad[i])
         with pytest.raises(RuntimeError, match=SUBCLASS):
             emulated_cuda_ops.power_sums(*bad, tables.chunk_size, 0, 2.0, partials, out, 0)
+
+
+def test_cpu_ops_refuse_missing_lists():
+    """An empty list is an absent table row for the bindings: one an op needs is an error, not null pointers."""
+    if "cpu" not in fusedopt.available_backends("cpu"):
+        pytest.skip("the cpu backend does not build here")
+    ops = torch.ops.fusedopt_cpu
+    x, m, step = torch.randn(4, 4), torch.zeros(4, 4), torch.zeros(())
+    hyper = (0.01, None, -0.8, 1e-30, 1e-3, 1.0, 0.0, False, None, None, None, None, 100)
+    factors = ([torch.zeros(4, 1)], [torch.zeros(1, 4)], [])
+    shape = torch.tensor([1, 4, 4, 4, 4])
+    calls = {
+        "adamw": lambda grads, steps: ops.adamw([x.clone()], grads, [m.clone()], [m.clone()], [], [], [], [], [], steps,
+                                               [], [], None, 0.1, None, 0.9, 0.99, 1e-8, 0.0, False, False, None,
+                                               None, None, 100),
+        "lamb_moments": lambda grads, steps: ops.lamb_moments([x.clone()], grads, [m.clone()], [m.clone()], [], [],
+                                                             [], steps, 0.9, 0.99, 1e-6, 0.0, True, True, True, False,
+                                                             None, None, 100),
+        "adafactor": lambda grads, steps: ops.adafactor([x.clone()], grads, [], [], *factors, [], steps,
+                                                       torch.tensor([4]), torch.tensor([4]), *hyper),
+        "adafactor_sharded": lambda grads, steps: ops.adafactor_sharded(0, [x.clone()], grads, [], [], *factors[:2], [],
+                                                                       steps, shape, torch.tensor([16]), [], *hyper),
+        "sophia": lambda grads, steps: ops.sophia([x.clone()], grads, [m.clone()], [m.clone()], [], [], [], steps, 0.1,
+                                                 None, 0.9, 1.0, 0.0, False, None, None, None, 100),
+    }
+    for name, call in calls.items():
+        for grads, steps, missing in (([], [step.clone()], "grads"), ([x.clone()], [], "steps")):
+            with pytest.raises(RuntimeError, match=f"{missing} needs one tensor per param"):
+                call(grads, steps)
+    # adafactor_sharded's dims must be the tensor's: a batch count that overflows B * R * C is refused
+    with pytest.raises(RuntimeError, match="does not match its dims"):
+        ops.adafactor_sharded(0, [x.clone()], [x.clone()], [], [], *factors[:2], [], [step.clone()],
+                              torch.tensor([2**62 + 1, 4, 4, 4, 4]), torch.tensor([16]), [], *hyper)
