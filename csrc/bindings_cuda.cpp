@@ -302,18 +302,27 @@ fusedopt::AdafactorLayout unpack_layout(const Tensor& packed, int64_t n, int64_t
           parts[10], parts[11], parts[12], n_tasks, n_slices, n_col_programs, col_total};
 }
 
-// One Adafactor step of a bucket (table rows in AdafactorRow order; steps
-// already advanced). `layout` (with its counts) for tensors of 2+ dims, None
-// for 0-d / 1-d ones; the fp64 scratch arrays as AdafactorScratch describes.
-void adafactor(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor, const Tensor& chunk_start,
-               const Tensor& chunk_first, int64_t chunk_size, int64_t param_dtype, int64_t state_dtype,
-               bool has_master, bool fp8_exp_avg, const std::optional<Tensor>& layout, int64_t n_tasks,
-               int64_t n_slices, int64_t n_col_programs, int64_t col_total, double lr,
-               const std::optional<Tensor>& lr_tensor, double beta2_decay, double eps1, double eps2, double d,
-               double weight_decay, bool maximize, std::optional<double> beta1,
-               const std::optional<Tensor>& grad_mult, const std::optional<Tensor>& found_inf,
-               std::optional<int64_t> sr_seed, Tensor& col_partial, Tensor& p_partial, Tensor& u_partial,
-               Tensor& rmean, Tensor& sums, int64_t stream) {
+// An Adafactor launch's table, layout, hyperparameters and scratch, checked (for adafactor and
+// adafactor_sharded).
+struct AdafactorLaunch {
+  fusedopt::TensorTable tt;
+  fusedopt::AdafactorLayout L{};
+  bool factored;
+  fusedopt::DType pdt, sdt;
+  fusedopt::AdafactorHyper h;
+  fusedopt::AdafactorScratch scratch;
+};
+
+AdafactorLaunch adafactor_launch(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor,
+                                 const Tensor& chunk_start, const Tensor& chunk_first, int64_t chunk_size,
+                                 int64_t param_dtype, int64_t state_dtype, bool has_master, bool fp8_exp_avg,
+                                 const std::optional<Tensor>& layout, int64_t n_tasks, int64_t n_slices,
+                                 int64_t n_col_programs, int64_t col_total, double lr,
+                                 const std::optional<Tensor>& lr_tensor, double beta2_decay, double eps1, double eps2,
+                                 double d, double weight_decay, bool maximize, std::optional<double> beta1,
+                                 const std::optional<Tensor>& grad_mult, const std::optional<Tensor>& found_inf,
+                                 std::optional<int64_t> sr_seed, Tensor& col_partial, Tensor& p_partial,
+                                 Tensor& u_partial, Tensor& rmean, Tensor& sums) {
   const fusedopt::TensorTable tt =
       make_table(table, numel, chunk_tensor, chunk_start, chunk_size, fusedopt::kAdafactorRows);
   const auto [pdt, sdt] = storage(param_dtype, state_dtype, has_master);  // the statistics: never FP8
@@ -340,10 +349,71 @@ void adafactor(const Tensor& table, const Tensor& numel, const Tensor& chunk_ten
   const fusedopt::AdafactorScratch scratch{ptr<double>(col_partial, "col_partial"), p_partial.data_ptr<double>(),
                                            u_partial.data_ptr<double>(), ptr<double>(rmean, "rmean"),
                                            sums.data_ptr<double>()};
-  const char* error = fusedopt::adafactor_cuda(tt, layout.has_value() ? &L : nullptr, chunk_first.data_ptr<int64_t>(),
-                                               h, pdt, sdt, has_master, fp8_exp_avg, scratch,
+  return {tt, L, layout.has_value(), pdt, sdt, h, scratch};
+}
+
+// One Adafactor step of a bucket (table rows in AdafactorRow order; steps
+// already advanced). `layout` (with its counts) for tensors of 2+ dims, None
+// for 0-d / 1-d ones; the fp64 scratch arrays as AdafactorScratch describes.
+void adafactor(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor, const Tensor& chunk_start,
+               const Tensor& chunk_first, int64_t chunk_size, int64_t param_dtype, int64_t state_dtype,
+               bool has_master, bool fp8_exp_avg, const std::optional<Tensor>& layout, int64_t n_tasks,
+               int64_t n_slices, int64_t n_col_programs, int64_t col_total, double lr,
+               const std::optional<Tensor>& lr_tensor, double beta2_decay, double eps1, double eps2, double d,
+               double weight_decay, bool maximize, std::optional<double> beta1,
+               const std::optional<Tensor>& grad_mult, const std::optional<Tensor>& found_inf,
+               std::optional<int64_t> sr_seed, Tensor& col_partial, Tensor& p_partial, Tensor& u_partial,
+               Tensor& rmean, Tensor& sums, int64_t stream) {
+  const AdafactorLaunch a = adafactor_launch(
+      table, numel, chunk_tensor, chunk_start, chunk_first, chunk_size, param_dtype, state_dtype, has_master,
+      fp8_exp_avg, layout, n_tasks, n_slices, n_col_programs, col_total, lr, lr_tensor, beta2_decay, eps1, eps2, d,
+      weight_decay, maximize, beta1, grad_mult, found_inf, sr_seed, col_partial, p_partial, u_partial, rmean, sums);
+  const char* error = fusedopt::adafactor_cuda(a.tt, a.factored ? &a.L : nullptr, chunk_first.data_ptr<int64_t>(),
+                                               a.h, a.pdt, a.sdt, has_master, fp8_exp_avg, a.scratch,
                                                reinterpret_cast<void*>(stream));
   TORCH_CHECK(error == nullptr, "fusedopt cuda: adafactor launch failed: ", error);
+}
+
+// One phase of Adafactor on the local shards of DTensor params (include/fusedopt/adafactor.h:
+// adafactor_sharded_cuda), the adafactor op's arguments and the phases' own: the flat row and column sums
+// with each tensor's base in them, the whole tensors' R and C, the per-slice sums of row_var.
+void adafactor_sharded(int64_t phase, const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor,
+                       const Tensor& chunk_start, const Tensor& chunk_first, int64_t chunk_size, int64_t param_dtype,
+                       int64_t state_dtype, bool has_master, const std::optional<Tensor>& layout, int64_t n_tasks,
+                       int64_t n_slices, int64_t n_col_programs, int64_t col_total, double lr,
+                       const std::optional<Tensor>& lr_tensor, double beta2_decay, double eps1, double eps2, double d,
+                       double weight_decay, bool maximize, std::optional<double> beta1,
+                       const std::optional<Tensor>& grad_mult, const std::optional<Tensor>& found_inf,
+                       std::optional<int64_t> sr_seed, Tensor& col_partial, Tensor& p_partial, Tensor& u_partial,
+                       Tensor& rmean, Tensor& sums, Tensor& row_sums, const Tensor& row_base, Tensor& col_sums,
+                       const Tensor& col_base, const Tensor& full_rows, const Tensor& full_cols, Tensor& rv_sums,
+                       int64_t stream) {
+  TORCH_CHECK(phase >= 0 && phase <= 3, "fusedopt cuda: adafactor_sharded phase must be 0, 1, 2 or 3, got ", phase);
+  const AdafactorLaunch a = adafactor_launch(
+      table, numel, chunk_tensor, chunk_start, chunk_first, chunk_size, param_dtype, state_dtype, has_master, false,
+      layout, n_tasks, n_slices, n_col_programs, col_total, lr, lr_tensor, beta2_decay, eps1, eps2, d, weight_decay,
+      maximize, beta1, grad_mult, found_inf, sr_seed, col_partial, p_partial, u_partial, rmean, sums);
+  const int64_t n = a.tt.n_tensors;
+  fusedopt::AdafactorShardedScratch sh{};
+  if (a.factored) {
+    for (const Tensor* t : {&row_base, &col_base, &full_rows, &full_cols}) {
+      check_cuda_tensor(*t, at::kLong, n, "row_base, col_base, full_rows and full_cols");
+    }
+    // (the bases live on the device: that they fit row_sums and col_sums is the backend's to keep,
+    // fusedopt/backends/_sharded.py)
+    TORCH_CHECK(on_device(row_sums) && on_device(col_sums) && row_sums.scalar_type() == at::kDouble &&
+                    col_sums.scalar_type() == at::kDouble && row_sums.is_contiguous() && col_sums.is_contiguous(),
+                "fusedopt cuda: row_sums and col_sums must be contiguous float64 " FUSEDOPT_DEVICE " tensors");
+    check_cuda_tensor(rv_sums, at::kDouble, n_slices, "rv_sums");
+    sh = {ptr<double>(row_sums, "row_sums"), ptr<int64_t>(row_base, "row_base"),
+          ptr<double>(col_sums, "col_sums"), ptr<int64_t>(col_base, "col_base"),
+          ptr<int64_t>(full_rows, "full_rows"), ptr<int64_t>(full_cols, "full_cols"),
+          ptr<double>(rv_sums, "rv_sums")};
+  }
+  const char* error = fusedopt::adafactor_sharded_cuda(int(phase), a.tt, a.factored ? &a.L : nullptr,
+                                                       chunk_first.data_ptr<int64_t>(), a.h, a.pdt, a.sdt, has_master,
+                                                       a.scratch, sh, reinterpret_cast<void*>(stream));
+  TORCH_CHECK(error == nullptr, "fusedopt cuda: adafactor_sharded launch failed: ", error);
 }
 
 }  // namespace
@@ -357,6 +427,16 @@ TORCH_LIBRARY(FUSEDOPT_CUDA_LIBRARY, m) {
       "Tensor? grad_mult, Tensor? found_inf, int? sr_seed, Tensor(a!) col_partial, Tensor(b!) p_partial, "
       "Tensor(c!) u_partial, Tensor(d!) rmean, Tensor(e!) sums, int stream) -> ()",
       &adafactor);
+  m.def(
+      "adafactor_sharded(int phase, Tensor table, Tensor numel, Tensor chunk_tensor, Tensor chunk_start, "
+      "Tensor chunk_first, int chunk_size, int param_dtype, int state_dtype, bool has_master, Tensor? layout, "
+      "int n_tasks, int n_slices, int n_col_programs, int col_total, float lr, Tensor? lr_tensor, "
+      "float beta2_decay, float eps1, float eps2, float d, float weight_decay, bool maximize, float? beta1, "
+      "Tensor? grad_mult, Tensor? found_inf, int? sr_seed, Tensor(a!) col_partial, Tensor(b!) p_partial, "
+      "Tensor(c!) u_partial, Tensor(d!) rmean, Tensor(e!) sums, Tensor(f!) row_sums, Tensor row_base, "
+      "Tensor(g!) col_sums, Tensor col_base, Tensor full_rows, Tensor full_cols, Tensor(h!) rv_sums, "
+      "int stream) -> ()",
+      &adafactor_sharded);
   m.def(
       "sophia(Tensor table, Tensor numel, Tensor chunk_tensor, Tensor chunk_start, int chunk_size, "
       "int param_dtype, int state_dtype, bool has_master, float lr, Tensor? lr_tensor, float beta1, float rho_bs, "

@@ -13,6 +13,13 @@ Tensors of 2+ dims (row-major [.., R, C], leading dims batched):
   _apply           as above
 Partial sums are combined per tensor in order by kernels/norms.py's
 _combine_kernel; the scale per tensor comes from reference.adafactor.scales.
+
+Local shards of DTensor params (fusedopt/dtensor.py) go in phases, with the
+statistics summed over the shards between them (the Python side's
+collectives): _row_stats and _col_stats with RAW write the row and column
+sums of g*g instead of updating row_var and col_var; _sharded_factors then
+updates them from the whole rows' and columns' sums and sums row_var per
+slice (for the row mean); _factored_unorm and _apply as above.
 """
 import triton
 import triton.language as tl
@@ -101,9 +108,11 @@ def _vector_stats(table, numels, chunk_tensor, chunk_start, n_tensors, n_chunks,
 
 @triton.jit(do_not_specialize=["beta2_decay"])
 def _row_stats(table, n_tensors, prog_tensor, prog_row0, rows, cols, numels, beta2_decay: tl.int64, grad_mult_ptr,
-               found_inf_ptr, p_partials,
+               found_inf_ptr, p_partials, row_out, row_base,
                P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr, GRAD_MULT: tl.constexpr,
-               MAXIMIZE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, RB: tl.constexpr, CB: tl.constexpr):
+               MAXIMIZE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, RB: tl.constexpr, CB: tl.constexpr,
+               RAW: tl.constexpr):
+    """RAW: the rows' sums of g*g (fp64) at row_out + row_base[t], row_var left as it is."""
     pid = tl.program_id(0)
     t = tl.load(prog_tensor + pid)
     row0 = tl.load(prog_row0 + pid)
@@ -128,18 +137,23 @@ def _row_stats(table, n_tensors, prog_tensor, prog_row0, rows, cols, numels, bet
         row_acc += tl.sum(g * g, axis=1)
         p = load_math(work, offs, mask, W_KIND)
         p_acc += tl.sum(p * p, axis=1)
-    w = _lerp_weight(table, n_tensors, t, beta2_decay, ACC)
-    rv = lerp(load_state(row_var, rr, rmask, S_KIND, P_KIND), div_ieee(row_acc, C.to(ACC), P_KIND), w)
-    store_math(row_var, rr, rv, rmask, S_KIND)
+    if RAW:
+        tl.store(row_out + tl.load(row_base + t) + rr, row_acc.to(tl.float64), mask=rmask)
+    else:
+        w = _lerp_weight(table, n_tensors, t, beta2_decay, ACC)
+        rv = lerp(load_state(row_var, rr, rmask, S_KIND, P_KIND), div_ieee(row_acc, C.to(ACC), P_KIND), w)
+        store_math(row_var, rr, rv, rmask, S_KIND)
     tl.store(p_partials + pid, tl.sum(p_acc, axis=0).to(tl.float64))
 
 
 @triton.jit(do_not_specialize=["beta2_decay", "eps1"])
 def _col_stats(table, n_tensors, prog_tensor, prog_batch, prog_col0, prog_slice, rows, cols, beta2_decay: tl.int64,
                eps1: tl.int64,
-               grad_mult_ptr, found_inf_ptr, rmean,
+               grad_mult_ptr, found_inf_ptr, rmean, col_out, col_base,
                P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr, GRAD_MULT: tl.constexpr,
-               MAXIMIZE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, RB: tl.constexpr, CB: tl.constexpr):
+               MAXIMIZE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, RB: tl.constexpr, CB: tl.constexpr,
+               RAW: tl.constexpr):
+    """RAW: the columns' sums of g*g (fp64) at col_out + col_base[t] + b * C, col_var and rmean left."""
     pid = tl.program_id(0)
     t = tl.load(prog_tensor + pid)
     b = tl.load(prog_batch + pid)
@@ -161,7 +175,11 @@ def _col_stats(table, n_tensors, prog_tensor, prog_batch, prog_col0, prog_slice,
         offs = (b * R + rr)[:, None] * C + cc[None, :]
         g = _grad(grad, offs, (rr < R)[:, None] & cmask[None, :], grad_mult_ptr, P_KIND, GRAD_MULT, MAXIMIZE)
         col_acc += tl.sum(g * g, axis=0)
-        rv_acc += load_state(row_var, b * R + rr, rr < R, S_KIND, P_KIND)  # row_var is final: _row_stats ran before
+        if not RAW:
+            rv_acc += load_state(row_var, b * R + rr, rr < R, S_KIND, P_KIND)  # final: _row_stats ran before
+    if RAW:
+        tl.store(col_out + tl.load(col_base + t) + b * C + cc, col_acc.to(tl.float64), mask=cmask)
+        return
     w = _lerp_weight(table, n_tensors, t, beta2_decay, ACC)
     live = cc < tl.where(R > 0, C, 0)  # nothing when GradScaler found inf/NaN
     cv = lerp(load_state(col_var, b * C + cc, live, S_KIND, P_KIND), div_ieee(col_acc, R.to(ACC), P_KIND), w)
@@ -172,6 +190,48 @@ def _col_stats(table, n_tensors, prog_tensor, prog_batch, prog_col0, prog_slice,
     slot = tl.load(prog_slice + pid) + tl.arange(0, 1)
     writer = tl.where((c0 == 0) & (R > 0), 1, 0)  # one program per slice writes
     tl.store(rmean + slot, tl.zeros([1], ACC) + mean, mask=tl.arange(0, 1) < writer)
+
+
+@triton.jit(do_not_specialize=["beta2_decay"])
+def _sharded_factors(table, n_tensors, slice_tensor, slice_batch, rows, cols, full_rows, full_cols, row_sums,
+                     row_base, col_sums, col_base, beta2_decay: tl.int64, found_inf_ptr, rv_sums,
+                     P_KIND: tl.constexpr, S_KIND: tl.constexpr, HAS_FOUND_INF: tl.constexpr, RB: tl.constexpr,
+                     CB: tl.constexpr):
+    """One program per batch slice: row_var and col_var lerped to the whole
+    rows' and columns' means (sums over full_cols / full_rows elements), and
+    the sum of row_var over the slice's local rows, as stored (fp64)."""
+    i = tl.program_id(0)
+    t = tl.load(slice_tensor + i)
+    b = tl.load(slice_batch + i)
+    R = tl.load(rows + t)
+    C = tl.load(cols + t)
+    if HAS_FOUND_INF:  # GradScaler found inf/NaN: nothing moves, the sum is 0
+        live = tl.load(found_inf_ptr) == 0
+        R = tl.where(live, R, 0)
+        C = tl.where(live, C, 0)
+    ACC: tl.constexpr = tl.float64 if P_KIND == F64 else tl.float32
+    row_var = address(table, ROW_ROW_VAR, n_tensors, t)
+    col_var = address(table, ROW_COL_VAR, n_tensors, t)
+    w = _lerp_weight(table, n_tensors, t, beta2_decay, ACC)
+    full_c = tl.load(full_cols + t).to(tl.float64)
+    full_r = tl.load(full_rows + t).to(tl.float64)
+    rows0 = tl.load(row_base + t) + b * R
+    acc = tl.zeros([RB], tl.float64)
+    for r0 in range(0, R, RB):
+        rr = r0 + tl.arange(0, RB)
+        mask = rr < R
+        mean = div_ieee(tl.load(row_sums + rows0 + rr, mask=mask, other=0.0), full_c, F64).to(ACC)
+        rv = lerp(load_state(row_var, b * R + rr, mask, S_KIND, P_KIND), mean, w)
+        store_math(row_var, b * R + rr, rv, mask, S_KIND)
+        acc += tl.where(mask, as_stored(rv, S_KIND).to(tl.float64), 0.0)
+    cols0 = tl.load(col_base + t) + b * C
+    for c0 in range(0, C, CB):
+        cc = c0 + tl.arange(0, CB)
+        mask = cc < C
+        mean = div_ieee(tl.load(col_sums + cols0 + cc, mask=mask, other=0.0), full_r, F64).to(ACC)
+        cv = lerp(load_state(col_var, b * C + cc, mask, S_KIND, P_KIND), mean, w)
+        store_math(col_var, b * C + cc, cv, mask, S_KIND)
+    tl.store(rv_sums + i, tl.sum(acc, axis=0))
 
 
 @triton.jit

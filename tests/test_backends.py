@@ -111,7 +111,8 @@ def test_registry_modules_are_consistent():
 
 
 def test_every_backend_implements_every_optimizer():
-    ops = ("adamw", "lamb", "adafactor", "sophia", "sophia_hessian", "power_sums", "scale_", "cast_fp8")
+    ops = ("adamw", "lamb", "adafactor", "adafactor_sharded", "sophia", "sophia_hessian", "power_sums", "scale_",
+           "cast_fp8")
     for name in backends.NAMES:
         assert all(callable(getattr(backends.get(name), op, None)) for op in ops), name
 

@@ -142,6 +142,20 @@ def _workload() -> None:
         ps = _params(dtype, shapes)
         _steps(FusedAdafactor(ps, backend="triton", **kw), ps)
 
+    # Adafactor's phases for DTensor params (RAW row/column sums, _sharded_factors), here over whole tensors
+    from test_adafactor_sharded import phased_step
+
+    from fusedopt.backends import triton as triton_backend
+    for dtype, kw, flags in ((torch.float32, {}, {}),
+                             (torch.bfloat16, {"beta1": 0.9, "master_weights": True},
+                              {"grad_mult": torch.ones(1, dtype=torch.float64), "found_inf": torch.zeros(1)})):
+        ps = _params(dtype, shapes)
+        opt = FusedAdafactor(ps, backend="triton", **kw)
+        for s in range(2):
+            for p, g in zip(ps, grads_for(ps, s)):
+                p.grad = g
+            phased_step(opt, triton_backend.adafactor_sharded, **flags)
+
     for dtype, kw in ((torch.float32, {"maximize": True}), (torch.bfloat16, {"master_weights": True}),
                       (torch.bfloat16, {"stochastic_rounding": True, "state_dtype": fp8})):
         ps = _params(dtype)

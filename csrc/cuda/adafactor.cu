@@ -21,6 +21,13 @@
 // a fixed per-thread order and a fixed tree: deterministic, no float atomics.
 // With exp_avg block-scaled FP8 the apply kernel encodes each 256-element
 // block (fp8_states.cuh) and moves the params by the moments as stored.
+//
+// Local shards of DTensor params go in phases (adafactor_sharded_cuda), with
+// the statistics summed over the shards between them by the Python side:
+// row_stats and col_stats with RAW write the row and column sums of g^2
+// instead of updating row_var and col_var; sharded_factors_kernel updates
+// them from the whole rows' and columns' sums and sums row_var per slice;
+// factored_unorm and apply as above, with rmean and the scales given.
 // No torch headers.
 #include <cuda_runtime.h>
 
@@ -85,9 +92,11 @@ __device__ __forceinline__ FactoredU<T, S> factored_u_of(const TensorTable& tt, 
 // A block per task: each thread walks columns c = threadIdx.x + k * kThreads of the task's rows,
 // keeping one partial row sum per row (registers) and writing the column's sum; row sums are
 // reduced per warp by shuffles, then over the warps in a fixed order.
-template <typename P, typename S, bool MASTER>
+// RAW: the row sums of g^2 (fp64) go to row_out[row_base[t] + b * R + r], row_var is left as it is.
+template <typename P, typename S, bool MASTER, bool RAW>
 __global__ void __launch_bounds__(kThreads) row_stats_kernel(TensorTable tt, AdafactorLayout L, AdafactorHyper h,
-                                                             double* col_partial, double* p_partial) {
+                                                             double* col_partial, double* p_partial, double* row_out,
+                                                             const int64_t* row_base) {
   using T = typename MathOf<P>::type;
   __shared__ T warp_sums[kAfTaskRows][kWarps];
   if (skipped(h)) return;
@@ -131,9 +140,13 @@ __global__ void __launch_bounds__(kThreads) row_stats_kernel(TensorTable tt, Ada
     T total = T(0);
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) total += warp_sums[threadIdx.x][w];
-    S* row_var = tt.ptr<S>(kAfRowVar, t) + b * R + row0 + threadIdx.x;
-    const T weight = T(step_of(tt, h, t).one_minus_beta2_t);
-    *row_var = Store<S>::from(lerp(T(to_math(*row_var)), total / T(C), weight));
+    if (RAW) {
+      row_out[row_base[t] + b * R + row0 + threadIdx.x] = double(total);
+    } else {
+      S* row_var = tt.ptr<S>(kAfRowVar, t) + b * R + row0 + threadIdx.x;
+      const T weight = T(step_of(tt, h, t).one_minus_beta2_t);
+      *row_var = Store<S>::from(lerp(T(to_math(*row_var)), total / T(C), weight));
+    }
   }
   int nan = 0;
   const double p_total = block_reduce<double, false>(p_acc, nan);
@@ -143,9 +156,11 @@ __global__ void __launch_bounds__(kThreads) row_stats_kernel(TensorTable tt, Ada
 // A block per kAfColBlock columns of one slice: kThreads / kAfColBlock lanes per column sum every
 // such lane's share of the slice's tasks, then the lanes are added in lane order. The slice's first
 // program also forms rmean (row_var is final: row_stats ran before).
-template <typename P, typename S>
+// RAW: the column sums of g^2 go to col_out[col_base[t] + b * C + c]; col_var and rmean are left.
+template <typename P, typename S, bool RAW>
 __global__ void __launch_bounds__(kThreads) col_stats_kernel(TensorTable tt, AdafactorLayout L, AdafactorHyper h,
-                                                             const double* col_partial, double* rmean) {
+                                                             const double* col_partial, double* rmean,
+                                                             double* col_out, const int64_t* col_base) {
   using T = typename MathOf<P>::type;
   constexpr int kLanes = kThreads / kAfColBlock;
   __shared__ double lane_sums[kLanes][kAfColBlock];
@@ -165,11 +180,15 @@ __global__ void __launch_bounds__(kThreads) col_stats_kernel(TensorTable tt, Ada
     double total = 0.0;
 #pragma unroll
     for (int l = 0; l < kLanes; ++l) total += lane_sums[l][x];
-    S* col_var = tt.ptr<S>(kAfColVar, t) + b * C + c;
-    const T w = T(step_of(tt, h, t).one_minus_beta2_t);
-    *col_var = Store<S>::from(lerp(T(to_math(*col_var)), T(total / double(R)), w));
+    if (RAW) {
+      col_out[col_base[t] + b * C + c] = total;
+    } else {
+      S* col_var = tt.ptr<S>(kAfColVar, t) + b * C + c;
+      const T w = T(step_of(tt, h, t).one_minus_beta2_t);
+      *col_var = Store<S>::from(lerp(T(to_math(*col_var)), T(total / double(R)), w));
+    }
   }
-  if (c0 == 0) {  // the same for every thread of the block: the barriers in block_reduce are safe
+  if (!RAW && c0 == 0) {  // the same for every thread of the block: the barriers in block_reduce are safe
     const S* row_var = tt.ptr<const S>(kAfRowVar, t) + b * R;
     double acc = 0.0;
     for (int64_t r = threadIdx.x; r < R; r += kThreads) acc += double(to_math(row_var[r]));
@@ -177,6 +196,33 @@ __global__ void __launch_bounds__(kThreads) col_stats_kernel(TensorTable tt, Ada
     const double total = block_reduce<double, false>(acc, nan);
     if (threadIdx.x == 0) rmean[slice] = double(clamp_min(T(total / double(R)), T(h.eps1)));
   }
+}
+
+// Sharded phases: a block per slice. row_var and col_var lerped to the whole rows' and columns' means
+// (sums over full_cols[t] and full_rows[t] elements); the slice's sum of row_var as stored.
+template <typename P, typename S>
+__global__ void __launch_bounds__(kThreads) sharded_factors_kernel(TensorTable tt, AdafactorLayout L,
+                                                                   AdafactorHyper h,
+                                                                   AdafactorShardedScratch sh) {
+  using T = typename MathOf<P>::type;
+  if (skipped(h)) return;  // (rv_sums stays zero: the Python side zeroes it)
+  const int64_t slice = blockIdx.x, t = L.slice_tensor[slice], b = L.slice_batch[slice];
+  const int64_t R = L.rows[t], C = L.cols[t];
+  const T w = T(step_of(tt, h, t).one_minus_beta2_t);
+  S* row_var = tt.ptr<S>(kAfRowVar, t) + b * R;
+  S* col_var = tt.ptr<S>(kAfColVar, t) + b * C;
+  const double* rows = sh.row_sums + sh.row_base[t] + b * R;
+  const double* cols = sh.col_sums + sh.col_base[t] + b * C;
+  double acc = 0.0;
+  for (int64_t r = threadIdx.x; r < R; r += kThreads) {
+    row_var[r] = Store<S>::from(lerp(T(to_math(row_var[r])), T(rows[r] / double(sh.full_cols[t])), w));
+    acc += double(to_math(row_var[r]));
+  }
+  for (int64_t c = threadIdx.x; c < C; c += kThreads)
+    col_var[c] = Store<S>::from(lerp(T(to_math(col_var[c])), T(cols[c] / double(sh.full_rows[t])), w));
+  int nan = 0;
+  const double total = block_reduce<double, false>(acc, nan);
+  if (threadIdx.x == 0) sh.rv_sums[slice] = total;
 }
 
 // A block per chunk of a factored tensor: its partial sum of u^2.
@@ -457,10 +503,10 @@ struct StepOp {
     const dim3 per_tensor{unsigned(n)}, per_chunk{unsigned(tt.n_chunks)};
     if (a.layout != nullptr) {
       const AdafactorLayout& L = *a.layout;
-      row_stats_kernel<P, S, MASTER><<<dim3(unsigned(L.n_tasks)), kThreads, 0, a.stream>>>(
-          tt, L, a.h, sc.col_partial, sc.p_partial);
-      col_stats_kernel<P, S><<<dim3(unsigned(L.n_col_programs)), kThreads, 0, a.stream>>>(tt, L, a.h,
-                                                                                          sc.col_partial, sc.rmean);
+      row_stats_kernel<P, S, MASTER, false><<<dim3(unsigned(L.n_tasks)), kThreads, 0, a.stream>>>(
+          tt, L, a.h, sc.col_partial, sc.p_partial, nullptr, nullptr);
+      col_stats_kernel<P, S, false><<<dim3(unsigned(L.n_col_programs)), kThreads, 0, a.stream>>>(
+          tt, L, a.h, sc.col_partial, sc.rmean, nullptr, nullptr);
       factored_unorm_kernel<P, S><<<per_chunk, kThreads, 0, a.stream>>>(tt, L, a.h, sc.rmean, sc.u_partial);
       combine_kernel<false><<<per_tensor, kThreads, 0, a.stream>>>(sc.p_partial, L.task_first, sc.sums);
       combine_kernel<false><<<per_tensor, kThreads, 0, a.stream>>>(sc.u_partial, a.chunk_first, sc.sums + n);
@@ -472,6 +518,41 @@ struct StepOp {
       combine_kernel<false><<<per_tensor, kThreads, 0, a.stream>>>(sc.u_partial, a.chunk_first, sc.sums + n);
       scales_kernel<<<dim3(unsigned((n + kThreads - 1) / kThreads)), kThreads, 0, a.stream>>>(tt, a.h, sc.sums);
       apply<false>(a, AdafactorLayout{});
+    }
+  }
+};
+
+// The phases of DTensor params' local shards (adafactor_sharded_cuda).
+template <typename P, typename S, bool MASTER>
+struct ShardedOp {
+  static void run(const Launch& a, int phase, const AdafactorShardedScratch& sh) {
+    const TensorTable& tt = a.tt;
+    const AdafactorScratch& sc = a.scratch;
+    const int64_t n = tt.n_tensors;
+    const dim3 per_tensor{unsigned(n)}, per_chunk{unsigned(tt.n_chunks)};
+    if (phase == 3) {
+      if (a.layout != nullptr) StepOp<P, S, MASTER>::template apply<true>(a, *a.layout);
+      else StepOp<P, S, MASTER>::template apply<false>(a, AdafactorLayout{});
+      return;
+    }
+    if (a.layout == nullptr) {  // phase 0: variance updated, sum(p^2) and sum(u^2) per tensor
+      vector_stats_kernel<P, S, MASTER><<<per_chunk, kThreads, 0, a.stream>>>(tt, a.h, sc.p_partial, sc.u_partial);
+      combine_kernel<false><<<per_tensor, kThreads, 0, a.stream>>>(sc.p_partial, a.chunk_first, sc.sums);
+      combine_kernel<false><<<per_tensor, kThreads, 0, a.stream>>>(sc.u_partial, a.chunk_first, sc.sums + n);
+      return;
+    }
+    const AdafactorLayout& L = *a.layout;
+    if (phase == 0) {  // the rows' and columns' sums of g^2, sum(p^2) per tensor
+      row_stats_kernel<P, S, MASTER, true><<<dim3(unsigned(L.n_tasks)), kThreads, 0, a.stream>>>(
+          tt, L, a.h, sc.col_partial, sc.p_partial, sh.row_sums, sh.row_base);
+      col_stats_kernel<P, S, true><<<dim3(unsigned(L.n_col_programs)), kThreads, 0, a.stream>>>(
+          tt, L, a.h, sc.col_partial, nullptr, sh.col_sums, sh.col_base);
+      combine_kernel<false><<<per_tensor, kThreads, 0, a.stream>>>(sc.p_partial, L.task_first, sc.sums);
+    } else if (phase == 1) {  // row_var, col_var; per slice the sum of row_var
+      sharded_factors_kernel<P, S><<<dim3(unsigned(L.n_slices)), kThreads, 0, a.stream>>>(tt, L, a.h, sh);
+    } else {  // phase 2: sum(u^2) per tensor, with the given rmean
+      factored_unorm_kernel<P, S><<<per_chunk, kThreads, 0, a.stream>>>(tt, L, a.h, sc.rmean, sc.u_partial);
+      combine_kernel<false><<<per_tensor, kThreads, 0, a.stream>>>(sc.u_partial, a.chunk_first, sc.sums + n);
     }
   }
 };
@@ -489,6 +570,16 @@ const char* adafactor_cuda(const TensorTable& tt, const AdafactorLayout* layout,
   if (tt.n_chunks == 0) return nullptr;
   const Launch launch{tt, layout, chunk_first, h, fp8_exp_avg, scratch, static_cast<cudaStream_t>(stream)};
   dispatch_storage<StepOp>(param_dtype, state_dtype, has_master, launch);
+  return last_error();
+}
+
+const char* adafactor_sharded_cuda(int phase, const TensorTable& tt, const AdafactorLayout* layout,
+                                   const int64_t* chunk_first, const AdafactorHyper& h, DType param_dtype,
+                                   DType state_dtype, bool has_master, const AdafactorScratch& scratch,
+                                   const AdafactorShardedScratch& sharded, void* stream) {
+  if (tt.n_chunks == 0) return nullptr;
+  const Launch launch{tt, layout, chunk_first, h, false, scratch, static_cast<cudaStream_t>(stream)};
+  dispatch_storage<ShardedOp>(param_dtype, state_dtype, has_master, launch, phase, sharded);
   return last_error();
 }
 

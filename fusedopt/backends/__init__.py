@@ -8,8 +8,9 @@ A backend is a module of this package with:
   toolchain, environment) that says why it cannot run, or None,
 * ``load()``: whatever has to happen before the first launch (JIT build,
   importing triton); raises with the reason on failure,
-* one function per optimizer (``adamw(bucket, ...)``, ``lamb``, ...) and the
-  shared reductions (``power_sums``, ``scale_``); a backend without an
+* one function per optimizer (``adamw(bucket, ...)``, ``lamb``, ...;
+  Adafactor also ``adafactor_sharded``, its phases for DTensor params) and
+  the shared reductions (``power_sums``, ``scale_``); a backend without an
   optimizer's function is not a candidate for it,
 * optionally ``fp8_update_(copies, amax, found_inf, recipe)``: the delayed
   scaling after a step with FP8 copies in one call (else

@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 
 from .. import _jit
+from ..reference import adafactor as adafactor_spec
 from ..reference import lamb as lamb_spec
-from . import _tables
+from . import _sharded, _tables
 from ._bucket import advance_steps
 from ._dtypes import CODES, FP8_FORMATS, FP8_STATE_DTYPE, STATE_CODES
 
@@ -102,32 +103,113 @@ def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, adam_w
             weight_decay, bias_correction, adam_w_mode, found_inf, bucket.sr_seed)
 
 
+class _AdafactorArgs:
+    """The arguments the adafactor ops share for one bucket: tables, task
+    layout (factored), switches, hyperparameters and fp64 scratch."""
+
+    def __init__(self, bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize, beta1, grad_mult,
+                 found_inf):
+        device = bucket.device
+        self.tables = tables = _tables.launch_tables(_tables.adafactor_rows(bucket), device, _chunk(bucket))
+        stats_dtype, exp_avg_dtype = _tables.adafactor_storage(bucket)
+        self.n, n_chunks = tables.n_tensors, tables.n_chunks
+        self.layout = layout = (_tables.factored_tasks([p.shape for p in bucket.params], device)
+                                if _factored(bucket.kind) else None)
+
+        def scratch(size):
+            return torch.empty(max(size, 1), dtype=torch.float64, device=device)
+
+        self.rmean = scratch(layout.n_slices if layout else 0)
+        self.sums = scratch(3 * self.n)  # sum(p^2), sum(u^2), the scale, per tensor
+        self.fp8_exp_avg = exp_avg_dtype == FP8_STATE_DTYPE
+        lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+        self.head = (tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.chunk_first,
+                     tables.chunk_size, CODES[bucket.dtype], CODES[stats_dtype], bucket.masters is not None)
+        self.middle = (layout.packed if layout else None,
+                       *((layout.n_tasks, layout.n_slices, layout.n_col_programs, layout.col_total) if layout
+                         else (0, 0, 0, 0)),
+                       0.0 if lr_tensor is not None else lr, lr_tensor, beta2_decay,
+                       torch.finfo(bucket.dtype).eps if eps1 is None else eps1, eps2, d, weight_decay, maximize,
+                       beta1, grad_mult, found_inf, bucket.sr_seed)
+        self.scratch = (scratch(layout.col_total if layout else 0), scratch(layout.n_tasks if layout else n_chunks),
+                        scratch(n_chunks), self.rmean, self.sums)
+
+
+def _factored(kind) -> bool:
+    return bool(getattr(kind, "factored", kind))  # (a sharded bucket's kind carries it)
+
+
 def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize, beta1, grad_mult, found_inf):
     """The launch sequence of csrc/cuda/adafactor.cu for one bucket kind
     (factored tensors with their task layout, or 0-d/1-d ones), on the
     current stream, with fp64 scratch allocated here."""
-    device = bucket.device
-    tables = _tables.launch_tables(_tables.adafactor_rows(bucket), device, _chunk(bucket))
+    a = _AdafactorArgs(bucket, lr=lr, beta2_decay=beta2_decay, eps1=eps1, eps2=eps2, d=d, weight_decay=weight_decay,
+                       maximize=maximize, beta1=beta1, grad_mult=grad_mult, found_inf=found_inf)
     advance_steps(bucket.steps, found_inf)
-    stats_dtype, exp_avg_dtype = _tables.adafactor_storage(bucket)
-    n, n_chunks = tables.n_tensors, tables.n_chunks
-    layout = _tables.factored_tasks([p.shape for p in bucket.params], device) if bucket.kind else None
+    _launch("adafactor", bucket.device, *a.head, a.fp8_exp_avg, *a.middle, *a.scratch)
 
-    def scratch(size):
-        return torch.empty(max(size, 1), dtype=torch.float64, device=device)
 
-    col_partial = scratch(layout.col_total if layout else 0)
-    p_partial = scratch(layout.n_tasks if layout else n_chunks)
-    u_partial, rmean, sums = scratch(n_chunks), scratch(layout.n_slices if layout else 0), scratch(3 * n)
-    lr_tensor = lr if isinstance(lr, torch.Tensor) else None
-    _launch("adafactor", device,
-            tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.chunk_first,
-            tables.chunk_size, CODES[bucket.dtype], CODES[stats_dtype], bucket.masters is not None,
-            exp_avg_dtype == FP8_STATE_DTYPE, layout.packed if layout else None,
-            *((layout.n_tasks, layout.n_slices, layout.n_col_programs, layout.col_total) if layout else (0, 0, 0, 0)),
-            0.0 if lr_tensor is not None else lr, lr_tensor, beta2_decay,
-            torch.finfo(bucket.dtype).eps if eps1 is None else eps1, eps2, d, weight_decay, maximize, beta1,
-            grad_mult, found_inf, bucket.sr_seed, col_partial, p_partial, u_partial, rmean, sums)
+def adafactor_sharded(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize, beta1, grad_mult,
+                      found_inf):
+    """FusedAdafactor on the local shards of DTensor params (a bucket with
+    ``stats``, every member in it, empty shards too): the phases of
+    csrc/cuda/adafactor.cu's adafactor_sharded_cuda with the statistics
+    summed over the shards between them. Empty local shards launch nothing;
+    their replicated statistics are updated by _sharded. Every rank makes the
+    same collectives, whatever found_inf."""
+    stats, device = bucket.stats, bucket.device
+    layout = bucket.launch_cache.get("adafactor_sharded")
+    if layout is None:
+        layout = bucket.launch_cache["adafactor_sharded"] = _sharded.ShardedLayout(bucket)
+    advance_steps(bucket.steps, found_inf)
+    live = layout.live_bucket(bucket)
+    a = None if not live.params else _AdafactorArgs(
+        live, lr=lr, beta2_decay=beta2_decay, eps1=eps1, eps2=eps2, d=d, weight_decay=weight_decay, maximize=maximize,
+        beta1=beta1, grad_mult=grad_mult, found_inf=found_inf)
+    factored = bool(bucket.kind.factored)
+    zeros = {"dtype": torch.float64, "device": device}
+    row_sums, col_sums = torch.zeros(max(layout.n_rows, 1), **zeros), torch.zeros(max(layout.n_cols, 1), **zeros)
+    rv_live = torch.zeros(max(a.layout.n_slices if a and a.layout else 0, 1), **zeros)
+    bases = ((layout.row_base, layout.col_base, layout.full_rows, layout.full_cols) if factored
+             else (layout.live_index,) * 4)
+
+    def phase(number):
+        _launch("adafactor_sharded", device, number, *a.head, *a.middle, *a.scratch, row_sums, bases[0], col_sums,
+                bases[1], bases[2], bases[3], rv_live)
+
+    p_sq, u_sq = torch.zeros(stats.n, **zeros), torch.zeros(stats.n, **zeros)
+    if factored:
+        if a is not None:
+            phase(0)
+            p_sq.index_copy_(0, layout.live_index, a.sums[:a.n])
+        stats.reduce_parts_(list(row_sums[:layout.n_rows].split(layout.row_counts)), dims=(-1,))
+        stats.reduce_parts_(list(col_sums[:layout.n_cols].split(layout.col_counts)), dims=(-2,))
+        rv_sums = torch.zeros(layout.n_slices, **zeros)
+        if a is not None:
+            phase(1)
+            rv_sums.index_copy_(0, layout.live_slices, rv_live[:a.layout.n_slices])
+        for i in layout.empty:
+            _sharded.empty_shard_factors(bucket, i, layout, row_sums, col_sums, rv_sums, beta2_decay, found_inf)
+        stats.reduce_parts_(list(rv_sums.split(layout.slice_counts)), dims=(-2,))
+        if a is not None:
+            math = torch.float64 if bucket.dtype == torch.float64 else torch.float32
+            eps = torch.finfo(bucket.dtype).eps if eps1 is None else eps1
+            rmean = (rv_sums.index_select(0, layout.live_slices) / layout.slice_full_rows).to(math)
+            a.rmean.copy_(torch.where(rmean < eps, torch.full_like(rmean, eps), rmean))  # clamp, keeping NaN
+            phase(2)
+            u_sq.index_copy_(0, layout.live_index, a.sums[a.n:2 * a.n])
+    elif a is not None:
+        phase(0)
+        p_sq.index_copy_(0, layout.live_index, a.sums[:a.n])
+        u_sq.index_copy_(0, layout.live_index, a.sums[a.n:2 * a.n])
+    p_sq, u_sq = bucket.whole_tensor_sums(p_sq, u_sq)
+    if a is None:
+        return
+    math = torch.float64 if bucket.dtype == torch.float64 else torch.float32
+    a.sums[2 * a.n:3 * a.n] = adafactor_spec.scales(
+        p_sq.index_select(0, layout.live_index), u_sq.index_select(0, layout.live_index), layout.live_numel,
+        torch.stack(live.steps), lr, eps2, d, math).double()
+    phase(3)
 
 
 def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, found_inf):

@@ -193,7 +193,8 @@ def adafactor_sharded(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, m
                       found_inf):
     """reference/adafactor.py on the local shards of DTensor params (a
     bucket with ``stats``, fusedopt.dtensor.TensorSums), in phases with the
-    statistics of the whole tensors summed over the shards between them:
+    statistics of the whole tensors summed over the shards between them (the
+    kernel backends' adafactor_sharded run the same phases):
 
       1. per local row and column, the sums of g*g  -> row sums over the mesh dims sharding the last dim,
                                                        column sums over those sharding dim -2

@@ -17,7 +17,7 @@ import torch
 from .._resources import shipped_module
 from ..reference import adafactor as adafactor_spec
 from ..reference import lamb as lamb_spec
-from . import _tables
+from . import _sharded, _tables
 from ._bucket import advance_steps
 from ._dtypes import CODES, FP8_FORMATS, STATE_CODES
 
@@ -136,67 +136,166 @@ FACTOR_ROWS = 16
 FACTOR_COLS = 128
 
 
+class _AdafactorLaunch:
+    """What the launches of one Adafactor bucket share: its tables, the
+    kernels' switches and pointer arguments."""
+
+    def __init__(self, bucket, *, maximize, grad_mult, found_inf, eps1):
+        self.kernels = shipped_module("kernels", "adafactor")
+        numeric = shipped_module("kernels", "_numeric")
+        self.exact, self.bits = numeric.EXACT, numeric.f64_bits  # no FP contraction; how scalars travel
+        self.combine = shipped_module("kernels", "norms")._combine_kernel
+        self.bucket, self.device = bucket, bucket.device
+        self.block, chunk = _sizes(bucket)
+        self.tables = tables = _tables.launch_tables(_tables.adafactor_rows(bucket), self.device, chunk)
+        self.eps1 = torch.finfo(bucket.dtype).eps if eps1 is None else eps1
+        self.n, self.n_chunks = tables.n_tensors, tables.n_chunks
+        self.dummy = tables.numel  # stands in for absent pointer arguments
+        stats_dtype, self.exp_avg_dtype = _tables.adafactor_storage(bucket)
+        self.flags = dict(P_KIND=CODES[bucket.dtype], S_KIND=CODES[stats_dtype], MASTER=bucket.masters is not None,
+                          GRAD_MULT=grad_mult is not None, MAXIMIZE=maximize, HAS_FOUND_INF=found_inf is not None)
+        self.grad_mult = self.dummy if grad_mult is None else grad_mult
+        self.found_inf = self.dummy if found_inf is None else found_inf
+        self.head = (tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, self.n)
+        self.math_dtype = torch.float64 if bucket.dtype == torch.float64 else torch.float32  # rmean's, scale's
+
+    def sums(self, partials, first):
+        """Per-tensor sums (fp64) of per-program partials, tensor t's from program first[t] on."""
+        out = torch.empty(self.n, dtype=torch.float64, device=self.device)
+        self.combine[(self.n,)](partials, first, out, IS_MAX=False, BLOCK=256, num_warps=NUM_WARPS, **self.exact)
+        return out
+
+    def factored_tables(self):
+        return _tables.factored_tables([p.shape for p in self.bucket.params], self.device, FACTOR_ROWS, FACTOR_COLS)
+
+    def row_stats(self, ft, beta2_decay, row_out=None, row_base=None):
+        """sum(p*p) per tensor; row_var updated, or with row_out the rows' sums of g*g written there."""
+        p_part = torch.empty(len(ft.row_tensor), dtype=torch.float64, device=self.device)
+        raw = row_out is not None
+        self.kernels._row_stats[(len(ft.row_tensor),)](
+            self.tables.table, self.n, ft.row_tensor, ft.row_start, ft.rows, ft.cols, self.tables.numel,
+            self.bits(beta2_decay), self.grad_mult, self.found_inf, p_part, row_out if raw else self.dummy,
+            row_base if raw else self.dummy, **self.flags, RB=FACTOR_ROWS, CB=FACTOR_COLS, RAW=raw,
+            num_warps=NUM_WARPS, **self.exact)
+        return self.sums(p_part, ft.row_first)
+
+    def col_stats(self, ft, beta2_decay, rmean=None, col_out=None, col_base=None):
+        """col_var updated and rmean written, or with col_out the columns' sums of g*g written there."""
+        raw = col_out is not None
+        self.kernels._col_stats[(len(ft.col_tensor),)](
+            self.tables.table, self.n, ft.col_tensor, ft.col_batch, ft.col_start, ft.col_slice, ft.rows, ft.cols,
+            self.bits(beta2_decay), self.bits(self.eps1), self.grad_mult, self.found_inf,
+            self.dummy if raw else rmean, col_out if raw else self.dummy, col_base if raw else self.dummy,
+            **self.flags, RB=FACTOR_ROWS, CB=FACTOR_COLS, RAW=raw, num_warps=NUM_WARPS, **self.exact)
+
+    def factored_unorm(self, ft, rmean):
+        u_part = torch.empty(self.n_chunks, dtype=torch.float64, device=self.device)
+        self.kernels._factored_unorm[(self.n_chunks,)](
+            *self.head, ft.rows, ft.cols, ft.slice_first, rmean, self.bits(self.eps1), self.grad_mult,
+            self.found_inf, u_part, **self.flags, CHUNK=self.tables.chunk_size, BLOCK=self.block,
+            num_warps=NUM_WARPS, **self.exact)
+        return self.sums(u_part, self.tables.chunk_first)
+
+    def vector_stats(self, beta2_decay):
+        """variance updated; sum(p*p) and sum(u*u) per tensor."""
+        partials = torch.empty(2 * self.n_chunks, dtype=torch.float64, device=self.device)
+        self.kernels._vector_stats[(self.n_chunks,)](
+            *self.head, self.n_chunks, self.bits(beta2_decay), self.bits(self.eps1), self.grad_mult, self.found_inf,
+            partials, **self.flags, CHUNK=self.tables.chunk_size, BLOCK=self.block, num_warps=NUM_WARPS,
+            **self.exact)
+        return self.sums(partials, self.tables.chunk_first), self.sums(partials[self.n_chunks:],
+                                                                       self.tables.chunk_first)
+
+    def apply(self, scale, ft, rmean, *, lr, weight_decay, beta1):
+        rows, cols, slice_first = (ft.rows, ft.cols, ft.slice_first) if ft is not None else (self.dummy,) * 3
+        if rmean is None:
+            rmean = torch.empty(1, dtype=self.math_dtype, device=self.device)
+        lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+        bits, bucket = self.bits, self.bucket
+        self.kernels._apply[(self.n_chunks,)](
+            *self.head, rows, cols, slice_first, rmean, bits(self.eps1), bits(0.0 if lr_tensor is not None else lr),
+            self.dummy if lr_tensor is None else lr_tensor, bits(weight_decay),
+            bits(0.0 if beta1 is None else 1.0 - beta1), scale, self.grad_mult, self.found_inf,
+            0 if bucket.sr_seed is None else bucket.sr_seed, SR=bucket.sr_seed is not None, **self.flags,
+            FACTORED=ft is not None, BETA1=beta1 is not None, M_KIND=STATE_CODES[self.exp_avg_dtype],
+            LR_IS_PTR=lr_tensor is not None, CHUNK=self.tables.chunk_size, BLOCK=self.block, num_warps=NUM_WARPS,
+            **self.exact)
+
+
 def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize, beta1, grad_mult, found_inf):
-    kernels = shipped_module("kernels", "adafactor")
-    numeric = shipped_module("kernels", "_numeric")
-    exact, bits = numeric.EXACT, numeric.f64_bits  # launch options: no FP contraction; how scalars travel
-    combine = shipped_module("kernels", "norms")._combine_kernel
-    device = bucket.device
-    block, chunk = _sizes(bucket)
-    tables = _tables.launch_tables(_tables.adafactor_rows(bucket), device, chunk)
+    launch = _AdafactorLaunch(bucket, maximize=maximize, grad_mult=grad_mult, found_inf=found_inf, eps1=eps1)
     advance_steps(bucket.steps, found_inf)
-    eps1 = torch.finfo(bucket.dtype).eps if eps1 is None else eps1
-    n, n_chunks = tables.n_tensors, tables.n_chunks
-    dummy = tables.numel  # stands in for absent pointer arguments
-    stats_dtype, exp_avg_dtype = _tables.adafactor_storage(bucket)
-    flags = dict(P_KIND=CODES[bucket.dtype], S_KIND=CODES[stats_dtype], MASTER=bucket.masters is not None,
-                 GRAD_MULT=grad_mult is not None, MAXIMIZE=maximize, HAS_FOUND_INF=found_inf is not None)
-    pointers = dict(grad_mult_ptr=dummy if grad_mult is None else grad_mult,
-                    found_inf_ptr=dummy if found_inf is None else found_inf)
-    head = (tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, n)
-    math_dtype = torch.float64 if bucket.dtype == torch.float64 else torch.float32  # rmean's and the scale's
-    p_sq = torch.empty(n, dtype=torch.float64, device=device)
-    u_sq = torch.empty_like(p_sq)
     if bucket.kind:  # tensors of 2+ dims
-        ft = _tables.factored_tables([p.shape for p in bucket.params], device, FACTOR_ROWS, FACTOR_COLS)
-        rows, cols, slice_first = ft.rows, ft.cols, ft.slice_first
-        rmean = torch.empty(ft.n_slices, dtype=math_dtype, device=device)
-        p_part = torch.empty(len(ft.row_tensor), dtype=torch.float64, device=device)
-        kernels._row_stats[(len(ft.row_tensor),)](
-            tables.table, n, ft.row_tensor, ft.row_start, rows, cols, tables.numel, bits(beta2_decay),
-            pointers["grad_mult_ptr"], pointers["found_inf_ptr"], p_part, **flags, RB=FACTOR_ROWS, CB=FACTOR_COLS,
-            num_warps=NUM_WARPS, **exact)
-        combine[(n,)](p_part, ft.row_first, p_sq, IS_MAX=False, BLOCK=256, num_warps=NUM_WARPS, **exact)
-        kernels._col_stats[(len(ft.col_tensor),)](
-            tables.table, n, ft.col_tensor, ft.col_batch, ft.col_start, ft.col_slice, rows, cols, bits(beta2_decay),
-            bits(eps1), pointers["grad_mult_ptr"], pointers["found_inf_ptr"], rmean, **flags, RB=FACTOR_ROWS,
-            CB=FACTOR_COLS,
-            num_warps=NUM_WARPS, **exact)
-        u_part = torch.empty(n_chunks, dtype=torch.float64, device=device)
-        kernels._factored_unorm[(n_chunks,)](
-            *head, rows, cols, slice_first, rmean, bits(eps1), pointers["grad_mult_ptr"], pointers["found_inf_ptr"],
-            u_part, **flags, CHUNK=tables.chunk_size, BLOCK=block, num_warps=NUM_WARPS, **exact)
-        combine[(n,)](u_part, tables.chunk_first, u_sq, IS_MAX=False, BLOCK=256, num_warps=NUM_WARPS, **exact)
+        ft = launch.factored_tables()
+        rmean = torch.empty(ft.n_slices, dtype=launch.math_dtype, device=bucket.device)
+        p_sq = launch.row_stats(ft, beta2_decay)
+        launch.col_stats(ft, beta2_decay, rmean)
+        u_sq = launch.factored_unorm(ft, rmean)
     else:  # 0-d and 1-d tensors
-        rows = cols = slice_first = dummy
-        rmean = torch.empty(1, dtype=math_dtype, device=device)
-        partials = torch.empty(2 * n_chunks, dtype=torch.float64, device=device)
-        kernels._vector_stats[(n_chunks,)](
-            *head, n_chunks, bits(beta2_decay), bits(eps1), pointers["grad_mult_ptr"], pointers["found_inf_ptr"],
-            partials, **flags, CHUNK=tables.chunk_size, BLOCK=block, num_warps=NUM_WARPS, **exact)
-        combine[(n,)](partials, tables.chunk_first, p_sq, IS_MAX=False, BLOCK=256, num_warps=NUM_WARPS, **exact)
-        combine[(n,)](partials[n_chunks:], tables.chunk_first, u_sq, IS_MAX=False, BLOCK=256, num_warps=NUM_WARPS,
-                      **exact)
-    scale = adafactor_spec.scales(p_sq, u_sq, tables.numel, torch.stack(bucket.steps), lr, eps2, d, math_dtype)
-    lr_tensor = lr if isinstance(lr, torch.Tensor) else None
-    kernels._apply[(n_chunks,)](
-        *head, rows, cols, slice_first, rmean, bits(eps1), bits(0.0 if lr_tensor is not None else lr),
-        dummy if lr_tensor is None else lr_tensor, bits(weight_decay), bits(0.0 if beta1 is None else 1.0 - beta1),
-        scale,
-        pointers["grad_mult_ptr"], pointers["found_inf_ptr"], 0 if bucket.sr_seed is None else bucket.sr_seed,
-        SR=bucket.sr_seed is not None, **flags, FACTORED=bool(bucket.kind),
-        BETA1=beta1 is not None, M_KIND=STATE_CODES[exp_avg_dtype], LR_IS_PTR=lr_tensor is not None,
-        CHUNK=tables.chunk_size, BLOCK=block, num_warps=NUM_WARPS, **exact)
+        ft = rmean = None
+        p_sq, u_sq = launch.vector_stats(beta2_decay)
+    scale = adafactor_spec.scales(p_sq, u_sq, launch.tables.numel, torch.stack(bucket.steps), lr, eps2, d,
+                                  launch.math_dtype)
+    launch.apply(scale, ft, rmean, lr=lr, weight_decay=weight_decay, beta1=beta1)
+
+
+def adafactor_sharded(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize, beta1, grad_mult,
+                      found_inf):
+    """FusedAdafactor on the local shards of DTensor params (a bucket with
+    ``stats``, every member in it, empty shards too): the kernels' passes in
+    phases with the statistics summed over the shards between them
+    (kernels/adafactor.py: RAW row and column sums, _sharded_factors). Empty
+    local shards launch nothing; their replicated statistics are updated
+    here. Every rank makes the same collectives, whatever found_inf."""
+    stats, device = bucket.stats, bucket.device
+    layout = bucket.launch_cache.get("adafactor_sharded")
+    if layout is None:
+        layout = bucket.launch_cache["adafactor_sharded"] = _sharded.ShardedLayout(bucket)
+    advance_steps(bucket.steps, found_inf)
+    live = layout.live_bucket(bucket)
+    launch = _AdafactorLaunch(live, maximize=maximize, grad_mult=grad_mult, found_inf=found_inf,
+                              eps1=eps1) if live.params else None
+    eps1 = torch.finfo(bucket.dtype).eps if eps1 is None else eps1
+    p_sq = torch.zeros(stats.n, dtype=torch.float64, device=device)
+    u_sq = torch.zeros_like(p_sq)
+    ft = rmean = None
+    if bucket.kind.factored:
+        row_sums = torch.zeros(layout.n_rows, dtype=torch.float64, device=device)
+        col_sums = torch.zeros(layout.n_cols, dtype=torch.float64, device=device)
+        if launch is not None:
+            ft = launch.factored_tables()
+            p_sq.index_copy_(0, layout.live_index, launch.row_stats(ft, beta2_decay, row_sums, layout.row_base))
+            launch.col_stats(ft, beta2_decay, col_out=col_sums, col_base=layout.col_base)
+        stats.reduce_parts_(list(row_sums.split(layout.row_counts)), dims=(-1,))
+        stats.reduce_parts_(list(col_sums.split(layout.col_counts)), dims=(-2,))
+        rv_sums = torch.zeros(layout.n_slices, dtype=torch.float64, device=device)
+        if launch is not None:
+            live_rv = torch.empty(ft.n_slices, dtype=torch.float64, device=device)
+            launch.kernels._sharded_factors[(ft.n_slices,)](
+                launch.tables.table, launch.n, layout.slice_tensor, layout.slice_batch, ft.rows, ft.cols,
+                layout.full_rows, layout.full_cols, row_sums, layout.row_base, col_sums, layout.col_base,
+                launch.bits(beta2_decay), launch.found_inf, live_rv, P_KIND=launch.flags["P_KIND"],
+                S_KIND=launch.flags["S_KIND"], HAS_FOUND_INF=found_inf is not None, RB=FACTOR_ROWS, CB=FACTOR_COLS,
+                num_warps=NUM_WARPS, **launch.exact)
+            rv_sums.index_copy_(0, layout.live_slices, live_rv)
+        for i in layout.empty:  # replicated statistics of an empty shard (a few rows or columns, in torch ops)
+            _sharded.empty_shard_factors(bucket, i, layout, row_sums, col_sums, rv_sums, beta2_decay, found_inf)
+        stats.reduce_parts_(list(rv_sums.split(layout.slice_counts)), dims=(-2,))
+        if launch is not None:
+            whole_rows = layout.slice_full_rows
+            rmean = (rv_sums.index_select(0, layout.live_slices) / whole_rows).to(launch.math_dtype)
+            rmean = torch.where(rmean < eps1, torch.full_like(rmean, eps1), rmean)  # clamp, keeping NaN
+            u_sq.index_copy_(0, layout.live_index, launch.factored_unorm(ft, rmean))
+    elif launch is not None:
+        live_p, live_u = launch.vector_stats(beta2_decay)
+        p_sq.index_copy_(0, layout.live_index, live_p)
+        u_sq.index_copy_(0, layout.live_index, live_u)
+    p_sq, u_sq = bucket.whole_tensor_sums(p_sq, u_sq)
+    if launch is None:
+        return
+    scale = adafactor_spec.scales(p_sq.index_select(0, layout.live_index), u_sq.index_select(0, layout.live_index),
+                                  layout.live_numel, torch.stack(live.steps), lr, eps2, d, launch.math_dtype)
+    launch.apply(scale, ft, rmean, lr=lr, weight_decay=weight_decay, beta1=beta1)
 
 
 def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, found_inf):

@@ -8,7 +8,6 @@ import torch
 from torch import Tensor
 
 from .. import dtensor
-from ..backends import reference as reference_backend
 from ..reference import adafactor as adafactor_spec
 from .base import FusedOptimizer, GroupCheck
 
@@ -158,13 +157,9 @@ class FusedAdafactor(FusedOptimizer):
     def _update(self, backend, group, bucket, lr, grad_mult, found_inf):
         eps1, eps2 = group["eps"]
         # Sharded tensors go in phases with the collectives between them: the fused
-        # kernels update row_var and col_var in the pass that sums the rows and
-        # columns, where no collective fits. The cpu backend has kernels for the
-        # phases; the others take the reference's phases in torch ops.
-        if isinstance(bucket.kind, _Sharded):
-            update = getattr(backend, "adafactor_sharded", None) or reference_backend.adafactor_sharded
-        else:
-            update = backend.adafactor
+        # launch updates row_var and col_var in the pass that sums the rows and
+        # columns, where no collective fits.
+        update = backend.adafactor_sharded if isinstance(bucket.kind, _Sharded) else backend.adafactor
         update(bucket, lr=lr, beta2_decay=float(group["beta2_decay"]), eps1=eps1, eps2=float(eps2),
                d=float(group["d"]), weight_decay=float(group["weight_decay"]), maximize=bool(group["maximize"]),
                beta1=self.beta1, grad_mult=grad_mult, found_inf=found_inf)

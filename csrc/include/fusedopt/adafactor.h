@@ -174,6 +174,26 @@ struct AdafactorScratch {
   double* sums;         // [3 n] sum(p^2), sum(u^2) and the scale (-alpha / denom) per tensor
 };
 
+// The phases of DTensor params' local shards on CUDA (adafactor_sharded_cuda), for the collectives
+// between them: 0 (factored) the row and column sums of g^2 into row_sums / col_sums and sum(p^2) per
+// tensor into scratch.sums; (0-d / 1-d) variance updated, sum(p^2) and sum(u^2) into scratch.sums;
+// 1 row_var and col_var from the whole rows' and columns' sums, per slice the sum of row_var into
+// rv_sums; 2 sum(u^2) into scratch.sums + n with scratch.rmean given; 3 the update with the scales given
+// in scratch.sums + 2n. A slice's sums sit at row_base[t] + b * R (rows) and col_base[t] + b * C.
+struct AdafactorShardedScratch {
+  double* row_sums;
+  const int64_t* row_base;   // [n]
+  double* col_sums;
+  const int64_t* col_base;   // [n]
+  const int64_t* full_rows;  // [n] the whole tensors' R and C (the means' divisors)
+  const int64_t* full_cols;
+  double* rv_sums;           // [n_slices]
+};
+const char* adafactor_sharded_cuda(int phase, const TensorTable& tt, const AdafactorLayout* layout,
+                                   const int64_t* chunk_first, const AdafactorHyper& h, DType param_dtype,
+                                   DType state_dtype, bool has_master, const AdafactorScratch& scratch,
+                                   const AdafactorShardedScratch& sharded, void* stream);
+
 // One Adafactor step of a bucket on `stream` (steps already advanced):
 // `layout` for factored tensors, null for 0-d / 1-d ones. `chunk_first` [n + 1]:
 // each tensor's first chunk. Returns null or the CUDA error.

@@ -1,0 +1,91 @@
+"""What the GPU backends' phased Adafactor for DTensor params shares
+(fusedopt/dtensor.py; the cpu backend's is csrc/cpu/adafactor_sharded.cpp):
+the bucket's layout, and the update of the replicated statistics of members
+whose local shard is empty (they launch nothing)."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .reference import _load_state, _store_state
+
+
+class ShardedLayout:
+    """The phased Adafactor's layout of a bucket, made once per bucket (a
+    cached plan reuses it): its members with a non-empty local shard (what
+    the kernels launch over: live_bucket), and where each member's rows,
+    columns and slices sit in the flat sums."""
+
+    def __init__(self, bucket):
+        stats, device = bucket.stats, bucket.device
+        self.live = live = [i for i, p in enumerate(bucket.params) if p.numel()]
+        self.empty = [i for i in range(len(bucket.params)) if i not in set(live)]
+        self.live_index = torch.tensor(live, dtype=torch.int64, device=device)
+        self.live_numel = torch.tensor([stats.shapes[i].numel() for i in live], dtype=torch.int64, device=device)
+        self.row_counts, self.col_counts, self.slice_counts, rows0, cols0, slices0 = [], [], [], [], [], []
+        slice_tensor, slice_batch, live_slices, full_rows, full_cols, slice_full_rows = [], [], [], [], [], []
+        n_rows = n_cols = n_slices = 0
+        factored = bool(bucket.kind.factored)
+        for i, (shape, local) in enumerate(zip(stats.shapes, stats.local_shapes)):
+            batch, r, c = (local[:-2].numel(), local[-2], local[-1]) if factored else (1, 1, 1)
+            rows0.append(n_rows)
+            cols0.append(n_cols)
+            slices0.append(n_slices)
+            self.row_counts.append(batch * r)
+            self.col_counts.append(batch * c)
+            self.slice_counts.append(batch)
+            if factored and i in set(live):
+                full_rows.append(shape[-2])
+                full_cols.append(shape[-1])
+                for b in range(batch):
+                    slice_tensor.append(len(full_rows) - 1)
+                    slice_batch.append(b)
+                    live_slices.append(n_slices + b)
+                    slice_full_rows.append(float(shape[-2]))
+            n_rows, n_cols, n_slices = n_rows + batch * r, n_cols + batch * c, n_slices + batch
+        self.n_rows, self.n_cols, self.n_slices = n_rows, n_cols, n_slices
+        self.rows0, self.cols0, self.slices0 = rows0, cols0, slices0
+
+        def ints(xs):
+            return torch.tensor(xs, dtype=torch.int64, device=device)
+
+        self.row_base, self.col_base = ints([rows0[i] for i in live]), ints([cols0[i] for i in live])
+        self.slice_tensor, self.slice_batch, self.live_slices = ints(slice_tensor), ints(slice_batch), ints(live_slices)
+        self.full_rows, self.full_cols = ints(full_rows), ints(full_cols)
+        self.slice_full_rows = torch.tensor(slice_full_rows, dtype=torch.float64, device=device)
+
+    def live_bucket(self, bucket):
+        """The bucket of this step's members with a non-empty local shard (the
+        bucket itself when none is empty): made per step, as a cached plan
+        refills the bucket's grads."""
+        if not self.empty:
+            return bucket
+
+        def pick(xs):
+            return None if xs is None else [xs[i] for i in self.live]
+
+        return dataclasses.replace(
+            bucket, params=pick(bucket.params), grads=pick(bucket.grads), masters=pick(bucket.masters),
+            steps=pick(bucket.steps), states={k: pick(v) for k, v in bucket.states.items()}, launch_cache={})
+
+
+def empty_shard_factors(bucket, i, layout, row_sums, col_sums, rv_sums, beta2_decay, found_inf):
+    """Member i has no element here but may hold rows (its columns sharded
+    away) or columns (its rows sharded away) of replicated statistics: lerp
+    them to the whole rows' and columns' means, as _sharded_factors does."""
+    stats = bucket.stats
+    shape, local = stats.shapes[i], stats.local_shapes[i]
+    dtype = torch.float64 if bucket.dtype == torch.float64 else torch.float32
+    w = bucket.steps[i].double().pow(beta2_decay).to(dtype)
+    rows = row_sums[layout.rows0[i]:layout.rows0[i] + layout.row_counts[i]]
+    cols = col_sums[layout.cols0[i]:layout.cols0[i] + layout.col_counts[i]]
+    skip = found_inf is not None and found_inf.reshape(()) != 0  # on the device: no host sync
+    for name, sums, count in (("row_var", rows, shape[-1]), ("col_var", cols, shape[-2])):
+        old = _load_state(bucket, name, i, dtype)
+        new = old.lerp((sums / count).to(dtype).view_as(old), w)
+        _store_state(bucket, name, i, torch.where(skip, old, new) if found_inf is not None else new)
+    stored = _load_state(bucket, "row_var", i, dtype).double().reshape(layout.slice_counts[i], -1).sum(-1)
+    if found_inf is not None:
+        stored = torch.where(skip, torch.zeros_like(stored), stored)
+    rv_sums[layout.slices0[i]:layout.slices0[i] + layout.slice_counts[i]] = stored
