@@ -1,14 +1,71 @@
-"""What the GPU backends' phased Adafactor for DTensor params shares
-(fusedopt/dtensor.py; the cpu backend's is csrc/cpu/adafactor_sharded.cpp):
-the bucket's layout, and the update of the replicated statistics of members
-whose local shard is empty (they launch nothing)."""
+"""The GPU backends' Adafactor for DTensor params (fusedopt/dtensor.py; the
+cpu backend's is csrc/cpu/adafactor_sharded.cpp): the step in phases with
+the statistics summed over the shards between them (step), the bucket's
+layout, and the update of the replicated statistics of members whose local
+shard is empty (they launch nothing)."""
 from __future__ import annotations
 
 import dataclasses
 
 import torch
 
+from ..reference import adafactor as adafactor_spec
+from ._bucket import advance_steps
 from .reference import _load_state, _store_state
+
+
+def step(bucket, make_phases, *, lr, beta2_decay, eps1, eps2, d, found_inf) -> None:
+    """One step of a bucket of sharded tensors (``stats``; every member in it,
+    empty shards too). make_phases(live_bucket) gives the backend's launches
+    over the members with a local element:
+
+      sums(row_sums, col_sums, layout) -> sum(p*p) per live member    (factored; writes the raw row
+                                                                        and column sums of g*g)
+      factors(row_sums, col_sums, layout) -> per live slice the sum of row_var (after the update)
+      unorm(rmean) -> sum(u*u) per live member                          (rmean per live slice)
+      vector_stats() -> (sum(p*p), sum(u*u)) per live member            (0-d / 1-d; variance updated)
+      apply(scale, rmean)                                               (the update)
+
+    Between them, the collectives of bucket.stats; every rank makes the same
+    ones, whatever found_inf (the kernels then write zeros and change nothing)."""
+    stats, device = bucket.stats, bucket.device
+    layout = bucket.launch_cache.get("adafactor_sharded")
+    if layout is None:
+        layout = bucket.launch_cache["adafactor_sharded"] = ShardedLayout(bucket)
+    advance_steps(bucket.steps, found_inf)
+    live = layout.live_bucket(bucket)
+    phases = make_phases(live) if live.params else None
+    math = torch.float64 if bucket.dtype == torch.float64 else torch.float32  # of rmean and the scale
+    eps1 = torch.finfo(bucket.dtype).eps if eps1 is None else eps1
+    zeros = {"dtype": torch.float64, "device": device}
+    p_sq, u_sq = torch.zeros(stats.n, **zeros), torch.zeros(stats.n, **zeros)
+    rmean = None
+    if bucket.kind.factored:
+        row_sums, col_sums = torch.zeros(layout.n_rows, **zeros), torch.zeros(layout.n_cols, **zeros)
+        if phases is not None:
+            p_sq.index_copy_(0, layout.live_index, phases.sums(row_sums, col_sums, layout))
+        stats.reduce_parts_(list(row_sums.split(layout.row_counts)), dims=(-1,))
+        stats.reduce_parts_(list(col_sums.split(layout.col_counts)), dims=(-2,))
+        rv_sums = torch.zeros(layout.n_slices, **zeros)
+        if phases is not None:
+            rv_sums.index_copy_(0, layout.live_slices, phases.factors(row_sums, col_sums, layout))
+        for i in layout.empty:  # replicated statistics of an empty shard (a few rows or columns, in torch ops)
+            empty_shard_factors(bucket, i, layout, row_sums, col_sums, rv_sums, beta2_decay, found_inf)
+        stats.reduce_parts_(list(rv_sums.split(layout.slice_counts)), dims=(-2,))
+        if phases is not None:
+            rmean = (rv_sums.index_select(0, layout.live_slices) / layout.slice_full_rows).to(math)
+            rmean = torch.where(rmean < eps1, torch.full_like(rmean, eps1), rmean)  # clamp, keeping NaN
+            u_sq.index_copy_(0, layout.live_index, phases.unorm(rmean))
+    elif phases is not None:
+        live_p, live_u = phases.vector_stats()
+        p_sq.index_copy_(0, layout.live_index, live_p)
+        u_sq.index_copy_(0, layout.live_index, live_u)
+    p_sq, u_sq = bucket.whole_tensor_sums(p_sq, u_sq)
+    if phases is None:
+        return
+    scale = adafactor_spec.scales(p_sq.index_select(0, layout.live_index), u_sq.index_select(0, layout.live_index),
+                                  layout.live_numel, torch.stack(live.steps), lr, eps2, d, math)
+    phases.apply(scale, rmean)
 
 
 class ShardedLayout:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 
 from .. import _jit
-from ..reference import adafactor as adafactor_spec
 from ..reference import lamb as lamb_spec
 from . import _sharded, _tables
 from ._bucket import advance_steps
@@ -151,65 +150,55 @@ def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize,
 
 def adafactor_sharded(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize, beta1, grad_mult,
                       found_inf):
-    """FusedAdafactor on the local shards of DTensor params (a bucket with
-    ``stats``, every member in it, empty shards too): the phases of
-    csrc/cuda/adafactor.cu's adafactor_sharded_cuda with the statistics
-    summed over the shards between them. Empty local shards launch nothing;
-    their replicated statistics are updated by _sharded. Every rank makes the
-    same collectives, whatever found_inf."""
-    stats, device = bucket.stats, bucket.device
-    layout = bucket.launch_cache.get("adafactor_sharded")
-    if layout is None:
-        layout = bucket.launch_cache["adafactor_sharded"] = _sharded.ShardedLayout(bucket)
-    advance_steps(bucket.steps, found_inf)
-    live = layout.live_bucket(bucket)
-    a = None if not live.params else _AdafactorArgs(
-        live, lr=lr, beta2_decay=beta2_decay, eps1=eps1, eps2=eps2, d=d, weight_decay=weight_decay, maximize=maximize,
-        beta1=beta1, grad_mult=grad_mult, found_inf=found_inf)
-    factored = bool(bucket.kind.factored)
-    zeros = {"dtype": torch.float64, "device": device}
-    row_sums, col_sums = torch.zeros(max(layout.n_rows, 1), **zeros), torch.zeros(max(layout.n_cols, 1), **zeros)
-    rv_live = torch.zeros(max(a.layout.n_slices if a and a.layout else 0, 1), **zeros)
-    bases = ((layout.row_base, layout.col_base, layout.full_rows, layout.full_cols) if factored
-             else (layout.live_index,) * 4)
+    """FusedAdafactor on the local shards of DTensor params: _sharded.step
+    with the phases of csrc/cuda/adafactor.cu's adafactor_sharded_cuda."""
+    def make_phases(live):
+        return _ShardedPhases(live, _AdafactorArgs(live, lr=lr, beta2_decay=beta2_decay, eps1=eps1, eps2=eps2, d=d,
+                                                   weight_decay=weight_decay, maximize=maximize, beta1=beta1,
+                                                   grad_mult=grad_mult, found_inf=found_inf))
 
-    def phase(number):
-        _launch("adafactor_sharded", device, number, *a.head, *a.middle, *a.scratch, row_sums, bases[0], col_sums,
-                bases[1], bases[2], bases[3], rv_live)
+    _sharded.step(bucket, make_phases, lr=lr, beta2_decay=beta2_decay, eps1=eps1, eps2=eps2, d=d, found_inf=found_inf)
 
-    p_sq, u_sq = torch.zeros(stats.n, **zeros), torch.zeros(stats.n, **zeros)
-    if factored:
-        if a is not None:
-            phase(0)
-            p_sq.index_copy_(0, layout.live_index, a.sums[:a.n])
-        stats.reduce_parts_(list(row_sums[:layout.n_rows].split(layout.row_counts)), dims=(-1,))
-        stats.reduce_parts_(list(col_sums[:layout.n_cols].split(layout.col_counts)), dims=(-2,))
-        rv_sums = torch.zeros(layout.n_slices, **zeros)
-        if a is not None:
-            phase(1)
-            rv_sums.index_copy_(0, layout.live_slices, rv_live[:a.layout.n_slices])
-        for i in layout.empty:
-            _sharded.empty_shard_factors(bucket, i, layout, row_sums, col_sums, rv_sums, beta2_decay, found_inf)
-        stats.reduce_parts_(list(rv_sums.split(layout.slice_counts)), dims=(-2,))
-        if a is not None:
-            math = torch.float64 if bucket.dtype == torch.float64 else torch.float32
-            eps = torch.finfo(bucket.dtype).eps if eps1 is None else eps1
-            rmean = (rv_sums.index_select(0, layout.live_slices) / layout.slice_full_rows).to(math)
-            a.rmean.copy_(torch.where(rmean < eps, torch.full_like(rmean, eps), rmean))  # clamp, keeping NaN
-            phase(2)
-            u_sq.index_copy_(0, layout.live_index, a.sums[a.n:2 * a.n])
-    elif a is not None:
-        phase(0)
-        p_sq.index_copy_(0, layout.live_index, a.sums[:a.n])
-        u_sq.index_copy_(0, layout.live_index, a.sums[a.n:2 * a.n])
-    p_sq, u_sq = bucket.whole_tensor_sums(p_sq, u_sq)
-    if a is None:
-        return
-    math = torch.float64 if bucket.dtype == torch.float64 else torch.float32
-    a.sums[2 * a.n:3 * a.n] = adafactor_spec.scales(
-        p_sq.index_select(0, layout.live_index), u_sq.index_select(0, layout.live_index), layout.live_numel,
-        torch.stack(live.steps), lr, eps2, d, math).double()
-    phase(3)
+
+class _ShardedPhases:
+    """_sharded.step's launches on the cuda backend: one op, a phase each
+    (0 sums or vector stats, 1 factors, 2 unorm, 3 apply), its results in
+    the fp64 scratch (sums: sum(p^2), sum(u^2), the scale per tensor)."""
+
+    def __init__(self, live, args: _AdafactorArgs):
+        self.device, self.a = live.device, args
+        self.rv = torch.zeros(max(args.layout.n_slices if args.layout else 0, 1), dtype=torch.float64,
+                              device=live.device)
+        self.sharded = (self.rv, self.rv, self.rv, args.tables.numel, args.tables.numel, args.tables.numel,
+                        args.tables.numel)  # (absent with 0-d / 1-d tensors: never read)
+
+    def _phase(self, number):
+        row_sums, row_base, col_sums, col_base, full_rows, full_cols, _ = self.sharded
+        _launch("adafactor_sharded", self.device, number, *self.a.head, *self.a.middle, *self.a.scratch, row_sums,
+                row_base, col_sums, col_base, full_rows, full_cols, self.rv)
+
+    def sums(self, row_sums, col_sums, layout):
+        self.sharded = (row_sums, layout.row_base, col_sums, layout.col_base, layout.full_rows, layout.full_cols,
+                        self.rv)
+        self._phase(0)
+        return self.a.sums[:self.a.n]
+
+    def factors(self, row_sums, col_sums, layout):
+        self._phase(1)
+        return self.rv
+
+    def unorm(self, rmean):
+        self.a.rmean.copy_(rmean)
+        self._phase(2)
+        return self.a.sums[self.a.n:2 * self.a.n]
+
+    def vector_stats(self):
+        self._phase(0)
+        return self.a.sums[:self.a.n], self.a.sums[self.a.n:2 * self.a.n]
+
+    def apply(self, scale, rmean):
+        self.a.sums[2 * self.a.n:].copy_(scale)
+        self._phase(3)
 
 
 def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, found_inf):

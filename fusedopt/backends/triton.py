@@ -241,61 +241,49 @@ def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize,
 
 def adafactor_sharded(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize, beta1, grad_mult,
                       found_inf):
-    """FusedAdafactor on the local shards of DTensor params (a bucket with
-    ``stats``, every member in it, empty shards too): the kernels' passes in
-    phases with the statistics summed over the shards between them
-    (kernels/adafactor.py: RAW row and column sums, _sharded_factors). Empty
-    local shards launch nothing; their replicated statistics are updated
-    here. Every rank makes the same collectives, whatever found_inf."""
-    stats, device = bucket.stats, bucket.device
-    layout = bucket.launch_cache.get("adafactor_sharded")
-    if layout is None:
-        layout = bucket.launch_cache["adafactor_sharded"] = _sharded.ShardedLayout(bucket)
-    advance_steps(bucket.steps, found_inf)
-    live = layout.live_bucket(bucket)
-    launch = _AdafactorLaunch(live, maximize=maximize, grad_mult=grad_mult, found_inf=found_inf,
-                              eps1=eps1) if live.params else None
-    eps1 = torch.finfo(bucket.dtype).eps if eps1 is None else eps1
-    p_sq = torch.zeros(stats.n, dtype=torch.float64, device=device)
-    u_sq = torch.zeros_like(p_sq)
-    ft = rmean = None
-    if bucket.kind.factored:
-        row_sums = torch.zeros(layout.n_rows, dtype=torch.float64, device=device)
-        col_sums = torch.zeros(layout.n_cols, dtype=torch.float64, device=device)
-        if launch is not None:
-            ft = launch.factored_tables()
-            p_sq.index_copy_(0, layout.live_index, launch.row_stats(ft, beta2_decay, row_sums, layout.row_base))
-            launch.col_stats(ft, beta2_decay, col_out=col_sums, col_base=layout.col_base)
-        stats.reduce_parts_(list(row_sums.split(layout.row_counts)), dims=(-1,))
-        stats.reduce_parts_(list(col_sums.split(layout.col_counts)), dims=(-2,))
-        rv_sums = torch.zeros(layout.n_slices, dtype=torch.float64, device=device)
-        if launch is not None:
-            live_rv = torch.empty(ft.n_slices, dtype=torch.float64, device=device)
-            launch.kernels._sharded_factors[(ft.n_slices,)](
-                launch.tables.table, launch.n, layout.slice_tensor, layout.slice_batch, ft.rows, ft.cols,
-                layout.full_rows, layout.full_cols, row_sums, layout.row_base, col_sums, layout.col_base,
-                launch.bits(beta2_decay), launch.found_inf, live_rv, P_KIND=launch.flags["P_KIND"],
-                S_KIND=launch.flags["S_KIND"], HAS_FOUND_INF=found_inf is not None, RB=FACTOR_ROWS, CB=FACTOR_COLS,
-                num_warps=NUM_WARPS, **launch.exact)
-            rv_sums.index_copy_(0, layout.live_slices, live_rv)
-        for i in layout.empty:  # replicated statistics of an empty shard (a few rows or columns, in torch ops)
-            _sharded.empty_shard_factors(bucket, i, layout, row_sums, col_sums, rv_sums, beta2_decay, found_inf)
-        stats.reduce_parts_(list(rv_sums.split(layout.slice_counts)), dims=(-2,))
-        if launch is not None:
-            whole_rows = layout.slice_full_rows
-            rmean = (rv_sums.index_select(0, layout.live_slices) / whole_rows).to(launch.math_dtype)
-            rmean = torch.where(rmean < eps1, torch.full_like(rmean, eps1), rmean)  # clamp, keeping NaN
-            u_sq.index_copy_(0, layout.live_index, launch.factored_unorm(ft, rmean))
-    elif launch is not None:
-        live_p, live_u = launch.vector_stats(beta2_decay)
-        p_sq.index_copy_(0, layout.live_index, live_p)
-        u_sq.index_copy_(0, layout.live_index, live_u)
-    p_sq, u_sq = bucket.whole_tensor_sums(p_sq, u_sq)
-    if launch is None:
-        return
-    scale = adafactor_spec.scales(p_sq.index_select(0, layout.live_index), u_sq.index_select(0, layout.live_index),
-                                  layout.live_numel, torch.stack(live.steps), lr, eps2, d, launch.math_dtype)
-    launch.apply(scale, ft, rmean, lr=lr, weight_decay=weight_decay, beta1=beta1)
+    """FusedAdafactor on the local shards of DTensor params: _sharded.step
+    with the launches of kernels/adafactor.py (RAW row and column sums,
+    _sharded_factors, then unorm and apply as in the fused step)."""
+    def make_phases(live):
+        return _ShardedPhases(_AdafactorLaunch(live, maximize=maximize, grad_mult=grad_mult, found_inf=found_inf,
+                                               eps1=eps1), beta2_decay=beta2_decay, lr=lr, weight_decay=weight_decay,
+                              beta1=beta1)
+
+    _sharded.step(bucket, make_phases, lr=lr, beta2_decay=beta2_decay, eps1=eps1, eps2=eps2, d=d, found_inf=found_inf)
+
+
+class _ShardedPhases:
+    """_sharded.step's launches on the triton backend."""
+
+    def __init__(self, launch: _AdafactorLaunch, *, beta2_decay, lr, weight_decay, beta1):
+        self.launch, self.beta2_decay = launch, beta2_decay
+        self.update = {"lr": lr, "weight_decay": weight_decay, "beta1": beta1}
+        self.ft = launch.factored_tables() if launch.bucket.kind.factored else None
+
+    def sums(self, row_sums, col_sums, layout):
+        p_sq = self.launch.row_stats(self.ft, self.beta2_decay, row_sums, layout.row_base)
+        self.launch.col_stats(self.ft, self.beta2_decay, col_out=col_sums, col_base=layout.col_base)
+        return p_sq
+
+    def factors(self, row_sums, col_sums, layout):
+        launch, ft = self.launch, self.ft
+        rv = torch.empty(ft.n_slices, dtype=torch.float64, device=launch.device)
+        launch.kernels._sharded_factors[(ft.n_slices,)](
+            launch.tables.table, launch.n, layout.slice_tensor, layout.slice_batch, ft.rows, ft.cols,
+            layout.full_rows, layout.full_cols, row_sums, layout.row_base, col_sums, layout.col_base,
+            launch.bits(self.beta2_decay), launch.found_inf, rv, P_KIND=launch.flags["P_KIND"],
+            S_KIND=launch.flags["S_KIND"], HAS_FOUND_INF=launch.flags["HAS_FOUND_INF"], RB=FACTOR_ROWS,
+            CB=FACTOR_COLS, num_warps=NUM_WARPS, **launch.exact)
+        return rv
+
+    def unorm(self, rmean):
+        return self.launch.factored_unorm(self.ft, rmean)
+
+    def vector_stats(self):
+        return self.launch.vector_stats(self.beta2_decay)
+
+    def apply(self, scale, rmean):
+        self.launch.apply(scale, self.ft, rmean, **self.update)
 
 
 def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, found_inf):
