@@ -8,7 +8,9 @@ over the placements and mesh of the first grad only (a replicated param first
 leaves the ranks of other shards out: they skip the step through fusedopt's
 own OR, but their scales drift apart). This one checks the local shards and
 ORs the flag over every process group that shards a grad or holds its
-pending sums, so every rank skips together and keeps the same scale.
+pending sums, so every rank skips together and keeps the same scale. It
+also works on a pipeline stage that never calls scale() (the loss is on
+another stage): the scale starts at init_scale on its first unscale_/step.
 Everything else is torch's.
 """
 from __future__ import annotations
@@ -23,6 +25,23 @@ from . import dtensor
 
 class GradScaler(torch.amp.GradScaler):
     """Drop-in for ``torch.amp.GradScaler(device, ...)`` (same arguments)."""
+
+    def _start_scale(self, optimizer: torch.optim.Optimizer) -> None:
+        """The initial scale, on the device of the optimizer's params, when
+        scale() was never called: a pipeline stage without the loss scales
+        nothing itself (its grads arrive scaled from the next stage), where
+        torch's scaler would raise in unscale_/step."""
+        if self._enabled and self._scale is None:
+            device = next((p.device for g in optimizer.param_groups for p in g["params"]), None)
+            self._lazy_init_scale_growth_tracker(device or torch.device(self._device))
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        self._start_scale(optimizer)
+        super().unscale_(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer, *args, **kwargs):
+        self._start_scale(optimizer)
+        return super().step(optimizer, *args, **kwargs)
 
     def _unscale_grads_(self, optimizer: torch.optim.Optimizer, inv_scale: torch.Tensor, found_inf: torch.Tensor,
                         allow_fp16: bool) -> dict[torch.device, torch.Tensor]:

@@ -125,15 +125,24 @@ def _whole_tensor_parts(parts: list[tuple[list[int], Tensor]], shardings: list, 
     return [(list(range(len(shardings))), full)]
 
 
-def combine(parts: list[tuple[list[int], Tensor]], p: float, device: torch.device) -> Tensor:
-    """The total p-norm (fp64, 0-d, on `device`) from power_sums' parts."""
+def power_total(parts: list[tuple[list[int], Tensor]], p: float, device: torch.device) -> Tensor:
+    """The sum of |x|^p (max |x| for p = inf) over power_sums' parts (fp64, 0-d, on `device`)."""
     if not parts:
         return torch.zeros((), dtype=torch.float64, device=device)
     sums = torch.cat([s.to(device, non_blocking=True) for _, s in parts])
+    return sums.max() if math.isinf(p) else sums.sum()  # max propagates NaN
+
+
+def root(total: Tensor, p: float) -> Tensor:
+    """power_total -> the p-norm."""
     if math.isinf(p):
-        return sums.max()  # propagates NaN
-    total = sums.sum()
+        return total
     return total.sqrt() if p == 2.0 else total.pow(1.0 / p)
+
+
+def combine(parts: list[tuple[list[int], Tensor]], p: float, device: torch.device) -> Tensor:
+    """The total p-norm (fp64, 0-d, on `device`) from power_sums' parts."""
+    return root(power_total(parts, p, device), p)
 
 
 def per_tensor_norms(parts: list[tuple[list[int], Tensor]], p: float, count: int,
@@ -146,16 +155,18 @@ def per_tensor_norms(parts: list[tuple[list[int], Tensor]], p: float, count: int
     return norms
 
 
-def _grads(parameters) -> list[Tensor]:
+def _with_grads(parameters, stacklevel: int) -> tuple[list[Tensor], list[Tensor]]:
+    """The parameters that have a grad, and their grads."""
     if isinstance(parameters, Tensor):
         parameters = [parameters]
     else:
         is_generator = isinstance(parameters, types.GeneratorType)
         parameters = list(parameters)
         if is_generator and not parameters:
-            # the caller's frame: _grads <- clip_grad_norm_ / grad_norm <- torch.no_grad's wrapper <- caller
-            warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=4)
-    return [p.grad for p in parameters if p.grad is not None]
+            warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.",
+                          stacklevel=stacklevel)  # the caller's frame
+    params = [p for p in parameters if p.grad is not None]
+    return params, [p.grad for p in params]
 
 
 def _result_dtype(grads: list[Tensor]) -> torch.dtype:
@@ -163,6 +174,52 @@ def _result_dtype(grads: list[Tensor]) -> torch.dtype:
     for g in grads[1:]:
         dtype = torch.promote_types(dtype, g.dtype)
     return dtype
+
+
+def _local_norm(parameters, p: float, backend: str | None, across=None, stacklevel: int = 5):
+    """(parts, own, dtype): power_sums' parts of every grad (DTensors: of their
+    whole tensors), the tensors a clip scales, the norm's dtype; None when no
+    param has a grad. `across` (fusedopt.distributed's cross-stage rule)
+    names the params another pipeline stage counts: they count 0 here."""
+    params, grads = _with_grads(parameters, stacklevel + 1)
+    if not grads:
+        return None
+    device = grads[0].device
+    grads, shardings, own = _kernel_inputs(grads)
+    parts = power_sums(grads, p, backend)
+    if shardings is not None:
+        parts = _whole_tensor_parts(parts, shardings, p, device)
+    if across is not None and across.uncounted:
+        parts = [(index, sums * torch.tensor([float(id(params[i]) not in across.uncounted) for i in index],
+                                             dtype=sums.dtype, device=sums.device)) for index, sums in parts]
+    return parts, own, _result_dtype(grads)
+
+
+def _clip(parameters, max_norm: float, norm_type: float, error_if_nonfinite: bool, backend: str | None,
+          across=None, stacklevel: int = 5) -> Tensor:
+    """clip_grad_norm_, for this process's grads or (`across`) with the other pipeline stages'."""
+    p = _check_norm_type(norm_type)
+    if not isinstance(max_norm, Tensor) and not float(max_norm) >= 0.0:
+        raise ValueError(f"max_norm must be >= 0, got {max_norm!r}")
+    local = _local_norm(parameters, p, backend, across, stacklevel + 1)
+    if local is None and across is None:
+        return torch.tensor(0.0)
+    parts, own, dtype = local if local is not None else ([], [], torch.float32)
+    device = own[0].device if own else across.device
+    power = power_total(parts, p, device)
+    if across is not None:  # every stage takes part, with or without grads
+        power = across.reduce_power(power, p)
+    total = root(power, p).to(dtype)
+    if error_if_nonfinite and bool(torch.logical_or(total.isnan(), total.isinf())):
+        raise RuntimeError(
+            f"The total norm of order {float(norm_type)} for gradients from `parameters` is non-finite, so it "
+            "cannot be clipped. To disable this error and scale the gradients by the non-finite norm anyway, "
+            "set `error_if_nonfinite=False`"
+        )
+    # as torch computes it: in the total's dtype, clamped without a host sync
+    clip_coef = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
+    scale_(own, clip_coef, backend)
+    return total
 
 
 @torch.no_grad()
@@ -175,18 +232,14 @@ def grad_norm(parameters: Tensor | Iterable[Tensor], norm_type: float = 2.0, per
     device; 0 for empty grads).
     """
     p = _check_norm_type(norm_type)
-    grads = _grads(parameters)
-    if not grads:
+    local = _local_norm(parameters, p, backend, stacklevel=4)  # <- grad_norm <- torch.no_grad <- caller
+    if local is None:
         total = torch.tensor(0.0)
         return (total, torch.zeros(0)) if per_tensor else total
-    device = grads[0].device
-    grads, shardings, _ = _kernel_inputs(grads)
-    parts = power_sums(grads, p, backend)
-    if shardings is not None:
-        parts = _whole_tensor_parts(parts, shardings, p, device)
-    total = combine(parts, p, device).to(_result_dtype(grads))
+    parts, own, dtype = local
+    total = combine(parts, p, own[0].device).to(dtype)
     if per_tensor:
-        return total, per_tensor_norms(parts, p, len(grads), device).float()
+        return total, per_tensor_norms(parts, p, len(own), own[0].device).float()
     return total
 
 
@@ -216,24 +269,4 @@ def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float, norm
     the grads), as are norm types torch takes but that are not norms (0,
     negative, -inf).
     """
-    p = _check_norm_type(norm_type)
-    if not isinstance(max_norm, Tensor) and not float(max_norm) >= 0.0:
-        raise ValueError(f"max_norm must be >= 0, got {max_norm!r}")
-    grads = _grads(parameters)
-    if not grads:
-        return torch.tensor(0.0)
-    grads, shardings, own = _kernel_inputs(grads)
-    parts = power_sums(grads, p, backend)
-    if shardings is not None:
-        parts = _whole_tensor_parts(parts, shardings, p, grads[0].device)
-    total = combine(parts, p, grads[0].device).to(_result_dtype(grads))
-    if error_if_nonfinite and bool(torch.logical_or(total.isnan(), total.isinf())):
-        raise RuntimeError(
-            f"The total norm of order {float(norm_type)} for gradients from `parameters` is non-finite, so it "
-            "cannot be clipped. To disable this error and scale the gradients by the non-finite norm anyway, "
-            "set `error_if_nonfinite=False`"
-        )
-    # as torch computes it: in the total's dtype, clamped without a host sync
-    clip_coef = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
-    scale_(own, clip_coef, backend)
-    return total
+    return _clip(parameters, max_norm, norm_type, error_if_nonfinite, backend, stacklevel=4)

@@ -84,6 +84,9 @@ class FusedOptimizer(Optimizer):
         self.last_grad_norm: Tensor | None = None
         self._backend_names: dict[str, str] = {}
         self._plans: dict[int, _Plan | None] = {}  # per param group index (see _Plan)
+        #: set by fusedopt.distributed.PipelineOptimizer: sums this stage's grad power sum and GradScaler
+        #: flag with the other pipeline stages' (one collective), and names the params another stage counts
+        self._across_stages = None
         super().__init__(params, defaults)
 
     # --- backend choice -------------------------------------------------------
@@ -154,7 +157,8 @@ class FusedOptimizer(Optimizer):
     def __setstate__(self, state):
         # also called by torch's load_state_dict with only state and param_groups
         super().__setstate__(state)
-        for name, default in (("state_dtype", None), ("stochastic_rounding", False), ("fp8", None)):
+        for name, default in (("state_dtype", None), ("stochastic_rounding", False), ("fp8", None),
+                              ("_across_stages", None)):
             if not hasattr(self, name):  # pickled before it existed
                 setattr(self, name, default)
         self._plans = {}  # plans hold tensors of the original: never carried over
@@ -401,7 +405,10 @@ class FusedOptimizer(Optimizer):
         plans, writeback = self._plans_of_this_step()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = _found_inf_on_every_rank(getattr(self, "found_inf", None), plans)
-        scalars = _GradScalars(grad_scale, found_inf, self._clip_coefficient(plans, grad_scale))
+        power = self._grad_power_sum(plans) if self.max_grad_norm else None
+        if self._across_stages is not None:
+            power, found_inf = self._across_stages.reduce(power, found_inf, clipping=bool(self.max_grad_norm))
+        scalars = _GradScalars(grad_scale, found_inf, self._clip_coefficient(power, plans, grad_scale))
         for group, plan in zip(self.param_groups, plans):
             for device, steps in plan.empty_steps.items():
                 advance_steps(steps, scalars.found_inf(device))
@@ -427,34 +434,48 @@ class FusedOptimizer(Optimizer):
             return None
         return int(torch.randint(0, 2**31, (), dtype=torch.int64))  # 31 bits: a Triton int32 argument
 
-    def _clip_coefficient(self, plans: list[_Plan], grad_scale: Tensor | None) -> Tensor | None:
-        """With max_grad_norm: the global L2 norm of every grad the optimizer
-        holds (all groups; GradScaler's scale divided out), kept in
-        last_grad_norm, and the clip coefficient from it. One reduction launch
-        per bucket; nothing leaves the device."""
+    def _grad_power_sum(self, plans: list[_Plan]) -> Tensor | None:
+        """The sum of the squares of every grad the optimizer holds (all
+        groups; fp64, 0-d; DTensors over their whole tensors), or None when no
+        param has a grad. One reduction launch per bucket; nothing leaves the
+        device. Params another pipeline stage counts are left out."""
+        uncounted = self._across_stages.uncounted if self._across_stages is not None else ()
+        total = None
+        for plan in plans:
+            for b, members in zip(plan.buckets, plan.bucket_members):
+                # the kernels take no empty tensor: those of a sharded Adafactor bucket (empty local shards) sum to 0
+                index = range(len(b.grads)) if b.stats is None else [i for i, g in enumerate(b.grads) if g.numel()]
+                if len(index) == len(b.grads) and index:
+                    sums = self._backend_for(b.device).power_sums(b.grads, 2.0)
+                else:
+                    sums = torch.zeros(len(b.grads), dtype=torch.float64, device=b.device)
+                    if index:
+                        sums[index] = self._backend_for(b.device).power_sums([b.grads[i] for i in index], 2.0)
+                sums = b.whole_tensor_sums(sums, every_member=True)[0]  # DTensors: over their shards
+                if uncounted and any(id(p) in uncounted for p in members):
+                    weights = b.launch_cache.get("counted")
+                    if weights is None:
+                        weights = b.launch_cache["counted"] = torch.tensor(
+                            [float(id(p) not in uncounted) for p in members], dtype=torch.float64, device=b.device)
+                    sums = sums * weights
+                part = sums.sum()
+                total = part if total is None else total + part.to(total.device)
+        return total
+
+    def _clip_coefficient(self, power: Tensor | None, plans: list[_Plan], grad_scale: Tensor | None) -> Tensor | None:
+        """With max_grad_norm: the global L2 norm from the grads' power sum
+        (GradScaler's scale divided out), kept in last_grad_norm, and the clip
+        coefficient from it, on the device."""
         if not self.max_grad_norm:
             return None
-        buckets = [bucket for plan in plans for bucket in plan.buckets]
-        if not buckets:  # no grads: a norm of 0, as clip_grad_norm_ returns, and nothing to scale
+        if power is None:  # no grads: a norm of 0, as clip_grad_norm_ returns, and nothing to scale
             self.last_grad_norm = torch.zeros(())
             return None
-        device = buckets[0].device
-        parts = []
-        for b in buckets:
-            # the kernels take no empty tensor: those of a sharded Adafactor bucket (empty local shards) sum to 0
-            index = range(len(b.grads)) if b.stats is None else [i for i, g in enumerate(b.grads) if g.numel()]
-            if len(index) == len(b.grads) and index:
-                sums = self._backend_for(b.device).power_sums(b.grads, 2.0)
-            else:
-                sums = torch.zeros(len(b.grads), dtype=torch.float64, device=b.device)
-                if index:
-                    sums[index] = self._backend_for(b.device).power_sums([b.grads[i] for i in index], 2.0)
-            parts.append((None, b.whole_tensor_sums(sums, every_member=True)[0]))  # DTensors: over their shards
-        total = norms.combine(parts, 2.0, device)
+        total = power.sqrt()
         if grad_scale is not None:
-            total = total / grad_scale.to(device=device, dtype=torch.float64).reshape(())
+            total = total / grad_scale.to(device=total.device, dtype=torch.float64).reshape(())
         # fp64 when some grads are, else fp32, and the coefficient in that dtype: as clip_grad_norm_ forms them
-        fp64 = any(bucket.dtype == torch.float64 for bucket in buckets)
+        fp64 = any(bucket.dtype == torch.float64 for plan in plans for bucket in plan.buckets)
         self.last_grad_norm = total if fp64 else total.float()
         return self._clip_multiplier(self.last_grad_norm, self.max_grad_norm)
 
@@ -498,6 +519,7 @@ class FusedOptimizer(Optimizer):
         plan = _Plan(group, tuple(g is not None for g in grads), self.master_weights)
         buckets: dict[tuple, tuple[Bucket, list[int]]] = {}
         members: dict[tuple, list[tuple]] = {}  # per bucket: (sharding, local shape, launched) of each member
+        member_params: dict[tuple, list[Tensor]] = {}  # per bucket: the member params, in the same order
         fp8_parts: dict[tuple, tuple[list[Tensor], list[dict]]] = {}  # per bucket: FP8 copies, state dicts
         for i, (p, g) in enumerate(zip(group["params"], grads)):
             if g is None:
@@ -532,6 +554,7 @@ class FusedOptimizer(Optimizer):
                 members[key] = []
             bucket, grad_index = buckets[key]
             members[key].append((sharding, p.shape, lp.shape, not skip))
+            member_params.setdefault(key, []).append(p)
             if skip:
                 continue
             local = dtensor.local
@@ -565,6 +588,7 @@ class FusedOptimizer(Optimizer):
                                                   [j for j, x in enumerate(launched) if x], bucket.device)
         plan.buckets = [bucket for bucket, _ in buckets.values()]
         plan.grad_index = [grad_index for _, grad_index in buckets.values()]
+        plan.bucket_members = [member_params[key] for key in buckets]
         return plan
 
     # --- state_dict -------------------------------------------------------------
@@ -922,6 +946,7 @@ class _Plan:
         self.names: dict = {}               # bucket kind -> elementwise state names
         self.buckets: list[Bucket] = []
         self.grad_index: list[list[int]] = []   # per bucket: positions in group["params"] of its grads
+        self.bucket_members: list[list[Tensor]] = []  # per bucket: its params, empty local shards too
         self.empty_steps: dict[torch.device, list[Tensor]] = {}
         self.params: list[Tensor] = []      # params with grads, their state dicts and shapes
         self.locals: list[Tensor] = []      # what the kernels read of them (a DTensor's local shard)
