@@ -30,15 +30,9 @@ cost, not a result a sharded model may use). Bytes: 20 per param
 """
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from .harness import STREAM, Result, alternate, stream_op
+from .harness import STREAM, Result, alternate, on_ranks, stream_op
 
 BLOCKS, WIDTH, WORLD = 48, 256, 2
 BYTES_PER_PARAM = 28
@@ -89,14 +83,8 @@ def _contenders(mode: str, model, device):
     return fns, n
 
 
-def _worker(rank: int, world: int, port: int, out: str, device_type: str, warmup: int, reps: int):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    gpu = device_type == "cuda"
-    if gpu:
-        torch.cuda.set_device(rank)
-    device = torch.device(device_type, rank) if gpu else torch.device("cpu")
-    dist.init_process_group("nccl" if gpu else "gloo", rank=rank, world_size=world)
+def _worker(rank: int, world: int, device_type: str, warmup: int, reps: int) -> list[dict]:
+    device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -117,11 +105,7 @@ def _worker(rank: int, world: int, port: int, out: str, device_type: str, warmup
             per_param = 20 if mode == "adafactor" else BYTES_PER_PARAM  # bench/second_order.py's count
             rows.append(dict(mode=mode, contender=name, times_ms=ts, params=n,
                              bytes_per_step=stream_bytes if name == STREAM else per_param * n))
-    if rank == 0:
-        with open(out, "w") as f:
-            json.dump(rows, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    return rows
 
 
 def run(device: torch.device, case_names, warmup: int, reps: int, log=print):
@@ -132,14 +116,7 @@ def run(device: torch.device, case_names, warmup: int, reps: int, log=print):
             f"{torch.cuda.device_count()}: skipped")
         return [], {}
     log(f"dtensor {CASE}: {WORLD} ranks, {BLOCKS} x (Linear({WIDTH}, {WIDTH}) + LayerNorm({WIDTH}))")
-    fd, out = tempfile.mkstemp(suffix=".json")
-    os.close(fd)
-    try:
-        mp.spawn(_worker, args=(WORLD, _free_port(), out, device.type, warmup, reps), nprocs=WORLD, join=True)
-        with open(out) as f:
-            rows = json.load(f)
-    finally:
-        os.unlink(out)
+    rows = on_ranks(_worker, WORLD, device.type, warmup, reps)
     results = [Result(CASE, r["mode"], r["contender"], r["times_ms"], r["bytes_per_step"], r["params"])
                for r in rows]
     # step: against the same step on plain tensors (the issue's bound); clip: against torch, as the plain
@@ -147,14 +124,6 @@ def run(device: torch.device, case_names, warmup: int, reps: int, log=print):
     baselines = {(CASE, r.mode): r.contender for r in results
                  if ("plain" in r.contender if r.mode != "clip" else r.contender.startswith("torch"))}
     return results, baselines
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def targets(results, device) -> list[str]:

@@ -118,3 +118,45 @@ def write(results: list[Result], meta: dict, table: str, out_dir: Path, stem: st
 
 def meta_line(meta: dict) -> str:
     return ", ".join(f"{k}: {v}" for k, v in meta.items())
+
+
+def _rank_entry(rank: int, world: int, port: int, out: str, worker, args) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    gpu = args[0] == "cuda"
+    if gpu:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if gpu else "gloo", rank=rank, world_size=world)
+    rows = worker(rank, world, *args)
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(rows, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def on_ranks(worker, world: int, device_type: str, *args) -> list:
+    """worker(rank, world, device_type, *args) on `world` processes (gloo on
+    the CPU with one thread each, NCCL with a GPU each); rank 0's return
+    value (JSON-able) comes back."""
+    import os
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    fd, out = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        mp.spawn(_rank_entry, args=(world, port, out, worker, (device_type, *args)), nprocs=world, join=True)
+        with open(out) as f:
+            return json.load(f)
+    finally:
+        os.unlink(out)

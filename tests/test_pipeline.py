@@ -50,11 +50,15 @@ def reference(whole: TinyGPT, opt_class, steps: int, first: int = 0, **kwargs):
 
 def run_pipeline(stage_module, rank: int, stages: int, group, opt, steps: int, schedule_class, *, first: int = 0,
                  dp=None, after_backward=None):
-    """`steps` steps of a pipeline schedule + opt.step(); the grad norm of each step."""
+    """`steps` steps of a pipeline schedule + opt.step(); the grad norm of each
+    step. stage_module: this rank's stage, or {stage index: module} for a
+    multi-stage schedule (the first stage on rank 0, the last on the last rank)."""
     from torch.distributed.pipelining import PipelineStage
 
-    stage = PipelineStage(stage_module, rank, stages, torch.device("cpu"), group=group)
-    schedule = schedule_class(stage, MICRO, loss_fn=loss_fn)
+    parts = stage_module if isinstance(stage_module, dict) else {rank: stage_module}
+    built = [PipelineStage(m, i, stages, torch.device("cpu"), group=group) for i, m in parts.items()]
+    schedule = schedule_class(built if isinstance(stage_module, dict) else built[0], MICRO, loss_fn=loss_fn)
+    last_rank = group.size() - 1
     out = []
     for step in range(first, first + steps):
         x, y = batch(step, BATCH)
@@ -62,7 +66,7 @@ def run_pipeline(stage_module, rank: int, stages: int, group, opt, steps: int, s
             x, y = x.chunk(dp[1])[dp[0]], y.chunk(dp[1])[dp[0]]
         if rank == 0:
             schedule.step(x)
-        elif rank == stages - 1:
+        elif rank == last_rank:
             schedule.step(target=y, losses=[])
         else:
             schedule.step()
@@ -107,6 +111,30 @@ def pp2_worker(rank, world, directory):
                 close(got, want, f"{what}: grad norm of step {step}")
             check_params(part, whole, what)
             assert all(n > KWARGS[opt_class]["max_grad_norm"] for n in want_norms)  # clipping took effect
+
+    # the collectives of a step: one all-reduce for the norm and GradScaler's flag together, none without either
+    count_collectives = shipped_module("bench", "pipeline").count_collectives
+    part = stage_of(model(), rank, 2)
+    for p in part.parameters():
+        p.grad = torch.ones_like(p)
+    clipping = PipelineOptimizer(part, FusedAdamW, pp_group=group, max_grad_norm=1.0)
+    assert count_collectives(clipping.step) == 1
+    clipping.grad_scale, clipping.found_inf = torch.ones(()), torch.zeros(())  # as GradScaler hands them
+    assert count_collectives(clipping.step) == 1
+    assert count_collectives(PipelineOptimizer(part, FusedAdamW, pp_group=group).step) == 0
+
+    # an interleaved schedule: two stages on each rank (0 and 2 on rank 0, 1 and 3 on rank 1), one optimizer
+    from torch.distributed.pipelining import ScheduleInterleaved1F1B
+
+    want_norms, whole = reference(model(), FusedAdamW, STEPS, **KWARGS[FusedAdamW])
+    parts = {i: stage_of(model(), i, 4) for i in (rank, rank + 2)}
+    opt = PipelineOptimizer(list(parts.values()), FusedAdamW, pp_group=group, **KWARGS[FusedAdamW])
+    assert len(opt.param_groups[0]["params"]) == sum(len(list(m.parameters())) for m in parts.values())
+    norms = run_pipeline(parts, rank, 4, group, opt, STEPS, ScheduleInterleaved1F1B)
+    for step, (got, want) in enumerate(zip(norms, want_norms)):
+        close(got, want, f"interleaved: grad norm of step {step}")
+    for part in parts.values():
+        check_params(part, whole, "interleaved")
 
     # a tied embedding / head held by both stages: counted once in the norm, both copies stepped alike
     want_norms, whole = reference(model(tie=True), FusedAdamW, STEPS, **KWARGS[FusedAdamW])
@@ -208,6 +236,7 @@ def pp2_worker(rank, world, directory):
         close(p.detach(), want[name], f"resumed at another cut: {name}")
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP's load in one process
 def test_pipeline_two_stages(tmp_path):
     """PP=2 on 2 ranks (GPipe and 1F1B, 4 micro-batches): AdamW and LAMB with
     max_grad_norm equal the whole model in one process (params, the clip
