@@ -132,7 +132,7 @@ def empty_shard_factors(bucket, i, layout, row_sums, col_sums, rv_sums, beta2_de
     away) or columns (its rows sharded away) of replicated statistics: lerp
     them to the whole rows' and columns' means, as _sharded_factors does."""
     stats = bucket.stats
-    shape, local = stats.shapes[i], stats.local_shapes[i]
+    shape = stats.shapes[i]
     dtype = torch.float64 if bucket.dtype == torch.float64 else torch.float32
     w = bucket.steps[i].double().pow(beta2_decay).to(dtype)
     rows = row_sums[layout.rows0[i]:layout.rows0[i] + layout.row_counts[i]]

@@ -20,7 +20,6 @@ is asked for). ``pp_group=None``: one stage in one process, no communication.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Iterable
 
 import torch
@@ -30,6 +29,7 @@ from torch import Tensor, nn
 from .. import norms
 from ..optim.adamw import FusedAdamW
 from ..optim.base import FusedOptimizer
+from ._wrapper import WrappingOptimizer
 
 #: the attribute mark_shared sets on a param
 _SHARED = "_fusedopt_shared"
@@ -165,7 +165,7 @@ def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float, norm
     return norms._clip(params, max_norm, norm_type, error_if_nonfinite, backend, across, stacklevel=4)
 
 
-class PipelineOptimizer(torch.optim.Optimizer):
+class PipelineOptimizer(WrappingOptimizer):
     """One fusedopt optimizer over the stages this rank holds, stepping with
     the other pipeline stages (see the module's docstring).
 
@@ -187,8 +187,6 @@ class PipelineOptimizer(torch.optim.Optimizer):
     loads it at another. States not created yet are created (zero, step 0)
     first, so that a fresh optimizer's state_dict is a template to load into.
     """
-
-    _step_supports_amp_scaling = True
 
     def __init__(self, model_parts: nn.Module | Iterable[nn.Module], optimizer_class=FusedAdamW, *,
                  pp_group=None, shared: Iterable[Iterable[str]] = (), **optimizer_kwargs):
@@ -217,31 +215,13 @@ class PipelineOptimizer(torch.optim.Optimizer):
             names = [names] if isinstance(names, str) else list(names)
             for fqn in names:
                 ties[fqn] = names[0]
-        self.optimizer = optimizer_class([p for _, p in named], **optimizer_kwargs)
+        self._wrap(optimizer_class([p for _, p in named], **optimizer_kwargs))
         self.pp_group = group
         self._fqns = {id(p): fqn for fqn, p in named}
         device = named[0][1].device
         if device.type == "cpu" and group is not None and dist.get_backend(group) == "nccl":
             device = torch.device("cuda", torch.cuda.current_device())
         self.optimizer._across_stages = _AcrossStages(group, device, named, ties)
-        # what torch.optim.Optimizer.__init__ would set (not called: the groups are the inner optimizer's)
-        for hooks in ("step_pre", "step_post", "state_dict_pre", "state_dict_post", "load_state_dict_pre",
-                      "load_state_dict_post"):
-            setattr(self, f"_optimizer_{hooks}_hooks", OrderedDict())
-        self._patch_step_function()  # step() runs the step pre/post hooks, as on any torch optimizer
-
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
-
-    @property
-    def defaults(self):
-        return self.optimizer.defaults
-
-    @property
-    def state(self):
-        return self.optimizer.state
-
     @property
     def last_grad_norm(self) -> Tensor | None:
         """The norm of every stage's grads at the last step (with max_grad_norm)."""
@@ -281,16 +261,7 @@ class PipelineOptimizer(torch.optim.Optimizer):
                 grad_scale = grad_scaler._scale
             flags = list(per_optimizer["found_inf_per_device"].values())
             found_inf = sum(f.to(flags[0].device) for f in flags[1:]) + flags[0] if flags else None
-        if grad_scale is not None:
-            inner.grad_scale = grad_scale
-        if found_inf is not None:
-            inner.found_inf = found_inf
-        try:
-            inner.step()
-        finally:
-            for name in ("grad_scale", "found_inf"):
-                if hasattr(inner, name):
-                    delattr(inner, name)
+        self._inner_step(grad_scale, found_inf)
         if per_optimizer is not None and found_inf is not None:  # the scaler's update() sees every stage's flag
             flag = inner._across_stages.found_inf
             per_optimizer["found_inf_per_device"] = {flag.device: flag}

@@ -68,6 +68,7 @@ from ..backends._dtypes import math_dtype
 from ..optim.adamw import FusedAdamW
 from ..optim.base import FusedOptimizer
 from . import _collectives as comm
+from ._wrapper import WrappingOptimizer
 from .grad_buckets import GradBuckets
 
 
@@ -114,7 +115,7 @@ def _runs(flat: _Flat, cap_bytes: float) -> list[tuple[list[Tensor], int, int]]:
     return [(ps, index[id(ps[0])], index[id(ps[-1])] + dtensor.local(ps[-1]).numel()) for ps in runs]
 
 
-class ZeroOptimizer(torch.optim.Optimizer):
+class ZeroOptimizer(WrappingOptimizer):
     def __init__(self, params, optimizer_class=None, *, stage: int = 2, process_group=None,
                  bucket_cap_mb: float = 25, overlap_comm: bool = True, **optimizer_kwargs):
         if stage not in (1, 2):
@@ -158,7 +159,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self.flats += flats
             inner_groups.append({**{k: v for k, v in group.items() if k != "params"},
                                  "params": [f.shard for f in flats]})
-        self.optimizer = optimizer_class(inner_groups, **optimizer_kwargs)
+        self._wrap(optimizer_class(inner_groups, **optimizer_kwargs))
         # buckets of consecutive params of one flat buffer, the last params first (backward's order)
         cap = bucket_cap_mb * 2**20 if overlap_comm else float("inf")
         self._bucket_ranges: list[tuple[_Flat, int, int]] = []  # (flat, first element, end element)
@@ -174,20 +175,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
                                  shard_sizes=shard_sizes if stage == 2 else None, keep_grads=stage == 1)
         for flat in self.flats:  # this rank's part of the mean grad, where the buckets deliver it
             flat.shard.grad = torch.zeros_like(flat.shard)
-        # what torch.optim.Optimizer.__init__ would set (not called: the groups are the inner optimizer's)
-        self._optimizer_step_pre_hooks = OrderedDict()
-        self._optimizer_step_post_hooks = OrderedDict()
-        self._optimizer_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
-        self._patch_step_function()  # step() runs the step pre/post hooks, as on any torch optimizer
         # the state exists before the first step, so that a checkpoint can be loaded into it
         for group in self.optimizer.param_groups:
             for shard in group["params"]:
                 self.optimizer._prepare_state(group, shard, self.optimizer._bucket_kind(shard))
-
-    _step_supports_amp_scaling = True
 
     def _sharding_groups(self, p: Tensor) -> tuple:
         """The process groups that shard DTensor param p (none for a plain one);
@@ -221,18 +212,6 @@ class ZeroOptimizer(torch.optim.Optimizer):
             part = values.index_select(0, index)
             dist.all_reduce(part, op=op, group=group)
             values.index_copy_(0, index, part)
-
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
-
-    @property
-    def defaults(self):
-        return self.optimizer.defaults
-
-    @property
-    def state(self):
-        return self.optimizer.state
 
     def no_sync(self):
         """Accumulate grads over several backward passes without communicating."""
@@ -288,17 +267,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
         elif found_inf is not None:  # every rank skips together
             found_inf = self._on_every_rank(torch.as_tensor(found_inf, dtype=torch.float32,
                                                             device=self.flats[0].buffer.device).clone())
-            self.optimizer.found_inf = (found_inf > 0).to(torch.float32)
+            found_inf = (found_inf > 0).to(torch.float32)
         if self.max_grad_norm:
             grad_scale = self._clip(grad_scale)
-        if grad_scale is not None:
-            self.optimizer.grad_scale = grad_scale
-        try:
-            self.optimizer.step()
-        finally:
-            for name in ("grad_scale", "found_inf"):
-                if hasattr(self.optimizer, name):
-                    delattr(self.optimizer, name)
+        self._inner_step(grad_scale, found_inf)
         for flat in self.flats:  # every rank gets every updated shard
             comm.all_gather(flat.buffer, flat.shard.clone(), self.group)
         return loss
@@ -318,7 +290,6 @@ class ZeroOptimizer(torch.optim.Optimizer):
         found_inf = self._on_every_rank(bad.to(device=device, dtype=torch.float32).reshape(1))
         found_inf = (found_inf > 0).to(torch.float32)
         per_optimizer["found_inf_per_device"] = {found_inf.device: found_inf}
-        self.optimizer.found_inf = found_inf
         return scaler._scale.to(device), found_inf
 
     def _on_every_rank(self, found_inf: Tensor) -> Tensor:

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .. import backends, dtensor, norms
+from .. import backends, dtensor
 from ..fp8 import bucket_copies
 from ..backends._bucket import Bucket, advance_steps
 from ..backends._dtypes import FP8_STATE_DTYPE, LOW_PRECISION, STATE_DTYPES, SUPPORTED_PARAM_DTYPES, fp32_scalar
