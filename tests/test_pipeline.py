@@ -269,7 +269,9 @@ def test_pipeline_two_stages(tmp_path):
 # --- PP x FSDP2, PP x TP ------------------------------------------------------------
 
 
-def pp_2d_worker(rank, world):
+def pp_2d_worker(rank, world, directory):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.pipelining import Schedule1F1B
 
@@ -279,15 +281,19 @@ def pp_2d_worker(rank, world):
     for inner in ("dp", "tp"):
         mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", inner))
         pp_rank, inner_rank = mesh["pp"].get_local_rank(), mesh[inner].get_local_rank()
-        for opt_class in (FusedAdamW, FusedLAMB):
-            want_norms, whole = reference(model(), opt_class, STEPS, **KWARGS[opt_class])
-            part = stage_of(model(), pp_rank, 2)
+        dp = (inner_rank, 2) if inner == "dp" else None
+
+        def build(opt_class, cuts=None, seed=0):
+            part = stage_of(model(seed), pp_rank, 2, cuts)
             example.parallelize(part, tp_mesh=mesh["tp"] if inner == "tp" else None,
                                 dp_mesh=mesh["dp"] if inner == "dp" else None)
             assert any(hasattr(p, "placements") for p in part.parameters())
-            opt = PipelineOptimizer(part, opt_class, pp_group=mesh["pp"], **KWARGS[opt_class])
-            norms = run_pipeline(part, pp_rank, 2, mesh["pp"].get_group(), opt, STEPS, Schedule1F1B,
-                                 dp=(inner_rank, 2) if inner == "dp" else None)
+            return part, PipelineOptimizer(part, opt_class, pp_group=mesh["pp"], **KWARGS[opt_class])
+
+        for opt_class in (FusedAdamW, FusedLAMB):
+            want_norms, whole = reference(model(), opt_class, STEPS, **KWARGS[opt_class])
+            part, opt = build(opt_class)
+            norms = run_pipeline(part, pp_rank, 2, mesh["pp"].get_group(), opt, STEPS, Schedule1F1B, dp=dp)
             what = f"PP=2 x {inner.upper()}=2 {opt_class.__name__}"
             for step, (got, want) in enumerate(zip(norms, want_norms)):
                 close(got, want, f"{what}: grad norm of step {step}")
@@ -295,12 +301,29 @@ def pp_2d_worker(rank, world):
             states = opt.state_dict()
             assert any(hasattr(v, "placements") for k, v in states.items() if k.endswith("exp_avg")), what
 
+        # a DCP checkpoint written at PP=2 x FSDP2=2 (2 + 2 blocks) continues at PP=2 x TP=2 (1 + 3 blocks)
+        _, whole = reference(model(), FusedAdamW, STEPS + 2, **KWARGS[FusedAdamW])
+        if inner == "dp":
+            part, opt = build(FusedAdamW)
+            run_pipeline(part, pp_rank, 2, mesh["pp"].get_group(), opt, STEPS, Schedule1F1B, dp=dp)
+            dcp.save({"model": get_model_state_dict(part), "optim": opt.state_dict()},
+                     checkpoint_id=f"{directory}/fsdp")
+        else:
+            part, opt = build(FusedAdamW, cuts=[0, 1, LAYERS], seed=1)
+            state = {"model": get_model_state_dict(part), "optim": opt.state_dict()}
+            dcp.load(state, checkpoint_id=f"{directory}/fsdp")
+            set_model_state_dict(part, state["model"])
+            opt.load_state_dict(state["optim"])
+            run_pipeline(part, pp_rank, 2, mesh["pp"].get_group(), opt, 2, Schedule1F1B, first=STEPS)
+            check_params(part, whole, "PP=2 x FSDP2=2 checkpoint continued at PP=2 x TP=2, another cut")
 
-def test_pipeline_with_fsdp_and_tensor_parallel():
+
+def test_pipeline_with_fsdp_and_tensor_parallel(tmp_path):
     """PP=2 x FSDP2=2 and PP=2 x TP=2 on 4 ranks: AdamW and LAMB with
     max_grad_norm equal the whole model in one process; states stay DTensors
-    in the FQN-keyed state_dict."""
-    spawn(pp_2d_worker, 4)
+    in the FQN-keyed state_dict; a DCP checkpoint written at PP=2 x FSDP2=2
+    continues at PP=2 x TP=2 with the blocks cut differently."""
+    spawn(pp_2d_worker, 4, str(tmp_path))
 
 
 # --- one process --------------------------------------------------------------------
