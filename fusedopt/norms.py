@@ -23,6 +23,8 @@ every rank and counted once.
 from __future__ import annotations
 
 import math
+import os
+import sys
 import types
 import warnings
 from typing import Iterable
@@ -155,7 +157,20 @@ def per_tensor_norms(parts: list[tuple[list[int], Tensor]], p: float, count: int
     return norms
 
 
-def _with_grads(parameters, stacklevel: int) -> tuple[list[Tensor], list[Tensor]]:
+#: where fusedopt's and torch's code lives (frames a warning is not attributed to)
+_LIBRARY_DIRS = (os.path.dirname(os.path.abspath(__file__)) + os.sep, os.path.dirname(torch.__file__) + os.sep)
+
+
+def _callers_level() -> int:
+    """warnings.warn's stacklevel of the first frame outside fusedopt and
+    torch (their decorators' wrappers included): the user's call."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _with_grads(parameters) -> tuple[list[Tensor], list[Tensor]]:
     """The parameters that have a grad, and their grads."""
     if isinstance(parameters, Tensor):
         parameters = [parameters]
@@ -164,7 +179,7 @@ def _with_grads(parameters, stacklevel: int) -> tuple[list[Tensor], list[Tensor]
         parameters = list(parameters)
         if is_generator and not parameters:
             warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.",
-                          stacklevel=stacklevel)  # the caller's frame
+                          stacklevel=_callers_level())
     params = [p for p in parameters if p.grad is not None]
     return params, [p.grad for p in params]
 
@@ -176,12 +191,12 @@ def _result_dtype(grads: list[Tensor]) -> torch.dtype:
     return dtype
 
 
-def _local_norm(parameters, p: float, backend: str | None, across=None, stacklevel: int = 5):
+def _local_norm(parameters, p: float, backend: str | None, across=None):
     """(parts, own, dtype): power_sums' parts of every grad (DTensors: of their
     whole tensors), the tensors a clip scales, the norm's dtype; None when no
     param has a grad. `across` (fusedopt.distributed's cross-stage rule)
     names the params another pipeline stage counts: they count 0 here."""
-    params, grads = _with_grads(parameters, stacklevel + 1)
+    params, grads = _with_grads(parameters)
     if not grads:
         return None
     device = grads[0].device
@@ -196,12 +211,12 @@ def _local_norm(parameters, p: float, backend: str | None, across=None, stacklev
 
 
 def _clip(parameters, max_norm: float, norm_type: float, error_if_nonfinite: bool, backend: str | None,
-          across=None, stacklevel: int = 5) -> Tensor:
+          across=None) -> Tensor:
     """clip_grad_norm_, for this process's grads or (`across`) with the other pipeline stages'."""
     p = _check_norm_type(norm_type)
     if not isinstance(max_norm, Tensor) and not float(max_norm) >= 0.0:
         raise ValueError(f"max_norm must be >= 0, got {max_norm!r}")
-    local = _local_norm(parameters, p, backend, across, stacklevel + 1)
+    local = _local_norm(parameters, p, backend, across)
     if local is None and across is None:
         return torch.tensor(0.0)
     parts, own, dtype = local if local is not None else ([], [], torch.float32)
@@ -222,6 +237,7 @@ def _clip(parameters, max_norm: float, norm_type: float, error_if_nonfinite: boo
     return total
 
 
+@torch._disable_dynamo  # as FusedOptimizer.step: eager under torch.compile
 @torch.no_grad()
 def grad_norm(parameters: Tensor | Iterable[Tensor], norm_type: float = 2.0, per_tensor: bool = False,
               backend: str | None = None):
@@ -232,7 +248,7 @@ def grad_norm(parameters: Tensor | Iterable[Tensor], norm_type: float = 2.0, per
     device; 0 for empty grads).
     """
     p = _check_norm_type(norm_type)
-    local = _local_norm(parameters, p, backend, stacklevel=4)  # <- grad_norm <- torch.no_grad <- caller
+    local = _local_norm(parameters, p, backend)
     if local is None:
         total = torch.tensor(0.0)
         return (total, torch.zeros(0)) if per_tensor else total
@@ -256,6 +272,7 @@ def scale_(tensors: list[Tensor], factor: Tensor, backend: str | None = None) ->
                 original.copy_(copy)
 
 
+@torch._disable_dynamo  # as FusedOptimizer.step: eager under torch.compile
 @torch.no_grad()
 def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float, norm_type: float = 2.0,
                     error_if_nonfinite: bool = False, foreach: bool | None = None,
@@ -269,4 +286,4 @@ def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float, norm
     the grads), as are norm types torch takes but that are not norms (0,
     negative, -inf).
     """
-    return _clip(parameters, max_norm, norm_type, error_if_nonfinite, backend, stacklevel=4)
+    return _clip(parameters, max_norm, norm_type, error_if_nonfinite, backend)

@@ -139,6 +139,7 @@ class _AcrossStages:
 _clip_links: dict = {}
 
 
+@torch._disable_dynamo  # as FusedOptimizer.step: eager under torch.compile
 @torch.no_grad()
 def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float, norm_type: float = 2.0,
                     error_if_nonfinite: bool = False, foreach: bool | None = None, *, pp_group=None,
@@ -154,7 +155,7 @@ def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float, norm
     group = _group_of(pp_group)
     params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
     if group is None:
-        return norms._clip(params, max_norm, norm_type, error_if_nonfinite, backend, stacklevel=4)
+        return norms._clip(params, max_norm, norm_type, error_if_nonfinite, backend)
     key = (group, tuple((i, getattr(p, _SHARED)) for i, p in enumerate(params) if hasattr(p, _SHARED)))
     across = _clip_links.get(key)
     if across is None:
@@ -162,7 +163,7 @@ def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float, norm
         if device.type == "cpu" and dist.get_backend(group) == "nccl":
             device = torch.device("cuda", torch.cuda.current_device())
         across = _clip_links[key] = _AcrossStages(group, device, [(str(i), p) for i, p in enumerate(params)], {})
-    return norms._clip(params, max_norm, norm_type, error_if_nonfinite, backend, across, stacklevel=4)
+    return norms._clip(params, max_norm, norm_type, error_if_nonfinite, backend, across)
 
 
 class PipelineOptimizer(WrappingOptimizer):
@@ -234,6 +235,7 @@ class PipelineOptimizer(WrappingOptimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none)
 
+    @torch._disable_dynamo  # as FusedOptimizer.step
     @torch.no_grad()
     def step(self, closure=None, grad_scaler=None):
         """The inner optimizer's step, with the norm of every stage's grads

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .. import dtensor
 from ..reference import adafactor as adafactor_spec
+from ..backends._dtypes import SUPPORTED_PARAM_DTYPES
 from .base import FusedOptimizer, GroupCheck
 
 
@@ -64,6 +65,8 @@ class FusedAdafactor(FusedOptimizer):
 
     _op = "adafactor"
     _elementwise_update = False  # factored statistics and RMS clipping are per tensor
+    _supports_complex = False  # as torch.optim.Adafactor: a RuntimeError at step
+    _param_dtypes = SUPPORTED_PARAM_DTYPES
     _fp8_exempt_states = frozenset({"row_var", "col_var", "variance"})
     _reduced_dims = {"row_var": (-1,), "col_var": (-2,)}
 

@@ -60,6 +60,11 @@ class FusedOptimizer(Optimizer):
     #: whether each element's update depends on that element alone (no per-tensor norms or
     #: factored statistics): then a flat shard of many params can be stepped as one tensor (ZeRO)
     _elementwise_update: bool = True
+    #: whether complex params are stepped as pairs of reals (torch's Adam family: view_as_real); the
+    #: states are complex, as torch's, and the kernels read real views of everything
+    _supports_complex: bool = True
+    #: the param dtypes the step takes (with _supports_complex: complex64/128 too)
+    _param_dtypes = SUPPORTED_PARAM_DTYPES + (torch.complex64, torch.complex128)
     #: states that reduce some of their param's dims ({name: dims}, e.g. Adafactor's row_var: the last):
     #: on DTensor params they are Replicate on the mesh dims that shard those dims
     _reduced_dims: dict[str, tuple[int, ...]] = {}
@@ -71,7 +76,9 @@ class FusedOptimizer(Optimizer):
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (None or 0 turns clipping off)")
         _check_state_dtype(type(self).__name__, state_dtype)
         self._requested_backend = backends.validate_name(backend)
-        self.master_weights = bool(master_weights)
+        if not isinstance(master_weights, bool):  # a string or a number is not silently taken as True
+            raise ValueError(f"master_weights must be True or False, got {master_weights!r}")
+        self.master_weights = master_weights
         #: storage dtype of the elementwise states; None: the param's dtype (fp32 with master weights)
         self.state_dtype = state_dtype
         #: round bf16 params without master weights stochastically (see fusedopt.reference.stochastic)
@@ -87,6 +94,7 @@ class FusedOptimizer(Optimizer):
         #: set by fusedopt.distributed.PipelineOptimizer: sums this stage's grad power sum and GradScaler
         #: flag with the other pipeline stages' (one collective), and names the params another stage counts
         self._across_stages = None
+        self._has_complex = False  # some param is complex: its grads are read as real views
         super().__init__(params, defaults)
 
     # --- backend choice -------------------------------------------------------
@@ -113,11 +121,26 @@ class FusedOptimizer(Optimizer):
             if dtensor.is_dtensor(p):
                 self._check_dtensor_options(where)
             self._backend_for(p.device)
+            if p.is_complex() and self._supports_complex:  # (others raise at step, as torch.optim.Adafactor)
+                self._check_complex(where, p)
             if self.fp8 is not None and not self._uses_fp8(p):
                 raise ValueError(f"{type(self).__name__}: FP8 copies are written from fp32 weights: {p.dtype} params "
                                  f"need master_weights=True" if p.dtype in LOW_PRECISION else
                                  f"{type(self).__name__}: FP8 copies are written from fp32 weights, not {p.dtype}")
         super().add_param_group(param_group)
+        self._has_complex |= any(isinstance(p, Tensor) and p.is_complex() for p in self.param_groups[-1]["params"])
+
+    def _check_complex(self, where: str, p: Tensor) -> None:
+        """Raise for a complex param this optimizer cannot step as pairs of reals."""
+        if p.dtype not in (torch.complex64, torch.complex128):
+            raise TypeError(f"{where}: complex params are stepped as pairs of fp32 or fp64 reals (complex64, "
+                            f"complex128), got {p.dtype}")
+        if dtensor.is_dtensor(p):
+            raise TypeError(f"{where} is a complex DTensor: not supported (the kernels read real views of "
+                            f"plain tensors)")
+        if self.state_dtype is not None:
+            raise ValueError(f"{where} is complex: its states are complex, as torch's (state_dtype="
+                             f"{self.state_dtype} takes real params only)")
 
     def _check_dtensor_options(self, where: str) -> None:
         """Raise ValueError for the options that do not run on DTensor params
@@ -365,7 +388,7 @@ class FusedOptimizer(Optimizer):
                         and dtype in SUPPORTED_PARAM_DTYPES and g._local_tensor.layout is torch.strided):
                     self._refuse_grad(p, g)
                 continue
-            if g.layout is not torch.strided or g.dtype is not p.dtype or p.dtype not in SUPPORTED_PARAM_DTYPES:
+            if g.layout is not torch.strided or g.dtype is not p.dtype or p.dtype not in self._param_dtypes:
                 self._refuse_grad(p, g)
             if (type(p) not in _PLAIN or type(g) not in _PLAIN) and not _grad_matches(p, g):
                 self._refuse_grad(p, g)
@@ -387,14 +410,18 @@ class FusedOptimizer(Optimizer):
         layout = dtensor.local(g).layout
         if layout is not torch.strided:
             raise RuntimeError(f"{name} does not support sparse gradients (got {layout})")
-        if p.dtype not in SUPPORTED_PARAM_DTYPES:
-            raise TypeError(f"{name} supports float32, float64, bfloat16 and float16 params, got {p.dtype}")
+        if p.is_complex() and not self._supports_complex:  # (as torch.optim.Adafactor says it)
+            raise RuntimeError(f"{name} does not support complex parameters")
+        if p.dtype not in self._param_dtypes:
+            raise TypeError(f"{name} supports float32, float64, bfloat16 and float16 params (and complex64, "
+                            f"complex128 as pairs of reals), got {p.dtype}")
         if g.dtype is not p.dtype:
             raise RuntimeError(f"{name}: a grad must have its param's dtype; got a {g.dtype} grad for a "
                                f"{p.dtype} param of shape {tuple(p.shape)}")
         raise RuntimeError(f"{name}: a grad of shape {tuple(g.shape)} on {g.device} for a param of shape "
                            f"{tuple(p.shape)} on {p.device} (was the param resized or moved through .data?)")
 
+    @torch._disable_dynamo  # see _COMPILE below
     @torch.no_grad()
     def step(self, closure=None):
         """Perform a single optimization step (optionally re-evaluating `closure`)."""
@@ -490,12 +517,14 @@ class FusedOptimizer(Optimizer):
             self._check_group(group, f"param group {index}")
             self._check_grads(group["params"], grads)
             all_grads[index] = local_grads = _local_grads(group["params"], grads)  # what the kernels read
+            if self._has_complex:
+                all_grads[index] = local_grads = [_real(g) if g is not None else g for g in local_grads]
             plan = self._plans.get(index)
             cached.append(plan if plan is not None and plan.reusable(self, group, local_grads) else None)
             if cached[-1] is None:  # a reused plan's states are the ones it checked when it was built
                 for p, g, lg in zip(group["params"], grads, local_grads):
                     if g is not None:
-                        if g.shape != p.shape or g.device != p.device or lg.shape != dtensor.local(p).shape:
+                        if g.shape != p.shape or g.device != p.device or lg.shape != _kernel_view(p).shape:
                             self._refuse_grad(p, g)
                         self._check_state(group, p, self._bucket_kind(p))
         writeback: list[tuple[Tensor, Tensor]] = []
@@ -529,7 +558,7 @@ class FusedOptimizer(Optimizer):
             shaped = self._shaped_states(group, p)
             state = self._prepare_state(group, p, kind)
             sharding = dtensor.sharding_of(p)
-            lp = p if sharding is None else p._local_tensor
+            lp = _real(p if sharding is None else p._local_tensor)  # complex: the kernels' real view
             master = state.get("master_param") if self._uses_master(p) else None
             fp8 = self._uses_fp8(p)
             # block-scaled FP8 states: their scales ride along like shaped states,
@@ -538,7 +567,7 @@ class FusedOptimizer(Optimizer):
             shaped = [*shaped, *fp8_scales]
             plan.watch(p, lp, state, ["step", *names, *shaped] + (["master_param"] if master is not None else [])
                        + (list(_FP8_STATES) if fp8 else []))
-            key = (p.device, p.dtype, kind)
+            key = (p.device, lp.dtype, kind)
             # a DTensor with an empty local shard of a non-empty tensor still has states to update when some
             # are replicated (Adafactor's column statistics of a row-sharded matrix): launched by kinds that
             # take empties, else a member of its bucket's statistics only
@@ -548,7 +577,7 @@ class FusedOptimizer(Optimizer):
                 if sharding is None or p.numel() == 0:  # (a whole empty tensor: empty on every rank)
                     continue
             if key not in buckets:
-                buckets[key] = (Bucket(p.device, p.dtype, self._state_dtype(p), kind=kind,
+                buckets[key] = (Bucket(p.device, lp.dtype, _real_dtype(self._state_dtype(p)), kind=kind,
                                        states={n: [] for n in (*names, *shaped)},
                                        masters=[] if master is not None else None), [])
                 members[key] = []
@@ -557,7 +586,7 @@ class FusedOptimizer(Optimizer):
             member_params.setdefault(key, []).append(p)
             if skip:
                 continue
-            local = dtensor.local
+            local = _kernel_view
             tensors = ([lp, g] + [local(state[n]) for n in names] + ([local(master)] if master is not None else [])
                        + ([state["fp8_weight"]] if fp8 else []))
             staged = _flat_compatible(tensors, writable=[True, False] + [True] * (len(tensors) - 2),
@@ -752,6 +781,20 @@ class FusedOptimizer(Optimizer):
 
 
 _shape = attrgetter("shape")
+
+
+def _real(t: Tensor) -> Tensor:
+    """A complex tensor as the kernels read it: its real view [..., 2] (no copy)."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _kernel_view(t: Tensor) -> Tensor:
+    """What the kernels read of a param's tensor: a DTensor's local shard, a complex one's real view."""
+    return _real(dtensor.local(t))
+
+
+def _real_dtype(dtype: torch.dtype) -> torch.dtype:
+    return {torch.complex64: torch.float32, torch.complex128: torch.float64}.get(dtype, dtype)
 _local_shard = attrgetter("_local_tensor")
 _PLAIN = (Tensor, torch.nn.Parameter)
 _PLAIN_OR_NONE = (Tensor, torch.nn.Parameter, type(None))
@@ -969,9 +1012,9 @@ class _Plan:
         self.states.append(state)
         self.shapes.append(lp.shape)
         self.numels.append(lp.numel())
-        if lp is not p:
+        if dtensor.is_dtensor(p):
             self.dtensors.append(p)
-            self.dtensor_locals.append(lp)
+            self.dtensor_locals.append(p._local_tensor)
             self.mesh_groups.update(dict.fromkeys(dtensor.sharding_of(p).groups()))
         self.watched_dicts += [state] * len(keys)
         self.watched_keys += keys
