@@ -10,7 +10,8 @@ own OR, but their scales drift apart). This one checks the local shards and
 ORs the flag over every process group that shards a grad or holds its
 pending sums, so every rank skips together and keeps the same scale. It
 also works on a pipeline stage that never calls scale() (the loss is on
-another stage): the scale starts at init_scale on its first unscale_/step.
+another stage): with a PipelineOptimizer the scale starts at init_scale on
+its first unscale_/step.
 Everything else is torch's.
 """
 from __future__ import annotations
@@ -28,10 +29,13 @@ class GradScaler(torch.amp.GradScaler):
 
     def _start_scale(self, optimizer: torch.optim.Optimizer) -> None:
         """The initial scale, on the device of the optimizer's params, when
-        scale() was never called: a pipeline stage without the loss scales
-        nothing itself (its grads arrive scaled from the next stage), where
-        torch's scaler would raise in unscale_/step."""
-        if self._enabled and self._scale is None:
+        scale() was never called and the optimizer is a PipelineOptimizer: a
+        stage without the loss scales nothing itself (its grads arrive scaled
+        from the next stage), where torch's scaler would raise in unscale_/step."""
+        from .distributed.pipeline import PipelineOptimizer
+
+        # elsewhere a missing scale() is the user's mistake, which torch's error reports
+        if self._enabled and self._scale is None and isinstance(optimizer, PipelineOptimizer):
             device = next((p.device for g in optimizer.param_groups for p in g["params"]), None)
             self._lazy_init_scale_growth_tracker(device or torch.device(self._device))
 

@@ -205,8 +205,8 @@ def _local_norm(parameters, p: float, backend: str | None, across=None):
     if shardings is not None:
         parts = _whole_tensor_parts(parts, shardings, p, device)
     if across is not None and across.uncounted:
-        parts = [(index, sums * torch.tensor([float(id(params[i]) not in across.uncounted) for i in index],
-                                             dtype=sums.dtype, device=sums.device)) for index, sums in parts]
+        parts = [(index, torch.where(torch.tensor([id(params[i]) not in across.uncounted for i in index],
+                                                  device=sums.device), sums, 0.0)) for index, sums in parts]
     return parts, own, _result_dtype(grads)
 
 

@@ -210,6 +210,18 @@ def pp2_worker(rank, world, directory):
             dist.all_gather_object(scales, scaler.get_scale(), group=group)
             assert scales[0] == scales[1] == 2.0**10 * (0.5 if step else 1.0), scales
 
+    # a stage with no grads under GradScaler, without clipping: it still joins the flag's all-reduce
+    scaler = fusedopt.GradScaler("cpu", init_scale=2.0**10)
+    part = stage_of(model(), rank, 2)
+    opt = PipelineOptimizer(part, FusedAdamW, pp_group=group)
+    if rank == 1:
+        for p in part.parameters():
+            p.grad = torch.full_like(p, math.inf if p is part.head.weight else 1.0)
+    with pytest.warns(FutureWarning, match="GradScaler"):
+        scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**9  # rank 0 saw rank 1's inf
+
     # a DCP checkpoint at PP=2: continued at another cut of the blocks, and (by the test) in one process
     import torch.distributed.checkpoint as dcp
 
@@ -332,6 +344,7 @@ def test_pipeline_with_fsdp_and_tensor_parallel(tmp_path):
 def test_one_stage_is_the_plain_optimizer():
     """pp_group=None: the plain optimizer (same params, norm); the flat
     FQN-keyed state_dict round-trips; bad arguments raise before anything."""
+    import fusedopt
     from fusedopt.distributed import PipelineOptimizer
 
     kwargs = KWARGS[FusedAdamW]
@@ -363,6 +376,17 @@ def test_one_stage_is_the_plain_optimizer():
             assert torch.equal(value, sd[key]), key
     with pytest.raises(ValueError, match="flat layout"):
         other.load_state_dict(opt.optimizer.state_dict())
+    with pytest.raises(ValueError, match="none of this rank's"):  # another model's names: not a silent reset
+        other.load_state_dict({"state.foo.bar.exp_avg": torch.zeros(2)})
+    assert other.state  # nothing was changed
+    # names as torch.distributed.checkpoint gives them, without torch.compile's wrapper prefix
+    compiled = PipelineOptimizer(torch.compile(copy.deepcopy(mine)), FusedAdamW)
+    assert "state.tok.weight.step" in compiled.state_dict()
+    # fusedopt.GradScaler starts a missing scale only for a pipeline stage; elsewhere torch's error stands
+    plain = torch.nn.Linear(2, 2)
+    plain(torch.ones(1, 2)).sum().backward()
+    with pytest.raises(AssertionError, match="scale"):
+        fusedopt.GradScaler("cpu").unscale_(FusedAdamW(plain.parameters()))
     with pytest.raises(TypeError, match="fusedopt optimizer"):
         PipelineOptimizer(mine, torch.optim.AdamW)
     with pytest.raises(TypeError, match="model_parts"):

@@ -50,6 +50,17 @@ def mark_shared(param: Tensor, name: str) -> Tensor:
     return param
 
 
+#: what module wrappers insert into names (torch.compile, activation checkpointing, FSDP1): dropped, as
+#: torch.distributed.checkpoint.state_dict drops them, so that a checkpoint does not depend on them
+_WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
+
+
+def _clean_fqn(fqn: str) -> str:
+    for prefix in _WRAPPER_PREFIXES:
+        fqn = fqn.replace(prefix, "")
+    return fqn
+
+
 def _group_of(pp_group):
     """A ProcessGroup from pp_group (a ProcessGroup or a 1-D DeviceMesh), None for one process."""
     if pp_group is None:
@@ -72,39 +83,10 @@ class _AcrossStages:
     another stage counts (`uncounted`, ids), and the collective that sums a
     power sum (max for the inf-norm) and ORs GradScaler's flag over them."""
 
-    def __init__(self, group, device: torch.device, named: list[tuple[str, Tensor]], ties: dict[str, str]):
-        self.group, self.device = group, device
+    def __init__(self, group, device: torch.device, uncounted: set[int]):
+        self.group, self.device, self.uncounted = group, device, uncounted
         #: GradScaler's flag after the last reduce (every stage's OR), for the scaler's update()
         self.found_inf: Tensor | None = None
-        names = {}  # id(param) -> the name of its tie
-        for fqn, p in named:
-            name = getattr(p, _SHARED, None) or ties.get(fqn)
-            if name is not None:
-                names[id(p)] = name
-        owner, me = {name: 0 for name in names.values()}, 0
-        if group is not None and dist.get_world_size(group) > 1 and \
-                self._any_rank_has(bool(names)):  # a tie somewhere: learn which stages hold which
-            me = dist.get_rank(group)
-            held = [None] * dist.get_world_size(group)
-            dist.all_gather_object(held, sorted(set(names.values())), group=group)
-            owner = {}
-            for rank, stage_names in enumerate(held):
-                for name in stage_names:
-                    owner.setdefault(name, rank)
-        counted, self.uncounted = set(), set()
-        for _, p in named:
-            name = names.get(id(p))
-            if name is None:
-                continue
-            if owner[name] != me or name in counted:
-                self.uncounted.add(id(p))
-            else:
-                counted.add(name)
-
-    def _any_rank_has(self, flag: bool) -> bool:
-        t = torch.tensor([float(flag)], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(t.item())
 
     def reduce(self, power: Tensor | None, found_inf: Tensor | None, *, clipping: bool):
         """(power sum of the grads' squares, GradScaler's flag) summed / OR-ed
@@ -135,8 +117,61 @@ class _AcrossStages:
         return power
 
 
-#: (process group, this rank's marked params' names in order) -> _AcrossStages of clip_grad_norm_
-_clip_links: dict = {}
+def _tie_names(named: list[tuple[str, Tensor]], ties: dict[str, str]) -> dict[int, str]:
+    """id(param) -> the name of its tie (mark_shared, or a `shared=` group's first name)."""
+    names = {}
+    for fqn, p in named:
+        name = getattr(p, _SHARED, None) or ties.get(fqn)
+        if name is not None:
+            names[id(p)] = name
+    return names
+
+
+def _tie_owners(group, device: torch.device, names: set[str]) -> tuple[dict[str, int], int]:
+    """(tie name -> the lowest rank of `group` holding it, this rank). A
+    collective on every rank of the group (none in one process)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return {name: 0 for name in names}, 0
+    flag = torch.tensor([float(bool(names))], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    me = dist.get_rank(group)
+    if not flag.item():  # no tie anywhere
+        return {}, me
+    held = [None] * dist.get_world_size(group)
+    dist.all_gather_object(held, sorted(names), group=group)
+    owners: dict[str, int] = {}
+    for rank, stage_names in enumerate(held):
+        for name in stage_names:
+            owners.setdefault(name, rank)
+    return owners, me
+
+
+def _uncounted(named: list[tuple[str, Tensor]], names: dict[int, str], owners: dict[str, int], me: int) -> set[int]:
+    """ids of the params another stage counts: a tie counts on its lowest
+    rank, once there (a rank holding two copies counts the first)."""
+    counted, out = set(), set()
+    for _, p in named:
+        name = names.get(id(p))
+        if name is None:
+            continue
+        if owners[name] != me or name in counted:
+            out.add(id(p))
+        else:
+            counted.add(name)
+    return out
+
+
+def _device_for(group, params) -> torch.device:
+    """Where the cross-stage collectives run: the params' device (a GPU for NCCL)."""
+    device = params[0].device if params else torch.device("cpu")
+    if device.type == "cpu" and group is not None and dist.get_backend(group) == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+#: (process group, the tie names this rank marks) -> _tie_owners' answer, for clip_grad_norm_: every rank
+#: learns the owners once (its collectives) while the marks stay the same
+_clip_owners: dict = {}
 
 
 @torch._disable_dynamo  # as FusedOptimizer.step: eager under torch.compile
@@ -156,13 +191,13 @@ def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float, norm
     params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
     if group is None:
         return norms._clip(params, max_norm, norm_type, error_if_nonfinite, backend)
-    key = (group, tuple((i, getattr(p, _SHARED)) for i, p in enumerate(params) if hasattr(p, _SHARED)))
-    across = _clip_links.get(key)
-    if across is None:
-        device = params[0].device if params else torch.device("cpu")
-        if device.type == "cpu" and dist.get_backend(group) == "nccl":
-            device = torch.device("cuda", torch.cuda.current_device())
-        across = _clip_links[key] = _AcrossStages(group, device, [(str(i), p) for i, p in enumerate(params)], {})
+    named = [(str(i), p) for i, p in enumerate(params)]
+    names = _tie_names(named, {})
+    device = _device_for(group, params)
+    key = (group, tuple(sorted(set(names.values()))))
+    if key not in _clip_owners:
+        _clip_owners[key] = _tie_owners(group, device, set(names.values()))
+    across = _AcrossStages(group, device, _uncounted(named, names, *_clip_owners[key]))
     return norms._clip(params, max_norm, norm_type, error_if_nonfinite, backend, across)
 
 
@@ -202,6 +237,7 @@ class PipelineOptimizer(WrappingOptimizer):
         named, by_fqn = [], {}
         for part in parts:
             for fqn, p in part.named_parameters():
+                fqn = _clean_fqn(fqn)
                 if fqn in by_fqn and by_fqn[fqn] is not p:
                     raise ValueError(f"PipelineOptimizer: two model parts hold different params named {fqn!r}; "
                                      f"each part's named_parameters() must give the whole model's names")
@@ -219,10 +255,10 @@ class PipelineOptimizer(WrappingOptimizer):
         self._wrap(optimizer_class([p for _, p in named], **optimizer_kwargs))
         self.pp_group = group
         self._fqns = {id(p): fqn for fqn, p in named}
-        device = named[0][1].device
-        if device.type == "cpu" and group is not None and dist.get_backend(group) == "nccl":
-            device = torch.device("cuda", torch.cuda.current_device())
-        self.optimizer._across_stages = _AcrossStages(group, device, named, ties)
+        device = _device_for(group, [p for _, p in named])
+        names = _tie_names(named, ties)
+        self.optimizer._across_stages = _AcrossStages(
+            group, device, _uncounted(named, names, *_tie_owners(group, device, set(names.values()))))
     @property
     def last_grad_norm(self) -> Tensor | None:
         """The norm of every stage's grads at the last step (with max_grad_norm)."""
@@ -262,9 +298,11 @@ class PipelineOptimizer(WrappingOptimizer):
                 grad_scaler._check_inf_per_device(self)
                 grad_scale = grad_scaler._scale
             flags = list(per_optimizer["found_inf_per_device"].values())
-            found_inf = sum(f.to(flags[0].device) for f in flags[1:]) + flags[0] if flags else None
+            # a stage without grads has no flag: it still joins the collective, with a 0
+            found_inf = (sum(f.to(flags[0].device) for f in flags[1:]) + flags[0] if flags else
+                         torch.zeros(1, device=inner._across_stages.device))
         self._inner_step(grad_scale, found_inf)
-        if per_optimizer is not None and found_inf is not None:  # the scaler's update() sees every stage's flag
+        if per_optimizer is not None:  # the scaler's update() sees every stage's flag
             flag = inner._across_stages.found_inf
             per_optimizer["found_inf_per_device"] = {flag.device: flag}
         return loss
@@ -313,6 +351,11 @@ class PipelineOptimizer(WrappingOptimizer):
             else:
                 raise ValueError(f"PipelineOptimizer.load_state_dict: unexpected key {key!r} (expected "
                                  f"'state.<fqn>.<name>' or 'param_groups.<fqn>.<key>')")
+        mine = set(self._fqns.values())
+        if (states or groups) and not mine.intersection(states) and not mine.intersection(groups):
+            raise ValueError(f"PipelineOptimizer.load_state_dict: none of this rank's {len(mine)} params is in the "
+                             f"state_dict (e.g. {sorted(mine)[:3]}; it names "
+                             f"{sorted(set(states) | set(groups))[:3]}): another model, or names changed?")
         inner = self.optimizer
         nested = {"state": {}, "param_groups": []}
         index = 0

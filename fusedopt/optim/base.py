@@ -184,6 +184,8 @@ class FusedOptimizer(Optimizer):
                               ("_across_stages", None)):
             if not hasattr(self, name):  # pickled before it existed
                 setattr(self, name, default)
+        self._has_complex = any(isinstance(p, Tensor) and p.is_complex()
+                                for group in self.param_groups for p in group["params"])
         self._plans = {}  # plans hold tensors of the original: never carried over
 
     # --- what subclasses provide ----------------------------------------------
@@ -480,11 +482,11 @@ class FusedOptimizer(Optimizer):
                         sums[index] = self._backend_for(b.device).power_sums([b.grads[i] for i in index], 2.0)
                 sums = b.whole_tensor_sums(sums, every_member=True)[0]  # DTensors: over their shards
                 if uncounted and any(id(p) in uncounted for p in members):
-                    weights = b.launch_cache.get("counted")
-                    if weights is None:
-                        weights = b.launch_cache["counted"] = torch.tensor(
-                            [float(id(p) not in uncounted) for p in members], dtype=torch.float64, device=b.device)
-                    sums = sums * weights
+                    counted = b.launch_cache.get("counted")
+                    if counted is None:
+                        counted = b.launch_cache["counted"] = torch.tensor(
+                            [id(p) not in uncounted for p in members], device=b.device)
+                    sums = torch.where(counted, sums, 0.0)  # (not a product: inf * 0 is NaN)
                 part = sums.sum()
                 total = part if total is None else total + part.to(total.device)
         return total
@@ -998,6 +1000,8 @@ class _Plan:
         self.numels: list[int] = []         # of the local shards
         self.dtensors: list[Tensor] = []    # the DTensor params and their local shards when planned
         self.dtensor_locals: list[Tensor] = []
+        self.complex_params: list[Tensor] = []  # complex params and the real views the kernels read
+        self.complex_views: list[Tensor] = []
         self.mesh_groups: dict = {}         # the process groups that shard them, in order (a dict as a set)
         self.watched_dicts: list[dict] = []  # (dict, key) -> tensor: the state tensors in use
         self.watched_keys: list[str] = []
@@ -1016,6 +1020,9 @@ class _Plan:
             self.dtensors.append(p)
             self.dtensor_locals.append(p._local_tensor)
             self.mesh_groups.update(dict.fromkeys(dtensor.sharding_of(p).groups()))
+        elif lp is not p:  # a complex param's real view: it must still view p's storage
+            self.complex_params.append(p)
+            self.complex_views.append(lp)
         self.watched_dicts += [state] * len(keys)
         self.watched_keys += keys
         self.watched_tensors += [state[k] for k in keys]
@@ -1041,6 +1048,9 @@ class _Plan:
             return False
         if list(map(_shape, self.locals)) != self.shapes or not all(map(Tensor.is_contiguous, self.locals)):
             return False
+        if self.complex_params and list(map(Tensor.data_ptr, self.complex_params)) != \
+                list(map(Tensor.data_ptr, self.complex_views)):
+            return False  # a complex param given new storage (p.data = ...): its view is stale
         if self.dtensors and not all(map(is_, map(_local_shard, self.dtensors), self.dtensor_locals)):
             return False  # a DTensor given a new local shard (FSDP2 may swap them)
         present = [g for g in grads if g is not None]  # self.params' grads (local shards), in order
