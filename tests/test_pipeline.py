@@ -411,14 +411,15 @@ def run_example(directory, *extra):
                OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "--max-restarts=1",
            example.__file__, "--dir", str(directory), "--pp", "2", "--dp", "2", "--tp", "1", "--steps", "6",
-           "--every", "2", *extra]
+           "--every", "2", "--fp16", *extra]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout + out.stderr
 
 
 def test_3d_example_resumes_after_a_killed_rank(tmp_path):
-    """bench/examples/pipeline_3d.py at a 4-rank cut (PP=2 x FSDP2=2) under
+    """bench/examples/pipeline_3d.py at a 4-rank cut (PP=2 x FSDP2=2), fp16
+    autocast with fusedopt.GradScaler (its state checkpointed too), under
     torchrun --max-restarts=1: the last rank is killed at step 3; the
     restarted job resumes from the step-2 DCP checkpoint and ends with the
     weights of an uninterrupted run, bit for bit."""

@@ -10,7 +10,8 @@ micro-batches), each block's MLP is tensor parallel over "tp"
 (Colwise/Rowwise) and every stage is sharded with FSDP2 over "dp". One
 fusedopt.distributed.PipelineOptimizer(FusedAdamW, max_grad_norm=1.0) per rank
 steps the stage it holds, clipping by the norm of the whole model; the lr
-follows a cosine schedule. Every ``--every`` steps all ranks write a DCP
+follows a cosine schedule; ``--fp16`` adds fp16 autocast and
+fusedopt.GradScaler (every stage skips an overflowing step together). Every ``--every`` steps all ranks write a DCP
 checkpoint (model, optimizer, scheduler step) into <dir>/step_<n> and rank 0
 records it in <dir>/latest; a restarted job (torchrun --max-restarts) resumes
 from it and, the batches being a function of the step, ends with the weights
@@ -157,6 +158,8 @@ def main(argv=None) -> None:
     parser.add_argument("--every", type=int, default=4)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--crash-at", type=int, default=None)
+    parser.add_argument("--fp16", action="store_true",
+                        help="fp16 autocast with fusedopt.GradScaler (the last stage scales the loss)")
     args = parser.parse_args(argv)
 
     import torch.distributed.checkpoint as dcp
@@ -164,7 +167,7 @@ def main(argv=None) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 
-    from fusedopt import FusedAdamW
+    from fusedopt import FusedAdamW, GradScaler
     from fusedopt.distributed import PipelineOptimizer
 
     cuda = torch.cuda.is_available()
@@ -187,7 +190,9 @@ def main(argv=None) -> None:
     stage_module = stage_of(TinyGPT(args.layers), pp_rank, args.pp).to(device)
     parallelize(stage_module, mesh["tp"] if args.tp > 1 else None, mesh["dp"] if args.dp > 1 else None)
     stage = PipelineStage(stage_module, pp_rank, args.pp, device, group=mesh["pp"].get_group())
-    schedule = Schedule1F1B(stage, args.microbatches, loss_fn=loss_fn)
+    # fusedopt's scaler: the stages without the loss never call scale(), and every stage skips together
+    scaler = GradScaler(device.type, enabled=args.fp16)
+    schedule = Schedule1F1B(stage, args.microbatches, loss_fn=lambda out, y: scaler.scale(loss_fn(out, y)))
     opt = PipelineOptimizer(stage_module, FusedAdamW, pp_group=mesh["pp"], lr=args.lr, weight_decay=0.1,
                             max_grad_norm=1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -197,10 +202,12 @@ def main(argv=None) -> None:
     latest = args.dir / "latest"
     if latest.exists():  # a restart: continue from the last complete checkpoint
         path = args.dir / latest.read_text().strip()
-        state = {"model": get_model_state_dict(stage_module), "optimizer": opt.state_dict(), "step": torch.tensor(0)}
+        state = {"model": get_model_state_dict(stage_module), "optimizer": opt.state_dict(), "step": torch.tensor(0),
+                 "scaler": scaler.state_dict()}
         dcp.load(state, checkpoint_id=str(path))
         set_model_state_dict(stage_module, state["model"])
         opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
         start = int(state["step"])
         sched.last_epoch = start
         sched._last_lr = [group["lr"] for group in opt.param_groups]
@@ -214,17 +221,20 @@ def main(argv=None) -> None:
         x, y = batch(step, args.batch)
         x, y = x.chunk(args.dp)[dp_rank].to(device), y.chunk(args.dp)[dp_rank].to(device)
         losses: list = []
-        if first:
-            schedule.step(x, target=y if last else None, losses=losses if last else None)
-        elif last:
-            schedule.step(target=y, losses=losses)
-        else:
-            schedule.step()
-        opt.step()
+        with torch.autocast(device.type, dtype=torch.float16, enabled=args.fp16):
+            if first:
+                schedule.step(x, target=y if last else None, losses=losses if last else None)
+            elif last:
+                schedule.step(target=y, losses=losses)
+            else:
+                schedule.step()
+        scale = scaler.get_scale() if args.fp16 else 1.0
+        scaler.step(opt)  # opt.step() when not enabled
+        scaler.update()
         sched.step()
         held = held_bytes(stage_module, opt)
         if last:  # the mean over the data-parallel ranks' micro-batches
-            loss = torch.stack([t.detach() for t in losses]).mean()
+            loss = torch.stack([t.detach().float() for t in losses]).mean() / scale
             if args.dp > 1:
                 dist.all_reduce(loss, group=mesh["dp"].get_group())
                 loss /= args.dp
@@ -234,7 +244,8 @@ def main(argv=None) -> None:
         if (step + 1) % args.every == 0:
             name = f"step_{step + 1}"
             dcp.save({"model": get_model_state_dict(stage_module), "optimizer": opt.state_dict(),
-                      "step": torch.tensor(step + 1)}, checkpoint_id=str(args.dir / name))
+                      "step": torch.tensor(step + 1), "scaler": scaler.state_dict()},
+                     checkpoint_id=str(args.dir / name))
             dist.barrier()  # every rank's part is written before it counts as the latest
             if dist.get_rank() == 0:
                 latest.write_text(name)
