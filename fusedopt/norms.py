@@ -12,7 +12,8 @@ The total is the p-norm of all elements, ``(sum |x|^p)^(1/p)`` (``max |x|``
 for p = inf), returned in the dtype torch.nn.utils.clip_grad_norm_ returns
 (the promotion of the grads' dtypes) on the first grad's device. Unlike
 torch, an empty tensor simply contributes nothing (torch's inf-norm raises on
-one).
+one). Complex grads count |z| (for p = 2 their real views, no copy) and are
+scaled as pairs of reals.
 
 DTensor grads (FSDP2, tensor parallel) are reduced on their local shards and
 each tensor's sum is then summed (max for inf) over the mesh dims that shard
@@ -49,14 +50,31 @@ def _dense(t: Tensor) -> Tensor:
     return t if t.stride() == torch.empty_like(t, memory_format=torch.preserve_format).stride() else t.contiguous()
 
 
-def _groups(tensors: list[Tensor]) -> dict[tuple, list[int]]:
-    """Indices of the non-empty tensors per (device, dtype), in order."""
-    groups: dict[tuple, list[int]] = {}
-    for i, t in enumerate(tensors):
+_COMPLEX = (torch.complex64, torch.complex128)
+
+
+def _check(tensors: list[Tensor]) -> None:
+    for t in tensors:
         if t.is_sparse or t.layout != torch.strided:
             raise RuntimeError(f"fusedopt norms do not support sparse tensors (got {t.layout})")
-        if not t.is_floating_point():  # complex grads among them (torch takes those; we have no kernels)
-            raise TypeError(f"fusedopt norms take floating-point tensors (fp32, fp64, bf16, fp16), got {t.dtype}")
+        if not (t.is_floating_point() or t.dtype in _COMPLEX):
+            raise TypeError("fusedopt norms take floating-point tensors (fp32, fp64, bf16, fp16) and complex64, "
+                            f"complex128, got {t.dtype}")
+
+
+def _as_real(t: Tensor, p: float) -> Tensor:
+    """What the real kernels read for t: a complex tensor's |z|^p summed is its
+    (re, im) pairs' for p = 2 (a view); other p need |z| itself (a copy)."""
+    if t.dtype not in _COMPLEX:
+        return t
+    return torch.view_as_real(t) if p == 2.0 else t.abs()
+
+
+def _groups(tensors: list[Tensor]) -> dict[tuple, list[int]]:
+    """Indices of the non-empty tensors per (device, dtype), in order."""
+    _check(tensors)
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
         if t.numel():
             groups.setdefault((t.device, t.dtype), []).append(i)
     return groups
@@ -69,6 +87,8 @@ def _backend(requested: str | None, device: torch.device):
 def power_sums(tensors: list[Tensor], p: float, backend: str | None = None) -> list[tuple[list[int], Tensor]]:
     """[(indices, fp64 sums of |x|^p, or max |x| for p = inf, on their device)]
     for each (device, dtype) group of the non-empty `tensors`: one launch each."""
+    _check(tensors)
+    tensors = [_as_real(t, p) for t in tensors]
     out = []
     for (device, _), index in _groups(tensors).items():
         out.append((index, _backend(backend, device).power_sums([_dense(tensors[i]) for i in index], p)))
@@ -185,9 +205,11 @@ def _with_grads(parameters) -> tuple[list[Tensor], list[Tensor]]:
 
 
 def _result_dtype(grads: list[Tensor]) -> torch.dtype:
-    dtype = grads[0].dtype
-    for g in grads[1:]:
-        dtype = torch.promote_types(dtype, g.dtype)
+    """torch's: the promotion of the grads' norms' dtypes (a complex grad's norm is real)."""
+    dtype = None
+    for g in grads:
+        real = g.real.dtype if g.dtype in _COMPLEX else g.dtype
+        dtype = real if dtype is None else torch.promote_types(dtype, real)
     return dtype
 
 
@@ -263,6 +285,8 @@ def scale_(tensors: list[Tensor], factor: Tensor, backend: str | None = None) ->
     """tensors *= factor (a 0-d or 1-element tensor), one launch per (device, dtype). The
     kernels take the factor in fp64 and round it once to the math precision
     (fp32, fp64 for fp64 tensors, whose clip coefficient torch keeps in fp64)."""
+    _check(tensors)
+    tensors = [torch.view_as_real(t) if t.dtype in _COMPLEX else t for t in tensors]
     for (device, _), index in _groups(tensors).items():
         views = [tensors[i] for i in index]
         dense = [_dense(t) for t in views]
