@@ -9,10 +9,10 @@ import torch
 
 import fusedopt
 
-from . import adamw, clip, dtensor, fp8, lamb, pipeline, second_order, states
+from . import adamw, clip, compiled, dtensor, fp8, lamb, pipeline, second_order, states
 from .harness import markdown, meta_line, write
 
-BENCHMARKS = {"adamw": adamw, "clip": clip, "dtensor": dtensor, "fp8": fp8, "lamb": lamb, "pipeline": pipeline,
+BENCHMARKS = {"adamw": adamw, "clip": clip, "compiled": compiled, "dtensor": dtensor, "fp8": fp8, "lamb": lamb, "pipeline": pipeline,
               "second_order": second_order, "states": states}
 
 

@@ -422,7 +422,7 @@ void adafactor(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
 // -> [rv_sums], 2 unorm(rv_sums) -> [u_sq], 3 update(rv_sums, p_sq, u_sq) -> []; 0-d / 1-d (variances given)
 // 0 stats -> [p_sq, u_sq], 3 update(p_sq, u_sq) -> []. dims: int64 [n, 5] (B, local R and C, whole R and C)
 // for factored tensors; numel: int64 [n], the whole tensors' sizes. Local shards may be empty.
-std::vector<Tensor> adafactor_sharded(int64_t phase, TensorList params, TensorList grads, TensorList exp_avgs,
+std::tuple<Tensor, Tensor, Tensor> adafactor_sharded(int64_t phase, TensorList params, TensorList grads, TensorList exp_avgs,
                                       TensorList variances, TensorList row_vars, TensorList col_vars,
                                       TensorList masters, TensorList steps, const Tensor& dims, const Tensor& numel,
                                       TensorList inputs, double lr, const std::optional<Tensor>& lr_tensor,
@@ -457,6 +457,8 @@ std::vector<Tensor> adafactor_sharded(int64_t phase, TensorList params, TensorLi
                              scalar_ptr(found_inf, "found_inf")};
   h.sr = stochastic_rounding(sr_seed, pdt, has_master);
   const auto doubles = [](int64_t size) { return at::empty({size}, at::TensorOptions().dtype(at::kDouble)); };
+  // a fixed (Tensor, Tensor, Tensor) return (a Tensor[] one cannot be functionalized): phases fill what they make
+  const auto none = [&] { return doubles(0); };
   const auto input = [&](size_t i, int64_t size, const char* what) {
     TORCH_CHECK(inputs.size() > i && inputs[i].device().is_cpu() && inputs[i].scalar_type() == at::kDouble &&
                     inputs[i].is_contiguous() && inputs[i].numel() == size,
@@ -471,11 +473,11 @@ std::vector<Tensor> adafactor_sharded(int64_t phase, TensorList params, TensorLi
       Tensor p_sq = doubles(n), u_sq = doubles(n);
       fusedopt::adafactor_vector_stats_cpu(host.tt, h, P, S, has_master, threads, p_sq.data_ptr<double>(),
                                            u_sq.data_ptr<double>());
-      return {p_sq, u_sq};
+      return {p_sq, u_sq, none()};
     }
     fusedopt::adafactor_vector_update_cpu(host.tt, h, P, S, has_master, false, threads, input(0, n, "p_sq"),
                                           input(1, n, "u_sq"), whole);
-    return {};
+    return {none(), none(), none()};
   }
   TORCH_CHECK(dims.device().is_cpu() && dims.scalar_type() == at::kLong && dims.is_contiguous() &&
                   dims.numel() == 5 * n,
@@ -507,18 +509,18 @@ std::vector<Tensor> adafactor_sharded(int64_t phase, TensorList params, TensorLi
       Tensor rv_sums = doubles(n_slices);
       fusedopt::adafactor_sharded_factors_cpu(host.tt, dm, h, P, S, has_master, threads, input(0, n_rows, "row_sums"),
                                               input(1, n_cols, "col_sums"), rv_sums.data_ptr<double>());
-      return {rv_sums};
+      return {rv_sums, none(), none()};
     }
     case 2: {
       Tensor u_sq = doubles(n);
       fusedopt::adafactor_sharded_unorm_cpu(host.tt, dm, h, P, S, has_master, threads, input(0, n_slices, "rv_sums"),
                                             u_sq.data_ptr<double>());
-      return {u_sq};
+      return {u_sq, none(), none()};
     }
     case 3:
       fusedopt::adafactor_sharded_update_cpu(host.tt, dm, h, P, S, has_master, threads, input(0, n_slices, "rv_sums"),
                                              input(1, n, "p_sq"), input(2, n, "u_sq"), whole);
-      return {};
+      return {none(), none(), none()};
     default:
       TORCH_CHECK(false, "fusedopt cpu: adafactor_sharded phase must be 0, 1, 2 or 3, got ", phase);
   }
@@ -582,52 +584,60 @@ TORCH_LIBRARY(fusedopt_cpu, m) {
       "sophia(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor[] hessians, "
       "Tensor(e!)[] exp_avg_scales, Tensor[] hessian_scales, Tensor(c!)[] masters, "
       "Tensor(d!)[] steps, float lr, Tensor? lr_tensor, float beta1, float rho_bs, float weight_decay, "
-      "bool maximize, Tensor? grad_mult, Tensor? found_inf, int? sr_seed, int chunk_size) -> ()",
-      &sophia);
+      "bool maximize, Tensor? grad_mult, Tensor? found_inf, int? sr_seed, int chunk_size) -> ()");
   m.def(
       "sophia_hessian(Tensor[] params, Tensor[] grads, Tensor(a!)[] hessians, Tensor(b!)[] hessian_scales, "
       "bool has_master, float beta2, "
-      "int chunk_size) -> ()",
-      &sophia_hessian);
+      "int chunk_size) -> ()");
   m.def(
       "adafactor(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] variances, "
       "Tensor(d!)[] row_vars, Tensor(e!)[] col_vars, Tensor(h!)[] exp_avg_scales, Tensor(f!)[] masters, "
       "Tensor(g!)[] steps, Tensor rows, "
       "Tensor cols, float lr, Tensor? lr_tensor, float beta2_decay, float eps1, float eps2, float d, "
       "float weight_decay, bool maximize, float? beta1, Tensor? grad_mult, Tensor? found_inf, int? sr_seed, "
-      "int chunk_size) -> ()",
-      &adafactor);
+      "int chunk_size) -> ()");
   m.def(
       "lamb_moments(Tensor[] params, Tensor[] grads, Tensor(a!)[] exp_avgs, Tensor(b!)[] exp_avg_sqs, "
       "Tensor(d!)[] exp_avg_scales, Tensor(e!)[] exp_avg_sq_scales, Tensor[] masters, Tensor(c!)[] steps, float beta1, float beta2, float eps, float weight_decay, "
       "bool bias_correction, bool adam_w_mode, bool grad_averaging, bool maximize, Tensor? grad_mult, "
-      "Tensor? found_inf, int chunk_size) -> (Tensor, Tensor)",
-      &lamb_moments);
+      "Tensor? found_inf, int chunk_size) -> (Tensor, Tensor)");
   m.def(
       "lamb_apply(Tensor(a!)[] params, Tensor[] grads, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, "
       "Tensor[] exp_avg_scales, Tensor[] exp_avg_sq_scales, Tensor(b!)[] masters, Tensor[] steps, Tensor ratio, float beta1, float beta2, float eps, "
       "float weight_decay, bool bias_correction, bool adam_w_mode, bool grad_averaging, bool maximize, "
-      "Tensor? found_inf, int? sr_seed, int chunk_size) -> ()",
-      &lamb_apply);
+      "Tensor? found_inf, int? sr_seed, int chunk_size) -> ()");
   m.def(
       "adafactor_sharded(int phase, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] variances, Tensor(d!)[] row_vars, Tensor(e!)[] col_vars, Tensor(f!)[] masters, "
       "Tensor(g!)[] steps, Tensor dims, Tensor numel, Tensor[] inputs, float lr, Tensor? lr_tensor, "
       "float beta2_decay, float eps1, float eps2, float d, float weight_decay, bool maximize, float? beta1, "
-      "Tensor? grad_mult, Tensor? found_inf, int? sr_seed, int chunk_size) -> Tensor[]",
-      &adafactor_sharded);
-  m.def("power_sums(Tensor[] tensors, float p, int chunk_size) -> Tensor", &power_sums);
-  m.def("cast_fp8(Tensor[] inputs, Tensor(a!)[] outputs, Tensor scales, int chunk_size) -> Tensor", &cast_fp8);
+      "Tensor? grad_mult, Tensor? found_inf, int? sr_seed, int chunk_size) -> (Tensor, Tensor, Tensor)");
+  m.def("power_sums(Tensor[] tensors, float p, int chunk_size) -> Tensor");
+  m.def("cast_fp8(Tensor[] inputs, Tensor(a!)[] outputs, Tensor scales, int chunk_size) -> Tensor");
   m.def("fp8_update_(Tensor amax, Tensor(a!) history, Tensor(b!) scales, Tensor(c!) scale_inv, Tensor? found_inf, "
-        "float fp8_max, int margin) -> ()",
-        &fp8_update_);
-  m.def("scale_(Tensor(a!)[] tensors, Tensor factor, int chunk_size) -> ()", &scale_);
+        "float fp8_max, int margin) -> ()");
+  m.def("scale_(Tensor(a!)[] tensors, Tensor factor, int chunk_size) -> ()");
   m.def(
       "adamw(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(i!)[] exp_avg_scales, Tensor(j!)[] exp_avg_sq_scales, "
       "Tensor(k!)[] max_exp_avg_sq_scales, Tensor(e!)[] masters, Tensor(f!)[] steps, Tensor(g!)[] fp8_weights, "
       "Tensor[] fp8_scales, Tensor(h!)? fp8_amax, float lr, Tensor? lr_tensor, "
       "float beta1, float beta2, float eps, float weight_decay, bool amsgrad, bool maximize, "
-      "Tensor? grad_mult, Tensor? found_inf, int? sr_seed, int chunk_size) -> ()",
-      &adamw);
+      "Tensor? grad_mult, Tensor? found_inf, int? sr_seed, int chunk_size) -> ()");
+}
+
+// The kernels behind the schemas, for CPU tensors only: Meta/Fake tensors (torch.compile, opcheck) take
+// the fake implementations registered in fusedopt/backends/cpu_ops.py instead of reading data pointers.
+TORCH_LIBRARY_IMPL(fusedopt_cpu, CPU, m) {
+  m.impl("sophia", &sophia);
+  m.impl("sophia_hessian", &sophia_hessian);
+  m.impl("adafactor", &adafactor);
+  m.impl("lamb_moments", &lamb_moments);
+  m.impl("lamb_apply", &lamb_apply);
+  m.impl("adafactor_sharded", &adafactor_sharded);
+  m.impl("power_sums", &power_sums);
+  m.impl("cast_fp8", &cast_fp8);
+  m.impl("fp8_update_", &fp8_update_);
+  m.impl("scale_", &scale_);
+  m.impl("adamw", &adamw);
 }

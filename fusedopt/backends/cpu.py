@@ -7,7 +7,7 @@ import torch
 
 from .. import _jit
 from ..reference import lamb as lamb_spec
-from . import _tables
+from . import _tables, cpu_fakes
 
 NAME = "cpu"
 DEVICE_TYPES = ("cpu",)
@@ -22,6 +22,7 @@ def unavailable_reason(device_type: str) -> str | None:
 
 def load() -> None:
     _jit.load_extension("cpu")
+    cpu_fakes.register()
 
 
 def _chunk(bucket) -> int:
@@ -109,7 +110,7 @@ def adafactor_sharded(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, m
     dims, numel, row_counts, col_counts, slice_counts = layout
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
 
-    def phase(number, inputs=()):
+    def phase(number, inputs=()):  # three float64 vectors, empty where a phase has nothing to give
         return torch.ops.fusedopt_cpu.adafactor_sharded(
             number, bucket.params, bucket.grads, states.get("exp_avg", []), states.get("variance", []),
             states.get("row_var", []), states.get("col_var", []), bucket.masters or [], bucket.steps, dims, numel,
@@ -121,13 +122,13 @@ def adafactor_sharded(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, m
         row_sums, col_sums, p_sq = phase(0)
         stats.reduce_parts_(list(row_sums.split(row_counts)), dims=(-1,))
         stats.reduce_parts_(list(col_sums.split(col_counts)), dims=(-2,))
-        (rv_sums,) = phase(1, (row_sums, col_sums))
+        rv_sums = phase(1, (row_sums, col_sums))[0]
         stats.reduce_parts_(list(rv_sums.split(slice_counts)), dims=(-2,))
-        (u_sq,) = phase(2, (rv_sums,))
+        u_sq = phase(2, (rv_sums,))[0]
         p_sq, u_sq = bucket.whole_tensor_sums(p_sq, u_sq)
         phase(3, (rv_sums, p_sq, u_sq))
     else:
-        p_sq, u_sq = bucket.whole_tensor_sums(*phase(0))
+        p_sq, u_sq = bucket.whole_tensor_sums(*phase(0)[:2])
         phase(3, (p_sq, u_sq))
 
 

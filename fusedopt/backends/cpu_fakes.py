@@ -1,0 +1,68 @@
+"""Fake (meta) implementations of the fusedopt_cpu ops, for FakeTensor mode:
+torch.compile traces them as opaque ops and torch.library.opcheck checks
+them, neither of which may run the C++ kernels (they read data pointers).
+
+The schemas (csrc/bindings_cpu.cpp) declare what each op mutates; a fake
+only says what an op returns: nothing for the in-place ops, float64 vectors
+for the reductions, sized as the C++ sizes them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+_IN_PLACE = ("adamw", "sophia", "sophia_hessian", "adafactor", "lamb_apply", "scale_", "fp8_update_")
+_registered = False
+
+
+def _doubles(size) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.float64)
+
+
+def _empty() -> torch.Tensor:
+    """A phase's unused output: a new tensor each time (no two outputs may alias)."""
+    return _doubles(0)
+
+
+def _in_place(*args, **kwargs) -> None:
+    return None
+
+
+def _power_sums(tensors, p, chunk_size):
+    return _doubles(len(tensors))
+
+
+def _cast_fp8(inputs, outputs, scales, chunk_size):
+    return _doubles(len(inputs))
+
+
+def _lamb_moments(params, *args):
+    return _doubles(len(params)), _doubles(len(params))
+
+
+def _adafactor_sharded(phase, params, grads, exp_avgs, variances, row_vars, col_vars, *args):
+    """Phases 0-3 of the sharded update (backends/cpu.py: adafactor_sharded),
+    three vectors, empty where a phase has nothing to give."""
+    n = len(params)
+    if not row_vars:  # 0-d / 1-d tensors: phase 0 gives |p|^2 and |u|^2, phase 3 nothing
+        return (_doubles(n), _doubles(n), _empty()) if phase == 0 else (_empty(), _empty(), _empty())
+    if phase == 0:
+        return _doubles(sum(r.numel() for r in row_vars)), _doubles(sum(c.numel() for c in col_vars)), _doubles(n)
+    if phase == 1:  # one row-variance sum per matrix slice
+        return _doubles(sum(math.prod(p.shape[:-2]) for p in params)), _empty(), _empty()
+    return (_doubles(n) if phase == 2 else _empty()), _empty(), _empty()
+
+
+def register() -> None:
+    """Once, after the extension is loaded (the ops must exist)."""
+    global _registered
+    if _registered:
+        return
+    for name in _IN_PLACE:
+        torch.library.register_fake(f"fusedopt_cpu::{name}")(_in_place)
+    torch.library.register_fake("fusedopt_cpu::power_sums")(_power_sums)
+    torch.library.register_fake("fusedopt_cpu::cast_fp8")(_cast_fp8)
+    torch.library.register_fake("fusedopt_cpu::lamb_moments")(_lamb_moments)
+    torch.library.register_fake("fusedopt_cpu::adafactor_sharded")(_adafactor_sharded)
+    _registered = True

@@ -1,0 +1,176 @@
+"""Every fusedopt_cpu op is a proper torch.library custom op:
+torch.library.opcheck (schema and declared mutations, fake implementation,
+AOT dispatch with dynamic shapes) on the arguments the optimizers really
+pass, recorded from their steps; and torch.compile traces the ops as opaque
+nodes (fullgraph) with the eager result."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CPU_BACKENDS
+from helpers import grads_for
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+
+import fusedopt
+from fusedopt import Float8Recipe, FusedAdafactor, FusedAdamW, FusedLAMB, FusedSophia
+
+pytestmark = pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="needs the cpu backend")
+
+OPS = ("adamw", "sophia", "sophia_hessian", "adafactor", "adafactor_sharded", "lamb_moments", "lamb_apply",
+       "power_sums", "scale_", "cast_fp8", "fp8_update_")
+FP8 = torch.float8_e4m3fn
+
+
+class Recorder(TorchDispatchMode):
+    """Each fusedopt_cpu call's op and a copy of its arguments as they were before it ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "fusedopt_cpu":
+            copy = tree_map(lambda a: a.detach().clone() if isinstance(a, torch.Tensor) else a, (args, kwargs or {}))
+            self.calls.append((func, *copy))
+        return func(*args, **(kwargs or {}))
+
+
+def params(dtype=torch.float32, shapes=((5, 3), (7,), (2, 4, 3))):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in shapes]
+
+
+def steps(opt, ps, n=2, hessian=False):
+    for step in range(n):
+        for p, g in zip(ps, grads_for(ps, step)):
+            p.grad = g
+        opt.step()
+        if hessian:
+            opt.update_hessian()
+
+
+def phased_adafactor():
+    """The sharded Adafactor phases, in one process (tests/test_adafactor_sharded.py)."""
+    from test_adafactor_sharded import PHASED, make, phased_step
+
+    ps = make(torch.float32)
+    opt = FusedAdafactor(ps, backend="cpu", beta1=0.9)
+    for step in range(2):
+        for p, g in zip(ps, grads_for(ps, step)):
+            p.grad = g
+        phased_step(opt, PHASED["cpu"])
+
+
+def record() -> list:
+    """One call of each op per distinct configuration the steps below make."""
+    with Recorder() as recorder:
+        ps = params()
+        steps(FusedAdamW(ps, backend="cpu", max_grad_norm=0.5, amsgrad=True), ps)
+        ps = params(torch.bfloat16)
+        steps(FusedAdamW(ps, backend="cpu", master_weights=True, state_dtype=FP8, fp8=Float8Recipe()), ps)
+        ps = params(torch.bfloat16)
+        steps(FusedLAMB(ps, backend="cpu", master_weights=True), ps)
+        ps = params()
+        steps(FusedLAMB(ps, backend="cpu", state_dtype=FP8, max_grad_norm=0.5), ps)
+        ps = params()
+        steps(FusedSophia(ps, backend="cpu", state_dtype=FP8), ps, hessian=True)
+        ps = params(torch.bfloat16)
+        steps(FusedSophia(ps, backend="cpu", master_weights=True), ps, hessian=True)
+        ps = params()
+        steps(FusedAdafactor(ps, backend="cpu", beta1=0.9), ps)
+        ps = params(torch.bfloat16)
+        steps(FusedAdafactor(ps, backend="cpu", master_weights=True), ps)
+        phased_adafactor()
+        ps = params()
+        for p, g in zip(ps, grads_for(ps, 0, scale=8.0)):
+            p.grad = g
+        fusedopt.clip_grad_norm_(ps, 0.1, backend="cpu")
+        fusedopt.cast_to_fp8(ps, [2.0] * len(ps), backend="cpu")
+    return recorder.calls
+
+
+CALLS = record() if "cpu" in CPU_BACKENDS else []
+
+
+def test_every_op_is_exercised():
+    assert sorted({func._schema.name.split("::")[1] for func, _, _ in CALLS}) == sorted(OPS)
+
+
+IDS = [f"{func._schema.name.split('::')[1]}-{i}" for i, (func, _, _) in enumerate(CALLS)]
+
+
+def has_fp8(args) -> bool:
+    found = []
+    tree_map(lambda a: found.append(a.dtype in (FP8, torch.float8_e5m2)) if isinstance(a, torch.Tensor) else a, args)
+    return any(found)
+
+
+@pytest.mark.parametrize("index", range(len(CALLS)), ids=IDS)
+def test_opcheck(index):
+    """torch's schema check compares tensors with ops FP8 lacks: calls that
+    hold FP8 tensors get test_declared_mutations' byte comparison instead."""
+    func, args, kwargs = CALLS[index]
+    utils = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(func, args, kwargs, test_utils=utils if has_fp8(args) else utils + ("test_schema",))
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).clone()
+
+
+@pytest.mark.parametrize("index", range(len(CALLS)), ids=IDS)
+def test_declared_mutations(index):
+    """Every argument the kernel writes is declared mutable (Tensor(a!)) in
+    its schema, and the call writes something (an in-place op that changes
+    nothing would hide a dead kernel)."""
+    func, args, kwargs = CALLS[index]
+    args = tree_map(lambda a: a.clone() if isinstance(a, torch.Tensor) else a, args)
+    before = tree_map(lambda a: as_bytes(a) if isinstance(a, torch.Tensor) else a, args)
+    func(*args, **kwargs)
+    schema, written = func._schema, []
+    for argument, now, then in zip(schema.arguments, args, before):
+        tensors = now if isinstance(now, (list, tuple)) else [now]
+        olds = then if isinstance(then, (list, tuple)) else [then]
+        for t, old in zip(tensors, olds):
+            if isinstance(t, torch.Tensor) and not torch.equal(as_bytes(t), old):
+                declared = argument.alias_info is not None and argument.alias_info.is_write
+                assert declared, f"{schema.name} writes {argument.name}, which its schema does not declare mutable"
+                written.append(argument.name)
+    assert written or schema.returns, f"{schema.name} returned nothing and wrote nothing"
+
+
+def test_fake_outputs_match_the_kernels():
+    """The fakes' shapes and dtypes are the real outputs' (opcheck compares
+    them too; this names the op when one drifts)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    for func, args, kwargs in CALLS:
+        real = func(*tree_map(lambda a: a.clone() if isinstance(a, torch.Tensor) else a, args), **kwargs)
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = func(*tree_map(lambda a: mode.from_tensor(a) if isinstance(a, torch.Tensor) else a, args),
+                        **kwargs)
+        shape = lambda out: out if out is None else tree_map(lambda t: (tuple(t.shape), t.dtype), out)  # noqa: E731
+        assert shape(fake) == shape(real), func
+
+
+def test_compiled_function_calls_the_ops_as_graph_nodes():
+    """Dynamo traces a function calling the ops (fullgraph: no break, no
+    data pointer read on fake tensors) and the result is eager's."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    def norm_then_scale(ts):
+        sums = torch.ops.fusedopt_cpu.power_sums(ts, 2.0, 1 << 16)
+        factor = (1.0 / sums.sum().sqrt()).reshape(1)
+        torch.ops.fusedopt_cpu.scale_(ts, factor, 1 << 16)
+        return sums
+
+    ours, theirs = params(), params()
+    ours, theirs = [p.detach() for p in ours], [p.detach() for p in theirs]
+    counter = CompileCounterWithBackend("aot_eager")
+    got = torch.compile(norm_then_scale, backend=counter, fullgraph=True)(ours)
+    expected = norm_then_scale(theirs)
+    assert counter.frame_count == 1 and counter.op_count >= 2
+    torch.testing.assert_close(got, expected)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b)
