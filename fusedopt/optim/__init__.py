@@ -3,6 +3,7 @@ from .adafactor import FusedAdafactor
 from .adamw import FusedAdamW
 from .base import FusedOptimizer
 from .lamb import FusedLAMB
+from .muon import FusedMuon
 from .sophia import FusedSophia, gnb_hessian_loss
 
-__all__ = ["FusedAdafactor", "FusedAdamW", "FusedLAMB", "FusedOptimizer", "FusedSophia", "gnb_hessian_loss"]
+__all__ = ["FusedAdafactor", "FusedAdamW", "FusedLAMB", "FusedMuon", "FusedOptimizer", "FusedSophia", "gnb_hessian_loss"]

@@ -1,0 +1,210 @@
+"""FusedMuon: torch.optim.Muon for the matrices, FusedAdamW for the rest, one optimizer."""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .. import backends, dtensor
+from ..reference.muon import DEFAULT_NS_COEFFICIENTS, adjusted_lr, newton_schulz, newton_schulz_batched
+from .adamw import FusedAdamW
+
+#: group keys a torch.optim.Muon state_dict lacks: filled from the defaults when one is loaded
+_OWN_KEYS = ("adamw_betas", "adamw_eps", "use_muon")
+
+
+class FusedMuon(Optimizer):
+    """Muon (momentum orthogonalised by a Newton-Schulz iteration) for matrix
+    params, AdamW for the others, in one optimizer.
+
+    Params with ``ndim >= 2`` in a group with ``use_muon=True`` (the default)
+    get torch.optim.Muon's update with the same arguments, defaults and
+    ``momentum_buffer`` state; a param with ``ndim > 2`` (stacked experts
+    ``[E, m, n]``, conv kernels) is orthogonalised per trailing ``m x n``
+    matrix, its lr adjusted for ``m x n``. Params with ``ndim < 2``, and every
+    param of a group with ``use_muon=False`` (embeddings and the output head,
+    as Muon's authors advise), get AdamW with the group's ``lr`` and
+    ``weight_decay``, ``adamw_betas`` and ``adamw_eps`` (FusedAdamW's
+    kernels; AdamW's state names). A state_dict loads into torch.optim.Muon
+    (for the matrices) and torch.optim.AdamW (for the rest) and back.
+
+    ``backend="reference"`` runs torch.optim.Muon's algorithm itself, matrix
+    by matrix (bit for bit). Any other backend batches the Newton-Schulz
+    iteration over the matrices of one shape (see
+    fusedopt.reference.muon.newton_schulz_batched: bf16 as torch, emulated
+    with fp32 GEMMs on CPUs), with multi-tensor (foreach) momentum and
+    update; ``ns_dtype=torch.float32`` iterates in fp32 instead.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+                 nesterov: bool = True, ns_coefficients: tuple[float, float, float] = DEFAULT_NS_COEFFICIENTS,
+                 eps: float = 1e-7, ns_steps: int = 5, adjust_lr_fn: str | None = None, *,
+                 adamw_betas: tuple[float, float] = (0.9, 0.95), adamw_eps: float = 1e-8,
+                 backend: str | None = None, ns_dtype: torch.dtype = torch.bfloat16):
+        # torch.optim.Muon's checks and messages
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Learning rate should be >= 0 but is: {lr}")
+        if not 0.0 <= momentum:
+            raise ValueError(f"momentum should be >= 0 but is: {momentum}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"weight decay should be >= 0 but is: {weight_decay}")
+        if adjust_lr_fn is not None and adjust_lr_fn not in ("original", "match_rms_adamw"):
+            raise ValueError(f"Adjust learning rate function {adjust_lr_fn} is not supported")
+        # what torch checks only when it steps, checked before anything is built
+        if len(ns_coefficients) != 3:
+            raise ValueError("Coefficients must be a tuple of exactly 3 values")
+        if ns_steps >= 100:
+            raise ValueError("Number of steps must be less than 100 for computational efficiency")
+        if ns_dtype not in (torch.bfloat16, torch.float32):
+            raise ValueError(f"ns_dtype must be torch.bfloat16 (torch's) or torch.float32, got {ns_dtype}")
+        self.backend_name = backends.validate_name(backend)
+        self.ns_dtype = ns_dtype
+        self._adamw: FusedAdamW | None = None
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                        ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
+                        adamw_betas=tuple(adamw_betas), adamw_eps=adamw_eps, use_muon=True)
+        super().__init__(params, defaults)
+        self._adamw = self._build_adamw()
+
+    # --- which params get what ---------------------------------------------
+
+    @staticmethod
+    def _is_muon(group: dict, p: Tensor) -> bool:
+        return bool(group["use_muon"]) and p.ndim >= 2
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for p in group["params"]:
+            if dtensor.is_dtensor(p) and self._is_muon(group, p):
+                self.param_groups.pop()
+                raise TypeError("FusedMuon: DTensor matrix params (FSDP2, tensor parallel) are not supported yet: "
+                                "Newton-Schulz needs whole matrices")
+        if self._adamw is not None:  # a group added after construction
+            self._adamw = self._build_adamw()
+
+    def _build_adamw(self) -> FusedAdamW | None:
+        """The FusedAdamW over the non-Muon params, one group per group that
+        has some, sharing this optimizer's state (so state_dict, opt.state[p]
+        and load_state_dict see one optimizer)."""
+        groups, self._adamw_groups = [], []
+        for index, group in enumerate(self.param_groups):
+            params = [p for p in group["params"] if not self._is_muon(group, p)]
+            if params:
+                groups.append(dict(params=params, **self._adamw_hyper(group)))
+                self._adamw_groups.append(index)
+        if not groups:
+            return None
+        adamw = FusedAdamW(groups, backend=self.backend_name)
+        adamw.state = self.state
+        return adamw
+
+    @staticmethod
+    def _adamw_hyper(group: dict) -> dict:
+        return dict(lr=group["lr"], betas=group["adamw_betas"], eps=group["adamw_eps"],
+                    weight_decay=group["weight_decay"])
+
+    # --- the step -----------------------------------------------------------
+
+    @torch._disable_dynamo  # as FusedOptimizer.step: eager under torch.compile
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform a single optimization step (optionally re-evaluating `closure`)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = [self._muon_params(group) for group in self.param_groups]  # every check before any update
+        for group, (params, grads) in zip(self.param_groups, work):
+            if params:
+                self._muon_group(group, params, grads)
+        if self._adamw is not None:
+            for index, inner in zip(self._adamw_groups, self._adamw.param_groups):
+                inner.update(self._adamw_hyper(self.param_groups[index]))  # schedulers edit our groups
+            self._adamw.step()
+        return loss
+
+    def _muon_params(self, group: dict) -> tuple[list[Tensor], list[Tensor]]:
+        params, grads = [], []
+        for p in group["params"]:
+            if p.grad is None or not self._is_muon(group, p):
+                continue
+            if torch.is_complex(p):
+                raise RuntimeError("Muon does not support complex parameters")
+            if p.grad.is_sparse:
+                raise RuntimeError("Muon does not support sparse gradients")
+            if p.grad.shape != p.shape:
+                raise RuntimeError(f"FusedMuon: a grad of shape {tuple(p.grad.shape)} for a param of shape "
+                                   f"{tuple(p.shape)}")
+            params.append(p)
+            grads.append(p.grad)
+        return params, grads
+
+    def _momentum_buffers(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+        bufs = []
+        for p, g in zip(params, grads):
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(g, memory_format=torch.preserve_format)
+            bufs.append(state["momentum_buffer"])
+        return bufs
+
+    def _muon_group(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
+        lr = float(group["lr"])
+        momentum, wd = group["momentum"], group["weight_decay"]
+        coefficients, steps, eps = group["ns_coefficients"], group["ns_steps"], group["eps"]
+        bufs = self._momentum_buffers(params, grads)
+        if self.backend_name == "reference":  # torch.optim.Muon, matrix by matrix
+            for p, g, buf in zip(params, grads, bufs):
+                buf.lerp_(g, 1 - momentum)
+                update = g.lerp(buf, momentum) if group["nesterov"] else buf
+                rows, cols = p.shape[-2:]
+                matrices = update.reshape(-1, rows, cols)
+                update = torch.stack([newton_schulz(m, coefficients, steps, eps) for m in matrices]).view(p.shape)
+                p.mul_(1 - lr * wd)
+                p.add_(update, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], rows, cols))
+            return
+        torch._foreach_lerp_(bufs, grads, 1 - momentum)
+        updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
+        torch._foreach_mul_(params, 1 - lr * wd)
+        for index in _same_shape(params):
+            rows, cols = params[index[0]].shape[-2:]
+            stack = torch.cat([updates[i].reshape(-1, rows, cols) for i in index])
+            tall = rows > cols
+            out = newton_schulz_batched(stack.transpose(-2, -1) if tall else stack, coefficients, steps, eps,
+                                        self.ns_dtype)
+            out = (out.transpose(-2, -1) if tall else out).float()  # bf16 -> fp32 is exact
+            pieces = out.split([updates[i].numel() // (rows * cols) for i in index])
+            torch._foreach_add_([params[i] for i in index], [u.view(params[i].shape) for u, i in zip(pieces, index)],
+                                alpha=-adjusted_lr(lr, group["adjust_lr_fn"], rows, cols))
+
+    # --- state_dict -----------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Ours, or torch.optim.Muon's (its groups lack the AdamW keys: the
+        defaults fill them); the AdamW params' states are converted as
+        FusedAdamW.load_state_dict converts them."""
+        state_dict = dict(state_dict)
+        state_dict["param_groups"] = [{**{k: self.defaults[k] for k in _OWN_KEYS}, **g}
+                                      for g in state_dict["param_groups"]]
+        super().load_state_dict(state_dict)
+        self._adamw = self._build_adamw()
+        if self._adamw is not None:
+            inner = self._adamw
+            own = {p for group in inner.param_groups for p in group["params"]}
+            inner.state = defaultdict(dict, {p: s for p, s in self.state.items() if p in own})
+            inner.load_state_dict(inner.state_dict())  # FusedAdamW's conversions and checks
+            self.state.update(inner.state)
+            inner.state = self.state
+
+
+def _same_shape(params: list[Tensor]) -> list[list[int]]:
+    """Indices of the params per (device, dtype, trailing matrix shape): one batched iteration each."""
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(params):
+        groups.setdefault((p.device, p.dtype, tuple(p.shape[-2:])), []).append(i)
+    return list(groups.values())
