@@ -31,7 +31,7 @@ def set_grads(*param_lists, step):
     grads = [torch.randn(p.shape, generator=g) for p in param_lists[0]]
     for params in param_lists:
         for p, grad in zip(params, grads):
-            p.grad = grad.to(p.dtype)
+            p.grad = grad.to(p.dtype, copy=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -190,3 +190,48 @@ def test_adamw_only_optimizer_is_fused_adamw():
         ref.step()
     for p, q in zip(a, b):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_max_grad_norm_clips_by_every_grad(backend):
+    """As clip_grad_norm_ over the whole model, then Muon + AdamW; the grads themselves are left as they were."""
+    ours, theirs = draw([(12, 8), (8,), (5, 7)]), draw([(12, 8), (8,), (5, 7)])
+    opt = FusedMuon(ours, lr=0.02, max_grad_norm=0.5, backend=backend)
+    muon, adamw = torch.optim.Muon([theirs[0], theirs[2]], lr=0.02), torch.optim.AdamW([theirs[1]], lr=0.02,
+                                                                                     betas=(0.9, 0.95),
+                                                                                     weight_decay=0.1)
+    for step in range(3):
+        set_grads(ours, theirs, step=step)
+        before = [p.grad.clone() for p in ours]
+        opt.step()
+        expected = torch.nn.utils.clip_grad_norm_(theirs, 0.5)
+        muon.step()
+        adamw.step()
+        torch.testing.assert_close(opt.last_grad_norm, expected)
+        assert all(torch.equal(p.grad, g) for p, g in zip(ours, before))
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
+
+
+def test_grad_scaler_unscales_and_skips_an_inf_step():
+    """torch.amp.GradScaler unscales FusedMuon's grads itself (Muon's update is
+    not unscaled in-kernel) and skips the step on an inf, both kinds of param."""
+    params = draw([(6, 4), (4,)])
+    before = [p.detach().clone() for p in params]
+    opt = FusedMuon(params, lr=0.02)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    scaler.scale(torch.ones(()))  # (a training step scales its loss)
+    set_grads(params, step=0)
+    params[1].grad[0] = float("inf")
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(p, b) for p, b in zip(params, before)) and scaler.get_scale() == 2.0
+    ref_params = [b.clone().requires_grad_() for b in before]
+    ref = FusedMuon(ref_params, lr=0.02)
+    set_grads(params, ref_params, step=1)
+    for p in params:
+        p.grad *= 2.0
+    scaler.step(opt)
+    ref.step()
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-7)

@@ -94,6 +94,9 @@ class FusedOptimizer(Optimizer):
         #: set by fusedopt.distributed.PipelineOptimizer: sums this stage's grad power sum and GradScaler
         #: flag with the other pipeline stages' (one collective), and names the params another stage counts
         self._across_stages = None
+        #: set by a composite optimizer (FusedMuon) that clips by the norm of all its parts' grads: this
+        #: step's clip coefficient (a 0-d device tensor), used instead of one from max_grad_norm
+        self._outer_clip: Tensor | None = None
         self._has_complex = False  # some param is complex: its grads are read as real views
         super().__init__(params, defaults)
 
@@ -181,7 +184,7 @@ class FusedOptimizer(Optimizer):
         # also called by torch's load_state_dict with only state and param_groups
         super().__setstate__(state)
         for name, default in (("state_dtype", None), ("stochastic_rounding", False), ("fp8", None),
-                              ("_across_stages", None)):
+                              ("_across_stages", None), ("_outer_clip", None)):
             if not hasattr(self, name):  # pickled before it existed
                 setattr(self, name, default)
         self._has_complex = any(isinstance(p, Tensor) and p.is_complex()
@@ -437,7 +440,8 @@ class FusedOptimizer(Optimizer):
         power = self._grad_power_sum(plans) if self.max_grad_norm else None
         if self._across_stages is not None:
             power, found_inf = self._across_stages.reduce(power, found_inf, clipping=bool(self.max_grad_norm))
-        scalars = _GradScalars(grad_scale, found_inf, self._clip_coefficient(power, plans, grad_scale))
+        clip = self._clip_coefficient(power, plans, grad_scale) if self._outer_clip is None else self._outer_clip
+        scalars = _GradScalars(grad_scale, found_inf, clip)
         for group, plan in zip(self.param_groups, plans):
             for device, steps in plan.empty_steps.items():
                 advance_steps(steps, scalars.found_inf(device))

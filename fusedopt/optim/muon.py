@@ -8,6 +8,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import backends, dtensor
+from ..norms import grad_norm
 from ..reference.muon import DEFAULT_NS_COEFFICIENTS, adjusted_lr, newton_schulz, newton_schulz_batched
 from .adamw import FusedAdamW
 
@@ -42,7 +43,8 @@ class FusedMuon(Optimizer):
                  nesterov: bool = True, ns_coefficients: tuple[float, float, float] = DEFAULT_NS_COEFFICIENTS,
                  eps: float = 1e-7, ns_steps: int = 5, adjust_lr_fn: str | None = None, *,
                  adamw_betas: tuple[float, float] = (0.9, 0.95), adamw_eps: float = 1e-8,
-                 backend: str | None = None, ns_dtype: torch.dtype = torch.bfloat16):
+                 backend: str | None = None, ns_dtype: torch.dtype = torch.bfloat16,
+                 max_grad_norm: float | None = None):
         # torch.optim.Muon's checks and messages
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
@@ -61,6 +63,12 @@ class FusedMuon(Optimizer):
             raise ValueError("Number of steps must be less than 100 for computational efficiency")
         if ns_dtype not in (torch.bfloat16, torch.float32):
             raise ValueError(f"ns_dtype must be torch.bfloat16 (torch's) or torch.float32, got {ns_dtype}")
+        if max_grad_norm is not None and not float(max_grad_norm) >= 0.0:
+            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (None or 0 turns clipping off)")
+        #: clip by the global L2 norm of every grad (Muon's and AdamW's params together); None or 0: off
+        self.max_grad_norm = float(max_grad_norm) if max_grad_norm else None
+        #: that norm at the last step (a device tensor), with max_grad_norm
+        self.last_grad_norm: Tensor | None = None
         self.backend_name = backends.validate_name(backend)
         self.ns_dtype = ns_dtype
         self._adamw: FusedAdamW | None = None
@@ -119,14 +127,33 @@ class FusedMuon(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = [self._muon_params(group) for group in self.param_groups]  # every check before any update
+        clip = self._clip_coefficient()
         for group, (params, grads) in zip(self.param_groups, work):
             if params:
+                if clip is not None:  # clip_grad_norm_'s product, without writing into the grads
+                    grads = torch._foreach_mul(grads, clip.to(grads[0].device))
                 self._muon_group(group, params, grads)
         if self._adamw is not None:
             for index, inner in zip(self._adamw_groups, self._adamw.param_groups):
                 inner.update(self._adamw_hyper(self.param_groups[index]))  # schedulers edit our groups
-            self._adamw.step()
+            self._adamw._outer_clip = clip  # the kernels apply it as they apply their own
+            try:
+                self._adamw.step()
+            finally:
+                self._adamw._outer_clip = None
         return loss
+
+    def _clip_coefficient(self) -> Tensor | None:
+        """With max_grad_norm: clip_grad_norm_'s min(max_norm / (norm + 1e-6), 1)
+        for the norm of every grad, kept in last_grad_norm."""
+        if not self.max_grad_norm:
+            return None
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not params:
+            self.last_grad_norm = torch.zeros(())
+            return None
+        self.last_grad_norm = grad_norm(params, backend=self.backend_name)
+        return torch.clamp(self.max_grad_norm / (self.last_grad_norm + 1e-6), max=1.0)
 
     def _muon_params(self, group: dict) -> tuple[list[Tensor], list[Tensor]]:
         params, grads = [], []
