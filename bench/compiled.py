@@ -6,7 +6,8 @@ share is measured against: share = (step - forward/backward) / step.
 torch's fused AdamW is traced into the compiled graph; fusedopt's step runs
 eagerly at a graph break (README: torch.compile), so this measures what that
 break costs a user. The model: GPT-2 with d=256 and 4 layers (the CPU case of
-bench/cases.py: gpt2-d256-L4), one sequence of 32 tokens (a short forward, so the optimizer's share stands out of the noise).
+bench/cases.py: gpt2-d256-L4), one sequence of 32 tokens (a short forward, so
+the optimizer's share stands out of the noise).
 """
 from __future__ import annotations
 
@@ -88,7 +89,8 @@ def run(device: torch.device, case_names, warmup: int, reps: int, log=print):
     results = []
     for name, ts in alternate(fns, device, warmup, reps).items():
         # AdamW's bytes (fp32: read p, g, m, v; write p, m, v): 28 per param; none without a step
-        results.append(Result("gpt2-d256-L4", "compiled train step", name, ts, 0 if name.startswith("forward") else 28 * n, n))
+        nbytes = 0 if name.startswith("forward") else 28 * n
+        results.append(Result("gpt2-d256-L4", "compiled train step", name, ts, nbytes, n))
     return results, {("gpt2-d256-L4", "compiled train step"): "torch AdamW(fused=True)"}
 
 
@@ -103,7 +105,8 @@ def targets(results, device) -> list[str]:
     """Issue #24: the optimizer's share of the compiled step no larger than torch's."""
     share = shares(results)
     theirs = share.get("torch AdamW(fused=True)")
-    lines = [f"     {device.type} compiled step, optimizer's share: {name} {s:.1%}" for name, s in sorted(share.items())]
+    lines = [f"     {device.type} compiled step, optimizer's share: {name} {s:.1%}"
+             for name, s in sorted(share.items())]
     for name, s in share.items():
         if name.startswith("fusedopt") and theirs is not None:
             lines.append(f"{'PASS' if s <= theirs else 'MISS'} {device.type} compiled step {name}: optimizer share "

@@ -107,13 +107,20 @@ def markdown(results: list[Result], baselines: dict[tuple[str, str], str]) -> st
     return "\n".join(lines)
 
 
-def write(results: list[Result], meta: dict, table: str, out_dir: Path, stem: str) -> tuple[Path, Path]:
+def write(results: list[Result], baselines: dict, meta: dict, table: str, out_dir: Path,
+          stem: str) -> tuple[list[Path], str | None]:
+    """`stem`.json (results, baselines, meta), .md (the table) and .png (the
+    plot); the paths written and, when the plot was skipped, why."""
+    from .report import plot
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    payload = {"meta": meta, "results": [dict(asdict(r), median_ms=r.median, gbps=r.gbps) for r in results]}
+    json_path, md_path, png_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md", out_dir / f"{stem}.png"
+    payload = {"meta": meta, "baselines": {f"{case}|{mode}": name for (case, mode), name in baselines.items()},
+               "results": [dict(asdict(r), median_ms=r.median, gbps=r.gbps) for r in results]}
     json_path.write_text(json.dumps(payload, indent=1))
     md_path.write_text(f"{meta_line(meta)}\n\n{table}\n")
-    return json_path, md_path
+    skipped = plot(payload, png_path) if results else "no results"
+    return [json_path, md_path] + ([] if skipped else [png_path]), skipped
 
 
 def meta_line(meta: dict) -> str:

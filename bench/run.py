@@ -9,11 +9,11 @@ import torch
 
 import fusedopt
 
-from . import adamw, clip, compiled, dtensor, fp8, lamb, pipeline, second_order, states
+from . import adamw, clip, compiled, dtensor, fp8, lamb, muon, pipeline, second_order, states
 from .harness import markdown, meta_line, write
 
-BENCHMARKS = {"adamw": adamw, "clip": clip, "compiled": compiled, "dtensor": dtensor, "fp8": fp8, "lamb": lamb, "pipeline": pipeline,
-              "second_order": second_order, "states": states}
+BENCHMARKS = {"adamw": adamw, "clip": clip, "compiled": compiled, "dtensor": dtensor, "fp8": fp8, "lamb": lamb,
+              "muon": muon, "pipeline": pipeline, "second_order": second_order, "states": states}
 
 
 def main(argv=None) -> int:
@@ -25,8 +25,18 @@ def main(argv=None) -> int:
     parser.add_argument("--case", nargs="*", default=None, help="only these cases (e.g. 1x10M 200x50K)")
     parser.add_argument("--reps", type=int, default=None, help="timed rounds (default 15 on CPU, 30 on GPU)")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("bench-results"), help="where JSON and Markdown go")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"),
+                        help="where the JSON, Markdown and PNG go (bench/results/ holds the README's)")
+    parser.add_argument("--check", action="store_true", help="also print the project's PASS/MISS targets")
+    parser.add_argument("--readme", type=Path, default=None, metavar="README.md",
+                        help="only rewrite that file's benchmark table from bench/results/, then exit")
     args = parser.parse_args(argv)
+    if args.readme is not None:
+        from .report import update_readme
+
+        changed = update_readme(args.readme, args.device.split(":")[0])
+        print(f"{args.readme}: table {'rewritten' if changed else 'already current'}")
+        return 0
     device = torch.device(args.device)
     reps = args.reps or (30 if device.type == "cuda" else 15)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
@@ -36,9 +46,12 @@ def main(argv=None) -> int:
     for name in (list(BENCHMARKS) if "all" in args.bench else args.bench):
         results, baselines = BENCHMARKS[name].run(device, args.case, args.warmup, reps)
         table = markdown(results, baselines)
-        json_path, md_path = write(results, meta, table, args.out, f"{name}_{device.type}")
-        print(f"\n## {name} ({meta_line(meta)})\n\n{table}\n\nwritten: {json_path}, {md_path}")
-        summary += BENCHMARKS[name].targets(results, device)
+        paths, skipped = write(results, baselines, meta, table, args.out, f"{name}_{device.type}")
+        print(f"\n## {name} ({meta_line(meta)})\n\n{table}\n\nwritten: {', '.join(map(str, paths))}")
+        if skipped:
+            print(f"plot skipped: {skipped}")
+        if args.check:
+            summary += BENCHMARKS[name].targets(results, device)
     if summary:
         print("\n" + "\n".join(summary))
     return 0

@@ -235,3 +235,14 @@ def test_grad_scaler_unscales_and_skips_an_inf_step():
     ref.step()
     for p, q in zip(params, ref_params):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-7)
+
+
+def test_tiny_gpt_learns_at_least_as_fast_as_adamw_at_its_best_lr():
+    """bench/examples/muon_gpt.py, short: FusedMuon (default-ish lr, no
+    tuning) ends at a lower loss than AdamW's best of three learning rates."""
+    from fusedopt._resources import shipped_module
+
+    result = shipped_module("bench", "examples.muon_gpt").compare(150)
+    tail = 15
+    muon, adamw = sum(result["muon"][-tail:]) / tail, sum(result["adamw"][-tail:]) / tail
+    assert result["floor"] < muon <= adamw, (muon, adamw, result["adamw_lr"])
