@@ -246,3 +246,48 @@ def test_tiny_gpt_learns_at_least_as_fast_as_adamw_at_its_best_lr():
     tail = 15
     muon, adamw = sum(result["muon"][-tail:]) / tail, sum(result["adamw"][-tail:]) / tail
     assert result["floor"] < muon <= adamw, (muon, adamw, result["adamw_lr"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_master_weights_follow_the_fp32_trajectory(backend):
+    """bf16 params with fp32 masters: the masters step exactly as fp32 params
+    fed the same (bf16) grads, the params are their round-to-nearest; a
+    state_dict keeps the master and the buffer at fp32."""
+    low = draw([(12, 8), (8,)], dtype=torch.bfloat16)
+    high = [p.detach().float().requires_grad_() for p in low]
+    a = FusedMuon(low, lr=0.02, master_weights=True, backend=backend)
+    b = FusedMuon(high, lr=0.02, backend=backend)
+    for step in range(3):
+        set_grads(low, step=step)
+        for p, q in zip(high, low):
+            p.grad = q.grad.float()
+        a.step()
+        b.step()
+    for p, q in zip(low, high):
+        assert torch.equal(a.state[p]["master_param"], q) and torch.equal(p, q.bfloat16())
+    assert a.state[low[0]]["momentum_buffer"].dtype == torch.float32
+    again = [p.detach().clone().requires_grad_() for p in low]
+    c = FusedMuon(again, lr=0.02, master_weights=True, backend=backend)
+    c.load_state_dict(copy.deepcopy(a.state_dict()))
+    for p, q in zip(low, again):
+        assert c.state[q]["master_param"].dtype == torch.float32
+        assert torch.equal(c.state[q]["master_param"], a.state[p]["master_param"])
+    assert torch.equal(c.state[again[0]]["momentum_buffer"], a.state[low[0]]["momentum_buffer"])
+
+
+def test_bf16_state_dtype_stores_the_momentum_in_bf16():
+    ours, wide = draw([(12, 8), (8,)]), draw([(12, 8), (8,)])
+    a = FusedMuon(ours, lr=0.02, state_dtype=torch.bfloat16)
+    b = FusedMuon(wide, lr=0.02)
+    for step in range(3):
+        set_grads(ours, wide, step=step)
+        a.step()
+        b.step()
+    assert a.state[ours[0]]["momentum_buffer"].dtype == torch.bfloat16
+    assert a.state[ours[1]]["exp_avg"].dtype == torch.bfloat16
+    for p, q in zip(ours, wide):
+        torch.testing.assert_close(p, q, rtol=0, atol=2e-3)
+    with pytest.raises(ValueError, match="FP8 momentum"):
+        FusedMuon(ours, state_dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="master_weights"):
+        FusedMuon(ours, master_weights="yes")

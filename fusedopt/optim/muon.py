@@ -1,7 +1,7 @@
 """FusedMuon: torch.optim.Muon for the matrices, FusedAdamW for the rest, one optimizer."""
 from __future__ import annotations
 
-from collections import defaultdict
+from itertools import chain
 
 import torch
 from torch import Tensor
@@ -44,7 +44,8 @@ class FusedMuon(Optimizer):
                  eps: float = 1e-7, ns_steps: int = 5, adjust_lr_fn: str | None = None, *,
                  adamw_betas: tuple[float, float] = (0.9, 0.95), adamw_eps: float = 1e-8,
                  backend: str | None = None, ns_dtype: torch.dtype = torch.bfloat16,
-                 max_grad_norm: float | None = None):
+                 max_grad_norm: float | None = None, master_weights: bool = False,
+                 state_dtype: torch.dtype | None = None):
         # torch.optim.Muon's checks and messages
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
@@ -69,6 +70,15 @@ class FusedMuon(Optimizer):
         self.max_grad_norm = float(max_grad_norm) if max_grad_norm else None
         #: that norm at the last step (a device tensor), with max_grad_norm
         self.last_grad_norm: Tensor | None = None
+        if not isinstance(master_weights, bool):
+            raise ValueError(f"master_weights must be True or False, got {master_weights!r}")
+        if state_dtype not in (None, torch.float32, torch.bfloat16):
+            raise ValueError(f"FusedMuon: state_dtype must be None, torch.float32 or torch.bfloat16, got {state_dtype} "
+                             "(FP8 momentum is not supported yet)")
+        #: bf16/fp16 params keep an fp32 master (``master_param``) and an fp32 momentum buffer
+        self.master_weights = master_weights
+        #: the momentum buffers' (and the AdamW states') storage dtype; None: the grad's, as torch
+        self.state_dtype = state_dtype
         self.backend_name = backends.validate_name(backend)
         self.ns_dtype = ns_dtype
         self._adamw: FusedAdamW | None = None
@@ -107,7 +117,8 @@ class FusedMuon(Optimizer):
                 self._adamw_groups.append(index)
         if not groups:
             return None
-        adamw = FusedAdamW(groups, backend=self.backend_name)
+        adamw = FusedAdamW(groups, backend=self.backend_name, master_weights=self.master_weights,
+                           state_dtype=self.state_dtype)
         adamw.state = self.state
         return adamw
 
@@ -171,43 +182,71 @@ class FusedMuon(Optimizer):
             grads.append(p.grad)
         return params, grads
 
+    def _uses_master(self, p: Tensor) -> bool:
+        return self.master_weights and p.dtype in (torch.bfloat16, torch.float16)
+
+    def _buffer_dtype(self, p: Tensor, g: Tensor) -> torch.dtype:
+        """torch's: the grad's dtype; fp32 beside an fp32 master; else state_dtype when given."""
+        if self._uses_master(p):
+            return torch.float32
+        return self.state_dtype or g.dtype
+
     def _momentum_buffers(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
         bufs = []
         for p, g in zip(params, grads):
             state = self.state[p]
             if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(g, memory_format=torch.preserve_format)
+                state["momentum_buffer"] = torch.zeros_like(g, dtype=self._buffer_dtype(p, g),
+                                                            memory_format=torch.preserve_format)
+            if self._uses_master(p) and "master_param" not in state:
+                state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
             bufs.append(state["momentum_buffer"])
         return bufs
 
+    def _updates(self, group: dict, grads: list[Tensor], bufs: list[Tensor]) -> list[Tensor]:
+        """Momentum (in place) and the matrices Newton-Schulz orthogonalises:
+        in the grad's dtype as torch (buffers of that dtype), else in fp32,
+        the buffers stored back in theirs."""
+        momentum = group["momentum"]
+        if all(b.dtype == g.dtype for b, g in zip(bufs, grads)):
+            torch._foreach_lerp_(bufs, grads, 1 - momentum)
+            return torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
+        grads = [g.float() for g in grads]
+        wide = [b.float() for b in bufs]
+        torch._foreach_lerp_(wide, grads, 1 - momentum)
+        for b, w in zip(bufs, wide):
+            if b is not w:
+                b.copy_(w)  # rounded to the buffer's dtype
+        return torch._foreach_lerp(grads, wide, momentum) if group["nesterov"] else wide
+
     def _muon_group(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
         lr = float(group["lr"])
-        momentum, wd = group["momentum"], group["weight_decay"]
         coefficients, steps, eps = group["ns_coefficients"], group["ns_steps"], group["eps"]
         bufs = self._momentum_buffers(params, grads)
-        if self.backend_name == "reference":  # torch.optim.Muon, matrix by matrix
-            for p, g, buf in zip(params, grads, bufs):
-                buf.lerp_(g, 1 - momentum)
-                update = g.lerp(buf, momentum) if group["nesterov"] else buf
-                rows, cols = p.shape[-2:]
-                matrices = update.reshape(-1, rows, cols)
-                update = torch.stack([newton_schulz(m, coefficients, steps, eps) for m in matrices]).view(p.shape)
-                p.mul_(1 - lr * wd)
-                p.add_(update, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], rows, cols))
-            return
-        torch._foreach_lerp_(bufs, grads, 1 - momentum)
-        updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
-        torch._foreach_mul_(params, 1 - lr * wd)
+        # what the update is applied to: the fp32 master where there is one, rounded into the param after
+        targets = [self.state[p]["master_param"] if self._uses_master(p) else p for p in params]
+        updates = self._updates(group, grads, bufs)
+        torch._foreach_mul_(targets, 1 - lr * group["weight_decay"])
         for index in _same_shape(params):
             rows, cols = params[index[0]].shape[-2:]
+            alpha = -adjusted_lr(lr, group["adjust_lr_fn"], rows, cols)
+            if self.backend_name == "reference":  # torch.optim.Muon's iteration, matrix by matrix
+                for i in index:
+                    matrices = updates[i].reshape(-1, rows, cols)
+                    out = torch.stack([newton_schulz(m, coefficients, steps, eps) for m in matrices])
+                    targets[i].add_(out.view(params[i].shape), alpha=alpha)
+                continue
             stack = torch.cat([updates[i].reshape(-1, rows, cols) for i in index])
             tall = rows > cols
             out = newton_schulz_batched(stack.transpose(-2, -1) if tall else stack, coefficients, steps, eps,
                                         self.ns_dtype)
             out = (out.transpose(-2, -1) if tall else out).float()  # bf16 -> fp32 is exact
             pieces = out.split([updates[i].numel() // (rows * cols) for i in index])
-            torch._foreach_add_([params[i] for i in index], [u.view(params[i].shape) for u, i in zip(pieces, index)],
-                                alpha=-adjusted_lr(lr, group["adjust_lr_fn"], rows, cols))
+            torch._foreach_add_([targets[i] for i in index], [u.view(params[i].shape) for u, i in zip(pieces, index)],
+                                alpha=alpha)
+        for p, t in zip(params, targets):
+            if t is not p:
+                p.copy_(t)  # round to nearest even
 
     # --- state_dict -----------------------------------------------------------
 
@@ -218,15 +257,36 @@ class FusedMuon(Optimizer):
         state_dict = dict(state_dict)
         state_dict["param_groups"] = [{**{k: self.defaults[k] for k in _OWN_KEYS}, **g}
                                       for g in state_dict["param_groups"]]
-        super().load_state_dict(state_dict)
+        super().load_state_dict(state_dict)  # casts every state to its param's dtype: undone below
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        for saved_id, (group, p) in zip(saved_ids, [(g, p) for g in self.param_groups for p in g["params"]]):
+            saved, state = state_dict["state"].get(saved_id), self.state.get(p)
+            if not saved or not state or not self._is_muon(group, p):
+                continue
+            if "momentum_buffer" in saved:
+                state["momentum_buffer"] = saved["momentum_buffer"].to(p.device, self._buffer_dtype(p, p), copy=True)
+            if self._uses_master(p):  # the saved fp32 master, or one from the param (a torch checkpoint)
+                state["master_param"] = saved.get("master_param", p).detach().to(p.device, torch.float32, copy=True)
+            else:
+                state.pop("master_param", None)
         self._adamw = self._build_adamw()
         if self._adamw is not None:
             inner = self._adamw
-            own = {p for group in inner.param_groups for p in group["params"]}
-            inner.state = defaultdict(dict, {p: s for p, s in self.state.items() if p in own})
-            inner.load_state_dict(inner.state_dict())  # FusedAdamW's conversions and checks
+            inner.load_state_dict(self._adamw_state_dict(state_dict))  # FusedAdamW's conversions and checks
             self.state.update(inner.state)
             inner.state = self.state
+
+    def _adamw_state_dict(self, state_dict: dict) -> dict:
+        """The part of a saved state_dict that is the AdamW params', numbered as the inner FusedAdamW numbers them."""
+        sub: dict = {"state": {}, "param_groups": []}
+        for index, inner_group in zip(self._adamw_groups, self._adamw.param_groups):
+            group, saved = self.param_groups[index], state_dict["param_groups"][index]
+            ids = [i for i, p in zip(saved["params"], group["params"]) if not self._is_muon(group, p)]
+            first = sum(len(g["params"]) for g in sub["param_groups"])
+            numbers = list(range(first, first + len(ids)))
+            sub["state"].update({n: state_dict["state"][i] for i, n in zip(ids, numbers) if i in state_dict["state"]})
+            sub["param_groups"].append({**{k: v for k, v in inner_group.items() if k != "params"}, "params": numbers})
+        return sub
 
 
 def _same_shape(params: list[Tensor]) -> list[list[int]]:
