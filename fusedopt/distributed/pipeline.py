@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .. import norms
 from ..optim.adamw import FusedAdamW
-from ..optim.base import FusedOptimizer
+from ..optim.base import FusedOptimizer, evaluate_closure
 from ._wrapper import WrappingOptimizer
 
 #: the attribute mark_shared sets on a param
@@ -283,10 +283,7 @@ class PipelineOptimizer(WrappingOptimizer):
         is OR-ed over the stages together with the norm, and the scaler is
         handed that flag, so every stage skips together and keeps the same
         scale. ``scaler.unscale_(opt)`` first (to clip by hand) works too."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         inner = self.optimizer
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         per_optimizer = None

@@ -66,7 +66,7 @@ from torch import Tensor
 from .. import dtensor
 from ..backends._dtypes import math_dtype
 from ..optim.adamw import FusedAdamW
-from ..optim.base import FusedOptimizer
+from ..optim.base import FusedOptimizer, evaluate_closure
 from . import _collectives as comm
 from ._wrapper import WrappingOptimizer
 from .grad_buckets import GradBuckets
@@ -245,10 +245,7 @@ class ZeroOptimizer(WrappingOptimizer):
         the same scale. The grads are unscaled inside the kernel. Calling
         ``scaler.unscale_(opt)`` first is not supported (clip with
         ``max_grad_norm`` instead)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for index, group in enumerate(self.optimizer.param_groups):  # before the grads are reduced and freed
             self.optimizer._check_group(group, f"param group {index}")
         self.grads.wait()

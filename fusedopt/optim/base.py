@@ -430,10 +430,7 @@ class FusedOptimizer(Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """Perform a single optimization step (optionally re-evaluating `closure`)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         plans, writeback = self._plans_of_this_step()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = _found_inf_on_every_rank(getattr(self, "found_inf", None), plans)
@@ -787,6 +784,14 @@ class FusedOptimizer(Optimizer):
 
 
 _shape = attrgetter("shape")
+
+
+def evaluate_closure(closure) -> Tensor | None:
+    """torch.optim's step(closure): the loss, recomputed with grad enabled (step itself runs under no_grad)."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 def _real(t: Tensor) -> Tensor:

@@ -11,6 +11,7 @@ from .. import backends, dtensor
 from ..norms import grad_norm
 from ..reference.muon import DEFAULT_NS_COEFFICIENTS, adjusted_lr, newton_schulz, newton_schulz_batched
 from .adamw import FusedAdamW
+from .base import evaluate_closure
 
 #: group keys a torch.optim.Muon state_dict lacks: filled from the defaults when one is loaded
 _OWN_KEYS = ("adamw_betas", "adamw_eps", "use_muon")
@@ -133,10 +134,7 @@ class FusedMuon(Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """Perform a single optimization step (optionally re-evaluating `closure`)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         work = [self._muon_params(group) for group in self.param_groups]  # every check before any update
         clip = self._clip_coefficient()
         for group, (params, grads) in zip(self.param_groups, work):
