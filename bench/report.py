@@ -75,7 +75,8 @@ def _rows(payload: dict, bench: str) -> list[str]:
         base = by_key.get((case, mode, baseline))
         for r in results:
             ours = r["contender"]
-            if (r["case"], r["mode"]) != (case, mode) or not ours.startswith("fusedopt") or "reference" in ours:
+            if (r["case"], r["mode"]) != (case, mode) or not ours.startswith("fusedopt") or "reference" in ours \
+                    or ours == baseline:  # (a ratio of 1 to itself says nothing)
                 continue
             s = stream.get((case, mode))
             pct = f"{100 * r['gbps'] / s['gbps']:.0f}%" if s and r["bytes_per_step"] else ""
