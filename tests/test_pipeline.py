@@ -17,6 +17,8 @@ from fusedopt._resources import shipped_module
 example = shipped_module("bench", "examples.pipeline_3d")
 TinyGPT, stage_of, batch, loss_fn = example.TinyGPT, example.stage_of, example.batch, example.loss_fn
 
+pytestmark = pytest.mark.distributed
+
 LAYERS, MICRO, BATCH, STEPS = 4, 4, 8, 3
 KWARGS = {FusedAdamW: dict(lr=1e-2, weight_decay=0.1, max_grad_norm=0.5),
           FusedLAMB: dict(lr=1e-2, weight_decay=0.01, max_grad_norm=0.5)}
