@@ -293,3 +293,38 @@ def test_bf16_state_dtype_stores_the_momentum_in_bf16():
         FusedMuon(ours, state_dtype=torch.float8_e4m3fn)
     with pytest.raises(ValueError, match="master_weights"):
         FusedMuon(ours, master_weights="yes")
+
+
+def test_drop_in_mechanics():
+    """deepcopy steps like the original; a group added later gets Muon and
+    AdamW as its params need; step hooks run; a compiled training step
+    (graph break at step) equals eager."""
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+
+    model, ref_model = make(), make()
+    opt, ref = FusedMuon(model.parameters(), lr=0.02), FusedMuon(ref_model.parameters(), lr=0.02)
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    clone = copy.deepcopy(opt)
+    assert clone._adamw.state is clone.state and clone.backend_name == opt.backend_name
+    calls = []
+    opt.register_step_post_hook(lambda *args: calls.append(1))
+
+    def train(m, o):
+        m(x).square().mean().backward()
+        o.step()
+        o.zero_grad()
+
+    compiled = torch.compile(train, backend="aot_eager")
+    for _ in range(3):
+        compiled(model, opt)
+        train(ref_model, ref)
+    assert len(calls) == 3
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    extra, vector = torch.nn.Parameter(torch.randn(3, 3)), torch.nn.Parameter(torch.randn(3))
+    opt.add_param_group({"params": [extra, vector], "lr": 0.01})
+    extra.grad, vector.grad = torch.randn(3, 3), torch.randn(3)
+    opt.step()
+    assert set(opt.state[extra]) == {"momentum_buffer"} and set(opt.state[vector]) == {"step", "exp_avg", "exp_avg_sq"}

@@ -89,6 +89,18 @@ class FusedMuon(Optimizer):
         super().__init__(params, defaults)
         self._adamw = self._build_adamw()
 
+    def __getstate__(self):  # torch's keeps only defaults, state and param_groups
+        state = super().__getstate__()
+        state.update(backend_name=self.backend_name, ns_dtype=self.ns_dtype, max_grad_norm=self.max_grad_norm,
+                     last_grad_norm=self.last_grad_norm, master_weights=self.master_weights,
+                     state_dtype=self.state_dtype)
+        return state
+
+    def __setstate__(self, state):
+        # also called by torch's load_state_dict with only state and param_groups
+        super().__setstate__(state)
+        self._adamw = self._build_adamw()  # over the (possibly new) groups, sharing the (possibly new) state
+
     # --- which params get what ---------------------------------------------
 
     @staticmethod
