@@ -238,6 +238,32 @@ def like(p: Tensor, value: Tensor, placements: Sequence | None = None, shape: Se
                               run_check=False, shape=shape, stride=stride)
 
 
+def whole(t: Tensor) -> Tensor:
+    """A DTensor's whole value on every rank (an all-gather; pending sums summed); a plain tensor as it is."""
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+def shard_like(p: Tensor, value: Tensor) -> Tensor:
+    """`value`, whole on every rank, as a DTensor laid out as p (this rank's
+    shard of it: no communication); for a plain p, value itself."""
+    if not is_dtensor(p):
+        return value
+    from torch.distributed.tensor import DTensor, Replicate
+
+    mesh = p.device_mesh
+    return DTensor.from_local(value, mesh, [Replicate()] * mesh.ndim, run_check=False).redistribute(mesh, p.placements)
+
+
+def scalar_like(t: Tensor, value: Tensor) -> Tensor:
+    """A 0-d `value` that can multiply t: a replicated DTensor on t's mesh when t is a DTensor."""
+    if not is_dtensor(t):
+        return value
+    from torch.distributed.tensor import DTensor, Replicate
+
+    mesh = t.device_mesh
+    return DTensor.from_local(value.to(t.device), mesh, [Replicate()] * mesh.ndim, run_check=False)
+
+
 class TensorSums:
     """Whole-tensor statistics from the local partial sums of a list of
     tensors ("members": a launch's tensors, plus the DTensors of its bucket

@@ -18,7 +18,7 @@ import torch
 from dist_helpers import spawn
 
 import fusedopt
-from fusedopt import FusedAdafactor, FusedAdamW, FusedLAMB, FusedSophia
+from fusedopt import FusedAdafactor, FusedAdamW, FusedLAMB, FusedMuon, FusedSophia
 
 pytestmark = pytest.mark.distributed
 
@@ -35,6 +35,8 @@ CASES = {
     "adafactor_beta1": (FusedAdafactor, dict(lr=0.02, beta1=0.9, weight_decay=0.1, max_grad_norm=0.05),
                         ("cpu", "reference")),
     "sophia": (FusedSophia, dict(lr=0.02, weight_decay=0.1, max_grad_norm=0.05), ("cpu", "reference")),
+    # matrices orthogonalised whole (gathered), vectors through FusedAdamW on their shards
+    "muon": (FusedMuon, dict(lr=0.02, weight_decay=0.1, max_grad_norm=0.05), ("cpu", "reference")),
 }
 STEPS = 3
 BATCH = 8

@@ -38,6 +38,11 @@ class FusedMuon(Optimizer):
     fusedopt.reference.muon.newton_schulz_batched: bf16 as torch, emulated
     with fp32 GEMMs on CPUs), with multi-tensor (foreach) momentum and
     update; ``ns_dtype=torch.float32`` iterates in fp32 instead.
+
+    DTensor params (FSDP2, tensor parallel): momentum and update stay on the
+    local shards; each matrix is gathered whole on every rank for
+    Newton-Schulz and every rank keeps its shard of the result (not yet one
+    owner rank per matrix).
     """
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
@@ -109,12 +114,6 @@ class FusedMuon(Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        for p in group["params"]:
-            if dtensor.is_dtensor(p) and self._is_muon(group, p):
-                self.param_groups.pop()
-                raise TypeError("FusedMuon: DTensor matrix params (FSDP2, tensor parallel) are not supported yet: "
-                                "Newton-Schulz needs whole matrices")
         if self._adamw is not None:  # a group added after construction
             self._adamw = self._build_adamw()
 
@@ -152,7 +151,7 @@ class FusedMuon(Optimizer):
         for group, (params, grads) in zip(self.param_groups, work):
             if params:
                 if clip is not None:  # clip_grad_norm_'s product, without writing into the grads
-                    grads = torch._foreach_mul(grads, clip.to(grads[0].device))
+                    grads = [g * dtensor.scalar_like(g, clip.to(g.device)) for g in grads]
                 self._muon_group(group, params, grads)
         if self._adamw is not None:
             for index, inner in zip(self._adamw_groups, self._adamw.param_groups):
@@ -219,15 +218,15 @@ class FusedMuon(Optimizer):
         the buffers stored back in theirs."""
         momentum = group["momentum"]
         if all(b.dtype == g.dtype for b, g in zip(bufs, grads)):
-            torch._foreach_lerp_(bufs, grads, 1 - momentum)
-            return torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
+            _foreach(torch._foreach_lerp_, bufs, grads, 1 - momentum)
+            return _foreach(torch._foreach_lerp, grads, bufs, momentum) if group["nesterov"] else bufs
         grads = [g.float() for g in grads]
         wide = [b.float() for b in bufs]
-        torch._foreach_lerp_(wide, grads, 1 - momentum)
+        _foreach(torch._foreach_lerp_, wide, grads, 1 - momentum)
         for b, w in zip(bufs, wide):
             if b is not w:
                 b.copy_(w)  # rounded to the buffer's dtype
-        return torch._foreach_lerp(grads, wide, momentum) if group["nesterov"] else wide
+        return _foreach(torch._foreach_lerp, grads, wide, momentum) if group["nesterov"] else wide
 
     def _muon_group(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
         lr = float(group["lr"])
@@ -236,24 +235,26 @@ class FusedMuon(Optimizer):
         # what the update is applied to: the fp32 master where there is one, rounded into the param after
         targets = [self.state[p]["master_param"] if self._uses_master(p) else p for p in params]
         updates = self._updates(group, grads, bufs)
-        torch._foreach_mul_(targets, 1 - lr * group["weight_decay"])
+        _foreach(torch._foreach_mul_, targets, 1 - lr * group["weight_decay"])
         for index in _same_shape(params):
             rows, cols = params[index[0]].shape[-2:]
             alpha = -adjusted_lr(lr, group["adjust_lr_fn"], rows, cols)
+            # DTensor matrices (FSDP2, TP) are orthogonalised whole: gathered on every rank, each keeping its shard
             if self.backend_name == "reference":  # torch.optim.Muon's iteration, matrix by matrix
                 for i in index:
-                    matrices = updates[i].reshape(-1, rows, cols)
+                    matrices = dtensor.whole(updates[i]).reshape(-1, rows, cols)
                     out = torch.stack([newton_schulz(m, coefficients, steps, eps) for m in matrices])
-                    targets[i].add_(out.view(params[i].shape), alpha=alpha)
+                    targets[i].add_(dtensor.shard_like(targets[i], out.view(params[i].shape)), alpha=alpha)
                 continue
-            stack = torch.cat([updates[i].reshape(-1, rows, cols) for i in index])
+            stack = torch.cat([dtensor.whole(updates[i]).reshape(-1, rows, cols) for i in index])
             tall = rows > cols
             out = newton_schulz_batched(stack.transpose(-2, -1) if tall else stack, coefficients, steps, eps,
                                         self.ns_dtype)
             out = (out.transpose(-2, -1) if tall else out).float()  # bf16 -> fp32 is exact
             pieces = out.split([updates[i].numel() // (rows * cols) for i in index])
-            torch._foreach_add_([targets[i] for i in index], [u.view(params[i].shape) for u, i in zip(pieces, index)],
-                                alpha=alpha)
+            _foreach(torch._foreach_add_, [targets[i] for i in index],
+                     [dtensor.shard_like(targets[i], u.view(params[i].shape)) for u, i in zip(pieces, index)],
+                     alpha=alpha)
         for p, t in zip(params, targets):
             if t is not p:
                 p.copy_(t)  # round to nearest even
@@ -297,6 +298,23 @@ class FusedMuon(Optimizer):
             sub["state"].update({n: state_dict["state"][i] for i, n in zip(ids, numbers) if i in state_dict["state"]})
             sub["param_groups"].append({**{k: v for k, v in inner_group.items() if k != "params"}, "params": numbers})
         return sub
+
+
+def _foreach(op, tensors: list[Tensor], *args, **kwargs) -> list[Tensor] | None:
+    """A torch._foreach_* op over lists that may mix DTensors and plain
+    tensors (a TP model's plain modules), which one call cannot take: one call
+    per kind, the results (for an op that returns them) in the lists' order."""
+    kinds = [dtensor.is_dtensor(t) for t in tensors]
+    if all(kinds) or not any(kinds):
+        return op(tensors, *args, **kwargs)
+    out: list = [None] * len(tensors)
+    for kind in (True, False):
+        index = [i for i, k in enumerate(kinds) if k == kind]
+        pick = lambda xs: [xs[i] for i in index] if isinstance(xs, list) else xs  # noqa: E731
+        result = op(pick(tensors), *map(pick, args), **kwargs)
+        for i, r in zip(index, result or ()):
+            out[i] = r
+    return out if out[0] is not None else None
 
 
 def _same_shape(params: list[Tensor]) -> list[list[int]]:
