@@ -1,6 +1,8 @@
 """The cpu backend: the C++ extension (csrc/cpu, csrc/bindings_cpu.cpp),
 JIT-built on first use. One OpenMP parallel region per bucket; per-element
-math from csrc/include/fusedopt/*.h."""
+math from csrc/include/fusedopt/*.h. Each op's contract is its schema in
+bindings_cpu.cpp; the calls here name every argument, so the dispatcher
+checks each name against it: no argument can land in another's place."""
 from __future__ import annotations
 
 import torch
@@ -37,14 +39,16 @@ def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, gra
     fp8 = bucket.fp8 is not None
     amax = torch.zeros(len(bucket.params), dtype=torch.float64) if fp8 else None
     chunk = _chunk(bucket)
+    states = bucket.states
     torch.ops.fusedopt_cpu.adamw(
-        bucket.params, bucket.grads, bucket.states["exp_avg"], bucket.states["exp_avg_sq"],
-        bucket.states["max_exp_avg_sq"] if amsgrad else [], bucket.states.get("exp_avg_scale", []),
-        bucket.states.get("exp_avg_sq_scale", []), bucket.states.get("max_exp_avg_sq_scale", []) if amsgrad else [],
-        bucket.masters or [], bucket.steps,
-        bucket.fp8.weights if fp8 else [], bucket.fp8.scales if fp8 else [], amax,
-        0.0 if lr_tensor is not None else lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize,
-        grad_mult, found_inf, bucket.sr_seed, chunk,
+        params=bucket.params, grads=bucket.grads, exp_avgs=states["exp_avg"], exp_avg_sqs=states["exp_avg_sq"],
+        max_exp_avg_sqs=states["max_exp_avg_sq"] if amsgrad else [],
+        exp_avg_scales=states.get("exp_avg_scale", []), exp_avg_sq_scales=states.get("exp_avg_sq_scale", []),
+        max_exp_avg_sq_scales=states.get("max_exp_avg_sq_scale", []) if amsgrad else [],
+        masters=bucket.masters or [], steps=bucket.steps, fp8_weights=bucket.fp8.weights if fp8 else [],
+        fp8_scales=bucket.fp8.scales if fp8 else [], fp8_amax=amax, lr=0.0 if lr_tensor is not None else lr,
+        lr_tensor=lr_tensor, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+        maximize=maximize, grad_mult=grad_mult, found_inf=found_inf, sr_seed=bucket.sr_seed, chunk_size=chunk,
     )
     return amax
 
@@ -52,16 +56,17 @@ def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, gra
 def fp8_update_(copies, amax, found_inf, recipe):
     """recipe.update_(copies, amax, found_inf) in one call (the ~15 small torch
     ops of the spec cost more than the cast itself right after a step)."""
-    torch.ops.fusedopt_cpu.fp8_update_(amax, copies.history_buffer, copies.scale_buffer, copies.scale_inv_buffer,
-                                       found_inf, recipe.fp8_max, recipe.margin)
+    torch.ops.fusedopt_cpu.fp8_update_(amax=amax, history=copies.history_buffer, scales=copies.scale_buffer,
+                                       scale_inv=copies.scale_inv_buffer, found_inf=found_inf,
+                                       fp8_max=recipe.fp8_max, margin=recipe.margin)
 
 
 def power_sums(tensors, p):
-    return torch.ops.fusedopt_cpu.power_sums(tensors, float(p), CHUNK_SIZE)
+    return torch.ops.fusedopt_cpu.power_sums(tensors=tensors, p=float(p), chunk_size=CHUNK_SIZE)
 
 
 def scale_(tensors, factor):
-    torch.ops.fusedopt_cpu.scale_(tensors, factor, CHUNK_SIZE)
+    torch.ops.fusedopt_cpu.scale_(tensors=tensors, factor=factor, chunk_size=CHUNK_SIZE)
 
 
 def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, adam_w_mode, grad_averaging, use_nvlamb,
@@ -69,13 +74,15 @@ def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, adam_w
     """Moments pass (advances the steps, reduces sum p^2 and u^2 per tensor),
     the trust ratios (reference/lamb.py), then the apply pass."""
     states = bucket.states
-    lists = (bucket.params, bucket.grads, states["exp_avg"], states["exp_avg_sq"], states.get("exp_avg_scale", []),
-             states.get("exp_avg_sq_scale", []), bucket.masters or [], bucket.steps)
-    hyper = (beta1, beta2, eps, weight_decay, bias_correction, adam_w_mode, grad_averaging, maximize)
-    p_sums, u_sums = torch.ops.fusedopt_cpu.lamb_moments(*lists, *hyper, grad_mult, found_inf, _chunk(bucket))
+    both = dict(params=bucket.params, grads=bucket.grads, exp_avgs=states["exp_avg"], exp_avg_sqs=states["exp_avg_sq"],
+                exp_avg_scales=states.get("exp_avg_scale", []), exp_avg_sq_scales=states.get("exp_avg_sq_scale", []),
+                masters=bucket.masters or [], steps=bucket.steps, beta1=beta1, beta2=beta2, eps=eps,
+                weight_decay=weight_decay, bias_correction=bias_correction, adam_w_mode=adam_w_mode,
+                grad_averaging=grad_averaging, maximize=maximize, found_inf=found_inf, chunk_size=_chunk(bucket))
+    p_sums, u_sums = torch.ops.fusedopt_cpu.lamb_moments(**both, grad_mult=grad_mult)
     p_sums, u_sums = bucket.whole_tensor_sums(p_sums, u_sums)  # DTensors: over their shards
     ratio = lamb_spec.trust_ratio(p_sums, u_sums, lr, weight_decay, use_nvlamb)
-    torch.ops.fusedopt_cpu.lamb_apply(*lists, ratio, *hyper, found_inf, bucket.sr_seed, _chunk(bucket))
+    torch.ops.fusedopt_cpu.lamb_apply(**both, ratio=ratio, sr_seed=bucket.sr_seed)
 
 
 def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize, beta1, grad_mult, found_inf):
@@ -88,11 +95,13 @@ def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize,
     cols = torch.tensor([s[-1] for s in shapes] if factored else [], dtype=torch.int64)
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
     torch.ops.fusedopt_cpu.adafactor(
-        bucket.params, bucket.grads, states.get("exp_avg", []), states.get("variance", []), states.get("row_var", []),
-        states.get("col_var", []), states.get("exp_avg_scale", []), bucket.masters or [], bucket.steps, rows, cols,
-        0.0 if lr_tensor is not None else lr, lr_tensor, beta2_decay,
-        torch.finfo(bucket.dtype).eps if eps1 is None else eps1, eps2, d, weight_decay, maximize, beta1, grad_mult,
-        found_inf, bucket.sr_seed, _chunk(bucket),
+        params=bucket.params, grads=bucket.grads, exp_avgs=states.get("exp_avg", []),
+        variances=states.get("variance", []), row_vars=states.get("row_var", []), col_vars=states.get("col_var", []),
+        exp_avg_scales=states.get("exp_avg_scale", []), masters=bucket.masters or [], steps=bucket.steps, rows=rows,
+        cols=cols, lr=0.0 if lr_tensor is not None else lr, lr_tensor=lr_tensor, beta2_decay=beta2_decay,
+        eps1=torch.finfo(bucket.dtype).eps if eps1 is None else eps1, eps2=eps2, d=d, weight_decay=weight_decay,
+        maximize=maximize, beta1=beta1, grad_mult=grad_mult, found_inf=found_inf, sr_seed=bucket.sr_seed,
+        chunk_size=_chunk(bucket),
     )
 
 
@@ -112,11 +121,13 @@ def adafactor_sharded(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, m
 
     def phase(number, inputs=()):  # three float64 vectors, empty where a phase has nothing to give
         return torch.ops.fusedopt_cpu.adafactor_sharded(
-            number, bucket.params, bucket.grads, states.get("exp_avg", []), states.get("variance", []),
-            states.get("row_var", []), states.get("col_var", []), bucket.masters or [], bucket.steps, dims, numel,
-            list(inputs), 0.0 if lr_tensor is not None else lr, lr_tensor, beta2_decay,
-            torch.finfo(bucket.dtype).eps if eps1 is None else eps1, eps2, d, weight_decay, maximize, beta1,
-            grad_mult, found_inf, bucket.sr_seed, _chunk(bucket))
+            phase=number, params=bucket.params, grads=bucket.grads, exp_avgs=states.get("exp_avg", []),
+            variances=states.get("variance", []), row_vars=states.get("row_var", []),
+            col_vars=states.get("col_var", []), masters=bucket.masters or [], steps=bucket.steps, dims=dims,
+            numel=numel, inputs=list(inputs), lr=0.0 if lr_tensor is not None else lr, lr_tensor=lr_tensor,
+            beta2_decay=beta2_decay, eps1=torch.finfo(bucket.dtype).eps if eps1 is None else eps1, eps2=eps2, d=d,
+            weight_decay=weight_decay, maximize=maximize, beta1=beta1, grad_mult=grad_mult, found_inf=found_inf,
+            sr_seed=bucket.sr_seed, chunk_size=_chunk(bucket))
 
     if bucket.kind.factored:
         row_sums, col_sums, p_sq = phase(0)
@@ -152,18 +163,21 @@ def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, fou
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
     states = bucket.states
     torch.ops.fusedopt_cpu.sophia(
-        bucket.params, bucket.grads, states["exp_avg"], states["hessian"], states.get("exp_avg_scale", []),
-        states.get("hessian_scale", []), bucket.masters or [], bucket.steps, 0.0 if lr_tensor is not None else lr,
-        lr_tensor, beta1, rho * bs, weight_decay, maximize, grad_mult, found_inf, bucket.sr_seed, _chunk(bucket))
+        params=bucket.params, grads=bucket.grads, exp_avgs=states["exp_avg"], hessians=states["hessian"],
+        exp_avg_scales=states.get("exp_avg_scale", []), hessian_scales=states.get("hessian_scale", []),
+        masters=bucket.masters or [], steps=bucket.steps, lr=0.0 if lr_tensor is not None else lr,
+        lr_tensor=lr_tensor, beta1=beta1, rho_bs=rho * bs, weight_decay=weight_decay, maximize=maximize,
+        grad_mult=grad_mult, found_inf=found_inf, sr_seed=bucket.sr_seed, chunk_size=_chunk(bucket))
 
 
 def sophia_hessian(bucket, *, beta2):
-    torch.ops.fusedopt_cpu.sophia_hessian(bucket.params, bucket.grads, bucket.states["hessian"],
-                                          bucket.states.get("hessian_scale", []), bucket.masters is not None, beta2,
-                                          _chunk(bucket))
+    torch.ops.fusedopt_cpu.sophia_hessian(params=bucket.params, grads=bucket.grads, hessians=bucket.states["hessian"],
+                                          hessian_scales=bucket.states.get("hessian_scale", []),
+                                          has_master=bucket.masters is not None, beta2=beta2,
+                                          chunk_size=_chunk(bucket))
 
 
 def cast_fp8(inputs, outputs, scales):
     """inputs, outputs: aligned lists (same shapes and strides); scales: fp32
     [n] on the CPU. Returns the inputs' absmax (fp64 [n])."""
-    return torch.ops.fusedopt_cpu.cast_fp8(inputs, outputs, scales, CHUNK_SIZE)
+    return torch.ops.fusedopt_cpu.cast_fp8(inputs=inputs, outputs=outputs, scales=scales, chunk_size=CHUNK_SIZE)
