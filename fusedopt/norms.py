@@ -71,8 +71,7 @@ def _as_real(t: Tensor, p: float) -> Tensor:
 
 
 def _groups(tensors: list[Tensor]) -> dict[tuple, list[int]]:
-    """Indices of the non-empty tensors per (device, dtype), in order."""
-    _check(tensors)
+    """Indices of the non-empty tensors per (device, dtype), in order (_check'ed by the caller)."""
     groups: dict[tuple, list[int]] = {}
     for i, t in enumerate(tensors):
         if t.numel():

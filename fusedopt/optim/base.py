@@ -72,12 +72,9 @@ class FusedOptimizer(Optimizer):
     def __init__(self, params, defaults: dict, *, backend: str | None = None, master_weights: bool = False,
                  max_grad_norm: float | None = None, state_dtype: torch.dtype | None = None,
                  stochastic_rounding: bool = False, fp8=None):
-        if max_grad_norm is not None and not float(max_grad_norm) >= 0.0:
-            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (None or 0 turns clipping off)")
+        check_options(max_grad_norm, master_weights)
         _check_state_dtype(type(self).__name__, state_dtype)
         self._requested_backend = backends.validate_name(backend)
-        if not isinstance(master_weights, bool):  # a string or a number is not silently taken as True
-            raise ValueError(f"master_weights must be True or False, got {master_weights!r}")
         self.master_weights = master_weights
         #: storage dtype of the elementwise states; None: the param's dtype (fp32 with master weights)
         self.state_dtype = state_dtype
@@ -884,6 +881,14 @@ def _fp8_state_ok(state: dict, name: str, p: Tensor) -> bool:
     scales = state.get(fp8_states.scale_name(name))
     return (state[name].shape == p.shape and state[name].is_contiguous() and isinstance(scales, Tensor)
             and scales.dtype == torch.float32 and scales.shape == (fp8_states.n_blocks(p.numel()),))
+
+
+def check_options(max_grad_norm, master_weights) -> None:
+    """The options every fusedopt optimizer takes, checked before anything is built."""
+    if max_grad_norm is not None and not float(max_grad_norm) >= 0.0:
+        raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (None or 0 turns clipping off)")
+    if not isinstance(master_weights, bool):  # a string or a number is not silently taken as True
+        raise ValueError(f"master_weights must be True or False, got {master_weights!r}")
 
 
 def _check_state_dtype(name: str, state_dtype) -> None:

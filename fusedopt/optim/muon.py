@@ -11,7 +11,7 @@ from .. import backends, dtensor
 from ..norms import grad_norm
 from ..reference.muon import DEFAULT_NS_COEFFICIENTS, adjusted_lr, newton_schulz, newton_schulz_batched
 from .adamw import FusedAdamW
-from .base import evaluate_closure
+from .base import check_options, evaluate_closure
 
 #: group keys a torch.optim.Muon state_dict lacks: filled from the defaults when one is loaded
 _OWN_KEYS = ("adamw_betas", "adamw_eps", "use_muon")
@@ -70,14 +70,11 @@ class FusedMuon(Optimizer):
             raise ValueError("Number of steps must be less than 100 for computational efficiency")
         if ns_dtype not in (torch.bfloat16, torch.float32):
             raise ValueError(f"ns_dtype must be torch.bfloat16 (torch's) or torch.float32, got {ns_dtype}")
-        if max_grad_norm is not None and not float(max_grad_norm) >= 0.0:
-            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (None or 0 turns clipping off)")
+        check_options(max_grad_norm, master_weights)
         #: clip by the global L2 norm of every grad (Muon's and AdamW's params together); None or 0: off
         self.max_grad_norm = float(max_grad_norm) if max_grad_norm else None
         #: that norm at the last step (a device tensor), with max_grad_norm
         self.last_grad_norm: Tensor | None = None
-        if not isinstance(master_weights, bool):
-            raise ValueError(f"master_weights must be True or False, got {master_weights!r}")
         if state_dtype not in (None, torch.float32, torch.bfloat16):
             raise ValueError(f"FusedMuon: state_dtype must be None, torch.float32 or torch.bfloat16, got {state_dtype} "
                              "(FP8 momentum is not supported yet)")
