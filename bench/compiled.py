@@ -3,9 +3,10 @@ zero_grad) of a GPT-2-shaped model: FusedAdamW against torch's fused AdamW,
 and the same compiled step without an optimizer, whose time the optimizer's
 share is measured against: share = (step - forward/backward) / step.
 
-torch's fused AdamW is traced into the compiled graph; fusedopt's step runs
-eagerly at a graph break (README: torch.compile), so this measures what that
-break costs a user. The model: GPT-2 with d=256 and 4 layers (the CPU case of
+torch's fused AdamW is traced into the compiled graph. fusedopt's step with a
+float lr runs eagerly at a graph break (README: torch.compile), so that row
+measures what the break costs a user; with a tensor lr ("traced") on a
+backend whose ops are custom ops it is traced into the graph too. The model: GPT-2 with d=256 and 4 layers (the CPU case of
 bench/cases.py: gpt2-d256-L4), one sequence of 32 tokens (a short forward, so
 the optimizer's share stands out of the noise).
 """
@@ -75,6 +76,9 @@ def run(device: torch.device, case_names, warmup: int, reps: int, log=print):
     for backend in [b for b in kernel_backends(device) if b != "reference"]:
         optimizers[f"fusedopt {backend} FusedAdamW"] = \
             (lambda be: lambda ps: fusedopt.FusedAdamW(ps, lr=1e-4, backend=be))(backend)
+        if getattr(fusedopt.backends.get(backend), "TRACEABLE", False):
+            optimizers[f"fusedopt {backend} FusedAdamW traced"] = \
+                (lambda be: lambda ps: fusedopt.FusedAdamW(ps, lr=torch.tensor(1e-4), backend=be))(backend)
     fns, n = {}, 0
     for name, make in [*optimizers.items(), ("forward/backward only", None)]:
         torch.manual_seed(0)
@@ -84,7 +88,8 @@ def run(device: torch.device, case_names, warmup: int, reps: int, log=print):
         step = torch.compile(training_step)
         fns[name] = (lambda s, m, o: lambda: s(m, o, idx, target))(step, model, opt)
         log(f"compiled {name}: compiling")
-        fns[name]()  # compile outside the timed rounds
+        fns[name]()  # compile outside the timed rounds (a traced step: its first step, eager, creates the
+        fns[name]()  # states; the second compiles the step into the graph)
     log(f"compiled step gpt2-d256-L4: {n / 1e6:.1f}M params, {len(fns)} contenders")
     results = []
     for name, ts in alternate(fns, device, warmup, reps).items():

@@ -258,7 +258,6 @@ def _clip(parameters, max_norm: float, norm_type: float, error_if_nonfinite: boo
     return total
 
 
-@torch._disable_dynamo  # as FusedOptimizer.step: eager under torch.compile
 @torch.no_grad()
 def grad_norm(parameters: Tensor | Iterable[Tensor], norm_type: float = 2.0, per_tensor: bool = False,
               backend: str | None = None):
@@ -268,6 +267,10 @@ def grad_norm(parameters: Tensor | Iterable[Tensor], norm_type: float = 2.0, per
     one norm per parameter that has a grad, in order (fp32 on the first grad's
     device; 0 for empty grads).
     """
+    if torch.compiler.is_compiling():
+        parameters, traceable = _traceable(parameters, backend)
+        if not traceable:
+            return _eager(grad_norm, parameters, norm_type, per_tensor, backend)
     p = _check_norm_type(norm_type)
     local = _local_norm(parameters, p, backend)
     if local is None:
@@ -295,7 +298,6 @@ def scale_(tensors: list[Tensor], factor: Tensor, backend: str | None = None) ->
                 original.copy_(copy)
 
 
-@torch._disable_dynamo  # as FusedOptimizer.step: eager under torch.compile
 @torch.no_grad()
 def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float, norm_type: float = 2.0,
                     error_if_nonfinite: bool = False, foreach: bool | None = None,
@@ -309,4 +311,38 @@ def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float, norm
     the grads), as are norm types torch takes but that are not norms (0,
     negative, -inf).
     """
+    if torch.compiler.is_compiling():
+        parameters, traceable = _traceable(parameters, backend)
+        if not traceable or error_if_nonfinite:  # (that check reads the norm on the host)
+            return _eager(_clip, parameters, max_norm, norm_type, error_if_nonfinite, backend)
     return _clip(parameters, max_norm, norm_type, error_if_nonfinite, backend)
+
+
+def _traceable(parameters, backend: str | None) -> tuple[object, bool]:
+    """Under torch.compile: (the parameters, read once where they are an
+    iterator, and whether Dynamo can trace the norm into the graph: plain
+    tensors whose grads a TRACEABLE backend reads, its launches being custom
+    ops). Otherwise the call runs eagerly behind a graph break (DTensor grads
+    make collectives; other backends read scalars or pointer tables on the
+    host; an empty generator is passed on as it is)."""
+    if isinstance(parameters, Tensor):
+        parameters = [parameters]
+    elif not isinstance(parameters, (list, tuple)):
+        listed = list(parameters)
+        if not listed:
+            return parameters, False
+        parameters = listed
+    for p in parameters:
+        g = p.grad
+        if g is None:
+            continue
+        if type(g) not in (Tensor, torch.nn.Parameter) or g.layout is not torch.strided:
+            return parameters, False
+        if not getattr(backends.resolved(backend, g.device), "TRACEABLE", False):
+            return parameters, False  # (also until a first eager call has chosen the backend)
+    return parameters, True
+
+
+@torch._disable_dynamo  # the eager call behind a graph break (see _traceable)
+def _eager(function, *args):
+    return function(*args)

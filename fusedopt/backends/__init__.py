@@ -14,7 +14,10 @@ A backend is a module of this package with:
   optimizer's function is not a candidate for it,
 * optionally ``fp8_update_(copies, amax, found_inf, recipe)``: the delayed
   scaling after a step with FP8 copies in one call (else
-  ``Float8Recipe.update_``, its spec, runs as torch ops).
+  ``Float8Recipe.update_``, its spec, runs as torch ops),
+* optionally ``TRACEABLE = True``: every launch is a registered custom op or
+  plain torch ops, so torch.compile can trace a step into its graph
+  (FusedOptimizer._traced_plans); without it a compiled step runs eagerly.
 
 Choice for a device: the ``backend=`` argument, else ``$FUSEDOPT_BACKEND``,
 else automatic: on CUDA ``cuda`` if it builds, else ``triton``; on CPU ``cpu``
@@ -44,9 +47,16 @@ def validate_name(name: str | None) -> str | None:
     return name
 
 
+_modules: dict[str, ModuleType] = {}
+
+
 def get(name: str) -> ModuleType:
-    """The backend module (imports nothing heavy: triton/extensions load in load())."""
-    return importlib.import_module(f"{__name__}.{validate_name(name)}")
+    """The backend module (imports nothing heavy: triton/extensions load in load()).
+    A dict lookup after the first call: a compiled step traces through it."""
+    module = _modules.get(name)
+    if module is None:
+        module = _modules[name] = importlib.import_module(f"{__name__}.{validate_name(name)}")
+    return module
 
 
 def _device_type(device) -> str:
@@ -79,6 +89,15 @@ def resolve(requested: str | None, device, op: str = "") -> str:
     if key not in _resolved:
         _resolved[key] = _resolve(explicit, requested, device_type, op)
     return _resolved[key]
+
+
+def resolved(requested: str | None, device) -> ModuleType | None:
+    """The module resolve() chose for (requested, device) if it already chose
+    one, else None: a lookup Dynamo traces (resolve's first call runs checks,
+    builds and imports that it cannot)."""
+    explicit = requested or os.environ.get("FUSEDOPT_BACKEND") or None
+    name = _resolved.get((explicit, _device_type(device), ""))
+    return None if name is None else _modules.get(name)
 
 
 def _resolve(explicit: str | None, requested: str | None, device_type: str, op: str) -> str:

@@ -13,6 +13,8 @@ from . import _tables, cpu_fakes
 
 NAME = "cpu"
 DEVICE_TYPES = ("cpu",)
+#: the fusedopt_cpu ops are custom ops with fake impls (cpu_fakes): Dynamo traces them
+TRACEABLE = True
 
 #: elements per chunk: the unit of work handed to one OpenMP thread
 CHUNK_SIZE = 1 << 16

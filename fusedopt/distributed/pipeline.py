@@ -174,7 +174,7 @@ def _device_for(group, params) -> torch.device:
 _clip_owners: dict = {}
 
 
-@torch._disable_dynamo  # as FusedOptimizer.step: eager under torch.compile
+@torch._disable_dynamo  # eager under torch.compile (a graph break), as FusedOptimizer._eager_step
 @torch.no_grad()
 def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float, norm_type: float = 2.0,
                     error_if_nonfinite: bool = False, foreach: bool | None = None, *, pp_group=None,
@@ -271,7 +271,7 @@ class PipelineOptimizer(WrappingOptimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none)
 
-    @torch._disable_dynamo  # as FusedOptimizer.step
+    @torch._disable_dynamo  # eager under torch.compile (collectives, host-side plans): a graph break
     @torch.no_grad()
     def step(self, closure=None, grad_scaler=None):
         """The inner optimizer's step, with the norm of every stage's grads

@@ -232,7 +232,7 @@ class ZeroOptimizer(WrappingOptimizer):
         if grads is not None:
             grads.remove()
 
-    @torch._disable_dynamo  # as FusedOptimizer.step
+    @torch._disable_dynamo  # eager under torch.compile (collectives, host-side plans): a graph break
     @torch.no_grad()
     def step(self, closure=None, grad_scaler=None):
         """Reduce the grads, step this rank's shards, all-gather the params.

@@ -23,6 +23,10 @@ dtype) bucket further. A step is:
    device (not when GradScaler found inf/NaN);
 5. copy staged results back.
 
+Under torch.compile the step is traced into the graph where it can be
+(_traced_plans: the plans rebuilt without the cache, Dynamo's guards standing
+in for its checks), else it runs eagerly behind a graph break (_eager_step).
+
 DTensor params (FSDP2, tensor parallel) are planned by their local shards and
 their states are DTensors of their layout (fusedopt.dtensor). An optimizer
 whose update needs whole-tensor statistics reduces them through
@@ -84,8 +88,7 @@ class FusedOptimizer(Optimizer):
         self.fp8 = fp8
         #: clip by the global L2 norm of all grads inside step(); None or 0: off
         self.max_grad_norm = float(max_grad_norm) if max_grad_norm else None
-        #: the global grad norm of the last step (a device tensor), with max_grad_norm
-        self.last_grad_norm: Tensor | None = None
+        self._last: dict = {"grad_norm": None}  # see last_grad_norm
         self._backend_names: dict[str, str] = {}
         self._plans: dict[int, _Plan | None] = {}  # per param group index (see _Plan)
         #: set by fusedopt.distributed.PipelineOptimizer: sums this stage's grad power sum and GradScaler
@@ -177,9 +180,17 @@ class FusedOptimizer(Optimizer):
                      last_grad_norm=self.last_grad_norm)
         return state
 
+    @property
+    def last_grad_norm(self) -> Tensor | None:
+        """The global grad norm of the last step (a device tensor), with max_grad_norm."""
+        return self._last["grad_norm"]
+
     def __setstate__(self, state):
         # also called by torch's load_state_dict with only state and param_groups
+        last = state.pop("last_grad_norm", None)
         super().__setstate__(state)
+        if "last_grad_norm" in state or not hasattr(self, "_last"):
+            self._last = {"grad_norm": last}
         for name, default in (("state_dtype", None), ("stochastic_rounding", False), ("fp8", None),
                               ("_across_stages", None), ("_outer_clip", None)):
             if not hasattr(self, name):  # pickled before it existed
@@ -423,12 +434,69 @@ class FusedOptimizer(Optimizer):
         raise RuntimeError(f"{name}: a grad of shape {tuple(g.shape)} on {g.device} for a param of shape "
                            f"{tuple(p.shape)} on {p.device} (was the param resized or moved through .data?)")
 
-    @torch._disable_dynamo  # see _COMPILE below
     @torch.no_grad()
     def step(self, closure=None):
         """Perform a single optimization step (optionally re-evaluating `closure`)."""
+        if torch.compiler.is_compiling() and closure is None:
+            plans = self._traced_plans()
+            if plans is not None:  # Dynamo traces the launches: the step is part of the graph
+                self._launch(plans)
+                return None
+        return self._eager_step(closure)
+
+    @torch._disable_dynamo  # under torch.compile: a graph break (see _traced_plans for when)
+    @torch.no_grad()
+    def _eager_step(self, closure):
         loss = evaluate_closure(closure)
         plans, writeback = self._plans_of_this_step()
+        self._launch(plans)
+        for original, staged in writeback:
+            original.copy_(staged)
+        return loss
+
+    def _traced_plans(self) -> list[_Plan] | None:
+        """Under torch.compile: this step's plans, built without the plan cache
+        (Dynamo's guards on the params, grads and states take its place), for
+        Dynamo to trace with the launches into the graph; or None, and the step
+        runs eagerly behind a graph break, where tracing would cost more than
+        it gives or cannot be done:
+        - a float lr: Dynamo bakes floats into the graph, so an LR scheduler
+          would recompile it every step (a tensor lr is read at run time, as
+          torch advises for compiled torch.optim optimizers);
+        - the first step (states are created) and staged (non-contiguous) tensors;
+        - a backend whose launches are not custom ops Dynamo can trace
+          (``TRACEABLE``: cpu; the reference backend reads scalars on the
+          host), DTensor or complex params, FP8
+          states or copies, stochastic rounding (a seed drawn on the host),
+          pipeline stages, a composite optimizer's outer clip."""
+        if (self._across_stages is not None or self._outer_clip is not None or self._has_complex
+                or self.fp8 is not None or self.state_dtype == FP8_STATE_DTYPE):
+            return None
+        for group in self.param_groups:
+            if not isinstance(group["lr"], Tensor):
+                return None
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    continue
+                if type(p) not in _PLAIN or type(g) not in _PLAIN or p.is_complex():
+                    return None
+                if not getattr(self._backend_for(p.device), "TRACEABLE", False):
+                    return None
+                state = self.state.get(p)
+                if not state or not p.is_contiguous() or not g.is_contiguous():
+                    return None
+                if not all(t.is_contiguous() for t in state.values() if isinstance(t, Tensor)):
+                    return None
+                if self.stochastic_rounding and p.dtype == torch.bfloat16 and not self._uses_master(p):
+                    return None
+        plans, writeback = self._plans_of_this_step(cached=False)
+        assert not writeback, "_traced_plans admits contiguous tensors only"
+        return plans
+
+    def _launch(self, plans: list[_Plan]) -> None:
+        """The step's device work for the plans: GradScaler's flag, the clip
+        coefficient, then each bucket's update."""
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = _found_inf_on_every_rank(getattr(self, "found_inf", None), plans)
         power = self._grad_power_sum(plans) if self.max_grad_norm else None
@@ -449,9 +517,6 @@ class FusedOptimizer(Optimizer):
                     continue
                 self._update(self._backend_for(bucket.device), group, bucket, lr,
                              scalars.grad_mult(bucket.device), scalars.found_inf(bucket.device))
-        for original, staged in writeback:
-            original.copy_(staged)
-        return loss
 
     def _stochastic_rounding_seed(self, bucket: Bucket) -> int | None:
         """A fresh seed for each launch that rounds stochastically (bf16 params
@@ -495,47 +560,48 @@ class FusedOptimizer(Optimizer):
         coefficient from it, on the device."""
         if not self.max_grad_norm:
             return None
+        # (kept in a dict: Dynamo drops attribute stores on an Optimizer in a traced step, not dict stores)
         if power is None:  # no grads: a norm of 0, as clip_grad_norm_ returns, and nothing to scale
-            self.last_grad_norm = torch.zeros(())
+            self._last["grad_norm"] = torch.zeros(())
             return None
         total = power.sqrt()
         if grad_scale is not None:
             total = total / grad_scale.to(device=total.device, dtype=torch.float64).reshape(())
         # fp64 when some grads are, else fp32, and the coefficient in that dtype: as clip_grad_norm_ forms them
         fp64 = any(bucket.dtype == torch.float64 for plan in plans for bucket in plan.buckets)
-        self.last_grad_norm = total if fp64 else total.float()
-        return self._clip_multiplier(self.last_grad_norm, self.max_grad_norm)
+        self._last["grad_norm"] = norm = total if fp64 else total.float()
+        return self._clip_multiplier(norm, self.max_grad_norm)
 
-    def _plans_of_this_step(self) -> tuple[list[_Plan], list[tuple[Tensor, Tensor]]]:
+    def _plans_of_this_step(self, cached: bool = True) -> tuple[list[_Plan], list[tuple[Tensor, Tensor]]]:
         """Every group's plan for the grads as they are now, and the staged
         copies to write back after the kernels ran. Everything is checked
         before the first plan is built (building creates state): a bad
-        hyperparameter, grad or state in any group raises with nothing changed."""
+        hyperparameter, grad or state in any group raises with nothing changed.
+        `cached`: reuse and keep plans between steps (_Plan)."""
         all_grads = [[p.grad for p in group["params"]] for group in self.param_groups]
-        cached = []
+        plans: list[_Plan | None] = []
         for index, (group, grads) in enumerate(zip(self.param_groups, all_grads)):
             self._check_group(group, f"param group {index}")
             self._check_grads(group["params"], grads)
             all_grads[index] = local_grads = _local_grads(group["params"], grads)  # what the kernels read
             if self._has_complex:
                 all_grads[index] = local_grads = [_real(g) if g is not None else g for g in local_grads]
-            plan = self._plans.get(index)
-            cached.append(plan if plan is not None and plan.reusable(self, group, local_grads) else None)
-            if cached[-1] is None:  # a reused plan's states are the ones it checked when it was built
+            plan = self._plans.get(index) if cached else None
+            plans.append(plan if plan is not None and plan.reusable(self, group, local_grads) else None)
+            if plans[-1] is None:  # a reused plan's states are the ones it checked when it was built
                 for p, g, lg in zip(group["params"], grads, local_grads):
                     if g is not None:
                         if g.shape != p.shape or g.device != p.device or lg.shape != _kernel_view(p).shape:
                             self._refuse_grad(p, g)
                         self._check_state(group, p, self._bucket_kind(p))
         writeback: list[tuple[Tensor, Tensor]] = []
-        plans = []
-        for index, (group, grads, plan) in enumerate(zip(self.param_groups, all_grads, cached)):
+        for index, (group, grads, plan) in enumerate(zip(self.param_groups, all_grads, plans)):
             if plan is not None:
                 plan.refill(grads)
             else:
-                plan = self._build_plan(group, grads, writeback)
-                self._plans[index] = plan if plan.cacheable else None
-            plans.append(plan)
+                plans[index] = plan = self._build_plan(group, grads, writeback)
+                if cached:
+                    self._plans[index] = plan if plan.cacheable else None
         return plans, writeback
 
     def _build_plan(self, group: dict, grads: list, writeback: list) -> _Plan:

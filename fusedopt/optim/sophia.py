@@ -82,7 +82,6 @@ class FusedSophia(FusedOptimizer):
         if not isinstance(group.get("bs"), numbers.Real) or not group["bs"] > 0:
             check.fail("bs", "must be a number > 0")
 
-    @torch._disable_dynamo  # as FusedOptimizer.step
     def step(self, closure=None, bs: int | None = None):
         """One SophiaG step; `bs` (default: the group's) scales the Hessian
         estimate as in the authors' code (tokens per batch for GNB)."""
@@ -94,7 +93,7 @@ class FusedSophia(FusedOptimizer):
         finally:
             self._bs_override = None
 
-    @torch._disable_dynamo  # as FusedOptimizer.step
+    @torch._disable_dynamo  # under torch.compile: eager, as FusedOptimizer._eager_step
     @torch.no_grad()
     def update_hessian(self) -> None:
         """h = beta2 * h + (1 - beta2) * grad * grad for every param with a grad."""
