@@ -10,7 +10,8 @@ from torch import Tensor
 from .. import dtensor
 from ..reference import adafactor as adafactor_spec
 from ..backends._dtypes import SUPPORTED_PARAM_DTYPES
-from .base import FusedOptimizer, GroupCheck
+from .base import FusedOptimizer
+from .checks import GroupCheck
 
 
 class _Sharded(NamedTuple):

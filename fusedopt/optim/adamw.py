@@ -5,7 +5,8 @@ import torch
 from torch import Tensor
 
 from ..fp8 import Float8Recipe, delayed_scaling_update_
-from .base import FusedOptimizer, GroupCheck, check_hyperparameters
+from .base import FusedOptimizer
+from .checks import GroupCheck, check_hyperparameters
 
 
 class FusedAdamW(FusedOptimizer):

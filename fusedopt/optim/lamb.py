@@ -7,7 +7,8 @@ import torch
 from torch import Tensor
 
 from ..reference import lamb as lamb_spec
-from .base import FusedOptimizer, GroupCheck, check_hyperparameters
+from .base import FusedOptimizer
+from .checks import GroupCheck, check_hyperparameters
 
 
 class FusedLAMB(FusedOptimizer):

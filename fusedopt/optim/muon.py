@@ -11,7 +11,8 @@ from .. import backends, dtensor
 from ..norms import grad_norm
 from ..reference.muon import DEFAULT_NS_COEFFICIENTS, adjusted_lr, newton_schulz, newton_schulz_batched
 from .adamw import FusedAdamW
-from .base import check_options, evaluate_closure
+from .base import evaluate_closure
+from .checks import check_options
 
 #: group keys a torch.optim.Muon state_dict lacks: filled from the defaults when one is loaded
 _OWN_KEYS = ("adamw_betas", "adamw_eps", "use_muon")

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import FusedOptimizer, GroupCheck, check_hyperparameters
+from .base import FusedOptimizer
+from .checks import GroupCheck, check_hyperparameters
 
 
 class FusedSophia(FusedOptimizer):
