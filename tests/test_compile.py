@@ -70,6 +70,19 @@ def test_compiled_training_step_equals_eager(opt_class, kwargs, backend):
             torch.testing.assert_close(opt.state[p][name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def steps_side_by_side(x, step, run, ref_run, steps=4):
+    """`steps` training steps of two (model, optimizer, scheduler) runs, the
+    first stepping through `step` (a compiled opt.step), the other eagerly."""
+    for _ in range(steps):
+        for m in (run[0], ref_run[0]):
+            m(x).square().mean().backward()
+        step()
+        ref_run[1].step()
+        for _, o, s in (run, ref_run):
+            o.zero_grad()
+            s.step()
+
+
 @pytest.mark.parametrize("opt_class,kwargs", OPTIMIZERS, ids=[o.__name__ for o, _ in OPTIMIZERS])
 def test_compiled_step_is_the_eager_step(opt_class, kwargs):
     """torch.compile(opt.step), as torch's docs advise for torch.optim: bit
@@ -81,14 +94,7 @@ def test_compiled_step_is_the_eager_step(opt_class, kwargs):
     counter = CompileCounter()
     step = torch.compile(opt.step, backend=counter)
     x = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))
-    for _ in range(4):
-        for m in (model, ref_model):
-            m(x).square().mean().backward()
-        step()
-        ref_opt.step()
-        for o, s in ((opt, sched), (ref_opt, ref_sched)):
-            o.zero_grad()
-            s.step()
+    steps_side_by_side(x, step, (model, opt, sched), (ref_model, ref_opt, ref_sched))
     assert counter.frame_count <= 1
     for p, q in zip(model.parameters(), ref_model.parameters()):
         assert torch.equal(p, q)
@@ -156,14 +162,7 @@ def test_traced_step_has_no_graph_break(opt_class, kwargs):
     counter = CompileCounterWithBackend("aot_eager")
     step = torch.compile(opt.step, backend=counter, fullgraph=True)  # fullgraph: a graph break raises
     sched, ref_sched = scheduler(opt), scheduler(ref_opt)
-    for _ in range(4):
-        for m in (model, ref_model):
-            m(x).square().mean().backward()
-        step()
-        ref_opt.step()
-        for o, s in ((opt, sched), (ref_opt, ref_sched)):
-            o.zero_grad()
-            s.step()
+    steps_side_by_side(x, step, (model, opt, sched), (ref_model, ref_opt, ref_sched))
     assert counter.frame_count == 1, f"compiled {counter.frame_count} times"
     ops = {str(n.target) for g in counter.graphs for n in g.graph.nodes if n.op == "call_function"}
     assert any(op.startswith("fusedopt_cpu.") for op in ops), ops  # the update is in the graph
