@@ -547,6 +547,10 @@ def zero_edges_worker(rank, world):
     for cls in (FusedLAMB, FusedAdafactor):
         with pytest.raises(TypeError, match="not elementwise"):
             ZeroOptimizer(small().parameters(), cls, lr=0.1)
+    from fusedopt import FusedMuon
+
+    with pytest.raises(TypeError, match="FusedMuon orthogonalises whole matrices"):
+        ZeroOptimizer(small().parameters(), FusedMuon, lr=0.1)
 
     # max_grad_norm with a rank whose shard is all padding (2 elements over 3 ranks), after zero_grad
     torch.manual_seed(0)

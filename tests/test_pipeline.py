@@ -11,7 +11,7 @@ import pytest
 import torch
 from dist_helpers import spawn
 
-from fusedopt import FusedAdamW, FusedLAMB
+from fusedopt import FusedAdamW, FusedLAMB, FusedMuon
 from fusedopt._resources import shipped_module
 
 example = shipped_module("bench", "examples.pipeline_3d")
@@ -21,7 +21,9 @@ pytestmark = pytest.mark.distributed
 
 LAYERS, MICRO, BATCH, STEPS = 4, 4, 8, 3
 KWARGS = {FusedAdamW: dict(lr=1e-2, weight_decay=0.1, max_grad_norm=0.5),
-          FusedLAMB: dict(lr=1e-2, weight_decay=0.01, max_grad_norm=0.5)}
+          FusedLAMB: dict(lr=1e-2, weight_decay=0.01, max_grad_norm=0.5),
+          # fp32 Newton-Schulz: micro-batches sum the grads in another order, which a bf16 rounding could magnify
+          FusedMuon: dict(lr=2e-2, weight_decay=0.1, max_grad_norm=0.5, ns_dtype=torch.float32)}
 
 
 def close(a, b, what, rtol=2e-5, atol=2e-6):
@@ -101,8 +103,8 @@ def pp2_worker(rank, world, directory):
     torch.set_num_threads(1)
     group = dist.group.WORLD
 
-    # params and the clip norm of every step equal the whole model's, for AdamW and LAMB
-    for opt_class in (FusedAdamW, FusedLAMB):
+    # params and the clip norm of every step equal the whole model's, for AdamW, LAMB and Muon
+    for opt_class in (FusedAdamW, FusedLAMB, FusedMuon):
         want_norms, whole = reference(model(), opt_class, STEPS, **KWARGS[opt_class])
         for schedule in (ScheduleGPipe, Schedule1F1B):
             part = stage_of(model(), rank, 2)
@@ -182,12 +184,13 @@ def pp2_worker(rank, world, directory):
         clip_grad_norm_(part.parameters(), 1.0, pp_group="pp")
 
     # GradScaler: an inf in stage 1's grads makes both stages skip and keep the same scale
-    for scaler_class in (torch.amp.GradScaler, fusedopt.GradScaler):
+    for scaler_class, opt_class in ((torch.amp.GradScaler, FusedAdamW), (fusedopt.GradScaler, FusedAdamW),
+                                    (fusedopt.GradScaler, FusedMuon)):
         scaler = scaler_class("cpu", init_scale=2.0**10)
         if rank == 0 and scaler_class is torch.amp.GradScaler:  # torch's needs scale() on a stage without the loss
             scaler.scale(torch.zeros(()))
         part = stage_of(model(), rank, 2)
-        opt = PipelineOptimizer(part, FusedAdamW, pp_group=group, **KWARGS[FusedAdamW])
+        opt = PipelineOptimizer(part, opt_class, pp_group=group, **KWARGS[opt_class])
 
         def poison():
             if rank == 1 and poison.on:
@@ -207,7 +210,8 @@ def pp2_worker(rank, world, directory):
             scaler.update()
             opt.zero_grad()
             changed = any(not torch.equal(before[n], p) for n, p in part.named_parameters())
-            assert changed != bad, f"{scaler_class.__name__} step {step}: rank {rank} stepped={changed}"
+            assert changed != bad, f"{scaler_class.__name__} {opt_class.__name__} step {step}: rank {rank} " \
+                                   f"stepped={changed}"
             scales = [None, None]
             dist.all_gather_object(scales, scaler.get_scale(), group=group)
             assert scales[0] == scales[1] == 2.0**10 * (0.5 if step else 1.0), scales
@@ -391,6 +395,38 @@ def test_one_stage_is_the_plain_optimizer():
         fusedopt.GradScaler("cpu").unscale_(FusedAdamW(plain.parameters()))
     with pytest.raises(TypeError, match="fusedopt optimizer"):
         PipelineOptimizer(mine, torch.optim.AdamW)
+
+    # FusedMuon in one stage under GradScaler (which hands it the scale and flag): the plain FusedMuon's
+    # steps without a scaler (a power-of-two scale is exact), an inf step skipped; its flat state_dict
+    kwargs = KWARGS[FusedMuon]
+    want_norms, whole = reference(model(), FusedMuon, STEPS, **kwargs)
+    mine = model()
+    opt = PipelineOptimizer(mine, FusedMuon, **kwargs)
+    scaler = fusedopt.GradScaler("cpu", init_scale=2.0**10)
+    for step in range(STEPS + 1):
+        x, y = batch(min(step, STEPS - 1), BATCH)
+        scaler.scale(loss_fn(mine(x), y)).backward()
+        if step == STEPS:  # an inf: skipped, nothing moves
+            before = {n: p.detach().clone() for n, p in mine.named_parameters()}
+            mine.head.weight.grad[0, 0] = math.inf
+        with pytest.warns(FutureWarning, match="GradScaler"):
+            scaler.step(opt)
+        scaler.update()
+        if step < STEPS:
+            close(opt.last_grad_norm, want_norms[step], f"FusedMuon under GradScaler: norm of step {step}")
+        opt.zero_grad()
+    check_params(mine, whole, "FusedMuon under GradScaler")
+    assert all(torch.equal(before[n], p) for n, p in mine.named_parameters())
+    assert scaler.get_scale() == 2.0**9
+    sd = opt.state_dict()
+    assert {"state.layers.0.up.weight.momentum_buffer", "state.tok.weight.momentum_buffer",
+            "state.layers.0.norm.weight.exp_avg", "state.layers.0.up.bias.step"} <= set(sd), sorted(sd)[:8]
+    fresh = PipelineOptimizer(model(), FusedMuon, **kwargs)  # a template: every state exists before a step
+    assert set(fresh.state_dict()) == set(sd)
+    fresh.load_state_dict({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in sd.items()})
+    for key, value in fresh.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, sd[key]), key
     with pytest.raises(TypeError, match="model_parts"):
         PipelineOptimizer([], FusedAdamW)
     with pytest.raises(ValueError, match="different params named"):

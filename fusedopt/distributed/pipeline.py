@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from .. import norms
 from ..optim.adamw import FusedAdamW
 from ..optim.base import FusedOptimizer, evaluate_closure
+from ..optim.muon import FusedMuon
 from ._wrapper import WrappingOptimizer
 
 #: the attribute mark_shared sets on a param
@@ -230,7 +231,7 @@ class PipelineOptimizer(WrappingOptimizer):
         if not parts or not all(isinstance(m, nn.Module) for m in parts):
             raise TypeError("PipelineOptimizer: model_parts must be an nn.Module or a non-empty list of them "
                             "(the stages this rank holds)")
-        if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, FusedOptimizer)):
+        if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, (FusedOptimizer, FusedMuon))):
             raise TypeError(f"PipelineOptimizer: optimizer_class must be a fusedopt optimizer (its step takes the "
                             f"pipeline's norm and GradScaler flag), got {optimizer_class!r}")
         group = _group_of(pp_group)

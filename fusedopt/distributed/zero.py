@@ -67,6 +67,7 @@ from .. import dtensor
 from ..backends._dtypes import math_dtype
 from ..optim.adamw import FusedAdamW
 from ..optim.base import FusedOptimizer, evaluate_closure
+from ..optim.muon import FusedMuon
 from . import _collectives as comm
 from ._wrapper import WrappingOptimizer
 from .grad_buckets import GradBuckets
@@ -124,6 +125,9 @@ class ZeroOptimizer(WrappingOptimizer):
             raise RuntimeError("ZeroOptimizer needs torch.distributed initialized (dist.init_process_group)")
         if optimizer_class is None:
             optimizer_class = FusedAdamW
+        if optimizer_class is FusedMuon:
+            raise TypeError("ZeroOptimizer: FusedMuon orthogonalises whole matrices, and each rank steps one flat "
+                            "shard cutting across params; not supported yet (FusedMuon takes DTensor params: FSDP2)")
         if not issubclass(optimizer_class, FusedOptimizer):
             raise TypeError(f"ZeroOptimizer: optimizer_class must be a fusedopt optimizer (it takes the clip "
                             f"coefficient and GradScaler's flags in-kernel), got {optimizer_class.__name__}")

@@ -7,8 +7,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .. import backends, dtensor
-from ..norms import grad_norm
+from .. import backends, dtensor, norms
 from ..reference.muon import DEFAULT_NS_COEFFICIENTS, adjusted_lr, newton_schulz, newton_schulz_batched
 from .adamw import FusedAdamW
 from .base import evaluate_closure
@@ -43,7 +42,9 @@ class FusedMuon(Optimizer):
     DTensor params (FSDP2, tensor parallel): momentum and update stay on the
     local shards; each matrix is gathered whole on every rank for
     Newton-Schulz and every rank keeps its shard of the result (not yet one
-    owner rank per matrix).
+    owner rank per matrix). Pipeline stages: fusedopt.distributed.
+    PipelineOptimizer(parts, FusedMuon, ...), whose norm and GradScaler flag
+    span the stages as for the other optimizers.
     """
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
@@ -85,6 +86,9 @@ class FusedMuon(Optimizer):
         self.state_dtype = state_dtype
         self.backend_name = backends.validate_name(backend)
         self.ns_dtype = ns_dtype
+        #: set by fusedopt.distributed.PipelineOptimizer, as on FusedOptimizer: the norm and GradScaler's
+        #: flag summed with the other pipeline stages' (one collective), the params another stage counts
+        self._across_stages = None
         self._adamw: FusedAdamW | None = None
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
@@ -102,6 +106,8 @@ class FusedMuon(Optimizer):
     def __setstate__(self, state):
         # also called by torch's load_state_dict with only state and param_groups
         super().__setstate__(state)
+        if not hasattr(self, "_across_stages"):
+            self._across_stages = None
         self._adamw = self._build_adamw()  # over the (possibly new) groups, sharing the (possibly new) state
 
     # --- which params get what ---------------------------------------------
@@ -142,36 +148,85 @@ class FusedMuon(Optimizer):
     @torch._disable_dynamo  # eager under torch.compile (a graph break), as FusedOptimizer._eager_step
     @torch.no_grad()
     def step(self, closure=None):
-        """Perform a single optimization step (optionally re-evaluating `closure`)."""
+        """Perform a single optimization step (optionally re-evaluating `closure`).
+
+        GradScaler: ``scaler.step(opt)`` unscales the grads and skips a step
+        with inf/NaN grads itself (torch's path). A wrapper that hands over the
+        scale and flag instead (PipelineOptimizer sets ``grad_scale`` and
+        ``found_inf``) gets them applied here: the flag (every stage's) read on
+        the host, and a skipped step changes nothing; 1/scale multiplies the
+        grads as the read happens."""
         loss = evaluate_closure(closure)
         work = [self._muon_params(group) for group in self.param_groups]  # every check before any update
-        clip = self._clip_coefficient()
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        power, dtype = self._grad_power() if self.max_grad_norm else (None, None)
+        if self._across_stages is not None:
+            power, found_inf = self._across_stages.reduce(power, found_inf, clipping=bool(self.max_grad_norm))
+        if found_inf is not None and bool(found_inf.sum() > 0):
+            return loss
+        clip = self._clip_coefficient(power, dtype, grad_scale)
+        mult = clip
+        if grad_scale is not None:
+            unscale = grad_scale.detach().double().reciprocal()
+            mult = unscale if clip is None else clip.double() * unscale.to(clip.device)
         for group, (params, grads) in zip(self.param_groups, work):
             if params:
-                if clip is not None:  # clip_grad_norm_'s product, without writing into the grads
-                    grads = [g * dtensor.scalar_like(g, clip.to(g.device)) for g in grads]
+                if mult is not None:  # clip_grad_norm_'s product, without writing into the grads
+                    grads = [g * dtensor.scalar_like(g, mult.to(g.device)) for g in grads]
                 self._muon_group(group, params, grads)
         if self._adamw is not None:
-            for index, inner in zip(self._adamw_groups, self._adamw.param_groups):
-                inner.update(self._adamw_hyper(self.param_groups[index]))  # schedulers edit our groups
-            self._adamw._outer_clip = clip  # the kernels apply it as they apply their own
+            inner = self._adamw
+            for index, group in zip(self._adamw_groups, inner.param_groups):
+                group.update(self._adamw_hyper(self.param_groups[index]))  # schedulers edit our groups
+            inner._outer_clip = clip  # the kernels apply it as they apply their own
+            if grad_scale is not None:
+                inner.grad_scale = grad_scale
             try:
-                self._adamw.step()
+                inner.step()
             finally:
-                self._adamw._outer_clip = None
+                inner._outer_clip = None
+                if grad_scale is not None:
+                    del inner.grad_scale
         return loss
 
-    def _clip_coefficient(self) -> Tensor | None:
-        """With max_grad_norm: clip_grad_norm_'s min(max_norm / (norm + 1e-6), 1)
-        for the norm of every grad, kept in last_grad_norm."""
-        if not self.max_grad_norm:
-            return None
+    def _grad_power(self) -> tuple[Tensor | None, torch.dtype | None]:
+        """(the sum of the squares of every grad, Muon's and AdamW's params
+        together, params another pipeline stage counts left out; the norm's
+        dtype), or (None, None) when no param has a grad."""
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         if not params:
+            return None, None
+        parts, own, dtype = norms._local_norm(params, 2.0, self.backend_name, self._across_stages)
+        return norms.power_total(parts, 2.0, own[0].device), dtype
+
+    def _clip_coefficient(self, power: Tensor | None, dtype, grad_scale: Tensor | None) -> Tensor | None:
+        """With max_grad_norm: clip_grad_norm_'s min(max_norm / (norm + 1e-6), 1)
+        for the norm from `power` (GradScaler's scale divided out), kept in
+        last_grad_norm."""
+        if not self.max_grad_norm:
+            return None
+        if power is None:
             self.last_grad_norm = torch.zeros(())
             return None
-        self.last_grad_norm = grad_norm(params, backend=self.backend_name)
+        total = norms.root(power, 2.0)
+        if grad_scale is not None:
+            total = total / grad_scale.to(device=total.device, dtype=torch.float64).reshape(())
+        self.last_grad_norm = total.to(dtype or torch.float32)
         return torch.clamp(self.max_grad_norm / (self.last_grad_norm + 1e-6), max=1.0)
+
+    def _bucket_kind(self, p: Tensor) -> None:
+        return None  # (asked with _prepare_state, as of a FusedOptimizer)
+
+    def _prepare_state(self, group: dict, p: Tensor, kind=None) -> dict:
+        """p's state with whatever is missing created, before any step (a
+        wrapper's state_dict template, e.g. PipelineOptimizer's): a matrix's
+        momentum buffer (and master), another param's AdamW states through
+        the inner FusedAdamW."""
+        if self._is_muon(group, p):
+            self._momentum_buffers([p], [p])  # the buffer takes the grad's dtype: the param's
+            return self.state[p]
+        inner = next(g for g in self._adamw.param_groups if any(q is p for q in g["params"]))
+        return self._adamw._prepare_state(inner, p, None)
 
     def _muon_params(self, group: dict) -> tuple[list[Tensor], list[Tensor]]:
         params, grads = [], []
