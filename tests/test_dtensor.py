@@ -167,6 +167,38 @@ def check_optimizers(layout: Layout):
             torch.testing.assert_close(opt.last_grad_norm, single_opt.last_grad_norm, rtol=1e-5, atol=0)
 
 
+def check_muon_owners(layout: Layout):
+    """FusedMuon's batched path orthogonalises each DTensor matrix on one
+    owner rank of its mesh (results broadcast): over the world, a matrix on
+    a mesh of s ranks is computed world/s times (once per copy of the mesh),
+    a plain one on every rank; the result is the one process's (check_optimizers)."""
+    import torch.distributed as dist
+
+    import fusedopt.optim.muon as muon_module
+
+    model, _ = layout.models()
+    opt = FusedMuon(model.parameters(), backend="cpu", lr=0.02)
+    computed = [0]
+    original = muon_module.newton_schulz_batched
+
+    def counting(x, *args, **kwargs):
+        computed[0] += x.shape[0]
+        return original(x, *args, **kwargs)
+
+    muon_module.newton_schulz_batched = counting
+    try:
+        layout.train(model, opt, 1)
+    finally:
+        muon_module.newton_schulz_batched = original
+    world = dist.get_world_size()
+    matrices = [p for p in model.parameters() if p.ndim >= 2]
+    want = sum(world // p.device_mesh.size() if fusedopt.dtensor.is_dtensor(p) else world for p in matrices)
+    total = torch.tensor([computed[0]])
+    dist.all_reduce(total)
+    assert total.item() == want, (layout.name, total.item(), want)
+    assert want < world * len(matrices)  # less than every rank computing every matrix
+
+
 def check_clip(layout: Layout):
     """clip_grad_norm_ and grad_norm: the single-process norm on every rank, and its grads."""
     model, single = layout.models(seed=1)
@@ -410,6 +442,7 @@ def layout_worker(rank, world, name, path):
     torch.set_num_threads(1)
     layout = Layout(name, world)
     check_optimizers(layout)
+    check_muon_owners(layout)
     check_clip(layout)
     check_full_state_dict(layout)
     check_load_state_dict(layout)

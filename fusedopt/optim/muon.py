@@ -40,9 +40,10 @@ class FusedMuon(Optimizer):
     update; ``ns_dtype=torch.float32`` iterates in fp32 instead.
 
     DTensor params (FSDP2, tensor parallel): momentum and update stay on the
-    local shards; each matrix is gathered whole on every rank for
-    Newton-Schulz and every rank keeps its shard of the result (not yet one
-    owner rank per matrix). Pipeline stages: fusedopt.distributed.
+    local shards; each matrix is gathered whole (an all-gather) and
+    orthogonalised on one owner rank of its mesh (round-robin), which
+    broadcasts the result; every rank keeps its shard of it. (The reference
+    backend orthogonalises every matrix on every rank.) Pipeline stages: fusedopt.distributed.
     PipelineOptimizer(parts, FusedMuon, ...), whose norm and GradScaler flag
     span the stages as for the other optimizers.
     """
@@ -283,34 +284,88 @@ class FusedMuon(Optimizer):
 
     def _muon_group(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
         lr = float(group["lr"])
-        coefficients, steps, eps = group["ns_coefficients"], group["ns_steps"], group["eps"]
         bufs = self._momentum_buffers(params, grads)
         # what the update is applied to: the fp32 master where there is one, rounded into the param after
         targets = [self.state[p]["master_param"] if self._uses_master(p) else p for p in params]
         updates = self._updates(group, grads, bufs)
         _foreach(torch._foreach_mul_, targets, 1 - lr * group["weight_decay"])
-        for index in _same_shape(params):
-            rows, cols = params[index[0]].shape[-2:]
-            alpha = -adjusted_lr(lr, group["adjust_lr_fn"], rows, cols)
-            # DTensor matrices (FSDP2, TP) are orthogonalised whole: gathered on every rank, each keeping its shard
-            if self.backend_name == "reference":  # torch.optim.Muon's iteration, matrix by matrix
-                for i in index:
-                    matrices = dtensor.whole(updates[i]).reshape(-1, rows, cols)
-                    out = torch.stack([newton_schulz(m, coefficients, steps, eps) for m in matrices])
-                    targets[i].add_(dtensor.shard_like(targets[i], out.view(params[i].shape)), alpha=alpha)
-                continue
-            stack = torch.cat([dtensor.whole(updates[i]).reshape(-1, rows, cols) for i in index])
-            tall = rows > cols
-            out = newton_schulz_batched(stack.transpose(-2, -1) if tall else stack, coefficients, steps, eps,
-                                        self.ns_dtype)
-            out = (out.transpose(-2, -1) if tall else out).float()  # bf16 -> fp32 is exact
-            pieces = out.split([updates[i].numel() // (rows * cols) for i in index])
-            _foreach(torch._foreach_add_, [targets[i] for i in index],
-                     [dtensor.shard_like(targets[i], u.view(params[i].shape)) for u, i in zip(pieces, index)],
-                     alpha=alpha)
+        if self.backend_name == "reference":  # torch.optim.Muon's iteration, matrix by matrix
+            # (DTensor matrices gathered whole on every rank, each rank keeping its shard of the result)
+            coefficients, steps, eps = group["ns_coefficients"], group["ns_steps"], group["eps"]
+            for i, p in enumerate(params):
+                rows, cols = p.shape[-2:]
+                matrices = dtensor.whole(updates[i]).reshape(-1, rows, cols)
+                out = torch.stack([newton_schulz(m, coefficients, steps, eps) for m in matrices])
+                targets[i].add_(dtensor.shard_like(targets[i], out.view(p.shape)), alpha=self._alpha(group, p))
+        else:
+            plain = [i for i, p in enumerate(params) if not dtensor.is_dtensor(p)]
+            results = dict(zip(plain, self._orthogonalise(group, [updates[i] for i in plain])))
+            by_mesh: dict = {}
+            for i, p in enumerate(params):
+                if dtensor.is_dtensor(p):
+                    by_mesh.setdefault(p.device_mesh, []).append(i)
+            for mesh, index in by_mesh.items():
+                results.update(zip(index, self._orthogonalise_on_owners(group, mesh, [updates[i] for i in index])))
+            by_alpha: dict[float, list[int]] = {}  # one foreach call per step size (a scalar alpha, as torch's add_)
+            for i in sorted(results):
+                by_alpha.setdefault(self._alpha(group, params[i]), []).append(i)
+            for alpha, index in by_alpha.items():
+                _foreach(torch._foreach_add_, [targets[i] for i in index],
+                         [dtensor.shard_like(targets[i], results[i].view(params[i].shape)) for i in index], alpha=alpha)
         for p, t in zip(params, targets):
             if t is not p:
                 p.copy_(t)  # round to nearest even
+
+    @staticmethod
+    def _alpha(group: dict, p: Tensor) -> float:
+        """The step along the orthogonalised update: -lr adjusted for p's trailing matrix shape."""
+        rows, cols = p.shape[-2:]
+        return -adjusted_lr(float(group["lr"]), group["adjust_lr_fn"], rows, cols)
+
+    def _orthogonalise(self, group: dict, updates: list[Tensor]) -> list[Tensor]:
+        """Newton-Schulz of whole updates (each [..., m, n]), batched per
+        (device, dtype, m x n): fp32 results (bf16 -> fp32 is exact), each
+        shaped [-1, m, n]."""
+        out: list = [None] * len(updates)
+        for index in _same_shape(updates):
+            rows, cols = updates[index[0]].shape[-2:]
+            stack = torch.cat([updates[i].reshape(-1, rows, cols) for i in index])
+            tall = rows > cols
+            result = newton_schulz_batched(stack.transpose(-2, -1) if tall else stack, group["ns_coefficients"],
+                                           group["ns_steps"], group["eps"], self.ns_dtype)
+            result = (result.transpose(-2, -1) if tall else result).float()
+            for i, piece in zip(index, result.split([updates[i].numel() // (rows * cols) for i in index])):
+                out[i] = piece
+        return out
+
+    def _orthogonalise_on_owners(self, group: dict, mesh, updates: list[Tensor]) -> list[Tensor]:
+        """Newton-Schulz of DTensor updates on one mesh, each matrix on one
+        owner rank (round-robin over the mesh's ranks, in param order, the
+        same on every rank): every rank gathers the updates whole (an
+        all-gather each, as DTensor's full_tensor), orthogonalises the ones it
+        owns, and each owner broadcasts its results to the mesh (one broadcast
+        per owner and mesh dim). The Newton-Schulz work is divided by the
+        mesh's size; every rank ends with every result whole (then keeps its
+        shard)."""
+        wholes = [dtensor.whole(u) for u in updates]
+        size, me = mesh.size(), _flat_rank(mesh.get_coordinate(), mesh.shape)
+        owners = [k % size for k in range(len(wholes))]
+        mine = [k for k, owner in enumerate(owners) if owner == me]
+        computed = dict(zip(mine, self._orthogonalise(group, [wholes[k] for k in mine])))
+        out: list = [None] * len(wholes)
+        for owner in range(size):
+            index = [k for k, o in enumerate(owners) if o == owner]
+            if not index:
+                continue
+            if owner == me:
+                buffer = torch.cat([computed[k].reshape(-1) for k in index])
+            else:
+                buffer = torch.empty(sum(wholes[k].numel() for k in index), dtype=torch.float32,
+                                     device=wholes[index[0]].device)
+            _broadcast_over_mesh(buffer, mesh, _coordinate(owner, mesh.shape))
+            for k, piece in zip(index, buffer.split([wholes[k].numel() for k in index])):
+                out[k] = piece.view(-1, *wholes[k].shape[-2:])
+        return out
 
     # --- state_dict -----------------------------------------------------------
 
@@ -368,6 +423,37 @@ def _foreach(op, tensors: list[Tensor], *args, **kwargs) -> list[Tensor] | None:
         for i, r in zip(index, result or ()):
             out[i] = r
     return out if out[0] is not None else None
+
+
+def _flat_rank(coordinate, shape) -> int:
+    """A rank's index on a mesh from its coordinate (row-major, as the mesh's rank tensor)."""
+    index = 0
+    for c, n in zip(coordinate, shape):
+        index = index * n + c
+    return index
+
+
+def _coordinate(index: int, shape) -> list[int]:
+    out = []
+    for n in reversed(shape):
+        out.append(index % n)
+        index //= n
+    return out[::-1]
+
+
+def _broadcast_over_mesh(buffer: Tensor, mesh, source: list[int]) -> None:
+    """buffer from the rank at `source` (a mesh coordinate) to every rank of
+    the mesh, dim by dim from the last: before dim d's broadcast, the ranks
+    that agree with `source` on the dims before d hold it, so each dim-d
+    group that has such ranks broadcasts from its member at source[d]. Every
+    process group sees the same sequence of calls on all its members."""
+    import torch.distributed as dist
+
+    coordinate = mesh.get_coordinate()
+    for d in reversed(range(mesh.ndim)):
+        if list(coordinate[:d]) == list(source[:d]):
+            group = mesh.get_group(d)
+            dist.broadcast(buffer, src=dist.get_global_rank(group, source[d]), group=group)
 
 
 def _same_shape(params: list[Tensor]) -> list[list[int]]:
