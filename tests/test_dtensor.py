@@ -314,6 +314,8 @@ def check_refusals(layout: Layout):
         FusedAdamW([partial])
     with pytest.raises(ValueError, match="FP8 states"):
         FusedAdamW([p], state_dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="FP8 momentum"):
+        FusedMuon([p], state_dtype=torch.float8_e4m3fn)
     opt = FusedAdamW(model.parameters(), lr=0.1)
     model(layout.local_batch(0)).backward()
     good = p.grad

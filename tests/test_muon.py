@@ -289,8 +289,8 @@ def test_bf16_state_dtype_stores_the_momentum_in_bf16():
     assert a.state[ours[1]]["exp_avg"].dtype == torch.bfloat16
     for p, q in zip(ours, wide):
         torch.testing.assert_close(p, q, rtol=0, atol=2e-3)
-    with pytest.raises(ValueError, match="FP8 momentum"):
-        FusedMuon(ours, state_dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="state_dtype must be None, torch.bfloat16 or torch.float8_e4m3fn"):
+        FusedMuon(ours, state_dtype=torch.float32)  # as the other optimizers: fp32 states come with master_weights
     with pytest.raises(ValueError, match="master_weights"):
         FusedMuon(ours, master_weights="yes")
 
@@ -328,3 +328,56 @@ def test_drop_in_mechanics():
     extra.grad, vector.grad = torch.randn(3, 3), torch.randn(3)
     opt.step()
     assert set(opt.state[extra]) == {"momentum_buffer"} and set(opt.state[vector]) == {"step", "exp_avg", "exp_avg_sq"}
+
+
+def test_fp8_momentum():
+    """state_dtype=torch.float8_e4m3fn: the momentum buffer block-scaled in
+    FP8 as every fusedopt FP8 state (fusedopt/reference/fp8_states.py), one
+    byte per element plus a scale per 256; each step's stored bits are the
+    spec's encoding of the fp32 momentum; the run stays close to the fp32
+    one; state_dicts convert both ways; DTensor params are refused."""
+    from fusedopt.reference import fp8_states
+
+    torch.manual_seed(0)
+    shapes = [(33, 17), (8, 300), (5,)]
+    params = [torch.randn(s, requires_grad=True) for s in shapes]
+    ref_params = [p.detach().clone().requires_grad_() for p in params]
+    opt = FusedMuon(params, lr=0.02, state_dtype=torch.float8_e4m3fn, backend="cpu")
+    ref = FusedMuon(ref_params, lr=0.02, backend="cpu")
+    momentum = [torch.zeros(s) for s in shapes[:2]]
+    for step in range(4):
+        grads = [torch.randn(s) for s in shapes]
+        for p, q, g in zip(params, ref_params, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+        for i, (p, g) in enumerate(zip(params[:2], grads)):  # the spec: decode, lerp in fp32, encode
+            momentum[i] = torch.lerp(momentum[i], g, 1 - 0.95)
+            q, scales = fp8_states.encode("momentum_buffer", momentum[i])
+            state = opt.state[p]
+            assert state["momentum_buffer"].dtype == torch.float8_e4m3fn
+            assert torch.equal(state["momentum_buffer"].view(torch.uint8), q.view(torch.uint8)), (step, i)
+            assert torch.equal(state["momentum_buffer_scale"], scales)
+            momentum[i] = fp8_states.decode("momentum_buffer", q, scales)
+    for p, q in zip(params, ref_params):  # FP8 momentum: a few % of the update, a small drift in 4 steps
+        torch.testing.assert_close(p, q, rtol=0, atol=0.02)
+    assert opt.state[params[2]]["exp_avg"].dtype == torch.float8_e4m3fn  # the AdamW part's FP8 states
+    nbytes = sum(t.numel() * t.element_size() for t in opt.state[params[1]].values())
+    assert nbytes == 8 * 300 + 4 * fp8_states.n_blocks(8 * 300)
+
+    # into an fp32 FusedMuon (decoded), and back (encoded: the same bits)
+    fp32 = FusedMuon([p.detach().clone().requires_grad_() for p in params], lr=0.02, backend="cpu")
+    fp32.load_state_dict(opt.state_dict())
+    buf = fp32.state[fp32.param_groups[0]["params"][0]]["momentum_buffer"]
+    assert buf.dtype == torch.float32 and torch.equal(buf, momentum[0])
+    again = FusedMuon([p.detach().clone().requires_grad_() for p in params], lr=0.02, backend="cpu",
+                      state_dtype=torch.float8_e4m3fn)
+    again.load_state_dict(fp32.state_dict())
+    first = again.state[again.param_groups[0]["params"][0]]
+    assert torch.equal(first["momentum_buffer"].view(torch.uint8),
+                       opt.state[params[0]]["momentum_buffer"].view(torch.uint8))
+    again.load_state_dict(opt.state_dict())  # FP8 into FP8: as stored
+    assert torch.equal(again.state[again.param_groups[0]["params"][0]]["momentum_buffer_scale"],
+                       opt.state[params[0]]["momentum_buffer_scale"])
+    with pytest.raises(ValueError, match="state_dtype"):
+        FusedMuon(params, state_dtype=torch.float16)

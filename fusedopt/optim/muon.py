@@ -8,11 +8,15 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import backends, dtensor, norms
+from ..backends._dtypes import FP8_STATE_DTYPE
+from ..reference import fp8_states
 from ..reference.muon import DEFAULT_NS_COEFFICIENTS, adjusted_lr, newton_schulz, newton_schulz_batched
 from .adamw import FusedAdamW
 from .base import evaluate_closure
-from .checks import check_options
+from .checks import check_options, check_state_dtype
 
+#: where an FP8 momentum buffer keeps its block scales
+_SCALE = fp8_states.scale_name("momentum_buffer")
 #: group keys a torch.optim.Muon state_dict lacks: filled from the defaults when one is loaded
 _OWN_KEYS = ("adamw_betas", "adamw_eps", "use_muon")
 
@@ -43,7 +47,12 @@ class FusedMuon(Optimizer):
     local shards; each matrix is gathered whole (an all-gather) and
     orthogonalised on one owner rank of its mesh (round-robin), which
     broadcasts the result; every rank keeps its shard of it. (The reference
-    backend orthogonalises every matrix on every rank.) Pipeline stages: fusedopt.distributed.
+    backend orthogonalises every matrix on every rank.)
+
+    ``state_dtype=torch.float8_e4m3fn`` stores the momentum block-scaled in
+    FP8 (as every fusedopt FP8 state, scales in ``momentum_buffer_scale``;
+    plain params only): such a state_dict loads into FusedMuon with any
+    state_dtype, not into torch.optim.Muon. Pipeline stages: fusedopt.distributed.
     PipelineOptimizer(parts, FusedMuon, ...), whose norm and GradScaler flag
     span the stages as for the other optimizers.
     """
@@ -78,9 +87,7 @@ class FusedMuon(Optimizer):
         self.max_grad_norm = float(max_grad_norm) if max_grad_norm else None
         #: that norm at the last step (a device tensor), with max_grad_norm
         self.last_grad_norm: Tensor | None = None
-        if state_dtype not in (None, torch.float32, torch.bfloat16):
-            raise ValueError(f"FusedMuon: state_dtype must be None, torch.float32 or torch.bfloat16, got {state_dtype} "
-                             "(FP8 momentum is not supported yet)")
+        check_state_dtype("FusedMuon", state_dtype)  # the other optimizers' choices (the inner FusedAdamW's too)
         #: bf16/fp16 params keep an fp32 master (``master_param``) and an fp32 momentum buffer
         self.master_weights = master_weights
         #: the momentum buffers' (and the AdamW states') storage dtype; None: the grad's, as torch
@@ -118,7 +125,12 @@ class FusedMuon(Optimizer):
         return bool(group["use_muon"]) and p.ndim >= 2
 
     def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
+        params = param_group.get("params")
+        params = [params] if isinstance(params, Tensor) else list(params or ())
+        if self.state_dtype == FP8_STATE_DTYPE and any(dtensor.is_dtensor(p) for p in params):
+            raise ValueError("FusedMuon: FP8 momentum (state_dtype=torch.float8_e4m3fn) is not supported on DTensor "
+                             "params yet (its block scales are per local shard); use torch.bfloat16 or None")
+        super().add_param_group({**param_group, "params": params})
         if self._adamw is not None:  # a group added after construction
             self._adamw = self._build_adamw()
 
@@ -249,7 +261,8 @@ class FusedMuon(Optimizer):
         return self.master_weights and p.dtype in (torch.bfloat16, torch.float16)
 
     def _buffer_dtype(self, p: Tensor, g: Tensor) -> torch.dtype:
-        """torch's: the grad's dtype; fp32 beside an fp32 master; else state_dtype when given."""
+        """torch's: the grad's dtype; fp32 beside an fp32 master; else state_dtype when given
+        (FP8: block-scaled, fusedopt/reference/fp8_states.py, its scales in ``momentum_buffer_scale``)."""
         if self._uses_master(p):
             return torch.float32
         return self.state_dtype or g.dtype
@@ -258,7 +271,9 @@ class FusedMuon(Optimizer):
         bufs = []
         for p, g in zip(params, grads):
             state = self.state[p]
-            if "momentum_buffer" not in state:
+            if "momentum_buffer" not in state and self._buffer_dtype(p, g) == FP8_STATE_DTYPE:
+                state["momentum_buffer"], state[_SCALE] = fp8_states.empty_like(p)
+            elif "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(g, dtype=self._buffer_dtype(p, g),
                                                             memory_format=torch.preserve_format)
             if self._uses_master(p) and "master_param" not in state:
@@ -266,19 +281,22 @@ class FusedMuon(Optimizer):
             bufs.append(state["momentum_buffer"])
         return bufs
 
-    def _updates(self, group: dict, grads: list[Tensor], bufs: list[Tensor]) -> list[Tensor]:
+    def _updates(self, group: dict, params: list[Tensor], grads: list[Tensor], bufs: list[Tensor]) -> list[Tensor]:
         """Momentum (in place) and the matrices Newton-Schulz orthogonalises:
         in the grad's dtype as torch (buffers of that dtype), else in fp32,
-        the buffers stored back in theirs."""
+        the buffers stored back in theirs (FP8 ones decoded and re-encoded)."""
         momentum = group["momentum"]
         if all(b.dtype == g.dtype for b, g in zip(bufs, grads)):
             _foreach(torch._foreach_lerp_, bufs, grads, 1 - momentum)
             return _foreach(torch._foreach_lerp, grads, bufs, momentum) if group["nesterov"] else bufs
         grads = [g.float() for g in grads]
-        wide = [b.float() for b in bufs]
+        scales = [self.state[p].get(_SCALE) if b.dtype == FP8_STATE_DTYPE else None for p, b in zip(params, bufs)]
+        wide = [b.float() if s is None else fp8_states.decode("momentum_buffer", b, s) for b, s in zip(bufs, scales)]
         _foreach(torch._foreach_lerp_, wide, grads, 1 - momentum)
-        for b, w in zip(bufs, wide):
-            if b is not w:
+        for b, w, scale in zip(bufs, wide, scales):
+            if scale is not None:
+                fp8_states.store_("momentum_buffer", b, scale, w)  # fresh block scales, as every FP8 state
+            elif b is not w:
                 b.copy_(w)  # rounded to the buffer's dtype
         return _foreach(torch._foreach_lerp, grads, wide, momentum) if group["nesterov"] else wide
 
@@ -287,7 +305,7 @@ class FusedMuon(Optimizer):
         bufs = self._momentum_buffers(params, grads)
         # what the update is applied to: the fp32 master where there is one, rounded into the param after
         targets = [self.state[p]["master_param"] if self._uses_master(p) else p for p in params]
-        updates = self._updates(group, grads, bufs)
+        updates = self._updates(group, params, grads, bufs)
         _foreach(torch._foreach_mul_, targets, 1 - lr * group["weight_decay"])
         if self.backend_name == "reference":  # torch.optim.Muon's iteration, matrix by matrix
             # (DTensor matrices gathered whole on every rank, each rank keeping its shard of the result)
@@ -382,8 +400,9 @@ class FusedMuon(Optimizer):
             saved, state = state_dict["state"].get(saved_id), self.state.get(p)
             if not saved or not state or not self._is_muon(group, p):
                 continue
+            state.pop(_SCALE, None)  # (torch's load cast it to the param's dtype)
             if "momentum_buffer" in saved:
-                state["momentum_buffer"] = saved["momentum_buffer"].to(p.device, self._buffer_dtype(p, p), copy=True)
+                self._load_buffer(p, state, saved)
             if self._uses_master(p):  # the saved fp32 master, or one from the param (a torch checkpoint)
                 state["master_param"] = saved.get("master_param", p).detach().to(p.device, torch.float32, copy=True)
             else:
@@ -394,6 +413,27 @@ class FusedMuon(Optimizer):
             inner.load_state_dict(self._adamw_state_dict(state_dict))  # FusedAdamW's conversions and checks
             self.state.update(inner.state)
             inner.state = self.state
+
+    def _load_buffer(self, p: Tensor, state: dict, saved: dict) -> None:
+        """The saved momentum buffer in this optimizer's storage: FP8 ones
+        (with their scales) kept as stored or decoded, others encoded into FP8
+        or cast."""
+        value, scale = saved["momentum_buffer"], saved.get(_SCALE)
+        target = self._buffer_dtype(p, p)
+        if value.dtype == FP8_STATE_DTYPE:
+            if not isinstance(scale, Tensor):
+                raise ValueError(f"FusedMuon.load_state_dict: the FP8 momentum_buffer of a param of shape "
+                                 f"{tuple(p.shape)} comes without its {_SCALE!r}")
+            if target == FP8_STATE_DTYPE:
+                state["momentum_buffer"] = value.to(p.device).reshape(p.shape).contiguous().clone()
+                state[_SCALE] = scale.to(p.device, torch.float32, copy=True)
+                return
+            value = fp8_states.decode("momentum_buffer", value.to(p.device), scale.to(p.device))
+        if target == FP8_STATE_DTYPE:
+            q, scales = fp8_states.encode("momentum_buffer", value.to(p.device).float().reshape(p.shape))
+            state["momentum_buffer"], state[_SCALE] = q.reshape(p.shape).contiguous(), scales.float()
+        else:
+            state["momentum_buffer"] = value.to(p.device, target, copy=True)
 
     def _adamw_state_dict(self, state_dict: dict) -> dict:
         """The part of a saved state_dict that is the AdamW params', numbered as the inner FusedAdamW numbers them."""
