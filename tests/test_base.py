@@ -12,14 +12,9 @@ from conftest import backend_params
 
 import fusedopt
 from helpers import grads_for, make_params
+from optim_db import optimizers
 
-# every optimizer, with a hyperparameter that only it has, to edit into a group
-OPTIMIZERS = {
-    "adamw": (fusedopt.FusedAdamW, {}),
-    "lamb": (fusedopt.FusedLAMB, {}),
-    "sophia": (fusedopt.FusedSophia, {}),
-    "adafactor": (fusedopt.FusedAdafactor, {"beta1": 0.9}),
-}
+OPTIMIZERS = optimizers(fused=True)
 BACKENDS = backend_params(["reference", "cpu"])  # the checks run before any backend is called
 
 

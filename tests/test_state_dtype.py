@@ -9,6 +9,7 @@ import io
 import pytest
 import torch
 from conftest import KERNEL_BACKENDS, backend_params
+from optim_db import optimizers
 from helpers import assert_same_state, clone_params, cross_on_triton, grads_for, make_params, run, state_tensors
 
 from fusedopt import FusedAdafactor, FusedAdamW, FusedLAMB, FusedSophia
@@ -17,12 +18,7 @@ STEPS = 8
 SHAPES = [(0,), (), (7,), (257,), (13, 70), (3, 4, 5)]
 
 #: optimizer -> constructor arguments that exercise its elementwise states
-OPTIMIZERS = {
-    "adamw": (FusedAdamW, {"lr": 1e-2, "amsgrad": True, "weight_decay": 0.1}),
-    "lamb": (FusedLAMB, {"lr": 1e-2, "max_grad_norm": None}),
-    "sophia": (FusedSophia, {"lr": 1e-2, "weight_decay": 0.1}),
-    "adafactor": (FusedAdafactor, {"lr": 1e-2, "beta1": 0.9}),
-}
+OPTIMIZERS = optimizers(lr=1e-2, fused=True)
 #: (param dtype, master_weights): the storage combinations bf16 states combine with
 STORAGE = [(torch.float32, False), (torch.bfloat16, True), (torch.float16, True), (torch.float16, False),
            (torch.float64, False)]

@@ -8,16 +8,12 @@ import pytest
 import torch
 from conftest import KERNEL_BACKENDS, backend_params
 from helpers import grads_for, make_params
+from optim_db import optimizers
 
-from fusedopt import FusedAdafactor, FusedAdamW, FusedLAMB, FusedSophia
+from fusedopt import FusedAdamW, FusedSophia
 from fusedopt.reference import stochastic
 
-OPTIMIZERS = {
-    "adamw": (FusedAdamW, {"lr": 1e-3}),
-    "lamb": (FusedLAMB, {"lr": 1e-3, "max_grad_norm": None}),
-    "sophia": (FusedSophia, {"lr": 1e-3}),
-    "adafactor": (FusedAdafactor, {"lr": 1e-3, "beta1": 0.9}),
-}
+OPTIMIZERS = optimizers(lr=1e-3, fused=True)
 SHAPES = [(0,), (), (7,), (257,), (13, 70), (3, 4, 5)]
 
 
