@@ -27,6 +27,12 @@ against torch.optim.Adafactor on them, and for scale FusedAdafactor's kernels
 on the plain local shards (statistics of the shards alone: what the kernels
 cost, not a result a sharded model may use). Bytes: 20 per param
 (bench/second_order.py's count).
+
+Mode "muon": FusedMuon on the DTensors (each matrix orthogonalised on one
+owner rank, the results broadcast) against FusedMuon on plain whole copies
+of the params on every rank (every rank orthogonalising every matrix, no
+communication: what the owner scheme divides). Newton-Schulz is compute,
+not bytes: no bandwidth column.
 """
 from __future__ import annotations
 
@@ -36,7 +42,7 @@ from .harness import STREAM, Result, alternate, on_ranks, stream_op
 
 BLOCKS, WIDTH, WORLD = 48, 256, 2
 BYTES_PER_PARAM = 28
-MODES = ("step", "clip", "adafactor")
+MODES = ("step", "clip", "adafactor", "muon")
 CASE = f"fsdp2-{WORLD}x-{BLOCKS}blocks"
 
 
@@ -56,6 +62,12 @@ def _contenders(mode: str, model, device):
     for q, p in zip(local, params):
         q.grad = p.grad._local_tensor
     n = sum(q.numel() for q in local)
+    if mode == "muon":
+        whole = [p.full_tensor().detach().requires_grad_() for p in params]
+        for q, p in zip(whole, params):
+            q.grad = p.grad.full_tensor()
+        return {"fusedopt FusedMuon plain (whole matrices on every rank)": fusedopt.FusedMuon(whole, lr=1e-4).step,
+                "fusedopt (DTensor params)": fusedopt.FusedMuon(params, lr=1e-4).step}, n
     if mode == "adafactor":
         fns = {"fusedopt kernels on plain local shards (local statistics)":
                fusedopt.FusedAdafactor(local, lr=1e-4).step,
@@ -102,7 +114,7 @@ def _worker(rank: int, world: int, device_type: str, warmup: int, reps: int) -> 
         fns[STREAM] = stream
         times = alternate(fns, device, warmup, reps)
         for name, ts in times.items():
-            per_param = 20 if mode == "adafactor" else BYTES_PER_PARAM  # bench/second_order.py's count
+            per_param = {"adafactor": 20, "muon": 0}.get(mode, BYTES_PER_PARAM)  # (second_order.py's count)
             rows.append(dict(mode=mode, contender=name, times_ms=ts, params=n,
                              bytes_per_step=stream_bytes if name == STREAM else per_param * n))
     return rows
@@ -135,6 +147,10 @@ def targets(results, device) -> list[str]:
         ours = by.get((mode, "fusedopt (DTensor params)"))
         plain = next((r for (m, c), r in by.items() if m == mode and "plain" in c), None)
         theirs = next((r for (m, c), r in by.items() if m == mode and c.startswith("torch")), None)
+        if mode == "muon" and ours and plain:  # no target: the owner scheme's gain over every rank computing all
+            lines.append(f"dtensor muon: FusedMuon on the DTensors (one owner per matrix) / on whole copies on "
+                         f"every rank = {ours.median / plain.median:.2f}")
+            continue
         if mode == "adafactor" and ours and plain:  # no target: how far the phased path is from the kernels
             lines.append(f"dtensor adafactor: fusedopt on the DTensors / its kernels on the plain local shards = "
                          f"{ours.median / plain.median:.2f}" + (f", / {theirs.contender} = "
