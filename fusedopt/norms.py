@@ -161,6 +161,20 @@ def root(total: Tensor, p: float) -> Tensor:
     return total.sqrt() if p == 2.0 else total.pow(1.0 / p)
 
 
+def l2_from_power(power: Tensor, grad_scale: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """The L2 norm from a sum of squares, GradScaler's scale divided out (in
+    fp64), in `dtype`: the norm an optimizer's fused clipping reports."""
+    total = power.sqrt()
+    if grad_scale is not None:
+        total = total / grad_scale.to(device=total.device, dtype=torch.float64).reshape(())
+    return total.to(dtype)
+
+
+def clip_coefficient(total: Tensor, max_norm: float) -> Tensor:
+    """clip_grad_norm_'s min(max_norm / (total + 1e-6), 1), in total's dtype, on its device (no host sync)."""
+    return torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
+
+
 def combine(parts: list[tuple[list[int], Tensor]], p: float, device: torch.device) -> Tensor:
     """The total p-norm (fp64, 0-d, on `device`) from power_sums' parts."""
     return root(power_total(parts, p, device), p)
@@ -252,9 +266,7 @@ def _clip(parameters, max_norm: float, norm_type: float, error_if_nonfinite: boo
             "cannot be clipped. To disable this error and scale the gradients by the non-finite norm anyway, "
             "set `error_if_nonfinite=False`"
         )
-    # as torch computes it: in the total's dtype, clamped without a host sync
-    clip_coef = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
-    scale_(own, clip_coef, backend)
+    scale_(own, clip_coefficient(total, max_norm), backend)
     return total
 
 

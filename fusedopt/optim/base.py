@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .. import backends, dtensor
+from .. import backends, dtensor, norms
 from ..backends._bucket import Bucket, advance_steps
 from ..backends._dtypes import FP8_STATE_DTYPE, LOW_PRECISION, SUPPORTED_PARAM_DTYPES, fp32_scalar
 from .checks import GroupCheck, check_options, check_state_dtype
@@ -241,9 +241,8 @@ class FusedOptimizer(StateMixin, PlanMixin, Optimizer):
         GroupCheck(type(self).__name__, group, where).at_least(0.0, "lr")
 
     def _clip_multiplier(self, total_norm: Tensor, max_norm: float) -> Tensor:
-        """The grads' factor for a global norm: clip_grad_norm_'s
-        min(max_norm / (total_norm + 1e-6), 1), formed on the device."""
-        return torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+        """The grads' factor for a global norm: clip_grad_norm_'s (LAMB's differs)."""
+        return norms.clip_coefficient(total_norm, max_norm)
 
     # --- the step -----------------------------------------------------------------
 
@@ -394,12 +393,9 @@ class FusedOptimizer(StateMixin, PlanMixin, Optimizer):
         if power is None:  # no grads: a norm of 0, as clip_grad_norm_ returns, and nothing to scale
             self._last["grad_norm"] = torch.zeros(())
             return None
-        total = power.sqrt()
-        if grad_scale is not None:
-            total = total / grad_scale.to(device=total.device, dtype=torch.float64).reshape(())
         # fp64 when some grads are, else fp32, and the coefficient in that dtype: as clip_grad_norm_ forms them
         fp64 = any(bucket.dtype == torch.float64 for plan in plans for bucket in plan.buckets)
-        self._last["grad_norm"] = norm = total if fp64 else total.float()
+        self._last["grad_norm"] = norm = norms.l2_from_power(power, grad_scale, torch.float64 if fp64 else torch.float32)
         return self._clip_multiplier(norm, self.max_grad_norm)
 
 

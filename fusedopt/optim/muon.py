@@ -14,6 +14,7 @@ from ..reference.muon import DEFAULT_NS_COEFFICIENTS, adjusted_lr, newton_schulz
 from .adamw import FusedAdamW
 from .base import evaluate_closure
 from .checks import check_options, check_state_dtype
+from .plans import grad_multiplier
 
 #: where an FP8 momentum buffer keeps its block scales
 _SCALE = fp8_states.scale_name("momentum_buffer")
@@ -178,10 +179,7 @@ class FusedMuon(Optimizer):
         if found_inf is not None and bool(found_inf.sum() > 0):
             return loss
         clip = self._clip_coefficient(power, dtype, grad_scale)
-        mult = clip
-        if grad_scale is not None:
-            unscale = grad_scale.detach().double().reciprocal()
-            mult = unscale if clip is None else clip.double() * unscale.to(clip.device)
+        mult = grad_multiplier(grad_scale, clip)
         for group, (params, grads) in zip(self.param_groups, work):
             if params:
                 if mult is not None:  # clip_grad_norm_'s product, without writing into the grads
@@ -221,11 +219,8 @@ class FusedMuon(Optimizer):
         if power is None:
             self.last_grad_norm = torch.zeros(())
             return None
-        total = norms.root(power, 2.0)
-        if grad_scale is not None:
-            total = total / grad_scale.to(device=total.device, dtype=torch.float64).reshape(())
-        self.last_grad_norm = total.to(dtype or torch.float32)
-        return torch.clamp(self.max_grad_norm / (self.last_grad_norm + 1e-6), max=1.0)
+        self.last_grad_norm = norms.l2_from_power(power, grad_scale, dtype or torch.float32)
+        return norms.clip_coefficient(self.last_grad_norm, self.max_grad_norm)
 
     def _bucket_kind(self, p: Tensor) -> None:
         return None  # (asked with _prepare_state, as of a FusedOptimizer)

@@ -87,6 +87,15 @@ def _local_grads(params: list, grads: list) -> list:
     return out
 
 
+def grad_multiplier(grad_scale: Tensor | None, clip: Tensor | None) -> Tensor | None:
+    """What multiplies the grads: GradScaler's 1/scale times the clip
+    coefficient (fp64, 0-d or 1-element), or None when neither applies."""
+    mult = None if grad_scale is None else grad_scale.detach().double().reciprocal()
+    if clip is not None:
+        mult = clip.double() if mult is None else clip.double() * mult.to(clip.device)
+    return mult
+
+
 class _GradScalars:
     """This step's per-device scalars for the kernels, as 1-element tensors:
     found_inf (GradScaler; fp32), and the grad multiplier, GradScaler's
@@ -96,10 +105,7 @@ class _GradScalars:
     multiplying by 1/scale gives the bits of dividing by the scale."""
 
     def __init__(self, grad_scale: Tensor | None, found_inf: Tensor | None, clip: Tensor | None):
-        mult = None if grad_scale is None else grad_scale.detach().double().reciprocal()
-        if clip is not None:
-            mult = clip.double() if mult is None else clip.double() * mult.to(clip.device)
-        self._values = {"grad_mult": mult, "found_inf": found_inf}
+        self._values = {"grad_mult": grad_multiplier(grad_scale, clip), "found_inf": found_inf}
         self._dtypes = {"grad_mult": torch.float64, "found_inf": torch.float32}
         self._cache: dict = {}
 
