@@ -18,6 +18,14 @@ rank is stepped with a zero grad (weight decay and momentum still move it,
 where a plain fusedopt optimizer skips it), and all params of a flat buffer
 share one step count.
 
+FusedMuon (``optimizer_class=FusedMuon``) orthogonalises whole matrices, so
+its matrices (2+ dims in a ``use_muon`` group) are not cut: each is owned by
+one rank (balanced by Newton-Schulz cost), laid out in flat buffers per
+owner; the owner receives their mean grads (a reduce's bytes: the buffer's
+all-to-all sends everything to the owner), steps them whole, and broadcasts
+them. Its other params (AdamW) take the element-wise shards above. Plain
+params only (DTensors: FusedMuon itself); no FP8 momentum.
+
 Step. Grads go through GradBuckets in buckets of consecutive params of one
 flat buffer (up to ``bucket_cap_mb``; one bucket per flat buffer with
 ``overlap_comm=False``), the last params first, each launched as soon as
@@ -64,7 +72,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import dtensor
-from ..backends._dtypes import math_dtype
+from ..backends._dtypes import FP8_STATE_DTYPE, math_dtype
 from ..optim.adamw import FusedAdamW
 from ..optim.base import FusedOptimizer, evaluate_closure
 from ..optim.muon import FusedMuon
@@ -76,16 +84,19 @@ from .grad_buckets import GradBuckets
 class _Flat:
     """One flat buffer of params (one group, device, dtype, and for DTensors
     the process groups that shard them: ``groups``) and this rank's shard of
-    it. A DTensor param takes its local shard's place."""
+    it. A DTensor param takes its local shard's place. With an ``owner``
+    (FusedMuon's matrices) the buffer is not cut: that rank's shard is all of
+    it, the others' are empty, and the owner steps the params as ``views``
+    shaped like them."""
 
-    def __init__(self, params: list[Tensor], world: int, rank: int, groups: tuple = ()):
-        self.params, self.groups = params, groups
+    def __init__(self, params: list[Tensor], world: int, rank: int, groups: tuple = (), owner: int | None = None):
+        self.params, self.groups, self.owner = params, groups, owner
         self.offsets, n = [], 0
         for p in params:
             self.offsets.append(n)
             n += dtensor.local(p).numel()
         self.numel = n  # elements in use; the rest of the buffer is zero padding
-        padded = -(-n // world) * world if n else world
+        padded = n if owner is not None else -(-n // world) * world if n else world
         self.buffer = torch.zeros(padded, dtype=params[0].dtype, device=params[0].device)
         for p, o in zip(params, self.offsets):
             local = dtensor.local(p)
@@ -94,9 +105,26 @@ class _Flat:
             # the module keeps its Parameter objects (a DTensor its local shard object); their storage is now
             # the flat buffer
             local.data = view
-        size = padded // world
-        self.start, self.end = rank * size, (rank + 1) * size
-        self.shard = self.buffer[self.start:self.end]  # the inner optimizer's param
+        if owner is None:
+            size = padded // world
+            #: each rank's [start, end) of the buffer
+            self.bounds = [(r * size, (r + 1) * size) for r in range(world)]
+        else:
+            self.bounds = [(0, n) if r == owner else (n, n) for r in range(world)]
+        self.start, self.end = self.bounds[rank]
+        self.shard = self.buffer[self.start:self.end]  # the inner optimizer's param (without an owner)
+        #: the owner's params as the inner optimizer steps them: views of the buffer, shaped like the params
+        self.views = [self.buffer[o:o + p.numel()].view_as(p) for p, o in zip(params, self.offsets)] \
+            if owner == rank else []
+
+    def inner_params(self) -> list[Tensor]:
+        """What the inner optimizer steps of this buffer here."""
+        return self.views if self.owner is not None else [self.shard]
+
+    def give_views_grads(self) -> None:
+        """The owner's views take their parts of the shard's (reduced) grad."""
+        for view, o in zip(self.views, self.offsets):
+            view.grad = self.shard.grad[o:o + view.numel()].view_as(view)
 
 
 def _runs(flat: _Flat, cap_bytes: float) -> list[tuple[list[Tensor], int, int]]:
@@ -125,13 +153,14 @@ class ZeroOptimizer(WrappingOptimizer):
             raise RuntimeError("ZeroOptimizer needs torch.distributed initialized (dist.init_process_group)")
         if optimizer_class is None:
             optimizer_class = FusedAdamW
-        if optimizer_class is FusedMuon:
-            raise TypeError("ZeroOptimizer: FusedMuon orthogonalises whole matrices, and each rank steps one flat "
-                            "shard cutting across params; not supported yet (FusedMuon takes DTensor params: FSDP2)")
-        if not issubclass(optimizer_class, FusedOptimizer):
+        muon = isinstance(optimizer_class, type) and issubclass(optimizer_class, FusedMuon)
+        if muon and optimizer_kwargs.get("state_dtype") == FP8_STATE_DTYPE:
+            raise ValueError("ZeroOptimizer(FusedMuon): FP8 momentum (state_dtype=torch.float8_e4m3fn) is not "
+                             "supported yet; use torch.bfloat16 or None")
+        if not muon and not issubclass(optimizer_class, FusedOptimizer):
             raise TypeError(f"ZeroOptimizer: optimizer_class must be a fusedopt optimizer (it takes the clip "
                             f"coefficient and GradScaler's flags in-kernel), got {optimizer_class.__name__}")
-        if not optimizer_class._elementwise_update:
+        if not muon and not optimizer_class._elementwise_update:
             raise TypeError(f"ZeroOptimizer: {optimizer_class.__name__}'s update is not elementwise (per-tensor "
                             f"norms or statistics), and each rank steps one flat shard mixing several params; "
                             f"use FusedAdamW or FusedSophia, or the optimizer without ZeRO")
@@ -140,13 +169,17 @@ class ZeroOptimizer(WrappingOptimizer):
             raise ValueError("ZeroOptimizer got an empty parameter list")
         if not isinstance(groups[0], dict):
             groups = [{"params": groups}]
-        self.stage, self.group = stage, process_group
+        groups = [{**g, "params": [g["params"]] if isinstance(g["params"], Tensor) else list(g["params"])}
+                  for g in groups]
+        self.stage, self.group, self.optimizer_class = stage, process_group, optimizer_class
         self.world, self.rank = dist.get_world_size(process_group), dist.get_rank(process_group)
         self.bucket_cap_mb, self.overlap_comm = bucket_cap_mb, overlap_comm
         self.max_grad_norm = optimizer_kwargs.pop("max_grad_norm", None) or None
         #: the global grad norm of the last step (a tensor), with max_grad_norm
         self.last_grad_norm: Tensor | None = None
 
+        #: FusedMuon: each matrix's owner rank (balanced by Newton-Schulz cost)
+        owners = _matrix_owners(groups, self.world) if muon else {}
         self.flats: list[_Flat] = []
         inner_groups = []
         #: the params of each group in the caller's order (the full state_dict's numbering)
@@ -158,11 +191,12 @@ class ZeroOptimizer(WrappingOptimizer):
             members = [p for p in given if p.requires_grad]
             keys = OrderedDict()
             for p in members:
-                keys.setdefault((p.device, p.dtype, self._sharding_groups(p)), []).append(p)
-            flats = [_Flat(ps, self.world, self.rank, key[2]) for key, ps in keys.items()]
+                owner = owners.get(id(p))
+                keys.setdefault((p.device, p.dtype, self._sharding_groups(p), owner), []).append(p)
+            flats = [_Flat(ps, self.world, self.rank, key[2], key[3]) for key, ps in keys.items()]
             self.flats += flats
             inner_groups.append({**{k: v for k, v in group.items() if k != "params"},
-                                 "params": [f.shard for f in flats]})
+                                 "params": [t for f in flats for t in f.inner_params()]})
         self._wrap(optimizer_class(inner_groups, **optimizer_kwargs))
         # buckets of consecutive params of one flat buffer, the last params first (backward's order)
         cap = bucket_cap_mb * 2**20 if overlap_comm else float("inf")
@@ -172,8 +206,7 @@ class ZeroOptimizer(WrappingOptimizer):
             for members, lo, hi in reversed(_runs(flat, cap)):
                 layout.append(members)
                 self._bucket_ranges.append((flat, lo, hi))
-                size = flat.end - flat.start
-                shard_sizes.append([max(0, min(hi, (r + 1) * size) - max(lo, r * size)) for r in range(self.world)])
+                shard_sizes.append([max(0, min(hi, end) - max(lo, start)) for start, end in flat.bounds])
         self.grads = GradBuckets([p for f in self.flats for p in f.params], process_group=process_group,
                                  mode="all_reduce" if stage == 1 else "reduce_scatter", layout=layout,
                                  shard_sizes=shard_sizes if stage == 2 else None, keep_grads=stage == 1)
@@ -183,12 +216,18 @@ class ZeroOptimizer(WrappingOptimizer):
         for group in self.optimizer.param_groups:
             for shard in group["params"]:
                 self.optimizer._prepare_state(group, shard, self.optimizer._bucket_kind(shard))
+        #: the inner optimizer's number for each of its params (its state_dict's keys)
+        self._inner_number = {id(p): n for n, p in enumerate(p for g in self.optimizer.param_groups
+                                                              for p in g["params"])}
 
     def _sharding_groups(self, p: Tensor) -> tuple:
         """The process groups that shard DTensor param p (none for a plain one);
         refused when one is the ZeRO group itself."""
         if not dtensor.is_dtensor(p):
             return ()
+        if isinstance(self.optimizer_class, type) and issubclass(self.optimizer_class, FusedMuon):
+            raise ValueError(f"ZeroOptimizer(FusedMuon): DTensor params (a param of shape {tuple(p.shape)}, "
+                             f"{p.placements}) are not supported yet; use FusedMuon itself on them (FSDP2, TP)")
         dtensor.check_tensor(p, "ZeroOptimizer: a param")
         groups = dtensor.sharding_of(p).groups()
         zero_ranks = set(dist.get_process_group_ranks(self.group or dist.group.WORLD))
@@ -262,6 +301,8 @@ class ZeroOptimizer(WrappingOptimizer):
                 continue
             target = flat.shard.grad[first - flat.start:last - flat.start]
             target.copy_(bucket.buffer[first - lo:last - lo] if self.stage == 1 else bucket.shard)
+        for flat in self.flats:
+            flat.give_views_grads()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         if grad_scaler is not None:
@@ -274,8 +315,15 @@ class ZeroOptimizer(WrappingOptimizer):
             grad_scale = self._clip(grad_scale)
         self._inner_step(grad_scale, found_inf)
         for flat in self.flats:  # every rank gets every updated shard
-            comm.all_gather(flat.buffer, flat.shard.clone(), self.group)
+            if flat.owner is None:
+                comm.all_gather(flat.buffer, flat.shard.clone(), self.group)
+            else:
+                dist.broadcast(flat.buffer, src=self._global(flat.owner), group=self.group)
         return loss
+
+    def _global(self, rank: int) -> int:
+        """A rank of the ZeRO group as a global rank (what collectives' src/dst take)."""
+        return rank if self.group is None else dist.get_global_rank(self.group, rank)
 
     def _scaler_flags(self, scaler) -> tuple[Tensor, Tensor]:
         """GradScaler's scale, and found_inf over every rank's shard grads
@@ -337,8 +385,14 @@ class ZeroOptimizer(WrappingOptimizer):
                 else:
                     p.grad.zero_()
             flat.shard.grad = None  # re-created (zeros, then the buckets' parts) by the next step
+            for view in flat.views:
+                view.grad = None
 
     # --- checkpoints ------------------------------------------------------------------
+
+    def _elementwise_flats(self) -> list[_Flat]:
+        """The buffers cut across the ranks (a sharded state_dict numbers them in this order)."""
+        return [flat for flat in self.flats if flat.owner is None]
 
     def _valid(self, flat: _Flat) -> int:
         """How many elements of this rank's shard are real (not padding)."""
@@ -354,7 +408,9 @@ class ZeroOptimizer(WrappingOptimizer):
         elementwise state (exp_avg, exp_avg_sq, master_param, ...) as a 1-d
         DTensor of the buffer's global length, Shard(0) over the ranks (this
         rank's part is its shard without the padding), the step as a plain
-        tensor; the inner optimizer's param_groups. It exists before the first
+        tensor; FusedMuon's matrices (whole on their owners) one entry each,
+        ``"matrix<n>"`` (n: the param's number in the caller's order), cut the
+        same way (a collective); the inner optimizer's param_groups. It exists before the first
         step. ``torch.distributed.checkpoint.save`` writes it at N ranks and
         ``torch.distributed.checkpoint.load`` fills ``opt.state_dict()`` of a
         ZeroOptimizer at M ranks in place; then ``opt.load_state_dict(it)``."""
@@ -370,7 +426,7 @@ class ZeroOptimizer(WrappingOptimizer):
         mesh = DeviceMesh.from_group(self.group or dist.group.WORLD, self.flats[0].buffer.device.type)
         inner = self.optimizer.state_dict()
         state = {}
-        for i, flat in enumerate(self.flats):
+        for i, flat in enumerate(self._elementwise_flats()):
             own = self.optimizer.state[flat.shard]
             entry = {}
             for name, value in own.items():
@@ -379,6 +435,9 @@ class ZeroOptimizer(WrappingOptimizer):
                                                shape=(flat.numel,), stride=(1,))
                 entry[name] = value
             state[i] = entry
+        for flat in self.flats:
+            if flat.owner is not None:
+                state.update(self._owned_state_sharded(flat, mesh))
         return {"state": state, "param_groups": inner["param_groups"]}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -391,7 +450,12 @@ class ZeroOptimizer(WrappingOptimizer):
         states = state_dict["state"]
         sharded = any(isinstance(v, DTensor) for entry in states.values() for v in entry.values())
         inner_state = {}
-        for i, flat in enumerate(self.flats):
+        for flat in self.flats:
+            if flat.owner is not None:  # the owner's matrices' states, numbered as the inner optimizer numbers them
+                per_view = self._owned_state_loaded(flat, states) if sharded else \
+                    self._owned_state_from_full(flat, states)
+                inner_state.update({self._inner_number[id(v)]: entry for v, entry in zip(flat.views, per_view)})
+        for i, flat in enumerate(self._elementwise_flats()):
             pieces = {}
             if sharded:
                 for name, value in states.get(i, {}).items():
@@ -405,7 +469,7 @@ class ZeroOptimizer(WrappingOptimizer):
                     padded[:value.numel()] = value
                     value = padded
                 entry[name] = value
-            inner_state[i] = entry
+            inner_state[self._inner_number[id(flat.shard)]] = entry
         # the saved hyperparameters, with the inner optimizer's numbering of its shards
         inner_groups = self.optimizer.state_dict()["param_groups"]
         groups = [dict(g, params=ig["params"]) for g, ig in zip(state_dict["param_groups"], inner_groups)]
@@ -449,6 +513,11 @@ class ZeroOptimizer(WrappingOptimizer):
         index = self._full_index()
         state: dict = {}
         for flat in self.flats:
+            if flat.owner is not None:
+                for name, whole in self._owned_vectors_on_rank0(flat).items():
+                    for p, offset in zip(flat.params, flat.offsets):
+                        state.setdefault(index[id(p)], {})[name] = whole[offset:offset + p.numel()].view_as(p).clone()
+                continue
             own = self.optimizer.state[flat.shard]
             for name in sorted(self._elementwise(flat, own)):  # one gather per state, in one order on every rank
                 shards = [torch.empty_like(own[name]) for _ in range(self.world)] if self.rank == 0 else None
@@ -469,6 +538,113 @@ class ZeroOptimizer(WrappingOptimizer):
             groups.append({**{k: v for k, v in inner_group.items() if k != "params"},
                            "params": [index[id(p)] for p in given]})
         return {"state": state, "param_groups": groups}
+
+
+    # --- checkpoints of FusedMuon's matrices (each whole on its owner) --------------------
+    # In a sharded state_dict a matrix buffer's states are cut as every other buffer's are (1-d, Shard(0) over
+    # the ranks): a scatter from the owner when saving, a gather to it when loading, so a checkpoint reshards
+    # to any world size (and other owners) like the rest.
+
+    def _owned_template(self, flat: _Flat) -> dict[str, torch.dtype]:
+        """The states (names, dtypes) each matrix of an owner's buffer has, known on every rank."""
+        return dict(sorted(self.optimizer._matrix_state_dtypes(flat.params[0]).items()))
+
+    def _owned_vectors(self, flat: _Flat) -> dict[str, Tensor]:
+        """On the owner: each state of the buffer's matrices as one 1-d vector, in the buffer's order."""
+        states = [self.optimizer.state[v] for v in flat.views]
+        return {name: torch.cat([s[name].reshape(-1).to(dtype) for s in states])
+                for name, dtype in self._owned_template(flat).items()}
+
+    def _owned_state_sharded(self, flat: _Flat, mesh) -> dict:
+        """A sharded state_dict's entries for the buffer's matrices: one per
+        matrix, keyed by its number in the caller's order (not by buffer:
+        the owners, and so the buffers, change with the world size)."""
+        from torch.distributed.tensor import DTensor, Shard
+
+        index, out = self._full_index(), {}
+        for k, p in enumerate(flat.params):
+            size = -(-p.numel() // self.world)  # Shard(0)'s chunks (torch.chunk's), each padded to `size`
+            valid = max(0, min(p.numel(), (self.rank + 1) * size) - self.rank * size)
+            entry = {}
+            for name, dtype in self._owned_template(flat).items():
+                chunks = None
+                if flat.views:
+                    padded = torch.zeros(size * self.world, dtype=dtype, device=flat.buffer.device)
+                    padded[:p.numel()] = self.optimizer.state[flat.views[k]][name].reshape(-1)
+                    chunks = list(padded.split(size))
+                mine = torch.empty(size, dtype=dtype, device=flat.buffer.device)
+                dist.scatter(mine, chunks, src=self._global(flat.owner), group=self.group)
+                entry[name] = DTensor.from_local(mine[:valid], mesh, [Shard(0)], run_check=False,
+                                                 shape=(p.numel(),), stride=(1,))
+            out[_matrix_key(index[id(p)])] = entry
+        return out
+
+    def _owned_state_loaded(self, flat: _Flat, states: dict) -> list[dict]:
+        """A sharded state_dict's chunks of the buffer's matrices' states
+        gathered on the owner: one state per matrix there (none elsewhere)."""
+        from torch.distributed.tensor import DTensor
+
+        index, per_view = self._full_index(), []
+        for p in flat.params:
+            saved, entry = states.get(_matrix_key(index[id(p)]), {}), {}
+            size = -(-p.numel() // self.world)
+            for name in self._owned_template(flat):
+                if name not in saved:
+                    continue
+                local = saved[name].to_local() if isinstance(saved[name], DTensor) else saved[name]
+                padded = torch.zeros(size, dtype=local.dtype, device=flat.buffer.device)
+                padded[:local.numel()] = local.reshape(-1)
+                chunks = [torch.empty_like(padded) for _ in range(self.world)] if flat.views else None
+                dist.gather(padded, chunks, dst=self._global(flat.owner), group=self.group)
+                if flat.views:
+                    entry[name] = torch.cat(chunks)[:p.numel()].view_as(p).clone()
+            per_view.append(entry)
+        return per_view if flat.views else []
+
+    def _owned_state_from_full(self, flat: _Flat, states: dict) -> list[dict]:
+        """A full state_dict's states of the owner's matrices (nothing to communicate)."""
+        index = self._full_index()
+        return [{k: v for k, v in states.get(index[id(p)], {}).items() if isinstance(v, Tensor)}
+                for p, _ in zip(flat.params, flat.views)]
+
+    def _owned_vectors_on_rank0(self, flat: _Flat) -> dict[str, Tensor]:
+        """The buffer's state vectors sent from the owner to rank 0 (full_state_dict); {} on other ranks."""
+        out = {}
+        for name, dtype in self._owned_template(flat).items():
+            if self.rank == flat.owner:
+                vector = self._owned_vectors(flat)[name]
+                if self.rank != 0:
+                    dist.send(vector, dst=self._global(0), group=self.group)
+            elif self.rank == 0:
+                vector = torch.empty(flat.numel, dtype=dtype, device=flat.buffer.device)
+                dist.recv(vector, src=self._global(flat.owner), group=self.group)
+            if self.rank == 0:
+                out[name] = vector
+        return out
+
+
+def _matrix_key(number: int) -> str:
+    """A FusedMuon matrix's key in a sharded state_dict: its number in the caller's order."""
+    return f"matrix{number}"
+
+
+def _matrix_owners(groups: list[dict], world: int) -> dict[int, int]:
+    """id(param) -> the rank that steps it, for every param FusedMuon
+    orthogonalises (2+ dims in a ``use_muon`` group): the costliest Newton-
+    Schulz first, each to the least loaded rank (the lowest on a tie), so
+    every rank computes the same owners."""
+    matrices = [p for g in groups if g.get("use_muon", True) for p in g["params"]
+                if p.requires_grad and p.ndim >= 2 and p.numel()]
+    costs = []
+    for p in matrices:
+        rows, cols = sorted(p.shape[-2:])
+        costs.append(p.numel() // (rows * cols) * (2 * rows * rows * cols + rows ** 3))  # one iteration's flops/2
+    load, owners = [0] * world, {}
+    for k in sorted(range(len(matrices)), key=lambda k: -costs[k]):
+        rank = min(range(world), key=load.__getitem__)
+        owners[id(matrices[k])] = rank
+        load[rank] += costs[k]
+    return owners
 
 
 def _local_piece(p: Tensor, value: Tensor) -> Tensor:

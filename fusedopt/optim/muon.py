@@ -13,7 +13,7 @@ from ..reference import fp8_states
 from ..reference.muon import DEFAULT_NS_COEFFICIENTS, adjusted_lr, newton_schulz, newton_schulz_batched
 from .adamw import FusedAdamW
 from .base import evaluate_closure
-from .checks import check_options, check_state_dtype
+from .checks import GroupCheck, check_options, check_state_dtype
 from .plans import grad_multiplier
 
 #: where an FP8 momentum buffer keeps its block scales
@@ -261,6 +261,19 @@ class FusedMuon(Optimizer):
         if self._uses_master(p):
             return torch.float32
         return self.state_dtype or g.dtype
+
+    def _matrix_state_dtypes(self, p: Tensor) -> dict[str, torch.dtype]:
+        """The states (names, dtypes) a matrix param like p gets: a wrapper's
+        template on ranks that do not hold them (ZeroOptimizer)."""
+        dtypes = {"momentum_buffer": self._buffer_dtype(p, p)}
+        if self._uses_master(p):
+            dtypes["master_param"] = torch.float32
+        return dtypes
+
+    def _check_group(self, group: dict, where: str) -> None:
+        """What a wrapper checks before it communicates (ZeroOptimizer): the
+        hyperparameters a scheduler or a user may have edited since __init__."""
+        GroupCheck(type(self).__name__, group, where).at_least(0.0, "lr", "momentum", "weight_decay")
 
     def _momentum_buffers(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
         bufs = []
