@@ -169,34 +169,53 @@ def check_optimizers(layout: Layout):
 
 def check_muon_owners(layout: Layout):
     """FusedMuon's batched path orthogonalises each DTensor matrix on one
-    owner rank of its mesh (results broadcast): over the world, a matrix on
-    a mesh of s ranks is computed world/s times (once per copy of the mesh),
-    a plain one on every rank; the result is the one process's (check_optimizers)."""
+    owner rank of its mesh: over the world, a matrix on a mesh of s ranks is
+    computed world/s times (once per copy of the mesh), a plain one on every
+    rank. Where a process group spans the mesh (every layout here) the owners
+    gather only their matrices' shards (no rank gathers a whole DTensor) and
+    scatter the results back: the same bits as the fallback path (every rank
+    gathers everything, owners broadcast). The result is the one process's
+    (check_optimizers)."""
     import torch.distributed as dist
 
     import fusedopt.optim.muon as muon_module
 
-    model, _ = layout.models()
-    opt = FusedMuon(model.parameters(), backend="cpu", lr=0.02)
-    computed = [0]
-    original = muon_module.newton_schulz_batched
+    computed, gathered = [0], [0]
+    original_ns, original_whole, original_plan = (muon_module.newton_schulz_batched, muon_module.dtensor.whole,
+                                                  muon_module._OwnerPlan.of)
 
-    def counting(x, *args, **kwargs):
+    def counting_ns(x, *args, **kwargs):
         computed[0] += x.shape[0]
-        return original(x, *args, **kwargs)
+        return original_ns(x, *args, **kwargs)
 
-    muon_module.newton_schulz_batched = counting
-    try:
-        layout.train(model, opt, 1)
-    finally:
-        muon_module.newton_schulz_batched = original
-    world = dist.get_world_size()
-    matrices = [p for p in model.parameters() if p.ndim >= 2]
-    want = sum(world // p.device_mesh.size() if fusedopt.dtensor.is_dtensor(p) else world for p in matrices)
-    total = torch.tensor([computed[0]])
-    dist.all_reduce(total)
-    assert total.item() == want, (layout.name, total.item(), want)
-    assert want < world * len(matrices)  # less than every rank computing every matrix
+    def counting_whole(t):
+        gathered[0] += fusedopt.dtensor.is_dtensor(t)
+        return original_whole(t)
+
+    runs = []
+    for fallback in (False, True):
+        model, _ = layout.models()
+        opt = FusedMuon(model.parameters(), backend="cpu", lr=0.02)
+        muon_module.newton_schulz_batched, muon_module.dtensor.whole = counting_ns, counting_whole
+        if fallback:
+            muon_module._OwnerPlan.of = staticmethod(lambda mesh, updates: None)
+        computed[0] = gathered[0] = 0
+        try:
+            layout.train(model, opt, 2)
+        finally:
+            muon_module.newton_schulz_batched, muon_module.dtensor.whole = original_ns, original_whole
+            muon_module._OwnerPlan.of = original_plan
+        world = dist.get_world_size()
+        matrices = [p for p in model.parameters() if p.ndim >= 2]
+        want = 2 * sum(world // p.device_mesh.size() if fusedopt.dtensor.is_dtensor(p) else world for p in matrices)
+        total = torch.tensor([computed[0]])
+        dist.all_reduce(total)
+        assert total.item() == want, (layout.name, total.item(), want)
+        assert want < 2 * world * len(matrices)  # less than every rank computing every matrix
+        assert (gathered[0] > 0) == fallback, (layout.name, fallback, gathered[0])
+        runs.append([full(p) for p in model.parameters()])
+    for p, q in zip(*runs):
+        assert torch.equal(p, q), layout.name
 
 
 def check_clip(layout: Layout):

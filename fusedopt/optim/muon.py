@@ -324,8 +324,10 @@ class FusedMuon(Optimizer):
                 out = torch.stack([newton_schulz(m, coefficients, steps, eps) for m in matrices])
                 targets[i].add_(dtensor.shard_like(targets[i], out.view(p.shape)), alpha=self._alpha(group, p))
         else:
+            # what each target adds (times its alpha): plain ones whole, DTensor ones their shard
             plain = [i for i, p in enumerate(params) if not dtensor.is_dtensor(p)]
-            results = dict(zip(plain, self._orthogonalise(group, [updates[i] for i in plain])))
+            results = {i: r.view(params[i].shape)
+                       for i, r in zip(plain, self._orthogonalise(group, [updates[i] for i in plain]))}
             by_mesh: dict = {}
             for i, p in enumerate(params):
                 if dtensor.is_dtensor(p):
@@ -336,8 +338,7 @@ class FusedMuon(Optimizer):
             for i in sorted(results):
                 by_alpha.setdefault(self._alpha(group, params[i]), []).append(i)
             for alpha, index in by_alpha.items():
-                _foreach(torch._foreach_add_, [targets[i] for i in index],
-                         [dtensor.shard_like(targets[i], results[i].view(params[i].shape)) for i in index], alpha=alpha)
+                _foreach(torch._foreach_add_, [targets[i] for i in index], [results[i] for i in index], alpha=alpha)
         for p, t in zip(params, targets):
             if t is not p:
                 p.copy_(t)  # round to nearest even
@@ -366,13 +367,27 @@ class FusedMuon(Optimizer):
 
     def _orthogonalise_on_owners(self, group: dict, mesh, updates: list[Tensor]) -> list[Tensor]:
         """Newton-Schulz of DTensor updates on one mesh, each matrix on one
-        owner rank (round-robin over the mesh's ranks, in param order, the
-        same on every rank): every rank gathers the updates whole (an
-        all-gather each, as DTensor's full_tensor), orthogonalises the ones it
-        owns, and each owner broadcasts its results to the mesh (one broadcast
-        per owner and mesh dim). The Newton-Schulz work is divided by the
-        mesh's size; every rank ends with every result whole (then keeps its
-        shard)."""
+        owner rank of the mesh (round-robin in param order, the same on every
+        rank); returns each result as a DTensor laid out as its update.
+
+        Where one process group spans the mesh (a 1-d mesh, or a mesh over
+        the whole world): the owners gather their matrices' shards (one
+        all-to-all per dtype; each distinct shard sent once, replicas not),
+        orthogonalise, and send every rank its shard of each result (one
+        all-to-all): each rank holds only its own matrices whole. Otherwise
+        (an n-d sub-mesh) every rank gathers every update whole and each owner
+        broadcasts its results over the mesh's per-dim groups."""
+        plan = _OwnerPlan.of(mesh, updates)
+        if plan is None:
+            return self._orthogonalise_gathered(group, mesh, updates)
+        wholes = plan.gather_to_owners(updates)
+        computed = dict(zip(wholes, self._orthogonalise(group, list(wholes.values()))))
+        return plan.scatter_from_owners(updates, {k: r.view(updates[k].shape) for k, r in computed.items()})
+
+    def _orthogonalise_gathered(self, group: dict, mesh, updates: list[Tensor]) -> list[Tensor]:
+        """_orthogonalise_on_owners where no process group spans the mesh:
+        every rank gathers every update whole (DTensor's all-gather), owners
+        compute theirs and broadcast them, one broadcast per owner and mesh dim."""
         wholes = [dtensor.whole(u) for u in updates]
         size, me = mesh.size(), _flat_rank(mesh.get_coordinate(), mesh.shape)
         owners = [k % size for k in range(len(wholes))]
@@ -390,7 +405,7 @@ class FusedMuon(Optimizer):
                                      device=wholes[index[0]].device)
             _broadcast_over_mesh(buffer, mesh, _coordinate(owner, mesh.shape))
             for k, piece in zip(index, buffer.split([wholes[k].numel() for k in index])):
-                out[k] = piece.view(-1, *wholes[k].shape[-2:])
+                out[k] = dtensor.shard_like(updates[k], piece.view(updates[k].shape))
         return out
 
     # --- state_dict -----------------------------------------------------------
@@ -502,6 +517,117 @@ def _broadcast_over_mesh(buffer: Tensor, mesh, source: list[int]) -> None:
         if list(coordinate[:d]) == list(source[:d]):
             group = mesh.get_group(d)
             dist.broadcast(buffer, src=dist.get_global_rank(group, source[d]), group=group)
+
+
+class _OwnerPlan:
+    """Who holds which block of each DTensor update on a mesh, and who owns
+    each matrix (round-robin over the mesh's ranks): the all-to-alls of
+    _orthogonalise_on_owners over a process group that spans the mesh."""
+
+    def __init__(self, mesh, group, updates: list[Tensor]):
+        import torch.distributed as dist
+        from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
+
+        self.group, self.size = group, mesh.size()
+        coordinates = [_coordinate(i, mesh.shape) for i in range(self.size)]
+        ranks = mesh.mesh.flatten().tolist()
+        #: mesh index -> rank in the process group (all_to_all's split order)
+        self.group_rank = [dist.get_group_rank(group, r) for r in ranks]
+        self.me = _flat_rank(mesh.get_coordinate(), mesh.shape)
+        self.owner = [k % self.size for k in range(len(updates))]
+        #: blocks[k][i]: mesh rank i's (shape, offset) of update k
+        self.blocks = [[_compute_local_shape_and_global_offset(u.shape, mesh.shape, c, u.placements)
+                        for c in coordinates] for u in updates]
+        for k, u in enumerate(updates):
+            if tuple(self.blocks[k][self.me][0]) != tuple(dtensor.local(u).shape):
+                raise RuntimeError(f"FusedMuon: a DTensor of shape {tuple(u.shape)} with {u.placements} has a local "
+                                   f"shard of shape {tuple(dtensor.local(u).shape)}, not the block DTensor computes "
+                                   f"{self.blocks[k][self.me][0]}")
+        #: senders[k]: the mesh ranks that send update k's blocks to its owner (the first holder of each block)
+        self.senders = []
+        for per_rank in self.blocks:
+            seen, senders = set(), []
+            for i, (shape, offset) in enumerate(per_rank):
+                key = (tuple(shape), tuple(offset))
+                if key not in seen and all(shape):
+                    seen.add(key)
+                    senders.append(i)
+            self.senders.append(senders)
+
+    @staticmethod
+    def of(mesh, updates: list[Tensor]) -> "_OwnerPlan | None":
+        """The plan, or None where no process group spans the mesh (an n-d sub-mesh of the world)."""
+        import torch.distributed as dist
+
+        if mesh.ndim == 1:
+            group = mesh.get_group(0)
+        elif mesh.size() == dist.get_world_size():
+            group = dist.group.WORLD
+        else:
+            return None
+        return _OwnerPlan(mesh, group, updates)
+
+    def _numel(self, k: int, i: int) -> int:
+        n = 1
+        for d in self.blocks[k][i][0]:
+            n *= d
+        return n
+
+    def _all_to_all(self, send: dict[int, list[Tensor]], receive: dict[int, list[int]], dtype, device) -> dict:
+        """One all_to_all_single: send[i] (flattened, in order) to mesh rank i;
+        receive[i] the numels expected from mesh rank i, in order. Returns the
+        received pieces per mesh rank."""
+        import torch.distributed as dist
+
+        order = sorted(range(self.size), key=self.group_rank.__getitem__)
+        parts = [t.reshape(-1).to(dtype) for i in order for t in send.get(i, [])]
+        out_sizes = [sum(receive.get(i, [])) for i in order]
+        sent = torch.cat(parts) if parts else torch.empty(0, dtype=dtype, device=device)
+        received = torch.empty(sum(out_sizes), dtype=dtype, device=device)
+        dist.all_to_all_single(received, sent, out_sizes, [sum(t.numel() for t in send.get(i, [])) for i in order],
+                               group=self.group)
+        pieces, chunks = {}, received.split(out_sizes)
+        for i, chunk in zip(order, chunks):
+            pieces[i] = list(chunk.split(receive.get(i, [])))
+        return pieces
+
+    def gather_to_owners(self, updates: list[Tensor]) -> dict[int, Tensor]:
+        """The updates this rank owns, whole (in their dtypes), by index."""
+        mine = [k for k in range(len(updates)) if self.owner[k] == self.me]
+        wholes = {k: torch.empty(updates[k].shape, dtype=updates[k].dtype, device=dtensor.local(updates[k]).device)
+                  for k in mine}
+        for dtype in sorted({u.dtype for u in updates}, key=str):
+            index = [k for k, u in enumerate(updates) if u.dtype == dtype]
+            send: dict[int, list[Tensor]] = {}
+            for k in index:
+                if self.me in self.senders[k]:
+                    send.setdefault(self.owner[k], []).append(dtensor.local(updates[k]))
+            receive = {i: [self._numel(k, i) for k in index if k in wholes and i in self.senders[k]]
+                       for i in range(self.size)}
+            device = dtensor.local(updates[index[0]]).device
+            pieces = self._all_to_all(send, receive, dtype, device)
+            for i in range(self.size):
+                for k, piece in zip([k for k in index if k in wholes and i in self.senders[k]], pieces[i]):
+                    shape, offset = self.blocks[k][i]
+                    wholes[k][tuple(slice(o, o + n) for o, n in zip(offset, shape))] = piece.view(shape)
+        return wholes
+
+    def scatter_from_owners(self, updates: list[Tensor], results: dict[int, Tensor]) -> list[Tensor]:
+        """Each rank's shard of every result (fp32), from the owners: DTensors laid out as the updates."""
+        send: dict[int, list[Tensor]] = {}
+        for k, result in sorted(results.items()):  # in index order: the order each rank expects
+            for i in range(self.size):
+                shape, offset = self.blocks[k][i]
+                send.setdefault(i, []).append(result[tuple(slice(o, o + n) for o, n in zip(offset, shape))])
+        receive = {i: [self._numel(k, self.me) for k in range(len(updates)) if self.owner[k] == i]
+                   for i in range(self.size)}
+        device = dtensor.local(updates[0]).device
+        pieces = self._all_to_all(send, receive, torch.float32, device)
+        out: list = [None] * len(updates)
+        for i in range(self.size):
+            for k, piece in zip([k for k in range(len(updates)) if self.owner[k] == i], pieces[i]):
+                out[k] = dtensor.like(updates[k], piece.view(self.blocks[k][self.me][0]))
+        return out
 
 
 def _same_shape(params: list[Tensor]) -> list[list[int]]:
