@@ -29,7 +29,7 @@ cost, not a result a sharded model may use). Bytes: 20 per param
 (bench/second_order.py's count).
 
 Mode "muon": FusedMuon on the DTensors (each matrix orthogonalised on one
-owner rank, the results broadcast) against FusedMuon on plain whole copies
+owner rank, which gathers its shards and scatters the result's) against FusedMuon on plain whole copies
 of the params on every rank (every rank orthogonalising every matrix, no
 communication: what the owner scheme divides). Newton-Schulz is compute,
 not bytes: no bandwidth column.
