@@ -45,10 +45,10 @@ class FusedMuon(Optimizer):
     update; ``ns_dtype=torch.float32`` iterates in fp32 instead.
 
     DTensor params (FSDP2, tensor parallel): momentum and update stay on the
-    local shards; each matrix is gathered whole (an all-gather) and
-    orthogonalised on one owner rank of its mesh (round-robin), which
-    broadcasts the result; every rank keeps its shard of it. (The reference
-    backend orthogonalises every matrix on every rank.)
+    local shards; each matrix is orthogonalised on one owner rank of its mesh
+    (round-robin), which gathers its shards and sends every rank its shard of
+    the result (all-to-alls; see _orthogonalise_on_owners). (The reference
+    backend gathers every matrix and orthogonalises it on every rank.)
 
     ``state_dtype=torch.float8_e4m3fn`` stores the momentum block-scaled in
     FP8 (as every fusedopt FP8 state, scales in ``momentum_buffer_scale``;
