@@ -205,6 +205,41 @@ def test_params_replaced_or_reordered_in_a_group_are_stepped_like_torch(backend,
             torch.testing.assert_close(fused.state[pf][key], ref.state[pr][key], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("edit", ["new grads", "param storage", "hyperparameters", "state tensor", "state dict"])
+def test_a_cached_plan_sees_every_edit_between_steps(edit):
+    """The plan cached from the last step (its tensor tables) must not go
+    stale: each edit a training script may make between steps takes effect
+    as it does in torch.optim.AdamW."""
+    def build(cls, **kw):
+        params = make_params([(5,), (3, 4), (7,)], seed=4)
+        return cls(params, lr=0.1, weight_decay=0.1, **kw), params
+
+    fused, fp = build(fusedopt.FusedAdamW, backend="cpu")
+    ref, rp = build(torch.optim.AdamW, foreach=False)
+    for opt, params in ((fused, fp), (ref, rp)):
+        for k in range(2):
+            for p, g in zip(params, grads_for(params, k)):
+                p.grad = g
+            opt.step()  # the plan is cached after the first
+        if edit == "new grads":
+            params[1].grad = torch.full((3, 4), 3.0)  # a new tensor; the others keep theirs, edited in place
+            params[0].grad.mul_(-2.0)
+        elif edit == "param storage":
+            params[2].data = torch.full((7,), 0.5)
+        elif edit == "hyperparameters":
+            opt.param_groups[0].update(lr=0.03, betas=(0.5, 0.75), weight_decay=0.0, eps=1e-3)
+        elif edit == "state tensor":
+            opt.state[params[0]]["exp_avg"] = torch.full((5,), 0.25)
+        else:
+            opt.state[params[1]] = {k: v.clone().fill_(0.5) if k != "step" else v.clone()
+                                    for k, v in opt.state[params[1]].items()}
+        opt.step()
+    for pf, pr in zip(fp, rp):
+        torch.testing.assert_close(pf.detach(), pr.detach(), atol=1e-6, rtol=1e-5)
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(fused.state[pf][key], ref.state[pr][key], atol=1e-6, rtol=1e-5)
+
+
 # --- add_param_group ----------------------------------------------------------------
 
 

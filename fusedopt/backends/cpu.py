@@ -1,8 +1,8 @@
 """The cpu backend: the C++ extension (csrc/cpu, csrc/bindings_cpu.cpp),
 JIT-built on first use. One OpenMP parallel region per bucket; per-element
 math from csrc/include/fusedopt/*.h. Each op's contract is its schema in
-bindings_cpu.cpp; the calls here name every argument, so the dispatcher
-checks each name against it: no argument can land in another's place."""
+bindings_cpu.cpp; the calls here name every argument, checked against it
+(_NamedOps): no argument can land in another's place."""
 from __future__ import annotations
 
 import torch
@@ -20,6 +20,36 @@ TRACEABLE = True
 CHUNK_SIZE = 1 << 16
 
 
+class _NamedOps:
+    """torch.ops.fusedopt_cpu with each op's arguments given by name (as
+    every call below gives them) and passed on positionally: the names are
+    checked against the op's schema, all of them and no other, without the
+    dispatcher's keyword parsing (~15 us a call for AdamW's 25 arguments)."""
+
+    def resolve(self) -> None:
+        """Every registered fusedopt_cpu op resolved now, on load: not while
+        Dynamo traces a step (an attribute set then would fail a guard and
+        recompile the step)."""
+        for qualified in torch._C._dispatch_get_all_op_names():
+            if qualified.startswith("fusedopt_cpu::"):
+                getattr(self, qualified.split("::")[1].split(".")[0])
+
+    def __getattr__(self, name: str):
+        packet = getattr(torch.ops.fusedopt_cpu, name)
+        names = tuple(a.name for a in packet.default._schema.arguments)
+
+        def call(**kwargs):
+            if len(kwargs) != len(names) or not all(map(kwargs.__contains__, names)):
+                raise TypeError(f"fusedopt_cpu.{name} takes {names}, got {tuple(kwargs)}")
+            return packet(*map(kwargs.__getitem__, names))
+
+        setattr(self, name, call)  # resolved once per op
+        return call
+
+
+_ops = _NamedOps()
+
+
 def unavailable_reason(device_type: str) -> str | None:
     return _jit.toolchain_problem("cpu")
 
@@ -27,6 +57,7 @@ def unavailable_reason(device_type: str) -> str | None:
 def load() -> None:
     _jit.load_extension("cpu")
     cpu_fakes.register()
+    _ops.resolve()
 
 
 def _chunk(bucket) -> int:
@@ -42,7 +73,7 @@ def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, gra
     amax = torch.zeros(len(bucket.params), dtype=torch.float64) if fp8 else None
     chunk = _chunk(bucket)
     states = bucket.states
-    torch.ops.fusedopt_cpu.adamw(
+    _ops.adamw(
         params=bucket.params, grads=bucket.grads, exp_avgs=states["exp_avg"], exp_avg_sqs=states["exp_avg_sq"],
         max_exp_avg_sqs=states["max_exp_avg_sq"] if amsgrad else [],
         exp_avg_scales=states.get("exp_avg_scale", []), exp_avg_sq_scales=states.get("exp_avg_sq_scale", []),
@@ -58,17 +89,17 @@ def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, gra
 def fp8_update_(copies, amax, found_inf, recipe):
     """recipe.update_(copies, amax, found_inf) in one call (the ~15 small torch
     ops of the spec cost more than the cast itself right after a step)."""
-    torch.ops.fusedopt_cpu.fp8_update_(amax=amax, history=copies.history_buffer, scales=copies.scale_buffer,
+    _ops.fp8_update_(amax=amax, history=copies.history_buffer, scales=copies.scale_buffer,
                                        scale_inv=copies.scale_inv_buffer, found_inf=found_inf,
                                        fp8_max=recipe.fp8_max, margin=recipe.margin)
 
 
 def power_sums(tensors, p):
-    return torch.ops.fusedopt_cpu.power_sums(tensors=tensors, p=float(p), chunk_size=CHUNK_SIZE)
+    return _ops.power_sums(tensors=tensors, p=float(p), chunk_size=CHUNK_SIZE)
 
 
 def scale_(tensors, factor):
-    torch.ops.fusedopt_cpu.scale_(tensors=tensors, factor=factor, chunk_size=CHUNK_SIZE)
+    _ops.scale_(tensors=tensors, factor=factor, chunk_size=CHUNK_SIZE)
 
 
 def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, adam_w_mode, grad_averaging, use_nvlamb,
@@ -81,10 +112,10 @@ def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, adam_w
                 masters=bucket.masters or [], steps=bucket.steps, beta1=beta1, beta2=beta2, eps=eps,
                 weight_decay=weight_decay, bias_correction=bias_correction, adam_w_mode=adam_w_mode,
                 grad_averaging=grad_averaging, maximize=maximize, found_inf=found_inf, chunk_size=_chunk(bucket))
-    p_sums, u_sums = torch.ops.fusedopt_cpu.lamb_moments(**both, grad_mult=grad_mult)
+    p_sums, u_sums = _ops.lamb_moments(**both, grad_mult=grad_mult)
     p_sums, u_sums = bucket.whole_tensor_sums(p_sums, u_sums)  # DTensors: over their shards
     ratio = lamb_spec.trust_ratio(p_sums, u_sums, lr, weight_decay, use_nvlamb)
-    torch.ops.fusedopt_cpu.lamb_apply(**both, ratio=ratio, sr_seed=bucket.sr_seed)
+    _ops.lamb_apply(**both, ratio=ratio, sr_seed=bucket.sr_seed)
 
 
 def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize, beta1, grad_mult, found_inf):
@@ -96,7 +127,7 @@ def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize,
     rows = torch.tensor([s[-2] for s in shapes] if factored else [], dtype=torch.int64)
     cols = torch.tensor([s[-1] for s in shapes] if factored else [], dtype=torch.int64)
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
-    torch.ops.fusedopt_cpu.adafactor(
+    _ops.adafactor(
         params=bucket.params, grads=bucket.grads, exp_avgs=states.get("exp_avg", []),
         variances=states.get("variance", []), row_vars=states.get("row_var", []), col_vars=states.get("col_var", []),
         exp_avg_scales=states.get("exp_avg_scale", []), masters=bucket.masters or [], steps=bucket.steps, rows=rows,
@@ -122,7 +153,7 @@ def adafactor_sharded(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, m
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
 
     def phase(number, inputs=()):  # three float64 vectors, empty where a phase has nothing to give
-        return torch.ops.fusedopt_cpu.adafactor_sharded(
+        return _ops.adafactor_sharded(
             phase=number, params=bucket.params, grads=bucket.grads, exp_avgs=states.get("exp_avg", []),
             variances=states.get("variance", []), row_vars=states.get("row_var", []),
             col_vars=states.get("col_var", []), masters=bucket.masters or [], steps=bucket.steps, dims=dims,
@@ -164,7 +195,7 @@ def _sharded_layout(stats, factored: bool):
 def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, found_inf):
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
     states = bucket.states
-    torch.ops.fusedopt_cpu.sophia(
+    _ops.sophia(
         params=bucket.params, grads=bucket.grads, exp_avgs=states["exp_avg"], hessians=states["hessian"],
         exp_avg_scales=states.get("exp_avg_scale", []), hessian_scales=states.get("hessian_scale", []),
         masters=bucket.masters or [], steps=bucket.steps, lr=0.0 if lr_tensor is not None else lr,
@@ -173,7 +204,7 @@ def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, fou
 
 
 def sophia_hessian(bucket, *, beta2):
-    torch.ops.fusedopt_cpu.sophia_hessian(params=bucket.params, grads=bucket.grads, hessians=bucket.states["hessian"],
+    _ops.sophia_hessian(params=bucket.params, grads=bucket.grads, hessians=bucket.states["hessian"],
                                           hessian_scales=bucket.states.get("hessian_scale", []),
                                           has_master=bucket.masters is not None, beta2=beta2,
                                           chunk_size=_chunk(bucket))
@@ -182,4 +213,4 @@ def sophia_hessian(bucket, *, beta2):
 def cast_fp8(inputs, outputs, scales):
     """inputs, outputs: aligned lists (same shapes and strides); scales: fp32
     [n] on the CPU. Returns the inputs' absmax (fp64 [n])."""
-    return torch.ops.fusedopt_cpu.cast_fp8(inputs=inputs, outputs=outputs, scales=scales, chunk_size=CHUNK_SIZE)
+    return _ops.cast_fp8(inputs=inputs, outputs=outputs, scales=scales, chunk_size=CHUNK_SIZE)

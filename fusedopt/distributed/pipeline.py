@@ -175,7 +175,7 @@ def _device_for(group, params) -> torch.device:
 _clip_owners: dict = {}
 
 
-@torch._disable_dynamo  # eager under torch.compile (a graph break), as FusedOptimizer._eager_step
+@torch._disable_dynamo  # eager under torch.compile (a graph break), as FusedOptimizer._untraced_step
 @torch.no_grad()
 def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float, norm_type: float = 2.0,
                     error_if_nonfinite: bool = False, foreach: bool | None = None, *, pp_group=None,

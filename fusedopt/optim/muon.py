@@ -159,7 +159,7 @@ class FusedMuon(Optimizer):
 
     # --- the step -----------------------------------------------------------
 
-    @torch._disable_dynamo  # eager under torch.compile (a graph break), as FusedOptimizer._eager_step
+    @torch._disable_dynamo  # eager under torch.compile (a graph break), as FusedOptimizer._untraced_step
     @torch.no_grad()
     def step(self, closure=None):
         """Perform a single optimization step (optionally re-evaluating `closure`).

@@ -5,7 +5,8 @@ come back, or rebuilt under torch.compile for Dynamo to trace
 GradScaler's and the clip's per-device scalars (GradScalars)."""
 from __future__ import annotations
 
-from operator import attrgetter, is_
+from itertools import repeat
+from operator import attrgetter, is_, is_not
 from typing import TYPE_CHECKING
 
 import torch
@@ -189,7 +190,7 @@ class _Plan:
         params = group["params"]
         if len(params) != len(self.group_params) or not all(map(is_, params, self.group_params)):
             return False  # params replaced or reordered in the group (grads are taken by position)
-        if tuple(g is not None for g in grads) != self.present:
+        if tuple(map(is_not, grads, repeat(None))) != self.present:
             return False
         if any(optimizer._elementwise_states(group, kind) != names for kind, names in self.names.items()):
             return False

@@ -94,7 +94,7 @@ class FusedSophia(FusedOptimizer):
         finally:
             self._bs_override = None
 
-    @torch._disable_dynamo  # under torch.compile: eager, as FusedOptimizer._eager_step
+    @torch._disable_dynamo  # under torch.compile: eager, as FusedOptimizer._untraced_step
     @torch.no_grad()
     def update_hessian(self) -> None:
         """h = beta2 * h + (1 - beta2) * grad * grad for every param with a grad."""
