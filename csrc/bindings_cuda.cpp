@@ -282,7 +282,7 @@ void sophia_hessian(const Tensor& table, const Tensor& numel, const Tensor& chun
 }
 
 // AdafactorLayout from `packed`, its arrays one after another in field order
-// (fusedopt/backends/_tables.py: FACTORED_TASK_PARTS), sized by the counts.
+// (fusedopt/backends/_adafactor_tables.py: FACTORED_TASK_PARTS), sized by the counts.
 fusedopt::AdafactorLayout unpack_layout(const Tensor& packed, int64_t n, int64_t n_tasks, int64_t n_slices,
                                         int64_t n_col_programs, int64_t col_total) {
   TORCH_CHECK(n_tasks > 0 && n_slices > 0 && n_col_programs > 0 && col_total > 0,

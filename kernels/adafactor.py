@@ -1,6 +1,6 @@
 """Adafactor as Triton launches (csrc/include/fusedopt/adafactor.h has the
 per-element steps in the same order; fusedopt/reference/adafactor.py is the
-spec). Table rows: ADAFACTOR_ROWS in fusedopt/backends/_tables.py.
+spec). Table rows: ADAFACTOR_ROWS in fusedopt/backends/_adafactor_tables.py.
 
 0-d / 1-d tensors, by chunks:
   _vector_stats    variance = lerp(variance, g*g, 1 - beta2_t); partial sums of p*p and u*u

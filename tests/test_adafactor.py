@@ -250,18 +250,18 @@ def test_bad_arguments_like_torch():
 
 def test_cuda_task_layout_covers_every_row_and_column():
     """The work lists the cuda backend's factored kernels walk
-    (_tables.factored_tasks, read by AdafactorLayout in adafactor.h): every
+    (_adafactor_tables.factored_tasks, read by AdafactorLayout in adafactor.h): every
     row of every batch slice in exactly one task of at most TASK_ROWS rows,
     a task's column sums in their own C slots, every column of every slice in
     one column program, and the per-tensor and per-slice ranges consistent."""
-    from fusedopt.backends import _tables
+    from fusedopt.backends import _adafactor_tables
 
     shapes = [torch.Size(s) for s in [(70, 5), (2, 3, 33), (1, 200), (65, 1), (2, 2, 40, 3)]]
-    layout = _tables.factored_tasks(shapes, torch.device("cpu"))
+    layout = _adafactor_tables.factored_tasks(shapes, torch.device("cpu"))
     n, nt, ns, nc = len(shapes), layout.n_tasks, layout.n_slices, layout.n_col_programs
     sizes = [n, n, n, n + 1, nt, nt, nt, nt, ns, ns, ns + 1, nc, nc]
     assert layout.packed.numel() == sum(sizes)
-    parts = dict(zip(_tables.FACTORED_TASK_PARTS, (x.tolist() for x in layout.packed.split(sizes))))
+    parts = dict(zip(_adafactor_tables.FACTORED_TASK_PARTS, (x.tolist() for x in layout.packed.split(sizes))))
     slots = set()
     for t, shape in enumerate(shapes):
         R, C, B = shape[-2], shape[-1], shape[:-2].numel()
@@ -274,12 +274,12 @@ def test_cuda_task_layout_covers_every_row_and_column():
         for s in slices:
             covered = []
             for k in range(parts["slice_task_first"][s], parts["slice_task_first"][s + 1]):
-                assert parts["task_slice"][k] == s and 1 <= parts["task_rows"][k] <= _tables.TASK_ROWS
+                assert parts["task_slice"][k] == s and 1 <= parts["task_rows"][k] <= _adafactor_tables.TASK_ROWS
                 covered += range(parts["task_row0"][k], parts["task_row0"][k] + parts["task_rows"][k])
                 slots |= set(range(parts["task_col"][k], parts["task_col"][k] + C))
             assert covered == list(range(R))
             col0 = [c for s2, c in zip(parts["colprog_slice"], parts["colprog_col0"]) if s2 == s]
-            assert col0 == list(range(0, C, _tables.COL_BLOCK))
+            assert col0 == list(range(0, C, _adafactor_tables.COL_BLOCK))
     assert slots == set(range(layout.col_total))
     assert ns == sum(s[:-2].numel() for s in shapes)
 

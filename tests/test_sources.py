@@ -71,22 +71,22 @@ def test_adafactor_tables_agree_with_the_header():
     the kernels skip rows silently)."""
     import re
 
-    from fusedopt.backends import _tables
+    from fusedopt.backends import _adafactor_tables
 
     header = _header("adafactor.h")
     enum = header[header.index("enum AdafactorRow"):]
     rows = dict(re.findall(r"(kAf\w+) = (\d+)", enum[:enum.index("};")]))
-    assert int(re.search(r"kAdafactorRows = (\d+)", header).group(1)) == len(_tables.ADAFACTOR_ROWS)
-    assert sorted(int(v) for v in rows.values()) == list(range(len(_tables.ADAFACTOR_ROWS)))
+    assert int(re.search(r"kAdafactorRows = (\d+)", header).group(1)) == len(_adafactor_tables.ADAFACTOR_ROWS)
+    assert sorted(int(v) for v in rows.values()) == list(range(len(_adafactor_tables.ADAFACTOR_ROWS)))
     triton = dict(re.findall(r"^(ROW_\w+) = tl\.constexpr\((\d+)\)", (ROOT / "kernels" / "adafactor.py").read_text(),
                              re.M))
     snake = {re.sub(r"(?<!^)(?=[A-Z])", "_", k[3:]).lower(): int(v) for k, v in rows.items()}  # kAfRowVar: row_var
     assert {k[4:].lower(): int(v) for k, v in triton.items()} == snake
     layout = header[header.index("struct AdafactorLayout"):]
     fields = re.findall(r"const int64_t\* (\w+);", layout[:layout.index("};")])
-    assert tuple(fields) == _tables.FACTORED_TASK_PARTS
-    assert int(re.search(r"kAfTaskRows = (\d+)", header).group(1)) == _tables.TASK_ROWS
-    assert int(re.search(r"kAfColBlock = (\d+)", header).group(1)) == _tables.COL_BLOCK
+    assert tuple(fields) == _adafactor_tables.FACTORED_TASK_PARTS
+    assert int(re.search(r"kAfTaskRows = (\d+)", header).group(1)) == _adafactor_tables.TASK_ROWS
+    assert int(re.search(r"kAfColBlock = (\d+)", header).group(1)) == _adafactor_tables.COL_BLOCK
 
 
 def test_emulator_translates_every_launch():

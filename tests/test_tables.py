@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusedopt.backends import _tables
+from fusedopt.backends import _adafactor_tables, _tables
 
 CPU = torch.device("cpu")
 
@@ -42,6 +42,6 @@ def test_new_tensors_during_a_capture_are_refused(monkeypatch):
     with pytest.raises(RuntimeError, match="while a CUDA graph was being captured"):
         _tables.launch_tables([[torch.zeros(11)]], CPU, 64)
     with pytest.raises(RuntimeError, match="while a CUDA graph was being captured"):
-        _tables.factored_tasks([torch.Size([3, 5])], CPU)
+        _adafactor_tables.factored_tasks([torch.Size([3, 5])], CPU)
     with pytest.raises(RuntimeError, match="while a CUDA graph was being captured"):
-        _tables.factored_tables([torch.Size([3, 5])], CPU, 4, 4)
+        _adafactor_tables.factored_tables([torch.Size([3, 5])], CPU, 4, 4)

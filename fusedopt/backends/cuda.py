@@ -11,7 +11,7 @@ import torch
 
 from .. import _jit
 from ..reference import lamb as lamb_spec
-from . import _sharded, _tables
+from . import _adafactor_tables, _sharded, _tables
 from ._bucket import advance_steps
 from ._dtypes import CODES, FP8_FORMATS, FP8_STATE_DTYPE, STATE_CODES
 
@@ -109,10 +109,10 @@ class _AdafactorArgs:
     def __init__(self, bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize, beta1, grad_mult,
                  found_inf):
         device = bucket.device
-        self.tables = tables = _tables.launch_tables(_tables.adafactor_rows(bucket), device, _chunk(bucket))
-        stats_dtype, exp_avg_dtype = _tables.adafactor_storage(bucket)
+        self.tables = tables = _tables.launch_tables(_adafactor_tables.adafactor_rows(bucket), device, _chunk(bucket))
+        stats_dtype, exp_avg_dtype = _adafactor_tables.adafactor_storage(bucket)
         self.n, n_chunks = tables.n_tensors, tables.n_chunks
-        self.layout = layout = (_tables.factored_tasks([p.shape for p in bucket.params], device)
+        self.layout = layout = (_adafactor_tables.factored_tasks([p.shape for p in bucket.params], device)
                                 if _factored(bucket.kind) else None)
 
         def scratch(size):

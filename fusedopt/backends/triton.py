@@ -17,7 +17,7 @@ import torch
 from .._resources import shipped_module
 from ..reference import adafactor as adafactor_spec
 from ..reference import lamb as lamb_spec
-from . import _sharded, _tables
+from . import _adafactor_tables, _sharded, _tables
 from ._bucket import advance_steps
 from ._dtypes import CODES, FP8_FORMATS, STATE_CODES
 
@@ -147,11 +147,11 @@ class _AdafactorLaunch:
         self.combine = shipped_module("kernels", "norms")._combine_kernel
         self.bucket, self.device = bucket, bucket.device
         self.block, chunk = _sizes(bucket)
-        self.tables = tables = _tables.launch_tables(_tables.adafactor_rows(bucket), self.device, chunk)
+        self.tables = tables = _tables.launch_tables(_adafactor_tables.adafactor_rows(bucket), self.device, chunk)
         self.eps1 = torch.finfo(bucket.dtype).eps if eps1 is None else eps1
         self.n, self.n_chunks = tables.n_tensors, tables.n_chunks
         self.dummy = tables.numel  # stands in for absent pointer arguments
-        stats_dtype, self.exp_avg_dtype = _tables.adafactor_storage(bucket)
+        stats_dtype, self.exp_avg_dtype = _adafactor_tables.adafactor_storage(bucket)
         self.flags = dict(P_KIND=CODES[bucket.dtype], S_KIND=CODES[stats_dtype], MASTER=bucket.masters is not None,
                           GRAD_MULT=grad_mult is not None, MAXIMIZE=maximize, HAS_FOUND_INF=found_inf is not None)
         self.grad_mult = self.dummy if grad_mult is None else grad_mult
@@ -166,7 +166,7 @@ class _AdafactorLaunch:
         return out
 
     def factored_tables(self):
-        return _tables.factored_tables([p.shape for p in self.bucket.params], self.device, FACTOR_ROWS, FACTOR_COLS)
+        return _adafactor_tables.factored_tables([p.shape for p in self.bucket.params], self.device, FACTOR_ROWS, FACTOR_COLS)
 
     def row_stats(self, ft, beta2_decay, row_out=None, row_base=None):
         """sum(p*p) per tensor; row_var updated, or with row_out the rows' sums of g*g written there."""

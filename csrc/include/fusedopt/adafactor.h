@@ -27,7 +27,7 @@
 
 namespace fusedopt {
 
-// Rows of the Adafactor tensor table (fusedopt/backends/_tables.py: ADAFACTOR_ROWS).
+// Rows of the Adafactor tensor table (fusedopt/backends/_adafactor_tables.py: ADAFACTOR_ROWS).
 enum AdafactorRow : int {
   kAfParam = 0, kAfGrad = 1, kAfExpAvg = 2, kAfVariance = 3, kAfRowVar = 4, kAfColVar = 5, kAfMaster = 6,
   kAfStep = 7, kAfExpAvgScale = 8, kAdafactorRows = 9
@@ -142,7 +142,7 @@ void adafactor_sharded_update_cpu(const TensorTable& tt, const int64_t* dims, co
                                   const int64_t* numel);
 
 // The CUDA kernels' work lists for factored tensors, built once per layout on
-// the Python side (fusedopt/backends/_tables.py: factored_tasks) as one int64
+// the Python side (fusedopt/backends/_adafactor_tables.py: factored_tasks) as one int64
 // device array whose parts follow in this order (FACTORED_TASK_PARTS there).
 // A task is at most kAfTaskRows rows of one batch slice; a column program is
 // kAfColBlock columns of one slice.
