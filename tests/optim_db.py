@@ -1,7 +1,8 @@
 """One entry per fusedopt optimizer, read by the tests that cover them all
 (as torch's optim_db): its class, the arguments that exercise every state it
 has, and what it supports. A new optimizer gets an entry here and is then
-taken by test_base, test_state_dtype and test_stochastic_rounding."""
+taken by test_base, test_state_dtype, test_stochastic_rounding, test_max_grad_norm
+and test_complex."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CPU_BACKENDS, KERNEL_BACKENDS, backend_params
+from conftest import KERNEL_BACKENDS, backend_params
 from helpers import assert_same_state, grads_for, make_params
+from optim_db import optimizers
 
 import fusedopt
-from fusedopt import FusedAdafactor, FusedAdamW, FusedLAMB, FusedSophia
+from fusedopt import FusedAdamW
 
 TOL = {"atol": 1e-6, "rtol": 1e-5}
 
@@ -115,16 +116,15 @@ def test_fused_clip_gives_clip_grad_norm_then_steps_bits(backend):
 
 
 @pytest.mark.parametrize("backend", backend_params(KERNEL_BACKENDS))
-@pytest.mark.parametrize("name", ["lamb", "sophia", "adafactor"])
+@pytest.mark.parametrize("name", list(optimizers(fused=True)))
 def test_fp64_grad_multiplier_on_every_optimizer(backend, name):
     """fp64 params with max_grad_norm and a GradScaler scale: the multiplier
     reaches every kernel in fp64 (against the reference to fp64 rounding)."""
-    cls, kw = {"lamb": (FusedLAMB, {}), "sophia": (FusedSophia, {"lr": 1e-2}),
-               "adafactor": (FusedAdafactor, {"beta1": 0.9})}[name]
+    cls, kw = optimizers(lr=1e-2, fused=True)[name]
     runs = []
     for which in ("reference", backend):
         params = make_params(dtype=torch.float64)
-        opt = cls(params, backend=which, max_grad_norm=0.5, **kw)
+        opt = cls(params, backend=which, **{**kw, "max_grad_norm": 0.5})
         for step in range(4):
             for p, g in zip(params, grads_for(params, step, scale=24.0)):
                 p.grad = g
