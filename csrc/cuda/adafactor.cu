@@ -41,10 +41,7 @@
 namespace fusedopt {
 namespace {
 
-using cuda::block_reduce;
-using cuda::combine_kernel;
-using cuda::kILP;
-using cuda::kThreads;
+using namespace cuda;  // the shared multi-tensor helpers (multi_tensor.cuh)
 
 constexpr int kWarps = kThreads / 32;
 

@@ -13,8 +13,7 @@
 namespace fusedopt {
 namespace {
 
-using cuda::kILP;
-using cuda::kThreads;
+using namespace cuda;  // the shared multi-tensor helpers (multi_tensor.cuh)
 
 // FP8: 0 none, else 1 + Fp8Format: also write the FP8 copy and the chunk's absmax.
 template <typename P, typename S, bool MASTER, bool AMSGRAD, bool GRAD_MULT, bool SR, int FP8>

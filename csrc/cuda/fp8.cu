@@ -13,10 +13,7 @@
 namespace fusedopt {
 namespace {
 
-using cuda::block_reduce;
-using cuda::combine_kernel;
-using cuda::kILP;
-using cuda::kThreads;
+using namespace cuda;  // the shared multi-tensor helpers (multi_tensor.cuh)
 
 template <typename S, Fp8Format F>
 __global__ void __launch_bounds__(kThreads) cast_kernel(TensorTable tt, const float* scales, double* partials) {

@@ -13,10 +13,7 @@
 namespace fusedopt {
 namespace {
 
-using cuda::block_reduce;
-using cuda::combine_kernel;
-using cuda::kILP;
-using cuda::kThreads;
+using namespace cuda;  // the shared multi-tensor helpers (multi_tensor.cuh)
 
 // The chunk's tensor's scalars, computed once per block.
 template <typename T>

@@ -13,10 +13,7 @@
 namespace fusedopt {
 namespace {
 
-using cuda::block_reduce;
-using cuda::combine_kernel;
-using cuda::kILP;
-using cuda::kThreads;
+using namespace cuda;  // the shared multi-tensor helpers (multi_tensor.cuh)
 
 template <typename S, NormKind K>
 __global__ void __launch_bounds__(kThreads) partials_kernel(TensorTable tt, double p, double* partials) {

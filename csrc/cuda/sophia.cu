@@ -12,8 +12,7 @@
 namespace fusedopt {
 namespace {
 
-using cuda::kILP;
-using cuda::kThreads;
+using namespace cuda;  // the shared multi-tensor helpers (multi_tensor.cuh)
 
 template <typename P, typename S, bool MASTER, bool GRAD_MULT, bool SR>
 __global__ void __launch_bounds__(kThreads) step_kernel(TensorTable tt, SophiaHyper h) {
