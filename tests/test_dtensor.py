@@ -216,6 +216,23 @@ def check_muon_owners(layout: Layout):
         runs.append([full(p) for p in model.parameters()])
     for p, q in zip(*runs):
         assert torch.equal(p, q), layout.name
+    if layout.name in ("tp", "fsdp"):  # (one mesh over every rank: all of them take part in the exchange)
+        # ranks that disagree on what they exchange raise together: gloo would write past a buffer
+        model, _ = layout.models()
+        opt = FusedMuon(model.parameters(), backend="cpu", lr=0.02)
+        original_init = muon_module._OwnerPlan.__init__
+
+        def skewed(self, mesh, group, updates):
+            original_init(self, mesh, group, updates)
+            if dist.get_rank() == 0:
+                self.owner = [(o + 1) % self.size for o in self.owner]
+
+        muon_module._OwnerPlan.__init__ = skewed
+        try:
+            with pytest.raises(RuntimeError, match="disagree on the DTensor shards"):
+                layout.train(model, opt, 1)
+        finally:
+            muon_module._OwnerPlan.__init__ = original_init
 
 
 def check_clip(layout: Layout):

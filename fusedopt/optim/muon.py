@@ -1,6 +1,8 @@
 """FusedMuon: torch.optim.Muon for the matrices, FusedAdamW for the rest, one optimizer."""
 from __future__ import annotations
 
+import functools
+import inspect
 from itertools import chain
 
 import torch
@@ -526,7 +528,6 @@ class _OwnerPlan:
 
     def __init__(self, mesh, group, updates: list[Tensor]):
         import torch.distributed as dist
-        from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
 
         self.group, self.size = group, mesh.size()
         coordinates = [_coordinate(i, mesh.shape) for i in range(self.size)]
@@ -536,7 +537,7 @@ class _OwnerPlan:
         self.me = _flat_rank(mesh.get_coordinate(), mesh.shape)
         self.owner = [k % self.size for k in range(len(updates))]
         #: blocks[k][i]: mesh rank i's (shape, offset) of update k
-        self.blocks = [[_compute_local_shape_and_global_offset(u.shape, mesh.shape, c, u.placements)
+        self.blocks = [[_local_block()(u.shape, mesh.shape, c, u.placements)
                         for c in coordinates] for u in updates]
         for k, u in enumerate(updates):
             if tuple(self.blocks[k][self.me][0]) != tuple(dtensor.local(u).shape):
@@ -556,9 +557,13 @@ class _OwnerPlan:
 
     @staticmethod
     def of(mesh, updates: list[Tensor]) -> "_OwnerPlan | None":
-        """The plan, or None where no process group spans the mesh (an n-d sub-mesh of the world)."""
+        """The plan, or None where no process group spans the mesh (an n-d
+        sub-mesh of the world) or this torch cannot say which block of a
+        DTensor another rank holds."""
         import torch.distributed as dist
 
+        if _local_block() is None:
+            return None
         if mesh.ndim == 1:
             group = mesh.get_group(0)
         elif mesh.size() == dist.get_world_size():
@@ -582,10 +587,21 @@ class _OwnerPlan:
         order = sorted(range(self.size), key=self.group_rank.__getitem__)
         parts = [t.reshape(-1).to(dtype) for i in order for t in send.get(i, [])]
         out_sizes = [sum(receive.get(i, [])) for i in order]
+        in_sizes = [sum(t.numel() for t in send.get(i, [])) for i in order]
+        # the sizes first (gloo takes each side's at its word: a mismatch would write past a buffer), so that a
+        # layout the ranks see differently raises on every rank instead
+        counts = torch.tensor(in_sizes, dtype=torch.int64, device=device)
+        announced = torch.empty_like(counts)
+        dist.all_to_all_single(announced, counts, group=self.group)
+        mismatch = torch.tensor([int(announced.tolist() != out_sizes)], device=device)
+        dist.all_reduce(mismatch, op=dist.ReduceOp.MAX, group=self.group)
+        if mismatch.item():
+            raise RuntimeError(f"FusedMuon: the ranks of a mesh disagree on the DTensor shards they exchange (this "
+                               f"rank expects {out_sizes} elements from its peers, they announce "
+                               f"{announced.tolist()}); are the params laid out alike on every rank?")
         sent = torch.cat(parts) if parts else torch.empty(0, dtype=dtype, device=device)
         received = torch.empty(sum(out_sizes), dtype=dtype, device=device)
-        dist.all_to_all_single(received, sent, out_sizes, [sum(t.numel() for t in send.get(i, [])) for i in order],
-                               group=self.group)
+        dist.all_to_all_single(received, sent, out_sizes, in_sizes, group=self.group)
         pieces, chunks = {}, received.split(out_sizes)
         for i, chunk in zip(order, chunks):
             pieces[i] = list(chunk.split(receive.get(i, [])))
@@ -628,6 +644,20 @@ class _OwnerPlan:
             for k, piece in zip([k for k in range(len(updates)) if self.owner[k] == i], pieces[i]):
                 out[k] = dtensor.like(updates[k], piece.view(self.blocks[k][self.me][0]))
         return out
+
+
+@functools.cache
+def _local_block():
+    """torch's (private) rule for the (shape, offset) of the block of a
+    DTensor at any mesh coordinate, where it has the signature this code
+    was written against (torch 2.13's); None otherwise (then every rank
+    gathers every update: _orthogonalise_gathered)."""
+    try:
+        from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset as rule
+    except ImportError:
+        return None
+    names = list(inspect.signature(rule).parameters)
+    return rule if names[:4] == ["global_shape", "mesh_shape", "my_coordinate", "placements"] else None
 
 
 def _same_shape(params: list[Tensor]) -> list[list[int]]:
