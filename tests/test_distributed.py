@@ -633,6 +633,23 @@ def zero_muon_worker(rank, world, path):
     del opt.found_inf
     opt.zero_grad()
     assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
+    # bf16 params with fp32 masters (matrices' whole on their owners, the rest in shards): every bf16 param is
+    # its master rounded, and the masters stay within a step's size (lr) of one process's: the bf16 grads are
+    # averaged over the ranks in another order, and both Newton-Schulz (small singular directions) and AdamW's
+    # normalised step (small grads) make those last-bit differences large (the fp32 cases above are exact)
+    single, net = muon_net().bfloat16(), muon_net().bfloat16()
+    ref = FusedMuon(muon_groups(single), master_weights=True, **MUON_KW)
+    opt = ZeroOptimizer(muon_groups(net), FusedMuon, master_weights=True, **MUON_KW)
+    muon_steps(single, ref, None, world, 3)
+    muon_steps(net, opt, rank, world, 3)
+    full = opt.full_state_dict()
+    if rank == 0:
+        ours, theirs = ([p for g in muon_groups(m) for p in g["params"]] for m in (net, single))  # numbering order
+        for i, (p, q) in enumerate(zip(ours, theirs)):
+            master = full["state"][i]["master_param"]
+            assert master.dtype == torch.float32 and torch.equal(p.detach(), master.to(torch.bfloat16)), i
+            torch.testing.assert_close(master, ref.state[q]["master_param"], rtol=0, atol=MUON_KW["lr"],
+                                       msg=lambda m, i=i: f"master of param {i}: {m}")
     # GradScaler (power-of-two scale, no overflow): the unscaled run's bits
     plain, scaled = muon_net(), muon_net()
     plain_opt = ZeroOptimizer(muon_groups(plain), FusedMuon, **MUON_KW)
