@@ -2,6 +2,7 @@
 or NCCL with one GPU per rank."""
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 
@@ -16,6 +17,9 @@ def free_port() -> int:
 
 
 def _entry(rank: int, world: int, port: int, fn, args, backend: str = "gloo"):
+    # a native abort in a rank (SIGABRT, SIGSEGV) prints every thread's Python stack to the test's stderr:
+    # test_dtensor once died of "double free or corruption" in CI with nothing to say where
+    faulthandler.enable(all_threads=True)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if backend == "nccl":
         import torch
