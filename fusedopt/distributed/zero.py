@@ -171,7 +171,7 @@ class ZeroOptimizer(WrappingOptimizer):
             groups = [{"params": groups}]
         groups = [{**g, "params": [g["params"]] if isinstance(g["params"], Tensor) else list(g["params"])}
                   for g in groups]
-        self.stage, self.group, self.optimizer_class = stage, process_group, optimizer_class
+        self.stage, self.group, self._muon = stage, process_group, muon
         self.world, self.rank = dist.get_world_size(process_group), dist.get_rank(process_group)
         self.bucket_cap_mb, self.overlap_comm = bucket_cap_mb, overlap_comm
         self.max_grad_norm = optimizer_kwargs.pop("max_grad_norm", None) or None
@@ -225,7 +225,7 @@ class ZeroOptimizer(WrappingOptimizer):
         refused when one is the ZeRO group itself."""
         if not dtensor.is_dtensor(p):
             return ()
-        if isinstance(self.optimizer_class, type) and issubclass(self.optimizer_class, FusedMuon):
+        if self._muon:
             raise ValueError(f"ZeroOptimizer(FusedMuon): DTensor params (a param of shape {tuple(p.shape)}, "
                              f"{p.placements}) are not supported yet; use FusedMuon itself on them (FSDP2, TP)")
         dtensor.check_tensor(p, "ZeroOptimizer: a param")
@@ -521,8 +521,7 @@ class ZeroOptimizer(WrappingOptimizer):
             own = self.optimizer.state[flat.shard]
             for name in sorted(self._elementwise(flat, own)):  # one gather per state, in one order on every rank
                 shards = [torch.empty_like(own[name]) for _ in range(self.world)] if self.rank == 0 else None
-                root = 0 if self.group is None else dist.get_global_rank(self.group, 0)
-                dist.gather(own[name].contiguous(), shards, dst=root, group=self.group)
+                dist.gather(own[name].contiguous(), shards, dst=self._global(0), group=self.group)
                 if self.rank != 0:
                     continue
                 whole = torch.cat(shards)
@@ -609,10 +608,10 @@ class ZeroOptimizer(WrappingOptimizer):
 
     def _owned_vectors_on_rank0(self, flat: _Flat) -> dict[str, Tensor]:
         """The buffer's state vectors sent from the owner to rank 0 (full_state_dict); {} on other ranks."""
-        out = {}
+        out, vectors = {}, self._owned_vectors(flat) if self.rank == flat.owner else {}
         for name, dtype in self._owned_template(flat).items():
             if self.rank == flat.owner:
-                vector = self._owned_vectors(flat)[name]
+                vector = vectors[name]
                 if self.rank != 0:
                     dist.send(vector, dst=self._global(0), group=self.group)
             elif self.rank == 0:
