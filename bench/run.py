@@ -9,11 +9,12 @@ import torch
 
 import fusedopt
 
-from . import adamw, clip, compiled, dtensor, fp8, host, lamb, muon, pipeline, second_order, states
+from . import adamw, clip, compiled, dtensor, fp8, host, lamb, muon, pipeline, remainder, second_order, states
 from .harness import markdown, meta_line, write
 
 BENCHMARKS = {"adamw": adamw, "clip": clip, "compiled": compiled, "dtensor": dtensor, "fp8": fp8, "host": host,
-              "lamb": lamb, "muon": muon, "pipeline": pipeline, "second_order": second_order, "states": states}
+              "lamb": lamb, "muon": muon, "pipeline": pipeline, "remainder": remainder, "second_order": second_order,
+              "states": states}
 
 
 def main(argv=None) -> int:

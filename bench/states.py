@@ -12,7 +12,8 @@ Modes (the fusedopt contenders of each run every state dtype):
                 against bf16 states (20 B) and FP8 states (16.06 B).
 
 The baseline of each mode is fusedopt's own step with the default states, so
-the ratio is the saving of state_dtype alone.
+the ratio is the saving of state_dtype alone (bench/remainder.py: that of
+master_weights="remainder").
 """
 from __future__ import annotations
 
@@ -79,10 +80,10 @@ def targets(results, device) -> list[str]:
     return lines
 
 
-def memory_per_param(param_dtype: torch.dtype, master: bool, state_dtype) -> dict[str, float]:
+def memory_per_param(param_dtype: torch.dtype, master: bool | str, state_dtype) -> dict[str, float]:
     """Bytes per parameter of a FusedAdamW model after one step, by role:
-    the params, their grads, the fp32 masters and the moments (exp_avg,
-    exp_avg_sq), counted from the tensors themselves."""
+    the params, their grads, the masters (fp32, or 16-bit remainders) and the
+    moments (exp_avg, exp_avg_sq), counted from the tensors themselves."""
     params = make_params([(1000,), (10, 100)], param_dtype, "cpu")
     opt = fusedopt.FusedAdamW(params, backend="reference", master_weights=master, state_dtype=state_dtype)
     opt.step()
@@ -94,19 +95,22 @@ def memory_per_param(param_dtype: torch.dtype, master: bool, state_dtype) -> dic
     states = [opt.state[p] for p in params]
     moments = ("exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale")  # FP8 states: with their scales
     return {"param": size(params), "grad": size(p.grad for p in params),
-            "master": size(s["master_param"] for s in states if "master_param" in s),
+            "master": size(s[k] for s in states for k in ("master_param", "master_remainder") if k in s),
             "states": size(s[k] for s in states for k in moments if k in s)}
 
 
 def memory_table() -> list[str]:
-    rows = ["params        master  state_dtype    param  grad  master  states  total"]
+    rows = ["params        master     state_dtype    param  grad  master  states  total"]
     fp8 = torch.float8_e4m3fn
     for dtype, master, state_dtype in ((torch.float32, False, None), (torch.float32, False, torch.bfloat16),
                                        (torch.float32, False, fp8), (torch.bfloat16, False, None),
                                        (torch.bfloat16, False, fp8), (torch.bfloat16, True, None),
-                                       (torch.bfloat16, True, torch.bfloat16), (torch.bfloat16, True, fp8)):
+                                       (torch.bfloat16, True, torch.bfloat16), (torch.bfloat16, True, fp8),
+                                       (torch.bfloat16, "remainder", None),
+                                       (torch.bfloat16, "remainder", torch.bfloat16), (torch.bfloat16, "remainder", fp8)):
         m = memory_per_param(dtype, master, state_dtype)
-        rows.append(f"{str(dtype)[6:]:13s} {'yes' if master else 'no':6s}  {str(state_dtype)[6:] or 'default':13s}  "
+        label = master if isinstance(master, str) else "fp32" if master else "no"
+        rows.append(f"{str(dtype)[6:]:13s} {label:9s}  {str(state_dtype)[6:] or 'default':13s}  "
                     f"{m['param']:5.0f}  {m['grad']:4.0f}  {m['master']:6.0f}  {m['states']:6.2f}  "
                     f"{sum(m.values()):5.2f}")
     return rows

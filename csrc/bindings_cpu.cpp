@@ -137,6 +137,16 @@ fusedopt::StochasticRounding stochastic_rounding(const std::optional<int64_t>& s
   return {true, uint32_t(uint64_t(*seed) & 0xFFFFFFFFu)};
 }
 
+// Masters: fp32, or (master_weights="remainder") the int16 remainders of bf16
+// params (numeric.h: join_remainder). Returns whether they are remainders.
+bool check_masters(TensorList masters, at::ScalarType pdt) {
+  const bool remainder = !masters.empty() && masters[0].scalar_type() == at::kShort;
+  TORCH_CHECK(!remainder || pdt == at::kBFloat16, "fusedopt cpu: int16 remainders complete bf16 params, got ", pdt,
+              " params");
+  check_dtype(masters, remainder ? at::kShort : at::kFloat, remainder ? "master_remainder" : "master_param");
+  return remainder;
+}
+
 // A list the op cannot do without: one tensor per param (an empty list would be taken as an absent row,
 // whose null pointers the kernels would then follow).
 void require(TensorList xs, size_t n, const char* what) {
@@ -202,7 +212,7 @@ void adamw(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
   check_dtype(exp_avgs, sdt, "exp_avg");
   check_dtype(exp_avg_sqs, sdt, "exp_avg_sq");
   check_dtype(max_exp_avg_sqs, sdt, "max_exp_avg_sq");
-  check_dtype(masters, at::kFloat, "master_param");
+  const bool remainder = check_masters(masters, pdt);
 
   check_steps(steps);
   const bool fp8 = !fp8_weights.empty();
@@ -223,6 +233,7 @@ void adamw(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
   fusedopt::AdamWHyper h(lr, scalar_ptr(lr_tensor, "lr"), beta1, beta2, eps, weight_decay, amsgrad, maximize,
                          scalar_ptr<double>(grad_mult, "grad_mult"), scalar_ptr(found_inf, "found_inf"));
   h.sr = stochastic_rounding(sr_seed, pdt, has_master);
+  h.remainder = remainder;
   if (fp8) {
     h.fp8.on = true;
     h.fp8.format = fp8_format(fp8_weights[0].scalar_type(), "cpu");
@@ -309,7 +320,7 @@ HostTable lamb_table(TensorList params, TensorList grads, TensorList exp_avgs, T
   check_dtype(grads, pdt, "grads");
   check_dtype(exp_avgs, sdt, "exp_avg");
   check_dtype(exp_avg_sqs, sdt, "exp_avg_sq");
-  check_dtype(masters, at::kFloat, "master_param");
+  check_masters(masters, pdt);
   check_steps(steps);
   return HostTable({params, grads, exp_avgs, exp_avg_sqs, TensorList(), masters, steps, TensorList(), TensorList(),
                     exp_avg_scales, exp_avg_sq_scales},
@@ -328,8 +339,9 @@ std::tuple<Tensor, Tensor> lamb_moments(TensorList params, TensorList grads, Ten
   if (params.empty()) return {p_sums, u_sums};
   HostTable host = lamb_table(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, masters, steps,
                               chunk_size);
-  const fusedopt::LambHyper h{beta1, beta2, eps, weight_decay, bias_correction, adam_w_mode, grad_averaging, maximize,
-                              scalar_ptr<double>(grad_mult, "grad_mult"), scalar_ptr(found_inf, "found_inf")};
+  fusedopt::LambHyper h{beta1, beta2, eps, weight_decay, bias_correction, adam_w_mode, grad_averaging, maximize,
+                        scalar_ptr<double>(grad_mult, "grad_mult"), scalar_ptr(found_inf, "found_inf")};
+  h.remainder = check_masters(masters, params[0].scalar_type());
   fusedopt::lamb_moments_cpu(host.tt, h, dtype_code(params[0].scalar_type()), dtype_code(exp_avgs[0].scalar_type()),
                              !masters.empty(),
                              p_sums.data_ptr<double>(), u_sums.data_ptr<double>(), at::get_num_threads());
@@ -350,6 +362,7 @@ void lamb_apply(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
   fusedopt::LambHyper h{beta1, beta2, eps, weight_decay, bias_correction, adam_w_mode, grad_averaging, maximize,
                         nullptr, scalar_ptr(found_inf, "found_inf")};
   h.sr = stochastic_rounding(sr_seed, params[0].scalar_type(), !masters.empty());
+  h.remainder = check_masters(masters, params[0].scalar_type());
   fusedopt::lamb_apply_cpu(host.tt, h, dtype_code(params[0].scalar_type()), dtype_code(exp_avgs[0].scalar_type()),
                            !masters.empty(), ptr<float>(ratio, "ratio"), at::get_num_threads());
 }
@@ -544,7 +557,7 @@ HostTable sophia_table(TensorList params, TensorList grads, TensorList exp_avgs,
   check_dtype(grads, pdt, "grads");
   check_dtype(exp_avgs, sdt, "exp_avg");
   check_dtype(hessians, sdt, "hessian");
-  check_dtype(masters, at::kFloat, "master_param");
+  check_masters(masters, pdt);
   check_steps(steps);
   // the hessian takes the second-moment row (and its scales' row)
   return HostTable({params, grads, exp_avgs, hessians, TensorList(), masters, steps, TensorList(), TensorList(),
@@ -564,6 +577,7 @@ void sophia(TensorList params, TensorList grads, TensorList exp_avgs, TensorList
   fusedopt::SophiaHyper h{lr, scalar_ptr(lr_tensor, "lr"), beta1, rho_bs, weight_decay, maximize,
                           scalar_ptr<double>(grad_mult, "grad_mult"), scalar_ptr(found_inf, "found_inf")};
   h.sr = stochastic_rounding(sr_seed, params[0].scalar_type(), !masters.empty());
+  h.remainder = check_masters(masters, params[0].scalar_type());
   fusedopt::sophia_cpu(host.tt, h, dtype_code(params[0].scalar_type()), dtype_code(hessians[0].scalar_type()),
                        !masters.empty(), at::get_num_threads());
 }

@@ -116,19 +116,25 @@ void check_cuda_tensor(const Tensor& t, at::ScalarType dtype, int64_t numel, con
 }
 
 void adamw(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor, const Tensor& chunk_start,
-           int64_t chunk_size, int64_t param_dtype, int64_t state_dtype, bool has_master, double lr,
+           int64_t chunk_size, int64_t param_dtype, int64_t state_dtype, int64_t master, double lr,
            const std::optional<Tensor>& lr_tensor, double beta1, double beta2, double eps, double weight_decay,
            bool amsgrad, bool maximize, const std::optional<Tensor>& grad_mult,
            const std::optional<Tensor>& found_inf, std::optional<int64_t> sr_seed, int64_t fp8_format,
            const std::optional<Tensor>& chunk_first, const std::optional<Tensor>& fp8_partials,
            const std::optional<Tensor>& fp8_amax, int64_t stream) {
+  // master: 0 none, 1 fp32 masters, 2 int16 remainders of bf16 params (master_weights="remainder")
+  TORCH_CHECK(master >= 0 && master <= 2, "fusedopt cuda: bad master code ", master);
+  const bool has_master = master != 0;
   const auto [pdt, sdt] = storage(param_dtype, state_dtype, has_master, true);
+  TORCH_CHECK(master != 2 || pdt == fusedopt::DType::kBFloat16, "fusedopt cuda: int16 remainders complete bf16 "
+              "params");
   check_fp8_chunks(sdt, chunk_size);
   const fusedopt::TensorTable tt =
       make_table(table, numel, chunk_tensor, chunk_start, chunk_size, fusedopt::kMomentRows);
   fusedopt::AdamWHyper h(lr, device_scalar(lr_tensor, "lr"), beta1, beta2, eps, weight_decay, amsgrad, maximize,
                          device_scalar<double>(grad_mult, "grad_mult"), device_scalar(found_inf, "found_inf"));
   h.sr = stochastic_rounding(sr_seed, pdt, has_master);
+  h.remainder = master == 2;
   if (fp8_format >= 0) {  // FP8 copies: table rows kRowFp8 / kRowFp8Scale hold the copies and their scales
     TORCH_CHECK(fp8_format <= 1, "fusedopt cuda: bad fp8 format code ", fp8_format);
     TORCH_CHECK(pdt == fusedopt::DType::kFloat32 || has_master,
@@ -477,7 +483,7 @@ TORCH_LIBRARY(FUSEDOPT_CUDA_LIBRARY, m) {
       &fp8_update_);
   m.def(
       "adamw(Tensor table, Tensor numel, Tensor chunk_tensor, Tensor chunk_start, int chunk_size, "
-      "int param_dtype, int state_dtype, bool has_master, float lr, Tensor? lr_tensor, float beta1, "
+      "int param_dtype, int state_dtype, int master, float lr, Tensor? lr_tensor, float beta1, "
       "float beta2, float eps, float weight_decay, bool amsgrad, bool maximize, Tensor? grad_mult, "
       "Tensor? found_inf, int? sr_seed, int fp8_format, Tensor? chunk_first, Tensor(a!)? fp8_partials, "
       "Tensor(b!)? fp8_amax, int stream) -> ()",

@@ -81,6 +81,29 @@ def bf16_bits_rne(x):
 
 
 @triton.jit
+def load_joined(param, rem, offs, mask):
+    """The fp32 masters of bf16 params from their int16 remainders
+    (master_weights="remainder": csrc/include/fusedopt/numeric.h's
+    join_remainder; fusedopt/reference/remainder.py proves the encoding)."""
+    bits = tl.load(param.to(tl.pointer_type(tl.int16)) + offs, mask=mask, other=0).to(tl.int32)
+    low = tl.load(rem.to(tl.pointer_type(tl.int16)) + offs, mask=mask, other=0).to(tl.int32)
+    upper = (bits - (low < 0).to(tl.int32)) & 0xFFFF
+    return ((upper << 16) | (low & 0xFFFF)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def store_split(param, rem, offs, x, mask):
+    """Store fp32 masters `x` as bf16 params and int16 remainders (split_remainder in numeric.h)."""
+    b = x.to(tl.int32, bitcast=True)
+    low = b & 0xFFFF
+    upper = (b >> 16) + (low >> 15)  # (arithmetic shift: in int16 range but for NaN patterns, replaced)
+    upper = tl.where((b & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, upper)
+    tl.store(param.to(tl.pointer_type(tl.int16)) + offs, upper.to(tl.int16), mask=mask)
+    tl.store(rem.to(tl.pointer_type(tl.int16)) + offs, tl.where(low >= 0x8000, low - 0x10000, low).to(tl.int16),
+             mask=mask)
+
+
+@triton.jit
 def load_math(addr, offs, mask, KIND: tl.constexpr):
     """Load elements of the tensor at integer address `addr` in math precision
     (fp64 for fp64 storage, fp32 otherwise). Masked lanes read 0."""

@@ -23,8 +23,9 @@ import math
 import triton
 import triton.language as tl
 
-from ._numeric import (EXACT, F32, F64, FP8_BLOCKED, bias_correction, div_ieee, f64, f64_bits, lerp, load_math,
-                       load_state, lr_and_decay, sqrt_ieee, sr_tensor_key, store_math, store_param, to_math)
+from ._numeric import (EXACT, F32, F64, FP8_BLOCKED, bias_correction, div_ieee, f64, f64_bits, lerp, load_joined,
+                       load_math, load_state, lr_and_decay, sqrt_ieee, sr_tensor_key, store_math, store_param,
+                       store_split, to_math)
 from ._table import (ROW_EXP_AVG, ROW_EXP_AVG_SCALE, ROW_EXP_AVG_SQ, ROW_EXP_AVG_SQ_SCALE, ROW_FP8, ROW_FP8_SCALE,
                      ROW_GRAD, ROW_MASTER, ROW_MAX_EXP_AVG_SQ, ROW_MAX_EXP_AVG_SQ_SCALE, ROW_PARAM, ROW_STEP, address,
                      program_chunk)
@@ -40,7 +41,8 @@ def _adamw_kernel(
     lr: tl.int64, lr_ptr, weight_decay: tl.int64, lerp_w: tl.int64, beta2: tl.int64, one_minus_beta2: tl.int64,
     eps: tl.int64, log_beta1: tl.int64, log_beta2: tl.int64,
     grad_mult_ptr, found_inf_ptr, sr_seed, fp8_partials,
-    P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+    P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr, REM: tl.constexpr, AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
     LR_IS_PTR: tl.constexpr, HAS_GRAD_MULT: tl.constexpr, HAS_FOUND_INF: tl.constexpr, SR: tl.constexpr,
     FP8: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
@@ -48,7 +50,9 @@ def _adamw_kernel(
     t, start, end = program_chunk(chunk_tensor, chunk_start, numels, found_inf_ptr, CHUNK, HAS_FOUND_INF)
 
     # The update reads and writes the fp32 master with master weights, else
-    # the param (W_KIND); the moments are stored in S_KIND.
+    # the param (W_KIND); with REM the master row holds int16 remainders of
+    # bf16 params, joined with them into the master and split back. The
+    # moments are stored in S_KIND.
     W_KIND: tl.constexpr = F32 if MASTER else P_KIND
     param = address(table, ROW_PARAM, n_tensors, t)
     grad = address(table, ROW_GRAD, n_tensors, t)
@@ -91,7 +95,10 @@ def _adamw_kernel(
         in_chunk = off + tl.arange(0, BLOCK)
         offs = start + in_chunk
         mask = in_chunk < end
-        p = load_math(work, offs, mask, W_KIND)
+        if REM:
+            p = load_joined(param, work, offs, mask)
+        else:
+            p = load_math(work, offs, mask, W_KIND)
         g = load_math(grad, offs, mask, P_KIND)
         if S_KIND == FP8_BLOCKED:  # block-scaled FP8: decoded to fp32 (v from its stored sqrt)
             m = _widen(load_fp8_state(exp_avg, m_scales, offs, mask, False), P_KIND)
@@ -124,9 +131,12 @@ def _adamw_kernel(
         denom = div_ieee(sqrt_ieee(vhat, P_KIND), bc2_sqrt, P_KIND) + eps
         p = p - div_ieee(step_size * m, denom, P_KIND)
 
-        if MASTER:
-            store_math(work, offs, p, mask, W_KIND)
-        store_param(param, offs, p, mask, P_KIND, SR, sr_key)
+        if REM:
+            store_split(param, work, offs, p, mask)
+        else:
+            if MASTER:
+                store_math(work, offs, p, mask, W_KIND)
+            store_param(param, offs, p, mask, P_KIND, SR, sr_key)
         if FP8 != 0:
             w = p.to(tl.float32)
             tl.store(fp8_copy.to(tl.pointer_type(tl.int8)) + offs, cast_fp8(w, fp8_scale, FP8 - 1).to(tl.int8),
@@ -152,11 +162,11 @@ def _widen(x, P_KIND: tl.constexpr):
     return x
 
 
-def launch_adamw(tables, *, p_kind, s_kind, master, amsgrad, maximize, lr, lr_tensor, beta1, beta2, eps,
+def launch_adamw(tables, *, p_kind, s_kind, master, remainders, amsgrad, maximize, lr, lr_tensor, beta1, beta2, eps,
                  weight_decay, grad_mult, found_inf, sr_seed, block, num_warps, fp8_format=None, fp8_amax=None):
     """Launch the update over `tables` (fusedopt.backends._tables.LaunchTables).
 
-    `lr_tensor`, `grad_mult` (fp64) and `found_inf` are 1-element tensors on
+    `remainders`: the master row holds int16 remainders of bf16 params. `lr_tensor`, `grad_mult` (fp64) and `found_inf` are 1-element tensors on
     the tables' device, or None; the other scalars are Python numbers. With `fp8_format` (0 e4m3fn, 1 e5m2) the tables'
     fp8 rows are written and each new weight's absmax goes to `fp8_amax` (fp64).
     """
@@ -172,7 +182,7 @@ def launch_adamw(tables, *, p_kind, s_kind, master, amsgrad, maximize, lr, lr_te
         f64_bits(math.log(beta1) if beta1 > 0 else -math.inf), f64_bits(math.log(beta2) if beta2 > 0 else -math.inf),
         dummy if grad_mult is None else grad_mult, dummy if found_inf is None else found_inf,
         0 if sr_seed is None else sr_seed, fp8_partials,
-        P_KIND=p_kind, S_KIND=s_kind, MASTER=master, AMSGRAD=amsgrad, MAXIMIZE=maximize,
+        P_KIND=p_kind, S_KIND=s_kind, MASTER=master, REM=remainders, AMSGRAD=amsgrad, MAXIMIZE=maximize,
         LR_IS_PTR=lr_tensor is not None, HAS_GRAD_MULT=grad_mult is not None,
         HAS_FOUND_INF=found_inf is not None, SR=sr_seed is not None,
         FP8=0 if fp8_format is None else 1 + fp8_format, CHUNK=tables.chunk_size, BLOCK=block,

@@ -86,8 +86,8 @@ def test_complex_refusals():
         torch.optim.Adafactor([p]).step()
     with pytest.raises(ValueError, match="states are complex"):
         FusedAdamW([p], state_dtype=torch.bfloat16)
-    for value in ("yes", "remainder", 1, None):
-        with pytest.raises(ValueError, match="master_weights must be True or False"):
+    for value in ("yes", "Remainder", 1, None):
+        with pytest.raises(ValueError, match="master_weights must be True, False or 'remainder'"):
             FusedAdamW([torch.zeros(2, requires_grad=True)], master_weights=value)
     assert "reference" in TESTED_BACKENDS and fusedopt.FusedSophia._supports_complex
 

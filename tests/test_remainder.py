@@ -74,3 +74,243 @@ def test_ties_and_nan():
         remainder.split(torch.zeros(2, dtype=torch.bfloat16))
     with pytest.raises(TypeError):
         remainder.join(param, rem.to(torch.int32))
+
+
+# --- master_weights="remainder" in the optimizers -------------------------------------------------------
+
+import fusedopt  # noqa: E402
+from conftest import backend_params  # noqa: E402
+from fusedopt import backends  # noqa: E402
+from helpers import SHAPES, clone_params, make_params, run  # noqa: E402
+from optim_db import optimizers  # noqa: E402
+
+FUSED = optimizers(lr=1e-2, fused=True)
+
+
+def _builds(backend: str, op: str) -> bool:
+    return op in backends.get(backend).REMAINDER_OPS
+
+
+def _zoo():
+    """bf16 params of every shape the tests use, and a non-contiguous one (staged, written back)."""
+    params = make_params(SHAPES, torch.bfloat16)
+    wide = torch.randn(9, 6, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).t()
+    return params + [wide.requires_grad_()]
+
+
+def _bits(t):
+    return t.detach().view(torch.int16) if t.dtype == torch.bfloat16 else t.detach().view(torch.int32)
+
+
+@pytest.mark.parametrize("name", FUSED)
+@pytest.mark.parametrize("backend", backend_params())
+def test_same_masters_as_master_weights(name, backend):
+    """Many steps with remainders and with fp32 masters: the masters bit for
+    bit; each param is its master's remainder rounding, which is the fp32
+    masters' round-to-nearest-even param but at exact ties."""
+    cls, kwargs = FUSED[name]
+    params = _zoo()
+    if not _builds(backend, cls._op):
+        with pytest.raises(ValueError, match=f"not built for the {backend} backend's {cls._op}"):
+            cls(params, backend=backend, master_weights="remainder", **kwargs)
+        return
+    ref = clone_params(params)
+    opt = cls(params, backend=backend, master_weights="remainder", **kwargs)
+    opt_ref = cls(ref, backend=backend, master_weights=True, **kwargs)
+    run(opt, params, 6)
+    run(opt_ref, ref, 6)
+    ties = 0
+    for p, q in zip(params, ref):
+        master = opt.master_param(p)
+        assert torch.equal(_bits(master), _bits(opt_ref.state[q]["master_param"]))
+        assert torch.equal(_bits(p), _bits(remainder.split(master)[0]))
+        tie = (master.view(torch.int32) & 0xFFFF) == 0x8000
+        assert torch.equal(_bits(p)[~tie], _bits(q)[~tie])
+        ties += int(tie.sum())
+        assert "master_param" not in opt.state[p] and opt.state[p]["master_remainder"].dtype == torch.int16
+        for key, value in opt_ref.state[q].items():
+            if key != "master_param":
+                assert torch.equal(opt.state[p][key], value), key
+    assert ties < 3  # (a tie is 1 in 65,536 values)
+
+
+OPTIONS = {
+    "amsgrad": dict(amsgrad=True),
+    "bf16 states": dict(state_dtype=torch.bfloat16),
+    "fp8 states": dict(state_dtype=torch.float8_e4m3fn),
+    "max_grad_norm": dict(max_grad_norm=0.5),
+    "fp8 copies": dict(fp8=fusedopt.Float8Recipe()),
+    "tensor lr": dict(lr=torch.tensor(0.02)),
+}
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+@pytest.mark.parametrize("backend", backend_params())
+def test_adamw_options(option, backend):
+    """AdamW's storage options with remainders: the same masters, states and
+    FP8 copies as with fp32 masters."""
+    if not _builds(backend, "adamw"):
+        pytest.skip(f"the {backend} backend has no remainder kernels yet (test_same_masters_as_master_weights)")
+    params = make_params([(300,), (7, 40), (1,)], torch.bfloat16)
+    ref = clone_params(params)
+    kwargs = {"lr": 1e-2, **OPTIONS[option]}
+    opt = fusedopt.FusedAdamW(params, backend=backend, master_weights="remainder", **kwargs)
+    opt_ref = fusedopt.FusedAdamW(ref, backend=backend, master_weights=True, **kwargs)
+    run(opt, params, 4, scale=10.0)
+    run(opt_ref, ref, 4, scale=10.0)
+    for p, q in zip(params, ref):
+        assert torch.equal(_bits(opt.master_param(p)), _bits(opt_ref.state[q]["master_param"]))
+        if "fp8" in kwargs:
+            assert torch.equal(opt.fp8_weight(p)[0].view(torch.uint8), opt_ref.fp8_weight(q)[0].view(torch.uint8))
+            assert torch.equal(opt.fp8_weight(p)[1], opt_ref.fp8_weight(q)[1])
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_every_class_of_fp32_through_the_kernel(backend):
+    """Masters of every upper half with lower halves of every class (the
+    tie, the extremes) go through a step that leaves them as they are (lr 0,
+    zero grads): each comes back bit for bit (NaN as NaN), and the param is
+    the encoding's."""
+    if not _builds(backend, "adamw"):
+        pytest.skip(f"the {backend} backend has no remainder kernels yet (test_same_masters_as_master_weights)")
+    upper = torch.arange(0x10000, dtype=torch.int64)
+    if backend == "triton":  # the interpreter: every sign and exponent with edge mantissas
+        upper = upper[((upper & 0x7F) < 2) | ((upper & 0x7F) > 0x7D)]
+    lows = torch.tensor([0x0000, 0x0001, 0x7FFF, 0x8000, 0x8001, 0xFFFF], dtype=torch.int64)
+    bits = (upper[:, None] << 16 | lows[None, :]).flatten()
+    master = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
+    p = torch.zeros(master.shape, dtype=torch.bfloat16, requires_grad=True)
+    opt = fusedopt.FusedAdamW([p], lr=0.0, backend=backend, master_weights="remainder")
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    state = opt.state_dict()
+    state["state"][0]["master_param"] = master.clone()
+    state["state"][0].pop("master_remainder")
+    opt.load_state_dict(state)  # splits the masters into the params and remainders
+    opt.step()
+    back = opt.master_param(p)
+    nan = master.isnan()
+    assert torch.equal(back.view(torch.int32)[~nan], master.view(torch.int32)[~nan])
+    assert back[nan].isnan().all()
+    assert torch.equal(_bits(p), _bits(remainder.split(master)[0]))
+
+
+def test_memory_two_bytes_of_master():
+    params = make_params([(1000,), (10, 100)], torch.bfloat16)
+    opt = fusedopt.FusedAdamW(params, backend="reference", master_weights="remainder", state_dtype=torch.bfloat16)
+    run(opt, params, 1)
+    n = sum(p.numel() for p in params)
+    masters = [opt.state[p]["master_remainder"] for p in params]
+    assert sum(t.numel() * t.element_size() for t in masters) == 2 * n
+    states = [opt.state[p][k] for p in params for k in ("exp_avg", "exp_avg_sq")]
+    assert sum(t.numel() * t.element_size() for t in states) == 4 * n  # 8 B a param in all, with the param
+
+
+def test_state_dicts_convert_both_ways():
+    """A remainder checkpoint loads into master_weights=True as the same
+    fp32 masters and back; a checkpoint with fp32 masters loads into
+    "remainder" (the params become the masters' remainder rounding); a
+    torch.optim.AdamW checkpoint (no master) takes the params as masters."""
+    params = make_params([(300,), (7, 40)], torch.bfloat16)
+    opt = fusedopt.FusedAdamW(params, lr=1e-2, master_weights="remainder")
+    run(opt, params, 3)
+    masters = [opt.master_param(p).clone() for p in params]
+    sd = opt.state_dict()
+    assert set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq", "master_remainder"}
+
+    plain = fusedopt.FusedAdamW(params, lr=1e-2, master_weights=True)
+    plain.load_state_dict(sd)
+    for p, m in zip(params, masters):
+        assert torch.equal(_bits(plain.state[p]["master_param"]), _bits(m))
+    run(plain, params, 2, start=3)
+    run(opt, params, 0)
+    again = fusedopt.FusedAdamW(params, lr=1e-2, master_weights="remainder")
+    again.load_state_dict(plain.state_dict())
+    for p in params:
+        assert torch.equal(_bits(again.master_param(p)), _bits(plain.state[p]["master_param"]))
+        assert torch.equal(_bits(p), _bits(remainder.split(plain.state[p]["master_param"])[0]))
+
+    # into an optimizer without masters: the remainder is dropped
+    none = fusedopt.FusedAdamW(params, lr=1e-2)
+    none.load_state_dict(sd)
+    assert all("master_remainder" not in none.state[p] for p in params)
+
+    torch_opt = torch.optim.AdamW(params, lr=1e-2)
+    run(torch_opt, params, 1)
+    fresh = fusedopt.FusedAdamW(params, lr=1e-2, master_weights="remainder")
+    fresh.load_state_dict(torch_opt.state_dict())
+    for p in params:
+        assert not fresh.state[p]["master_remainder"].any()
+        assert torch.equal(_bits(fresh.master_param(p)), _bits(p.detach().float()))
+
+    # torch.optim.AdamW on the fp32 masters takes this optimizer's state_dict (it ignores the remainder)
+    fp32 = [opt.master_param(p).clone().requires_grad_() for p in params]
+    torch_master = torch.optim.AdamW(fp32, lr=1e-2)
+    torch_master.load_state_dict(opt.state_dict())
+    assert torch.equal(torch_master.state[fp32[0]]["exp_avg"], opt.state[params[0]]["exp_avg"])
+
+
+def test_load_checks_before_writing_params():
+    params = make_params([(30,)], torch.bfloat16)
+    opt = fusedopt.FusedAdamW(params, master_weights="remainder")
+    run(opt, params, 1)
+    sd = opt.state_dict()
+    sd["state"][0]["master_param"] = torch.ones(31)
+    before = params[0].detach().clone()
+    with pytest.raises(ValueError, match="master_param of shape"):
+        opt.load_state_dict(sd)
+    assert torch.equal(params[0].detach(), before)
+
+
+def test_param_changed_outside():
+    """A write torch counts (p.copy_ under no_grad, a model's
+    load_state_dict) makes the new value the master at the next step; a
+    write through .data is not counted, and resync_master() says so."""
+    p = make_params([(200,)], torch.bfloat16)[0]
+    opt = fusedopt.FusedAdamW([p], lr=1e-2, master_weights="remainder")
+    run(opt, [p], 2)
+    assert opt.state[p]["master_remainder"].any()
+    new = torch.randn(200).to(torch.bfloat16)
+    with torch.no_grad():
+        p.copy_(new)
+    check = fusedopt.FusedAdamW([p.detach().clone().requires_grad_()], lr=1e-2, master_weights=True)
+    check.load_state_dict(opt.state_dict())  # (its master is joined from the new param: wrong, as documented)
+    check.state[check.param_groups[0]["params"][0]]["master_param"].copy_(new.float())
+    q = check.param_groups[0]["params"][0]
+    run(opt, [p], 1, start=2)
+    run(check, [q], 1, start=2)
+    assert torch.equal(_bits(opt.master_param(p)), _bits(check.state[q]["master_param"]))
+
+    module = torch.nn.Linear(4, 3).to(torch.bfloat16)
+    opt = fusedopt.FusedAdamW(module.parameters(), lr=1e-2, master_weights="remainder")
+    run(opt, list(module.parameters()), 2)
+    saved = {k: v.clone() for k, v in module.state_dict().items()}
+    run(opt, list(module.parameters()), 1, start=2)
+    module.load_state_dict(saved)
+    run(opt, list(module.parameters()), 0)
+    opt._resync_changed_masters()
+    for p in module.parameters():
+        assert not opt.state[p]["master_remainder"].any()
+
+    p = make_params([(50,)], torch.bfloat16)[0]
+    opt = fusedopt.FusedAdamW([p], lr=1e-2, master_weights="remainder")
+    run(opt, [p], 2)
+    p.data.copy_(torch.zeros(50))  # not counted: the remainder still completes the old bits
+    opt._resync_changed_masters()
+    assert opt.state[p]["master_remainder"].any()
+    opt.resync_master()
+    assert not opt.state[p]["master_remainder"].any()
+    assert torch.equal(opt.master_param(p), torch.zeros(50))
+
+
+def test_refusals():
+    half = torch.zeros(3, dtype=torch.float16, requires_grad=True)
+    with pytest.raises(ValueError, match="float16: master_weights='remainder'"):
+        fusedopt.FusedAdamW([half], master_weights="remainder", backend="reference")
+    with pytest.raises(ValueError, match="Muon's matrices"):
+        fusedopt.FusedMuon([torch.zeros(3, 3, requires_grad=True)], master_weights="remainder")
+    # fp32 params ignore it, as they ignore master_weights=True
+    p = make_params([(10,)])[0]
+    opt = fusedopt.FusedAdamW([p], master_weights="remainder")
+    run(opt, [p], 1)
+    assert set(opt.state[p]) == {"step", "exp_avg", "exp_avg_sq"} and opt.master_param(p) is p

@@ -13,6 +13,7 @@
 #include "fp8_blocks.h"
 #include "fp8_cast.h"
 #include "parallel.h"
+#include "weights.h"
 
 namespace fusedopt {
 namespace {
@@ -77,7 +78,7 @@ inline const float* new_weights(const float* master, const P* param) {
 }
 
 // FP8: 0 none, else 1 + Fp8Format: also write the FP8 copy and the chunk's absmax.
-template <typename P, typename S, bool MASTER, bool AMSGRAD, bool GRAD_MULT, bool SR, int FP8>
+template <typename P, typename S, bool MASTER, bool REM, bool AMSGRAD, bool GRAD_MULT, bool SR, int FP8>
 void adamw_chunks(const TensorTable& tt, const AdamWHyper& h, int num_threads) {
   constexpr Fp8Format kFormat = FP8 == 2 ? Fp8Format::kE5M2 : Fp8Format::kE4M3FN;
   using T = typename MathOf<P>::type;
@@ -94,46 +95,50 @@ void adamw_chunks(const TensorTable& tt, const AdamWHyper& h, int num_threads) {
   parallel_chunks(tt, num_threads, [&](int64_t c, const Chunk& chunk) {
     const int64_t t = chunk.tensor, begin = chunk.start, len = chunk.len;
     const AdamWScalars<T> s = scalars[size_t(t)];
-    const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, t) : 0u;
+    const Weights<P, MASTER, REM, SR> w(tt, kRowParam, kRowMaster, t, begin, h.sr.seed);
+    constexpr bool kStaged = Weights<P, MASTER, REM, SR>::kStaged;
 
-    P* __restrict__ param = tt.ptr<P>(kRowParam, t) + begin;
+    P* __restrict__ param = w.param;
     const P* __restrict__ grad = tt.ptr<const P>(kRowGrad, t) + begin;
     S* __restrict__ exp_avg = tt.ptr<S>(kRowExpAvg, t) + begin;
     S* __restrict__ exp_avg_sq = tt.ptr<S>(kRowExpAvgSq, t) + begin;
     S* __restrict__ max_exp_avg_sq = AMSGRAD ? tt.ptr<S>(kRowMaxExpAvgSq, t) + begin : nullptr;
-    float* __restrict__ master = MASTER ? tt.ptr<float>(kRowMaster, t) + begin : nullptr;
     fp8* __restrict__ fp8_copy = FP8 ? tt.ptr<fp8>(kRowFp8, t) + begin : nullptr;
     const float fp8_scale = FP8 ? *tt.ptr<const float>(kRowFp8Scale, t) : 0.0f;
     uint32_t amax_bits = 0;  // max abs_bits(w): NaN-propagating (fp8.h)
 
-    // Blocks: with master weights the param goes out through a staged block
+    // Blocks: with an fp32 master the param goes out through a staged block
     // (stream_out); with FP8 copies each block of new weights is cast from L1
-    // right after its update (fp8_cast.h says why not in the same loop).
-    constexpr bool kBlocked = MASTER || FP8 != 0;
-    alignas(64) P staged_param[MASTER ? kStoreBlock : 1];
+    // right after its update (fp8_cast.h says why not in the same loop), from
+    // a staged fp32 block where the new weights are not in memory (REM).
+    constexpr bool kBlocked = kStaged || FP8 != 0;
+    constexpr bool kStageWeights = REM && FP8 != 0;
+    alignas(64) P staged_param[kStaged ? kStoreBlock : 1];
+    alignas(64) float staged_weights[kStageWeights ? kStoreBlock : 1];
     for (int64_t b0 = 0; b0 < len; b0 += kBlocked ? kStoreBlock : len) {
       const int64_t b1 = kBlocked && b0 + kStoreBlock < len ? b0 + kStoreBlock : len;
-      P* __restrict__ param_out = MASTER ? staged_param - b0 : param;
+      P* __restrict__ param_out = kStaged ? staged_param - b0 : param;
+      float* __restrict__ weights_out = staged_weights - b0;
 #pragma omp simd
       for (int64_t i = b0; i < b1; ++i) {
-        T p = MASTER ? T(master[i]) : T(to_math(param[i]));
+        T p = w.template load<T>(i);
         T m = to_math(exp_avg[i]);
         T v = to_math(exp_avg_sq[i]);
         T vmax = AMSGRAD ? T(to_math(max_exp_avg_sq[i])) : T(0);
         adamw_element<T, AMSGRAD, GRAD_MULT>(p, T(to_math(grad[i])), m, v, vmax, s);
-        if (MASTER) master[i] = float(p);
-        param_out[i] = store_param<P, SR>(p, sr_key, begin + i);
+        w.store(i, p, param_out);
+        if (kStageWeights) weights_out[i] = float(p);
         exp_avg[i] = Store<S>::from(m);
         exp_avg_sq[i] = Store<S>::from(v);
         if (AMSGRAD) max_exp_avg_sq[i] = Store<S>::from(vmax);
       }
       if constexpr (FP8 != 0) {
-        amax_bits = cast_fp8_span<kFormat>(new_weights(master, param) + b0, fp8_copy + b0, b1 - b0, fp8_scale,
-                                           amax_bits);
+        const float* fresh = kStageWeights ? staged_weights : new_weights(w.master, param) + b0;
+        amax_bits = cast_fp8_span<kFormat>(fresh, fp8_copy + b0, b1 - b0, fp8_scale, amax_bits);
       }
-      if constexpr (MASTER) stream_out(param + b0, staged_param, b1 - b0);
+      if constexpr (kStaged) stream_out(param + b0, staged_param, b1 - b0);
     }
-    if constexpr (MASTER) stream_fence();
+    if constexpr (kStaged) stream_fence();
     if constexpr (FP8 != 0) h.fp8.partials[c] = double(bits_to_float(amax_bits));
   });
 }
@@ -141,7 +146,7 @@ void adamw_chunks(const TensorTable& tt, const AdamWHyper& h, int num_threads) {
 // The same update with block-scaled FP8 moments (fp8_blocks.h: each block of
 // kQBlock elements is updated by a vector loop that keeps the new moments in
 // L1, then encoded with the block's new scales).
-template <typename P, bool MASTER, bool AMSGRAD, bool GRAD_MULT, bool SR, int FP8>
+template <typename P, bool MASTER, bool REM, bool AMSGRAD, bool GRAD_MULT, bool SR, int FP8>
 void adamw_chunks_fp8_states(const TensorTable& tt, const AdamWHyper& h, int num_threads) {
   constexpr Fp8Format kFormat = FP8 == 2 ? Fp8Format::kE5M2 : Fp8Format::kE4M3FN;
   constexpr int kStates = AMSGRAD ? 3 : 2;
@@ -157,11 +162,12 @@ void adamw_chunks_fp8_states(const TensorTable& tt, const AdamWHyper& h, int num
   parallel_chunks(tt, num_threads, [&](int64_t c, const Chunk& chunk) {
     const int64_t t = chunk.tensor, begin = chunk.start;
     const AdamWScalars<T> s = scalars[size_t(t)];
-    const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, t) : 0u;
+    const Weights<P, MASTER, REM, SR> w(tt, kRowParam, kRowMaster, t, begin, h.sr.seed);
+    constexpr bool kStaged = Weights<P, MASTER, REM, SR>::kStaged;
+    constexpr bool kStageWeights = REM && FP8 != 0;
 
-    P* __restrict__ param = tt.ptr<P>(kRowParam, t) + begin;
+    P* __restrict__ param = w.param;
     const P* __restrict__ grad = tt.ptr<const P>(kRowGrad, t) + begin;
-    float* __restrict__ master = MASTER ? tt.ptr<float>(kRowMaster, t) + begin : nullptr;
     fp8* __restrict__ fp8_copy = FP8 ? tt.ptr<fp8>(kRowFp8, t) + begin : nullptr;
     const float fp8_scale = FP8 ? *tt.ptr<const float>(kRowFp8Scale, t) : 0.0f;
     // the moments (exp_avg, exp_avg_sq as sqrt, max_exp_avg_sq as sqrt) and their scales
@@ -175,7 +181,8 @@ void adamw_chunks_fp8_states(const TensorTable& tt, const AdamWHyper& h, int num
     }
     uint32_t amax_bits = 0;
 
-    alignas(64) P staged_param[MASTER ? kQBlock : 1];
+    alignas(64) P staged_param[kStaged ? kQBlock : 1];
+    alignas(64) float staged_weights[kStageWeights ? kQBlock : 1];
     q8_store_blocks<kStates>(chunk.len, q, scales, [&](int64_t b0, int64_t n, float (*out)[kQBlock]) {
       const int64_t blk = b0 / kQBlock;
       const float m_scale = scales[0][blk], v_scale = scales[1][blk];
@@ -186,58 +193,65 @@ void adamw_chunks_fp8_states(const TensorTable& tt, const AdamWHyper& h, int num
       float* __restrict__ m_out = out[0];
       float* __restrict__ s_out = out[1];
       float* __restrict__ smax_out = out[kStates - 1];
-      P* __restrict__ param_out = MASTER ? staged_param : param + b0;
+      P* __restrict__ param_out = kStaged ? staged_param - b0 : param;
+      float* __restrict__ weights_out = staged_weights;
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) {
         const int64_t e = b0 + i;
-        T p = MASTER ? T(master[e]) : T(to_math(param[e]));
+        T p = w.template load<T>(e);
         T m = T(q8_decode<false>(m_in[i], m_scale));
         T v = T(q8_decode<true>(v_in[i], v_scale));
         T vmax = AMSGRAD ? T(q8_decode<true>(vmax_in[i], vmax_scale)) : T(0);
         adamw_element<T, AMSGRAD, GRAD_MULT>(p, T(to_math(grad[e])), m, v, vmax, s);
-        if (MASTER) master[e] = float(p);
-        param_out[i] = store_param<P, SR>(p, sr_key, begin + e);
+        w.store(e, p, param_out);
+        if (kStageWeights) weights_out[i] = float(p);
         m_out[i] = float(m);
         s_out[i] = sqrtf(float(v));
         if (AMSGRAD) smax_out[i] = sqrtf(float(vmax));
       }
       if constexpr (FP8 != 0) {
-        amax_bits = cast_fp8_span<kFormat>(new_weights(master, param) + b0, fp8_copy + b0, n, fp8_scale, amax_bits);
+        const float* fresh = kStageWeights ? staged_weights : new_weights(w.master, param) + b0;
+        amax_bits = cast_fp8_span<kFormat>(fresh, fp8_copy + b0, n, fp8_scale, amax_bits);
       }
-      if constexpr (MASTER) stream_out(param + b0, staged_param, n);
+      if constexpr (kStaged) stream_out(param + b0, staged_param, n);
     });
-    if constexpr (MASTER) stream_fence();
+    if constexpr (kStaged) stream_fence();
     if constexpr (FP8 != 0) h.fp8.partials[c] = double(bits_to_float(amax_bits));
   });
 }
 
-template <typename P, typename S, bool MASTER, bool SR, int FP8>
+template <typename P, typename S, bool MASTER, bool REM, bool SR, int FP8>
 void adamw_flags(const TensorTable& tt, const AdamWHyper& h, int n) {
   const bool mult = h.grad_mult != nullptr;
   if constexpr (std::is_same<S, fp8>::value) {
-    if (h.amsgrad && mult) adamw_chunks_fp8_states<P, MASTER, true, true, SR, FP8>(tt, h, n);
-    else if (h.amsgrad) adamw_chunks_fp8_states<P, MASTER, true, false, SR, FP8>(tt, h, n);
-    else if (mult) adamw_chunks_fp8_states<P, MASTER, false, true, SR, FP8>(tt, h, n);
-    else adamw_chunks_fp8_states<P, MASTER, false, false, SR, FP8>(tt, h, n);
+    if (h.amsgrad && mult) adamw_chunks_fp8_states<P, MASTER, REM, true, true, SR, FP8>(tt, h, n);
+    else if (h.amsgrad) adamw_chunks_fp8_states<P, MASTER, REM, true, false, SR, FP8>(tt, h, n);
+    else if (mult) adamw_chunks_fp8_states<P, MASTER, REM, false, true, SR, FP8>(tt, h, n);
+    else adamw_chunks_fp8_states<P, MASTER, REM, false, false, SR, FP8>(tt, h, n);
   } else {
-    if (h.amsgrad && mult) adamw_chunks<P, S, MASTER, true, true, SR, FP8>(tt, h, n);
-    else if (h.amsgrad) adamw_chunks<P, S, MASTER, true, false, SR, FP8>(tt, h, n);
-    else if (mult) adamw_chunks<P, S, MASTER, false, true, SR, FP8>(tt, h, n);
-    else adamw_chunks<P, S, MASTER, false, false, SR, FP8>(tt, h, n);
+    if (h.amsgrad && mult) adamw_chunks<P, S, MASTER, REM, true, true, SR, FP8>(tt, h, n);
+    else if (h.amsgrad) adamw_chunks<P, S, MASTER, REM, true, false, SR, FP8>(tt, h, n);
+    else if (mult) adamw_chunks<P, S, MASTER, REM, false, true, SR, FP8>(tt, h, n);
+    else adamw_chunks<P, S, MASTER, REM, false, false, SR, FP8>(tt, h, n);
   }
+}
+
+template <typename P, typename S, bool MASTER, bool REM>
+void adamw_storage(const TensorTable& tt, const AdamWHyper& h, int n) {
+  if constexpr (kStochasticRoundable<P, MASTER>) {
+    if (h.sr.on) return adamw_flags<P, S, MASTER, REM, true, 0>(tt, h, n);
+  }
+  if constexpr (kFp8Copyable<P, MASTER>) {
+    if (h.fp8.on && h.fp8.format == Fp8Format::kE4M3FN) return adamw_flags<P, S, MASTER, REM, false, 1>(tt, h, n);
+    if (h.fp8.on) return adamw_flags<P, S, MASTER, REM, false, 2>(tt, h, n);
+  }
+  adamw_flags<P, S, MASTER, REM, false, 0>(tt, h, n);
 }
 
 template <typename P, typename S, bool MASTER>
 struct AdamWOp {
   static void run(const TensorTable& tt, const AdamWHyper& h, int n) {
-    if constexpr (kStochasticRoundable<P, MASTER>) {
-      if (h.sr.on) return adamw_flags<P, S, MASTER, true, 0>(tt, h, n);
-    }
-    if constexpr (kFp8Copyable<P, MASTER>) {
-      if (h.fp8.on && h.fp8.format == Fp8Format::kE4M3FN) return adamw_flags<P, S, MASTER, false, 1>(tt, h, n);
-      if (h.fp8.on) return adamw_flags<P, S, MASTER, false, 2>(tt, h, n);
-    }
-    adamw_flags<P, S, MASTER, false, 0>(tt, h, n);
+    with_remainder<P, MASTER>(h.remainder, [&](auto rem) { adamw_storage<P, S, MASTER, decltype(rem)::value>(tt, h, n); });
   }
 };
 

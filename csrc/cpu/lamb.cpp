@@ -7,6 +7,7 @@
 #include "fusedopt/dispatch.h"
 #include "fusedopt/lamb.h"
 #include "parallel.h"
+#include "weights.h"
 
 namespace fusedopt {
 namespace {
@@ -32,16 +33,15 @@ std::vector<LambScalars<T>> scalars_of(const TensorTable& tt, const LambHyper& h
 
 // Block-scaled FP8 states (fp8_blocks.h): m and sqrt(v) encoded per block,
 // then u formed from the block as stored, as the apply pass will read it.
-template <typename P, bool MASTER, bool GRAD_MULT, bool ADAM_W>
+template <typename P, bool MASTER, bool REM, bool GRAD_MULT, bool ADAM_W>
 void moments_fp8_states(const TensorTable& tt, const std::vector<LambScalars<typename MathOf<P>::type>>& scalars,
                         std::vector<double>& p_part, std::vector<double>& u_part, int num_threads) {
   using T = typename MathOf<P>::type;
   parallel_chunks(tt, num_threads, [&](int64_t c, const Chunk& chunk) {
     const int64_t t = chunk.tensor, begin = chunk.start;
     const LambScalars<T> s = scalars[size_t(t)];
-    const P* __restrict__ param = tt.ptr<const P>(kRowParam, t) + begin;
+    const Weights<P, MASTER, REM, false> w(tt, kRowParam, kRowMaster, t, begin, 0u);
     const P* __restrict__ grad = tt.ptr<const P>(kRowGrad, t) + begin;
-    const float* __restrict__ master = MASTER ? tt.ptr<const float>(kRowMaster, t) + begin : nullptr;
     uint8_t* const q[2] = {tt.ptr<uint8_t>(kRowExpAvg, t) + begin, tt.ptr<uint8_t>(kRowExpAvgSq, t) + begin};
     float* const scales[2] = {tt.ptr<float>(kRowExpAvgScale, t) + begin / kQBlock,
                               tt.ptr<float>(kRowExpAvgSqScale, t) + begin / kQBlock};
@@ -57,7 +57,7 @@ void moments_fp8_states(const TensorTable& tt, const std::vector<LambScalars<typ
 #pragma omp simd reduction(+ : p_acc)
           for (int64_t i = 0; i < n; ++i) {
             const int64_t e = b0 + i;
-            const T p = MASTER ? T(master[e]) : T(to_math(param[e]));
+            const T p = w.template load<T>(e);
             T m = T(q8_decode<false>(m_in[i], m_scale));
             T v = T(q8_decode<true>(v_in[i], v_scale));
             lamb_moments<T, GRAD_MULT, ADAM_W>(p, T(to_math(grad[e])), m, v, s);
@@ -73,7 +73,7 @@ void moments_fp8_states(const TensorTable& tt, const std::vector<LambScalars<typ
 #pragma omp simd reduction(+ : u_acc)
           for (int64_t i = 0; i < n; ++i) {
             const int64_t e = b0 + i;
-            const T p = MASTER ? T(master[e]) : T(to_math(param[e]));
+            const T p = w.template load<T>(e);
             const T u = lamb_direction<T, ADAM_W>(p, T(q8_decode<false>(m_in[i], m_scale)),
                                                   T(q8_decode<true>(v_in[i], v_scale)), s);
             u_acc += double(u) * double(u);
@@ -84,26 +84,25 @@ void moments_fp8_states(const TensorTable& tt, const std::vector<LambScalars<typ
   });
 }
 
-template <typename P, typename S, bool MASTER, bool GRAD_MULT, bool ADAM_W>
+template <typename P, typename S, bool MASTER, bool REM, bool GRAD_MULT, bool ADAM_W>
 void moments(const TensorTable& tt, const LambHyper& h, double* p_sums, double* u_sums, int num_threads) {
   using T = typename MathOf<P>::type;
   const std::vector<LambScalars<T>> scalars = advance_and_scalars<T>(tt, h);
   std::vector<double> p_part(size_t(tt.n_chunks)), u_part(size_t(tt.n_chunks));
   if constexpr (std::is_same<S, fp8>::value) {
-    moments_fp8_states<P, MASTER, GRAD_MULT, ADAM_W>(tt, scalars, p_part, u_part, num_threads);
+    moments_fp8_states<P, MASTER, REM, GRAD_MULT, ADAM_W>(tt, scalars, p_part, u_part, num_threads);
   } else {
   parallel_chunks(tt, num_threads, [&](int64_t c, const Chunk& chunk) {
     const int64_t t = chunk.tensor, begin = chunk.start, len = chunk.len;
     const LambScalars<T> s = scalars[size_t(t)];
-    const P* __restrict__ param = tt.ptr<const P>(kRowParam, t) + begin;
+    const Weights<P, MASTER, REM, false> w(tt, kRowParam, kRowMaster, t, begin, 0u);
     const P* __restrict__ grad = tt.ptr<const P>(kRowGrad, t) + begin;
     S* __restrict__ exp_avg = tt.ptr<S>(kRowExpAvg, t) + begin;
     S* __restrict__ exp_avg_sq = tt.ptr<S>(kRowExpAvgSq, t) + begin;
-    const float* __restrict__ master = MASTER ? tt.ptr<const float>(kRowMaster, t) + begin : nullptr;
     double p_acc = 0.0, u_acc = 0.0;
 #pragma omp simd reduction(+ : p_acc, u_acc)
     for (int64_t i = 0; i < len; ++i) {
-      const T p = MASTER ? T(master[i]) : T(to_math(param[i]));
+      const T p = w.template load<T>(i);
       T m = to_math(exp_avg[i]);
       T v = to_math(exp_avg_sq[i]);
       lamb_moments<T, GRAD_MULT, ADAM_W>(p, T(to_math(grad[i])), m, v, s);
@@ -126,7 +125,7 @@ void moments(const TensorTable& tt, const LambHyper& h, double* p_sums, double* 
   }
 }
 
-template <typename P, typename S, bool MASTER, bool ADAM_W, bool SR>
+template <typename P, typename S, bool MASTER, bool REM, bool ADAM_W, bool SR>
 void apply(const TensorTable& tt, const LambHyper& h, const float* ratio, int num_threads) {
   using T = typename MathOf<P>::type;
   const std::vector<LambScalars<T>> scalars = scalars_of<T>(tt, h);
@@ -134,11 +133,9 @@ void apply(const TensorTable& tt, const LambHyper& h, const float* ratio, int nu
     const int64_t t = chunk.tensor, begin = chunk.start, len = chunk.len;
     const LambScalars<T> s = scalars[size_t(t)];
     const T r = T(ratio[t]);
-    const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, t) : 0u;
-    P* __restrict__ param = tt.ptr<P>(kRowParam, t) + begin;
+    const Weights<P, MASTER, REM, SR> w(tt, kRowParam, kRowMaster, t, begin, h.sr.seed);
     const S* __restrict__ exp_avg = tt.ptr<const S>(kRowExpAvg, t) + begin;
     const S* __restrict__ exp_avg_sq = tt.ptr<const S>(kRowExpAvgSq, t) + begin;
-    float* __restrict__ master = MASTER ? tt.ptr<float>(kRowMaster, t) + begin : nullptr;
     // FP8 states: each element's block scales (rows absent otherwise)
     const float* __restrict__ m_scales = nullptr;
     const float* __restrict__ v_scales = nullptr;
@@ -148,7 +145,7 @@ void apply(const TensorTable& tt, const LambHyper& h, const float* ratio, int nu
     }
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i) {
-      T p = MASTER ? T(master[i]) : T(to_math(param[i]));
+      T p = w.template load<T>(i);
       T m, v;
       if constexpr (std::is_same<S, fp8>::value) {
         const uint8_t* m_bytes = reinterpret_cast<const uint8_t*>(exp_avg);
@@ -161,35 +158,39 @@ void apply(const TensorTable& tt, const LambHyper& h, const float* ratio, int nu
       }
       const T u = lamb_direction<T, ADAM_W>(p, m, v, s);
       p = p - u * r;
-      if (MASTER) master[i] = float(p);
-      param[i] = store_param<P, SR>(p, sr_key, begin + i);
+      w.store(i, p);
     }
   });
 }
 
 template <typename P, typename S, bool MASTER>
 struct MomentsOp {
-  static void run(const TensorTable& tt, const LambHyper& h, double* p_sums, double* u_sums, int n) {
+  template <bool REM>
+  static void run_rem(const TensorTable& tt, const LambHyper& h, double* p_sums, double* u_sums, int n) {
     const bool mult = h.grad_mult != nullptr;
-    if (mult && h.adam_w_mode) moments<P, S, MASTER, true, true>(tt, h, p_sums, u_sums, n);
-    else if (mult) moments<P, S, MASTER, true, false>(tt, h, p_sums, u_sums, n);
-    else if (h.adam_w_mode) moments<P, S, MASTER, false, true>(tt, h, p_sums, u_sums, n);
-    else moments<P, S, MASTER, false, false>(tt, h, p_sums, u_sums, n);
+    if (mult && h.adam_w_mode) moments<P, S, MASTER, REM, true, true>(tt, h, p_sums, u_sums, n);
+    else if (mult) moments<P, S, MASTER, REM, true, false>(tt, h, p_sums, u_sums, n);
+    else if (h.adam_w_mode) moments<P, S, MASTER, REM, false, true>(tt, h, p_sums, u_sums, n);
+    else moments<P, S, MASTER, REM, false, false>(tt, h, p_sums, u_sums, n);
+  }
+  static void run(const TensorTable& tt, const LambHyper& h, double* p_sums, double* u_sums, int n) {
+    with_remainder<P, MASTER>(h.remainder,
+                              [&](auto rem) { run_rem<decltype(rem)::value>(tt, h, p_sums, u_sums, n); });
   }
 };
 
 template <typename P, typename S, bool MASTER>
 struct ApplyOp {
-  template <bool SR>
+  template <bool REM, bool SR>
   static void run_sr(const TensorTable& tt, const LambHyper& h, const float* ratio, int n) {
-    if (h.adam_w_mode) apply<P, S, MASTER, true, SR>(tt, h, ratio, n);
-    else apply<P, S, MASTER, false, SR>(tt, h, ratio, n);
+    if (h.adam_w_mode) apply<P, S, MASTER, REM, true, SR>(tt, h, ratio, n);
+    else apply<P, S, MASTER, REM, false, SR>(tt, h, ratio, n);
   }
   static void run(const TensorTable& tt, const LambHyper& h, const float* ratio, int n) {
     if constexpr (kStochasticRoundable<P, MASTER>) {
-      if (h.sr.on) return run_sr<true>(tt, h, ratio, n);
+      if (h.sr.on) return run_sr<false, true>(tt, h, ratio, n);
     }
-    run_sr<false>(tt, h, ratio, n);
+    with_remainder<P, MASTER>(h.remainder, [&](auto rem) { run_sr<decltype(rem)::value, false>(tt, h, ratio, n); });
   }
 };
 

@@ -6,24 +6,23 @@
 #include "fusedopt/dispatch.h"
 #include "fusedopt/sophia.h"
 #include "parallel.h"
+#include "weights.h"
 
 namespace fusedopt {
 namespace {
 
 // Block-scaled FP8 states (S = fp8, fp8_blocks.h): exp_avg is re-encoded
 // block by block; the hessian (stored as sqrt) is only read here.
-template <typename P, bool MASTER, bool GRAD_MULT, bool SR>
+template <typename P, bool MASTER, bool REM, bool GRAD_MULT, bool SR>
 void step_chunks_fp8_states(const TensorTable& tt, const SophiaScalars<typename MathOf<P>::type>& s,
                             uint32_t sr_seed, int num_threads) {
   using T = typename MathOf<P>::type;
   parallel_chunks(tt, num_threads, [&](int64_t /*c*/, const Chunk& chunk) {
     const int64_t t = chunk.tensor, begin = chunk.start;
-    const uint32_t sr_key = SR ? sr_tensor_key(sr_seed, t) : 0u;
-    P* __restrict__ param = tt.ptr<P>(kRowParam, t) + begin;
+    const Weights<P, MASTER, REM, SR> w(tt, kRowParam, kRowMaster, t, begin, sr_seed);
     const P* __restrict__ grad = tt.ptr<const P>(kRowGrad, t) + begin;
     const uint8_t* __restrict__ hessian = tt.ptr<const uint8_t>(kRowExpAvgSq, t) + begin;
     const float* __restrict__ h_scales = tt.ptr<const float>(kRowExpAvgSqScale, t) + begin / kQBlock;
-    float* __restrict__ master = MASTER ? tt.ptr<float>(kRowMaster, t) + begin : nullptr;
     uint8_t* const q[1] = {tt.ptr<uint8_t>(kRowExpAvg, t) + begin};
     float* const scales[1] = {tt.ptr<float>(kRowExpAvgScale, t) + begin / kQBlock};
     q8_store_blocks<1>(chunk.len, q, scales, [&](int64_t b0, int64_t n, float (*out)[kQBlock]) {
@@ -33,40 +32,36 @@ void step_chunks_fp8_states(const TensorTable& tt, const SophiaScalars<typename 
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) {
         const int64_t e = b0 + i;
-        T p = MASTER ? T(master[e]) : T(to_math(param[e]));
+        T p = w.template load<T>(e);
         T m = T(q8_decode<false>(m_in[i], m_scale));
         sophia_element<T, GRAD_MULT>(p, T(to_math(grad[e])), m, T(q8_decode<true>(hessian[e], h_scale)), s);
-        if (MASTER) master[e] = float(p);
-        param[e] = store_param<P, SR>(p, sr_key, begin + e);
+        w.store(e, p);
         m_out[i] = float(m);
       }
     });
   });
 }
 
-template <typename P, typename S, bool MASTER, bool GRAD_MULT, bool SR>
+template <typename P, typename S, bool MASTER, bool REM, bool GRAD_MULT, bool SR>
 void step_chunks(const TensorTable& tt, const SophiaHyper& h, int num_threads) {
   using T = typename MathOf<P>::type;
   for (int64_t t = 0; t < tt.n_tensors; ++t) *tt.ptr<float>(kRowStep, t) += 1.0f;  // SophiaG keeps a count only
   const SophiaScalars<T> s = sophia_scalars<T>(h, h.lr_ptr ? double(*h.lr_ptr) : h.lr);
   if constexpr (std::is_same<S, fp8>::value) {
-    step_chunks_fp8_states<P, MASTER, GRAD_MULT, SR>(tt, s, h.sr.seed, num_threads);
+    step_chunks_fp8_states<P, MASTER, REM, GRAD_MULT, SR>(tt, s, h.sr.seed, num_threads);
   } else {
   parallel_chunks(tt, num_threads, [&](int64_t /*c*/, const Chunk& chunk) {
     const int64_t t = chunk.tensor;
-    const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, t) : 0u;
-    P* __restrict__ param = tt.ptr<P>(kRowParam, t) + chunk.start;
+    const Weights<P, MASTER, REM, SR> w(tt, kRowParam, kRowMaster, t, chunk.start, h.sr.seed);
     const P* __restrict__ grad = tt.ptr<const P>(kRowGrad, t) + chunk.start;
     S* __restrict__ exp_avg = tt.ptr<S>(kRowExpAvg, t) + chunk.start;
     const S* __restrict__ hessian = tt.ptr<const S>(kRowExpAvgSq, t) + chunk.start;
-    float* __restrict__ master = MASTER ? tt.ptr<float>(kRowMaster, t) + chunk.start : nullptr;
 #pragma omp simd
     for (int64_t i = 0; i < chunk.len; ++i) {
-      T p = MASTER ? T(master[i]) : T(to_math(param[i]));
+      T p = w.template load<T>(i);
       T m = to_math(exp_avg[i]);
       sophia_element<T, GRAD_MULT>(p, T(to_math(grad[i])), m, T(to_math(hessian[i])), s);
-      if (MASTER) master[i] = float(p);
-      param[i] = store_param<P, SR>(p, sr_key, chunk.start + i);
+      w.store(i, p);
       exp_avg[i] = Store<S>::from(m);
     }
   });
@@ -75,16 +70,16 @@ void step_chunks(const TensorTable& tt, const SophiaHyper& h, int num_threads) {
 
 template <typename P, typename S, bool MASTER>
 struct StepOp {
-  template <bool SR>
+  template <bool REM, bool SR>
   static void run_sr(const TensorTable& tt, const SophiaHyper& h, int n) {
-    if (h.grad_mult) step_chunks<P, S, MASTER, true, SR>(tt, h, n);
-    else step_chunks<P, S, MASTER, false, SR>(tt, h, n);
+    if (h.grad_mult) step_chunks<P, S, MASTER, REM, true, SR>(tt, h, n);
+    else step_chunks<P, S, MASTER, REM, false, SR>(tt, h, n);
   }
   static void run(const TensorTable& tt, const SophiaHyper& h, int n) {
     if constexpr (kStochasticRoundable<P, MASTER>) {
-      if (h.sr.on) return run_sr<true>(tt, h, n);
+      if (h.sr.on) return run_sr<false, true>(tt, h, n);
     }
-    run_sr<false>(tt, h, n);
+    with_remainder<P, MASTER>(h.remainder, [&](auto rem) { run_sr<decltype(rem)::value, false>(tt, h, n); });
   }
 };
 

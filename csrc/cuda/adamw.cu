@@ -15,8 +15,31 @@ namespace {
 
 using namespace cuda;  // the shared multi-tensor helpers (multi_tensor.cuh)
 
+// The weight an element's update starts from: the param, its fp32 master, or
+// (REM) the master joined from the bf16 param and its int16 remainder.
+template <typename T, bool MASTER, bool REM, typename P>
+__device__ __forceinline__ T load_weight(P param, float master, int16_t rem) {
+  if constexpr (REM) return T(join_remainder(param, rem));
+  else if constexpr (MASTER) return T(master);
+  else return T(to_math(param));
+}
+
+// The new weight stored: the param (and the fp32 master), or the pair of bf16 param and remainder.
+template <typename P, bool MASTER, bool REM, bool SR, typename T>
+__device__ __forceinline__ void store_weight(T p, P& param, float& master, int16_t& rem, uint32_t sr_key,
+                                             int64_t index) {
+  if constexpr (REM) {
+    param = split_remainder(float(p), rem);
+  } else {
+    if constexpr (MASTER) master = float(p);
+    param = store_param<P, SR>(p, sr_key, index);
+  }
+}
+
 // FP8: 0 none, else 1 + Fp8Format: also write the FP8 copy and the chunk's absmax.
-template <typename P, typename S, bool MASTER, bool AMSGRAD, bool GRAD_MULT, bool SR, int FP8>
+// REM (MASTER, bf16 params): the master row holds int16 remainders, joined
+// with the params into the fp32 masters and split back (numeric.h).
+template <typename P, typename S, bool MASTER, bool REM, bool AMSGRAD, bool GRAD_MULT, bool SR, int FP8>
 __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorTable tt, AdamWHyper h) {
   using T = typename MathOf<P>::type;
   constexpr Fp8Format kFormat = FP8 == 2 ? Fp8Format::kE5M2 : Fp8Format::kE4M3FN;
@@ -39,21 +62,25 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorTable tt, AdamWHy
   S* exp_avg = tt.ptr<S>(kRowExpAvg, chunk.tensor) + chunk.start;
   S* exp_avg_sq = tt.ptr<S>(kRowExpAvgSq, chunk.tensor) + chunk.start;
   S* max_exp_avg_sq = AMSGRAD ? tt.ptr<S>(kRowMaxExpAvgSq, chunk.tensor) + chunk.start : nullptr;
-  float* master = MASTER ? tt.ptr<float>(kRowMaster, chunk.tensor) + chunk.start : nullptr;
+  float* master = MASTER && !REM ? tt.ptr<float>(kRowMaster, chunk.tensor) + chunk.start : nullptr;
+  int16_t* rem = REM ? tt.ptr<int16_t>(kRowMaster, chunk.tensor) + chunk.start : nullptr;
   fp8* fp8_copy = FP8 ? tt.ptr<fp8>(kRowFp8, chunk.tensor) + chunk.start : nullptr;
   const float fp8_scale = FP8 ? *tt.ptr<const float>(kRowFp8Scale, chunk.tensor) : 0.0f;
   float amax = 0.0f;
   int nan = 0;
   const bool aligned = cuda::is_aligned(param) && cuda::is_aligned(grad) && cuda::is_aligned(exp_avg) &&
                        cuda::is_aligned(exp_avg_sq) && (!AMSGRAD || cuda::is_aligned(max_exp_avg_sq)) &&
-                       (!MASTER || cuda::is_aligned(master)) && (!FP8 || cuda::is_aligned(fp8_copy));
+                       (!MASTER || REM || cuda::is_aligned(master)) && (!REM || cuda::is_aligned(rem)) &&
+                       (!FP8 || cuda::is_aligned(fp8_copy));
 
   for (int64_t i = int64_t(threadIdx.x) * kILP; i < chunk.len; i += int64_t(kThreads) * kILP) {
     P p_in[kILP], g_in[kILP];
     S m_in[kILP], v_in[kILP], vmax_in[kILP];
     float master_in[kILP];
-    if (MASTER) cuda::load_pack(master_in, master, i, chunk.len, aligned);
+    int16_t rem_in[kILP], rem_out[kILP];
+    if (MASTER && !REM) cuda::load_pack(master_in, master, i, chunk.len, aligned);
     else cuda::load_pack(p_in, param, i, chunk.len, aligned);
+    if (REM) cuda::load_pack(rem_in, rem, i, chunk.len, aligned);
     cuda::load_pack(g_in, grad, i, chunk.len, aligned);
     cuda::load_pack(m_in, exp_avg, i, chunk.len, aligned);
     cuda::load_pack(v_in, exp_avg_sq, i, chunk.len, aligned);
@@ -65,13 +92,12 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorTable tt, AdamWHy
     fp8 fp8_out[kILP];
 #pragma unroll
     for (int k = 0; k < kILP; ++k) {
-      T p = MASTER ? T(master_in[k]) : T(to_math(p_in[k]));
+      T p = load_weight<T, MASTER, REM>(p_in[k], master_in[k], rem_in[k]);
       T m = to_math(m_in[k]);
       T v = to_math(v_in[k]);
       T vmax = AMSGRAD ? T(to_math(vmax_in[k])) : T(0);
       adamw_element<T, AMSGRAD, GRAD_MULT>(p, T(to_math(g_in[k])), m, v, vmax, s);
-      if (MASTER) master_out[k] = float(p);
-      p_out[k] = store_param<P, SR>(p, sr_key, chunk.start + i + k);
+      store_weight<P, MASTER, REM, SR>(p, p_out[k], master_out[k], rem_out[k], sr_key, chunk.start + i + k);
       if constexpr (FP8 != 0) {
         const float w = float(p);
         fp8_out[k] = cast_fp8<kFormat>(w, fp8_scale);
@@ -84,7 +110,8 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorTable tt, AdamWHy
       v_out[k] = Store<S>::from(v);
       if (AMSGRAD) vmax_out[k] = Store<S>::from(vmax);
     }
-    if (MASTER) cuda::store_pack(master, master_out, i, chunk.len, aligned);
+    if (MASTER && !REM) cuda::store_pack(master, master_out, i, chunk.len, aligned);
+    if (REM) cuda::store_pack(rem, rem_out, i, chunk.len, aligned);
     cuda::store_pack(param, p_out, i, chunk.len, aligned);
     cuda::store_pack(exp_avg, m_out, i, chunk.len, aligned);
     cuda::store_pack(exp_avg_sq, v_out, i, chunk.len, aligned);
@@ -99,7 +126,7 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorTable tt, AdamWHy
 
 // The same update with block-scaled FP8 moments (fp8_states.cuh: every
 // thread runs every iteration; the new moments are encoded per block).
-template <typename P, bool MASTER, bool AMSGRAD, bool GRAD_MULT, bool SR, int FP8>
+template <typename P, bool MASTER, bool REM, bool AMSGRAD, bool GRAD_MULT, bool SR, int FP8>
 __global__ void __launch_bounds__(kThreads) adamw_fp8_states_kernel(TensorTable tt, AdamWHyper h) {
   using T = typename MathOf<P>::type;
   constexpr Fp8Format kFormat = FP8 == 2 ? Fp8Format::kE5M2 : Fp8Format::kE4M3FN;
@@ -126,14 +153,16 @@ __global__ void __launch_bounds__(kThreads) adamw_fp8_states_kernel(TensorTable 
   float* m_scales = tt.ptr<float>(kRowExpAvgScale, t) + chunk.start / kQBlock;
   float* v_scales = tt.ptr<float>(kRowExpAvgSqScale, t) + chunk.start / kQBlock;
   float* vmax_scales = AMSGRAD ? tt.ptr<float>(kRowMaxExpAvgSqScale, t) + chunk.start / kQBlock : nullptr;
-  float* master = MASTER ? tt.ptr<float>(kRowMaster, t) + chunk.start : nullptr;
+  float* master = MASTER && !REM ? tt.ptr<float>(kRowMaster, t) + chunk.start : nullptr;
+  int16_t* rem = REM ? tt.ptr<int16_t>(kRowMaster, t) + chunk.start : nullptr;
   fp8* fp8_copy = FP8 ? tt.ptr<fp8>(kRowFp8, t) + chunk.start : nullptr;
   const float fp8_scale = FP8 ? *tt.ptr<const float>(kRowFp8Scale, t) : 0.0f;
   float amax = 0.0f;
   int nan = 0;
   const bool aligned = cuda::is_aligned(param) && cuda::is_aligned(grad) && cuda::is_aligned(exp_avg) &&
                        cuda::is_aligned(exp_avg_sq) && (!AMSGRAD || cuda::is_aligned(max_exp_avg_sq)) &&
-                       (!MASTER || cuda::is_aligned(master)) && (!FP8 || cuda::is_aligned(fp8_copy));
+                       (!MASTER || REM || cuda::is_aligned(master)) && (!REM || cuda::is_aligned(rem)) &&
+                       (!FP8 || cuda::is_aligned(fp8_copy));
 
   for (int64_t base = 0; base < chunk.len; base += int64_t(kThreads) * kILP) {
     const int64_t i = base + int64_t(threadIdx.x) * kILP, blk = i / kQBlock;
@@ -141,8 +170,10 @@ __global__ void __launch_bounds__(kThreads) adamw_fp8_states_kernel(TensorTable 
     P p_in[kILP], g_in[kILP];
     uint8_t m_in[kILP], v_in[kILP], vmax_in[kILP];
     float master_in[kILP];
-    if (MASTER) cuda::load_pack(master_in, master, i, chunk.len, aligned);
+    int16_t rem_in[kILP], rem_out[kILP];
+    if (MASTER && !REM) cuda::load_pack(master_in, master, i, chunk.len, aligned);
     else cuda::load_pack(p_in, param, i, chunk.len, aligned);
+    if (REM) cuda::load_pack(rem_in, rem, i, chunk.len, aligned);
     cuda::load_pack(g_in, grad, i, chunk.len, aligned);
     cuda::load_pack(m_in, exp_avg, i, chunk.len, aligned);
     cuda::load_pack(v_in, exp_avg_sq, i, chunk.len, aligned);
@@ -155,13 +186,12 @@ __global__ void __launch_bounds__(kThreads) adamw_fp8_states_kernel(TensorTable 
     fp8 fp8_out[kILP];
 #pragma unroll
     for (int k = 0; k < kILP; ++k) {
-      T p = MASTER ? T(master_in[k]) : T(to_math(p_in[k]));
+      T p = load_weight<T, MASTER, REM>(p_in[k], master_in[k], rem_in[k]);
       T m = T(q8_decode<false>(m_in[k], m_scale));
       T v = T(q8_decode<true>(v_in[k], v_scale));
       T vmax = AMSGRAD ? T(q8_decode<true>(vmax_in[k], vmax_scale)) : T(0);
       adamw_element<T, AMSGRAD, GRAD_MULT>(p, T(to_math(g_in[k])), m, v, vmax, s);
-      if (MASTER) master_out[k] = float(p);
-      p_out[k] = store_param<P, SR>(p, sr_key, chunk.start + i + k);
+      store_weight<P, MASTER, REM, SR>(p, p_out[k], master_out[k], rem_out[k], sr_key, chunk.start + i + k);
       m_new[k] = float(m);
       s_new[k] = sqrtf(float(v));
       smax_new[k] = AMSGRAD ? sqrtf(float(vmax)) : 0.0f;
@@ -174,7 +204,8 @@ __global__ void __launch_bounds__(kThreads) adamw_fp8_states_kernel(TensorTable 
         }
       }
     }
-    if (MASTER) cuda::store_pack(master, master_out, i, chunk.len, aligned);
+    if (MASTER && !REM) cuda::store_pack(master, master_out, i, chunk.len, aligned);
+    if (REM) cuda::store_pack(rem, rem_out, i, chunk.len, aligned);
     cuda::store_pack(param, p_out, i, chunk.len, aligned);
     if (FP8) cuda::store_pack(fp8_copy, fp8_out, i, chunk.len, aligned);
 
@@ -189,36 +220,43 @@ __global__ void __launch_bounds__(kThreads) adamw_fp8_states_kernel(TensorTable 
   }
 }
 
-template <typename P, typename S, bool MASTER, bool AMSGRAD, bool GRAD_MULT, bool SR, int FP8>
+template <typename P, typename S, bool MASTER, bool REM, bool AMSGRAD, bool GRAD_MULT, bool SR, int FP8>
 void launch_one(const TensorTable& tt, const AdamWHyper& h, cudaStream_t stream) {
   const dim3 grid(unsigned(tt.n_chunks));
   if constexpr (std::is_same<S, fp8>::value) {
-    adamw_fp8_states_kernel<P, MASTER, AMSGRAD, GRAD_MULT, SR, FP8><<<grid, kThreads, 0, stream>>>(tt, h);
+    adamw_fp8_states_kernel<P, MASTER, REM, AMSGRAD, GRAD_MULT, SR, FP8><<<grid, kThreads, 0, stream>>>(tt, h);
   } else {
-    adamw_kernel<P, S, MASTER, AMSGRAD, GRAD_MULT, SR, FP8><<<grid, kThreads, 0, stream>>>(tt, h);
+    adamw_kernel<P, S, MASTER, REM, AMSGRAD, GRAD_MULT, SR, FP8><<<grid, kThreads, 0, stream>>>(tt, h);
   }
 }
 
-template <typename P, typename S, bool MASTER, bool SR, int FP8>
+template <typename P, typename S, bool MASTER, bool REM, bool SR, int FP8>
 void launch_adamw(const TensorTable& tt, const AdamWHyper& h, cudaStream_t stream) {
   const bool mult = h.grad_mult != nullptr;
-  if (h.amsgrad && mult) launch_one<P, S, MASTER, true, true, SR, FP8>(tt, h, stream);
-  else if (h.amsgrad) launch_one<P, S, MASTER, true, false, SR, FP8>(tt, h, stream);
-  else if (mult) launch_one<P, S, MASTER, false, true, SR, FP8>(tt, h, stream);
-  else launch_one<P, S, MASTER, false, false, SR, FP8>(tt, h, stream);
+  if (h.amsgrad && mult) launch_one<P, S, MASTER, REM, true, true, SR, FP8>(tt, h, stream);
+  else if (h.amsgrad) launch_one<P, S, MASTER, REM, true, false, SR, FP8>(tt, h, stream);
+  else if (mult) launch_one<P, S, MASTER, REM, false, true, SR, FP8>(tt, h, stream);
+  else launch_one<P, S, MASTER, REM, false, false, SR, FP8>(tt, h, stream);
+}
+
+template <typename P, typename S, bool MASTER, bool REM>
+void launch_storage(const TensorTable& tt, const AdamWHyper& h, cudaStream_t stream) {
+  if constexpr (kStochasticRoundable<P, MASTER>) {
+    if (h.sr.on) return launch_adamw<P, S, MASTER, REM, true, 0>(tt, h, stream);
+  }
+  if constexpr (kFp8Copyable<P, MASTER>) {
+    if (h.fp8.on && h.fp8.format == Fp8Format::kE4M3FN)
+      return launch_adamw<P, S, MASTER, REM, false, 1>(tt, h, stream);
+    if (h.fp8.on) return launch_adamw<P, S, MASTER, REM, false, 2>(tt, h, stream);
+  }
+  launch_adamw<P, S, MASTER, REM, false, 0>(tt, h, stream);
 }
 
 template <typename P, typename S, bool MASTER>
 struct AdamWOp {
   static void run(const TensorTable& tt, const AdamWHyper& h, cudaStream_t stream) {
-    if constexpr (kStochasticRoundable<P, MASTER>) {
-      if (h.sr.on) return launch_adamw<P, S, MASTER, true, 0>(tt, h, stream);
-    }
-    if constexpr (kFp8Copyable<P, MASTER>) {
-      if (h.fp8.on && h.fp8.format == Fp8Format::kE4M3FN) return launch_adamw<P, S, MASTER, false, 1>(tt, h, stream);
-      if (h.fp8.on) return launch_adamw<P, S, MASTER, false, 2>(tt, h, stream);
-    }
-    launch_adamw<P, S, MASTER, false, 0>(tt, h, stream);
+    with_remainder<P, MASTER>(h.remainder,
+                              [&](auto rem) { launch_storage<P, S, MASTER, decltype(rem)::value>(tt, h, stream); });
   }
 };
 

@@ -64,6 +64,9 @@ class Bucket:
     grads: list[Tensor] = field(default_factory=list)
     states: dict[str, list[Tensor]] = field(default_factory=dict)
     masters: list[Tensor] | None = None
+    #: masters hold int16 remainders, each completing its bf16 param to the fp32 master
+    #: (fusedopt/reference/remainder.py: a kernel joins, updates, and splits back)
+    remainders: bool = False
     steps: list[Tensor] = field(default_factory=list)
     sr_seed: int | None = None
     fp8: Fp8Copies | None = None

@@ -16,6 +16,8 @@ from ._bucket import advance_steps
 from ._dtypes import CODES, FP8_FORMATS, FP8_STATE_DTYPE, STATE_CODES
 
 NAME = "cuda"
+#: the ops whose kernels take master_weights="remainder"'s int16 remainders (Bucket.remainders)
+REMAINDER_OPS = frozenset({"adamw"})
 DEVICE_TYPES = ("cuda",)
 
 #: elements per thread block's chunk
@@ -59,8 +61,8 @@ def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, gra
     _launch("adamw", bucket.device,
             tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.chunk_size,
             CODES[bucket.dtype], STATE_CODES[bucket.state_dtype],
-            bucket.masters is not None, 0.0 if lr_tensor is not None else lr, lr_tensor, beta1, beta2, eps,
-            weight_decay, amsgrad, maximize, grad_mult, found_inf, bucket.sr_seed,
+            0 if bucket.masters is None else 2 if bucket.remainders else 1, 0.0 if lr_tensor is not None else lr,
+            lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_mult, found_inf, bucket.sr_seed,
             FP8_FORMATS[bucket.fp8.weights[0].dtype] if fp8 else -1, tables.chunk_first if fp8 else None, partials,
             amax)
     return amax

@@ -12,6 +12,7 @@ from ..reference import adafactor as adafactor_spec
 from ..reference import adamw as adamw_spec
 from ..reference import fp8_states
 from ..reference import lamb as lamb_spec
+from ..reference import remainder
 from ..reference import sophia as sophia_spec
 from ..reference import stochastic
 from ._bucket import advance_steps
@@ -19,6 +20,8 @@ from ._dtypes import FP8_STATE_DTYPE, math_dtype
 
 NAME = "reference"
 DEVICE_TYPES = ("cpu", "cuda")
+#: the ops that take master_weights="remainder"'s int16 remainders as masters (Bucket.remainders)
+REMAINDER_OPS = frozenset({"adamw", "lamb", "adafactor", "sophia"})
 
 
 _SKIP = object()
@@ -33,9 +36,30 @@ def _begin(bucket, grad_mult, found_inf):
     return None if grad_mult is None else float(grad_mult.item())
 
 
-def _store_param(bucket, i, param, work):
-    """The new param from its working copy: rounded once to nearest, or
-    stochastically (bucket.sr_seed) with the bits every backend draws."""
+def _load_weight(bucket, i, dtype):
+    """A working copy (math precision) of tensor i's weight: its fp32 master,
+    the master joined from the bf16 param and its remainder, or the param."""
+    param = bucket.params[i]
+    if bucket.masters is None:
+        return param.to(dtype, copy=True)
+    if bucket.remainders:
+        return remainder.join(param, bucket.masters[i]).to(dtype)
+    return bucket.masters[i].to(dtype, copy=True)
+
+
+def _store_weight(bucket, i, work):
+    """The new weight from its working copy: the master and the param rounded
+    once from it to nearest, or the pair of a bf16 param and its remainder,
+    or the param rounded stochastically (bucket.sr_seed) with the bits every
+    backend draws."""
+    param = bucket.params[i]
+    if bucket.masters is not None and bucket.remainders:
+        bits, low = remainder.split(work.float())
+        param.copy_(bits)
+        bucket.masters[i].copy_(low)
+        return
+    if bucket.masters is not None:
+        bucket.masters[i].copy_(work)
     if bucket.sr_seed is None:
         param.copy_(work)
     else:
@@ -77,9 +101,8 @@ def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, gra
         return amax if bucket.fp8 is not None else None
     lr = float(lr)
     dtype = math_dtype(bucket.dtype)
-    for i, param in enumerate(bucket.params):
-        master = bucket.masters[i] if bucket.masters is not None else None
-        work = (master if master is not None else param).to(dtype, copy=True)
+    for i in range(len(bucket.params)):
+        work = _load_weight(bucket, i, dtype)
         m, v = _load_state(bucket, "exp_avg", i, dtype), _load_state(bucket, "exp_avg_sq", i, dtype)
         vm = _load_state(bucket, "max_exp_avg_sq", i, dtype) if amsgrad else None
         adamw_spec.adamw_update_(
@@ -87,9 +110,7 @@ def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, gra
             beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize, grad_mult=mult,
         )
         # Each stored value is rounded once from the working precision.
-        if master is not None:
-            master.copy_(work)
-        _store_param(bucket, i, param, work)
+        _store_weight(bucket, i, work)
         _store_state(bucket, "exp_avg", i, m)
         _store_state(bucket, "exp_avg_sq", i, v)
         if vm is not None:
@@ -133,9 +154,8 @@ def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, adam_w
         return
     dtype = math_dtype(bucket.dtype)
     works, directions = [], []
-    for i, param in enumerate(bucket.params):
-        master = bucket.masters[i] if bucket.masters is not None else None
-        work = (master if master is not None else param).to(dtype, copy=True)
+    for i in range(len(bucket.params)):
+        work = _load_weight(bucket, i, dtype)
         m, v = _load_state(bucket, "exp_avg", i, dtype), _load_state(bucket, "exp_avg_sq", i, dtype)
         lamb_spec.moments_(work, bucket.grads[i].to(dtype), m, v, beta1=beta1, beta2=beta2,
                            weight_decay=weight_decay, adam_w_mode=adam_w_mode, grad_averaging=grad_averaging,
@@ -151,11 +171,9 @@ def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, adam_w
     u_sums = torch.stack([u.double().square().sum() for u in directions])
     p_sums, u_sums = bucket.whole_tensor_sums(p_sums, u_sums)  # DTensors: over their shards
     ratios = lamb_spec.trust_ratio(p_sums, u_sums, lr, weight_decay, use_nvlamb)
-    for i, (param, work, u) in enumerate(zip(bucket.params, works, directions)):
+    for i, (work, u) in enumerate(zip(works, directions)):
         work.sub_(u * ratios[i].to(dtype))
-        if bucket.masters is not None:
-            bucket.masters[i].copy_(work)
-        _store_param(bucket, i, param, work)
+        _store_weight(bucket, i, work)
 
 
 def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize, beta1, grad_mult, found_inf):
@@ -169,9 +187,8 @@ def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize,
     eps1 = torch.finfo(bucket.dtype).eps if eps1 is None else eps1
     scales = {fp8_states.scale_name(name) for name in bucket.states}
     names = [name for name in bucket.states if name not in scales]
-    for i, param in enumerate(bucket.params):
-        master = bucket.masters[i] if bucket.masters is not None else None
-        work = (master if master is not None else param).to(dtype, copy=True)
+    for i in range(len(bucket.params)):
+        work = _load_weight(bucket, i, dtype)
         copies = {name: _load_state(bucket, name, i, dtype) for name in names}
 
         def stored(name, value, i=i):
@@ -184,9 +201,7 @@ def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize,
             copies.get("exp_avg"), step=float(bucket.steps[i].item()), lr=lr, beta2_decay=beta2_decay, eps1=eps1,
             eps2=eps2, d=d, weight_decay=weight_decay, maximize=maximize, beta1=beta1, grad_mult=mult,
             stored=stored)
-        if master is not None:
-            master.copy_(work)
-        _store_param(bucket, i, param, work)
+        _store_weight(bucket, i, work)
 
 
 def adafactor_sharded(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize, beta1, grad_mult,
@@ -217,8 +232,7 @@ def adafactor_sharded(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, m
     works, grads, copies = {}, {}, {}
     names = [name for name in bucket.states if not name.endswith("_scale")]
     for j, i in launched.items():
-        master = bucket.masters[i] if bucket.masters is not None else None
-        works[j] = (master if master is not None else bucket.params[i]).to(dtype, copy=True)
+        works[j] = _load_weight(bucket, i, dtype)
         g = bucket.grads[i].to(dtype, copy=True)
         if not skip and mult is not None:
             g.mul_(mult)
@@ -286,9 +300,7 @@ def adafactor_sharded(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, m
         else:
             m = stored(j, "exp_avg", copies[j]["exp_avg"].lerp_(u[j] * -scales[i], 1 - beta1))
             work.sub_(m)
-        if bucket.masters is not None:
-            bucket.masters[i].copy_(work)
-        _store_param(bucket, i, bucket.params[i], work)
+        _store_weight(bucket, i, work)
 
 
 def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, found_inf):
@@ -297,17 +309,14 @@ def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, fou
         return
     lr = float(lr)
     dtype = math_dtype(bucket.dtype)
-    for i, param in enumerate(bucket.params):
-        master = bucket.masters[i] if bucket.masters is not None else None
-        work = (master if master is not None else param).to(dtype, copy=True)
+    for i in range(len(bucket.params)):
+        work = _load_weight(bucket, i, dtype)
         m = _load_state(bucket, "exp_avg", i, dtype)
         sophia_spec.sophia_update_(work, bucket.grads[i].to(dtype), m, _load_state(bucket, "hessian", i, dtype), lr=lr,
                                    beta1=beta1, rho=rho, bs=bs, weight_decay=weight_decay, maximize=maximize,
                                    grad_mult=mult)
         _store_state(bucket, "exp_avg", i, m)
-        if master is not None:
-            master.copy_(work)
-        _store_param(bucket, i, param, work)
+        _store_weight(bucket, i, work)
 
 
 def sophia_hessian(bucket, *, beta2):

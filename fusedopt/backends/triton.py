@@ -22,6 +22,8 @@ from ._bucket import advance_steps
 from ._dtypes import CODES, FP8_FORMATS, STATE_CODES
 
 NAME = "triton"
+#: the ops whose kernels take master_weights="remainder"'s int16 remainders (Bucket.remainders)
+REMAINDER_OPS = frozenset({"adamw"})
 DEVICE_TYPES = ("cuda", "cpu")
 
 #: elements per program, and per loop iteration inside a program; tests shrink
@@ -87,7 +89,7 @@ def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, gra
     amax = torch.zeros(len(bucket.params), dtype=torch.float64, device=bucket.device) if fp8 else None
     kernels.launch_adamw(
         tables, p_kind=CODES[bucket.dtype], s_kind=STATE_CODES[bucket.state_dtype], master=bucket.masters is not None,
-        amsgrad=amsgrad,
+        remainders=bucket.remainders, amsgrad=amsgrad,
         maximize=maximize, lr=0.0 if lr_tensor is not None else lr, lr_tensor=lr_tensor, beta1=beta1,
         beta2=beta2, eps=eps, weight_decay=weight_decay, grad_mult=grad_mult, found_inf=found_inf,
         sr_seed=bucket.sr_seed, block=block, num_warps=NUM_WARPS,

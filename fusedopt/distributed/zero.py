@@ -319,6 +319,8 @@ class ZeroOptimizer(WrappingOptimizer):
                 comm.all_gather(flat.buffer, flat.shard.clone(), self.group)
             else:
                 dist.broadcast(flat.buffer, src=self._global(flat.owner), group=self.group)
+        if self.optimizer.master_weights == "remainder":  # the gather rewrote the shards' bits: not a change
+            self.optimizer._record_master_versions()
         return loss
 
     def _global(self, rank: int) -> int:

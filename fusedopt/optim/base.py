@@ -51,7 +51,7 @@ from ..backends._bucket import Bucket, advance_steps
 from ..backends._dtypes import FP8_STATE_DTYPE, LOW_PRECISION, SUPPORTED_PARAM_DTYPES, fp32_scalar
 from .checks import GroupCheck, check_options, check_state_dtype
 from .plans import _PLAIN, _PLAIN_OR_NONE, PlanMixin, _found_inf_on_every_rank, _GradScalars, _Plan
-from .state import StateMixin
+from .state import StateMixin, _version
 
 
 class FusedOptimizer(StateMixin, PlanMixin, Optimizer):
@@ -75,7 +75,7 @@ class FusedOptimizer(StateMixin, PlanMixin, Optimizer):
     #: on DTensor params they are Replicate on the mesh dims that shard those dims
     _reduced_dims: dict[str, tuple[int, ...]] = {}
 
-    def __init__(self, params, defaults: dict, *, backend: str | None = None, master_weights: bool = False,
+    def __init__(self, params, defaults: dict, *, backend: str | None = None, master_weights: bool | str = False,
                  max_grad_norm: float | None = None, state_dtype: torch.dtype | None = None,
                  stochastic_rounding: bool = False, fp8=None):
         check_options(max_grad_norm, master_weights)
@@ -100,6 +100,8 @@ class FusedOptimizer(StateMixin, PlanMixin, Optimizer):
         #: step's clip coefficient (a 0-d device tensor), used instead of one from max_grad_norm
         self._outer_clip: Tensor | None = None
         self._has_complex = False  # some param is complex: its grads are read as real views
+        #: master_weights="remainder": each param's version counter when its remainder last matched it
+        self._outside_versions: dict[Tensor, int] = {}
         super().__init__(params, defaults)
 
     # --- backend choice -------------------------------------------------------
@@ -125,7 +127,9 @@ class FusedOptimizer(StateMixin, PlanMixin, Optimizer):
             dtensor.check_tensor(p, where)
             if dtensor.is_dtensor(p):
                 self._check_dtensor_options(where)
-            self._backend_for(p.device)
+            backend = self._backend_for(p.device)
+            if self.master_weights == "remainder":
+                self._check_remainder(where, p, backend)
             if p.is_complex() and self._supports_complex:  # (others raise at step, as torch.optim.Adafactor)
                 self._check_complex(where, p)
             if self.fp8 is not None and not self._uses_fp8(p):
@@ -134,6 +138,15 @@ class FusedOptimizer(StateMixin, PlanMixin, Optimizer):
                                  f"{type(self).__name__}: FP8 copies are written from fp32 weights, not {p.dtype}")
         super().add_param_group(param_group)
         self._has_complex |= any(isinstance(p, Tensor) and p.is_complex() for p in self.param_groups[-1]["params"])
+
+    def _check_remainder(self, where: str, p: Tensor, backend) -> None:
+        """Raise ValueError for a param master_weights="remainder" cannot keep."""
+        if p.dtype == torch.float16:
+            raise ValueError(f"{where} is float16: master_weights='remainder' keeps an fp32 master as a bf16 "
+                             f"param's bits and 16 more, which fp16's layout cannot; use master_weights=True")
+        if p.dtype == torch.bfloat16 and self._op not in backend.REMAINDER_OPS:
+            raise ValueError(f"{where}: master_weights='remainder' is not built for the {backend.NAME} backend's "
+                             f"{self._op} yet; use master_weights=True, or backend='reference'")
 
     def _check_complex(self, where: str, p: Tensor) -> None:
         """Raise for a complex param this optimizer cannot step as pairs of reals."""
@@ -194,7 +207,7 @@ class FusedOptimizer(StateMixin, PlanMixin, Optimizer):
         if "last_grad_norm" in state or not hasattr(self, "_last"):
             self._last = {"grad_norm": last}
         for name, default in (("state_dtype", None), ("stochastic_rounding", False), ("fp8", None),
-                              ("_across_stages", None), ("_outer_clip", None)):
+                              ("_across_stages", None), ("_outer_clip", None), ("_outside_versions", {})):
             if not hasattr(self, name):  # pickled before it existed
                 setattr(self, name, default)
         self._has_complex = any(isinstance(p, Tensor) and p.is_complex()
@@ -327,11 +340,43 @@ class FusedOptimizer(StateMixin, PlanMixin, Optimizer):
 
     def _eager_step(self, closure):
         loss = evaluate_closure(closure)
+        if self._outside_versions:
+            self._resync_changed_masters()
         plans, writeback = self._plans_of_this_step()
         self._launch(plans)
         for original, staged in writeback:
             original.copy_(staged)
+        if self.master_weights == "remainder":
+            self._record_master_versions()
         return loss
+
+    def resync_master(self, params=None) -> None:
+        """master_weights="remainder": take each param's current value as its
+        master (its remainder set to 0), for params changed outside the
+        optimizer in ways torch does not count (writes through ``.data``);
+        changes torch counts (``p.copy_()`` under no_grad, a model's
+        load_state_dict) are found at the next step and resynced there. All
+        params with a remainder, or those given."""
+        chosen = None if params is None else {id(p) for p in params}
+        for group in self.param_groups:
+            for p in group["params"]:
+                rem = self.state.get(p, {}).get("master_remainder")
+                if rem is not None and (chosen is None or id(p) in chosen):
+                    (rem._local_tensor if dtensor.is_dtensor(rem) else rem).zero_()
+        self._record_master_versions()
+
+    def _resync_changed_masters(self) -> None:
+        """Zero the remainder of every param written since the last step (or
+        load) left it: the bits it completed belong to another value."""
+        for p, version in self._outside_versions.items():
+            if _version(p) != version:
+                rem = self.state[p]["master_remainder"]
+                (rem._local_tensor if dtensor.is_dtensor(rem) else rem).zero_()
+
+    def _record_master_versions(self) -> None:
+        """Remember the version of every param with a remainder, as the step (or a resync) left them."""
+        self._outside_versions = {p: _version(p) for group in self.param_groups for p in group["params"]
+                                  if "master_remainder" in self.state.get(p, ())}
 
     def _launch(self, plans: list[_Plan]) -> None:
         """The step's device work for the plans: GradScaler's flag, the clip

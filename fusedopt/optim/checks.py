@@ -15,8 +15,9 @@ def check_options(max_grad_norm, master_weights) -> None:
     """The options every fusedopt optimizer takes, checked before anything is built."""
     if max_grad_norm is not None and not float(max_grad_norm) >= 0.0:
         raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (None or 0 turns clipping off)")
-    if not isinstance(master_weights, bool):  # a string or a number is not silently taken as True
-        raise ValueError(f"master_weights must be True or False, got {master_weights!r}")
+    # a number or another string is not silently taken as True
+    if not isinstance(master_weights, bool) and master_weights != "remainder":
+        raise ValueError(f"master_weights must be True, False or 'remainder', got {master_weights!r}")
 
 
 def check_state_dtype(name: str, state_dtype) -> None:

@@ -86,6 +86,9 @@ class FusedMuon(Optimizer):
         if ns_dtype not in (torch.bfloat16, torch.float32):
             raise ValueError(f"ns_dtype must be torch.bfloat16 (torch's) or torch.float32, got {ns_dtype}")
         check_options(max_grad_norm, master_weights)
+        if master_weights == "remainder":
+            raise ValueError("FusedMuon: master_weights='remainder' is not built for Muon's matrices yet; use "
+                             "master_weights=True")
         #: clip by the global L2 norm of every grad (Muon's and AdamW's params together); None or 0: off
         self.max_grad_norm = float(max_grad_norm) if max_grad_norm else None
         #: that norm at the last step (a device tensor), with max_grad_norm

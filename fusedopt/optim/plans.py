@@ -348,13 +348,14 @@ class PlanMixin:
             state = self._prepare_state(group, p, kind)
             sharding = dtensor.sharding_of(p)
             lp = _real(p if sharding is None else p._local_tensor)  # complex: the kernels' real view
-            master = state.get("master_param") if self._uses_master(p) else None
+            master_name = self._master_name(p)
+            master = state.get(master_name) if master_name is not None else None
             fp8 = self._uses_fp8(p)
             # block-scaled FP8 states: their scales ride along like shaped states,
             # and the blocks run in row-major order, so everything is made contiguous
             fp8_scales = [fp8_states.scale_name(n) for n in names if self._state_dtype(p, n) == FP8_STATE_DTYPE]
             shaped = [*shaped, *fp8_scales]
-            plan.watch(p, lp, state, ["step", *names, *shaped] + (["master_param"] if master is not None else [])
+            plan.watch(p, lp, state, ["step", *names, *shaped] + ([master_name] if master is not None else [])
                        + (list(_FP8_STATES) if fp8 else []))
             key = (p.device, lp.dtype, kind)
             # a DTensor with an empty local shard of a non-empty tensor still has states to update when some
@@ -368,7 +369,8 @@ class PlanMixin:
             if key not in buckets:
                 buckets[key] = (Bucket(p.device, lp.dtype, _real_dtype(self._state_dtype(p)), kind=kind,
                                        states={n: [] for n in (*names, *shaped)},
-                                       masters=[] if master is not None else None), [])
+                                       masters=[] if master is not None else None,
+                                       remainders=master_name == "master_remainder"), [])
                 members[key] = []
             bucket, grad_index = buckets[key]
             members[key].append((sharding, p.shape, lp.shape, not skip))

@@ -34,6 +34,7 @@ struct AdamWHyper {
   const float* found_inf;    // GradScaler: skip everything when *found_inf != 0 (null: never)
   StochasticRounding sr;     // bf16 params without master weights: round the new param stochastically
   Fp8Copy fp8;               // also write FP8 copies of the new weights (fp32 working copies only)
+  bool remainder = false;    // the masters are int16 remainders of bf16 params (numeric.h: join_remainder)
 
   AdamWHyper(double lr_, const float* lr_ptr_, double beta1_, double beta2_, double eps_, double weight_decay_,
              bool amsgrad_, bool maximize_, const double* grad_mult_, const float* found_inf_)

@@ -8,6 +8,8 @@
 // Host code, shared by the CPU and CUDA launchers.
 #pragma once
 
+#include <type_traits>
+
 #include "fusedopt/fp8.h"
 #include "fusedopt/numeric.h"
 
@@ -63,6 +65,17 @@ void dispatch_storage(DType param_dtype, DType state_dtype, bool has_master, Arg
     default:
       break;
   }
+}
+
+// f(std::bool_constant<REM>{}): REM when the masters are int16 remainders of bf16
+// params (master_weights="remainder"; the hyperparameters' `remainder`), which
+// only Op<bf16, S, true> instantiates.
+template <typename P, bool MASTER, typename F>
+void with_remainder(bool remainder, F&& f) {
+  if constexpr (MASTER && std::is_same<P, bf16>::value) {
+    if (remainder) return f(std::true_type{});
+  }
+  f(std::false_type{});
 }
 
 }  // namespace fusedopt

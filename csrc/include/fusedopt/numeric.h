@@ -161,6 +161,24 @@ FUSEDOPT_HD uint16_t float_to_bf16_stochastic(float f, uint32_t random) {
   return is_nan ? uint16_t(0x7FC0) : uint16_t(rounded);
 }
 
+// --- fp32 masters as a bf16 param + an int16 remainder -----------------------
+//
+// master_weights="remainder" (fusedopt/reference/remainder.py proves the
+// encoding): the master's lower 16 bits are kept, and the param is its upper
+// half rounded by their top bit (so a negative remainder says "rounded up").
+// Exact for every fp32 but NaN; a NaN master gives the param 0x7FC0.
+FUSEDOPT_HD float join_remainder(bf16 param, int16_t rem) {
+  const uint32_t upper = (uint32_t(param.bits) - (rem < 0 ? 1u : 0u)) & 0xFFFFu;
+  return bits_to_float((upper << 16) | uint32_t(uint16_t(rem)));
+}
+
+FUSEDOPT_HD bf16 split_remainder(float master, int16_t& rem) {
+  const uint32_t u = float_to_bits(master);
+  const bool is_nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+  rem = int16_t(uint16_t(u & 0xFFFFu));
+  return bf16{is_nan ? uint16_t(0x7FC0) : uint16_t((u >> 16) + ((u >> 15) & 1u))};
+}
+
 // Which storage combinations have a stochastically rounded variant: bf16
 // params that are their own working copy (with a master, the master keeps
 // the precision).
