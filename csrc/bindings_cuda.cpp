@@ -72,6 +72,15 @@ std::pair<fusedopt::DType, fusedopt::DType> storage(int64_t param_dtype, int64_t
   return {p, s};
 }
 
+// A launch's master code: 0 none, 1 fp32 masters, 2 the int16 remainders of
+// bf16 params (master_weights="remainder"). Returns whether they are remainders.
+bool check_master(int64_t master, fusedopt::DType pdt) {
+  TORCH_CHECK(master >= 0 && master <= 2, "fusedopt cuda: bad master code ", master);
+  TORCH_CHECK(master != 2 || pdt == fusedopt::DType::kBFloat16, "fusedopt cuda: int16 remainders complete bf16 "
+              "params");
+  return master == 2;
+}
+
 // Block-scaled FP8 states: no block may straddle two chunks.
 void check_fp8_chunks(fusedopt::DType state_dtype, int64_t chunk_size) {
   TORCH_CHECK(state_dtype != fusedopt::DType::kFp8Blocked || chunk_size % fusedopt::kQBlock == 0,
@@ -122,19 +131,16 @@ void adamw(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor,
            const std::optional<Tensor>& found_inf, std::optional<int64_t> sr_seed, int64_t fp8_format,
            const std::optional<Tensor>& chunk_first, const std::optional<Tensor>& fp8_partials,
            const std::optional<Tensor>& fp8_amax, int64_t stream) {
-  // master: 0 none, 1 fp32 masters, 2 int16 remainders of bf16 params (master_weights="remainder")
-  TORCH_CHECK(master >= 0 && master <= 2, "fusedopt cuda: bad master code ", master);
   const bool has_master = master != 0;
   const auto [pdt, sdt] = storage(param_dtype, state_dtype, has_master, true);
-  TORCH_CHECK(master != 2 || pdt == fusedopt::DType::kBFloat16, "fusedopt cuda: int16 remainders complete bf16 "
-              "params");
+  const bool remainder = check_master(master, pdt);
   check_fp8_chunks(sdt, chunk_size);
   const fusedopt::TensorTable tt =
       make_table(table, numel, chunk_tensor, chunk_start, chunk_size, fusedopt::kMomentRows);
   fusedopt::AdamWHyper h(lr, device_scalar(lr_tensor, "lr"), beta1, beta2, eps, weight_decay, amsgrad, maximize,
                          device_scalar<double>(grad_mult, "grad_mult"), device_scalar(found_inf, "found_inf"));
   h.sr = stochastic_rounding(sr_seed, pdt, has_master);
-  h.remainder = master == 2;
+  h.remainder = remainder;
   if (fp8_format >= 0) {  // FP8 copies: table rows kRowFp8 / kRowFp8Scale hold the copies and their scales
     TORCH_CHECK(fp8_format <= 1, "fusedopt cuda: bad fp8 format code ", fp8_format);
     TORCH_CHECK(pdt == fusedopt::DType::kFloat32 || has_master,
@@ -221,20 +227,22 @@ void scale_(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor
 
 void lamb_moments(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor, const Tensor& chunk_start,
                   const Tensor& chunk_first, int64_t chunk_size, int64_t param_dtype, int64_t state_dtype,
-                  bool has_master, double beta1, double beta2, double eps, double weight_decay, bool bias_correction,
+                  int64_t master, double beta1, double beta2, double eps, double weight_decay, bool bias_correction,
                   bool adam_w_mode, bool grad_averaging, bool maximize, const std::optional<Tensor>& grad_mult,
                   const std::optional<Tensor>& found_inf, Tensor& partials, Tensor& p_sums, Tensor& u_sums,
                   int64_t stream) {
   const fusedopt::TensorTable tt =
       make_table(table, numel, chunk_tensor, chunk_start, chunk_size, fusedopt::kMomentRows);
+  const bool has_master = master != 0;
   const auto [pdt, sdt] = storage(param_dtype, state_dtype, has_master, true);
   check_fp8_chunks(sdt, chunk_size);
   check_cuda_tensor(chunk_first, at::kLong, tt.n_tensors + 1, "chunk_first");
   check_cuda_tensor(partials, at::kDouble, 2 * tt.n_chunks, "partials");
   check_cuda_tensor(p_sums, at::kDouble, tt.n_tensors, "p_sums");
   check_cuda_tensor(u_sums, at::kDouble, tt.n_tensors, "u_sums");
-  const fusedopt::LambHyper h{beta1, beta2, eps, weight_decay, bias_correction, adam_w_mode, grad_averaging, maximize,
-                              device_scalar<double>(grad_mult, "grad_mult"), device_scalar(found_inf, "found_inf")};
+  fusedopt::LambHyper h{beta1, beta2, eps, weight_decay, bias_correction, adam_w_mode, grad_averaging, maximize,
+                        device_scalar<double>(grad_mult, "grad_mult"), device_scalar(found_inf, "found_inf")};
+  h.remainder = check_master(master, pdt);
   const char* error = fusedopt::lamb_moments_cuda(
       tt, chunk_first.data_ptr<int64_t>(), h, pdt, sdt, has_master,
       partials.data_ptr<double>(), p_sums.data_ptr<double>(), u_sums.data_ptr<double>(),
@@ -243,34 +251,38 @@ void lamb_moments(const Tensor& table, const Tensor& numel, const Tensor& chunk_
 }
 
 void lamb_apply(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor, const Tensor& chunk_start,
-                int64_t chunk_size, int64_t param_dtype, int64_t state_dtype, bool has_master, const Tensor& ratio,
+                int64_t chunk_size, int64_t param_dtype, int64_t state_dtype, int64_t master, const Tensor& ratio,
                 double beta1, double beta2, double eps, double weight_decay, bool bias_correction, bool adam_w_mode,
                 const std::optional<Tensor>& found_inf, std::optional<int64_t> sr_seed, int64_t stream) {
   const fusedopt::TensorTable tt =
       make_table(table, numel, chunk_tensor, chunk_start, chunk_size, fusedopt::kMomentRows);
+  const bool has_master = master != 0;
   const auto [pdt, sdt] = storage(param_dtype, state_dtype, has_master, true);
   check_fp8_chunks(sdt, chunk_size);
   check_cuda_tensor(ratio, at::kFloat, tt.n_tensors, "ratio");
   fusedopt::LambHyper h{beta1, beta2, eps, weight_decay, bias_correction, adam_w_mode, false, false, nullptr,
                         device_scalar(found_inf, "found_inf")};
   h.sr = stochastic_rounding(sr_seed, pdt, has_master);
+  h.remainder = check_master(master, pdt);
   const char* error = fusedopt::lamb_apply_cuda(tt, h, pdt, sdt, has_master,
                                                 ratio.data_ptr<float>(), reinterpret_cast<void*>(stream));
   TORCH_CHECK(error == nullptr, "fusedopt cuda: lamb apply launch failed: ", error);
 }
 
 void sophia(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor, const Tensor& chunk_start,
-            int64_t chunk_size, int64_t param_dtype, int64_t state_dtype, bool has_master, double lr,
+            int64_t chunk_size, int64_t param_dtype, int64_t state_dtype, int64_t master, double lr,
             const std::optional<Tensor>& lr_tensor, double beta1, double rho_bs, double weight_decay, bool maximize,
             const std::optional<Tensor>& grad_mult, const std::optional<Tensor>& found_inf,
             std::optional<int64_t> sr_seed, int64_t stream) {
   const fusedopt::TensorTable tt =
       make_table(table, numel, chunk_tensor, chunk_start, chunk_size, fusedopt::kMomentRows);
+  const bool has_master = master != 0;
   const auto [pdt, sdt] = storage(param_dtype, state_dtype, has_master, true);
   check_fp8_chunks(sdt, chunk_size);
   fusedopt::SophiaHyper h{lr, device_scalar(lr_tensor, "lr"), beta1, rho_bs, weight_decay, maximize,
                           device_scalar<double>(grad_mult, "grad_mult"), device_scalar(found_inf, "found_inf")};
   h.sr = stochastic_rounding(sr_seed, pdt, has_master);
+  h.remainder = check_master(master, pdt);
   const char* error = fusedopt::sophia_cuda(tt, h, pdt, sdt, has_master, reinterpret_cast<void*>(stream));
   TORCH_CHECK(error == nullptr, "fusedopt cuda: sophia launch failed: ", error);
 }
@@ -445,7 +457,7 @@ TORCH_LIBRARY(FUSEDOPT_CUDA_LIBRARY, m) {
       &adafactor_sharded);
   m.def(
       "sophia(Tensor table, Tensor numel, Tensor chunk_tensor, Tensor chunk_start, int chunk_size, "
-      "int param_dtype, int state_dtype, bool has_master, float lr, Tensor? lr_tensor, float beta1, float rho_bs, "
+      "int param_dtype, int state_dtype, int master, float lr, Tensor? lr_tensor, float beta1, float rho_bs, "
       "float weight_decay, bool maximize, Tensor? grad_mult, Tensor? found_inf, int? sr_seed, int stream) -> ()",
       &sophia);
   m.def(
@@ -454,14 +466,14 @@ TORCH_LIBRARY(FUSEDOPT_CUDA_LIBRARY, m) {
       &sophia_hessian);
   m.def(
       "lamb_moments(Tensor table, Tensor numel, Tensor chunk_tensor, Tensor chunk_start, Tensor chunk_first, "
-      "int chunk_size, int param_dtype, int state_dtype, bool has_master, float beta1, float beta2, float eps, "
+      "int chunk_size, int param_dtype, int state_dtype, int master, float beta1, float beta2, float eps, "
       "float weight_decay, bool bias_correction, bool adam_w_mode, bool grad_averaging, bool maximize, "
       "Tensor? grad_mult, Tensor? found_inf, Tensor(a!) partials, Tensor(b!) p_sums, Tensor(c!) u_sums, "
       "int stream) -> ()",
       &lamb_moments);
   m.def(
       "lamb_apply(Tensor table, Tensor numel, Tensor chunk_tensor, Tensor chunk_start, int chunk_size, "
-      "int param_dtype, int state_dtype, bool has_master, Tensor ratio, float beta1, float beta2, float eps, "
+      "int param_dtype, int state_dtype, int master, Tensor ratio, float beta1, float beta2, float eps, "
       "float weight_decay, bool bias_correction, bool adam_w_mode, Tensor? found_inf, int? sr_seed, "
       "int stream) -> ()",
       &lamb_apply);

@@ -104,6 +104,31 @@ def store_split(param, rem, offs, x, mask):
 
 
 @triton.jit
+def load_weight(param, work, offs, mask, W_KIND: tl.constexpr, REM: tl.constexpr):
+    """A block of weights in the math precision: from `work` (the param, or
+    its fp32 master: W_KIND), or with REM the fp32 master joined from the bf16
+    param and the int16 remainder at `work`."""
+    if REM:
+        x = load_joined(param, work, offs, mask)
+    else:
+        x = load_math(work, offs, mask, W_KIND)
+    return x
+
+
+@triton.jit
+def store_weight(param, work, offs, x, mask, P_KIND: tl.constexpr, MASTER: tl.constexpr, REM: tl.constexpr,
+                 SR: tl.constexpr, sr_key):
+    """Store new weights `x`: the fp32 master (MASTER) and the param rounded
+    once from it (store_param), or with REM the bf16 param and its remainder."""
+    if REM:
+        store_split(param, work, offs, x, mask)
+    else:
+        if MASTER:
+            store_math(work, offs, x, mask, F32)
+        store_param(param, offs, x, mask, P_KIND, SR, sr_key)
+
+
+@triton.jit
 def load_math(addr, offs, mask, KIND: tl.constexpr):
     """Load elements of the tensor at integer address `addr` in math precision
     (fp64 for fp64 storage, fp32 otherwise). Masked lanes read 0."""

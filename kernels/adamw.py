@@ -23,9 +23,9 @@ import math
 import triton
 import triton.language as tl
 
-from ._numeric import (EXACT, F32, F64, FP8_BLOCKED, bias_correction, div_ieee, f64, f64_bits, lerp, load_joined,
-                       load_math, load_state, lr_and_decay, sqrt_ieee, sr_tensor_key, store_math, store_param,
-                       store_split, to_math)
+from ._numeric import (EXACT, F32, F64, FP8_BLOCKED, bias_correction, div_ieee, f64, f64_bits, lerp, load_math,
+                       load_state, load_weight, lr_and_decay, sqrt_ieee, sr_tensor_key, store_math, store_weight,
+                       to_math)
 from ._table import (ROW_EXP_AVG, ROW_EXP_AVG_SCALE, ROW_EXP_AVG_SQ, ROW_EXP_AVG_SQ_SCALE, ROW_FP8, ROW_FP8_SCALE,
                      ROW_GRAD, ROW_MASTER, ROW_MAX_EXP_AVG_SQ, ROW_MAX_EXP_AVG_SQ_SCALE, ROW_PARAM, ROW_STEP, address,
                      program_chunk)
@@ -95,10 +95,7 @@ def _adamw_kernel(
         in_chunk = off + tl.arange(0, BLOCK)
         offs = start + in_chunk
         mask = in_chunk < end
-        if REM:
-            p = load_joined(param, work, offs, mask)
-        else:
-            p = load_math(work, offs, mask, W_KIND)
+        p = load_weight(param, work, offs, mask, W_KIND, REM)
         g = load_math(grad, offs, mask, P_KIND)
         if S_KIND == FP8_BLOCKED:  # block-scaled FP8: decoded to fp32 (v from its stored sqrt)
             m = _widen(load_fp8_state(exp_avg, m_scales, offs, mask, False), P_KIND)
@@ -131,12 +128,7 @@ def _adamw_kernel(
         denom = div_ieee(sqrt_ieee(vhat, P_KIND), bc2_sqrt, P_KIND) + eps
         p = p - div_ieee(step_size * m, denom, P_KIND)
 
-        if REM:
-            store_split(param, work, offs, p, mask)
-        else:
-            if MASTER:
-                store_math(work, offs, p, mask, W_KIND)
-            store_param(param, offs, p, mask, P_KIND, SR, sr_key)
+        store_weight(param, work, offs, p, mask, P_KIND, MASTER, REM, SR, sr_key)
         if FP8 != 0:
             w = p.to(tl.float32)
             tl.store(fp8_copy.to(tl.pointer_type(tl.int8)) + offs, cast_fp8(w, fp8_scale, FP8 - 1).to(tl.int8),

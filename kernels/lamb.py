@@ -18,8 +18,8 @@ import math
 import triton
 import triton.language as tl
 
-from ._numeric import (EXACT, F32, F64, bias_correction, div_ieee, f64, f64_bits, load_math, sqrt_ieee, sr_tensor_key,
-                       store_math, store_param, to_math)
+from ._numeric import (EXACT, F32, F64, bias_correction, div_ieee, f64, f64_bits, load_math, load_weight, sqrt_ieee,
+                       sr_tensor_key, store_weight, to_math)
 from ._table import (ROW_EXP_AVG, ROW_EXP_AVG_SCALE, ROW_EXP_AVG_SQ, ROW_EXP_AVG_SQ_SCALE, ROW_GRAD, ROW_MASTER,
                      ROW_PARAM, ROW_STEP, address, program_chunk)
 from .fp8_states import load_any_state, store_any_state
@@ -55,12 +55,15 @@ def _lamb_moments_kernel(
     table, numels, chunk_tensor, chunk_start, n_tensors, n_chunks,
     beta1: tl.int64, beta3: tl.int64, beta2: tl.int64, one_minus_beta2: tl.int64, log_beta1: tl.int64,
     log_beta2: tl.int64, eps: tl.int64, weight_decay: tl.int64, grad_mult_ptr, found_inf_ptr, partials,
-    P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr, GRAD_MULT: tl.constexpr, ADAM_W: tl.constexpr,
+    P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr, REM: tl.constexpr, GRAD_MULT: tl.constexpr,
+    ADAM_W: tl.constexpr,
     MAXIMIZE: tl.constexpr, BIAS_CORRECTION: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     t, start, end = program_chunk(chunk_tensor, chunk_start, numels, found_inf_ptr, CHUNK, HAS_FOUND_INF)
-    W_KIND: tl.constexpr = F32 if MASTER else P_KIND  # the working copy: the master, or the param
+    # the working copy: the master (with REM the bf16 param's remainder in its row), or the param
+    W_KIND: tl.constexpr = F32 if MASTER else P_KIND
+    param = address(table, ROW_PARAM, n_tensors, t)
     work = address(table, ROW_MASTER if MASTER else ROW_PARAM, n_tensors, t)
     grad = address(table, ROW_GRAD, n_tensors, t)
     exp_avg = address(table, ROW_EXP_AVG, n_tensors, t)
@@ -81,7 +84,7 @@ def _lamb_moments_kernel(
         in_chunk = off + tl.arange(0, BLOCK)
         offs = start + in_chunk
         mask = in_chunk < end  # masked lanes read 0 and add 0 to the sums
-        p = load_math(work, offs, mask, W_KIND)
+        p = load_weight(param, work, offs, mask, W_KIND, REM)
         g = load_math(grad, offs, mask, P_KIND)
         m = load_any_state(exp_avg, m_scales, offs, mask, False, S_KIND, P_KIND)
         v = load_any_state(exp_avg_sq, v_scales, offs, mask, True, S_KIND, P_KIND)
@@ -108,7 +111,7 @@ def _lamb_apply_kernel(
     table, numels, chunk_tensor, chunk_start, n_tensors,
     log_beta1: tl.int64, log_beta2: tl.int64, eps: tl.int64, weight_decay: tl.int64, ratio_ptr, found_inf_ptr,
     sr_seed,
-    P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr, ADAM_W: tl.constexpr,
+    P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr, REM: tl.constexpr, ADAM_W: tl.constexpr,
     BIAS_CORRECTION: tl.constexpr, SR: tl.constexpr, HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -131,14 +134,12 @@ def _lamb_apply_kernel(
         in_chunk = off + tl.arange(0, BLOCK)
         offs = start + in_chunk
         mask = in_chunk < end
-        p = load_math(work, offs, mask, W_KIND)
+        p = load_weight(param, work, offs, mask, W_KIND, REM)
         m = load_any_state(exp_avg, m_scales, offs, mask, False, S_KIND, P_KIND)
         v = load_any_state(exp_avg_sq, v_scales, offs, mask, True, S_KIND, P_KIND)
         u = _direction(p, m, v, bc1, bc2, eps, weight_decay, ADAM_W, W_KIND)
         p = p - u * ratio
-        if MASTER:
-            store_math(work, offs, p, mask, W_KIND)
-        store_param(param, offs, p, mask, P_KIND, SR, sr_key)
+        store_weight(param, work, offs, p, mask, P_KIND, MASTER, REM, SR, sr_key)
 
 
 def _log(beta):
@@ -146,7 +147,7 @@ def _log(beta):
     return f64_bits(math.log(beta) if beta > 0 else -math.inf)
 
 
-def launch_lamb_moments(tables, p_sums, u_sums, *, p_kind, s_kind, master, beta1, beta2, eps, weight_decay,
+def launch_lamb_moments(tables, p_sums, u_sums, *, p_kind, s_kind, master, remainders, beta1, beta2, eps, weight_decay,
                         bias_correction, adam_w_mode, grad_averaging, maximize, grad_mult, found_inf, block,
                         num_warps):
     """m, v updated; per-tensor sum(p^2) into p_sums and sum(u^2) into u_sums (fp64)."""
@@ -159,7 +160,8 @@ def launch_lamb_moments(tables, p_sums, u_sums, *, p_kind, s_kind, master, beta1
         f64_bits(beta1), f64_bits(1.0 - beta1 if grad_averaging else 1.0), f64_bits(beta2), f64_bits(1.0 - beta2),
         _log(beta1), _log(beta2), f64_bits(eps), f64_bits(weight_decay), dummy if grad_mult is None else grad_mult,
         dummy if found_inf is None else found_inf, partials,
-        P_KIND=p_kind, S_KIND=s_kind, MASTER=master, GRAD_MULT=grad_mult is not None, ADAM_W=adam_w_mode,
+        P_KIND=p_kind, S_KIND=s_kind, MASTER=master, REM=remainders, GRAD_MULT=grad_mult is not None,
+        ADAM_W=adam_w_mode,
         MAXIMIZE=maximize, BIAS_CORRECTION=bias_correction, HAS_FOUND_INF=found_inf is not None,
         CHUNK=tables.chunk_size, BLOCK=block, num_warps=num_warps, **EXACT,
     )
@@ -168,7 +170,7 @@ def launch_lamb_moments(tables, p_sums, u_sums, *, p_kind, s_kind, master, beta1
                                              BLOCK=256, num_warps=num_warps, **EXACT)
 
 
-def launch_lamb_apply(tables, ratio, *, p_kind, s_kind, master, beta1, beta2, eps, weight_decay, bias_correction,
+def launch_lamb_apply(tables, ratio, *, p_kind, s_kind, master, remainders, beta1, beta2, eps, weight_decay, bias_correction,
                       adam_w_mode, found_inf, block, num_warps, sr_seed=None):
     """p = p - u * ratio[t], u recomputed from the stored moments."""
     dummy = tables.numel
@@ -177,7 +179,8 @@ def launch_lamb_apply(tables, ratio, *, p_kind, s_kind, master, beta1, beta2, ep
         _log(beta1), _log(beta2), f64_bits(eps), f64_bits(weight_decay), ratio,
         dummy if found_inf is None else found_inf,
         0 if sr_seed is None else sr_seed,
-        P_KIND=p_kind, S_KIND=s_kind, MASTER=master, ADAM_W=adam_w_mode, BIAS_CORRECTION=bias_correction,
+        P_KIND=p_kind, S_KIND=s_kind, MASTER=master, REM=remainders, ADAM_W=adam_w_mode,
+        BIAS_CORRECTION=bias_correction,
         SR=sr_seed is not None,
         HAS_FOUND_INF=found_inf is not None, CHUNK=tables.chunk_size, BLOCK=block, num_warps=num_warps, **EXACT,
     )

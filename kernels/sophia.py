@@ -16,8 +16,8 @@ re-encoded with fresh ones.
 import triton
 import triton.language as tl
 
-from ._numeric import (EXACT, F32, div_ieee, f64, f64_bits, load_math, lr_and_decay, sr_tensor_key, store_math,
-                       store_param, to_math)
+from ._numeric import (EXACT, F32, div_ieee, f64, f64_bits, load_math, load_weight, lr_and_decay, sr_tensor_key,
+                       store_weight, to_math)
 from ._table import (ROW_EXP_AVG, ROW_EXP_AVG_SCALE, ROW_EXP_AVG_SQ, ROW_EXP_AVG_SQ_SCALE, ROW_GRAD, ROW_MASTER,
                      ROW_PARAM, address, program_chunk)
 from .fp8_states import load_any_state as _load
@@ -28,11 +28,13 @@ from .fp8_states import store_any_state as _store
 def _step_kernel(table, numels, chunk_tensor, chunk_start, n_tensors, lr: tl.int64, lr_ptr, beta1: tl.int64,
                  one_minus_beta1: tl.int64, rho_bs: tl.int64, weight_decay: tl.int64, grad_mult_ptr, found_inf_ptr,
                  sr_seed,
-                 P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr, GRAD_MULT: tl.constexpr,
+                 P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr, REM: tl.constexpr,
+                 GRAD_MULT: tl.constexpr,
                  MAXIMIZE: tl.constexpr, SR: tl.constexpr, LR_IS_PTR: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
                  CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     t, start, end = program_chunk(chunk_tensor, chunk_start, numels, found_inf_ptr, CHUNK, HAS_FOUND_INF)
-    W_KIND: tl.constexpr = F32 if MASTER else P_KIND  # the working copy: the master, or the param
+    # the working copy: the master (with REM the bf16 param's remainder in its row), or the param
+    W_KIND: tl.constexpr = F32 if MASTER else P_KIND
     param = address(table, ROW_PARAM, n_tensors, t)
     work = address(table, ROW_MASTER if MASTER else ROW_PARAM, n_tensors, t)
     grad = address(table, ROW_GRAD, n_tensors, t)
@@ -58,7 +60,7 @@ def _step_kernel(table, numels, chunk_tensor, chunk_start, n_tensors, lr: tl.int
             g = g * to_math(tl.load(grad_mult_ptr), P_KIND)  # fp64, rounded once
         if MAXIMIZE:
             g = -g
-        p = load_math(work, offs, mask, W_KIND) * decay
+        p = load_weight(param, work, offs, mask, W_KIND, REM) * decay
         m = tl.fma(g, one_minus_beta1, _load(exp_avg, m_scales, offs, mask, False, S_KIND, P_KIND) * beta1)
         ratio = div_ieee(tl.abs(m), _load(hessian, h_scales, offs, mask, True, S_KIND, P_KIND) * rho_bs + 1e-15,
                          W_KIND)
@@ -66,9 +68,7 @@ def _step_kernel(table, numels, chunk_tensor, chunk_start, n_tensors, lr: tl.int
         sign_m = (m > 0).to(m.dtype) - (m < 0).to(m.dtype)
         p = tl.fma(neg_lr * sign_m, ratio, p)
         _store(exp_avg, m_scales, offs, m, mask, False, S_KIND, BLOCK)
-        if MASTER:
-            store_math(work, offs, p, mask, W_KIND)
-        store_param(param, offs, p, mask, P_KIND, SR, sr_key)
+        store_weight(param, work, offs, p, mask, P_KIND, MASTER, REM, SR, sr_key)
 
 
 @triton.jit(do_not_specialize=["beta2", "one_minus_beta2"])
@@ -89,7 +89,7 @@ def _hessian_kernel(table, numels, chunk_tensor, chunk_start, n_tensors, beta2: 
         _store(hessian, h_scales, offs, h, mask, True, S_KIND, BLOCK)
 
 
-def launch_step(tables, *, p_kind, s_kind, master, lr, lr_tensor, beta1, rho_bs, weight_decay, maximize, grad_mult,
+def launch_step(tables, *, p_kind, s_kind, master, remainders, lr, lr_tensor, beta1, rho_bs, weight_decay, maximize, grad_mult,
                 found_inf, block, num_warps, sr_seed=None):
     dummy = tables.numel
     _step_kernel[(tables.n_chunks,)](
@@ -97,8 +97,8 @@ def launch_step(tables, *, p_kind, s_kind, master, lr, lr_tensor, beta1, rho_bs,
         f64_bits(0.0 if lr_tensor is not None else lr), dummy if lr_tensor is None else lr_tensor, f64_bits(beta1),
         f64_bits(1.0 - beta1), f64_bits(rho_bs), f64_bits(weight_decay), dummy if grad_mult is None else grad_mult,
         dummy if found_inf is None else found_inf, 0 if sr_seed is None else sr_seed,
-        P_KIND=p_kind, S_KIND=s_kind, MASTER=master, GRAD_MULT=grad_mult is not None, MAXIMIZE=maximize,
-        SR=sr_seed is not None,
+        P_KIND=p_kind, S_KIND=s_kind, MASTER=master, REM=remainders, GRAD_MULT=grad_mult is not None,
+        MAXIMIZE=maximize, SR=sr_seed is not None,
         LR_IS_PTR=lr_tensor is not None, HAS_FOUND_INF=found_inf is not None, CHUNK=tables.chunk_size, BLOCK=block,
         num_warps=num_warps, **EXACT)
 

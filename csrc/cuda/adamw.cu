@@ -15,30 +15,8 @@ namespace {
 
 using namespace cuda;  // the shared multi-tensor helpers (multi_tensor.cuh)
 
-// The weight an element's update starts from: the param, its fp32 master, or
-// (REM) the master joined from the bf16 param and its int16 remainder.
-template <typename T, bool MASTER, bool REM, typename P>
-__device__ __forceinline__ T load_weight(P param, float master, int16_t rem) {
-  if constexpr (REM) return T(join_remainder(param, rem));
-  else if constexpr (MASTER) return T(master);
-  else return T(to_math(param));
-}
-
-// The new weight stored: the param (and the fp32 master), or the pair of bf16 param and remainder.
-template <typename P, bool MASTER, bool REM, bool SR, typename T>
-__device__ __forceinline__ void store_weight(T p, P& param, float& master, int16_t& rem, uint32_t sr_key,
-                                             int64_t index) {
-  if constexpr (REM) {
-    param = split_remainder(float(p), rem);
-  } else {
-    if constexpr (MASTER) master = float(p);
-    param = store_param<P, SR>(p, sr_key, index);
-  }
-}
-
 // FP8: 0 none, else 1 + Fp8Format: also write the FP8 copy and the chunk's absmax.
-// REM (MASTER, bf16 params): the master row holds int16 remainders, joined
-// with the params into the fp32 masters and split back (numeric.h).
+// REM (MASTER, bf16 params): the master row holds int16 remainders (WeightPack).
 template <typename P, typename S, bool MASTER, bool REM, bool AMSGRAD, bool GRAD_MULT, bool SR, int FP8>
 __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorTable tt, AdamWHyper h) {
   using T = typename MathOf<P>::type;
@@ -57,62 +35,51 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorTable tt, AdamWHy
   const AdamWScalars<T> s = shared_scalars;
   const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, chunk.tensor) : 0u;
 
-  P* param = tt.ptr<P>(kRowParam, chunk.tensor) + chunk.start;
+  WeightPack<P, MASTER, REM> w(tt, kRowParam, kRowMaster, chunk.tensor, chunk.start);
   const P* grad = tt.ptr<const P>(kRowGrad, chunk.tensor) + chunk.start;
   S* exp_avg = tt.ptr<S>(kRowExpAvg, chunk.tensor) + chunk.start;
   S* exp_avg_sq = tt.ptr<S>(kRowExpAvgSq, chunk.tensor) + chunk.start;
   S* max_exp_avg_sq = AMSGRAD ? tt.ptr<S>(kRowMaxExpAvgSq, chunk.tensor) + chunk.start : nullptr;
-  float* master = MASTER && !REM ? tt.ptr<float>(kRowMaster, chunk.tensor) + chunk.start : nullptr;
-  int16_t* rem = REM ? tt.ptr<int16_t>(kRowMaster, chunk.tensor) + chunk.start : nullptr;
   fp8* fp8_copy = FP8 ? tt.ptr<fp8>(kRowFp8, chunk.tensor) + chunk.start : nullptr;
   const float fp8_scale = FP8 ? *tt.ptr<const float>(kRowFp8Scale, chunk.tensor) : 0.0f;
   float amax = 0.0f;
   int nan = 0;
-  const bool aligned = cuda::is_aligned(param) && cuda::is_aligned(grad) && cuda::is_aligned(exp_avg) &&
+  const bool aligned = w.aligned() && cuda::is_aligned(grad) && cuda::is_aligned(exp_avg) &&
                        cuda::is_aligned(exp_avg_sq) && (!AMSGRAD || cuda::is_aligned(max_exp_avg_sq)) &&
-                       (!MASTER || REM || cuda::is_aligned(master)) && (!REM || cuda::is_aligned(rem)) &&
                        (!FP8 || cuda::is_aligned(fp8_copy));
 
   for (int64_t i = int64_t(threadIdx.x) * kILP; i < chunk.len; i += int64_t(kThreads) * kILP) {
-    P p_in[kILP], g_in[kILP];
+    P g_in[kILP];
     S m_in[kILP], v_in[kILP], vmax_in[kILP];
-    float master_in[kILP];
-    int16_t rem_in[kILP], rem_out[kILP];
-    if (MASTER && !REM) cuda::load_pack(master_in, master, i, chunk.len, aligned);
-    else cuda::load_pack(p_in, param, i, chunk.len, aligned);
-    if (REM) cuda::load_pack(rem_in, rem, i, chunk.len, aligned);
+    w.load(i, chunk.len, aligned);
     cuda::load_pack(g_in, grad, i, chunk.len, aligned);
     cuda::load_pack(m_in, exp_avg, i, chunk.len, aligned);
     cuda::load_pack(v_in, exp_avg_sq, i, chunk.len, aligned);
     if (AMSGRAD) cuda::load_pack(vmax_in, max_exp_avg_sq, i, chunk.len, aligned);
 
-    P p_out[kILP];
     S m_out[kILP], v_out[kILP], vmax_out[kILP];
-    float master_out[kILP];
     fp8 fp8_out[kILP];
 #pragma unroll
     for (int k = 0; k < kILP; ++k) {
-      T p = load_weight<T, MASTER, REM>(p_in[k], master_in[k], rem_in[k]);
+      T p = w.template get<T>(k);
       T m = to_math(m_in[k]);
       T v = to_math(v_in[k]);
       T vmax = AMSGRAD ? T(to_math(vmax_in[k])) : T(0);
       adamw_element<T, AMSGRAD, GRAD_MULT>(p, T(to_math(g_in[k])), m, v, vmax, s);
-      store_weight<P, MASTER, REM, SR>(p, p_out[k], master_out[k], rem_out[k], sr_key, chunk.start + i + k);
+      w.template set<SR>(k, p, sr_key, chunk.start + i + k);
       if constexpr (FP8 != 0) {
-        const float w = float(p);
-        fp8_out[k] = cast_fp8<kFormat>(w, fp8_scale);
+        const float x = float(p);
+        fp8_out[k] = cast_fp8<kFormat>(x, fp8_scale);
         if (i + k < chunk.len) {  // lanes past the end hold zeros' updates: not part of the tensor
-          nan |= int(w != w);
-          amax = absmax_step(amax, w);
+          nan |= int(x != x);
+          amax = absmax_step(amax, x);
         }
       }
       m_out[k] = Store<S>::from(m);
       v_out[k] = Store<S>::from(v);
       if (AMSGRAD) vmax_out[k] = Store<S>::from(vmax);
     }
-    if (MASTER && !REM) cuda::store_pack(master, master_out, i, chunk.len, aligned);
-    if (REM) cuda::store_pack(rem, rem_out, i, chunk.len, aligned);
-    cuda::store_pack(param, p_out, i, chunk.len, aligned);
+    w.store(i, chunk.len, aligned);
     cuda::store_pack(exp_avg, m_out, i, chunk.len, aligned);
     cuda::store_pack(exp_avg_sq, v_out, i, chunk.len, aligned);
     if (AMSGRAD) cuda::store_pack(max_exp_avg_sq, vmax_out, i, chunk.len, aligned);
@@ -145,7 +112,7 @@ __global__ void __launch_bounds__(kThreads) adamw_fp8_states_kernel(TensorTable 
   const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, chunk.tensor) : 0u;
   const int64_t t = chunk.tensor;
 
-  P* param = tt.ptr<P>(kRowParam, t) + chunk.start;
+  WeightPack<P, MASTER, REM> w(tt, kRowParam, kRowMaster, t, chunk.start);
   const P* grad = tt.ptr<const P>(kRowGrad, t) + chunk.start;
   uint8_t* exp_avg = tt.ptr<uint8_t>(kRowExpAvg, t) + chunk.start;
   uint8_t* exp_avg_sq = tt.ptr<uint8_t>(kRowExpAvgSq, t) + chunk.start;
@@ -153,27 +120,20 @@ __global__ void __launch_bounds__(kThreads) adamw_fp8_states_kernel(TensorTable 
   float* m_scales = tt.ptr<float>(kRowExpAvgScale, t) + chunk.start / kQBlock;
   float* v_scales = tt.ptr<float>(kRowExpAvgSqScale, t) + chunk.start / kQBlock;
   float* vmax_scales = AMSGRAD ? tt.ptr<float>(kRowMaxExpAvgSqScale, t) + chunk.start / kQBlock : nullptr;
-  float* master = MASTER && !REM ? tt.ptr<float>(kRowMaster, t) + chunk.start : nullptr;
-  int16_t* rem = REM ? tt.ptr<int16_t>(kRowMaster, t) + chunk.start : nullptr;
   fp8* fp8_copy = FP8 ? tt.ptr<fp8>(kRowFp8, t) + chunk.start : nullptr;
   const float fp8_scale = FP8 ? *tt.ptr<const float>(kRowFp8Scale, t) : 0.0f;
   float amax = 0.0f;
   int nan = 0;
-  const bool aligned = cuda::is_aligned(param) && cuda::is_aligned(grad) && cuda::is_aligned(exp_avg) &&
+  const bool aligned = w.aligned() && cuda::is_aligned(grad) && cuda::is_aligned(exp_avg) &&
                        cuda::is_aligned(exp_avg_sq) && (!AMSGRAD || cuda::is_aligned(max_exp_avg_sq)) &&
-                       (!MASTER || REM || cuda::is_aligned(master)) && (!REM || cuda::is_aligned(rem)) &&
                        (!FP8 || cuda::is_aligned(fp8_copy));
 
   for (int64_t base = 0; base < chunk.len; base += int64_t(kThreads) * kILP) {
     const int64_t i = base + int64_t(threadIdx.x) * kILP, blk = i / kQBlock;
     const bool live = i < chunk.len;
-    P p_in[kILP], g_in[kILP];
+    P g_in[kILP];
     uint8_t m_in[kILP], v_in[kILP], vmax_in[kILP];
-    float master_in[kILP];
-    int16_t rem_in[kILP], rem_out[kILP];
-    if (MASTER && !REM) cuda::load_pack(master_in, master, i, chunk.len, aligned);
-    else cuda::load_pack(p_in, param, i, chunk.len, aligned);
-    if (REM) cuda::load_pack(rem_in, rem, i, chunk.len, aligned);
+    w.load(i, chunk.len, aligned);
     cuda::load_pack(g_in, grad, i, chunk.len, aligned);
     cuda::load_pack(m_in, exp_avg, i, chunk.len, aligned);
     cuda::load_pack(v_in, exp_avg_sq, i, chunk.len, aligned);
@@ -181,32 +141,29 @@ __global__ void __launch_bounds__(kThreads) adamw_fp8_states_kernel(TensorTable 
     const float m_scale = live ? m_scales[blk] : 0.0f, v_scale = live ? v_scales[blk] : 0.0f;
     const float vmax_scale = AMSGRAD && live ? vmax_scales[blk] : 0.0f;
 
-    P p_out[kILP];
-    float master_out[kILP], m_new[kILP], s_new[kILP], smax_new[kILP];
+    float m_new[kILP], s_new[kILP], smax_new[kILP];
     fp8 fp8_out[kILP];
 #pragma unroll
     for (int k = 0; k < kILP; ++k) {
-      T p = load_weight<T, MASTER, REM>(p_in[k], master_in[k], rem_in[k]);
+      T p = w.template get<T>(k);
       T m = T(q8_decode<false>(m_in[k], m_scale));
       T v = T(q8_decode<true>(v_in[k], v_scale));
       T vmax = AMSGRAD ? T(q8_decode<true>(vmax_in[k], vmax_scale)) : T(0);
       adamw_element<T, AMSGRAD, GRAD_MULT>(p, T(to_math(g_in[k])), m, v, vmax, s);
-      store_weight<P, MASTER, REM, SR>(p, p_out[k], master_out[k], rem_out[k], sr_key, chunk.start + i + k);
+      w.template set<SR>(k, p, sr_key, chunk.start + i + k);
       m_new[k] = float(m);
       s_new[k] = sqrtf(float(v));
       smax_new[k] = AMSGRAD ? sqrtf(float(vmax)) : 0.0f;
       if constexpr (FP8 != 0) {
-        const float w = float(p);
-        fp8_out[k] = cast_fp8<kFormat>(w, fp8_scale);
+        const float x = float(p);
+        fp8_out[k] = cast_fp8<kFormat>(x, fp8_scale);
         if (i + k < chunk.len) {
-          nan |= int(w != w);
-          amax = absmax_step(amax, w);
+          nan |= int(x != x);
+          amax = absmax_step(amax, x);
         }
       }
     }
-    if (MASTER && !REM) cuda::store_pack(master, master_out, i, chunk.len, aligned);
-    if (REM) cuda::store_pack(rem, rem_out, i, chunk.len, aligned);
-    cuda::store_pack(param, p_out, i, chunk.len, aligned);
+    w.store(i, chunk.len, aligned);
     if (FP8) cuda::store_pack(fp8_copy, fp8_out, i, chunk.len, aligned);
 
     // every thread has read its block's old scales before the first call's barrier

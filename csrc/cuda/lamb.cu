@@ -24,7 +24,7 @@ __device__ LambScalars<T> block_scalars(const TensorTable& tt, const LambHyper& 
   return shared;
 }
 
-template <typename P, typename S, bool MASTER, bool GRAD_MULT, bool ADAM_W>
+template <typename P, typename S, bool MASTER, bool REM, bool GRAD_MULT, bool ADAM_W>
 __global__ void __launch_bounds__(kThreads) moments_kernel(TensorTable tt, LambHyper h, double* partials) {
   using T = typename MathOf<P>::type;
   if (h.found_inf && *h.found_inf != 0.0f) {  // GradScaler found inf/NaN: nothing moves
@@ -33,27 +33,24 @@ __global__ void __launch_bounds__(kThreads) moments_kernel(TensorTable tt, LambH
   }
   const Chunk chunk = tt.chunk(blockIdx.x);
   const LambScalars<T> s = block_scalars<T>(tt, h, chunk.tensor);
-  const P* param = tt.ptr<const P>(kRowParam, chunk.tensor) + chunk.start;
+  WeightPack<P, MASTER, REM> w(tt, kRowParam, kRowMaster, chunk.tensor, chunk.start);  // read only
   const P* grad = tt.ptr<const P>(kRowGrad, chunk.tensor) + chunk.start;
   S* exp_avg = tt.ptr<S>(kRowExpAvg, chunk.tensor) + chunk.start;
   S* exp_avg_sq = tt.ptr<S>(kRowExpAvgSq, chunk.tensor) + chunk.start;
-  const float* master = MASTER ? tt.ptr<const float>(kRowMaster, chunk.tensor) + chunk.start : nullptr;
-  const bool aligned = cuda::is_aligned(param) && cuda::is_aligned(grad) && cuda::is_aligned(exp_avg) &&
-                       cuda::is_aligned(exp_avg_sq) && (!MASTER || cuda::is_aligned(master));
+  const bool aligned = w.aligned() && cuda::is_aligned(grad) && cuda::is_aligned(exp_avg) &&
+                       cuda::is_aligned(exp_avg_sq);
   T p_acc = T(0), u_acc = T(0);
   for (int64_t i = int64_t(threadIdx.x) * kILP; i < chunk.len; i += int64_t(kThreads) * kILP) {
-    P p_in[kILP], g_in[kILP];
+    P g_in[kILP];
     S m_io[kILP], v_io[kILP];
-    float master_in[kILP];
-    if (MASTER) cuda::load_pack(master_in, master, i, chunk.len, aligned);
-    else cuda::load_pack(p_in, param, i, chunk.len, aligned);
+    w.load(i, chunk.len, aligned);
     cuda::load_pack(g_in, grad, i, chunk.len, aligned);
     cuda::load_pack(m_io, exp_avg, i, chunk.len, aligned);
     cuda::load_pack(v_io, exp_avg_sq, i, chunk.len, aligned);
 #pragma unroll
     for (int k = 0; k < kILP; ++k) {
       if (i + k >= chunk.len) break;  // past the end: nothing to add to the sums
-      const T p = MASTER ? T(master_in[k]) : T(to_math(p_in[k]));
+      const T p = w.template get<T>(k);
       T m = to_math(m_io[k]);
       T v = to_math(v_io[k]);
       lamb_moments<T, GRAD_MULT, ADAM_W>(p, T(to_math(g_in[k])), m, v, s);
@@ -78,7 +75,7 @@ __global__ void __launch_bounds__(kThreads) moments_kernel(TensorTable tt, LambH
 
 // Block-scaled FP8 states (fp8_states.cuh): m and sqrt(v) encoded per block
 // and u formed from them as stored. Every thread runs every iteration.
-template <typename P, bool MASTER, bool GRAD_MULT, bool ADAM_W>
+template <typename P, bool MASTER, bool REM, bool GRAD_MULT, bool ADAM_W>
 __global__ void __launch_bounds__(kThreads) moments_fp8_states_kernel(TensorTable tt, LambHyper h, double* partials) {
   using T = typename MathOf<P>::type;
   if (h.found_inf && *h.found_inf != 0.0f) {
@@ -89,32 +86,30 @@ __global__ void __launch_bounds__(kThreads) moments_fp8_states_kernel(TensorTabl
   const Chunk chunk = tt.chunk(blockIdx.x);
   const int64_t t = chunk.tensor;
   const LambScalars<T> s = block_scalars<T>(tt, h, t);
-  const P* param = tt.ptr<const P>(kRowParam, t) + chunk.start;
+  WeightPack<P, MASTER, REM> w(tt, kRowParam, kRowMaster, t, chunk.start);  // read only
   const P* grad = tt.ptr<const P>(kRowGrad, t) + chunk.start;
   uint8_t* exp_avg = tt.ptr<uint8_t>(kRowExpAvg, t) + chunk.start;
   uint8_t* exp_avg_sq = tt.ptr<uint8_t>(kRowExpAvgSq, t) + chunk.start;
   float* m_scales = tt.ptr<float>(kRowExpAvgScale, t) + chunk.start / kQBlock;
   float* v_scales = tt.ptr<float>(kRowExpAvgSqScale, t) + chunk.start / kQBlock;
-  const float* master = MASTER ? tt.ptr<const float>(kRowMaster, t) + chunk.start : nullptr;
-  const bool aligned = cuda::is_aligned(param) && cuda::is_aligned(grad) && cuda::is_aligned(exp_avg) &&
-                       cuda::is_aligned(exp_avg_sq) && (!MASTER || cuda::is_aligned(master));
+  const bool aligned = w.aligned() && cuda::is_aligned(grad) && cuda::is_aligned(exp_avg) &&
+                       cuda::is_aligned(exp_avg_sq);
   T p_acc = T(0), u_acc = T(0);
   for (int64_t base = 0; base < chunk.len; base += int64_t(kThreads) * kILP) {
     const int64_t i = base + int64_t(threadIdx.x) * kILP;
     const bool live = i < chunk.len;
-    P p_in[kILP], g_in[kILP];
+    P g_in[kILP];
     uint8_t m_in[kILP], v_in[kILP];
-    float master_in[kILP], m_new[kILP], s_new[kILP], m_stored[kILP], s_stored[kILP];
+    float m_new[kILP], s_new[kILP], m_stored[kILP], s_stored[kILP];
     T p_val[kILP];
-    if (MASTER) cuda::load_pack(master_in, master, i, chunk.len, aligned);
-    else cuda::load_pack(p_in, param, i, chunk.len, aligned);
+    w.load(i, chunk.len, aligned);
     cuda::load_pack(g_in, grad, i, chunk.len, aligned);
     cuda::load_pack(m_in, exp_avg, i, chunk.len, aligned);
     cuda::load_pack(v_in, exp_avg_sq, i, chunk.len, aligned);
     const float m_scale = live ? m_scales[i / kQBlock] : 0.0f, v_scale = live ? v_scales[i / kQBlock] : 0.0f;
 #pragma unroll
     for (int k = 0; k < kILP; ++k) {
-      const T p = MASTER ? T(master_in[k]) : T(to_math(p_in[k]));
+      const T p = w.template get<T>(k);
       T m = T(q8_decode<false>(m_in[k], m_scale));
       T v = T(q8_decode<true>(v_in[k], v_scale));
       lamb_moments<T, GRAD_MULT, ADAM_W>(p, T(to_math(g_in[k])), m, v, s);
@@ -142,7 +137,7 @@ __global__ void __launch_bounds__(kThreads) moments_fp8_states_kernel(TensorTabl
   }
 }
 
-template <typename P, typename S, bool MASTER, bool ADAM_W, bool SR>
+template <typename P, typename S, bool MASTER, bool REM, bool ADAM_W, bool SR>
 __global__ void __launch_bounds__(kThreads) apply_kernel(TensorTable tt, LambHyper h, const float* ratio) {
   using T = typename MathOf<P>::type;
   if (h.found_inf && *h.found_inf != 0.0f) return;
@@ -150,27 +145,22 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(TensorTable tt, LambHyp
   const LambScalars<T> s = block_scalars<T>(tt, h, chunk.tensor);
   const T r = T(ratio[chunk.tensor]);
   const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, chunk.tensor) : 0u;
-  P* param = tt.ptr<P>(kRowParam, chunk.tensor) + chunk.start;
+  WeightPack<P, MASTER, REM> w(tt, kRowParam, kRowMaster, chunk.tensor, chunk.start);
   const S* exp_avg = tt.ptr<const S>(kRowExpAvg, chunk.tensor) + chunk.start;
   const S* exp_avg_sq = tt.ptr<const S>(kRowExpAvgSq, chunk.tensor) + chunk.start;
-  float* master = MASTER ? tt.ptr<float>(kRowMaster, chunk.tensor) + chunk.start : nullptr;
-  const bool aligned = cuda::is_aligned(param) && cuda::is_aligned(exp_avg) && cuda::is_aligned(exp_avg_sq) &&
-                       (!MASTER || cuda::is_aligned(master));
+  const bool aligned = w.aligned() && cuda::is_aligned(exp_avg) && cuda::is_aligned(exp_avg_sq);
   constexpr bool kFp8 = std::is_same<S, fp8>::value;  // block-scaled FP8 states: decoded with their scales
   const float* m_scales = kFp8 ? tt.ptr<const float>(kRowExpAvgScale, chunk.tensor) + chunk.start / kQBlock : nullptr;
   const float* v_scales =
       kFp8 ? tt.ptr<const float>(kRowExpAvgSqScale, chunk.tensor) + chunk.start / kQBlock : nullptr;
   for (int64_t i = int64_t(threadIdx.x) * kILP; i < chunk.len; i += int64_t(kThreads) * kILP) {
-    P p_io[kILP];
     S m_in[kILP], v_in[kILP];
-    float master_io[kILP];
-    if (MASTER) cuda::load_pack(master_io, master, i, chunk.len, aligned);
-    else cuda::load_pack(p_io, param, i, chunk.len, aligned);
+    w.load(i, chunk.len, aligned);
     cuda::load_pack(m_in, exp_avg, i, chunk.len, aligned);
     cuda::load_pack(v_in, exp_avg_sq, i, chunk.len, aligned);
 #pragma unroll
     for (int k = 0; k < kILP; ++k) {
-      T p = MASTER ? T(master_io[k]) : T(to_math(p_io[k]));
+      T p = w.template get<T>(k);
       T m, v;
       if constexpr (kFp8) {  // kILP elements from a multiple of kILP: one block
         m = T(q8_decode<false>(m_in[k].bits, m_scales[i / kQBlock]));
@@ -180,48 +170,51 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(TensorTable tt, LambHyp
         v = T(to_math(v_in[k]));
       }
       p = p - lamb_direction<T, ADAM_W>(p, m, v, s) * r;
-      if (MASTER) master_io[k] = float(p);
-      p_io[k] = store_param<P, SR>(p, sr_key, chunk.start + i + k);
+      w.template set<SR>(k, p, sr_key, chunk.start + i + k);
     }
-    if (MASTER) cuda::store_pack(master, master_io, i, chunk.len, aligned);
-    cuda::store_pack(param, p_io, i, chunk.len, aligned);
+    w.store(i, chunk.len, aligned);
   }
 }
 
-template <typename P, typename S, bool MASTER, bool GRAD_MULT, bool ADAM_W>
+template <typename P, typename S, bool MASTER, bool REM, bool GRAD_MULT, bool ADAM_W>
 void launch_moments(const TensorTable& tt, const LambHyper& h, double* partials, cudaStream_t stream) {
   const dim3 grid(unsigned(tt.n_chunks));
   if constexpr (std::is_same<S, fp8>::value) {
-    moments_fp8_states_kernel<P, MASTER, GRAD_MULT, ADAM_W><<<grid, kThreads, 0, stream>>>(tt, h, partials);
+    moments_fp8_states_kernel<P, MASTER, REM, GRAD_MULT, ADAM_W><<<grid, kThreads, 0, stream>>>(tt, h, partials);
   } else {
-    moments_kernel<P, S, MASTER, GRAD_MULT, ADAM_W><<<grid, kThreads, 0, stream>>>(tt, h, partials);
+    moments_kernel<P, S, MASTER, REM, GRAD_MULT, ADAM_W><<<grid, kThreads, 0, stream>>>(tt, h, partials);
   }
 }
 
 template <typename P, typename S, bool MASTER>
 struct MomentsOp {
-  static void run(const TensorTable& tt, const LambHyper& h, double* partials, cudaStream_t stream) {
+  template <bool REM>
+  static void run_rem(const TensorTable& tt, const LambHyper& h, double* partials, cudaStream_t stream) {
     const bool mult = h.grad_mult != nullptr;
-    if (mult && h.adam_w_mode) launch_moments<P, S, MASTER, true, true>(tt, h, partials, stream);
-    else if (mult) launch_moments<P, S, MASTER, true, false>(tt, h, partials, stream);
-    else if (h.adam_w_mode) launch_moments<P, S, MASTER, false, true>(tt, h, partials, stream);
-    else launch_moments<P, S, MASTER, false, false>(tt, h, partials, stream);
+    if (mult && h.adam_w_mode) launch_moments<P, S, MASTER, REM, true, true>(tt, h, partials, stream);
+    else if (mult) launch_moments<P, S, MASTER, REM, true, false>(tt, h, partials, stream);
+    else if (h.adam_w_mode) launch_moments<P, S, MASTER, REM, false, true>(tt, h, partials, stream);
+    else launch_moments<P, S, MASTER, REM, false, false>(tt, h, partials, stream);
+  }
+  static void run(const TensorTable& tt, const LambHyper& h, double* partials, cudaStream_t stream) {
+    with_remainder<P, MASTER>(h.remainder, [&](auto rem) { run_rem<decltype(rem)::value>(tt, h, partials, stream); });
   }
 };
 
 template <typename P, typename S, bool MASTER>
 struct ApplyOp {
-  template <bool SR>
+  template <bool REM, bool SR>
   static void run_sr(const TensorTable& tt, const LambHyper& h, const float* ratio, cudaStream_t stream) {
     const dim3 grid(unsigned(tt.n_chunks));
-    if (h.adam_w_mode) apply_kernel<P, S, MASTER, true, SR><<<grid, kThreads, 0, stream>>>(tt, h, ratio);
-    else apply_kernel<P, S, MASTER, false, SR><<<grid, kThreads, 0, stream>>>(tt, h, ratio);
+    if (h.adam_w_mode) apply_kernel<P, S, MASTER, REM, true, SR><<<grid, kThreads, 0, stream>>>(tt, h, ratio);
+    else apply_kernel<P, S, MASTER, REM, false, SR><<<grid, kThreads, 0, stream>>>(tt, h, ratio);
   }
   static void run(const TensorTable& tt, const LambHyper& h, const float* ratio, cudaStream_t stream) {
     if constexpr (kStochasticRoundable<P, MASTER>) {
-      if (h.sr.on) return run_sr<true>(tt, h, ratio, stream);
+      if (h.sr.on) return run_sr<false, true>(tt, h, ratio, stream);
     }
-    run_sr<false>(tt, h, ratio, stream);
+    with_remainder<P, MASTER>(h.remainder,
+                              [&](auto rem) { run_sr<decltype(rem)::value, false>(tt, h, ratio, stream); });
   }
 };
 

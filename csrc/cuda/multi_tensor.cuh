@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include "fusedopt/multi_tensor.h"
+#include "fusedopt/numeric.h"
 
 namespace fusedopt {
 namespace cuda {
@@ -49,6 +50,61 @@ __device__ __forceinline__ void store_pack(X* dst, const X (&src)[kILP], int64_t
       if (i + k < n) dst[i + k] = src[k];
   }
 }
+
+// A thread's kILP weights of one chunk: the param itself, an fp32 master
+// beside it (MASTER: the param is written, not read), or (REM, MASTER with
+// bf16 params: master_weights="remainder") the bf16 param with its int16
+// remainder in the master row, joined into the fp32 master and split back
+// (numeric.h). load() before the update, get/set per element, store() after.
+template <typename P, bool MASTER, bool REM>
+struct WeightPack {
+  static_assert(!REM || MASTER, "remainders are masters");
+  P* param;
+  float* master;
+  int16_t* rem;
+  P p[kILP];
+  float m[kILP];
+  int16_t r[kILP];
+
+  __device__ WeightPack(const TensorTable& tt, int param_row, int master_row, int64_t t, int64_t start)
+      : param(tt.ptr<P>(param_row, t) + start),
+        master(MASTER && !REM ? tt.ptr<float>(master_row, t) + start : nullptr),
+        rem(REM ? tt.ptr<int16_t>(master_row, t) + start : nullptr) {}
+
+  __device__ bool aligned() const {
+    return is_aligned(param) && (!MASTER || REM || is_aligned(master)) && (!REM || is_aligned(rem));
+  }
+
+  __device__ void load(int64_t i, int64_t n, bool aligned) {
+    if (MASTER && !REM) load_pack(m, master, i, n, aligned);
+    else load_pack(p, param, i, n, aligned);
+    if (REM) load_pack(r, rem, i, n, aligned);
+  }
+
+  template <typename T>
+  __device__ T get(int k) const {
+    if constexpr (REM) return T(join_remainder(p[k], r[k]));
+    else if constexpr (MASTER) return T(m[k]);
+    else return T(to_math(p[k]));
+  }
+
+  // x: the new weight of element k, `index` its offset in the tensor (stochastic rounding's counter)
+  template <bool SR, typename T>
+  __device__ void set(int k, T x, uint32_t sr_key, int64_t index) {
+    if constexpr (REM) {
+      p[k] = split_remainder(float(x), r[k]);
+    } else {
+      if constexpr (MASTER) m[k] = float(x);
+      p[k] = store_param<P, SR>(x, sr_key, index);
+    }
+  }
+
+  __device__ void store(int64_t i, int64_t n, bool aligned) {
+    if (MASTER && !REM) store_pack(master, m, i, n, aligned);
+    if (REM) store_pack(rem, r, i, n, aligned);
+    store_pack(param, p, i, n, aligned);
+  }
+};
 
 // Tree reduction of one value per thread (sum, or max for kInf) and of a NaN
 // flag; thread 0 gets the result.

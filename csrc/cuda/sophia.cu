@@ -14,40 +14,35 @@ namespace {
 
 using namespace cuda;  // the shared multi-tensor helpers (multi_tensor.cuh)
 
-template <typename P, typename S, bool MASTER, bool GRAD_MULT, bool SR>
+template <typename P, typename S, bool MASTER, bool REM, bool GRAD_MULT, bool SR>
 __global__ void __launch_bounds__(kThreads) step_kernel(TensorTable tt, SophiaHyper h) {
   using T = typename MathOf<P>::type;
   if (h.found_inf && *h.found_inf != 0.0f) return;
   const Chunk chunk = tt.chunk(blockIdx.x);
   const SophiaScalars<T> s = sophia_scalars<T>(h, h.lr_ptr ? double(*h.lr_ptr) : h.lr);
   const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, chunk.tensor) : 0u;
-  P* param = tt.ptr<P>(kRowParam, chunk.tensor) + chunk.start;
+  WeightPack<P, MASTER, REM> w(tt, kRowParam, kRowMaster, chunk.tensor, chunk.start);
   const P* grad = tt.ptr<const P>(kRowGrad, chunk.tensor) + chunk.start;
   S* exp_avg = tt.ptr<S>(kRowExpAvg, chunk.tensor) + chunk.start;
   const S* hessian = tt.ptr<const S>(kRowExpAvgSq, chunk.tensor) + chunk.start;
-  float* master = MASTER ? tt.ptr<float>(kRowMaster, chunk.tensor) + chunk.start : nullptr;
-  const bool aligned = cuda::is_aligned(param) && cuda::is_aligned(grad) && cuda::is_aligned(exp_avg) &&
-                       cuda::is_aligned(hessian) && (!MASTER || cuda::is_aligned(master));
+  const bool aligned = w.aligned() && cuda::is_aligned(grad) && cuda::is_aligned(exp_avg) &&
+                       cuda::is_aligned(hessian);
   for (int64_t i = int64_t(threadIdx.x) * kILP; i < chunk.len; i += int64_t(kThreads) * kILP) {
-    P p_io[kILP], g_in[kILP];
+    P g_in[kILP];
     S m_io[kILP], h_in[kILP];
-    float master_io[kILP];
-    if (MASTER) cuda::load_pack(master_io, master, i, chunk.len, aligned);
-    else cuda::load_pack(p_io, param, i, chunk.len, aligned);
+    w.load(i, chunk.len, aligned);
     cuda::load_pack(g_in, grad, i, chunk.len, aligned);
     cuda::load_pack(m_io, exp_avg, i, chunk.len, aligned);
     cuda::load_pack(h_in, hessian, i, chunk.len, aligned);
 #pragma unroll
     for (int k = 0; k < kILP; ++k) {
-      T p = MASTER ? T(master_io[k]) : T(to_math(p_io[k]));
+      T p = w.template get<T>(k);
       T m = to_math(m_io[k]);
       sophia_element<T, GRAD_MULT>(p, T(to_math(g_in[k])), m, T(to_math(h_in[k])), s);
-      if (MASTER) master_io[k] = float(p);
-      p_io[k] = store_param<P, SR>(p, sr_key, chunk.start + i + k);
+      w.template set<SR>(k, p, sr_key, chunk.start + i + k);
       m_io[k] = Store<S>::from(m);
     }
-    if (MASTER) cuda::store_pack(master, master_io, i, chunk.len, aligned);
-    cuda::store_pack(param, p_io, i, chunk.len, aligned);
+    w.store(i, chunk.len, aligned);
     cuda::store_pack(exp_avg, m_io, i, chunk.len, aligned);
   }
 }
@@ -74,7 +69,7 @@ __global__ void __launch_bounds__(kThreads) hessian_kernel(TensorTable tt, doubl
 
 // Block-scaled FP8 states (fp8_states.cuh): exp_avg decoded and re-encoded
 // per block, the hessian (stored as sqrt) decoded. All threads run every iteration.
-template <typename P, bool MASTER, bool GRAD_MULT, bool SR>
+template <typename P, bool MASTER, bool REM, bool GRAD_MULT, bool SR>
 __global__ void __launch_bounds__(kThreads) step_fp8_states_kernel(TensorTable tt, SophiaHyper h) {
   using T = typename MathOf<P>::type;
   if (h.found_inf && *h.found_inf != 0.0f) return;
@@ -83,38 +78,34 @@ __global__ void __launch_bounds__(kThreads) step_fp8_states_kernel(TensorTable t
   const int64_t t = chunk.tensor;
   const SophiaScalars<T> s = sophia_scalars<T>(h, h.lr_ptr ? double(*h.lr_ptr) : h.lr);
   const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, t) : 0u;
-  P* param = tt.ptr<P>(kRowParam, t) + chunk.start;
+  WeightPack<P, MASTER, REM> w(tt, kRowParam, kRowMaster, t, chunk.start);
   const P* grad = tt.ptr<const P>(kRowGrad, t) + chunk.start;
   uint8_t* exp_avg = tt.ptr<uint8_t>(kRowExpAvg, t) + chunk.start;
   const uint8_t* hessian = tt.ptr<const uint8_t>(kRowExpAvgSq, t) + chunk.start;
   float* m_scales = tt.ptr<float>(kRowExpAvgScale, t) + chunk.start / kQBlock;
   const float* h_scales = tt.ptr<const float>(kRowExpAvgSqScale, t) + chunk.start / kQBlock;
-  float* master = MASTER ? tt.ptr<float>(kRowMaster, t) + chunk.start : nullptr;
-  const bool aligned = cuda::is_aligned(param) && cuda::is_aligned(grad) && cuda::is_aligned(exp_avg) &&
-                       cuda::is_aligned(hessian) && (!MASTER || cuda::is_aligned(master));
+  const bool aligned = w.aligned() && cuda::is_aligned(grad) && cuda::is_aligned(exp_avg) &&
+                       cuda::is_aligned(hessian);
   for (int64_t base = 0; base < chunk.len; base += int64_t(kThreads) * kILP) {
     const int64_t i = base + int64_t(threadIdx.x) * kILP;
     const bool live = i < chunk.len;
-    P p_io[kILP], g_in[kILP];
+    P g_in[kILP];
     uint8_t m_in[kILP], h_in[kILP];
-    float master_io[kILP], m_new[kILP];
-    if (MASTER) cuda::load_pack(master_io, master, i, chunk.len, aligned);
-    else cuda::load_pack(p_io, param, i, chunk.len, aligned);
+    float m_new[kILP];
+    w.load(i, chunk.len, aligned);
     cuda::load_pack(g_in, grad, i, chunk.len, aligned);
     cuda::load_pack(m_in, exp_avg, i, chunk.len, aligned);
     cuda::load_pack(h_in, hessian, i, chunk.len, aligned);
     const float m_scale = live ? m_scales[i / kQBlock] : 0.0f, h_scale = live ? h_scales[i / kQBlock] : 0.0f;
 #pragma unroll
     for (int k = 0; k < kILP; ++k) {
-      T p = MASTER ? T(master_io[k]) : T(to_math(p_io[k]));
+      T p = w.template get<T>(k);
       T m = T(q8_decode<false>(m_in[k], m_scale));
       sophia_element<T, GRAD_MULT>(p, T(to_math(g_in[k])), m, T(q8_decode<true>(h_in[k], h_scale)), s);
-      if (MASTER) master_io[k] = float(p);
-      p_io[k] = store_param<P, SR>(p, sr_key, chunk.start + i + k);
+      w.template set<SR>(k, p, sr_key, chunk.start + i + k);
       m_new[k] = float(m);
     }
-    if (MASTER) cuda::store_pack(master, master_io, i, chunk.len, aligned);
-    cuda::store_pack(param, p_io, i, chunk.len, aligned);
+    w.store(i, chunk.len, aligned);
     cuda::q8_store_group(exp_avg, m_scales, i, chunk.len, aligned, m_new, scratch);
   }
 }
@@ -148,22 +139,22 @@ __global__ void __launch_bounds__(kThreads) hessian_fp8_states_kernel(TensorTabl
 
 template <typename P, typename S, bool MASTER>
 struct StepOp {
-  template <bool SR>
+  template <bool REM, bool SR>
   static void run_sr(const TensorTable& tt, const SophiaHyper& h, cudaStream_t stream) {
     const dim3 grid(unsigned(tt.n_chunks));
     if constexpr (std::is_same<S, fp8>::value) {
-      if (h.grad_mult) step_fp8_states_kernel<P, MASTER, true, SR><<<grid, kThreads, 0, stream>>>(tt, h);
-      else step_fp8_states_kernel<P, MASTER, false, SR><<<grid, kThreads, 0, stream>>>(tt, h);
+      if (h.grad_mult) step_fp8_states_kernel<P, MASTER, REM, true, SR><<<grid, kThreads, 0, stream>>>(tt, h);
+      else step_fp8_states_kernel<P, MASTER, REM, false, SR><<<grid, kThreads, 0, stream>>>(tt, h);
     } else {
-      if (h.grad_mult) step_kernel<P, S, MASTER, true, SR><<<grid, kThreads, 0, stream>>>(tt, h);
-      else step_kernel<P, S, MASTER, false, SR><<<grid, kThreads, 0, stream>>>(tt, h);
+      if (h.grad_mult) step_kernel<P, S, MASTER, REM, true, SR><<<grid, kThreads, 0, stream>>>(tt, h);
+      else step_kernel<P, S, MASTER, REM, false, SR><<<grid, kThreads, 0, stream>>>(tt, h);
     }
   }
   static void run(const TensorTable& tt, const SophiaHyper& h, cudaStream_t stream) {
     if constexpr (kStochasticRoundable<P, MASTER>) {
-      if (h.sr.on) return run_sr<true>(tt, h, stream);
+      if (h.sr.on) return run_sr<false, true>(tt, h, stream);
     }
-    run_sr<false>(tt, h, stream);
+    with_remainder<P, MASTER>(h.remainder, [&](auto rem) { run_sr<decltype(rem)::value, false>(tt, h, stream); });
   }
 };
 

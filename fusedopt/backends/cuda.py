@@ -17,7 +17,7 @@ from ._dtypes import CODES, FP8_FORMATS, FP8_STATE_DTYPE, STATE_CODES
 
 NAME = "cuda"
 #: the ops whose kernels take master_weights="remainder"'s int16 remainders (Bucket.remainders)
-REMAINDER_OPS = frozenset({"adamw"})
+REMAINDER_OPS = frozenset({"adamw", "lamb", "sophia"})
 DEVICE_TYPES = ("cuda",)
 
 #: elements per thread block's chunk
@@ -46,6 +46,11 @@ def _launch(op: str, device: torch.device, *args) -> None:
         getattr(torch.ops.fusedopt_cuda, op)(*args, torch.cuda.current_stream(device).cuda_stream)
 
 
+def _master_code(bucket) -> int:
+    """The kernels' master code: 0 none, 1 fp32 masters, 2 int16 remainders (master_weights="remainder")."""
+    return 0 if bucket.masters is None else 2 if bucket.remainders else 1
+
+
 def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_mult, found_inf):
     """lr: float or 1-element fp32 tensor; grad_mult (fp64), found_inf (fp32):
     1-element tensors or None; all on the bucket's device (the optimizer's base
@@ -61,7 +66,7 @@ def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, gra
     _launch("adamw", bucket.device,
             tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.chunk_size,
             CODES[bucket.dtype], STATE_CODES[bucket.state_dtype],
-            0 if bucket.masters is None else 2 if bucket.remainders else 1, 0.0 if lr_tensor is not None else lr,
+            _master_code(bucket), 0.0 if lr_tensor is not None else lr,
             lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_mult, found_inf, bucket.sr_seed,
             FP8_FORMATS[bucket.fp8.weights[0].dtype] if fp8 else -1, tables.chunk_first if fp8 else None, partials,
             amax)
@@ -91,7 +96,7 @@ def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, adam_w
     tables = _tables.launch_tables(_tables.moment_rows(bucket), device, _chunk(bucket))
     advance_steps(bucket.steps, found_inf)
     head = (tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start)
-    kind, state_kind, master = CODES[bucket.dtype], STATE_CODES[bucket.state_dtype], bucket.masters is not None
+    kind, state_kind, master = CODES[bucket.dtype], STATE_CODES[bucket.state_dtype], _master_code(bucket)
     partials = torch.empty(2 * tables.n_chunks, dtype=torch.float64, device=device)
     p_sums = torch.empty(tables.n_tensors, dtype=torch.float64, device=device)
     u_sums = torch.empty_like(p_sums)
@@ -209,7 +214,7 @@ def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, fou
     advance_steps(bucket.steps, found_inf)
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
     _launch("sophia", device, tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.chunk_size,
-            CODES[bucket.dtype], STATE_CODES[bucket.state_dtype], bucket.masters is not None,
+            CODES[bucket.dtype], STATE_CODES[bucket.state_dtype], _master_code(bucket),
             0.0 if lr_tensor is not None else lr, lr_tensor, beta1, rho * bs, weight_decay, maximize, grad_mult,
             found_inf, bucket.sr_seed)
 

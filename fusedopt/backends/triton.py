@@ -23,7 +23,7 @@ from ._dtypes import CODES, FP8_FORMATS, STATE_CODES
 
 NAME = "triton"
 #: the ops whose kernels take master_weights="remainder"'s int16 remainders (Bucket.remainders)
-REMAINDER_OPS = frozenset({"adamw"})
+REMAINDER_OPS = frozenset({"adamw", "lamb", "sophia"})
 DEVICE_TYPES = ("cuda", "cpu")
 
 #: elements per program, and per loop iteration inside a program; tests shrink
@@ -121,7 +121,7 @@ def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, adam_w
     tables = _tables.launch_tables(_tables.moment_rows(bucket), bucket.device, chunk)
     advance_steps(bucket.steps, found_inf)
     common = dict(p_kind=CODES[bucket.dtype], s_kind=STATE_CODES[bucket.state_dtype],
-                  master=bucket.masters is not None, beta1=beta1, beta2=beta2, eps=eps,
+                  master=bucket.masters is not None, remainders=bucket.remainders, beta1=beta1, beta2=beta2, eps=eps,
                   weight_decay=weight_decay, bias_correction=bias_correction, adam_w_mode=adam_w_mode,
                   found_inf=found_inf, block=block, num_warps=NUM_WARPS)
     p_sums = torch.empty(tables.n_tensors, dtype=torch.float64, device=bucket.device)
@@ -295,7 +295,7 @@ def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, fou
     advance_steps(bucket.steps, found_inf)
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
     kernels.launch_step(tables, p_kind=CODES[bucket.dtype], s_kind=STATE_CODES[bucket.state_dtype],
-                        master=bucket.masters is not None, lr=lr,
+                        master=bucket.masters is not None, remainders=bucket.remainders, lr=lr,
                         lr_tensor=lr_tensor, beta1=beta1, rho_bs=rho * bs, weight_decay=weight_decay,
                         maximize=maximize, grad_mult=grad_mult, found_inf=found_inf, block=block,
                         num_warps=NUM_WARPS, sr_seed=bucket.sr_seed)
