@@ -399,7 +399,7 @@ void adafactor(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
   check_dtype(params, pdt, "params");
   check_dtype(grads, pdt, "grads");
   for (TensorList states : {variances, row_vars, col_vars}) check_dtype(states, sdt, "adafactor state");
-  check_dtype(masters, at::kFloat, "master_param");
+  const bool remainder = check_masters(masters, pdt);
   check_steps(steps);
   HostTable host({params, grads, exp_avgs, variances, row_vars, col_vars, masters, steps,
                   fp8_exp_avg ? exp_avg_scales : TensorList()},
@@ -408,6 +408,7 @@ void adafactor(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
                              beta1.has_value(), beta1.value_or(0.0), scalar_ptr<double>(grad_mult, "grad_mult"),
                              scalar_ptr(found_inf, "found_inf")};
   h.sr = stochastic_rounding(sr_seed, pdt, has_master);
+  h.remainder = remainder;
   if (factored) {
     const int64_t n = int64_t(params.size());
     TORCH_CHECK(rows.scalar_type() == at::kLong && cols.scalar_type() == at::kLong && rows.numel() == n &&
@@ -456,7 +457,7 @@ std::tuple<Tensor, Tensor, Tensor> adafactor_sharded(int64_t phase, TensorList p
   check_dtype(params, pdt, "params");
   check_dtype(grads, pdt, "grads");
   for (TensorList states : {exp_avgs, variances, row_vars, col_vars}) check_dtype(states, sdt, "adafactor state");
-  check_dtype(masters, at::kFloat, "master_param");
+  const bool remainder = check_masters(masters, pdt);
   check_steps(steps);
   TORCH_CHECK(numel.device().is_cpu() && numel.scalar_type() == at::kLong && numel.is_contiguous() &&
                   numel.numel() == n,
@@ -469,6 +470,7 @@ std::tuple<Tensor, Tensor, Tensor> adafactor_sharded(int64_t phase, TensorList p
                              beta1.has_value(), beta1.value_or(0.0), scalar_ptr<double>(grad_mult, "grad_mult"),
                              scalar_ptr(found_inf, "found_inf")};
   h.sr = stochastic_rounding(sr_seed, pdt, has_master);
+  h.remainder = remainder;
   const auto doubles = [](int64_t size) { return at::empty({size}, at::TensorOptions().dtype(at::kDouble)); };
   // a fixed (Tensor, Tensor, Tensor) return (a Tensor[] one cannot be functionalized): phases fill what they make
   const auto none = [&] { return doubles(0); };

@@ -24,8 +24,8 @@ slice (for the row mean); _factored_unorm and _apply as above.
 import triton
 import triton.language as tl
 
-from ._numeric import (F32, F64, as_stored, div_ieee, f64, lerp, load_math, load_state, lr_and_decay, sqrt_ieee,
-                       sr_tensor_key, store_math, store_param, to_math)
+from ._numeric import (F32, F64, as_stored, div_ieee, f64, lerp, load_math, load_state, load_weight, lr_and_decay,
+                       sqrt_ieee, sr_tensor_key, store_math, store_weight, to_math)
 from ._table import address, program_chunk
 from .fp8_states import load_any_state, store_any_state
 from .norms import _combine_kernel
@@ -78,12 +78,14 @@ def _u(g, var_est, eps1_sq, KIND: tl.constexpr):
 @triton.jit(do_not_specialize=["beta2_decay", "eps1"])
 def _vector_stats(table, numels, chunk_tensor, chunk_start, n_tensors, n_chunks, beta2_decay: tl.int64, eps1: tl.int64,
                   grad_mult_ptr, found_inf_ptr, partials,
-                  P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr, GRAD_MULT: tl.constexpr,
-                  MAXIMIZE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                  P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr, REM: tl.constexpr,
+                  GRAD_MULT: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr,
+                  BLOCK: tl.constexpr):
     t, start, end = program_chunk(chunk_tensor, chunk_start, numels, found_inf_ptr, CHUNK, HAS_FOUND_INF)
     W_KIND: tl.constexpr = F32 if MASTER else P_KIND  # the working copy: the master, or the param
     ACC: tl.constexpr = tl.float64 if P_KIND == F64 else tl.float32
     _, eps1_sq, _ = _eps1_scalars(eps1, P_KIND)
+    param = address(table, ROW_PARAM, n_tensors, t)
     work = address(table, ROW_MASTER if MASTER else ROW_PARAM, n_tensors, t)
     grad = address(table, ROW_GRAD, n_tensors, t)
     variance = address(table, ROW_VARIANCE, n_tensors, t)
@@ -98,7 +100,7 @@ def _vector_stats(table, numels, chunk_tensor, chunk_start, n_tensors, n_chunks,
         v = lerp(load_state(variance, offs, mask, S_KIND, P_KIND), g * g, w)
         store_math(variance, offs, v, mask, S_KIND)
         u = _u(g, as_stored(v, S_KIND), eps1_sq, W_KIND)
-        p = load_math(work, offs, mask, W_KIND)
+        p = load_weight(param, work, offs, mask, W_KIND, REM)
         p_acc += p * p
         u_acc += tl.where(mask, u * u, 0.0)
     c = tl.program_id(0)
@@ -109,9 +111,9 @@ def _vector_stats(table, numels, chunk_tensor, chunk_start, n_tensors, n_chunks,
 @triton.jit(do_not_specialize=["beta2_decay"])
 def _row_stats(table, n_tensors, prog_tensor, prog_row0, rows, cols, numels, beta2_decay: tl.int64, grad_mult_ptr,
                found_inf_ptr, p_partials, row_out, row_base,
-               P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr, GRAD_MULT: tl.constexpr,
-               MAXIMIZE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, RB: tl.constexpr, CB: tl.constexpr,
-               RAW: tl.constexpr):
+               P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr, REM: tl.constexpr,
+               GRAD_MULT: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, RB: tl.constexpr,
+               CB: tl.constexpr, RAW: tl.constexpr):
     """RAW: the rows' sums of g*g (fp64) at row_out + row_base[t], row_var left as it is."""
     pid = tl.program_id(0)
     t = tl.load(prog_tensor + pid)
@@ -122,6 +124,7 @@ def _row_stats(table, n_tensors, prog_tensor, prog_row0, rows, cols, numels, bet
         n_rows = tl.where(tl.load(found_inf_ptr) == 0, n_rows, 0)
     W_KIND: tl.constexpr = F32 if MASTER else P_KIND  # the working copy: the master, or the param
     ACC: tl.constexpr = tl.float64 if P_KIND == F64 else tl.float32
+    param = address(table, ROW_PARAM, n_tensors, t)
     work = address(table, ROW_MASTER if MASTER else ROW_PARAM, n_tensors, t)
     grad = address(table, ROW_GRAD, n_tensors, t)
     row_var = address(table, ROW_ROW_VAR, n_tensors, t)
@@ -135,7 +138,7 @@ def _row_stats(table, n_tensors, prog_tensor, prog_row0, rows, cols, numels, bet
         mask = rmask[:, None] & (cc < C)[None, :]
         g = _grad(grad, offs, mask, grad_mult_ptr, P_KIND, GRAD_MULT, MAXIMIZE)
         row_acc += tl.sum(g * g, axis=1)
-        p = load_math(work, offs, mask, W_KIND)
+        p = load_weight(param, work, offs, mask, W_KIND, REM)
         p_acc += tl.sum(p * p, axis=1)
     if RAW:
         tl.store(row_out + tl.load(row_base + t) + rr, row_acc.to(tl.float64), mask=rmask)
@@ -150,9 +153,9 @@ def _row_stats(table, n_tensors, prog_tensor, prog_row0, rows, cols, numels, bet
 def _col_stats(table, n_tensors, prog_tensor, prog_batch, prog_col0, prog_slice, rows, cols, beta2_decay: tl.int64,
                eps1: tl.int64,
                grad_mult_ptr, found_inf_ptr, rmean, col_out, col_base,
-               P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr, GRAD_MULT: tl.constexpr,
-               MAXIMIZE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, RB: tl.constexpr, CB: tl.constexpr,
-               RAW: tl.constexpr):
+               P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr, REM: tl.constexpr,
+               GRAD_MULT: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, RB: tl.constexpr,
+               CB: tl.constexpr, RAW: tl.constexpr):
     """RAW: the columns' sums of g*g (fp64) at col_out + col_base[t] + b * C, col_var and rmean left."""
     pid = tl.program_id(0)
     t = tl.load(prog_tensor + pid)
@@ -256,8 +259,9 @@ def _factored_u(grad, row_var, col_var, rmean, slice0, offs, mask, R, C, eps1_sq
 def _factored_unorm(table, numels, chunk_tensor, chunk_start, n_tensors, rows, cols, slice_first, rmean,
                     eps1: tl.int64,
                     grad_mult_ptr, found_inf_ptr, partials,
-                    P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr, GRAD_MULT: tl.constexpr,
-                    MAXIMIZE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                    P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr, REM: tl.constexpr,
+                    GRAD_MULT: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr,
+                    BLOCK: tl.constexpr):
     t, start, end = program_chunk(chunk_tensor, chunk_start, numels, found_inf_ptr, CHUNK, HAS_FOUND_INF)
     W_KIND: tl.constexpr = F32 if MASTER else P_KIND  # the working copy: the master, or the param
     ACC: tl.constexpr = tl.float64 if P_KIND == F64 else tl.float32
@@ -282,7 +286,7 @@ def _factored_unorm(table, numels, chunk_tensor, chunk_start, n_tensors, rows, c
 def _apply(table, numels, chunk_tensor, chunk_start, n_tensors, rows, cols, slice_first, rmean, eps1: tl.int64,
            lr: tl.int64, lr_ptr, weight_decay: tl.int64, one_minus_beta1: tl.int64, scale_ptr, grad_mult_ptr,
            found_inf_ptr, sr_seed,
-           SR: tl.constexpr, P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr,
+           SR: tl.constexpr, P_KIND: tl.constexpr, S_KIND: tl.constexpr, MASTER: tl.constexpr, REM: tl.constexpr,
            GRAD_MULT: tl.constexpr, MAXIMIZE: tl.constexpr, FACTORED: tl.constexpr, BETA1: tl.constexpr,
            M_KIND: tl.constexpr, LR_IS_PTR: tl.constexpr, HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr,
            BLOCK: tl.constexpr):
@@ -320,7 +324,7 @@ def _apply(table, numels, chunk_tensor, chunk_start, n_tensors, rows, cols, slic
         else:
             u = _u(_grad(grad, offs, mask, grad_mult_ptr, P_KIND, GRAD_MULT, MAXIMIZE),
                    load_state(variance, offs, mask, S_KIND, P_KIND), eps1_sq, W_KIND)
-        p = load_math(work, offs, mask, W_KIND) * decay
+        p = load_weight(param, work, offs, mask, W_KIND, REM) * decay
         if BETA1:
             # the step itself, alpha * u / denom = u * -scale, averaged (tensor2tensor, HF)
             m = lerp(load_any_state(exp_avg, exp_avg_scale, offs, mask, False, M_KIND, P_KIND),
@@ -329,6 +333,4 @@ def _apply(table, numels, chunk_tensor, chunk_start, n_tensors, rows, cols, slic
             p = p - m
         else:
             p = tl.fma(u, scale, p)
-        if MASTER:
-            store_math(work, offs, p, mask, W_KIND)
-        store_param(param, offs, p, mask, P_KIND, SR, sr_key)
+        store_weight(param, work, offs, p, mask, P_KIND, MASTER, REM, SR, sr_key)

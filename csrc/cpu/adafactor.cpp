@@ -59,11 +59,12 @@ struct RowTask {
 // the update use it. From memory, with the caches full of other data, the
 // update took ~6% less time with them (gpt2-d256-L4's matrices,
 // bench/native/adafactor_ab.cpp with AB_FLUSH=1).
-template <typename P, bool MASTER, bool BETA1, typename S>
-inline void prefetch_row(const P* grad, const P* param, const float* master, const S* exp_avg, int64_t o, int64_t C) {
+template <bool BETA1, typename P, typename W, typename S>
+inline void prefetch_row(const P* grad, const W& w, const S* exp_avg, int64_t o, int64_t C) {
   prefetch_ahead(grad + o, C * int64_t(sizeof(P)));
-  if constexpr (MASTER) prefetch_ahead(master + o, C * int64_t(sizeof(float)));
-  else prefetch_ahead(param + o, C * int64_t(sizeof(P)));
+  if constexpr (W::kStaged) prefetch_ahead(w.master + o, C * int64_t(sizeof(float)));
+  else prefetch_ahead(w.param + o, C * int64_t(sizeof(P)));
+  if constexpr (W::kRemainder) prefetch_ahead(w.rem + o, C * int64_t(sizeof(int16_t)));
   if constexpr (BETA1) prefetch_ahead(exp_avg + o, C * int64_t(sizeof(S)));
 }
 
@@ -72,11 +73,10 @@ inline void prefetch_row(const P* grad, const P* param, const float* master, con
 // first moments of elements [b0, b0 + n) of the chunk into m_out (from the
 // stored ones, m_in[i] with m_scale); they are encoded with the block's new
 // scale, and the params move by them as stored: p = p * decay - m.
-template <typename T, typename P, bool MASTER, bool SR, typename Fill>
-inline void fp8_moment_chunk(const TensorTable& tt, const Chunk& chunk, T decay, uint32_t sr_key, Fill&& fill) {
+template <typename T, typename P, bool MASTER, bool REM, bool SR, typename Fill>
+inline void fp8_moment_chunk(const TensorTable& tt, const Chunk& chunk, T decay, uint32_t sr_seed, Fill&& fill) {
   const int64_t t = chunk.tensor;
-  P* __restrict__ param = tt.ptr<P>(kAfParam, t) + chunk.start;
-  float* __restrict__ master = MASTER ? tt.ptr<float>(kAfMaster, t) + chunk.start : nullptr;
+  const Weights<P, MASTER, REM, SR> w(tt, kAfParam, kAfMaster, t, chunk.start, sr_seed);
   uint8_t* const q[1] = {tt.ptr<uint8_t>(kAfExpAvg, t) + chunk.start};
   float* const q_scales[1] = {tt.ptr<float>(kAfExpAvgScale, t) + chunk.start / kQBlock};
   q8_store_blocks<1>(
@@ -86,8 +86,7 @@ inline void fp8_moment_chunk(const TensorTable& tt, const Chunk& chunk, T decay,
         const float m_scale = q_scales[0][b0 / kQBlock];
 #pragma omp simd
         for (int64_t i = b0; i < b0 + n; ++i) {
-          write_param<T, P, MASTER, SR>(param, master, i, T(q8_decode<false>(q[0][i], m_scale)), decay, T(-1),
-                                        sr_key, chunk.start);
+          write_param(w, i, T(q8_decode<false>(q[0][i], m_scale)), decay, T(-1));
         }
       });
 }
@@ -106,36 +105,32 @@ inline void for_row_segments(int64_t first, int64_t n, int64_t C, Body&& body) {
 
 // Pass 1's row sums over NR (1 or 2) rows of C elements at `base` and
 // `base + gap`: each row's sums of g^2 and of p^2 (p: the master with master
-// weights).
+// weights), of the weights w (weights.h).
 template <typename T>
 struct RowSquares {
   T g2[2], p2[2];
 };
 
-template <int NR, typename T, typename P, bool MASTER>
-inline RowSquares<T> row_squares(const P* grad, const P* param, const float* master, int64_t base, int64_t gap,
-                                 int64_t C, T mult) {
+template <int NR, typename T, typename P, typename W>
+inline RowSquares<T> row_squares(const P* grad, const W& w, int64_t base, int64_t gap, int64_t C, T mult) {
   static_assert(NR == 1 || NR == 2, "row_squares takes 1 or 2 rows");
   const P* __restrict__ g0 = grad + base;
   const P* __restrict__ g1 = grad + base + gap;
-  const P* __restrict__ p0 = MASTER ? nullptr : param + base;
-  const P* __restrict__ p1 = MASTER ? nullptr : param + base + gap;
-  const float* __restrict__ m0 = MASTER ? master + base : nullptr;
-  const float* __restrict__ m1 = MASTER ? master + base + gap : nullptr;
+  const W w0 = w.offset(base), w1 = w.offset(base + gap);
   // a read-only pass: the lines a few KB ahead are requested (prefetch.h)
-  for (int i = 0; i < NR; ++i) prefetch_row<P, MASTER, false, float>(grad, param, master, nullptr, base + i * gap, C);
+  for (int i = 0; i < NR; ++i) prefetch_row<false>(grad, w, static_cast<const float*>(nullptr), base + i * gap, C);
   T a0 = T(0), a1 = T(0), q0 = T(0), q1 = T(0);  // named, not arrays: OpenMP array reductions go through memory
 #pragma omp simd reduction(+ : a0, a1, q0, q1)
   for (int64_t c = 0; c < C; ++c) {
     const T x0 = T(to_math(g0[c])) * mult;
     a0 += x0 * x0;
-    const T w0 = MASTER ? T(m0[c]) : T(to_math(p0[c]));
-    q0 += w0 * w0;
+    const T x0w = w0.template load<T>(c);
+    q0 += x0w * x0w;
     if constexpr (NR == 2) {
       const T x1 = T(to_math(g1[c])) * mult;
       a1 += x1 * x1;
-      const T w1 = MASTER ? T(m1[c]) : T(to_math(p1[c]));
-      q1 += w1 * w1;
+      const T x1w = w1.template load<T>(c);
+      q1 += x1w * x1w;
     }
   }
   return {{a0, a1}, {q0, q1}};
@@ -214,7 +209,7 @@ struct FactoredScratch {
 };
 
 // S: storage of the second-moment statistics, and of exp_avg unless M8 (block-scaled FP8).
-template <typename P, typename S, bool MASTER, bool BETA1, bool SR, bool M8>
+template <typename P, typename S, bool MASTER, bool REM, bool BETA1, bool SR, bool M8>
 struct Factored {
   static void run(const TensorTable& tt, const int64_t* rows, const int64_t* cols, const AdafactorHyper& h,
                   int num_threads) {
@@ -296,7 +291,9 @@ struct Factored {
     // with memory fast (0.81-0.85x from the task affinity alone); waves of 4
     // or 16 MB within a few % of 8.
     constexpr int64_t kWaveBytes = int64_t(8) << 20;
-    const int64_t elem_bytes = int64_t(sizeof(P)) + (MASTER ? int64_t(sizeof(float)) : int64_t(sizeof(P)));
+    // g and the weights: p, its fp32 master, or p and its remainder
+    const int64_t elem_bytes = int64_t(sizeof(P)) + (MASTER && !REM ? int64_t(sizeof(float)) : int64_t(sizeof(P))) +
+                               (REM ? int64_t(sizeof(int16_t)) : 0);
     std::vector<double> scale(static_cast<size_t>(tt.n_tensors));
     const T m_weight = T(1.0 - h.beta1);
     for (int64_t t0 = 0, t1 = 0; t0 < tt.n_tensors; t0 = t1) {
@@ -309,8 +306,7 @@ struct Factored {
       parallel_affine(k0, k1, num_threads, [&](int64_t k) {
         const RowTask& task = tasks[size_t(k)];
         const int64_t t = task.tensor, C = cols[t], R = rows[t];
-        const P* __restrict__ param = tt.ptr<const P>(kAfParam, t);
-        const float* __restrict__ master = MASTER ? tt.ptr<const float>(kAfMaster, t) : nullptr;
+        const Weights<P, MASTER, REM, false> weights(tt, kAfParam, kAfMaster, t, 0, 0u);  // read only
         const P* __restrict__ grad = tt.ptr<const P>(kAfGrad, t);
         S* __restrict__ row_var = tt.ptr<S>(kAfRowVar, t) + task.batch * R;
         T* __restrict__ colp = col_partial.data() + task.col_offset;
@@ -355,7 +351,7 @@ struct Factored {
           const int64_t n = std::min(block, half - i0);
           for (int64_t j = 0; j < n; ++j) {
             const int64_t i = i0 + j;
-            const RowSquares<T> s2 = row_squares<2, T, P, MASTER>(grad, param, master, first + i * C, half * C, C, mult);
+            const RowSquares<T> s2 = row_squares<2, T>(grad, weights, first + i * C, half * C, C, mult);
             wa[j] = finish_row(task.row0 + i, s2.g2[0], s2.p2[0]);
             wb[j] = finish_row(task.row0 + half + i, s2.g2[1], s2.p2[1]);
           }
@@ -363,7 +359,7 @@ struct Factored {
         }
         if (task.nrows % 2) {
           const int64_t last = first + 2 * half * C;
-          const RowSquares<T> s1 = row_squares<1, T, P, MASTER>(grad, param, master, last, 0, C, mult);
+          const RowSquares<T> s1 = row_squares<1, T>(grad, weights, last, 0, C, mult);
           wa[0] = finish_row(task.row0 + task.nrows - 1, s1.g2[0], s1.p2[0]);
           column_squares<1, T, P>(grad + last, 0, 1, C, mult, wa, nullptr, colp, colh);
         }
@@ -482,8 +478,8 @@ struct Factored {
           const int64_t t = chunk.tensor, R = rows[t], C = cols[t];
           const P* __restrict__ grad = tt.ptr<const P>(kAfGrad, t);
           const T s = T(scale[size_t(t)]);  // -alpha / denom: the step is u * -s
-          fp8_moment_chunk<T, P, MASTER, SR>(
-              tt, chunk, T(steps[size_t(t)].decay), SR ? sr_tensor_key(h.sr.seed, t) : 0u,
+          fp8_moment_chunk<T, P, MASTER, REM, SR>(
+              tt, chunk, T(steps[size_t(t)].decay), h.sr.seed,
               [&](int64_t b0, int64_t n, float* m_out, const uint8_t* m_in, float m_scale) {
                 for_row_segments(chunk.start + b0, n, C, [&](int64_t row, int64_t c0, int64_t len, int64_t o) {
                   const T rq = rowq[size_t(row_base[size_t(t)] + row)], rr = rrow[size_t(row_base[size_t(t)] + row)];
@@ -507,33 +503,29 @@ struct Factored {
         const T* __restrict__ rc = rcol.data() + col_base[size_t(t)] + task.batch * C;
         const T decay = T(steps[size_t(t)].decay), s = T(scale[size_t(t)]);
         const T min_col = slice_min_col[size_t(first_slice[size_t(t)] + task.batch)];
-        const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, t) : 0u;
         // the slice's rows and elements
         const T* __restrict__ rq = rowq.data() + row_base[size_t(t)] + task.batch * R;
         const T* __restrict__ rr = rrow.data() + row_base[size_t(t)] + task.batch * R;
         const int64_t first = task.batch * R * C;
         const P* __restrict__ grad = tt.ptr<const P>(kAfGrad, t) + first;
-        P* __restrict__ param = tt.ptr<P>(kAfParam, t) + first;
-        float* __restrict__ master = MASTER ? tt.ptr<float>(kAfMaster, t) + first : nullptr;
+        const Weights<P, MASTER, REM, SR> w(tt, kAfParam, kAfMaster, t, first, h.sr.seed);
         S* __restrict__ exp_avg = BETA1 ? tt.ptr<S>(kAfExpAvg, t) + first : nullptr;
         for (int64_t r = task.row0; r < task.row0 + task.nrows; ++r) {
           const int64_t o = r * C;
           const T row_q = rq[r], row_r = rr[r];
-          prefetch_row<P, MASTER, BETA1, S>(grad, param, master, exp_avg, o, C);
+          prefetch_row<BETA1>(grad, w, exp_avg, o, C);
           // row_q * min_col >= eps1^2 (or NaN): no element of the row is clamped (rounding is monotone)
           if (!(row_q * min_col < eps1_sq)) {
 #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
               const T u = factored_u_unclamped(T(to_math(grad[o + c])) * mult, row_r, rc[c]);
-              apply_element<T, P, S, MASTER, BETA1, SR>(param, master, exp_avg, o + c, u, decay, s, m_weight, sr_key,
-                                                        first);
+              apply_element<T, S, BETA1>(w, exp_avg, o + c, u, decay, s, m_weight);
             }
           } else {
 #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
               const T u = factored_u(T(to_math(grad[o + c])) * mult, row_q, row_r, cv[c], rc[c], eps1_sq, inv_eps1);
-              apply_element<T, P, S, MASTER, BETA1, SR>(param, master, exp_avg, o + c, u, decay, s, m_weight, sr_key,
-                                                        first);
+              apply_element<T, S, BETA1>(w, exp_avg, o + c, u, decay, s, m_weight);
             }
           }
         }
@@ -544,7 +536,7 @@ struct Factored {
 
 // 0-d / 1-d tensors, pass 1 (advances the steps): variance updated (u is formed from the value as stored),
 // sum(p*p) and sum(u*u) per tensor into p_sq and u_sq.
-template <typename P, typename S, bool MASTER, bool BETA1, bool SR, bool M8>
+template <typename P, typename S, bool MASTER, bool REM, bool BETA1, bool SR, bool M8>
 struct VectorStats {
   static void run(const TensorTable& tt, const AdafactorHyper& h, int num_threads, double* p_sq, double* u_sq) {
     using T = typename MathOf<P>::type;
@@ -554,8 +546,7 @@ struct VectorStats {
     const T mult = (h.grad_mult ? T(*h.grad_mult) : T(1)) * (h.maximize ? T(-1) : T(1));
     parallel_chunks(tt, num_threads, [&](int64_t c, const Chunk& chunk) {
       const int64_t t = chunk.tensor;
-      const P* __restrict__ param = tt.ptr<const P>(kAfParam, t) + chunk.start;
-      const float* __restrict__ master = MASTER ? tt.ptr<const float>(kAfMaster, t) + chunk.start : nullptr;
+      const Weights<P, MASTER, REM, false> weights(tt, kAfParam, kAfMaster, t, chunk.start, 0u);  // read only
       const P* __restrict__ grad = tt.ptr<const P>(kAfGrad, t) + chunk.start;
       S* __restrict__ variance = tt.ptr<S>(kAfVariance, t) + chunk.start;
       const T w = T(steps[size_t(t)].one_minus_beta2_t);
@@ -566,7 +557,7 @@ struct VectorStats {
         const S v = Store<S>::from(lerp(T(to_math(variance[i])), g * g, w));
         variance[i] = v;
         const T u = adafactor_u(g, T(to_math(v)), eps1_sq);
-        const T p = MASTER ? T(master[i]) : T(to_math(param[i]));
+        const T p = weights.template load<T>(i);
         p_acc += double(p * p);
         u_acc += double(u * u);
       }
@@ -584,7 +575,7 @@ struct VectorStats {
 
 // 0-d / 1-d tensors, pass 2: the update, scaled by the sums of the whole tensors (p_sq, u_sq over numel
 // elements each: of the launch's tensors, or summed over their shards).
-template <typename P, typename S, bool MASTER, bool BETA1, bool SR, bool M8>
+template <typename P, typename S, bool MASTER, bool REM, bool BETA1, bool SR, bool M8>
 struct VectorUpdate {
   static void run(const TensorTable& tt, const AdafactorHyper& h, int num_threads, const double* p_sq,
                   const double* u_sq, const int64_t* numel) {
@@ -598,15 +589,12 @@ struct VectorUpdate {
     const T m_weight = T(1.0 - h.beta1);
     parallel_chunks(tt, num_threads, [&](int64_t /*c*/, const Chunk& chunk) {
       const int64_t t = chunk.tensor;
-      P* __restrict__ param = tt.ptr<P>(kAfParam, t) + chunk.start;
-      float* __restrict__ master = MASTER ? tt.ptr<float>(kAfMaster, t) + chunk.start : nullptr;
       const P* __restrict__ grad = tt.ptr<const P>(kAfGrad, t) + chunk.start;
       const S* __restrict__ variance = tt.ptr<const S>(kAfVariance, t) + chunk.start;
       const T decay = T(steps[size_t(t)].decay), s = T(scale[size_t(t)]);
-      const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, t) : 0u;
       if constexpr (M8) {
-        fp8_moment_chunk<T, P, MASTER, SR>(
-            tt, chunk, decay, sr_key, [&](int64_t b0, int64_t n, float* m_out, const uint8_t* m_in, float m_scale) {
+        fp8_moment_chunk<T, P, MASTER, REM, SR>(
+            tt, chunk, decay, h.sr.seed, [&](int64_t b0, int64_t n, float* m_out, const uint8_t* m_in, float m_scale) {
 #pragma omp simd
               for (int64_t i = 0; i < n; ++i) {
                 const T u = adafactor_u(T(to_math(grad[b0 + i])) * mult, T(to_math(variance[b0 + i])), eps1_sq);
@@ -614,45 +602,45 @@ struct VectorUpdate {
               }
             });
       } else {
+        const Weights<P, MASTER, REM, SR> w(tt, kAfParam, kAfMaster, t, chunk.start, h.sr.seed);
         S* __restrict__ exp_avg = BETA1 ? tt.ptr<S>(kAfExpAvg, t) + chunk.start : nullptr;
 #pragma omp simd
         for (int64_t i = 0; i < chunk.len; ++i) {
           const T u = adafactor_u(T(to_math(grad[i])) * mult, T(to_math(variance[i])), eps1_sq);
-          apply_element<T, P, S, MASTER, BETA1, SR>(param, master, exp_avg, i, u, decay, s, m_weight, sr_key,
-                                                    chunk.start);
+          apply_element<T, S, BETA1>(w, exp_avg, i, u, decay, s, m_weight);
         }
       }
     });
   }
 };
 
-template <typename P, typename S, bool MASTER, bool BETA1, bool SR, bool M8>
+template <typename P, typename S, bool MASTER, bool REM, bool BETA1, bool SR, bool M8>
 struct Vector {
   static void run(const TensorTable& tt, const AdafactorHyper& h, int num_threads) {
     std::vector<double> p_sq(static_cast<size_t>(tt.n_tensors)), u_sq(static_cast<size_t>(tt.n_tensors));
-    VectorStats<P, S, MASTER, BETA1, SR, M8>::run(tt, h, num_threads, p_sq.data(), u_sq.data());
-    VectorUpdate<P, S, MASTER, BETA1, SR, M8>::run(tt, h, num_threads, p_sq.data(), u_sq.data(), tt.numel);
+    VectorStats<P, S, MASTER, REM, BETA1, SR, M8>::run(tt, h, num_threads, p_sq.data(), u_sq.data());
+    VectorUpdate<P, S, MASTER, REM, BETA1, SR, M8>::run(tt, h, num_threads, p_sq.data(), u_sq.data(), tt.numel);
   }
 };
 
-// Pass<P, S, MASTER, BETA1, SR, M8>::run(args...) for the launch's switches:
-// beta1, stochastic rounding, and exp_avg as block-scaled FP8 (which needs beta1).
-template <template <typename, typename, bool, bool, bool, bool> class Pass>
+// Pass<P, S, MASTER, REM, BETA1, SR, M8>::run(args...) for the launch's switches:
+// remainders, beta1, stochastic rounding, and exp_avg as block-scaled FP8 (which needs beta1).
+template <template <typename, typename, bool, bool, bool, bool, bool> class Pass>
 struct Switches {
   template <typename P, typename S, bool MASTER>
   struct Op {
-    template <bool SR, typename... Args>
+    template <bool REM, bool SR, typename... Args>
     static void run_sr(const AdafactorHyper& h, bool m8, Args&&... args) {
-      if (m8) Pass<P, S, MASTER, true, SR, true>::run(args...);
-      else if (h.has_beta1) Pass<P, S, MASTER, true, SR, false>::run(args...);
-      else Pass<P, S, MASTER, false, SR, false>::run(args...);
+      if (m8) Pass<P, S, MASTER, REM, true, SR, true>::run(args...);
+      else if (h.has_beta1) Pass<P, S, MASTER, REM, true, SR, false>::run(args...);
+      else Pass<P, S, MASTER, REM, false, SR, false>::run(args...);
     }
     template <typename... Args>
     static void run(const AdafactorHyper& h, bool m8, Args&&... args) {
       if constexpr (kStochasticRoundable<P, MASTER>) {
-        if (h.sr.on) return run_sr<true>(h, m8, args...);
+        if (h.sr.on) return run_sr<false, true>(h, m8, args...);
       }
-      run_sr<false>(h, m8, args...);
+      with_remainder<P, MASTER>(h.remainder, [&](auto rem) { run_sr<decltype(rem)::value, false>(h, m8, args...); });
     }
   };
 };

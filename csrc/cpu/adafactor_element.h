@@ -8,6 +8,7 @@
 #include "fusedopt/adafactor.h"
 #include "fusedopt/multi_tensor.h"
 #include "fusedopt/numeric.h"
+#include "weights.h"
 
 namespace fusedopt {
 namespace adafactor_cpu {
@@ -48,27 +49,23 @@ inline T row_u_squares(const P* __restrict__ grad, int64_t C, T mult, T rq, T rr
   return row_u;
 }
 
-// Final per-element write: p (or the master, then p) = p * decay + scale * x.
-// `first` + i is the element's offset in its tensor (stochastic rounding's counter).
-template <typename T, typename P, bool MASTER, bool SR>
-inline void write_param(P* param, float* master, int64_t i, T x, T decay, T scale, uint32_t sr_key, int64_t first) {
-  const T p = adafactor_apply(MASTER ? T(master[i]) : T(to_math(param[i])), x, decay, scale);
-  if (MASTER) master[i] = float(p);
-  param[i] = store_param<P, SR>(p, sr_key, first + i);
+// Final per-element write of element i of w (weights.h): p = p * decay + scale * x.
+template <typename T, typename W>
+inline void write_param(const W& w, int64_t i, T x, T decay, T scale) {
+  w.store(i, adafactor_apply(w.template load<T>(i), x, decay, scale));
 }
 
 // The update of one element from its u: p = p * decay + scale * u, or with
 // BETA1 the step itself averaged, m = lerp(m, u * -scale, 1 - beta1), and
 // p = p * decay - m (m as stored).
-template <typename T, typename P, typename S, bool MASTER, bool BETA1, bool SR>
-inline void apply_element(P* param, float* master, S* exp_avg, int64_t i, T u, T decay, T scale, T m_weight,
-                          uint32_t sr_key, int64_t first) {
+template <typename T, typename S, bool BETA1, typename W>
+inline void apply_element(const W& w, S* exp_avg, int64_t i, T u, T decay, T scale, T m_weight) {
   if (BETA1) {
     const S m = Store<S>::from(lerp(T(to_math(exp_avg[i])), u * -scale, m_weight));
     exp_avg[i] = m;
-    write_param<T, P, MASTER, SR>(param, master, i, T(to_math(m)), decay, T(-1), sr_key, first);
+    write_param(w, i, T(to_math(m)), decay, T(-1));
   } else {
-    write_param<T, P, MASTER, SR>(param, master, i, u, decay, scale, sr_key, first);
+    write_param(w, i, u, decay, scale);
   }
 }
 

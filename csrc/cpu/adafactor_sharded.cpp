@@ -121,7 +121,7 @@ T grad_multiplier(const AdafactorHyper& h) {
 }
 
 // Phase "sums" (advances the steps).
-template <typename P, typename S, bool MASTER, bool BETA1, bool SR, bool M8>
+template <typename P, typename S, bool MASTER, bool REM, bool BETA1, bool SR, bool M8>
 struct Sums {
   static void run(const TensorTable& tt, const int64_t* dims, const AdafactorHyper& h, int num_threads,
                   double* row_sums, double* col_sums, double* p_sq) {
@@ -138,8 +138,7 @@ struct Sums {
       const int64_t t = task.tensor, R = L.R[size_t(t)], C = L.C[size_t(t)];
       const int64_t first = (task.batch * R + task.row0) * C;
       const P* __restrict__ grad = tt.ptr<const P>(kAfGrad, t) + first;
-      const P* __restrict__ param = MASTER ? nullptr : tt.ptr<const P>(kAfParam, t) + first;
-      const float* __restrict__ master = MASTER ? tt.ptr<const float>(kAfMaster, t) + first : nullptr;
+      const Weights<P, MASTER, REM, false> weights(tt, kAfParam, kAfMaster, t, first, 0u);  // read only
       T* __restrict__ colp = col_partial.data() + task.col_offset;
       std::fill(colp, colp + C, T(0));
       double p_acc = 0.0;
@@ -148,7 +147,7 @@ struct Sums {
 #pragma omp simd reduction(+ : g2, p2)
         for (int64_t c = 0; c < C; ++c) {
           const T x = T(to_math(grad[j * C + c])) * mult;
-          const T w = MASTER ? T(master[j * C + c]) : T(to_math(param[j * C + c]));
+          const T w = weights.template load<T>(j * C + c);
           g2 += x * x;
           p2 += w * w;
           colp[c] += x * x;
@@ -176,7 +175,7 @@ struct Sums {
 
 // Phase "factors": row_var and col_var from the whole rows' and columns' sums; the sum of row_var over the
 // local rows of each slice.
-template <typename P, typename S, bool MASTER, bool BETA1, bool SR, bool M8>
+template <typename P, typename S, bool MASTER, bool REM, bool BETA1, bool SR, bool M8>
 struct UpdateFactors {
   static void run(const TensorTable& tt, const int64_t* dims, const AdafactorHyper& h, int num_threads,
                   const double* row_sums, const double* col_sums, double* rv_sums) {
@@ -205,7 +204,7 @@ struct UpdateFactors {
 };
 
 // Phase "unorm": sum(u*u) per tensor, element by element.
-template <typename P, typename S, bool MASTER, bool BETA1, bool SR, bool M8>
+template <typename P, typename S, bool MASTER, bool REM, bool BETA1, bool SR, bool M8>
 struct Unorm {
   static void run(const TensorTable& tt, const int64_t* dims, const AdafactorHyper& h, int num_threads,
                   const double* rv_sums, double* u_sq) {
@@ -235,7 +234,7 @@ struct Unorm {
 };
 
 // Phase "update": p (and with beta1 exp_avg) from u and the whole tensors' sum(p*p), sum(u*u) over numel.
-template <typename P, typename S, bool MASTER, bool BETA1, bool SR, bool M8>
+template <typename P, typename S, bool MASTER, bool REM, bool BETA1, bool SR, bool M8>
 struct Update {
   static void run(const TensorTable& tt, const int64_t* dims, const AdafactorHyper& h, int num_threads,
                   const double* rv_sums, const double* p_sq, const double* u_sq, const int64_t* numel) {
@@ -255,11 +254,9 @@ struct Update {
         const int64_t t = task.tensor, R = L.R[size_t(t)], C = L.C[size_t(t)];
         const T decay = T(steps[size_t(t)].decay);
         const T s = T(tensor_scale(h, steps[size_t(t)], p_sq[t], u_sq[t], numel[t]));
-        const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, t) : 0u;
         const T* __restrict__ cv = f.colv.data() + L.col_base[size_t(t)] + task.batch * C;
         const T* __restrict__ rc = f.rcol.data() + L.col_base[size_t(t)] + task.batch * C;
-        P* __restrict__ param = tt.ptr<P>(kAfParam, t);
-        float* __restrict__ master = MASTER ? tt.ptr<float>(kAfMaster, t) : nullptr;
+        const Weights<P, MASTER, REM, SR> w(tt, kAfParam, kAfMaster, t, 0, h.sr.seed);
         S* __restrict__ exp_avg = BETA1 ? tt.ptr<S>(kAfExpAvg, t) : nullptr;
         const P* __restrict__ grad = tt.ptr<const P>(kAfGrad, t);
         for (int64_t r = task.row0; r < task.row0 + task.nrows; ++r) {
@@ -269,8 +266,7 @@ struct Update {
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
             const T u = factored_u(T(to_math(grad[o + c])) * mult, rq, rr, cv[c], rc[c], eps1_sq, inv_eps1);
-            apply_element<T, P, S, MASTER, BETA1, SR>(param, master, exp_avg, o + c, u, decay, s, m_weight, sr_key,
-                                                      0);
+            apply_element<T, S, BETA1>(w, exp_avg, o + c, u, decay, s, m_weight);
           }
         }
       }
@@ -278,22 +274,23 @@ struct Update {
   }
 };
 
-// Pass<P, S, MASTER, BETA1, SR, false>::run(args...) for the launch's beta1 and stochastic rounding.
-template <template <typename, typename, bool, bool, bool, bool> class Pass>
+// Pass<P, S, MASTER, REM, BETA1, SR, false>::run(args...) for the launch's remainders, beta1 and stochastic
+// rounding.
+template <template <typename, typename, bool, bool, bool, bool, bool> class Pass>
 struct Switches {
   template <typename P, typename S, bool MASTER>
   struct Op {
-    template <bool SR, typename... Args>
+    template <bool REM, bool SR, typename... Args>
     static void run_sr(const AdafactorHyper& h, Args&&... args) {
-      if (h.has_beta1) Pass<P, S, MASTER, true, SR, false>::run(args...);
-      else Pass<P, S, MASTER, false, SR, false>::run(args...);
+      if (h.has_beta1) Pass<P, S, MASTER, REM, true, SR, false>::run(args...);
+      else Pass<P, S, MASTER, REM, false, SR, false>::run(args...);
     }
     template <typename... Args>
     static void run(const AdafactorHyper& h, Args&&... args) {
       if constexpr (kStochasticRoundable<P, MASTER>) {
-        if (h.sr.on) return run_sr<true>(h, args...);
+        if (h.sr.on) return run_sr<false, true>(h, args...);
       }
-      run_sr<false>(h, args...);
+      with_remainder<P, MASTER>(h.remainder, [&](auto rem) { run_sr<decltype(rem)::value, false>(h, args...); });
     }
   };
 };

@@ -15,7 +15,8 @@ namespace fusedopt {
 template <typename P, bool MASTER, bool REM, bool SR>
 struct Weights {
   static_assert(!REM || (MASTER && std::is_same<P, bf16>::value), "remainders complete bf16 params");
-  static constexpr bool kStaged = MASTER && !REM;
+  static constexpr bool kStaged = MASTER && !REM;  // an fp32 master array
+  static constexpr bool kRemainder = REM;
   P* __restrict__ param;
   float* __restrict__ master;
   int16_t* __restrict__ rem;
@@ -50,6 +51,16 @@ struct Weights {
 
   template <typename T>
   void store(int64_t i, T p) const { store(i, p, param); }
+
+  // the same weights from element `by` on
+  Weights offset(int64_t by) const {
+    Weights w = *this;
+    w.param += by;
+    if (kStaged) w.master += by;
+    if (REM) w.rem += by;
+    w.begin += by;
+    return w;
+  }
 };
 
 }  // namespace fusedopt

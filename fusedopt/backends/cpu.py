@@ -17,7 +17,7 @@ DEVICE_TYPES = ("cpu",)
 TRACEABLE = True
 
 #: the ops whose kernels take master_weights="remainder"'s int16 remainders (Bucket.remainders)
-REMAINDER_OPS = frozenset({"adamw", "lamb", "sophia"})
+REMAINDER_OPS = frozenset({"adafactor", "adamw", "lamb", "sophia"})
 
 #: elements per chunk: the unit of work handed to one OpenMP thread
 CHUNK_SIZE = 1 << 16

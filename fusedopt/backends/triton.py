@@ -23,7 +23,7 @@ from ._dtypes import CODES, FP8_FORMATS, STATE_CODES
 
 NAME = "triton"
 #: the ops whose kernels take master_weights="remainder"'s int16 remainders (Bucket.remainders)
-REMAINDER_OPS = frozenset({"adamw", "lamb", "sophia"})
+REMAINDER_OPS = frozenset({"adafactor", "adamw", "lamb", "sophia"})
 DEVICE_TYPES = ("cuda", "cpu")
 
 #: elements per program, and per loop iteration inside a program; tests shrink
@@ -155,7 +155,7 @@ class _AdafactorLaunch:
         self.dummy = tables.numel  # stands in for absent pointer arguments
         stats_dtype, self.exp_avg_dtype = _adafactor_tables.adafactor_storage(bucket)
         self.flags = dict(P_KIND=CODES[bucket.dtype], S_KIND=CODES[stats_dtype], MASTER=bucket.masters is not None,
-                          GRAD_MULT=grad_mult is not None, MAXIMIZE=maximize, HAS_FOUND_INF=found_inf is not None)
+                          REM=bucket.remainders, GRAD_MULT=grad_mult is not None, MAXIMIZE=maximize, HAS_FOUND_INF=found_inf is not None)
         self.grad_mult = self.dummy if grad_mult is None else grad_mult
         self.found_inf = self.dummy if found_inf is None else found_inf
         self.head = (tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, self.n)

@@ -43,6 +43,7 @@ struct AdafactorHyper {
   const double* grad_mult;  // null: 1 (fp64: rounded once to the math type)
   const float* found_inf;  // GradScaler: skip everything when *found_inf != 0 (null: never)
   StochasticRounding sr;   // bf16 params without master weights rounded stochastically
+  bool remainder = false;  // the masters are int16 remainders of bf16 params (numeric.h: join_remainder)
 };
 
 template <typename T>
