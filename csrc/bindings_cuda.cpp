@@ -333,7 +333,7 @@ struct AdafactorLaunch {
 
 AdafactorLaunch adafactor_launch(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor,
                                  const Tensor& chunk_start, const Tensor& chunk_first, int64_t chunk_size,
-                                 int64_t param_dtype, int64_t state_dtype, bool has_master, bool fp8_exp_avg,
+                                 int64_t param_dtype, int64_t state_dtype, int64_t master, bool fp8_exp_avg,
                                  const std::optional<Tensor>& layout, int64_t n_tasks, int64_t n_slices,
                                  int64_t n_col_programs, int64_t col_total, double lr,
                                  const std::optional<Tensor>& lr_tensor, double beta2_decay, double eps1, double eps2,
@@ -343,6 +343,7 @@ AdafactorLaunch adafactor_launch(const Tensor& table, const Tensor& numel, const
                                  Tensor& u_partial, Tensor& rmean, Tensor& sums) {
   const fusedopt::TensorTable tt =
       make_table(table, numel, chunk_tensor, chunk_start, chunk_size, fusedopt::kAdafactorRows);
+  const bool has_master = master != 0;
   const auto [pdt, sdt] = storage(param_dtype, state_dtype, has_master);  // the statistics: never FP8
   check_cuda_tensor(chunk_first, at::kLong, tt.n_tensors + 1, "chunk_first");
   if (fp8_exp_avg) {
@@ -364,6 +365,7 @@ AdafactorLaunch adafactor_launch(const Tensor& table, const Tensor& numel, const
                              beta1.has_value(), beta1.value_or(0.0), device_scalar<double>(grad_mult, "grad_mult"),
                              device_scalar(found_inf, "found_inf")};
   h.sr = stochastic_rounding(sr_seed, pdt, has_master);
+  h.remainder = check_master(master, pdt);
   const fusedopt::AdafactorScratch scratch{ptr<double>(col_partial, "col_partial"), p_partial.data_ptr<double>(),
                                            u_partial.data_ptr<double>(), ptr<double>(rmean, "rmean"),
                                            sums.data_ptr<double>()};
@@ -375,7 +377,7 @@ AdafactorLaunch adafactor_launch(const Tensor& table, const Tensor& numel, const
 // for 0-d / 1-d ones; the fp64 scratch arrays as AdafactorScratch describes.
 void adafactor(const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor, const Tensor& chunk_start,
                const Tensor& chunk_first, int64_t chunk_size, int64_t param_dtype, int64_t state_dtype,
-               bool has_master, bool fp8_exp_avg, const std::optional<Tensor>& layout, int64_t n_tasks,
+               int64_t master, bool fp8_exp_avg, const std::optional<Tensor>& layout, int64_t n_tasks,
                int64_t n_slices, int64_t n_col_programs, int64_t col_total, double lr,
                const std::optional<Tensor>& lr_tensor, double beta2_decay, double eps1, double eps2, double d,
                double weight_decay, bool maximize, std::optional<double> beta1,
@@ -383,11 +385,11 @@ void adafactor(const Tensor& table, const Tensor& numel, const Tensor& chunk_ten
                std::optional<int64_t> sr_seed, Tensor& col_partial, Tensor& p_partial, Tensor& u_partial,
                Tensor& rmean, Tensor& sums, int64_t stream) {
   const AdafactorLaunch a = adafactor_launch(
-      table, numel, chunk_tensor, chunk_start, chunk_first, chunk_size, param_dtype, state_dtype, has_master,
+      table, numel, chunk_tensor, chunk_start, chunk_first, chunk_size, param_dtype, state_dtype, master,
       fp8_exp_avg, layout, n_tasks, n_slices, n_col_programs, col_total, lr, lr_tensor, beta2_decay, eps1, eps2, d,
       weight_decay, maximize, beta1, grad_mult, found_inf, sr_seed, col_partial, p_partial, u_partial, rmean, sums);
   const char* error = fusedopt::adafactor_cuda(a.tt, a.factored ? &a.L : nullptr, chunk_first.data_ptr<int64_t>(),
-                                               a.h, a.pdt, a.sdt, has_master, fp8_exp_avg, a.scratch,
+                                               a.h, a.pdt, a.sdt, master != 0, fp8_exp_avg, a.scratch,
                                                reinterpret_cast<void*>(stream));
   TORCH_CHECK(error == nullptr, "fusedopt cuda: adafactor launch failed: ", error);
 }
@@ -397,7 +399,7 @@ void adafactor(const Tensor& table, const Tensor& numel, const Tensor& chunk_ten
 // with each tensor's base in them, the whole tensors' R and C, the per-slice sums of row_var.
 void adafactor_sharded(int64_t phase, const Tensor& table, const Tensor& numel, const Tensor& chunk_tensor,
                        const Tensor& chunk_start, const Tensor& chunk_first, int64_t chunk_size, int64_t param_dtype,
-                       int64_t state_dtype, bool has_master, const std::optional<Tensor>& layout, int64_t n_tasks,
+                       int64_t state_dtype, int64_t master, const std::optional<Tensor>& layout, int64_t n_tasks,
                        int64_t n_slices, int64_t n_col_programs, int64_t col_total, double lr,
                        const std::optional<Tensor>& lr_tensor, double beta2_decay, double eps1, double eps2, double d,
                        double weight_decay, bool maximize, std::optional<double> beta1,
@@ -408,7 +410,7 @@ void adafactor_sharded(int64_t phase, const Tensor& table, const Tensor& numel, 
                        int64_t stream) {
   TORCH_CHECK(phase >= 0 && phase <= 3, "fusedopt cuda: adafactor_sharded phase must be 0, 1, 2 or 3, got ", phase);
   const AdafactorLaunch a = adafactor_launch(
-      table, numel, chunk_tensor, chunk_start, chunk_first, chunk_size, param_dtype, state_dtype, has_master, false,
+      table, numel, chunk_tensor, chunk_start, chunk_first, chunk_size, param_dtype, state_dtype, master, false,
       layout, n_tasks, n_slices, n_col_programs, col_total, lr, lr_tensor, beta2_decay, eps1, eps2, d, weight_decay,
       maximize, beta1, grad_mult, found_inf, sr_seed, col_partial, p_partial, u_partial, rmean, sums);
   const int64_t n = a.tt.n_tensors;
@@ -429,7 +431,7 @@ void adafactor_sharded(int64_t phase, const Tensor& table, const Tensor& numel, 
           ptr<double>(rv_sums, "rv_sums")};
   }
   const char* error = fusedopt::adafactor_sharded_cuda(int(phase), a.tt, a.factored ? &a.L : nullptr,
-                                                       chunk_first.data_ptr<int64_t>(), a.h, a.pdt, a.sdt, has_master,
+                                                       chunk_first.data_ptr<int64_t>(), a.h, a.pdt, a.sdt, master != 0,
                                                        a.scratch, sh, reinterpret_cast<void*>(stream));
   TORCH_CHECK(error == nullptr, "fusedopt cuda: adafactor_sharded launch failed: ", error);
 }
@@ -439,7 +441,7 @@ void adafactor_sharded(int64_t phase, const Tensor& table, const Tensor& numel, 
 TORCH_LIBRARY(FUSEDOPT_CUDA_LIBRARY, m) {
   m.def(
       "adafactor(Tensor table, Tensor numel, Tensor chunk_tensor, Tensor chunk_start, Tensor chunk_first, "
-      "int chunk_size, int param_dtype, int state_dtype, bool has_master, bool fp8_exp_avg, Tensor? layout, "
+      "int chunk_size, int param_dtype, int state_dtype, int master, bool fp8_exp_avg, Tensor? layout, "
       "int n_tasks, int n_slices, int n_col_programs, int col_total, float lr, Tensor? lr_tensor, "
       "float beta2_decay, float eps1, float eps2, float d, float weight_decay, bool maximize, float? beta1, "
       "Tensor? grad_mult, Tensor? found_inf, int? sr_seed, Tensor(a!) col_partial, Tensor(b!) p_partial, "
@@ -447,7 +449,7 @@ TORCH_LIBRARY(FUSEDOPT_CUDA_LIBRARY, m) {
       &adafactor);
   m.def(
       "adafactor_sharded(int phase, Tensor table, Tensor numel, Tensor chunk_tensor, Tensor chunk_start, "
-      "Tensor chunk_first, int chunk_size, int param_dtype, int state_dtype, bool has_master, Tensor? layout, "
+      "Tensor chunk_first, int chunk_size, int param_dtype, int state_dtype, int master, Tensor? layout, "
       "int n_tasks, int n_slices, int n_col_programs, int col_total, float lr, Tensor? lr_tensor, "
       "float beta2_decay, float eps1, float eps2, float d, float weight_decay, bool maximize, float? beta1, "
       "Tensor? grad_mult, Tensor? found_inf, int? sr_seed, Tensor(a!) col_partial, Tensor(b!) p_partial, "

@@ -90,7 +90,7 @@ __device__ __forceinline__ FactoredU<T, S> factored_u_of(const TensorTable& tt, 
 // keeping one partial row sum per row (registers) and writing the column's sum; row sums are
 // reduced per warp by shuffles, then over the warps in a fixed order.
 // RAW: the row sums of g^2 (fp64) go to row_out[row_base[t] + b * R + r], row_var is left as it is.
-template <typename P, typename S, bool MASTER, bool RAW>
+template <typename P, typename S, bool MASTER, bool REM, bool RAW>
 __global__ void __launch_bounds__(kThreads) row_stats_kernel(TensorTable tt, AdafactorLayout L, AdafactorHyper h,
                                                              double* col_partial, double* p_partial, double* row_out,
                                                              const int64_t* row_base) {
@@ -103,7 +103,8 @@ __global__ void __launch_bounds__(kThreads) row_stats_kernel(TensorTable tt, Ada
   const int64_t base = (b * R + row0) * C;
   const P* grad = tt.ptr<const P>(kAfGrad, t) + base;
   const P* param = tt.ptr<const P>(kAfParam, t) + base;
-  const float* master = MASTER ? tt.ptr<const float>(kAfMaster, t) + base : nullptr;
+  const float* master = MASTER && !REM ? tt.ptr<const float>(kAfMaster, t) + base : nullptr;
+  const int16_t* rem = REM ? tt.ptr<const int16_t>(kAfMaster, t) + base : nullptr;  // (remainders: numeric.h)
   const T mult = grad_factor<T>(h);
   T row_acc[kAfTaskRows];
 #pragma unroll
@@ -118,7 +119,7 @@ __global__ void __launch_bounds__(kThreads) row_stats_kernel(TensorTable tt, Ada
         const T g2 = g * g;
         row_acc[r] += g2;
         col += g2;
-        const T p = MASTER ? T(master[r * C + c]) : T(to_math(param[r * C + c]));
+        const T p = weight_at<T, MASTER, REM>(param, master, rem, r * C + c);
         p_acc += double(p * p);
       }
     }
@@ -255,35 +256,31 @@ __global__ void __launch_bounds__(kThreads) factored_unorm_kernel(TensorTable tt
 // --- 0-d and 1-d tensors ----------------------------------------------------------------------
 
 // A block per chunk: variance updated (u from the value as stored), partial sums of p^2 and u^2.
-template <typename P, typename S, bool MASTER>
+template <typename P, typename S, bool MASTER, bool REM>
 __global__ void __launch_bounds__(kThreads) vector_stats_kernel(TensorTable tt, AdafactorHyper h,
                                                                 double* p_partial, double* u_partial) {
   using T = typename MathOf<P>::type;
   if (skipped(h)) return;
   const Chunk chunk = tt.chunk(blockIdx.x);
   const int64_t t = chunk.tensor;
-  const P* param = tt.ptr<const P>(kAfParam, t) + chunk.start;
-  const float* master = MASTER ? tt.ptr<const float>(kAfMaster, t) + chunk.start : nullptr;
+  WeightPack<P, MASTER, REM> w(tt, kAfParam, kAfMaster, t, chunk.start);  // read only
   const P* grad = tt.ptr<const P>(kAfGrad, t) + chunk.start;
   S* variance = tt.ptr<S>(kAfVariance, t) + chunk.start;
-  const bool aligned = cuda::is_aligned(param) && cuda::is_aligned(grad) && cuda::is_aligned(variance) &&
-                       (!MASTER || cuda::is_aligned(master));
-  const T w = T(step_of(tt, h, t).one_minus_beta2_t), eps1_sq = T(h.eps1 * h.eps1), mult = grad_factor<T>(h);
+  const bool aligned = w.aligned() && cuda::is_aligned(grad) && cuda::is_aligned(variance);
+  const T lerp_w = T(step_of(tt, h, t).one_minus_beta2_t), eps1_sq = T(h.eps1 * h.eps1), mult = grad_factor<T>(h);
   double p_acc = 0.0, u_acc = 0.0;
   for (int64_t i = int64_t(threadIdx.x) * kILP; i < chunk.len; i += int64_t(kThreads) * kILP) {
-    P p_in[kILP], g_in[kILP];
+    P g_in[kILP];
     S v_io[kILP];
-    float master_in[kILP];
-    if (MASTER) cuda::load_pack(master_in, master, i, chunk.len, aligned);
-    else cuda::load_pack(p_in, param, i, chunk.len, aligned);
+    w.load(i, chunk.len, aligned);
     cuda::load_pack(g_in, grad, i, chunk.len, aligned);
     cuda::load_pack(v_io, variance, i, chunk.len, aligned);
 #pragma unroll
     for (int k = 0; k < kILP; ++k) {  // past the end: zeros in, nothing stored, nothing added
       const T g = T(to_math(g_in[k])) * mult;
-      v_io[k] = Store<S>::from(lerp(T(to_math(v_io[k])), g * g, w));
+      v_io[k] = Store<S>::from(lerp(T(to_math(v_io[k])), g * g, lerp_w));
       const T u = adafactor_u(g, T(to_math(v_io[k])), eps1_sq);
-      const T p = MASTER ? T(master_in[k]) : T(to_math(p_in[k]));
+      const T p = w.template get<T>(k);
       if (i + k < chunk.len) {
         p_acc += double(p * p);
         u_acc += double(u * u);
@@ -327,41 +324,32 @@ __device__ __forceinline__ ApplyScalars<T> apply_scalars(const TensorTable& tt, 
           T(h.eps1 * h.eps1), grad_factor<T>(h)};
 }
 
-// What both update kernels do around the first moment, for one chunk: load p
-// (or the master), g and the variance, form u, and write p = p * decay +
-// scale * u, or p * decay - m (the first moment as stored), back.
-template <typename P, typename S, bool MASTER, bool FACTORED, bool SR>
+// What both update kernels do around the first moment, for one chunk: load g
+// and the variance, form u, and move the weights (a WeightPack: p, its master,
+// or p and its remainder) to p * decay + scale * u, or p * decay - m (the
+// first moment as stored).
+template <typename P, typename S, bool FACTORED, bool SR>
 struct UpdateChunk {
   using T = typename MathOf<P>::type;
   Chunk chunk;
   ApplyScalars<T> s;
   uint32_t sr_key;
-  P* param;
   const P* grad;
   const S* variance;
-  float* master;
   FactoredU<T, S> u_at;
 
   __device__ UpdateChunk(const TensorTable& tt, const AdafactorLayout& L, const AdafactorHyper& h,
                          const double* rmean, const double* sums)
       : chunk(tt.chunk(blockIdx.x)), s(apply_scalars<T>(tt, h, sums, chunk.tensor)),
         sr_key(SR ? sr_tensor_key(h.sr.seed, chunk.tensor) : 0u),
-        param(tt.ptr<P>(kAfParam, chunk.tensor) + chunk.start),
         grad(tt.ptr<const P>(kAfGrad, chunk.tensor) + chunk.start),
-        variance(FACTORED ? nullptr : tt.ptr<const S>(kAfVariance, chunk.tensor) + chunk.start),
-        master(MASTER ? tt.ptr<float>(kAfMaster, chunk.tensor) + chunk.start : nullptr), u_at{} {
+        variance(FACTORED ? nullptr : tt.ptr<const S>(kAfVariance, chunk.tensor) + chunk.start), u_at{} {
     if (FACTORED) u_at = factored_u_of<T, S>(tt, L, h, rmean, chunk.tensor);
   }
 
-  __device__ bool aligned() const {
-    return cuda::is_aligned(param) && cuda::is_aligned(grad) && (FACTORED || cuda::is_aligned(variance)) &&
-           (!MASTER || cuda::is_aligned(master));
-  }
+  __device__ bool aligned() const { return cuda::is_aligned(grad) && (FACTORED || cuda::is_aligned(variance)); }
 
-  __device__ void load(int64_t i, bool aligned, P (&p_io)[kILP], float (&master_io)[kILP], P (&g_in)[kILP],
-                       S (&v_in)[kILP]) const {
-    if (MASTER) cuda::load_pack(master_io, master, i, chunk.len, aligned);
-    else cuda::load_pack(p_io, param, i, chunk.len, aligned);
+  __device__ void load(int64_t i, bool aligned, P (&g_in)[kILP], S (&v_in)[kILP]) const {
     cuda::load_pack(g_in, grad, i, chunk.len, aligned);
     if (!FACTORED) cuda::load_pack(v_in, variance, i, chunk.len, aligned);
   }
@@ -373,35 +361,31 @@ struct UpdateChunk {
   }
 
   // x: u (p += scale * u), or the first moment (p -= m)
-  __device__ void update(int64_t i, int k, T x, P (&p_io)[kILP], float (&master_io)[kILP], bool moment) const {
-    const T p = adafactor_apply(MASTER ? T(master_io[k]) : T(to_math(p_io[k])), x, s.decay, moment ? T(-1) : s.scale);
-    if (MASTER) master_io[k] = float(p);
-    p_io[k] = store_param<P, SR>(p, sr_key, chunk.start + i + k);
-  }
-
-  __device__ void store(int64_t i, bool aligned, const P (&p_io)[kILP], const float (&master_io)[kILP]) const {
-    if (MASTER) cuda::store_pack(master, master_io, i, chunk.len, aligned);
-    cuda::store_pack(param, p_io, i, chunk.len, aligned);
+  template <typename W>
+  __device__ void update(int64_t i, int k, T x, W& w, bool moment) const {
+    const T p = adafactor_apply(w.template get<T>(k), x, s.decay, moment ? T(-1) : s.scale);
+    w.template set<SR>(k, p, sr_key, chunk.start + i + k);
   }
 };
 
 // A block per chunk: u (factored, or from the stored variance), then p = p * decay + scale * u, or
 // with BETA1 m = lerp(m, u * -scale, 1 - beta1), p = p * decay - m. Lanes past the chunk's end
 // compute nothing and store nothing.
-template <typename P, typename S, bool MASTER, bool FACTORED, bool BETA1, bool SR>
+template <typename P, typename S, bool MASTER, bool REM, bool FACTORED, bool BETA1, bool SR>
 __global__ void __launch_bounds__(kThreads) apply_kernel(TensorTable tt, AdafactorLayout L, AdafactorHyper h,
                                                          const double* rmean, const double* sums) {
   using T = typename MathOf<P>::type;
   if (skipped(h)) return;
-  const UpdateChunk<P, S, MASTER, FACTORED, SR> c(tt, L, h, rmean, sums);
+  const UpdateChunk<P, S, FACTORED, SR> c(tt, L, h, rmean, sums);
   const int64_t len = c.chunk.len;
+  WeightPack<P, MASTER, REM> w(tt, kAfParam, kAfMaster, c.chunk.tensor, c.chunk.start);
   S* exp_avg = BETA1 ? tt.ptr<S>(kAfExpAvg, c.chunk.tensor) + c.chunk.start : nullptr;
-  const bool aligned = c.aligned() && (!BETA1 || cuda::is_aligned(exp_avg));
+  const bool aligned = c.aligned() && w.aligned() && (!BETA1 || cuda::is_aligned(exp_avg));
   for (int64_t i = int64_t(threadIdx.x) * kILP; i < len; i += int64_t(kThreads) * kILP) {
-    P p_io[kILP], g_in[kILP];
+    P g_in[kILP];
     S v_in[kILP], m_io[kILP];
-    float master_io[kILP];
-    c.load(i, aligned, p_io, master_io, g_in, v_in);
+    w.load(i, len, aligned);
+    c.load(i, aligned, g_in, v_in);
     if (BETA1) cuda::load_pack(m_io, exp_avg, i, len, aligned);
 #pragma unroll
     for (int k = 0; k < kILP; ++k) {
@@ -412,9 +396,9 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(TensorTable tt, Adafact
         m_io[k] = Store<S>::from(lerp(T(to_math(m_io[k])), u * -c.s.scale, c.s.m_weight));
         x = T(to_math(m_io[k]));
       }
-      c.update(i, k, x, p_io, master_io, BETA1);
+      c.update(i, k, x, w, BETA1);
     }
-    c.store(i, aligned, p_io, master_io);
+    w.store(i, len, aligned);
     if (BETA1) cuda::store_pack(exp_avg, m_io, i, len, aligned);
   }
 }
@@ -422,24 +406,26 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(TensorTable tt, Adafact
 // The same with exp_avg block-scaled FP8 (fp8_states.cuh): each iteration's new moments are
 // encoded with their blocks' new scales, and the params move by the moments as stored. Every
 // thread runs every iteration (q8_store_group has barriers); chunks are multiples of kQBlock.
-template <typename P, typename S, bool MASTER, bool FACTORED, bool SR>
+template <typename P, typename S, bool MASTER, bool REM, bool FACTORED, bool SR>
 __global__ void __launch_bounds__(kThreads) apply_fp8_kernel(TensorTable tt, AdafactorLayout L, AdafactorHyper h,
                                                              const double* rmean, const double* sums) {
   using T = typename MathOf<P>::type;
   __shared__ uint32_t scratch[kThreads / 32];
   if (skipped(h)) return;
-  const UpdateChunk<P, S, MASTER, FACTORED, SR> c(tt, L, h, rmean, sums);
+  const UpdateChunk<P, S, FACTORED, SR> c(tt, L, h, rmean, sums);
   const int64_t len = c.chunk.len;
+  WeightPack<P, MASTER, REM> w(tt, kAfParam, kAfMaster, c.chunk.tensor, c.chunk.start);
   uint8_t* exp_avg = tt.ptr<uint8_t>(kAfExpAvg, c.chunk.tensor) + c.chunk.start;
   float* m_scales = tt.ptr<float>(kAfExpAvgScale, c.chunk.tensor) + c.chunk.start / kQBlock;
-  const bool aligned = c.aligned() && cuda::is_aligned(exp_avg);
+  const bool aligned = c.aligned() && w.aligned() && cuda::is_aligned(exp_avg);
   for (int64_t base = 0; base < len; base += int64_t(kThreads) * kILP) {
     const int64_t i = base + int64_t(threadIdx.x) * kILP;
-    P p_io[kILP], g_in[kILP];
+    P g_in[kILP];
     S v_in[kILP];
     uint8_t m_in[kILP];
-    float master_io[kILP], m_new[kILP], m_stored[kILP];
-    c.load(i, aligned, p_io, master_io, g_in, v_in);
+    float m_new[kILP], m_stored[kILP];
+    w.load(i, len, aligned);
+    c.load(i, aligned, g_in, v_in);
     cuda::load_pack(m_in, exp_avg, i, len, aligned);
     const float m_scale = i < len ? m_scales[i / kQBlock] : 0.0f;  // read before the block's new scale
 #pragma unroll
@@ -451,9 +437,9 @@ __global__ void __launch_bounds__(kThreads) apply_fp8_kernel(TensorTable tt, Ada
     cuda::q8_store_group(exp_avg, m_scales, i, len, aligned, m_new, scratch, m_stored);
 #pragma unroll
     for (int k = 0; k < kILP; ++k) {
-      if (i + k < len) c.update(i, k, T(m_stored[k]), p_io, master_io, true);
+      if (i + k < len) c.update(i, k, T(m_stored[k]), w, true);
     }
-    c.store(i, aligned, p_io, master_io);
+    w.store(i, len, aligned);
   }
 }
 
@@ -469,28 +455,28 @@ struct Launch {
   cudaStream_t stream;
 };
 
-template <typename P, typename S, bool MASTER, bool FACTORED, bool SR>
+template <typename P, typename S, bool MASTER, bool REM, bool FACTORED, bool SR>
 void launch_apply(const Launch& a, const AdafactorLayout& L) {
   const dim3 grid(unsigned(a.tt.n_chunks));
   const double* rmean = a.scratch.rmean;
   const double* sums = a.scratch.sums;
   if (a.fp8_exp_avg) {
-    apply_fp8_kernel<P, S, MASTER, FACTORED, SR><<<grid, kThreads, 0, a.stream>>>(a.tt, L, a.h, rmean, sums);
+    apply_fp8_kernel<P, S, MASTER, REM, FACTORED, SR><<<grid, kThreads, 0, a.stream>>>(a.tt, L, a.h, rmean, sums);
   } else if (a.h.has_beta1) {
-    apply_kernel<P, S, MASTER, FACTORED, true, SR><<<grid, kThreads, 0, a.stream>>>(a.tt, L, a.h, rmean, sums);
+    apply_kernel<P, S, MASTER, REM, FACTORED, true, SR><<<grid, kThreads, 0, a.stream>>>(a.tt, L, a.h, rmean, sums);
   } else {
-    apply_kernel<P, S, MASTER, FACTORED, false, SR><<<grid, kThreads, 0, a.stream>>>(a.tt, L, a.h, rmean, sums);
+    apply_kernel<P, S, MASTER, REM, FACTORED, false, SR><<<grid, kThreads, 0, a.stream>>>(a.tt, L, a.h, rmean, sums);
   }
 }
 
-template <typename P, typename S, bool MASTER>
+template <typename P, typename S, bool MASTER, bool REM>
 struct StepOp {
   template <bool FACTORED>
   static void apply(const Launch& a, const AdafactorLayout& L) {
     if constexpr (kStochasticRoundable<P, MASTER>) {
-      if (a.h.sr.on) return launch_apply<P, S, MASTER, FACTORED, true>(a, L);
+      if (a.h.sr.on) return launch_apply<P, S, MASTER, REM, FACTORED, true>(a, L);
     }
-    launch_apply<P, S, MASTER, FACTORED, false>(a, L);
+    launch_apply<P, S, MASTER, REM, FACTORED, false>(a, L);
   }
 
   static void run(const Launch& a) {
@@ -500,7 +486,7 @@ struct StepOp {
     const dim3 per_tensor{unsigned(n)}, per_chunk{unsigned(tt.n_chunks)};
     if (a.layout != nullptr) {
       const AdafactorLayout& L = *a.layout;
-      row_stats_kernel<P, S, MASTER, false><<<dim3(unsigned(L.n_tasks)), kThreads, 0, a.stream>>>(
+      row_stats_kernel<P, S, MASTER, REM, false><<<dim3(unsigned(L.n_tasks)), kThreads, 0, a.stream>>>(
           tt, L, a.h, sc.col_partial, sc.p_partial, nullptr, nullptr);
       col_stats_kernel<P, S, false><<<dim3(unsigned(L.n_col_programs)), kThreads, 0, a.stream>>>(
           tt, L, a.h, sc.col_partial, sc.rmean, nullptr, nullptr);
@@ -510,7 +496,8 @@ struct StepOp {
       scales_kernel<<<dim3(unsigned((n + kThreads - 1) / kThreads)), kThreads, 0, a.stream>>>(tt, a.h, sc.sums);
       apply<true>(a, L);
     } else {
-      vector_stats_kernel<P, S, MASTER><<<per_chunk, kThreads, 0, a.stream>>>(tt, a.h, sc.p_partial, sc.u_partial);
+      vector_stats_kernel<P, S, MASTER, REM><<<per_chunk, kThreads, 0, a.stream>>>(tt, a.h, sc.p_partial,
+                                                                                    sc.u_partial);
       combine_kernel<false><<<per_tensor, kThreads, 0, a.stream>>>(sc.p_partial, a.chunk_first, sc.sums);
       combine_kernel<false><<<per_tensor, kThreads, 0, a.stream>>>(sc.u_partial, a.chunk_first, sc.sums + n);
       scales_kernel<<<dim3(unsigned((n + kThreads - 1) / kThreads)), kThreads, 0, a.stream>>>(tt, a.h, sc.sums);
@@ -520,7 +507,7 @@ struct StepOp {
 };
 
 // The phases of DTensor params' local shards (adafactor_sharded_cuda).
-template <typename P, typename S, bool MASTER>
+template <typename P, typename S, bool MASTER, bool REM>
 struct ShardedOp {
   static void run(const Launch& a, int phase, const AdafactorShardedScratch& sh) {
     const TensorTable& tt = a.tt;
@@ -528,19 +515,20 @@ struct ShardedOp {
     const int64_t n = tt.n_tensors;
     const dim3 per_tensor{unsigned(n)}, per_chunk{unsigned(tt.n_chunks)};
     if (phase == 3) {
-      if (a.layout != nullptr) StepOp<P, S, MASTER>::template apply<true>(a, *a.layout);
-      else StepOp<P, S, MASTER>::template apply<false>(a, AdafactorLayout{});
+      if (a.layout != nullptr) StepOp<P, S, MASTER, REM>::template apply<true>(a, *a.layout);
+      else StepOp<P, S, MASTER, REM>::template apply<false>(a, AdafactorLayout{});
       return;
     }
     if (a.layout == nullptr) {  // phase 0: variance updated, sum(p^2) and sum(u^2) per tensor
-      vector_stats_kernel<P, S, MASTER><<<per_chunk, kThreads, 0, a.stream>>>(tt, a.h, sc.p_partial, sc.u_partial);
+      vector_stats_kernel<P, S, MASTER, REM><<<per_chunk, kThreads, 0, a.stream>>>(tt, a.h, sc.p_partial,
+                                                                                    sc.u_partial);
       combine_kernel<false><<<per_tensor, kThreads, 0, a.stream>>>(sc.p_partial, a.chunk_first, sc.sums);
       combine_kernel<false><<<per_tensor, kThreads, 0, a.stream>>>(sc.u_partial, a.chunk_first, sc.sums + n);
       return;
     }
     const AdafactorLayout& L = *a.layout;
     if (phase == 0) {  // the rows' and columns' sums of g^2, sum(p^2) per tensor
-      row_stats_kernel<P, S, MASTER, true><<<dim3(unsigned(L.n_tasks)), kThreads, 0, a.stream>>>(
+      row_stats_kernel<P, S, MASTER, REM, true><<<dim3(unsigned(L.n_tasks)), kThreads, 0, a.stream>>>(
           tt, L, a.h, sc.col_partial, sc.p_partial, sh.row_sums, sh.row_base);
       col_stats_kernel<P, S, true><<<dim3(unsigned(L.n_col_programs)), kThreads, 0, a.stream>>>(
           tt, L, a.h, sc.col_partial, nullptr, sh.col_sums, sh.col_base);
@@ -552,6 +540,19 @@ struct ShardedOp {
       combine_kernel<false><<<per_tensor, kThreads, 0, a.stream>>>(sc.u_partial, a.chunk_first, sc.sums + n);
     }
   }
+};
+
+// Op<P, S, MASTER, REM> for dispatch_storage's Op<P, S, MASTER>: REM when the launch's masters are remainders.
+template <template <typename, typename, bool, bool> class Op>
+struct WithRemainder {
+  template <typename P, typename S, bool MASTER>
+  struct Of {
+    template <typename... Args>
+    static void run(const Launch& a, Args&&... args) {
+      with_remainder<P, MASTER>(a.h.remainder,
+                                [&](auto rem) { Op<P, S, MASTER, decltype(rem)::value>::run(a, args...); });
+    }
+  };
 };
 
 const char* last_error() {
@@ -566,7 +567,7 @@ const char* adafactor_cuda(const TensorTable& tt, const AdafactorLayout* layout,
                            bool fp8_exp_avg, const AdafactorScratch& scratch, void* stream) {
   if (tt.n_chunks == 0) return nullptr;
   const Launch launch{tt, layout, chunk_first, h, fp8_exp_avg, scratch, static_cast<cudaStream_t>(stream)};
-  dispatch_storage<StepOp>(param_dtype, state_dtype, has_master, launch);
+  dispatch_storage<WithRemainder<StepOp>::Of>(param_dtype, state_dtype, has_master, launch);
   return last_error();
 }
 
@@ -576,7 +577,7 @@ const char* adafactor_sharded_cuda(int phase, const TensorTable& tt, const Adafa
                                    const AdafactorShardedScratch& sharded, void* stream) {
   if (tt.n_chunks == 0) return nullptr;
   const Launch launch{tt, layout, chunk_first, h, false, scratch, static_cast<cudaStream_t>(stream)};
-  dispatch_storage<ShardedOp>(param_dtype, state_dtype, has_master, launch, phase, sharded);
+  dispatch_storage<WithRemainder<ShardedOp>::Of>(param_dtype, state_dtype, has_master, launch, phase, sharded);
   return last_error();
 }
 

@@ -106,6 +106,14 @@ struct WeightPack {
   }
 };
 
+// Element e of a chunk's weights read one at a time, as WeightPack::get does a pack's.
+template <typename T, bool MASTER, bool REM, typename P>
+__device__ __forceinline__ T weight_at(const P* param, const float* master, const int16_t* rem, int64_t e) {
+  if constexpr (REM) return T(join_remainder(param[e], rem[e]));
+  else if constexpr (MASTER) return T(master[e]);
+  else return T(to_math(param[e]));
+}
+
 // Tree reduction of one value per thread (sum, or max for kInf) and of a NaN
 // flag; thread 0 gets the result.
 template <typename Acc, bool IS_MAX>

@@ -17,7 +17,7 @@ from ._dtypes import CODES, FP8_FORMATS, FP8_STATE_DTYPE, STATE_CODES
 
 NAME = "cuda"
 #: the ops whose kernels take master_weights="remainder"'s int16 remainders (Bucket.remainders)
-REMAINDER_OPS = frozenset({"adamw", "lamb", "sophia"})
+REMAINDER_OPS = frozenset({"adafactor", "adamw", "lamb", "sophia"})
 DEVICE_TYPES = ("cuda",)
 
 #: elements per thread block's chunk
@@ -130,7 +130,7 @@ class _AdafactorArgs:
         self.fp8_exp_avg = exp_avg_dtype == FP8_STATE_DTYPE
         lr_tensor = lr if isinstance(lr, torch.Tensor) else None
         self.head = (tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.chunk_first,
-                     tables.chunk_size, CODES[bucket.dtype], CODES[stats_dtype], bucket.masters is not None)
+                     tables.chunk_size, CODES[bucket.dtype], CODES[stats_dtype], _master_code(bucket))
         self.middle = (layout.packed if layout else None,
                        *((layout.n_tasks, layout.n_slices, layout.n_col_programs, layout.col_total) if layout
                          else (0, 0, 0, 0)),
