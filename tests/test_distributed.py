@@ -363,21 +363,33 @@ def test_zero_small_buckets(world, stage):
 
 def zero_master_worker(rank, world):
     """bf16 params with fp32 masters: each rank holds 1/N of the masters too,
-    and the run matches a single-process FusedAdamW(master_weights=True)."""
+    and the run matches a single-process FusedAdamW(master_weights=True).
+    With master_weights="remainder" the shards keep int16 remainders that
+    rebuild the same masters bit for bit (the all-gather that rewrites the
+    params is not taken for an outside change)."""
     from fusedopt import FusedAdamW
     from fusedopt.distributed import ZeroOptimizer
 
-    single, net = small().bfloat16(), small().bfloat16()
+    single, net, twin = small().bfloat16(), small().bfloat16(), small().bfloat16()
     ref = FusedAdamW(single.parameters(), lr=0.05, master_weights=True)
     opt = ZeroOptimizer(net.parameters(), stage=2, lr=0.05, master_weights=True)
+    rem = ZeroOptimizer(twin.parameters(), stage=2, lr=0.05, master_weights="remainder")
     for step in range(3):
         x = global_batch(step, world).bfloat16()
         single(x).float().backward()
         ref.step()
         ref.zero_grad()
-        net(x.chunk(world)[rank]).float().backward()
-        opt.step()
-        opt.zero_grad()
+        for model, zero in ((net, opt), (twin, rem)):
+            model(x.chunk(world)[rank]).float().backward()
+            zero.step()
+            zero.zero_grad()
+    shards = [(a, b) for ga, gb in zip(opt.optimizer.param_groups, rem.optimizer.param_groups)
+              for a, b in zip(ga["params"], gb["params"])]
+    assert shards
+    for a, b in shards:
+        assert rem.optimizer.state[b]["master_remainder"].dtype == torch.int16
+        assert torch.equal(rem.optimizer.master_param(b).view(torch.int32),
+                           opt.optimizer.state[a]["master_param"].view(torch.int32))
     for p, q in zip(net.parameters(), single.parameters()):
         # the mean over ranks of bf16 grads is not the bf16 grad of the mean: a bf16 ulp or two
         torch.testing.assert_close(p.float(), q.float(), rtol=2**-6, atol=2**-8)

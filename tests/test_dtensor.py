@@ -81,14 +81,14 @@ class Layout:
             self.mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
             self.tp, self.dp = self.mesh["tp"], self.mesh["dp"]
 
-    def models(self, seed: int = 0, fsdp: bool = True):
+    def models(self, seed: int = 0, fsdp: bool = True, dtype: torch.dtype = torch.float32):
         from torch.distributed.fsdp import fully_shard
         from torch.distributed.tensor import Replicate, Shard
         from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel, SequenceParallel,
                                                        parallelize_module)
 
         torch.manual_seed(seed)
-        single = Net()
+        single = Net().to(dtype)
         model = copy.deepcopy(single)
         if self.name == "tp":  # the LayerNorm a plain module: groups mix DTensors and plain tensors
             parallelize_module(model, self.tp, {
@@ -115,10 +115,10 @@ class Layout:
             return x
         return x.chunk(self.dp.size())[self.dp.get_local_rank()]
 
-    def train(self, model, opt, steps, start=0, single=False, hessian=False):
+    def train(self, model, opt, steps, start=0, single=False, hessian=False, dtype=torch.float32):
         for step in range(start, start + steps):
             opt.zero_grad(set_to_none=True)
-            model(batch(step) if single else self.local_batch(step)).backward()
+            model((batch(step) if single else self.local_batch(step)).to(dtype)).backward()
             if hessian and step % 2 == 0:
                 opt.update_hessian()
             opt.step()
@@ -165,6 +165,26 @@ def check_optimizers(layout: Layout):
             layout.train(single, single_opt, STEPS, single=True, hessian=hessian)
             assert_same(model, single, opt, single_opt, what=f"{layout.name} {case} {backend}")
             torch.testing.assert_close(opt.last_grad_norm, single_opt.last_grad_norm, rtol=1e-5, atol=0)
+
+
+def check_remainders(layout: Layout):
+    """master_weights="remainder" on the layout's DTensor (and plain) bf16
+    params: the remainders are DTensors of the params' layout, and the masters
+    they rebuild are those of master_weights=True on the same layout, bit for
+    bit (nothing mistakes the layout's own writes for outside changes)."""
+    bf16 = torch.bfloat16
+    for cls, kwargs in ((FusedAdamW, CASES["adamw"][1]), (FusedLAMB, CASES["lamb"][1]),
+                        (FusedAdafactor, CASES["adafactor_beta1"][1])):
+        (model, _), (twin, _) = layout.models(dtype=bf16), layout.models(dtype=bf16)
+        opt = cls(model.parameters(), backend="cpu", master_weights="remainder", **kwargs)
+        ref = cls(twin.parameters(), backend="cpu", master_weights=True, **kwargs)
+        layout.train(model, opt, STEPS, dtype=bf16)
+        layout.train(twin, ref, STEPS, dtype=bf16)
+        for p, q in zip(model.parameters(), twin.parameters()):
+            rem = opt.state[p]["master_remainder"]
+            assert rem.dtype == torch.int16 and fusedopt.dtensor.is_dtensor(rem) == fusedopt.dtensor.is_dtensor(p)
+            mine, want = full(opt.master_param(p)), full(ref.state[q]["master_param"])
+            assert torch.equal(mine.view(torch.int32), want.view(torch.int32)), (layout.name, cls.__name__)
 
 
 def check_muon_owners(layout: Layout):
@@ -480,6 +500,7 @@ def layout_worker(rank, world, name, path):
     torch.set_num_threads(1)
     layout = Layout(name, world)
     check_optimizers(layout)
+    check_remainders(layout)
     check_muon_owners(layout)
     check_clip(layout)
     check_full_state_dict(layout)

@@ -339,3 +339,36 @@ def test_split_join_every_fp32():
         tie = ((bits & 0xFFFF) == 0x8000) & ~nan
         rne = master.to(torch.bfloat16).view(torch.int16)
         assert torch.equal(param.view(torch.int16)[~tie & ~nan], rne[~tie & ~nan]), hex(start)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_grad_scaler(backend):
+    """GradScaler with remainders: unscaled in the kernels as with fp32 masters
+    (the same masters), and a step with an inf leaves every param, remainder
+    and state as it was."""
+    if not _builds(backend, "adamw"):
+        pytest.skip(f"the {backend} backend has no remainder kernels yet (test_same_masters_as_master_weights)")
+    import warnings
+
+    warnings.filterwarnings("ignore", "GradScaler is going to stop", FutureWarning)
+    params = make_params([(300,), (7, 40)], torch.bfloat16)
+    ref = clone_params(params)
+    opt = fusedopt.FusedAdamW(params, lr=1e-2, backend=backend, master_weights="remainder")
+    opt_ref = fusedopt.FusedAdamW(ref, lr=1e-2, backend=backend, master_weights=True)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**10) for _ in range(2)]
+    for step in range(4):
+        for o, ps, scaler in ((opt, params, scalers[0]), (opt_ref, ref, scalers[1])):
+            loss = sum((p.float() * (step + 1 + i)).sin().sum() for i, p in enumerate(ps))
+            if step == 2:
+                loss = loss * float("inf")
+            scaler.scale(loss).backward()
+            if step == 2:
+                before = {k: v.clone() for k, v in o.state[ps[0]].items()}, ps[0].detach().clone()
+            scaler.step(o)
+            scaler.update()
+            o.zero_grad()
+            if step == 2:
+                assert all(torch.equal(v, before[0][k]) for k, v in o.state[ps[0]].items())
+                assert torch.equal(ps[0].detach(), before[1])
+    for p, q in zip(params, ref):
+        assert torch.equal(_bits(opt.master_param(p)), _bits(opt_ref.state[q]["master_param"]))

@@ -269,9 +269,11 @@ class PlanMixin:
           (``TRACEABLE``: cpu; the reference backend reads scalars on the
           host), DTensor or complex params, FP8
           states or copies, stochastic rounding (a seed drawn on the host),
-          pipeline stages, a composite optimizer's outer clip."""
+          pipeline stages, a composite optimizer's outer clip;
+        - master_weights="remainder": the check for params written outside
+          the optimizer reads version counters on the host."""
         if (self._across_stages is not None or self._outer_clip is not None or self._has_complex
-                or self.fp8 is not None or self.state_dtype == FP8_STATE_DTYPE):
+                or self.fp8 is not None or self.state_dtype == FP8_STATE_DTYPE or self.master_weights == "remainder"):
             return None
         for group in self.param_groups:
             if not isinstance(group["lr"], Tensor):
