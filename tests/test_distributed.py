@@ -390,6 +390,12 @@ def zero_master_worker(rank, world):
         assert rem.optimizer.state[b]["master_remainder"].dtype == torch.int16
         assert torch.equal(rem.optimizer.master_param(b).view(torch.int32),
                            opt.optimizer.state[a]["master_param"].view(torch.int32))
+    full, twin_full = opt.full_state_dict(), rem.full_state_dict()  # (int16 states gathered as bytes on gloo)
+    if rank == 0:
+        from fusedopt.reference import remainder
+        for i, p in enumerate(twin.parameters()):
+            assert torch.equal(remainder.join(p.detach(), twin_full["state"][i]["master_remainder"]).view(torch.int32),
+                               full["state"][i]["master_param"].view(torch.int32)), i
     for p, q in zip(net.parameters(), single.parameters()):
         # the mean over ranks of bf16 grads is not the bf16 grad of the mean: a bf16 ulp or two
         torch.testing.assert_close(p.float(), q.float(), rtol=2**-6, atol=2**-8)
@@ -649,12 +655,14 @@ def zero_muon_worker(rank, world, path):
     # its master rounded, and the masters stay within a step's size (lr) of one process's: the bf16 grads are
     # averaged over the ranks in another order, and both Newton-Schulz (small singular directions) and AdamW's
     # normalised step (small grads) make those last-bit differences large (the fp32 cases above are exact)
-    single, net = muon_net().bfloat16(), muon_net().bfloat16()
+    single, net, twin = muon_net().bfloat16(), muon_net().bfloat16(), muon_net().bfloat16()
     ref = FusedMuon(muon_groups(single), master_weights=True, **MUON_KW)
     opt = ZeroOptimizer(muon_groups(net), FusedMuon, master_weights=True, **MUON_KW)
+    rem = ZeroOptimizer(muon_groups(twin), FusedMuon, master_weights="remainder", **MUON_KW)
     muon_steps(single, ref, None, world, 3)
     muon_steps(net, opt, rank, world, 3)
-    full = opt.full_state_dict()
+    muon_steps(twin, rem, rank, world, 3)
+    full, twin_full = opt.full_state_dict(), rem.full_state_dict()
     if rank == 0:
         ours, theirs = ([p for g in muon_groups(m) for p in g["params"]] for m in (net, single))  # numbering order
         for i, (p, q) in enumerate(zip(ours, theirs)):
@@ -662,6 +670,13 @@ def zero_muon_worker(rank, world, path):
             assert master.dtype == torch.float32 and torch.equal(p.detach(), master.to(torch.bfloat16)), i
             torch.testing.assert_close(master, ref.state[q]["master_param"], rtol=0, atol=MUON_KW["lr"],
                                        msg=lambda m, i=i: f"master of param {i}: {m}")
+        # master_weights="remainder" under ZeRO: int16 remainders that rebuild the same masters bit for bit
+        for i, (p, t) in enumerate(zip(ours, [p for g in muon_groups(twin) for p in g["params"]])):
+            low = twin_full["state"][i]["master_remainder"]
+            assert low.dtype == torch.int16 and "master_param" not in twin_full["state"][i], i
+            from fusedopt.reference import remainder
+            assert torch.equal(remainder.join(t.detach(), low).view(torch.int32),
+                               full["state"][i]["master_param"].view(torch.int32)), i
     # GradScaler (power-of-two scale, no overflow): the unscaled run's bits
     plain, scaled = muon_net(), muon_net()
     plain_opt = ZeroOptimizer(muon_groups(plain), FusedMuon, **MUON_KW)

@@ -81,6 +81,7 @@ def test_ties_and_nan():
 # --- master_weights="remainder" in the optimizers -------------------------------------------------------
 
 import fusedopt  # noqa: E402
+from conftest import CPU_BACKENDS as TESTED  # noqa: E402
 from conftest import backend_params  # noqa: E402
 from fusedopt import backends  # noqa: E402
 from helpers import SHAPES, clone_params, make_params, run  # noqa: E402
@@ -290,7 +291,7 @@ def test_param_changed_outside():
     run(opt, list(module.parameters()), 1, start=2)
     module.load_state_dict(saved)
     run(opt, list(module.parameters()), 0)
-    opt._resync_changed_masters()
+    opt._outside.resync(opt.state)
     for p in module.parameters():
         assert not opt.state[p]["master_remainder"].any()
 
@@ -298,7 +299,7 @@ def test_param_changed_outside():
     opt = fusedopt.FusedAdamW([p], lr=1e-2, master_weights="remainder")
     run(opt, [p], 2)
     p.data.copy_(torch.zeros(50))  # not counted: the remainder still completes the old bits
-    opt._resync_changed_masters()
+    opt._outside.resync(opt.state)
     assert opt.state[p]["master_remainder"].any()
     opt.resync_master()
     assert not opt.state[p]["master_remainder"].any()
@@ -309,8 +310,6 @@ def test_refusals():
     half = torch.zeros(3, dtype=torch.float16, requires_grad=True)
     with pytest.raises(ValueError, match="float16: master_weights='remainder'"):
         fusedopt.FusedAdamW([half], master_weights="remainder", backend="reference")
-    with pytest.raises(ValueError, match="Muon's matrices"):
-        fusedopt.FusedMuon([torch.zeros(3, 3, requires_grad=True)], master_weights="remainder")
     # fp32 params ignore it, as they ignore master_weights=True
     p = make_params([(10,)])[0]
     opt = fusedopt.FusedAdamW([p], master_weights="remainder")
@@ -372,3 +371,46 @@ def test_grad_scaler(backend):
                 assert torch.equal(ps[0].detach(), before[1])
     for p, q in zip(params, ref):
         assert torch.equal(_bits(opt.master_param(p)), _bits(opt_ref.state[q]["master_param"]))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_muon(backend):
+    """FusedMuon with remainders: matrices (2-d and 3-d) and AdamW params (a
+    bias, a use_muon=False embedding) rebuild master_weights=True's masters
+    bit for bit; state_dicts convert both ways; outside writes resync."""
+    if backend not in TESTED:
+        pytest.skip(f"{backend} does not run here")
+
+    def model():
+        torch.manual_seed(0)
+        return [torch.randn(s).to(torch.bfloat16).requires_grad_() for s in ((16, 8), (2, 8, 12), (8,), (30, 4))]
+
+    def groups(ps):
+        return [{"params": ps[:3]}, {"params": ps[3:], "use_muon": False}]
+
+    params, ref = model(), model()
+    opt = fusedopt.FusedMuon(groups(params), lr=0.02, backend=backend, master_weights="remainder")
+    opt_ref = fusedopt.FusedMuon(groups(ref), lr=0.02, backend=backend, master_weights=True)
+    run(opt, params, 4)
+    run(opt_ref, ref, 4)
+    for p, q in zip(params, ref):
+        assert opt.state[p]["master_remainder"].dtype == torch.int16 and "master_param" not in opt.state[p]
+        assert torch.equal(_bits(opt.master_param(p)), _bits(opt_ref.state[q]["master_param"]))
+        assert torch.equal(_bits(p), _bits(remainder.split(opt.master_param(p))[0]))
+    plain = fusedopt.FusedMuon(groups(ref), lr=0.02, backend=backend, master_weights=True)
+    with torch.no_grad():  # the model's params first (a remainder completes its own param's bits), then the state
+        for p, q in zip(params, ref):
+            q.copy_(p)
+    plain.load_state_dict(opt.state_dict())
+    for p, q in zip(params, ref):
+        assert torch.equal(_bits(plain.state[q]["master_param"]), _bits(opt.master_param(p)))
+    again = fusedopt.FusedMuon(groups(params), lr=0.02, backend=backend, master_weights="remainder")
+    again.load_state_dict(opt_ref.state_dict())
+    for p, q in zip(params, ref):
+        assert torch.equal(_bits(again.master_param(p)), _bits(opt_ref.state[q]["master_param"]))
+    with torch.no_grad():
+        params[0].mul_(2)  # an outside write torch counts: the new value is the master at the next step
+    again._outside.resync(again.state)
+    assert not again.state[params[0]]["master_remainder"].any()
+    with pytest.raises(ValueError, match="float16"):
+        fusedopt.FusedMuon([torch.zeros(4, 4, dtype=torch.float16, requires_grad=True)], master_weights="remainder")

@@ -523,7 +523,7 @@ class ZeroOptimizer(WrappingOptimizer):
             own = self.optimizer.state[flat.shard]
             for name in sorted(self._elementwise(flat, own)):  # one gather per state, in one order on every rank
                 shards = [torch.empty_like(own[name]) for _ in range(self.world)] if self.rank == 0 else None
-                dist.gather(own[name].contiguous(), shards, dst=self._global(0), group=self.group)
+                dist.gather(_wire(own[name].contiguous()), _wires(shards), dst=self._global(0), group=self.group)
                 if self.rank != 0:
                     continue
                 whole = torch.cat(shards)
@@ -574,7 +574,7 @@ class ZeroOptimizer(WrappingOptimizer):
                     padded[:p.numel()] = self.optimizer.state[flat.views[k]][name].reshape(-1)
                     chunks = list(padded.split(size))
                 mine = torch.empty(size, dtype=dtype, device=flat.buffer.device)
-                dist.scatter(mine, chunks, src=self._global(flat.owner), group=self.group)
+                dist.scatter(_wire(mine), _wires(chunks), src=self._global(flat.owner), group=self.group)
                 entry[name] = DTensor.from_local(mine[:valid], mesh, [Shard(0)], run_check=False,
                                                  shape=(p.numel(),), stride=(1,))
             out[_matrix_key(index[id(p)])] = entry
@@ -596,7 +596,7 @@ class ZeroOptimizer(WrappingOptimizer):
                 padded = torch.zeros(size, dtype=local.dtype, device=flat.buffer.device)
                 padded[:local.numel()] = local.reshape(-1)
                 chunks = [torch.empty_like(padded) for _ in range(self.world)] if flat.views else None
-                dist.gather(padded, chunks, dst=self._global(flat.owner), group=self.group)
+                dist.gather(_wire(padded), _wires(chunks), dst=self._global(flat.owner), group=self.group)
                 if flat.views:
                     entry[name] = torch.cat(chunks)[:p.numel()].view_as(p).clone()
             per_view.append(entry)
@@ -615,13 +615,24 @@ class ZeroOptimizer(WrappingOptimizer):
             if self.rank == flat.owner:
                 vector = vectors[name]
                 if self.rank != 0:
-                    dist.send(vector, dst=self._global(0), group=self.group)
+                    dist.send(_wire(vector), dst=self._global(0), group=self.group)
             elif self.rank == 0:
                 vector = torch.empty(flat.numel, dtype=dtype, device=flat.buffer.device)
-                dist.recv(vector, src=self._global(flat.owner), group=self.group)
+                dist.recv(_wire(vector), src=self._global(flat.owner), group=self.group)
             if self.rank == 0:
                 out[name] = vector
         return out
+
+
+def _wire(t: Tensor) -> Tensor:
+    """What a state travels as in a collective: itself, or an int16 remainder
+    (master_weights="remainder") as its bytes (gloo has no int16); a view, so a
+    receiving buffer fills the state."""
+    return t.view(torch.uint8) if t.dtype == torch.int16 else t
+
+
+def _wires(tensors: list[Tensor] | None) -> list[Tensor] | None:
+    return None if tensors is None else [_wire(t) for t in tensors]
 
 
 def _matrix_key(number: int) -> str:

@@ -21,7 +21,11 @@ class FusedAdamW(FusedOptimizer):
       in ``state["master_param"]`` and fp32 moments; the step reads the master,
       the low-precision grad and the moments and writes the master, the moments
       and the param (the new master rounded once, to nearest even) in one pass.
-      fp32/fp64 params ignore it.
+      fp32/fp64 params ignore it. ``"remainder"`` (bf16 params): the same fp32
+      masters, kept as the param and its low 16 bits in
+      ``state["master_remainder"]`` (int16), the param rounded from the master
+      with ties away from zero (fusedopt/optim/masters.py;
+      ``master_param(p)`` returns the fp32 master).
     * ``state_dtype``: None (default: moments in the param's dtype, as torch;
       fp32 with master weights) or ``torch.bfloat16``: the moments are stored
       in bf16, rounded to nearest even at every store and widened to fp32 for

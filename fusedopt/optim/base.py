@@ -51,7 +51,8 @@ from ..backends._bucket import Bucket, advance_steps
 from ..backends._dtypes import FP8_STATE_DTYPE, LOW_PRECISION, SUPPORTED_PARAM_DTYPES, fp32_scalar
 from .checks import GroupCheck, check_options, check_state_dtype
 from .plans import _PLAIN, _PLAIN_OR_NONE, PlanMixin, _found_inf_on_every_rank, _GradScalars, _Plan
-from .state import StateMixin, _version
+from .masters import OutsideWrites
+from .state import StateMixin
 
 
 class FusedOptimizer(StateMixin, PlanMixin, Optimizer):
@@ -100,8 +101,8 @@ class FusedOptimizer(StateMixin, PlanMixin, Optimizer):
         #: step's clip coefficient (a 0-d device tensor), used instead of one from max_grad_norm
         self._outer_clip: Tensor | None = None
         self._has_complex = False  # some param is complex: its grads are read as real views
-        #: master_weights="remainder": each param's version counter when its remainder last matched it
-        self._outside_versions: dict[Tensor, int] = {}
+        #: master_weights="remainder": the params written outside the optimizer since it last wrote them
+        self._outside = OutsideWrites()
         super().__init__(params, defaults)
 
     # --- backend choice -------------------------------------------------------
@@ -207,7 +208,7 @@ class FusedOptimizer(StateMixin, PlanMixin, Optimizer):
         if "last_grad_norm" in state or not hasattr(self, "_last"):
             self._last = {"grad_norm": last}
         for name, default in (("state_dtype", None), ("stochastic_rounding", False), ("fp8", None),
-                              ("_across_stages", None), ("_outer_clip", None), ("_outside_versions", {})):
+                              ("_across_stages", None), ("_outer_clip", None), ("_outside", OutsideWrites())):
             if not hasattr(self, name):  # pickled before it existed
                 setattr(self, name, default)
         self._has_complex = any(isinstance(p, Tensor) and p.is_complex()
@@ -340,8 +341,8 @@ class FusedOptimizer(StateMixin, PlanMixin, Optimizer):
 
     def _eager_step(self, closure):
         loss = evaluate_closure(closure)
-        if self._outside_versions:
-            self._resync_changed_masters()
+        if self.master_weights == "remainder":
+            self._outside.resync(self.state)
         plans, writeback = self._plans_of_this_step()
         self._launch(plans)
         for original, staged in writeback:
@@ -352,31 +353,20 @@ class FusedOptimizer(StateMixin, PlanMixin, Optimizer):
 
     def resync_master(self, params=None) -> None:
         """master_weights="remainder": take each param's current value as its
-        master (its remainder set to 0), for params changed outside the
-        optimizer in ways torch does not count (writes through ``.data``);
-        changes torch counts (``p.copy_()`` under no_grad, a model's
+        master (its remainder zeroed), for params written outside the
+        optimizer where torch does not count it (through ``.data``); writes
+        torch counts (``p.copy_()`` under no_grad, a model's
         load_state_dict) are found at the next step and resynced there. All
-        params with a remainder, or those given."""
-        chosen = None if params is None else {id(p) for p in params}
-        for group in self.param_groups:
-            for p in group["params"]:
-                rem = self.state.get(p, {}).get("master_remainder")
-                if rem is not None and (chosen is None or id(p) in chosen):
-                    (rem._local_tensor if dtensor.is_dtensor(rem) else rem).zero_()
+        params, or those given."""
+        self._outside.zero(self._all_params() if params is None else params, self.state)
         self._record_master_versions()
 
-    def _resync_changed_masters(self) -> None:
-        """Zero the remainder of every param written since the last step (or
-        load) left it: the bits it completed belong to another value."""
-        for p, version in self._outside_versions.items():
-            if _version(p) != version:
-                rem = self.state[p]["master_remainder"]
-                (rem._local_tensor if dtensor.is_dtensor(rem) else rem).zero_()
-
     def _record_master_versions(self) -> None:
-        """Remember the version of every param with a remainder, as the step (or a resync) left them."""
-        self._outside_versions = {p: _version(p) for group in self.param_groups for p in group["params"]
-                                  if "master_remainder" in self.state.get(p, ())}
+        """After the optimizer (or a wrapper: ZeroOptimizer's gather) wrote the params."""
+        self._outside.record(self._all_params(), self.state)
+
+    def _all_params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
 
     def _launch(self, plans: list[_Plan]) -> None:
         """The step's device work for the plans: GradScaler's flag, the clip

@@ -15,7 +15,9 @@ from ..reference import fp8_states
 from ..reference.muon import DEFAULT_NS_COEFFICIENTS, adjusted_lr, newton_schulz, newton_schulz_batched
 from .adamw import FusedAdamW
 from .base import evaluate_closure
+from . import masters
 from .checks import GroupCheck, check_options, check_state_dtype
+from .masters import OutsideWrites
 from .plans import grad_multiplier
 
 #: where an FP8 momentum buffer keeps its block scales
@@ -57,7 +59,9 @@ class FusedMuon(Optimizer):
     plain params only): such a state_dict loads into FusedMuon with any
     state_dtype, not into torch.optim.Muon. Pipeline stages: fusedopt.distributed.
     PipelineOptimizer(parts, FusedMuon, ...), whose norm and GradScaler flag
-    span the stages as for the other optimizers.
+    span the stages as for the other optimizers. ``master_weights``: True or
+    "remainder" as FusedAdamW's (a matrix's remainder is joined into a
+    transient fp32 master for the step).
     """
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
@@ -86,16 +90,16 @@ class FusedMuon(Optimizer):
         if ns_dtype not in (torch.bfloat16, torch.float32):
             raise ValueError(f"ns_dtype must be torch.bfloat16 (torch's) or torch.float32, got {ns_dtype}")
         check_options(max_grad_norm, master_weights)
-        if master_weights == "remainder":
-            raise ValueError("FusedMuon: master_weights='remainder' is not built for Muon's matrices yet; use "
-                             "master_weights=True")
         #: clip by the global L2 norm of every grad (Muon's and AdamW's params together); None or 0: off
         self.max_grad_norm = float(max_grad_norm) if max_grad_norm else None
         #: that norm at the last step (a device tensor), with max_grad_norm
         self.last_grad_norm: Tensor | None = None
         check_state_dtype("FusedMuon", state_dtype)  # the other optimizers' choices (the inner FusedAdamW's too)
-        #: bf16/fp16 params keep an fp32 master (``master_param``) and an fp32 momentum buffer
+        #: bf16/fp16 params keep an fp32 master (``master_param``; "remainder": bf16 ones an int16
+        #: ``master_remainder``, fusedopt/optim/masters.py) and an fp32 momentum buffer
         self.master_weights = master_weights
+        #: master_weights="remainder": the matrices written outside the optimizer since it last wrote them
+        self._outside = OutsideWrites()
         #: the momentum buffers' (and the AdamW states') storage dtype; None: the grad's, as torch
         self.state_dtype = state_dtype
         self.backend_name = backends.validate_name(backend)
@@ -122,6 +126,8 @@ class FusedMuon(Optimizer):
         super().__setstate__(state)
         if not hasattr(self, "_across_stages"):
             self._across_stages = None
+        if not hasattr(self, "_outside"):
+            self._outside = OutsideWrites()
         self._adamw = self._build_adamw()  # over the (possibly new) groups, sharing the (possibly new) state
 
     # --- which params get what ---------------------------------------------
@@ -130,9 +136,17 @@ class FusedMuon(Optimizer):
     def _is_muon(group: dict, p: Tensor) -> bool:
         return bool(group["use_muon"]) and p.ndim >= 2
 
+    def _matrices(self) -> list[Tensor]:
+        """The params Muon itself steps (the others: the inner FusedAdamW's)."""
+        return [p for g in self.param_groups for p in g["params"] if self._is_muon(g, p)]
+
     def add_param_group(self, param_group: dict) -> None:
         params = param_group.get("params")
         params = [params] if isinstance(params, Tensor) else list(params or ())
+        if self.master_weights == "remainder" and any(isinstance(p, Tensor) and p.dtype == torch.float16
+                                                      for p in params):
+            raise ValueError("FusedMuon: float16 params with master_weights='remainder': it keeps an fp32 master as "
+                             "a bf16 param's bits and 16 more, which fp16's layout cannot; use master_weights=True")
         if self.state_dtype == FP8_STATE_DTYPE and any(dtensor.is_dtensor(p) for p in params):
             raise ValueError("FusedMuon: FP8 momentum (state_dtype=torch.float8_e4m3fn) is not supported on DTensor "
                              "params yet (its block scales are per local shard); use torch.bfloat16 or None")
@@ -177,6 +191,8 @@ class FusedMuon(Optimizer):
         grads as the read happens."""
         loss = evaluate_closure(closure)
         work = [self._muon_params(group) for group in self.param_groups]  # every check before any update
+        if self.master_weights == "remainder":
+            self._outside.resync(self.state)
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         power, dtype = self._grad_power() if self.max_grad_norm else (None, None)
         if self._across_stages is not None:
@@ -190,6 +206,8 @@ class FusedMuon(Optimizer):
                 if mult is not None:  # clip_grad_norm_'s product, without writing into the grads
                     grads = [g * dtensor.scalar_like(g, mult.to(g.device)) for g in grads]
                 self._muon_group(group, params, grads)
+        if self.master_weights == "remainder":
+            self._outside.record(self._matrices(), self.state)
         if self._adamw is not None:
             inner = self._adamw
             for index, group in zip(self._adamw_groups, inner.param_groups):
@@ -258,7 +276,31 @@ class FusedMuon(Optimizer):
         return params, grads
 
     def _uses_master(self, p: Tensor) -> bool:
-        return self.master_weights and p.dtype in (torch.bfloat16, torch.float16)
+        return self._master_name(p) is not None
+
+    def _master_name(self, p: Tensor) -> str | None:
+        return masters.name_of(self.master_weights, p)
+
+    def master_param(self, p: Tensor) -> Tensor:
+        """As FusedAdamW.master_param: p's fp32 master (joined from its
+        remainder with master_weights="remainder"), p itself without one."""
+        if self._master_name(p) is None:
+            return p
+        master = masters.fp32_of(p, self.state.get(p, {}))
+        return master if master is not None else p.detach().to(torch.float32, copy=True)
+
+    def resync_master(self, params=None) -> None:
+        """As FusedAdamW.resync_master: the params' current values become their masters."""
+        params = [p for g in self.param_groups for p in g["params"]] if params is None else list(params)
+        self._outside.zero(params, self.state)
+        self._record_master_versions()
+
+    def _record_master_versions(self) -> None:
+        """After the optimizer (or a wrapper: ZeroOptimizer's broadcast) wrote the params: the matrices
+        here, the others in the inner FusedAdamW (which checks them as it steps them)."""
+        self._outside.record(self._matrices(), self.state)
+        if self._adamw is not None:
+            self._adamw._record_master_versions()
 
     def _buffer_dtype(self, p: Tensor, g: Tensor) -> torch.dtype:
         """torch's: the grad's dtype; fp32 beside an fp32 master; else state_dtype when given
@@ -271,8 +313,9 @@ class FusedMuon(Optimizer):
         """The states (names, dtypes) a matrix param like p gets: a wrapper's
         template on ranks that do not hold them (ZeroOptimizer)."""
         dtypes = {"momentum_buffer": self._buffer_dtype(p, p)}
-        if self._uses_master(p):
-            dtypes["master_param"] = torch.float32
+        name = self._master_name(p)
+        if name is not None:
+            dtypes[name] = masters.DTYPES[name]
         return dtypes
 
     def _check_group(self, group: dict, where: str) -> None:
@@ -289,8 +332,9 @@ class FusedMuon(Optimizer):
             elif "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(g, dtype=self._buffer_dtype(p, g),
                                                             memory_format=torch.preserve_format)
-            if self._uses_master(p) and "master_param" not in state:
-                state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
+            name = self._master_name(p)
+            if name is not None and name not in state:
+                state[name] = masters.initial(p, name)
             bufs.append(state["momentum_buffer"])
         return bufs
 
@@ -316,8 +360,9 @@ class FusedMuon(Optimizer):
     def _muon_group(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
         lr = float(group["lr"])
         bufs = self._momentum_buffers(params, grads)
-        # what the update is applied to: the fp32 master where there is one, rounded into the param after
-        targets = [self.state[p]["master_param"] if self._uses_master(p) else p for p in params]
+        # what the update is applied to: the fp32 master where there is one (joined from a remainder: a
+        # transient fp32 copy), rounded into the param after (split into param and remainder)
+        targets = [masters.fp32_of(p, self.state[p]) if self._uses_master(p) else p for p in params]
         updates = self._updates(group, params, grads, bufs)
         _foreach(torch._foreach_mul_, targets, 1 - lr * group["weight_decay"])
         if self.backend_name == "reference":  # torch.optim.Muon's iteration, matrix by matrix
@@ -345,7 +390,12 @@ class FusedMuon(Optimizer):
             for alpha, index in by_alpha.items():
                 _foreach(torch._foreach_add_, [targets[i] for i in index], [results[i] for i in index], alpha=alpha)
         for p, t in zip(params, targets):
-            if t is not p:
+            if t is p:
+                continue
+            rem = self.state[p].get("master_remainder")
+            if rem is not None:
+                masters.store_split_(p, rem, t)
+            else:
                 p.copy_(t)  # round to nearest even
 
     @staticmethod
@@ -424,6 +474,7 @@ class FusedMuon(Optimizer):
                                       for g in state_dict["param_groups"]]
         super().load_state_dict(state_dict)  # casts every state to its param's dtype: undone below
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        writes = []  # params rewritten from saved fp32 masters (master_weights="remainder"), after every check
         for saved_id, (group, p) in zip(saved_ids, [(g, p) for g in self.param_groups for p in g["params"]]):
             saved, state = state_dict["state"].get(saved_id), self.state.get(p)
             if not saved or not state or not self._is_muon(group, p):
@@ -431,16 +482,21 @@ class FusedMuon(Optimizer):
             state.pop(_SCALE, None)  # (torch's load cast it to the param's dtype)
             if "momentum_buffer" in saved:
                 self._load_buffer(p, state, saved)
-            if self._uses_master(p):  # the saved fp32 master, or one from the param (a torch checkpoint)
-                state["master_param"] = saved.get("master_param", p).detach().to(p.device, torch.float32, copy=True)
-            else:
-                state.pop("master_param", None)
+            for name, dtype in masters.DTYPES.items():  # as saved (torch's load cast them to the param's dtype)
+                state.pop(name, None)
+                if isinstance(saved.get(name), Tensor):
+                    state[name] = saved[name].detach().to(p.device, dtype, copy=True)
+            # the saved master in this optimizer's form, or one from the param (a torch checkpoint)
+            writes += masters.convert_loaded(self._master_name(p), p, state, "FusedMuon")
         self._adamw = self._build_adamw()
         if self._adamw is not None:
             inner = self._adamw
             inner.load_state_dict(self._adamw_state_dict(state_dict))  # FusedAdamW's conversions and checks
             self.state.update(inner.state)
             inner.state = self.state
+        for target, bits in writes:
+            target.copy_(bits)
+        self._record_master_versions()
 
     def _load_buffer(self, p: Tensor, state: dict, saved: dict) -> None:
         """The saved momentum buffer in this optimizer's storage: FP8 ones

@@ -12,7 +12,8 @@ from torch import Tensor
 
 from .. import dtensor
 from ..backends._dtypes import FP8_STATE_DTYPE, LOW_PRECISION
-from ..reference import fp8_states, remainder
+from ..reference import fp8_states
+from . import masters
 
 
 #: the FP8 copy's state (fusedopt.fp8.Float8Recipe)
@@ -20,16 +21,8 @@ _FP8_STATES = ("fp8_weight", "fp8_scale", "fp8_scale_inv", "fp8_amax_history")
 
 
 #: states whose dtype does not follow state_dtype (None: the saved one)
-_FIXED_DTYPES = {"master_param": torch.float32, "master_remainder": torch.int16, "fp8_weight": None, "fp8_scale": torch.float32,
+_FIXED_DTYPES = {**masters.DTYPES, "fp8_weight": None, "fp8_scale": torch.float32,
                  "fp8_scale_inv": torch.float32, "fp8_amax_history": torch.float32}
-
-
-_MASTERS = ("master_param", "master_remainder")
-
-
-def _version(p: Tensor) -> int:
-    """The version counter of what the kernels write of p (a DTensor's local shard)."""
-    return (p._local_tensor if dtensor.is_dtensor(p) else p)._version
 
 
 def _fp8_state_matches(state: dict, recipe) -> bool:
@@ -55,15 +48,9 @@ class StateMixin:
         """Whether p's update works on an fp32 master (kept whole, or as a remainder)."""
         return bool(self.master_weights) and p.dtype in LOW_PRECISION
 
-    def _uses_remainder(self, p: Tensor) -> bool:
-        """Whether p's fp32 master is kept as p's bf16 bits and a 16-bit remainder (reference/remainder.py)."""
-        return self.master_weights == "remainder" and p.dtype == torch.bfloat16
-
     def _master_name(self, p: Tensor) -> str | None:
         """The state that holds p's master: fp32 ``master_param``, int16 ``master_remainder``, or None."""
-        if not self._uses_master(p):
-            return None
-        return "master_remainder" if self._uses_remainder(p) else "master_param"
+        return masters.name_of(self.master_weights, p)
 
     def master_param(self, p: Tensor) -> Tensor:
         """The fp32 master of param p as the last step left it: with
@@ -73,18 +60,10 @@ class StateMixin:
         fp32/fp64 params (no master) p itself. E.g. to feed torch.optim.AdamW
         on fp32 copies: ``[opt.master_param(p) for p in params]`` and
         ``load_state_dict`` of this optimizer's state_dict."""
-        name = self._master_name(p)
-        if name is None:
+        if self._master_name(p) is None:
             return p
-        state = self.state.get(p, {})
-        if name not in state:
-            return p.detach().to(torch.float32, copy=True)
-        if name == "master_param":
-            return state[name]
-        rem = state[name]
-        if dtensor.is_dtensor(p):
-            return dtensor.like(p, remainder.join(p._local_tensor.detach(), rem._local_tensor))
-        return remainder.join(p.detach(), rem)
+        master = masters.fp32_of(p, self.state.get(p, {}))
+        return master if master is not None else p.detach().to(torch.float32, copy=True)
 
     def _uses_fp8(self, p: Tensor) -> bool:
         """Whether p gets an FP8 copy: with a recipe, when its working copy is fp32."""
@@ -207,11 +186,7 @@ class StateMixin:
                     dtensor.like(p, value, self._state_placements(p, name), shape)
         master_name = self._master_name(p)
         if master_name is not None and master_name not in state:
-            # the master starts as the param: an fp32 copy, or a zero remainder (the bf16 bits are all of it)
-            master = lp.detach().to(_FIXED_DTYPES[master_name], memory_format=torch.preserve_format, copy=True)
-            if master_name == "master_remainder":
-                master.zero_()
-            state[master_name] = dtensor.like(p, master) if sharded else master
+            state[master_name] = masters.initial(p, master_name)
         if self._uses_fp8(p) and "fp8_weight" not in state:
             state.update(self.fp8.initial_state(self.master_param(p)))
         return state
@@ -271,7 +246,7 @@ class StateMixin:
                     state.pop(name, None)
             if dtensor.is_dtensor(p) or any(dtensor.is_dtensor(v) for v in state.values()):
                 self._place_loaded(group, p, state)
-            writes += self._convert_master(p, state)
+            writes += masters.convert_loaded(self._master_name(p), p, state, type(self).__name__)
         for index, group in enumerate(self.param_groups):
             self._check_group(group, f"param group {index} of the loaded state_dict")
             for p in group["params"]:
@@ -281,41 +256,7 @@ class StateMixin:
                     raise ValueError(f"{type(self).__name__}.load_state_dict: {e}") from None
         for target, bits in writes:
             target.copy_(bits)
-        self._outside_versions = {p: _version(p) for _, p in params if "master_remainder" in self.state.get(p, ())}
-
-    def _convert_master(self, p: Tensor, state: dict) -> list[tuple[Tensor, Tensor]]:
-        """The loaded master in the form this optimizer keeps (_master_name):
-        an fp32 master is split into the bf16 param and its remainder (the
-        param is rewritten: it differs from the master's round-to-nearest-even
-        at exact ties, reference/remainder.py), a remainder is joined with the
-        param (loaded into the model before, as usual) into an fp32 master;
-        with neither (a torch.optim checkpoint) the master is the param.
-        Returns the param writes, made once every state is checked."""
-        want = self._master_name(p)
-        fp32, rem = state.pop("master_param", None), state.pop("master_remainder", None)
-        if want is None:
-            return []
-        sharded = dtensor.is_dtensor(p)
-        lp = p._local_tensor if sharded else p
-        local = (lambda t: t._local_tensor if dtensor.is_dtensor(t) else t) if sharded else (lambda t: t)
-        if want == "master_param":
-            if fp32 is None and isinstance(rem, Tensor) and rem.shape == p.shape and rem.dtype == torch.int16:
-                master = remainder.join(lp.detach(), local(rem).to(lp.device))
-                fp32 = dtensor.like(p, master) if sharded else master
-            state[want] = fp32 if fp32 is not None else self.master_param(p)
-        elif isinstance(fp32, Tensor):
-            if local(fp32).shape != lp.shape:
-                raise ValueError(f"{type(self).__name__}.load_state_dict: master_param of shape "
-                                 f"{tuple(fp32.shape)} for a param of shape {tuple(p.shape)}")
-            bits, low = remainder.split(local(fp32).to(lp.device, torch.float32))
-            state[want] = dtensor.like(p, low) if sharded else low
-            return [(lp.detach(), bits)]
-        elif rem is not None:
-            state[want] = rem  # _check_state says what is wrong with it if anything
-        else:
-            low = torch.zeros_like(lp, dtype=torch.int16)
-            state[want] = dtensor.like(p, low) if sharded else low
-        return []
+        self._outside.record([p for _, p in params], self.state)
 
     def _place_loaded(self, group: dict, p: Tensor, state: dict) -> None:
         """Loaded states in the layout the kernels take for p: for a DTensor
@@ -328,7 +269,7 @@ class StateMixin:
         shapes = self._state_shapes(group, p, self._bucket_kind(p))
         sharding = dtensor.sharding_of(p)
         for name, value in list(state.items()):
-            if not isinstance(value, Tensor) or name == "step" or (name not in shapes and name not in _MASTERS):
+            if not isinstance(value, Tensor) or name == "step" or (name not in shapes and name not in masters.DTYPES):
                 continue
             if sharding is None:
                 if dtensor.is_dtensor(value):

@@ -1,6 +1,8 @@
 """Exact fp32 master weights kept as a bf16 param and a 16-bit remainder: the
-specification (issue 27's ``master_weights="remainder"``; not wired into the
-optimizers yet).
+specification of ``master_weights="remainder"`` (the kernels spell it as
+join_remainder / split_remainder in csrc/include/fusedopt/numeric.h and
+load_joined / store_split in kernels/_numeric.py; fusedopt/optim/masters.py
+keeps the states).
 
 An fp32 master's bit pattern M splits into its upper and lower 16 bits. The
 bf16 param is the upper half rounded by the lower half's top bit, as
