@@ -84,7 +84,7 @@ import fusedopt  # noqa: E402
 from conftest import CPU_BACKENDS as TESTED  # noqa: E402
 from conftest import backend_params  # noqa: E402
 from fusedopt import backends  # noqa: E402
-from helpers import SHAPES, clone_params, make_params, run  # noqa: E402
+from helpers import SHAPES, clone_params, cross_on_triton, make_params, run  # noqa: E402
 from optim_db import optimizers  # noqa: E402
 
 FUSED = optimizers(lr=1e-2, fused=True)
@@ -105,13 +105,16 @@ def _bits(t):
     return t.detach().view(torch.int16) if t.dtype == torch.bfloat16 else t.detach().view(torch.int32)
 
 
+@pytest.mark.parametrize("state_dtype", [None, torch.bfloat16, torch.float8_e4m3fn])
 @pytest.mark.parametrize("name", FUSED)
 @pytest.mark.parametrize("backend", backend_params())
-def test_same_masters_as_master_weights(name, backend):
+def test_same_masters_as_master_weights(name, backend, state_dtype):
     """Many steps with remainders and with fp32 masters: the masters bit for
     bit; each param is its master's remainder rounding, which is the fp32
     masters' round-to-nearest-even param but at exact ties."""
+    cross_on_triton(backend, state_dtype is None, "the default states")
     cls, kwargs = FUSED[name]
+    kwargs = {**kwargs, "state_dtype": state_dtype}
     params = _zoo()
     if not _builds(backend, cls._op):
         with pytest.raises(ValueError, match=f"not built for the {backend} backend's {cls._op}"):
@@ -134,7 +137,7 @@ def test_same_masters_as_master_weights(name, backend):
         for key, value in opt_ref.state[q].items():
             if key != "master_param":
                 assert torch.equal(opt.state[p][key], value), key
-    assert ties < 3  # (a tie is 1 in 65,536 values)
+    assert ties <= sum(p.numel() for p in params) // 100  # rare (1 in 65,536 random values; more with bf16 updates)
 
 
 OPTIONS = {
