@@ -174,15 +174,18 @@ def test_adamw_options(option, backend):
 @pytest.mark.parametrize("backend", backend_params())
 def test_every_class_of_fp32_through_the_kernel(backend):
     """Masters of every upper half with lower halves of every class (the
-    tie, the extremes) go through a step that leaves them as they are (lr 0,
-    zero grads): each comes back bit for bit (NaN as NaN), and the param is
-    the encoding's."""
+    tie, the extremes) and random ones go through a step that leaves them as
+    they are (lr 0, zero grads): each comes back bit for bit (NaN as NaN), and
+    the param is the encoding's. (Through AdamW, whose step with lr 0 is the
+    identity on every value; every kernel of a backend joins and splits with
+    the same helpers: weights.h, WeightPack, load_weight / store_weight.)"""
     if not _builds(backend, "adamw"):
         pytest.skip(f"the {backend} backend has no remainder kernels yet (test_same_masters_as_master_weights)")
     upper = torch.arange(0x10000, dtype=torch.int64)
     if backend == "triton":  # the interpreter: every sign and exponent with edge mantissas
         upper = upper[((upper & 0x7F) < 2) | ((upper & 0x7F) > 0x7D)]
     lows = torch.tensor([0x0000, 0x0001, 0x7FFF, 0x8000, 0x8001, 0xFFFF], dtype=torch.int64)
+    lows = torch.cat([lows, torch.randint(0, 0x10000, (4,), generator=torch.Generator().manual_seed(1))])
     bits = (upper[:, None] << 16 | lows[None, :]).flatten()
     master = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
     p = torch.zeros(master.shape, dtype=torch.bfloat16, requires_grad=True)
