@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -301,30 +302,41 @@ void fp8_update_(const Tensor& amax, const Tensor& history, const Tensor& scales
                                     float(fp8_max), int(margin));
 }
 
-// LAMB's lists, checked and tabled in MomentRow layout (no max_exp_avg_sq).
-HostTable lamb_table(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
-                     TensorList exp_avg_scales, TensorList exp_avg_sq_scales, TensorList masters, TensorList steps,
-                     int64_t chunk_size) {
-  for (auto [list, what] : {std::pair{grads, "grads"}, {exp_avgs, "exp_avg"}, {exp_avg_sqs, "exp_avg_sq"},
-                            {steps, "steps"}})
-    require(list, params.size(), what);
+// The lists of a two-moment op (LAMB's exp_avg and exp_avg_sq, Sophia's exp_avg
+// and hessian: `second` names it), checked and tabled in MomentRow layout: the
+// second moment in the second-moment row, its block scales in that row's.
+HostTable moment_table(TensorList params, TensorList grads, TensorList firsts, TensorList seconds,
+                       TensorList first_scales, TensorList second_scales, TensorList masters, TensorList steps,
+                       bool has_master, int64_t chunk_size, const std::string& second) {
+  require(grads, params.size(), "grads");
+  require(seconds, params.size(), second.c_str());
   const at::ScalarType pdt = params[0].scalar_type();
-  const at::ScalarType sdt = state_dtype_of(pdt, {exp_avgs, exp_avg_sqs}, !masters.empty(), true);
+  const at::ScalarType sdt = state_dtype_of(pdt, {seconds, firsts}, has_master, true);
   if (sdt == at::kFloat8_e4m3fn) {
-    check_block_scales(exp_avg_scales, exp_avgs, "exp_avg_scale");
-    check_block_scales(exp_avg_sq_scales, exp_avg_sqs, "exp_avg_sq_scale");
+    check_block_scales(first_scales, firsts, "exp_avg_scale");
+    check_block_scales(second_scales, seconds, (second + "_scale").c_str());
     TORCH_CHECK(chunk_size % fusedopt::kQBlock == 0, "fusedopt cpu: chunk_size must be a multiple of ",
                 fusedopt::kQBlock, " with FP8 states");
   }
   check_dtype(params, pdt, "params");
   check_dtype(grads, pdt, "grads");
-  check_dtype(exp_avgs, sdt, "exp_avg");
-  check_dtype(exp_avg_sqs, sdt, "exp_avg_sq");
+  check_dtype(firsts, sdt, "exp_avg");
+  check_dtype(seconds, sdt, second.c_str());
   check_masters(masters, pdt);
   check_steps(steps);
-  return HostTable({params, grads, exp_avgs, exp_avg_sqs, TensorList(), masters, steps, TensorList(), TensorList(),
-                    exp_avg_scales, exp_avg_sq_scales},
+  return HostTable({params, grads, firsts, seconds, TensorList(), masters, steps, TensorList(), TensorList(),
+                    first_scales, second_scales},
                    chunk_size, {fusedopt::kRowStep, fusedopt::kRowExpAvgScale, fusedopt::kRowExpAvgSqScale});
+}
+
+// LAMB's lists (no max_exp_avg_sq).
+HostTable lamb_table(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                     TensorList exp_avg_scales, TensorList exp_avg_sq_scales, TensorList masters, TensorList steps,
+                     int64_t chunk_size) {
+  require(exp_avgs, params.size(), "exp_avg");
+  require(steps, params.size(), "steps");
+  return moment_table(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, masters, steps,
+                      !masters.empty(), chunk_size, "exp_avg_sq");
 }
 
 std::tuple<Tensor, Tensor> lamb_moments(TensorList params, TensorList grads, TensorList exp_avgs,
@@ -541,32 +553,6 @@ std::tuple<Tensor, Tensor, Tensor> adafactor_sharded(int64_t phase, TensorList p
   }
 }
 
-// Sophia's lists, checked and tabled in MomentRow layout (hessian in the second-moment row).
-HostTable sophia_table(TensorList params, TensorList grads, TensorList exp_avgs, TensorList hessians,
-                       TensorList exp_avg_scales, TensorList hessian_scales, TensorList masters, TensorList steps,
-                       bool has_master, int64_t chunk_size) {
-  require(grads, params.size(), "grads");
-  require(hessians, params.size(), "hessians");
-  const at::ScalarType pdt = params[0].scalar_type();
-  const at::ScalarType sdt = state_dtype_of(pdt, {hessians, exp_avgs}, has_master, true);
-  if (sdt == at::kFloat8_e4m3fn) {
-    check_block_scales(exp_avg_scales, exp_avgs, "exp_avg_scale");
-    check_block_scales(hessian_scales, hessians, "hessian_scale");
-    TORCH_CHECK(chunk_size % fusedopt::kQBlock == 0, "fusedopt cpu: chunk_size must be a multiple of ",
-                fusedopt::kQBlock, " with FP8 states");
-  }
-  check_dtype(params, pdt, "params");
-  check_dtype(grads, pdt, "grads");
-  check_dtype(exp_avgs, sdt, "exp_avg");
-  check_dtype(hessians, sdt, "hessian");
-  check_masters(masters, pdt);
-  check_steps(steps);
-  // the hessian takes the second-moment row (and its scales' row)
-  return HostTable({params, grads, exp_avgs, hessians, TensorList(), masters, steps, TensorList(), TensorList(),
-                    exp_avg_scales, hessian_scales},
-                   chunk_size, {fusedopt::kRowStep, fusedopt::kRowExpAvgScale, fusedopt::kRowExpAvgSqScale});
-}
-
 void sophia(TensorList params, TensorList grads, TensorList exp_avgs, TensorList hessians,
             TensorList exp_avg_scales, TensorList hessian_scales, TensorList masters, TensorList steps, double lr, const std::optional<Tensor>& lr_tensor, double beta1, double rho_bs,
             double weight_decay, bool maximize, const std::optional<Tensor>& grad_mult,
@@ -574,8 +560,8 @@ void sophia(TensorList params, TensorList grads, TensorList exp_avgs, TensorList
   if (params.empty()) return;
   require(exp_avgs, params.size(), "exp_avg");
   require(steps, params.size(), "steps");
-  HostTable host = sophia_table(params, grads, exp_avgs, hessians, exp_avg_scales, hessian_scales, masters, steps,
-                                !masters.empty(), chunk_size);
+  HostTable host = moment_table(params, grads, exp_avgs, hessians, exp_avg_scales, hessian_scales, masters, steps,
+                                !masters.empty(), chunk_size, "hessian");
   fusedopt::SophiaHyper h{lr, scalar_ptr(lr_tensor, "lr"), beta1, rho_bs, weight_decay, maximize,
                           scalar_ptr<double>(grad_mult, "grad_mult"), scalar_ptr(found_inf, "found_inf")};
   h.sr = stochastic_rounding(sr_seed, params[0].scalar_type(), !masters.empty());
@@ -587,8 +573,8 @@ void sophia(TensorList params, TensorList grads, TensorList exp_avgs, TensorList
 void sophia_hessian(TensorList params, TensorList grads, TensorList hessians, TensorList hessian_scales,
                     bool has_master, double beta2, int64_t chunk_size) {
   if (params.empty()) return;
-  HostTable host = sophia_table(params, grads, TensorList(), hessians, TensorList(), hessian_scales, TensorList(),
-                                TensorList(), has_master, chunk_size);
+  HostTable host = moment_table(params, grads, TensorList(), hessians, TensorList(), hessian_scales, TensorList(),
+                                TensorList(), has_master, chunk_size, "hessian");
   fusedopt::sophia_hessian_cpu(host.tt, beta2, dtype_code(params[0].scalar_type()),
                                dtype_code(hessians[0].scalar_type()), has_master, at::get_num_threads());
 }

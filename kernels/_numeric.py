@@ -188,6 +188,15 @@ def sr_tensor_key(seed, t):
 
 
 @triton.jit
+def launch_sr_key(seed, t, SR: tl.constexpr):
+    """Tensor t's stochastic-rounding key when the launch rounds stochastically (SR), else 0."""
+    key = 0
+    if SR:
+        key = sr_tensor_key(seed, t)
+    return key
+
+
+@triton.jit
 def store_param(addr, offs, x, mask, KIND: tl.constexpr, SR: tl.constexpr, key):
     """Store the new param: rounded to nearest (store_math), or with SR (bf16
     params without masters) stochastically with the bits of each element's

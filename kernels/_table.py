@@ -26,6 +26,18 @@ def address(table, row, n_tensors, t):
 
 
 @triton.jit
+def moment_addresses(table, n_tensors, t, MASTER: tl.constexpr):
+    """Tensor t's addresses in an Adam-family table: the param, the working
+    copy the update reads (its master's row with master weights: fp32, or
+    int16 remainders; else the param's), the grad, the two moments and their
+    block scales (FP8 states only; 0 otherwise)."""
+    return (address(table, ROW_PARAM, n_tensors, t), address(table, ROW_MASTER if MASTER else ROW_PARAM, n_tensors, t),
+            address(table, ROW_GRAD, n_tensors, t), address(table, ROW_EXP_AVG, n_tensors, t),
+            address(table, ROW_EXP_AVG_SQ, n_tensors, t), address(table, ROW_EXP_AVG_SCALE, n_tensors, t),
+            address(table, ROW_EXP_AVG_SQ_SCALE, n_tensors, t))
+
+
+@triton.jit
 def program_chunk(chunk_tensor, chunk_start, numels, found_inf_ptr, CHUNK: tl.constexpr,
                   HAS_FOUND_INF: tl.constexpr):
     """(tensor index, first element, element count) of this program's chunk.

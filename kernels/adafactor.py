@@ -24,11 +24,10 @@ slice (for the row mean); _factored_unorm and _apply as above.
 import triton
 import triton.language as tl
 
-from ._numeric import (F32, F64, as_stored, div_ieee, f64, lerp, load_math, load_state, load_weight, lr_and_decay,
-                       sqrt_ieee, sr_tensor_key, store_math, store_weight, to_math)
+from ._numeric import (F32, F64, as_stored, div_ieee, f64, launch_sr_key, lerp, load_math, load_state, load_weight,
+                       lr_and_decay, sqrt_ieee, store_math, store_weight, to_math)
 from ._table import address, program_chunk
 from .fp8_states import load_any_state, store_any_state
-from .norms import _combine_kernel
 
 ROW_PARAM = tl.constexpr(0)
 ROW_GRAD = tl.constexpr(1)
@@ -294,7 +293,6 @@ def _apply(table, numels, chunk_tensor, chunk_start, n_tensors, rows, cols, slic
     (then BLOCK is a multiple of 256 and chunks start at multiples of BLOCK)."""
     t, start, end = program_chunk(chunk_tensor, chunk_start, numels, found_inf_ptr, CHUNK, HAS_FOUND_INF)
     W_KIND: tl.constexpr = F32 if MASTER else P_KIND  # the working copy: the master, or the param
-    ACC: tl.constexpr = tl.float64 if P_KIND == F64 else tl.float32
     param = address(table, ROW_PARAM, n_tensors, t)
     work = address(table, ROW_MASTER if MASTER else ROW_PARAM, n_tensors, t)
     grad = address(table, ROW_GRAD, n_tensors, t)
@@ -311,9 +309,7 @@ def _apply(table, numels, chunk_tensor, chunk_start, n_tensors, rows, cols, slic
     R = tl.load(rows + t)
     C = tl.load(cols + t)
     slice0 = tl.load(slice_first + t)
-    sr_key = 0
-    if SR:
-        sr_key = sr_tensor_key(sr_seed, t)
+    sr_key = launch_sr_key(sr_seed, t, SR)
     for off in range(0, end, BLOCK):
         in_chunk = off + tl.arange(0, BLOCK)
         offs = start + in_chunk

@@ -23,9 +23,8 @@ import math
 import triton
 import triton.language as tl
 
-from ._numeric import (EXACT, F32, F64, FP8_BLOCKED, bias_correction, div_ieee, f64, f64_bits, lerp, load_math,
-                       load_state, load_weight, lr_and_decay, sqrt_ieee, sr_tensor_key, store_math, store_weight,
-                       to_math)
+from ._numeric import (EXACT, F32, F64, FP8_BLOCKED, bias_correction, div_ieee, f64, f64_bits, launch_sr_key, lerp,
+                       load_math, load_state, load_weight, lr_and_decay, sqrt_ieee, store_math, store_weight, to_math)
 from ._table import (ROW_EXP_AVG, ROW_EXP_AVG_SCALE, ROW_EXP_AVG_SQ, ROW_EXP_AVG_SQ_SCALE, ROW_FP8, ROW_FP8_SCALE,
                      ROW_GRAD, ROW_MASTER, ROW_MAX_EXP_AVG_SQ, ROW_MAX_EXP_AVG_SQ_SCALE, ROW_PARAM, ROW_STEP, address,
                      program_chunk)
@@ -79,9 +78,7 @@ def _adamw_kernel(
     step_size = to_math(lr64 / bias_correction(step, f64(log_beta1)), P_KIND)
     bc2_sqrt = to_math(tl.sqrt(bias_correction(step, f64(log_beta2))), P_KIND)  # fp64 sqrt is IEEE on GPUs
 
-    sr_key = 0
-    if SR:  # the stochastic-rounding key of this tensor
-        sr_key = sr_tensor_key(sr_seed, t)
+    sr_key = launch_sr_key(sr_seed, t, SR)
     # FP8 copies (FP8 = 1 + format): the copy is cast with the tensor's scale; the chunk's absmax is kept
     fp8_scale = 0.0
     fp8_copy = param

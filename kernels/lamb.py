@@ -18,10 +18,9 @@ import math
 import triton
 import triton.language as tl
 
-from ._numeric import (EXACT, F32, F64, bias_correction, div_ieee, f64, f64_bits, load_math, load_weight, sqrt_ieee,
-                       sr_tensor_key, store_weight, to_math)
-from ._table import (ROW_EXP_AVG, ROW_EXP_AVG_SCALE, ROW_EXP_AVG_SQ, ROW_EXP_AVG_SQ_SCALE, ROW_GRAD, ROW_MASTER,
-                     ROW_PARAM, ROW_STEP, address, program_chunk)
+from ._numeric import (EXACT, F32, F64, bias_correction, div_ieee, f64, f64_bits, launch_sr_key, load_math,
+                       load_weight, sqrt_ieee, store_weight, to_math)
+from ._table import ROW_STEP, address, moment_addresses, program_chunk
 from .fp8_states import load_any_state, store_any_state
 from .norms import _combine_kernel
 
@@ -61,15 +60,8 @@ def _lamb_moments_kernel(
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     t, start, end = program_chunk(chunk_tensor, chunk_start, numels, found_inf_ptr, CHUNK, HAS_FOUND_INF)
-    # the working copy: the master (with REM the bf16 param's remainder in its row), or the param
-    W_KIND: tl.constexpr = F32 if MASTER else P_KIND
-    param = address(table, ROW_PARAM, n_tensors, t)
-    work = address(table, ROW_MASTER if MASTER else ROW_PARAM, n_tensors, t)
-    grad = address(table, ROW_GRAD, n_tensors, t)
-    exp_avg = address(table, ROW_EXP_AVG, n_tensors, t)
-    exp_avg_sq = address(table, ROW_EXP_AVG_SQ, n_tensors, t)
-    m_scales = address(table, ROW_EXP_AVG_SCALE, n_tensors, t)  # FP8 states only (else 0)
-    v_scales = address(table, ROW_EXP_AVG_SQ_SCALE, n_tensors, t)
+    W_KIND: tl.constexpr = F32 if MASTER else P_KIND  # the working copy's: the master's, or the param's
+    param, work, grad, exp_avg, exp_avg_sq, m_scales, v_scales = moment_addresses(table, n_tensors, t, MASTER)
     bc1, bc2 = _bias_corrections(table, n_tensors, t, log_beta1, log_beta2, P_KIND, BIAS_CORRECTION)
     beta1 = to_math(f64(beta1), P_KIND)  # the scalars of lamb_scalars() in lamb.h
     beta3 = to_math(f64(beta3), P_KIND)
@@ -117,19 +109,12 @@ def _lamb_apply_kernel(
 ):
     t, start, end = program_chunk(chunk_tensor, chunk_start, numels, found_inf_ptr, CHUNK, HAS_FOUND_INF)
     W_KIND: tl.constexpr = F32 if MASTER else P_KIND
-    param = address(table, ROW_PARAM, n_tensors, t)
-    work = address(table, ROW_MASTER if MASTER else ROW_PARAM, n_tensors, t)
-    exp_avg = address(table, ROW_EXP_AVG, n_tensors, t)
-    exp_avg_sq = address(table, ROW_EXP_AVG_SQ, n_tensors, t)
-    m_scales = address(table, ROW_EXP_AVG_SCALE, n_tensors, t)
-    v_scales = address(table, ROW_EXP_AVG_SQ_SCALE, n_tensors, t)
+    param, work, _, exp_avg, exp_avg_sq, m_scales, v_scales = moment_addresses(table, n_tensors, t, MASTER)
     bc1, bc2 = _bias_corrections(table, n_tensors, t, log_beta1, log_beta2, P_KIND, BIAS_CORRECTION)
     eps = to_math(f64(eps), P_KIND)
     weight_decay = to_math(f64(weight_decay), P_KIND)
     ratio = tl.load(ratio_ptr + t)
-    sr_key = 0
-    if SR:
-        sr_key = sr_tensor_key(sr_seed, t)
+    sr_key = launch_sr_key(sr_seed, t, SR)
     for off in range(0, end, BLOCK):
         in_chunk = off + tl.arange(0, BLOCK)
         offs = start + in_chunk

@@ -16,10 +16,9 @@ re-encoded with fresh ones.
 import triton
 import triton.language as tl
 
-from ._numeric import (EXACT, F32, div_ieee, f64, f64_bits, load_math, load_weight, lr_and_decay, sr_tensor_key,
+from ._numeric import (EXACT, F32, div_ieee, f64, f64_bits, launch_sr_key, load_math, load_weight, lr_and_decay,
                        store_weight, to_math)
-from ._table import (ROW_EXP_AVG, ROW_EXP_AVG_SCALE, ROW_EXP_AVG_SQ, ROW_EXP_AVG_SQ_SCALE, ROW_GRAD, ROW_MASTER,
-                     ROW_PARAM, address, program_chunk)
+from ._table import ROW_EXP_AVG_SQ, ROW_EXP_AVG_SQ_SCALE, ROW_GRAD, address, moment_addresses, program_chunk
 from .fp8_states import load_any_state as _load
 from .fp8_states import store_any_state as _store
 
@@ -33,24 +32,16 @@ def _step_kernel(table, numels, chunk_tensor, chunk_start, n_tensors, lr: tl.int
                  MAXIMIZE: tl.constexpr, SR: tl.constexpr, LR_IS_PTR: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
                  CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     t, start, end = program_chunk(chunk_tensor, chunk_start, numels, found_inf_ptr, CHUNK, HAS_FOUND_INF)
-    # the working copy: the master (with REM the bf16 param's remainder in its row), or the param
-    W_KIND: tl.constexpr = F32 if MASTER else P_KIND
-    param = address(table, ROW_PARAM, n_tensors, t)
-    work = address(table, ROW_MASTER if MASTER else ROW_PARAM, n_tensors, t)
-    grad = address(table, ROW_GRAD, n_tensors, t)
-    exp_avg = address(table, ROW_EXP_AVG, n_tensors, t)
-    hessian = address(table, ROW_EXP_AVG_SQ, n_tensors, t)
-    m_scales = address(table, ROW_EXP_AVG_SCALE, n_tensors, t)  # FP8 states only (else 0)
-    h_scales = address(table, ROW_EXP_AVG_SQ_SCALE, n_tensors, t)
+    W_KIND: tl.constexpr = F32 if MASTER else P_KIND  # the working copy's: the master's, or the param's
+    # (the hessian in the second moment's row)
+    param, work, grad, exp_avg, hessian, m_scales, h_scales = moment_addresses(table, n_tensors, t, MASTER)
     # the scalars of sophia_scalars() in sophia.h: fp64 (f64_bits), rounded once
     lr64, decay = lr_and_decay(lr, lr_ptr, weight_decay, P_KIND, LR_IS_PTR)
     neg_lr = to_math(-lr64, P_KIND)
     beta1 = to_math(f64(beta1), P_KIND)
     one_minus_beta1 = to_math(f64(one_minus_beta1), P_KIND)
     rho_bs = to_math(f64(rho_bs), P_KIND)
-    sr_key = 0
-    if SR:
-        sr_key = sr_tensor_key(sr_seed, t)
+    sr_key = launch_sr_key(sr_seed, t, SR)
     for off in range(0, end, BLOCK):
         in_chunk = off + tl.arange(0, BLOCK)
         offs = start + in_chunk

@@ -15,6 +15,19 @@ namespace {
 
 using namespace cuda;  // the shared multi-tensor helpers (multi_tensor.cuh)
 
+// The scalars of the block's tensor, computed once per block by thread 0 (double-precision pow is not
+// free) and shared; every thread must call it.
+template <typename T>
+__device__ __forceinline__ AdamWScalars<T> block_scalars(const TensorTable& tt, const AdamWHyper& h, int64_t t) {
+  __shared__ AdamWScalars<T> shared_scalars;
+  if (threadIdx.x == 0) {
+    const double lr = h.lr_ptr ? double(*h.lr_ptr) : h.lr;
+    shared_scalars = adamw_scalars<T>(h, lr, double(*tt.ptr<const float>(kRowStep, t)));
+  }
+  __syncthreads();
+  return shared_scalars;
+}
+
 // FP8: 0 none, else 1 + Fp8Format: also write the FP8 copy and the chunk's absmax.
 // REM (MASTER, bf16 params): the master row holds int16 remainders (WeightPack).
 template <typename P, typename S, bool MASTER, bool REM, bool AMSGRAD, bool GRAD_MULT, bool SR, int FP8>
@@ -24,15 +37,7 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorTable tt, AdamWHy
   if (h.found_inf && *h.found_inf != 0.0f) return;  // GradScaler found inf/NaN: skip (all threads alike)
 
   const Chunk chunk = tt.chunk(blockIdx.x);
-  // The tensor's scalars, once per block (double-precision pow is not free).
-  __shared__ AdamWScalars<T> shared_scalars;
-  if (threadIdx.x == 0) {
-    const double lr = h.lr_ptr ? double(*h.lr_ptr) : h.lr;
-    const double step = double(*tt.ptr<const float>(kRowStep, chunk.tensor));
-    shared_scalars = adamw_scalars<T>(h, lr, step);
-  }
-  __syncthreads();
-  const AdamWScalars<T> s = shared_scalars;
+  const AdamWScalars<T> s = block_scalars<T>(tt, h, chunk.tensor);
   const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, chunk.tensor) : 0u;
 
   WeightPack<P, MASTER, REM> w(tt, kRowParam, kRowMaster, chunk.tensor, chunk.start);
@@ -100,15 +105,8 @@ __global__ void __launch_bounds__(kThreads) adamw_fp8_states_kernel(TensorTable 
   if (h.found_inf && *h.found_inf != 0.0f) return;
 
   const Chunk chunk = tt.chunk(blockIdx.x);
-  __shared__ AdamWScalars<T> shared_scalars;
   __shared__ uint32_t scratch[kThreads / 32];
-  if (threadIdx.x == 0) {
-    const double lr = h.lr_ptr ? double(*h.lr_ptr) : h.lr;
-    const double step = double(*tt.ptr<const float>(kRowStep, chunk.tensor));
-    shared_scalars = adamw_scalars<T>(h, lr, step);
-  }
-  __syncthreads();
-  const AdamWScalars<T> s = shared_scalars;
+  const AdamWScalars<T> s = block_scalars<T>(tt, h, chunk.tensor);
   const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, chunk.tensor) : 0u;
   const int64_t t = chunk.tensor;
 

@@ -50,8 +50,8 @@ from .. import backends, dtensor, norms
 from ..backends._bucket import Bucket, advance_steps
 from ..backends._dtypes import FP8_STATE_DTYPE, LOW_PRECISION, SUPPORTED_PARAM_DTYPES, fp32_scalar
 from .checks import GroupCheck, check_options, check_state_dtype
-from .plans import _PLAIN, _PLAIN_OR_NONE, PlanMixin, _found_inf_on_every_rank, _GradScalars, _Plan
 from .masters import OutsideWrites
+from .plans import _PLAIN, _PLAIN_OR_NONE, PlanMixin, _found_inf_on_every_rank, _GradScalars, _Plan
 from .state import StateMixin
 
 
