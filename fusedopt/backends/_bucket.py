@@ -41,7 +41,7 @@ class Bucket:
     parameter's step count (0-d fp32 on the bucket's device); the backend
     advances them with the update (see advance_steps). ``dtype`` is the dtype
     of params and grads, ``state_dtype`` that of the state tensors (masters
-    are always fp32; with block-scaled FP8 states, an optimizer may keep some
+    are fp32, or int16 remainders with ``remainders``; with block-scaled FP8 states, an optimizer may keep some
     states at their default storage, e.g. Adafactor's second-moment
     statistics: their tensors carry their dtype). ``sr_seed``: this launch's stochastic-rounding seed
     (bf16 params without masters, fusedopt/reference/stochastic.py), or None
