@@ -35,7 +35,7 @@ echo "tests: $((SECONDS - t1)) s"
 cases=()
 [ "${QUICK:-0}" = 1 ] && cases=(--case 1x10M 200x50K gpt2-124M)
 t2=$SECONDS
-timeout "${BENCH_MAX_S:-3600}" python3 -m fusedopt bench --device cuda --bench adamw states fp8 second_order --check \
+timeout "${BENCH_MAX_S:-3600}" python3 -m fusedopt bench --device cuda --bench adamw states fp8 second_order remainder --check \
   --out "$out" "${cases[@]}" > "$out/gpu-bench.log" 2>&1
 bench_rc=$?
 tail -n 45 "$out/gpu-bench.log"

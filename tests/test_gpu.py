@@ -536,3 +536,22 @@ def test_step_never_waits_on_the_host(backend, name):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_remainders_on_gpu(backend):
+    """master_weights="remainder" on the GPU kernels of every FusedOptimizer:
+    the masters of master_weights=True bit for bit (tests/test_remainder.py
+    holds the CPU, interpreted and emulated runs to the same)."""
+    from optim_db import optimizers
+
+    for name, (cls, kwargs) in optimizers(lr=1e-2, fused=True).items():
+        params = on_gpu(make_params([(70001,), (300, 513), (7,)], torch.bfloat16))
+        ref = [p.detach().clone().requires_grad_() for p in params]
+        opt = cls(params, backend=backend, master_weights="remainder", **kwargs)
+        opt_ref = cls(ref, backend=backend, master_weights=True, **kwargs)
+        run(opt, params, 4)
+        run(opt_ref, ref, 4)
+        for p, q in zip(params, ref):
+            assert torch.equal(opt.master_param(p).view(torch.int32),
+                               opt_ref.state[q]["master_param"].view(torch.int32)), name
