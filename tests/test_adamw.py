@@ -292,6 +292,41 @@ def test_closure_hooks_zero_grad_and_named_parameters():
     assert model.weight.grad is None
 
 
+def test_step_wrapper_is_torchs():
+    """FusedOptimizer's own step wrapper (it records the profiler range only
+    while a profiler runs) keeps what torch's gives: global hooks around the
+    optimizer's own, in torch's order; a pre-hook's new arguments; the
+    "Optimizer.step#<class>.step" range under torch.profiler; grad mode as it
+    was, also when the step raises; torch does not wrap it a second time."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    p = make_params([(5,)])[0]
+    opt = FusedAdamW([p], lr=0.1)
+    assert FusedAdamW.step.hooked and FusedAdamW.step.__wrapped__.__name__ == "step"
+    calls = []
+    handles = [register_optimizer_step_pre_hook(lambda o, a, k: calls.append("global pre")),
+               register_optimizer_step_post_hook(lambda o, a, k: calls.append("global post"))]
+    try:
+        opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+        opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+        opt.register_step_pre_hook(lambda o, a, k: (a, {"closure": lambda: calls.append("closure")}))
+        p.grad = torch.ones_like(p)
+        opt.step()
+        assert calls == ["global pre", "pre", "closure", "post", "global post"]
+    finally:
+        for h in handles:
+            h.remove()
+    plain = FusedAdamW([p], lr=0.1)
+    with torch.profiler.profile() as prof:
+        plain.step()
+    assert "Optimizer.step#FusedAdamW.step" in {e.name for e in prof.events()}
+    assert torch.is_grad_enabled()
+    plain.param_groups[0]["lr"] = -1.0  # the step raises: grad mode comes back
+    with pytest.raises(ValueError, match="lr"):
+        plain.step()
+    assert torch.is_grad_enabled()
+
+
 def test_state_dict_layout_matches_torch():
     a, b = make_params(), make_params()
     ta, fb = torch.optim.AdamW(a, amsgrad=True), FusedAdamW(b, amsgrad=True)
