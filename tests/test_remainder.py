@@ -84,7 +84,7 @@ import fusedopt  # noqa: E402
 from conftest import CPU_BACKENDS as TESTED  # noqa: E402
 from conftest import backend_params  # noqa: E402
 from fusedopt import backends  # noqa: E402
-from helpers import SHAPES, clone_params, cross_on_triton, make_params, run  # noqa: E402
+from helpers import SHAPES, clone_params, cross_on_triton, make_params, many, run  # noqa: E402
 from optim_db import optimizers  # noqa: E402
 
 FUSED = optimizers(lr=1e-2, fused=True)
@@ -420,3 +420,22 @@ def test_muon(backend):
     assert not again.state[params[0]]["master_remainder"].any()
     with pytest.raises(ValueError, match="float16"):
         fusedopt.FusedMuon([torch.zeros(4, 4, dtype=torch.float16, requires_grad=True)], master_weights="remainder")
+
+
+@pytest.mark.parametrize("name", ["adamw", "lamb"])
+@pytest.mark.parametrize("backend", backend_params())
+def test_many_tensors(name, backend):
+    """More tensors than a launch table's first rows and chunks of every size:
+    the remainders' rows follow the params' in every slot."""
+    if not _builds(backend, name):
+        pytest.skip(f"the {backend} backend has no remainder kernels for {name}")
+    cls, kwargs = FUSED[name]
+    shapes = [(1 + (7 * i) % 130,) for i in range(many(backend, 300))]
+    params = make_params(shapes, torch.bfloat16)
+    ref = clone_params(params)
+    opt = cls(params, backend=backend, master_weights="remainder", **kwargs)
+    opt_ref = cls(ref, backend=backend, master_weights=True, **kwargs)
+    run(opt, params, 3)
+    run(opt_ref, ref, 3)
+    for p, q in zip(params, ref):
+        assert torch.equal(_bits(opt.master_param(p)), _bits(opt_ref.state[q]["master_param"]))

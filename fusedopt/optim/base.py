@@ -52,6 +52,7 @@ from .. import backends, dtensor, norms
 from ..backends._bucket import Bucket, advance_steps
 from ..backends._dtypes import FP8_STATE_DTYPE, LOW_PRECISION, SUPPORTED_PARAM_DTYPES, fp32_scalar
 from .checks import GroupCheck, check_options, check_state_dtype
+from . import masters
 from .masters import OutsideWrites
 from .plans import _PLAIN, _PLAIN_OR_NONE, PlanMixin, _found_inf_on_every_rank, _GradScalars, _Plan
 from .state import StateMixin
@@ -181,9 +182,7 @@ class FusedOptimizer(StateMixin, PlanMixin, Optimizer):
 
     def _check_remainder(self, where: str, p: Tensor, backend) -> None:
         """Raise ValueError for a param master_weights="remainder" cannot keep."""
-        if p.dtype == torch.float16:
-            raise ValueError(f"{where} is float16: master_weights='remainder' keeps an fp32 master as a bf16 "
-                             f"param's bits and 16 more, which fp16's layout cannot; use master_weights=True")
+        masters.check_remainder_dtype(where, p)
         if p.dtype == torch.bfloat16 and self._op not in backend.REMAINDER_OPS:
             raise ValueError(f"{where}: master_weights='remainder' is not built for the {backend.NAME} backend's "
                              f"{self._op} yet; use master_weights=True, or backend='reference'")

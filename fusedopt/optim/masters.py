@@ -23,14 +23,10 @@ def name_of(master_weights, p: Tensor) -> str | None:
     return "master_remainder" if master_weights == "remainder" and p.dtype == torch.bfloat16 else "master_param"
 
 
-def _local(t: Tensor) -> Tensor:
-    return t._local_tensor if dtensor.is_dtensor(t) else t
-
-
 def initial(p: Tensor, name: str) -> Tensor:
     """The master a param starts with: an fp32 copy, or a zero remainder (the
     bf16 bits are all of it); a DTensor param's has its layout."""
-    lp = _local(p).detach()
+    lp = dtensor.local(p).detach()
     master = lp.to(DTYPES[name], memory_format=torch.preserve_format, copy=True)
     if name == "master_remainder":
         master.zero_()
@@ -45,15 +41,31 @@ def fp32_of(p: Tensor, state: dict) -> Tensor | None:
     rem = state.get("master_remainder")
     if rem is None:
         return None
-    master = remainder.join(_local(p).detach(), _local(rem))
+    master = remainder.join(dtensor.local(p).detach(), dtensor.local(rem))
     return dtensor.like(p, master) if dtensor.is_dtensor(p) else master
+
+
+def master_param(master_weights, p: Tensor, state: dict) -> Tensor:
+    """The optimizers' master_param(p): p's fp32 master (before its first
+    step, p in fp32), or p itself when it keeps none."""
+    if name_of(master_weights, p) is None:
+        return p
+    master = fp32_of(p, state)
+    return master if master is not None else p.detach().to(torch.float32, copy=True)
+
+
+def check_remainder_dtype(where: str, p: Tensor) -> None:
+    """Raise ValueError for an fp16 param with master_weights="remainder"."""
+    if p.dtype == torch.float16:
+        raise ValueError(f"{where} is float16: master_weights='remainder' keeps an fp32 master as a bf16 param's "
+                         f"bits and 16 more, which fp16's layout cannot; use master_weights=True")
 
 
 def store_split_(p: Tensor, rem: Tensor, master: Tensor) -> None:
     """Write the fp32 `master` as p's bf16 bits and its remainder `rem` (in place)."""
-    bits, low = remainder.split(_local(master).float())
-    _local(p).detach().copy_(bits)
-    _local(rem).copy_(low)
+    bits, low = remainder.split(dtensor.local(master).float())
+    dtensor.local(p).detach().copy_(bits)
+    dtensor.local(rem).copy_(low)
 
 
 def convert_loaded(want: str | None, p: Tensor, state: dict, owner: str) -> list[tuple[Tensor, Tensor]]:
@@ -68,7 +80,7 @@ def convert_loaded(want: str | None, p: Tensor, state: dict, owner: str) -> list
     fp32, rem = state.pop("master_param", None), state.pop("master_remainder", None)
     if want is None:
         return []
-    lp = _local(p)
+    lp = dtensor.local(p)
     if want == "master_param":
         if fp32 is None and isinstance(rem, Tensor) and rem.shape == p.shape and rem.dtype == torch.int16:
             state["master_remainder"] = rem.to(p.device)
@@ -76,10 +88,10 @@ def convert_loaded(want: str | None, p: Tensor, state: dict, owner: str) -> list
             del state["master_remainder"]
         state[want] = fp32 if fp32 is not None else initial(p, want)
     elif isinstance(fp32, Tensor):
-        if _local(fp32).shape != lp.shape:
+        if dtensor.local(fp32).shape != lp.shape:
             raise ValueError(f"{owner}.load_state_dict: master_param of shape {tuple(fp32.shape)} for a param of "
                              f"shape {tuple(p.shape)}")
-        bits, low = remainder.split(_local(fp32).to(lp.device, torch.float32))
+        bits, low = remainder.split(dtensor.local(fp32).to(lp.device, torch.float32))
         state[want] = dtensor.like(p, low) if dtensor.is_dtensor(p) else low
         return [(lp.detach(), bits)]
     else:
@@ -89,7 +101,7 @@ def convert_loaded(want: str | None, p: Tensor, state: dict, owner: str) -> list
 
 def _version(p: Tensor) -> int:
     """The version counter of what the kernels write of p (a DTensor's local shard)."""
-    return _local(p)._version
+    return dtensor.local(p)._version
 
 
 class OutsideWrites:
@@ -105,7 +117,7 @@ class OutsideWrites:
         """Zero the remainder of every param written since record()."""
         for p, version in self.versions.items():
             if _version(p) != version:
-                _local(state[p]["master_remainder"]).zero_()
+                dtensor.local(state[p]["master_remainder"]).zero_()
 
     def record(self, params, state: dict) -> None:
         """Remember the versions of `params` that have a remainder, as they are now."""
@@ -117,4 +129,4 @@ class OutsideWrites:
         for p in params:
             rem = state.get(p, {}).get("master_remainder")
             if rem is not None:
-                _local(rem).zero_()
+                dtensor.local(rem).zero_()

@@ -143,10 +143,10 @@ class FusedMuon(Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         params = param_group.get("params")
         params = [params] if isinstance(params, Tensor) else list(params or ())
-        if self.master_weights == "remainder" and any(isinstance(p, Tensor) and p.dtype == torch.float16
-                                                      for p in params):
-            raise ValueError("FusedMuon: float16 params with master_weights='remainder': it keeps an fp32 master as "
-                             "a bf16 param's bits and 16 more, which fp16's layout cannot; use master_weights=True")
+        if self.master_weights == "remainder":
+            for i, p in enumerate(params):
+                if isinstance(p, Tensor):
+                    masters.check_remainder_dtype(f"FusedMuon: param {i} of param group {len(self.param_groups)}", p)
         if self.state_dtype == FP8_STATE_DTYPE and any(dtensor.is_dtensor(p) for p in params):
             raise ValueError("FusedMuon: FP8 momentum (state_dtype=torch.float8_e4m3fn) is not supported on DTensor "
                              "params yet (its block scales are per local shard); use torch.bfloat16 or None")
@@ -284,10 +284,7 @@ class FusedMuon(Optimizer):
     def master_param(self, p: Tensor) -> Tensor:
         """As FusedAdamW.master_param: p's fp32 master (joined from its
         remainder with master_weights="remainder"), p itself without one."""
-        if self._master_name(p) is None:
-            return p
-        master = masters.fp32_of(p, self.state.get(p, {}))
-        return master if master is not None else p.detach().to(torch.float32, copy=True)
+        return masters.master_param(self.master_weights, p, self.state.get(p, {}))
 
     def resync_master(self, params=None) -> None:
         """As FusedAdamW.resync_master: the params' current values become their masters."""

@@ -60,10 +60,7 @@ class StateMixin:
         fp32/fp64 params (no master) p itself. E.g. to feed torch.optim.AdamW
         on fp32 copies: ``[opt.master_param(p) for p in params]`` and
         ``load_state_dict`` of this optimizer's state_dict."""
-        if self._master_name(p) is None:
-            return p
-        master = masters.fp32_of(p, self.state.get(p, {}))
-        return master if master is not None else p.detach().to(torch.float32, copy=True)
+        return masters.master_param(self.master_weights, p, self.state.get(p, {}))
 
     def _uses_fp8(self, p: Tensor) -> bool:
         """Whether p gets an FP8 copy: with a recipe, when its working copy is fp32."""
