@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from conftest import KERNEL_BACKENDS, backend_params
 
 import fusedopt
 from fusedopt import FusedAdafactor, FusedAdamW, FusedLAMB, FusedSophia
@@ -147,39 +148,48 @@ def assert_same_training(model, opt, ref_model, ref_opt):
             assert torch.equal(opt.state[p][name], value), name
 
 
+def graph_ops(backend: str) -> str:
+    """The prefix of the graph nodes of `backend`'s launches: the cpu
+    extension's ops, or the triton and cuda launches as custom ops
+    (fusedopt/backends/_traced.py)."""
+    return "fusedopt_cpu." if backend == "cpu" else f"fusedopt_traced.{backend}_"
+
+
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler")  # its wrapper is not what runs
+@pytest.mark.parametrize("backend", backend_params(KERNEL_BACKENDS))
 @pytest.mark.parametrize("opt_class,kwargs", OPTIMIZERS, ids=[o.__name__ for o, _ in OPTIMIZERS])
-def test_traced_step_has_no_graph_break(opt_class, kwargs):
+def test_traced_step_has_no_graph_break(opt_class, kwargs, backend):
     """torch.compile(opt.step, fullgraph=True) with a tensor lr: the whole
-    step (clip norm, update, step counts) is one graph of fusedopt_cpu ops,
+    step (clip norm, update, step counts) is one graph of fusedopt ops,
     bit for bit the eager step, compiled once while a scheduler moves lr.
     (The scheduler is made after the compile: it wraps opt.step in a function
     Dynamo skips, a graph break of its own: test_scheduler_wrapper_...)"""
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    model, opt, x = tensor_lr_setup(opt_class, kwargs)
-    ref_model, ref_opt, _ = tensor_lr_setup(opt_class, kwargs)
+    model, opt, x = tensor_lr_setup(opt_class, kwargs, backend)
+    ref_model, ref_opt, _ = tensor_lr_setup(opt_class, kwargs, backend)
     counter = CompileCounterWithBackend("aot_eager")
     step = torch.compile(opt.step, backend=counter, fullgraph=True)  # fullgraph: a graph break raises
     sched, ref_sched = scheduler(opt), scheduler(ref_opt)
     steps_side_by_side(x, step, (model, opt, sched), (ref_model, ref_opt, ref_sched))
     assert counter.frame_count == 1, f"compiled {counter.frame_count} times"
     ops = {str(n.target) for g in counter.graphs for n in g.graph.nodes if n.op == "call_function"}
-    assert any(op.startswith("fusedopt_cpu.") for op in ops), ops  # the update is in the graph
+    assert any(op.startswith(graph_ops(backend)) for op in ops), ops  # the update is in the graph
     assert float(opt.param_groups[0]["lr"]) == float(ref_opt.param_groups[0]["lr"]) < kwargs["lr"]
     assert_same_training(model, opt, ref_model, ref_opt)
     if opt.max_grad_norm:
         assert torch.equal(opt.last_grad_norm, ref_opt.last_grad_norm)
 
 
-def test_traced_training_step_inductor():
+@pytest.mark.parametrize("backend", backend_params(KERNEL_BACKENDS))
+def test_traced_training_step_inductor(backend):
     """forward + backward + step + zero_grad under inductor with a tensor lr:
     the eager result, no recompilation as the scheduler moves lr."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     kwargs = dict(lr=0.05, max_grad_norm=0.5)
-    model, opt, x = tensor_lr_setup(FusedAdamW, kwargs)
-    ref_model, ref_opt, _ = tensor_lr_setup(FusedAdamW, kwargs)
+    model, opt, x = tensor_lr_setup(FusedAdamW, kwargs, backend)
+    ref_model, ref_opt, _ = tensor_lr_setup(FusedAdamW, kwargs, backend)
     sched, ref_sched = scheduler(opt), scheduler(ref_opt)
     counter = CompileCounterWithBackend("inductor")
     compiled = torch.compile(train_step, backend=counter)
@@ -288,11 +298,12 @@ def test_untraceable_steps_run_eagerly(case):
     assert_same_training(model, opt, ref_model, ref_opt)
 
 
-@pytest.mark.parametrize("norm_type", [2.0, 1.0, float("inf")])
-def test_traced_clip_grad_norm(norm_type):
+@pytest.mark.parametrize("norm_type,backend", [(2.0, "cpu"), (1.0, "cpu"), (float("inf"), "cpu")] + [
+    pytest.param(2.0, b.values[0], marks=b.marks) for b in backend_params(KERNEL_BACKENDS) if b.values[0] != "cpu"])
+def test_traced_clip_grad_norm(norm_type, backend):
     """fusedopt.clip_grad_norm_ and grad_norm in a compiled function with
     fullgraph=True (after one eager call has chosen the backend): one graph of
-    fusedopt_cpu ops, the eager norms and clipped grads bit for bit."""
+    fusedopt ops, the eager norms and clipped grads bit for bit."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch.manual_seed(0)
@@ -300,8 +311,8 @@ def test_traced_clip_grad_norm(norm_type):
     x = torch.randn(4, 8)
 
     def clip_and_norm():
-        return (fusedopt.clip_grad_norm_(model.parameters(), 0.1, norm_type, backend="cpu"),
-                fusedopt.grad_norm(model.parameters(), 3.0, per_tensor=True, backend="cpu"))
+        return (fusedopt.clip_grad_norm_(model.parameters(), 0.1, norm_type, backend=backend),
+                fusedopt.grad_norm(model.parameters(), 3.0, per_tensor=True, backend=backend))
 
     model(x).square().sum().backward()
     clip_and_norm()  # eager: the backend is chosen (and built) once, outside any graph
@@ -322,7 +333,8 @@ def test_traced_clip_grad_norm(norm_type):
             assert torch.equal(p.grad, c)
     assert counter.frame_count == 1
     ops = {str(n.target) for g in counter.graphs for n in g.graph.nodes if n.op == "call_function"}
-    assert {"fusedopt_cpu.power_sums", "fusedopt_cpu.scale_"} <= {op.rsplit(".default", 1)[0] for op in ops}, ops
+    assert {graph_ops(backend) + "power_sums", graph_ops(backend) + "scale_"} <= {op.rsplit(".default", 1)[0]
+                                                                                  for op in ops}, ops
 
 
 def test_untraceable_clip_runs_eagerly():

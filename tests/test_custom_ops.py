@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CPU_BACKENDS
+from conftest import CPU_BACKENDS, TESTED_BACKENDS, backend_params
 from helpers import grads_for
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
 import fusedopt
+from fusedopt.backends import _traced
 from fusedopt import Float8Recipe, FusedAdafactor, FusedAdamW, FusedLAMB, FusedSophia
 
 pytestmark = pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="needs the cpu backend")
@@ -23,14 +24,15 @@ FP8 = torch.float8_e4m3fn
 
 
 class Recorder(TorchDispatchMode):
-    """Each fusedopt_cpu call's op and a copy of its arguments as they were before it ran."""
+    """Each call of an op of `namespace` and a copy of its arguments as they were before it ran."""
 
-    def __init__(self):
+    def __init__(self, namespace="fusedopt_cpu"):
         super().__init__()
+        self.namespace = namespace
         self.calls: list = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "fusedopt_cpu":
+        if func.namespace == self.namespace:
             copy = tree_map(lambda a: a.detach().clone() if isinstance(a, torch.Tensor) else a, (args, kwargs or {}))
             self.calls.append((func, *copy))
         return func(*args, **(kwargs or {}))
@@ -62,31 +64,32 @@ def phased_adafactor():
         phased_step(opt, PHASED["cpu"])
 
 
-def record() -> list:
+def record(backend="cpu", namespace="fusedopt_cpu") -> list:
     """One call of each op per distinct configuration the steps below make."""
-    with Recorder() as recorder:
+    with Recorder(namespace) as recorder:
         ps = params()
-        steps(FusedAdamW(ps, backend="cpu", max_grad_norm=0.5, amsgrad=True), ps)
+        steps(FusedAdamW(ps, backend=backend, max_grad_norm=0.5, amsgrad=True), ps)
         ps = params(torch.bfloat16)
-        steps(FusedAdamW(ps, backend="cpu", master_weights=True, state_dtype=FP8, fp8=Float8Recipe()), ps)
+        steps(FusedAdamW(ps, backend=backend, master_weights=True, state_dtype=FP8, fp8=Float8Recipe()), ps)
         ps = params(torch.bfloat16)
-        steps(FusedLAMB(ps, backend="cpu", master_weights=True), ps)
+        steps(FusedLAMB(ps, backend=backend, master_weights=True), ps)
         ps = params()
-        steps(FusedLAMB(ps, backend="cpu", state_dtype=FP8, max_grad_norm=0.5), ps)
+        steps(FusedLAMB(ps, backend=backend, state_dtype=FP8, max_grad_norm=0.5), ps)
         ps = params()
-        steps(FusedSophia(ps, backend="cpu", state_dtype=FP8), ps, hessian=True)
+        steps(FusedSophia(ps, backend=backend, state_dtype=FP8), ps, hessian=True)
         ps = params(torch.bfloat16)
-        steps(FusedSophia(ps, backend="cpu", master_weights=True), ps, hessian=True)
+        steps(FusedSophia(ps, backend=backend, master_weights=True), ps, hessian=True)
         ps = params()
-        steps(FusedAdafactor(ps, backend="cpu", beta1=0.9), ps)
+        steps(FusedAdafactor(ps, backend=backend, beta1=0.9), ps)
         ps = params(torch.bfloat16)
-        steps(FusedAdafactor(ps, backend="cpu", master_weights=True), ps)
-        phased_adafactor()
+        steps(FusedAdafactor(ps, backend=backend, master_weights=True), ps)
+        if backend == "cpu":
+            phased_adafactor()
         ps = params()
         for p, g in zip(ps, grads_for(ps, 0, scale=8.0)):
             p.grad = g
-        fusedopt.clip_grad_norm_(ps, 0.1, backend="cpu")
-        fusedopt.cast_to_fp8(ps, [2.0] * len(ps), backend="cpu")
+        fusedopt.clip_grad_norm_(ps, 0.1, backend=backend)
+        fusedopt.cast_to_fp8(ps, [2.0] * len(ps), backend=backend)
     return recorder.calls
 
 
@@ -110,7 +113,10 @@ def has_fp8(args) -> bool:
 def test_opcheck(index):
     """torch's schema check compares tensors with ops FP8 lacks: calls that
     hold FP8 tensors get test_declared_mutations' byte comparison instead."""
-    func, args, kwargs = CALLS[index]
+    opcheck(*CALLS[index])
+
+
+def opcheck(func, args, kwargs):
     utils = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
     torch.library.opcheck(func, args, kwargs, test_utils=utils if has_fp8(args) else utils + ("test_schema",))
 
@@ -124,7 +130,10 @@ def test_declared_mutations(index):
     """Every argument the kernel writes is declared mutable (Tensor(a!)) in
     its schema, and the call writes something (an in-place op that changes
     nothing would hide a dead kernel)."""
-    func, args, kwargs = CALLS[index]
+    check_declared_mutations(*CALLS[index])
+
+
+def check_declared_mutations(func, args, kwargs):
     args = tree_map(lambda a: a.clone() if isinstance(a, torch.Tensor) else a, args)
     before = tree_map(lambda a: as_bytes(a) if isinstance(a, torch.Tensor) else a, args)
     func(*args, **kwargs)
@@ -143,9 +152,13 @@ def test_declared_mutations(index):
 def test_fake_outputs_match_the_kernels():
     """The fakes' shapes and dtypes are the real outputs' (opcheck compares
     them too; this names the op when one drifts)."""
+    check_fake_outputs(CALLS)
+
+
+def check_fake_outputs(calls):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    for func, args, kwargs in CALLS:
+    for func, args, kwargs in calls:
         real = func(*tree_map(lambda a: a.clone() if isinstance(a, torch.Tensor) else a, args), **kwargs)
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             fake = func(*tree_map(lambda a: mode.from_tensor(a) if isinstance(a, torch.Tensor) else a, args),
@@ -174,3 +187,23 @@ def test_compiled_function_calls_the_ops_as_graph_nodes():
     torch.testing.assert_close(got, expected)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b)
+
+
+#: the launches of the backends that launch over address tables, as custom ops (fusedopt/backends/_traced.py)
+TRACED_OPS = {"adamw", "lamb", "sophia", "sophia_hessian", "adafactor", "power_sums", "scale_", "cast_fp8"}
+
+
+@pytest.mark.parametrize("backend", backend_params([b for b in ("triton", "cuda") if b in TESTED_BACKENDS]))
+def test_traced_ops(backend, monkeypatch):
+    """The triton and cuda launches as the custom ops a compiled step calls
+    (fusedopt_traced::<backend>_<op>), recorded from real steps with every
+    launch routed through its op: each passes opcheck, writes only what its
+    schema declares, and its fake gives the real output's shape."""
+    monkeypatch.setattr(_traced, "_through_op", lambda: True)
+    calls = record(backend, _traced.NAMESPACE)
+    expected = TRACED_OPS | ({"fp8_scales_update_"} if backend == "cuda" else set())
+    assert {func._schema.name.split("::")[1] for func, _, _ in calls} == {f"{backend}_{op}" for op in expected}
+    for call in calls:
+        opcheck(*call)
+        check_declared_mutations(*call)
+    check_fake_outputs(calls)

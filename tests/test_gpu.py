@@ -555,3 +555,55 @@ def test_remainders_on_gpu(backend):
         for p, q in zip(params, ref):
             assert torch.equal(opt.master_param(p).view(torch.int32),
                                opt_ref.state[q]["master_param"].view(torch.int32)), name
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_training_step_on_gpu(backend, mode):
+    """A whole training step under torch.compile (inductor; reduce-overhead:
+    CUDA graphs) with a tensor lr a scheduler moves: every optimizer's
+    launches are traced as fusedopt_traced ops (the step is in the graph),
+    the eager result, no recompilation after the second step."""
+    from optim_db import optimizers
+    from torch._inductor.compile_fx import compile_fx
+
+    graphs = []
+
+    def inductor(gm, example_inputs):  # mode="reduce-overhead" is inductor with triton.cudagraphs
+        graphs.append(gm)
+        return compile_fx(gm, example_inputs, config_patches={"triton.cudagraphs": mode == "reduce-overhead"})
+
+    for name, (cls, kwargs) in optimizers(lr=1e-2, fused=True).items():
+        torch._dynamo.reset()
+        graphs.clear()
+        runs = []
+        for _ in range(2):
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 8)).cuda()
+            opt = cls(model.parameters(), backend=backend, **dict(kwargs, lr=torch.tensor(1e-2, device="cuda")))
+            runs.append((model, opt, torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.7)))
+
+        def train_step(model, opt, x):
+            loss = model(x).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+            return loss
+
+        x = torch.randn(32, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+        for model, opt, _ in runs:  # states created eagerly (the first step is never traced)
+            train_step(model, opt, x)
+        compiled = torch.compile(train_step, backend=inductor)
+        frames = []
+        for _ in range(5):
+            for (model, opt, sched), step in zip(runs, (compiled, train_step)):
+                step(model, opt, x)
+                sched.step()
+            frames.append(len(graphs))
+        torch.cuda.synchronize()
+        assert frames[1] == frames[-1], (name, frames)
+        ops = {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
+        assert any(op.startswith(f"fusedopt_traced.{backend}_") for op in ops), (name, ops)
+        (model, opt, _), (ref_model, ref_opt, _) = runs
+        for p, q in zip(model.parameters(), ref_model.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)

@@ -12,10 +12,13 @@ import torch
 from .. import _jit
 from ..reference import lamb as lamb_spec
 from . import _adafactor_tables, _sharded, _tables
+from ._traced import bucket_op, tensor_op
 from ._bucket import advance_steps
 from ._dtypes import CODES, FP8_FORMATS, FP8_STATE_DTYPE, STATE_CODES
 
 NAME = "cuda"
+#: every launch is a custom op while Dynamo traces (_traced.py)
+TRACEABLE = True
 #: the ops whose kernels take master_weights="remainder"'s int16 remainders (Bucket.remainders)
 REMAINDER_OPS = frozenset({"adafactor", "adamw", "lamb", "sophia"})
 DEVICE_TYPES = ("cuda",)
@@ -51,6 +54,7 @@ def _master_code(bucket) -> int:
     return 0 if bucket.masters is None else 2 if bucket.remainders else 1
 
 
+@bucket_op(NAME)
 def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_mult, found_inf):
     """lr: float or 1-element fp32 tensor; grad_mult (fp64), found_inf (fp32):
     1-element tensors or None; all on the bucket's device (the optimizer's base
@@ -73,6 +77,7 @@ def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, gra
     return amax
 
 
+@tensor_op(NAME)
 def power_sums(tensors, p):
     device = tensors[0].device
     tables = _tables.launch_tables([tensors], device, CHUNK_SIZE)
@@ -83,6 +88,7 @@ def power_sums(tensors, p):
     return out
 
 
+@tensor_op(NAME)
 def scale_(tensors, factor):
     device = tensors[0].device
     tables = _tables.launch_tables([tensors], device, CHUNK_SIZE)
@@ -90,6 +96,7 @@ def scale_(tensors, factor):
             tables.chunk_size, CODES[tensors[0].dtype], factor)
 
 
+@bucket_op(NAME)
 def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, adam_w_mode, grad_averaging, use_nvlamb,
          maximize, grad_mult, found_inf):
     device = bucket.device
@@ -145,6 +152,7 @@ def _factored(kind) -> bool:
     return bool(getattr(kind, "factored", kind))  # (a sharded bucket's kind carries it)
 
 
+@bucket_op(NAME)
 def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize, beta1, grad_mult, found_inf):
     """The launch sequence of csrc/cuda/adafactor.cu for one bucket kind
     (factored tensors with their task layout, or 0-d/1-d ones), on the
@@ -208,6 +216,7 @@ class _ShardedPhases:
         self._phase(3)
 
 
+@bucket_op(NAME)
 def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, found_inf):
     device = bucket.device
     tables = _tables.launch_tables(_tables.moment_rows(bucket, "hessian"), device, _chunk(bucket))
@@ -219,6 +228,7 @@ def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, fou
             found_inf, bucket.sr_seed)
 
 
+@bucket_op(NAME)
 def sophia_hessian(bucket, *, beta2):
     device = bucket.device
     tables = _tables.launch_tables(_tables.moment_rows(bucket, "hessian"), device, _chunk(bucket))
@@ -230,10 +240,16 @@ def fp8_update_(copies, amax, found_inf, recipe):
     """recipe.update_(copies, amax, found_inf) in one launch (the spec's torch
     ops are ~20 small launches, which cost more than a 10M step's own kernel on
     an H200: the step with FP8 copies took 1.27-1.42x the step)."""
-    _launch("fp8_update_", amax.device, amax, copies.history_buffer, copies.scale_buffer, copies.scale_inv_buffer,
-            found_inf, recipe.fp8_max, recipe.margin)
+    fp8_scales_update_(amax, copies.history_buffer, copies.scale_buffer, copies.scale_inv_buffer, found_inf,
+                       recipe.fp8_max, recipe.margin)
 
 
+@tensor_op(NAME)
+def fp8_scales_update_(amax, history, scales, scale_inv, found_inf, fp8_max, margin):
+    _launch("fp8_update_", amax.device, amax, history, scales, scale_inv, found_inf, fp8_max, margin)
+
+
+@tensor_op(NAME)
 def cast_fp8(inputs, outputs, scales):
     device = inputs[0].device
     tables = _tables.launch_tables([inputs, outputs], device, CHUNK_SIZE)

@@ -18,10 +18,13 @@ from .._resources import shipped_module
 from ..reference import adafactor as adafactor_spec
 from ..reference import lamb as lamb_spec
 from . import _adafactor_tables, _sharded, _tables
+from ._traced import bucket_op, tensor_op
 from ._bucket import advance_steps
 from ._dtypes import CODES, FP8_FORMATS, STATE_CODES
 
 NAME = "triton"
+#: every launch is a custom op while Dynamo traces (_traced.py)
+TRACEABLE = True
 #: the ops whose kernels take master_weights="remainder"'s int16 remainders (Bucket.remainders)
 REMAINDER_OPS = frozenset({"adafactor", "adamw", "lamb", "sophia"})
 DEVICE_TYPES = ("cuda", "cpu")
@@ -77,6 +80,7 @@ def _sizes(bucket) -> tuple[int, int]:
     return _tables.launch_sizes(bucket, CHUNK_SIZE, BLOCK_SIZE)
 
 
+@bucket_op(NAME)
 def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_mult, found_inf):
     """lr: float or 1-element fp32 tensor; grad_mult (fp64), found_inf (fp32):
     1-element tensors or None; all on the bucket's device."""
@@ -98,6 +102,7 @@ def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, gra
     return amax
 
 
+@tensor_op(NAME)
 def power_sums(tensors, p):
     kernels = shipped_module("kernels", "norms")
     device = tensors[0].device
@@ -108,12 +113,14 @@ def power_sums(tensors, p):
     return out
 
 
+@tensor_op(NAME)
 def scale_(tensors, factor):
     kernels = shipped_module("kernels", "norms")
     tables = _tables.launch_tables([tensors], tensors[0].device, CHUNK_SIZE)
     kernels.launch_scale(tables, factor, kind=CODES[tensors[0].dtype], block=BLOCK_SIZE, num_warps=NUM_WARPS)
 
 
+@bucket_op(NAME)
 def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, adam_w_mode, grad_averaging, use_nvlamb,
          maximize, grad_mult, found_inf):
     kernels = shipped_module("kernels", "lamb")
@@ -224,6 +231,7 @@ class _AdafactorLaunch:
             **self.exact)
 
 
+@bucket_op(NAME)
 def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize, beta1, grad_mult, found_inf):
     launch = _AdafactorLaunch(bucket, maximize=maximize, grad_mult=grad_mult, found_inf=found_inf, eps1=eps1)
     advance_steps(bucket.steps, found_inf)
@@ -288,6 +296,7 @@ class _ShardedPhases:
         self.launch.apply(scale, self.ft, rmean, **self.update)
 
 
+@bucket_op(NAME)
 def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, found_inf):
     kernels = shipped_module("kernels", "sophia")
     block, chunk = _sizes(bucket)
@@ -301,6 +310,7 @@ def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, fou
                         num_warps=NUM_WARPS, sr_seed=bucket.sr_seed)
 
 
+@bucket_op(NAME)
 def sophia_hessian(bucket, *, beta2):
     kernels = shipped_module("kernels", "sophia")
     block, chunk = _sizes(bucket)
@@ -309,6 +319,7 @@ def sophia_hessian(bucket, *, beta2):
                            block=block, num_warps=NUM_WARPS)
 
 
+@tensor_op(NAME)
 def cast_fp8(inputs, outputs, scales):
     kernels = shipped_module("kernels", "fp8")
     device = inputs[0].device

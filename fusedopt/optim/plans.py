@@ -266,8 +266,8 @@ class PlanMixin:
           torch advises for compiled torch.optim optimizers);
         - the first step (states are created) and staged (non-contiguous) tensors;
         - a backend whose launches are not custom ops Dynamo can trace
-          (``TRACEABLE``: cpu; the reference backend reads scalars on the
-          host), DTensor or complex params, FP8
+          (``TRACEABLE``: cpu, triton and cuda; the reference backend reads
+          scalars on the host), DTensor or complex params, FP8
           states or copies, stochastic rounding (a seed drawn on the host),
           pipeline stages, a composite optimizer's outer clip;
         - master_weights="remainder": the check for params written outside
