@@ -260,6 +260,35 @@ void scale_(TensorList tensors, const Tensor& factor, int64_t chunk_size) {
                       at::get_num_threads());
 }
 
+// max_grad_norm's norm and grad multiplier from the root of the grads' sum of squares (norms.h:
+// clip_scalars), as 0-d tensors: the norm in float32 (float64 with fp64), the multiplier in float64.
+std::tuple<Tensor, Tensor> clip_scalars(const Tensor& root, const std::optional<Tensor>& grad_scale, double max_norm,
+                                        bool fp64) {
+  const double* total = scalar_ptr<double>(root, "root");
+  TORCH_CHECK(total != nullptr, "fusedopt cpu: clip_scalars needs the root of the power sum");
+  double scale = 0.0;
+  if (grad_scale.has_value()) {
+    const at::ScalarType st = grad_scale->scalar_type();
+    TORCH_CHECK(st == at::kFloat || st == at::kDouble, "fusedopt cpu: grad_scale must be float32 or float64, got ",
+                st);
+    scale = st == at::kFloat ? double(*scalar_ptr<float>(grad_scale, "grad_scale"))
+                             : *scalar_ptr<double>(grad_scale, "grad_scale");
+  }
+  const double* scale_ptr = grad_scale.has_value() ? &scale : nullptr;
+  Tensor norm = at::empty({}, at::TensorOptions().dtype(fp64 ? at::kDouble : at::kFloat));
+  Tensor mult = at::empty({}, at::TensorOptions().dtype(at::kDouble));
+  if (fp64) {
+    const auto s = fusedopt::clip_scalars<double>(*total, max_norm, scale_ptr);
+    *norm.data_ptr<double>() = s.norm;
+    *mult.data_ptr<double>() = s.grad_mult;
+  } else {
+    const auto s = fusedopt::clip_scalars<float>(*total, max_norm, scale_ptr);
+    *norm.data_ptr<float>() = s.norm;
+    *mult.data_ptr<double>() = s.grad_mult;
+  }
+  return {norm, mult};
+}
+
 // outputs[t] = saturate(inputs[t] * scales[t]) in fp8; returns each input's absmax (float64 [n]).
 Tensor cast_fp8(TensorList inputs, TensorList outputs, const Tensor& scales, int64_t chunk_size) {
   check_one_dtype(inputs);
@@ -615,6 +644,7 @@ TORCH_LIBRARY(fusedopt_cpu, m) {
       "float beta2_decay, float eps1, float eps2, float d, float weight_decay, bool maximize, float? beta1, "
       "Tensor? grad_mult, Tensor? found_inf, int? sr_seed, int chunk_size) -> (Tensor, Tensor, Tensor)");
   m.def("power_sums(Tensor[] tensors, float p, int chunk_size) -> Tensor");
+  m.def("clip_scalars(Tensor root, Tensor? grad_scale, float max_norm, bool fp64) -> (Tensor, Tensor)");
   m.def("cast_fp8(Tensor[] inputs, Tensor(a!)[] outputs, Tensor scales, int chunk_size) -> Tensor");
   m.def("fp8_update_(Tensor amax, Tensor(a!) history, Tensor(b!) scales, Tensor(c!) scale_inv, Tensor? found_inf, "
         "float fp8_max, int margin) -> ()");
@@ -638,6 +668,7 @@ TORCH_LIBRARY_IMPL(fusedopt_cpu, CPU, m) {
   m.impl("lamb_apply", &lamb_apply);
   m.impl("adafactor_sharded", &adafactor_sharded);
   m.impl("power_sums", &power_sums);
+  m.impl("clip_scalars", &clip_scalars);
   m.impl("cast_fp8", &cast_fp8);
   m.impl("fp8_update_", &fp8_update_);
   m.impl("scale_", &scale_);

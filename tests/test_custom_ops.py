@@ -19,7 +19,7 @@ from fusedopt import Float8Recipe, FusedAdafactor, FusedAdamW, FusedLAMB, FusedS
 pytestmark = pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="needs the cpu backend")
 
 OPS = ("adamw", "sophia", "sophia_hessian", "adafactor", "adafactor_sharded", "lamb_moments", "lamb_apply",
-       "power_sums", "scale_", "cast_fp8", "fp8_update_")
+       "power_sums", "clip_scalars", "scale_", "cast_fp8", "fp8_update_")
 FP8 = torch.float8_e4m3fn
 
 

@@ -132,3 +132,33 @@ def test_fp64_grad_multiplier_on_every_optimizer(backend, name):
             opt.step()
         runs.append((opt, params))
     assert_same_state(*runs[0], *runs[1], atol=1e-13, rtol=1e-12)
+
+
+@pytest.mark.skipif("cpu" not in KERNEL_BACKENDS, reason="needs the cpu backend")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_clip_scalars_are_the_torch_ops_bits(dtype):
+    """The cpu backend's clip_scalars (one call a step) against what it
+    replaces, norms.l2_from_power, norms.clip_coefficient and
+    plans.grad_multiplier as torch ops: the same bits for powers from 0 to
+    inf and NaN, clipping or not, with and without GradScaler's scale."""
+    from fusedopt.backends import cpu
+    from fusedopt.norms import clip_coefficient, l2_from_power
+    from fusedopt.optim.plans import grad_multiplier
+
+    g = torch.Generator().manual_seed(0)
+    powers = torch.cat([torch.tensor([0.0, 1e-300, 5e-324, 1e-12, 1.0, 4.0, 1e30, 1e300, float("inf"), float("nan")],
+                                     dtype=torch.float64),
+                        torch.rand(300, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(-8, 8, (300,),
+                                                                                                   generator=g)])
+    scales = [None, torch.tensor(65536.0), torch.tensor(3.0), torch.tensor(0.125, dtype=torch.float64)]
+    bits = {torch.float32: torch.int32, torch.float64: torch.int64}
+    for max_norm in (1.0, 0.5, 1e-3, 7.3, 1e6):
+        for scale in scales:
+            for power in powers:
+                norm, mult = cpu.clip_scalars(power, scale, max_norm, dtype)
+                ref_norm = l2_from_power(power, scale, dtype)
+                ref_mult = grad_multiplier(scale, clip_coefficient(ref_norm, max_norm))
+                assert norm.dtype == dtype and mult.dtype == torch.float64 and norm.dim() == mult.dim() == 0
+                what = (float(power), max_norm, scale)
+                assert norm.view(bits[dtype]) == ref_norm.view(bits[dtype]), what
+                assert mult.view(torch.int64) == ref_mult.reshape(()).view(torch.int64), what

@@ -33,6 +33,10 @@ def _power_sums(tensors, p, chunk_size):
     return _doubles(len(tensors))
 
 
+def _clip_scalars(root, grad_scale, max_norm, fp64):
+    return torch.empty((), dtype=torch.float64 if fp64 else torch.float32), torch.empty((), dtype=torch.float64)
+
+
 def _cast_fp8(inputs, outputs, scales, chunk_size):
     return _doubles(len(inputs))
 
@@ -63,6 +67,7 @@ def register() -> None:
         torch.library.register_fake(f"fusedopt_cpu::{name}")(_in_place)
     torch.library.register_fake("fusedopt_cpu::power_sums")(_power_sums)
     torch.library.register_fake("fusedopt_cpu::cast_fp8")(_cast_fp8)
+    torch.library.register_fake("fusedopt_cpu::clip_scalars")(_clip_scalars)
     torch.library.register_fake("fusedopt_cpu::lamb_moments")(_lamb_moments)
     torch.library.register_fake("fusedopt_cpu::adafactor_sharded")(_adafactor_sharded)
     _registered = True

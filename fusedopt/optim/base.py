@@ -426,8 +426,10 @@ class FusedOptimizer(StateMixin, PlanMixin, Optimizer):
         power = self._grad_power_sum(plans) if self.max_grad_norm else None
         if self._across_stages is not None:
             power, found_inf = self._across_stages.reduce(power, found_inf, clipping=bool(self.max_grad_norm))
-        clip = self._clip_coefficient(power, plans, grad_scale) if self._outer_clip is None else self._outer_clip
-        scalars = _GradScalars(grad_scale, found_inf, clip)
+        if self._outer_clip is None:
+            scalars = _GradScalars(grad_scale, found_inf, *self._clip_coefficient(power, plans, grad_scale))
+        else:
+            scalars = _GradScalars(grad_scale, found_inf, self._outer_clip)
         for group, plan in zip(self.param_groups, plans):
             for device, steps in plan.empty_steps.items():
                 advance_steps(steps, scalars.found_inf(device))
@@ -478,20 +480,29 @@ class FusedOptimizer(StateMixin, PlanMixin, Optimizer):
                 total = part if total is None else total + part.to(total.device)
         return total
 
-    def _clip_coefficient(self, power: Tensor | None, plans: list[_Plan], grad_scale: Tensor | None) -> Tensor | None:
+    def _clip_coefficient(self, power: Tensor | None, plans: list[_Plan],
+                          grad_scale: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
         """With max_grad_norm: the global L2 norm from the grads' power sum
-        (GradScaler's scale divided out), kept in last_grad_norm, and the clip
-        coefficient from it, on the device."""
+        (GradScaler's scale divided out), kept in last_grad_norm, and (the
+        clip coefficient from it, None), on the device; or (None, the grads'
+        multiplier) where the backend forms both in one call (clip_scalars)."""
         if not self.max_grad_norm:
-            return None
+            return None, None
         # (kept in a dict: Dynamo drops attribute stores on an Optimizer in a traced step, not dict stores)
         if power is None:  # no grads: a norm of 0, as clip_grad_norm_ returns, and nothing to scale
             self._last["grad_norm"] = torch.zeros(())
-            return None
+            return None, None
         # fp64 when some grads are, else fp32, and the coefficient in that dtype: as clip_grad_norm_ forms them
         fp64 = any(bucket.dtype == torch.float64 for plan in plans for bucket in plan.buckets)
-        self._last["grad_norm"] = norm = norms.l2_from_power(power, grad_scale, torch.float64 if fp64 else torch.float32)
-        return self._clip_multiplier(norm, self.max_grad_norm)
+        dtype = torch.float64 if fp64 else torch.float32
+        fused = getattr(self._backend_for(power.device), "clip_scalars", None)
+        if (fused is not None and type(self)._clip_multiplier is FusedOptimizer._clip_multiplier
+                and (grad_scale is None or (grad_scale.device == power.device
+                                            and grad_scale.dtype in (torch.float32, torch.float64)))):
+            self._last["grad_norm"], mult = fused(power, grad_scale, self.max_grad_norm, dtype)
+            return None, mult
+        self._last["grad_norm"] = norm = norms.l2_from_power(power, grad_scale, dtype)
+        return self._clip_multiplier(norm, self.max_grad_norm), None
 
 
 def evaluate_closure(closure) -> Tensor | None:

@@ -103,10 +103,14 @@ class _GradScalars:
     1/scale times the clip coefficient (fp64, which each kernel rounds once to
     its math precision: fp64 params get the clip coefficient torch would use;
     None when neither applies). For the power-of-two scales GradScaler uses,
-    multiplying by 1/scale gives the bits of dividing by the scale."""
+    multiplying by 1/scale gives the bits of dividing by the scale.
+    `grad_mult`: that multiplier, formed already (a backend's clip_scalars)."""
 
-    def __init__(self, grad_scale: Tensor | None, found_inf: Tensor | None, clip: Tensor | None):
-        self._values = {"grad_mult": grad_multiplier(grad_scale, clip), "found_inf": found_inf}
+    def __init__(self, grad_scale: Tensor | None, found_inf: Tensor | None, clip: Tensor | None,
+                 grad_mult: Tensor | None = None):
+        if grad_mult is None:
+            grad_mult = grad_multiplier(grad_scale, clip)
+        self._values = {"grad_mult": grad_mult, "found_inf": found_inf}
         self._dtypes = {"grad_mult": torch.float64, "found_inf": torch.float32}
         self._cache: dict = {}
 

@@ -32,6 +32,30 @@ FUSEDOPT_HD T norm_term(T x, T p) {
   return fabs(x);
 }
 
+// max_grad_norm's scalars for a step, bit for bit as fusedopt/norms.py's
+// l2_from_power and clip_coefficient and optim/plans.py's grad_multiplier form
+// them with torch ops, from `root`, the square root of the grads' sum of
+// squares (taken by torch: its double sqrt is not always correctly rounded):
+// the norm root (/ GradScaler's scale) in double, rounded to T (float, double
+// when some grads are); the clip coefficient min(max_norm / (norm + 1e-6), 1)
+// in T, in torch's order (1e-6 rounded to T, Tensor.__rtruediv__'s reciprocal,
+// then times max_norm rounded to T; NaN stays NaN as in torch.clamp); the
+// grads' multiplier double(clip) (* 1/scale).
+template <typename T>
+struct ClipScalars {
+  T norm;
+  double grad_mult;
+};
+
+template <typename T>
+FUSEDOPT_HD ClipScalars<T> clip_scalars(double root, double max_norm, const double* grad_scale) {
+  const T norm = T(grad_scale ? root / *grad_scale : root);
+  const T clip = (T(1) / (norm + T(1e-6))) * T(max_norm);
+  double mult = double(clip > T(1) ? T(1) : clip);
+  if (grad_scale) mult = mult * (1.0 / *grad_scale);
+  return {norm, mult};
+}
+
 // Launchers. `out` receives one value per tensor: the sum of the terms (max
 // for kInf), in double; NaN when the tensor holds a NaN. Each term is formed in
 // the math type (so it overflows and underflows as torch's does), every sum in
