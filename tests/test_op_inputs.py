@@ -124,3 +124,17 @@ def test_cpu_ops_refuse_missing_lists():
     with pytest.raises(RuntimeError, match="does not match its dims"):
         ops.adafactor_sharded(0, [x.clone()], [x.clone()], [], [], *factors[:2], [], [step.clone()],
                               torch.tensor([2**62 + 1, 4, 4, 4, 4]), torch.tensor([16]), [], *hyper)
+
+
+@pytest.mark.skipif("cpu" not in KERNEL_BACKENDS, reason="needs the cpu backend")
+def test_cpu_ops_are_called_by_every_name_of_their_schema():
+    """backends/cpu.py calls each op by argument name: a name missing, unknown
+    or misspelt is a TypeError naming the op's arguments, before the op runs."""
+    from fusedopt.backends import cpu
+
+    xs = [torch.ones(3)]
+    assert float(cpu._ops.power_sums(tensors=xs, p=2.0, chunk_size=100)[0]) == 3.0
+    for kwargs in (dict(tensors=xs, p=2.0), dict(tensors=xs, p=2.0, chunk_size=100, extra=1),
+                   dict(tensor=xs, p=2.0, chunk_size=100)):
+        with pytest.raises(TypeError, match=r"fusedopt_cpu.power_sums takes \('tensors', 'p', 'chunk_size'\)"):
+            cpu._ops.power_sums(**kwargs)

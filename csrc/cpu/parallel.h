@@ -8,10 +8,11 @@
 
 namespace fusedopt {
 
-// body(c, chunk) for every chunk c in [c0, c1), spread over `num_threads` threads.
+// body(c, chunk) for every chunk c in [c0, c1), spread over `num_threads` threads;
+// a single chunk runs on the calling thread (waking a team costs more than a tiny step).
 template <typename Body>
 void parallel_chunks(const TensorTable& tt, int64_t c0, int64_t c1, int num_threads, Body&& body) {
-#pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
+#pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1) if (c1 - c0 > 1)
   for (int64_t c = c0; c < c1; ++c) body(c, tt.chunk(c));
 }
 

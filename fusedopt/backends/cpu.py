@@ -5,6 +5,8 @@ bindings_cpu.cpp; the calls here name every argument, checked against it
 (_NamedOps): no argument can land in another's place."""
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from .. import _jit
@@ -38,13 +40,17 @@ class _NamedOps:
                 getattr(self, qualified.split("::")[1].split(".")[0])
 
     def __getattr__(self, name: str):
-        packet = getattr(torch.ops.fusedopt_cpu, name)
-        names = tuple(a.name for a in packet.default._schema.arguments)
+        overload = getattr(torch.ops.fusedopt_cpu, name).default
+        names = tuple(a.name for a in overload._schema.arguments)
+        expected = frozenset(names)
+        in_order = operator.itemgetter(*names) if len(names) > 1 else lambda kwargs: (kwargs[names[0]],)
 
         def call(**kwargs):
-            if len(kwargs) != len(names) or not all(map(kwargs.__contains__, names)):
+            if kwargs.keys() != expected:
                 raise TypeError(f"fusedopt_cpu.{name} takes {names}, got {tuple(kwargs)}")
-            return packet(*map(kwargs.__getitem__, names))
+            if torch.compiler.is_compiling():  # (Dynamo traces neither itemgetter nor the OpOverload's _op)
+                return overload(*[kwargs[n] for n in names])
+            return overload._op(*in_order(kwargs))  # the C++ callable behind the OpOverload: a Python frame less
 
         setattr(self, name, call)  # resolved once per op
         return call
