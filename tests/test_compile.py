@@ -45,7 +45,7 @@ def train_step(model, opt, x):
     return loss
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("opt_class,kwargs", OPTIMIZERS, ids=[o.__name__ for o, _ in OPTIMIZERS])
 def test_compiled_training_step_equals_eager(opt_class, kwargs, backend):
     from torch._dynamo.testing import CompileCounterWithBackend
@@ -182,16 +182,18 @@ def test_traced_step_has_no_graph_break(opt_class, kwargs, backend):
 
 
 @pytest.mark.parametrize("backend", backend_params(KERNEL_BACKENDS))
-def test_traced_training_step_inductor(backend):
-    """forward + backward + step + zero_grad under inductor with a tensor lr:
-    the eager result, no recompilation as the scheduler moves lr."""
+@pytest.mark.parametrize("opt_class,kwargs", OPTIMIZERS, ids=[o.__name__ for o, _ in OPTIMIZERS])
+def test_traced_training_step(opt_class, kwargs, backend):
+    """forward + backward + step + zero_grad compiled with a tensor lr (under
+    inductor for FusedAdamW, aot_eager for the others: inductor compiles
+    the same graph of fusedopt ops around another update op): the eager
+    result, no recompilation as the scheduler moves lr."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    kwargs = dict(lr=0.05, max_grad_norm=0.5)
-    model, opt, x = tensor_lr_setup(FusedAdamW, kwargs, backend)
-    ref_model, ref_opt, _ = tensor_lr_setup(FusedAdamW, kwargs, backend)
+    model, opt, x = tensor_lr_setup(opt_class, kwargs, backend)
+    ref_model, ref_opt, _ = tensor_lr_setup(opt_class, kwargs, backend)
     sched, ref_sched = scheduler(opt), scheduler(ref_opt)
-    counter = CompileCounterWithBackend("inductor")
+    counter = CompileCounterWithBackend("inductor" if opt_class is FusedAdamW else "aot_eager")
     compiled = torch.compile(train_step, backend=counter)
     frames = []
     for _ in range(4):
@@ -200,6 +202,8 @@ def test_traced_training_step_inductor(backend):
         ref_sched.step()
         frames.append(counter.frame_count)
     assert frames[1] == frames[-1], f"recompiled after the second step: frames compiled per step {frames}"
+    ops = {str(n.target) for g in counter.graphs for n in g.graph.nodes if n.op == "call_function"}
+    assert any(op.startswith(graph_ops(backend)) for op in ops), ops  # the step is traced, not run eagerly
     for p, q in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
