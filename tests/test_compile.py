@@ -1,8 +1,9 @@
 """torch.compile around fusedopt: a compiled training step (forward,
 backward, opt.step(), an LR scheduler) and torch.compile(opt.step) give the
 eager result, and nothing recompiles after the second step. With a tensor lr
-on the cpu backend Dynamo traces the step into the graph (no graph break
-once the states exist); with a float lr, whose every value a scheduler sets
+Dynamo traces the step into the graph as custom ops (fusedopt_cpu, and
+fusedopt_traced for the triton and cuda launches; no graph break once the
+states exist); with a float lr, whose every value a scheduler sets
 would recompile a traced step, it runs eagerly behind a graph break
 (FusedOptimizer._traced_plans)."""
 from __future__ import annotations
