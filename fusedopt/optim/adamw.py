@@ -150,8 +150,8 @@ class FusedAdamW(FusedOptimizer):
         GroupCheck(type(self).__name__, group, where).at_least(0.0, "lr", "eps", "weight_decay").betas()
 
     def _update(self, backend, group, bucket, lr, grad_mult, found_inf):
-        beta1, beta2 = (_host_beta(b) for b in group["betas"])
-        amax = backend.adamw(bucket, lr=lr, beta1=beta1, beta2=beta2, eps=float(group["eps"]),
+        beta1, beta2 = group["betas"]
+        amax = backend.adamw(bucket, lr=lr, beta1=_host_beta(beta1), beta2=_host_beta(beta2), eps=float(group["eps"]),
                              weight_decay=float(group["weight_decay"]), amsgrad=bool(group["amsgrad"]),
                              maximize=bool(group["maximize"]), grad_mult=grad_mult, found_inf=found_inf)
         if bucket.fp8 is not None:

@@ -40,8 +40,7 @@ whose shards of a bucket are all empty contributes to its collectives.
 from __future__ import annotations
 
 import functools
-from itertools import chain, compress, repeat
-from operator import attrgetter, is_not
+from itertools import chain
 
 import torch
 from torch import Tensor
@@ -54,7 +53,7 @@ from ..backends._dtypes import FP8_STATE_DTYPE, LOW_PRECISION, SUPPORTED_PARAM_D
 from .checks import GroupCheck, check_options, check_state_dtype
 from . import masters
 from .masters import OutsideWrites
-from .plans import _PLAIN, _PLAIN_OR_NONE, PlanMixin, _found_inf_on_every_rank, _GradScalars, _Plan
+from .plans import _PLAIN, PlanMixin, _found_inf_on_every_rank, _GradScalars, _Plan
 from .state import StateMixin
 
 
@@ -312,8 +311,8 @@ class FusedOptimizer(StateMixin, PlanMixin, Optimizer):
         keep their shapes and the grads their sizes (_Plan.reusable).
         """
         dtensor_type = dtensor.dtensor_class()  # (first: it caches the class, which a traced step then reads)
-        if not torch.compiler.is_compiling() and _plain_grads_fit(params, grads, self._param_dtypes):
-            return  # (Dynamo traces the loop, not attrgetter)
+        if _plain_grads_fit(params, grads, self._param_dtypes):
+            return
         for p, g in zip(params, grads):
             if g is None:
                 continue
@@ -513,20 +512,16 @@ def evaluate_closure(closure) -> Tensor | None:
         return closure()
 
 
-_DTYPE, _LAYOUT = attrgetter("dtype"), attrgetter("layout")
-
-
 def _plain_grads_fit(params: list[Tensor], grads: list, dtypes) -> bool:
     """Whether every grad is a plain strided tensor of its plain param's
-    dtype, among `dtypes`: _check_grads' common case in a few passes at C
-    speed (its loop, ~0.7 us a param, finds what is wrong otherwise)."""
-    if not set(map(type, params)).issubset(_PLAIN) or not set(map(type, grads)).issubset(_PLAIN_OR_NONE):
-        return False
-    present = list(map(is_not, grads, repeat(None)))  # (not `None in grads`: that compares tensors with ==)
-    if not all(present):
-        params, grads = list(compress(params, present)), list(compress(grads, present))
-    return (set(map(_LAYOUT, grads)) <= {torch.strided} and list(map(_DTYPE, grads)) == list(map(_DTYPE, params))
-            and set(map(_DTYPE, params)).issubset(dtypes))
+    dtype, among `dtypes`: _check_grads' common case in one plain loop (as
+    fast as passes of map() from 1000 params on, 4x faster for one); its
+    loop finds what is wrong otherwise."""
+    for p, g in zip(params, grads):
+        if g is not None and (type(p) not in _PLAIN or type(g) not in _PLAIN or g.layout is not torch.strided
+                              or g.dtype is not p.dtype or p.dtype not in dtypes):
+            return False
+    return True
 
 
 def _grad_matches(p: Tensor, g: Tensor) -> bool:
