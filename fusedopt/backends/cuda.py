@@ -12,9 +12,9 @@ import torch
 from .. import _jit
 from ..reference import lamb as lamb_spec
 from . import _adafactor_tables, _sharded, _tables
-from ._traced import bucket_op, tensor_op
 from ._bucket import advance_steps
 from ._dtypes import CODES, FP8_FORMATS, FP8_STATE_DTYPE, STATE_CODES
+from ._traced import bucket_op, tensor_op
 
 NAME = "cuda"
 #: every launch is a custom op while Dynamo traces (_traced.py)

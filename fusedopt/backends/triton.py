@@ -18,9 +18,9 @@ from .._resources import shipped_module
 from ..reference import adafactor as adafactor_spec
 from ..reference import lamb as lamb_spec
 from . import _adafactor_tables, _sharded, _tables
-from ._traced import bucket_op, tensor_op
 from ._bucket import advance_steps
 from ._dtypes import CODES, FP8_FORMATS, STATE_CODES
+from ._traced import bucket_op, tensor_op
 
 NAME = "triton"
 #: every launch is a custom op while Dynamo traces (_traced.py)
