@@ -1,4 +1,5 @@
-"""Every fusedopt_cpu op is a proper torch.library custom op:
+"""Every fusedopt_cpu op, and every triton and cuda launch as the
+fusedopt_traced op a compiled step calls, is a proper torch.library custom op:
 torch.library.opcheck (schema and declared mutations, fake implementation,
 AOT dispatch with dynamic shapes) on the arguments the optimizers really
 pass, recorded from their steps; and torch.compile traces the ops as opaque
@@ -13,8 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
 import fusedopt
-from fusedopt.backends import _traced
 from fusedopt import Float8Recipe, FusedAdafactor, FusedAdamW, FusedLAMB, FusedSophia
+from fusedopt.backends import _traced
 
 pytestmark = pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="needs the cpu backend")
 
