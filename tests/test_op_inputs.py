@@ -138,3 +138,34 @@ def test_cpu_ops_are_called_by_every_name_of_their_schema():
                    dict(tensor=xs, p=2.0, chunk_size=100)):
         with pytest.raises(TypeError, match=r"fusedopt_cpu.power_sums takes \('tensors', 'p', 'chunk_size'\)"):
             cpu._ops.power_sums(**kwargs)
+
+
+@pytest.mark.skipif("cpu" not in KERNEL_BACKENDS, reason="needs the cpu backend")
+def test_clip_scalars_refuses_bad_scalars():
+    """fusedopt_cpu.clip_scalars takes a 1-element fp64 root and an fp32/fp64
+    scale, else a RuntimeError saying which."""
+    from fusedopt.backends import cpu
+
+    cpu.load()
+    op = torch.ops.fusedopt_cpu.clip_scalars
+    for root, scale, what in ((torch.ones(2, dtype=torch.float64), None, "root"), (torch.tensor(1.0), None, "root"),
+                              (torch.tensor(1.0, dtype=torch.float64), torch.tensor(2), "grad_scale"),
+                              (torch.tensor(1.0, dtype=torch.float64), torch.ones(2), "grad_scale")):
+        with pytest.raises(RuntimeError, match=what):
+            op(root, scale, 1.0, False)
+
+
+@pytest.mark.parametrize("backend", backend_params([b for b in ("triton", "cuda") if b in KERNEL_BACKENDS]))
+def test_traced_ops_refuse_inconsistent_lists(backend):
+    """The fusedopt_traced bucket ops (what a compiled step calls) refuse an
+    empty launch and state lists that do not fit the params."""
+    from fusedopt.backends import cuda, triton  # (importing them registers their ops)
+
+    assert cuda.TRACEABLE and triton.TRACEABLE
+    op = getattr(torch.ops.fusedopt_traced, f"{backend}_adamw")
+    none = [None] * 9
+    with pytest.raises(ValueError, match="at least one param"):
+        op([], [], [], [], [], False, [], [], [], torch.float32, None, None, none, none)
+    with pytest.raises(RuntimeError, match="0 state tensors for 1 states of 1 params"):
+        op([torch.zeros(3)], [torch.zeros(3)], ["exp_avg"], [], [], False, [torch.zeros(())], [], [], torch.float32,
+           None, None, none, none)

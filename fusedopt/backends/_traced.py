@@ -63,6 +63,8 @@ def bucket_op(backend: str):
         def impl(params, grads, state_names, states, masters, remainders, steps, fp8_weights, fp8_scales,
                  state_dtype, kind, sr_seed, scalars, tensors):
             n = len(params)
+            if n == 0:
+                raise ValueError(f"{op_name}: a launch needs at least one param")
             if len(states) != n * len(state_names):
                 raise RuntimeError(f"{op_name}: {len(states)} state tensors for {len(state_names)} states of "
                                    f"{n} params")
