@@ -13,9 +13,10 @@ import copy
 import pytest
 import torch
 from conftest import KERNEL_BACKENDS, backend_params
+from optim_db import optimizers
 
 import fusedopt
-from fusedopt import FusedAdafactor, FusedAdamW, FusedLAMB, FusedSophia
+from fusedopt import FusedAdamW, FusedLAMB
 
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
@@ -27,8 +28,8 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-OPTIMIZERS = [(FusedAdamW, dict(lr=0.05, max_grad_norm=0.5)), (FusedLAMB, dict(lr=0.05, max_grad_norm=0.5)),
-              (FusedSophia, dict(lr=0.05)), (FusedAdafactor, dict(lr=0.05))]
+#: every FusedOptimizer of optim_db, its states all switched on, clipping at 0.5
+OPTIMIZERS = [(cls, {**kwargs, "max_grad_norm": 0.5}) for cls, kwargs in optimizers(lr=0.05, fused=True).values()]
 
 
 def setup(opt_class, kwargs, backend):

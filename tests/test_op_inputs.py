@@ -10,13 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import KERNEL_BACKENDS, backend_params
+from optim_db import optimizers
 from torch.testing._internal.two_tensor import TwoTensor
 
 import fusedopt
-from fusedopt import FusedAdafactor, FusedAdamW, FusedLAMB, FusedSophia
 from fusedopt.backends import _tables
 
-OPTIMIZERS = [FusedAdamW, FusedLAMB, FusedAdafactor, FusedSophia]
+OPTIMIZERS = [cls for cls, _ in optimizers(fused=True).values()]
 SUBCLASS = "tensor subclass"
 
 
