@@ -1,8 +1,7 @@
 """One entry per fusedopt optimizer, read by the tests that cover them all
 (as torch's optim_db): its class, the arguments that exercise every state it
 has, and what it supports. A new optimizer gets an entry here and is then
-taken by test_base, test_state_dtype, test_stochastic_rounding, test_max_grad_norm
-and test_complex."""
+taken by the tests that import this module (CONTRIBUTING.md lists them)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
