@@ -80,6 +80,16 @@ def assert_same_state(a_opt, a_params, b_opt, b_params, *, atol=0.0, rtol=0.0, k
                                    check_dtype=True, msg=lambda m, k=k: f"state {k}: {m}")
 
 
+_INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """t's raw bits as integers of its width: torch.equal on them compares
+    bit for bit (NaN with its payload equals itself, -0 differs from +0;
+    FP8 tensors have no comparison of their own)."""
+    return t.detach().view(_INT_OF_WIDTH[t.element_size()])
+
+
 _BITS = {torch.bfloat16: (torch.int16, 0x7FFF), torch.float16: (torch.int16, 0x7FFF),
          torch.float32: (torch.int32, 0x7FFFFFFF), torch.float64: (torch.int64, 0x7FFFFFFFFFFFFFFF)}
 

@@ -14,7 +14,7 @@ import io
 import pytest
 import torch
 from conftest import KERNEL_BACKENDS, backend_params
-from helpers import SHAPES, grads_for, make_params, many
+from helpers import SHAPES, bits, grads_for, make_params, many
 
 from fusedopt import Float8Recipe, FusedAdamW
 from fusedopt._resources import shipped_module
@@ -49,10 +49,6 @@ def test_tiny_weights_get_a_finite_scale(backend):
     assert opt.state[p]["fp8_scale"].item() == torch.finfo(torch.float32).max
     assert not copy.float().isnan().any() and scale_inv.item() > 0
     assert copy.float()[1] == 0 and copy.float()[0] > 0 > copy.float()[2]
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.uint8) if t.element_size() == 1 else t
 
 
 def weight(opt, p):

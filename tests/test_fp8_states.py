@@ -13,7 +13,7 @@ import io
 import pytest
 import torch
 from conftest import KERNEL_BACKENDS, backend_params
-from helpers import clone_params, grads_for, make_params, many, run, state_tensors
+from helpers import bits, clone_params, grads_for, make_params, many, run, state_tensors
 from optim_db import optimizers
 
 from fusedopt import FusedAdafactor, FusedAdamW, FusedLAMB, FusedSophia
@@ -25,10 +25,6 @@ SHAPES = [(0,), (), (7,), (257,), (13, 70), (3, 300)]
 STEPS = 6
 STORAGE = [(torch.float32, False), (torch.bfloat16, True), (torch.bfloat16, False), (torch.float16, True),
            (torch.float64, False)]
-
-
-def bits(t):
-    return t.view(torch.uint8)
 
 
 def moment_grads(params, step):

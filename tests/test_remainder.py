@@ -84,7 +84,7 @@ import fusedopt  # noqa: E402
 from conftest import CPU_BACKENDS as TESTED  # noqa: E402
 from conftest import backend_params  # noqa: E402
 from fusedopt import backends  # noqa: E402
-from helpers import SHAPES, clone_params, cross_on_triton, make_params, many, run  # noqa: E402
+from helpers import SHAPES, bits, clone_params, cross_on_triton, make_params, many, run  # noqa: E402
 from optim_db import optimizers  # noqa: E402
 
 FUSED = optimizers(lr=1e-2, fused=True)
@@ -99,10 +99,6 @@ def _zoo():
     params = make_params(SHAPES, torch.bfloat16)
     wide = torch.randn(9, 6, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).t()
     return params + [wide.requires_grad_()]
-
-
-def _bits(t):
-    return t.detach().view(torch.int16) if t.dtype == torch.bfloat16 else t.detach().view(torch.int32)
 
 
 @pytest.mark.parametrize("state_dtype", [None, torch.bfloat16, torch.float8_e4m3fn])
@@ -128,10 +124,10 @@ def test_same_masters_as_master_weights(name, backend, state_dtype):
     ties = 0
     for p, q in zip(params, ref):
         master = opt.master_param(p)
-        assert torch.equal(_bits(master), _bits(opt_ref.state[q]["master_param"]))
-        assert torch.equal(_bits(p), _bits(remainder.split(master)[0]))
+        assert torch.equal(bits(master), bits(opt_ref.state[q]["master_param"]))
+        assert torch.equal(bits(p), bits(remainder.split(master)[0]))
         tie = (master.view(torch.int32) & 0xFFFF) == 0x8000
-        assert torch.equal(_bits(p)[~tie], _bits(q)[~tie])
+        assert torch.equal(bits(p)[~tie], bits(q)[~tie])
         ties += int(tie.sum())
         assert "master_param" not in opt.state[p] and opt.state[p]["master_remainder"].dtype == torch.int16
         for key, value in opt_ref.state[q].items():
@@ -165,7 +161,7 @@ def test_adamw_options(option, backend):
     run(opt, params, 4, scale=10.0)
     run(opt_ref, ref, 4, scale=10.0)
     for p, q in zip(params, ref):
-        assert torch.equal(_bits(opt.master_param(p)), _bits(opt_ref.state[q]["master_param"]))
+        assert torch.equal(bits(opt.master_param(p)), bits(opt_ref.state[q]["master_param"]))
         if "fp8" in kwargs:
             assert torch.equal(opt.fp8_weight(p)[0].view(torch.uint8), opt_ref.fp8_weight(q)[0].view(torch.uint8))
             assert torch.equal(opt.fp8_weight(p)[1], opt_ref.fp8_weight(q)[1])
@@ -186,8 +182,8 @@ def test_every_class_of_fp32_through_the_kernel(backend):
         upper = upper[((upper & 0x7F) < 2) | ((upper & 0x7F) > 0x7D)]
     lows = torch.tensor([0x0000, 0x0001, 0x7FFF, 0x8000, 0x8001, 0xFFFF], dtype=torch.int64)
     lows = torch.cat([lows, torch.randint(0, 0x10000, (4,), generator=torch.Generator().manual_seed(1))])
-    bits = (upper[:, None] << 16 | lows[None, :]).flatten()
-    master = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
+    pattern = (upper[:, None] << 16 | lows[None, :]).flatten()
+    master = torch.where(pattern >= 2**31, pattern - 2**32, pattern).to(torch.int32).view(torch.float32)
     p = torch.zeros(master.shape, dtype=torch.bfloat16, requires_grad=True)
     opt = fusedopt.FusedAdamW([p], lr=0.0, backend=backend, master_weights="remainder")
     p.grad = torch.zeros_like(p)
@@ -201,7 +197,7 @@ def test_every_class_of_fp32_through_the_kernel(backend):
     nan = master.isnan()
     assert torch.equal(back.view(torch.int32)[~nan], master.view(torch.int32)[~nan])
     assert back[nan].isnan().all()
-    assert torch.equal(_bits(p), _bits(remainder.split(master)[0]))
+    assert torch.equal(bits(p), bits(remainder.split(master)[0]))
 
 
 def test_memory_two_bytes_of_master():
@@ -230,14 +226,14 @@ def test_state_dicts_convert_both_ways():
     plain = fusedopt.FusedAdamW(params, lr=1e-2, master_weights=True)
     plain.load_state_dict(sd)
     for p, m in zip(params, masters):
-        assert torch.equal(_bits(plain.state[p]["master_param"]), _bits(m))
+        assert torch.equal(bits(plain.state[p]["master_param"]), bits(m))
     run(plain, params, 2, start=3)
     run(opt, params, 0)
     again = fusedopt.FusedAdamW(params, lr=1e-2, master_weights="remainder")
     again.load_state_dict(plain.state_dict())
     for p in params:
-        assert torch.equal(_bits(again.master_param(p)), _bits(plain.state[p]["master_param"]))
-        assert torch.equal(_bits(p), _bits(remainder.split(plain.state[p]["master_param"])[0]))
+        assert torch.equal(bits(again.master_param(p)), bits(plain.state[p]["master_param"]))
+        assert torch.equal(bits(p), bits(remainder.split(plain.state[p]["master_param"])[0]))
 
     # into an optimizer without masters: the remainder is dropped
     none = fusedopt.FusedAdamW(params, lr=1e-2)
@@ -250,7 +246,7 @@ def test_state_dicts_convert_both_ways():
     fresh.load_state_dict(torch_opt.state_dict())
     for p in params:
         assert not fresh.state[p]["master_remainder"].any()
-        assert torch.equal(_bits(fresh.master_param(p)), _bits(p.detach().float()))
+        assert torch.equal(bits(fresh.master_param(p)), bits(p.detach().float()))
 
     # torch.optim.AdamW on the fp32 masters takes this optimizer's state_dict (it ignores the remainder)
     fp32 = [opt.master_param(p).clone().requires_grad_() for p in params]
@@ -288,7 +284,7 @@ def test_param_changed_outside():
     q = check.param_groups[0]["params"][0]
     run(opt, [p], 1, start=2)
     run(check, [q], 1, start=2)
-    assert torch.equal(_bits(opt.master_param(p)), _bits(check.state[q]["master_param"]))
+    assert torch.equal(bits(opt.master_param(p)), bits(check.state[q]["master_param"]))
 
     module = torch.nn.Linear(4, 3).to(torch.bfloat16)
     opt = fusedopt.FusedAdamW(module.parameters(), lr=1e-2, master_weights="remainder")
@@ -376,7 +372,7 @@ def test_grad_scaler(backend):
                 assert all(torch.equal(v, before[0][k]) for k, v in o.state[ps[0]].items())
                 assert torch.equal(ps[0].detach(), before[1])
     for p, q in zip(params, ref):
-        assert torch.equal(_bits(opt.master_param(p)), _bits(opt_ref.state[q]["master_param"]))
+        assert torch.equal(bits(opt.master_param(p)), bits(opt_ref.state[q]["master_param"]))
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
@@ -401,19 +397,19 @@ def test_muon(backend):
     run(opt_ref, ref, 4)
     for p, q in zip(params, ref):
         assert opt.state[p]["master_remainder"].dtype == torch.int16 and "master_param" not in opt.state[p]
-        assert torch.equal(_bits(opt.master_param(p)), _bits(opt_ref.state[q]["master_param"]))
-        assert torch.equal(_bits(p), _bits(remainder.split(opt.master_param(p))[0]))
+        assert torch.equal(bits(opt.master_param(p)), bits(opt_ref.state[q]["master_param"]))
+        assert torch.equal(bits(p), bits(remainder.split(opt.master_param(p))[0]))
     plain = fusedopt.FusedMuon(groups(ref), lr=0.02, backend=backend, master_weights=True)
     with torch.no_grad():  # the model's params first (a remainder completes its own param's bits), then the state
         for p, q in zip(params, ref):
             q.copy_(p)
     plain.load_state_dict(opt.state_dict())
     for p, q in zip(params, ref):
-        assert torch.equal(_bits(plain.state[q]["master_param"]), _bits(opt.master_param(p)))
+        assert torch.equal(bits(plain.state[q]["master_param"]), bits(opt.master_param(p)))
     again = fusedopt.FusedMuon(groups(params), lr=0.02, backend=backend, master_weights="remainder")
     again.load_state_dict(opt_ref.state_dict())
     for p, q in zip(params, ref):
-        assert torch.equal(_bits(again.master_param(p)), _bits(opt_ref.state[q]["master_param"]))
+        assert torch.equal(bits(again.master_param(p)), bits(opt_ref.state[q]["master_param"]))
     with torch.no_grad():
         params[0].mul_(2)  # an outside write torch counts: the new value is the master at the next step
     again._outside.resync(again.state)
@@ -438,4 +434,4 @@ def test_many_tensors(name, backend):
     run(opt, params, 3)
     run(opt_ref, ref, 3)
     for p, q in zip(params, ref):
-        assert torch.equal(_bits(opt.master_param(p)), _bits(opt_ref.state[q]["master_param"]))
+        assert torch.equal(bits(opt.master_param(p)), bits(opt_ref.state[q]["master_param"]))
