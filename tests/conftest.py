@@ -40,9 +40,13 @@ def backend_params(backends=TESTED_BACKENDS):
 
 @pytest.fixture(scope="session")
 def emulated_cuda_ops():
+    """The emulated cuda ops, called by name as the cuda backend calls its own."""
     from cuda_emu.build import load
 
-    return load()
+    from fusedopt.backends._named_ops import NamedOps
+
+    load()
+    return NamedOps("fusedopt_cuda_emu")
 
 
 @pytest.fixture(autouse=True)
@@ -61,7 +65,7 @@ def emulated_cuda(request, monkeypatch):
     monkeypatch.setattr(cuda_backend, "DEVICE_TYPES", ("cuda", "cpu"))
     monkeypatch.setattr(cuda_backend, "unavailable_reason", lambda device_type: None)
     monkeypatch.setattr(cuda_backend, "load", lambda: None)
-    monkeypatch.setattr(cuda_backend, "_launch", lambda op, device, *args: getattr(ops, op)(*args, 0))
+    monkeypatch.setattr(cuda_backend, "_launch", lambda op, device, **args: getattr(ops, op)(**args, stream=0))
     # a block's loop takes 1024 elements: chunks of one full and one partial iteration
     monkeypatch.setattr(cuda_backend, "CHUNK_SIZE", 1280)
     monkeypatch.setattr(backends, "_resolved", {})

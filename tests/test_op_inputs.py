@@ -85,12 +85,11 @@ def test_cuda_binding_refuses_subclasses(emulated_cuda_ops):
         _tables.launch_tables([[wrapped(x)]], x.device, 256)
     tables = _tables.launch_tables([[x]], x.device, 256)
     partials, out = torch.empty(tables.n_chunks, dtype=torch.float64), torch.empty(1, dtype=torch.float64)
-    args = [tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.chunk_first]
-    for i in range(len(args)):
-        bad = list(args)
-        bad[i] = wrapped(bad[i])
+    args = tables.walk(first=True)
+    for name in ("table", "numel", "chunk_tensor", "chunk_start", "chunk_first"):
         with pytest.raises(RuntimeError, match=SUBCLASS):
-            emulated_cuda_ops.power_sums(*bad, tables.chunk_size, 0, 2.0, partials, out, 0)
+            emulated_cuda_ops.power_sums(**{**args, name: wrapped(args[name])}, dtype=0, p=2.0, partials=partials,
+                                         out=out, stream=0)
 
 
 def test_cpu_ops_refuse_missing_lists():

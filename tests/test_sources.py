@@ -89,6 +89,27 @@ def test_adafactor_tables_agree_with_the_header():
     assert int(re.search(r"kAfColBlock = (\d+)", header).group(1)) == _adafactor_tables.COL_BLOCK
 
 
+def test_moment_rows_agree_with_the_header():
+    """The Adam-family table rows (AdamW, LAMB, Sophia) are numbered the same
+    in csrc/include/fusedopt/multi_tensor.h, kernels/_table.py and
+    MOMENT_ROWS, the order the Python side fills them in."""
+    import re
+
+    from fusedopt.backends import _tables
+
+    header = _header("multi_tensor.h")
+    enum = header[header.index("enum MomentRow"):]
+    rows = {k: int(v) for k, v in re.findall(r"kRow(\w+) = (\d+)", enum[:enum.index("};")])}
+    cpp = {re.sub(r"(?<!^)(?=[A-Z])", "_", k).lower(): v for k, v in rows.items()}  # kRowExpAvgSq: exp_avg_sq
+    triton = {k[4:].lower(): int(v) for k, v in
+              re.findall(r"^(ROW_\w+) = tl\.constexpr\((\d+)\)", (ROOT / "kernels" / "_table.py").read_text(), re.M)}
+    assert triton == cpp
+    assert int(re.search(r"kMomentRows = (\d+)", enum).group(1)) == len(_tables.MOMENT_ROWS)
+    # MOMENT_ROWS names the lists (plural); the FP8 weight copies' row is kRowFp8
+    python = {name.removesuffix("s").replace("fp8_weight", "fp8"): i for i, name in enumerate(_tables.MOMENT_ROWS)}
+    assert python == cpp
+
+
 def test_emulator_translates_every_launch():
     """tests/cuda_emu rewrites each `kernel<...><<<grid, threads, smem, stream>>>(args)`
     (the one piece of CUDA syntax C++ cannot parse) into a call of its launcher,

@@ -113,6 +113,15 @@ class LaunchTables:
         """A view of the one device allocation all the tables live in."""
         return self.table
 
+    def walk(self, first: bool = False) -> dict:
+        """The chunk walk by the names the cuda ops' schemas give it; first:
+        with chunk_first (ops that reduce per tensor)."""
+        args = dict(table=self.table, numel=self.numel, chunk_tensor=self.chunk_tensor, chunk_start=self.chunk_start,
+                    chunk_size=self.chunk_size)
+        if first:
+            args["chunk_first"] = self.chunk_first
+        return args
+
 
 def launch_tables(rows: list[list[Tensor] | None], device: torch.device, chunk_size: int) -> LaunchTables:
     """Tables for `rows` (aligned tensor lists; None for an absent row)."""

@@ -2,16 +2,15 @@
 JIT-built on first use. One OpenMP parallel region per bucket; per-element
 math from csrc/include/fusedopt/*.h. Each op's contract is its schema in
 bindings_cpu.cpp; the calls here name every argument, checked against it
-(_NamedOps): no argument can land in another's place."""
+(_named_ops.py): no argument can land in another's place."""
 from __future__ import annotations
-
-import operator
 
 import torch
 
 from .. import _jit
 from ..reference import lamb as lamb_spec
 from . import _tables, cpu_fakes
+from ._named_ops import NamedOps
 
 NAME = "cpu"
 DEVICE_TYPES = ("cpu",)
@@ -25,38 +24,7 @@ REMAINDER_OPS = frozenset({"adafactor", "adamw", "lamb", "sophia"})
 CHUNK_SIZE = 1 << 16
 
 
-class _NamedOps:
-    """torch.ops.fusedopt_cpu with each op's arguments given by name (as
-    every call below gives them) and passed on positionally: the names are
-    checked against the op's schema, all of them and no other, without the
-    dispatcher's keyword parsing (~15 us a call for AdamW's 25 arguments)."""
-
-    def resolve(self) -> None:
-        """Every registered fusedopt_cpu op resolved now, on load: not while
-        Dynamo traces a step (an attribute set then would fail a guard and
-        recompile the step)."""
-        for qualified in torch._C._dispatch_get_all_op_names():
-            if qualified.startswith("fusedopt_cpu::"):
-                getattr(self, qualified.split("::")[1].split(".")[0])
-
-    def __getattr__(self, name: str):
-        overload = getattr(torch.ops.fusedopt_cpu, name).default
-        names = tuple(a.name for a in overload._schema.arguments)
-        expected = frozenset(names)
-        in_order = operator.itemgetter(*names) if len(names) > 1 else lambda kwargs: (kwargs[names[0]],)
-
-        def call(**kwargs):
-            if kwargs.keys() != expected:
-                raise TypeError(f"fusedopt_cpu.{name} takes {names}, got {tuple(kwargs)}")
-            if torch.compiler.is_compiling():  # (Dynamo traces neither itemgetter nor the OpOverload's _op)
-                return overload(*[kwargs[n] for n in names])
-            return overload._op(*in_order(kwargs))  # the C++ callable behind the OpOverload: a Python frame less
-
-        setattr(self, name, call)  # resolved once per op
-        return call
-
-
-_ops = _NamedOps()
+_ops = NamedOps("fusedopt_cpu")
 
 
 def unavailable_reason(device_type: str) -> str | None:

@@ -14,6 +14,7 @@ from ..reference import lamb as lamb_spec
 from . import _adafactor_tables, _sharded, _tables
 from ._bucket import advance_steps
 from ._dtypes import CODES, FP8_FORMATS, FP8_STATE_DTYPE, STATE_CODES
+from ._named_ops import NamedOps
 from ._traced import bucket_op, tensor_op
 
 NAME = "cuda"
@@ -41,17 +42,24 @@ def _chunk(bucket) -> int:
     return _tables.launch_sizes(bucket, CHUNK_SIZE)[1]
 
 
-def _launch(op: str, device: torch.device, *args) -> None:
-    """The extension's op `op` with `args` and the handle of `device`'s current
-    stream, on `device`: every launch of this backend goes through here
+_ops = NamedOps("fusedopt_cuda")
+
+
+def _launch(op: str, device: torch.device, **args) -> None:
+    """The extension's op `op` with `args` (by name, as its schema in
+    bindings_cuda.cpp names them) and the handle of `device`'s current stream,
+    on `device`: every launch of this backend goes through here
     (tests/conftest.py points it at the kernels run on the CPU by tests/cuda_emu)."""
     with torch.cuda.device(device):
-        getattr(torch.ops.fusedopt_cuda, op)(*args, torch.cuda.current_stream(device).cuda_stream)
+        getattr(_ops, op)(**args, stream=torch.cuda.current_stream(device).cuda_stream)
 
 
-def _master_code(bucket) -> int:
-    """The kernels' master code: 0 none, 1 fp32 masters, 2 int16 remainders (master_weights="remainder")."""
-    return 0 if bucket.masters is None else 2 if bucket.remainders else 1
+def _storage(bucket, state_dtype=None) -> dict:
+    """The bucket's storage codes by the ops' argument names; master: 0 none,
+    1 fp32 masters, 2 int16 remainders (master_weights="remainder")."""
+    return dict(param_dtype=CODES[bucket.dtype],
+                state_dtype=STATE_CODES[bucket.state_dtype] if state_dtype is None else CODES[state_dtype],
+                master=0 if bucket.masters is None else 2 if bucket.remainders else 1)
 
 
 @bucket_op(NAME)
@@ -67,13 +75,11 @@ def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, gra
     if fp8:  # zeros: a step GradScaler skips leaves them, and the optimizer discards them
         amax = torch.zeros(len(bucket.params), dtype=torch.float64, device=bucket.device)
         partials = torch.zeros(tables.n_chunks, dtype=torch.float64, device=bucket.device)
-    _launch("adamw", bucket.device,
-            tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.chunk_size,
-            CODES[bucket.dtype], STATE_CODES[bucket.state_dtype],
-            _master_code(bucket), 0.0 if lr_tensor is not None else lr,
-            lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_mult, found_inf, bucket.sr_seed,
-            FP8_FORMATS[bucket.fp8.weights[0].dtype] if fp8 else -1, tables.chunk_first if fp8 else None, partials,
-            amax)
+    _launch("adamw", bucket.device, **tables.walk(), **_storage(bucket), lr=0.0 if lr_tensor is not None else lr,
+            lr_tensor=lr_tensor, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+            maximize=maximize, grad_mult=grad_mult, found_inf=found_inf, sr_seed=bucket.sr_seed,
+            fp8_format=FP8_FORMATS[bucket.fp8.weights[0].dtype] if fp8 else -1,
+            chunk_first=tables.chunk_first if fp8 else None, fp8_partials=partials, fp8_amax=amax)
     return amax
 
 
@@ -83,8 +89,8 @@ def power_sums(tensors, p):
     tables = _tables.launch_tables([tensors], device, CHUNK_SIZE)
     partials = torch.empty(tables.n_chunks, dtype=torch.float64, device=device)
     out = torch.empty(len(tensors), dtype=torch.float64, device=device)
-    _launch("power_sums", device, tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start,
-            tables.chunk_first, tables.chunk_size, CODES[tensors[0].dtype], float(p), partials, out)
+    _launch("power_sums", device, **tables.walk(first=True), dtype=CODES[tensors[0].dtype], p=float(p),
+            partials=partials, out=out)
     return out
 
 
@@ -92,8 +98,7 @@ def power_sums(tensors, p):
 def scale_(tensors, factor):
     device = tensors[0].device
     tables = _tables.launch_tables([tensors], device, CHUNK_SIZE)
-    _launch("scale_", device, tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start,
-            tables.chunk_size, CODES[tensors[0].dtype], factor)
+    _launch("scale_", device, **tables.walk(), dtype=CODES[tensors[0].dtype], factor=factor)
 
 
 @bucket_op(NAME)
@@ -102,18 +107,16 @@ def lamb(bucket, *, lr, beta1, beta2, eps, weight_decay, bias_correction, adam_w
     device = bucket.device
     tables = _tables.launch_tables(_tables.moment_rows(bucket), device, _chunk(bucket))
     advance_steps(bucket.steps, found_inf)
-    head = (tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start)
-    kind, state_kind, master = CODES[bucket.dtype], STATE_CODES[bucket.state_dtype], _master_code(bucket)
+    both = dict(**tables.walk(), **_storage(bucket), beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                bias_correction=bias_correction, adam_w_mode=adam_w_mode, found_inf=found_inf)
     partials = torch.empty(2 * tables.n_chunks, dtype=torch.float64, device=device)
     p_sums = torch.empty(tables.n_tensors, dtype=torch.float64, device=device)
     u_sums = torch.empty_like(p_sums)
-    _launch("lamb_moments", device, *head, tables.chunk_first, tables.chunk_size, kind, state_kind, master, beta1,
-            beta2, eps, weight_decay, bias_correction, adam_w_mode, grad_averaging, maximize, grad_mult, found_inf,
-            partials, p_sums, u_sums)
+    _launch("lamb_moments", device, **both, chunk_first=tables.chunk_first, grad_averaging=grad_averaging,
+            maximize=maximize, grad_mult=grad_mult, partials=partials, p_sums=p_sums, u_sums=u_sums)
     p_sums, u_sums = bucket.whole_tensor_sums(p_sums, u_sums)  # DTensors: over their shards
     ratio = lamb_spec.trust_ratio(p_sums, u_sums, lr, weight_decay, use_nvlamb)
-    _launch("lamb_apply", device, *head, tables.chunk_size, kind, state_kind, master, ratio, beta1, beta2, eps,
-            weight_decay, bias_correction, adam_w_mode, found_inf, bucket.sr_seed)
+    _launch("lamb_apply", device, **both, ratio=ratio, sr_seed=bucket.sr_seed)
 
 
 class _AdafactorArgs:
@@ -136,16 +139,18 @@ class _AdafactorArgs:
         self.sums = scratch(3 * self.n)  # sum(p^2), sum(u^2), the scale, per tensor
         self.fp8_exp_avg = exp_avg_dtype == FP8_STATE_DTYPE
         lr_tensor = lr if isinstance(lr, torch.Tensor) else None
-        self.head = (tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.chunk_first,
-                     tables.chunk_size, CODES[bucket.dtype], CODES[stats_dtype], _master_code(bucket))
-        self.middle = (layout.packed if layout else None,
-                       *((layout.n_tasks, layout.n_slices, layout.n_col_programs, layout.col_total) if layout
-                         else (0, 0, 0, 0)),
-                       0.0 if lr_tensor is not None else lr, lr_tensor, beta2_decay,
-                       torch.finfo(bucket.dtype).eps if eps1 is None else eps1, eps2, d, weight_decay, maximize,
-                       beta1, grad_mult, found_inf, bucket.sr_seed)
-        self.scratch = (scratch(layout.col_total if layout else 0), scratch(layout.n_tasks if layout else n_chunks),
-                        scratch(n_chunks), self.rmean, self.sums)
+        counts = ((layout.n_tasks, layout.n_slices, layout.n_col_programs, layout.col_total) if layout
+                  else (0, 0, 0, 0))
+        #: every argument the two ops share, by name
+        self.shared = dict(
+            **tables.walk(first=True), **_storage(bucket, stats_dtype), layout=layout.packed if layout else None,
+            **dict(zip(("n_tasks", "n_slices", "n_col_programs", "col_total"), counts)),
+            lr=0.0 if lr_tensor is not None else lr, lr_tensor=lr_tensor, beta2_decay=beta2_decay,
+            eps1=torch.finfo(bucket.dtype).eps if eps1 is None else eps1, eps2=eps2, d=d, weight_decay=weight_decay,
+            maximize=maximize, beta1=beta1, grad_mult=grad_mult, found_inf=found_inf, sr_seed=bucket.sr_seed,
+            col_partial=scratch(layout.col_total if layout else 0),
+            p_partial=scratch(layout.n_tasks if layout else n_chunks), u_partial=scratch(n_chunks), rmean=self.rmean,
+            sums=self.sums)
 
 
 def _factored(kind) -> bool:
@@ -160,7 +165,7 @@ def adafactor(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize,
     a = _AdafactorArgs(bucket, lr=lr, beta2_decay=beta2_decay, eps1=eps1, eps2=eps2, d=d, weight_decay=weight_decay,
                        maximize=maximize, beta1=beta1, grad_mult=grad_mult, found_inf=found_inf)
     advance_steps(bucket.steps, found_inf)
-    _launch("adafactor", bucket.device, *a.head, a.fp8_exp_avg, *a.middle, *a.scratch)
+    _launch("adafactor", bucket.device, **a.shared, fp8_exp_avg=a.fp8_exp_avg)
 
 
 def adafactor_sharded(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize, beta1, grad_mult,
@@ -184,17 +189,16 @@ class _ShardedPhases:
         self.device, self.a = live.device, args
         self.rv = torch.zeros(max(args.layout.n_slices if args.layout else 0, 1), dtype=torch.float64,
                               device=live.device)
-        self.sharded = (self.rv, self.rv, self.rv, args.tables.numel, args.tables.numel, args.tables.numel,
-                        args.tables.numel)  # (absent with 0-d / 1-d tensors: never read)
+        numel = args.tables.numel  # (absent with 0-d / 1-d tensors: never read)
+        self.sharded = dict(row_sums=self.rv, row_base=numel, col_sums=self.rv, col_base=numel, full_rows=numel,
+                            full_cols=numel)
 
     def _phase(self, number):
-        row_sums, row_base, col_sums, col_base, full_rows, full_cols, _ = self.sharded
-        _launch("adafactor_sharded", self.device, number, *self.a.head, *self.a.middle, *self.a.scratch, row_sums,
-                row_base, col_sums, col_base, full_rows, full_cols, self.rv)
+        _launch("adafactor_sharded", self.device, phase=number, **self.a.shared, **self.sharded, rv_sums=self.rv)
 
     def sums(self, row_sums, col_sums, layout):
-        self.sharded = (row_sums, layout.row_base, col_sums, layout.col_base, layout.full_rows, layout.full_cols,
-                        self.rv)
+        self.sharded = dict(row_sums=row_sums, row_base=layout.row_base, col_sums=col_sums, col_base=layout.col_base,
+                            full_rows=layout.full_rows, full_cols=layout.full_cols)
         self._phase(0)
         return self.a.sums[:self.a.n]
 
@@ -222,18 +226,17 @@ def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, fou
     tables = _tables.launch_tables(_tables.moment_rows(bucket, "hessian"), device, _chunk(bucket))
     advance_steps(bucket.steps, found_inf)
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
-    _launch("sophia", device, tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.chunk_size,
-            CODES[bucket.dtype], STATE_CODES[bucket.state_dtype], _master_code(bucket),
-            0.0 if lr_tensor is not None else lr, lr_tensor, beta1, rho * bs, weight_decay, maximize, grad_mult,
-            found_inf, bucket.sr_seed)
+    _launch("sophia", device, **tables.walk(), **_storage(bucket), lr=0.0 if lr_tensor is not None else lr,
+            lr_tensor=lr_tensor, beta1=beta1, rho_bs=rho * bs, weight_decay=weight_decay, maximize=maximize,
+            grad_mult=grad_mult, found_inf=found_inf, sr_seed=bucket.sr_seed)
 
 
 @bucket_op(NAME)
 def sophia_hessian(bucket, *, beta2):
     device = bucket.device
     tables = _tables.launch_tables(_tables.moment_rows(bucket, "hessian"), device, _chunk(bucket))
-    _launch("sophia_hessian", device, tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start,
-            tables.chunk_size, CODES[bucket.dtype], STATE_CODES[bucket.state_dtype], bucket.masters is not None, beta2)
+    _launch("sophia_hessian", device, **tables.walk(), param_dtype=CODES[bucket.dtype],
+            state_dtype=STATE_CODES[bucket.state_dtype], has_master=bucket.masters is not None, beta2=beta2)
 
 
 def fp8_update_(copies, amax, found_inf, recipe):
@@ -246,7 +249,8 @@ def fp8_update_(copies, amax, found_inf, recipe):
 
 @tensor_op(NAME)
 def fp8_scales_update_(amax, history, scales, scale_inv, found_inf, fp8_max, margin):
-    _launch("fp8_update_", amax.device, amax, history, scales, scale_inv, found_inf, fp8_max, margin)
+    _launch("fp8_update_", amax.device, amax=amax, history=history, scales=scales, scale_inv=scale_inv,
+            found_inf=found_inf, fp8_max=fp8_max, margin=margin)
 
 
 @tensor_op(NAME)
@@ -255,7 +259,6 @@ def cast_fp8(inputs, outputs, scales):
     tables = _tables.launch_tables([inputs, outputs], device, CHUNK_SIZE)
     partials = torch.empty(tables.n_chunks, dtype=torch.float64, device=device)
     amax = torch.empty(len(inputs), dtype=torch.float64, device=device)
-    _launch("cast_fp8", device, tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start,
-            tables.chunk_first, tables.chunk_size, CODES[inputs[0].dtype], FP8_FORMATS[outputs[0].dtype], scales,
-            partials, amax)
+    _launch("cast_fp8", device, **tables.walk(first=True), dtype=CODES[inputs[0].dtype],
+            format=FP8_FORMATS[outputs[0].dtype], scales=scales, partials=partials, amax=amax)
     return amax
