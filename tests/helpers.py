@@ -51,6 +51,52 @@ def run(opt, params, steps, seed=1, scale=1.0, start=0):
     return params
 
 
+def beside_torch_adamw(opt, params, steps, grads=grads_for, round_state=None, **kwargs):
+    """Steps `opt` over `params` and torch.optim.AdamW (`kwargs`, foreach=False)
+    over fp32 copies of them, both fed grads(params, step) (torch's cast to
+    fp32). round_state(key, tensor) -> tensor: what torch's moments are
+    replaced by after each step (the storage a state_dtype applies). Returns
+    the fp32 params and torch's optimizer."""
+    fp32 = [p.detach().to(torch.float32, copy=True).requires_grad_() for p in params]
+    ref = torch.optim.AdamW(fp32, foreach=False, **kwargs)
+    for step in range(steps):
+        for p, q, g in zip(params, fp32, grads(params, step)):
+            p.grad, q.grad = g, g.to(torch.float32, copy=True)
+        opt.step()
+        ref.step()
+        for q in fp32 if round_state is not None else ():
+            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                if key in ref.state[q]:
+                    ref.state[q][key].copy_(round_state(key, ref.state[q][key]))
+    return fp32, ref
+
+
+def train_with_grad_scaler(make_opt, steps=6, spoil=(3, float("inf")), loss_scale=1.0, step=None):
+    """A small MLP trained `steps` steps under torch.amp.GradScaler (CPU), one
+    grad element set to spoil[1] at step spoil[0] (a step the scaler skips).
+    step(scaler, opt, model) replaces scaler.step(opt) (to unscale and clip
+    first, or look at the grads). Returns the model, the optimizer and the
+    params after each step."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    opt = make_opt(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+    x = torch.randn(32, 6, generator=torch.Generator().manual_seed(1))
+    snapshots = []
+    for i in range(steps):
+        opt.zero_grad()
+        scaler.scale(model(x).square().mean() * loss_scale).backward()
+        if i == spoil[0]:
+            model[0].weight.grad[0, 0] = spoil[1]
+        if step is None:
+            scaler.step(opt)
+        else:
+            step(scaler, opt, model)
+        scaler.update()
+        snapshots.append([p.detach().clone() for p in model.parameters()])
+    return model, opt, snapshots
+
+
 def state_tensors(opt, params):
     """{(index, key): tensor} for every state tensor of every param."""
     out = {}
@@ -116,3 +162,22 @@ def assert_within_ulps(a, b, n):
 
 def ulp(dtype):
     return {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float32: 2.0**-23, torch.float64: 2.0**-52}[dtype]
+
+
+#: a few fp32 ulps: kernels round sqrt correctly where torch's vectorised CPU sqrt may be an ulp off, and
+#: form the bias corrections in double (torch: Python floats, the same up to an fp64 ulp)
+FP32_TOL = {"atol": 1e-6, "rtol": 1e-5}
+
+
+def tolerance(dtype, master=False):
+    """The one rule for a kernel backend's steps against the reference's (or
+    torch's) on the same params, after a few steps. fp64 params get fp64 math
+    on every backend, hyperparameters and norms included: only the order of
+    sums differs. fp32 params, and 16-bit ones with fp32 masters: FP32_TOL.
+    16-bit params without masters: a few ulps of their dtype (one rounding
+    may land on the other side)."""
+    if dtype == torch.float64:
+        return {"atol": 1e-13, "rtol": 1e-12}
+    if dtype == torch.float32 or master:
+        return FP32_TOL
+    return {"atol": 4 * ulp(dtype), "rtol": 2 * ulp(dtype)}

@@ -8,7 +8,7 @@ import io
 import pytest
 import torch
 from conftest import KERNEL_BACKENDS, backend_params
-from helpers import assert_same_state, assert_within_ulps, cross_on_triton, grads_for, run, state_tensors, ulp
+from helpers import assert_same_state, assert_within_ulps, cross_on_triton, grads_for, run, state_tensors, tolerance
 
 from fusedopt import FusedAdafactor
 from fusedopt.reference import fp8_states
@@ -62,13 +62,7 @@ def test_backend_matches_reference(backend, config, dtype, master):
     if dtype == torch.bfloat16 and not master:  # each param within an ulp (the sums' order moves the scale)
         for pa, pb in zip(a, b):
             assert_within_ulps(pa, pb, 1)
-    if dtype == torch.float64:  # fp64 math throughout: an fp32-rounded scalar anywhere shows
-        tol = {"atol": 1e-13, "rtol": 1e-12}
-    elif dtype == torch.float32 or master:
-        tol = {"atol": 1e-6, "rtol": 1e-5}
-    else:
-        tol = {"atol": 4 * ulp(dtype), "rtol": 2 * ulp(dtype)}
-    assert_same_state(ref, a, opt, b, **tol)
+    assert_same_state(ref, a, opt, b, **tolerance(dtype, master))  # fp64: an fp32-rounded scalar anywhere shows
 
 
 @pytest.mark.parametrize("backend", backend_params(KERNEL_BACKENDS))

@@ -9,8 +9,9 @@ import math
 import pytest
 import torch
 from conftest import CPU_BACKENDS, KERNEL_BACKENDS, backend_params
-from helpers import (SHAPES, assert_same_state, assert_within_ulps, clone_params, grads_for, make_params, many, run,
-                     state_tensors, ulp)
+from helpers import (assert_same_state, assert_within_ulps, beside_torch_adamw, clone_params, grads_for, make_params,
+                     many, run, state_tensors, train_with_grad_scaler)
+from helpers import tolerance as helpers_tolerance
 
 from fusedopt import FusedAdamW
 
@@ -32,16 +33,10 @@ KERNEL_PARAMS = backend_params(KERNEL_BACKENDS)
 
 
 def tolerance(backend, dtype=torch.float32):
-    """The reference is torch's own ops: exact. Kernels round sqrt correctly
-    where torch's vectorised CPU sqrt is sometimes an ulp off, and form the
-    bias corrections in double (torch: in Python floats, the same up to an
-    fp64 ulp): a few fp32 ulps after 10 steps; fp64 params get fp64 math on
-    every backend, hyperparameters included (triton takes them as fp64 bits)."""
-    if backend == "reference":
-        return {"atol": 0.0, "rtol": 0.0}
-    if dtype == torch.float64:
-        return {"atol": 1e-12, "rtol": 1e-12}
-    return {"atol": 1e-6, "rtol": 1e-5}
+    """Against torch.optim.AdamW: the reference is torch's own ops, exact;
+    a kernel backend within helpers.tolerance (fp32 params, or fp64 ones:
+    triton takes the hyperparameters as fp64 bits)."""
+    return {"atol": 0.0, "rtol": 0.0} if backend == "reference" else helpers_tolerance(dtype)
 
 
 # --- the reference against torch.optim.AdamW --------------------------------------------------
@@ -135,14 +130,8 @@ def test_master_weights(backend, dtype):
     fp32 copies of the params fed the same (low-precision) grads, and the param
     is the master rounded to nearest even."""
     low = make_params(dtype=dtype)
-    fp32 = [p.detach().float().requires_grad_() for p in low]
     ours = FusedAdamW(low, backend=backend, master_weights=True, amsgrad=True)
-    ref = torch.optim.AdamW(fp32, foreach=False, amsgrad=True)
-    for step in range(STEPS):
-        for p, q, g in zip(low, fp32, grads_for(low, step)):
-            p.grad, q.grad = g, g.float()
-        ours.step()
-        ref.step()
+    fp32, ref = beside_torch_adamw(ours, low, STEPS, amsgrad=True)
     tol = tolerance(backend)
     for p, q in zip(low, fp32):
         if p.numel() == 0:
@@ -421,29 +410,15 @@ def test_grad_scaler_skips_inf_steps_and_unscales(backend):
     """GradScaler hands grad_scale/found_inf to the kernel: equal to torch's
     AdamW under the same scaler, including a step with an injected inf that
     must leave params, states and step untouched. Grads are never rewritten."""
-    def train(make_opt):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
-        opt = make_opt(model.parameters())
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
-        x = torch.randn(16, 6, generator=torch.Generator().manual_seed(3))
-        snapshots = []
-        for step in range(6):
-            opt.zero_grad()
-            scaler.scale(model(x).square().mean()).backward()
-            if step == 3:
-                model[0].weight.grad[0, 0] = float("inf")
-            grads = [p.grad.clone() for p in model.parameters()]
-            scaler.step(opt)
-            scaler.update()
-            for p, g in zip(model.parameters(), grads):
-                if opt is not None and isinstance(opt, FusedAdamW):
-                    torch.testing.assert_close(p.grad, g, atol=0, rtol=0, equal_nan=True)
-            snapshots.append([p.detach().clone() for p in model.parameters()])
-        return model, opt, snapshots
+    def step_keeping_grads(scaler, opt, model):
+        grads = [p.grad.clone() for p in model.parameters()]
+        scaler.step(opt)
+        for p, g in zip(model.parameters(), grads):
+            torch.testing.assert_close(p.grad, g, atol=0, rtol=0, equal_nan=True)
 
-    tm, to, tsnaps = train(lambda ps: torch.optim.AdamW(ps, foreach=False, lr=0.01))
-    fm, fo, fsnaps = train(lambda ps: FusedAdamW(ps, lr=0.01, backend=backend))
+    tm, to, tsnaps = train_with_grad_scaler(lambda ps: torch.optim.AdamW(ps, foreach=False, lr=0.01))
+    fm, fo, fsnaps = train_with_grad_scaler(lambda ps: FusedAdamW(ps, lr=0.01, backend=backend),
+                                            step=step_keeping_grads)
     assert all(torch.equal(a, b) for a, b in zip(fsnaps[2], fsnaps[3]))  # the inf step changed nothing
     assert_same_state(to, list(tm.parameters()), fo, list(fm.parameters()), **tolerance(backend))
     assert fo.state[next(fm.parameters())]["step"].item() == 5

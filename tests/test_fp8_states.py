@@ -13,7 +13,7 @@ import io
 import pytest
 import torch
 from conftest import KERNEL_BACKENDS, backend_params
-from helpers import bits, clone_params, grads_for, make_params, many, run, state_tensors
+from helpers import beside_torch_adamw, bits, clone_params, grads_for, make_params, many, run, state_tensors
 from optim_db import optimizers
 
 from fusedopt import FusedAdafactor, FusedAdamW, FusedLAMB, FusedSophia
@@ -180,18 +180,9 @@ def test_reference_is_torch_with_moments_reencoded_every_step(amsgrad):
     replaced by decode(encode(.)) after every step, bit for bit: the update
     uses this step's fp32 moments, and what is stored is their FP8 encoding."""
     ours = make_params(SHAPES)
-    fp32 = clone_params(ours)
     opt = FusedAdamW(ours, backend="reference", lr=1e-2, amsgrad=amsgrad, state_dtype=FP8)
-    ref = torch.optim.AdamW(fp32, lr=1e-2, amsgrad=amsgrad, foreach=False)
-    for s in range(STEPS):
-        for p, q, g in zip(ours, fp32, moment_grads(ours, s)):
-            p.grad, q.grad = g, g.clone()
-        opt.step()
-        ref.step()
-        for q in fp32:
-            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-                if key in ref.state[q]:
-                    ref.state[q][key].copy_(codec.decode(key, *codec.encode(key, ref.state[q][key])))
+    fp32, ref = beside_torch_adamw(opt, ours, STEPS, moment_grads,
+                                   lambda key, m: codec.decode(key, *codec.encode(key, m)), lr=1e-2, amsgrad=amsgrad)
     for p, q in zip(ours, fp32):
         assert torch.equal(p.detach(), q.detach())
         if p.numel() == 0:

@@ -10,7 +10,7 @@ import itertools
 import pytest
 import torch
 from conftest import KERNEL_BACKENDS, backend_params
-from helpers import SHAPES, assert_same_state, grads_for, make_params, many, run, ulp
+from helpers import FP32_TOL, assert_same_state, grads_for, make_params, many, run, tolerance, train_with_grad_scaler
 
 from fusedopt import FusedLAMB
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.lamb
 
 SWITCHES = ["bias_correction", "adam_w_mode", "grad_averaging", "use_nvlamb", "maximize"]
 CONFIGS = [dict(zip(SWITCHES, values)) for values in itertools.product([True, False], repeat=len(SWITCHES))]
-FP32 = {"atol": 1e-6, "rtol": 1e-5}
+FP32 = FP32_TOL
 
 
 def literal_lamb(params, grads_per_step, *, lr, betas, eps, weight_decay, bias_correction, adam_w_mode,
@@ -78,13 +78,7 @@ def test_backend_matches_reference(backend, config, dtype, master):
     a, b = make_params(dtype=dtype), make_params(dtype=dtype)
     ref, opt = FusedLAMB(a, backend="reference", **kw), FusedLAMB(b, backend=backend, **kw)
     run(ref, a, 6, scale=2.0), run(opt, b, 6, scale=2.0)
-    if dtype == torch.float64:  # fp64 math, hyperparameters and norms included, on every backend
-        tol = {"atol": 1e-13, "rtol": 1e-12}
-    elif dtype == torch.float32 or master:
-        tol = FP32
-    else:  # bf16 states: a different rounding of one moment can move the norms a little
-        tol = {"atol": 4 * ulp(dtype), "rtol": 2 * ulp(dtype)}
-    assert_same_state(ref, a, opt, b, **tol)
+    assert_same_state(ref, a, opt, b, **tolerance(dtype, master))
     torch.testing.assert_close(opt.last_grad_norm, ref.last_grad_norm, **FP32)
 
 
@@ -125,21 +119,9 @@ def test_nan_grad_makes_its_tensor_nan_as_in_apex(backend):
 @pytest.mark.parametrize("backend", backend_params())
 def test_grad_scaler_and_tensor_lr(backend):
     def train(opt_backend):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
-        opt = FusedLAMB(model.parameters(), lr=torch.tensor(1e-2), backend=opt_backend, max_grad_norm=0.5)
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
-        x = torch.randn(32, 6, generator=torch.Generator().manual_seed(1))
-        snapshots = []
-        for step in range(6):
-            opt.zero_grad()
-            scaler.scale(model(x).square().mean()).backward()
-            if step == 3:
-                model[0].weight.grad[0, 0] = float("nan")
-            scaler.step(opt)
-            scaler.update()
-            snapshots.append([p.detach().clone() for p in model.parameters()])
-        return model, opt, snapshots
+        return train_with_grad_scaler(
+            lambda ps: FusedLAMB(ps, lr=torch.tensor(1e-2), backend=opt_backend, max_grad_norm=0.5),
+            spoil=(3, float("nan")))
 
     rm, ro, _ = train("reference")
     fm, fo, snaps = train(backend)

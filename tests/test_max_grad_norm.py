@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import KERNEL_BACKENDS, backend_params
-from helpers import assert_same_state, bits, grads_for, make_params
+from helpers import FP32_TOL, assert_same_state, bits, grads_for, make_params, tolerance, train_with_grad_scaler
 from optim_db import optimizers
 
 import fusedopt
 from fusedopt import FusedAdamW
 
-TOL = {"atol": 1e-6, "rtol": 1e-5}
+TOL = FP32_TOL
 
 
 def two_groups(params):
@@ -23,7 +23,7 @@ def two_groups(params):
 def test_adamw_max_grad_norm_equals_clip_then_step(backend, max_norm, dtype):
     """fp64 params: the norm, the clip coefficient (torch keeps it in fp64) and
     the step in fp64, to fp64 rounding."""
-    tol = TOL if dtype == torch.float32 else {"atol": 1e-13, "rtol": 1e-12}
+    tol = tolerance(dtype)
     a, b = make_params(dtype=dtype), make_params(dtype=dtype)
     ta = torch.optim.AdamW(two_groups(a), foreach=False)
     fb = FusedAdamW(two_groups(b), backend=backend, max_grad_norm=max_norm)
@@ -43,30 +43,23 @@ def test_adamw_max_grad_norm_equals_clip_then_step(backend, max_norm, dtype):
 @pytest.mark.parametrize("backend", backend_params())
 def test_max_grad_norm_under_grad_scaler(backend):
     """GradScaler: the norm is of the unscaled grads, as after scaler.unscale_()."""
-    def train(make_opt, fused):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
-        opt = make_opt(model.parameters())
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=3)
-        x = torch.randn(32, 6, generator=torch.Generator().manual_seed(1))
-        norms = []
-        for step in range(7):
-            opt.zero_grad()
-            scaler.scale(model(x).square().mean() * 50).backward()
-            if step == 4:
-                model[2].bias.grad[0] = float("inf")
-            if fused:
-                scaler.step(opt)
-                norms.append(opt.last_grad_norm.clone())
-            else:
-                scaler.unscale_(opt)
-                norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25))
-                scaler.step(opt)
-            scaler.update()
-        return model, opt, norms
+    tn, fn = [], []
 
-    tm, to, tn = train(lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=False), False)
-    fm, fo, fn = train(lambda ps: FusedAdamW(ps, lr=1e-2, backend=backend, max_grad_norm=0.25), True)
+    def clip_then_step(scaler, opt, model):
+        scaler.unscale_(opt)
+        tn.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25))
+        scaler.step(opt)
+
+    def fused_step(scaler, opt, model):
+        scaler.step(opt)
+        fn.append(opt.last_grad_norm.clone())
+
+    kw = dict(steps=7, spoil=(4, float("inf")), loss_scale=50.0)
+    tm, to, _ = train_with_grad_scaler(lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=False), step=clip_then_step,
+                                       **kw)
+    fm, fo, _ = train_with_grad_scaler(lambda ps: FusedAdamW(ps, lr=1e-2, backend=backend, max_grad_norm=0.25),
+                                       step=fused_step, **kw)
+    assert fn[4].isinf() or fn[4].isnan()  # the spoilt step's norm, its step skipped
     for t, f in zip(tn, fn):
         torch.testing.assert_close(f, t, **TOL, equal_nan=True)
     assert_same_state(to, list(tm.parameters()), fo, list(fm.parameters()), **TOL)

@@ -9,7 +9,7 @@ import io
 import pytest
 import torch
 from conftest import KERNEL_BACKENDS, TESTED_BACKENDS, backend_params
-from helpers import SHAPES, assert_same_state, grads_for, make_params, many, ulp
+from helpers import assert_same_state, grads_for, make_params, many, tolerance
 
 import fusedopt
 from fusedopt import FusedSophia, gnb_hessian_loss
@@ -67,13 +67,7 @@ def test_backend_matches_reference(backend, dtype, master, maximize):
     a, b = make_params(dtype=dtype), make_params(dtype=dtype)
     ref, opt = FusedSophia(a, backend="reference", **kw), FusedSophia(b, backend=backend, **kw)
     run_sophia(ref, a, 6), run_sophia(opt, b, 6)
-    if dtype == torch.float64:  # fp64 math, hyperparameters included, on every backend
-        tol = {"atol": 1e-13, "rtol": 1e-12}
-    elif dtype == torch.float32 or master:
-        tol = {"atol": 1e-6, "rtol": 1e-5}
-    else:
-        tol = {"atol": 4 * ulp(dtype), "rtol": 2 * ulp(dtype)}
-    assert_same_state(ref, a, opt, b, **tol)
+    assert_same_state(ref, a, opt, b, **tolerance(dtype, master))
 
 
 @pytest.mark.parametrize("backend", backend_params())

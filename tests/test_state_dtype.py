@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import KERNEL_BACKENDS, backend_params
 from optim_db import optimizers
-from helpers import assert_same_state, clone_params, cross_on_triton, grads_for, make_params, run, state_tensors
+from helpers import (assert_same_state, beside_torch_adamw, clone_params, cross_on_triton, grads_for, make_params, run,
+                     state_tensors)
 
 from fusedopt import FusedAdafactor, FusedAdamW, FusedLAMB, FusedSophia
 
@@ -78,18 +79,8 @@ def test_reference_is_torch_with_states_rounded_every_step(master):
     rounded."""
     dtype = torch.bfloat16 if master else torch.float32
     ours = make_params(SHAPES, dtype=dtype)
-    fp32 = [p.detach().float().requires_grad_() for p in ours]
     opt = FusedAdamW(ours, backend="reference", amsgrad=True, master_weights=master, state_dtype=torch.bfloat16)
-    ref = torch.optim.AdamW(fp32, foreach=False, amsgrad=True)
-    for s in range(STEPS):
-        for p, q, g in zip(ours, fp32, grads_for(ours, s)):
-            p.grad, q.grad = g, g.float()
-        opt.step()
-        ref.step()
-        for q in fp32:
-            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-                if key in ref.state[q]:
-                    ref.state[q][key].copy_(ref.state[q][key].bfloat16())
+    fp32, ref = beside_torch_adamw(opt, ours, STEPS, round_state=lambda key, m: m.bfloat16(), amsgrad=True)
     for p, q in zip(ours, fp32):
         if p.numel() == 0:
             continue
