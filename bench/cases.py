@@ -51,3 +51,14 @@ def selected(device, case_names, allowed=None):
     for case, shapes in cases(device).items():
         if (allowed is None or case in allowed) and (not case_names or case in case_names):
             yield case, shapes
+
+
+def selected_params(device, case_names, allowed, dtype, **kwargs):
+    """(case, params, their numel) of the cases to run (as `selected`), the
+    params made by make_params(shapes, dtype, device, **kwargs). The list is
+    emptied when the loop moves on: a case's tensors are freed (once the
+    caller drops its optimizers) before the next case's are made."""
+    for case, shapes in selected(device, case_names, allowed):
+        params = make_params(shapes, dtype, device, **kwargs)
+        yield case, params, sum(p.numel() for p in params)
+        params.clear()

@@ -25,7 +25,7 @@ import torch
 
 import fusedopt
 
-from .cases import kernel_backends, make_params, selected
+from .cases import kernel_backends, selected_params
 from .harness import STREAM, Result, alternate, stream_op
 
 CASES = ("1x10M", "200x50K")
@@ -65,9 +65,7 @@ def run(device: torch.device, case_names, warmup: int, reps: int, log=print):
     results, baselines = [], {}
     recipe = fusedopt.Float8Recipe()
     backends = [b for b in kernel_backends(device) if b != "reference"]
-    for case, shapes in selected(device, case_names, CASES):
-        params = make_params(shapes, torch.bfloat16, device)
-        n = sum(p.numel() for p in params)
+    for case, params, n in selected_params(device, case_names, CASES, torch.bfloat16):
         fns, nbytes = {}, {}
         for backend in backends:
             plain = fusedopt.FusedAdamW(params, lr=1e-3, backend=backend, master_weights=True)
@@ -80,11 +78,11 @@ def run(device: torch.device, case_names, warmup: int, reps: int, log=print):
         for name in fns:
             nbytes[name] = BYTES[name.split(" ", 2)[-1] if name.startswith("fusedopt") else name] * n
         fns[STREAM], nbytes[STREAM] = stream_op(device, 16 * n)
-        log(f"fp8 {case} bf16+master: {n / 1e6:.1f}M params in {len(shapes)} tensors, {len(fns)} contenders")
+        log(f"fp8 {case} bf16+master: {n / 1e6:.1f}M params in {len(params)} tensors, {len(fns)} contenders")
         for name, ts in alternate(fns, device, warmup, reps).items():
             results.append(Result(case, "bf16+master", name, ts, nbytes[name], n))
         baselines[(case, "bf16+master")] = f"fusedopt {backends[-1]} step"
-        del fns, params
+        del fns
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return results, baselines

@@ -11,7 +11,7 @@ import torch
 
 import fusedopt
 
-from .cases import kernel_backends, make_params, selected
+from .cases import kernel_backends, selected_params
 from .harness import STREAM, Result, alternate, stream_op
 
 CASES = ("1x10M", "gpt2-124M", "gpt2-d256-L4")
@@ -49,19 +49,17 @@ class TorchLamb:
 
 def run(device: torch.device, case_names, warmup: int, reps: int, log=print):
     results, baselines = [], {}
-    for case, shapes in selected(device, case_names, CASES):
-        params = make_params(shapes, torch.float32, device)
-        n = sum(p.numel() for p in params)
+    for case, params, n in selected_params(device, case_names, CASES, torch.float32):
         fns = {"torch per-tensor LAMB": TorchLamb(params, **HYPER).step}
         for backend in kernel_backends(device):
             fns[f"fusedopt {backend}"] = fusedopt.FusedLAMB(params, backend=backend, **HYPER).step
         stream, stream_bytes = stream_op(device, 16 * n)
         fns[STREAM] = stream
-        log(f"lamb {case}: {n / 1e6:.1f}M params in {len(shapes)} tensors, {len(fns)} contenders")
+        log(f"lamb {case}: {n / 1e6:.1f}M params in {len(params)} tensors, {len(fns)} contenders")
         for name, ts in alternate(fns, device, warmup, reps).items():
             results.append(Result(case, "fp32", name, ts, stream_bytes if name == STREAM else BYTES_PER_PARAM * n, n))
         baselines[(case, "fp32")] = "torch per-tensor LAMB"
-        del fns, params
+        del fns
     return results, baselines
 
 

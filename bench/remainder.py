@@ -13,7 +13,7 @@ import torch
 
 import fusedopt
 
-from .cases import kernel_backends, make_params, selected
+from .cases import kernel_backends, selected_params
 from .harness import STREAM, Result, alternate, stream_op
 
 BYTES_PER_PARAM = {True: 28, "remainder": 26}
@@ -28,9 +28,7 @@ def _label(backend: str, master) -> str:
 def run(device: torch.device, case_names, warmup: int, reps: int, log=print):
     results, baselines = [], {}
     backends = [b for b in kernel_backends(device) if b != "reference"]
-    for case, shapes in selected(device, case_names, CASES):
-        params = make_params(shapes, torch.bfloat16, device)
-        n = sum(p.numel() for p in params)
+    for case, params, n in selected_params(device, case_names, CASES, torch.bfloat16):
         fns, nbytes = {}, {}
         for backend in backends:
             for master in BYTES_PER_PARAM:
@@ -38,11 +36,11 @@ def run(device: torch.device, case_names, warmup: int, reps: int, log=print):
                 fns[name] = fusedopt.FusedAdamW(params, lr=1e-3, backend=backend, master_weights=master).step
                 nbytes[name] = BYTES_PER_PARAM[master] * n
         fns[STREAM], nbytes[STREAM] = stream_op(device, 16 * n)
-        log(f"remainder {case} bf16: {n / 1e6:.1f}M params in {len(shapes)} tensors, {len(fns)} contenders")
+        log(f"remainder {case} bf16: {n / 1e6:.1f}M params in {len(params)} tensors, {len(fns)} contenders")
         for name, ts in alternate(fns, device, warmup, reps).items():
             results.append(Result(case, "bf16", name, ts, nbytes[name], n))
         baselines[(case, "bf16")] = _label(backends[-1], True)
-        del fns, params
+        del fns
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return results, baselines

@@ -28,7 +28,7 @@ import torch
 
 import fusedopt
 
-from .cases import kernel_backends, make_params, selected
+from .cases import kernel_backends, selected_params
 from .harness import STREAM, Result, alternate, stream_op
 
 CASES = ("gpt2-124M", "gpt2-d256-L4")  # the targets are on GPT-2-like shapes
@@ -54,9 +54,7 @@ class TorchSophiaG:
 
 def run(device: torch.device, case_names, warmup: int, reps: int, log=print):
     results, baselines = [], {}
-    for case, shapes in selected(device, case_names, CASES):
-        params = make_params(shapes, torch.float32, device)
-        n = sum(p.numel() for p in params)
+    for case, params, n in selected_params(device, case_names, CASES, torch.float32):
         matrix = sum(p.numel() for p in params if p.dim() > 1)
         adafactor_bytes = 20 * matrix + 32 * (n - matrix)
         stream, stream_bytes = stream_op(device, 16 * n)
@@ -70,7 +68,7 @@ def run(device: torch.device, case_names, warmup: int, reps: int, log=print):
             name = f"fusedopt {backend} Adafactor"
             fns[name] = fusedopt.FusedAdafactor(params, lr=1e-3, backend=backend).step
             nbytes[name] = adafactor_bytes
-        log(f"adafactor {case}: {n / 1e6:.1f}M params in {len(shapes)} tensors, {len(fns)} contenders")
+        log(f"adafactor {case}: {n / 1e6:.1f}M params in {len(params)} tensors, {len(fns)} contenders")
         for name, ts in alternate(fns, device, warmup, reps).items():
             results.append(Result(case, "adafactor", name, ts, nbytes[name], n))
         baselines[(case, "adafactor")] = "torch Adafactor"
@@ -86,7 +84,7 @@ def run(device: torch.device, case_names, warmup: int, reps: int, log=print):
         for name, ts in alternate(fns, device, warmup, reps).items():
             results.append(Result(case, "sophia", name, ts, stream_bytes if name == STREAM else 24 * n, n))
         baselines[(case, "sophia")] = "torch per-tensor SophiaG"
-        del fns, params
+        del fns
     return results, baselines
 
 
