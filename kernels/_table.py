@@ -20,6 +20,14 @@ ROW_MAX_EXP_AVG_SQ_SCALE = tl.constexpr(11)
 
 
 @triton.jit
+def chunk_block(start, off, end, BLOCK: tl.constexpr):
+    """One block of a program's chunk: the elements' offsets in the tensor
+    (start + off + 0..BLOCK-1) and the mask of those inside the chunk's `end`."""
+    in_chunk = off + tl.arange(0, BLOCK)
+    return start + in_chunk, in_chunk < end
+
+
+@triton.jit
 def address(table, row, n_tensors, t):
     """The address (int64) of tensor t of list `row`."""
     return tl.load(table + row * n_tensors + t)

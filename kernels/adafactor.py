@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ._numeric import (F32, F64, as_stored, div_ieee, f64, launch_sr_key, lerp, load_math, load_state, load_weight,
                        lr_and_decay, sqrt_ieee, store_math, store_weight, to_math)
-from ._table import address, program_chunk
+from ._table import address, chunk_block, program_chunk
 from .fp8_states import load_any_state, store_any_state
 
 ROW_PARAM = tl.constexpr(0)
@@ -92,9 +92,7 @@ def _vector_stats(table, numels, chunk_tensor, chunk_start, n_tensors, n_chunks,
     p_acc = tl.zeros([BLOCK], ACC)
     u_acc = tl.zeros([BLOCK], ACC)
     for off in range(0, end, BLOCK):
-        in_chunk = off + tl.arange(0, BLOCK)
-        offs = start + in_chunk
-        mask = in_chunk < end
+        offs, mask = chunk_block(start, off, end, BLOCK)
         g = _grad(grad, offs, mask, grad_mult_ptr, P_KIND, GRAD_MULT, MAXIMIZE)
         v = lerp(load_state(variance, offs, mask, S_KIND, P_KIND), g * g, w)
         store_math(variance, offs, v, mask, S_KIND)
@@ -273,9 +271,8 @@ def _factored_unorm(table, numels, chunk_tensor, chunk_start, n_tensors, rows, c
     _, eps1_sq, inv_eps1 = _eps1_scalars(eps1, P_KIND)
     u_acc = tl.zeros([BLOCK], ACC)
     for off in range(0, end, BLOCK):
-        in_chunk = off + tl.arange(0, BLOCK)
-        mask = in_chunk < end
-        u = _factored_u(grad, row_var, col_var, rmean, slice0, start + in_chunk, mask, R, C, eps1_sq, inv_eps1,
+        offs, mask = chunk_block(start, off, end, BLOCK)
+        u = _factored_u(grad, row_var, col_var, rmean, slice0, offs, mask, R, C, eps1_sq, inv_eps1,
                         grad_mult_ptr, P_KIND, S_KIND, W_KIND, GRAD_MULT, MAXIMIZE)
         u_acc += tl.where(mask, u * u, 0.0)
     tl.store(partials + tl.program_id(0), tl.sum(u_acc, axis=0).to(tl.float64))
@@ -311,9 +308,7 @@ def _apply(table, numels, chunk_tensor, chunk_start, n_tensors, rows, cols, slic
     slice0 = tl.load(slice_first + t)
     sr_key = launch_sr_key(sr_seed, t, SR)
     for off in range(0, end, BLOCK):
-        in_chunk = off + tl.arange(0, BLOCK)
-        offs = start + in_chunk
-        mask = in_chunk < end
+        offs, mask = chunk_block(start, off, end, BLOCK)
         if FACTORED:
             u = _factored_u(grad, row_var, col_var, rmean, slice0, offs, mask, R, C, eps1_sq, inv_eps1, grad_mult_ptr,
                             P_KIND, S_KIND, W_KIND, GRAD_MULT, MAXIMIZE)

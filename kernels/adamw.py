@@ -27,7 +27,7 @@ from ._numeric import (EXACT, F32, F64, FP8_BLOCKED, bias_correction, div_ieee, 
                        load_math, load_state, load_weight, lr_and_decay, sqrt_ieee, store_math, store_weight, to_math)
 from ._table import (ROW_EXP_AVG, ROW_EXP_AVG_SCALE, ROW_EXP_AVG_SQ, ROW_EXP_AVG_SQ_SCALE, ROW_FP8, ROW_FP8_SCALE,
                      ROW_GRAD, ROW_MASTER, ROW_MAX_EXP_AVG_SQ, ROW_MAX_EXP_AVG_SQ_SCALE, ROW_PARAM, ROW_STEP, address,
-                     program_chunk)
+                     chunk_block, program_chunk)
 from .fp8 import cast_fp8
 from .fp8_states import load_fp8_state, store_fp8_state
 from .norms import _combine_kernel
@@ -89,9 +89,7 @@ def _adamw_kernel(
     nans = tl.zeros([BLOCK], tl.int32)
 
     for off in range(0, end, BLOCK):
-        in_chunk = off + tl.arange(0, BLOCK)
-        offs = start + in_chunk
-        mask = in_chunk < end
+        offs, mask = chunk_block(start, off, end, BLOCK)
         p = load_weight(param, work, offs, mask, W_KIND, REM)
         g = load_math(grad, offs, mask, P_KIND)
         if S_KIND == FP8_BLOCKED:  # block-scaled FP8: decoded to fp32 (v from its stored sqrt)

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ._numeric import EXACT, load_math
-from ._table import program_chunk
+from ._table import chunk_block, program_chunk
 from .norms import _combine_kernel
 
 E4M3FN = tl.constexpr(0)
@@ -62,10 +62,9 @@ def _cast_kernel(table, numels, chunk_tensor, chunk_start, n_tensors, scales, pa
     acc = tl.zeros([BLOCK], tl.float32)
     nans = tl.zeros([BLOCK], tl.int32)
     for off in range(0, end, BLOCK):
-        in_chunk = off + tl.arange(0, BLOCK)
-        mask = in_chunk < end
-        x = load_math(src, start + in_chunk, mask, KIND)  # masked lanes read 0: no effect on the max
-        tl.store(dst + start + in_chunk, cast_fp8(x, scale, FORMAT).to(tl.int8), mask=mask)
+        offs, mask = chunk_block(start, off, end, BLOCK)
+        x = load_math(src, offs, mask, KIND)  # masked lanes read 0: no effect on the max
+        tl.store(dst + offs, cast_fp8(x, scale, FORMAT).to(tl.int8), mask=mask)
         acc = tl.maximum(acc, tl.abs(x))
         nans += (x != x).to(tl.int32)
     r = tl.max(acc, axis=0).to(tl.float64)

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from ._numeric import (EXACT, F32, F64, bias_correction, div_ieee, f64, f64_bits, launch_sr_key, load_math,
                        load_weight, sqrt_ieee, store_weight, to_math)
-from ._table import ROW_STEP, address, moment_addresses, program_chunk
+from ._table import ROW_STEP, address, chunk_block, moment_addresses, program_chunk
 from .fp8_states import load_any_state, store_any_state
 from .norms import _combine_kernel
 
@@ -73,9 +73,7 @@ def _lamb_moments_kernel(
     p_acc = tl.zeros([BLOCK], ACC)
     u_acc = tl.zeros([BLOCK], ACC)
     for off in range(0, end, BLOCK):
-        in_chunk = off + tl.arange(0, BLOCK)
-        offs = start + in_chunk
-        mask = in_chunk < end  # masked lanes read 0 and add 0 to the sums
+        offs, mask = chunk_block(start, off, end, BLOCK)  # masked lanes read 0 and add 0 to the sums
         p = load_weight(param, work, offs, mask, W_KIND, REM)
         g = load_math(grad, offs, mask, P_KIND)
         m = load_any_state(exp_avg, m_scales, offs, mask, False, S_KIND, P_KIND)
@@ -116,9 +114,7 @@ def _lamb_apply_kernel(
     ratio = tl.load(ratio_ptr + t)
     sr_key = launch_sr_key(sr_seed, t, SR)
     for off in range(0, end, BLOCK):
-        in_chunk = off + tl.arange(0, BLOCK)
-        offs = start + in_chunk
-        mask = in_chunk < end
+        offs, mask = chunk_block(start, off, end, BLOCK)
         p = load_weight(param, work, offs, mask, W_KIND, REM)
         m = load_any_state(exp_avg, m_scales, offs, mask, False, S_KIND, P_KIND)
         v = load_any_state(exp_avg_sq, v_scales, offs, mask, True, S_KIND, P_KIND)

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ._numeric import EXACT, F64, f64, f64_bits, load_math, store_math, to_math
-from ._table import program_chunk
+from ._table import chunk_block, program_chunk
 
 L1 = tl.constexpr(0)
 L2 = tl.constexpr(1)
@@ -34,8 +34,8 @@ def _partials_kernel(table, numels, chunk_tensor, chunk_start, p: tl.int64, part
     acc = tl.zeros([BLOCK], tl.float64)  # sums in fp64, as csrc/cpu/norms.cpp
     nans = tl.zeros([BLOCK], tl.int32)
     for off in range(0, end, BLOCK):
-        in_chunk = off + tl.arange(0, BLOCK)
-        x = load_math(addr, start + in_chunk, in_chunk < end, KIND)  # masked lanes read 0: they add nothing
+        offs, mask = chunk_block(start, off, end, BLOCK)
+        x = load_math(addr, offs, mask, KIND)  # masked lanes read 0: they add nothing
         a = tl.abs(x)
         nans += (x != x).to(tl.int32)
         if NORM == INF:
@@ -88,10 +88,9 @@ def _scale_kernel(table, numels, chunk_tensor, chunk_start, factor_ptr,
     if KIND != F64:
         factor = factor.to(tl.float32)  # rounded once to the math precision, as csrc/cpu/norms.cpp
     for off in range(0, end, BLOCK):
-        in_chunk = off + tl.arange(0, BLOCK)
-        mask = in_chunk < end
-        x = load_math(addr, start + in_chunk, mask, KIND)
-        store_math(addr, start + in_chunk, x * factor, mask, KIND)
+        offs, mask = chunk_block(start, off, end, BLOCK)
+        x = load_math(addr, offs, mask, KIND)
+        store_math(addr, offs, x * factor, mask, KIND)
 
 
 def launch_power_sums(tables, out, *, kind, p, block, num_warps):

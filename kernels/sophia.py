@@ -18,7 +18,8 @@ import triton.language as tl
 
 from ._numeric import (EXACT, F32, div_ieee, f64, f64_bits, launch_sr_key, load_math, load_weight, lr_and_decay,
                        store_weight, to_math)
-from ._table import ROW_EXP_AVG_SQ, ROW_EXP_AVG_SQ_SCALE, ROW_GRAD, address, moment_addresses, program_chunk
+from ._table import (ROW_EXP_AVG_SQ, ROW_EXP_AVG_SQ_SCALE, ROW_GRAD, address, chunk_block, moment_addresses,
+                     program_chunk)
 from .fp8_states import load_any_state as _load
 from .fp8_states import store_any_state as _store
 
@@ -43,9 +44,7 @@ def _step_kernel(table, numels, chunk_tensor, chunk_start, n_tensors, lr: tl.int
     rho_bs = to_math(f64(rho_bs), P_KIND)
     sr_key = launch_sr_key(sr_seed, t, SR)
     for off in range(0, end, BLOCK):
-        in_chunk = off + tl.arange(0, BLOCK)
-        offs = start + in_chunk
-        mask = in_chunk < end
+        offs, mask = chunk_block(start, off, end, BLOCK)
         g = load_math(grad, offs, mask, P_KIND)
         if GRAD_MULT:
             g = g * to_math(tl.load(grad_mult_ptr), P_KIND)  # fp64, rounded once
@@ -72,9 +71,7 @@ def _hessian_kernel(table, numels, chunk_tensor, chunk_start, n_tensors, beta2: 
     hessian = address(table, ROW_EXP_AVG_SQ, n_tensors, t)
     h_scales = address(table, ROW_EXP_AVG_SQ_SCALE, n_tensors, t)
     for off in range(0, end, BLOCK):
-        in_chunk = off + tl.arange(0, BLOCK)
-        offs = start + in_chunk
-        mask = in_chunk < end
+        offs, mask = chunk_block(start, off, end, BLOCK)
         g = load_math(grad, offs, mask, P_KIND)
         h = tl.fma(one_minus_beta2 * g, g, _load(hessian, h_scales, offs, mask, True, S_KIND, P_KIND) * beta2)
         _store(hessian, h_scales, offs, h, mask, True, S_KIND, BLOCK)
