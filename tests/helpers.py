@@ -97,6 +97,23 @@ def train_with_grad_scaler(make_opt, steps=6, spoil=(3, float("inf")), loss_scal
     return model, opt, snapshots
 
 
+def assert_step_refused(opt, params, error, match, grads=None):
+    """opt.step() with `grads` (grads_for(params, 1) if None) raises `error`
+    matching `match`, and no param or state tensor has changed, bit for bit."""
+    import pytest
+
+    before = [bits(p.detach()).clone() for p in params]
+    states_before = {k: bits(v).clone() for k, v in state_tensors(opt, params).items()}
+    for p, g in zip(params, grads_for(params, 1) if grads is None else grads):
+        p.grad = g
+    with pytest.raises(error, match=match):
+        opt.step()
+    assert all(torch.equal(bits(p.detach()), b) for p, b in zip(params, before))
+    after = {k: bits(v) for k, v in state_tensors(opt, params).items()}
+    assert after.keys() == states_before.keys()
+    assert all(torch.equal(v, states_before[k]) for k, v in after.items())
+
+
 def state_tensors(opt, params):
     """{(index, key): tensor} for every state tensor of every param."""
     out = {}

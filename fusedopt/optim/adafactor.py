@@ -11,7 +11,7 @@ from .. import dtensor
 from ..reference import adafactor as adafactor_spec
 from ..backends._dtypes import SUPPORTED_PARAM_DTYPES
 from .base import FusedOptimizer
-from .checks import GroupCheck
+from .checks import GroupCheck, check_tensor_lr
 
 
 class _Sharded(NamedTuple):
@@ -90,8 +90,7 @@ class FusedAdafactor(FusedOptimizer):
         stochastic_rounding: bool = False,
     ) -> None:
         # torch.optim.Adafactor's checks, with its messages
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
+        check_tensor_lr(lr)
         if not 0.0 <= lr:
             raise ValueError(f"Learning rate should be >= 0 but is: {lr}")
         if not 0.0 >= beta2_decay:

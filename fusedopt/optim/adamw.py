@@ -6,7 +6,7 @@ from torch import Tensor
 
 from ..fp8 import Float8Recipe, delayed_scaling_update_
 from .base import FusedOptimizer
-from .checks import GroupCheck, check_hyperparameters
+from .checks import GroupCheck, check_hyperparameters, check_tensor_lr
 
 
 class FusedAdamW(FusedOptimizer):
@@ -170,11 +170,9 @@ def _host_beta(beta) -> float:
 
 def _check_adam_args(lr, betas, eps, weight_decay, foreach, capturable, fused) -> None:
     """torch.optim.Adam(W)'s argument checks (torch 2.13), with its messages."""
-    if isinstance(lr, Tensor):
-        if foreach and not capturable:
-            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
-        if lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
+    if isinstance(lr, Tensor) and foreach and not capturable:
+        raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+    check_tensor_lr(lr)
     if len(betas) != 2:
         raise ValueError(f"betas must be a pair, got {len(betas)} values")
     for i, beta in enumerate(betas):  # before the range check: a 2-element tensor has no truth value

@@ -71,8 +71,18 @@ class GroupCheck:
         return self
 
 
+def check_tensor_lr(lr) -> None:
+    """torch.optim's check of an lr given as a tensor, with its message."""
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+
+
 def check_hyperparameters(lr, eps: float, betas, weight_decay: float) -> None:
-    """The range checks torch.optim's Adam family makes, with its messages."""
+    """The checks torch.optim's Adam family makes, with its messages: a
+    tensor lr of one element, betas a pair, every value in its range."""
+    check_tensor_lr(lr)
+    if len(betas) != 2:
+        raise ValueError(f"betas must be a pair, got {len(betas)} values")
     if not 0.0 <= lr:
         raise ValueError(f"Invalid learning rate: {lr}")
     if not 0.0 <= eps:

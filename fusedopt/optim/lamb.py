@@ -60,10 +60,6 @@ class FusedLAMB(FusedOptimizer):
         state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = False,
     ) -> None:
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if len(betas) != 2:
-            raise ValueError(f"betas must be a pair, got {len(betas)} values")
         check_hyperparameters(lr, eps, betas, weight_decay)
         defaults = {
             "lr": lr,

@@ -16,7 +16,7 @@ from ..reference.muon import DEFAULT_NS_COEFFICIENTS, adjusted_lr, newton_schulz
 from .adamw import FusedAdamW
 from .base import evaluate_closure
 from . import masters
-from .checks import GroupCheck, check_options, check_state_dtype
+from .checks import GroupCheck, check_options, check_state_dtype, check_tensor_lr
 from .masters import OutsideWrites
 from .plans import grad_multiplier
 
@@ -72,8 +72,7 @@ class FusedMuon(Optimizer):
                  max_grad_norm: float | None = None, master_weights: bool = False,
                  state_dtype: torch.dtype | None = None):
         # torch.optim.Muon's checks and messages
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
+        check_tensor_lr(lr)
         if not 0.0 <= lr:
             raise ValueError(f"Learning rate should be >= 0 but is: {lr}")
         if not 0.0 <= momentum:

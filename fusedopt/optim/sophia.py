@@ -59,10 +59,6 @@ class FusedSophia(FusedOptimizer):
         state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = False,
     ) -> None:
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if len(betas) != 2:
-            raise ValueError(f"betas must be a pair, got {len(betas)} values")
         check_hyperparameters(lr, 0.0, betas, weight_decay)
         if not 0.0 <= rho:
             raise ValueError(f"Invalid rho parameter: {rho}")
