@@ -28,7 +28,8 @@ __device__ __forceinline__ AdamWScalars<T> block_scalars(const TensorTable& tt, 
   return shared_scalars;
 }
 
-// FP8: 0 none, else 1 + Fp8Format: also write the FP8 copy and the chunk's absmax.
+// S: the moments' storage (fp8: block-scaled, StatePack). FP8: 0 none, else
+// 1 + Fp8Format: also write the FP8 weight copy and the chunk's absmax.
 // REM (MASTER, bf16 params): the master row holds int16 remainders (WeightPack).
 template <typename P, typename S, bool MASTER, bool REM, bool AMSGRAD, bool GRAD_MULT, bool SR, int FP8>
 __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorTable tt, AdamWHyper h) {
@@ -36,42 +37,45 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorTable tt, AdamWHy
   constexpr Fp8Format kFormat = FP8 == 2 ? Fp8Format::kE5M2 : Fp8Format::kE4M3FN;
   if (h.found_inf && *h.found_inf != 0.0f) return;  // GradScaler found inf/NaN: skip (all threads alike)
 
+  __shared__ uint32_t scratch[kThreads / 32];
   const Chunk chunk = tt.chunk(blockIdx.x);
-  const AdamWScalars<T> s = block_scalars<T>(tt, h, chunk.tensor);
-  const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, chunk.tensor) : 0u;
+  const int64_t t = chunk.tensor;
+  const AdamWScalars<T> s = block_scalars<T>(tt, h, t);
+  const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, t) : 0u;
 
-  WeightPack<P, MASTER, REM> w(tt, kRowParam, kRowMaster, chunk.tensor, chunk.start);
-  const P* grad = tt.ptr<const P>(kRowGrad, chunk.tensor) + chunk.start;
-  S* exp_avg = tt.ptr<S>(kRowExpAvg, chunk.tensor) + chunk.start;
-  S* exp_avg_sq = tt.ptr<S>(kRowExpAvgSq, chunk.tensor) + chunk.start;
-  S* max_exp_avg_sq = AMSGRAD ? tt.ptr<S>(kRowMaxExpAvgSq, chunk.tensor) + chunk.start : nullptr;
-  fp8* fp8_copy = FP8 ? tt.ptr<fp8>(kRowFp8, chunk.tensor) + chunk.start : nullptr;
-  const float fp8_scale = FP8 ? *tt.ptr<const float>(kRowFp8Scale, chunk.tensor) : 0.0f;
+  WeightPack<P, MASTER, REM> w(tt, kRowParam, kRowMaster, t, chunk.start);
+  const P* grad = tt.ptr<const P>(kRowGrad, t) + chunk.start;
+  StatePack<S, false> m(tt, kRowExpAvg, kRowExpAvgScale, t, chunk.start);
+  StatePack<S, true> v(tt, kRowExpAvgSq, kRowExpAvgSqScale, t, chunk.start);
+  StatePack<S, true> vmax(tt, AMSGRAD ? kRowMaxExpAvgSq : kRowExpAvgSq,  // (read only with AMSGRAD)
+                          AMSGRAD ? kRowMaxExpAvgSqScale : kRowExpAvgSqScale, t, chunk.start);
+  fp8* fp8_copy = FP8 ? tt.ptr<fp8>(kRowFp8, t) + chunk.start : nullptr;
+  const float fp8_scale = FP8 ? *tt.ptr<const float>(kRowFp8Scale, t) : 0.0f;
   float amax = 0.0f;
   int nan = 0;
-  const bool aligned = w.aligned() && cuda::is_aligned(grad) && cuda::is_aligned(exp_avg) &&
-                       cuda::is_aligned(exp_avg_sq) && (!AMSGRAD || cuda::is_aligned(max_exp_avg_sq)) &&
-                       (!FP8 || cuda::is_aligned(fp8_copy));
+  const bool aligned = w.aligned() && cuda::is_aligned(grad) && m.aligned() && v.aligned() &&
+                       (!AMSGRAD || vmax.aligned()) && (!FP8 || cuda::is_aligned(fp8_copy));
 
-  for (int64_t i = int64_t(threadIdx.x) * kILP; i < chunk.len; i += int64_t(kThreads) * kILP) {
+  for (int64_t base = 0; base < chunk.len; base += int64_t(kThreads) * kILP) {
+    const int64_t i = base + int64_t(threadIdx.x) * kILP;  // lanes past the end load zeros and store nothing
     P g_in[kILP];
-    S m_in[kILP], v_in[kILP], vmax_in[kILP];
     w.load(i, chunk.len, aligned);
     cuda::load_pack(g_in, grad, i, chunk.len, aligned);
-    cuda::load_pack(m_in, exp_avg, i, chunk.len, aligned);
-    cuda::load_pack(v_in, exp_avg_sq, i, chunk.len, aligned);
-    if (AMSGRAD) cuda::load_pack(vmax_in, max_exp_avg_sq, i, chunk.len, aligned);
+    m.load(i, chunk.len, aligned);
+    v.load(i, chunk.len, aligned);
+    if (AMSGRAD) vmax.load(i, chunk.len, aligned);
 
-    S m_out[kILP], v_out[kILP], vmax_out[kILP];
     fp8 fp8_out[kILP];
 #pragma unroll
     for (int k = 0; k < kILP; ++k) {
       T p = w.template get<T>(k);
-      T m = to_math(m_in[k]);
-      T v = to_math(v_in[k]);
-      T vmax = AMSGRAD ? T(to_math(vmax_in[k])) : T(0);
-      adamw_element<T, AMSGRAD, GRAD_MULT>(p, T(to_math(g_in[k])), m, v, vmax, s);
+      T mk = m.template get<T>(k), vk = v.template get<T>(k);
+      T vmaxk = AMSGRAD ? vmax.template get<T>(k) : T(0);
+      adamw_element<T, AMSGRAD, GRAD_MULT>(p, T(to_math(g_in[k])), mk, vk, vmaxk, s);
       w.template set<SR>(k, p, sr_key, chunk.start + i + k);
+      m.set(k, mk);
+      v.set(k, vk);
+      if (AMSGRAD) vmax.set(k, vmaxk);
       if constexpr (FP8 != 0) {
         const float x = float(p);
         fp8_out[k] = cast_fp8<kFormat>(x, fp8_scale);
@@ -80,94 +84,12 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorTable tt, AdamWHy
           amax = absmax_step(amax, x);
         }
       }
-      m_out[k] = Store<S>::from(m);
-      v_out[k] = Store<S>::from(v);
-      if (AMSGRAD) vmax_out[k] = Store<S>::from(vmax);
-    }
-    w.store(i, chunk.len, aligned);
-    cuda::store_pack(exp_avg, m_out, i, chunk.len, aligned);
-    cuda::store_pack(exp_avg_sq, v_out, i, chunk.len, aligned);
-    if (AMSGRAD) cuda::store_pack(max_exp_avg_sq, vmax_out, i, chunk.len, aligned);
-    if (FP8) cuda::store_pack(fp8_copy, fp8_out, i, chunk.len, aligned);
-  }
-  if constexpr (FP8 != 0) {
-    const float total = cuda::block_reduce<float, true>(amax, nan);
-    if (threadIdx.x == 0) h.fp8.partials[blockIdx.x] = nan ? double(NAN) : double(total);
-  }
-}
-
-// The same update with block-scaled FP8 moments (fp8_states.cuh: every
-// thread runs every iteration; the new moments are encoded per block).
-template <typename P, bool MASTER, bool REM, bool AMSGRAD, bool GRAD_MULT, bool SR, int FP8>
-__global__ void __launch_bounds__(kThreads) adamw_fp8_states_kernel(TensorTable tt, AdamWHyper h) {
-  using T = typename MathOf<P>::type;
-  constexpr Fp8Format kFormat = FP8 == 2 ? Fp8Format::kE5M2 : Fp8Format::kE4M3FN;
-  if (h.found_inf && *h.found_inf != 0.0f) return;
-
-  const Chunk chunk = tt.chunk(blockIdx.x);
-  __shared__ uint32_t scratch[kThreads / 32];
-  const AdamWScalars<T> s = block_scalars<T>(tt, h, chunk.tensor);
-  const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, chunk.tensor) : 0u;
-  const int64_t t = chunk.tensor;
-
-  WeightPack<P, MASTER, REM> w(tt, kRowParam, kRowMaster, t, chunk.start);
-  const P* grad = tt.ptr<const P>(kRowGrad, t) + chunk.start;
-  uint8_t* exp_avg = tt.ptr<uint8_t>(kRowExpAvg, t) + chunk.start;
-  uint8_t* exp_avg_sq = tt.ptr<uint8_t>(kRowExpAvgSq, t) + chunk.start;
-  uint8_t* max_exp_avg_sq = AMSGRAD ? tt.ptr<uint8_t>(kRowMaxExpAvgSq, t) + chunk.start : nullptr;
-  float* m_scales = tt.ptr<float>(kRowExpAvgScale, t) + chunk.start / kQBlock;
-  float* v_scales = tt.ptr<float>(kRowExpAvgSqScale, t) + chunk.start / kQBlock;
-  float* vmax_scales = AMSGRAD ? tt.ptr<float>(kRowMaxExpAvgSqScale, t) + chunk.start / kQBlock : nullptr;
-  fp8* fp8_copy = FP8 ? tt.ptr<fp8>(kRowFp8, t) + chunk.start : nullptr;
-  const float fp8_scale = FP8 ? *tt.ptr<const float>(kRowFp8Scale, t) : 0.0f;
-  float amax = 0.0f;
-  int nan = 0;
-  const bool aligned = w.aligned() && cuda::is_aligned(grad) && cuda::is_aligned(exp_avg) &&
-                       cuda::is_aligned(exp_avg_sq) && (!AMSGRAD || cuda::is_aligned(max_exp_avg_sq)) &&
-                       (!FP8 || cuda::is_aligned(fp8_copy));
-
-  for (int64_t base = 0; base < chunk.len; base += int64_t(kThreads) * kILP) {
-    const int64_t i = base + int64_t(threadIdx.x) * kILP, blk = i / kQBlock;
-    const bool live = i < chunk.len;
-    P g_in[kILP];
-    uint8_t m_in[kILP], v_in[kILP], vmax_in[kILP];
-    w.load(i, chunk.len, aligned);
-    cuda::load_pack(g_in, grad, i, chunk.len, aligned);
-    cuda::load_pack(m_in, exp_avg, i, chunk.len, aligned);
-    cuda::load_pack(v_in, exp_avg_sq, i, chunk.len, aligned);
-    if (AMSGRAD) cuda::load_pack(vmax_in, max_exp_avg_sq, i, chunk.len, aligned);
-    const float m_scale = live ? m_scales[blk] : 0.0f, v_scale = live ? v_scales[blk] : 0.0f;
-    const float vmax_scale = AMSGRAD && live ? vmax_scales[blk] : 0.0f;
-
-    float m_new[kILP], s_new[kILP], smax_new[kILP];
-    fp8 fp8_out[kILP];
-#pragma unroll
-    for (int k = 0; k < kILP; ++k) {
-      T p = w.template get<T>(k);
-      T m = T(q8_decode<false>(m_in[k], m_scale));
-      T v = T(q8_decode<true>(v_in[k], v_scale));
-      T vmax = AMSGRAD ? T(q8_decode<true>(vmax_in[k], vmax_scale)) : T(0);
-      adamw_element<T, AMSGRAD, GRAD_MULT>(p, T(to_math(g_in[k])), m, v, vmax, s);
-      w.template set<SR>(k, p, sr_key, chunk.start + i + k);
-      m_new[k] = float(m);
-      s_new[k] = sqrtf(float(v));
-      smax_new[k] = AMSGRAD ? sqrtf(float(vmax)) : 0.0f;
-      if constexpr (FP8 != 0) {
-        const float x = float(p);
-        fp8_out[k] = cast_fp8<kFormat>(x, fp8_scale);
-        if (i + k < chunk.len) {
-          nan |= int(x != x);
-          amax = absmax_step(amax, x);
-        }
-      }
     }
     w.store(i, chunk.len, aligned);
     if (FP8) cuda::store_pack(fp8_copy, fp8_out, i, chunk.len, aligned);
-
-    // every thread has read its block's old scales before the first call's barrier
-    cuda::q8_store_group(exp_avg, m_scales, i, chunk.len, aligned, m_new, scratch);
-    cuda::q8_store_group(exp_avg_sq, v_scales, i, chunk.len, aligned, s_new, scratch);
-    if (AMSGRAD) cuda::q8_store_group(max_exp_avg_sq, vmax_scales, i, chunk.len, aligned, smax_new, scratch);
+    m.store(i, chunk.len, aligned, scratch);
+    v.store(i, chunk.len, aligned, scratch);
+    if (AMSGRAD) vmax.store(i, chunk.len, aligned, scratch);
   }
   if constexpr (FP8 != 0) {
     const float total = cuda::block_reduce<float, true>(amax, nan);
@@ -178,11 +100,7 @@ __global__ void __launch_bounds__(kThreads) adamw_fp8_states_kernel(TensorTable 
 template <typename P, typename S, bool MASTER, bool REM, bool AMSGRAD, bool GRAD_MULT, bool SR, int FP8>
 void launch_one(const TensorTable& tt, const AdamWHyper& h, cudaStream_t stream) {
   const dim3 grid(unsigned(tt.n_chunks));
-  if constexpr (std::is_same<S, fp8>::value) {
-    adamw_fp8_states_kernel<P, MASTER, REM, AMSGRAD, GRAD_MULT, SR, FP8><<<grid, kThreads, 0, stream>>>(tt, h);
-  } else {
-    adamw_kernel<P, S, MASTER, REM, AMSGRAD, GRAD_MULT, SR, FP8><<<grid, kThreads, 0, stream>>>(tt, h);
-  }
+  adamw_kernel<P, S, MASTER, REM, AMSGRAD, GRAD_MULT, SR, FP8><<<grid, kThreads, 0, stream>>>(tt, h);
 }
 
 template <typename P, typename S, bool MASTER, bool REM, bool SR, int FP8>

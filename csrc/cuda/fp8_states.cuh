@@ -8,6 +8,8 @@
 // of kQBlock.
 #pragma once
 
+#include <type_traits>
+
 #include "fusedopt/fp8_states.h"
 #include "multi_tensor.cuh"
 
@@ -60,6 +62,60 @@ __device__ __forceinline__ void q8_store_group(uint8_t* q, float* scales, int64_
   }
   if (i < len && threadIdx.x % kGroup == 0) scales[i / kQBlock] = q8_scale(amax);
 }
+
+// A thread's kILP elements of one optimizer state as the storage type S
+// holds them: plainly (float, double, bf16, fp16) or block-scaled FP8 (S =
+// fp8: codes with a scale per kQBlock elements; SQRT: a second moment, kept
+// as its square root). load() before the update, get/set per element,
+// store() after; every thread of the block makes the same calls (FP8's
+// store has barriers), so kernels run every loop iteration with all threads.
+template <typename S, bool SQRT>
+struct StatePack {
+  static constexpr bool kFp8 = std::is_same<S, fp8>::value;
+  using Code = typename std::conditional<kFp8, uint8_t, S>::type;
+  using Out = typename std::conditional<kFp8, float, S>::type;
+  Code* q;
+  float* scales;  // FP8: the chunk's block scales
+  Code in[kILP];
+  Out out[kILP];
+  float scale = 0.0f;  // FP8: this thread's block's scale
+  float kept[kILP];    // FP8, after store(i, ..., true): the new values as the next load decodes them (sqrt)
+
+  __device__ StatePack(const TensorTable& tt, int row, int scale_row, int64_t t, int64_t start)
+      : q(tt.ptr<Code>(row, t) + start), scales(kFp8 ? tt.ptr<float>(scale_row, t) + start / kQBlock : nullptr) {}
+
+  __device__ bool aligned() const { return is_aligned(q); }
+
+  __device__ void load(int64_t i, int64_t n, bool aligned) {
+    load_pack(in, q, i, n, aligned);
+    if constexpr (kFp8) scale = i < n ? scales[i / kQBlock] : 0.0f;  // (kILP elements lie in one block)
+  }
+
+  template <typename T>
+  __device__ T get(int k) const {
+    if constexpr (kFp8) return T(q8_decode<SQRT>(in[k], scale));
+    else return T(to_math(in[k]));
+  }
+
+  template <typename T>
+  __device__ void set(int k, T x) {
+    if constexpr (kFp8) out[k] = SQRT ? sqrtf(float(x)) : float(x);
+    else out[k] = Store<S>::from(x);
+  }
+
+  // The new value of element k as stored (store(..., keep=true) first for FP8).
+  template <typename T>
+  __device__ T stored(int k) const {
+    if constexpr (kFp8) return SQRT ? T(kept[k] * kept[k]) : T(kept[k]);
+    else return T(to_math(out[k]));
+  }
+
+  // scratch: kThreads / 32 words of shared memory (FP8). Every thread's load() comes before the first store().
+  __device__ void store(int64_t i, int64_t n, bool aligned, uint32_t* scratch, bool keep = false) {
+    if constexpr (kFp8) q8_store_group(q, scales, i, n, aligned, out, scratch, keep ? kept : nullptr);
+    else store_pack(q, out, i, n, aligned);
+  }
+};
 
 }  // namespace cuda
 }  // namespace fusedopt
