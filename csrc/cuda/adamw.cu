@@ -43,24 +43,20 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorTable tt, AdamWHy
   const AdamWScalars<T> s = block_scalars<T>(tt, h, t);
   const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, t) : 0u;
 
-  WeightPack<P, MASTER, REM> w(tt, kRowParam, kRowMaster, t, chunk.start);
-  const P* grad = tt.ptr<const P>(kRowGrad, t) + chunk.start;
+  UpdatePack<P, MASTER, REM> w(tt, t, chunk.start);
   StatePack<S, false> m(tt, kRowExpAvg, kRowExpAvgScale, t, chunk.start);
   StatePack<S, true> v(tt, kRowExpAvgSq, kRowExpAvgSqScale, t, chunk.start);
-  StatePack<S, true> vmax(tt, AMSGRAD ? kRowMaxExpAvgSq : kRowExpAvgSq,  // (read only with AMSGRAD)
+  StatePack<S, true> vmax(tt, AMSGRAD ? kRowMaxExpAvgSq : kRowExpAvgSq,  // (used only with AMSGRAD)
                           AMSGRAD ? kRowMaxExpAvgSqScale : kRowExpAvgSqScale, t, chunk.start);
   fp8* fp8_copy = FP8 ? tt.ptr<fp8>(kRowFp8, t) + chunk.start : nullptr;
   const float fp8_scale = FP8 ? *tt.ptr<const float>(kRowFp8Scale, t) : 0.0f;
   float amax = 0.0f;
   int nan = 0;
-  const bool aligned = w.aligned() && cuda::is_aligned(grad) && m.aligned() && v.aligned() &&
+  const bool aligned = w.aligned() && m.aligned() && v.aligned() &&
                        (!AMSGRAD || vmax.aligned()) && (!FP8 || cuda::is_aligned(fp8_copy));
 
-  for (int64_t base = 0; base < chunk.len; base += int64_t(kThreads) * kILP) {
-    const int64_t i = base + int64_t(threadIdx.x) * kILP;  // lanes past the end load zeros and store nothing
-    P g_in[kILP];
+  walk_chunk(chunk.len, [&](int64_t i) {
     w.load(i, chunk.len, aligned);
-    cuda::load_pack(g_in, grad, i, chunk.len, aligned);
     m.load(i, chunk.len, aligned);
     v.load(i, chunk.len, aligned);
     if (AMSGRAD) vmax.load(i, chunk.len, aligned);
@@ -71,7 +67,7 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorTable tt, AdamWHy
       T p = w.template get<T>(k);
       T mk = m.template get<T>(k), vk = v.template get<T>(k);
       T vmaxk = AMSGRAD ? vmax.template get<T>(k) : T(0);
-      adamw_element<T, AMSGRAD, GRAD_MULT>(p, T(to_math(g_in[k])), mk, vk, vmaxk, s);
+      adamw_element<T, AMSGRAD, GRAD_MULT>(p, w.template grad<T>(k), mk, vk, vmaxk, s);
       w.template set<SR>(k, p, sr_key, chunk.start + i + k);
       m.set(k, mk);
       v.set(k, vk);
@@ -90,7 +86,7 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorTable tt, AdamWHy
     m.store(i, chunk.len, aligned, scratch);
     v.store(i, chunk.len, aligned, scratch);
     if (AMSGRAD) vmax.store(i, chunk.len, aligned, scratch);
-  }
+  });
   if constexpr (FP8 != 0) {
     const float total = cuda::block_reduce<float, true>(amax, nan);
     if (threadIdx.x == 0) h.fp8.partials[blockIdx.x] = nan ? double(NAN) : double(total);

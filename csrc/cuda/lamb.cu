@@ -37,25 +37,21 @@ __global__ void __launch_bounds__(kThreads) moments_kernel(TensorTable tt, LambH
   const Chunk chunk = tt.chunk(blockIdx.x);
   const int64_t t = chunk.tensor;
   const LambScalars<T> s = block_scalars<T>(tt, h, t);
-  WeightPack<P, MASTER, REM> w(tt, kRowParam, kRowMaster, t, chunk.start);  // read only
-  const P* grad = tt.ptr<const P>(kRowGrad, t) + chunk.start;
+  UpdatePack<P, MASTER, REM> w(tt, t, chunk.start);  // (the weights: read only)
   StatePack<S, false> m(tt, kRowExpAvg, kRowExpAvgScale, t, chunk.start);
   StatePack<S, true> v(tt, kRowExpAvgSq, kRowExpAvgSqScale, t, chunk.start);
-  const bool aligned = w.aligned() && cuda::is_aligned(grad) && m.aligned() && v.aligned();
+  const bool aligned = w.aligned() && m.aligned() && v.aligned();
   T p_acc = T(0), u_acc = T(0);
-  for (int64_t base = 0; base < chunk.len; base += int64_t(kThreads) * kILP) {
-    const int64_t i = base + int64_t(threadIdx.x) * kILP;  // lanes past the end load zeros and store nothing
-    P g_in[kILP];
+  walk_chunk(chunk.len, [&](int64_t i) {
     T p_val[kILP];
     w.load(i, chunk.len, aligned);
-    cuda::load_pack(g_in, grad, i, chunk.len, aligned);
     m.load(i, chunk.len, aligned);
     v.load(i, chunk.len, aligned);
 #pragma unroll
     for (int k = 0; k < kILP; ++k) {
       const T p = w.template get<T>(k);
       T mk = m.template get<T>(k), vk = v.template get<T>(k);
-      lamb_moments<T, GRAD_MULT, ADAM_W>(p, T(to_math(g_in[k])), mk, vk, s);
+      lamb_moments<T, GRAD_MULT, ADAM_W>(p, w.template grad<T>(k), mk, vk, s);
       p_val[k] = p;
       m.set(k, mk);
       v.set(k, vk);
@@ -69,7 +65,7 @@ __global__ void __launch_bounds__(kThreads) moments_kernel(TensorTable tt, LambH
       p_acc += p_val[k] * p_val[k];
       u_acc += u * u;
     }
-  }
+  });
   int nan = 0;
   const T p_total = block_reduce<T, false>(p_acc, nan);
   __syncthreads();  // block_reduce's shared arrays are reused

@@ -106,6 +106,36 @@ struct WeightPack {
   }
 };
 
+// WeightPack and the grads beside it (read only) in the Adam-family rows: what an update reads.
+template <typename P, bool MASTER, bool REM>
+struct UpdatePack : WeightPack<P, MASTER, REM> {
+  const P* grad_ptr;
+  P g[kILP];
+
+  __device__ UpdatePack(const TensorTable& tt, int64_t t, int64_t start)
+      : WeightPack<P, MASTER, REM>(tt, kRowParam, kRowMaster, t, start),
+        grad_ptr(tt.ptr<const P>(kRowGrad, t) + start) {}
+
+  __device__ bool aligned() const { return WeightPack<P, MASTER, REM>::aligned() && is_aligned(grad_ptr); }
+
+  __device__ void load(int64_t i, int64_t n, bool aligned) {
+    WeightPack<P, MASTER, REM>::load(i, n, aligned);
+    load_pack(g, grad_ptr, i, n, aligned);
+  }
+
+  template <typename T>
+  __device__ T grad(int k) const { return T(to_math(g[k])); }
+};
+
+// The chunk walk of the element-wise kernels: body(i) for each of this
+// thread's packs [i, i + kILP) of a chunk of `len` elements. Every thread runs
+// every iteration (an FP8 state's store has barriers, fp8_states.cuh); lanes
+// past the end load zeros and store nothing.
+template <typename Body>
+__device__ __forceinline__ void walk_chunk(int64_t len, Body&& body) {
+  for (int64_t base = 0; base < len; base += int64_t(kThreads) * kILP) body(base + int64_t(threadIdx.x) * kILP);
+}
+
 // Element e of a chunk's weights read one at a time, as WeightPack::get does a pack's.
 template <typename T, bool MASTER, bool REM, typename P>
 __device__ __forceinline__ T weight_at(const P* param, const float* master, const int16_t* rem, int64_t e) {

@@ -24,29 +24,25 @@ __global__ void __launch_bounds__(kThreads) step_kernel(TensorTable tt, SophiaHy
   const int64_t t = chunk.tensor;
   const SophiaScalars<T> s = sophia_scalars<T>(h, h.lr_ptr ? double(*h.lr_ptr) : h.lr);
   const uint32_t sr_key = SR ? sr_tensor_key(h.sr.seed, t) : 0u;
-  WeightPack<P, MASTER, REM> w(tt, kRowParam, kRowMaster, t, chunk.start);
-  const P* grad = tt.ptr<const P>(kRowGrad, t) + chunk.start;
+  UpdatePack<P, MASTER, REM> w(tt, t, chunk.start);
   StatePack<S, false> m(tt, kRowExpAvg, kRowExpAvgScale, t, chunk.start);
   StatePack<S, true> hess(tt, kRowExpAvgSq, kRowExpAvgSqScale, t, chunk.start);  // read only
-  const bool aligned = w.aligned() && cuda::is_aligned(grad) && m.aligned() && hess.aligned();
-  for (int64_t base = 0; base < chunk.len; base += int64_t(kThreads) * kILP) {
-    const int64_t i = base + int64_t(threadIdx.x) * kILP;  // lanes past the end load zeros and store nothing
-    P g_in[kILP];
+  const bool aligned = w.aligned() && m.aligned() && hess.aligned();
+  walk_chunk(chunk.len, [&](int64_t i) {
     w.load(i, chunk.len, aligned);
-    cuda::load_pack(g_in, grad, i, chunk.len, aligned);
     m.load(i, chunk.len, aligned);
     hess.load(i, chunk.len, aligned);
 #pragma unroll
     for (int k = 0; k < kILP; ++k) {
       T p = w.template get<T>(k);
       T mk = m.template get<T>(k);
-      sophia_element<T, GRAD_MULT>(p, T(to_math(g_in[k])), mk, hess.template get<T>(k), s);
+      sophia_element<T, GRAD_MULT>(p, w.template grad<T>(k), mk, hess.template get<T>(k), s);
       w.template set<SR>(k, p, sr_key, chunk.start + i + k);
       m.set(k, mk);
     }
     w.store(i, chunk.len, aligned);
     m.store(i, chunk.len, aligned, scratch);
-  }
+  });
 }
 
 template <typename P, typename S>
@@ -58,8 +54,7 @@ __global__ void __launch_bounds__(kThreads) hessian_kernel(TensorTable tt, doubl
   StatePack<S, true> hess(tt, kRowExpAvgSq, kRowExpAvgSqScale, chunk.tensor, chunk.start);
   const bool aligned = cuda::is_aligned(grad) && hess.aligned();
   const T b2 = T(beta2), omb2 = T(1.0 - beta2);
-  for (int64_t base = 0; base < chunk.len; base += int64_t(kThreads) * kILP) {
-    const int64_t i = base + int64_t(threadIdx.x) * kILP;
+  walk_chunk(chunk.len, [&](int64_t i) {
     P g_in[kILP];
     cuda::load_pack(g_in, grad, i, chunk.len, aligned);
     hess.load(i, chunk.len, aligned);
@@ -67,7 +62,7 @@ __global__ void __launch_bounds__(kThreads) hessian_kernel(TensorTable tt, doubl
     for (int k = 0; k < kILP; ++k)
       hess.set(k, sophia_hessian(hess.template get<T>(k), T(to_math(g_in[k])), b2, omb2));
     hess.store(i, chunk.len, aligned, scratch);
-  }
+  });
 }
 
 template <typename P, typename S, bool MASTER>
