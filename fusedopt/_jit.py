@@ -36,17 +36,21 @@ class BuildError(RuntimeError):
 
 @dataclass(frozen=True)
 class ExtensionSpec:
-    kind: str                 # "cpu" or "cuda"
-    sources: tuple[str, ...]  # relative to csrc/
-    namespace: str            # torch.ops namespace registered by the binding
+    kind: str       # "cpu" or "cuda": also the folder of csrc/ its kernels live in
+    binding: str    # the file that registers the ops, relative to csrc/
+    suffix: str     # what the kernels' files end with
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """The binding and every kernel file of csrc/<kind>/ (relative to
+        csrc/), collected: a new op's file is built without being listed."""
+        folder = csrc_dir() / self.kind
+        return (self.binding, *sorted(f"{self.kind}/{p.name}" for p in folder.glob(f"*{self.suffix}")))
 
 
 SPECS = {
-    "cpu": ExtensionSpec("cpu", ("bindings_cpu.cpp", "cpu/adafactor.cpp", "cpu/adafactor_sharded.cpp",
-                                 "cpu/adamw.cpp", "cpu/fp8.cpp", "cpu/lamb.cpp", "cpu/norms.cpp", "cpu/sophia.cpp"),
-                         "fusedopt_cpu"),
-    "cuda": ExtensionSpec("cuda", ("bindings_cuda.cpp", "cuda/adafactor.cu", "cuda/adamw.cu", "cuda/fp8.cu",
-                                   "cuda/lamb.cu", "cuda/norms.cu", "cuda/sophia.cu"), "fusedopt_cuda"),
+    "cpu": ExtensionSpec("cpu", "bindings_cpu.cpp", ".cpp"),
+    "cuda": ExtensionSpec("cuda", "bindings_cuda.cpp", ".cu"),
 }
 
 _loaded: dict[str, Path] = {}

@@ -49,14 +49,19 @@ def test_native_bench_loops_compile(source):
     assert out.returncode == 0, out.stderr[-3000:]
 
 
-def test_every_source_is_built():
-    """A .cpp / .cu added to csrc/ but not to the extension's source list would
-    leave its launcher undefined until the library is loaded: catch it here."""
+def test_every_source_is_built(monkeypatch, tmp_path):
+    """The extensions build their binding and every kernel file of their
+    folder, a new one included, and no header (a file left out would leave
+    its launcher undefined until the library is loaded)."""
     from fusedopt import _jit
 
-    for kind, folder, suffix in (("cpu", "cpu", ".cpp"), ("cuda", "cuda", ".cu")):
-        present = {f"{folder}/{p.name}" for p in (CSRC / folder).glob(f"*{suffix}")}
-        assert present <= set(_jit.SPECS[kind].sources), (kind, present - set(_jit.SPECS[kind].sources))
+    assert "cpu/adamw.cpp" in _jit.SPECS["cpu"].sources and "cuda/adamw.cu" in _jit.SPECS["cuda"].sources
+    for name in ("cpu/new_op.cpp", "cpu/new_op.h", "cuda/new_op.cu", "cuda/new_op.cuh", "include/x.h"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("")
+    monkeypatch.setattr(_jit, "csrc_dir", lambda: tmp_path)
+    assert _jit.SPECS["cpu"].sources == ("bindings_cpu.cpp", "cpu/new_op.cpp")
+    assert _jit.SPECS["cuda"].sources == ("bindings_cuda.cpp", "cuda/new_op.cu")
 
 
 def _header(name: str) -> str:
