@@ -77,7 +77,8 @@ inline const float* new_weights(const float* master, const P* param) {
   else return master;
 }
 
-// FP8: 0 none, else 1 + Fp8Format: also write the FP8 copy and the chunk's absmax.
+// S: the moments' storage (fp8: block-scaled, StateBlock). FP8: 0 none, else
+// 1 + Fp8Format: also write the FP8 weight copy and the chunk's absmax.
 template <typename P, typename S, bool MASTER, bool REM, bool AMSGRAD, bool GRAD_MULT, bool SR, int FP8>
 void adamw_chunks(const TensorTable& tt, const AdamWHyper& h, int num_threads) {
   constexpr Fp8Format kFormat = FP8 == 2 ? Fp8Format::kE5M2 : Fp8Format::kE4M3FN;
@@ -100,38 +101,47 @@ void adamw_chunks(const TensorTable& tt, const AdamWHyper& h, int num_threads) {
 
     P* __restrict__ param = w.param;
     const P* __restrict__ grad = tt.ptr<const P>(kRowGrad, t) + begin;
-    S* __restrict__ exp_avg = tt.ptr<S>(kRowExpAvg, t) + begin;
-    S* __restrict__ exp_avg_sq = tt.ptr<S>(kRowExpAvgSq, t) + begin;
-    S* __restrict__ max_exp_avg_sq = AMSGRAD ? tt.ptr<S>(kRowMaxExpAvgSq, t) + begin : nullptr;
+    StateBlock<S, false> m(tt, kRowExpAvg, kRowExpAvgScale, t, begin);
+    StateBlock<S, true> v(tt, kRowExpAvgSq, kRowExpAvgSqScale, t, begin);
+    StateBlock<S, true> vmax(tt, AMSGRAD ? kRowMaxExpAvgSq : kRowExpAvgSq,  // (used only with AMSGRAD)
+                             AMSGRAD ? kRowMaxExpAvgSqScale : kRowExpAvgSqScale, t, begin);
     fp8* __restrict__ fp8_copy = FP8 ? tt.ptr<fp8>(kRowFp8, t) + begin : nullptr;
     const float fp8_scale = FP8 ? *tt.ptr<const float>(kRowFp8Scale, t) : 0.0f;
     uint32_t amax_bits = 0;  // max abs_bits(w): NaN-propagating (fp8.h)
 
-    // Blocks: with an fp32 master the param goes out through a staged block
+    // Blocks: FP8 states are encoded block by block (a scale per kQBlock);
+    // with an fp32 master the param goes out through a staged block
     // (stream_out); with FP8 copies each block of new weights is cast from L1
     // right after its update (fp8_cast.h says why not in the same loop), from
     // a staged fp32 block where the new weights are not in memory (REM).
-    constexpr bool kBlocked = kStaged || FP8 != 0;
+    constexpr bool kFp8States = StateBlock<S, false>::kFp8;
+    constexpr bool kBlocked = kFp8States || kStaged || FP8 != 0;
+    constexpr int64_t kBlock = kFp8States ? kQBlock : kStoreBlock;
     constexpr bool kStageWeights = REM && FP8 != 0;
-    alignas(64) P staged_param[kStaged ? kStoreBlock : 1];
-    alignas(64) float staged_weights[kStageWeights ? kStoreBlock : 1];
-    for (int64_t b0 = 0; b0 < len; b0 += kBlocked ? kStoreBlock : len) {
-      const int64_t b1 = kBlocked && b0 + kStoreBlock < len ? b0 + kStoreBlock : len;
+    alignas(64) P staged_param[kStaged ? kBlock : 1];
+    alignas(64) float staged_weights[kStageWeights ? kBlock : 1];
+    for (int64_t b0 = 0; b0 < len; b0 += kBlocked ? kBlock : len) {
+      const int64_t b1 = kBlocked && b0 + kBlock < len ? b0 + kBlock : len;
       P* __restrict__ param_out = kStaged ? staged_param - b0 : param;
       float* __restrict__ weights_out = staged_weights - b0;
+      const auto mb = m.block(b0), vb = v.block(b0);
+      const auto vmaxb = AMSGRAD ? vmax.block(b0) : vb;
 #pragma omp simd
-      for (int64_t i = b0; i < b1; ++i) {
-        T p = w.template load<T>(i);
-        T m = to_math(exp_avg[i]);
-        T v = to_math(exp_avg_sq[i]);
-        T vmax = AMSGRAD ? T(to_math(max_exp_avg_sq[i])) : T(0);
-        adamw_element<T, AMSGRAD, GRAD_MULT>(p, T(to_math(grad[i])), m, v, vmax, s);
-        w.store(i, p, param_out);
-        if (kStageWeights) weights_out[i] = float(p);
-        exp_avg[i] = Store<S>::from(m);
-        exp_avg_sq[i] = Store<S>::from(v);
-        if (AMSGRAD) max_exp_avg_sq[i] = Store<S>::from(vmax);
+      for (int64_t i = 0; i < b1 - b0; ++i) {
+        const int64_t e = b0 + i;
+        T p = w.template load<T>(e);
+        T mi = mb.template get<T>(i), vi = vb.template get<T>(i);
+        T vmaxi = AMSGRAD ? vmaxb.template get<T>(i) : T(0);
+        adamw_element<T, AMSGRAD, GRAD_MULT>(p, T(to_math(grad[e])), mi, vi, vmaxi, s);
+        w.store(e, p, param_out);
+        if (kStageWeights) weights_out[e] = float(p);
+        mb.set(i, mi);
+        vb.set(i, vi);
+        if (AMSGRAD) vmaxb.set(i, vmaxi);
       }
+      m.end_block(b0, b1 - b0);
+      v.end_block(b0, b1 - b0);
+      if (AMSGRAD) vmax.end_block(b0, b1 - b0);
       if constexpr (FP8 != 0) {
         const float* fresh = kStageWeights ? staged_weights : new_weights(w.master, param) + b0;
         amax_bits = cast_fp8_span<kFormat>(fresh, fp8_copy + b0, b1 - b0, fp8_scale, amax_bits);
@@ -143,97 +153,13 @@ void adamw_chunks(const TensorTable& tt, const AdamWHyper& h, int num_threads) {
   });
 }
 
-// The same update with block-scaled FP8 moments (fp8_blocks.h: each block of
-// kQBlock elements is updated by a vector loop that keeps the new moments in
-// L1, then encoded with the block's new scales).
-template <typename P, bool MASTER, bool REM, bool AMSGRAD, bool GRAD_MULT, bool SR, int FP8>
-void adamw_chunks_fp8_states(const TensorTable& tt, const AdamWHyper& h, int num_threads) {
-  constexpr Fp8Format kFormat = FP8 == 2 ? Fp8Format::kE5M2 : Fp8Format::kE4M3FN;
-  constexpr int kStates = AMSGRAD ? 3 : 2;
-  using T = typename MathOf<P>::type;
-  const double lr = h.lr_ptr ? double(*h.lr_ptr) : h.lr;
-  std::vector<AdamWScalars<T>> scalars(size_t(tt.n_tensors));
-  for (int64_t t = 0; t < tt.n_tensors; ++t) {
-    float& step = *tt.ptr<float>(kRowStep, t);
-    step += 1.0f;
-    scalars[size_t(t)] = adamw_scalars<T>(h, lr, double(step));
-  }
-
-  parallel_chunks(tt, num_threads, [&](int64_t c, const Chunk& chunk) {
-    const int64_t t = chunk.tensor, begin = chunk.start;
-    const AdamWScalars<T> s = scalars[size_t(t)];
-    const Weights<P, MASTER, REM, SR> w(tt, kRowParam, kRowMaster, t, begin, h.sr.seed);
-    constexpr bool kStaged = Weights<P, MASTER, REM, SR>::kStaged;
-    constexpr bool kStageWeights = REM && FP8 != 0;
-
-    P* __restrict__ param = w.param;
-    const P* __restrict__ grad = tt.ptr<const P>(kRowGrad, t) + begin;
-    fp8* __restrict__ fp8_copy = FP8 ? tt.ptr<fp8>(kRowFp8, t) + begin : nullptr;
-    const float fp8_scale = FP8 ? *tt.ptr<const float>(kRowFp8Scale, t) : 0.0f;
-    // the moments (exp_avg, exp_avg_sq as sqrt, max_exp_avg_sq as sqrt) and their scales
-    uint8_t* q[kStates];
-    float* scales[kStates];
-    const int rows[3] = {kRowExpAvg, kRowExpAvgSq, kRowMaxExpAvgSq};
-    const int scale_rows[3] = {kRowExpAvgScale, kRowExpAvgSqScale, kRowMaxExpAvgSqScale};
-    for (int k = 0; k < kStates; ++k) {
-      q[k] = tt.ptr<uint8_t>(rows[k], t) + begin;
-      scales[k] = tt.ptr<float>(scale_rows[k], t) + begin / kQBlock;
-    }
-    uint32_t amax_bits = 0;
-
-    alignas(64) P staged_param[kStaged ? kQBlock : 1];
-    alignas(64) float staged_weights[kStageWeights ? kQBlock : 1];
-    q8_store_blocks<kStates>(chunk.len, q, scales, [&](int64_t b0, int64_t n, float (*out)[kQBlock]) {
-      const int64_t blk = b0 / kQBlock;
-      const float m_scale = scales[0][blk], v_scale = scales[1][blk];
-      const float vmax_scale = AMSGRAD ? scales[kStates - 1][blk] : 0.0f;
-      const uint8_t* __restrict__ m_in = q[0] + b0;
-      const uint8_t* __restrict__ v_in = q[1] + b0;
-      const uint8_t* __restrict__ vmax_in = q[kStates - 1] + b0;
-      float* __restrict__ m_out = out[0];
-      float* __restrict__ s_out = out[1];
-      float* __restrict__ smax_out = out[kStates - 1];
-      P* __restrict__ param_out = kStaged ? staged_param - b0 : param;
-      float* __restrict__ weights_out = staged_weights;
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t e = b0 + i;
-        T p = w.template load<T>(e);
-        T m = T(q8_decode<false>(m_in[i], m_scale));
-        T v = T(q8_decode<true>(v_in[i], v_scale));
-        T vmax = AMSGRAD ? T(q8_decode<true>(vmax_in[i], vmax_scale)) : T(0);
-        adamw_element<T, AMSGRAD, GRAD_MULT>(p, T(to_math(grad[e])), m, v, vmax, s);
-        w.store(e, p, param_out);
-        if (kStageWeights) weights_out[i] = float(p);
-        m_out[i] = float(m);
-        s_out[i] = sqrtf(float(v));
-        if (AMSGRAD) smax_out[i] = sqrtf(float(vmax));
-      }
-      if constexpr (FP8 != 0) {
-        const float* fresh = kStageWeights ? staged_weights : new_weights(w.master, param) + b0;
-        amax_bits = cast_fp8_span<kFormat>(fresh, fp8_copy + b0, n, fp8_scale, amax_bits);
-      }
-      if constexpr (kStaged) stream_out(param + b0, staged_param, n);
-    });
-    if constexpr (kStaged) stream_fence();
-    if constexpr (FP8 != 0) h.fp8.partials[c] = double(bits_to_float(amax_bits));
-  });
-}
-
 template <typename P, typename S, bool MASTER, bool REM, bool SR, int FP8>
 void adamw_flags(const TensorTable& tt, const AdamWHyper& h, int n) {
   const bool mult = h.grad_mult != nullptr;
-  if constexpr (std::is_same<S, fp8>::value) {
-    if (h.amsgrad && mult) adamw_chunks_fp8_states<P, MASTER, REM, true, true, SR, FP8>(tt, h, n);
-    else if (h.amsgrad) adamw_chunks_fp8_states<P, MASTER, REM, true, false, SR, FP8>(tt, h, n);
-    else if (mult) adamw_chunks_fp8_states<P, MASTER, REM, false, true, SR, FP8>(tt, h, n);
-    else adamw_chunks_fp8_states<P, MASTER, REM, false, false, SR, FP8>(tt, h, n);
-  } else {
-    if (h.amsgrad && mult) adamw_chunks<P, S, MASTER, REM, true, true, SR, FP8>(tt, h, n);
-    else if (h.amsgrad) adamw_chunks<P, S, MASTER, REM, true, false, SR, FP8>(tt, h, n);
-    else if (mult) adamw_chunks<P, S, MASTER, REM, false, true, SR, FP8>(tt, h, n);
-    else adamw_chunks<P, S, MASTER, REM, false, false, SR, FP8>(tt, h, n);
-  }
+  if (h.amsgrad && mult) adamw_chunks<P, S, MASTER, REM, true, true, SR, FP8>(tt, h, n);
+  else if (h.amsgrad) adamw_chunks<P, S, MASTER, REM, true, false, SR, FP8>(tt, h, n);
+  else if (mult) adamw_chunks<P, S, MASTER, REM, false, true, SR, FP8>(tt, h, n);
+  else adamw_chunks<P, S, MASTER, REM, false, false, SR, FP8>(tt, h, n);
 }
 
 template <typename P, typename S, bool MASTER, bool REM>

@@ -31,93 +31,55 @@ std::vector<LambScalars<T>> scalars_of(const TensorTable& tt, const LambHyper& h
   return scalars;
 }
 
-// Block-scaled FP8 states (fp8_blocks.h): m and sqrt(v) encoded per block,
-// then u formed from the block as stored, as the apply pass will read it.
-template <typename P, bool MASTER, bool REM, bool GRAD_MULT, bool ADAM_W>
-void moments_fp8_states(const TensorTable& tt, const std::vector<LambScalars<typename MathOf<P>::type>>& scalars,
-                        std::vector<double>& p_part, std::vector<double>& u_part, int num_threads) {
-  using T = typename MathOf<P>::type;
-  parallel_chunks(tt, num_threads, [&](int64_t c, const Chunk& chunk) {
-    const int64_t t = chunk.tensor, begin = chunk.start;
-    const LambScalars<T> s = scalars[size_t(t)];
-    const Weights<P, MASTER, REM, false> w(tt, kRowParam, kRowMaster, t, begin, 0u);
-    const P* __restrict__ grad = tt.ptr<const P>(kRowGrad, t) + begin;
-    uint8_t* const q[2] = {tt.ptr<uint8_t>(kRowExpAvg, t) + begin, tt.ptr<uint8_t>(kRowExpAvgSq, t) + begin};
-    float* const scales[2] = {tt.ptr<float>(kRowExpAvgScale, t) + begin / kQBlock,
-                              tt.ptr<float>(kRowExpAvgSqScale, t) + begin / kQBlock};
-    double p_acc = 0.0, u_acc = 0.0;
-    q8_store_blocks<2>(
-        chunk.len, q, scales,
-        [&](int64_t b0, int64_t n, float (*out)[kQBlock]) {
-          const float m_scale = scales[0][b0 / kQBlock], v_scale = scales[1][b0 / kQBlock];
-          const uint8_t* __restrict__ m_in = q[0] + b0;
-          const uint8_t* __restrict__ v_in = q[1] + b0;
-          float* __restrict__ m_out = out[0];
-          float* __restrict__ s_out = out[1];
-#pragma omp simd reduction(+ : p_acc)
-          for (int64_t i = 0; i < n; ++i) {
-            const int64_t e = b0 + i;
-            const T p = w.template load<T>(e);
-            T m = T(q8_decode<false>(m_in[i], m_scale));
-            T v = T(q8_decode<true>(v_in[i], v_scale));
-            lamb_moments<T, GRAD_MULT, ADAM_W>(p, T(to_math(grad[e])), m, v, s);
-            m_out[i] = float(m);
-            s_out[i] = sqrtf(float(v));
-            p_acc += double(p) * double(p);
-          }
-        },
-        [&](int64_t b0, int64_t n) {
-          const float m_scale = scales[0][b0 / kQBlock], v_scale = scales[1][b0 / kQBlock];
-          const uint8_t* __restrict__ m_in = q[0] + b0;
-          const uint8_t* __restrict__ v_in = q[1] + b0;
-#pragma omp simd reduction(+ : u_acc)
-          for (int64_t i = 0; i < n; ++i) {
-            const int64_t e = b0 + i;
-            const T p = w.template load<T>(e);
-            const T u = lamb_direction<T, ADAM_W>(p, T(q8_decode<false>(m_in[i], m_scale)),
-                                                  T(q8_decode<true>(v_in[i], v_scale)), s);
-            u_acc += double(u) * double(u);
-          }
-        });
-    p_part[size_t(c)] = p_acc;
-    u_part[size_t(c)] = u_acc;
-  });
-}
-
+// S: the moments' storage (fp8: block-scaled, StateBlock: walked in blocks,
+// each block's u formed once it is encoded). u is formed from the moments as
+// stored: the apply pass recomputes exactly this.
 template <typename P, typename S, bool MASTER, bool REM, bool GRAD_MULT, bool ADAM_W>
 void moments(const TensorTable& tt, const LambHyper& h, double* p_sums, double* u_sums, int num_threads) {
   using T = typename MathOf<P>::type;
   const std::vector<LambScalars<T>> scalars = advance_and_scalars<T>(tt, h);
   std::vector<double> p_part(size_t(tt.n_chunks)), u_part(size_t(tt.n_chunks));
-  if constexpr (std::is_same<S, fp8>::value) {
-    moments_fp8_states<P, MASTER, REM, GRAD_MULT, ADAM_W>(tt, scalars, p_part, u_part, num_threads);
-  } else {
+  constexpr bool kFp8 = StateBlock<S, false>::kFp8;
+  constexpr int64_t kBlock = kFp8 ? kQBlock : 0;  // 0: the chunk in one loop
   parallel_chunks(tt, num_threads, [&](int64_t c, const Chunk& chunk) {
     const int64_t t = chunk.tensor, begin = chunk.start, len = chunk.len;
     const LambScalars<T> s = scalars[size_t(t)];
     const Weights<P, MASTER, REM, false> w(tt, kRowParam, kRowMaster, t, begin, 0u);
     const P* __restrict__ grad = tt.ptr<const P>(kRowGrad, t) + begin;
-    S* __restrict__ exp_avg = tt.ptr<S>(kRowExpAvg, t) + begin;
-    S* __restrict__ exp_avg_sq = tt.ptr<S>(kRowExpAvgSq, t) + begin;
+    StateBlock<S, false> m(tt, kRowExpAvg, kRowExpAvgScale, t, begin);
+    StateBlock<S, true> v(tt, kRowExpAvgSq, kRowExpAvgSqScale, t, begin);
     double p_acc = 0.0, u_acc = 0.0;
+    for (int64_t b0 = 0; b0 < len; b0 += kBlock ? kBlock : len) {
+      const int64_t b1 = kBlock && b0 + kBlock < len ? b0 + kBlock : len;
+      const auto mb = m.block(b0), vb = v.block(b0);
 #pragma omp simd reduction(+ : p_acc, u_acc)
-    for (int64_t i = 0; i < len; ++i) {
-      const T p = w.template load<T>(i);
-      T m = to_math(exp_avg[i]);
-      T v = to_math(exp_avg_sq[i]);
-      lamb_moments<T, GRAD_MULT, ADAM_W>(p, T(to_math(grad[i])), m, v, s);
-      const S m_stored = Store<S>::from(m), v_stored = Store<S>::from(v);
-      exp_avg[i] = m_stored;
-      exp_avg_sq[i] = v_stored;
-      // u from the moments as stored: the apply pass recomputes exactly this
-      const T u = lamb_direction<T, ADAM_W>(p, T(to_math(m_stored)), T(to_math(v_stored)), s);
-      p_acc += double(p) * double(p);
-      u_acc += double(u) * double(u);
+      for (int64_t i = 0; i < b1 - b0; ++i) {
+        const T p = w.template load<T>(b0 + i);
+        T mi = mb.template get<T>(i), vi = vb.template get<T>(i);
+        lamb_moments<T, GRAD_MULT, ADAM_W>(p, T(to_math(grad[b0 + i])), mi, vi, s);
+        mb.set(i, mi);
+        vb.set(i, vi);
+        p_acc += double(p) * double(p);
+        if constexpr (!kFp8) {  // a plain state reads back as just written
+          const T u = lamb_direction<T, ADAM_W>(p, mb.template get<T>(i), vb.template get<T>(i), s);
+          u_acc += double(u) * double(u);
+        }
+      }
+      m.end_block(b0, b1 - b0);
+      v.end_block(b0, b1 - b0);
+      if constexpr (kFp8) {
+        const auto mn = m.block(b0), vn = v.block(b0);  // with the new scales
+#pragma omp simd reduction(+ : u_acc)
+        for (int64_t i = 0; i < b1 - b0; ++i) {
+          const T u = lamb_direction<T, ADAM_W>(w.template load<T>(b0 + i), mn.template get<T>(i),
+                                                vn.template get<T>(i), s);
+          u_acc += double(u) * double(u);
+        }
+      }
     }
     p_part[size_t(c)] = p_acc;
     u_part[size_t(c)] = u_acc;
   });
-  }
   for (int64_t t = 0; t < tt.n_tensors; ++t) p_sums[t] = u_sums[t] = 0.0;
   for (int64_t c = 0; c < tt.n_chunks; ++c) {  // a tensor's chunks are consecutive: chunk order
     p_sums[tt.chunk_tensor[c]] += p_part[size_t(c)];
@@ -134,31 +96,19 @@ void apply(const TensorTable& tt, const LambHyper& h, const float* ratio, int nu
     const LambScalars<T> s = scalars[size_t(t)];
     const T r = T(ratio[t]);
     const Weights<P, MASTER, REM, SR> w(tt, kRowParam, kRowMaster, t, begin, h.sr.seed);
-    const S* __restrict__ exp_avg = tt.ptr<const S>(kRowExpAvg, t) + begin;
-    const S* __restrict__ exp_avg_sq = tt.ptr<const S>(kRowExpAvgSq, t) + begin;
-    // FP8 states: each element's block scales (rows absent otherwise)
-    const float* __restrict__ m_scales = nullptr;
-    const float* __restrict__ v_scales = nullptr;
-    if constexpr (std::is_same<S, fp8>::value) {
-      m_scales = tt.ptr<const float>(kRowExpAvgScale, t) + begin / kQBlock;
-      v_scales = tt.ptr<const float>(kRowExpAvgSqScale, t) + begin / kQBlock;
-    }
+    StateBlock<S, false> m(tt, kRowExpAvg, kRowExpAvgScale, t, begin);  // read only
+    StateBlock<S, true> v(tt, kRowExpAvgSq, kRowExpAvgSqScale, t, begin);
+    constexpr int64_t kBlock = StateBlock<S, false>::kFp8 ? kQBlock : 0;  // 0: the chunk in one loop
+    for (int64_t b0 = 0; b0 < len; b0 += kBlock ? kBlock : len) {
+      const int64_t b1 = kBlock && b0 + kBlock < len ? b0 + kBlock : len;
+      const auto mb = m.block(b0), vb = v.block(b0);
 #pragma omp simd
-    for (int64_t i = 0; i < len; ++i) {
-      T p = w.template load<T>(i);
-      T m, v;
-      if constexpr (std::is_same<S, fp8>::value) {
-        const uint8_t* m_bytes = reinterpret_cast<const uint8_t*>(exp_avg);
-        const uint8_t* v_bytes = reinterpret_cast<const uint8_t*>(exp_avg_sq);
-        m = T(q8_decode<false>(m_bytes[i], m_scales[i / kQBlock]));
-        v = T(q8_decode<true>(v_bytes[i], v_scales[i / kQBlock]));
-      } else {
-        m = T(to_math(exp_avg[i]));
-        v = T(to_math(exp_avg_sq[i]));
+      for (int64_t i = 0; i < b1 - b0; ++i) {
+        T p = w.template load<T>(b0 + i);
+        const T u = lamb_direction<T, ADAM_W>(p, mb.template get<T>(i), vb.template get<T>(i), s);
+        p = p - u * r;
+        w.store(b0 + i, p);
       }
-      const T u = lamb_direction<T, ADAM_W>(p, m, v, s);
-      p = p - u * r;
-      w.store(i, p);
     }
   });
 }
