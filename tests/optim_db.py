@@ -21,6 +21,8 @@ class OptimInfo:
     fused: bool = True
     #: complex params stepped as pairs of reals
     complex: bool = True
+    #: DTensor params (FSDP2, tensor parallel): tests/test_dtensor.py steps it on each layout
+    dtensor: bool = True
 
 
 OPTIM_DB = (

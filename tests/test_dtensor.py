@@ -16,28 +16,26 @@ import math
 import pytest
 import torch
 from dist_helpers import spawn
+from optim_db import optimizers
 
 import fusedopt
 from fusedopt import FusedAdafactor, FusedAdamW, FusedLAMB, FusedMuon, FusedSophia
 
 pytestmark = pytest.mark.distributed
 
-#: name -> (class, kwargs, backends); max_grad_norm small enough to clip at every step
-CASES = {
-    "adamw": (FusedAdamW, dict(lr=0.02, weight_decay=0.1, max_grad_norm=0.05), ("cpu", "reference")),
+#: name -> (class, kwargs, backends): every optimizer of optim_db (each of its states switched on), then variants;
+#: max_grad_norm small enough to clip at every step
+CASES = {name: (cls, {**kwargs, "lr": 0.02, "max_grad_norm": 0.05}, ("cpu", "reference"))
+         for name, (cls, kwargs) in optimizers(dtensor=True).items()}
+CASES["lamb"] = (*CASES["lamb"][:2], ("cpu", "reference", "triton"))
+CASES.update({
     "adamw_master": (FusedAdamW, dict(lr=0.02, weight_decay=0.1, max_grad_norm=0.05, amsgrad=True,
                                       state_dtype=torch.bfloat16), ("cpu",)),
-    "lamb": (FusedLAMB, dict(lr=0.02, weight_decay=0.01, max_grad_norm=0.05), ("cpu", "reference", "triton")),
     # the head in a group of its own: under FSDP2 one rank holds only empty shards of it (a bucket with no
     # launch that still joins LAMB's collective)
     "lamb_head_group": (FusedLAMB, dict(lr=0.02, weight_decay=0.01, max_grad_norm=0.05), ("cpu",)),
-    "adafactor": (FusedAdafactor, dict(lr=0.02, max_grad_norm=0.05), ("cpu", "reference", "triton")),
-    "adafactor_beta1": (FusedAdafactor, dict(lr=0.02, beta1=0.9, weight_decay=0.1, max_grad_norm=0.05),
-                        ("cpu", "reference")),
-    "sophia": (FusedSophia, dict(lr=0.02, weight_decay=0.1, max_grad_norm=0.05), ("cpu", "reference")),
-    # matrices orthogonalised whole (gathered), vectors through FusedAdamW on their shards
-    "muon": (FusedMuon, dict(lr=0.02, weight_decay=0.1, max_grad_norm=0.05), ("cpu", "reference")),
-}
+    "adafactor_no_beta1": (FusedAdafactor, dict(lr=0.02, max_grad_norm=0.05), ("cpu", "reference", "triton")),
+})
 STEPS = 3
 BATCH = 8
 
@@ -174,7 +172,7 @@ def check_remainders(layout: Layout):
     bit (nothing mistakes the layout's own writes for outside changes)."""
     bf16 = torch.bfloat16
     for cls, kwargs in ((FusedAdamW, CASES["adamw"][1]), (FusedLAMB, CASES["lamb"][1]),
-                        (FusedAdafactor, CASES["adafactor_beta1"][1])):
+                        (FusedAdafactor, CASES["adafactor"][1])):
         (model, _), (twin, _) = layout.models(dtype=bf16), layout.models(dtype=bf16)
         opt = cls(model.parameters(), backend="cpu", master_weights="remainder", **kwargs)
         ref = cls(twin.parameters(), backend="cpu", master_weights=True, **kwargs)
@@ -278,7 +276,7 @@ def check_full_state_dict(layout: Layout):
     """get_optimizer_state_dict(full_state_dict=True) is the single-process optimizer's state, by FQN."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    for cls, kwargs in ((FusedAdamW, CASES["adamw"][1]), (FusedAdafactor, CASES["adafactor_beta1"][1]),
+    for cls, kwargs in ((FusedAdamW, CASES["adamw"][1]), (FusedAdafactor, CASES["adafactor"][1]),
                         (FusedLAMB, CASES["lamb"][1]), (FusedSophia, CASES["sophia"][1])):
         model, single = layout.models()
         opt, single_opt = cls(model.parameters(), **kwargs), cls(single.parameters(), **kwargs)
@@ -298,7 +296,7 @@ def check_load_state_dict(layout: Layout):
     """opt.load_state_dict moves states between one process and a sharded
     optimizer: whole states are cut into shards, sharded ones gathered; then
     training goes on as if uninterrupted."""
-    for cls, kwargs in ((FusedAdamW, CASES["adamw_master"][1]), (FusedAdafactor, CASES["adafactor_beta1"][1]),
+    for cls, kwargs in ((FusedAdamW, CASES["adamw_master"][1]), (FusedAdafactor, CASES["adafactor"][1]),
                         (FusedLAMB, CASES["lamb"][1])):
         model, single = layout.models()
         single_opt = cls(single.parameters(), **kwargs)
@@ -390,7 +388,7 @@ def check_sequence_parallel(layout: Layout):
     Partial (pending sums over TP); the optimizers and clip_grad_norm_ reduce
     them. Every rank trains on the whole batch (no data parallelism)."""
     for cls, kwargs in ((FusedAdamW, CASES["adamw"][1]), (FusedLAMB, CASES["lamb"][1]),
-                        (FusedAdafactor, CASES["adafactor_beta1"][1])):
+                        (FusedAdafactor, CASES["adafactor"][1])):
         model, single = layout.models(fsdp=False)
         opt, single_opt = cls(model.parameters(), **kwargs), cls(single.parameters(), **kwargs)
         layout.train(model, opt, STEPS, single=True)
@@ -422,7 +420,7 @@ def check_direct_params(layout: Layout):
         g = torch.Generator().manual_seed(seed)
         return [torch.randn(shape, generator=g) for shape, _ in DIRECT]
 
-    for cls, kwargs, backends in (CASES["adamw"], CASES["lamb"], CASES["adafactor_beta1"]):
+    for cls, kwargs, backends in (CASES["adamw"], CASES["lamb"], CASES["adafactor"]):
         for backend in backends[:2]:
             whole = draw(0)
             single = [w.clone().requires_grad_() for w in whole]
@@ -516,7 +514,7 @@ def layout_worker(rank, world, name, path):
         load_checkpoint(layout, path)
 
 
-CHECKPOINTED = {"adamw": CASES["adamw"], "lamb": CASES["lamb"], "adafactor_beta1": CASES["adafactor_beta1"]}
+CHECKPOINTED = {"adamw": CASES["adamw"], "lamb": CASES["lamb"], "adafactor": CASES["adafactor"]}
 
 
 def save_checkpoint(layout: Layout, path: str):
