@@ -40,6 +40,12 @@ def csrc_dir() -> Path:
     return _shipped_dir("csrc")
 
 
+def shipped_names(folder: str) -> list[str]:
+    """The public modules of a shipped folder (kernels/: one per family of
+    kernels), found by their files: a new one needs no list."""
+    return sorted(p.stem for p in _shipped_dir(folder).glob("*.py") if not p.stem.startswith("_"))
+
+
 def shipped_module(folder: str, name: str) -> ModuleType:
     """Import ``fusedopt.<_folder>.<name>`` (e.g. the Triton kernels of adamw).
 

@@ -244,11 +244,10 @@ def test_the_workload_launches_every_kernel(recorded_launches):
     """Every @triton.jit function that some code launches (``name[grid](...)``,
     in kernels/ or the backend) was launched by the workload, so the compile
     test covers all of them."""
-    from fusedopt._resources import shipped_module
+    from fusedopt._resources import shipped_module, shipped_names
 
     launched = {(s["module"], s["kernel"]) for s in recorded_launches[0]}
-    names = ("adafactor", "adamw", "fp8", "lamb", "norms", "sophia")
-    modules = [shipped_module("kernels", name) for name in names]
+    modules = [shipped_module("kernels", name) for name in shipped_names("kernels")]
     sources = "".join(inspect.getsource(m) for m in [*modules, sys.modules["fusedopt.backends.triton"]])
     kernels = {(m.__name__, attr) for m in modules for attr, value in vars(m).items()
                if isinstance(value, interpreter.InterpretedFunction) and value.fn.__module__ == m.__name__

@@ -14,7 +14,7 @@ import re
 
 import torch
 
-from .._resources import shipped_module
+from .._resources import shipped_module, shipped_names
 from ..reference import adafactor as adafactor_spec
 from ..reference import lamb as lamb_spec
 from . import _adafactor_tables, _sharded, _tables
@@ -72,7 +72,7 @@ def unavailable_reason(device_type: str) -> str | None:
 
 
 def load() -> None:
-    for name in ("adafactor", "adamw", "fp8", "lamb", "norms", "sophia"):
+    for name in shipped_names("kernels"):
         shipped_module("kernels", name)
 
 
