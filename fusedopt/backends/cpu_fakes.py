@@ -3,8 +3,9 @@ torch.compile traces them as opaque ops and torch.library.opcheck checks
 them, neither of which may run the C++ kernels (they read data pointers).
 
 The schemas (csrc/bindings_cpu.cpp) declare what each op mutates; a fake
-only says what an op returns: nothing for the in-place ops, float64 vectors
-for the reductions, sized as the C++ sizes them.
+only says what an op returns: nothing for the in-place ops (every op whose
+schema returns nothing gets that fake), float64 vectors for the reductions,
+sized as the C++ sizes them (_RETURNING).
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import math
 
 import torch
 
-_IN_PLACE = ("adamw", "sophia", "sophia_hessian", "adafactor", "lamb_apply", "scale_", "fp8_update_")
 _registered = False
 
 
@@ -58,16 +58,25 @@ def _adafactor_sharded(phase, params, grads, exp_avgs, variances, row_vars, col_
     return (_doubles(n) if phase == 2 else _empty()), _empty(), _empty()
 
 
+#: the fakes of the ops that return tensors
+_RETURNING = {"power_sums": _power_sums, "cast_fp8": _cast_fp8, "clip_scalars": _clip_scalars,
+              "lamb_moments": _lamb_moments, "adafactor_sharded": _adafactor_sharded}
+
+
 def register() -> None:
     """Once, after the extension is loaded (the ops must exist)."""
     global _registered
     if _registered:
         return
-    for name in _IN_PLACE:
-        torch.library.register_fake(f"fusedopt_cpu::{name}")(_in_place)
-    torch.library.register_fake("fusedopt_cpu::power_sums")(_power_sums)
-    torch.library.register_fake("fusedopt_cpu::cast_fp8")(_cast_fp8)
-    torch.library.register_fake("fusedopt_cpu::clip_scalars")(_clip_scalars)
-    torch.library.register_fake("fusedopt_cpu::lamb_moments")(_lamb_moments)
-    torch.library.register_fake("fusedopt_cpu::adafactor_sharded")(_adafactor_sharded)
+    names = {q.split("::")[1].split(".")[0] for q in torch._C._dispatch_get_all_op_names()
+             if q.startswith("fusedopt_cpu::")}
+    for name in sorted(names):
+        if name in _RETURNING:
+            fake = _RETURNING[name]
+        elif not getattr(torch.ops.fusedopt_cpu, name).default._schema.returns:
+            fake = _in_place
+        else:
+            raise RuntimeError(f"fusedopt_cpu::{name} returns tensors but fusedopt/backends/cpu_fakes.py has no fake "
+                               "for it (_RETURNING): torch.compile and opcheck need one")
+        torch.library.register_fake(f"fusedopt_cpu::{name}")(fake)
     _registered = True
