@@ -19,6 +19,13 @@ ROW_EXP_AVG_SQ_SCALE = tl.constexpr(10)
 ROW_MAX_EXP_AVG_SQ_SCALE = tl.constexpr(11)
 
 
+def table_args(tables) -> dict:
+    """A launch's tables (fusedopt/backends/_tables.py: LaunchTables) by the
+    names every chunk-walking kernel gives them."""
+    return dict(table=tables.table, numels=tables.numel, chunk_tensor=tables.chunk_tensor,
+                chunk_start=tables.chunk_start, n_tensors=tables.n_tensors)
+
+
 @triton.jit
 def chunk_block(start, off, end, BLOCK: tl.constexpr):
     """One block of a program's chunk: the elements' offsets in the tensor

@@ -27,7 +27,7 @@ from ._numeric import (EXACT, F32, F64, FP8_BLOCKED, bias_correction, div_ieee, 
                        load_math, load_state, load_weight, lr_and_decay, sqrt_ieee, store_math, store_weight, to_math)
 from ._table import (ROW_EXP_AVG, ROW_EXP_AVG_SCALE, ROW_EXP_AVG_SQ, ROW_EXP_AVG_SQ_SCALE, ROW_FP8, ROW_FP8_SCALE,
                      ROW_GRAD, ROW_MASTER, ROW_MAX_EXP_AVG_SQ, ROW_MAX_EXP_AVG_SQ_SCALE, ROW_PARAM, ROW_STEP, address,
-                     chunk_block, program_chunk)
+                     chunk_block, program_chunk, table_args)
 from .fp8 import cast_fp8
 from .fp8_states import load_fp8_state, store_fp8_state
 from .norms import _combine_kernel
@@ -163,12 +163,14 @@ def launch_adamw(tables, *, p_kind, s_kind, master, remainders, amsgrad, maximiz
         torch.empty(tables.n_chunks, dtype=torch.float64, device=fp8_amax.device)
     dummy = tables.numel  # any tensor: stands in for absent pointer arguments
     _adamw_kernel[(tables.n_chunks,)](
-        tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.n_tensors,
-        f64_bits(0.0 if lr_tensor is not None else lr), dummy if lr_tensor is None else lr_tensor,
-        f64_bits(weight_decay), f64_bits(1.0 - beta1), f64_bits(beta2), f64_bits(1.0 - beta2), f64_bits(eps),
-        f64_bits(math.log(beta1) if beta1 > 0 else -math.inf), f64_bits(math.log(beta2) if beta2 > 0 else -math.inf),
-        dummy if grad_mult is None else grad_mult, dummy if found_inf is None else found_inf,
-        0 if sr_seed is None else sr_seed, fp8_partials,
+        **table_args(tables), lr=f64_bits(0.0 if lr_tensor is not None else lr),
+        lr_ptr=dummy if lr_tensor is None else lr_tensor, weight_decay=f64_bits(weight_decay),
+        lerp_w=f64_bits(1.0 - beta1), beta2=f64_bits(beta2), one_minus_beta2=f64_bits(1.0 - beta2), eps=f64_bits(eps),
+        log_beta1=f64_bits(math.log(beta1) if beta1 > 0 else -math.inf),
+        log_beta2=f64_bits(math.log(beta2) if beta2 > 0 else -math.inf),
+        grad_mult_ptr=dummy if grad_mult is None else grad_mult,
+        found_inf_ptr=dummy if found_inf is None else found_inf,
+        sr_seed=0 if sr_seed is None else sr_seed, fp8_partials=fp8_partials,
         P_KIND=p_kind, S_KIND=s_kind, MASTER=master, REM=remainders, AMSGRAD=amsgrad, MAXIMIZE=maximize,
         LR_IS_PTR=lr_tensor is not None, HAS_GRAD_MULT=grad_mult is not None,
         HAS_FOUND_INF=found_inf is not None, SR=sr_seed is not None,
@@ -176,5 +178,5 @@ def launch_adamw(tables, *, p_kind, s_kind, master, remainders, amsgrad, maximiz
         num_warps=num_warps, **EXACT,
     )
     if fp8_format is not None:
-        _combine_kernel[(tables.n_tensors,)](fp8_partials, tables.chunk_first, fp8_amax, IS_MAX=True, BLOCK=256,
-                                             num_warps=num_warps, **EXACT)
+        _combine_kernel[(tables.n_tensors,)](partials=fp8_partials, chunk_first=tables.chunk_first, out=fp8_amax,
+                                             IS_MAX=True, BLOCK=256, num_warps=num_warps, **EXACT)

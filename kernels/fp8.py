@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ._numeric import EXACT, load_math
-from ._table import chunk_block, program_chunk
+from ._table import chunk_block, program_chunk, table_args
 from .norms import _combine_kernel
 
 E4M3FN = tl.constexpr(0)
@@ -77,8 +77,7 @@ def launch_cast(tables, scales, amax, *, kind, fmt, block, num_warps):
     import torch
 
     partials = torch.empty(tables.n_chunks, dtype=torch.float64, device=amax.device)
-    _cast_kernel[(tables.n_chunks,)](tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start,
-                                     tables.n_tensors, scales, partials, KIND=kind, FORMAT=fmt,
+    _cast_kernel[(tables.n_chunks,)](**table_args(tables), scales=scales, partials=partials, KIND=kind, FORMAT=fmt,
                                      CHUNK=tables.chunk_size, BLOCK=block, num_warps=num_warps, **EXACT)
-    _combine_kernel[(tables.n_tensors,)](partials, tables.chunk_first, amax, IS_MAX=True, BLOCK=256,
-                                         num_warps=num_warps, **EXACT)
+    _combine_kernel[(tables.n_tensors,)](partials=partials, chunk_first=tables.chunk_first, out=amax, IS_MAX=True,
+                                         BLOCK=256, num_warps=num_warps, **EXACT)

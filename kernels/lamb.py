@@ -20,7 +20,7 @@ import triton.language as tl
 
 from ._numeric import (EXACT, F32, F64, bias_correction, div_ieee, f64, f64_bits, launch_sr_key, load_math,
                        load_weight, sqrt_ieee, store_weight, to_math)
-from ._table import ROW_STEP, address, chunk_block, moment_addresses, program_chunk
+from ._table import ROW_STEP, address, chunk_block, moment_addresses, program_chunk, table_args
 from .fp8_states import load_any_state, store_any_state
 from .norms import _combine_kernel
 
@@ -137,18 +137,19 @@ def launch_lamb_moments(tables, p_sums, u_sums, *, p_kind, s_kind, master, remai
     partials = torch.empty(2 * tables.n_chunks, dtype=torch.float64, device=p_sums.device)
     dummy = tables.numel
     _lamb_moments_kernel[(tables.n_chunks,)](
-        tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.n_tensors, tables.n_chunks,
-        f64_bits(beta1), f64_bits(1.0 - beta1 if grad_averaging else 1.0), f64_bits(beta2), f64_bits(1.0 - beta2),
-        _log(beta1), _log(beta2), f64_bits(eps), f64_bits(weight_decay), dummy if grad_mult is None else grad_mult,
-        dummy if found_inf is None else found_inf, partials,
+        **table_args(tables), n_chunks=tables.n_chunks, beta1=f64_bits(beta1),
+        beta3=f64_bits(1.0 - beta1 if grad_averaging else 1.0), beta2=f64_bits(beta2),
+        one_minus_beta2=f64_bits(1.0 - beta2), log_beta1=_log(beta1), log_beta2=_log(beta2), eps=f64_bits(eps),
+        weight_decay=f64_bits(weight_decay), grad_mult_ptr=dummy if grad_mult is None else grad_mult,
+        found_inf_ptr=dummy if found_inf is None else found_inf, partials=partials,
         P_KIND=p_kind, S_KIND=s_kind, MASTER=master, REM=remainders, GRAD_MULT=grad_mult is not None,
         ADAM_W=adam_w_mode,
         MAXIMIZE=maximize, BIAS_CORRECTION=bias_correction, HAS_FOUND_INF=found_inf is not None,
         CHUNK=tables.chunk_size, BLOCK=block, num_warps=num_warps, **EXACT,
     )
     for i, out in enumerate((p_sums, u_sums)):
-        _combine_kernel[(tables.n_tensors,)](partials[i * tables.n_chunks:], tables.chunk_first, out, IS_MAX=False,
-                                             BLOCK=256, num_warps=num_warps, **EXACT)
+        _combine_kernel[(tables.n_tensors,)](partials=partials[i * tables.n_chunks:], chunk_first=tables.chunk_first,
+                                             out=out, IS_MAX=False, BLOCK=256, num_warps=num_warps, **EXACT)
 
 
 def launch_lamb_apply(tables, ratio, *, p_kind, s_kind, master, remainders, beta1, beta2, eps, weight_decay, bias_correction,
@@ -156,10 +157,9 @@ def launch_lamb_apply(tables, ratio, *, p_kind, s_kind, master, remainders, beta
     """p = p - u * ratio[t], u recomputed from the stored moments."""
     dummy = tables.numel
     _lamb_apply_kernel[(tables.n_chunks,)](
-        tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.n_tensors,
-        _log(beta1), _log(beta2), f64_bits(eps), f64_bits(weight_decay), ratio,
-        dummy if found_inf is None else found_inf,
-        0 if sr_seed is None else sr_seed,
+        **table_args(tables), log_beta1=_log(beta1), log_beta2=_log(beta2), eps=f64_bits(eps),
+        weight_decay=f64_bits(weight_decay), ratio_ptr=ratio, found_inf_ptr=dummy if found_inf is None else found_inf,
+        sr_seed=0 if sr_seed is None else sr_seed,
         P_KIND=p_kind, S_KIND=s_kind, MASTER=master, REM=remainders, ADAM_W=adam_w_mode,
         BIAS_CORRECTION=bias_correction,
         SR=sr_seed is not None,

@@ -100,14 +100,15 @@ def launch_power_sums(tables, out, *, kind, p, block, num_warps):
 
     partials = torch.empty(tables.n_chunks, dtype=torch.float64, device=out.device)
     norm = norm_kind(p)
-    _partials_kernel[(tables.n_chunks,)](tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start,
-                                         f64_bits(p), partials, KIND=kind, NORM=norm, CHUNK=tables.chunk_size,
-                                         BLOCK=block, num_warps=num_warps, **EXACT)
-    _combine_kernel[(tables.n_tensors,)](partials, tables.chunk_first, out, IS_MAX=norm == 2, BLOCK=256,
-                                         num_warps=num_warps, **EXACT)
+    _partials_kernel[(tables.n_chunks,)](table=tables.table, numels=tables.numel, chunk_tensor=tables.chunk_tensor,
+                                         chunk_start=tables.chunk_start, p=f64_bits(p), partials=partials, KIND=kind,
+                                         NORM=norm, CHUNK=tables.chunk_size, BLOCK=block, num_warps=num_warps, **EXACT)
+    _combine_kernel[(tables.n_tensors,)](partials=partials, chunk_first=tables.chunk_first, out=out,
+                                         IS_MAX=norm == 2, BLOCK=256, num_warps=num_warps, **EXACT)
 
 
 def launch_scale(tables, factor, *, kind, block, num_warps):
     """x *= factor (1-element fp64 tensor, rounded to the math precision) for the tables' row 0."""
-    _scale_kernel[(tables.n_chunks,)](tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, factor,
-                                      KIND=kind, CHUNK=tables.chunk_size, BLOCK=block, num_warps=num_warps, **EXACT)
+    _scale_kernel[(tables.n_chunks,)](table=tables.table, numels=tables.numel, chunk_tensor=tables.chunk_tensor,
+                                      chunk_start=tables.chunk_start, factor_ptr=factor, KIND=kind,
+                                      CHUNK=tables.chunk_size, BLOCK=block, num_warps=num_warps, **EXACT)

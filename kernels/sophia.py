@@ -19,7 +19,7 @@ import triton.language as tl
 from ._numeric import (EXACT, F32, div_ieee, f64, f64_bits, launch_sr_key, load_math, load_weight, lr_and_decay,
                        store_weight, to_math)
 from ._table import (ROW_EXP_AVG_SQ, ROW_EXP_AVG_SQ_SCALE, ROW_GRAD, address, chunk_block, moment_addresses,
-                     program_chunk)
+                     program_chunk, table_args)
 from .fp8_states import load_any_state as _load
 from .fp8_states import store_any_state as _store
 
@@ -81,10 +81,12 @@ def launch_step(tables, *, p_kind, s_kind, master, remainders, lr, lr_tensor, be
                 found_inf, block, num_warps, sr_seed=None):
     dummy = tables.numel
     _step_kernel[(tables.n_chunks,)](
-        tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.n_tensors,
-        f64_bits(0.0 if lr_tensor is not None else lr), dummy if lr_tensor is None else lr_tensor, f64_bits(beta1),
-        f64_bits(1.0 - beta1), f64_bits(rho_bs), f64_bits(weight_decay), dummy if grad_mult is None else grad_mult,
-        dummy if found_inf is None else found_inf, 0 if sr_seed is None else sr_seed,
+        **table_args(tables), lr=f64_bits(0.0 if lr_tensor is not None else lr),
+        lr_ptr=dummy if lr_tensor is None else lr_tensor, beta1=f64_bits(beta1), one_minus_beta1=f64_bits(1.0 - beta1),
+        rho_bs=f64_bits(rho_bs), weight_decay=f64_bits(weight_decay),
+        grad_mult_ptr=dummy if grad_mult is None else grad_mult,
+        found_inf_ptr=dummy if found_inf is None else found_inf,
+        sr_seed=0 if sr_seed is None else sr_seed,
         P_KIND=p_kind, S_KIND=s_kind, MASTER=master, REM=remainders, GRAD_MULT=grad_mult is not None,
         MAXIMIZE=maximize, SR=sr_seed is not None,
         LR_IS_PTR=lr_tensor is not None, HAS_FOUND_INF=found_inf is not None, CHUNK=tables.chunk_size, BLOCK=block,
@@ -93,6 +95,5 @@ def launch_step(tables, *, p_kind, s_kind, master, remainders, lr, lr_tensor, be
 
 def launch_hessian(tables, *, p_kind, s_kind, beta2, block, num_warps):
     _hessian_kernel[(tables.n_chunks,)](
-        tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, tables.n_tensors, f64_bits(beta2),
-        f64_bits(1.0 - beta2), P_KIND=p_kind, S_KIND=s_kind, CHUNK=tables.chunk_size, BLOCK=block,
-        num_warps=num_warps, **EXACT)
+        **table_args(tables), beta2=f64_bits(beta2), one_minus_beta2=f64_bits(1.0 - beta2), P_KIND=p_kind,
+        S_KIND=s_kind, CHUNK=tables.chunk_size, BLOCK=block, num_warps=num_warps, **EXACT)
