@@ -165,13 +165,14 @@ class _AdafactorLaunch:
                           REM=bucket.remainders, GRAD_MULT=grad_mult is not None, MAXIMIZE=maximize, HAS_FOUND_INF=found_inf is not None)
         self.grad_mult = self.dummy if grad_mult is None else grad_mult
         self.found_inf = self.dummy if found_inf is None else found_inf
-        self.head = (tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start, self.n)
+        self.table_args = shipped_module("kernels", "_table").table_args(tables)  # the chunk-walking kernels' tables
         self.math_dtype = torch.float64 if bucket.dtype == torch.float64 else torch.float32  # rmean's, scale's
 
     def sums(self, partials, first):
         """Per-tensor sums (fp64) of per-program partials, tensor t's from program first[t] on."""
         out = torch.empty(self.n, dtype=torch.float64, device=self.device)
-        self.combine[(self.n,)](partials, first, out, IS_MAX=False, BLOCK=256, num_warps=NUM_WARPS, **self.exact)
+        self.combine[(self.n,)](partials=partials, chunk_first=first, out=out, IS_MAX=False, BLOCK=256,
+                                num_warps=NUM_WARPS, **self.exact)
         return out
 
     def factored_tables(self):
@@ -182,9 +183,11 @@ class _AdafactorLaunch:
         p_part = torch.empty(len(ft.row_tensor), dtype=torch.float64, device=self.device)
         raw = row_out is not None
         self.kernels._row_stats[(len(ft.row_tensor),)](
-            self.tables.table, self.n, ft.row_tensor, ft.row_start, ft.rows, ft.cols, self.tables.numel,
-            self.bits(beta2_decay), self.grad_mult, self.found_inf, p_part, row_out if raw else self.dummy,
-            row_base if raw else self.dummy, **self.flags, RB=FACTOR_ROWS, CB=FACTOR_COLS, RAW=raw,
+            table=self.tables.table, n_tensors=self.n, prog_tensor=ft.row_tensor, prog_row0=ft.row_start,
+            rows=ft.rows, cols=ft.cols, numels=self.tables.numel, beta2_decay=self.bits(beta2_decay),
+            grad_mult_ptr=self.grad_mult, found_inf_ptr=self.found_inf, p_partials=p_part,
+            row_out=row_out if raw else self.dummy, row_base=row_base if raw else self.dummy, **self.flags,
+            RB=FACTOR_ROWS, CB=FACTOR_COLS, RAW=raw,
             num_warps=NUM_WARPS, **self.exact)
         return self.sums(p_part, ft.row_first)
 
@@ -192,16 +195,19 @@ class _AdafactorLaunch:
         """col_var updated and rmean written, or with col_out the columns' sums of g*g written there."""
         raw = col_out is not None
         self.kernels._col_stats[(len(ft.col_tensor),)](
-            self.tables.table, self.n, ft.col_tensor, ft.col_batch, ft.col_start, ft.col_slice, ft.rows, ft.cols,
-            self.bits(beta2_decay), self.bits(self.eps1), self.grad_mult, self.found_inf,
-            self.dummy if raw else rmean, col_out if raw else self.dummy, col_base if raw else self.dummy,
-            **self.flags, RB=FACTOR_ROWS, CB=FACTOR_COLS, RAW=raw, num_warps=NUM_WARPS, **self.exact)
+            table=self.tables.table, n_tensors=self.n, prog_tensor=ft.col_tensor, prog_batch=ft.col_batch,
+            prog_col0=ft.col_start, prog_slice=ft.col_slice, rows=ft.rows, cols=ft.cols,
+            beta2_decay=self.bits(beta2_decay), eps1=self.bits(self.eps1), grad_mult_ptr=self.grad_mult,
+            found_inf_ptr=self.found_inf, rmean=self.dummy if raw else rmean, col_out=col_out if raw else self.dummy,
+            col_base=col_base if raw else self.dummy, **self.flags, RB=FACTOR_ROWS, CB=FACTOR_COLS, RAW=raw,
+            num_warps=NUM_WARPS, **self.exact)
 
     def factored_unorm(self, ft, rmean):
         u_part = torch.empty(self.n_chunks, dtype=torch.float64, device=self.device)
         self.kernels._factored_unorm[(self.n_chunks,)](
-            *self.head, ft.rows, ft.cols, ft.slice_first, rmean, self.bits(self.eps1), self.grad_mult,
-            self.found_inf, u_part, **self.flags, CHUNK=self.tables.chunk_size, BLOCK=self.block,
+            **self.table_args, rows=ft.rows, cols=ft.cols, slice_first=ft.slice_first, rmean=rmean,
+            eps1=self.bits(self.eps1), grad_mult_ptr=self.grad_mult, found_inf_ptr=self.found_inf, partials=u_part,
+            **self.flags, CHUNK=self.tables.chunk_size, BLOCK=self.block,
             num_warps=NUM_WARPS, **self.exact)
         return self.sums(u_part, self.tables.chunk_first)
 
@@ -209,8 +215,9 @@ class _AdafactorLaunch:
         """variance updated; sum(p*p) and sum(u*u) per tensor."""
         partials = torch.empty(2 * self.n_chunks, dtype=torch.float64, device=self.device)
         self.kernels._vector_stats[(self.n_chunks,)](
-            *self.head, self.n_chunks, self.bits(beta2_decay), self.bits(self.eps1), self.grad_mult, self.found_inf,
-            partials, **self.flags, CHUNK=self.tables.chunk_size, BLOCK=self.block, num_warps=NUM_WARPS,
+            **self.table_args, n_chunks=self.n_chunks, beta2_decay=self.bits(beta2_decay), eps1=self.bits(self.eps1),
+            grad_mult_ptr=self.grad_mult, found_inf_ptr=self.found_inf, partials=partials, **self.flags,
+            CHUNK=self.tables.chunk_size, BLOCK=self.block, num_warps=NUM_WARPS,
             **self.exact)
         return self.sums(partials, self.tables.chunk_first), self.sums(partials[self.n_chunks:],
                                                                        self.tables.chunk_first)
@@ -222,10 +229,11 @@ class _AdafactorLaunch:
         lr_tensor = lr if isinstance(lr, torch.Tensor) else None
         bits, bucket = self.bits, self.bucket
         self.kernels._apply[(self.n_chunks,)](
-            *self.head, rows, cols, slice_first, rmean, bits(self.eps1), bits(0.0 if lr_tensor is not None else lr),
-            self.dummy if lr_tensor is None else lr_tensor, bits(weight_decay),
-            bits(0.0 if beta1 is None else 1.0 - beta1), scale, self.grad_mult, self.found_inf,
-            0 if bucket.sr_seed is None else bucket.sr_seed, SR=bucket.sr_seed is not None, **self.flags,
+            **self.table_args, rows=rows, cols=cols, slice_first=slice_first, rmean=rmean, eps1=bits(self.eps1),
+            lr=bits(0.0 if lr_tensor is not None else lr), lr_ptr=self.dummy if lr_tensor is None else lr_tensor,
+            weight_decay=bits(weight_decay), one_minus_beta1=bits(0.0 if beta1 is None else 1.0 - beta1),
+            scale_ptr=scale, grad_mult_ptr=self.grad_mult, found_inf_ptr=self.found_inf,
+            sr_seed=0 if bucket.sr_seed is None else bucket.sr_seed, SR=bucket.sr_seed is not None, **self.flags,
             FACTORED=ft is not None, BETA1=beta1 is not None, M_KIND=STATE_CODES[self.exp_avg_dtype],
             LR_IS_PTR=lr_tensor is not None, CHUNK=self.tables.chunk_size, BLOCK=self.block, num_warps=NUM_WARPS,
             **self.exact)
@@ -279,9 +287,11 @@ class _ShardedPhases:
         launch, ft = self.launch, self.ft
         rv = torch.empty(ft.n_slices, dtype=torch.float64, device=launch.device)
         launch.kernels._sharded_factors[(ft.n_slices,)](
-            launch.tables.table, launch.n, layout.slice_tensor, layout.slice_batch, ft.rows, ft.cols,
-            layout.full_rows, layout.full_cols, row_sums, layout.row_base, col_sums, layout.col_base,
-            launch.bits(self.beta2_decay), launch.found_inf, rv, P_KIND=launch.flags["P_KIND"],
+            table=launch.tables.table, n_tensors=launch.n, slice_tensor=layout.slice_tensor,
+            slice_batch=layout.slice_batch, rows=ft.rows, cols=ft.cols, full_rows=layout.full_rows,
+            full_cols=layout.full_cols, row_sums=row_sums, row_base=layout.row_base, col_sums=col_sums,
+            col_base=layout.col_base, beta2_decay=launch.bits(self.beta2_decay), found_inf_ptr=launch.found_inf,
+            rv_sums=rv, P_KIND=launch.flags["P_KIND"],
             S_KIND=launch.flags["S_KIND"], HAS_FOUND_INF=launch.flags["HAS_FOUND_INF"], RB=FACTOR_ROWS,
             CB=FACTOR_COLS, num_warps=NUM_WARPS, **launch.exact)
         return rv
