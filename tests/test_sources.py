@@ -115,23 +115,11 @@ def test_moment_rows_agree_with_the_header():
     assert python == cpp
 
 
-def _split_top_level(text: str) -> list[str]:
-    parts, depth, current = [], 0, ""
-    for ch in text + ",":
-        depth += ch in "(<[" and 1 or 0
-        depth -= ch in ")>]" and 1 or 0
-        if ch == "," and depth == 0:
-            if current.strip():
-                parts.append(current.strip())
-            current = ""
-        else:
-            current += ch
-    return parts
-
-
 def _cpp_parameters(text: str, function: str) -> list[str]:
     """The parameter names of `function`'s definition in `text`, in order."""
     import re
+
+    from cuda_emu.translate import split_top_level
 
     match = re.search(rf"^[A-Za-z_][\w:<>, ]*?[\s&*]{function}\(", text, re.M)
     assert match, function
@@ -140,7 +128,7 @@ def _cpp_parameters(text: str, function: str) -> list[str]:
     while depth:
         depth += {"(": 1, ")": -1}.get(text[end], 0)
         end += 1
-    return [re.findall(r"\w+", p)[-1] for p in _split_top_level(text[start:end - 1])]
+    return [re.findall(r"\w+", p)[-1] for p in split_top_level(text[start:end - 1])]
 
 
 @pytest.mark.parametrize("bindings", ["bindings_cpu.cpp", "bindings_cuda.cpp"])
@@ -151,13 +139,15 @@ def test_schemas_name_the_binding_parameters_in_order(bindings):
     swap silently."""
     import re
 
+    from cuda_emu.translate import split_top_level
+
     text = (CSRC / bindings).read_text()
     impls = dict(re.findall(r'm\.impl\("(\w+)",\s*&(\w+)\)', text))
     checked = set()
     for match in re.finditer(r'm\.def\(\s*((?:"(?:[^"\\]|\\.)*"\s*)+)(?:,\s*&(\w+))?\)', text):
         schema = "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', match.group(1)))
         name = schema[:schema.index("(")]
-        arguments = [a.split("=")[0].split()[-1] for a in _split_top_level(schema[len(name) + 1:schema.rindex(") ->")])]
+        arguments = [a.split("=")[0].split()[-1] for a in split_top_level(schema[len(name) + 1:schema.rindex(") ->")])]
         assert _cpp_parameters(text, match.group(2) or impls[name]) == arguments, name
         checked.add(name)
     assert len(checked) >= 10 and (not impls or checked == set(impls)), checked

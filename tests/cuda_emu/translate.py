@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 
-def _split_top_level(text: str) -> list[str]:
+def split_top_level(text: str) -> list[str]:
     """Split a launch configuration at the commas outside parentheses and braces."""
     parts, depth, start = [], 0, 0
     for i, ch in enumerate(text):
@@ -60,7 +60,7 @@ def translate(src: str) -> str:
     out = src
     while (at := out.find("<<<")) >= 0:
         close = out.index(">>>", at)
-        config = _split_top_level(out[at + 3:close])
+        config = split_top_level(out[at + 3:close])
         args_open = close + 3
         while out[args_open].isspace():
             args_open += 1
