@@ -16,6 +16,7 @@ from torch.utils._pytree import tree_map
 import fusedopt
 from fusedopt import Float8Recipe, FusedAdafactor, FusedAdamW, FusedLAMB, FusedSophia
 from fusedopt.backends import _traced
+from fusedopt.backends._named_ops import op_names
 
 pytestmark = pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="needs the cpu backend")
 
@@ -24,9 +25,7 @@ FP8 = torch.float8_e4m3fn
 
 def registered(namespace: str, prefix: str = "") -> set[str]:
     """The ops registered under `namespace` (whose names start with `prefix`): what the steps must exercise."""
-    names = {n.split("::")[1].split(".")[0] for n in torch._C._dispatch_get_all_op_names()
-             if n.startswith(namespace + "::")}
-    return {n for n in names if n.startswith(prefix)}
+    return {n for n in op_names(namespace) if n.startswith(prefix)}
 
 
 class Recorder(TorchDispatchMode):

@@ -8,6 +8,12 @@ import operator
 import torch
 
 
+def op_names(namespace: str) -> set[str]:
+    """The ops registered under torch.ops.<namespace> (loaded extensions, torch.library)."""
+    return {q.split("::")[1].split(".")[0] for q in torch._C._dispatch_get_all_op_names()
+            if q.startswith(namespace + "::")}
+
+
 class NamedOps:
     """torch.ops.<namespace> with each op's arguments given by name and
     passed on positionally: the names are checked against the op's schema,
@@ -21,9 +27,8 @@ class NamedOps:
         """Every registered op of the namespace resolved now, on load: not
         while Dynamo traces a step (an attribute set then would fail a guard
         and recompile the step)."""
-        for qualified in torch._C._dispatch_get_all_op_names():
-            if qualified.startswith(self._namespace + "::"):
-                getattr(self, qualified.split("::")[1].split(".")[0])
+        for name in op_names(self._namespace):
+            getattr(self, name)
 
     def __getattr__(self, name: str):
         if name.startswith("_"):

@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from ._named_ops import op_names
+
 _registered = False
 
 
@@ -68,9 +70,7 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    names = {q.split("::")[1].split(".")[0] for q in torch._C._dispatch_get_all_op_names()
-             if q.startswith("fusedopt_cpu::")}
-    for name in sorted(names):
+    for name in sorted(op_names("fusedopt_cpu")):
         if name in _RETURNING:
             fake = _RETURNING[name]
         elif not getattr(torch.ops.fusedopt_cpu, name).default._schema.returns:
