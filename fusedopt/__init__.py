@@ -11,9 +11,10 @@ from .amp import GradScaler
 from .backends import available_backends
 from .fp8 import Float8Recipe, cast_to_fp8
 from .norms import clip_grad_norm_, grad_norm
-from .optim import FusedAdafactor, FusedAdamW, FusedLAMB, FusedMuon, FusedSophia, gnb_hessian_loss
+from .optim import *  # noqa: F403  (every optimizer: fusedopt/optim/__init__.py lists them once)
+from .optim import __all__ as _optimizers
 
 __version__ = "0.1.0"
 
-__all__ = ["BuildError", "Float8Recipe", "FusedAdafactor", "FusedAdamW", "FusedLAMB", "FusedMuon", "FusedSophia", "GradScaler",
-           "available_backends", "cast_to_fp8", "clip_grad_norm_", "gnb_hessian_loss", "grad_norm", "__version__"]
+__all__ = ["BuildError", "Float8Recipe", "GradScaler", "available_backends", "cast_to_fp8", "clip_grad_norm_",
+           "grad_norm", "__version__", *_optimizers]

@@ -88,3 +88,23 @@ def small_chunks(monkeypatch):
 def pytest_report_header(config):
     return (f"fusedopt backends for CPU tensors here: {CPU_BACKENDS}; CUDA: {HAS_CUDA}"
             f"{'' if HAS_CUDA else ' (the cuda backend runs emulated: tests/cuda_emu)'}")
+
+
+def pytest_configure(config):
+    """One marker per optimizer of optim_db (``-m sophia``), so a new entry needs no line in pyproject.toml."""
+    from optim_db import OPTIM_DB
+
+    for info in OPTIM_DB:
+        config.addinivalue_line("markers", f"{info.name}: {info.cls.__name__} tests")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests in tests/test_<name>.py or test_<name>_*.py carry the marker of optim_db's `<name>`."""
+    from optim_db import OPTIM_DB
+
+    names = {info.name for info in OPTIM_DB}
+    for item in items:
+        stem = item.path.stem.removeprefix("test_")
+        name = next((n for n in names if stem == n or stem.startswith(n + "_")), None)
+        if name is not None:
+            item.add_marker(getattr(pytest.mark, name))

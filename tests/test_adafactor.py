@@ -13,7 +13,6 @@ from helpers import assert_same_state, assert_within_ulps, cross_on_triton, grad
 from fusedopt import FusedAdafactor
 from fusedopt.reference import fp8_states
 
-pytestmark = pytest.mark.adafactor
 
 # 0-d, 1-d, 2-d, batched 3-d, dims of size 1, sizes that cross the test chunk and tile sizes
 SHAPES = [(), (7,), (300,), (30, 20), (2, 5, 3), (33, 1), (1, 17), (3, 2, 1, 9), (0,), (0, 4)]

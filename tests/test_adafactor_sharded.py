@@ -16,7 +16,6 @@ from fusedopt.backends import reference as reference_backend
 from fusedopt.dtensor import TensorSums
 from fusedopt.optim.adafactor import _Sharded
 
-pytestmark = pytest.mark.adafactor
 
 SHAPES = [(), (7,), (300,), (30, 20), (2, 5, 3), (33, 1), (1, 17), (3, 2, 1, 9)]
 CONFIGS = {

@@ -15,7 +15,6 @@ from helpers import tolerance as helpers_tolerance
 
 from fusedopt import FusedAdamW
 
-pytestmark = pytest.mark.adamw
 
 CONFIGS = {
     "defaults": {},

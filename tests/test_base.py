@@ -344,3 +344,19 @@ def test_clip_grad_norm_refuses_a_negative_or_nan_max_norm(max_norm):
 def test_cast_to_fp8_says_what_is_wrong_with_the_scales(scales, error, match):
     with pytest.raises(error, match=match):
         fusedopt.cast_to_fp8([torch.ones(3), torch.ones(2)], scales, backend="cpu")
+
+
+def test_every_optimizer_is_exported_and_in_optim_db():
+    """A class defined in fusedopt.optim reaches `from fusedopt import ...` (optim/__init__.py's
+    __all__, which fusedopt/__init__.py re-exports) and has an optim_db entry, so the shared tests take it."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    from optim_db import OPTIM_DB
+
+    modules = [importlib.import_module(f"fusedopt.optim.{m.name}") for m in pkgutil.iter_modules(fusedopt.optim.__path__)]
+    defined = {cls for module in modules for _, cls in inspect.getmembers(module, inspect.isclass)
+               if issubclass(cls, torch.optim.Optimizer) and cls.__module__ == module.__name__}
+    assert {info.cls for info in OPTIM_DB} == defined - {fusedopt.optim.FusedOptimizer}
+    assert all(getattr(fusedopt, cls.__name__) is cls for cls in defined)

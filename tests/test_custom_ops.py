@@ -10,11 +10,12 @@ import pytest
 import torch
 from conftest import CPU_BACKENDS, TESTED_BACKENDS, backend_params
 from helpers import grads_for
+from optim_db import optimizers
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
 import fusedopt
-from fusedopt import Float8Recipe, FusedAdafactor, FusedAdamW, FusedLAMB, FusedSophia
+from fusedopt import Float8Recipe, FusedAdafactor, FusedAdamW
 from fusedopt.backends import _traced
 from fusedopt.backends._named_ops import op_names
 
@@ -48,12 +49,12 @@ def params(dtype=torch.float32, shapes=((5, 3), (7,), (2, 4, 3))):
     return [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in shapes]
 
 
-def steps(opt, ps, n=2, hessian=False):
+def steps(opt, ps, n=2):
     for step in range(n):
         for p, g in zip(ps, grads_for(ps, step)):
             p.grad = g
         opt.step()
-        if hessian:
+        if hasattr(opt, "update_hessian"):  # Sophia's second op
             opt.update_hessian()
 
 
@@ -72,22 +73,13 @@ def phased_adafactor():
 def record(backend="cpu", namespace="fusedopt_cpu") -> list:
     """One call of each op per distinct configuration the steps below make."""
     with Recorder(namespace) as recorder:
-        ps = params()
-        steps(FusedAdamW(ps, backend=backend, max_grad_norm=0.5, amsgrad=True), ps)
+        for cls, kwargs in optimizers(fused=True).values():  # each with every state, FP8 states, clipping
+            ps = params()
+            steps(cls(ps, backend=backend, **{**kwargs, "state_dtype": FP8, "max_grad_norm": 0.5}), ps)
+            ps = params(torch.bfloat16)
+            steps(cls(ps, backend=backend, **kwargs, master_weights=True), ps)
         ps = params(torch.bfloat16)
-        steps(FusedAdamW(ps, backend=backend, master_weights=True, state_dtype=FP8, fp8=Float8Recipe()), ps)
-        ps = params(torch.bfloat16)
-        steps(FusedLAMB(ps, backend=backend, master_weights=True), ps)
-        ps = params()
-        steps(FusedLAMB(ps, backend=backend, state_dtype=FP8, max_grad_norm=0.5), ps)
-        ps = params()
-        steps(FusedSophia(ps, backend=backend, state_dtype=FP8), ps, hessian=True)
-        ps = params(torch.bfloat16)
-        steps(FusedSophia(ps, backend=backend, master_weights=True), ps, hessian=True)
-        ps = params()
-        steps(FusedAdafactor(ps, backend=backend, beta1=0.9), ps)
-        ps = params(torch.bfloat16)
-        steps(FusedAdafactor(ps, backend=backend, master_weights=True), ps)
+        steps(FusedAdamW(ps, backend=backend, master_weights=True, fp8=Float8Recipe()), ps)
         if backend == "cpu":
             phased_adafactor()
         ps = params()

@@ -14,7 +14,6 @@ from helpers import FP32_TOL, assert_same_state, grads_for, make_params, many, r
 
 from fusedopt import FusedLAMB
 
-pytestmark = pytest.mark.lamb
 
 SWITCHES = ["bias_correction", "adam_w_mode", "grad_averaging", "use_nvlamb", "maximize"]
 CONFIGS = [dict(zip(SWITCHES, values)) for values in itertools.product([True, False], repeat=len(SWITCHES))]

@@ -11,7 +11,6 @@ import torch
 from fusedopt import FusedAdamW, FusedMuon
 from fusedopt.reference.muon import newton_schulz, newton_schulz_batched
 
-pytestmark = pytest.mark.muon
 
 SHAPES = [(6, 10), (10, 6), (8, 8), (1, 9), (9, 1), (33, 17)]
 BACKENDS = ["reference", "cpu"]

@@ -15,7 +15,6 @@ import fusedopt
 from fusedopt import FusedSophia, gnb_hessian_loss
 from fusedopt._resources import shipped_module
 
-pytestmark = pytest.mark.sophia
 
 
 def run_sophia(opt, params, steps, hessian_every=2, bs=None, start=0):

@@ -27,9 +27,10 @@ import textwrap
 import pytest
 import torch
 from helpers import grads_for
+from optim_db import optimizers
 
 import fusedopt
-from fusedopt import FusedAdafactor, FusedAdamW, FusedLAMB, FusedSophia
+from fusedopt import FusedAdafactor, FusedAdamW, FusedLAMB
 
 triton = pytest.importorskip("triton")
 interpreter = pytest.importorskip("triton.runtime.interpreter")
@@ -156,12 +157,17 @@ def _workload() -> None:
                 p.grad = g
             phased_step(opt, triton_backend.adafactor_sharded, **flags)
 
-    for dtype, kw in ((torch.float32, {"maximize": True}), (torch.bfloat16, {"master_weights": True}),
-                      (torch.bfloat16, {"stochastic_rounding": True, "state_dtype": fp8})):
-        ps = _params(dtype)
-        opt = FusedSophia(ps, backend="triton", **kw)
-        _steps(opt, ps)
-        opt.update_hessian()
+    # every other fused optimizer of optim_db (Sophia, and a new one with no section of its own)
+    for name, (cls, db_kwargs) in optimizers(fused=True).items():
+        if name in ("adamw", "lamb", "adafactor"):
+            continue
+        for dtype, kw in ((torch.float32, {"maximize": True}), (torch.bfloat16, {"master_weights": True}),
+                          (torch.bfloat16, {"stochastic_rounding": True, "state_dtype": fp8})):
+            ps = _params(dtype)
+            opt = cls(ps, backend="triton", **db_kwargs, **kw)
+            _steps(opt, ps)
+            if hasattr(opt, "update_hessian"):
+                opt.update_hessian()
 
     for norm_type in (2.0, float("inf"), 1.0, 3.0):
         ps = _params(torch.bfloat16)
