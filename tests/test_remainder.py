@@ -83,15 +83,10 @@ def test_ties_and_nan():
 import fusedopt  # noqa: E402
 from conftest import CPU_BACKENDS as TESTED  # noqa: E402
 from conftest import backend_params  # noqa: E402
-from fusedopt import backends  # noqa: E402
 from helpers import SHAPES, bits, clone_params, cross_on_triton, make_params, many, run  # noqa: E402
 from optim_db import optimizers  # noqa: E402
 
 FUSED = optimizers(lr=1e-2, fused=True)
-
-
-def _builds(backend: str, op: str) -> bool:
-    return op in backends.get(backend).REMAINDER_OPS
 
 
 def _zoo():
@@ -112,10 +107,6 @@ def test_same_masters_as_master_weights(name, backend, state_dtype):
     cls, kwargs = FUSED[name]
     kwargs = {**kwargs, "state_dtype": state_dtype}
     params = _zoo()
-    if not _builds(backend, cls._op):
-        with pytest.raises(ValueError, match=f"not built for the {backend} backend's {cls._op}"):
-            cls(params, backend=backend, master_weights="remainder", **kwargs)
-        return
     ref = clone_params(params)
     opt = cls(params, backend=backend, master_weights="remainder", **kwargs)
     opt_ref = cls(ref, backend=backend, master_weights=True, **kwargs)
@@ -151,8 +142,6 @@ OPTIONS = {
 def test_adamw_options(option, backend):
     """AdamW's storage options with remainders: the same masters, states and
     FP8 copies as with fp32 masters."""
-    if not _builds(backend, "adamw"):
-        pytest.skip(f"the {backend} backend has no remainder kernels yet (test_same_masters_as_master_weights)")
     params = make_params([(300,), (7, 40), (1,)], torch.bfloat16)
     ref = clone_params(params)
     kwargs = {"lr": 1e-2, **OPTIONS[option]}
@@ -175,8 +164,6 @@ def test_every_class_of_fp32_through_the_kernel(backend):
     the param is the encoding's. (Through AdamW, whose step with lr 0 is the
     identity on every value; every kernel of a backend joins and splits with
     the same helpers: weights.h, WeightPack, load_weight / store_weight.)"""
-    if not _builds(backend, "adamw"):
-        pytest.skip(f"the {backend} backend has no remainder kernels yet (test_same_masters_as_master_weights)")
     upper = torch.arange(0x10000, dtype=torch.int64)
     if backend == "triton":  # the interpreter: every sign and exponent with edge mantissas
         upper = upper[((upper & 0x7F) < 2) | ((upper & 0x7F) > 0x7D)]
@@ -347,8 +334,6 @@ def test_grad_scaler(backend):
     """GradScaler with remainders: unscaled in the kernels as with fp32 masters
     (the same masters), and a step with an inf leaves every param, remainder
     and state as it was."""
-    if not _builds(backend, "adamw"):
-        pytest.skip(f"the {backend} backend has no remainder kernels yet (test_same_masters_as_master_weights)")
     import warnings
 
     warnings.filterwarnings("ignore", "GradScaler is going to stop", FutureWarning)
@@ -423,8 +408,6 @@ def test_muon(backend):
 def test_many_tensors(name, backend):
     """More tensors than a launch table's first rows and chunks of every size:
     the remainders' rows follow the params' in every slot."""
-    if not _builds(backend, name):
-        pytest.skip(f"the {backend} backend has no remainder kernels for {name}")
     cls, kwargs = FUSED[name]
     shapes = [(1 + (7 * i) % 130,) for i in range(many(backend, 300))]
     params = make_params(shapes, torch.bfloat16)

@@ -12,8 +12,6 @@ A backend is a module of this package with:
   Adafactor also ``adafactor_sharded``, its phases for DTensor params) and
   the shared reductions (``power_sums``, ``scale_``); a backend without an
   optimizer's function is not a candidate for it,
-* ``REMAINDER_OPS``: the optimizer ops whose kernels take int16 remainders
-  as masters (``master_weights="remainder"``, Bucket.remainders),
 * optionally ``fp8_update_(copies, amax, found_inf, recipe)``: the delayed
   scaling after a step with FP8 copies in one call (else
   ``Float8Recipe.update_``, its spec, runs as torch ops),

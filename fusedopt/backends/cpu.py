@@ -17,9 +17,6 @@ DEVICE_TYPES = ("cpu",)
 #: the fusedopt_cpu ops are custom ops with fake impls (cpu_fakes): Dynamo traces them
 TRACEABLE = True
 
-#: the ops whose kernels take master_weights="remainder"'s int16 remainders (Bucket.remainders)
-REMAINDER_OPS = frozenset({"adafactor", "adamw", "lamb", "sophia"})
-
 #: elements per chunk: the unit of work handed to one OpenMP thread
 CHUNK_SIZE = 1 << 16
 

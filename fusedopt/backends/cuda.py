@@ -20,8 +20,6 @@ from ._traced import bucket_op, tensor_op
 NAME = "cuda"
 #: every launch is a custom op while Dynamo traces (_traced.py)
 TRACEABLE = True
-#: the ops whose kernels take master_weights="remainder"'s int16 remainders (Bucket.remainders)
-REMAINDER_OPS = frozenset({"adafactor", "adamw", "lamb", "sophia"})
 DEVICE_TYPES = ("cuda",)
 
 #: elements per thread block's chunk

@@ -20,9 +20,6 @@ from ._dtypes import FP8_STATE_DTYPE, math_dtype
 
 NAME = "reference"
 DEVICE_TYPES = ("cpu", "cuda")
-#: the ops that take master_weights="remainder"'s int16 remainders as masters (Bucket.remainders)
-REMAINDER_OPS = frozenset({"adamw", "lamb", "adafactor", "sophia"})
-
 
 _SKIP = object()
 

@@ -25,8 +25,6 @@ from ._traced import bucket_op, tensor_op
 NAME = "triton"
 #: every launch is a custom op while Dynamo traces (_traced.py)
 TRACEABLE = True
-#: the ops whose kernels take master_weights="remainder"'s int16 remainders (Bucket.remainders)
-REMAINDER_OPS = frozenset({"adafactor", "adamw", "lamb", "sophia"})
 DEVICE_TYPES = ("cuda", "cpu")
 
 #: elements per program, and per loop iteration inside a program; tests shrink

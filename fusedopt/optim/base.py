@@ -167,9 +167,9 @@ class FusedOptimizer(StateMixin, PlanMixin, Optimizer):
             dtensor.check_tensor(p, where)
             if dtensor.is_dtensor(p):
                 self._check_dtensor_options(where)
-            backend = self._backend_for(p.device)
+            self._backend_for(p.device)  # an explicit backend that cannot run here raises now, not at the step
             if self.master_weights == "remainder":
-                self._check_remainder(where, p, backend)
+                masters.check_remainder_dtype(where, p)
             if p.is_complex() and self._supports_complex:  # (others raise at step, as torch.optim.Adafactor)
                 self._check_complex(where, p)
             if self.fp8 is not None and not self._uses_fp8(p):
@@ -178,13 +178,6 @@ class FusedOptimizer(StateMixin, PlanMixin, Optimizer):
                                  f"{type(self).__name__}: FP8 copies are written from fp32 weights, not {p.dtype}")
         super().add_param_group(param_group)
         self._has_complex |= any(isinstance(p, Tensor) and p.is_complex() for p in self.param_groups[-1]["params"])
-
-    def _check_remainder(self, where: str, p: Tensor, backend) -> None:
-        """Raise ValueError for a param master_weights="remainder" cannot keep."""
-        masters.check_remainder_dtype(where, p)
-        if p.dtype == torch.bfloat16 and self._op not in backend.REMAINDER_OPS:
-            raise ValueError(f"{where}: master_weights='remainder' is not built for the {backend.NAME} backend's "
-                             f"{self._op} yet; use master_weights=True, or backend='reference'")
 
     def _check_complex(self, where: str, p: Tensor) -> None:
         """Raise for a complex param this optimizer cannot step as pairs of reals."""
