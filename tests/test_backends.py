@@ -117,6 +117,40 @@ def test_every_backend_implements_every_optimizer():
         assert all(callable(getattr(backends.get(name), op, None)) for op in ops), name
 
 
+def test_declared_moment_ops_bind_in_every_backend():
+    """Each element-wise op declared in fusedopt/reference/ (_moment_ops) is a
+    function of every backend under the op's keyword signature (which
+    bucket_op traces); the cpu op's schema and the triton launcher take the
+    names _moment_launch passes; an undeclared name is an AttributeError."""
+    import inspect
+
+    from fusedopt._resources import shipped_module
+    from fusedopt.backends import _moment_ops
+
+    assert _moment_ops.lookup("adamw") is not None
+    declared = list(_moment_ops._DECLARED.values())
+    assert {op.name for op in declared} >= {"adamw", "sophia"}
+    for name in backends.NAMES:
+        module = backends.get(name)
+        for op in declared:
+            assert list(inspect.signature(getattr(module, op.name)).parameters) == [
+                "bucket", *_moment_ops.COMMON, *op.hyper], (name, op.name)
+        with pytest.raises(AttributeError, match="no attribute 'not_an_op'"):
+            module.not_an_op  # noqa: B018
+    for op in declared:
+        launcher = inspect.signature(getattr(shipped_module("kernels", op.name), f"launch_{op.name}")).parameters
+        assert set(op.hyper) | set(_moment_ops.COMMON) <= set(launcher), op.name
+    if "cpu" not in CPU_BACKENDS:
+        return
+    backends.get("cpu").load()
+    for op in declared:
+        schema = getattr(torch.ops.fusedopt_cpu, op.name).default._schema
+        expected = {"params", "grads", "masters", "steps", "lr_tensor", "sr_seed", "chunk_size",
+                    *_moment_ops.COMMON, *op.hyper, *(f"{s}s" for s in op.states), *(f"{s}_scales" for s in op.states),
+                    *(("fp8_weights", "fp8_scales", "fp8_amax") if op.fp8_copies else ())}
+        assert {a.name for a in schema.arguments} == expected, op.name
+
+
 def test_backends_lacking_an_optimizer_are_passed_over(monkeypatch):
     """A backend without an optimizer's kernels (as the cuda backend once was
     for Adafactor) is skipped by the automatic choice for that optimizer, and

@@ -8,10 +8,13 @@ A backend is a module of this package with:
   toolchain, environment) that says why it cannot run, or None,
 * ``load()``: whatever has to happen before the first launch (JIT build,
   importing triton); raises with the reason on failure,
-* one function per optimizer (``adamw(bucket, ...)``, ``lamb``, ...;
-  Adafactor also ``adafactor_sharded``, its phases for DTensor params) and
-  the shared reductions (``power_sums``, ``scale_``); a backend without an
-  optimizer's function is not a candidate for it,
+* one function per optimizer op (``lamb(bucket, ...)``, ...; Adafactor also
+  ``adafactor_sharded``, its phases for DTensor params) and the shared
+  reductions (``power_sums``, ``scale_``); a backend without an op's function
+  is not a candidate for it. The element-wise ops declared in _moment_ops.py
+  (``adamw``, ``sophia``) are not written per backend: each backend's
+  ``_moment_launch`` launches them all, bound as ``<backend>.<op>`` by its
+  module ``__getattr__``,
 * optionally ``fp8_update_(copies, amax, found_inf, recipe)``: the delayed
   scaling after a step with FP8 copies in one call (else
   ``Float8Recipe.update_``, its spec, runs as torch ops),

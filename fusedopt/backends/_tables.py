@@ -165,11 +165,10 @@ def launch_sizes(bucket, chunk_size: int, block_size: int = 1) -> tuple[int, int
     return block, round_up(chunk_size, block)
 
 
-def moment_rows(bucket, second: str = "exp_avg_sq") -> list[list[Tensor] | None]:
+def moment_rows(bucket, states=("exp_avg", "exp_avg_sq", "max_exp_avg_sq")) -> list[list[Tensor] | None]:
     """The bucket's lists in MOMENT_ROWS order (None for a state it lacks);
-    `second` names the state in the second-moment row (Sophia: "hessian")."""
-    return [bucket.params, bucket.grads, bucket.states.get("exp_avg"), bucket.states.get(second),
-            bucket.states.get("max_exp_avg_sq"), bucket.masters, bucket.steps,
-            bucket.fp8.weights if bucket.fp8 else None, bucket.fp8.scales if bucket.fp8 else None,
-            bucket.states.get("exp_avg_scale"), bucket.states.get(second + "_scale"),
-            bucket.states.get("max_exp_avg_sq_scale")]
+    `states` names the states in the three moment rows (Sophia: exp_avg, hessian)."""
+    moments = [bucket.states.get(name) for name in states] + [None] * (3 - len(states))
+    scales = [bucket.states.get(f"{name}_scale") for name in states] + [None] * (3 - len(states))
+    return [bucket.params, bucket.grads, *moments, bucket.masters, bucket.steps,
+            bucket.fp8.weights if bucket.fp8 else None, bucket.fp8.scales if bucket.fp8 else None, *scales]

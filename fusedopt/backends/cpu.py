@@ -5,11 +5,13 @@ bindings_cpu.cpp; the calls here name every argument, checked against it
 (_named_ops.py): no argument can land in another's place."""
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from .. import _jit
 from ..reference import lamb as lamb_spec
-from . import _tables, cpu_fakes
+from . import _moment_ops, _tables, cpu_fakes
 from ._named_ops import NamedOps
 
 NAME = "cpu"
@@ -38,26 +40,30 @@ def _chunk(bucket) -> int:
     return _tables.launch_sizes(bucket, CHUNK_SIZE)[1]
 
 
-def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_mult, found_inf):
-    """lr: float or 1-element fp32 tensor; grad_mult (fp64), found_inf (fp32):
+def _moment_launch(op, bucket, *, lr, grad_mult, found_inf, **hyper):
+    """Every op declared in _moment_ops (_moment_ops.bind makes ``cpu.<name>``):
+    lr a float or 1-element fp32 tensor; grad_mult (fp64), found_inf (fp32):
     1-element tensors or None; all on the CPU. The extension advances the steps.
     Returns each new weight's absmax (fp64) when the bucket has FP8 copies."""
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
-    fp8 = bucket.fp8 is not None
-    amax = torch.zeros(len(bucket.params), dtype=torch.float64) if fp8 else None
-    chunk = _chunk(bucket)
     states = bucket.states
-    _ops.adamw(
-        params=bucket.params, grads=bucket.grads, exp_avgs=states["exp_avg"], exp_avg_sqs=states["exp_avg_sq"],
-        max_exp_avg_sqs=states["max_exp_avg_sq"] if amsgrad else [],
-        exp_avg_scales=states.get("exp_avg_scale", []), exp_avg_sq_scales=states.get("exp_avg_sq_scale", []),
-        max_exp_avg_sq_scales=states.get("max_exp_avg_sq_scale", []) if amsgrad else [],
-        masters=bucket.masters or [], steps=bucket.steps, fp8_weights=bucket.fp8.weights if fp8 else [],
-        fp8_scales=bucket.fp8.scales if fp8 else [], fp8_amax=amax, lr=0.0 if lr_tensor is not None else lr,
-        lr_tensor=lr_tensor, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-        maximize=maximize, grad_mult=grad_mult, found_inf=found_inf, sr_seed=bucket.sr_seed, chunk_size=chunk,
-    )
+    lists = {}
+    for name in op.states:  # the schema's names: exp_avgs, exp_avg_scales, ...
+        lists[f"{name}s"], lists[f"{name}_scales"] = states.get(name, []), states.get(f"{name}_scale", [])
+    amax = None
+    if op.fp8_copies:
+        fp8 = bucket.fp8
+        amax = torch.zeros(len(bucket.params), dtype=torch.float64) if fp8 is not None else None
+        lists.update(fp8_weights=fp8.weights if fp8 else [], fp8_scales=fp8.scales if fp8 else [], fp8_amax=amax)
+    getattr(_ops, op.name)(
+        params=bucket.params, grads=bucket.grads, **lists, masters=bucket.masters or [], steps=bucket.steps,
+        lr=0.0 if lr_tensor is not None else lr, lr_tensor=lr_tensor, **hyper, grad_mult=grad_mult,
+        found_inf=found_inf, sr_seed=bucket.sr_seed, chunk_size=_chunk(bucket))
     return amax
+
+
+def __getattr__(name: str):  # cpu.adamw, cpu.sophia, ...: an op declared in _moment_ops
+    return _moment_ops.bind(sys.modules[__name__], name, _moment_launch)
 
 
 def fp8_update_(copies, amax, found_inf, recipe):
@@ -173,17 +179,6 @@ def _sharded_layout(stats, factored: bool):
         slices.append(batch)
     numel = torch.tensor([shape.numel() for shape in stats.shapes], dtype=torch.int64)
     return torch.tensor(dims, dtype=torch.int64).reshape(-1), numel, rows, cols, slices
-
-
-def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, found_inf):
-    lr_tensor = lr if isinstance(lr, torch.Tensor) else None
-    states = bucket.states
-    _ops.sophia(
-        params=bucket.params, grads=bucket.grads, exp_avgs=states["exp_avg"], hessians=states["hessian"],
-        exp_avg_scales=states.get("exp_avg_scale", []), hessian_scales=states.get("hessian_scale", []),
-        masters=bucket.masters or [], steps=bucket.steps, lr=0.0 if lr_tensor is not None else lr,
-        lr_tensor=lr_tensor, beta1=beta1, rho_bs=rho * bs, weight_decay=weight_decay, maximize=maximize,
-        grad_mult=grad_mult, found_inf=found_inf, sr_seed=bucket.sr_seed, chunk_size=_chunk(bucket))
 
 
 def sophia_hessian(bucket, *, beta2):

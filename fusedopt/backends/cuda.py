@@ -7,11 +7,14 @@ each tensor's step from device memory, so a step never waits on the host.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from .. import _jit
 from ..reference import lamb as lamb_spec
-from . import _adafactor_tables, _sharded, _tables
+from ..reference import sophia as sophia_spec
+from . import _adafactor_tables, _moment_ops, _sharded, _tables
 from ._bucket import advance_steps
 from ._dtypes import CODES, FP8_FORMATS, FP8_STATE_DTYPE, STATE_CODES
 from ._named_ops import NamedOps
@@ -60,25 +63,29 @@ def _storage(bucket, state_dtype=None) -> dict:
                 master=0 if bucket.masters is None else 2 if bucket.remainders else 1)
 
 
-@bucket_op(NAME)
-def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_mult, found_inf):
-    """lr: float or 1-element fp32 tensor; grad_mult (fp64), found_inf (fp32):
-    1-element tensors or None; all on the bucket's device (the optimizer's base
-    class sees to that)."""
-    tables = _tables.launch_tables(_tables.moment_rows(bucket), bucket.device, _chunk(bucket))
+def _moment_launch(op, bucket, *, lr, found_inf, **hyper):
+    """Every op declared in _moment_ops: lr a float or 1-element fp32 tensor;
+    grad_mult (fp64), found_inf (fp32): 1-element tensors or None; all on the
+    bucket's device (the optimizer's base class sees to that). Returns each
+    new weight's absmax (fp64) when the bucket has FP8 copies."""
+    tables = _tables.launch_tables(_tables.moment_rows(bucket, op.states), bucket.device, _chunk(bucket))
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
     advance_steps(bucket.steps, found_inf)
-    fp8 = bucket.fp8 is not None
-    amax = partials = None
-    if fp8:  # zeros: a step GradScaler skips leaves them, and the optimizer discards them
-        amax = torch.zeros(len(bucket.params), dtype=torch.float64, device=bucket.device)
-        partials = torch.zeros(tables.n_chunks, dtype=torch.float64, device=bucket.device)
-    _launch("adamw", bucket.device, **tables.walk(), **_storage(bucket), lr=0.0 if lr_tensor is not None else lr,
-            lr_tensor=lr_tensor, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-            maximize=maximize, grad_mult=grad_mult, found_inf=found_inf, sr_seed=bucket.sr_seed,
-            fp8_format=FP8_FORMATS[bucket.fp8.weights[0].dtype] if fp8 else -1,
-            chunk_first=tables.chunk_first if fp8 else None, fp8_partials=partials, fp8_amax=amax)
+    fp8 = bucket.fp8 if op.fp8_copies else None
+    copies, amax = {}, None
+    if op.fp8_copies:  # zeros: a step GradScaler skips leaves them, and the optimizer discards them
+        amax = torch.zeros(len(bucket.params), dtype=torch.float64, device=bucket.device) if fp8 else None
+        copies = dict(fp8_format=FP8_FORMATS[fp8.weights[0].dtype] if fp8 else -1,
+                      chunk_first=tables.chunk_first if fp8 else None, fp8_amax=amax,
+                      fp8_partials=torch.zeros(tables.n_chunks, dtype=torch.float64, device=bucket.device)
+                      if fp8 else None)
+    _launch(op.name, bucket.device, **tables.walk(), **_storage(bucket), lr=0.0 if lr_tensor is not None else lr,
+            lr_tensor=lr_tensor, **hyper, found_inf=found_inf, sr_seed=bucket.sr_seed, **copies)
     return amax
+
+
+def __getattr__(name: str):  # cuda.adamw, cuda.sophia, ...: an op declared in _moment_ops
+    return _moment_ops.bind(sys.modules[__name__], name, _moment_launch, bucket_op(NAME))
 
 
 @tensor_op(NAME)
@@ -219,20 +226,9 @@ class _ShardedPhases:
 
 
 @bucket_op(NAME)
-def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, found_inf):
-    device = bucket.device
-    tables = _tables.launch_tables(_tables.moment_rows(bucket, "hessian"), device, _chunk(bucket))
-    advance_steps(bucket.steps, found_inf)
-    lr_tensor = lr if isinstance(lr, torch.Tensor) else None
-    _launch("sophia", device, **tables.walk(), **_storage(bucket), lr=0.0 if lr_tensor is not None else lr,
-            lr_tensor=lr_tensor, beta1=beta1, rho_bs=rho * bs, weight_decay=weight_decay, maximize=maximize,
-            grad_mult=grad_mult, found_inf=found_inf, sr_seed=bucket.sr_seed)
-
-
-@bucket_op(NAME)
 def sophia_hessian(bucket, *, beta2):
     device = bucket.device
-    tables = _tables.launch_tables(_tables.moment_rows(bucket, "hessian"), device, _chunk(bucket))
+    tables = _tables.launch_tables(_tables.moment_rows(bucket, sophia_spec.OP.states), device, _chunk(bucket))
     _launch("sophia_hessian", device, **tables.walk(), param_dtype=CODES[bucket.dtype],
             state_dtype=STATE_CODES[bucket.state_dtype], has_master=bucket.masters is not None, beta2=beta2)
 

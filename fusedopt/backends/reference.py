@@ -6,15 +6,17 @@ Readable first, fast never: it reads found_inf and a tensor lr with .item()
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from ..reference import adafactor as adafactor_spec
-from ..reference import adamw as adamw_spec
 from ..reference import fp8_states
 from ..reference import lamb as lamb_spec
 from ..reference import remainder
 from ..reference import sophia as sophia_spec
 from ..reference import stochastic
+from . import _moment_ops
 from ._bucket import advance_steps
 from ._dtypes import FP8_STATE_DTYPE, math_dtype
 
@@ -90,34 +92,37 @@ def load() -> None:
     return None
 
 
-def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_mult, found_inf):
-    """Returns each new weight's absmax (fp64) when the bucket has FP8 copies."""
+def _moment_launch(op, bucket, *, lr, grad_mult, found_inf, **hyper):
+    """Every op declared in _moment_ops: its reference update, one tensor at a
+    time on working copies, each stored value rounded once from them. Returns
+    each new weight's absmax (fp64) when the bucket has FP8 copies."""
     mult = _begin(bucket, grad_mult, found_inf)
-    amax = torch.zeros(len(bucket.params), dtype=torch.float64, device=bucket.device)
+    fp8 = bucket.fp8 if op.fp8_copies else None
+    amax = torch.zeros(len(bucket.params), dtype=torch.float64, device=bucket.device) if fp8 else None
     if mult is _SKIP:
-        return amax if bucket.fp8 is not None else None
+        return amax
     lr = float(lr)
     dtype = math_dtype(bucket.dtype)
+    present = [name for name in op.states if name in bucket.states]
     for i in range(len(bucket.params)):
         work = _load_weight(bucket, i, dtype)
-        m, v = _load_state(bucket, "exp_avg", i, dtype), _load_state(bucket, "exp_avg_sq", i, dtype)
-        vm = _load_state(bucket, "max_exp_avg_sq", i, dtype) if amsgrad else None
-        adamw_spec.adamw_update_(
-            work, bucket.grads[i].to(dtype), m, v, vm, step=float(bucket.steps[i].item()), lr=lr, beta1=beta1,
-            beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize, grad_mult=mult,
-        )
-        # Each stored value is rounded once from the working precision.
+        states = {name: _load_state(bucket, name, i, dtype) for name in present}
+        op.reference(work, bucket.grads[i].to(dtype), [states.get(name) for name in op.states],
+                     step=float(bucket.steps[i].item()), lr=lr, grad_mult=mult, **hyper)
         _store_weight(bucket, i, work)
-        _store_state(bucket, "exp_avg", i, m)
-        _store_state(bucket, "exp_avg_sq", i, v)
-        if vm is not None:
-            _store_state(bucket, "max_exp_avg_sq", i, vm)
-        if bucket.fp8 is not None:
-            copy = bucket.fp8.weights[i]
+        for name in present:
+            if name not in op.read_only:
+                _store_state(bucket, name, i, states[name])
+        if fp8 is not None:
+            copy = fp8.weights[i]
             fmax = torch.finfo(copy.dtype).max
-            copy.copy_((work.float() * bucket.fp8.scales[i]).clamp(-fmax, fmax).to(copy.dtype))
+            copy.copy_((work.float() * fp8.scales[i]).clamp(-fmax, fmax).to(copy.dtype))
             amax[i] = work.float().abs().amax()
-    return amax if bucket.fp8 is not None else None
+    return amax
+
+
+def __getattr__(name: str):  # reference.adamw, reference.sophia, ...: an op declared in _moment_ops
+    return _moment_ops.bind(sys.modules[__name__], name, _moment_launch)
 
 
 def power_sums(tensors, p):
@@ -297,22 +302,6 @@ def adafactor_sharded(bucket, *, lr, beta2_decay, eps1, eps2, d, weight_decay, m
         else:
             m = stored(j, "exp_avg", copies[j]["exp_avg"].lerp_(u[j] * -scales[i], 1 - beta1))
             work.sub_(m)
-        _store_weight(bucket, i, work)
-
-
-def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, found_inf):
-    mult = _begin(bucket, grad_mult, found_inf)
-    if mult is _SKIP:
-        return
-    lr = float(lr)
-    dtype = math_dtype(bucket.dtype)
-    for i in range(len(bucket.params)):
-        work = _load_weight(bucket, i, dtype)
-        m = _load_state(bucket, "exp_avg", i, dtype)
-        sophia_spec.sophia_update_(work, bucket.grads[i].to(dtype), m, _load_state(bucket, "hessian", i, dtype), lr=lr,
-                                   beta1=beta1, rho=rho, bs=bs, weight_decay=weight_decay, maximize=maximize,
-                                   grad_mult=mult)
-        _store_state(bucket, "exp_avg", i, m)
         _store_weight(bucket, i, work)
 
 

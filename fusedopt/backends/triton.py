@@ -11,13 +11,15 @@ import importlib.metadata
 import importlib.util
 import os
 import re
+import sys
 
 import torch
 
 from .._resources import shipped_module, shipped_names
 from ..reference import adafactor as adafactor_spec
 from ..reference import lamb as lamb_spec
-from . import _adafactor_tables, _sharded, _tables
+from ..reference import sophia as sophia_spec
+from . import _adafactor_tables, _moment_ops, _sharded, _tables
 from ._bucket import advance_steps
 from ._dtypes import CODES, FP8_FORMATS, STATE_CODES
 from ._traced import bucket_op, tensor_op
@@ -78,26 +80,30 @@ def _sizes(bucket) -> tuple[int, int]:
     return _tables.launch_sizes(bucket, CHUNK_SIZE, BLOCK_SIZE)
 
 
-@bucket_op(NAME)
-def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_mult, found_inf):
-    """lr: float or 1-element fp32 tensor; grad_mult (fp64), found_inf (fp32):
-    1-element tensors or None; all on the bucket's device."""
-    kernels = shipped_module("kernels", "adamw")
+def _moment_launch(op, bucket, *, lr, found_inf, **hyper):
+    """Every op declared in _moment_ops, by kernels/<name>.py's launch_<name>:
+    lr a float or 1-element fp32 tensor; grad_mult (fp64), found_inf (fp32):
+    1-element tensors or None; all on the bucket's device. Returns each new
+    weight's absmax (fp64) when the bucket has FP8 copies."""
+    kernels = shipped_module("kernels", op.name)
     block, chunk = _sizes(bucket)
-    tables = _tables.launch_tables(_tables.moment_rows(bucket), bucket.device, chunk)
+    tables = _tables.launch_tables(_tables.moment_rows(bucket, op.states), bucket.device, chunk)
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
     advance_steps(bucket.steps, found_inf)
-    fp8 = bucket.fp8 is not None
-    amax = torch.zeros(len(bucket.params), dtype=torch.float64, device=bucket.device) if fp8 else None
-    kernels.launch_adamw(
+    fp8 = bucket.fp8 if op.fp8_copies else None
+    copies, amax = {}, None
+    if op.fp8_copies:
+        amax = torch.zeros(len(bucket.params), dtype=torch.float64, device=bucket.device) if fp8 else None
+        copies = dict(fp8_format=FP8_FORMATS[fp8.weights[0].dtype] if fp8 else None, fp8_amax=amax)
+    getattr(kernels, f"launch_{op.name}")(
         tables, p_kind=CODES[bucket.dtype], s_kind=STATE_CODES[bucket.state_dtype], master=bucket.masters is not None,
-        remainders=bucket.remainders, amsgrad=amsgrad,
-        maximize=maximize, lr=0.0 if lr_tensor is not None else lr, lr_tensor=lr_tensor, beta1=beta1,
-        beta2=beta2, eps=eps, weight_decay=weight_decay, grad_mult=grad_mult, found_inf=found_inf,
-        sr_seed=bucket.sr_seed, block=block, num_warps=NUM_WARPS,
-        fp8_format=FP8_FORMATS[bucket.fp8.weights[0].dtype] if fp8 else None, fp8_amax=amax,
-    )
+        remainders=bucket.remainders, lr=0.0 if lr_tensor is not None else lr, lr_tensor=lr_tensor, **hyper,
+        found_inf=found_inf, sr_seed=bucket.sr_seed, block=block, num_warps=NUM_WARPS, **copies)
     return amax
+
+
+def __getattr__(name: str):  # triton.adamw, triton.sophia, ...: an op declared in _moment_ops
+    return _moment_ops.bind(sys.modules[__name__], name, _moment_launch, bucket_op(NAME))
 
 
 @tensor_op(NAME)
@@ -305,24 +311,10 @@ class _ShardedPhases:
 
 
 @bucket_op(NAME)
-def sophia(bucket, *, lr, beta1, rho, bs, weight_decay, maximize, grad_mult, found_inf):
-    kernels = shipped_module("kernels", "sophia")
-    block, chunk = _sizes(bucket)
-    tables = _tables.launch_tables(_tables.moment_rows(bucket, "hessian"), bucket.device, chunk)
-    advance_steps(bucket.steps, found_inf)
-    lr_tensor = lr if isinstance(lr, torch.Tensor) else None
-    kernels.launch_step(tables, p_kind=CODES[bucket.dtype], s_kind=STATE_CODES[bucket.state_dtype],
-                        master=bucket.masters is not None, remainders=bucket.remainders, lr=lr,
-                        lr_tensor=lr_tensor, beta1=beta1, rho_bs=rho * bs, weight_decay=weight_decay,
-                        maximize=maximize, grad_mult=grad_mult, found_inf=found_inf, block=block,
-                        num_warps=NUM_WARPS, sr_seed=bucket.sr_seed)
-
-
-@bucket_op(NAME)
 def sophia_hessian(bucket, *, beta2):
     kernels = shipped_module("kernels", "sophia")
     block, chunk = _sizes(bucket)
-    tables = _tables.launch_tables(_tables.moment_rows(bucket, "hessian"), bucket.device, chunk)
+    tables = _tables.launch_tables(_tables.moment_rows(bucket, sophia_spec.OP.states), bucket.device, chunk)
     kernels.launch_hessian(tables, p_kind=CODES[bucket.dtype], s_kind=STATE_CODES[bucket.state_dtype], beta2=beta2,
                            block=block, num_warps=NUM_WARPS)
 

@@ -104,7 +104,7 @@ class FusedSophia(FusedOptimizer):
 
     def _update(self, backend, group, bucket, lr, grad_mult, found_inf):
         bs = self._bs_override if self._bs_override is not None else group["bs"]
-        backend.sophia(bucket, lr=lr, beta1=float(group["betas"][0]), rho=float(group["rho"]), bs=float(bs),
+        backend.sophia(bucket, lr=lr, beta1=float(group["betas"][0]), rho_bs=float(group["rho"]) * float(bs),
                        weight_decay=float(group["weight_decay"]), maximize=bool(group["maximize"]),
                        grad_mult=grad_mult, found_inf=found_inf)
 

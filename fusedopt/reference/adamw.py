@@ -20,6 +20,8 @@ import math
 import torch
 from torch import Tensor
 
+from ..backends._moment_ops import MomentOp, declare
+
 
 def adamw_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
                   max_exp_avg_sq: Tensor | None, *, step: float, lr: float, beta1: float, beta2: float,
@@ -50,3 +52,13 @@ def adamw_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tens
         second_moment = exp_avg_sq
     denom = (second_moment.sqrt() / bias_correction2_sqrt).add_(eps)
     param.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+def _update(work: Tensor, grad: Tensor, states, *, step: float, amsgrad: bool, **hyper) -> None:
+    exp_avg, exp_avg_sq, max_exp_avg_sq = states
+    adamw_update_(work, grad, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else None, step=step, **hyper)
+
+
+#: FusedAdamW's op (amsgrad switches on the max_exp_avg_sq row)
+OP = declare(MomentOp("adamw", states=("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+                      hyper=("beta1", "beta2", "eps", "weight_decay", "amsgrad"), reference=_update, fp8_copies=True))

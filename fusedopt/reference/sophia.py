@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ..backends._moment_ops import MomentOp, declare
+
 
 def sophia_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, hessian: Tensor, *, lr: float, beta1: float,
                    rho: float, bs: float, weight_decay: float, maximize: bool, grad_mult: float | None = None) -> None:
@@ -35,3 +37,13 @@ def sophia_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, hessian: Tensor
 def hessian_update_(hessian: Tensor, grad: Tensor, *, beta2: float) -> None:
     """The Gauss-Newton-Bartlett (or Hutchinson) estimate's moving average."""
     hessian.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+
+
+def _update(work: Tensor, grad: Tensor, states, *, step: float, rho_bs: float, **hyper) -> None:
+    exp_avg, hessian = states
+    sophia_update_(work, grad, exp_avg, hessian, rho=rho_bs, bs=1.0, **hyper)  # (rho * bs: the same double)
+
+
+#: FusedSophia's step (the Hessian's update is its own op, sophia_hessian)
+OP = declare(MomentOp("sophia", states=("exp_avg", "hessian"), hyper=("beta1", "rho_bs", "weight_decay"),
+                      reference=_update, read_only=("hessian",)))
