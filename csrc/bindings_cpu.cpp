@@ -4,13 +4,18 @@
 // are used so the first-use JIT build stays short.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <unordered_map>
 #include <vector>
 
 #include "bindings_checks.h"
@@ -608,7 +613,200 @@ void sophia_hessian(TensorList params, TensorList grads, TensorList hessians, Te
                                dtype_code(hessians[0].scalar_type()), has_master, at::get_num_threads());
 }
 
+
+// Held tables (fusedopt_held): a bucket's tensor lists kept here between
+// steps, so that a steady-state step passes a handle and its scalars instead
+// of thousands of tensors (passing a tensor list costs ~0.25 us a tensor), and
+// the grads are read here from the params' .grad. Eager steps only: the ops
+// behind a handle are not visible to tracing (fusedopt/backends/_held.py).
+struct Held {
+  std::vector<std::string> names;  // the held lists, as the ops' schemas name their arguments
+  std::vector<c10::List<Tensor>> lists;
+  std::vector<Tensor> params;  // whose .grad make the "grads" list, checked by held_ready
+  std::vector<const void*> data;  // their data pointers and sizes when held: p.data = ... shows
+  std::vector<int64_t> numel;
+  std::vector<Tensor> gradless;  // params that had no grad when held: must still have none
+};
+
+std::mutex held_mutex;
+std::unordered_map<int64_t, std::shared_ptr<const Held>> held_tables;
+int64_t held_next = 1;
+
+std::shared_ptr<const Held> held_get(int64_t handle) {
+  std::lock_guard<std::mutex> lock(held_mutex);
+  auto it = held_tables.find(handle);
+  TORCH_CHECK(it != held_tables.end(), "fusedopt held: no held table ", handle, " (released)");
+  return it->second;
+}
+
+// create(str[] names, Tensor[] tensors, int[] counts, Tensor[] params, Tensor[] gradless) -> int
+void held_create(const c10::OperatorHandle&, torch::jit::Stack* stack) {
+  auto args = torch::jit::pop(*stack, 5);
+  auto held = std::make_shared<Held>();
+  const auto names = args[0].toListRef();
+  const c10::List<Tensor> tensors = args[1].toTensorList();
+  const c10::List<int64_t> counts = args[2].toIntList();
+  TORCH_CHECK(names.size() == counts.size(), "fusedopt held: ", names.size(), " names for ", counts.size(),
+              " counts");
+  size_t at = 0;
+  for (size_t i = 0; i < names.size(); ++i) {
+    const int64_t n = counts.get(i);
+    TORCH_CHECK(n >= 0 && at + size_t(n) <= tensors.size(), "fusedopt held: the counts exceed the tensors");
+    c10::List<Tensor> list;
+    list.reserve(size_t(n));
+    for (int64_t k = 0; k < n; ++k) list.push_back(tensors.get(at + size_t(k)));
+    at += size_t(n);
+    held->names.push_back(names[i].toStringRef());
+    held->lists.push_back(std::move(list));
+  }
+  TORCH_CHECK(at == tensors.size(), "fusedopt held: ", tensors.size() - at, " tensors beyond the counts");
+  for (const Tensor p : args[3].toTensorList()) {
+    fusedopt::check_plain(p, "held", "a param");
+    held->params.push_back(p);
+    held->data.push_back(p.const_data_ptr());
+    held->numel.push_back(p.numel());
+  }
+  for (const Tensor p : args[4].toTensorList()) held->gradless.push_back(p);
+  int64_t handle;
+  {
+    std::lock_guard<std::mutex> lock(held_mutex);
+    handle = held_next++;
+    held_tables.emplace(handle, std::move(held));
+  }
+  torch::jit::push(*stack, handle);
+}
+
+// release(int handle) -> ()
+void held_release(const c10::OperatorHandle&, torch::jit::Stack* stack) {
+  const int64_t handle = torch::jit::pop(*stack).toInt();
+  std::lock_guard<std::mutex> lock(held_mutex);
+  held_tables.erase(handle);
+}
+
+// Whether the held params and their grads are as the plan behind the table
+// was built for: each param with its storage and size, contiguous, its grad a
+// plain contiguous tensor of its dtype, device and shape; the gradless still
+// without. (Anything else: the caller takes the full path, which checks and
+// says what is wrong.)
+bool grads_fit(const Held& h) {
+  for (size_t i = 0; i < h.params.size(); ++i) {
+    const Tensor& p = h.params[i];
+    if (p.const_data_ptr() != h.data[i] || p.numel() != h.numel[i] || !p.is_contiguous()) return false;
+    const Tensor& g = p.grad();
+    if (!g.defined() || g.key_set().has(c10::DispatchKey::Python) || g.layout() != at::kStrided ||
+        g.scalar_type() != p.scalar_type() || g.device() != p.device() || g.sizes() != p.sizes() ||
+        !g.is_contiguous() || (g.numel() > 0 && g.const_data_ptr() == nullptr))
+      return false;
+  }
+  for (const Tensor& p : h.gradless) {
+    if (p.grad().defined()) return false;
+  }
+  return true;
+}
+
+// ready(int[] handles) -> bool
+void held_ready(const c10::OperatorHandle&, torch::jit::Stack* stack) {
+  const c10::List<int64_t> handles = torch::jit::pop(*stack).toIntList();
+  bool ready = true;
+  for (const int64_t handle : handles) ready = ready && grads_fit(*held_get(handle));
+  torch::jit::push(*stack, ready);
+}
+
+// A scalar argument as the op's schema types it (float, int or bool, optional or not).
+c10::IValue as_argument(const c10::IValue& value, const c10::Argument& arg) {
+  if (value.isNone()) return value;
+  c10::TypePtr type = arg.type();
+  if (auto optional = type->cast<c10::OptionalType>()) type = optional->getElementType();
+  const c10::Scalar scalar = value.toScalar();
+  switch (type->kind()) {
+    case c10::TypeKind::FloatType: return scalar.toDouble();
+    case c10::TypeKind::IntType: return scalar.toLong();
+    case c10::TypeKind::BoolType: return scalar.toBool();
+    default: TORCH_CHECK(false, "fusedopt held: argument ", arg.name(), " of type ", type->str(), " is not a scalar");
+  }
+}
+
+// The position of `name` in `names`, or names.size().
+size_t find_name(c10::ArrayRef<c10::IValue> names, const std::string& name) {
+  size_t i = 0;
+  while (i < names.size() && names[i].toStringRef() != name) ++i;
+  return i;
+}
+
+// call(int handle, str op, str[] scalar_names, Scalar?[] scalars, str[] tensor_names, Tensor?[] tensors)
+//   -> Tensor[]:
+// fusedopt_cpu::<op> on the held lists, the grads of the held params, and
+// each other argument by name; its returned tensors, flattened.
+void held_call(const c10::OperatorHandle&, torch::jit::Stack* stack) {
+  auto args = torch::jit::pop(*stack, 6);
+  const std::shared_ptr<const Held> held = held_get(args[0].toInt());
+  const std::string op = "fusedopt_cpu::" + args[1].toStringRef();
+  const auto scalar_names = args[2].toListRef();
+  const auto scalars = args[3].toListRef();
+  const auto tensor_names = args[4].toListRef();
+  const auto tensors = args[5].toListRef();
+  TORCH_CHECK(scalars.size() == scalar_names.size() && tensors.size() == tensor_names.size(),
+              "fusedopt held: one name per scalar and per tensor");
+  const c10::OperatorHandle target = c10::Dispatcher::singleton().findSchemaOrThrow(op.c_str(), "");
+  torch::jit::Stack call;
+  std::vector<bool> scalar_used(scalars.size(), false), tensor_used(tensors.size(), false);
+  for (const c10::Argument& arg : target.schema().arguments()) {
+    const std::string& name = arg.name();
+    const auto list = std::find(held->names.begin(), held->names.end(), name);
+    if (list != held->names.end()) {
+      call.emplace_back(held->lists[size_t(list - held->names.begin())]);
+      continue;
+    }
+    if (name == "grads") {
+      c10::List<Tensor> grads;
+      grads.reserve(held->params.size());
+      for (const Tensor& p : held->params) {
+        TORCH_CHECK(p.grad().defined(), "fusedopt held: a held param has no grad (held_ready first)");
+        grads.push_back(p.grad());
+      }
+      call.emplace_back(std::move(grads));
+      continue;
+    }
+    const size_t t = find_name(tensor_names, name);
+    if (t < tensors.size()) {
+      tensor_used[t] = true;
+      call.push_back(tensors[t]);
+      continue;
+    }
+    const size_t i = find_name(scalar_names, name);
+    TORCH_CHECK(i < scalars.size(), "fusedopt held: ", op, " needs the argument ", name);
+    scalar_used[i] = true;
+    call.push_back(as_argument(scalars[i], arg));
+  }
+  for (size_t i = 0; i < scalars.size(); ++i) {
+    TORCH_CHECK(scalar_used[i], "fusedopt held: ", op, " takes no argument ", scalar_names[i].toStringRef());
+  }
+  for (size_t t = 0; t < tensors.size(); ++t) {
+    TORCH_CHECK(tensor_used[t], "fusedopt held: ", op, " takes no argument ", tensor_names[t].toStringRef());
+  }
+  target.callBoxed(&call);
+  c10::List<Tensor> out;
+  for (const c10::IValue& v : call) {
+    if (v.isTensor()) {
+      out.push_back(v.toTensor());
+    } else if (v.isTuple()) {
+      for (const c10::IValue& e : v.toTupleRef().elements()) out.push_back(e.toTensor());
+    }
+  }
+  torch::jit::push(*stack, std::move(out));
+}
+
 }  // namespace
+
+TORCH_LIBRARY(fusedopt_held, m) {
+  m.def("create(str[] names, Tensor[] tensors, int[] counts, Tensor[] params, Tensor[] gradless) -> int",
+        torch::CppFunction::makeFromBoxedFunction<&held_create>());
+  m.def("release(int handle) -> ()", torch::CppFunction::makeFromBoxedFunction<&held_release>());
+  m.def("ready(int[] handles) -> bool", torch::CppFunction::makeFromBoxedFunction<&held_ready>());
+  m.def("call(int handle, str op, str[] scalar_names, Scalar?[] scalars, str[] tensor_names, Tensor?[] tensors) "
+        "-> Tensor[]",
+        torch::CppFunction::makeFromBoxedFunction<&held_call>());
+}
 
 TORCH_LIBRARY(fusedopt_cpu, m) {
   m.def(

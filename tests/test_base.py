@@ -240,6 +240,64 @@ def test_a_cached_plan_sees_every_edit_between_steps(edit):
             torch.testing.assert_close(fused.state[pf][key], ref.state[pr][key], atol=1e-6, rtol=1e-5)
 
 
+HELD_EDITS = {
+    "none": lambda params: None,
+    "a grad appears": lambda params: setattr(params[3], "grad", torch.full((6,), 2.0)),
+    "a grad is gone": lambda params: setattr(params[0], "grad", None),
+    "a grad not contiguous": lambda params: setattr(params[1], "grad", params[1].grad.t().contiguous().t()),
+    "param storage": lambda params: setattr(params[2], "data", torch.full((7,), 0.5)),
+    "state tensor": None,  # (the optimizer's: below)
+}
+
+
+@pytest.mark.parametrize("edit", HELD_EDITS)
+def test_held_steps_check_the_grads_and_fall_back_to_the_full_path(edit, monkeypatch):
+    """Steady-state cpu steps launch from the tables held in the extension,
+    which reads and checks the grads there (backends/_held.py) instead of
+    Python checking each one; an edit it cannot vouch for sends the step down
+    the full path: the step equals torch.optim.AdamW's either way."""
+    full_paths = []
+    plans_of_this_step = fusedopt.FusedAdamW._plans_of_this_step
+    monkeypatch.setattr(fusedopt.FusedAdamW, "_plans_of_this_step",
+                        lambda self, *a, **k: full_paths.append(1) or plans_of_this_step(self, *a, **k))
+
+    def build(cls, **kw):
+        params = make_params([(5,), (3, 4), (7,), (6,)], seed=4)
+        return cls(params, lr=0.1, weight_decay=0.1, **kw), params
+
+    fused, fp = build(fusedopt.FusedAdamW, backend="cpu")
+    ref, rp = build(torch.optim.AdamW, foreach=False)
+    for opt, params in ((fused, fp), (ref, rp)):
+        for k in range(3):
+            for p, g in zip(params[:3], grads_for(params[:3], k)):  # params[3] has no grad
+                p.grad = g
+            if k == 2:
+                if edit == "state tensor":
+                    opt.state[params[0]]["exp_avg"] = torch.full((5,), 0.25)
+                else:
+                    HELD_EDITS[edit](params)
+            opt.step()
+    assert full_paths == ([1] if edit == "none" else [1, 1])  # the first step's, and the edited one's
+    for pf, pr in zip(fp, rp):
+        torch.testing.assert_close(pf.detach(), pr.detach(), atol=1e-6, rtol=1e-5)
+        if pr in ref.state:
+            for key in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(fused.state[pf][key], ref.state[pr][key], atol=1e-6, rtol=1e-5)
+
+
+def test_a_held_step_refuses_a_grad_of_another_dtype_before_anything_changes():
+    opt, params = two_groups("adamw", "cpu")
+    step(opt, params, 0)
+    step(opt, params, 1)  # a held step
+    for p, g in zip(params, grads_for(params, 2)):
+        p.grad = g
+    params[1].grad.data = params[1].grad.double()  # (.data: torch refuses to assign it)
+    snap = snapshot(opt, params)
+    with pytest.raises(RuntimeError, match="a grad must have its param's dtype"):
+        opt.step()
+    assert_unchanged(opt, params, snap)
+
+
 # --- add_param_group ----------------------------------------------------------------
 
 

@@ -140,6 +140,52 @@ def test_cpu_ops_are_called_by_every_name_of_their_schema():
 
 
 @pytest.mark.skipif("cpu" not in KERNEL_BACKENDS, reason="needs the cpu backend")
+def test_held_ops_refuse_what_they_cannot_take():
+    """The held tables' ops (fusedopt_held, backends/_held.py): a released or
+    unknown handle, counts that do not cover the tensors, an argument the op
+    does not take or one it needs are RuntimeErrors naming it; a held param
+    without a grad fails `ready`, and `call` refuses it instead of reading it."""
+    from fusedopt.backends import _held, cpu
+
+    cpu.load()
+    ops = torch.ops.fusedopt_held
+    p = torch.randn(5, requires_grad=True)
+    p.grad = torch.ones(5)
+    m, v, step = torch.zeros(5), torch.zeros(5), torch.zeros(())
+    with pytest.raises(RuntimeError, match="counts exceed the tensors"):
+        ops.create(["params"], [p], [2], [p], [])
+    with pytest.raises(RuntimeError, match="1 tensors beyond the counts"):
+        ops.create(["params"], [p, m], [1], [p], [])
+    with pytest.raises(RuntimeError, match="2 names for 1 counts"):
+        ops.create(["params", "steps"], [p], [1], [p], [])
+    lists = dict(params=[p], exp_avgs=[m], exp_avg_sqs=[v], max_exp_avg_sqs=[], exp_avg_scales=[],
+                 exp_avg_sq_scales=[], max_exp_avg_sq_scales=[], masters=[], steps=[step], fp8_weights=[],
+                 fp8_scales=[])
+    handle = ops.create(list(lists), [t for ts in lists.values() for t in ts], [len(ts) for ts in lists.values()],
+                        [p], [])
+    args = dict(lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
+                sr_seed=None, chunk_size=100)
+    tensors = dict(lr_tensor=None, grad_mult=None, found_inf=None, fp8_amax=None)
+    with pytest.raises(RuntimeError, match="adamw takes no argument betas"):
+        _held.call(handle, "adamw", {**args, "betas": 0.5}, tensors)
+    with pytest.raises(RuntimeError, match="adamw takes no argument scale"):
+        _held.call(handle, "adamw", args, {**tensors, "scale": torch.ones(1)})
+    with pytest.raises(RuntimeError, match="adamw needs the argument eps"):
+        _held.call(handle, "adamw", {k: a for k, a in args.items() if k != "eps"}, tensors)
+    assert torch.equal(m, torch.zeros(5)) and float(step) == 0.0  # refused before the op ran
+    assert ops.ready([handle])
+    _held.call(handle, "adamw", args, tensors)
+    assert float(step) == 1.0 and m.abs().sum() > 0
+    p.grad = None
+    assert not ops.ready([handle])
+    with pytest.raises(RuntimeError, match="a held param has no grad"):
+        _held.call(handle, "adamw", args, tensors)
+    ops.release(handle)
+    with pytest.raises(RuntimeError, match=f"no held table {handle}"):
+        ops.ready([handle])
+
+
+@pytest.mark.skipif("cpu" not in KERNEL_BACKENDS, reason="needs the cpu backend")
 def test_clip_scalars_refuses_bad_scalars():
     """fusedopt_cpu.clip_scalars takes a 1-element fp64 root and an fp32/fp64
     scale, else a RuntimeError saying which."""

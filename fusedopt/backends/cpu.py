@@ -11,7 +11,7 @@ import torch
 
 from .. import _jit
 from ..reference import lamb as lamb_spec
-from . import _moment_ops, _tables, cpu_fakes
+from . import _held, _moment_ops, _tables, cpu_fakes
 from ._named_ops import NamedOps
 
 NAME = "cpu"
@@ -44,22 +44,36 @@ def _moment_launch(op, bucket, *, lr, grad_mult, found_inf, **hyper):
     """Every op declared in _moment_ops (_moment_ops.bind makes ``cpu.<name>``):
     lr a float or 1-element fp32 tensor; grad_mult (fp64), found_inf (fp32):
     1-element tensors or None; all on the CPU. The extension advances the steps.
-    Returns each new weight's absmax (fp64) when the bucket has FP8 copies."""
+    Returns each new weight's absmax (fp64) when the bucket has FP8 copies.
+    The bucket's lists are held in the extension after its first launch
+    (_held.py): later launches pass the scalars only."""
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
-    states = bucket.states
-    lists = {}
-    for name in op.states:  # the schema's names: exp_avgs, exp_avg_scales, ...
-        lists[f"{name}s"], lists[f"{name}_scales"] = states.get(name, []), states.get(f"{name}_scale", [])
+    scalars = dict(lr=0.0 if lr_tensor is not None else lr, **hyper, sr_seed=bucket.sr_seed, chunk_size=_chunk(bucket))
+    tensors = dict(lr_tensor=lr_tensor, grad_mult=grad_mult, found_inf=found_inf)
     amax = None
     if op.fp8_copies:
-        fp8 = bucket.fp8
-        amax = torch.zeros(len(bucket.params), dtype=torch.float64) if fp8 is not None else None
-        lists.update(fp8_weights=fp8.weights if fp8 else [], fp8_scales=fp8.scales if fp8 else [], fp8_amax=amax)
-    getattr(_ops, op.name)(
-        params=bucket.params, grads=bucket.grads, **lists, masters=bucket.masters or [], steps=bucket.steps,
-        lr=0.0 if lr_tensor is not None else lr, lr_tensor=lr_tensor, **hyper, grad_mult=grad_mult,
-        found_inf=found_inf, sr_seed=bucket.sr_seed, chunk_size=_chunk(bucket))
+        amax = tensors["fp8_amax"] = torch.zeros(len(bucket.params), dtype=torch.float64) if bucket.fp8 else None
+    held = bucket.launch_cache.get("held") if _held.usable() else 0
+    if held is None:
+        held = bucket.launch_cache["held"] = (_held.hold(bucket, _moment_lists(op, bucket), bucket.params)
+                                              if _held.holdable(bucket.params, bucket.grads) else 0)
+    if held:
+        _held.call(held, op.name, scalars, tensors)
+    else:
+        getattr(_ops, op.name)(**_moment_lists(op, bucket), grads=bucket.grads, **scalars, **tensors)
     return amax
+
+
+def _moment_lists(op, bucket) -> dict:
+    """A moment op's tensor lists but the grads, by the schema's names (exp_avgs, exp_avg_scales, ...)."""
+    states = bucket.states
+    lists = dict(params=bucket.params, masters=bucket.masters or [], steps=bucket.steps)
+    for name in op.states:
+        lists[f"{name}s"], lists[f"{name}_scales"] = states.get(name, []), states.get(f"{name}_scale", [])
+    if op.fp8_copies:
+        fp8 = bucket.fp8
+        lists.update(fp8_weights=fp8.weights if fp8 else [], fp8_scales=fp8.scales if fp8 else [])
+    return lists
 
 
 def __getattr__(name: str):  # cpu.adamw, cpu.sophia, ...: an op declared in _moment_ops

@@ -385,10 +385,18 @@ class FusedOptimizer(StateMixin, PlanMixin, Optimizer):
         loss = evaluate_closure(closure)
         if self.master_weights == "remainder":
             self._outside.resync(self.state)
-        plans, writeback = self._plans_of_this_step()
-        self._launch(plans)
-        for original, staged in writeback:
-            original.copy_(staged)
+        plans = self._held_plans()
+        if plans is not None:
+            self._launch(plans)
+        else:
+            plans, writeback = self._plans_of_this_step()
+            self._launch(plans)
+            for original, staged in writeback:
+                original.copy_(staged)
+            if not writeback:
+                for index, plan in enumerate(plans):
+                    if self._plans.get(index) is plan:  # (cached)
+                        plan.hold()
         if self.master_weights == "remainder":
             self._record_master_versions()
         return loss

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import dtensor
+from ..backends import _held
 from ..backends._bucket import Bucket
 from ..backends._dtypes import FP8_STATE_DTYPE
 from ..fp8 import bucket_copies
@@ -164,6 +165,7 @@ class _Plan:
         self.watched_keys: list[str] = []
         self.watched_tensors: list[Tensor] = []
         self.cacheable = True
+        self.guard: int | None = None       # a held table over the grads (hold())
 
     def watch(self, p: Tensor, lp: Tensor, state: dict, keys: list[str]) -> None:
         """Keep param p (kernels read `lp`, its local shard when p is a DTensor)
@@ -188,20 +190,30 @@ class _Plan:
         """Watch the state tensors now in place (after some were replaced while building)."""
         self.watched_tensors = list(map(dict.get, self.watched_dicts, self.watched_keys))
 
-    def reusable(self, optimizer: "FusedOptimizer", group: dict, grads: list) -> bool:
+    def holds(self, optimizer: "FusedOptimizer", group: dict) -> bool:
+        """The checks of reusable() that do not look at the grads."""
         if group is not self.group or optimizer.master_weights != self.master_weights:
             return False
         params = group["params"]
         if len(params) != len(self.group_params) or not all(map(is_, params, self.group_params)):
             return False  # params replaced or reordered in the group (grads are taken by position)
-        if tuple(map(is_not, grads, repeat(None))) != self.present:
-            return False
         if any(optimizer._elementwise_states(group, kind) != names for kind, names in self.names.items()):
             return False
         # identity checks through map/operator.is_ run at C speed (~30 ns each)
         if not all(map(is_, map(optimizer.state.get, self.params), self.states)):
             return False
-        if not all(map(is_, map(dict.get, self.watched_dicts, self.watched_keys), self.watched_tensors)):
+        return all(map(is_, map(dict.get, self.watched_dicts, self.watched_keys), self.watched_tensors))
+
+    def hold(self) -> None:
+        """After a full check and launch: when every bucket launches from a
+        held table (backends/_held.py), keep a guard over the grads that lets
+        the next steps skip the per-grad checks here (_held_plans)."""
+        if self.guard is None and all(b.launch_cache.get("held") for b in self.buckets):
+            gradless = [p for p, has in zip(self.group_params, self.present) if not has]
+            self.guard = _held.hold(self, {}, self.params, gradless)
+
+    def reusable(self, optimizer: "FusedOptimizer", group: dict, grads: list) -> bool:
+        if not self.holds(optimizer, group) or tuple(map(is_not, grads, repeat(None))) != self.present:
             return False
         if list(map(_shape, self.locals)) != self.shapes or not all(map(Tensor.is_contiguous, self.locals)):
             return False
@@ -299,6 +311,26 @@ class PlanMixin:
                     return None
         plans, writeback = self._plans_of_this_step(cached=False)
         assert not writeback, "_traced_plans admits contiguous tensors only"
+        return plans
+
+    def _held_plans(self) -> list[_Plan] | None:
+        """This step's plans when every one is held and still holds (_Plan.hold):
+        Python checks per group and the extension checks the grads in one
+        call, no per-grad work here; else None (the full path). Clipping and
+        pipeline stages read the buckets' grads lists: they take the full path."""
+        if (self.max_grad_norm or self._across_stages is not None or self._outer_clip is not None
+                or not _held.usable()):
+            return None
+        plans = []
+        for index, group in enumerate(self.param_groups):
+            plan = self._plans.get(index)
+            if plan is None or plan.guard is None or not plan.holds(self, group):
+                return None
+            plans.append(plan)
+        if not _held.ready([plan.guard for plan in plans]):
+            return None
+        for index, group in enumerate(self.param_groups):
+            self._check_group(group, f"param group {index}")
         return plans
 
     def _plans_of_this_step(self, cached: bool = True) -> tuple[list[_Plan], list[tuple[Tensor, Tensor]]]:
