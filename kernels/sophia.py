@@ -77,8 +77,8 @@ def _hessian_kernel(table, numels, chunk_tensor, chunk_start, n_tensors, beta2: 
         _store(hessian, h_scales, offs, h, mask, True, S_KIND, BLOCK)
 
 
-def launch_sophia(tables, *, p_kind, s_kind, master, remainders, lr, lr_tensor, beta1, rho_bs, weight_decay, maximize, grad_mult,
-                found_inf, block, num_warps, sr_seed=None):
+def launch_sophia(tables, *, p_kind, s_kind, master, remainders, lr, lr_tensor, beta1, rho_bs, weight_decay, maximize,
+                  grad_mult, found_inf, block, num_warps, sr_seed=None):
     dummy = tables.numel
     _step_kernel[(tables.n_chunks,)](
         **table_args(tables), lr=f64_bits(0.0 if lr_tensor is not None else lr),

@@ -285,6 +285,23 @@ def test_held_steps_check_the_grads_and_fall_back_to_the_full_path(edit, monkeyp
                 torch.testing.assert_close(fused.state[pf][key], ref.state[pr][key], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("held_ops", [True, False])
+def test_a_group_without_grads_is_held_only_where_the_held_ops_are(held_ops, monkeypatch):
+    """A frozen group (no grads: no bucket) keeps the held path for the other
+    groups on cpu; without the cpu extension's held ops (a GPU-only or
+    reference run) it takes no guard and the steps take the full path."""
+    from fusedopt.backends import _held
+
+    monkeypatch.setattr(_held, "loaded", lambda: held_ops)
+    frozen, live = make_params([(3, 4)], seed=1), make_params([(5,)], seed=2)
+    opt = fusedopt.FusedAdamW([{"params": frozen}, {"params": live}], backend="cpu" if held_ops else "reference")
+    for k in range(3):
+        live[0].grad = grads_for(live, k)[0]
+        opt.step()
+    assert [plan.guard is not None for plan in opt._plans.values()] == [held_ops, held_ops]
+    assert (opt._held_plans() is not None) == held_ops
+
+
 def test_a_held_step_refuses_a_grad_of_another_dtype_before_anything_changes():
     opt, params = two_groups("adamw", "cpu")
     step(opt, params, 0)

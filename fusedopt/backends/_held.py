@@ -20,8 +20,6 @@ import torch
 from torch import Tensor
 
 _PLAIN = (Tensor, torch.nn.Parameter)
-
-
 _overloads: dict = {}
 
 
@@ -31,6 +29,15 @@ def _op(name: str):
     if op is None:
         op = _overloads[name] = getattr(torch.ops.fusedopt_held, name).default
     return op
+
+
+def loaded() -> bool:
+    """Whether the held ops are registered (the cpu extension is loaded)."""
+    try:
+        _op("create")
+    except (AttributeError, RuntimeError):
+        return False
+    return True
 
 
 def usable() -> bool:

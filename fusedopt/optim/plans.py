@@ -208,7 +208,9 @@ class _Plan:
         """After a full check and launch: when every bucket launches from a
         held table (backends/_held.py), keep a guard over the grads that lets
         the next steps skip the per-grad checks here (_held_plans)."""
-        if self.guard is None and all(b.launch_cache.get("held") for b in self.buckets):
+        held = [b.launch_cache.get("held") for b in self.buckets]
+        # (a group without grads has no bucket: its guard needs the held ops, which the cpu extension brings)
+        if self.guard is None and all(held) and (held or _held.loaded()):
             gradless = [p for p, has in zip(self.group_params, self.present) if not has]
             self.guard = _held.hold(self, {}, self.params, gradless)
 
