@@ -285,6 +285,28 @@ def test_held_steps_check_the_grads_and_fall_back_to_the_full_path(edit, monkeyp
                 torch.testing.assert_close(fused.state[pf][key], ref.state[pr][key], atol=1e-6, rtol=1e-5)
 
 
+def test_held_steps_resume_after_a_param_storage_swap(monkeypatch):
+    """A swap the plan survives (p.data = a tensor of the same shape) fails the
+    guard once: the full path takes a new one and the next step is held again."""
+    full_paths = []
+    plans_of_this_step = fusedopt.FusedAdamW._plans_of_this_step
+    monkeypatch.setattr(fusedopt.FusedAdamW, "_plans_of_this_step",
+                        lambda self, *a, **k: full_paths.append(1) or plans_of_this_step(self, *a, **k))
+    params = make_params([(5,), (3, 4)], seed=4)
+    ref = [p.detach().clone().requires_grad_() for p in params]
+    fused, torch_opt = fusedopt.FusedAdamW(params, backend="cpu"), torch.optim.AdamW(ref, foreach=False)
+    for k in range(5):
+        for opt, ps in ((fused, params), (torch_opt, ref)):
+            if k == 2:
+                ps[1].data = torch.full((3, 4), 0.5)
+            for p, g in zip(ps, grads_for(ps, k)):
+                p.grad = g
+            opt.step()
+        assert len(full_paths) == (1 if k < 2 else 2), k
+    for p, q in zip(params, ref):
+        torch.testing.assert_close(p.detach(), q.detach(), atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("held_ops", [True, False])
 def test_a_group_without_grads_is_held_only_where_the_held_ops_are(held_ops, monkeypatch):
     """A frozen group (no grads: no bucket) keeps the held path for the other

@@ -55,14 +55,18 @@ def holdable(params: list[Tensor], grads: list[Tensor]) -> bool:
     return all(type(p) in _PLAIN and p.grad is g for p, g in zip(params, grads))
 
 
-def hold(owner, lists: dict[str, list[Tensor]], params: list[Tensor], gradless: list[Tensor] = ()) -> int:
-    """A handle to `lists` (by the op's argument names), `params` (whose
-    grads are the op's "grads") and `gradless`, released with `owner`."""
-    names = list(lists)
-    handle = _op("create")(names, [t for name in names for t in lists[name]], [len(lists[n]) for n in names],
-                           list(params), list(gradless))
-    weakref.finalize(owner, _release, handle)
-    return handle
+class Table:
+    """A held table: `lists` (by the op's argument names), `params` (whose
+    grads are the op's "grads") and `gradless`; released in the extension
+    when this object is collected."""
+
+    __slots__ = ("handle", "__weakref__")
+
+    def __init__(self, lists: dict[str, list[Tensor]], params: list[Tensor], gradless: list[Tensor] = ()):
+        names = list(lists)
+        self.handle = _op("create")(names, [t for name in names for t in lists[name]],
+                                    [len(lists[n]) for n in names], list(params), list(gradless))
+        weakref.finalize(self, _release, self.handle)
 
 
 def _release(handle: int) -> None:
@@ -72,13 +76,14 @@ def _release(handle: int) -> None:
         pass
 
 
-def ready(handles: list[int]) -> bool:
+def ready(tables: list[Table]) -> bool:
     """Whether every held table's params and grads still fit it."""
-    return _op("ready")(handles)
+    return _op("ready")([table.handle for table in tables])
 
 
-def call(handle: int, op: str, scalars: dict, tensors: dict) -> list[Tensor]:
+def call(table: Table, op: str, scalars: dict, tensors: dict) -> list[Tensor]:
     """fusedopt_cpu::<op> on the held lists and grads, and the other
     arguments by name: `scalars` (numbers, bools, None) and `tensors`
     (tensors or None)."""
-    return _op("call")(handle, op, list(scalars), list(scalars.values()), list(tensors), list(tensors.values()))
+    return _op("call")(table.handle, op, list(scalars), list(scalars.values()), list(tensors),
+                       list(tensors.values()))

@@ -48,9 +48,9 @@ def declare(op: MomentOp) -> MomentOp:
     return op
 
 
-def lookup(name: str) -> MomentOp | None:
-    """The op declared as `name`, after importing every fusedopt.reference
-    module once (where ops are declared), or None."""
+def declared() -> list[MomentOp]:
+    """Every declared op, after importing every fusedopt.reference module once
+    (where ops are declared)."""
     global _scanned
     if not _scanned:
         from .. import reference
@@ -58,7 +58,12 @@ def lookup(name: str) -> MomentOp | None:
         for module in pkgutil.iter_modules(reference.__path__):
             importlib.import_module(f"{reference.__name__}.{module.name}")
         _scanned = True
-    return _DECLARED.get(name)
+    return list(_DECLARED.values())
+
+
+def lookup(name: str) -> MomentOp | None:
+    """The op declared as `name`, or None."""
+    return next((op for op in declared() if op.name == name), None)
 
 
 def bind(module, name: str, launch, decorate=None):

@@ -55,7 +55,7 @@ def _moment_launch(op, bucket, *, lr, grad_mult, found_inf, **hyper):
         amax = tensors["fp8_amax"] = torch.zeros(len(bucket.params), dtype=torch.float64) if bucket.fp8 else None
     held = bucket.launch_cache.get("held") if _held.usable() else 0
     if held is None:
-        held = bucket.launch_cache["held"] = (_held.hold(bucket, _moment_lists(op, bucket), bucket.params)
+        held = bucket.launch_cache["held"] = (_held.Table(_moment_lists(op, bucket), bucket.params)
                                               if _held.holdable(bucket.params, bucket.grads) else 0)
     if held:
         _held.call(held, op.name, scalars, tensors)

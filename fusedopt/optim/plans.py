@@ -165,7 +165,7 @@ class _Plan:
         self.watched_keys: list[str] = []
         self.watched_tensors: list[Tensor] = []
         self.cacheable = True
-        self.guard: int | None = None       # a held table over the grads (hold())
+        self.guard: _held.Table | None = None  # a held table over the grads (hold())
 
     def watch(self, p: Tensor, lp: Tensor, state: dict, keys: list[str]) -> None:
         """Keep param p (kernels read `lp`, its local shard when p is a DTensor)
@@ -212,7 +212,7 @@ class _Plan:
         # (a group without grads has no bucket: its guard needs the held ops, which the cpu extension brings)
         if self.guard is None and all(held) and (held or _held.loaded()):
             gradless = [p for p, has in zip(self.group_params, self.present) if not has]
-            self.guard = _held.hold(self, {}, self.params, gradless)
+            self.guard = _held.Table({}, self.params, gradless)
 
     def reusable(self, optimizer: "FusedOptimizer", group: dict, grads: list) -> bool:
         if not self.holds(optimizer, group) or tuple(map(is_not, grads, repeat(None))) != self.present:
@@ -330,6 +330,8 @@ class PlanMixin:
                 return None
             plans.append(plan)
         if not _held.ready([plan.guard for plan in plans]):
+            for plan in plans:  # the full path takes new guards after it checked (a param's storage swapped)
+                plan.guard = None
             return None
         for index, group in enumerate(self.param_groups):
             self._check_group(group, f"param group {index}")
