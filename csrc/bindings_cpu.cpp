@@ -613,7 +613,6 @@ void sophia_hessian(TensorList params, TensorList grads, TensorList hessians, Te
                                dtype_code(hessians[0].scalar_type()), has_master, at::get_num_threads());
 }
 
-
 // Held tables (fusedopt_held): a bucket's tensor lists kept here between
 // steps, so that a steady-state step passes a handle and its scalars instead
 // of thousands of tensors (passing a tensor list costs ~0.25 us a tensor), and
